@@ -1,0 +1,185 @@
+"""The contract every driver follows.
+
+A driver receives an (unopened or open) transport in its constructor and never
+opens a port itself. It speaks SI-ish units at its surface (mL, mL/min, °C,
+rpm, s) and converts to device units inside. It offers:
+
+* typed async commands that target a state (``set_heater(on=True, setpoint_c=60)``);
+* ``await read() -> dict``: a snapshot of its measured values (SI units);
+* ``describe() -> dict``: what it is (kind, URL, model, channels with units);
+* ``channels``: what can be set, with units and device limits;
+* ``await safe_state()``: idempotent, works after a fault (pumps stopped,
+  heater and stirrer off, light off); it tries every action and raises only
+  after trying all of them.
+
+Idempotent operations (reads, setpoint writes) are retried a bounded number of
+times on a timeout or a garbled reply with :func:`retry_idempotent`; starting
+motion (a pump ``RUN``) never is.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from instruments.errors import LinkLostError, ProtocolError, TransportTimeout
+from instruments.transports.base import Transport
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A settable (or readable) quantity of an instrument.
+
+    ``minimum``/``maximum`` are the *device's* limits; the lab's safety envelope
+    (``safety/``) is usually narrower. ``allowed`` lists discrete values.
+    """
+
+    name: str
+    unit: str
+    kind: str = "float"  # float | int | bool | enum
+    minimum: float | None = None
+    maximum: float | None = None
+    allowed: tuple[Any, ...] | None = None
+    settable: bool = True
+    doc: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "unit": self.unit, "kind": self.kind, "settable": self.settable}
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        if self.allowed is not None:
+            out["allowed"] = list(self.allowed)
+        if self.doc:
+            out["doc"] = self.doc
+        return out
+
+
+RETRYABLE: tuple[type[BaseException], ...] = (TransportTimeout, ProtocolError, LinkLostError)
+
+
+async def retry_idempotent(
+    op: Callable[[], Awaitable[T]],
+    *,
+    attempts: int = 3,
+    what: str = "operation",
+    before_retry: Callable[[], Awaitable[None]] | None = None,
+) -> T:
+    """Run an *idempotent* operation, retrying on timeouts, garbled replies and lost links.
+
+    Never use this for an operation that starts motion or dispensing: a lost
+    reply does not mean the command was not executed.
+    """
+    last: BaseException | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            return await op()
+        except RETRYABLE as exc:
+            last = exc
+            log.warning("%s failed (attempt %d/%d): %s", what, attempt, attempts, exc)
+            if attempt < attempts:
+                if before_retry is not None:
+                    await before_retry()
+                await asyncio.sleep(0.01 * attempt)
+    assert last is not None
+    raise last
+
+
+class Driver(abc.ABC):
+    """Base class of instrument drivers. See the module docstring for the contract."""
+
+    #: registered driver name (``syringe-pump``, ``hotplate``, ...)
+    kind: ClassVar[str] = ""
+    #: the transport class(es) this driver works over
+    transport_types: ClassVar[tuple[type[Transport], ...]] = ()
+
+    def __init__(self, transport: Transport, *, name: str | None = None) -> None:
+        if self.transport_types and not isinstance(transport, self.transport_types):
+            expected = " or ".join(t.__name__ for t in self.transport_types)
+            raise TypeError(
+                f"{type(self).__name__} needs a {expected}, got {type(transport).__name__} for {transport.url}"
+            )
+        self.transport = transport
+        self.name = name or f"{self.kind}@{transport.url}"
+
+    @property
+    def url(self) -> str:
+        return self.transport.url
+
+    @property
+    @abc.abstractmethod
+    def channels(self) -> Mapping[str, Channel]: ...
+
+    async def open(self) -> None:
+        """Open the transport and check the device answers (override to add a handshake)."""
+        await self.transport.open()
+
+    async def close(self) -> None:
+        """Close the transport (idempotent)."""
+        await self.transport.close()
+
+    @abc.abstractmethod
+    async def read(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def safe_state(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "url": self.url,
+            "driver": f"{type(self).__module__}.{type(self).__qualname__}",
+            "channels": {name: ch.as_dict() for name, ch in self.channels.items()},
+        }
+
+    async def __aenter__(self: Any) -> Any:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+@dataclass
+class SafeStateReport:
+    """What ``safe_state()`` did: the actions that failed, by name (empty = all succeeded)."""
+
+    failures: dict[str, BaseException] = field(default_factory=dict)
+
+
+async def run_all(actions: Mapping[str, Callable[[], Awaitable[Any]]], device: str) -> None:
+    """Run every action (in order), even when some fail; raise afterwards naming all failures.
+
+    Used by ``safe_state()``: a failing "stop pump 1" must not prevent "stop pump 2".
+    """
+    failures: dict[str, BaseException] = {}
+    for label, action in actions.items():
+        try:
+            await action()
+        except Exception as exc:  # noqa: BLE001 - every failure is collected and re-raised
+            failures[label] = exc
+            log.error("%s: safe-state action %r failed: %s", device, label, exc)
+    if failures:
+        detail = "; ".join(f"{k}: {v}" for k, v in failures.items())
+        raise SafeStateError(device, failures, detail)
+
+
+class SafeStateError(Exception):
+    """One or more safe-state actions failed (all of them were attempted)."""
+
+    def __init__(self, device: str, failures: dict[str, BaseException], detail: str) -> None:
+        super().__init__(f"{device}: safe state incomplete: {detail}")
+        self.device = device
+        self.failures = failures

@@ -1,0 +1,135 @@
+"""Typed errors of the instruments layer.
+
+Every error names what was involved (the URL, the device, the command) so a
+message in a log is enough to find the cause without a debugger.
+
+Hierarchy::
+
+    InstrumentError
+    ├── InvalidURLError            a transport URL that cannot be parsed / unknown scheme
+    ├── UnknownDriverError         ``connect(kind=...)`` with no such registered driver
+    ├── TransportError             something at the bus level (has ``.url``)
+    │   ├── TransportOpenError     could not open the link
+    │   ├── LinkLostError          the link dropped (reconnect on demand)
+    │   └── TransportTimeout       no answer within the deadline (also a TimeoutError)
+    ├── ProtocolError              a garbled, truncated or unexpected reply
+    └── DeviceError                the device answered with an error
+        ├── DeviceRejected         an error reply (pump ``?OOR``, enclosure ``ok: false``, ...)
+        ├── DeviceAlarm            the device reports an alarm state
+        └── ModbusExceptionError   a Modbus exception reply (function, address, code)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class InstrumentError(Exception):
+    """Base class of every error raised by ``instruments``."""
+
+
+class InvalidURLError(InstrumentError, ValueError):
+    """A transport URL is malformed, has an unknown scheme or a bad option."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        super().__init__(f"invalid transport URL {url!r}: {problem}")
+        self.url = url
+        self.problem = problem
+
+
+class UnknownDriverError(InstrumentError, LookupError):
+    """No driver is registered under the requested kind."""
+
+    def __init__(self, kind: str, known: list[str]) -> None:
+        super().__init__(
+            f"no driver registered for kind {kind!r}; known kinds: {', '.join(sorted(known)) or 'none'}"
+        )
+        self.kind = kind
+        self.known = known
+
+
+class TransportError(InstrumentError):
+    """A bus-level failure. ``url`` names the link."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(f"{url}: {message}")
+        self.url = url
+
+
+class TransportOpenError(TransportError):
+    """The transport could not be opened (no such port, connection refused, ...)."""
+
+
+class LinkLostError(TransportError):
+    """The link dropped while in use. The next operation reconnects on demand."""
+
+
+class TransportTimeout(TransportError, TimeoutError):
+    """No (complete) answer arrived within the deadline."""
+
+
+class ProtocolError(InstrumentError):
+    """A reply that does not follow the wire protocol: garbled, truncated, wrong address."""
+
+    def __init__(self, device: str, message: str, raw: Any = None) -> None:
+        detail = f" (raw {raw!r})" if raw is not None else ""
+        super().__init__(f"{device}: {message}{detail}")
+        self.device = device
+        self.raw = raw
+
+
+class DeviceError(InstrumentError):
+    """The device answered, and the answer is an error."""
+
+    def __init__(self, device: str, message: str) -> None:
+        super().__init__(f"{device}: {message}")
+        self.device = device
+
+
+class DeviceRejected(DeviceError):
+    """The device refused a command (e.g. pump ``?OOR`` out of range, ``?NA`` not now).
+
+    ``code`` is the device's own error code, ``command`` what was sent.
+    """
+
+    def __init__(self, device: str, command: str, code: str, meaning: str) -> None:
+        super().__init__(device, f"command {command!r} rejected with {code!r} ({meaning})")
+        self.command = command
+        self.code = code
+        self.meaning = meaning
+
+
+class DeviceAlarm(DeviceError):
+    """The device is in an alarm state (e.g. pump stalled)."""
+
+    def __init__(self, device: str, code: str, meaning: str) -> None:
+        super().__init__(device, f"alarm {code!r} ({meaning})")
+        self.code = code
+        self.meaning = meaning
+
+
+MODBUS_EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
+
+
+class ModbusExceptionError(DeviceError):
+    """A Modbus exception reply: names the function code, the address and the exception code."""
+
+    def __init__(self, device: str, function_code: int, address: int, exception_code: int) -> None:
+        name = MODBUS_EXCEPTION_NAMES.get(exception_code, "unknown exception")
+        super().__init__(
+            device,
+            f"Modbus exception {exception_code} ({name}) for function {function_code} at address {address}",
+        )
+        self.function_code = function_code
+        self.address = address
+        self.exception_code = exception_code

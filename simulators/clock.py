@@ -1,0 +1,52 @@
+"""A simulated clock that can run N times faster than real time.
+
+Simulated seconds advance at ``speed`` times the rate of ``time.monotonic()``.
+Device-side periodic behaviour (heartbeats, pump motion, heating) is expressed
+in simulated seconds; :meth:`SimClock.sleep` converts to real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+
+class SimClock:
+    """``now()`` is simulated seconds since the clock started."""
+
+    def __init__(self, speed: float = 1.0) -> None:
+        if not speed > 0:
+            raise ValueError(f"clock speed must be > 0, got {speed!r}")
+        self._speed = float(speed)
+        self._lock = threading.Lock()
+        self._real0 = time.monotonic()
+        self._sim0 = 0.0
+
+    @property
+    def speed(self) -> float:
+        return self._speed
+
+    @speed.setter
+    def speed(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"clock speed must be > 0, got {value!r}")
+        with self._lock:
+            now_real = time.monotonic()
+            self._sim0 = self._sim0 + (now_real - self._real0) * self._speed
+            self._real0 = now_real
+            self._speed = float(value)
+
+    def now(self) -> float:
+        with self._lock:
+            return self._sim0 + (time.monotonic() - self._real0) * self._speed
+
+    def real_seconds(self, sim_seconds: float) -> float:
+        """How long ``sim_seconds`` of simulated time take in real time."""
+        return sim_seconds / self._speed
+
+    async def sleep(self, sim_seconds: float) -> None:
+        await asyncio.sleep(max(0.0, sim_seconds) / self._speed)
+
+    def sleep_blocking(self, sim_seconds: float) -> None:
+        time.sleep(max(0.0, sim_seconds) / self._speed)
