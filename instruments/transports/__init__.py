@@ -57,7 +57,7 @@ def transport_class(url: str) -> type[Transport]:
 
 def transport_for(url: str) -> Transport:
     """A new, not yet opened transport for ``url`` (the URL is validated now)."""
-    return transport_class(url)(url)  # type: ignore[call-arg]
+    return transport_class(url)(url)
 
 
 __all__ = ["DeviceWorker", "Transport", "URLOptions", "split_url", "transport_class", "transport_for"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import builtins
 import concurrent.futures
 import contextlib
 import functools
@@ -56,23 +57,23 @@ class URLOptions:
         except (TypeError, ValueError):
             raise InvalidURLError(self.url, f"option {name}={raw!r} is not {what}") from None
 
-    def str(self, name: str, default: str) -> str:
-        return self._take(name, default, str, "a string")
+    def str(self, name: builtins.str, default: builtins.str) -> builtins.str:
+        return self._take(name, default, builtins.str, "a string")
 
-    def optional_str(self, name: str) -> str | None:
+    def optional_str(self, name: builtins.str) -> builtins.str | None:
         return self._opts.pop(name, None)
 
-    def int(self, name: str, default: int) -> int:
-        return self._take(name, default, int, "an integer")
+    def int(self, name: builtins.str, default: builtins.int) -> builtins.int:
+        return self._take(name, default, builtins.int, "an integer")
 
-    def float(self, name: str, default: float) -> float:
-        value = self._take(name, default, float, "a number")
+    def float(self, name: builtins.str, default: builtins.float) -> builtins.float:
+        value = self._take(name, default, builtins.float, "a number")
         if value != value or value < 0:  # NaN or negative
             raise InvalidURLError(self.url, f"option {name}={value!r} must be a non-negative number")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
-        def convert(raw: str) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
+        def convert(raw: builtins.str) -> builtins.bool:
             low = raw.lower()
             if low in ("1", "true", "yes", "on"):
                 return True
@@ -82,7 +83,7 @@ class URLOptions:
 
         return self._take(name, default, convert, "a boolean (true/false)")
 
-    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    def choice(self, name: builtins.str, default: builtins.str, allowed: tuple[builtins.str, ...]) -> builtins.str:
         value = self.str(name, default)
         if value not in allowed:
             raise InvalidURLError(

@@ -1,0 +1,351 @@
+"""SerialTransport over pyserial's loop://, real ptys and a real TCP socket (socket://)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import tty
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from instruments.errors import (
+    InvalidURLError,
+    LinkLostError,
+    ProtocolError,
+    TransportError,
+    TransportOpenError,
+    TransportTimeout,
+)
+from instruments.transports import transport_for
+from instruments.transports.base import thread_is_alive
+from instruments.transports.serial import SerialTransport
+
+
+class Pty:
+    """A pty pair: the test plays the device on the master end; ``path`` is a stable symlink to the slave."""
+
+    def __init__(self, link: Path) -> None:
+        self.link = link
+        self.master = -1
+        self.slave = -1
+        self.rx = bytearray()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.create()
+
+    def create(self) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        os.set_blocking(self.master, False)
+        tmp = self.link.with_suffix(".new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.ttyname(self.slave))
+        os.replace(tmp, self.link)
+
+    def respond(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Answer every CR-terminated line ``x`` with ``<x>\\n``."""
+        self._loop = loop
+        loop.add_reader(self.master, self._on_readable)
+
+    def _on_readable(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self.rx += os.read(self.master, 4096)
+        while b"\r" in self.rx:
+            line, _, rest = bytes(self.rx).partition(b"\r")
+            self.rx = bytearray(rest)
+            os.write(self.master, b"<" + line + b">\n")
+
+    def read_master(self, timeout: float = 1.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        out = b""
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                out += os.read(self.master, 4096)
+                if out:
+                    return out
+            time.sleep(0.005)
+        return out
+
+    def close(self) -> None:
+        if self._loop is not None and self.master >= 0:
+            self._loop.remove_reader(self.master)
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.master = self.slave = -1
+
+
+@pytest.fixture
+def pty(tmp_path: Path) -> Iterator[Pty]:
+    p = Pty(tmp_path / "tty")
+    yield p
+    p.close()
+
+
+# ----------------------------------------------------------------- URLs
+@pytest.mark.parametrize(
+    ("url", "names"),
+    [
+        ("serial:///dev/ttyUSB0?parity=X", "parity"),
+        ("serial:///dev/ttyUSB0?bytesize=9", "bytesize"),
+        ("serial:///dev/ttyUSB0?stopbits=3", "stopbits"),
+        ("serial:///dev/ttyUSB0?baudrate=fast", "baudrate"),
+        ("serial:///dev/ttyUSB0?baudrate=0", "baudrate"),
+        ("serial:///dev/ttyUSB0?timeout=-1", "timeout"),
+        ("serial:///dev/ttyUSB0?timeout=0", "timeout"),
+        ("serial:///dev/ttyUSB0?baud=9600", "baud"),
+        ("serial://dev/ttyUSB0", "absolute"),
+        ("socket://127.0.0.1", "host:port"),
+        ("loop://?xonxoff=maybe", "xonxoff"),
+    ],
+)
+def test_bad_url_options_are_refused_naming_the_option(url: str, names: str) -> None:
+    with pytest.raises(InvalidURLError) as err:
+        SerialTransport(url)
+    assert names in str(err.value)
+    assert url in str(err.value)
+
+
+def test_url_options_are_parsed() -> None:
+    t = transport_for(
+        "serial:///dev/ttyUSB0?baudrate=19200&bytesize=7&parity=e&stopbits=2&timeout=0.25"
+    )
+    assert isinstance(t, SerialTransport)
+    assert (
+        t.settings["baudrate"] == 19200
+        and t.settings["parity"] == "E"
+        and t.settings["bytesize"] == 7
+    )
+    assert t.timeout == 0.25 and t.port == "serial:///dev/ttyUSB0"
+    assert (
+        SerialTransport("rfc2217://Host:2217?ign_set_control&baudrate=9600").port
+        == "rfc2217://host:2217"
+    )
+    assert SerialTransport("socket://127.0.0.1:4001").port == "socket://127.0.0.1:4001"
+
+
+async def test_nonexistent_port_error_names_the_url(tmp_path: Path) -> None:
+    url = f"serial://{tmp_path}/no-such-tty?baudrate=9600"
+    t = SerialTransport(url)
+    with pytest.raises(TransportOpenError) as err:
+        await t.open()
+    assert url in str(err.value)
+    assert not t.is_open and t.line_users == 0
+    await t.close()
+    assert not thread_is_alive("lb-serial-no-such-tty")
+
+
+async def test_refused_socket_names_the_url() -> None:
+    import socket
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"socket://127.0.0.1:{port}"
+    with pytest.raises(TransportOpenError, match=url):
+        await SerialTransport(url).open()
+
+
+# ----------------------------------------------------------------- loop://
+async def test_loop_write_read_until_read_exactly_transaction() -> None:
+    async with SerialTransport("loop://?timeout=0.5") as t:
+        assert isinstance(t, SerialTransport)
+        await t.write(b"hello\nworld")
+        assert await t.read_until(b"\n") == b"hello\n"
+        assert await t.read_exactly(3) == b"wor"
+        assert await t.read_exactly(2) == b"ld"
+        assert await t.transaction(b"ping\r", b"\r") == b"ping\r"
+        await t.write(b"a\nb\n")  # bytes after the terminator are kept for the next read
+        assert await t.read_until(b"\n") == b"a\n"
+        assert await t.read_until(b"\n") == b"b\n"
+
+
+async def test_loop_timeout_reports_partial_bytes() -> None:
+    t = SerialTransport("loop://?timeout=5")
+    async with t:
+        await t.write(b"\x0201S")
+        started = time.monotonic()
+        with pytest.raises(TransportTimeout) as err:
+            await t.read_until(b"\x03", timeout=0.15)
+        assert 0.1 < time.monotonic() - started < 1.0
+        assert "0201S" in str(err.value) and "loop://" in str(err.value)
+        with pytest.raises(TransportTimeout):
+            await t.read_exactly(4, timeout=0.05)
+
+
+async def test_loop_max_bytes_without_terminator_is_a_protocol_error() -> None:
+    t = SerialTransport("loop://")
+    async with t:
+        await t.write(b"x" * 100)
+        with pytest.raises(ProtocolError):
+            await t.read_until(b"\n", max_bytes=50)
+
+
+async def test_close_is_idempotent_and_ops_after_close_fail() -> None:
+    t = SerialTransport("loop://")
+    await t.close()  # never opened
+    await t.open()
+    await t.close()
+    await t.close()
+    with pytest.raises(TransportError):
+        await t.write(b"x")
+    assert not thread_is_alive("lb-serial-loop")
+
+
+async def test_lock_is_reentrant_for_multi_step_exchanges() -> None:
+    async with SerialTransport("loop://") as t:
+        assert isinstance(t, SerialTransport)
+        async with t.lock:
+            await t.write(b"abc\n")
+            assert (
+                await t.transaction(b"q\n", b"\n") == b"q\n"
+            )  # transaction discards the stale b"abc\n"
+
+
+# ----------------------------------------------------------------- pty
+async def test_pty_transaction_discards_stale_input(pty: Pty) -> None:
+    pty.respond(asyncio.get_running_loop())
+    async with SerialTransport(f"serial://{pty.link}?timeout=0.5") as t:
+        assert isinstance(t, SerialTransport)
+        os.write(pty.master, b"<stale late reply>\n")
+        await asyncio.sleep(0.02)
+        assert await t.transaction(b"0VER\r", b"\n") == b"<0VER>\n"
+        os.write(pty.master, b"noise")
+        await asyncio.sleep(0.02)
+        assert await t.discard_input() == 5
+        with pytest.raises(TransportTimeout):
+            await t.read_until(b"\n", timeout=0.05)
+
+
+async def test_pty_line_is_shared_and_refcounted(pty: Pty) -> None:
+    pty.respond(asyncio.get_running_loop())
+    url = f"serial://{pty.link}?baudrate=9600"
+    tty_name = os.ttyname(pty.slave)
+    by_symlink, same, by_target = (
+        SerialTransport(url),
+        SerialTransport(url),
+        SerialTransport(f"serial://{tty_name}?timeout=0.3"),
+    )
+
+    def fds_on_tty() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd") if _readlink(fd) == tty_name)
+
+    before = fds_on_tty()
+    async with contextlib.AsyncExitStack() as stack:
+        for t in (by_symlink, same, by_target):
+            await stack.enter_async_context(t)
+        assert by_symlink.line_users == 3
+        assert fds_on_tty() == before + 1  # the port is opened once
+        replies = await asyncio.gather(
+            *(
+                t.transaction(f"{i}RAT{i}.5MM\r".encode(), b"\n")
+                for i in range(10)
+                for t in (by_symlink, same, by_target)
+            )
+        )
+        assert replies == [f"<{i}RAT{i}.5MM>\n".encode() for i in range(10) for _ in range(3)]
+        await by_symlink.close()
+        assert await same.transaction(b"x\r", b"\n") == b"<x>\n"
+    assert same.line_users == 0
+    assert fds_on_tty() == before
+    assert not thread_is_alive("lb-serial-tty")
+
+
+def _readlink(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+async def test_pty_shared_line_with_other_settings_is_refused(pty: Pty) -> None:
+    async with SerialTransport(f"serial://{pty.link}?baudrate=9600"):
+        other = SerialTransport(f"serial://{pty.link}?baudrate=19200")
+        with pytest.raises(TransportOpenError, match="baudrate"):
+            await other.open()
+        assert not other.is_open
+
+
+async def test_pty_link_lost_then_reopened_on_demand(pty: Pty) -> None:
+    url = f"serial://{pty.link}?timeout=0.3"
+    async with SerialTransport(url) as t:
+        assert isinstance(t, SerialTransport)
+        await t.write(b"1VER\r")
+        assert pty.read_master() == b"1VER\r"
+        pty.close()  # the USB adapter is unplugged: master and slave gone
+        with pytest.raises(LinkLostError) as err:
+            await t.write(b"1VER\r")
+        assert url in str(err.value)
+        with pytest.raises(
+            TransportOpenError, match="tty"
+        ):  # still unplugged: reopen fails, names the URL
+            await t.write(b"1VER\r")
+        pty.create()  # plugged back in (a new /dev/pts/N behind the same name)
+        pty.respond(asyncio.get_running_loop())
+        assert await t.transaction(b"1VER\r", b"\n") == b"<1VER>\n"
+
+
+async def test_pty_link_lost_while_reading(pty: Pty) -> None:
+    async with SerialTransport(f"serial://{pty.link}?timeout=2") as t:
+        assert isinstance(t, SerialTransport)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, pty.close)
+        started = time.monotonic()
+        with pytest.raises(LinkLostError):
+            await t.read_until(b"\n")
+        assert time.monotonic() - started < 1.0  # not the 2 s deadline
+        pty.create()
+        await t.reconnect()
+        assert t.is_open
+
+
+# ----------------------------------------------------------------- socket://
+@pytest.fixture
+async def echo_server() -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]:
+    """A TCP 'serial device server' that answers each CR-terminated line with ``<line>\\n``."""
+    writers: list[asyncio.StreamWriter] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        writers.append(writer)
+        try:
+            while line := await reader.readuntil(b"\r"):
+                writer.write(b"<" + line[:-1] + b">\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            tasks.discard(task)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], writers
+    server.close()
+    for w in writers:
+        w.close()
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.wait_closed()
+
+
+async def test_socket_url_transaction_link_lost_and_reconnect(
+    echo_server: tuple[int, list[asyncio.StreamWriter]],
+) -> None:
+    port, writers = echo_server
+    url = f"socket://127.0.0.1:{port}?timeout=0.5"
+    async with SerialTransport(url) as t:
+        assert isinstance(t, SerialTransport)
+        assert await t.transaction(b"0DIS\r", b"\n") == b"<0DIS>\n"
+        writers[-1].transport.abort()  # the device server drops us
+        await asyncio.sleep(0.05)
+        with pytest.raises(LinkLostError, match=f"127.0.0.1:{port}"):
+            await t.read_until(b"\n")
+        assert await t.transaction(b"0DIS\r", b"\n") == b"<0DIS>\n"  # reopened on demand
+        assert len(writers) == 2
