@@ -20,6 +20,7 @@ BlueZ through the process-wide ``DBUS_SYSTEM_BUS_ADDRESS``), see
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -181,7 +182,7 @@ class SimulatedLab:
     async def start(self) -> None:
         try:
             if self._broker_url is None:
-                self.broker = await start_broker()
+                self.broker = await asyncio.to_thread(start_broker)
             self.bluez = BlueZStandIn()
             await self.bluez.start()
             self._saved_env = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
@@ -199,6 +200,8 @@ class SimulatedLab:
                     camera_fps=self.camera_fps,
                 )
                 self.stations.append(bench)
+                if self.broker is not None:
+                    self.broker.watch(world)  # the broker-restart fault restarts our broker
                 await bench.start()
         except BaseException:
             await self.stop()
@@ -221,7 +224,7 @@ class SimulatedLab:
             self.bluez = None
         if self.broker is not None:
             broker, self.broker = self.broker, None
-            await _maybe_await(broker.stop())
+            await asyncio.to_thread(broker.stop)
 
     def lab_config(self) -> dict[str, Any]:
         """A lab-config-shaped dict (stations -> instruments) for the running simulators."""
@@ -240,8 +243,3 @@ class SimulatedLab:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-
-async def _maybe_await(value: Any) -> Any:
-    if hasattr(value, "__await__"):
-        return await value
-    return value

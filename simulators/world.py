@@ -77,6 +77,9 @@ class Faults:
     ``camera-freeze``     the camera serves the same frame forever
     ``vial-missing``      the vial is removed from the scene
     ``no-reply``          ``device=...``: the device stops answering
+    ``heartbeat-stop``    ``device=enclosure``: the device stops publishing heartbeats (still answers)
+    ``pump-alarm``        ``pump=<fluid or address>, code=S``: the pump stops and answers ``A?<code>``
+                          (R reset, S stalled, T safe-mode timeout, E comms error) until cleared
     """
 
     KNOWN = (
@@ -90,6 +93,8 @@ class Faults:
         "camera-freeze",
         "vial-missing",
         "no-reply",
+        "pump-alarm",
+        "heartbeat-stop",
     )
 
     def __init__(self) -> None:

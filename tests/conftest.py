@@ -114,3 +114,54 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "hardware" in item.keywords:
             item.add_marker(skip_hw)
+
+
+# ------------------------------------------------------------------ mosquitto
+def require_mosquitto() -> None:
+    """Skip (or, with CI=true, fail) when the mosquitto binary is not installed."""
+    from simulators.broker import mosquitto_binary
+
+    if mosquitto_binary() is None:
+        reason = "mosquitto is not installed (apt-get install mosquitto); looked on PATH and in /usr/sbin"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(reason + " -- CI=true requires it")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def mosquitto_bin() -> str:
+    """Path of the mosquitto binary (skips, or fails with CI=true, when not installed)."""
+    from simulators.broker import mosquitto_binary
+
+    require_mosquitto()
+    path = mosquitto_binary()
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[object]:
+    """One plain (anonymous, loopback, no persistence) mosquitto for the session. Do not restart it."""
+    require_mosquitto()
+    from simulators.broker import MosquittoBroker
+
+    broker = MosquittoBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def fresh_mosquitto() -> Iterator[object]:
+    """A mosquitto of this test's own, for tests that restart or stop it."""
+    require_mosquitto()
+    from simulators.broker import MosquittoBroker
+
+    broker = MosquittoBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
