@@ -52,6 +52,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -185,6 +186,13 @@ def properties_from_dict(values: dict[str, Any]) -> Properties:
             continue
         setattr(props, _PROPERTY_NAMES[key], value)
     return props
+
+
+def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Disable Nagle on the broker link: a command and its ack are small messages, and
+    Nagle + delayed ACK would add ~40 ms to every back-to-back pair on loopback or a LAN."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class MqttTransport(Transport):
@@ -350,6 +358,7 @@ class MqttTransport(Transport):
         )
         client.connect_timeout = self.timeout
         client.reconnect_delay_set(self.reconnect_min, self.reconnect_max)  # type: ignore[arg-type]
+        client.on_socket_open = _no_delay
         if self.username:
             client.username_pw_set(self.username, self._password())
         if self.tls:
