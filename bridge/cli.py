@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="simulated clock speed, x real time (default 20)")
     sim.add_argument("--out", type=Path, default=None, help="run folder (default runs/sim-<timestamp>)")
     sim.add_argument("--broker", default=None,
-                     help="use this MQTT broker URL instead of starting one (mqtt://127.0.0.1:1883/lab)")
+                     help="use this MQTT broker URL instead of starting one (mqtt://127.0.0.1:1883)")
+    sim.add_argument("--embedded-broker", action="store_true",
+                     help="start the embedded pure-Python broker even when mosquitto is installed")
     sim.add_argument("--fault", default=None, help="inject a simulator fault at start (e.g. clogged-pump)")
     sim.add_argument("--keep-running", action="store_true",
                      help="stay up as a simulated lab after the experiment (Ctrl-C to stop)")
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose == 0:
+        # bleak warns that it cannot run `bluetoothctl` (absent with the simulated BLE bus) and
+        # when the simulated bus goes away at the end; neither is actionable for a user.
+        logging.getLogger("bleak").setLevel(logging.ERROR)
 
     if args.command is None:
         parser.print_help()
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = asyncio.run(
                 sim_tour(stations=args.stations, speed=args.speed, out=out, broker_url=args.broker,
-                         fault=args.fault, keep_running=args.keep_running)
+                         embedded_broker=args.embedded_broker, fault=args.fault,
+                         keep_running=args.keep_running)
             )
         except KeyboardInterrupt:
             print("\nstopped; every instrument was put in its safe state", file=sys.stderr)

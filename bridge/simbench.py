@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import instruments
 from simulators.bench import SimulatedBench, SimulatedLab
 
@@ -101,8 +103,7 @@ async def run_experiment(
         progress.step(f"{bench.name}: held {recipe.hold_s:.0f} s, liquid {plate['liquid_c']:.1f} degC")
         colour = await inst["color"].measure()
         frame = await inst["camera"].capture()
-        image_path = out / f"{bench.name}.jpg"
-        _save_jpeg(frame.image, image_path)
+        image_path = _save_frame(frame, out / bench.name)
         progress.step(f"{bench.name}: colour r={colour.red} g={colour.green} b={colour.blue}")
         await inst["hotplate"].set_heater(False)
         await inst["hotplate"].set_stirrer(False)
@@ -121,10 +122,15 @@ async def run_experiment(
     return record
 
 
-def _save_jpeg(image: Any, path: Path) -> None:
-    import cv2  # the simulators already depend on OpenCV; bridge only saves the demo frame
-
-    cv2.imwrite(str(path), image)
+def _save_frame(frame: Any, stem: Path) -> Path:
+    """Keep the frame as the camera sent it (JPEG bytes), else the raw pixels (.npy)."""
+    if getattr(frame, "encoded", None):
+        path = stem.with_suffix(".jpg")
+        path.write_bytes(frame.encoded)
+    else:
+        path = stem.with_suffix(".npy")
+        np.save(path, frame.image)
+    return path
 
 
 def _jsonable(value: Any) -> Any:
@@ -132,12 +138,15 @@ def _jsonable(value: Any) -> Any:
 
 
 async def sim_tour(*, stations: int = 1, speed: float = 20.0, out: Path, broker_url: str | None = None,
-                   fault: str | None = None, keep_running: bool = False) -> list[dict[str, Any]]:
+                   embedded_broker: bool = False, fault: str | None = None,
+                   keep_running: bool = False) -> list[dict[str, Any]]:
     """Start a simulated lab and run the demo experiment on every station concurrently."""
     out.mkdir(parents=True, exist_ok=True)
     recipe = TourRecipe()
     progress = Progress(total=5 * stations)
-    async with SimulatedLab(stations=stations, speed=speed, broker_url=broker_url) as lab:
+    lab = SimulatedLab(stations=stations, speed=speed, broker_url=broker_url,
+                       prefer_broker="embedded" if embedded_broker else "mosquitto")
+    async with lab:
         (out / "lab.json").write_text(json.dumps(lab.lab_config(), indent=2))
         if fault:
             for bench in lab.stations:

@@ -140,7 +140,8 @@ class SimulatedLab:
 
     ``async with SimulatedLab(stations=2, speed=20) as lab:`` then
     ``lab.stations[0].instruments()``. With ``broker_url=None`` a broker is
-    started (mosquitto when installed, else the embedded pure-Python one).
+    started (mosquitto when installed, else the embedded pure-Python one;
+    ``prefer_broker="embedded"`` forces the latter).
     While running, ``DBUS_SYSTEM_BUS_ADDRESS`` points at the BlueZ stand-in
     (restored on stop), so bleak in this process finds the simulated sensors.
     """
@@ -155,6 +156,7 @@ class SimulatedLab:
         hotplate_mode: str = "tcp",
         prefix: str = "lab",
         camera_fps: float = 10.0,
+        prefer_broker: str = "mosquitto",
     ) -> None:
         if stations < 1:
             raise ValueError(f"a simulated lab needs at least one station, got {stations}")
@@ -165,6 +167,7 @@ class SimulatedLab:
         self.hotplate_mode = hotplate_mode
         self.camera_fps = camera_fps
         self._broker_url = broker_url
+        self.prefer_broker = prefer_broker
         self.broker: Any = None
         self.bluez: BlueZStandIn | None = None
         self.stations: list[SimulatedBench] = []
@@ -182,7 +185,7 @@ class SimulatedLab:
     async def start(self) -> None:
         try:
             if self._broker_url is None:
-                self.broker = await asyncio.to_thread(start_broker)
+                self.broker = await asyncio.to_thread(start_broker, self.prefer_broker)
             self.bluez = BlueZStandIn()
             await self.bluez.start()
             self._saved_env = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")

@@ -408,13 +408,13 @@ class StationWorld:
         """(red, green, blue, clear, status) as the colour sensor would measure now.
 
         status: 0 ok, 1 saturated, 2 dark. The sensor looks through the vial at
-        its own white LED; with less than 0.5 mL the window sees air (white).
+        its own white LED; with less than 0.3 mL the window sees air (white).
         """
         self.advance()
         with self.lock:
             volume = self.vial.volume_ml
             present = self.vial.present
-        if present and volume >= 0.5:
+        if present and volume >= 0.3:
             trans = self.transmission()
         else:
             trans = (0.92, 0.92, 0.92)  # glass / air only

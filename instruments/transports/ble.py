@@ -37,6 +37,7 @@ import logging
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -89,6 +90,26 @@ def normalize_uuid(uuid: str) -> str:
         return normalize_uuid_str(u)
     except (ValueError, TypeError):
         raise ValueError(f"not a Bluetooth UUID: {uuid!r}") from None
+
+
+_SCAN_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _scan_lock() -> asyncio.Lock:
+    """One scan at a time per event loop.
+
+    BlueZ gives each D-Bus client one discovery session, and bleak shares one
+    D-Bus connection per event loop: a second concurrent ``StartDiscovery``
+    fails with ``org.bluez.Error.InProgress`` (two stations opening their
+    sensors at once hit this). Scans queue here instead.
+    """
+    loop = asyncio.get_running_loop()
+    lock = _SCAN_LOCKS.get(loop)
+    if lock is None:
+        lock = _SCAN_LOCKS[loop] = asyncio.Lock()
+    return lock
 
 
 class BleTransport(Transport):
@@ -182,7 +203,7 @@ class BleTransport(Transport):
         """Listen for advertisements for ``timeout`` s; ``(address, name, rssi)``, strongest first."""
         kwargs: dict[str, Any] = {"bluez": {"adapter": adapter}} if adapter else {}
         try:
-            async with asyncio.timeout(timeout + 10.0):
+            async with _scan_lock(), asyncio.timeout(timeout + 10.0):
                 found = await BleakScanner.discover(timeout=timeout, return_adv=True, **kwargs)
         except TimeoutError:
             raise TransportTimeout(
@@ -256,7 +277,7 @@ class BleTransport(Transport):
 
     async def _find(self) -> BLEDevice:
         kwargs = self._bluez_kwargs()
-        async with asyncio.timeout(self.scan_timeout + 10.0):
+        async with _scan_lock(), asyncio.timeout(self.scan_timeout + 10.0):
             if self.address is not None:
                 device = await BleakScanner.find_device_by_address(
                     self.address, timeout=self.scan_timeout, **kwargs
