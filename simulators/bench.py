@@ -100,7 +100,7 @@ class SimulatedBench:
             sim = self._started.pop()
             try:
                 await sim.stop()
-            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+            except Exception as exc:
                 log.error("%s: stopping %s failed: %s", self.name, type(sim).__name__, exc)
 
     @property

@@ -182,7 +182,7 @@ class Transport(abc.ABC):
         self._is_open = False
         await self._close()
 
-    async def _release(self) -> None:
+    async def _release(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Free resources held by a transport whose open failed or was never done."""
 
     @abc.abstractmethod
