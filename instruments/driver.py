@@ -23,7 +23,7 @@ import abc
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from instruments.errors import LinkLostError, ProtocolError, TransportTimeout
@@ -152,13 +152,6 @@ class Driver(abc.ABC):
         return f"<{type(self).__name__} {self.name}>"
 
 
-@dataclass
-class SafeStateReport:
-    """What ``safe_state()`` did: the actions that failed, by name (empty = all succeeded)."""
-
-    failures: dict[str, BaseException] = field(default_factory=dict)
-
-
 async def run_all(actions: Mapping[str, Callable[[], Awaitable[Any]]], device: str) -> None:
     """Run every action (in order), even when some fail; raise afterwards naming all failures.
 
@@ -168,7 +161,7 @@ async def run_all(actions: Mapping[str, Callable[[], Awaitable[Any]]], device: s
     for label, action in actions.items():
         try:
             await action()
-        except Exception as exc:  # noqa: BLE001 - every failure is collected and re-raised
+        except Exception as exc:
             failures[label] = exc
             log.error("%s: safe-state action %r failed: %s", device, label, exc)
     if failures:

@@ -84,7 +84,7 @@ async def connect(kind: str, url: str, *, safe_on_exit: bool = True, **options: 
             if safe_on_exit:
                 try:
                     await driver.safe_state()
-                except Exception as exc:  # noqa: BLE001 - reported, the close still runs
+                except Exception as exc:
                     log.error("%s: safe state on exit failed: %s", driver.name, exc)
         finally:
             await driver.close()

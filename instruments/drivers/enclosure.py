@@ -376,7 +376,7 @@ class Enclosure(Driver):
 
     async def wait_for_state(
         self,
-        timeout: float | None = None,  # noqa: ASYNC109 - the driver's API takes explicit timeouts
+        timeout: float | None = None,
         predicate: Callable[[dict[str, Any]], bool] | None = None,
     ) -> dict[str, Any]:
         """The current state if it satisfies ``predicate`` (default: any), else the next one that does.

@@ -668,7 +668,7 @@ class MqttTransport(Transport):
         retain: bool = False,
         properties: dict[str, Any] | None = None,
         *,
-        timeout: float | None = None,  # noqa: ASYNC109 - per-call override of the URL's timeout
+        timeout: float | None = None,
     ) -> None:
         """Publish ``payload`` (bytes, or str sent as UTF-8) to ``topic``.
 
@@ -727,7 +727,7 @@ class MqttTransport(Transport):
         qos: int = 0,
         *,
         queue: asyncio.Queue[MqttMessage] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - per-call override of the URL's timeout
+        timeout: float | None = None,
     ) -> asyncio.Queue[MqttMessage]:
         """Subscribe to ``topic_filter`` (relative to the prefix, ``+``/``#`` allowed); returns the queue.
 
