@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                          embedded_broker=args.embedded_broker, fault=args.fault,
                          keep_running=args.keep_running)
             )
-        except KeyboardInterrupt:
-            print("\nstopped; every instrument was put in its safe state", file=sys.stderr)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            print("\nstopped; every instrument was put in its safe state and the simulators shut down",
+                  file=sys.stderr)
             return 130
         except (instruments.InstrumentError, OSError, ValueError) as exc:
             print(f"labbridge sim: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -133,6 +134,14 @@ def _save_frame(frame: Any, stem: Path) -> Path:
     return path
 
 
+def _cancel_on_sigterm() -> None:
+    task = asyncio.current_task()
+    if task is None:
+        return
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread / Windows
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=float))
 
@@ -140,7 +149,12 @@ def _jsonable(value: Any) -> Any:
 async def sim_tour(*, stations: int = 1, speed: float = 20.0, out: Path, broker_url: str | None = None,
                    embedded_broker: bool = False, fault: str | None = None,
                    keep_running: bool = False) -> list[dict[str, Any]]:
-    """Start a simulated lab and run the demo experiment on every station concurrently."""
+    """Start a simulated lab and run the demo experiment on every station concurrently.
+
+    SIGTERM (like Ctrl-C/SIGINT, which asyncio already handles) cancels the run:
+    every instrument is put in its safe state and every simulator is stopped.
+    """
+    _cancel_on_sigterm()
     out.mkdir(parents=True, exist_ok=True)
     recipe = TourRecipe()
     progress = Progress(total=5 * stations)
@@ -158,6 +172,11 @@ async def sim_tour(*, stations: int = 1, speed: float = 20.0, out: Path, broker_
             for rec in results:
                 fh.write(json.dumps(rec) + "\n")
         if keep_running:
-            print(f"simulated lab running; lab config in {out / 'lab.json'}; Ctrl-C to stop", file=sys.stderr)
+            print(
+                f"simulated lab running; lab config in {out / 'lab.json'}; to reach the BLE sensors "
+                f"from another process: export DBUS_SYSTEM_BUS_ADDRESS={lab.bluez.address if lab.bluez else ''}"
+                "; Ctrl-C to stop",
+                file=sys.stderr,
+            )
             await asyncio.Event().wait()
     return list(results)

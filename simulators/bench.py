@@ -233,6 +233,8 @@ class SimulatedLab:
         """A lab-config-shaped dict (stations -> instruments) for the running simulators."""
         return {
             "broker": self.broker_url,
+            # bleak reaches the simulated sensors through this bus (another process must export it)
+            "dbus_system_bus_address": self.bluez.address if self.bluez else None,
             "stations": {
                 bench.name: {"instruments": [spec.as_dict() for spec in bench.instruments()]}
                 for bench in self.stations

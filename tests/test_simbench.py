@@ -125,3 +125,51 @@ async def test_probe_talks_to_a_simulated_hotplate() -> None:
     result = json.loads(out)
     assert result["describe"]["kind"] == "hotplate"
     assert result["read"]["plate_c"] == pytest.approx(22.0, abs=2.0)
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        kids.update(int(k) for k in text)
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_stops_a_keep_running_lab_cleanly(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [*LABBRIDGE, "sim", "--keep-running", "--speed", "100", "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        seen = ""
+        while "simulated lab running" not in seen:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, f"sim exited early: {seen}"
+            seen += line
+            assert time.monotonic() < deadline, seen
+        helpers = _children(proc.pid)
+        assert helpers, "the simulated lab should run a broker and a dbus-daemon as children"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "safe state" in err
+        time.sleep(0.2)
+        assert not [pid for pid in helpers if _alive(pid)], "simulator processes outlived the lab"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

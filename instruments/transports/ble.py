@@ -33,6 +33,7 @@ the peripheral answers with an ATT error (``code`` ``"ATT 0x0D"``);
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sys
@@ -112,6 +113,67 @@ def _scan_lock() -> asyncio.Lock:
     return lock
 
 
+_USERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+
+
+def _enter_loop() -> None:
+    loop = asyncio.get_running_loop()
+    _USERS[loop] = _USERS.get(loop, 0) + 1
+
+
+async def _leave_loop() -> None:
+    loop = asyncio.get_running_loop()
+    left = _USERS.get(loop, 0) - 1
+    if left > 0:
+        _USERS[loop] = left
+        return
+    _USERS.pop(loop, None)
+    await _release_bluez_manager(loop)
+
+
+async def _release_bluez_manager(loop: asyncio.AbstractEventLoop) -> None:
+    """Close bleak's per-loop BlueZ manager once the last BLE link of this loop is closed.
+
+    bleak keeps one manager per event loop (a D-Bus connection and a watcher
+    task) until that loop is closed *and* another manager is requested. Closing
+    every link should release every socket, so the last close releases it; the
+    next open makes a fresh one. Uses bleak internals, guarded: if they change,
+    the manager is simply kept (as bleak itself would).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        from bleak.backends.bluezdbus import manager as bluez_manager
+    except ImportError:
+        return
+    instances = getattr(bluez_manager, "_global_instances", None)
+    if not isinstance(instances, dict):
+        return
+    manager = instances.pop(loop, None)
+    bus = getattr(manager, "_bus", None)
+    if bus is None:
+        return
+    logger = logging.getLogger("bleak.backends.bluezdbus.manager")
+    quiet = _DropBusLostWarning()
+    logger.addFilter(quiet)
+    try:
+        bus.disconnect()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await bus.wait_for_disconnect()
+        for _ in range(3):  # let the manager's watcher task see the disconnect and finish
+            await asyncio.sleep(0)
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _DropBusLostWarning(logging.Filter):
+    """bleak warns "D-Bus connection to BlueZ was lost" when we close it on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "connection to BlueZ was lost" not in record.getMessage()
+
+
 class BleTransport(Transport):
     """A GATT link to one peripheral. See the module docstring for URLs, options and errors."""
 
@@ -119,6 +181,7 @@ class BleTransport(Transport):
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
+        self._counted = False  # counted in _USERS (this loop's BLE links) while open
         scheme, base, options = split_url(url)
         if scheme not in self.schemes:
             raise InvalidURLError(url, "BleTransport handles ble:// URLs")
@@ -202,6 +265,7 @@ class BleTransport(Transport):
     async def scan(cls, timeout: float = 5.0, *, adapter: str | None = None) -> list[ScanResult]:
         """Listen for advertisements for ``timeout`` s; ``(address, name, rssi)``, strongest first."""
         kwargs: dict[str, Any] = {"bluez": {"adapter": adapter}} if adapter else {}
+        _enter_loop()
         try:
             async with _scan_lock(), asyncio.timeout(timeout + 10.0):
                 found = await BleakScanner.discover(timeout=timeout, return_adv=True, **kwargs)
@@ -213,6 +277,8 @@ class BleTransport(Transport):
             raise TransportOpenError(
                 "ble://", f"cannot scan for BLE devices: {_describe(exc)}"
             ) from exc
+        finally:
+            await _leave_loop()
         results = [
             (dev.address, adv.local_name or dev.name, int(adv.rssi)) for dev, adv in found.values()
         ]
@@ -220,6 +286,9 @@ class BleTransport(Transport):
 
     # ---------------------------------------------------------- open/close
     async def _open(self) -> None:
+        if not self._counted:
+            _enter_loop()
+            self._counted = True
         await self._drop_dead_clients()
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -307,6 +376,9 @@ class BleTransport(Transport):
         self._subs.clear()
         self._lost_pending = False
         await self._drop_dead_clients()
+        if self._counted:
+            self._counted = False
+            await _leave_loop()
 
     async def _discard(self, client: BleakClient) -> None:
         """Release a client that failed to connect (bleak keeps its own bus otherwise)."""
