@@ -86,8 +86,11 @@ def timed_sync(op: Callable[[], object], n: int) -> list[float]:
 
 
 async def interleave(
-    name: str, ours: Callable[[int], Awaitable[list[float]]], raw: Callable[[int], Awaitable[list[float]]],
-    n: int, rounds: int,
+    name: str,
+    ours: Callable[[int], Awaitable[list[float]]],
+    raw: Callable[[int], Awaitable[list[float]]],
+    n: int,
+    rounds: int,
 ) -> Result:
     res = Result(name, [], [])
     per = max(1, n // rounds)
@@ -127,13 +130,15 @@ async def bench_modbus(world: StationWorld, n: int, rounds: int) -> list[Result]
             "Modbus TCP read (FC4 x5): transport",
             lambda k: timed_async(lambda: transport.read_input_registers(0, 5), k),  # type: ignore[attr-defined]
             lambda k: timed_async(raw_fc4, k),
-            n, rounds,
+            n,
+            rounds,
         )
         full = await interleave(
             "Modbus TCP Hotplate.read() (FC3+FC4)",
             lambda k: timed_async(hotplate.read, k),
             lambda k: timed_async(raw_both, k),
-            n, rounds,
+            n,
+            rounds,
         )
         return [fc4, full]
     finally:
@@ -214,7 +219,10 @@ async def bench_mqtt(world: StationWorld, n: int, rounds: int) -> list[Result]:
             ev = threading.Event()
             acks[cid] = ev
             state["on"] = not state["on"]
-            raw.publish("bench/enclosure/enc-1/cmd", json.dumps({"light": {"on": state["on"], "intensity": 0.5}, "id": cid}))
+            raw.publish(
+                "bench/enclosure/enc-1/cmd",
+                json.dumps({"light": {"on": state["on"], "intensity": 0.5}, "id": cid}),
+            )
             if not ev.wait(2.0):
                 raise RuntimeError("raw paho: no ack within 2 s")
             del acks[cid]
@@ -222,7 +230,9 @@ async def bench_mqtt(world: StationWorld, n: int, rounds: int) -> list[Result]:
         async def raw_side(k: int) -> list[float]:
             return await asyncio.to_thread(timed_sync, raw_round_trip, k)
 
-        return [await interleave("MQTT command -> ack: Enclosure driver", ours, raw_side, n, rounds)]
+        return [
+            await interleave("MQTT command -> ack: Enclosure driver", ours, raw_side, n, rounds)
+        ]
     finally:
         raw.loop_stop()
         raw.disconnect()
@@ -247,8 +257,10 @@ def main() -> None:
     args = parser.parse_args()
     results = asyncio.run(main_async(args.n, args.rounds))
     print()
-    print(f"{'round trip (microseconds)':<38} {'ours p50':>9} {'ours p99':>9} {'raw p50':>9} {'raw p99':>9}"
-          f" {'p50 ratio':>8} {'p99 ratio':>8}")
+    print(
+        f"{'round trip (microseconds)':<38} {'ours p50':>9} {'ours p99':>9} {'raw p50':>9} {'raw p99':>9}"
+        f" {'p50 ratio':>8} {'p99 ratio':>8}"
+    )
     for r in results:
         print(r.row())
     print("\ngoal: ours within 1.2x of the raw library (p50 ratio <= 1.20)")

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="labbridge",
         description="A safe bridge between software and lab instruments.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     sim = sub.add_parser(
@@ -71,19 +73,40 @@ def build_parser() -> argparse.ArgumentParser:
             "folder with the lab config, results.jsonl and the camera frames."
         ),
     )
-    sim.add_argument("--stations", type=_positive_int, default=1, help="number of simulated stations (default 1)")
-    sim.add_argument("--speed", type=_positive_float, default=20.0,
-                     help="simulated clock speed, x real time (default 20)")
-    sim.add_argument("--out", type=Path, default=None, help="run folder (default runs/sim-<timestamp>)")
-    sim.add_argument("--broker", default=None,
-                     help="use this MQTT broker URL instead of starting one (mqtt://127.0.0.1:1883)")
-    sim.add_argument("--embedded-broker", action="store_true",
-                     help="start the embedded pure-Python broker even when mosquitto is installed")
-    sim.add_argument("--fault", default=None, help="inject a simulator fault at start (e.g. clogged-pump)")
-    sim.add_argument("--keep-running", action="store_true",
-                     help="stay up as a simulated lab after the experiment (Ctrl-C to stop)")
+    sim.add_argument(
+        "--stations", type=_positive_int, default=1, help="number of simulated stations (default 1)"
+    )
+    sim.add_argument(
+        "--speed",
+        type=_positive_float,
+        default=20.0,
+        help="simulated clock speed, x real time (default 20)",
+    )
+    sim.add_argument(
+        "--out", type=Path, default=None, help="run folder (default runs/sim-<timestamp>)"
+    )
+    sim.add_argument(
+        "--broker",
+        default=None,
+        help="use this MQTT broker URL instead of starting one (mqtt://127.0.0.1:1883)",
+    )
+    sim.add_argument(
+        "--embedded-broker",
+        action="store_true",
+        help="start the embedded pure-Python broker even when mosquitto is installed",
+    )
+    sim.add_argument(
+        "--fault", default=None, help="inject a simulator fault at start (e.g. clogged-pump)"
+    )
+    sim.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="stay up as a simulated lab after the experiment (Ctrl-C to stop)",
+    )
 
-    sub.add_parser("drivers", help="list registered driver kinds", description="List registered driver kinds.")
+    sub.add_parser(
+        "drivers", help="list registered driver kinds", description="List registered driver kinds."
+    )
 
     probe = sub.add_parser(
         "probe",
@@ -96,8 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("kind", help="driver kind (see `labbridge drivers`)")
     probe.add_argument("url", help="transport URL")
-    probe.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                       help="driver option, e.g. -o address=2 (repeatable)")
+    probe.add_argument(
+        "-o",
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="driver option, e.g. -o address=2 (repeatable)",
+    )
     return parser
 
 
@@ -137,21 +167,31 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
         try:
             results = asyncio.run(
-                sim_tour(stations=args.stations, speed=args.speed, out=out, broker_url=args.broker,
-                         embedded_broker=args.embedded_broker, fault=args.fault,
-                         keep_running=args.keep_running)
+                sim_tour(
+                    stations=args.stations,
+                    speed=args.speed,
+                    out=out,
+                    broker_url=args.broker,
+                    embedded_broker=args.embedded_broker,
+                    fault=args.fault,
+                    keep_running=args.keep_running,
+                )
             )
         except (KeyboardInterrupt, asyncio.CancelledError):
-            print("\nstopped; every instrument was put in its safe state and the simulators shut down",
-                  file=sys.stderr)
+            print(
+                "\nstopped; every instrument was put in its safe state and the simulators shut down",
+                file=sys.stderr,
+            )
             return 130
         except (instruments.InstrumentError, OSError, ValueError) as exc:
             print(f"labbridge sim: {exc}", file=sys.stderr)
             return 1
         for rec in results:
             c = rec["colour"]
-            print(f"{rec['station']}: colour counts r={c['red']} g={c['green']} b={c['blue']} "
-                  f"({c['status']}), liquid {rec['hotplate']['liquid_c']:.1f} degC")
+            print(
+                f"{rec['station']}: colour counts r={c['red']} g={c['green']} b={c['blue']} "
+                f"({c['status']}), liquid {rec['hotplate']['liquid_c']:.1f} degC"
+            )
         print(f"run folder: {out}")
         return 0
     parser.error(f"unknown command {args.command!r}")

@@ -94,14 +94,18 @@ async def run_experiment(
         await asyncio.gather(
             *(inst[f].dispense(v, recipe.rate_ml_min) for f, v in dispense.items() if v > 0)
         )
-        timeout = clock.real_seconds(60.0 * max(dispense.values()) / recipe.rate_ml_min + 30.0) + 5.0
+        timeout = (
+            clock.real_seconds(60.0 * max(dispense.values()) / recipe.rate_ml_min + 30.0) + 5.0
+        )
         await asyncio.gather(*(inst[f].wait_until_stopped(timeout=timeout) for f in dispense))
         progress.step(f"{bench.name}: dispensed {sum(dispense.values()):.2f} mL")
         await inst["hotplate"].set_stirrer(True, recipe.stirrer_rpm)
         await inst["hotplate"].set_heater(True, recipe.temperature_c)
         await clock.sleep(recipe.hold_s)
         plate = await inst["hotplate"].read()
-        progress.step(f"{bench.name}: held {recipe.hold_s:.0f} s, liquid {plate['liquid_c']:.1f} degC")
+        progress.step(
+            f"{bench.name}: held {recipe.hold_s:.0f} s, liquid {plate['liquid_c']:.1f} degC"
+        )
         colour = await inst["color"].measure()
         frame = await inst["camera"].capture()
         image_path = _save_frame(frame, out / bench.name)
@@ -110,13 +114,21 @@ async def run_experiment(
         await inst["hotplate"].set_stirrer(False)
         total = sum(dispense.values())
         await inst["waste"].withdraw(total + 0.2, 30.0)
-        await inst["waste"].wait_until_stopped(timeout=clock.real_seconds(60.0 * (total + 0.2) / 30.0 + 30.0) + 5.0)
+        await inst["waste"].wait_until_stopped(
+            timeout=clock.real_seconds(60.0 * (total + 0.2) / 30.0 + 30.0) + 5.0
+        )
         progress.step(f"{bench.name}: drained, safe state")
         record = {
             "station": bench.name,
             "recipe": recipe.__dict__,
             "hotplate": plate,
-            "colour": {"red": colour.red, "green": colour.green, "blue": colour.blue, "clear": colour.clear, "status": colour.status},
+            "colour": {
+                "red": colour.red,
+                "green": colour.green,
+                "blue": colour.blue,
+                "clear": colour.clear,
+                "status": colour.status,
+            },
             "image": image_path.name,
             "world": _jsonable(bench.world.snapshot()),
         }
@@ -138,7 +150,9 @@ def _cancel_on_sigterm() -> None:
     task = asyncio.current_task()
     if task is None:
         return
-    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread / Windows
+    with contextlib.suppress(
+        NotImplementedError, RuntimeError, ValueError
+    ):  # not main thread / Windows
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
 
@@ -146,9 +160,16 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=float))
 
 
-async def sim_tour(*, stations: int = 1, speed: float = 20.0, out: Path, broker_url: str | None = None,
-                   embedded_broker: bool = False, fault: str | None = None,
-                   keep_running: bool = False) -> list[dict[str, Any]]:
+async def sim_tour(
+    *,
+    stations: int = 1,
+    speed: float = 20.0,
+    out: Path,
+    broker_url: str | None = None,
+    embedded_broker: bool = False,
+    fault: str | None = None,
+    keep_running: bool = False,
+) -> list[dict[str, Any]]:
     """Start a simulated lab and run the demo experiment on every station concurrently.
 
     SIGTERM (like Ctrl-C/SIGINT, which asyncio already handles) cancels the run:
@@ -158,8 +179,12 @@ async def sim_tour(*, stations: int = 1, speed: float = 20.0, out: Path, broker_
     out.mkdir(parents=True, exist_ok=True)
     recipe = TourRecipe()
     progress = Progress(total=5 * stations)
-    lab = SimulatedLab(stations=stations, speed=speed, broker_url=broker_url,
-                       prefer_broker="embedded" if embedded_broker else "mosquitto")
+    lab = SimulatedLab(
+        stations=stations,
+        speed=speed,
+        broker_url=broker_url,
+        prefer_broker="embedded" if embedded_broker else "mosquitto",
+    )
     async with lab:
         (out / "lab.json").write_text(json.dumps(lab.lab_config(), indent=2))
         if fault:

@@ -51,7 +51,12 @@ class Channel:
     doc: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "unit": self.unit, "kind": self.kind, "settable": self.settable}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "unit": self.unit,
+            "kind": self.kind,
+            "settable": self.settable,
+        }
         if self.minimum is not None:
             out["minimum"] = self.minimum
         if self.maximum is not None:

@@ -60,7 +60,9 @@ def driver_class(kind: str) -> type[Driver]:
 
 
 @contextlib.asynccontextmanager
-async def connect(kind: str, url: str, *, safe_on_exit: bool = True, **options: Any) -> AsyncIterator[Any]:
+async def connect(
+    kind: str, url: str, *, safe_on_exit: bool = True, **options: Any
+) -> AsyncIterator[Any]:
     """Open a driver of ``kind`` on the transport at ``url``; close it on exit.
 
     URL query options configure the transport (``?baudrate=9600``); keyword

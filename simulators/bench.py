@@ -52,7 +52,12 @@ class InstrumentSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "url": self.url, "options": dict(self.options)}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "url": self.url,
+            "options": dict(self.options),
+        }
 
 
 class SimulatedBench:
@@ -79,10 +84,20 @@ class SimulatedBench:
         self.pumps = PumpChainSim(world)
         self.hotplate = HotplateSim(world, mode=hotplate_mode)
         address = f"AA:BB:CC:DD:EE:{index + 1:02X}"
-        self.color_sensor = ColorSensorSim(world, address=address, name=f"LB-COLOR-{index + 1:04X}", bluez=bluez)
-        self.enclosure = EnclosureSim(world, broker_url, prefix=prefix, enclosure_id=self.enclosure_id)
+        self.color_sensor = ColorSensorSim(
+            world, address=address, name=f"LB-COLOR-{index + 1:04X}", bluez=bluez
+        )
+        self.enclosure = EnclosureSim(
+            world, broker_url, prefix=prefix, enclosure_id=self.enclosure_id
+        )
         self.camera = CameraSim(world, fps=camera_fps)
-        self._sims: list[Any] = [self.pumps, self.hotplate, self.color_sensor, self.enclosure, self.camera]
+        self._sims: list[Any] = [
+            self.pumps,
+            self.hotplate,
+            self.color_sensor,
+            self.enclosure,
+            self.camera,
+        ]
         self._started: list[Any] = []
 
     async def start(self) -> None:
@@ -122,7 +137,9 @@ class SimulatedBench:
         specs += [
             InstrumentSpec("hotplate", "hotplate", self.hotplate.url),
             InstrumentSpec("color", "color-sensor", self.color_sensor.url),
-            InstrumentSpec("enclosure", "enclosure", self.enclosure.url, {"enclosure_id": self.enclosure_id}),
+            InstrumentSpec(
+                "enclosure", "enclosure", self.enclosure.url, {"enclosure_id": self.enclosure_id}
+            ),
             InstrumentSpec("camera", "camera", self.camera.url),
         ]
         return specs
@@ -192,7 +209,9 @@ class SimulatedLab:
             os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self.bluez.address
             self._env_set = True
             for i in range(self.n_stations):
-                world = StationWorld(f"bench-{chr(ord('a') + i)}", clock=self.clock, seed=self.seed + i)
+                world = StationWorld(
+                    f"bench-{chr(ord('a') + i)}", clock=self.clock, seed=self.seed + i
+                )
                 bench = SimulatedBench(
                     world,
                     index=i,
@@ -247,4 +266,3 @@ class SimulatedLab:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-

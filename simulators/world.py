@@ -422,7 +422,9 @@ class StationWorld:
         values = []
         for c in range(3):
             noise = 1.0 + float(self.rng.normal(0.0, 0.004))
-            values.append(WHITE_COUNTS[c] * trans[c] * scale * noise + float(self.rng.normal(0, 15)))
+            values.append(
+                WHITE_COUNTS[c] * trans[c] * scale * noise + float(self.rng.normal(0, 15))
+            )
         clear = 0.35 * sum(values)
         raw = [*values, clear]
         status = 0
@@ -439,7 +441,11 @@ class StationWorld:
     def lighting_gain(self, sim_t: float | None = None) -> float:
         """Illumination the camera sees: ambient drift plus the enclosure LED."""
         t = self.clock.now() if sim_t is None else sim_t
-        ambient = 0.80 + 0.08 * math.sin(2 * math.pi * t / 600.0) + 0.03 * math.sin(2 * math.pi * t / 97.0)
+        ambient = (
+            0.80
+            + 0.08 * math.sin(2 * math.pi * t / 600.0)
+            + 0.03 * math.sin(2 * math.pi * t / 97.0)
+        )
         led = 0.25 * self.enclosure.intensity if self.enclosure.light_on else 0.0
         return ambient + led
 

@@ -63,7 +63,9 @@ def no_leaked_threads_or_fds(request: pytest.FixtureRequest) -> Iterator[None]:
     deadline = time.monotonic() + 3.0
     while True:
         leaked_threads = [
-            t for t in _threads() - threads_before if not t.name.startswith(("ray_",)) and t.is_alive()
+            t
+            for t in _threads() - threads_before
+            if not t.name.startswith(("ray_",)) and t.is_alive()
         ]
         leaked_fds = _leaky_fds() - fds_before
         if not leaked_threads and not leaked_fds:
@@ -73,9 +75,14 @@ def no_leaked_threads_or_fds(request: pytest.FixtureRequest) -> Iterator[None]:
         time.sleep(0.02)
     problems = []
     if leaked_threads:
-        problems.append("threads still running: " + ", ".join(sorted(t.name for t in leaked_threads)))
+        problems.append(
+            "threads still running: " + ", ".join(sorted(t.name for t in leaked_threads))
+        )
     if leaked_fds:
-        problems.append("file descriptors still open: " + ", ".join(f"{fd}->{t}" for fd, t in sorted(leaked_fds)))
+        problems.append(
+            "file descriptors still open: "
+            + ", ".join(f"{fd}->{t}" for fd, t in sorted(leaked_fds))
+        )
     pytest.fail("leak after test: " + "; ".join(problems))
 
 

@@ -19,7 +19,11 @@ from instruments.transports.base import DeviceWorker, Transport, URLOptions
 
 def test_split_url_and_options() -> None:
     scheme, base, opts = split_url("serial:///dev/ttyUSB0?baudrate=19200&parity=E")
-    assert (scheme, base, opts) == ("serial", "serial:///dev/ttyUSB0", {"baudrate": "19200", "parity": "E"})
+    assert (scheme, base, opts) == (
+        "serial",
+        "serial:///dev/ttyUSB0",
+        {"baudrate": "19200", "parity": "E"},
+    )
     with pytest.raises(InvalidURLError, match="given twice"):
         split_url("serial:///dev/x?baudrate=1&baudrate=2")
     with pytest.raises(InvalidURLError, match="no scheme"):
@@ -123,13 +127,18 @@ async def test_run_all_attempts_every_action_then_reports_all_failures() -> None
         raise OSError("port gone")
 
     with pytest.raises(SafeStateError, match="heater: port gone") as err:
-        await run_all({"heater": boom, "stirrer": lambda: ok("stirrer"), "light": lambda: ok("light")}, "dev")
+        await run_all(
+            {"heater": boom, "stirrer": lambda: ok("stirrer"), "light": lambda: ok("light")}, "dev"
+        )
     assert done == ["stirrer", "light"]
     assert list(err.value.failures) == ["heater"]
 
 
 def test_unknown_driver_lists_known_kinds() -> None:
-    with pytest.raises(UnknownDriverError, match="known kinds: camera, color-sensor, enclosure, hotplate, syringe-pump"):
+    with pytest.raises(
+        UnknownDriverError,
+        match="known kinds: camera, color-sensor, enclosure, hotplate, syringe-pump",
+    ):
         instruments.driver_class("thermocycler")
 
 
@@ -159,7 +168,9 @@ class SoftBalance(Driver):
 def third_party_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dist = tmp_path / "labbridge_soft_balance-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: labbridge-soft-balance\nVersion: 1.0\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: labbridge-soft-balance\nVersion: 1.0\n"
+    )
     (dist / "entry_points.txt").write_text(
         "[labbridge.drivers]\nsoft-balance = tests.test_registry_and_base:SoftBalance\n"
     )

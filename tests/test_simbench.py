@@ -21,7 +21,9 @@ LABBRIDGE = [sys.executable, "-m", "bridge.cli"]
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([*LABBRIDGE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [*LABBRIDGE, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.mark.timeout(90)
@@ -32,9 +34,20 @@ async def test_two_stations_every_instrument_answers() -> None:
         seen_urls: set[str] = set()
         for bench in lab.stations:
             specs = {s.name: s for s in bench.instruments()}
-            assert set(specs) == {"red", "green", "blue", "waste", "hotplate", "color", "enclosure", "camera"}
+            assert set(specs) == {
+                "red",
+                "green",
+                "blue",
+                "waste",
+                "hotplate",
+                "color",
+                "enclosure",
+                "camera",
+            }
             seen_urls.update(s.url for s in specs.values())
-            async with instruments.connect("syringe-pump", specs["blue"].url, **specs["blue"].options) as pump:
+            async with instruments.connect(
+                "syringe-pump", specs["blue"].url, **specs["blue"].options
+            ) as pump:
                 await pump.dispense(0.8, 20.0)
                 await pump.wait_until_stopped(timeout=10)
                 assert (await pump.dispensed())[0] == pytest.approx(0.8)
@@ -45,7 +58,9 @@ async def test_two_stations_every_instrument_answers() -> None:
                 reading = await sensor.measure()
                 assert reading.status == "ok"
                 assert reading.red < reading.blue  # blue dye in the vial: red absorbed
-            async with instruments.connect("enclosure", specs["enclosure"].url, **specs["enclosure"].options) as enc:
+            async with instruments.connect(
+                "enclosure", specs["enclosure"].url, **specs["enclosure"].options
+            ) as enc:
                 await enc.set_light(True, 0.5)
                 assert (await enc.read())["light_on"] is True
             async with instruments.connect("camera", specs["camera"].url) as cam:
@@ -85,7 +100,12 @@ def test_labbridge_sim_command_runs_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "bench-a: colour counts" in proc.stdout and "bench-b: colour counts" in proc.stdout
     assert f"run folder: {out}" in proc.stdout
-    assert {p.name for p in out.iterdir()} >= {"lab.json", "results.jsonl", "bench-a.jpg", "bench-b.jpg"}
+    assert {p.name for p in out.iterdir()} >= {
+        "lab.json",
+        "results.jsonl",
+        "bench-a.jpg",
+        "bench-b.jpg",
+    }
     assert "10/10" in proc.stderr  # the progress display reached the end
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
 
@@ -107,7 +127,13 @@ def test_every_command_has_help() -> None:
         proc = run_cli(*cmd, "--help")
         assert proc.returncode == 0 and "usage: labbridge" in proc.stdout
     proc = run_cli("drivers")
-    assert proc.stdout.split() == ["camera", "color-sensor", "enclosure", "hotplate", "syringe-pump"]
+    assert proc.stdout.split() == [
+        "camera",
+        "color-sensor",
+        "enclosure",
+        "hotplate",
+        "syringe-pump",
+    ]
 
 
 @pytest.mark.timeout(60)
@@ -117,8 +143,12 @@ async def test_probe_talks_to_a_simulated_hotplate() -> None:
     async with SimulatedLab(stations=1, speed=10) as lab:
         url = lab.stations[0].hotplate.url
         proc = await asyncio.create_subprocess_exec(
-            *LABBRIDGE, "probe", "hotplate", url,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            *LABBRIDGE,
+            "probe",
+            "hotplate",
+            url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
@@ -150,7 +180,9 @@ def test_sigterm_stops_a_keep_running_lab_cleanly(tmp_path: Path) -> None:
 
     proc = subprocess.Popen(
         [*LABBRIDGE, "sim", "--keep-running", "--speed", "100", "--out", str(tmp_path / "run")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stderr is not None

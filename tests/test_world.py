@@ -11,7 +11,9 @@ from simulators import SimClock, StationWorld
 from simulators.world import AMBIENT_C, VIAL_CAPACITY_ML
 
 
-def run_pump(world: StationWorld, address: int, volume_ml: float, rate: float, direction: str = "INF") -> None:
+def run_pump(
+    world: StationWorld, address: int, volume_ml: float, rate: float, direction: str = "INF"
+) -> None:
     with world.lock:
         p = world.pumps[address]
         p.rate_ml_min = rate

@@ -60,4 +60,11 @@ def transport_for(url: str) -> Transport:
     return transport_class(url)(url)
 
 
-__all__ = ["DeviceWorker", "Transport", "URLOptions", "split_url", "transport_class", "transport_for"]
+__all__ = [
+    "DeviceWorker",
+    "Transport",
+    "URLOptions",
+    "split_url",
+    "transport_class",
+    "transport_for",
+]

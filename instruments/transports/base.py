@@ -69,7 +69,9 @@ class URLOptions:
     def float(self, name: builtins.str, default: builtins.float) -> builtins.float:
         value = self._take(name, default, builtins.float, "a number")
         if value != value or value < 0:  # NaN or negative
-            raise InvalidURLError(self.url, f"option {name}={value!r} must be a non-negative number")
+            raise InvalidURLError(
+                self.url, f"option {name}={value!r} must be a non-negative number"
+            )
         return value
 
     def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
@@ -83,7 +85,9 @@ class URLOptions:
 
         return self._take(name, default, convert, "a boolean (true/false)")
 
-    def choice(self, name: builtins.str, default: builtins.str, allowed: tuple[builtins.str, ...]) -> builtins.str:
+    def choice(
+        self, name: builtins.str, default: builtins.str, allowed: tuple[builtins.str, ...]
+    ) -> builtins.str:
         value = self.str(name, default)
         if value not in allowed:
             raise InvalidURLError(
@@ -112,7 +116,14 @@ class DeviceWorker:
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lb-{name}")
         )
 
-    async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None, url: str = "", **kwargs: Any) -> T:
+    async def run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        timeout: float | None = None,
+        url: str = "",
+        **kwargs: Any,
+    ) -> T:
         if self._executor is None:
             raise TransportError(url or self.name, "device worker is closed")
         loop = asyncio.get_running_loop()
