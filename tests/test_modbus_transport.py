@@ -359,3 +359,68 @@ async def test_coils_against_a_pymodbus_device() -> None:
         await server.shutdown()
         for _ in range(3):
             await asyncio.sleep(0)
+
+
+# ------------------------------------------- deadlines and early ends (no task per request)
+async def test_ended_requests_leave_no_cancellation_behind(
+    bus: ModbusTransport, world: StationWorld
+) -> None:
+    """A request is awaited in the caller's task: a deadline or a garbled reply ends it by
+    cancelling that task, and the cancellation must not leak (``cancelling()`` back to 0)."""
+    task = asyncio.current_task()
+    assert task is not None
+    world.faults.inject("no-reply", device="hotplate")
+    with pytest.raises(TransportTimeout):
+        await bus.read_holding_registers(0, 5, timeout=0.05)
+    assert task.cancelling() == 0
+    world.faults.clear("no-reply")
+    world.faults.inject("garbled-bytes", device="hotplate")
+    start = time.monotonic()
+    with pytest.raises(ProtocolError):
+        await bus.read_input_registers(0, 5, timeout=2)
+    assert time.monotonic() - start < 1.0  # at once, not at the deadline
+    assert task.cancelling() == 0
+    world.faults.clear("garbled-bytes")
+    async with asyncio.timeout(2):  # the task's own timeouts still work
+        assert len(await bus.read_input_registers(0, 5)) == 5
+
+
+async def test_cancelling_the_caller_propagates_and_resets_the_link(
+    bus: ModbusTransport, world: StationWorld
+) -> None:
+    world.faults.inject("no-reply", device="hotplate")
+    waiting = asyncio.create_task(bus.read_input_registers(0, 5, timeout=5))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting  # a cancellation from outside stays a cancellation
+    world.faults.clear("no-reply")
+    assert len(await bus.read_input_registers(0, 5)) == 5  # fresh link: no late reply mix-up
+
+
+async def test_reply_racing_a_link_failure_leaves_no_cancellation(bus: ModbusTransport) -> None:
+    """The reply and a link failure land in the same loop turn (forced here by failing the
+    link right after pymodbus took the reply): either outcome is fine, a stray
+    cancellation of the caller's task is not."""
+    assert len(await bus.read_input_registers(0, 1)) == 1
+    link = bus._link  # white box: the hook that forces the race
+    assert link is not None and link.client is not None
+    ctx = link.client.ctx
+    original = ctx.callback_data
+
+    def reply_then_failure(data: bytes, addr: tuple[str, int] | None = None) -> int:
+        used = original(data, addr)
+        link.end_request(LinkLostError(bus.url, "test: link failed in the reply's loop turn"))
+        return used
+
+    ctx.callback_data = reply_then_failure  # type: ignore[method-assign]
+    task = asyncio.current_task()
+    assert task is not None
+    try:
+        regs = await bus.read_input_registers(0, 5)
+    except LinkLostError:
+        regs = []
+    assert regs == [] or len(regs) == 5
+    assert task.cancelling() == 0
+    await asyncio.sleep(0.01)  # no cancellation is pending on this task either
+    assert len(await bus.read_input_registers(0, 5)) == 5  # the link was reset and reopened

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 import tty
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +23,7 @@ from instruments.errors import (
 )
 from instruments.transports import transport_for
 from instruments.transports.base import thread_is_alive
-from instruments.transports.serial import SerialTransport
+from instruments.transports.serial import SerialTransport, _LineWorker
 
 
 class Pty:
@@ -349,3 +350,67 @@ async def test_socket_url_transaction_link_lost_and_reconnect(
             await t.read_until(b"\n")
         assert await t.transaction(b"0DIS\r", b"\n") == b"<0DIS>\n"  # reopened on demand
         assert len(writers) == 2
+
+
+# ----------------------------------------------------------------- the line's worker thread
+def _fail(exc: BaseException) -> None:
+    raise exc
+
+
+async def test_line_worker_order_errors_cancelled_jobs_and_close() -> None:
+    worker = _LineWorker("serial-unit")
+    names = {await worker.run(lambda: threading.current_thread().name) for _ in range(5)}
+    assert names == {"lb-serial-unit"}  # one dedicated thread
+    with pytest.raises(ValueError, match="boom"):
+        await worker.run(_fail, ValueError("boom"))
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        await worker.run(_fail, StopIteration())
+
+    ran: list[str] = []
+    slow = asyncio.ensure_future(worker.run(time.sleep, 0.1))
+    await asyncio.sleep(0.02)  # the slow call is running on the thread
+    queued = asyncio.ensure_future(worker.run(ran.append, "cancelled while queued"))
+    after = asyncio.ensure_future(worker.run(ran.append, "after"))
+    await asyncio.sleep(0)
+    queued.cancel()
+    await asyncio.gather(slow, after)
+    assert ran == ["after"]  # a call cancelled before it started never touches the device
+
+    # aclose waits for the running call without blocking the loop, then joins the thread
+    blocker = asyncio.ensure_future(worker.run(time.sleep, 0.15))
+    await asyncio.sleep(0.01)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    ticker = asyncio.create_task(tick())
+    await worker.aclose()
+    ticker.cancel()
+    await asyncio.gather(ticker, return_exceptions=True)
+    assert ticks >= 5
+    assert blocker.done() and blocker.result() is None
+    assert not thread_is_alive("lb-serial-unit")
+    await worker.aclose()  # idempotent
+    with pytest.raises(TransportError):
+        await worker.run(int)
+
+
+async def test_pty_cancelled_transaction_finishes_before_the_next_one(pty: Pty) -> None:
+    """A cancelled exchange still runs to its end on the line's thread; the next one,
+    queued behind it, gets its own reply (not the late one)."""
+    async with SerialTransport(f"serial://{pty.link}?timeout=1") as t:
+        assert isinstance(t, SerialTransport)
+        first = asyncio.create_task(t.transaction(b"q1\r", b"\n"))
+        await asyncio.sleep(0.05)  # q1 is on the wire, nobody answers yet
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second = asyncio.create_task(t.transaction(b"q2\r", b"\n"))
+        await asyncio.sleep(0.02)
+        pty.respond(asyncio.get_running_loop())  # answers q1 (late), then q2
+        assert await asyncio.wait_for(second, 2) == b"<q2>\n"
+        assert await t.transaction(b"q3\r", b"\n") == b"<q3>\n"

@@ -50,7 +50,7 @@ class RegisterBus(Protocol):
         count: int = 1,
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[int]: ...
 
     async def read_input_registers(
@@ -59,7 +59,7 @@ class RegisterBus(Protocol):
         count: int = 1,
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[int]: ...
 
     async def write_register(
@@ -68,7 +68,7 @@ class RegisterBus(Protocol):
         value: int,
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> None: ...
 
     async def write_registers(
@@ -77,7 +77,7 @@ class RegisterBus(Protocol):
         values: Sequence[int],
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> None: ...
 
 

@@ -43,7 +43,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar, cast
+from typing import Any, ClassVar, NoReturn, Protocol, TypeVar, cast
 
 from instruments.driver import Channel, Driver, retry_idempotent, run_all
 from instruments.errors import DeviceAlarm, DeviceRejected, ProtocolError, TransportError
@@ -85,6 +85,9 @@ _RATE_RE = re.compile(rf"({_NUMBER})(UM|MM|UH|MH)")
 _VOLUME_RE = re.compile(rf"({_NUMBER})(UL|ML)")
 _DIS_RE = re.compile(rf"I({_NUMBER})W({_NUMBER})(UL|ML)")
 _NUMBER_RE = re.compile(_NUMBER)
+#: a well-formed reply: STX, 2-digit address, status letter, printable data, ETX
+_REPLY_RE = re.compile(rb"\x02([0-9]{2})([IWSPA])([\x20-\x7e]*)\x03")
+_COMMAND_RE = re.compile(r"[A-Z]{3}")
 
 
 class PumpStatus(enum.StrEnum):
@@ -131,7 +134,7 @@ class _ByteLink(Protocol):
         self,
         request: bytes,
         terminator: bytes,
-        timeout: float | None = None,  # noqa: ASYNC109 - a reply deadline, the transport's API
+        timeout: float | None = None,
     ) -> bytes: ...
 
 
@@ -180,6 +183,26 @@ def encode_quantity(value: float, units: Mapping[str, float], what: str) -> tupl
 
 def parse_reply(raw: bytes, *, address: int, device: str) -> PumpReply:
     """Parse ``\\x02<2-digit address><status>[data]\\x03`` strictly (else :class:`ProtocolError`)."""
+    m = _REPLY_RE.fullmatch(raw)
+    if m is None:
+        _reject(raw, address, device)  # says what is wrong
+    if int(m[1]) != address:
+        raise ProtocolError(device, f"reply from address {int(m[1])}, expected {address}", raw)
+    status = _STATUS_LETTERS[m[2].decode("ascii")]
+    data = m[3].decode("ascii")
+    if status is PumpStatus.ALARM:
+        if len(data) != 2 or data[0] != "?" or data[1] not in ALARM_CODES:
+            raise ProtocolError(device, f"alarm status without a known alarm code ({data!r})", raw)
+        return PumpReply(address, status, data, raw, alarm=data[1])
+    if data.startswith("?"):
+        if data not in ERROR_CODES:
+            raise ProtocolError(device, f"unknown error code {data!r}", raw)
+        return PumpReply(address, status, data, raw, error=data)
+    return PumpReply(address, status, data, raw)
+
+
+def _reject(raw: bytes, address: int, device: str) -> NoReturn:
+    """Raise the :class:`ProtocolError` that names what makes ``raw`` malformed."""
     if not raw.startswith(STX):
         raise ProtocolError(device, "reply does not start with STX", raw)
     if not raw.endswith(ETX) or len(raw) < 2:
@@ -192,19 +215,7 @@ def parse_reply(raw: bytes, *, address: int, device: str) -> PumpReply:
         raise ProtocolError(device, "reply has no 2-digit address", raw)
     if int(text[:2]) != address:
         raise ProtocolError(device, f"reply from address {int(text[:2])}, expected {address}", raw)
-    letter, data = text[2], text[3:]
-    status = _STATUS_LETTERS.get(letter)
-    if status is None:
-        raise ProtocolError(device, f"unknown status letter {letter!r}", raw)
-    if status is PumpStatus.ALARM:
-        if len(data) != 2 or data[0] != "?" or data[1] not in ALARM_CODES:
-            raise ProtocolError(device, f"alarm status without a known alarm code ({data!r})", raw)
-        return PumpReply(address, status, data, raw, alarm=data[1])
-    if data.startswith("?"):
-        if data not in ERROR_CODES:
-            raise ProtocolError(device, f"unknown error code {data!r}", raw)
-        return PumpReply(address, status, data, raw, error=data)
-    return PumpReply(address, status, data, raw)
+    raise ProtocolError(device, f"unknown status letter {text[2]!r}", raw)
 
 
 def _number(text: str, device: str, raw: bytes) -> float:
@@ -314,7 +325,7 @@ class SyringePump(Driver):
 
         Errors and alarms raise. ``retry=True`` only for idempotent commands.
         """
-        if not re.fullmatch(r"[A-Z]{3}", command):
+        if not _COMMAND_RE.fullmatch(command):
             raise ValueError(f"command must be 3 upper-case letters, got {command!r}")
         if retry:
             return await self._idempotent(command, param, lambda r: r)
@@ -501,7 +512,7 @@ class SyringePump(Driver):
 
     async def wait_until_stopped(
         self,
-        timeout: float = 60.0,  # noqa: ASYNC109 - bounds the polling loop, in real seconds
+        timeout: float = 60.0,
         poll_interval: float = 0.1,
     ) -> PumpStatus:
         """Poll until the pump is stopped or paused (real seconds). Alarm -> :class:`DeviceAlarm`;

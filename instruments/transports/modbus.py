@@ -38,7 +38,6 @@ hence the ``noqa: ASYNC109``.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -63,7 +62,7 @@ from instruments.transports.base import Transport, URLOptions, split_url
 
 log = logging.getLogger(__name__)
 
-# pymodbus's own timeout is only a backstop: our deadlines (asyncio.wait) always end a request first.
+# pymodbus's own timeout is only a backstop: our deadlines (a timer per request) always end it first.
 _BACKSTOP_S = 300.0
 _MAX_READ_REGISTERS = 125
 _MAX_WRITE_REGISTERS = 123
@@ -168,8 +167,66 @@ class _Link:
         self.client: ModbusBaseClient | None = None
         self.connected = asyncio.Event()
         self.lost = False
-        #: set while a request waits: resolved with the error that ends it early
-        self.failure: asyncio.Future[Exception] | None = None
+        #: the task waiting for a reply (None between requests)
+        self.waiter: asyncio.Task[Any] | None = None
+        #: why the waiting request was ended early (set together with ``waiter.cancel()``)
+        self.abort: Exception | None = None
+
+    def end_request(self, reason: Exception) -> bool:
+        """End the request that waits on this link with ``reason`` (the first reason wins).
+
+        The waiting task is cancelled and turns the cancellation into ``reason``
+        (see ``ModbusTransport._request_once``). False if no request waits.
+        """
+        task = self.waiter
+        if task is None or self.abort is not None or task.done():
+            return False
+        self.abort = reason
+        task.cancel()
+        return True
+
+
+class _GarbleCheck(FramerBase):
+    """Framer mixin: report a reply that pymodbus would silently drop (bad CRC, corrupt PDU).
+
+    pymodbus skips an undecodable frame and lets the request run into its
+    timeout; we want a :class:`ProtocolError` at once. The check costs nothing
+    on a good reply: only a frame consumed without a PDU is decoded a second
+    time, unfiltered, to tell a corrupt frame from one for another unit or
+    transaction (which pymodbus skips, as before).
+    """
+
+    on_garbled: Callable[[str, bytes], None] | None = None
+
+    def handleFrame(  # pymodbus names it so
+        self, data: bytes, exp_devid: int, exp_tid: int
+    ) -> tuple[int, ModbusPDU | None]:
+        try:
+            used, pdu = super().handleFrame(data, exp_devid, exp_tid)
+        except ModbusException as exc:
+            return self._garbled(f"undecodable reply ({exc})", data)
+        if pdu is None and used:
+            try:
+                _, anything = super().handleFrame(data, 0, 0)
+            except ModbusException as exc:
+                return self._garbled(f"undecodable reply ({exc})", data)
+            if anything is None:
+                return self._garbled("corrupt frame (bad CRC or length)", data)
+        return used, pdu
+
+    def _garbled(self, problem: str, data: bytes) -> tuple[int, None]:
+        if self.on_garbled is not None:
+            self.on_garbled(problem, bytes(data))
+        # pymodbus never sees the garbage; the link is reset before the next request
+        return len(data), None
+
+
+class _CheckedSocketFramer(_GarbleCheck, FramerSocket):
+    pass
+
+
+class _CheckedRTUFramer(_GarbleCheck, FramerRTU):
+    pass
 
 
 class ModbusTransport(Transport):
@@ -221,55 +278,45 @@ class ModbusTransport(Transport):
 
     def _make_client(self, link: _Link) -> ModbusBaseClient:
         s = self.settings
-        probe: FramerBase = (FramerSocket if s.mode == "tcp" else FramerRTU)(DecodePDU(False))
 
         def on_connect(up: bool) -> None:
             if up:
                 link.connected.set()
                 return
             link.lost = True
-            if link.failure is not None and not link.failure.done():
-                link.failure.set_result(
-                    LinkLostError(self.url, "connection lost while waiting for a reply")
-                )
+            link.end_request(LinkLostError(self.url, "connection lost while waiting for a reply"))
 
-        def on_packet(sending: bool, data: bytes) -> bytes:
-            if sending:
-                return data
-            problem = ""
-            try:
-                used, pdu = probe.handleFrame(data, 0, 0)
-                if used and pdu is None:
-                    problem = "corrupt frame (bad CRC or length)"
-            except ModbusException as exc:
-                problem = f"undecodable reply ({exc})"
-            if not problem:
-                return data
+        def on_garbled(problem: str, data: bytes) -> None:
             self._reset_before_next = True
-            if link.failure is not None and not link.failure.done():
-                link.failure.set_result(ProtocolError(self.url, problem, raw=bytes(data)))
-            else:
-                log.warning("%s: unexpected garbled bytes %r", self.url, bytes(data))
-            return b""  # pymodbus never sees the garbage; the link is reset before the next request
+            if not link.end_request(ProtocolError(self.url, problem, raw=data)):
+                log.warning("%s: unexpected garbled bytes %r", self.url, data)
 
         common: dict[str, Any] = {
             "reconnect_delay": 0,  # no background reconnect task: we reconnect on demand
             "timeout": _BACKSTOP_S,
             "retries": 0,
-            "trace_packet": on_packet,
             "trace_connect": on_connect,
         }
+        client: ModbusBaseClient
+        framer: _GarbleCheck
         if s.mode == "tcp":
-            return AsyncModbusTcpClient(s.host, port=s.port, framer=FramerType.SOCKET, **common)
-        return AsyncModbusSerialClient(
-            s.device,
-            framer=FramerType.RTU,
-            baudrate=s.baudrate,
-            bytesize=s.bytesize,
-            parity=s.parity,
-            stopbits=s.stopbits,  # type: ignore[arg-type]  # pyserial accepts 1.5
-            **common,
-        )
+            client = AsyncModbusTcpClient(s.host, port=s.port, framer=FramerType.SOCKET, **common)
+            framer = _CheckedSocketFramer(DecodePDU(False))
+        else:
+            client = AsyncModbusSerialClient(
+                s.device,
+                framer=FramerType.RTU,
+                baudrate=s.baudrate,
+                bytesize=s.bytesize,
+                parity=s.parity,
+                stopbits=s.stopbits,  # type: ignore[arg-type]  # pyserial accepts 1.5
+                **common,
+            )
+            framer = _CheckedRTUFramer(DecodePDU(False))
+        # Same framer class and decoder pymodbus builds for this FramerType, plus the garble check.
+        framer.on_garbled = on_garbled
+        client.ctx.framer = framer
+        return client
 
     async def _connect(self, limit: float) -> None:
         """Open a fresh pymodbus client within ``limit`` seconds or raise TransportOpenError."""
@@ -303,8 +350,8 @@ class ModbusTransport(Transport):
         link, self._link = self._link, None
         if link is None:
             return
-        if reason is not None and link.failure is not None and not link.failure.done():
-            link.failure.set_result(reason)
+        if reason is not None:
+            link.end_request(reason)
         if link.client is not None:
             link.client.close()
             # asyncio closes a socket on the next loop iteration: let it, so nothing dangles.
@@ -318,7 +365,7 @@ class ModbusTransport(Transport):
         count: int = 1,
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[int]:
         """FC3: ``count`` holding registers from ``address`` (unsigned 16-bit values)."""
         _check_range("address", address, 0, 65535)
@@ -341,7 +388,7 @@ class ModbusTransport(Transport):
         count: int = 1,
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[int]:
         """FC4: ``count`` input registers from ``address`` (unsigned 16-bit values)."""
         _check_range("address", address, 0, 65535)
@@ -364,7 +411,7 @@ class ModbusTransport(Transport):
         value: int,
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> None:
         """FC6: write one holding register (``value`` 0-65535)."""
         _check_range("address", address, 0, 65535)
@@ -390,7 +437,7 @@ class ModbusTransport(Transport):
         values: Sequence[int],
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> None:
         """FC16: write consecutive holding registers from ``address`` (each 0-65535)."""
         vals = [int(v) for v in values]
@@ -420,7 +467,7 @@ class ModbusTransport(Transport):
         count: int = 1,
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[bool]:
         """FC1: ``count`` coils from ``address``."""
         _check_range("address", address, 0, 65535)
@@ -442,7 +489,7 @@ class ModbusTransport(Transport):
         count: int = 1,
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[bool]:
         """FC2: ``count`` discrete inputs from ``address``."""
         _check_range("address", address, 0, 65535)
@@ -464,7 +511,7 @@ class ModbusTransport(Transport):
         value: bool,
         *,
         unit: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> None:
         """FC5: switch one coil on or off."""
         _check_range("address", address, 0, 65535)
@@ -539,17 +586,18 @@ class ModbusTransport(Transport):
         unit: int,
         limit: float,
     ) -> ModbusPDU:
-        await self.ensure_open()
-        loop = asyncio.get_running_loop()
+        if not self._is_open:
+            await self.open()
         async with self._request_lock:
+            loop = asyncio.get_running_loop()
             deadline = loop.time() + limit
             link = self._link
             if (
                 link is None
                 or link.client is None
-                or not link.client.connected
                 or link.lost
                 or self._reset_before_next
+                or not link.client.connected
             ):
                 if link is not None:
                     log.info("%s: reopening the link before %s", self.url, what)
@@ -557,45 +605,55 @@ class ModbusTransport(Transport):
                 await self._connect(limit)
                 link = self._link
             assert link is not None and link.client is not None
-            failure: asyncio.Future[Exception] = loop.create_future()
-            link.failure = failure
-            task = asyncio.ensure_future(send(link.client, unit))
+            # The request is awaited in this task, not raced in another one: the deadline
+            # timer and the link callbacks (lost link, garbled reply) end it early through
+            # ``link.end_request``, which cancels this task; the cancellation is turned
+            # back into their error below (the way ``asyncio.timeout`` does it).
+            task = asyncio.current_task()
+            assert task is not None
+            cancelling = task.cancelling()
+            link.abort = None
+            link.waiter = task
+            timer = loop.call_at(deadline, self._expire, link, what, unit, limit)
             try:
-                remaining = max(0.0, deadline - loop.time())
-                waiters: list[asyncio.Future[Any]] = [task, failure]
-                done, _ = await asyncio.wait(
-                    waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
+                pdu = await send(link.client, unit)
+            except asyncio.CancelledError:
+                self._reset_before_next = True  # a late reply must not answer the next request
+                reason = link.abort
+                if reason is None or task.uncancel() > cancelling:
+                    raise  # cancelled from outside
+                raise reason from None
+            except ConnectionException as exc:
+                self._reset_before_next = True
+                raise LinkLostError(self.url, f"{what}: link down ({exc})") from exc
+            except ModbusIOException as exc:
+                self._reset_before_next = True
+                if "No response" in str(exc):
+                    raise TransportTimeout(self.url, f"no reply to {what} (unit {unit})") from exc
+                raise ProtocolError(self.url, f"{what}: {exc}") from exc
+            except ModbusException as exc:
+                self._reset_before_next = True
+                raise ProtocolError(self.url, f"{what}: {exc}") from exc
+            except BaseException:
+                self._reset_before_next = True
+                raise
             finally:
-                link.failure = None
-                if not task.done():
-                    self._reset_before_next = True  # a late reply must not answer the next request
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
-            if task in done and not task.cancelled():
-                return self._check_reply(what, fc, address, task, unit)
-            self._reset_before_next = True
-            if failure.done():
-                raise failure.result()
-            raise TransportTimeout(self.url, f"no reply to {what} (unit {unit}) within {limit:g} s")
+                timer.cancel()
+                link.waiter = None
+            if link.abort is not None:
+                # Ended early, but the reply had already arrived: pymodbus's wait_for returned it
+                # and swallowed our cancellation. Keep the reply (the link is still reset).
+                self._reset_before_next = True
+                if task.uncancel() > cancelling:
+                    raise asyncio.CancelledError  # a cancellation from outside was swallowed too
+            return self._check_reply(what, fc, address, pdu)
 
-    def _check_reply(
-        self, what: str, fc: int, address: int, task: asyncio.Future[ModbusPDU], unit: int
-    ) -> ModbusPDU:
-        try:
-            pdu = task.result()
-        except ConnectionException as exc:
-            self._reset_before_next = True
-            raise LinkLostError(self.url, f"{what}: link down ({exc})") from exc
-        except ModbusIOException as exc:
-            self._reset_before_next = True
-            if "No response" in str(exc):
-                raise TransportTimeout(self.url, f"no reply to {what} (unit {unit})") from exc
-            raise ProtocolError(self.url, f"{what}: {exc}") from exc
-        except ModbusException as exc:
-            self._reset_before_next = True
-            raise ProtocolError(self.url, f"{what}: {exc}") from exc
+    def _expire(self, link: _Link, what: str, unit: int, limit: float) -> None:
+        link.end_request(
+            TransportTimeout(self.url, f"no reply to {what} (unit {unit}) within {limit:g} s")
+        )
+
+    def _check_reply(self, what: str, fc: int, address: int, pdu: ModbusPDU | None) -> ModbusPDU:
         if pdu is None:
             self._reset_before_next = True
             raise ProtocolError(self.url, f"{what}: no reply object")
