@@ -1,0 +1,802 @@
+"""The safety envelope of one station: channel limits, rates of change, cross-channel rules, budgets.
+
+Declared in YAML (a mapping; the lab config embeds one per station)::
+
+    channels:                      # flat "<instrument>.<channel>" names, see safety/model.py
+      hotplate.setpoint_c: {min: 0, max: 80, max_rise_per_min: 10}
+      hotplate.stirrer_rpm: {min: 0, max: 1200}
+      red.rate_ml_min: {min: 0.01, max: 10}
+      enclosure.lid: {allowed: [open, closed]}
+    rules:                         # the rule language of safety/expr.py
+      - name: heater-needs-stirring-and-closed-lid
+        when: hotplate.heater -> hotplate.stirrer_rpm >= 100 and enclosure.lid == "closed"
+      - name: vial-capacity
+        when: red.volume + green.volume + blue.volume <= 2.8
+    budgets:                       # <resource>_per_<minute|hour|day>, rolling windows
+      experiments_per_hour: 30
+      dye_ml_per_day: 50
+
+Channel keys: ``min``, ``max``, ``allowed`` (a list), ``max_rate_per_min`` (the
+commanded value may change by at most this much per minute, up or down),
+``max_rise_per_min`` (only increases are limited: lowering a setpoint is
+always fine), ``unit`` and ``doc`` (informational). Rule keys: ``name``,
+``when``, ``doc``. Budget resources: ``experiments`` (consumed by
+``Guard.begin_experiment``) and ``dye_ml`` (mL dispensed by the dye pumps).
+
+What :meth:`Envelope.check` refuses (the guard and the dry run call it with
+the station state before a command and the command's updates):
+
+* **limits** (min/max, allowed values), only for the channels the command
+  sets (a value that is not a number where a range is declared is refused);
+* **rate of change**, only when a channel's value changes: ``|new - old|``
+  (or ``new - old`` for ``max_rise_per_min``) must not exceed the rate times
+  the minutes since that channel last changed (the :class:`Ledger` keeps the
+  time). A channel with no recorded change starts from its value in the state
+  (else its ``min``) at the time the ledger started (the guard's start):
+  a fresh station ramps from where it is;
+* **rules**: EVERY rule is evaluated on the state after the command, and any
+  rule that is false, or cannot be evaluated (an unknown name, a type error),
+  refuses the command, whether or not the rule was already false before: a
+  station whose state breaks a rule accepts only the commands that make it
+  safer (heater off, pump stop, light off...), which never reach this check
+  (see safety/effects.py). Rules are not restricted to the changed channels,
+  so a rule cannot be dodged by changing something else;
+* **budgets**: what the command consumes plus what was consumed in the
+  rolling window must stay within the budget.
+
+Errors in the YAML name the file, the line and the field
+(:class:`EnvelopeError`); a rule that does not parse raises
+:class:`~safety.expr.RuleSyntaxError` with the file, line and column of the
+bad token inside the YAML file. Both are ``ValueError``s.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import re
+import threading
+from collections import deque
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safety.expr import EvaluationError, Expression, Name, parse
+
+__all__ = [
+    "Budget",
+    "ChannelLimit",
+    "Envelope",
+    "EnvelopeError",
+    "Ledger",
+    "Rule",
+    "Violation",
+    "load_envelope",
+    "reference_envelope",
+    "REFERENCE_BENCH",
+]
+
+REFERENCE_BENCH = Path(__file__).with_name("reference_bench.yaml")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+_RULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+_BUDGET_RE = re.compile(r"(experiments|dye_ml)_per_(minute|hour|day)")
+WINDOWS_S = {"minute": 60.0, "hour": 3600.0, "day": 86400.0}
+RESOURCE_UNITS = {"experiments": "", "dye_ml": " mL"}
+CHANNEL_KEYS = ("min", "max", "allowed", "max_rate_per_min", "max_rise_per_min", "unit", "doc")
+RULE_KEYS = ("name", "when", "doc")
+TOP_KEYS = ("channels", "rules", "budgets")
+#: tolerance for float comparisons of limits and budgets (values are in SI-ish units)
+EPS = 1e-9
+
+
+class EnvelopeError(ValueError):
+    """An invalid envelope: ``<source>:<line>: <field>: <problem>`` (line omitted when unknown)."""
+
+    def __init__(
+        self, problem: str, *, source: str, line: int | None = None, field: str = ""
+    ) -> None:
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
+        self.problem = problem
+        self.source = source
+        self.line = line
+        self.field = field
+
+
+def fmt(value: Any) -> str:
+    """A value for messages: floats without representation noise (0.30000000000000004 -> 0.3)."""
+    if value is None:
+        return "<unknown>"
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(round(value, 9))
+    return repr(value)
+
+
+def describe(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={fmt(v)}" for k, v in values.items())
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# ------------------------------------------------------------------ the model
+@dataclass(frozen=True)
+class Violation:
+    """One reason to refuse: ``rule`` is a rule name, ``<channel>.<limit>`` or ``budget.<name>``."""
+
+    rule: str
+    reason: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = "rule"  # limit | allowed | rate | rule | budget | command | latch
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class ChannelLimit:
+    name: str
+    min: float | None = None
+    max: float | None = None
+    allowed: tuple[Any, ...] | None = None
+    max_rate_per_min: float | None = None
+    max_rise_per_min: float | None = None
+    unit: str = ""
+    doc: str = ""
+    line: int | None = field(default=None, compare=False)
+
+    def check(
+        self, value: Any, before: Any, last: tuple[Any, float] | None, t0: float, now: float
+    ) -> list[Violation]:
+        """Limits and rate of change of one new commanded ``value`` (``before`` = current value)."""
+        out: list[Violation] = []
+        name = self.name
+        if self.allowed is not None and not any(_same(value, a) for a in self.allowed):
+            options = ", ".join(fmt(a) for a in self.allowed)
+            out.append(
+                Violation(
+                    f"{name}.allowed",
+                    f"{name}.allowed: {name}={fmt(value)} is not one of {options}",
+                    {name: value},
+                    "allowed",
+                )
+            )
+        ranged = self.min is not None or self.max is not None or self.rate is not None
+        if not ranged:
+            return out
+        if not is_number(value) or not math.isfinite(value):
+            which = "min" if self.min is not None else "max" if self.max is not None else "rate"
+            out.append(
+                Violation(
+                    f"{name}.{which}",
+                    f"{name}.{which}: {name}={fmt(value)} is not a finite number",
+                    {name: value},
+                    "limit",
+                )
+            )
+            return out
+        if self.min is not None and value < self.min - EPS:
+            out.append(
+                Violation(
+                    f"{name}.min",
+                    f"{name}.min: {name}={fmt(value)} is below the minimum {fmt(self.min)}",
+                    {name: value},
+                    "limit",
+                )
+            )
+        if self.max is not None and value > self.max + EPS:
+            out.append(
+                Violation(
+                    f"{name}.max",
+                    f"{name}.max: {name}={fmt(value)} is above the maximum {fmt(self.max)}",
+                    {name: value},
+                    "limit",
+                )
+            )
+        if self.rate is not None:
+            out.extend(self._check_rate(value, before, last, t0, now))
+        return out
+
+    @property
+    def rate(self) -> float | None:
+        return self.max_rise_per_min if self.max_rise_per_min is not None else self.max_rate_per_min
+
+    def _check_rate(
+        self, value: float, before: Any, last: tuple[Any, float] | None, t0: float, now: float
+    ) -> list[Violation]:
+        if last is not None:
+            base, t_base = last
+        elif is_number(before):
+            base, t_base = before, t0
+        elif self.min is not None:
+            base, t_base = self.min, t0
+        else:
+            return []  # nothing to measure a change from
+        if not is_number(base) or value == base:
+            return []
+        rise_only = self.max_rise_per_min is not None
+        change = value - base
+        if rise_only and change <= 0:
+            return []
+        rate = self.rate
+        assert rate is not None
+        minutes = max(0.0, now - t_base) / 60.0
+        if abs(change) <= rate * minutes + EPS:
+            return []
+        key = "max_rise_per_min" if rise_only else "max_rate_per_min"
+        verb = "rise" if change > 0 else "fall"
+        name = self.name
+        return [
+            Violation(
+                f"{name}.{key}",
+                f"{name}.{key}: {name} would {verb} from {fmt(base)} to {fmt(value)} within "
+                f"{minutes * 60:.3g} s; at most {fmt(rate)} per minute allows "
+                f"{fmt(rate * minutes)} in that time",
+                {name: value, f"{name} (before)": base, "seconds since last change": now - t_base},
+                "rate",
+            )
+        ]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that does not confuse True with 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    return bool(a == b)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    expr: Expression
+    doc: str = ""
+    line: int | None = field(default=None, compare=False)
+
+    def check(self, post: Mapping[str, Any]) -> Violation | None:
+        names = _ordered_names(self.expr)
+        values = {n: post.get(n) for n in names}
+        try:
+            result = self.expr.evaluate(post)
+        except EvaluationError as exc:
+            return Violation(
+                self.name,
+                f"rule {self.name} cannot be evaluated ({exc}): {describe(values)}",
+                values,
+                "rule",
+            )
+        if result is True:
+            return None
+        if result is not False:
+            return Violation(
+                self.name,
+                f"rule {self.name} evaluated to {fmt(result)}, not true/false: {describe(values)}",
+                values,
+                "rule",
+            )
+        return Violation(self.name, f"rule {self.name}: {describe(values)}", values, "rule")
+
+
+def _ordered_names(expr: Expression) -> list[str]:
+    seen: dict[str, None] = {}
+    for node in expr.ast.walk():
+        if isinstance(node, Name):
+            seen.setdefault(node.name)
+    return list(seen)
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str  # e.g. dye_ml_per_day
+    resource: str  # experiments | dye_ml
+    window: str  # minute | hour | day
+    limit: float
+    line: int | None = field(default=None, compare=False)
+
+    @property
+    def window_s(self) -> float:
+        return WINDOWS_S[self.window]
+
+
+class Ledger:
+    """Runtime bookkeeping of one station's envelope: when each channel last changed, what
+    was consumed when (for rolling budgets). Times come from the caller's clock (seconds).
+
+    ``start(now)`` fixes ``t0``, the time rate limits count from for channels that
+    never changed (the guard starts it when it is created). Thread-safe.
+    """
+
+    MAX_WINDOW_S = max(WINDOWS_S.values())
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.t0: float | None = None
+        self._changes: dict[str, tuple[Any, float]] = {}
+        self._consumed: dict[str, deque[tuple[float, float]]] = {}
+
+    def start(self, now: float) -> None:
+        with self._lock:
+            if self.t0 is None:
+                self.t0 = now
+
+    def last_change(self, name: str) -> tuple[Any, float] | None:
+        with self._lock:
+            return self._changes.get(name)
+
+    def record_changes(
+        self, before: Mapping[str, Any], updates: Mapping[str, Any], now: float
+    ) -> None:
+        """Note the time of every update whose value differs from ``before`` (or was never noted)."""
+        with self._lock:
+            for name, value in updates.items():
+                last = self._changes.get(name)
+                if last is None or not _same(last[0], value) or not _same(before.get(name), value):
+                    self._changes[name] = (value, now)
+
+    def consume(self, resource: str, amount: float, now: float) -> None:
+        if amount <= 0:
+            return
+        with self._lock:
+            entries = self._consumed.setdefault(resource, deque())
+            entries.append((now, float(amount)))
+            while entries and entries[0][0] < now - self.MAX_WINDOW_S:
+                entries.popleft()
+
+    def used(self, resource: str, window_s: float, now: float) -> float:
+        """Amount of ``resource`` consumed in ``(now - window_s, now]``."""
+        with self._lock:
+            entries = self._consumed.get(resource, ())
+            return float(sum(a for t, a in entries if t > now - window_s))
+
+    def copy(self) -> Ledger:
+        other = Ledger()
+        with self._lock:
+            other.t0 = self.t0
+            other._changes = dict(self._changes)
+            other._consumed = {k: deque(v) for k, v in self._consumed.items()}
+        return other
+
+
+class Envelope:
+    """The envelope of one station (see the module docstring). ``ledger`` is its runtime state."""
+
+    def __init__(
+        self,
+        channels: Iterable[ChannelLimit] = (),
+        rules: Iterable[Rule] = (),
+        budgets: Iterable[Budget] = (),
+        *,
+        source: str = "<envelope>",
+    ) -> None:
+        self.channels: dict[str, ChannelLimit] = {c.name: c for c in channels}
+        self.rules: list[Rule] = list(rules)
+        self.budgets: list[Budget] = list(budgets)
+        self.source = source
+        self.ledger = Ledger()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Envelope {self.source}: {len(self.channels)} channels, {len(self.rules)} rules, "
+            f"{len(self.budgets)} budgets>"
+        )
+
+    def fresh(self) -> Envelope:
+        """The same limits with a new, empty ledger (e.g. for another station)."""
+        other = copy.copy(self)
+        other.ledger = Ledger()
+        return other
+
+    def names(self) -> set[str]:
+        """Every channel name the envelope refers to (limits and rules)."""
+        out = set(self.channels)
+        for rule in self.rules:
+            out |= rule.expr.names()
+        return out
+
+    def validate_known(self, known: Collection[str] | Mapping[str, Collection[str] | None]) -> None:
+        """Raise :class:`EnvelopeError` if a channel or rule names an unknown instrument/channel.
+
+        ``known``: instrument names (any channel), full ``instrument.channel``
+        names, or a mapping instrument -> its channel names (None/empty: any).
+        """
+        check = _known_checker(known)
+        for name, lim in self.channels.items():
+            problem = check(name)
+            if problem:
+                raise EnvelopeError(
+                    problem, source=self.source, line=lim.line, field=f"channels.{name}"
+                )
+        for i, rule in enumerate(self.rules):
+            for name in _ordered_names(rule.expr):
+                problem = check(name)
+                if problem:
+                    raise EnvelopeError(
+                        f"{problem} in rule {rule.name} ({rule.expr.text})",
+                        source=self.source,
+                        line=rule.line,
+                        field=f"rules[{i}].when",
+                    )
+
+    # ---------------------------------------------------------------- checks
+    def check(
+        self,
+        state_before: Mapping[str, Any],
+        updates: Mapping[str, Any],
+        *,
+        now: float,
+        consumes: Mapping[str, float] | None = None,
+        ledger: Ledger | None = None,
+    ) -> list[Violation]:
+        """Every violation of the state after applying ``updates`` (empty: allowed).
+
+        ``consumes``: budget resources the command uses (``{"dye_ml": 0.4}``);
+        ``ledger``: the runtime bookkeeping to use (default: this envelope's own).
+        """
+        ledger = self.ledger if ledger is None else ledger
+        ledger.start(now)
+        t0 = ledger.t0 if ledger.t0 is not None else now
+        post = dict(state_before)
+        post.update(updates)
+        out: list[Violation] = []
+        for name, value in updates.items():
+            lim = self.channels.get(name)
+            if lim is not None:
+                out += lim.check(value, state_before.get(name), ledger.last_change(name), t0, now)
+        for rule in self.rules:
+            violation = rule.check(post)
+            if violation is not None:
+                out.append(violation)
+        for resource, amount in (consumes or {}).items():
+            out += self.check_budget(resource, amount, now=now, ledger=ledger)
+        return out
+
+    def check_rules(self, state: Mapping[str, Any]) -> list[Violation]:
+        """The rules that ``state`` breaks (or that cannot be evaluated on it)."""
+        return [v for v in (rule.check(state) for rule in self.rules) if v is not None]
+
+    def check_budget(
+        self, resource: str, amount: float, *, now: float, ledger: Ledger | None = None
+    ) -> list[Violation]:
+        ledger = self.ledger if ledger is None else ledger
+        out: list[Violation] = []
+        if amount <= 0:
+            return out
+        unit = RESOURCE_UNITS.get(resource, "")
+        for budget in self.budgets:
+            if budget.resource != resource:
+                continue
+            used = ledger.used(resource, budget.window_s, now)
+            if used + amount > budget.limit + EPS:
+                out.append(
+                    Violation(
+                        f"budget.{budget.name}",
+                        f"budget {budget.name}: {fmt(used)}{unit} used in the last {budget.window} "
+                        f"+ {fmt(amount)}{unit} asked > {fmt(budget.limit)}{unit}",
+                        {
+                            f"{resource} used": used,
+                            f"{resource} asked": amount,
+                            "limit": budget.limit,
+                        },
+                        "budget",
+                    )
+                )
+        return out
+
+    def commit(
+        self,
+        state_before: Mapping[str, Any],
+        updates: Mapping[str, Any],
+        *,
+        now: float,
+        consumes: Mapping[str, float] | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        """Record that ``updates`` were applied at ``now`` and ``consumes`` was used."""
+        ledger = self.ledger if ledger is None else ledger
+        ledger.start(now)
+        ledger.record_changes(state_before, updates, now)
+        for resource, amount in (consumes or {}).items():
+            ledger.consume(resource, amount, now)
+
+
+def _known_checker(
+    known: Collection[str] | Mapping[str, Collection[str] | None],
+) -> Any:
+    instruments: dict[str, set[str] | None] = {}
+    if isinstance(known, Mapping):
+        for inst, chans in known.items():
+            instruments[inst] = set(chans) if chans else None
+    else:
+        for name in known:
+            inst, dot, chan = name.partition(".")
+            if not dot:
+                instruments[inst] = None
+            elif instruments.get(inst, set()) is not None:
+                instruments.setdefault(inst, set()).add(chan)  # type: ignore[union-attr]
+
+    def check(name: str) -> str | None:
+        inst, _, chan = name.partition(".")
+        if inst not in instruments:
+            return f"unknown instrument '{inst}' (in '{name}'); known: {', '.join(sorted(instruments))}"
+        chans = instruments[inst]
+        if chans is not None and chan not in chans:
+            return f"unknown channel '{name}'; {inst} has: {', '.join(sorted(chans))}"
+        return None
+
+    return check
+
+
+# -------------------------------------------------------------------- loading
+class _Doc:
+    """YAML data plus the line (1-based) of every key, and rule-text positions."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: dict[tuple[Any, ...], int] = {}
+        #: path -> (line, column, indent) of a scalar's text, for rule messages
+        self.scalars: dict[tuple[Any, ...], tuple[int, int, int]] = {}
+
+    def line(self, path: tuple[Any, ...]) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get(())
+
+    def error(self, problem: str, path: tuple[Any, ...]) -> EnvelopeError:
+        return EnvelopeError(problem, source=self.source, line=self.line(path), field=_field(path))
+
+
+def _field(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _compose(text: str, source: str) -> tuple[Any, _Doc]:
+    doc = _Doc(source)
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark is not None else None
+            col = f":{mark.column + 1}" if mark is not None else ""
+            raise EnvelopeError(
+                f"not valid YAML{col}: {exc.problem or exc}", source=source, line=line
+            ) from None
+        except yaml.YAMLError as exc:
+            raise EnvelopeError(f"not valid YAML: {exc}", source=source) from None
+        if node is None:
+            return {}, doc
+        lines = text.splitlines()
+
+        def walk(n: yaml.Node, path: tuple[Any, ...]) -> Any:
+            doc.lines.setdefault(path, n.start_mark.line + 1)
+            if isinstance(n, yaml.MappingNode):
+                out: dict[Any, Any] = {}
+                for key_node, value_node in n.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        raise doc.error("YAML merge keys (<<) are not supported", path)
+                    key = loader.construct_object(key_node, deep=True)
+                    if not isinstance(key, str | int | float | bool) or key is None:
+                        raise EnvelopeError(
+                            f"keys must be plain names, got {key!r}",
+                            source=source,
+                            line=key_node.start_mark.line + 1,
+                            field=_field(path),
+                        )
+                    if key in out:
+                        raise EnvelopeError(
+                            f"duplicate key '{key}'",
+                            source=source,
+                            line=key_node.start_mark.line + 1,
+                            field=_field((*path, key)),
+                        )
+                    doc.lines[(*path, key)] = key_node.start_mark.line + 1
+                    out[key] = walk(value_node, (*path, key))
+                return out
+            if isinstance(n, yaml.SequenceNode):
+                return [walk(item, (*path, i)) for i, item in enumerate(n.value)]
+            assert isinstance(n, yaml.ScalarNode)
+            start = n.start_mark
+            if n.style in ("|", ">"):
+                line_no = start.line + 1  # the indicator's line; the text starts below it
+                first = lines[line_no] if line_no < len(lines) else ""
+                indent = len(first) - len(first.lstrip())
+                doc.scalars[path] = (line_no + 1, indent + 1, indent)
+            else:
+                shift = 1 if n.style in ('"', "'") else 0
+                doc.scalars[path] = (start.line + 1, start.column + 1 + shift, 0)
+            return loader.construct_object(n, deep=True)
+
+        return walk(node, ()), doc
+    finally:
+        loader.dispose()
+
+
+def load_envelope(
+    spec: str | Path | Mapping[str, Any],
+    *,
+    source: str | None = None,
+    known: Collection[str] | Mapping[str, Collection[str] | None] | None = None,
+) -> Envelope:
+    """Load and validate an envelope.
+
+    ``spec``: a :class:`~pathlib.Path` (or a ``str`` ending in ``.yaml``/``.yml``
+    without a newline) is read as a file; any other ``str`` is YAML text; a
+    mapping is already-parsed data (errors then carry no line numbers).
+    ``source`` names it in messages (default: the path, or ``<envelope>``).
+    ``known``: if given, every channel and rule name must belong to a known
+    instrument/channel (see :meth:`Envelope.validate_known`).
+    """
+    if isinstance(spec, str) and "\n" not in spec and spec.strip().endswith((".yaml", ".yml")):
+        spec = Path(spec)
+    if isinstance(spec, Path):
+        name = source or str(spec)
+        try:
+            text = spec.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise EnvelopeError(f"cannot read: {exc.strerror or exc}", source=name) from None
+        data, doc = _compose(text, name)
+    elif isinstance(spec, str):
+        name = source or "<envelope>"
+        data, doc = _compose(spec, name)
+    elif isinstance(spec, Mapping):
+        name = source or "<envelope>"
+        data, doc = spec, _Doc(name)
+    else:
+        raise TypeError(f"an envelope is a path, YAML text or a mapping, not {type(spec).__name__}")
+    envelope = _build(data, doc)
+    if known is not None:
+        envelope.validate_known(known)
+    return envelope
+
+
+def reference_envelope(
+    known: Collection[str] | Mapping[str, Collection[str] | None] | None = None,
+) -> Envelope:
+    """The envelope of the reference bench (``safety/reference_bench.yaml``), with a fresh ledger."""
+    return load_envelope(REFERENCE_BENCH, source=REFERENCE_BENCH.name, known=known)
+
+
+def _build(data: Any, doc: _Doc) -> Envelope:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise doc.error(f"an envelope is a mapping with {', '.join(TOP_KEYS)}", ())
+    _no_unknown(data, TOP_KEYS, (), doc)
+    channels = [_channel(name, spec, doc) for name, spec in _mapping(data, "channels", doc).items()]
+    rules_data = data.get("rules") or []
+    if not isinstance(rules_data, list):
+        raise doc.error("must be a list of {name, when}", ("rules",))
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    for i, spec in enumerate(rules_data):
+        rule = _rule(i, spec, doc)
+        if rule.name in seen:
+            raise doc.error(f"duplicate rule name '{rule.name}'", ("rules", i, "name"))
+        seen.add(rule.name)
+        rules.append(rule)
+    budgets = [_budget(k, v, doc) for k, v in _mapping(data, "budgets", doc).items()]
+    return Envelope(channels, rules, budgets, source=doc.source)
+
+
+def _mapping(data: Mapping[str, Any], key: str, doc: _Doc) -> Mapping[Any, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise doc.error("must be a mapping", (key,))
+    return value
+
+
+def _no_unknown(
+    spec: Mapping[Any, Any], allowed: Iterable[str], path: tuple[Any, ...], doc: _Doc
+) -> None:
+    allowed = tuple(allowed)
+    for key in spec:
+        if key not in allowed:
+            raise doc.error(f"unknown key '{key}' (known: {', '.join(allowed)})", (*path, key))
+
+
+def _number(value: Any, path: tuple[Any, ...], doc: _Doc, *, positive: bool = False) -> float:
+    if not is_number(value) or not math.isfinite(value):
+        raise doc.error(f"must be a number, got {value!r}", path)
+    if positive and value <= 0:
+        raise doc.error(f"must be > 0, got {value!r}", path)
+    return value
+
+
+def _channel(name: Any, spec: Any, doc: _Doc) -> ChannelLimit:
+    path: tuple[Any, ...] = ("channels", name)
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise doc.error(f"channel names are '<instrument>.<channel>', got {name!r}", path)
+    if not isinstance(spec, Mapping) or not spec:
+        raise doc.error(f"must be a mapping with some of {', '.join(CHANNEL_KEYS)}", path)
+    _no_unknown(spec, CHANNEL_KEYS, path, doc)
+    lo = _number(spec["min"], (*path, "min"), doc) if spec.get("min") is not None else None
+    hi = _number(spec["max"], (*path, "max"), doc) if spec.get("max") is not None else None
+    if lo is not None and hi is not None and lo > hi:
+        raise doc.error(f"min {lo!r} > max {hi!r}", (*path, "min"))
+    allowed = spec.get("allowed")
+    if allowed is not None:
+        if not isinstance(allowed, list) or not allowed:
+            raise doc.error("must be a non-empty list of values", (*path, "allowed"))
+        for i, item in enumerate(allowed):
+            if not isinstance(item, str | bool | int | float):
+                raise doc.error(
+                    f"values must be strings, numbers or booleans, got {item!r}",
+                    (*path, "allowed", i),
+                )
+    rates = {}
+    for key in ("max_rate_per_min", "max_rise_per_min"):
+        if spec.get(key) is not None:
+            rates[key] = _number(spec[key], (*path, key), doc, positive=True)
+    if len(rates) == 2:
+        raise doc.error(
+            "give max_rate_per_min or max_rise_per_min, not both", (*path, "max_rise_per_min")
+        )
+    for key in ("unit", "doc"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise doc.error("must be a string", (*path, key))
+    return ChannelLimit(
+        name,
+        lo,
+        hi,
+        tuple(allowed) if allowed is not None else None,
+        rates.get("max_rate_per_min"),
+        rates.get("max_rise_per_min"),
+        spec.get("unit") or "",
+        spec.get("doc") or "",
+        line=doc.line(path),
+    )
+
+
+def _rule(i: int, spec: Any, doc: _Doc) -> Rule:
+    path: tuple[Any, ...] = ("rules", i)
+    if not isinstance(spec, Mapping):
+        raise doc.error("a rule is a mapping {name, when}", path)
+    _no_unknown(spec, RULE_KEYS, path, doc)
+    for key in ("name", "when"):
+        if key not in spec:
+            raise doc.error(f"missing '{key}'", path)
+    name = spec["name"]
+    if not isinstance(name, str) or not _RULE_NAME_RE.fullmatch(name):
+        raise doc.error(
+            f"a rule name is a word (letters, digits, - _ . :), got {name!r}", (*path, "name")
+        )
+    text = spec["when"]
+    if not isinstance(text, str):
+        raise doc.error(f"must be a rule text (a string), got {text!r}", (*path, "when"))
+    line, column, indent = doc.scalars.get((*path, "when"), (doc.line((*path, "when")) or 1, 1, 0))
+    expr = parse(
+        text, source=doc.source, line=line, column=column, indent=indent
+    )  # RuleSyntaxError as is
+    if spec.get("doc") is not None and not isinstance(spec["doc"], str):
+        raise doc.error("must be a string", (*path, "doc"))
+    return Rule(name, expr, spec.get("doc") or "", line=doc.line((*path, "when")))
+
+
+def _budget(key: Any, value: Any, doc: _Doc) -> Budget:
+    path: tuple[Any, ...] = ("budgets", key)
+    m = _BUDGET_RE.fullmatch(key) if isinstance(key, str) else None
+    if m is None:
+        raise doc.error(
+            f"unknown budget '{key}' (known: <experiments|dye_ml>_per_<minute|hour|day>, "
+            f"e.g. experiments_per_hour, dye_ml_per_day)",
+            path,
+        )
+    limit = _number(value, path, doc)
+    if limit < 0:
+        raise doc.error(f"must be >= 0, got {value!r}", path)
+    return Budget(key, m.group(1), m.group(2), limit, line=doc.line(path))

@@ -1,0 +1,518 @@
+"""The guard: the only way code above ``safety/`` acts on an instrument.
+
+``Guard(station, drivers, envelope, latch=..., audit=..., state=...)`` holds a
+station's drivers; code above this layer gets :class:`GuardedInstrument`
+handles from :meth:`Guard.handle`, never a driver::
+
+    hotplate = guard.handle("hotplate", who="optimizer")
+    await hotplate.set_stirrer(True, 300)
+    await hotplate.set_heater(True, 60.0)            # checked, then sent
+    await guard.handle("red").dispense(0.4, 5.0, who="agent:7")
+
+Every command goes through :meth:`Guard.execute`:
+
+1. it must be an allowed command with valid parameters (safety/effects.py);
+2. a latched station (tripped or e-stopped, not yet reset) refuses everything
+   but reads and safe-state commands (:class:`~safety.model.StationTripped`);
+3. the state it would produce (``state.view()`` + its effects) must be inside
+   the envelope, unless it only makes the station safer (always allowed);
+4. the verdict (allowed or refused, who, the command, the rule, the values)
+   goes to the audit trail, and only then is the driver called. A refusal
+   raises :class:`~safety.model.SafetyRefusal` and nothing reaches the wire.
+5. After the driver returns, ``state.commanded`` (and the envelope's ledger:
+   change times, budgets) is updated from the command's effects.
+
+Commands that change something are serialized per station (one
+``asyncio.Lock``), so check-then-act is atomic; reads run without the lock.
+
+Decisions where the contract had to choose:
+
+* A driver error after the check (timeout, lost link, device error) may or may
+  not have left the command executed. An actuating command is then assumed
+  to HAVE taken effect (its effects and consumption are recorded: the more
+  conservative picture for the next checks); a safer command is assumed NOT to
+  have (the heater may still be on). A ``ValueError``/``TypeError`` is a
+  driver refusing before sending anything: nothing is recorded.
+* Draining: a waste ``withdraw`` does not empty the vial in the guard's books
+  when it is sent; the dye volumes shrink as the waste pump's withdrawn
+  counter (``DIS``) shows liquid withdrawn, read before the next actuation and
+  on ``refresh()``. A drain that is interrupted (stop, e-stop, alarm) or whose
+  progress cannot be read therefore never over-credits the vial's capacity.
+  An interrupted dispense keeps counting its full volume (conservative).
+* Pump interlock (rule ``pump-interlock``): no waste ``withdraw`` while a dye
+  dispense may still be running (its volume / rate x 1.1 + 0.5 s, unless a
+  ``stop``, ``status``, ``read`` or ``wait_until_stopped`` of that pump showed
+  it stopped), no dispense while a drain is in progress, no second dispense
+  on a pump still running its first. A drain racing a dispense would let the
+  books credit liquid that has not arrived yet.
+* Switching on without a setpoint (``set_heater(True)``) sends the known,
+  checked setpoint explicitly (see safety/effects.py).
+* A trip that lands while an actuation is in flight: when the driver call
+  returns and the station is latched, the guard puts that instrument into its
+  safe state again (the supervisor's safe state may have run before the
+  command's write arrived).
+* ``check()`` and the dry run do not write to the audit trail; ``execute()``
+  records every verdict, reads included.
+
+Python cannot make a handle airtight: a determined caller can walk from a
+bound method to the guard and its drivers through introspection. The handle
+offers no attribute that leads to a driver (no ``.driver``, ``.transport``);
+the import-linter layer contract (nothing above ``safety`` imports
+``instruments``) is the real enforcement, and code review the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from safety.dryrun import DryRunReport, dry_run
+from safety.effects import (
+    ACTUATE,
+    READ,
+    Action,
+    Assessment,
+    Drain,
+    Effect,
+    Layout,
+    assess,
+    drained_volumes,
+    initial_commanded,
+    safe_state_updates,
+)
+from safety.envelope import Envelope, Violation
+from safety.model import (
+    AuditTrail,
+    Command,
+    Latch,
+    SafetyRefusal,
+    StationState,
+    StationTripped,
+    Verdict,
+)
+
+log = logging.getLogger(__name__)
+#: a dispense is assumed to run up to this factor of volume/rate (+0.5 s) unless seen stopped
+DISPENSE_SLACK = 1.1
+
+__all__ = ["Guard", "GuardedInstrument"]
+
+
+class Guard:
+    """Checks every command of one station against its envelope before a driver sees it.
+
+    ``drivers``: instrument name -> open driver; ``roles``: pump name ->
+    ``"dye"``/``"waste"`` (default by name); ``clock``: seconds for rates and
+    budgets (``time.monotonic``; a simulated clock in tests);
+    ``command_timeout``: bound (s) on one actuating driver call, which holds the
+    station's lock; ``read_timeout``: bound on each read of :meth:`refresh`
+    and of the drain progress.
+
+    Raises :class:`~safety.envelope.EnvelopeError` if the envelope names an
+    instrument the station does not have.
+    """
+
+    def __init__(
+        self,
+        station: str,
+        drivers: Mapping[str, Any],
+        envelope: Envelope,
+        *,
+        latch: Latch,
+        audit: AuditTrail,
+        state: StationState,
+        roles: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        command_timeout: float = 30.0,
+        read_timeout: float = 10.0,
+    ) -> None:
+        if command_timeout <= 0 or read_timeout <= 0:
+            raise ValueError("command_timeout and read_timeout must be > 0 s")
+        self.station = station
+        self._drivers = dict(drivers)
+        self.layout = Layout.of(self._drivers, roles)
+        envelope.validate_known(self.layout.kinds.keys())
+        self.envelope = envelope
+        self.latch = latch
+        self.audit = audit
+        self.state = state
+        self._clock = clock
+        self.command_timeout = command_timeout
+        self.read_timeout = read_timeout
+        self._lock = asyncio.Lock()
+        self._drain: Drain | None = None
+        self._drain_credited = 0.0
+        self._in_flight: Command | None = None
+        #: dye pump -> guard-clock time by which its last dispense has surely finished
+        self._dispensing: dict[str, float] = {}
+        defaults = initial_commanded(self.layout)
+        present = self.state.view()
+        self.state.set_commanded({k: v for k, v in defaults.items() if k not in present})
+        envelope.ledger.start(clock())
+
+    def __repr__(self) -> str:
+        return f"<Guard {self.station}: {', '.join(self.layout.kinds)}>"
+
+    # ------------------------------------------------------------ handles
+    @property
+    def instruments(self) -> dict[str, str]:
+        """Instrument name -> driver kind."""
+        return dict(self.layout.kinds)
+
+    def handle(self, name: str, *, who: str = "unknown") -> GuardedInstrument:
+        """The guarded handle of instrument ``name``; ``who`` is the default proposer."""
+        if name not in self._drivers:
+            raise KeyError(
+                f"{self.station} has no instrument {name!r} (has: {', '.join(self._drivers)})"
+            )
+        return GuardedInstrument(
+            name, self.layout.kinds[name], self.layout.actions(name), self.execute, who
+        )
+
+    @property
+    def in_flight(self) -> Command | None:
+        """The actuating command whose driver call is running now, if any."""
+        return self._in_flight
+
+    async def wait_idle(self) -> None:
+        """Wait until no actuating command is running (e.g. before a safe state after a trip)."""
+        async with self._lock:
+            pass
+
+    # ------------------------------------------------------------ checking
+    def _latched(self) -> str | None:
+        record = self.latch.trip_record
+        if record is None:
+            return None
+        return f"{record.source}: {record.reason}"
+
+    def _assess(self, command: Command, now: float, view: Mapping[str, Any]) -> Assessment:
+        a = assess(
+            command,
+            layout=self.layout,
+            envelope=self.envelope,
+            view=view,
+            now=now,
+            latched=self._latched(),
+        )
+        if a.allowed and a.effect is not None:
+            violation = self._pump_interlock(a.effect, now)
+            if violation is not None:
+                a = Assessment(command, a.effect, (violation,))
+        return a
+
+    def _pump_interlock(self, effect: Effect, now: float) -> Violation | None:
+        """No drain while a dye dispense may still be running, no dispense while draining,
+        no second dispense on a pump that may still be running its first."""
+        name, action = effect.command.instrument, effect.action.name
+        if action == "withdraw":
+            busy = {p: t for p, t in self._dispensing.items() if t > now}
+            if busy:
+                pumps = ", ".join(f"{p} (up to {t - now:.3g} s more)" for p, t in busy.items())
+                reason = (
+                    f"pump-interlock: {name}.withdraw() while {pumps} may still be dispensing; "
+                    f"wait for the dispense to finish (wait_until_stopped)"
+                )
+                return Violation("pump-interlock", reason, {"dispensing": sorted(busy)}, "rule")
+        if action == "dispense":
+            if self._drain is not None:
+                reason = (
+                    f"pump-interlock: {name}.dispense() while {self._drain.instrument} is still "
+                    f"draining the vial; wait for the drain to finish"
+                )
+                return Violation("pump-interlock", reason, {"draining": self._drain.instrument})
+            until = self._dispensing.get(name)
+            if until is not None and until > now:
+                reason = (
+                    f"pump-interlock: {name}.dispense() while {name} may still be running its "
+                    f"previous dispense (up to {until - now:.3g} s more)"
+                )
+                return Violation("pump-interlock", reason, {"dispensing": [name]})
+        return None
+
+    def _verdict(self, a: Assessment) -> Verdict:
+        return Verdict(a.allowed, self.station, a.command, a.reason, a.rule, a.values)
+
+    def check(self, command: Command) -> Verdict:
+        """The verdict ``execute`` would give now, without executing or recording it."""
+        return self._verdict(self._assess(command, self._clock(), self.state.view()))
+
+    def dry_run(
+        self, commands: Sequence[Command], *, times: Sequence[float] | None = None
+    ) -> DryRunReport:
+        """Check a whole recipe against the envelope from the current state (no I/O)."""
+        return dry_run(
+            commands,
+            self.envelope,
+            self.state.view(),
+            kinds=self.layout.kinds,
+            roles=self.layout.roles,
+            now=self._clock(),
+            times=times,
+            ledger=self.envelope.ledger.copy(),
+        )
+
+    def _refuse(self, a: Assessment) -> NoReturn:
+        verdict = self._verdict(a)
+        self.audit.record(verdict)
+        log.warning(
+            "%s: refused %s (who: %s): %s", self.station, a.command, a.command.who, a.reason
+        )
+        raise (StationTripped if a.tripped else SafetyRefusal)(verdict)
+
+    # ------------------------------------------------------------ executing
+    async def execute(self, command: Command) -> Any:
+        """Check ``command``; if allowed, record the verdict, send it, update the state.
+
+        Raises :class:`SafetyRefusal` (:class:`StationTripped` when latched) if
+        refused, or whatever the driver raises.
+        """
+        action = self.layout.actions(command.instrument).get(command.action)
+        if action is not None and action.category == READ:
+            return await self._execute_read(command)
+        async with self._lock:
+            if self._drain is not None:
+                await self._sync_drain()
+            now = self._clock()
+            view = self.state.view()
+            a = self._assess(command, now, view)
+            if not a.allowed:
+                self._refuse(a)
+            effect = a.effect
+            assert effect is not None
+            self.audit.record(self._verdict(a))
+            driver = self._drivers[command.instrument]
+            self._in_flight = command
+            try:
+                result = await asyncio.wait_for(
+                    _call(driver, effect.action, effect.params), self.command_timeout
+                )
+            except (ValueError, TypeError):
+                raise  # the driver refused it before sending anything
+            except BaseException as exc:
+                if effect.category == ACTUATE:
+                    log.warning(
+                        "%s: %s failed (%r); assuming it took effect", self.station, command, exc
+                    )
+                    self._commit(effect, view, now, start_drain=False)
+                raise
+            finally:
+                self._in_flight = None
+            self._commit(effect, view, now, start_drain=True)
+            if effect.category == ACTUATE and self.latch.tripped:
+                await self._safe_after_trip(command.instrument)
+            return result
+
+    async def _execute_read(self, command: Command) -> Any:
+        a = self._assess(command, self._clock(), self.state.view())
+        if not a.allowed:
+            self._refuse(a)
+        assert a.effect is not None
+        self.audit.record(self._verdict(a))
+        result = await _call(self._drivers[command.instrument], a.effect.action, a.effect.params)
+        if command.instrument in self._dispensing and _reports_stopped(result):
+            self._dispensing.pop(command.instrument, None)  # seen stopped: nothing more comes
+        return result
+
+    def _commit(
+        self, effect: Effect, view: Mapping[str, Any], now: float, *, start_drain: bool
+    ) -> None:
+        updates = effect.committed_updates()
+        if updates:
+            self.state.set_commanded(updates)
+        self.envelope.commit(view, updates, now=now, consumes=effect.consumes)
+        name, action = effect.command.instrument, effect.action.name
+        if start_drain and effect.drain is not None:
+            self._drain = effect.drain
+            self._drain_credited = 0.0
+        if action == "dispense":
+            params = effect.command.params
+            minutes = float(params["volume_ml"]) / float(params["rate_ml_min"])
+            self._dispensing[name] = self._clock() + minutes * 60.0 * DISPENSE_SLACK + 0.5
+        elif action == "stop" and self.layout.role(name) is not None:
+            self._dispensing.pop(name, None)  # stopped (paused): RUN is not exposed
+
+    async def _safe_after_trip(self, name: str) -> None:
+        log.warning(
+            "%s: tripped while %s was in flight; safe state for %s again", self.station, name, name
+        )
+        try:
+            await asyncio.wait_for(self._drivers[name].safe_state(), self.command_timeout)
+        except Exception as exc:
+            log.error("%s: safe state of %s after a trip failed: %s", self.station, name, exc)
+        else:
+            self.state.set_commanded(safe_state_updates(self.layout, [name]))
+
+    async def _sync_drain(self) -> None:
+        """Credit the vial with what the waste pump has withdrawn so far (call under the lock)."""
+        drain = self._drain
+        if drain is None:
+            return
+        driver = self._drivers[drain.instrument]
+        try:
+            status = await asyncio.wait_for(driver.status(), self.read_timeout)
+            _, withdrawn = await asyncio.wait_for(driver.dispensed(), self.read_timeout)
+        except Exception as exc:
+            log.warning(
+                "%s: cannot read the drain progress of %s (%s); the vial is assumed as full as before",
+                self.station,
+                drain.instrument,
+                exc,
+            )
+            return
+        withdrawn = min(float(withdrawn), drain.requested_ml)
+        delta = withdrawn - self._drain_credited
+        if delta > 0:
+            view = self.state.view()
+            current = {ch: view.get(ch, 0.0) for ch in drain.base}
+            volumes = drained_volumes(current, delta)
+            self.state.set_commanded(volumes)
+            self.envelope.commit(view, volumes, now=self._clock())
+            self._drain_credited = withdrawn
+        if withdrawn >= drain.requested_ml - 1e-9 or not getattr(status, "moving", False):
+            self._drain = None
+
+    # ------------------------------------------------------------ other entries
+    async def refresh(self, names: Iterable[str] | None = None) -> dict[str, BaseException]:
+        """Read every driver (concurrently) into ``state.measured``; returns the failures by name."""
+        wanted = list(self._drivers if names is None else names)
+
+        async def one(name: str) -> None:
+            reading = await asyncio.wait_for(self._drivers[name].read(), self.read_timeout)
+            self.state.set_measured(name, reading)
+
+        results = await asyncio.gather(*(one(n) for n in wanted), return_exceptions=True)
+        failures: dict[str, BaseException] = {}
+        for name, result in zip(wanted, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("%s: reading %s failed: %r", self.station, name, result)
+                failures[name] = result
+        if self._drain is not None:
+            async with self._lock:
+                await self._sync_drain()
+        return failures
+
+    async def begin_experiment(self, *, who: str = "unknown") -> Verdict:
+        """Consume one unit of the ``experiments`` budgets (and check the latch); recorded."""
+        async with self._lock:
+            now = self._clock()
+            command = Command("station", "begin_experiment", {}, who)
+            latched = self._latched()
+            violations: list[Violation] = []
+            if latched is not None:
+                reason = f"station is latched after a trip ({latched}); no experiment until reset()"
+                violations.append(Violation("latch", reason, {}, "latch"))
+            else:
+                violations = self.envelope.check_budget("experiments", 1, now=now)
+            a = Assessment(command, None, tuple(violations), tripped=latched is not None)
+            if violations:
+                self._refuse(a)
+            verdict = Verdict(True, self.station, command, "allowed (within the budgets)")
+            self.audit.record(verdict)
+            self.envelope.commit({}, {}, now=now, consumes={"experiments": 1})
+            return verdict
+
+    def mark_safe_state(self, names: Iterable[str] | None = None) -> None:
+        """Tell the guard that ``names`` (default: all) were put into their safe state outside it
+        (the supervisor's trip or e-stop): heater, stirrer, light, continuous off."""
+        updates = safe_state_updates(self.layout, names)
+        view = self.state.view()
+        self.state.set_commanded(updates)
+        self.envelope.commit(view, updates, now=self._clock())
+
+
+def _reports_stopped(result: Any) -> bool:
+    """A pump status (``PumpStatus``) or ``read()`` dict that says the pump is not moving."""
+    moving = getattr(result, "moving", None)
+    if isinstance(moving, bool):
+        return not moving
+    if isinstance(result, Mapping):
+        return result.get("status") in ("stopped", "paused", "alarm")
+    return False
+
+
+async def _call(driver: Any, action: Action, params: Mapping[str, Any]) -> Any:
+    result = getattr(driver, action.name)(**dict(params))
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class GuardedInstrument:
+    """A handle on one instrument of a station: the allowed commands, each checked by the guard.
+
+    Methods have the driver's names and arguments (``await h.set_heater(True,
+    60.0)``), plus a keyword-only ``who=`` that overrides the handle's. There is
+    no attribute leading to the driver; see the :mod:`safety.guard` docstring
+    for why that is a convention Python cannot enforce.
+    """
+
+    __slots__ = ("_name", "_kind", "_actions", "_execute", "_who")
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        actions: Mapping[str, Action],
+        execute: Callable[[Command], Any],
+        who: str,
+    ) -> None:
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_kind", kind)
+        object.__setattr__(self, "_actions", dict(actions))
+        object.__setattr__(self, "_execute", execute)
+        object.__setattr__(self, "_who", who)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"a guarded handle is read-only (cannot set {key!r})")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def who(self) -> str:
+        return self._who
+
+    @property
+    def commands(self) -> list[str]:
+        """The allowed commands of this instrument."""
+        return sorted(self._actions)
+
+    def as_who(self, who: str) -> GuardedInstrument:
+        """The same handle acting on behalf of ``who``."""
+        return GuardedInstrument(self._name, self._kind, self._actions, self._execute, who)
+
+    def __getattr__(self, attr: str) -> Any:
+        actions = object.__getattribute__(self, "_actions")
+        action = actions.get(attr)
+        if action is None:
+            name = object.__getattribute__(self, "_name")
+            raise AttributeError(
+                f"{name}: {attr!r} is not an allowed command (allowed: {', '.join(sorted(actions))})"
+            )
+        execute = object.__getattribute__(self, "_execute")
+        default_who = object.__getattribute__(self, "_who")
+        name = object.__getattribute__(self, "_name")
+
+        async def command(*args: Any, who: str | None = None, **kwargs: Any) -> Any:
+            params = action.bind(args, kwargs)
+            return await execute(Command(name, attr, params, who or default_who))
+
+        command.__name__ = attr
+        command.__qualname__ = f"GuardedInstrument.{attr}"
+        return command
+
+    def __dir__(self) -> list[str]:
+        return sorted({"name", "kind", "who", "commands", "as_who", *self._actions})
+
+    def __repr__(self) -> str:
+        return f"<GuardedInstrument {self._name} ({self._kind}) as {self._who}>"

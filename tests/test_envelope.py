@@ -1,0 +1,303 @@
+"""The safety envelope: each rule kind, budgets, the YAML loader's errors, the reference bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from safety.effects import Layout, assess
+from safety.envelope import (
+    Envelope,
+    EnvelopeError,
+    Ledger,
+    Violation,
+    load_envelope,
+    reference_envelope,
+)
+from safety.expr import RuleSyntaxError
+from safety.model import Command
+
+BENCH = ["red", "green", "blue", "waste", "hotplate", "color", "enclosure", "camera"]
+KINDS = {
+    "red": "syringe-pump",
+    "green": "syringe-pump",
+    "blue": "syringe-pump",
+    "waste": "syringe-pump",
+    "hotplate": "hotplate",
+    "color": "color-sensor",
+    "enclosure": "enclosure",
+    "camera": "camera",
+}
+SAFE_BENCH: dict[str, Any] = {
+    "hotplate.heater": False,
+    "hotplate.stirrer": False,
+    "hotplate.stirrer_rpm": 0,
+    "hotplate.setpoint_c": 25.0,
+    "enclosure.lid": "closed",
+    "red.volume": 0.0,
+    "green.volume": 0.0,
+    "blue.volume": 0.0,
+}
+
+
+def rules_of(violations: list[Violation]) -> list[str]:
+    return [v.rule for v in violations]
+
+
+# ------------------------------------------------------------------ limits
+def test_min_max_only_for_the_channels_a_command_sets() -> None:
+    env = load_envelope("channels:\n  hp.setpoint_c: {min: 0, max: 80}\n  hp.rpm: {max: 10}\n")
+    state = {"hp.rpm": 5000}  # out of range already, but not touched by the command
+    assert env.check(state, {"hp.setpoint_c": 80}, now=0) == []
+    assert env.check(state, {"hp.setpoint_c": 0.0}, now=0) == []
+    (v,) = env.check(state, {"hp.setpoint_c": 80.5}, now=0)
+    assert v.rule == "hp.setpoint_c.max" and v.kind == "limit"
+    assert v.reason == "hp.setpoint_c.max: hp.setpoint_c=80.5 is above the maximum 80"
+    assert v.values == {"hp.setpoint_c": 80.5}
+    assert rules_of(env.check(state, {"hp.setpoint_c": -1}, now=0)) == ["hp.setpoint_c.min"]
+    assert rules_of(env.check(state, {"hp.rpm": 11}, now=0)) == ["hp.rpm.max"]
+    for bad in ("hot", None, True, float("nan"), float("inf")):
+        (v,) = env.check(state, {"hp.setpoint_c": bad}, now=0)
+        assert "is not a finite number" in v.reason, bad
+
+
+def test_allowed_values() -> None:
+    env = load_envelope(
+        "channels:\n  enc.lid: {allowed: [open, closed]}\n  x.mode: {allowed: [1, 2]}\n"
+    )
+    assert env.check({}, {"enc.lid": "open"}, now=0) == []
+    (v,) = env.check({}, {"enc.lid": "ajar"}, now=0)
+    assert v.rule == "enc.lid.allowed" and v.kind == "allowed"
+    assert v.reason == "enc.lid.allowed: enc.lid='ajar' is not one of 'open', 'closed'"
+    assert env.check({}, {"x.mode": 2.0}, now=0) == []
+    assert rules_of(env.check({}, {"x.mode": True}, now=0)) == ["x.mode.allowed"]  # True is not 1
+
+
+def test_rate_of_change_uses_the_time_of_the_last_change() -> None:
+    env = load_envelope("channels:\n  hp.setpoint_c: {min: 0, max: 80, max_rate_per_min: 10}\n")
+    ledger = Ledger()
+    ledger.start(0.0)
+    state: dict[str, Any] = {"hp.setpoint_c": 20.0}
+    # no change recorded yet: counts from the state's value at the ledger's start (t=0)
+    (v,) = env.check(state, {"hp.setpoint_c": 30.0}, now=30.0, ledger=ledger)
+    assert v.rule == "hp.setpoint_c.max_rate_per_min" and v.kind == "rate"
+    assert "rise from 20.0 to 30.0 within 30 s" in v.reason and "allows 5.0" in v.reason
+    assert env.check(state, {"hp.setpoint_c": 25.0}, now=30.0, ledger=ledger) == []
+    env.commit(state, {"hp.setpoint_c": 25.0}, now=30.0, ledger=ledger)
+    state["hp.setpoint_c"] = 25.0
+    # 6 s later: 1 degC allowed, either way
+    assert env.check(state, {"hp.setpoint_c": 26.0}, now=36.0, ledger=ledger) == []
+    assert rules_of(env.check(state, {"hp.setpoint_c": 27.0}, now=36.0, ledger=ledger)) == [
+        "hp.setpoint_c.max_rate_per_min"
+    ]
+    (v,) = env.check(state, {"hp.setpoint_c": 20.0}, now=36.0, ledger=ledger)
+    assert "fall from 25.0 to 20.0" in v.reason
+    # the same value again is no change; the last change stays at t=30
+    env.commit(state, {"hp.setpoint_c": 25.0}, now=80.0, ledger=ledger)
+    assert ledger.last_change("hp.setpoint_c") == (25.0, 30.0)
+    assert env.check(state, {"hp.setpoint_c": 40.0}, now=120.0, ledger=ledger) == []
+    # the envelope's own ledger is used when none is given, and is independent
+    assert env.ledger is not ledger and env.ledger.last_change("hp.setpoint_c") is None
+
+
+def test_rise_only_rate_allows_any_decrease() -> None:
+    env = load_envelope("channels:\n  hp.setpoint_c: {min: 0, max: 80, max_rise_per_min: 10}\n")
+    ledger = Ledger()
+    ledger.start(0.0)
+    state = {"hp.setpoint_c": 60.0}
+    assert env.check(state, {"hp.setpoint_c": 0.0}, now=0.0, ledger=ledger) == []
+    (v,) = env.check(state, {"hp.setpoint_c": 61.0}, now=0.0, ledger=ledger)
+    assert v.rule == "hp.setpoint_c.max_rise_per_min"
+    # with no value known, a channel starts from its minimum at the ledger's start
+    assert env.check({}, {"hp.setpoint_c": 10.0}, now=60.0, ledger=ledger) == []
+    assert rules_of(env.check({}, {"hp.setpoint_c": 10.5}, now=60.0, ledger=ledger)) == [
+        "hp.setpoint_c.max_rise_per_min"
+    ]
+
+
+def test_cross_channel_rules_refuse_any_command_whose_post_state_breaks_them() -> None:
+    env = reference_envelope()
+    state = dict(SAFE_BENCH)
+    (v,) = env.check(state, {"hotplate.heater": True}, now=0)
+    assert v.rule == "heater-needs-stirring-and-closed-lid" and v.kind == "rule"
+    assert v.reason == (
+        "rule heater-needs-stirring-and-closed-lid: hotplate.heater=True, "
+        "hotplate.stirrer_rpm=0, enclosure.lid='closed'"
+    )
+    stirring = {**state, "hotplate.stirrer": True, "hotplate.stirrer_rpm": 300}
+    assert env.check(stirring, {"hotplate.heater": True}, now=0) == []
+    # already violated (the lid was opened while heating): an unrelated command is refused too
+    heating_open = {**stirring, "hotplate.heater": True, "enclosure.lid": "open"}
+    assert rules_of(env.check(heating_open, {"enclosure.intensity": 0.5}, now=0)) == [
+        "heater-needs-stirring-and-closed-lid"
+    ]
+    # capacity: a sum over three channels
+    (v,) = env.check({**state, "red.volume": 1.5, "green.volume": 1.2}, {"blue.volume": 0.2}, now=0)
+    assert v.rule == "vial-capacity"
+    assert v.reason == "rule vial-capacity: red.volume=1.5, green.volume=1.2, blue.volume=0.2"
+    assert env.check({**state, "red.volume": 1.4, "green.volume": 1.4}, {}, now=0) == []
+
+
+def test_a_rule_that_cannot_be_evaluated_refuses() -> None:
+    env = reference_envelope()
+    state = {k: v for k, v in SAFE_BENCH.items() if k != "enclosure.lid"}
+    state.update({"hotplate.stirrer": True, "hotplate.stirrer_rpm": 300})
+    (v,) = env.check(state, {"hotplate.heater": True}, now=0)
+    assert v.rule == "heater-needs-stirring-and-closed-lid"
+    assert "cannot be evaluated (unknown name 'enclosure.lid')" in v.reason
+    assert "enclosure.lid=<unknown>" in v.reason
+    # ... but with the heater off the implication does not need the lid
+    assert env.check(state, {"hotplate.stirrer_rpm": 0}, now=0) == []
+    weird = load_envelope("rules:\n  - {name: odd, when: x.a}\n")
+    (v,) = weird.check({"x.a": 3}, {}, now=0)
+    assert "evaluated to 3, not true/false" in v.reason
+
+
+def test_budgets_over_rolling_windows() -> None:
+    env = load_envelope("budgets:\n  dye_ml_per_day: 50\n  experiments_per_hour: 2\n")
+    ledger = Ledger()
+    env.commit({}, {}, now=0.0, consumes={"dye_ml": 49.5}, ledger=ledger)
+    assert env.check({}, {}, now=10.0, consumes={"dye_ml": 0.5}, ledger=ledger) == []
+    (v,) = env.check({}, {}, now=10.0, consumes={"dye_ml": 0.6}, ledger=ledger)
+    assert v.rule == "budget.dye_ml_per_day" and v.kind == "budget"
+    assert v.reason == "budget dye_ml_per_day: 49.5 mL used in the last day + 0.6 mL asked > 50 mL"
+    assert env.check({}, {}, now=86400.5, consumes={"dye_ml": 10}, ledger=ledger) == []
+    for t in (0.0, 100.0):
+        assert env.check_budget("experiments", 1, now=t, ledger=ledger) == []
+        env.commit({}, {}, now=t, consumes={"experiments": 1}, ledger=ledger)
+    assert rules_of(env.check_budget("experiments", 1, now=3599.0, ledger=ledger)) == [
+        "budget.experiments_per_hour"
+    ]
+    assert env.check_budget("experiments", 1, now=3600.5, ledger=ledger) == []
+    assert ledger.used("dye_ml", 86400, 10.0) == pytest.approx(49.5)
+    copy = ledger.copy()
+    copy.consume("dye_ml", 1.0, 11.0)
+    assert ledger.used("dye_ml", 86400, 11.0) == pytest.approx(49.5)  # copies are independent
+
+
+# ------------------------------------------------------------------ loading
+def test_yaml_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    cases = {
+        "channels:\n  hotplate.setpoint_c: {min: 0, mx: 80}\n": (
+            2,
+            "channels.hotplate.setpoint_c.mx: unknown key 'mx'",
+        ),
+        "channels:\n  a.b:\n    min: 5\n    max: 1\n": (3, "channels.a.b.min: min 5 > max 1"),
+        "channel:\n  a.b: {min: 1}\n": (1, "channel: unknown key 'channel'"),
+        "channels:\n  setpoint: {min: 1}\n": (2, "channels.setpoint: channel names are"),
+        "channels:\n  a.b: {min: one}\n": (2, "channels.a.b.min: must be a number, got 'one'"),
+        "channels:\n  a.b: {allowed: []}\n": (2, "channels.a.b.allowed: must be a non-empty list"),
+        "channels:\n  a.b: {max_rate_per_min: -1}\n": (2, "max_rate_per_min: must be > 0"),
+        "channels:\n  a.b: {min: 1}\n  a.b: {min: 2}\n": (3, "channels.a.b: duplicate key 'a.b'"),
+        "rules:\n  - name: r\n    whenn: a.b\n": (3, "rules[0].whenn: unknown key 'whenn'"),
+        "rules:\n  - name: r\n": (2, "rules[0]: missing 'when'"),
+        "rules:\n  - {name: r, when: a.b}\n  - {name: r, when: a.c}\n": (
+            3,
+            "rules[1].name: duplicate rule name 'r'",
+        ),
+        "rules:\n  name: r\n": (1, "rules: must be a list"),
+        "rules:\n  - {name: r, when: 3}\n": (2, "rules[0].when: must be a rule text"),
+        "budgets:\n  dye_per_week: 5\n": (2, "budgets.dye_per_week: unknown budget"),
+        "budgets:\n  dye_ml_per_day: -5\n": (2, "budgets.dye_ml_per_day: must be >= 0"),
+        "channels: [1, 2]\n": (1, "channels: must be a mapping"),
+        "channels:\n  a.b: {min: 1\n": (3, "not valid YAML"),
+    }
+    for text, (line, message) in cases.items():
+        path = tmp_path / "lab.yaml"
+        path.write_text(text)
+        with pytest.raises(EnvelopeError) as info:
+            load_envelope(path)
+        assert str(info.value).startswith(f"{path}:{line}: "), (text, str(info.value))
+        assert message in str(info.value), (text, str(info.value))
+        assert info.value.line == line
+
+
+def test_a_rule_that_does_not_parse_names_file_line_and_column_in_the_yaml() -> None:
+    text = (
+        "channels:\n"
+        "  hotplate.setpoint_c: {max: 80}\n"
+        "rules:\n"
+        "  - name: plain\n"
+        "    when: hotplate.heater -> > 3\n"
+    )
+    with pytest.raises(RuleSyntaxError) as info:
+        load_envelope(text, source="lab.yaml")
+    assert str(info.value) == (
+        "lab.yaml:5:30: unexpected token '>' in rule \"hotplate.heater -> > 3\""
+    )
+    quoted = text.replace("when: hotplate.heater -> > 3", "when: 'hotplate.heater -> > 3'")
+    with pytest.raises(RuleSyntaxError) as info:
+        load_envelope(quoted, source="lab.yaml")
+    assert (info.value.line, info.value.column, info.value.token) == (5, 31, ">")
+    block = text.replace("when: hotplate.heater -> > 3", "when: |\n      a.b and\n      c.d ==")
+    with pytest.raises(RuleSyntaxError) as info:
+        load_envelope(block, source="lab.yaml")
+    assert (info.value.line, info.value.column) == (7, 13)
+    assert "unexpected end of rule" in str(info.value)
+
+
+def test_unknown_instruments_or_channels_when_known_is_given() -> None:
+    text = "channels:\n  red.volume: {max: 2.8}\nrules:\n  - name: h\n    when: heater.on -> red.volume < 1\n"
+    assert load_envelope(text).names() == {"red.volume", "heater.on"}
+    with pytest.raises(EnvelopeError) as info:
+        load_envelope(text, source="lab.yaml", known=BENCH)
+    assert str(info.value).startswith("lab.yaml:5: rules[0].when: unknown instrument 'heater'")
+    with pytest.raises(EnvelopeError) as info:
+        load_envelope(text, source="lab.yaml", known={"heater": None, "red": {"rate_ml_min"}})
+    assert "lab.yaml:2: channels.red.volume: unknown channel 'red.volume'" in str(info.value)
+    load_envelope(text, known=["heater", "red.volume"])  # exact channel names work too
+    with pytest.raises(EnvelopeError, match="unknown channel 'red.rate'"):
+        load_envelope("channels:\n  red.rate: {max: 1}\n", known=["red.volume"])
+
+
+def test_loading_from_a_mapping_text_or_path(tmp_path: Path) -> None:
+    data = {"channels": {"a.b": {"min": 0, "max": 1}}, "budgets": {"experiments_per_hour": 3}}
+    env = load_envelope(data, source="lab.yaml:stations.a")
+    assert env.channels["a.b"].max == 1 and env.budgets[0].window_s == 3600
+    with pytest.raises(EnvelopeError) as info:
+        load_envelope({"channels": {"a.b": {"min": 2, "max": 1}}}, source="cfg")
+    assert str(info.value) == "cfg: channels.a.b.min: min 2 > max 1"  # no line for plain data
+    path = tmp_path / "env.yml"
+    path.write_text("channels:\n  a.b: {max: 3}\n")
+    assert load_envelope(str(path)).source == str(path)
+    assert load_envelope(path, source="x").channels["a.b"].max == 3
+    assert load_envelope("").channels == {}
+    with pytest.raises(EnvelopeError, match="cannot read"):
+        load_envelope(tmp_path / "missing.yaml")
+    with pytest.raises(EnvelopeError, match="an envelope is a mapping"):
+        load_envelope("- 1\n- 2\n")
+
+
+# ------------------------------------------------------------------ the reference bench
+def test_reference_envelope_encodes_the_bench_facts() -> None:
+    env = reference_envelope(known=BENCH)
+    assert isinstance(env, Envelope)
+    assert env.channels["hotplate.setpoint_c"].max == 80
+    assert env.channels["hotplate.setpoint_c"].max_rise_per_min == 10
+    assert env.channels["hotplate.stirrer_rpm"].max == 1200
+    assert {r.name for r in env.rules} == {"heater-needs-stirring-and-closed-lid", "vial-capacity"}
+    assert {b.name: b.limit for b in env.budgets} == {
+        "experiments_per_hour": 30,
+        "dye_ml_per_day": 50,
+    }
+    assert reference_envelope().ledger is not env.ledger  # each call: a fresh ledger
+
+
+def test_reference_envelope_refuses_heater_on_with_the_lid_open() -> None:
+    env = reference_envelope(known=BENCH)
+    layout = Layout(KINDS)
+    view = {**SAFE_BENCH, "hotplate.stirrer": True, "hotplate.stirrer_rpm": 300}
+    heat = Command("hotplate", "set_heater", {"on": True, "setpoint_c": 25.0}, "test")
+    ok = assess(heat, layout=layout, envelope=env, view=view, now=0)
+    assert ok.allowed, ok.reason
+    a = assess(heat, layout=layout, envelope=env, view={**view, "enclosure.lid": "open"}, now=0)
+    assert not a.allowed and a.rule == "heater-needs-stirring-and-closed-lid"
+    assert "enclosure.lid='open'" in a.reason
+    hot = Command("hotplate", "set_heater", {"on": True, "setpoint_c": 85.0}, "test")
+    a = assess(hot, layout=layout, envelope=env, view=view, now=3600)
+    assert a.rule == "hotplate.setpoint_c.max"
+    fast = Command("red", "dispense", {"volume_ml": 0.5, "rate_ml_min": 25.0}, "test")
+    a = assess(fast, layout=layout, envelope=env, view=view, now=0)
+    assert a.rule == "red.rate_ml_min.max"
