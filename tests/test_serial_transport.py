@@ -1,10 +1,14 @@
-"""SerialTransport over pyserial's loop://, real ptys and a real TCP socket (socket://)."""
+"""SerialTransport over pyserial's loop://, real ptys and a real TCP socket (socket://).
+
+pty tests run on both data paths (``io`` fixture): the fd on the event loop and the worker thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 import threading
 import time
 import tty
@@ -85,6 +89,16 @@ def pty(tmp_path: Path) -> Iterator[Pty]:
     p = Pty(tmp_path / "tty")
     yield p
     p.close()
+
+
+@pytest.fixture(params=["auto", "thread"])
+def io(request: pytest.FixtureRequest) -> str:
+    """Run a pty test on both data paths: ``auto`` (the fd on the event loop) and the worker thread."""
+    return str(request.param)
+
+
+def _mode(io: str) -> str:
+    return "thread" if io == "thread" else "fd"
 
 
 # ----------------------------------------------------------------- URLs
@@ -208,10 +222,11 @@ async def test_lock_is_reentrant_for_multi_step_exchanges() -> None:
 
 
 # ----------------------------------------------------------------- pty
-async def test_pty_transaction_discards_stale_input(pty: Pty) -> None:
+async def test_pty_transaction_discards_stale_input(pty: Pty, io: str) -> None:
     pty.respond(asyncio.get_running_loop())
-    async with SerialTransport(f"serial://{pty.link}?timeout=0.5") as t:
+    async with SerialTransport(f"serial://{pty.link}?timeout=0.5&io={io}") as t:
         assert isinstance(t, SerialTransport)
+        assert t.io_mode == _mode(io)
         os.write(pty.master, b"<stale late reply>\n")
         await asyncio.sleep(0.02)
         assert await t.transaction(b"0VER\r", b"\n") == b"<0VER>\n"
@@ -222,14 +237,14 @@ async def test_pty_transaction_discards_stale_input(pty: Pty) -> None:
             await t.read_until(b"\n", timeout=0.05)
 
 
-async def test_pty_line_is_shared_and_refcounted(pty: Pty) -> None:
+async def test_pty_line_is_shared_and_refcounted(pty: Pty, io: str) -> None:
     pty.respond(asyncio.get_running_loop())
-    url = f"serial://{pty.link}?baudrate=9600"
+    url = f"serial://{pty.link}?baudrate=9600&io={io}"
     tty_name = os.ttyname(pty.slave)
     by_symlink, same, by_target = (
         SerialTransport(url),
         SerialTransport(url),
-        SerialTransport(f"serial://{tty_name}?timeout=0.3"),
+        SerialTransport(f"serial://{tty_name}?timeout=0.3&io={io}"),
     )
 
     def fds_on_tty() -> int:
@@ -240,6 +255,7 @@ async def test_pty_line_is_shared_and_refcounted(pty: Pty) -> None:
         for t in (by_symlink, same, by_target):
             await stack.enter_async_context(t)
         assert by_symlink.line_users == 3
+        assert by_target.io_mode == _mode(io)
         assert fds_on_tty() == before + 1  # the port is opened once
         replies = await asyncio.gather(
             *(
@@ -271,8 +287,8 @@ async def test_pty_shared_line_with_other_settings_is_refused(pty: Pty) -> None:
         assert not other.is_open
 
 
-async def test_pty_link_lost_then_reopened_on_demand(pty: Pty) -> None:
-    url = f"serial://{pty.link}?timeout=0.3"
+async def test_pty_link_lost_then_reopened_on_demand(pty: Pty, io: str) -> None:
+    url = f"serial://{pty.link}?timeout=0.3&io={io}"
     async with SerialTransport(url) as t:
         assert isinstance(t, SerialTransport)
         await t.write(b"1VER\r")
@@ -288,20 +304,24 @@ async def test_pty_link_lost_then_reopened_on_demand(pty: Pty) -> None:
         pty.create()  # plugged back in (a new /dev/pts/N behind the same name)
         pty.respond(asyncio.get_running_loop())
         assert await t.transaction(b"1VER\r", b"\n") == b"<1VER>\n"
+        assert t.io_mode == _mode(io)
 
 
-async def test_pty_link_lost_while_reading(pty: Pty) -> None:
-    async with SerialTransport(f"serial://{pty.link}?timeout=2") as t:
+async def test_pty_link_lost_while_reading(pty: Pty, io: str) -> None:
+    url = f"serial://{pty.link}?timeout=2&io={io}"
+    async with SerialTransport(url) as t:
         assert isinstance(t, SerialTransport)
         loop = asyncio.get_running_loop()
         loop.call_later(0.05, pty.close)
         started = time.monotonic()
-        with pytest.raises(LinkLostError):
+        with pytest.raises(LinkLostError, match=re.escape(url)):
             await t.read_until(b"\n")
         assert time.monotonic() - started < 1.0  # not the 2 s deadline
         pty.create()
         await t.reconnect()
-        assert t.is_open
+        assert t.is_open and t.io_mode == _mode(io)
+        pty.respond(loop)
+        assert await t.transaction(b"2VER\r", b"\n") == b"<2VER>\n"
 
 
 # ----------------------------------------------------------------- socket://
@@ -399,10 +419,10 @@ async def test_line_worker_order_errors_cancelled_jobs_and_close() -> None:
         await worker.run(int)
 
 
-async def test_pty_cancelled_transaction_finishes_before_the_next_one(pty: Pty) -> None:
-    """A cancelled exchange still runs to its end on the line's thread; the next one,
-    queued behind it, gets its own reply (not the late one)."""
-    async with SerialTransport(f"serial://{pty.link}?timeout=1") as t:
+async def test_pty_cancelled_transaction_finishes_before_the_next_one(pty: Pty, io: str) -> None:
+    """A cancelled exchange still runs to its end (on the line's thread, or on the loop's fd
+    callbacks); the next one, queued behind it, gets its own reply (not the late one)."""
+    async with SerialTransport(f"serial://{pty.link}?timeout=1&io={io}") as t:
         assert isinstance(t, SerialTransport)
         first = asyncio.create_task(t.transaction(b"q1\r", b"\n"))
         await asyncio.sleep(0.05)  # q1 is on the wire, nobody answers yet
@@ -414,3 +434,162 @@ async def test_pty_cancelled_transaction_finishes_before_the_next_one(pty: Pty) 
         pty.respond(asyncio.get_running_loop())  # answers q1 (late), then q2
         assert await asyncio.wait_for(second, 2) == b"<q2>\n"
         assert await t.transaction(b"q3\r", b"\n") == b"<q3>\n"
+
+
+# ----------------------------------------------------------------- the data paths (io=auto|fd|thread)
+def test_io_option_is_validated() -> None:
+    for url, names in (
+        ("serial:///dev/ttyUSB0?io=poll", "io"),
+        ("loop://?io=fd", "io=fd"),
+        ("socket://127.0.0.1:4001?io=fd", "io=fd"),
+    ):
+        with pytest.raises(InvalidURLError, match=names) as err:
+            SerialTransport(url)
+        assert url in str(err.value)
+    assert SerialTransport("serial:///dev/ttyUSB0?io=THREAD").io == "thread"
+    assert SerialTransport("serial:///dev/ttyUSB0").io == "auto"
+    assert SerialTransport("loop://?io=thread").io == "thread"
+
+
+def _tty_fds(tty_name: str) -> list[int]:
+    return [int(fd) for fd in os.listdir("/proc/self/fd") if _readlink(fd) == tty_name]
+
+
+def _assert_no_loop_callbacks(loop: asyncio.AbstractEventLoop, fds: list[int]) -> None:
+    for fd in fds:  # remove_* report whether something was registered
+        assert not loop.remove_reader(fd), f"reader left on fd {fd}"
+        assert not loop.remove_writer(fd), f"writer left on fd {fd}"
+
+
+async def test_io_mode_reports_the_data_path(pty: Pty) -> None:
+    async with SerialTransport("loop://") as t:
+        assert isinstance(t, SerialTransport)
+        assert t.io_mode == "thread"  # a URL handler has no tty fd
+    assert t.io_mode is None
+    for io, mode in (("auto", "fd"), ("fd", "fd"), ("thread", "thread")):
+        async with SerialTransport(f"serial://{pty.link}?io={io}") as t:
+            assert isinstance(t, SerialTransport)
+            assert t.io_mode == mode
+            other = SerialTransport(
+                f"serial://{pty.link}?io={'thread' if io != 'thread' else 'fd'}"
+            )
+            with pytest.raises(TransportOpenError, match=f"io={io}"):
+                await other.open()  # one line, one data path
+    url = f"serial://{pty.link}.missing?io=fd"
+    with pytest.raises(TransportOpenError, match=re.escape(url)):
+        await SerialTransport(url).open()
+
+
+async def test_pty_reads_keep_leftovers_time_out_with_partial_bytes_and_cap_length(
+    pty: Pty, io: str
+) -> None:
+    url = f"serial://{pty.link}?timeout=0.1&io={io}"
+    async with SerialTransport(url) as t:
+        assert isinstance(t, SerialTransport)
+        os.write(pty.master, b"abc\nde")
+        assert await t.read_until(b"\n") == b"abc\n"
+        assert await t.read_exactly(2) == b"de"  # the bytes after the terminator were kept
+        assert await t.read_exactly(0) == b""
+        os.write(pty.master, b"\x0201S")
+        started = time.monotonic()
+        with pytest.raises(TransportTimeout) as err:
+            await t.read_until(b"\x03", timeout=0.15)
+        assert 0.1 < time.monotonic() - started < 1.0
+        assert "0201S" in str(err.value) and url in str(err.value)
+        os.write(pty.master, b"xy")
+        with pytest.raises(TransportTimeout, match="2 of 4 bytes"):
+            await t.read_exactly(4)
+        os.write(pty.master, b"x" * 100 + b"\n")
+        await asyncio.sleep(0.02)
+        with pytest.raises(ProtocolError, match="within 50 bytes"):
+            await t.read_until(b"\n", max_bytes=50)
+        assert await t.discard_input() == 51
+        # a terminator split across reads is still found; a reply may end exactly at max_bytes
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.02, os.write, pty.master, b"12\r")
+        loop.call_later(0.04, os.write, pty.master, b"\n")
+        assert await t.read_until(b"\r\n", max_bytes=4) == b"12\r\n"
+
+
+async def test_pty_fd_path_runs_on_the_loop_and_leaves_no_callbacks(pty: Pty) -> None:
+    loop = asyncio.get_running_loop()
+    pty.respond(loop)
+    tty_name = os.ttyname(pty.slave)
+    async with SerialTransport(f"serial://{pty.link}?timeout=0.2&io=fd") as t:
+        assert isinstance(t, SerialTransport)
+        fds = _tty_fds(tty_name)
+        assert await t.transaction(b"0DIA\r", b"\n") == b"<0DIA>\n"
+        assert not loop.remove_reader(fds[-1])  # the reader is there only while a read waits
+        # the data path needs no thread: a transaction does not touch the worker thread
+        worker_jobs: list[object] = []
+        line = t._line
+        assert line is not None
+        real_run = line.worker.run
+
+        async def spy(fn: object, *args: object, **kw: object) -> object:
+            worker_jobs.append(fn)
+            return await real_run(fn, *args, **kw)  # type: ignore[arg-type]
+
+        line.worker.run = spy  # type: ignore[method-assign,assignment]
+        try:
+            assert await t.transaction(b"1DIA\r", b"\n") == b"<1DIA>\n"
+            await t.write(b"2DIA\r")
+            assert await t.read_until(b"\n") == b"<2DIA>\n"
+        finally:
+            del line.worker.run
+        assert worker_jobs == []
+        with pytest.raises(TransportTimeout):
+            await t.read_until(b"?", timeout=0.05)
+        cancelled = asyncio.create_task(t.read_until(b"?", timeout=0.1))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert await t.transaction(b"3DIA\r", b"\n") == b"<3DIA>\n"  # after the 0.1 s deadline
+        _assert_no_loop_callbacks(loop, fds)
+        # closed while an abandoned read still runs: everything is removed
+        cancelled = asyncio.create_task(t.read_until(b"?", timeout=5))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+    _assert_no_loop_callbacks(loop, fds)
+    assert _tty_fds(tty_name) == [pty.slave]
+
+
+@pytest.mark.timeout(20)
+async def test_pty_fd_write_waits_for_room_without_blocking_the_loop(pty: Pty) -> None:
+    """A write larger than the pty's queue (~20 KiB here) meets EAGAIN: it waits for room
+    with add_writer while the loop runs on; with no reader it times out (max(2 s, timeout))."""
+    loop = asyncio.get_running_loop()
+    blob = bytes(range(256)) * 256  # 64 KiB
+    got = bytearray()
+    all_read = asyncio.Event()
+    async with SerialTransport(f"serial://{pty.link}?timeout=0.1&io=fd") as t:
+        assert isinstance(t, SerialTransport)
+        ticks = 0
+
+        def drain_slowly() -> None:
+            nonlocal ticks
+            ticks += 1
+            with contextlib.suppress(BlockingIOError):
+                got.extend(os.read(pty.master, 4096))
+            if len(got) < len(blob):
+                loop.call_later(0.002, drain_slowly)
+            else:
+                all_read.set()
+
+        loop.call_later(0.02, drain_slowly)
+        await t.write(blob)
+        await asyncio.wait_for(all_read.wait(), 5)
+        assert bytes(got) == blob and ticks > 5  # the loop ran while the write waited
+        started = time.monotonic()
+        with pytest.raises(TransportTimeout, match="write did not complete within 2 s"):
+            await t.write(blob)  # nobody reads the master now
+        assert 1.9 < time.monotonic() - started < 3.0
+        _assert_no_loop_callbacks(loop, _tty_fds(os.ttyname(pty.slave)))
+        with contextlib.suppress(BlockingIOError):
+            while os.read(pty.master, 65536):
+                pass
+        pty.respond(loop)
+        assert await t.transaction(b"ok\r", b"\n") == b"<ok>\n"
