@@ -219,9 +219,10 @@ async def bench_mqtt(world: StationWorld, n: int, rounds: int) -> list[Result]:
             ev = threading.Event()
             acks[cid] = ev
             state["on"] = not state["on"]
-            raw.publish(
+            raw.publish(  # QoS 1, as the driver sends commands: the same packets on both sides
                 "bench/enclosure/enc-1/cmd",
                 json.dumps({"light": {"on": state["on"], "intensity": 0.5}, "id": cid}),
+                qos=1,
             )
             if not ev.wait(2.0):
                 raise RuntimeError("raw paho: no ack within 2 s")
