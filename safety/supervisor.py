@@ -1,0 +1,664 @@
+"""The station supervisor: polls the instruments, runs the monitors, trips and latches.
+
+One :class:`StationSupervisor` per station. While running it
+
+* polls every instrument's ``read()`` (one task per instrument, each read with
+  ``read_timeout``; a failing read is logged and its channels simply age, which
+  the :class:`~safety.monitors.Staleness` monitors catch) into
+  ``state.measured``, and evaluates the monitors after every reading and every
+  ``poll_interval``;
+* arms each device watchdog it finds (a driver with ``set_watchdog(s)``: the
+  hotplate's holding register 4, which switches heater and stirrer off on the
+  device itself when no register write arrives for that long, so the bench
+  fails safe if labbridge dies) and feeds it by rewriting the register every
+  ``device_watchdog_s / 3`` device seconds;
+* on a trip (a monitor that trips, :meth:`trip`, or anyone who trips the
+  :class:`~safety.model.Latch`) latches and drives *every* instrument of the
+  station to its safe state concurrently, each ``safe_state()`` bounded by
+  ``safe_timeout`` so a hung or dead driver does not hold up the others;
+  failures are logged and reported (:class:`TripReport`), never raised out of
+  the loop. While latched the safe state is re-asserted every
+  ``reassert_interval`` s (a trip is a level: a stuck relay gets told again).
+
+Nothing resumes by itself: ``await reset(who, why)`` only unlatches, and only
+when every monitor is cleared on freshly read values (hysteresis: the liquid
+must be below 75 degC, not just below 80). Each trip's :class:`TripReport`
+keeps its reaction time (the tripping reading to the last safe-state action).
+These are software interlocks above the bench's hardware ones, which never
+depend on labbridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from instruments.driver import Driver
+from safety.model import (
+    AuditTrail,
+    Command,
+    Latch,
+    ResetRefused,
+    StationState,
+    TripRecord,
+    Verdict,
+)
+from safety.monitors import Monitor, MonitorResult, Staleness, evaluate_all
+
+log = logging.getLogger(__name__)
+
+#: Commanded channels that an instrument's safe state sets, by driver kind. Applied to
+#: ``state.commanded`` (prefixed with the instrument's name) once its safe state succeeded.
+SAFE_COMMANDED: dict[str, dict[str, Any]] = {
+    "hotplate": {"heater": False, "stirrer": False, "stirrer_rpm": 0},
+    "enclosure": {"light": False},
+    "color-sensor": {"continuous": False},
+}
+
+
+@dataclass
+class SafeOutcome:
+    """What one instrument's ``safe_state()`` did in a trip. ``elapsed_s`` real seconds."""
+
+    instrument: str
+    ok: bool
+    elapsed_s: float
+    error: str | None = None
+    timed_out: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "instrument": self.instrument,
+            "ok": self.ok,
+            "elapsed_s": self.elapsed_s,
+            "error": self.error,
+            "timed_out": self.timed_out,
+        }
+
+
+@dataclass
+class TripReport:
+    """One trip (or re-assertion) of a station's safe state.
+
+    Times are ``time.monotonic()`` (the clock of ``StationState`` and of the
+    simulators' wire log): ``t_reading`` when the reading that tripped was
+    taken (for a staleness trip, an e-stop or an API trip: when it was
+    detected), ``t_detected`` when the trip latched, ``t_done`` when the last
+    safe-state action completed. ``already_tripped``: the station was latched
+    already and no safe-state storm ran for this call.
+    """
+
+    station: str
+    reason: str
+    source: str
+    kind: str = "trip"  # "trip" | "reassert"
+    already_tripped: bool = False
+    who: str | None = None
+    t: float = field(default_factory=time.time)
+    t_reading: float = field(default_factory=time.monotonic)
+    t_detected: float = field(default_factory=time.monotonic)
+    t_done: float | None = None
+    outcomes: dict[str, SafeOutcome] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.t_done is not None
+
+    @property
+    def safe(self) -> list[str]:
+        """Instruments that reached their safe state."""
+        return [name for name, o in self.outcomes.items() if o.ok]
+
+    @property
+    def failed(self) -> list[str]:
+        """Instruments whose safe state failed or timed out."""
+        return [name for name, o in self.outcomes.items() if not o.ok]
+
+    @property
+    def ok(self) -> bool:
+        return self.done and not self.failed
+
+    @property
+    def reaction_s(self) -> float | None:
+        """Real seconds from the reading that tripped to the last safe-state action completing."""
+        return None if self.t_done is None else self.t_done - self.t_reading
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "station": self.station,
+            "reason": self.reason,
+            "source": self.source,
+            "kind": self.kind,
+            "already_tripped": self.already_tripped,
+            "who": self.who,
+            "t": self.t,
+            "reaction_s": self.reaction_s,
+            "safe": self.safe,
+            "failed": self.failed,
+            "outcomes": {k: o.as_dict() for k, o in self.outcomes.items()},
+        }
+
+    def summary(self) -> str:
+        if self.already_tripped:
+            return f"{self.station}: already tripped ({self.reason})"
+        if not self.done:
+            return f"{self.station}: safe state in progress ({self.reason})"
+        text = f"{self.station}: {len(self.safe)}/{len(self.outcomes)} instruments safe"
+        if self.failed:
+            detail = "; ".join(f"{n}: {self.outcomes[n].error}" for n in self.failed)
+            text += f", FAILED {detail}"
+        return text
+
+
+class StationSupervisor:
+    """Monitors, latched trips, reset and device watchdogs for one station (module docstring).
+
+    ``drivers`` maps instrument names (``red``, ``hotplate``, ``enclosure``...)
+    to open drivers; ``monitors`` see ``instrument.channel`` names. ``poll``
+    restricts polling to some instruments (default: every driver).
+    ``device_watchdog_s`` (whole device seconds, 0 = do not arm) is written to
+    every driver with ``set_watchdog``; ``device_time_scale`` is device seconds
+    per real second (1 on a real bench, the ``SimClock`` speed on a simulated
+    one), used only to pace the watchdog feed. Other times are real seconds.
+    """
+
+    def __init__(
+        self,
+        station: str,
+        drivers: Mapping[str, Driver],
+        *,
+        latch: Latch,
+        state: StationState,
+        monitors: Iterable[Monitor],
+        poll_interval: float = 0.1,
+        safe_timeout: float = 2.0,
+        device_watchdog_s: int = 5,
+        audit: AuditTrail | None = None,
+        read_timeout: float = 1.0,
+        poll: Collection[str] | None = None,
+        reassert_interval: float | None = 1.0,
+        device_time_scale: float = 1.0,
+    ) -> None:
+        if latch.station != station:
+            raise ValueError(f"latch is for station {latch.station!r}, not {station!r}")
+        for label, value in (
+            ("poll_interval", poll_interval),
+            ("safe_timeout", safe_timeout),
+            ("read_timeout", read_timeout),
+            ("device_time_scale", device_time_scale),
+        ):
+            if not value > 0:
+                raise ValueError(f"{label} must be > 0, got {value!r}")
+        if isinstance(device_watchdog_s, bool) or not isinstance(device_watchdog_s, int):
+            raise ValueError(f"device_watchdog_s must be whole seconds, got {device_watchdog_s!r}")
+        if device_watchdog_s < 0:
+            raise ValueError(f"device_watchdog_s must be >= 0, got {device_watchdog_s}")
+        if reassert_interval is not None and not reassert_interval > 0:
+            raise ValueError(f"reassert_interval must be > 0 or None, got {reassert_interval!r}")
+        self.station = station
+        self.drivers: dict[str, Driver] = dict(drivers)
+        self.latch = latch
+        self.state = state
+        self.monitors: list[Monitor] = list(monitors)
+        names = [m.name for m in self.monitors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"monitor names must be unique, got {names}")
+        unknown = set(poll or ()) - set(self.drivers)
+        if unknown:
+            raise ValueError(f"poll names unknown instruments: {sorted(unknown)}")
+        self.poll: list[str] = list(self.drivers) if poll is None else list(poll)
+        self.poll_interval = float(poll_interval)
+        self.safe_timeout = float(safe_timeout)
+        self.read_timeout = float(read_timeout)
+        self.device_watchdog_s = device_watchdog_s
+        self.device_time_scale = float(device_time_scale)
+        self.reassert_interval = reassert_interval
+        self.audit = audit
+        #: every trip of this station (not re-assertions), oldest first
+        self.trips: list[TripReport] = []
+        #: the latest re-assertions while latched
+        self.reasserts: deque[TripReport] = deque(maxlen=50)
+        #: the latest evaluation of every monitor
+        self.last_results: dict[str, MonitorResult] = {}
+        #: per instrument: consecutive failed reads, and the last error
+        self.read_failures: dict[str, int] = dict.fromkeys(self.drivers, 0)
+        self.last_read_error: dict[str, str] = {}
+        #: per instrument with a device watchdog: armed (the last write succeeded)?
+        self.watchdog_armed: dict[str, bool] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._storms: set[asyncio.Task[TripReport]] = set()
+        self._stragglers: set[asyncio.Future[Any]] = set()
+        self._tripped_names: set[str] = set()
+        self._handled_trip: TripRecord | None = None
+        self._last_storm_done: float | None = None
+        self._last_outcomes: dict[str, SafeOutcome] = {}
+        self._running = False
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The supervisor's background tasks (pollers, monitor loop, watchdog feeders)."""
+        return list(self._tasks)
+
+    @property
+    def watchdog_drivers(self) -> dict[str, Driver]:
+        """Drivers with a device watchdog (``set_watchdog``)."""
+        return {n: d for n, d in self.drivers.items() if callable(getattr(d, "set_watchdog", None))}
+
+    @property
+    def feed_interval_s(self) -> float:
+        """Real seconds between device watchdog feeds (a third of its timeout)."""
+        return self.device_watchdog_s / self.device_time_scale / 3.0
+
+    async def start(self) -> None:
+        """Arm the device watchdogs, then start polling and monitoring (idempotent)."""
+        if self._running:
+            return
+        self._running = True
+        now = time.monotonic()
+        for monitor in self.monitors:
+            monitor.arm(now)
+        try:
+            if self.device_watchdog_s > 0:
+                wd = self.watchdog_drivers
+                await asyncio.gather(*(self._write_watchdog(n, d, "arm") for n, d in wd.items()))
+                for name, driver in wd.items():
+                    self._spawn(self._feed_loop(name, driver), f"watchdog-feed-{name}")
+            for name in self.poll:
+                self._spawn(self._poll_loop(name, self.drivers[name]), f"poll-{name}")
+            self._spawn(self._monitor_loop(), "monitor")
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "%s: supervising %d instruments with %d monitors",
+            self.station,
+            len(self.drivers),
+            len(self.monitors),
+        )
+
+    def _spawn(self, coro: Any, what: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=f"supervisor-{self.station}-{what}"))
+
+    async def stop(self) -> None:
+        """Stop polling and monitoring; wait for a safe state in progress. Idempotent.
+
+        The device watchdog stays armed: with nobody feeding it, the device
+        switches its heater and stirrer off by itself (fail safe).
+        """
+        self._running = False
+        tasks, self._tasks = self._tasks, []
+        alive: set[asyncio.Task[None]] = {t for t in tasks if not t.done()}
+        for _ in range(10):
+            if not alive:
+                break
+            for task in alive:
+                task.cancel()  # again if a cancellation was swallowed on its way
+            _, alive = await asyncio.wait(alive, timeout=0.5)
+        for task in alive:
+            log.error("%s: %s did not stop", self.station, task.get_name())
+        # safe-state storms are bounded by safe_timeout: let them finish
+        while self._storms:
+            await asyncio.gather(*list(self._storms), return_exceptions=True)
+        if self._stragglers:
+            # safe_state() calls that ignored their cancellation: give them a little longer
+            _, pending = await asyncio.wait(list(self._stragglers), timeout=self.safe_timeout)
+            for straggler in pending:
+                log.error(
+                    "%s: a safe_state() is still running after stop(): %r", self.station, straggler
+                )
+
+    async def __aenter__(self) -> StationSupervisor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -------------------------------------------------------------- polling
+    async def _poll_loop(self, name: str, driver: Driver) -> None:
+        while True:
+            t0 = time.monotonic()
+            await self.poll_instrument(name, driver)
+            self._evaluate()
+            await asyncio.sleep(max(0.0, self.poll_interval - (time.monotonic() - t0)))
+
+    async def poll_instrument(self, name: str, driver: Driver | None = None) -> bool:
+        """Read one instrument into ``state.measured`` (bounded by ``read_timeout``). True if read."""
+        drv = self.drivers[name] if driver is None else driver
+        try:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            # (stop()) when the read finishes at the same moment
+            async with asyncio.timeout(self.read_timeout):
+                reading = await drv.read()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            text = str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                text = f"read timed out after {self.read_timeout:g} s"
+            self.read_failures[name] = self.read_failures.get(name, 0) + 1
+            self.last_read_error[name] = text
+            if self.read_failures[name] == 1:
+                log.warning(
+                    "%s: reading %s failed (its channels now age): %s", self.station, name, text
+                )
+            else:
+                log.debug("%s: reading %s failed again: %s", self.station, name, text)
+            return False
+        self.state.set_measured(name, reading, time.monotonic())
+        if self.read_failures.get(name):
+            log.info(
+                "%s: %s answers again after %d failed reads",
+                self.station,
+                name,
+                self.read_failures[name],
+            )
+        self.read_failures[name] = 0
+        return True
+
+    async def poll_once(self) -> dict[str, bool]:
+        """Read every polled instrument now (concurrently) and evaluate the monitors."""
+        names = list(self.poll)
+        done = await asyncio.gather(*(self.poll_instrument(n) for n in names))
+        self._evaluate()
+        return dict(zip(names, done, strict=True))
+
+    # ---------------------------------------------------------- device watchdog
+    async def _write_watchdog(self, name: str, driver: Driver, what: str) -> bool:
+        set_watchdog: Callable[[int], Any] = getattr(driver, "set_watchdog")  # noqa: B009
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                await set_watchdog(self.device_watchdog_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            text = str(exc) or type(exc).__name__
+            if self.watchdog_armed.get(name, True):
+                log.error(
+                    "%s: %s device watchdog (%s, %d s) failed: %s",
+                    self.station,
+                    what,
+                    name,
+                    self.device_watchdog_s,
+                    text,
+                )
+            self.watchdog_armed[name] = False
+            return False
+        if not self.watchdog_armed.get(name, False) and what != "arm":
+            log.info("%s: %s device watchdog armed again", self.station, name)
+        self.watchdog_armed[name] = True
+        return True
+
+    async def _feed_loop(self, name: str, driver: Driver) -> None:
+        interval = self.feed_interval_s
+        next_t = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_t - time.monotonic()))
+            next_t = max(next_t + interval, time.monotonic())
+            await self._write_watchdog(name, driver, "feed")
+
+    # ------------------------------------------------------------ monitors
+    def check(self) -> dict[str, MonitorResult]:
+        """Evaluate every monitor on the current state (no side effects)."""
+        return evaluate_all(self.monitors, self.state)
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            self._evaluate()
+            await asyncio.sleep(self.poll_interval)
+
+    def _evaluate(self) -> None:
+        """Evaluate the monitors; latch and start a safe-state storm on a trip (never raises)."""
+        try:
+            self._evaluate_unsafe()
+        except Exception:  # a bug here must not kill the loop that feeds the watchdog
+            log.exception("%s: monitor evaluation failed", self.station)
+
+    def _evaluate_unsafe(self) -> None:
+        now = time.monotonic()
+        results = self.check()
+        self.last_results = results
+        tripped = [m for m in self.monitors if results[m.name].tripped]
+        previous, self._tripped_names = self._tripped_names, {m.name for m in tripped}
+        for monitor in tripped:
+            if self.latch.tripped and monitor.name in previous:
+                continue  # level still holds, already latched: the re-assertion handles it
+            reason = results[monitor.name].reason
+            if self.latch.trip(reason, monitor.name):
+                log.error("%s: TRIP by %s", self.station, reason)
+                self._start_storm(
+                    TripReport(
+                        self.station, reason, monitor.name, t_reading=self._stamp(monitor, now)
+                    ),
+                )
+            else:
+                log.warning("%s: also tripped while latched: %s", self.station, reason)
+        record = self.latch.trip_record
+        if record is not None and record is not self._handled_trip and not self._storms:
+            # latched by someone else (the guard, another process's API call): make it safe
+            log.error(
+                "%s: latched by %s (%s): safe state", self.station, record.source, record.reason
+            )
+            self._start_storm(TripReport(self.station, record.reason, record.source))
+        elif (
+            record is not None
+            and not self._storms
+            and self.reassert_interval is not None
+            and self._last_storm_done is not None
+            and now - self._last_storm_done >= self.reassert_interval
+        ):
+            self._start_storm(
+                TripReport(self.station, record.reason, record.source, kind="reassert")
+            )
+
+    def _stamp(self, monitor: Monitor, default: float) -> float:
+        """Monotonic time of the newest reading the monitor looked at (``default`` if none)."""
+        if isinstance(monitor, Staleness):
+            return default  # no reading tripped it: its absence did, noticed now
+        entries = dict(self.state.measured)
+        stamps = [entries[ch][1] for ch in monitor.channels if ch in entries]
+        return max(stamps) if stamps else default
+
+    # ---------------------------------------------------------- safe state
+    def _start_storm(self, report: TripReport) -> asyncio.Task[TripReport]:
+        if report.kind == "trip":
+            self._handled_trip = self.latch.trip_record
+            self.trips.append(report)  # visible at once, ``done`` once the storm finished
+            self._record(
+                report.who or report.source, "trip", report.reason, allowed=True, rule=report.source
+            )
+        else:
+            self.reasserts.append(report)
+        task = asyncio.create_task(
+            self._storm(report), name=f"supervisor-{self.station}-safe-state-{report.kind}"
+        )
+        self._storms.add(task)
+        task.add_done_callback(self._storms.discard)
+        return task
+
+    async def _storm(self, report: TripReport) -> TripReport:
+        """Every instrument to its safe state, concurrently, each bounded by ``safe_timeout``."""
+        names = list(self.drivers)
+        outcomes = await asyncio.gather(*(self._safe_one(n, self.drivers[n]) for n in names))
+        report.outcomes = dict(zip(names, outcomes, strict=True))
+        report.t_done = time.monotonic()
+        self._last_storm_done = report.t_done
+        self._last_outcomes = report.outcomes
+        if report.failed:
+            (log.error if report.kind == "trip" else log.warning)(
+                "%s (%s)", report.summary(), report.kind
+            )
+        elif report.kind == "trip":
+            log.warning("%s in %.1f ms", report.summary(), 1e3 * (report.reaction_s or 0))
+        return report
+
+    async def _safe_one(self, name: str, driver: Driver) -> SafeOutcome:
+        """``driver.safe_state()`` with a hard bound: a call that ignores cancellation is left behind."""
+        t0 = time.monotonic()
+        inner = asyncio.ensure_future(driver.safe_state())
+        try:
+            done, _ = await asyncio.wait({inner}, timeout=self.safe_timeout)
+        except asyncio.CancelledError:
+            inner.cancel()
+            self._straggle(inner)
+            raise
+        elapsed = time.monotonic() - t0
+        if not done:
+            inner.cancel()
+            self._straggle(inner)
+            text = f"safe_state() timed out after {self.safe_timeout:g} s"
+            log.error("%s: %s: %s", self.station, name, text)
+            return SafeOutcome(name, False, elapsed, text, timed_out=True)
+        exc = inner.exception()
+        if exc is not None:
+            text = str(exc) or type(exc).__name__
+            log.error("%s: %s: safe state failed: %s", self.station, name, text)
+            return SafeOutcome(name, False, elapsed, text)
+        updates = SAFE_COMMANDED.get(driver.kind)
+        if updates:
+            self.state.set_commanded({f"{name}.{k}": v for k, v in updates.items()})
+        return SafeOutcome(name, True, elapsed)
+
+    def _straggle(self, task: asyncio.Future[Any]) -> None:
+        if task.done():
+            return
+        self._stragglers.add(task)
+
+        def _done(t: asyncio.Future[Any]) -> None:
+            self._stragglers.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.debug("%s: late safe-state failure: %s", self.station, t.exception())
+
+        task.add_done_callback(_done)
+
+    async def trip(
+        self, reason: str, source: str = "api", *, force: bool = False, who: str | None = None
+    ) -> TripReport:
+        """Latch and drive every instrument to its safe state; returns when all finished or timed out.
+
+        Idempotent: while latched, returns at once with ``already_tripped=True``
+        (and the last safe-state outcomes) unless ``force``, or unless nobody
+        has safe-stated this latch yet (someone tripped the latch directly while
+        the supervisor was not running).
+        """
+        t0 = time.monotonic()
+        newly = self.latch.trip(reason, source)
+        handled = self._handled_trip is not None and self._handled_trip is self.latch.trip_record
+        if not newly and not force and handled:
+            current = self.latch.trip_record
+            return TripReport(
+                self.station,
+                current.reason if current else reason,
+                current.source if current else source,
+                already_tripped=True,
+                t_reading=t0,
+                t_detected=t0,
+                t_done=t0,
+                outcomes=dict(self._last_outcomes),
+            )
+        if newly:
+            log.error("%s: TRIP (%s): %s", self.station, source, reason)
+        report = TripReport(self.station, reason, source, t_reading=t0, t_detected=t0, who=who)
+        # shielded: a caller that gives up (or is cancelled) does not abort the safe state
+        return await asyncio.shield(self._start_storm(report))
+
+    # ------------------------------------------------------------------ reset
+    async def reset(self, who: str, why: str, *, refresh: bool = True) -> bool:
+        """Unlatch, if every monitor is cleared. Returns False if the station was not latched.
+
+        Waits for a safe state in progress (bounded by ``safe_timeout``), reads
+        the instruments the monitors watch once more (``refresh``), then
+        evaluates every monitor on that state. Raises :class:`ResetRefused`
+        naming the monitors and values that still hold, or when ``who``/``why``
+        is empty. Nothing is switched back on: reset only unlatches.
+        """
+        if not who.strip() or not why.strip():
+            raise ResetRefused(f"{self.station}: a reset must say who resets it and why")
+        if not self.latch.tripped:
+            return False
+        while self._storms:  # a re-assertion must not undo a command sent after the reset
+            await asyncio.gather(*list(self._storms), return_exceptions=True)
+        if refresh:
+            watched = set().union(*(m.instruments for m in self.monitors)) & set(self.drivers)
+            await asyncio.gather(*(self.poll_instrument(n) for n in sorted(watched)))
+        while self._storms:  # a re-assertion started while we read: wait for it too
+            await asyncio.gather(*list(self._storms), return_exceptions=True)
+        results = self.check()
+        self.last_results = results
+        holding = [r for r in results.values() if not r.cleared]
+        if holding:
+            still = "; ".join(r.reason for r in holding)
+            rule = ",".join(r.monitor for r in holding)
+            self._record(who, "reset", still, allowed=False, rule=rule, why=why)
+            raise ResetRefused(
+                f"{self.station}: cannot reset, the trip condition still holds: {still}"
+            )
+        self.latch.reset(who, why, cleared=True)
+        self._tripped_names = set()
+        self._handled_trip = None
+        self._last_storm_done = None
+        self._record(who, "reset", f"reset by {who}: {why}", allowed=True, why=why)
+        log.warning("%s: reset by %s: %s", self.station, who, why)
+        return True
+
+    # ------------------------------------------------------------------ report
+    @property
+    def trip_reactions(self) -> list[float]:
+        """Real seconds from the tripping reading to the last safe-state action, per finished trip."""
+        return [r.reaction_s for r in self.trips if r.reaction_s is not None]
+
+    def status(self) -> dict[str, Any]:
+        """A plain-data picture for status displays and the API."""
+        record = self.latch.trip_record
+        return {
+            "station": self.station,
+            "running": self._running,
+            "latched": record is not None,
+            "trip": None if record is None else {"reason": record.reason, "source": record.source},
+            "monitors": {k: r.as_dict() for k, r in self.last_results.items()},
+            "read_failures": dict(self.read_failures),
+            "watchdog_armed": dict(self.watchdog_armed),
+            "trips": len(self.trips),
+        }
+
+    def _record(
+        self,
+        who: str,
+        action: str,
+        reason: str,
+        *,
+        allowed: bool,
+        rule: str | None = None,
+        why: str | None = None,
+    ) -> None:
+        if self.audit is None:
+            return
+        params: dict[str, Any] = {}
+        if why is not None:
+            params["why"] = why
+        if action == "trip" and rule is not None:
+            params["source"] = rule
+        verdict = Verdict(
+            allowed=allowed,
+            station=self.station,
+            command=Command("station", action, params, who),
+            reason=reason,
+            rule=rule,
+        )
+        try:
+            self.audit.record(verdict)
+        except Exception:  # an audit sink must not stop a trip
+            log.exception("%s: audit sink failed", self.station)
+
+
+__all__ = ["SAFE_COMMANDED", "SafeOutcome", "StationSupervisor", "TripReport"]
