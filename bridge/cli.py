@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import instruments
+import safety
+from instruments.errors import InstrumentError
 
 
 def _positive_float(text: str) -> float:
@@ -79,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--speed",
         type=_positive_float,
-        default=20.0,
-        help="simulated clock speed, x real time (default 20)",
+        default=60.0,
+        help="simulated clock speed, x real time (default 60)",
     )
     sim.add_argument(
         "--out", type=Path, default=None, help="run folder (default runs/sim-<timestamp>)"
@@ -131,11 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _probe(kind: str, url: str, options: dict[str, Any]) -> dict[str, Any]:
-    async with instruments.connect(kind, url, **options) as driver:
-        return {"describe": driver.describe(), "read": await driver.read()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -150,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "drivers":
-        for kind in instruments.available_drivers():
+        for kind in safety.available_drivers():
             print(kind)
         return 0
     if args.command == "probe":
         try:
-            result = asyncio.run(_probe(args.kind, args.url, dict(args.option)))
-        except instruments.InstrumentError as exc:
+            result = asyncio.run(safety.probe(args.kind, args.url, dict(args.option)))
+        except InstrumentError as exc:
             print(f"labbridge probe: {exc}", file=sys.stderr)
             return 1
         print(json.dumps(result, indent=2, default=str))
@@ -183,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 130
-        except (instruments.InstrumentError, OSError, ValueError) as exc:
+        except (InstrumentError, safety.SafetyError, OSError, ValueError) as exc:
             print(f"labbridge sim: {exc}", file=sys.stderr)
             return 1
         for rec in results:

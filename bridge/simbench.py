@@ -1,13 +1,15 @@
 """The simulated-bench entry point: the one runtime module allowed to import ``simulators``.
 
 ``labbridge sim`` starts a simulated lab on loopback and runs one experiment
-on each station through the real drivers over the real wire protocols:
-light on, dispense red/green/blue, stir and heat, hold, measure the colour,
+on each station behind the safety layer (every command through the guard,
+the recipe dry-run first, the station supervised by monitors), over the real
+drivers and wire protocols: light on, dispense red/green/blue, stir, heat as
+fast as the envelope's setpoint rise limit allows, hold, measure the colour,
 take a picture, drain, safe state. It writes a run folder with the readings
 (JSON lines) and the camera frames.
 
-Until the safety layer (issue 3) and the closed loop (issue 4) land, this is a
-fixed experiment, not an optimised campaign; the drivers are used directly.
+Until the closed loop (issue 4) lands this is one fixed experiment, not an
+optimised campaign.
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import instruments
-from simulators.bench import SimulatedBench, SimulatedLab
+from safety import Command, SafeStation, SafetyError, open_station, reference_envelope
+from simulators.bench import SimClock, SimulatedBench, SimulatedLab
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class TourRecipe:
     temperature_c: float = 60.0
     stirrer_rpm: int = 300
     hold_s: float = 120.0
+    drain_rate_ml_min: float = 20.0
 
 
 class Progress:
@@ -70,52 +72,76 @@ class Progress:
         self.stream.flush()
 
 
-@contextlib.asynccontextmanager
-async def station_instruments(bench: SimulatedBench) -> AsyncIterator[dict[str, Any]]:
-    """Connect every instrument of a station through ``instruments.connect`` (safe state on exit)."""
-    async with contextlib.AsyncExitStack() as stack:
-        handles: dict[str, Any] = {}
-        for spec in bench.instruments():
-            handles[spec.name] = await stack.enter_async_context(
-                instruments.connect(spec.kind, spec.url, **spec.options)
-            )
-        yield handles
+async def ramp_setpoint(station: SafeStation, target_c: float, who: str, clock: SimClock) -> None:
+    """Heat towards ``target_c`` as fast as the envelope's setpoint rise limit allows.
+
+    Each step asks the guard (a check, no I/O) for the highest setpoint it would
+    accept now, in 1 degC steps, and sends it; then waits 10 simulated seconds.
+    """
+    hotplate = station.handle("hotplate", who=who)
+    current = None
+    while current != target_c:
+        allowed = None
+        for candidate in _candidates(target_c):
+            verdict = station.check(Command("hotplate", "set_heater", {"on": True, "setpoint_c": candidate}, who))
+            if verdict.allowed:
+                allowed = candidate
+                break
+        if allowed is not None and allowed != current:
+            await hotplate.set_heater(True, allowed)
+            current = allowed
+        if current != target_c:
+            await clock.sleep(10.0)
+
+
+def _candidates(target_c: float) -> list[float]:
+    return [target_c - k for k in range(int(target_c) - 20)]
 
 
 async def run_experiment(
-    bench: SimulatedBench, recipe: TourRecipe, out: Path, progress: Progress
+    bench: SimulatedBench, recipe: TourRecipe, out: Path, progress: Progress, speed: float
 ) -> dict[str, Any]:
-    """One experiment on one station; returns the result record (also appended to results.jsonl)."""
+    """One experiment on one station through the safety layer; returns the result record."""
     clock = bench.world.clock
-    async with station_instruments(bench) as inst:
-        progress.step(f"{bench.name}: connected {len(inst)} instruments")
-        await inst["enclosure"].set_light(True, 0.8)
+    who = "labbridge-sim"
+    specs = [spec.as_dict() for spec in bench.instruments()]
+    async with open_station(
+        bench.name,
+        specs,
+        reference_envelope(),
+        clock=clock.now,
+        supervisor_options={"device_time_scale": speed, "poll_interval": 0.1},
+    ) as station:
+        progress.step(f"{bench.name}: {len(specs)} instruments connected behind the guard")
+        h = {name: station.handle(name, who=who) for name in station.instruments}
+        await station.guard.begin_experiment(who=who)
+        await h["enclosure"].set_light(True, 0.8)
         dispense = {"red": recipe.red_ml, "green": recipe.green_ml, "blue": recipe.blue_ml}
-        await asyncio.gather(
-            *(inst[f].dispense(v, recipe.rate_ml_min) for f, v in dispense.items() if v > 0)
-        )
-        timeout = (
-            clock.real_seconds(60.0 * max(dispense.values()) / recipe.rate_ml_min + 30.0) + 5.0
-        )
-        await asyncio.gather(*(inst[f].wait_until_stopped(timeout=timeout) for f in dispense))
+        plan = [Command(f, "dispense", {"volume_ml": v, "rate_ml_min": recipe.rate_ml_min}, who) for f, v in dispense.items()]
+        report = station.dry_run(plan)
+        if not report.ok:
+            raise SafetyError("; ".join(f"step {v.step}: {v.reason}" for v in report.violations))
+        for fluid, volume in dispense.items():
+            await h[fluid].dispense(volume, recipe.rate_ml_min)
+        timeout = clock.real_seconds(60.0 * max(dispense.values()) / recipe.rate_ml_min + 30.0) + 5.0
+        for fluid in dispense:
+            await h[fluid].wait_until_stopped(timeout=timeout)
         progress.step(f"{bench.name}: dispensed {sum(dispense.values()):.2f} mL")
-        await inst["hotplate"].set_stirrer(True, recipe.stirrer_rpm)
-        await inst["hotplate"].set_heater(True, recipe.temperature_c)
+        await h["hotplate"].set_stirrer(True, recipe.stirrer_rpm)
+        await ramp_setpoint(station, recipe.temperature_c, who, clock)
         await clock.sleep(recipe.hold_s)
-        plate = await inst["hotplate"].read()
-        progress.step(
-            f"{bench.name}: held {recipe.hold_s:.0f} s, liquid {plate['liquid_c']:.1f} degC"
-        )
-        colour = await inst["color"].measure()
-        frame = await inst["camera"].capture()
+        plate = await h["hotplate"].read()
+        progress.step(f"{bench.name}: held {recipe.hold_s:.0f} s, liquid {plate['liquid_c']:.1f} degC")
+        colour = await h["color"].measure()
+        frame = await h["camera"].capture()
         image_path = _save_frame(frame, out / bench.name)
         progress.step(f"{bench.name}: colour r={colour.red} g={colour.green} b={colour.blue}")
-        await inst["hotplate"].set_heater(False)
-        await inst["hotplate"].set_stirrer(False)
-        total = sum(dispense.values())
-        await inst["waste"].withdraw(total + 0.2, 30.0)
-        await inst["waste"].wait_until_stopped(
-            timeout=clock.real_seconds(60.0 * (total + 0.2) / 30.0 + 30.0) + 5.0
+        await h["hotplate"].set_heater(False)
+        await h["hotplate"].set_stirrer(False)
+        total = sum(dispense.values()) + 0.2
+        await h["waste"].withdraw(total, recipe.drain_rate_ml_min)
+        await h["waste"].wait_until_stopped(
+            timeout=clock.real_seconds(60.0 * total / recipe.drain_rate_ml_min + 30.0) + 5.0
         )
         progress.step(f"{bench.name}: drained, safe state")
         record = {
@@ -130,6 +156,11 @@ async def run_experiment(
                 "status": colour.status,
             },
             "image": image_path.name,
+            "safety": {
+                "verdicts": len(station.audit.records()),
+                "refused": len(station.audit.records(allowed=False)),
+                "tripped": station.tripped,
+            },
             "world": _jsonable(bench.world.snapshot()),
         }
     return record
@@ -191,7 +222,7 @@ async def sim_tour(
             for bench in lab.stations:
                 bench.inject_fault(fault)
         results = await asyncio.gather(
-            *(run_experiment(bench, recipe, out, progress) for bench in lab.stations)
+            *(run_experiment(bench, recipe, out, progress, speed) for bench in lab.stations)
         )
         with (out / "results.jsonl").open("a") as fh:
             for rec in results:

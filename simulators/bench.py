@@ -39,6 +39,8 @@ from simulators.world import StationWorld
 
 log = logging.getLogger(__name__)
 
+__all__ = ["InstrumentSpec", "SimClock", "SimulatedBench", "SimulatedLab", "StationWorld"]
+
 PUMP_ADDRESSES = {"red": 0, "green": 1, "blue": 2, "waste": 3}
 
 

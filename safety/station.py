@@ -1,0 +1,167 @@
+"""One station behind the safety layer: the only object above ``instruments`` that owns drivers.
+
+:func:`open_station` connects every instrument of a station (kind + URL +
+options, as the lab config lists them), and hands back a :class:`SafeStation`
+that exposes *guarded* handles only: every command goes through the
+:class:`~safety.guard.Guard` (envelope, latch, audit), and a
+:class:`~safety.supervisor.StationSupervisor` watches the station (monitors,
+latched trips, device watchdog). Leaving the context stops the supervisor and
+puts every instrument in its safe state before closing its link.
+
+These are software interlocks layered above the hardware ones: the bench's
+hardware e-stop and the devices' own cut-outs never depend on labbridge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import instruments
+from instruments.registry import available_drivers
+from safety.dryrun import DryRunReport
+from safety.envelope import Envelope
+from safety.guard import Guard, GuardedInstrument
+from safety.model import AuditTrail, Command, Latch, StationState, Verdict
+from safety.monitors import Monitor, reference_monitors
+from safety.supervisor import StationSupervisor, TripReport
+
+log = logging.getLogger(__name__)
+
+
+class SafeStation:
+    """Guard + supervisor over one station's open drivers (see the module docstring).
+
+    ``clock`` is the guard's clock for rates and budgets (``time.monotonic`` on
+    a real bench; a simulated bench passes its simulated clock).
+    ``supervisor_options`` go to :class:`StationSupervisor` (``poll_interval``,
+    ``safe_timeout``, ``device_watchdog_s``, ``device_time_scale``, ...).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        drivers: Mapping[str, Any],
+        envelope: Envelope,
+        *,
+        monitors: Iterable[Monitor] | None = None,
+        audit: AuditTrail | None = None,
+        roles: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        supervisor_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.latch = Latch(name)
+        self.state = StationState()
+        self.audit = audit or AuditTrail()
+        self.guard = Guard(
+            name, drivers, envelope, latch=self.latch, audit=self.audit, state=self.state,
+            roles=roles, clock=clock,
+        )
+        self.supervisor = StationSupervisor(
+            name,
+            drivers,
+            latch=self.latch,
+            state=self.state,
+            monitors=list(monitors) if monitors is not None else reference_monitors(),
+            audit=self.audit,
+            **dict(supervisor_options or {}),
+        )
+
+    @property
+    def instruments(self) -> dict[str, str]:
+        """Instrument name -> driver kind."""
+        return self.guard.instruments
+
+    def handle(self, name: str, *, who: str = "unknown") -> GuardedInstrument:
+        """The guarded handle of one instrument (the only handle code above safety/ gets)."""
+        return self.guard.handle(name, who=who)
+
+    async def execute(self, command: Command) -> Any:
+        return await self.guard.execute(command)
+
+    def check(self, command: Command) -> Verdict:
+        return self.guard.check(command)
+
+    def dry_run(self, commands: Sequence[Command], **kwargs: Any) -> DryRunReport:
+        """Check a whole recipe against the envelope from the current state (no I/O)."""
+        return self.guard.dry_run(commands, **kwargs)
+
+    async def start(self) -> None:
+        """Read every instrument once, then arm the device watchdog and start the monitors."""
+        failures = await self.guard.refresh()
+        for name, exc in failures.items():
+            log.warning("%s: first read of %s failed: %s", self.name, name, exc)
+        await self.supervisor.start()
+
+    async def stop(self) -> None:
+        await self.supervisor.stop()
+
+    async def trip(self, reason: str, source: str = "api", *, who: str | None = None) -> TripReport:
+        """Latch the station and put every instrument in its safe state (concurrently)."""
+        report = await self.supervisor.trip(reason, source, who=who)
+        self.guard.mark_safe_state()
+        return report
+
+    async def reset(self, who: str, why: str) -> None:
+        """Unlatch, only once every monitor has cleared; says who and why. Nothing resumes by itself."""
+        await self.supervisor.reset(who, why)
+
+    @property
+    def tripped(self) -> bool:
+        return self.latch.tripped
+
+    def status(self) -> dict[str, Any]:
+        return {"station": self.name, **self.supervisor.status()}
+
+
+@contextlib.asynccontextmanager
+async def open_station(
+    name: str,
+    instrument_specs: Iterable[Mapping[str, Any]],
+    envelope: Envelope,
+    **options: Any,
+) -> AsyncIterator[SafeStation]:
+    """Connect a station's instruments and run them behind the safety layer.
+
+    ``instrument_specs``: mappings with ``name``, ``kind``, ``url`` and optional
+    ``options`` (driver keyword options) and ``role`` (``dye``/``waste`` for
+    pumps). ``options`` go to :class:`SafeStation`. On exit (also on an error
+    or a cancellation) the supervisor stops and every instrument is put in its
+    safe state before its link is closed.
+    """
+    specs = list(instrument_specs)
+    names = [s["name"] for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"station {name}: instrument names must be unique, got {names}")
+    roles = {s["name"]: s["role"] for s in specs if s.get("role")}
+    if roles:
+        options.setdefault("roles", roles)
+    async with contextlib.AsyncExitStack() as stack:
+        drivers: dict[str, Any] = {}
+        for spec in specs:
+            drivers[spec["name"]] = await stack.enter_async_context(
+                instruments.connect(spec["kind"], spec["url"], **dict(spec.get("options") or {}))
+            )
+        station = SafeStation(name, drivers, envelope, **options)
+        await station.start()
+        try:
+            yield station
+        finally:
+            await station.stop()
+
+
+async def probe(kind: str, url: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Connect one instrument, return ``describe()`` and one ``read()``, then safe-state it.
+
+    Nothing is actuated (a read and the safe state only): the diagnostic behind
+    ``labbridge probe`` for checking that real hardware is wired right.
+    """
+    async with instruments.connect(kind, url, **dict(options or {})) as driver:
+        return {"describe": driver.describe(), "read": await driver.read()}
+
+
+__all__ = ["SafeStation", "available_drivers", "open_station", "probe"]
