@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from safety import Command, SafeStation, SafetyError, open_station, reference_envelope
+from safety import (
+    Command,
+    EStop,
+    SafeStation,
+    SafetyError,
+    install_signal_handlers,
+    open_station,
+    reference_envelope,
+)
 from simulators.bench import SimClock, SimulatedBench, SimulatedLab
 
 log = logging.getLogger(__name__)
@@ -83,7 +91,9 @@ async def ramp_setpoint(station: SafeStation, target_c: float, who: str, clock: 
     while current != target_c:
         allowed = None
         for candidate in _candidates(target_c):
-            verdict = station.check(Command("hotplate", "set_heater", {"on": True, "setpoint_c": candidate}, who))
+            verdict = station.check(
+                Command("hotplate", "set_heater", {"on": True, "setpoint_c": candidate}, who)
+            )
             if verdict.allowed:
                 allowed = candidate
                 break
@@ -98,71 +108,80 @@ def _candidates(target_c: float) -> list[float]:
     return [target_c - k for k in range(int(target_c) - 20)]
 
 
+def open_sim_station(bench: SimulatedBench, speed: float) -> Any:
+    """``open_station`` for a simulated bench: the guard on the simulated clock, the
+    device watchdog paced for it, the reference envelope and monitors."""
+    return open_station(
+        bench.name,
+        [spec.as_dict() for spec in bench.instruments()],
+        reference_envelope(),
+        clock=bench.world.clock.now,
+        supervisor_options={"device_time_scale": speed, "poll_interval": 0.1},
+    )
+
+
 async def run_experiment(
-    bench: SimulatedBench, recipe: TourRecipe, out: Path, progress: Progress, speed: float
+    bench: SimulatedBench, station: SafeStation, recipe: TourRecipe, out: Path, progress: Progress
 ) -> dict[str, Any]:
     """One experiment on one station through the safety layer; returns the result record."""
     clock = bench.world.clock
     who = "labbridge-sim"
-    specs = [spec.as_dict() for spec in bench.instruments()]
-    async with open_station(
-        bench.name,
-        specs,
-        reference_envelope(),
-        clock=clock.now,
-        supervisor_options={"device_time_scale": speed, "poll_interval": 0.1},
-    ) as station:
-        progress.step(f"{bench.name}: {len(specs)} instruments connected behind the guard")
-        h = {name: station.handle(name, who=who) for name in station.instruments}
-        await station.guard.begin_experiment(who=who)
-        await h["enclosure"].set_light(True, 0.8)
-        dispense = {"red": recipe.red_ml, "green": recipe.green_ml, "blue": recipe.blue_ml}
-        plan = [Command(f, "dispense", {"volume_ml": v, "rate_ml_min": recipe.rate_ml_min}, who) for f, v in dispense.items()]
-        report = station.dry_run(plan)
-        if not report.ok:
-            raise SafetyError("; ".join(f"step {v.step}: {v.reason}" for v in report.violations))
-        for fluid, volume in dispense.items():
-            await h[fluid].dispense(volume, recipe.rate_ml_min)
-        timeout = clock.real_seconds(60.0 * max(dispense.values()) / recipe.rate_ml_min + 30.0) + 5.0
-        for fluid in dispense:
-            await h[fluid].wait_until_stopped(timeout=timeout)
-        progress.step(f"{bench.name}: dispensed {sum(dispense.values()):.2f} mL")
-        await h["hotplate"].set_stirrer(True, recipe.stirrer_rpm)
-        await ramp_setpoint(station, recipe.temperature_c, who, clock)
-        await clock.sleep(recipe.hold_s)
-        plate = await h["hotplate"].read()
-        progress.step(f"{bench.name}: held {recipe.hold_s:.0f} s, liquid {plate['liquid_c']:.1f} degC")
-        colour = await h["color"].measure()
-        frame = await h["camera"].capture()
-        image_path = _save_frame(frame, out / bench.name)
-        progress.step(f"{bench.name}: colour r={colour.red} g={colour.green} b={colour.blue}")
-        await h["hotplate"].set_heater(False)
-        await h["hotplate"].set_stirrer(False)
-        total = sum(dispense.values()) + 0.2
-        await h["waste"].withdraw(total, recipe.drain_rate_ml_min)
-        await h["waste"].wait_until_stopped(
-            timeout=clock.real_seconds(60.0 * total / recipe.drain_rate_ml_min + 30.0) + 5.0
-        )
-        progress.step(f"{bench.name}: drained, safe state")
-        record = {
-            "station": bench.name,
-            "recipe": recipe.__dict__,
-            "hotplate": plate,
-            "colour": {
-                "red": colour.red,
-                "green": colour.green,
-                "blue": colour.blue,
-                "clear": colour.clear,
-                "status": colour.status,
-            },
-            "image": image_path.name,
-            "safety": {
-                "verdicts": len(station.audit.records()),
-                "refused": len(station.audit.records(allowed=False)),
-                "tripped": station.tripped,
-            },
-            "world": _jsonable(bench.world.snapshot()),
-        }
+    progress.step(
+        f"{bench.name}: {len(station.instruments)} instruments connected behind the guard"
+    )
+    h = {name: station.handle(name, who=who) for name in station.instruments}
+    await station.guard.begin_experiment(who=who)
+    await h["enclosure"].set_light(True, 0.8)
+    dispense = {"red": recipe.red_ml, "green": recipe.green_ml, "blue": recipe.blue_ml}
+    plan = [
+        Command(f, "dispense", {"volume_ml": v, "rate_ml_min": recipe.rate_ml_min}, who)
+        for f, v in dispense.items()
+    ]
+    report = station.dry_run(plan)
+    if not report.ok:
+        raise SafetyError("; ".join(f"step {v.step}: {v.reason}" for v in report.violations))
+    for fluid, volume in dispense.items():
+        await h[fluid].dispense(volume, recipe.rate_ml_min)
+    timeout = clock.real_seconds(60.0 * max(dispense.values()) / recipe.rate_ml_min + 30.0) + 5.0
+    for fluid in dispense:
+        await h[fluid].wait_until_stopped(timeout=timeout)
+    progress.step(f"{bench.name}: dispensed {sum(dispense.values()):.2f} mL")
+    await h["hotplate"].set_stirrer(True, recipe.stirrer_rpm)
+    await ramp_setpoint(station, recipe.temperature_c, who, clock)
+    await clock.sleep(recipe.hold_s)
+    plate = await h["hotplate"].read()
+    progress.step(f"{bench.name}: held {recipe.hold_s:.0f} s, liquid {plate['liquid_c']:.1f} degC")
+    colour = await h["color"].measure()
+    frame = await h["camera"].capture()
+    image_path = _save_frame(frame, out / bench.name)
+    progress.step(f"{bench.name}: colour r={colour.red} g={colour.green} b={colour.blue}")
+    await h["hotplate"].set_heater(False)
+    await h["hotplate"].set_stirrer(False)
+    total = sum(dispense.values()) + 0.2
+    await h["waste"].withdraw(total, recipe.drain_rate_ml_min)
+    await h["waste"].wait_until_stopped(
+        timeout=clock.real_seconds(60.0 * total / recipe.drain_rate_ml_min + 30.0) + 5.0
+    )
+    progress.step(f"{bench.name}: drained, safe state")
+    record = {
+        "station": bench.name,
+        "recipe": recipe.__dict__,
+        "hotplate": plate,
+        "colour": {
+            "red": colour.red,
+            "green": colour.green,
+            "blue": colour.blue,
+            "clear": colour.clear,
+            "status": colour.status,
+        },
+        "image": image_path.name,
+        "safety": {
+            "verdicts": len(station.audit.records()),
+            "refused": len(station.audit.records(allowed=False)),
+            "tripped": station.tripped,
+        },
+        "world": _jsonable(bench.world.snapshot()),
+    }
     return record
 
 
@@ -177,14 +196,22 @@ def _save_frame(frame: Any, stem: Path) -> Path:
     return path
 
 
-def _cancel_on_sigterm() -> None:
+def _report_estop(report: Any, main: asyncio.Task[Any]) -> None:
+    summary = report.summary() if report is not None else "e-stop failed: see the log"
+    print(f"\ne-stop: {summary}", file=sys.stderr)
+    main.cancel()
+
+
+def _cancel_on_signals() -> None:
+    """SIGINT/SIGTERM cancel the current task (outside the experiment: set-up, keep-running)."""
     task = asyncio.current_task()
     if task is None:
         return
-    with contextlib.suppress(
-        NotImplementedError, RuntimeError, ValueError
-    ):  # not main thread / Windows
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # not possible off the main thread or on Windows: the default handling stays
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, task.cancel)
 
 
 def _jsonable(value: Any) -> Any:
@@ -203,10 +230,11 @@ async def sim_tour(
 ) -> list[dict[str, Any]]:
     """Start a simulated lab and run the demo experiment on every station concurrently.
 
-    SIGTERM (like Ctrl-C/SIGINT, which asyncio already handles) cancels the run:
-    every instrument is put in its safe state and every simulator is stopped.
+    During the experiment SIGINT/SIGTERM e-stop every station (latched, safe
+    state, report printed) and stop the run; before and after it (set-up,
+    ``--keep-running``) they cancel the run. Either way every simulator stops.
     """
-    _cancel_on_sigterm()
+    _cancel_on_signals()
     out.mkdir(parents=True, exist_ok=True)
     recipe = TourRecipe()
     progress = Progress(total=5 * stations)
@@ -221,9 +249,29 @@ async def sim_tour(
         if fault:
             for bench in lab.stations:
                 bench.inject_fault(fault)
-        results = await asyncio.gather(
-            *(run_experiment(bench, recipe, out, progress, speed) for bench in lab.stations)
-        )
+        async with contextlib.AsyncExitStack() as stack:
+            safe = [
+                await stack.enter_async_context(open_sim_station(bench, speed))
+                for bench in lab.stations
+            ]
+            # SIGINT/SIGTERM: e-stop every station (latched, safe state), then stop the run.
+            main = asyncio.current_task()
+            assert main is not None
+            handlers = install_signal_handlers(
+                asyncio.get_running_loop(),
+                EStop({st.name: st.supervisor for st in safe}),
+                on_done=lambda report: _report_estop(report, main),
+            )
+            try:
+                results = await asyncio.gather(
+                    *(
+                        run_experiment(bench, st, recipe, out, progress)
+                        for bench, st in zip(lab.stations, safe, strict=True)
+                    )
+                )
+            finally:
+                handlers.remove()
+                _cancel_on_signals()
         with (out / "results.jsonl").open("a") as fh:
             for rec in results:
                 fh.write(json.dumps(rec) + "\n")

@@ -205,3 +205,36 @@ def test_sigterm_stops_a_keep_running_lab_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_during_the_experiment_estops_every_station(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [*LABBRIDGE, "sim", "--speed", "10", "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        seen = ""
+        while "dispensed" not in seen:  # mid-experiment, stations open behind the guard
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, f"sim exited early: {seen}"
+            seen += line
+            assert time.monotonic() < deadline, seen
+        helpers = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "e-stop:" in err and "bench-a" in err
+        time.sleep(0.2)
+        assert not [pid for pid in helpers if _alive(pid)], "simulator processes outlived the lab"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
