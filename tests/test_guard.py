@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import instruments
@@ -666,3 +666,66 @@ async def test_property_nothing_outside_the_envelope_reaches_the_devices(
         if not verdict.allowed:
             assert verdict.rule, verdict
         STATS["allowed" if verdict.allowed else "refused"] += 1
+
+
+fault_step = st.one_of(
+    st.tuples(st.just("fault"), st.sampled_from(["pumps", "hotplate"]), st.sampled_from([0.3, 1.0])),
+    st.tuples(st.just("drop"), st.sampled_from(["pumps", "hotplate"])),
+    st.tuples(st.just("clear")),
+)
+
+
+@pytest.mark.timeout(300)
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    first=st.tuples(st.just("fault"), st.sampled_from(["pumps", "hotplate"]), st.just(0.5)),
+    rest=st.lists(st.one_of(step, fault_step), min_size=1, max_size=16),
+)
+async def test_property_faults_never_let_anything_outside_the_envelope_through(
+    sim_station: Station, first: tuple[Any, ...], rest: list[tuple[Any, ...]]
+) -> None:
+    """As above, with wire faults injected at random (garbled replies, dropped links): commands
+    then fail with typed errors, and still nothing outside the envelope reaches a device."""
+    s = sim_station
+    steps = [first, *rest]
+    s.world.faults.clear()
+    await _reset(s)
+    lid_log: list[tuple[float, Any]] = []
+    latch_log: list[tuple[float, Any]] = []
+    failures = 0
+    try:
+        for item in steps:
+            if item[0] == "fault":
+                s.world.faults.inject("garbled-bytes", device=item[1], probability=item[2])
+                continue
+            if item[0] == "drop":
+                s.world.faults.inject("dropped-connection", device=item[1])
+                continue
+            if item[0] == "clear":
+                s.world.faults.clear()
+                continue
+            if item[0] == "lid":
+                lid_log.append((time.monotonic(), item[1]))
+            try:
+                await _apply_step(s, item)
+            except SafetyRefusal:
+                pass
+            except (InstrumentError, TimeoutError, ValueError):
+                failures += 1  # a garbled reply or a dropped link: a typed error, never silence
+            if item[0] in ("trip", "reset"):
+                latch_log.append((time.monotonic(), item[0] == "trip"))
+        event(f"commands failed under faults: {failures > 0}")
+        s.world.faults.clear()
+        for name in ("red", "green", "blue", "waste"):
+            await s.h(name).wait_until_stopped(timeout=10, poll_interval=0.01)
+    finally:
+        s.world.faults.clear()
+    _check_wire(s, lid_log, latch_log)
+    for verdict in s.audit.records():
+        assert verdict.reason, verdict
+        if not verdict.allowed:
+            assert verdict.rule, verdict
