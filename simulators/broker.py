@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import pwd
 import secrets
 import shutil
 import socket
@@ -42,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
+
+from simulators._proc import bound_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -403,17 +404,10 @@ class MosquittoBroker(_FaultWatcher):
         for f in secret_files:
             f.chmod(0o600)
         if os.geteuid() == 0:
-            # Started as root, mosquitto drops to the 'mosquitto' user, which must
-            # read the password file and the key (NOTES.md); if that user does not
-            # exist, stay root (loopback-only test broker).
-            try:
-                pw_entry = pwd.getpwnam("mosquitto")
-            except KeyError:
-                lines.append("user root")
-            else:
-                os.chown(wd, pw_entry.pw_uid, pw_entry.pw_gid)
-                for f in secret_files:
-                    os.chown(f, pw_entry.pw_uid, pw_entry.pw_gid)
+            # Started as root, mosquitto would drop to the 'mosquitto' user; the kernel
+            # then clears the parent-death signal that stops an orphaned broker
+            # (simulators/_proc.py). A loopback-only test broker stays root.
+            lines.append("user root")
         (wd / "mosquitto.conf").write_text("\n".join(lines) + "\n")
 
     # ------------------------------------------------------------- lifecycle
@@ -427,7 +421,7 @@ class MosquittoBroker(_FaultWatcher):
             log_path = self.workdir / "mosquitto.log"
             with open(log_path, "ab") as log_file:
                 self._proc = subprocess.Popen(
-                    [self.binary, "-c", str(self.workdir / "mosquitto.conf")],
+                    bound_to_parent([self.binary, "-c", str(self.workdir / "mosquitto.conf")]),
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,

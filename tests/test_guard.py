@@ -669,7 +669,9 @@ async def test_property_nothing_outside_the_envelope_reaches_the_devices(
 
 
 fault_step = st.one_of(
-    st.tuples(st.just("fault"), st.sampled_from(["pumps", "hotplate"]), st.sampled_from([0.3, 1.0])),
+    st.tuples(
+        st.just("fault"), st.sampled_from(["pumps", "hotplate"]), st.sampled_from([0.3, 1.0])
+    ),
     st.tuples(st.just("drop"), st.sampled_from(["pumps", "hotplate"])),
     st.tuples(st.just("clear")),
 )

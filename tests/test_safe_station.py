@@ -44,7 +44,9 @@ def heater_writes(lab: SimulatedLab) -> list[dict]:
     return [
         e.data
         for e in lab.stations[0].world.wire.entries("hotplate")
-        if isinstance(e.data, dict) and e.data.get("fc") in (6, 16) and e.data.get("address") in (0, 2)
+        if isinstance(e.data, dict)
+        and e.data.get("fc") in (6, 16)
+        and e.data.get("address") in (0, 2)
     ]
 
 

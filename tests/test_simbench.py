@@ -238,3 +238,36 @@ def test_sigterm_during_the_experiment_estops_every_station(tmp_path: Path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.timeout(60)
+def test_helper_processes_die_with_a_killed_lab() -> None:
+    """kill -9 of the process running a simulated lab leaves no broker or bus daemon behind."""
+    import signal
+    import time
+
+    script = (
+        "import asyncio\n"
+        "from simulators.bench import SimulatedLab\n"
+        "async def main():\n"
+        "    async with SimulatedLab(speed=10):\n"
+        "        print('READY', flush=True)\n"
+        "        await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "READY"
+        helpers = _children(proc.pid)
+        assert helpers  # dbus-daemon, and mosquitto when installed (else the broker is in-process)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 5
+        while [pid for pid in helpers if _alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in helpers if _alive(pid)], "helpers outlived a killed lab"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

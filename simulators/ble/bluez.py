@@ -87,6 +87,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from simulators._proc import bound_to_parent
+
 try:  # dbus-fast is bleak's dependency on Linux only (see pyproject markers)
     from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply, Variant
     from dbus_fast.aio import MessageBus
@@ -435,7 +437,15 @@ class PrivateBus:
             fh.write(_CONFIG.format(socket=sock))
         with open(os.path.join(self._tmpdir, "daemon.log"), "wb") as errlog:
             self._proc = subprocess.Popen(
-                [binary, f"--config-file={config}", "--nofork", "--nopidfile", "--print-address=1"],
+                bound_to_parent(
+                    [
+                        binary,
+                        f"--config-file={config}",
+                        "--nofork",
+                        "--nopidfile",
+                        "--print-address=1",
+                    ]
+                ),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=errlog,
