@@ -368,19 +368,9 @@ class ModbusTransport(Transport):
         timeout: float | None = None,
     ) -> list[int]:
         """FC3: ``count`` holding registers from ``address`` (unsigned 16-bit values)."""
-        _check_range("address", address, 0, 65535)
-        _check_range("count", count, 1, _MAX_READ_REGISTERS)
-        _check_range("address + count", address + count, 1, 65536)
-        pdu = await self._request(
-            f"read_holding_registers({address}, {count})",
-            3,
-            address,
-            lambda c, u: c.read_holding_registers(address, count=count, device_id=u),
-            unit=unit,
-            limit=timeout,
-            idempotent=True,
+        return await self._read_registers(
+            3, "read_holding_registers", address, count, unit, timeout
         )
-        return self._registers(pdu, 3, address, count)
 
     async def read_input_registers(
         self,
@@ -391,19 +381,7 @@ class ModbusTransport(Transport):
         timeout: float | None = None,
     ) -> list[int]:
         """FC4: ``count`` input registers from ``address`` (unsigned 16-bit values)."""
-        _check_range("address", address, 0, 65535)
-        _check_range("count", count, 1, _MAX_READ_REGISTERS)
-        _check_range("address + count", address + count, 1, 65536)
-        pdu = await self._request(
-            f"read_input_registers({address}, {count})",
-            4,
-            address,
-            lambda c, u: c.read_input_registers(address, count=count, device_id=u),
-            unit=unit,
-            limit=timeout,
-            idempotent=True,
-        )
-        return self._registers(pdu, 4, address, count)
+        return await self._read_registers(4, "read_input_registers", address, count, unit, timeout)
 
     async def write_register(
         self,
@@ -470,18 +448,7 @@ class ModbusTransport(Transport):
         timeout: float | None = None,
     ) -> list[bool]:
         """FC1: ``count`` coils from ``address``."""
-        _check_range("address", address, 0, 65535)
-        _check_range("count", count, 1, _MAX_READ_BITS)
-        pdu = await self._request(
-            f"read_coils({address}, {count})",
-            1,
-            address,
-            lambda c, u: c.read_coils(address, count=count, device_id=u),
-            unit=unit,
-            limit=timeout,
-            idempotent=True,
-        )
-        return self._bits(pdu, address, count)
+        return await self._read_bits(1, "read_coils", address, count, unit, timeout)
 
     async def read_discrete_inputs(
         self,
@@ -492,18 +459,7 @@ class ModbusTransport(Transport):
         timeout: float | None = None,
     ) -> list[bool]:
         """FC2: ``count`` discrete inputs from ``address``."""
-        _check_range("address", address, 0, 65535)
-        _check_range("count", count, 1, _MAX_READ_BITS)
-        pdu = await self._request(
-            f"read_discrete_inputs({address}, {count})",
-            2,
-            address,
-            lambda c, u: c.read_discrete_inputs(address, count=count, device_id=u),
-            unit=unit,
-            limit=timeout,
-            idempotent=True,
-        )
-        return self._bits(pdu, address, count)
+        return await self._read_bits(2, "read_discrete_inputs", address, count, unit, timeout)
 
     async def write_coil(
         self,
@@ -531,6 +487,53 @@ class ModbusTransport(Transport):
             )
 
     # ------------------------------------------------------------ machinery
+    async def _read_registers(
+        self,
+        fc: int,
+        method: str,
+        address: int,
+        count: int,
+        unit: int | None,
+        timeout: float | None,
+    ) -> list[int]:
+        """FC3/FC4: the pymodbus client method ``method``, range-checked, idempotent (retryable)."""
+        _check_range("address", address, 0, 65535)
+        _check_range("count", count, 1, _MAX_READ_REGISTERS)
+        _check_range("address + count", address + count, 1, 65536)
+        pdu = await self._request(
+            f"{method}({address}, {count})",
+            fc,
+            address,
+            lambda c, u: getattr(c, method)(address, count=count, device_id=u),
+            unit=unit,
+            limit=timeout,
+            idempotent=True,
+        )
+        return self._registers(pdu, fc, address, count)
+
+    async def _read_bits(
+        self,
+        fc: int,
+        method: str,
+        address: int,
+        count: int,
+        unit: int | None,
+        timeout: float | None,
+    ) -> list[bool]:
+        """FC1/FC2: the pymodbus client method ``method``, range-checked, idempotent (retryable)."""
+        _check_range("address", address, 0, 65535)
+        _check_range("count", count, 1, _MAX_READ_BITS)
+        pdu = await self._request(
+            f"{method}({address}, {count})",
+            fc,
+            address,
+            lambda c, u: getattr(c, method)(address, count=count, device_id=u),
+            unit=unit,
+            limit=timeout,
+            idempotent=True,
+        )
+        return self._bits(pdu, address, count)
+
     def _registers(self, pdu: ModbusPDU, fc: int, address: int, count: int) -> list[int]:
         regs = [int(r) for r in pdu.registers]
         if len(regs) != count:
