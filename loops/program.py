@@ -1,0 +1,882 @@
+"""Campaign specs: a ``program.md`` is YAML front matter for the machine and Markdown for people.
+
+::
+
+    ---
+    name: color-match
+    parameters:                      # the search space
+      red_ml:   {type: float, low: 0.0, high: 1.2, unit: mL}
+      hold_s:   {type: int, low: 30, high: 600, unit: s}
+    constraints:                     # optional; the safety layer's rule language
+      - red_ml + green_ml + blue_ml <= 2.6
+    objective:
+      measure: delta_e2000           # a measurement the recipe produces
+      direction: minimize            # minimize | maximize
+      target_lab: [45.0, 20.0, -15.0]  # required when measure is delta_e2000
+    budget: {experiments: 60, hours: 4}
+    stop: {target: 2.0, no_improvement: 20}
+    strategy: bayes                  # bayes | random | grid
+    initial_points: 8
+    stations: 1
+    seed: 1
+    recipe: color-match              # the recipe builder (loops/recipe.py RECIPES)
+    fixed: {stir_rpm: 300}           # optional: recipe inputs held constant
+    ---
+    # Markdown body: what the experiment is, for people and agents
+
+Fields (every one is validated; an unknown key is an error, so a typo never
+passes silently; errors read ``<file>:<line>: <field>: <problem>``):
+
+``name`` (required)
+    a slug (letters, digits, ``_.-``).
+``parameters`` (required)
+    name -> ``{type: float|int, low, high, unit?, doc?}``; names are
+    identifiers usable in constraints; ``int`` bounds are integers;
+    ``low < high``.
+``constraints``
+    a list of rules in the safety layer's expression language
+    (:mod:`safety.expr`) over the parameter (and ``fixed``) names; a proposal
+    that breaks one is infeasible before any dry run.
+``objective`` (required)
+    ``measure``: the name of a measurement the recipe produces;
+    ``direction``: ``minimize``/``maximize``; ``target_lab``: ``[L, a, b]``
+    (L in 0-100), required for ``measure: delta_e2000``.
+``budget`` (required, at least one limit)
+    ``experiments`` (int >= 1): experiments run on a station;
+    ``hours`` (> 0): of the campaign's clock (simulated hours on a simulated
+    bench).
+``stop``
+    ``target``: stop when the objective reaches it (``<=`` when minimising,
+    ``>=`` when maximising); ``no_improvement`` (int >= 1): stop after that
+    many experiments in a row without a better value.
+``strategy``
+    ``bayes`` (default), ``random`` or ``grid``.
+``initial_points``
+    space-filling points before the model is used (default ``max(4, 2 x
+    dimensions)``, capped by the experiment budget); at most
+    ``budget.experiments``.
+``stations`` (default 1), ``seed`` (default 0): integers.
+``recipe`` (required)
+    the recipe builder's name; its required inputs must be covered by
+    ``parameters`` or ``fixed``.
+``fixed``
+    recipe inputs held constant (name -> number, string, boolean or list);
+    names must not clash with parameters and must be inputs of the recipe.
+
+:func:`load_program` reads a file, Markdown text, or the front matter as a
+mapping (the MQTT API sends a JSON object). Validation of the recipe's inputs
+uses the builders of :mod:`loops.recipe` unless others are passed in.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
+
+__all__ = [
+    "Budget",
+    "Constraint",
+    "Objective",
+    "Parameter",
+    "Program",
+    "ProgramError",
+    "Space",
+    "StopRules",
+    "load_program",
+]
+
+TOP_KEYS = (
+    "name",
+    "parameters",
+    "constraints",
+    "objective",
+    "budget",
+    "stop",
+    "strategy",
+    "initial_points",
+    "stations",
+    "seed",
+    "recipe",
+    "fixed",
+)
+REQUIRED_KEYS = ("name", "parameters", "objective", "budget", "recipe")
+PARAMETER_KEYS = ("type", "low", "high", "unit", "doc")
+PARAMETER_TYPES = ("float", "int")
+OBJECTIVE_KEYS = ("measure", "direction", "target_lab")
+DIRECTIONS = ("minimize", "maximize")
+BUDGET_KEYS = ("experiments", "hours")
+STOP_KEYS = ("target", "no_improvement")
+STRATEGIES = ("bayes", "random", "grid")
+_SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_RESERVED = {"and", "or", "not", "in", "true", "false", "True", "False"}
+
+
+class ProgramError(ValueError):
+    """An invalid campaign spec: ``<source>:<line>: <field>: <problem>`` (line omitted if unknown)."""
+
+    def __init__(
+        self, problem: str, *, source: str, line: int | None = None, field: str = ""
+    ) -> None:
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
+        self.problem = problem
+        self.source = source
+        self.line = line
+        self.field = field
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python numbers (proposals come from numpy)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+# ------------------------------------------------------------------ the model
+@dataclass(frozen=True)
+class Parameter:
+    """One dimension of the search space: ``type`` float or int, bounds inclusive, SI-ish unit."""
+
+    name: str
+    type: str
+    low: float
+    high: float
+    unit: str = ""
+    doc: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not a valid value of this parameter (None if it is)."""
+        value = _plain(value)
+        if not _is_number(value) or not math.isfinite(value):
+            return f"{self.name} must be a finite number, got {value!r}"
+        if self.type == "int" and float(value) != round(float(value)):
+            return f"{self.name} must be an integer, got {value!r}"
+        if value < self.low or value > self.high:
+            unit = f" {self.unit}" if self.unit else ""
+            return f"{self.name}={value!r}{unit} is outside [{self.low!r}, {self.high!r}]{unit}"
+        return None
+
+    def clip(self, value: float) -> float | int:
+        """Clipped into the bounds; rounded to an ``int`` for int parameters."""
+        v = min(float(self.high), max(float(self.low), float(value)))
+        if self.type == "int":
+            return int(min(self.high, max(self.low, round(v))))
+        return v
+
+    def to_unit(self, value: float) -> float:
+        """The value scaled to 0-1 over the bounds."""
+        return (float(value) - self.low) / (self.high - self.low)
+
+    def from_unit(self, u: float) -> float | int:
+        """A 0-1 value back to the bounds (clipped; rounded for int parameters)."""
+        return self.clip(self.low + float(u) * (self.high - self.low))
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "low": self.low, "high": self.high}
+        if self.unit:
+            out["unit"] = self.unit
+        if self.doc:
+            out["doc"] = self.doc
+        return out
+
+
+@dataclass(frozen=True)
+class Space:
+    """The parameter space: helpers the optimizers share (bounds, validation, 0-1 scaling)."""
+
+    parameters: tuple[Parameter, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.parameters]
+
+    @property
+    def dims(self) -> int:
+        return len(self.parameters)
+
+    def __getitem__(self, name: str) -> Parameter:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """name -> (low, high), the form bayesian-optimization's ``pbounds`` takes."""
+        return {p.name: (p.low, p.high) for p in self.parameters}
+
+    def validate_params(self, params: Mapping[str, Any]) -> list[str]:
+        """Every problem with ``params`` (missing, unknown, not a number, out of bounds), each
+        naming the parameter; empty when valid."""
+        problems: list[str] = []
+        for p in self.parameters:
+            if p.name not in params:
+                problems.append(f"{p.name} is missing")
+                continue
+            problem = p.problem(params[p.name])
+            if problem:
+                problems.append(problem)
+        for key in params:
+            if key not in self.names:
+                problems.append(
+                    f"{key} is not a parameter of this campaign (parameters: {', '.join(self.names)})"
+                )
+        return problems
+
+    def clip(self, params: Mapping[str, Any]) -> dict[str, float | int]:
+        """Every parameter clipped into its bounds (ints rounded, numpy -> Python numbers)."""
+        return {p.name: p.clip(_plain(params[p.name])) for p in self.parameters}
+
+    def to_unit(self, params: Mapping[str, Any]) -> list[float]:
+        """Parameters -> a point in the unit cube, in :attr:`names` order."""
+        return [p.to_unit(_plain(params[p.name])) for p in self.parameters]
+
+    def from_unit(self, point: Sequence[float]) -> dict[str, float | int]:
+        """A point in the unit cube (in :attr:`names` order) -> parameters (clipped, ints rounded)."""
+        if len(point) != self.dims:
+            raise ValueError(f"point has {len(point)} coordinates, the space {self.dims}")
+        return {p.name: p.from_unit(u) for p, u in zip(self.parameters, point, strict=True)}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One feasibility rule over the parameters (``safety.expr`` language)."""
+
+    text: str
+    expression: Expression
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What to optimise: a measurement name, the direction, and a target colour if any."""
+
+    measure: str
+    direction: str = "minimize"
+    target_lab: tuple[float, float, float] | None = None
+
+    @property
+    def minimize(self) -> bool:
+        return self.direction == "minimize"
+
+    def better(self, a: float, b: float) -> bool:
+        """``a`` is strictly better than ``b``."""
+        return a < b if self.minimize else a > b
+
+    def score(self, value: float) -> float:
+        """The value as a quantity to maximise (``-value`` when minimising)."""
+        return -value if self.minimize else value
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"measure": self.measure, "direction": self.direction}
+        if self.target_lab is not None:
+            out["target_lab"] = list(self.target_lab)
+        return out
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most ``experiments`` experiments run on stations and/or ``hours`` of campaign clock."""
+
+    experiments: int | None = None
+    hours: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in (("experiments", self.experiments), ("hours", self.hours))
+            if v is not None
+        }
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """Stop at ``target`` (objective reached) or after ``no_improvement`` experiments without one."""
+
+    target: float | None = None
+    no_improvement: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in (("target", self.target), ("no_improvement", self.no_improvement))
+            if v is not None
+        }
+
+
+@dataclass(frozen=True)
+class Program:
+    """A validated campaign spec (see the module docstring). ``body`` is the Markdown."""
+
+    name: str
+    parameters: tuple[Parameter, ...]
+    objective: Objective
+    budget: Budget
+    recipe: str
+    constraints: tuple[Constraint, ...] = ()
+    stop: StopRules = field(default_factory=StopRules)
+    strategy: str = "bayes"
+    initial_points: int = 4
+    stations: int = 1
+    seed: int = 0
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    body: str = ""
+    source: str = "<program>"
+
+    @property
+    def space(self) -> Space:
+        return Space(self.parameters)
+
+    def feasible(self, params: Mapping[str, Any]) -> tuple[bool, list[str]]:
+        """Whether ``params`` is a valid point that satisfies every constraint; the reasons if not.
+
+        Parameter problems (missing, out of bounds) come first; then each
+        constraint that is false or cannot be evaluated, with the values it saw.
+        """
+        reasons = self.space.validate_params(params)
+        if reasons:
+            return False, reasons
+        state = {**dict(self.fixed), **{k: _plain(v) for k, v in params.items()}}
+        for c in self.constraints:
+            try:
+                ok = c.expression.evaluate(state)
+            except EvaluationError as exc:
+                reasons.append(f"constraint '{c.text}' cannot be evaluated: {exc}")
+                continue
+            if ok is not True:
+                seen = ", ".join(
+                    f"{n}={state[n]!r}" for n in sorted(c.expression.names()) if n in state
+                )
+                reasons.append(f"constraint '{c.text}' is false ({seen})")
+        return not reasons, reasons
+
+    def reached(self, value: float | None) -> bool:
+        """``value`` meets ``stop.target`` (False without a target or a value)."""
+        if value is None or self.stop.target is None or not math.isfinite(value):
+            return False
+        target = self.stop.target
+        return value <= target if self.objective.minimize else value >= target
+
+    def stop_reason(self, values: Sequence[float | None], *, elapsed_s: float = 0.0) -> str | None:
+        """Why the campaign should stop now, or None.
+
+        ``values``: the objective value of every experiment that counts against
+        the budget, in the order they finished (None for a failed one);
+        ``elapsed_s``: seconds of campaign clock. Checked in order: target
+        reached, experiment budget spent, time budget spent, no improvement in
+        the last ``stop.no_improvement`` experiments (failures count as no
+        improvement).
+        """
+        best: float | None = None
+        since = 0
+        for v in values:
+            if (
+                v is not None
+                and math.isfinite(v)
+                and (best is None or self.objective.better(v, best))
+            ):
+                best, since = v, 0
+            else:
+                since += 1
+        if best is not None and self.reached(best):
+            return (
+                f"target reached: {self.objective.measure}={best:.4g} (target {self.stop.target:g})"
+            )
+        n = len(values)
+        if self.budget.experiments is not None and n >= self.budget.experiments:
+            return f"experiment budget spent: {n} of {self.budget.experiments}"
+        if self.budget.hours is not None and elapsed_s >= self.budget.hours * 3600.0:
+            return f"time budget spent: {elapsed_s / 3600.0:.3g} h of {self.budget.hours:g} h"
+        limit = self.stop.no_improvement
+        if limit is not None and since >= limit:
+            if best is None:
+                return f"no successful experiment in the last {since}"
+            return f"no improvement in the last {since} experiments (best {best:.4g})"
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The front matter as plain data (JSON-able); :func:`load_program` reads it back."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "parameters": {p.name: p.as_dict() for p in self.parameters},
+        }
+        if self.constraints:
+            out["constraints"] = [c.text for c in self.constraints]
+        out["objective"] = self.objective.as_dict()
+        out["budget"] = self.budget.as_dict()
+        stop = self.stop.as_dict()
+        if stop:
+            out["stop"] = stop
+        out.update(
+            strategy=self.strategy,
+            initial_points=self.initial_points,
+            stations=self.stations,
+            seed=self.seed,
+            recipe=self.recipe,
+        )
+        if self.fixed:
+            out["fixed"] = dict(self.fixed)
+        return out
+
+    def to_markdown(self) -> str:
+        """``program.md`` text: the front matter (from :meth:`as_dict`) and the body."""
+        front = yaml.safe_dump(self.as_dict(), sort_keys=False, default_flow_style=None)
+        return f"---\n{front}---\n{self.body}"
+
+
+# -------------------------------------------------------------------- loading
+class _Doc:
+    """Where each key and scalar of the front matter is (1-based file lines), for messages."""
+
+    def __init__(self, source: str, offset: int = 0) -> None:
+        self.source = source
+        self.offset = offset  # lines before the front matter (the opening '---')
+        self.lines: dict[tuple[Any, ...], int] = {}
+        self.scalars: dict[tuple[Any, ...], tuple[int, int]] = {}  # path -> (line, column)
+
+    def line(self, path: tuple[Any, ...]) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get(())
+
+    def error(self, problem: str, path: tuple[Any, ...]) -> ProgramError:
+        return ProgramError(problem, source=self.source, line=self.line(path), field=_field(path))
+
+
+def _field(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+def _compose(text: str, doc: _Doc) -> Any:
+    """YAML text -> plain data, noting the line of every key and item in ``doc``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 + doc.offset if mark is not None else None
+            raise ProgramError(
+                f"front matter is not valid YAML: {exc.problem or exc}",
+                source=doc.source,
+                line=line,
+            ) from None
+        except yaml.YAMLError as exc:
+            raise ProgramError(
+                f"front matter is not valid YAML: {exc}", source=doc.source
+            ) from None
+        if node is None:
+            return None
+
+        def walk(n: yaml.Node, path: tuple[Any, ...]) -> Any:
+            doc.lines.setdefault(path, n.start_mark.line + 1 + doc.offset)
+            if isinstance(n, yaml.MappingNode):
+                out: dict[Any, Any] = {}
+                for key_node, value_node in n.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        raise doc.error("YAML merge keys (<<) are not supported", path)
+                    key = loader.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1 + doc.offset
+                    if not isinstance(key, str):
+                        raise ProgramError(
+                            f"keys must be names, got {key!r}",
+                            source=doc.source,
+                            line=line,
+                            field=_field(path),
+                        )
+                    if key in out:
+                        raise ProgramError(
+                            f"duplicate key '{key}'",
+                            source=doc.source,
+                            line=line,
+                            field=_field((*path, key)),
+                        )
+                    doc.lines[(*path, key)] = line
+                    out[key] = walk(value_node, (*path, key))
+                return out
+            if isinstance(n, yaml.SequenceNode):
+                return [walk(item, (*path, i)) for i, item in enumerate(n.value)]
+            start = n.start_mark
+            shift = 1 if getattr(n, "style", None) in ('"', "'") else 0
+            doc.scalars[path] = (start.line + 1 + doc.offset, start.column + 1 + shift)
+            return loader.construct_object(n, deep=True)
+
+        return walk(node, ())
+    finally:
+        loader.dispose()
+
+
+def split_front_matter(text: str, source: str = "<program>") -> tuple[str, str]:
+    """``program.md`` text -> (front matter YAML, Markdown body). The file must start with a
+    ``---`` line; the front matter ends at the next ``---`` (or ``...``) line."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = text.splitlines(keepends=True)
+    if not lines or lines[0].strip() != "---":
+        raise ProgramError(
+            "a program.md starts with YAML front matter: a '---' line, the fields, a '---' line",
+            source=source,
+            line=1,
+        )
+    for i in range(1, len(lines)):
+        if lines[i].rstrip("\r\n").rstrip() in ("---", "..."):
+            front = "".join(lines[1:i])
+            body = "".join(lines[i + 1 :])
+            return front, body
+    raise ProgramError(
+        "the front matter is not closed: no '---' line after the fields", source=source, line=1
+    )
+
+
+def load_program(
+    path_or_text: str | Path | Mapping[str, Any],
+    *,
+    source: str | None = None,
+    body: str | None = None,
+    recipes: Mapping[str, Any] | None = None,
+) -> Program:
+    """Load and validate a campaign spec.
+
+    ``path_or_text``: a :class:`~pathlib.Path` (or a one-line ``str`` naming a
+    file) is read; any other ``str`` is ``program.md`` text; a mapping is the
+    front matter as data (JSON from the MQTT API; errors then carry no line
+    numbers), with ``body`` as its Markdown. ``source`` names it in messages
+    (default: the path, ``<program>``). ``recipes``: the recipe builders to
+    validate ``recipe``/``fixed`` against (default :data:`loops.recipe.RECIPES`).
+
+    Raises :class:`ProgramError` (a ``ValueError``) naming the file, the line and the field.
+    """
+    if (
+        isinstance(path_or_text, str)
+        and "\n" not in path_or_text
+        and not path_or_text.startswith("---")
+    ):
+        path_or_text = Path(path_or_text)
+    if isinstance(path_or_text, Path):
+        name = source or str(path_or_text)
+        try:
+            text = path_or_text.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ProgramError(f"cannot read: {exc.strerror or exc}", source=name) from None
+        front, md = split_front_matter(text, name)
+        doc = _Doc(name, offset=1)
+        data = _compose(front, doc)
+    elif isinstance(path_or_text, str):
+        name = source or "<program>"
+        front, md = split_front_matter(path_or_text, name)
+        doc = _Doc(name, offset=1)
+        data = _compose(front, doc)
+    elif isinstance(path_or_text, Mapping):
+        name = source or "<program>"
+        doc = _Doc(name)
+        data, md = path_or_text, body or ""
+    else:
+        raise TypeError(
+            f"a program is a path, program.md text or a mapping, not {type(path_or_text).__name__}"
+        )
+    if body is not None:
+        md = body
+    return _build(data, doc, md, recipes)
+
+
+# ----------------------------------------------------------------- validation
+def _no_unknown(
+    spec: Mapping[Any, Any], allowed: Sequence[str], path: tuple[Any, ...], doc: _Doc
+) -> None:
+    for key in spec:
+        if key not in allowed:
+            raise doc.error(f"unknown key '{key}' (known: {', '.join(allowed)})", (*path, key))
+
+
+def _mapping(value: Any, path: tuple[Any, ...], doc: _Doc, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise doc.error(f"must be a mapping ({what}), got {type(value).__name__}", path)
+    return value
+
+
+def _number(value: Any, path: tuple[Any, ...], doc: _Doc) -> float:
+    if not _is_number(value) or not math.isfinite(value):
+        raise doc.error(f"must be a number, got {value!r}", path)
+    return _plain(value)
+
+
+def _integer(value: Any, path: tuple[Any, ...], doc: _Doc, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise doc.error(f"must be an integer, got {value!r}", path)
+    if minimum is not None and value < minimum:
+        raise doc.error(f"must be >= {minimum}, got {value!r}", path)
+    return int(value)
+
+
+def _string(value: Any, path: tuple[Any, ...], doc: _Doc, choices: Sequence[str] = ()) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise doc.error(f"must be a non-empty string, got {value!r}", path)
+    if choices and value not in choices:
+        raise doc.error(f"must be one of {', '.join(choices)}, got {value!r}", path)
+    return value
+
+
+def _parameter(name: Any, spec: Any, doc: _Doc) -> Parameter:
+    path: tuple[Any, ...] = ("parameters", name)
+    if not isinstance(name, str) or not _IDENT_RE.fullmatch(name) or name in _RESERVED:
+        raise doc.error(
+            f"parameter names are identifiers (letters, digits, _; not a keyword), got {name!r}",
+            path,
+        )
+    spec = _mapping(spec, path, doc, "{type, low, high, unit}")
+    _no_unknown(spec, PARAMETER_KEYS, path, doc)
+    for key in ("type", "low", "high"):
+        if key not in spec:
+            raise doc.error(f"missing '{key}'", path)
+    kind = _string(spec["type"], (*path, "type"), doc, PARAMETER_TYPES)
+    low = _number(spec["low"], (*path, "low"), doc)
+    high = _number(spec["high"], (*path, "high"), doc)
+    if kind == "int":
+        for key, v in (("low", low), ("high", high)):
+            if float(v) != round(float(v)):
+                raise doc.error(f"an int parameter needs integer bounds, got {v!r}", (*path, key))
+        low, high = int(low), int(high)
+    else:
+        low, high = float(low), float(high)
+    if not low < high:
+        raise doc.error(f"low {low!r} must be < high {high!r}", (*path, "low"))
+    unit = spec.get("unit", "")
+    docstr = spec.get("doc", "")
+    for key, v in (("unit", unit), ("doc", docstr)):
+        if not isinstance(v, str):
+            raise doc.error(f"must be a string, got {v!r}", (*path, key))
+    return Parameter(name, kind, low, high, unit, docstr)
+
+
+def _constraint(i: int, text: Any, known: set[str], doc: _Doc) -> Constraint:
+    path: tuple[Any, ...] = ("constraints", i)
+    if not isinstance(text, str) or not text.strip():
+        raise doc.error(f"a constraint is a rule (a string), got {text!r}", path)
+    line, column = doc.scalars.get(path, (doc.line(path) or 1, 1))
+    has_lines = path in doc.scalars
+    try:
+        expr = parse(text, source=doc.source, line=line, column=column)
+    except RuleSyntaxError as exc:
+        raise ProgramError(
+            f'{exc.problem} in rule "{text}" (column {exc.column})',
+            source=doc.source,
+            line=exc.line if has_lines else None,
+            field=_field(path),
+        ) from None
+    for n in sorted(expr.names()):
+        if n not in known:
+            raise doc.error(
+                f"unknown name '{n}' in \"{text}\" (known: {', '.join(sorted(known))})", path
+            )
+    return Constraint(text, expr, doc.line(path))
+
+
+def _objective(spec: Any, doc: _Doc) -> Objective:
+    path: tuple[Any, ...] = ("objective",)
+    spec = _mapping(spec, path, doc, "{measure, direction, target_lab}")
+    _no_unknown(spec, OBJECTIVE_KEYS, path, doc)
+    if "measure" not in spec:
+        raise doc.error("missing 'measure'", path)
+    measure = _string(spec["measure"], (*path, "measure"), doc)
+    if not _IDENT_RE.fullmatch(measure):
+        raise doc.error(f"a measurement name is an identifier, got {measure!r}", (*path, "measure"))
+    direction = _string(spec.get("direction", "minimize"), (*path, "direction"), doc, DIRECTIONS)
+    target: tuple[float, float, float] | None = None
+    if spec.get("target_lab") is not None:
+        raw = spec["target_lab"]
+        tpath = (*path, "target_lab")
+        if not isinstance(raw, list | tuple) or len(raw) != 3:
+            raise doc.error(f"must be [L, a, b], got {raw!r}", tpath)
+        vals = [float(_number(v, (*tpath, j), doc)) for j, v in enumerate(raw)]
+        if not 0.0 <= vals[0] <= 100.0:
+            raise doc.error(f"L must be within 0-100, got {vals[0]!r}", (*tpath, 0))
+        target = (vals[0], vals[1], vals[2])
+    elif measure == "delta_e2000":
+        raise doc.error("measure delta_e2000 needs target_lab: [L, a, b]", path)
+    return Objective(measure, direction, target)
+
+
+def _budget(spec: Any, doc: _Doc) -> Budget:
+    path: tuple[Any, ...] = ("budget",)
+    spec = _mapping(spec, path, doc, "{experiments, hours}")
+    _no_unknown(spec, BUDGET_KEYS, path, doc)
+    experiments = hours = None
+    if spec.get("experiments") is not None:
+        experiments = _integer(spec["experiments"], (*path, "experiments"), doc, minimum=1)
+    if spec.get("hours") is not None:
+        hours = float(_number(spec["hours"], (*path, "hours"), doc))
+        if hours <= 0:
+            raise doc.error(f"must be > 0, got {hours!r}", (*path, "hours"))
+    if experiments is None and hours is None:
+        raise doc.error("give experiments and/or hours (a campaign needs a limit)", path)
+    return Budget(experiments, hours)
+
+
+def _stop(spec: Any, doc: _Doc) -> StopRules:
+    path: tuple[Any, ...] = ("stop",)
+    if spec is None:
+        return StopRules()
+    spec = _mapping(spec, path, doc, "{target, no_improvement}")
+    _no_unknown(spec, STOP_KEYS, path, doc)
+    target = None
+    if spec.get("target") is not None:
+        target = float(_number(spec["target"], (*path, "target"), doc))
+    patience = None
+    if spec.get("no_improvement") is not None:
+        patience = _integer(spec["no_improvement"], (*path, "no_improvement"), doc, minimum=1)
+    return StopRules(target, patience)
+
+
+def _fixed(spec: Any, params: set[str], doc: _Doc) -> dict[str, Any]:
+    path: tuple[Any, ...] = ("fixed",)
+    if spec is None:
+        return {}
+    spec = _mapping(spec, path, doc, "recipe input -> value")
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        kpath = (*path, key)
+        if not _IDENT_RE.fullmatch(key) or key in _RESERVED:
+            raise doc.error(f"names are identifiers, got {key!r}", kpath)
+        if key in params:
+            raise doc.error(f"'{key}' is a parameter; it cannot also be fixed", kpath)
+        ok = value is None or isinstance(value, str | bool) or _is_number(value)
+        if isinstance(value, list):
+            ok = all(_is_number(v) or isinstance(v, str | bool) for v in value)
+        if not ok or (_is_number(value) and not math.isfinite(value)):
+            raise doc.error(
+                f"must be a number, string, boolean or a list of them, got {value!r}", kpath
+            )
+        out[key] = _plain(value) if not isinstance(value, list) else [_plain(v) for v in value]
+    return out
+
+
+def _known_recipes() -> Mapping[str, Any]:
+    from loops.recipe import RECIPES  # late: loops.recipe imports this module
+
+    return RECIPES
+
+
+def _check_recipe(
+    name: str,
+    params: set[str],
+    fixed: Mapping[str, Any],
+    measure: str,
+    recipes: Mapping[str, Any],
+    doc: _Doc,
+) -> None:
+    builder = recipes.get(name)
+    if builder is None:
+        raise doc.error(
+            f"unknown recipe {name!r} (known: {', '.join(sorted(recipes)) or 'none'})", ("recipe",)
+        )
+    inputs = set(getattr(builder, "inputs", {}) or {})
+    required = set(getattr(builder, "required", ()) or ())
+    if inputs:
+        for key in fixed:
+            if key not in inputs:
+                raise doc.error(
+                    f"'{key}' is not an input of recipe {name} (inputs: {', '.join(sorted(inputs))})",
+                    ("fixed", key),
+                )
+        for key in sorted(params):
+            if key not in inputs:
+                raise doc.error(
+                    f"'{key}' is not an input of recipe {name} (inputs: {', '.join(sorted(inputs))})",
+                    ("parameters", key),
+                )
+    missing = sorted(required - params - set(fixed))
+    if missing:
+        raise doc.error(
+            f"recipe {name} needs {', '.join(missing)}: add them to parameters or fixed",
+            ("parameters",),
+        )
+    measures = set(getattr(builder, "measures", ()) or ())
+    if measures and measure not in measures:
+        raise doc.error(
+            f"recipe {name} does not measure {measure!r} (it measures: {', '.join(sorted(measures))})",
+            ("objective", "measure"),
+        )
+
+
+def _build(data: Any, doc: _Doc, body: str, recipes: Mapping[str, Any] | None) -> Program:
+    if not isinstance(data, Mapping):
+        raise doc.error(f"the front matter is a mapping with {', '.join(REQUIRED_KEYS)}, ...", ())
+    _no_unknown(data, TOP_KEYS, (), doc)
+    for key in REQUIRED_KEYS:
+        if data.get(key) is None:
+            raise doc.error(f"missing required field '{key}'", ())
+    name = _string(data["name"], ("name",), doc)
+    if not _SLUG_RE.fullmatch(name):
+        raise doc.error(f"a name is a slug (letters, digits, _.-), got {name!r}", ("name",))
+    pspec = _mapping(data["parameters"], ("parameters",), doc, "name -> {type, low, high}")
+    if not pspec:
+        raise doc.error("needs at least one parameter", ("parameters",))
+    parameters = tuple(_parameter(k, v, doc) for k, v in pspec.items())
+    pnames = {p.name for p in parameters}
+    fixed = _fixed(data.get("fixed"), pnames, doc)
+    raw_constraints = data.get("constraints") or []
+    if not isinstance(raw_constraints, list):
+        raise doc.error("must be a list of rules", ("constraints",))
+    known = pnames | {k for k, v in fixed.items() if _is_number(v) or isinstance(v, bool | str)}
+    constraints = tuple(_constraint(i, t, known, doc) for i, t in enumerate(raw_constraints))
+    objective = _objective(data["objective"], doc)
+    budget = _budget(data["budget"], doc)
+    stop = _stop(data.get("stop"), doc)
+    strategy = _string(data.get("strategy", "bayes"), ("strategy",), doc, STRATEGIES)
+    if data.get("initial_points") is not None:
+        initial = _integer(data["initial_points"], ("initial_points",), doc, minimum=0)
+        if budget.experiments is not None and initial > budget.experiments:
+            raise doc.error(
+                f"{initial} initial points exceed budget.experiments {budget.experiments}",
+                ("initial_points",),
+            )
+    else:
+        initial = max(4, 2 * len(parameters))
+        if budget.experiments is not None:
+            initial = min(initial, budget.experiments)
+    stations = _integer(data.get("stations", 1), ("stations",), doc, minimum=1)
+    seed = _integer(data.get("seed", 0), ("seed",), doc)
+    recipe = _string(data["recipe"], ("recipe",), doc)
+    table = recipes if recipes is not None else _known_recipes()
+    _check_recipe(recipe, pnames, fixed, objective.measure, table, doc)
+    return Program(
+        name=name,
+        parameters=parameters,
+        objective=objective,
+        budget=budget,
+        recipe=recipe,
+        constraints=constraints,
+        stop=stop,
+        strategy=strategy,
+        initial_points=initial,
+        stations=stations,
+        seed=seed,
+        fixed=fixed,
+        body=body,
+        source=doc.source,
+    )

@@ -1,0 +1,305 @@
+"""Campaign specs (program.md): loading, validation with file:line:field errors, the space helpers,
+constraints, stop rules, and the example campaign."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loops.program import Program, ProgramError, load_program, split_front_matter
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
+
+# line numbers below count from this text's first line ("---" is line 1)
+BASE = """---
+name: demo
+parameters:
+  red_ml:   {type: float, low: 0.0, high: 1.2, unit: mL}
+  green_ml: {type: float, low: 0.0, high: 1.2, unit: mL}
+  blue_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
+  temperature_c: {type: float, low: 25, high: 75, unit: degC}
+  hold_s:   {type: int, low: 30, high: 600, unit: s}
+constraints:
+  - red_ml + green_ml + blue_ml >= 0.6
+  - red_ml + green_ml + blue_ml <= 2.6
+objective:
+  measure: delta_e2000
+  direction: minimize
+  target_lab: [45.0, 20.0, -15.0]
+budget: {experiments: 60, hours: 4}
+stop:
+  target: 2.0
+  no_improvement: 20
+strategy: bayes
+initial_points: 8
+stations: 2
+seed: 1
+recipe: color-match
+---
+# Demo
+
+Body text.
+"""
+
+POINT = {"red_ml": 0.5, "green_ml": 0.1, "blue_ml": 0.6, "temperature_c": 40.0, "hold_s": 60}
+
+
+def load(text: str = BASE) -> Program:
+    return load_program(text, source="demo.md")
+
+
+def test_example_program_loads() -> None:
+    p = load_program(EXAMPLE)
+    assert p.name == "color-match" and p.recipe == "color-match"
+    assert p.space.names == ["red_ml", "green_ml", "blue_ml", "temperature_c", "hold_s"]
+    assert p.space["hold_s"].type == "int" and p.space["hold_s"].unit == "s"
+    assert p.objective.measure == "delta_e2000" and p.objective.minimize
+    assert p.objective.target_lab is not None and len(p.objective.target_lab) == 3
+    assert p.stop.target == 2.0 and p.stop.no_improvement == 20
+    assert p.budget.experiments == 60 and p.strategy == "bayes" and p.initial_points == 8
+    assert p.fixed["stir_rpm"] >= 100  # the envelope heats only while stirring
+    assert "# Colour match on the reference bench" in p.body
+    assert "Safety facts" in p.body and "labbridge run" in p.body
+    assert p.source == str(EXAMPLE)
+    # the recipe that produced the target is feasible
+    ok, reasons = p.feasible(
+        {"red_ml": 0.7, "green_ml": 0.1, "blue_ml": 0.75, "temperature_c": 50.0, "hold_s": 120}
+    )
+    assert ok, reasons
+
+
+def test_fields_defaults_and_body() -> None:
+    p = load()
+    assert p.stations == 2 and p.seed == 1 and p.initial_points == 8
+    assert p.body.startswith("# Demo") and "Body text." in p.body
+    assert [c.text for c in p.constraints] == [
+        "red_ml + green_ml + blue_ml >= 0.6",
+        "red_ml + green_ml + blue_ml <= 2.6",
+    ]
+    assert p.constraints[0].line == 10
+    minimal = load_program(
+        {
+            "name": "m",
+            "parameters": {"red_ml": {"type": "float", "low": 0, "high": 1}},
+            "objective": {"measure": "liquid_c", "direction": "maximize"},
+            "budget": {"hours": 1},
+            "recipe": "color-match",
+            "fixed": {"green_ml": 0.3, "blue_ml": 0.3},
+        }
+    )
+    assert minimal.strategy == "bayes" and minimal.stations == 1 and minimal.seed == 0
+    assert minimal.initial_points == 4  # max(4, 2 x 1 dimension)
+    assert minimal.stop.target is None and minimal.constraints == () and minimal.body == ""
+    assert minimal.budget.experiments is None and minimal.budget.hours == 1.0
+
+
+def test_dict_and_markdown_round_trips() -> None:
+    p = load()
+    data = json.loads(json.dumps(p.as_dict()))  # the MQTT API sends JSON
+    again = load_program(data, body=p.body, source="mqtt")
+    assert again.as_dict() == p.as_dict() and again.body == p.body
+    assert again.source == "mqtt"
+    text = p.to_markdown()
+    assert load_program(text).as_dict() == p.as_dict()
+    front, body = split_front_matter(text)
+    assert "name: demo" in front and body == p.body
+
+
+def test_file_and_text_forms(tmp_path: Path) -> None:
+    path = tmp_path / "program.md"
+    path.write_text(BASE)
+    assert load_program(path).source == str(path)
+    assert load_program(str(path)).as_dict() == load().as_dict()
+    with pytest.raises(ProgramError, match="cannot read"):
+        load_program(tmp_path / "missing.md")
+
+
+# (edit of BASE, line the error must name, field, words in the message)
+ERRORS = [
+    (("stations: 2", "station: 2"), 22, "station", "unknown key 'station'"),
+    (("{type: int, low: 30,", "{type: int, lo: 30,"), 8, "parameters.hold_s.lo", "unknown key"),
+    (("high: 600", "high: 600.5"), 8, "parameters.hold_s.high", "integer bounds"),
+    (
+        ("type: float, low: 25", "type: double, low: 25"),
+        7,
+        "parameters.temperature_c.type",
+        "float, int",
+    ),
+    (("low: 25, high: 75", "low: 75, high: 25"), 7, "parameters.temperature_c.low", "must be <"),
+    (
+        ("  - red_ml + green_ml + blue_ml <= 2.6", "  - red_ml + gren_ml <= 2.6"),
+        11,
+        "constraints[1]",
+        "unknown name 'gren_ml'",
+    ),
+    (
+        ("  - red_ml + green_ml + blue_ml <= 2.6", "  - red_ml + (green_ml <= 2.6"),
+        11,
+        "constraints[1]",
+        "expected ')'",
+    ),
+    (
+        ("  - red_ml + green_ml + blue_ml <= 2.6", "  - red_ml + 1"),
+        11,
+        "constraints[1]",
+        "condition",
+    ),
+    (("direction: minimize", "direction: lower"), 14, "objective.direction", "minimize, maximize"),
+    (("  target_lab: [45.0, 20.0, -15.0]\n", ""), 12, "objective", "needs target_lab"),
+    (
+        ("target_lab: [45.0, 20.0, -15.0]", "target_lab: [145.0, 20.0, -15.0]"),
+        15,
+        "objective.target_lab[0]",
+        "0-100",
+    ),
+    (
+        ("target_lab: [45.0, 20.0, -15.0]", "target_lab: [45.0, 20.0]"),
+        15,
+        "objective.target_lab",
+        "[L, a, b]",
+    ),
+    (
+        ("measure: delta_e2000", "measure: sharpness"),
+        13,
+        "objective.measure",
+        "does not measure 'sharpness'",
+    ),
+    (
+        ("budget: {experiments: 60, hours: 4}", "budget: {experiments: 0}"),
+        16,
+        "budget.experiments",
+        ">= 1",
+    ),
+    (("budget: {experiments: 60, hours: 4}", "budget: {}"), 16, "budget", "needs a limit"),
+    (("initial_points: 8", "initial_points: 80"), 21, "initial_points", "exceed"),
+    (("no_improvement: 20", "no_improvement: 2.5"), 19, "stop.no_improvement", "integer"),
+    (("strategy: bayes", "strategy: genetic"), 20, "strategy", "bayes, random, grid"),
+    (
+        ("recipe: color-match", "recipe: colour-match"),
+        24,
+        "recipe",
+        "unknown recipe 'colour-match'",
+    ),
+    (("seed: 1", "seed: 1\nfixed: {stir_rpmm: 300}"), 24, "fixed.stir_rpmm", "not an input"),
+    (("seed: 1", "seed: 1\nfixed: {red_ml: 0.3}"), 24, "fixed.red_ml", "is a parameter"),
+    (("  hold_s:", "  and:"), 8, "parameters.and", "identifiers"),
+    (("name: demo", "name: demo campaign"), 2, "name", "slug"),
+    (("name: demo\n", ""), None, "", "missing required field 'name'"),
+    (("stations: 2", "stations: 2\nstations: 3"), 23, "stations", "duplicate key"),
+    (("seed: 1", "seed: [1"), None, "", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "line", "field", "words"), ERRORS, ids=[e[2] or e[3] for e in ERRORS]
+)
+def test_errors_name_the_file_line_and_field(
+    edit: tuple[str, str], line: int | None, field: str, words: str
+) -> None:
+    old, new = edit
+    assert old in BASE
+    with pytest.raises(ProgramError) as info:
+        load(BASE.replace(old, new, 1))
+    err = info.value
+    assert words in str(err)
+    assert err.source == "demo.md" and str(err).startswith("demo.md")
+    if line is not None:
+        assert err.line == line, str(err)
+        assert str(err).startswith(f"demo.md:{line}: ")
+    if field:
+        assert err.field == field, str(err)
+
+
+def test_front_matter_framing_errors() -> None:
+    with pytest.raises(ProgramError, match="demo.md:1: .*starts with YAML front matter"):
+        load("# no front matter\n")
+    with pytest.raises(ProgramError, match="not closed"):
+        load("---\nname: x\n")
+    with pytest.raises(ProgramError, match="a mapping"):
+        load("---\n- a\n---\n")
+
+
+def test_errors_from_a_dict_name_the_field() -> None:
+    data = load().as_dict()
+    data["parameters"]["hold_s"]["low"] = "thirty"
+    with pytest.raises(ProgramError) as info:
+        load_program(data, source="mqtt:campaign/7")
+    assert info.value.line is None and info.value.field == "parameters.hold_s.low"
+    assert str(info.value).startswith("mqtt:campaign/7: parameters.hold_s.low: must be a number")
+
+
+def test_space_helpers() -> None:
+    space = load().space
+    assert space.dims == 5
+    assert space.bounds()["hold_s"] == (30, 600)
+    assert space.validate_params(POINT) == []
+    problems = space.validate_params(
+        {"red_ml": 1.5, "green_ml": math.nan, "temperature_c": 40, "hold_s": 60.5, "colour": 1}
+    )
+    assert problems == [
+        "red_ml=1.5 mL is outside [0.0, 1.2] mL",
+        "green_ml must be a finite number, got nan",
+        "blue_ml is missing",
+        "hold_s must be an integer, got 60.5",
+        "colour is not a parameter of this campaign "
+        "(parameters: red_ml, green_ml, blue_ml, temperature_c, hold_s)",
+    ]
+    # numpy values from an optimizer: validated, clipped to Python numbers, ints rounded
+    proposal = {k: np.float64(v) for k, v in POINT.items()} | {"hold_s": np.float64(59.6)}
+    assert space.validate_params(proposal) == ["hold_s must be an integer, got 59.6"]
+    clipped = space.clip(proposal | {"red_ml": np.float64(1.3)})
+    assert clipped["red_ml"] == 1.2 and clipped["hold_s"] == 60
+    assert type(clipped["hold_s"]) is int and type(clipped["blue_ml"]) is float
+    unit = space.to_unit(POINT)
+    assert unit[3] == pytest.approx(0.3) and all(0 <= u <= 1 for u in unit)
+    assert space.from_unit(unit) == pytest.approx(POINT)
+    assert space.from_unit([0, 0, 0, 0, 1]) == {
+        "red_ml": 0.0,
+        "green_ml": 0.0,
+        "blue_ml": 0.0,
+        "temperature_c": 25.0,
+        "hold_s": 600,
+    }
+    with pytest.raises(ValueError, match="coordinates"):
+        space.from_unit([0.5])
+
+
+def test_feasible_checks_bounds_then_constraints() -> None:
+    p = load()
+    assert p.feasible(POINT) == (True, [])
+    ok, reasons = p.feasible(POINT | {"red_ml": 0.1, "green_ml": 0.1, "blue_ml": 0.1})
+    assert not ok
+    assert reasons == [
+        "constraint 'red_ml + green_ml + blue_ml >= 0.6' is false "
+        "(blue_ml=0.1, green_ml=0.1, red_ml=0.1)"
+    ]
+    ok, reasons = p.feasible(POINT | {"red_ml": 9.0})
+    assert not ok and reasons == ["red_ml=9.0 mL is outside [0.0, 1.2] mL"]
+    assert p.feasible({k: np.float64(v) for k, v in POINT.items()})[0]
+
+
+def test_stop_rules() -> None:
+    p = load()  # minimize, target 2.0, no_improvement 20, 60 experiments, 4 h
+    assert p.stop_reason([]) is None
+    assert p.stop_reason([9.0, 5.0, None, 4.0]) is None
+    reason = p.stop_reason([9.0, 1.8])
+    assert reason is not None and reason.startswith("target reached")
+    assert p.reached(2.0) and not p.reached(2.01) and not p.reached(None)
+    reason = p.stop_reason([5.0] * 60)
+    assert reason is not None and reason.startswith("experiment budget spent")
+    reason = p.stop_reason([5.0], elapsed_s=4 * 3600.0)
+    assert reason is not None and reason.startswith("time budget spent")
+    stalled = [5.0] + [6.0] * 19 + [None]
+    reason = p.stop_reason(stalled)
+    assert reason is not None and reason.startswith("no improvement in the last 20")
+    assert p.stop_reason(stalled[:-1]) is None
+    reason = p.stop_reason([None] * 20)
+    assert reason == "no successful experiment in the last 20"
+    maximise = load(BASE.replace("direction: minimize", "direction: maximize"))
+    assert maximise.objective.better(3.0, 2.0) and maximise.objective.score(3.0) == 3.0
+    assert maximise.reached(2.5) and not maximise.reached(1.5)
+    assert p.objective.better(2.0, 3.0) and p.objective.score(3.0) == -3.0
