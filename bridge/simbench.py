@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from loops.recipe import ramp_setpoint
 from safety import (
     Command,
     EStop,
@@ -36,7 +37,7 @@ from safety import (
     open_station,
     reference_envelope,
 )
-from simulators.bench import SimClock, SimulatedBench, SimulatedLab
+from simulators.bench import SimulatedBench, SimulatedLab
 
 log = logging.getLogger(__name__)
 
@@ -80,34 +81,6 @@ class Progress:
         self.stream.flush()
 
 
-async def ramp_setpoint(station: SafeStation, target_c: float, who: str, clock: SimClock) -> None:
-    """Heat towards ``target_c`` as fast as the envelope's setpoint rise limit allows.
-
-    Each step asks the guard (a check, no I/O) for the highest setpoint it would
-    accept now, in 1 degC steps, and sends it; then waits 10 simulated seconds.
-    """
-    hotplate = station.handle("hotplate", who=who)
-    current = None
-    while current != target_c:
-        allowed = None
-        for candidate in _candidates(target_c):
-            verdict = station.check(
-                Command("hotplate", "set_heater", {"on": True, "setpoint_c": candidate}, who)
-            )
-            if verdict.allowed:
-                allowed = candidate
-                break
-        if allowed is not None and allowed != current:
-            await hotplate.set_heater(True, allowed)
-            current = allowed
-        if current != target_c:
-            await clock.sleep(10.0)
-
-
-def _candidates(target_c: float) -> list[float]:
-    return [target_c - k for k in range(int(target_c) - 20)]
-
-
 def open_sim_station(bench: SimulatedBench, speed: float) -> Any:
     """``open_station`` for a simulated bench: the guard on the simulated clock, the
     device watchdog paced for it, the reference envelope and monitors."""
@@ -147,7 +120,7 @@ async def run_experiment(
         await h[fluid].wait_until_stopped(timeout=timeout)
     progress.step(f"{bench.name}: dispensed {sum(dispense.values()):.2f} mL")
     await h["hotplate"].set_stirrer(True, recipe.stirrer_rpm)
-    await ramp_setpoint(station, recipe.temperature_c, who, clock)
+    await ramp_setpoint(station, recipe.temperature_c, who=who, clock_sleep=clock.sleep)
     await clock.sleep(recipe.hold_s)
     plate = await h["hotplate"].read()
     progress.step(f"{bench.name}: held {recipe.hold_s:.0f} s, liquid {plate['liquid_c']:.1f} degC")
