@@ -81,6 +81,7 @@ from typing import Any
 import yaml
 
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
+from safety.yamldoc import ConfigError, YamlDoc, compose_yaml, field_path
 
 __all__ = [
     "Budget",
@@ -121,18 +122,8 @@ _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RESERVED = {"and", "or", "not", "in", "true", "false", "True", "False"}
 
 
-class ProgramError(ValueError):
+class ProgramError(ConfigError):
     """An invalid campaign spec: ``<source>:<line>: <field>: <problem>`` (line omitted if unknown)."""
-
-    def __init__(
-        self, problem: str, *, source: str, line: int | None = None, field: str = ""
-    ) -> None:
-        where = f"{source}:{line}" if line is not None else source
-        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
-        self.problem = problem
-        self.source = source
-        self.line = line
-        self.field = field
 
 
 def _is_number(value: Any) -> bool:
@@ -445,90 +436,9 @@ class Program:
 
 
 # -------------------------------------------------------------------- loading
-class _Doc:
-    """Where each key and scalar of the front matter is (1-based file lines), for messages."""
-
-    def __init__(self, source: str, offset: int = 0) -> None:
-        self.source = source
-        self.offset = offset  # lines before the front matter (the opening '---')
-        self.lines: dict[tuple[Any, ...], int] = {}
-        self.scalars: dict[tuple[Any, ...], tuple[int, int]] = {}  # path -> (line, column)
-
-    def line(self, path: tuple[Any, ...]) -> int | None:
-        while path:
-            if path in self.lines:
-                return self.lines[path]
-            path = path[:-1]
-        return self.lines.get(())
-
-    def error(self, problem: str, path: tuple[Any, ...]) -> ProgramError:
-        return ProgramError(problem, source=self.source, line=self.line(path), field=_field(path))
-
-
-def _field(path: tuple[Any, ...]) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
-    return out
-
-
-def _compose(text: str, doc: _Doc) -> Any:
-    """YAML text -> plain data, noting the line of every key and item in ``doc``."""
-    loader = yaml.SafeLoader(text)
-    try:
-        try:
-            node = loader.get_single_node()
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 + doc.offset if mark is not None else None
-            raise ProgramError(
-                f"front matter is not valid YAML: {exc.problem or exc}",
-                source=doc.source,
-                line=line,
-            ) from None
-        except yaml.YAMLError as exc:
-            raise ProgramError(
-                f"front matter is not valid YAML: {exc}", source=doc.source
-            ) from None
-        if node is None:
-            return None
-
-        def walk(n: yaml.Node, path: tuple[Any, ...]) -> Any:
-            doc.lines.setdefault(path, n.start_mark.line + 1 + doc.offset)
-            if isinstance(n, yaml.MappingNode):
-                out: dict[Any, Any] = {}
-                for key_node, value_node in n.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        raise doc.error("YAML merge keys (<<) are not supported", path)
-                    key = loader.construct_object(key_node, deep=True)
-                    line = key_node.start_mark.line + 1 + doc.offset
-                    if not isinstance(key, str):
-                        raise ProgramError(
-                            f"keys must be names, got {key!r}",
-                            source=doc.source,
-                            line=line,
-                            field=_field(path),
-                        )
-                    if key in out:
-                        raise ProgramError(
-                            f"duplicate key '{key}'",
-                            source=doc.source,
-                            line=line,
-                            field=_field((*path, key)),
-                        )
-                    doc.lines[(*path, key)] = line
-                    out[key] = walk(value_node, (*path, key))
-                return out
-            if isinstance(n, yaml.SequenceNode):
-                return [walk(item, (*path, i)) for i, item in enumerate(n.value)]
-            start = n.start_mark
-            shift = 1 if getattr(n, "style", None) in ('"', "'") else 0
-            doc.scalars[path] = (start.line + 1 + doc.offset, start.column + 1 + shift)
-            return loader.construct_object(n, deep=True)
-
-        return walk(node, ())
-    finally:
-        loader.dispose()
+def _compose(text: str, doc: YamlDoc) -> Any:
+    """Front-matter YAML -> plain data, noting the line of every key and item in ``doc``."""
+    return compose_yaml(text, doc, what="front matter is ", key_types=(str,))
 
 
 def split_front_matter(text: str, source: str = "<program>") -> tuple[str, str]:
@@ -584,16 +494,16 @@ def load_program(
         except OSError as exc:
             raise ProgramError(f"cannot read: {exc.strerror or exc}", source=name) from None
         front, md = split_front_matter(text, name)
-        doc = _Doc(name, offset=1)
+        doc = YamlDoc(name, offset=1, error_cls=ProgramError)
         data = _compose(front, doc)
     elif isinstance(path_or_text, str):
         name = source or "<program>"
         front, md = split_front_matter(path_or_text, name)
-        doc = _Doc(name, offset=1)
+        doc = YamlDoc(name, offset=1, error_cls=ProgramError)
         data = _compose(front, doc)
     elif isinstance(path_or_text, Mapping):
         name = source or "<program>"
-        doc = _Doc(name)
+        doc = YamlDoc(name, error_cls=ProgramError)
         data, md = path_or_text, body or ""
     else:
         raise TypeError(
@@ -606,26 +516,26 @@ def load_program(
 
 # ----------------------------------------------------------------- validation
 def _no_unknown(
-    spec: Mapping[Any, Any], allowed: Sequence[str], path: tuple[Any, ...], doc: _Doc
+    spec: Mapping[Any, Any], allowed: Sequence[str], path: tuple[Any, ...], doc: YamlDoc
 ) -> None:
     for key in spec:
         if key not in allowed:
             raise doc.error(f"unknown key '{key}' (known: {', '.join(allowed)})", (*path, key))
 
 
-def _mapping(value: Any, path: tuple[Any, ...], doc: _Doc, what: str) -> Mapping[str, Any]:
+def _mapping(value: Any, path: tuple[Any, ...], doc: YamlDoc, what: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise doc.error(f"must be a mapping ({what}), got {type(value).__name__}", path)
     return value
 
 
-def _number(value: Any, path: tuple[Any, ...], doc: _Doc) -> float:
+def _number(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> float:
     if not _is_number(value) or not math.isfinite(value):
         raise doc.error(f"must be a number, got {value!r}", path)
     return _plain(value)
 
 
-def _integer(value: Any, path: tuple[Any, ...], doc: _Doc, *, minimum: int | None = None) -> int:
+def _integer(value: Any, path: tuple[Any, ...], doc: YamlDoc, *, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise doc.error(f"must be an integer, got {value!r}", path)
     if minimum is not None and value < minimum:
@@ -633,7 +543,7 @@ def _integer(value: Any, path: tuple[Any, ...], doc: _Doc, *, minimum: int | Non
     return int(value)
 
 
-def _string(value: Any, path: tuple[Any, ...], doc: _Doc, choices: Sequence[str] = ()) -> str:
+def _string(value: Any, path: tuple[Any, ...], doc: YamlDoc, choices: Sequence[str] = ()) -> str:
     if not isinstance(value, str) or not value.strip():
         raise doc.error(f"must be a non-empty string, got {value!r}", path)
     if choices and value not in choices:
@@ -641,7 +551,7 @@ def _string(value: Any, path: tuple[Any, ...], doc: _Doc, choices: Sequence[str]
     return value
 
 
-def _parameter(name: Any, spec: Any, doc: _Doc) -> Parameter:
+def _parameter(name: Any, spec: Any, doc: YamlDoc) -> Parameter:
     path: tuple[Any, ...] = ("parameters", name)
     if not isinstance(name, str) or not _IDENT_RE.fullmatch(name) or name in _RESERVED:
         raise doc.error(
@@ -673,11 +583,11 @@ def _parameter(name: Any, spec: Any, doc: _Doc) -> Parameter:
     return Parameter(name, kind, low, high, unit, docstr)
 
 
-def _constraint(i: int, text: Any, known: set[str], doc: _Doc) -> Constraint:
+def _constraint(i: int, text: Any, known: set[str], doc: YamlDoc) -> Constraint:
     path: tuple[Any, ...] = ("constraints", i)
     if not isinstance(text, str) or not text.strip():
         raise doc.error(f"a constraint is a rule (a string), got {text!r}", path)
-    line, column = doc.scalars.get(path, (doc.line(path) or 1, 1))
+    line, column, _ = doc.scalars.get(path, (doc.line(path) or 1, 1, 0))
     has_lines = path in doc.scalars
     try:
         expr = parse(text, source=doc.source, line=line, column=column)
@@ -686,7 +596,7 @@ def _constraint(i: int, text: Any, known: set[str], doc: _Doc) -> Constraint:
             f'{exc.problem} in rule "{text}" (column {exc.column})',
             source=doc.source,
             line=exc.line if has_lines else None,
-            field=_field(path),
+            field=field_path(path),
         ) from None
     for n in sorted(expr.names()):
         if n not in known:
@@ -696,7 +606,7 @@ def _constraint(i: int, text: Any, known: set[str], doc: _Doc) -> Constraint:
     return Constraint(text, expr, doc.line(path))
 
 
-def _objective(spec: Any, doc: _Doc) -> Objective:
+def _objective(spec: Any, doc: YamlDoc) -> Objective:
     path: tuple[Any, ...] = ("objective",)
     spec = _mapping(spec, path, doc, "{measure, direction, target_lab}")
     _no_unknown(spec, OBJECTIVE_KEYS, path, doc)
@@ -721,7 +631,7 @@ def _objective(spec: Any, doc: _Doc) -> Objective:
     return Objective(measure, direction, target)
 
 
-def _budget(spec: Any, doc: _Doc) -> Budget:
+def _budget(spec: Any, doc: YamlDoc) -> Budget:
     path: tuple[Any, ...] = ("budget",)
     spec = _mapping(spec, path, doc, "{experiments, hours}")
     _no_unknown(spec, BUDGET_KEYS, path, doc)
@@ -737,7 +647,7 @@ def _budget(spec: Any, doc: _Doc) -> Budget:
     return Budget(experiments, hours)
 
 
-def _stop(spec: Any, doc: _Doc) -> StopRules:
+def _stop(spec: Any, doc: YamlDoc) -> StopRules:
     path: tuple[Any, ...] = ("stop",)
     if spec is None:
         return StopRules()
@@ -752,7 +662,7 @@ def _stop(spec: Any, doc: _Doc) -> StopRules:
     return StopRules(target, patience)
 
 
-def _fixed(spec: Any, params: set[str], doc: _Doc) -> dict[str, Any]:
+def _fixed(spec: Any, params: set[str], doc: YamlDoc) -> dict[str, Any]:
     path: tuple[Any, ...] = ("fixed",)
     if spec is None:
         return {}
@@ -787,7 +697,7 @@ def _check_recipe(
     fixed: Mapping[str, Any],
     measure: str,
     recipes: Mapping[str, Any],
-    doc: _Doc,
+    doc: YamlDoc,
 ) -> None:
     builder = recipes.get(name)
     if builder is None:
@@ -823,7 +733,7 @@ def _check_recipe(
         )
 
 
-def _build(data: Any, doc: _Doc, body: str, recipes: Mapping[str, Any] | None) -> Program:
+def _build(data: Any, doc: YamlDoc, body: str, recipes: Mapping[str, Any] | None) -> Program:
     if not isinstance(data, Mapping):
         raise doc.error(f"the front matter is a mapping with {', '.join(REQUIRED_KEYS)}, ...", ())
     _no_unknown(data, TOP_KEYS, (), doc)

@@ -63,9 +63,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from safety.expr import EvaluationError, Expression, Name, parse
+from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
 __all__ = [
     "Budget",
@@ -93,18 +92,8 @@ TOP_KEYS = ("channels", "rules", "budgets")
 EPS = 1e-9
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(ConfigError):
     """An invalid envelope: ``<source>:<line>: <field>: <problem>`` (line omitted when unknown)."""
-
-    def __init__(
-        self, problem: str, *, source: str, line: int | None = None, field: str = ""
-    ) -> None:
-        where = f"{source}:{line}" if line is not None else source
-        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
-        self.problem = problem
-        self.source = source
-        self.line = line
-        self.field = field
 
 
 def fmt(value: Any) -> str:
@@ -531,97 +520,10 @@ def _known_checker(
 
 
 # -------------------------------------------------------------------- loading
-class _Doc:
-    """YAML data plus the line (1-based) of every key, and rule-text positions."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.lines: dict[tuple[Any, ...], int] = {}
-        #: path -> (line, column, indent) of a scalar's text, for rule messages
-        self.scalars: dict[tuple[Any, ...], tuple[int, int, int]] = {}
-
-    def line(self, path: tuple[Any, ...]) -> int | None:
-        while path:
-            if path in self.lines:
-                return self.lines[path]
-            path = path[:-1]
-        return self.lines.get(())
-
-    def error(self, problem: str, path: tuple[Any, ...]) -> EnvelopeError:
-        return EnvelopeError(problem, source=self.source, line=self.line(path), field=_field(path))
-
-
-def _field(path: tuple[Any, ...]) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _compose(text: str, source: str) -> tuple[Any, _Doc]:
-    doc = _Doc(source)
-    loader = yaml.SafeLoader(text)
-    try:
-        try:
-            node = loader.get_single_node()
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark is not None else None
-            col = f":{mark.column + 1}" if mark is not None else ""
-            raise EnvelopeError(
-                f"not valid YAML{col}: {exc.problem or exc}", source=source, line=line
-            ) from None
-        except yaml.YAMLError as exc:
-            raise EnvelopeError(f"not valid YAML: {exc}", source=source) from None
-        if node is None:
-            return {}, doc
-        lines = text.splitlines()
-
-        def walk(n: yaml.Node, path: tuple[Any, ...]) -> Any:
-            doc.lines.setdefault(path, n.start_mark.line + 1)
-            if isinstance(n, yaml.MappingNode):
-                out: dict[Any, Any] = {}
-                for key_node, value_node in n.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        raise doc.error("YAML merge keys (<<) are not supported", path)
-                    key = loader.construct_object(key_node, deep=True)
-                    if not isinstance(key, str | int | float | bool) or key is None:
-                        raise EnvelopeError(
-                            f"keys must be plain names, got {key!r}",
-                            source=source,
-                            line=key_node.start_mark.line + 1,
-                            field=_field(path),
-                        )
-                    if key in out:
-                        raise EnvelopeError(
-                            f"duplicate key '{key}'",
-                            source=source,
-                            line=key_node.start_mark.line + 1,
-                            field=_field((*path, key)),
-                        )
-                    doc.lines[(*path, key)] = key_node.start_mark.line + 1
-                    out[key] = walk(value_node, (*path, key))
-                return out
-            if isinstance(n, yaml.SequenceNode):
-                return [walk(item, (*path, i)) for i, item in enumerate(n.value)]
-            assert isinstance(n, yaml.ScalarNode)
-            start = n.start_mark
-            if n.style in ("|", ">"):
-                line_no = start.line + 1  # the indicator's line; the text starts below it
-                first = lines[line_no] if line_no < len(lines) else ""
-                indent = len(first) - len(first.lstrip())
-                doc.scalars[path] = (line_no + 1, indent + 1, indent)
-            else:
-                shift = 1 if n.style in ('"', "'") else 0
-                doc.scalars[path] = (start.line + 1, start.column + 1 + shift, 0)
-            return loader.construct_object(n, deep=True)
-
-        return walk(node, ()), doc
-    finally:
-        loader.dispose()
+def _compose(text: str, source: str) -> tuple[Any, YamlDoc]:
+    doc = YamlDoc(source, error_cls=EnvelopeError)
+    data = compose_yaml(text, doc)
+    return ({} if data is None else data), doc
 
 
 def load_envelope(
@@ -653,7 +555,7 @@ def load_envelope(
         data, doc = _compose(spec, name)
     elif isinstance(spec, Mapping):
         name = source or "<envelope>"
-        data, doc = spec, _Doc(name)
+        data, doc = spec, YamlDoc(name, error_cls=EnvelopeError)
     else:
         raise TypeError(f"an envelope is a path, YAML text or a mapping, not {type(spec).__name__}")
     envelope = _build(data, doc)
@@ -669,7 +571,7 @@ def reference_envelope(
     return load_envelope(REFERENCE_BENCH, source=REFERENCE_BENCH.name, known=known)
 
 
-def _build(data: Any, doc: _Doc) -> Envelope:
+def _build(data: Any, doc: YamlDoc) -> Envelope:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -691,7 +593,7 @@ def _build(data: Any, doc: _Doc) -> Envelope:
     return Envelope(channels, rules, budgets, source=doc.source)
 
 
-def _mapping(data: Mapping[str, Any], key: str, doc: _Doc) -> Mapping[Any, Any]:
+def _mapping(data: Mapping[str, Any], key: str, doc: YamlDoc) -> Mapping[Any, Any]:
     value = data.get(key)
     if value is None:
         return {}
@@ -701,7 +603,7 @@ def _mapping(data: Mapping[str, Any], key: str, doc: _Doc) -> Mapping[Any, Any]:
 
 
 def _no_unknown(
-    spec: Mapping[Any, Any], allowed: Iterable[str], path: tuple[Any, ...], doc: _Doc
+    spec: Mapping[Any, Any], allowed: Iterable[str], path: tuple[Any, ...], doc: YamlDoc
 ) -> None:
     allowed = tuple(allowed)
     for key in spec:
@@ -709,7 +611,7 @@ def _no_unknown(
             raise doc.error(f"unknown key '{key}' (known: {', '.join(allowed)})", (*path, key))
 
 
-def _number(value: Any, path: tuple[Any, ...], doc: _Doc, *, positive: bool = False) -> float:
+def _number(value: Any, path: tuple[Any, ...], doc: YamlDoc, *, positive: bool = False) -> float:
     if not is_number(value) or not math.isfinite(value):
         raise doc.error(f"must be a number, got {value!r}", path)
     if positive and value <= 0:
@@ -717,7 +619,7 @@ def _number(value: Any, path: tuple[Any, ...], doc: _Doc, *, positive: bool = Fa
     return value
 
 
-def _channel(name: Any, spec: Any, doc: _Doc) -> ChannelLimit:
+def _channel(name: Any, spec: Any, doc: YamlDoc) -> ChannelLimit:
     path: tuple[Any, ...] = ("channels", name)
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise doc.error(f"channel names are '<instrument>.<channel>', got {name!r}", path)
@@ -762,7 +664,7 @@ def _channel(name: Any, spec: Any, doc: _Doc) -> ChannelLimit:
     )
 
 
-def _rule(i: int, spec: Any, doc: _Doc) -> Rule:
+def _rule(i: int, spec: Any, doc: YamlDoc) -> Rule:
     path: tuple[Any, ...] = ("rules", i)
     if not isinstance(spec, Mapping):
         raise doc.error("a rule is a mapping {name, when}", path)
@@ -787,7 +689,7 @@ def _rule(i: int, spec: Any, doc: _Doc) -> Rule:
     return Rule(name, expr, spec.get("doc") or "", line=doc.line((*path, "when")))
 
 
-def _budget(key: Any, value: Any, doc: _Doc) -> Budget:
+def _budget(key: Any, value: Any, doc: YamlDoc) -> Budget:
     path: tuple[Any, ...] = ("budgets", key)
     m = _BUDGET_RE.fullmatch(key) if isinstance(key, str) else None
     if m is None:

@@ -1,0 +1,147 @@
+"""YAML with positions: config errors that name the file, the line and the field.
+
+Every configuration file labbridge reads (an envelope, a ``program.md`` front
+matter, later the lab config) is composed here into plain data plus a
+:class:`YamlDoc` that remembers the line of every key and item and the
+position of every scalar's text, so a validator can say
+``lab.yaml:14: stations.bench-a.hotplate.url: ...`` or point at a column
+inside a rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+Path_ = tuple[Any, ...]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: ``<source>:<line>: <field>: <problem>`` (line omitted if unknown)."""
+
+    def __init__(
+        self, problem: str, *, source: str, line: int | None = None, field: str = ""
+    ) -> None:
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
+        self.problem = problem
+        self.source = source
+        self.line = line
+        self.field = field
+
+
+def field_path(path: Path_) -> str:
+    """``("channels", "a.b", "min")`` -> ``channels.a.b.min``; list items as ``[i]``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+class YamlDoc:
+    """Where each key, item and scalar of a composed YAML document is (1-based file lines).
+
+    ``offset`` is the number of file lines before the YAML text (a front matter's
+    opening ``---``). ``scalars[path] = (line, column, indent)`` locates a
+    scalar's text: for block scalars (``|``, ``>``) the first text line and its
+    indentation, else the character after an opening quote.
+    """
+
+    def __init__(
+        self, source: str, *, offset: int = 0, error_cls: type[ConfigError] = ConfigError
+    ) -> None:
+        self.source = source
+        self.offset = offset
+        self.error_cls = error_cls
+        self.lines: dict[Path_, int] = {}
+        self.scalars: dict[Path_, tuple[int, int, int]] = {}
+
+    def line(self, path: Path_) -> int | None:
+        """The line of ``path``, or of its nearest ancestor that has one."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get(())
+
+    def error(self, problem: str, path: Path_) -> ConfigError:
+        return self.error_cls(
+            problem, source=self.source, line=self.line(path), field=field_path(path)
+        )
+
+
+def compose_yaml(
+    text: str,
+    doc: YamlDoc,
+    *,
+    what: str = "",
+    key_types: tuple[type, ...] = (str, int, float, bool),
+) -> Any:
+    """YAML text -> plain data (safe types only), noting every position in ``doc``.
+
+    Refuses duplicate keys, merge keys (``<<``) and keys that are not of
+    ``key_types``; a YAML syntax error names its line and column. ``what``
+    prefixes the syntax-error message (``"front matter is "``).
+    """
+    err = doc.error_cls
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 + doc.offset if mark is not None else None
+            col = f" at column {mark.column + 1}" if mark is not None else ""
+            raise err(
+                f"{what}not valid YAML{col}: {exc.problem or exc}", source=doc.source, line=line
+            ) from None
+        except yaml.YAMLError as exc:
+            raise err(f"{what}not valid YAML: {exc}", source=doc.source) from None
+        if node is None:
+            return None
+        lines = text.splitlines()
+
+        def walk(n: yaml.Node, path: Path_) -> Any:
+            doc.lines.setdefault(path, n.start_mark.line + 1 + doc.offset)
+            if isinstance(n, yaml.MappingNode):
+                out: dict[Any, Any] = {}
+                for key_node, value_node in n.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        raise doc.error("YAML merge keys (<<) are not supported", path)
+                    key = loader.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1 + doc.offset
+                    if key is None or not isinstance(key, key_types):
+                        raise err(
+                            f"keys must be plain names, got {key!r}",
+                            source=doc.source,
+                            line=line,
+                            field=field_path(path),
+                        )
+                    if key in out:
+                        raise err(
+                            f"duplicate key '{key}'",
+                            source=doc.source,
+                            line=line,
+                            field=field_path((*path, key)),
+                        )
+                    doc.lines[(*path, key)] = line
+                    out[key] = walk(value_node, (*path, key))
+                return out
+            if isinstance(n, yaml.SequenceNode):
+                return [walk(item, (*path, i)) for i, item in enumerate(n.value)]
+            start = n.start_mark
+            style = getattr(n, "style", None)
+            if style in ("|", ">"):
+                first_index = start.line + 1  # the indicator's line; the text starts below it
+                first = lines[first_index] if first_index < len(lines) else ""
+                indent = len(first) - len(first.lstrip())
+                doc.scalars[path] = (first_index + 1 + doc.offset, indent + 1, indent)
+            else:
+                shift = 1 if style in ('"', "'") else 0
+                doc.scalars[path] = (start.line + 1 + doc.offset, start.column + 1 + shift, 0)
+            return loader.construct_object(n, deep=True)
+
+        return walk(node, ())
+    finally:
+        loader.dispose()
