@@ -172,3 +172,36 @@ def fresh_mosquitto() -> Iterator[object]:
         yield broker
     finally:
         broker.stop()
+
+
+# ------------------------------------------------------------------------ ray
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[object]:
+    """One local, loopback-only Ray for the whole session (started on first use, ~3 s), with
+    one ``station:<name>`` resource per simulated bench (bench-a, bench-b, bench-c).
+
+    Session-scoped, so Ray's threads and driver sockets exist before every test's leak
+    baseline. Tests that do not request it never start Ray.
+    """
+    ray = pytest.importorskip("ray")
+    from loops.stations import init_ray
+
+    if ray.is_initialized():  # someone else started it: use it as it is
+        yield ray
+        return
+    init_ray(stations=("bench-a", "bench-b", "bench-c"), local=True, log_to_driver=False)
+    try:
+        # The first actor this driver owns makes the GCS open a connection back to the
+        # driver's gRPC server (measured: one socket, gcs_server -> driver, kept for the
+        # session). Create it here, before any test's leak baseline, with a throwaway actor.
+        @ray.remote(num_cpus=0)
+        class _WarmUp:
+            def ping(self) -> int:
+                return 1
+
+        warm = _WarmUp.remote()  # type: ignore[attr-defined]
+        assert ray.get(warm.ping.remote(), timeout=60) == 1
+        ray.kill(warm)
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,0 +1,684 @@
+"""Stations as Ray actors: one async actor per physical bench owns its guarded instruments.
+
+:class:`StationActor` opens the station (:func:`safety.open_station`) INSIDE its
+own worker process, on the machine that offers the Ray custom resource
+``station:<name>`` (locally :func:`init_ray` provides it; on a lab network
+each bench PC runs ``ray start --resources '{"station:bench-a": 1}'``). Only
+data crosses Ray: recipe dicts in, result / violation / status dicts out;
+device handles never leave the actor (STYLE.md habit "Ray workers pass data").
+
+:class:`JournalActor` is the one process that owns the journal's SQLite file
+(:class:`loops.journal.Journal`); the campaign and every station actor call
+it. A station actor journals each step BEFORE it acts: ``on_step`` awaits
+``journal.step_started.remote(...)`` (an ObjectRef is awaitable inside an
+async actor), so a crash at any instant leaves the journal knowing which
+physical step may have started.
+
+Who writes what: the station actor moves an experiment ``queued -> running``
+(``mark_running=True``) and writes its ``step_started``/``step_done`` events;
+the campaign writes the outcome (``finish``/``fail``, with the optimizer's
+state in the same transaction) from the dict :meth:`StationActor.run` returns.
+A failed run trips the station (latched safe state: an operator checks it and
+calls ``reset``); nothing is retried. Actors are created with
+``max_restarts=0``/``max_task_retries=0``: a station that crashed is reported,
+never silently reopened or re-run on hardware.
+
+Clocks: on a simulated bench the guard and the recipe's durations run on the
+simulator's accelerated clock; the actor rebuilds it from a :class:`ClockSpec`
+(``time.monotonic`` is system-wide on Linux, so one ``(sim, real)`` pair and
+the speed define the same clock in every process of the machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from loops.journal import AsyncJournal, IllegalTransition, JournalError
+from loops.recipe import Recipe, Step, dry_run_recipe, run_recipe
+from safety import SafeStation, SafetyError, load_envelope, open_station
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ClockSpec",
+    "JournalActor",
+    "PortableIllegalTransition",
+    "ScaledClock",
+    "StationActor",
+    "StationBusy",
+    "StationError",
+    "StationNotOpen",
+    "init_ray",
+    "start_journal_actor",
+    "start_station_actor",
+    "station_resource",
+]
+
+#: Ray resource a station's actor requires: ``station:<name>`` (one per bench)
+RESOURCE_PREFIX = "station:"
+
+
+def station_resource(name: str) -> str:
+    """The Ray custom resource that pins station ``name``'s actor: ``station:<name>``."""
+    return f"{RESOURCE_PREFIX}{name}"
+
+
+class StationError(RuntimeError):
+    """An error inside a station actor whose own type cannot cross Ray (its constructor
+    does not take its ``args``): the message is the original's ``Type: message``."""
+
+
+class StationNotOpen(RuntimeError):
+    """The station actor was asked to act before ``start()`` (or after ``stop()``)."""
+
+
+class StationBusy(RuntimeError):
+    """The station is already running an experiment (one at a time per bench)."""
+
+
+# ----------------------------------------------------------------------- clock
+@dataclass(frozen=True)
+class ClockSpec:
+    """A simulated clock as data: ``speed`` simulated seconds per real second, and
+    ``sim_at_real`` = (simulated seconds, ``time.monotonic()``) at one instant.
+
+    Build it next to the simulator with :meth:`of` (``ClockSpec.of(clock.now,
+    clock.speed)``); :class:`ScaledClock` turns it back into a clock in another
+    process on the same machine (CLOCK_MONOTONIC is system-wide on Linux).
+    """
+
+    speed: float
+    sim_at_real: tuple[float, float]
+
+    def __post_init__(self) -> None:
+        if not (
+            isinstance(self.speed, int | float) and math.isfinite(self.speed) and self.speed > 0
+        ):
+            raise ValueError(f"clock speed must be a finite number > 0, got {self.speed!r}")
+        if len(self.sim_at_real) != 2:
+            raise ValueError(
+                f"sim_at_real is (sim_seconds, monotonic_seconds), got {self.sim_at_real!r}"
+            )
+
+    @classmethod
+    def of(cls, now: Callable[[], float], speed: float) -> ClockSpec:
+        """Capture the clock ``now()`` (a callable giving simulated seconds) running at ``speed``."""
+        real = time.monotonic()
+        return cls(float(speed), (float(now()), real))
+
+
+class ScaledClock:
+    """``now()`` in simulated seconds, ``sleep(s)`` for ``s`` simulated seconds (see :class:`ClockSpec`)."""
+
+    def __init__(self, spec: ClockSpec) -> None:
+        self.spec = spec
+        self.speed = float(spec.speed)
+        self._sim0, self._real0 = (float(v) for v in spec.sim_at_real)
+
+    def now(self) -> float:
+        return self._sim0 + (time.monotonic() - self._real0) * self.speed
+
+    def real_seconds(self, sim_seconds: float) -> float:
+        return sim_seconds / self.speed
+
+    async def sleep(self, sim_seconds: float) -> None:
+        await asyncio.sleep(max(0.0, sim_seconds) / self.speed)
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: message`` of an error, unwrapping a Ray task error to its cause."""
+    cause = getattr(exc, "cause", None)
+    err = cause if isinstance(cause, BaseException) else exc
+    return f"{type(err).__name__}: {err}"
+
+
+# --------------------------------------------------------------------- station
+class StationActor:
+    """One bench's guarded station, owned by one Ray async actor (create with :func:`start_station_actor`).
+
+    ``specs``: the station's instruments (``name``, ``kind``, ``url``,
+    ``options``, ``role``) as the lab config lists them; ``envelope``: the
+    envelope's YAML text (or a mapping, or a path readable on the actor's
+    machine); ``clock``: a simulated bench's clock (None: ``time.monotonic``
+    and ``asyncio.sleep``); ``supervisor_options``: for the station's
+    supervisor (``poll_interval``, ``device_time_scale``, ...); ``env``:
+    environment variables set in the actor's process before the station opens
+    (e.g. ``DBUS_SYSTEM_BUS_ADDRESS`` for a simulated BLE bus); ``journal``: a
+    :class:`JournalActor` handle (None: steps are not journaled).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        specs: Sequence[Mapping[str, Any]],
+        envelope: str | Mapping[str, Any],
+        *,
+        clock: ClockSpec | None = None,
+        supervisor_options: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        journal: Any = None,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.name = name
+        self._specs = [dict(s) for s in specs]
+        self._envelope_spec = envelope
+        self._clock_spec = clock
+        self._clock = ScaledClock(clock) if clock is not None else None
+        self._supervisor_options = dict(supervisor_options or {})
+        self._env = {str(k): str(v) for k, v in (env or {}).items()}
+        self._journal = journal
+        self._poll_s = poll_s
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._station: SafeStation | None = None
+        self._run_lock = asyncio.Lock()
+        self._open_lock = asyncio.Lock()
+        self._current: str | None = None
+        self._runs = 0
+
+    # clock -----------------------------------------------------------------
+    def _now(self) -> float:
+        return self._clock.now() if self._clock is not None else time.monotonic()
+
+    async def _sleep(self, seconds: float) -> None:
+        if self._clock is not None:
+            await self._clock.sleep(seconds)
+        else:
+            await asyncio.sleep(max(0.0, seconds))
+
+    def _require(self) -> SafeStation:
+        if self._station is None:
+            raise StationNotOpen(f"station {self.name} is not open: call start() first")
+        return self._station
+
+    # lifecycle -------------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        """Open the station here (connect every instrument behind the guard); idempotent.
+
+        Returns :meth:`status`. An error names the instrument's URL (from
+        ``instruments.connect``; as :class:`StationError` when its own type cannot
+        be pickled) and leaves the station closed.
+        """
+        async with self._open_lock:
+            if self._station is None:
+                os.environ.update(self._env)  # before any transport reads it (bleak: D-Bus address)
+                envelope = load_envelope(
+                    self._envelope_spec, source=f"station {self.name} envelope"
+                )
+                options: dict[str, Any] = {"supervisor_options": self._supervisor_options}
+                if self._clock is not None:
+                    options["clock"] = self._clock.now
+                stack = contextlib.AsyncExitStack()
+                try:
+                    station = await stack.enter_async_context(
+                        open_station(self.name, self._specs, envelope, **options)
+                    )
+                except BaseException as exc:
+                    await stack.aclose()
+                    portable = _portable(exc, StationError) if isinstance(exc, Exception) else exc
+                    if portable is exc:
+                        raise
+                    raise portable from None
+                self._stack, self._station = stack, station
+                log.info("station %s open: %s", self.name, ", ".join(station.instruments))
+        return await self.status()
+
+    async def stop(self) -> dict[str, Any]:
+        """Close the station: supervisor stopped, every instrument safe-stated, links closed. Idempotent."""
+        async with self._open_lock:
+            stack, self._stack, self._station = self._stack, None, None
+            if stack is not None:
+                await stack.aclose()
+        return await self.status()
+
+    async def status(self) -> dict[str, Any]:
+        """Plain data: ``open``, ``busy``, ``experiment`` (running now), ``runs``, plus the
+        supervisor's status (``latched``, ``trip``, ``monitors``, ...) while open."""
+        out: dict[str, Any] = {
+            "station": self.name,
+            "open": self._station is not None,
+            "busy": self._run_lock.locked(),
+            "experiment": self._current,
+            "runs": self._runs,
+            "clock": None if self._clock is None else self._now(),
+        }
+        if self._station is not None:
+            out.update(self._station.status())
+            out["instruments"] = dict(self._station.instruments)
+            out["tripped"] = self._station.tripped
+        return out
+
+    async def placement(self) -> dict[str, Any]:
+        """Where this actor runs: node id and IP, pid, and the Ray resources assigned to it."""
+        ctx = ray.get_runtime_context()
+        return {
+            "station": self.name,
+            "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "actor_id": ctx.get_actor_id(),
+            "resources": dict(ctx.get_assigned_resources()),
+        }
+
+    # experiments -----------------------------------------------------------
+    async def dry_run(
+        self, recipe: Mapping[str, Any], who: str = "optimizer"
+    ) -> list[dict[str, Any]]:
+        """Check ``recipe`` (a :meth:`Recipe.as_dict`) against the envelope from the station's
+        current state, no I/O. Returns the violations (``step``, ``command``, ``rule``,
+        ``reason``, ``values``); empty: allowed."""
+        station = self._require()
+        report = dry_run_recipe(Recipe.from_dict(recipe), station, who=who, now=self._now())
+        violations: list[dict[str, Any]] = report.as_dict()["violations"]
+        return violations
+
+    async def run(
+        self,
+        experiment_id: str,
+        recipe: Mapping[str, Any],
+        who: str,
+        *,
+        mark_running: bool = True,
+        trip_on_failure: bool = True,
+        include_image: bool = False,
+    ) -> dict[str, Any]:
+        """Run one experiment's recipe on this station; returns plain data (never raises for
+        a refused or failed experiment; raises :class:`StationBusy`/:class:`StationNotOpen`).
+
+        The recipe is dry-run again first (the state may have changed since it was
+        checked): refused -> ``{"ok": False, "rejected": True, "violations": [...]}`` and
+        nothing reached the wire or the journal. Else the experiment goes ``queued ->
+        running`` in the journal (``mark_running``), one budget unit is consumed, and each
+        step is journaled started before it acts and done after. Success -> ``{"ok": True,
+        "result": Result.as_dict(), "measurements": {...}, "steps": n}`` (``image``: the
+        JPEG bytes if ``include_image``). Failure at step i -> ``{"ok": False, "step": i,
+        "error": ..., "error_type": ..., "trip": TripReport dict}``: the station is tripped
+        (latched safe state) when ``trip_on_failure``; the campaign records the outcome.
+        """
+        station = self._require()
+        if self._run_lock.locked():
+            raise StationBusy(
+                f"station {self.name} is running experiment {self._current}; "
+                f"refusing {experiment_id} (one experiment at a time)"
+            )
+        async with self._run_lock:
+            self._current = experiment_id
+            try:
+                return await self._run(
+                    station,
+                    experiment_id,
+                    Recipe.from_dict(recipe),
+                    who,
+                    mark_running=mark_running,
+                    trip_on_failure=trip_on_failure,
+                    include_image=include_image,
+                )
+            finally:
+                self._current = None
+                self._runs += 1
+
+    async def _run(
+        self,
+        station: SafeStation,
+        experiment_id: str,
+        recipe: Recipe,
+        who: str,
+        *,
+        mark_running: bool,
+        trip_on_failure: bool,
+        include_image: bool,
+    ) -> dict[str, Any]:
+        base = {"experiment_id": experiment_id, "station": self.name}
+        report = dry_run_recipe(recipe, station, who=who, now=self._now())
+        if not report.ok:
+            return {
+                **base,
+                "ok": False,
+                "rejected": True,
+                "error": str(report),
+                "violations": report.as_dict()["violations"],
+            }
+        try:  # the latch and the experiments budgets: refused -> nothing acted, nothing journaled
+            await station.guard.begin_experiment(who=who)
+        except SafetyError as exc:
+            return {**base, "ok": False, "rejected": False, "refused": True, "error": str(exc)}
+        journal = self._journal
+        if mark_running and journal is not None:
+            try:
+                await journal.transition.remote(experiment_id, "running", station=self.name)
+            except Exception as exc:  # the journal refused: do not act at all
+                return {
+                    **base,
+                    "ok": False,
+                    "rejected": False,
+                    "refused": True,
+                    "error": f"journal refused {experiment_id} -> running: {_cause(exc)}",
+                }
+        index, phase = -1, "before"  # the step in progress, for the failure record
+
+        async def on_step(i: int, step: Step, what: str, data: dict[str, Any]) -> None:
+            nonlocal index, phase
+            index, phase = i, what
+            if journal is None:
+                return
+            if what == "started":  # on disk before the step acts
+                await journal.step_started.remote(experiment_id, i, step.as_dict())
+            else:
+                await journal.step_done.remote(experiment_id, i, data)
+
+        try:
+            result = await run_recipe(
+                recipe,
+                station,
+                clock_sleep=self._sleep,
+                who=who,
+                on_step=on_step,
+                clock_now=self._now,
+                poll_s=self._poll_s,
+            )
+        except BaseException as exc:  # a cancellation too: safe-state, then re-raise
+            where = f"step {index} ({phase})" if index >= 0 else "before its first step"
+            error = _cause(exc)
+            reason = f"experiment {experiment_id} failed at {where}: {error}"
+            log.error("station %s: %s", self.name, reason)
+            trip: dict[str, Any] | None = None
+            if trip_on_failure:
+                trip = (await station.trip(reason, "station-actor", who=who)).as_dict()
+            if not isinstance(exc, Exception):
+                raise
+            return {
+                **base,
+                "ok": False,
+                "rejected": False,
+                "refused": False,
+                "step": index if index >= 0 else None,
+                "step_done": phase == "done",
+                "error": error,
+                "error_type": error.split(":", 1)[0],
+                "trip": trip,
+            }
+        out: dict[str, Any] = {
+            **base,
+            "ok": True,
+            "result": result.as_dict(),
+            "measurements": dict(result.measurements),
+            "steps": len(recipe.steps),
+        }
+        if include_image:
+            out["image"] = result.image
+        return out
+
+    # safety ----------------------------------------------------------------
+    async def trip(self, reason: str, who: str | None = None) -> dict[str, Any]:
+        """Latch the station and drive every instrument to its safe state; the TripReport as a dict."""
+        report = await self._require().trip(reason, "api", who=who)
+        return report.as_dict()
+
+    async def reset(self, who: str, why: str) -> dict[str, Any]:
+        """Unlatch once every monitor cleared (``who``/``why`` recorded); returns :meth:`status`.
+        Raises :class:`safety.ResetRefused` naming the monitor that is still active."""
+        await self._require().reset(who, why)
+        return await self.status()
+
+
+def start_station_actor(
+    name: str,
+    specs: Sequence[Mapping[str, Any]],
+    envelope_text: str | Mapping[str, Any],
+    *,
+    clock: ClockSpec | None = None,
+    supervisor_options: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    journal: Any = None,
+    poll_s: float = 1.0,
+    actor_name: str | None = None,
+    namespace: str | None = None,
+) -> Any:
+    """Create station ``name``'s :class:`StationActor` (not yet open: ``await handle.start.remote()``).
+
+    Placed by the resource ``station:<name>`` (1 unit: one actor per bench), no CPU,
+    named ``station-<name>`` (``actor_name`` overrides), never restarted or retried by
+    Ray. Returns the actor handle.
+    """
+    cls = ray.remote(StationActor)
+    options: dict[str, Any] = {
+        "name": actor_name or f"station-{name}",
+        "resources": {station_resource(name): 1},
+        "num_cpus": 0,
+        "max_restarts": 0,
+        "max_task_retries": 0,
+    }
+    if namespace is not None:
+        options["namespace"] = namespace
+    return cls.options(**options).remote(
+        name,
+        [dict(s) for s in specs],
+        envelope_text,
+        clock=clock,
+        supervisor_options=dict(supervisor_options or {}),
+        env=dict(env or {}),
+        journal=journal,
+        poll_s=poll_s,
+    )
+
+
+# --------------------------------------------------------------------- journal
+class PortableIllegalTransition(IllegalTransition):
+    """An :class:`~loops.journal.IllegalTransition` that survives pickling (Ray sends errors
+    across processes; the original's constructor arguments are not its ``args``)."""
+
+    def __init__(self, experiment_id: str, from_state: str, to_state: str, message: str) -> None:
+        Exception.__init__(self, message)
+        self.experiment_id = experiment_id
+        self.from_state = from_state
+        self.to_state = to_state
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str, str, str]]:
+        return (type(self), (self.experiment_id, self.from_state, self.to_state, str(self)))
+
+
+def _portable(exc: Exception, fallback: type[Exception] = JournalError) -> Exception:
+    """``exc`` if it pickles, else an equivalent that does (same class family, or
+    ``fallback`` with ``Type: message``)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # any pickling failure: send a portable copy
+        if isinstance(exc, IllegalTransition):
+            return PortableIllegalTransition(
+                exc.experiment_id, exc.from_state, exc.to_state, str(exc)
+            )
+        return fallback(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+class JournalActor:
+    """The process that owns the journal file: :class:`loops.journal.Journal` behind a Ray actor.
+
+    Calls run one at a time in arrival order on the journal's own thread
+    (:class:`~loops.journal.AsyncJournal`); a write has committed (fsync'ed)
+    when its ObjectRef resolves. Journal errors (IllegalTransition,
+    StepOrderError, ...) reach the caller as Ray task errors of that type.
+    """
+
+    def __init__(self, path: str, *, busy_timeout_s: float = 10.0) -> None:
+        self.path = str(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._journal: AsyncJournal | None = None
+        self._lock = asyncio.Lock()
+
+    async def _j(self) -> AsyncJournal:
+        async with self._lock:
+            if self._journal is None:
+                self._journal = await AsyncJournal.open(
+                    self.path, busy_timeout_s=self._busy_timeout_s
+                )
+            return self._journal
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        journal = await self._j()
+        try:
+            return await getattr(journal, method)(*args, **kwargs)
+        except Exception as exc:
+            portable = _portable(exc)
+            if portable is exc:
+                raise
+            raise portable from None
+
+    async def close(self) -> None:
+        """Close the file (the actor can be killed afterwards); idempotent."""
+        async with self._lock:
+            journal, self._journal = self._journal, None
+        if journal is not None:
+            await journal.aclose()
+
+    async def create_campaign(
+        self, campaign_id: str, name: str, program: Any, *, exist_ok: bool = False
+    ) -> Any:
+        return await self._call("create_campaign", campaign_id, name, program, exist_ok=exist_ok)
+
+    async def campaign(self, campaign_id: str) -> Any:
+        return await self._call("campaign", campaign_id)
+
+    async def set_campaign_state(
+        self, campaign_id: str, state: str, *, reason: str | None = None
+    ) -> int:
+        return await self._call("set_campaign_state", campaign_id, state, reason=reason)
+
+    async def save_optimizer_state(self, campaign_id: str, state: Mapping[str, Any]) -> None:
+        await self._call("save_optimizer_state", campaign_id, state)
+
+    async def propose(
+        self,
+        campaign_id: str,
+        params: Mapping[str, Any],
+        proposer: str,
+        *,
+        recipe: Any = None,
+        data: Any = None,
+    ) -> str:
+        return await self._call("propose", campaign_id, params, proposer, recipe=recipe, data=data)
+
+    async def transition(self, experiment_id: str, state: str, **kwargs: Any) -> int:
+        return await self._call("transition", experiment_id, state, **kwargs)
+
+    async def reject(self, experiment_id: str, reasons: Sequence[str], **kwargs: Any) -> int:
+        return await self._call("reject", experiment_id, reasons, **kwargs)
+
+    async def fail(self, experiment_id: str, reason: str, **kwargs: Any) -> int:
+        return await self._call("fail", experiment_id, reason, **kwargs)
+
+    async def step_started(self, experiment_id: str, index: int, step: Any = None) -> int:
+        return await self._call("step_started", experiment_id, index, step)
+
+    async def step_done(self, experiment_id: str, index: int, data: Any = None) -> int:
+        return await self._call("step_done", experiment_id, index, data)
+
+    async def finish(self, experiment_id: str, result: Any, objective: float, **kwargs: Any) -> int:
+        return await self._call("finish", experiment_id, result, objective, **kwargs)
+
+    async def mark_verified(
+        self, experiment_id: str, verified: bool, *, reason: str | None = None
+    ) -> int:
+        return await self._call("mark_verified", experiment_id, verified, reason=reason)
+
+    async def experiment(self, experiment_id: str) -> Any:
+        return await self._call("experiment", experiment_id)
+
+    async def experiments(self, campaign_id: str, state: str | Iterable[str] | None = None) -> Any:
+        return await self._call("experiments", campaign_id, state)
+
+    async def transitions(self, experiment_id: str) -> Any:
+        return await self._call("transitions", experiment_id)
+
+    async def campaign_log(self, campaign_id: str, *, since: int = 0) -> Any:
+        return await self._call("campaign_log", campaign_id, since=since)
+
+    async def resume(self, campaign_id: str) -> Any:
+        return await self._call("resume", campaign_id)
+
+    async def to_rows(self, campaign_id: str) -> Any:
+        return await self._call("to_rows", campaign_id)
+
+
+def start_journal_actor(
+    path: str | Path, *, actor_name: str | None = None, busy_timeout_s: float = 10.0
+) -> Any:
+    """Create the :class:`JournalActor` for ``path`` on the driver's node (the file is local to it).
+
+    ``path`` is made absolute here (a worker's working directory is not the driver's).
+    """
+    cls = ray.remote(JournalActor)
+    options: dict[str, Any] = {
+        "num_cpus": 0,
+        "max_restarts": 0,
+        "max_task_retries": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=False
+        ),
+    }
+    if actor_name is not None:
+        options["name"] = actor_name
+    return cls.options(**options).remote(str(Path(path).resolve()), busy_timeout_s=busy_timeout_s)
+
+
+# ------------------------------------------------------------------------ init
+def init_ray(
+    address: str | None = None,
+    *,
+    stations: Iterable[str] = (),
+    local: bool = True,
+    num_cpus: int = 2,
+    object_store_mb: int = 100,
+    **kwargs: Any,
+) -> Any:
+    """Start or join Ray for a campaign; returns ``ray.init``'s context (or None if already up).
+
+    ``address`` (else ``$RAY_ADDRESS``) joins an existing cluster: each bench PC
+    offers its own ``station:<name>`` resource there. Otherwise a local instance
+    starts with ``num_cpus``, no dashboard, a small object store and one
+    ``station:<name>`` unit per name in ``stations``; ``local=True`` keeps it on
+    loopback (every Ray server listens on 127.0.0.1 only).
+
+    Sets ``RAY_AUTH_MODE=disabled`` and ``RAY_USAGE_STATS_ENABLED=0`` unless
+    already set (see NOTES.md "Ray 2.60").
+    """
+    if ray.is_initialized():
+        return None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target:
+        names = list(stations)
+        if names:  # a driver joining a cluster cannot add resources: the bench PCs offer them
+            log.info("joining Ray at %s: stations %s must be offered by their nodes", target, names)
+        return ray.init(address=target, **kwargs)
+    options: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "include_dashboard": False,
+        "object_store_memory": object_store_mb * 1024 * 1024,
+        "resources": {station_resource(n): 1 for n in stations},
+    }
+    if local:
+        # Ray 2.60 on Linux turns _node_ip_address="127.0.0.1" into the host's routable IP
+        # and its servers then listen on every interface, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+        # is 0 (read at import into ray_constants; the raylet/gcs/workers inherit the env).
+        # Measured: with both, every Ray socket listens on 127.0.0.1 only.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        options["_node_ip_address"] = "127.0.0.1"
+    options.update(kwargs)
+    return ray.init(**options)
