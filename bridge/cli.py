@@ -3,6 +3,8 @@
 Commands available now (``labbridge COMMAND --help`` for each):
 
 * ``sim``     start a simulated lab on loopback and run the demo experiment on it
+* ``run``     run a campaign (``program.md``) on a lab's stations (a simulated lab by default)
+* ``resume``  carry on a campaign that was stopped or killed, from its journal
 * ``drivers`` list the registered driver kinds (built-in and from other packages)
 * ``probe``   connect one instrument by kind and URL, print what it is and what it reads
               (the way to check real hardware is wired right)
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 
 import safety
 from instruments.errors import InstrumentError
+from safety.yamldoc import ConfigError
 
 
 def _positive_float(text: str) -> float:
@@ -52,6 +56,33 @@ def _option(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         value = raw
     return key.replace("-", "_"), value
+
+
+def _campaign_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (default $RAY_ADDRESS, else a local Ray on loopback)",
+    )
+    p.add_argument(
+        "--operator",
+        default=os.environ.get("USER") or "operator",
+        help="who is running this (recorded with resets on resume; default $USER)",
+    )
+    p.add_argument(
+        "--stations",
+        type=_positive_int,
+        default=None,
+        help="simulated lab only: number of stations (default: the program's)",
+    )
+    p.add_argument(
+        "--speed",
+        type=_positive_float,
+        default=200.0,
+        help="simulated lab only: clock speed, x real time (default 200)",
+    )
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="run folders (default runs/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +135,40 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stay up as a simulated lab after the experiment (Ctrl-C to stop)",
     )
+
+    run = sub.add_parser(
+        "run",
+        help="run a campaign (program.md) on a lab's stations",
+        description=(
+            "Run a campaign to its stop rules on Ray: one station actor per bench, every proposal "
+            "dry-run by the safety layer, every experiment journaled before it acts. Without --lab "
+            "a simulated lab with the program's number of stations starts on loopback and the run "
+            "folder runs/<campaign> holds its lab.yaml and journal. Ctrl-C stops the campaign with "
+            "every station in its safe state; `labbridge resume CAMPAIGN` carries on."
+        ),
+    )
+    run.add_argument("program", type=Path, help="the campaign's program.md")
+    run.add_argument("--lab", type=Path, default=None, help="lab config (default: a simulated lab)")
+    run.add_argument("--campaign-id", default=None, help="campaign id (default <name>-<timestamp>)")
+    _campaign_options(run)
+
+    resume = sub.add_parser(
+        "resume",
+        help="carry on a stopped or killed campaign from its journal",
+        description=(
+            "Resume a campaign: finished results are kept, the optimizer state is restored, an "
+            "experiment that was running is never re-run: its station is safe-stated, checked and "
+            "drained first (recorded with --operator), then the campaign carries on to its stop rules."
+        ),
+    )
+    resume.add_argument("campaign", help="the campaign id (as `labbridge run` printed it)")
+    resume.add_argument(
+        "--lab",
+        type=Path,
+        default=None,
+        help="lab config (default: a new simulated lab, journal in runs/<campaign>/journal.db)",
+    )
+    _campaign_options(resume)
 
     sub.add_parser(
         "drivers", help="list registered driver kinds", description="List registered driver kinds."
@@ -190,8 +255,113 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"run folder: {out}")
         return 0
+    if args.command in ("run", "resume"):
+        return _campaign_command(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _campaign_command(args: argparse.Namespace) -> int:
+    from bridge.campaigns import StationUnavailable, run_with_signals
+    from bridge.labconfig import load_lab
+    from loops.campaign import CampaignBusy
+    from loops.journal import JournalError
+    from loops.program import load_program
+
+    prog = f"labbridge {args.command}"
+    resume = args.command == "resume"
+    try:
+        program = None if resume else load_program(args.program)
+        cid = (
+            args.campaign
+            if resume
+            else (
+                args.campaign_id or f"{program.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # type: ignore[union-attr]
+            )
+        )
+        lab_file = args.lab
+        if lab_file is not None:
+            lab = load_lab(lab_file)
+            coro = run_with_signals(
+                program,
+                lab,
+                campaign_id=cid,
+                resume=resume,
+                operator=args.operator,
+                ray_address=args.ray_address,
+                progress=not args.no_progress,
+            )
+            summary = asyncio.run(coro)
+        else:
+            summary = asyncio.run(_sim_campaign(args, program, cid, resume))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, CampaignBusy, JournalError, StationUnavailable, FileNotFoundError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except (InstrumentError, safety.SafetyError, OSError, ValueError) as exc:
+        print(f"{prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    best = summary.best
+    print(f"campaign {summary.campaign_id}: {summary.state}: {summary.reason}")
+    c = summary.counts
+    print(
+        f"  {c['run']} experiments run ({c['done']} done, {c['failed']} failed), "
+        f"{c['rejected']} rejected by the checks, {c['agent']} from agents"
+    )
+    if best is not None:
+        params = ", ".join(f"{k}={v:.4g}" for k, v in best["params"].items())
+        print(f"  best {best['value']:.4g} ({best['experiment_id']}): {params}")
+    for name, st in summary.stations.items():
+        if st["state"] == "out":
+            print(f"  station {name} is out: {st['reason']}")
+    if summary.state not in ("done",):
+        where = f" --lab {args.lab}" if args.lab is not None else ""
+        print(f"to carry on: labbridge resume {summary.campaign_id}{where}")
+    return 0 if summary.state == "done" else 3
+
+
+async def _sim_campaign(
+    args: argparse.Namespace, program: Any, campaign_id: str, resume: bool
+) -> Any:
+    from bridge.campaigns import run_with_signals
+    from bridge.simbench import simulated_lab  # the only place that imports the simulators
+    from loops.journal import Journal
+    from loops.program import load_program
+
+    out = args.runs / campaign_id
+    store = out / "journal.db"
+    if resume:
+        if not store.exists():
+            raise FileNotFoundError(
+                f"no journal {store}: give the campaign's --lab, or the --runs folder it ran in"
+            )
+        journal = Journal(store)
+        try:
+            stored = journal.campaign(campaign_id)
+        finally:
+            journal.close()
+        program = load_program(stored.program, source=f"campaign {campaign_id} (journal)")
+    elif store.exists():
+        raise FileExistsError(
+            f"{store} exists: campaign {campaign_id} ran before; resume it instead"
+        )
+    stations = args.stations or program.stations
+    async with simulated_lab(stations=stations, speed=args.speed, out=out, store=store) as lab:
+        print(
+            f"simulated lab: {stations} station(s) at {args.speed:g}x; run folder {out}",
+            file=sys.stderr,
+        )
+        return await run_with_signals(
+            None if resume else program,
+            lab,
+            campaign_id=campaign_id,
+            resume=resume,
+            operator=args.operator,
+            ray_address=args.ray_address,
+            progress=not args.no_progress,
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

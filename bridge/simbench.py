@@ -21,12 +21,15 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from bridge.labconfig import LabConfig, load_lab
 from loops.recipe import ramp_setpoint
 from safety import (
     Command,
@@ -185,6 +188,63 @@ def _cancel_on_signals() -> None:
         # not possible off the main thread or on Windows: the default handling stays
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, task.cancel)
+
+
+def sim_lab_yaml(lab: SimulatedLab, store: Path, *, bridge_id: str = "labbridge-sim") -> str:
+    """``lab.yaml`` text for a running simulated lab: its stations' instruments on loopback,
+    the reference envelope, its clock (``simulated``) and the BLE bus address (``env``).
+
+    ``labbridge run program.md --lab <it>`` from another process drives the same benches
+    (CLOCK_MONOTONIC is system-wide, so ``sim_at_real`` defines the clock there too)."""
+    speed = lab.clock.speed
+    config = {
+        "bridge_id": bridge_id,
+        "store": str(store),
+        "simulated": {"speed": speed, "sim_at_real": [lab.clock.now(), time.monotonic()]},
+        "env": {"DBUS_SYSTEM_BUS_ADDRESS": lab.bluez.address if lab.bluez else ""},
+        "stations": {
+            bench.name: {
+                "envelope": "reference",
+                "supervisor": {"device_time_scale": speed, "poll_interval": 0.1},
+                "instruments": [spec.as_dict() for spec in bench.instruments()],
+            }
+            for bench in lab.stations
+        },
+    }
+    header = "# A simulated lab on loopback, written by labbridge (valid while it runs)\n"
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+@contextlib.asynccontextmanager
+async def simulated_lab(
+    *,
+    stations: int,
+    speed: float,
+    out: Path,
+    store: Path | None = None,
+    broker_url: str | None = None,
+    embedded_broker: bool = False,
+    fault: str | None = None,
+) -> AsyncIterator[LabConfig]:
+    """Start a simulated lab on loopback, write ``out/lab.yaml`` for it, yield it loaded.
+
+    ``store``: the journal's path (default ``out/journal.db``). The simulators run
+    in this process until the block exits.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lab = SimulatedLab(
+        stations=stations,
+        speed=speed,
+        broker_url=broker_url,
+        prefer_broker="embedded" if embedded_broker else "mosquitto",
+    )
+    async with lab:
+        if fault:
+            for bench in lab.stations:
+                bench.inject_fault(fault)
+        path = out / "lab.yaml"
+        path.write_text(sim_lab_yaml(lab, (store or out / "journal.db").resolve()))
+        yield load_lab(path)
 
 
 def _jsonable(value: Any) -> Any:

@@ -492,6 +492,8 @@ def _color_match(program: Program, inputs: Mapping[str, Any]) -> Recipe:
     rate = float(inputs["rate_ml_min"])
     white = inputs.get("white")
     temperature = inputs.get("temperature_c")
+    if temperature is not None:  # the hotplate's setpoint resolution (a register in 0.1 degC):
+        temperature = round(float(temperature) * 10) / 10  # the ramp and its dry run end here
     steps: list[Step] = []
     if white is None:
         steps.append(Step.of("calibrate", integration_ms=inputs.get("integration_ms")))
@@ -674,6 +676,7 @@ async def ramp_setpoint(
     """
     if not (step_s > 0 and resolution_c > 0):
         raise ValueError("step_s and resolution_c must be > 0")
+    target_c = round(float(target_c), 6)  # the grid's values are rounded so: "reached" is exact
     handle = station.handle(hotplate, who=who)
     n = max(0, int(math.floor((target_c - floor_c) / resolution_c + 1e-9)))
 

@@ -67,6 +67,9 @@ __all__ = [
     "station_resource",
 ]
 
+#: what :meth:`StationActor.recover` drains: more than the 3.0 mL vial holds
+RECOVERY_DRAIN_ML = 3.2
+
 #: Ray resource a station's actor requires: ``station:<name>`` (one per bench)
 RESOURCE_PREFIX = "station:"
 
@@ -432,6 +435,67 @@ class StationActor:
         await self._require().reset(who, why)
         return await self.status()
 
+    async def recover(
+        self,
+        who: str,
+        why: str,
+        *,
+        drain_ml: float = RECOVERY_DRAIN_ML,
+        drain_rate_ml_min: float = 20.0,
+    ) -> dict[str, Any]:
+        """Bring the bench back after an experiment was interrupted (its campaign process died).
+
+        The station is tripped (every instrument to its safe state, latched), reset by
+        ``who`` once its monitors are clear (raises :class:`safety.ResetRefused` naming
+        the monitor otherwise, and the station stays latched), then the vial is drained
+        through the guard (``drain_ml``: more than it can hold, since a fresh guard
+        cannot know what the interrupted experiment left in it) with heater, stirrer and
+        light off. Returns ``trip`` (the TripReport), ``drained_ml`` (what the waste
+        pump reports) and ``status``. Raises :class:`StationBusy` while an experiment runs.
+        """
+        station = self._require()
+        if self._run_lock.locked():
+            raise StationBusy(f"station {self.name} is running {self._current}: not recovering")
+        async with self._run_lock:
+            trip = (await station.trip(f"recovery: {why}", "recovery", who=who)).as_dict()
+            try:
+                await station.reset(who, f"recovery: {why}")
+            except Exception as exc:  # ResetRefused names the monitor; keep it readable across Ray
+                portable = _portable(exc, StationError)
+                if portable is exc:
+                    raise
+                raise portable from None
+            recipe = Recipe(
+                (
+                    Step.of("heater_off"),
+                    Step.of("stirrer_off"),
+                    Step.of("drain", volume_ml=drain_ml, rate_ml_min=drain_rate_ml_min),
+                    Step.of("light_off"),
+                ),
+                name="recovery",
+            )
+            report = dry_run_recipe(recipe, station, who=who, now=self._now())
+            if not report.ok:
+                raise SafetyError(f"station {self.name}: the recovery drain is refused: {report}")
+            try:
+                result = await run_recipe(
+                    recipe,
+                    station,
+                    clock_sleep=self._sleep,
+                    who=who,
+                    clock_now=self._now,
+                    poll_s=self._poll_s,
+                )
+            except Exception as exc:
+                reason = f"recovery drain failed: {_cause(exc)}"
+                await station.trip(reason, "recovery", who=who)
+                raise StationError(f"station {self.name}: {reason}") from None
+        return {
+            "trip": trip,
+            "drained_ml": result.measurements.get("drained_ml", 0.0),
+            "status": await self.status(),
+        }
+
 
 def start_station_actor(
     name: str,
@@ -663,6 +727,9 @@ def init_ray(
         names = list(stations)
         if names:  # a driver joining a cluster cannot add resources: the bench PCs offer them
             log.info("joining Ray at %s: stations %s must be offered by their nodes", target, names)
+        if _loopback(target):  # a local cluster started by init_ray(local=True): stay on loopback
+            _pin_loopback()
+            kwargs.setdefault("_node_ip_address", "127.0.0.1")
         return ray.init(address=target, **kwargs)
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
@@ -671,14 +738,29 @@ def init_ray(
         "resources": {station_resource(n): 1 for n in stations},
     }
     if local:
-        # Ray 2.60 on Linux turns _node_ip_address="127.0.0.1" into the host's routable IP
-        # and its servers then listen on every interface, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
-        # is 0 (read at import into ray_constants; the raylet/gcs/workers inherit the env).
-        # Measured: with both, every Ray socket listens on 127.0.0.1 only.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        _pin_loopback()
         options["_node_ip_address"] = "127.0.0.1"
     options.update(kwargs)
     return ray.init(**options)
+
+
+def _loopback(address: str) -> bool:
+    """Whether a Ray address (``host:port``, ``ray://host:port``) names this machine's loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _pin_loopback() -> None:
+    """Keep every Ray server and this driver on 127.0.0.1.
+
+    Ray 2.60 on Linux turns ``_node_ip_address="127.0.0.1"`` into the host's routable
+    IP (and its servers then listen on every interface; a driver joining
+    ``127.0.0.1:port`` looks for the GCS at that routable IP and times out) unless
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0 (read at import into ray_constants; the
+    raylet/gcs/workers inherit the env). Measured: with both, every Ray socket
+    listens on 127.0.0.1 only and a second driver joins over loopback.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False

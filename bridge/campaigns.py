@@ -1,0 +1,301 @@
+"""Wiring a campaign to a lab: Ray, the journal actor, one station actor per bench, the runner.
+
+:func:`run_campaign` is what ``labbridge run`` and ``labbridge resume`` call::
+
+    lab = load_lab("lab.yaml")
+    summary = await run_campaign(load_program("program.md"), lab, campaign_id="color-1")
+
+Ray: ``ray_address`` (else the lab's ``ray.address``, else ``$RAY_ADDRESS``)
+joins a cluster whose bench PCs offer ``station:<name>``; otherwise a local,
+loopback-only Ray starts with one such resource per station of the lab.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import ray
+
+from bridge.labconfig import LabConfig
+from loops.campaign import CampaignRunner, CampaignSummary, OnEvent, campaign_lock
+from loops.journal import Campaign
+from loops.program import Program, load_program
+from loops.stations import (
+    ClockSpec,
+    ScaledClock,
+    init_ray,
+    start_journal_actor,
+    start_station_actor,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StationUnavailable", "lab_clock", "open_lab", "run_campaign"]
+
+#: how long a station actor may take to be placed and open its instruments
+START_TIMEOUT_S = 60.0
+
+
+class StationUnavailable(RuntimeError):
+    """A station could not be started (not placed by Ray, or its instruments did not open)."""
+
+
+def lab_clock(lab: LabConfig) -> tuple[ClockSpec | None, Callable[[], float]]:
+    """The lab's clock: a simulated lab's shared clock (spec and ``now``), else ``time.monotonic``."""
+    if lab.speed is None:
+        return None, time.monotonic
+    if lab.sim_at_real is None:
+        spec = ClockSpec(lab.speed, (0.0, time.monotonic()))
+    else:
+        spec = ClockSpec(lab.speed, lab.sim_at_real)
+    return spec, ScaledClock(spec).now
+
+
+async def _start(name: str, actor: Any, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(actor.start.remote().future()), timeout_s)
+    except TimeoutError:
+        raise StationUnavailable(
+            f"station {name} did not start within {timeout_s:g} s: no Ray node offers the "
+            f"resource 'station:{name}', or another campaign still holds it"
+        ) from None
+    except Exception as exc:
+        cause = getattr(exc, "cause", None) or exc
+        raise StationUnavailable(
+            f"station {name} did not open: {type(cause).__name__}: {cause}"
+        ) from None
+
+
+@contextlib.asynccontextmanager
+async def open_lab(
+    lab: LabConfig,
+    *,
+    ray_address: str | None = None,
+    stations: list[str] | None = None,
+    start_timeout_s: float = START_TIMEOUT_S,
+) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
+    """Start Ray (or join it), the journal actor for ``lab.store`` and the station actors.
+
+    Yields ``(journal, {station: actor})`` with every station open. On exit every
+    station is closed (instruments safe-stated) and the actors are released.
+    """
+    names = stations or list(lab.stations)
+    unknown = [n for n in names if n not in lab.stations]
+    if unknown:
+        raise ValueError(
+            f"{lab.source}: no station {', '.join(unknown)} (known: {', '.join(lab.stations)})"
+        )
+    init_ray(ray_address or lab.ray_address, stations=names, local=True, log_to_driver=False)
+    lab.store.parent.mkdir(parents=True, exist_ok=True)
+    journal = start_journal_actor(lab.store)
+    clock, _ = lab_clock(lab)
+    actors: dict[str, Any] = {}
+    try:
+        for name in names:
+            st = lab.stations[name]
+            actors[name] = start_station_actor(
+                name,
+                list(st.instruments),
+                st.envelope_text,
+                clock=clock,
+                supervisor_options=st.supervisor,
+                env=st.env,
+                journal=journal,
+                poll_s=0.5 if clock is not None else 1.0,
+                actor_name=None,
+            )
+        await asyncio.gather(*(_start(n, a, start_timeout_s) for n, a in actors.items()))
+        yield journal, actors
+    finally:
+        await _close(journal, actors)
+
+
+async def _close(journal: Any, actors: Mapping[str, Any]) -> None:
+    results = await asyncio.gather(
+        *(asyncio.wrap_future(a.stop.remote().future()) for a in actors.values()),
+        return_exceptions=True,
+    )
+    for name, res in zip(actors, results, strict=True):
+        if isinstance(res, BaseException):
+            log.error("station %s did not close cleanly: %s", name, res)
+    for a in actors.values():
+        ray.kill(a, no_restart=True)
+    with contextlib.suppress(Exception):
+        await asyncio.wrap_future(journal.close.remote().future())
+    ray.kill(journal, no_restart=True)
+
+
+async def run_campaign(
+    program: Program | None,
+    lab: LabConfig,
+    *,
+    campaign_id: str,
+    resume: bool = False,
+    operator: str = "operator",
+    on_event: OnEvent | None = None,
+    ray_address: str | None = None,
+    on_runner: Callable[[CampaignRunner], None] | None = None,
+) -> CampaignSummary:
+    """Run (or resume) one campaign on the lab's stations; returns its summary.
+
+    ``program`` None with ``resume``: the program stored with the campaign.
+    ``on_runner`` receives the runner once it exists (for stop/abort/agent
+    proposals from elsewhere, e.g. a signal handler). Raises
+    :class:`~loops.campaign.CampaignBusy` if another process runs this campaign.
+    """
+    with campaign_lock(lab.store, campaign_id):
+        async with open_lab(lab, ray_address=ray_address) as (journal, actors):
+            if resume:
+                stored: Campaign = await journal.campaign.remote(campaign_id)
+                program = load_program(stored.program, source=f"campaign {campaign_id} (journal)")
+            if program is None:
+                raise ValueError("a new campaign needs its program")
+            _, now = lab_clock(lab)
+            runner = CampaignRunner(
+                program, journal, actors, campaign_id=campaign_id, clock_now=now, on_event=on_event
+            )
+            if on_runner is not None:
+                on_runner(runner)
+            await runner.prepare(resume=resume, operator=operator)
+            return await runner.run()
+
+
+class CampaignProgress:
+    """A live progress bar (tqdm, on stderr) fed by the runner's events.
+
+    The bar counts experiments run against the budget; its postfix shows the best
+    value so far, the experiments in flight, rejections, failures and any station
+    that dropped out. Failures, rejections and stations going out are also
+    printed as lines above the bar.
+    """
+
+    def __init__(
+        self, program: Program, campaign_id: str, *, stream: Any = None, disable: bool = False
+    ) -> None:
+        from tqdm import tqdm
+
+        self.program = program
+        self._stream = stream or sys.stderr
+        self._bar = tqdm(
+            total=program.budget.experiments,
+            desc=campaign_id,
+            unit="exp",
+            file=self._stream,
+            disable=disable,
+            dynamic_ncols=True,
+            mininterval=0.2,
+        )
+        self._best: float | None = None
+        self._flags: dict[str, int] = {"rejected": 0, "failed": 0}
+        self._running = 0
+        self._postfix: dict[str, Any] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind in ("finished", "failed"):
+            self._bar.update(1)
+        if kind == "finished":
+            value = event["objective"]
+            if self._best is None or self.program.objective.better(value, self._best):
+                self._best = value
+        elif kind in ("failed", "rejected", "station"):
+            if kind in self._flags:
+                self._flags[kind] += 1
+            what = event.get("reason") or "; ".join(event.get("reasons") or [])
+            who = event.get("experiment_id") or event.get("station")
+            self._bar.write(f"{kind}: {who}: {what}", file=self._stream)
+        elif kind == "state" and event.get("state") == "resumed":
+            progress = event.get("progress") or {}
+            self._bar.n = int(progress.get("experiments", 0))
+            best = (progress.get("best") or {}).get("value")
+            self._best = best if best is not None else self._best
+        progress = event.get("progress") or {}
+        if "in_flight" in progress:
+            self._running = int(progress["in_flight"])
+        postfix: dict[str, Any] = {}
+        if self._best is not None:
+            postfix[self.program.objective.measure] = f"{self._best:.3g}"
+        postfix["running"] = self._running
+        postfix.update({k: v for k, v in self._flags.items() if v})
+        if postfix != self._postfix:
+            self._postfix = postfix
+            self._bar.set_postfix(postfix, refresh=True)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+async def run_with_signals(
+    program: Program | None,
+    lab: LabConfig,
+    *,
+    campaign_id: str,
+    resume: bool,
+    operator: str,
+    ray_address: str | None,
+    progress: bool = True,
+) -> CampaignSummary:
+    """:func:`run_campaign` with a progress bar, and SIGINT/SIGTERM as an orderly stop.
+
+    The first signal aborts the campaign: every station is tripped into its safe
+    state (latched), running experiments are recorded failed, the journal is
+    final. A second signal cancels whatever is still waiting.
+    """
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    runner_box: list[CampaignRunner] = []
+    pending: list[asyncio.Task[Any]] = []
+    signals_seen: list[str] = []
+
+    def on_signal(name: str) -> None:
+        signals_seen.append(name)
+        if len(signals_seen) > 1 or not runner_box:
+            if main is not None:
+                main.cancel()
+            return
+        print(
+            f"\n{name}: stopping campaign {campaign_id}: every station to its safe state",
+            file=sys.stderr,
+        )
+        pending.append(loop.create_task(runner_box[0].abort(f"{name} received", who=operator)))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    shown = program
+    bar: CampaignProgress | None = None
+
+    def on_event(event: dict[str, Any]) -> None:
+        if bar is not None:
+            bar(event)
+
+    def on_runner(runner: CampaignRunner) -> None:
+        nonlocal bar
+        runner_box.append(runner)
+        if progress:
+            bar = CampaignProgress(runner.program, campaign_id)
+
+    try:
+        return await run_campaign(
+            shown,
+            lab,
+            campaign_id=campaign_id,
+            resume=resume,
+            operator=operator,
+            on_event=on_event,
+            ray_address=ray_address,
+            on_runner=on_runner,
+        )
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if bar is not None:
+            bar.close()

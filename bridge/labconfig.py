@@ -1,0 +1,274 @@
+"""The lab config (``lab.yaml``): stations, their instruments and envelopes, Ray, the store.
+
+Example (``examples/lab-sim.yaml`` is written by ``labbridge sim --keep-running``;
+``examples/lab-hardware.yaml`` is a commented template for a real bench)::
+
+    bridge_id: reference-lab          # MQTT topic root labbridge/<bridge_id>/
+    store: labbridge.db               # the journal (relative to this file)
+    ray:
+      address: null                   # null: local Ray on loopback; "auto"/host:port: a cluster
+    simulated:                        # only for simulated benches: their shared clock
+      speed: 100                      # simulated seconds per real second
+      sim_at_real: [12.5, 45678.9]    # (simulated s, time.monotonic()) at one instant
+    env:                              # set in every station process before it connects
+      DBUS_SYSTEM_BUS_ADDRESS: unix:path=/tmp/labbridge-bluez/bus
+    stations:
+      bench-a:
+        envelope: reference           # "reference", a path (relative to this file) or a mapping
+        supervisor: {poll_interval: 0.1}
+        instruments:
+          - {name: red, kind: syringe-pump, url: "serial:///dev/ttyUSB0?baudrate=9600",
+             options: {address: 0}, role: dye}
+
+Every error names the file, the line and the field
+(``lab.yaml:14: stations.bench-a.instruments[2].url: ...``). Nothing here
+touches hardware: :func:`load_lab` parses and validates (URLs by their scheme,
+envelopes by :func:`safety.load_envelope`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safety import load_envelope
+from safety.envelope import REFERENCE_BENCH
+from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
+
+__all__ = ["LabConfig", "LabConfigError", "StationConfig", "load_lab"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_TOP = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
+_STATION = ("envelope", "instruments", "supervisor", "env")
+_INSTRUMENT = ("name", "kind", "url", "options", "role")
+_SUPERVISOR = ("poll_interval", "device_time_scale", "safe_timeout", "watchdog_s")
+
+
+class LabConfigError(ConfigError):
+    """An invalid lab config: ``<file>:<line>: <field>: <problem>``."""
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    """One station: its instruments (dicts for ``open_station``) and envelope YAML text."""
+
+    name: str
+    instruments: tuple[dict[str, Any], ...]
+    envelope_text: str
+    envelope_source: str
+    supervisor: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """A validated ``lab.yaml``."""
+
+    source: str
+    bridge_id: str
+    store: Path
+    stations: dict[str, StationConfig]
+    ray_address: str | None = None
+    speed: float | None = None
+    sim_at_real: tuple[float, float] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    mqtt: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def simulated(self) -> bool:
+        return self.speed is not None
+
+
+def _str(
+    value: Any,
+    path: tuple[Any, ...],
+    doc: YamlDoc,
+    *,
+    pattern: re.Pattern[str] | None = None,
+    what: str = "a string",
+) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise doc.error(f"must be {what}, got {value!r}", path)
+    if pattern is not None and not pattern.match(value):
+        raise doc.error(f"{value!r} is not {what}", path)
+    return value
+
+
+def _mapping(
+    value: Any, path: tuple[Any, ...], doc: YamlDoc, allowed: tuple[str, ...] | None
+) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise doc.error(f"must be a mapping, got {type(value).__name__}", path)
+    if allowed is not None:
+        for key in value:
+            if key not in allowed:
+                raise doc.error(
+                    f"unknown field '{key}' (known: {', '.join(allowed)})", (*path, key)
+                )
+    return dict(value)
+
+
+def _env(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> dict[str, str]:
+    out = {}
+    for k, v in _mapping(value or {}, path, doc, None).items():
+        if not isinstance(v, str | int | float) or isinstance(v, bool):
+            raise doc.error(f"must be a string, got {v!r}", (*path, k))
+        out[str(k)] = str(v)
+    return out
+
+
+def _number(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise doc.error(f"must be a number > 0, got {value!r}", path)
+    return float(value)
+
+
+def _envelope(value: Any, path: tuple[Any, ...], doc: YamlDoc, base: Path) -> tuple[str, str]:
+    if value is None or value == "reference":
+        return REFERENCE_BENCH.read_text(encoding="utf-8"), str(REFERENCE_BENCH)
+    if isinstance(value, Mapping):
+        text = yaml.safe_dump(dict(value), sort_keys=False)
+        source = f"{doc.source} ({path[-2]} envelope)"
+        load_envelope(text, source=source)
+        return text, source
+    file = _str(value, path, doc, what="'reference', a file path or a mapping")
+    p = Path(file)
+    if not p.is_absolute():
+        p = base / p
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise doc.error(f"cannot read envelope {p}: {exc.strerror or exc}", path) from None
+    load_envelope(text, source=str(p))  # its own errors name its file and line
+    return text, str(p)
+
+
+def _instrument(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> dict[str, Any]:
+    data = _mapping(value, path, doc, _INSTRUMENT)
+    for key in ("name", "kind", "url"):
+        if key not in data:
+            raise doc.error(f"missing field '{key}'", path)
+    out: dict[str, Any] = {
+        "name": _str(
+            data["name"],
+            (*path, "name"),
+            doc,
+            pattern=_NAME,
+            what="a name (letters, digits, _ . -)",
+        ),
+        "kind": _str(data["kind"], (*path, "kind"), doc, what="a driver kind (labbridge drivers)"),
+        "url": _str(
+            data["url"], (*path, "url"), doc, pattern=_URL, what="a transport URL (scheme://...)"
+        ),
+        "options": _mapping(data.get("options") or {}, (*path, "options"), doc, None),
+    }
+    if data.get("role") is not None:
+        out["role"] = _str(data["role"], (*path, "role"), doc)
+    return out
+
+
+def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
+    """Read and validate a lab config (a path, or YAML text with ``source`` naming it)."""
+    if isinstance(spec, Path) or ("\n" not in spec and spec.strip().endswith((".yaml", ".yml"))):
+        path = Path(spec)
+        name = source or str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise LabConfigError(f"cannot read: {exc.strerror or exc}", source=name) from None
+        base = path.resolve().parent
+    else:
+        text, name, base = str(spec), source or "<lab>", Path.cwd()
+    doc = YamlDoc(name, error_cls=LabConfigError)
+    data = compose_yaml(text, doc, key_types=(str,))
+    top = _mapping(data if data is not None else {}, (), doc, _TOP)
+    if not top.get("stations"):
+        raise doc.error("missing field 'stations' (at least one station)", ())
+    stations_raw = _mapping(top["stations"], ("stations",), doc, None)
+    env = _env(top.get("env"), ("env",), doc)
+    stations: dict[str, StationConfig] = {}
+    for sname, sraw in stations_raw.items():
+        at = ("stations", sname)
+        _str(sname, at, doc, pattern=_NAME, what="a station name (letters, digits, _ . -)")
+        sdata = _mapping(sraw, at, doc, _STATION)
+        instruments_raw = sdata.get("instruments")
+        if not isinstance(instruments_raw, list) or not instruments_raw:
+            raise doc.error("must be a non-empty list of instruments", (*at, "instruments"))
+        instruments = tuple(
+            _instrument(item, (*at, "instruments", i), doc)
+            for i, item in enumerate(instruments_raw)
+        )
+        names = [i["name"] for i in instruments]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise doc.error(f"duplicate instrument name {n!r}", (*at, "instruments", i, "name"))
+        supervisor = _mapping(sdata.get("supervisor") or {}, (*at, "supervisor"), doc, _SUPERVISOR)
+        for key, v in supervisor.items():
+            _number(v, (*at, "supervisor", key), doc)
+        text_env, env_source = _envelope(sdata.get("envelope"), (*at, "envelope"), doc, base)
+        stations[sname] = StationConfig(
+            name=sname,
+            instruments=instruments,
+            envelope_text=text_env,
+            envelope_source=env_source,
+            supervisor=supervisor,
+            env={**env, **_env(sdata.get("env"), (*at, "env"), doc)},
+        )
+    speed: float | None = None
+    sim_at_real: tuple[float, float] | None = None
+    if top.get("simulated") is not None:
+        sim = _mapping(top["simulated"], ("simulated",), doc, ("speed", "sim_at_real"))
+        if "speed" not in sim:
+            raise doc.error("missing field 'speed'", ("simulated",))
+        speed = _number(sim["speed"], ("simulated", "speed"), doc)
+        pair = sim.get("sim_at_real")
+        if pair is not None:
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)
+            ):
+                raise doc.error(
+                    "must be [simulated seconds, monotonic seconds]", ("simulated", "sim_at_real")
+                )
+            sim_at_real = (float(pair[0]), float(pair[1]))
+    ray_cfg = _mapping(top.get("ray") or {}, ("ray",), doc, ("address",))
+    address = ray_cfg.get("address")
+    if address is not None:
+        address = _str(
+            address, ("ray", "address"), doc, what="a Ray address (auto, host:port, ray://...)"
+        )
+    bridge_id = _str(
+        top.get("bridge_id", "labbridge"),
+        ("bridge_id",),
+        doc,
+        pattern=_NAME,
+        what="a name (letters, digits, _ . -)",
+    )
+    store = Path(_str(top.get("store", "labbridge.db"), ("store",), doc, what="a file path"))
+    if not store.is_absolute():
+        store = base / store
+    mqtt = _mapping(top.get("mqtt") or {}, ("mqtt",), doc, None)
+    return LabConfig(
+        source=name,
+        bridge_id=bridge_id,
+        store=store,
+        stations=stations,
+        ray_address=address,
+        speed=speed,
+        sim_at_real=sim_at_real,
+        env=env,
+        mqtt=mqtt,
+    )
