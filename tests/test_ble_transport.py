@@ -346,3 +346,44 @@ async def test_no_bluez_reachable_is_an_open_error(
     with pytest.raises(TransportOpenError, match="AA:BB:CC:DD:EE:01"):
         await t.open()
     await t.close()
+
+
+async def test_a_connection_left_by_a_killed_process_is_reused(
+    sensor_sim: ColorSensorSim, world: StationWorld
+) -> None:
+    """kill -9 of a process holding the connection leaves BlueZ connected to the sensor,
+    which then stops advertising (bleak #367, BlueZ #89): the next open must find it among
+    the connected devices instead of scanning for an advertisement that never comes."""
+    import signal
+    import sys
+
+    code = (
+        "import asyncio, sys\n"
+        "from instruments.transports import transport_for\n"
+        "async def main():\n"
+        f"    t = transport_for({sensor_sim.url!r})\n"
+        "    await t.open()\n"
+        "    print('open', flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE, env=dict(os.environ)
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert line.strip() == b"open"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    assert [r.note for r in world.wire.entries("color-sensor")].count("connect") == 1
+    scan = await BleTransport.scan(0.3)
+    assert sensor_sim.address not in [a for a, _, _ in scan]  # connected: not advertising
+    t = transport_for(sensor_sim.url + "?scan_timeout=0.5")
+    await t.open()
+    try:
+        assert t.is_connected
+        assert await t.read("2a19") == bytes([sensor_sim.battery_percent])
+    finally:
+        await t.close()

@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
-from bleak import BleakClient, BleakScanner
+from bleak import BleakAdapter, BleakClient, BleakScanner
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.backends.device import BLEDevice
 from bleak.exc import (
@@ -347,6 +347,9 @@ class BleTransport(Transport):
     async def _find(self) -> BLEDevice:
         kwargs = self._bluez_kwargs()
         async with _scan_lock(), asyncio.timeout(self.scan_timeout + 10.0):
+            connected = await self._already_connected()
+            if connected is not None:
+                return connected
             if self.address is not None:
                 device = await BleakScanner.find_device_by_address(
                     self.address, timeout=self.scan_timeout, **kwargs
@@ -362,6 +365,30 @@ class BleTransport(Transport):
                 f"device not found: no advertisement from {self.target} within a {self.scan_timeout:g} s scan",
             )
         return device
+
+    async def _already_connected(self) -> BLEDevice | None:
+        """The device if the OS already holds a connection to it, else None.
+
+        A process that died without disconnecting (kill -9, a crash) leaves BlueZ
+        connected to the device, which then no longer advertises: a scan cannot find it
+        (bleak issue #367, BlueZ issue #89). BlueZ lists the services of a connected
+        device in its UUIDs, Generic Access/Attribute (0x1800/0x1801) among them.
+        """
+        try:
+            adapter = await BleakAdapter.get(**self._bluez_kwargs())
+            devices = await adapter.get_connected_devices(["1800", "1801"])
+        except (BleakError, NotImplementedError, ValueError) as exc:
+            log.debug("%s: cannot list connected devices: %s", self.url, exc)
+            return None
+        for device in devices:
+            if (self.address is not None and device.address.upper() == self.address) or (
+                self.address is None and device.name == self.device_name
+            ):
+                log.info(
+                    "%s: reusing the connection BlueZ still holds to %s", self.url, device.address
+                )
+                return device
+        return None
 
     def _bluez_kwargs(self) -> dict[str, Any]:
         return {"bluez": {"adapter": self.adapter}} if self.adapter else {}

@@ -1124,7 +1124,12 @@ class BlueZStandIn:
             self._export_gatt(dev)
         for cs in dev.chars.values():
             self._set_props(cs.path, GATT_CHARACTERISTIC, {"MTU": 247})
-        self._set_props(dev.path, DEVICE, {"ServicesResolved": True})
+        # like BlueZ: once resolved, UUIDs lists every GATT service, plus Generic Access
+        # (0x1800) and Generic Attribute (0x1801) that the stack itself serves
+        p = dev.peripheral
+        uuids = {*p.advertised_uuids, *(svc.uuid for svc in p.services)}
+        uuids |= {full_uuid("1800"), full_uuid("1801")}
+        self._set_props(dev.path, DEVICE, {"UUIDs": sorted(uuids), "ServicesResolved": True})
 
     def _export_gatt(self, dev: _DeviceState) -> None:
         handle = 0x0009

@@ -1,0 +1,391 @@
+"""Campaigns on simulated benches with real Ray (the session's ``ray_session``).
+
+Each test starts a simulated lab in this process (pumps on a pty, hotplate over
+Modbus TCP, colour sensor over BLE, enclosure over MQTT, camera over HTTP),
+writes its ``lab.yaml`` and runs a campaign through :func:`bridge.campaigns.open_lab`:
+one StationActor per bench (placed by ``station:<name>``), the JournalActor, the
+:class:`~loops.campaign.CampaignRunner`. The kill -9 test runs ``labbridge run``
+and ``labbridge resume`` as subprocesses that join the session's Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.campaigns import lab_clock, open_lab
+from bridge.labconfig import LabConfig, load_lab
+from bridge.simbench import sim_lab_yaml
+from loops.campaign import CampaignBusy, CampaignClosed, CampaignRunner, campaign_lock
+from loops.journal import Journal
+from loops.program import Program, load_program
+from simulators.bench import SimulatedLab
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
+SPEED = 500.0
+GOOD = {"red_ml": 0.7, "green_ml": 0.1, "blue_ml": 0.75, "temperature_c": 40.0, "hold_s": 60}
+
+
+def program(**changes: Any) -> Program:
+    """The colour-match example with some fields replaced (``budget=12`` -> experiments)."""
+    base = load_program(EXAMPLE)
+    if "budget" in changes:
+        changes["budget"] = dataclasses.replace(base.budget, experiments=changes["budget"])
+    if "target" in changes:
+        changes["stop"] = dataclasses.replace(base.stop, target=changes.pop("target"))
+    return dataclasses.replace(base, **changes)
+
+
+@contextlib.asynccontextmanager
+async def simulated(
+    tmp_path: Path, stations: int = 1
+) -> AsyncIterator[tuple[SimulatedLab, LabConfig, Any, dict[str, Any]]]:
+    async with SimulatedLab(stations=stations, speed=SPEED) as sim:
+        path = tmp_path / "lab.yaml"
+        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
+        lab = load_lab(path)
+        async with open_lab(lab) as (journal, actors):
+            yield sim, lab, journal, actors
+
+
+def runner_for(
+    prog: Program, lab: LabConfig, journal: Any, actors: Any, cid: str
+) -> CampaignRunner:
+    return CampaignRunner(prog, journal, actors, campaign_id=cid, clock_now=lab_clock(lab)[1])
+
+
+def total_ml(params: dict[str, Any]) -> float:
+    return float(params["red_ml"] + params["green_ml"] + params["blue_ml"])
+
+
+@pytest.mark.timeout(240)
+async def test_three_stations_reach_the_target_with_distinct_concurrent_proposals(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    events: list[dict[str, Any]] = []
+    async with simulated(tmp_path, stations=3) as (_, lab, journal, actors):
+        runner = CampaignRunner(
+            program(budget=45),
+            journal,
+            actors,
+            campaign_id="three",
+            clock_now=lab_clock(lab)[1],
+            on_event=events.append,
+        )
+        summary = await runner.run()
+    assert summary.state == "done", summary
+    assert summary.reason.startswith("target reached"), summary.reason
+    assert summary.best is not None and summary.best["value"] <= 2.0
+    j = Journal(lab.store)
+    try:
+        exps = j.experiments("three")
+        ran = [e for e in exps if e.state in ("done", "failed")]
+        assert {e.station for e in ran} == {"bench-a", "bench-b", "bench-c"}
+        keys = [tuple(round(v, 9) for v in e.params.values()) for e in exps]
+        assert len(set(keys)) == len(keys), "a point was proposed twice"
+        # the first three proposals ran at the same time, one per station
+        spans = {}
+        for e in ran:
+            log = j.transitions(e.id)
+            start = next(t.t for t in log if t.state == "running")
+            end = next(t.t for t in log if t.state in ("done", "failed"))
+            spans[e.id] = (start, end, e.station)
+        first = sorted(spans.values())[:3]
+        assert {s for _, _, s in first} == {"bench-a", "bench-b", "bench-c"}
+        assert max(s for s, _, _ in first) < min(e for _, e, _ in first), first
+        # every done experiment went through every state, journaled, with its steps
+        for e in exps:
+            states = [t.state for t in j.transitions(e.id) if t.event == "state"]
+            if e.state == "done":
+                assert states == ["proposed", "checked", "queued", "running", "done"], states
+                started = [t.step for t in j.transitions(e.id) if t.event == "step_started"]
+                assert started == list(range(len(e.recipe["steps"])))
+        campaign = j.campaign("three")
+        assert campaign.state == "done"
+        saved = campaign.optimizer_state
+        assert saved is not None and set(saved["told"]) == {e.id for e in exps}
+        assert len(saved["optimizer"]["observations"]) == len(exps)
+    finally:
+        j.close()
+    finished = [e for e in events if e["event"] == "finished"]
+    assert len(finished) == summary.counts["done"]
+    assert all(math.isfinite(e["objective"]) for e in finished)
+
+
+@pytest.mark.timeout(120)
+async def test_unsafe_proposals_are_rejected_with_reasons_and_fed_back(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    # dye volumes 0.5-1.5 mL each and no campaign constraint on the total: most points
+    # would overfill the vial, which only the safety layer's dry run knows
+    base = program(budget=2, target=None)
+    params = tuple(
+        dataclasses.replace(p, low=0.5, high=1.5) if p.name.endswith("_ml") else p
+        for p in base.parameters
+    )
+    prog = dataclasses.replace(base, parameters=params, constraints=(), initial_points=4, seed=3)
+    async with simulated(tmp_path) as (_, lab, journal, actors):
+        runner = runner_for(prog, lab, journal, actors, "unsafe")
+        await runner.prepare()
+        receipt = await runner.propose(
+            {"red_ml": 1.4, "green_ml": 1.0, "blue_ml": 1.0, "temperature_c": 40.0, "hold_s": 60},
+            "agent:alice",
+        )
+        assert not receipt.accepted
+        assert any("vial-capacity" in r for r in receipt.reasons), receipt.reasons
+        summary = await runner.run()
+        observations = runner.optimizer.observations()
+    assert summary.counts["rejected"] >= 2, summary
+    j = Journal(lab.store)
+    try:
+        exps = j.experiments("unsafe")
+    finally:
+        j.close()
+    rejected = [e for e in exps if e.state == "rejected"]
+    assert len(rejected) == summary.counts["rejected"]
+    for e in rejected:
+        assert total_ml(e.params) > 2.8 - 1e-9, e.params
+        assert "vial-capacity" in (e.reason or ""), e.reason
+    assert [e.proposer for e in rejected][0] == "agent:alice"
+    for e in exps:
+        if e.station is not None:  # everything that reached a station fits the vial
+            assert total_ml(e.params) <= 2.8
+    infeasible = [o for o in observations if o.status == "infeasible"]
+    assert len(infeasible) == len(rejected)  # each refusal went back to the optimizer
+    told = {tuple(sorted(o.params.items())) for o in infeasible}
+    for e in rejected:
+        assert tuple(sorted(runner.optimizer.space.validate(e.params).items())) in told
+    done = [e for e in exps if e.state == "done"]
+    assert len(done) == 2
+    for e in done:  # what the pumps report having delivered fits the vial
+        assert sum(e.result["measurements"]["dispensed_ml"].values()) <= 2.8
+
+
+@pytest.mark.timeout(120)
+async def test_agent_proposals_run_first_and_are_attributed(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    async with simulated(tmp_path) as (_, lab, journal, actors):
+        runner = runner_for(program(budget=2, target=None), lab, journal, actors, "agents")
+        await runner.prepare()
+        receipt = await runner.propose(GOOD, "agent:bob")
+        assert receipt.accepted and receipt.reasons == ()
+        with pytest.raises(ValueError, match="agent:<id>"):
+            await runner.propose(GOOD, "bob")
+        task = asyncio.create_task(runner.run())
+        outcome = await asyncio.wait_for(runner.wait_for(receipt.experiment_id), 60)
+        summary = await task
+        with pytest.raises(CampaignClosed):
+            await runner.propose(GOOD, "agent:bob")
+        observations = runner.optimizer.observations()
+    assert outcome["event"] == "finished" and outcome["proposer"] == "agent:bob"
+    assert summary.counts["agent"] == 1 and summary.counts["done"] == 2
+    j = Journal(lab.store)
+    try:
+        exp = j.experiment(receipt.experiment_id)
+        first = j.experiments("agents")[0]
+    finally:
+        j.close()
+    assert exp.proposer == "agent:bob" and exp.state == "done" and exp.seq == 1
+    assert first.id == exp.id  # ran before the optimizer's first proposal
+    assert exp.objective == pytest.approx(outcome["objective"])
+    mine = [o for o in observations if o.params == runner.optimizer.space.validate(GOOD)]
+    assert len(mine) == 1 and mine[0].status == "ok" and mine[0].value == exp.objective
+
+
+@pytest.mark.timeout(120)
+async def test_a_failed_experiment_trips_its_station_and_is_never_retried(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    async with simulated(tmp_path) as (sim, lab, journal, actors):
+        sim.stations[0].inject_fault("sensor-dropout")
+        runner = runner_for(program(budget=3), lab, journal, actors, "fault")
+        summary = await runner.run()
+        status = await actors["bench-a"].status.remote()
+    assert status["tripped"], status
+    assert summary.state == "stopped" and summary.reason.startswith("no station available")
+    assert summary.counts["failed"] == 1 and summary.counts["done"] == 0
+    assert summary.stations["bench-a"]["state"] == "out"
+    j = Journal(lab.store)
+    try:
+        exps = j.experiments("fault")
+    finally:
+        j.close()
+    assert [e.state for e in exps] == ["failed"], [(e.id, e.state) for e in exps]
+    reason = exps[0].reason or ""
+    assert reason.startswith("failed at step 0: TransportTimeout: ble://"), reason  # calibrate
+
+
+@pytest.mark.timeout(120)
+async def test_a_station_that_dies_is_reported_and_its_experiment_marked(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    async with simulated(tmp_path, stations=2) as (_, lab, journal, actors):
+        runner = runner_for(program(budget=4, target=None), lab, journal, actors, "death")
+        killed: list[str] = []
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "started" and event["station"] == "bench-b" and not killed:
+                killed.append(event["experiment_id"])
+                ray_session.kill(actors["bench-b"], no_restart=True)
+
+        runner._on_event = on_event
+        summary = await runner.run()
+    assert killed
+    assert summary.stations["bench-b"]["state"] == "out"
+    assert "died" in summary.stations["bench-b"]["reason"]
+    assert summary.counts["done"] >= 1  # the other station carried on
+    j = Journal(lab.store)
+    try:
+        dead = j.experiment(killed[0])
+        others = [e for e in j.experiments("death") if e.id != killed[0]]
+    finally:
+        j.close()
+    assert dead.state == "failed", dead
+    assert "died" in (dead.reason or "") and "retried" in (dead.reason or ""), dead.reason
+    assert all(e.station == "bench-a" for e in others if e.station)
+    assert all(e.params != dead.params for e in others)
+
+
+def test_a_campaign_runs_in_one_process_at_a_time(tmp_path: Path) -> None:
+    with campaign_lock(tmp_path / "j.db", "c1"):
+        with pytest.raises(CampaignBusy, match=f"pid {os.getpid()}"):
+            with campaign_lock(tmp_path / "j.db", "c1"):
+                pass
+        with campaign_lock(tmp_path / "j.db", "c2"):  # another campaign: its own lock
+            pass
+    with campaign_lock(tmp_path / "j.db", "c1"):  # released
+        pass
+
+
+# ------------------------------------------------------------------ kill -9 and resume
+def _transitions(store: Path, cid: str) -> int:
+    if not store.exists():
+        return 0
+    j = Journal(store)
+    try:
+        return len(j.campaign_log(cid))
+    except Exception:
+        return 0
+    finally:
+        j.close()
+
+
+def _labbridge(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+
+
+async def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"labbridge did not finish within {timeout} s")
+        await asyncio.sleep(0.1)
+    return proc.returncode
+
+
+@pytest.mark.timeout(300)
+async def test_kill_9_at_random_points_then_resume_loses_nothing_and_reruns_nothing(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    address = ray_session.get_runtime_context().gcs_address
+    prog_file = tmp_path / "program.md"
+    prog_file.write_text(program(budget=6, target=None, initial_points=3).to_markdown())
+    log = tmp_path / "labbridge.log"
+    rng = random.Random(int(os.environ.get("LABBRIDGE_KILL_SEED", "4")))
+    cid = "k9"
+    done_before: dict[str, float] = {}
+    async with SimulatedLab(stations=1, speed=SPEED) as sim:
+        lab_file = tmp_path / "lab.yaml"
+        store = tmp_path / "journal.db"
+        lab_file.write_text(sim_lab_yaml(sim, store))
+        common = (
+            "--lab",
+            str(lab_file),
+            "--ray-address",
+            address,
+            "--no-progress",
+            "--operator",
+            "tester",
+        )
+        proc = _labbridge("run", str(prog_file), "--campaign-id", cid, *common, log=log)
+        seen = 0
+        for _ in range(3):  # three kills at random points
+            target = seen + rng.randint(4, 45)  # somewhere within the next experiment or two
+            deadline = time.monotonic() + 90
+            while (seen := _transitions(store, cid)) < target and proc.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                await asyncio.sleep(0.02)
+            if proc.poll() is not None:
+                break
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            j = Journal(store)
+            try:
+                for e in j.experiments(cid, "done"):
+                    done_before[e.id] = e.objective
+            finally:
+                j.close()
+            proc = _labbridge("resume", cid, *common, log=log)
+        code = await _wait(proc, 150)
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    j = Journal(store)
+    try:
+        campaign = j.campaign(cid)
+        exps = j.experiments(cid)
+        logs = {e.id: j.transitions(e.id) for e in exps}
+    finally:
+        j.close()
+    assert campaign.state == "done", (campaign.state, text[-3000:])
+    # no finished result was lost or changed
+    final = {e.id: e for e in exps}
+    for eid, value in done_before.items():
+        assert final[eid].state == "done" and final[eid].objective == value
+    # nothing ran twice: one 'running' per experiment, each step started once, nothing after
+    for e in exps:
+        states = [t.state for t in logs[e.id] if t.event == "state"]
+        assert states.count("running") <= 1, (e.id, states)
+        started = [t.step for t in logs[e.id] if t.event == "step_started"]
+        assert started == sorted(set(started)), (e.id, started)
+        if "interrupted" in states:
+            assert e.state == "failed" and "never re-run" in (e.reason or ""), e.reason
+            after = states[states.index("interrupted") + 1 :]
+            assert after == ["failed"], states
+    interrupted = [e for e in exps if "interrupted" in (e.reason or "")]
+    assert interrupted, "no kill landed during an experiment (change LABBRIDGE_KILL_SEED)"
+    for e in interrupted:  # the resume safe-stated, reset and drained the station first
+        assert "safe-stated, checked and drained" in (e.reason or ""), e.reason
+    keys = [tuple(sorted(e.params.items())) for e in exps]
+    assert len(keys) == len(set(keys)), "a proposal was asked again after a resume"
+    ran = [e for e in exps if e.state in ("done", "failed")]
+    assert len(ran) == 6  # the budget: interrupted experiments count, none was repeated
+    saved = campaign.optimizer_state
+    assert saved is not None and set(saved["told"]) == {e.id for e in exps}
+    assert saved["pending"] == {}
+    statuses = sorted(o["status"] for o in saved["optimizer"]["observations"])
+    assert statuses.count("ok") == sum(e.state == "done" for e in exps)

@@ -1,0 +1,127 @@
+"""lab.yaml: a valid file loads; every mistake names the file, the line and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.labconfig import LabConfigError, load_lab
+from safety.envelope import REFERENCE_BENCH, EnvelopeError
+
+GOOD = """\
+bridge_id: bench-lab
+store: data/labbridge.db
+ray:
+  address: null
+simulated:
+  speed: 100
+  sim_at_real: [1.5, 200.25]
+env:
+  DBUS_SYSTEM_BUS_ADDRESS: unix:path=/tmp/bus
+stations:
+  bench-a:
+    envelope: reference
+    supervisor: {poll_interval: 0.1, device_time_scale: 100}
+    instruments:
+      - {name: red, kind: syringe-pump, url: "serial:///dev/ttyUSB0?baudrate=9600", options: {address: 0}, role: dye}
+      - {name: hotplate, kind: hotplate, url: "modbus-tcp://127.0.0.1:5020?unit=1"}
+    env: {EXTRA: "1"}
+"""
+
+
+def test_a_valid_lab_loads(tmp_path: Path) -> None:
+    path = tmp_path / "lab.yaml"
+    path.write_text(GOOD)
+    lab = load_lab(path)
+    assert lab.bridge_id == "bench-lab"
+    assert lab.store == tmp_path / "data" / "labbridge.db"  # relative to the file
+    assert lab.simulated and lab.speed == 100.0 and lab.sim_at_real == (1.5, 200.25)
+    assert lab.ray_address is None
+    st = lab.stations["bench-a"]
+    assert [i["name"] for i in st.instruments] == ["red", "hotplate"]
+    assert st.instruments[0] == {
+        "name": "red",
+        "kind": "syringe-pump",
+        "url": "serial:///dev/ttyUSB0?baudrate=9600",
+        "options": {"address": 0},
+        "role": "dye",
+    }
+    assert st.envelope_text == REFERENCE_BENCH.read_text(encoding="utf-8")
+    assert st.env == {"DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/tmp/bus", "EXTRA": "1"}
+    assert st.supervisor == {"poll_interval": 0.1, "device_time_scale": 100}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "field", "problem"),
+    [
+        ("stations:\n", "statons:\n", 10, "statons", "unknown field 'statons'"),
+        (
+            'url: "modbus-tcp://127.0.0.1:5020?unit=1"',
+            'url: "127.0.0.1:5020"',
+            16,
+            "stations.bench-a.instruments[1].url",
+            "not a transport URL",
+        ),
+        (
+            "name: hotplate,",
+            "name: red,",
+            16,
+            "stations.bench-a.instruments[1].name",
+            "duplicate instrument name 'red'",
+        ),
+        (
+            "{poll_interval: 0.1,",
+            "{poll_interval: -1,",
+            13,
+            "stations.bench-a.supervisor.poll_interval",
+            "must be a number > 0",
+        ),
+        (
+            "{poll_interval: 0.1,",
+            "{poll_intervall: 0.1,",
+            13,
+            "stations.bench-a.supervisor.poll_intervall",
+            "unknown field",
+        ),
+        ("  speed: 100\n", "  speed: fast\n", 6, "simulated.speed", "must be a number > 0"),
+        ("[1.5, 200.25]", "[1.5]", 7, "simulated.sim_at_real", "[simulated seconds, monotonic"),
+        ("kind: hotplate, ", "", 16, "stations.bench-a.instruments[1]", "missing field 'kind'"),
+        (
+            "envelope: reference",
+            "envelope: nowhere.yaml",
+            12,
+            "stations.bench-a.envelope",
+            "cannot read envelope",
+        ),
+        ("bridge_id: bench-lab", "bridge_id: bench lab", 1, "bridge_id", "is not a name"),
+    ],
+)
+def test_mistakes_name_file_line_and_field(
+    tmp_path: Path, old: str, new: str, line: int, field: str, problem: str
+) -> None:
+    assert old in GOOD
+    path = tmp_path / "lab.yaml"
+    path.write_text(GOOD.replace(old, new, 1))
+    with pytest.raises(LabConfigError) as err:
+        load_lab(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:{line}: {field}: "), msg
+    assert problem in msg, msg
+
+
+def test_an_envelope_error_names_the_envelope_file(tmp_path: Path) -> None:
+    (tmp_path / "env.yaml").write_text("channels:\n  hotplate.setpoint_c: {min: 0, max: hot}\n")
+    path = tmp_path / "lab.yaml"
+    path.write_text(GOOD.replace("envelope: reference", "envelope: env.yaml"))
+    with pytest.raises(EnvelopeError, match=r"env\.yaml:2: channels\.hotplate\.setpoint_c\.max"):
+        load_lab(path)
+
+
+def test_no_stations_and_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(LabConfigError, match="missing field 'stations'"):
+        load_lab("bridge_id: x\n", source="inline")
+    with pytest.raises(LabConfigError, match=r"nope\.yaml: cannot read"):
+        load_lab(tmp_path / "nope.yaml")
+    with pytest.raises(LabConfigError, match=r"inline:2: not valid YAML"):
+        load_lab("stations: [\n", source="inline")
