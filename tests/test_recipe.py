@@ -24,6 +24,7 @@ from loops.recipe import (
     Step,
     build_recipe,
     dry_run_recipe,
+    ramp_setpoint,
     run_recipe,
 )
 from safety import Command, SafetyRefusal, dry_run, open_station, reference_envelope
@@ -317,3 +318,66 @@ async def test_run_recipe_on_a_simulated_station(program: Program) -> None:
             await run_recipe(stalls, station, clock_sleep=clock.sleep, who="t", on_step=stall_red)
         assert alarm.value.code == "S"
         bench.clear_fault("pump-alarm")
+
+
+def test_heating_ends_on_the_hotplates_setpoint_grid(program: Program) -> None:
+    """The hotplate takes setpoints in 0.1 degC: an optimizer's 70.98717... becomes 71.0, so
+    the ramp ends exactly at its last step and the dry run's paced ramp is not refused at
+    the rise limit by the device's rounding."""
+    params = {**PARAMS, "temperature_c": 70.98717313685637}
+    recipe = build_recipe(program, params)
+    heat = next(s for s in recipe.steps if s.kind == "heat")
+    assert heat["setpoint_c"] == 71.0
+    state = {"hotplate.setpoint_c": 25.0, "enclosure.lid": "closed"}
+    times = recipe.command_times(1000.0, rise_per_min=10.0)
+    commands = recipe.commands("optimizer")
+    report = dry_run(commands, reference_envelope(), state, kinds=KINDS, now=1000.0, times=times)
+    assert report.ok, str(report)
+    # the unrounded setpoint, ramped at exactly the rise limit, is what the device rounding refuses
+    raw = Recipe(
+        tuple(
+            Step.of("heat", setpoint_c=params["temperature_c"], from_c=25.0, rise_per_min=10.0)
+            if s.kind == "heat"
+            else s
+            for s in recipe.steps
+        )
+    )
+    report = dry_run(
+        raw.commands("optimizer"),
+        reference_envelope(),
+        state,
+        kinds=KINDS,
+        now=1000.0,
+        times=raw.command_times(1000.0, rise_per_min=10.0),
+    )
+    assert [v.rule for v in report.violations] == ["hotplate.setpoint_c.max_rise_per_min"]
+
+
+async def test_a_ramp_to_an_unrounded_target_finishes() -> None:
+    """ramp_setpoint compares the setpoint it sent with its target on the same 1e-6 grid."""
+    sent: list[float] = []
+
+    class Handle:
+        async def set_heater(self, on: bool, setpoint_c: float) -> None:
+            sent.append(setpoint_c)
+
+    class Station:  # the guard accepts everything: only the ramp's own logic is under test
+        name = "bench-x"
+
+        def handle(self, name: str, who: str) -> Handle:
+            return Handle()
+
+        def check(self, command: Command) -> Any:
+            return type("Verdict", (), {"allowed": True})()
+
+    async def no_sleep(seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    reached = await ramp_setpoint(
+        Station(),  # type: ignore[arg-type]
+        54.24873508375164,
+        who="optimizer",
+        clock_sleep=no_sleep,
+        timeout_s=60.0,
+    )
+    assert reached == pytest.approx(54.248735) and sent == [reached]
