@@ -278,7 +278,7 @@ async def sim_tour(
         prefer_broker="embedded" if embedded_broker else "mosquitto",
     )
     async with lab:
-        (out / "lab.json").write_text(json.dumps(lab.lab_config(), indent=2))
+        (out / "lab.yaml").write_text(sim_lab_yaml(lab, (out / "journal.db").resolve()))
         if fault:
             for bench in lab.stations:
                 bench.inject_fault(fault)
@@ -310,7 +310,8 @@ async def sim_tour(
                 fh.write(json.dumps(rec) + "\n")
         if keep_running:
             print(
-                f"simulated lab running; lab config in {out / 'lab.json'}; to reach the BLE sensors "
+                f"simulated lab running; lab config in {out / 'lab.yaml'} (labbridge run PROGRAM "
+                f"--lab {out / 'lab.yaml'}); to reach the BLE sensors "
                 f"from another process: export DBUS_SYSTEM_BUS_ADDRESS={lab.bluez.address if lab.bluez else ''}"
                 "; Ctrl-C to stop",
                 file=sys.stderr,

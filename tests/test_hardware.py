@@ -1,7 +1,7 @@
 """Hardware tier: probe every instrument of a real bench (skipped unless LABBRIDGE_LAB is set).
 
 ``LABBRIDGE_LAB`` names a YAML/JSON file with ``stations: {NAME: {instruments: [{name, kind,
-url, options}]}}`` — the shape ``labbridge sim`` writes to ``lab.json``, so the tier can be
+url, options}]}}`` — the shape of ``lab.yaml`` (``labbridge sim`` writes one), so the tier can be
 tried against a simulated lab too. Each instrument is connected, described, read once and put
 in its safe state; nothing is actuated.
 """

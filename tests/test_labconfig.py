@@ -125,3 +125,22 @@ def test_no_stations_and_unreadable_file(tmp_path: Path) -> None:
         load_lab(tmp_path / "nope.yaml")
     with pytest.raises(LabConfigError, match=r"inline:2: not valid YAML"):
         load_lab("stations: [\n", source="inline")
+
+
+def test_the_hardware_template_is_a_valid_lab() -> None:
+    import safety
+
+    lab = load_lab(Path(__file__).resolve().parents[1] / "examples" / "lab-hardware.yaml")
+    st = lab.stations["bench-a"]
+    assert [i["name"] for i in st.instruments] == [
+        "red",
+        "green",
+        "blue",
+        "waste",
+        "hotplate",
+        "color",
+        "enclosure",
+        "camera",
+    ]
+    assert {i["kind"] for i in st.instruments} <= set(safety.available_drivers())
+    assert not lab.simulated and lab.ray_address is None

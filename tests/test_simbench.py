@@ -101,7 +101,7 @@ def test_labbridge_sim_command_runs_end_to_end(tmp_path: Path) -> None:
     assert "bench-a: colour counts" in proc.stdout and "bench-b: colour counts" in proc.stdout
     assert f"run folder: {out}" in proc.stdout
     assert {p.name for p in out.iterdir()} >= {
-        "lab.json",
+        "lab.yaml",
         "results.jsonl",
         "bench-a.jpg",
         "bench-b.jpg",
