@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -110,11 +111,50 @@ async def open_lab(
                 journal=journal,
                 poll_s=0.5 if clock is not None else 1.0,
                 actor_name=None,
+                verification=st.verification.actor_options() if st.verification else None,
             )
         await asyncio.gather(*(_start(n, a, start_timeout_s) for n, a in actors.items()))
+        await _ensure_calibrated(lab, actors)
         yield journal, actors
     finally:
         await _close(journal, actors)
+
+
+async def _ensure_calibrated(lab: LabConfig, actors: Mapping[str, Any]) -> None:
+    """Every verifying station needs its camera calibration: a simulated bench calibrates
+    itself now (saved next to its lab.yaml); a real one must be calibrated by an operator."""
+    missing = [n for n in actors if (v := lab.stations[n].verification) and v.calibration() is None]
+    if not missing:
+        return
+    if not lab.simulated:
+        raise StationUnavailable(
+            "; ".join(
+                f"station {n} has no camera calibration ({lab.stations[n].verification.calibration_path})"  # type: ignore[union-attr]
+                for n in missing
+            )
+            + f": run `labbridge calibrate --lab {lab.source}`, or set verification: "
+            "{enabled: false} for the station in the lab config"
+        )
+    await calibrate(lab, {n: actors[n] for n in missing})
+
+
+async def calibrate(lab: LabConfig, actors: Mapping[str, Any]) -> dict[str, Path]:
+    """Fit each station's camera calibration on its bench and save it where the lab config
+    says (``verification.calibration``); returns the paths written."""
+    written: dict[str, Path] = {}
+    for name, actor in actors.items():
+        config = lab.stations[name].verification
+        if config is None:
+            raise ValueError(f"station {name}: camera verification is off in {lab.source}")
+        try:
+            data = await actor.calibrate_camera.remote()
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise StationUnavailable(f"station {name}: {cause}") from None
+        config.save(data)
+        written[name] = config.calibration_path
+        log.info("station %s: camera calibration saved to %s", name, config.calibration_path)
+    return written
 
 
 async def _close(journal: Any, actors: Mapping[str, Any]) -> None:
@@ -159,7 +199,18 @@ async def run_campaign(
                 raise ValueError("a new campaign needs its program")
             _, now = lab_clock(lab)
             runner = CampaignRunner(
-                program, journal, actors, campaign_id=campaign_id, clock_now=now, on_event=on_event
+                program,
+                journal,
+                actors,
+                campaign_id=campaign_id,
+                clock_now=now,
+                on_event=on_event,
+                max_disagreements={
+                    n: st.verification.tolerances.max_disagreements
+                    for n, st in lab.stations.items()
+                    if st.verification is not None
+                },
+                images_dir=lab.store.parent / "images",
             )
             if on_runner is not None:
                 on_runner(runner)
@@ -193,7 +244,7 @@ class CampaignProgress:
             mininterval=0.2,
         )
         self._best: float | None = None
-        self._flags: dict[str, int] = {"rejected": 0, "failed": 0}
+        self._flags: dict[str, int] = {"rejected": 0, "failed": 0, "unverified": 0}
         self._running = 0
         self._postfix: dict[str, Any] = {}
 
@@ -205,7 +256,7 @@ class CampaignProgress:
             value = event["objective"]
             if self._best is None or self.program.objective.better(value, self._best):
                 self._best = value
-        elif kind in ("failed", "rejected", "station"):
+        elif kind in ("failed", "rejected", "station", "unverified"):
             if kind in self._flags:
                 self._flags[kind] += 1
             what = event.get("reason") or "; ".join(event.get("reasons") or [])

@@ -1,7 +1,7 @@
 """The lab config (``lab.yaml``): stations, their instruments and envelopes, Ray, the store.
 
-Example (``examples/lab-sim.yaml`` is written by ``labbridge sim --keep-running``;
-``examples/lab-hardware.yaml`` is a commented template for a real bench)::
+Example (``labbridge sim`` and ``labbridge run`` write one for the simulated lab
+they start; ``examples/lab-hardware.yaml`` is a commented template for a real bench)::
 
     bridge_id: reference-lab          # MQTT topic root labbridge/<bridge_id>/
     store: labbridge.db               # the journal (relative to this file)
@@ -19,6 +19,11 @@ Example (``examples/lab-sim.yaml`` is written by ``labbridge sim --keep-running`
         instruments:
           - {name: red, kind: syringe-pump, url: "serial:///dev/ttyUSB0?baudrate=9600",
              options: {address: 0}, role: dye}
+        verification:                 # on by default for a station with a camera
+          calibration: calibration/bench-a.yaml   # (default) written by labbridge calibrate
+          fill_tolerance_ml: 0.15     # camera fill level vs the pumps' reported volume
+          colour_tolerance_de2000: 5  # camera colour vs the colour sensor's
+          max_disagreements: 3        # unverified results in a row before the station pauses
 
 Every error names the file, the line and the field
 (``lab.yaml:14: stations.bench-a.instruments[2].url: ...``). Nothing here
@@ -37,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from loops.verify import Tolerances
 from safety import load_envelope
 from safety.envelope import REFERENCE_BENCH
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
@@ -46,7 +52,14 @@ __all__ = ["LabConfig", "LabConfigError", "StationConfig", "load_lab"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _TOP = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
-_STATION = ("envelope", "instruments", "supervisor", "env")
+_STATION = ("envelope", "instruments", "supervisor", "env", "verification")
+_VERIFICATION = (
+    "enabled",
+    "calibration",
+    "fill_tolerance_ml",
+    "colour_tolerance_de2000",
+    "max_disagreements",
+)
 _INSTRUMENT = ("name", "kind", "url", "options", "role")
 _SUPERVISOR = ("poll_interval", "device_time_scale", "safe_timeout", "watchdog_s")
 
@@ -65,6 +78,40 @@ class StationConfig:
     envelope_source: str
     supervisor: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    verification: VerificationConfig | None = None
+
+
+@dataclass(frozen=True)
+class VerificationConfig:
+    """A station's camera verification: where its calibration is and the tolerances."""
+
+    calibration_path: Path
+    tolerances: Tolerances = field(default_factory=Tolerances)
+
+    def calibration(self) -> dict[str, Any] | None:
+        """The saved calibration (``Calibration.to_dict()``), or None if not made yet."""
+        if not self.calibration_path.exists():
+            return None
+        data = yaml.safe_load(self.calibration_path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise LabConfigError(
+                "not a camera calibration (labbridge calibrate writes it)",
+                source=str(self.calibration_path),
+            )
+        return data
+
+    def save(self, calibration: dict[str, Any]) -> None:
+        self.calibration_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.calibration_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(calibration, sort_keys=False), encoding="utf-8")
+        tmp.replace(self.calibration_path)
+
+    def actor_options(self) -> dict[str, Any]:
+        return {
+            "enabled": True,
+            "calibration": self.calibration(),
+            "tolerances": self.tolerances.as_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -179,6 +226,48 @@ def _instrument(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> dict[str, An
     return out
 
 
+def _verification(
+    value: Any,
+    at: tuple[Any, ...],
+    doc: YamlDoc,
+    base: Path,
+    station: str,
+    instruments: tuple[dict[str, Any], ...],
+) -> VerificationConfig | None:
+    """On by default for a station with a camera; ``enabled: false`` turns it off."""
+    data = _mapping(value or {}, at, doc, _VERIFICATION)
+    enabled = data.get("enabled", any(i["kind"] == "camera" for i in instruments))
+    if not isinstance(enabled, bool):
+        raise doc.error(f"must be true or false, got {enabled!r}", (*at, "enabled"))
+    if not enabled:
+        return None
+    if not any(i["kind"] == "camera" for i in instruments):
+        raise doc.error("verification needs a camera among the station's instruments", at)
+    path = Path(
+        _str(
+            data.get("calibration", f"calibration/{station}.yaml"),
+            (*at, "calibration"),
+            doc,
+            what="a file path",
+        )
+    )
+    if not path.is_absolute():
+        path = base / path
+    numbers: dict[str, Any] = {}
+    for key, name in (
+        ("fill_tolerance_ml", "fill_ml"),
+        ("colour_tolerance_de2000", "colour_de2000"),
+    ):
+        if key in data:
+            numbers[name] = _number(data[key], (*at, key), doc)
+    if "max_disagreements" in data:
+        n = data["max_disagreements"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise doc.error(f"must be an integer >= 1, got {n!r}", (*at, "max_disagreements"))
+        numbers["max_disagreements"] = n
+    return VerificationConfig(path, Tolerances(**numbers))
+
+
 def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
     """Read and validate a lab config (a path, or YAML text with ``source`` naming it)."""
     if isinstance(spec, Path) or ("\n" not in spec and spec.strip().endswith((".yaml", ".yml"))):
@@ -218,6 +307,9 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         for key, v in supervisor.items():
             _number(v, (*at, "supervisor", key), doc)
         text_env, env_source = _envelope(sdata.get("envelope"), (*at, "envelope"), doc, base)
+        verification = _verification(
+            sdata.get("verification"), (*at, "verification"), doc, base, sname, instruments
+        )
         stations[sname] = StationConfig(
             name=sname,
             instruments=instruments,
@@ -225,6 +317,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
             envelope_source=env_source,
             supervisor=supervisor,
             env={**env, **_env(sdata.get("env"), (*at, "env"), doc)},
+            verification=verification,
         )
     speed: float | None = None
     sim_at_real: tuple[float, float] | None = None

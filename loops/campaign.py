@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import logging
 import math
 import os
@@ -223,6 +224,7 @@ class _Slot:
     experiment: str | None = None
     reason: str | None = None
     runs: int = 0
+    disagreements: int = 0  # unverified results in a row
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -283,6 +285,8 @@ class CampaignRunner:
         on_event: OnEvent | None = None,
         builders: Mapping[str, RecipeBuilder] | None = None,
         max_consecutive_rejections: int = MAX_CONSECUTIVE_REJECTIONS,
+        max_disagreements: Mapping[str, int] | None = None,
+        images_dir: Path | None = None,
     ) -> None:
         if not stations:
             raise ValueError("a campaign needs at least one station")
@@ -295,6 +299,8 @@ class CampaignRunner:
         self._on_event = on_event
         self._builders = builders
         self._max_rejections = max_consecutive_rejections
+        self._max_disagreements = dict(max_disagreements or {})
+        self._images_dir = images_dir
         self._lock = asyncio.Lock()  # claims, asks, tells and state saves: one at a time
         self._queue: deque[_Item] = deque()  # agent and resumed proposals, run before new asks
         self._pending: dict[str, str] = {}  # experiment id -> optimizer proposal id
@@ -598,9 +604,9 @@ class CampaignRunner:
             slot = next((s for s in self._slots.values() if s.state == "idle"), None) or next(
                 (s for s in self._slots.values() if s.state != "out"), None
             )
-            reasons = await self._check(item, slot)
-            if reasons:
-                await self._reject(item, reasons)
+            reasons, budget = await self._check(item, slot)
+            if reasons:  # a spent budget says nothing about the point: the optimizer learns nothing
+                await self._reject(item, reasons, tell=not budget)
                 return ProposalReceipt(item.experiment_id, False, tuple(reasons), proposer)
             try:
                 item.pid = self.optimizer.add_pending(item.params).id
@@ -643,25 +649,32 @@ class CampaignRunner:
         self._emit("proposed", experiment_id=eid, params=params, proposer=proposer)
         return _Item(eid, pid, params, recipe, proposer, checked=False)
 
-    async def _check(self, item: _Item, slot: _Slot | None) -> list[str]:
-        """Constraints, the recipe and the safety layer's dry run; the reasons it is refused."""
+    async def _check(self, item: _Item, slot: _Slot | None) -> tuple[list[str], bool]:
+        """Constraints, the recipe and the safety layer's dry run: the reasons it is refused,
+        and whether every reason is a safety budget (a matter of time, not of the point)."""
         ok, reasons = self.program.feasible(item.params)
         if not ok:
-            return reasons
+            return reasons, False
         if item.recipe is None:
             try:
                 item.recipe = build_recipe(
                     self.program, item.params, builders=self._builders
                 ).as_dict()
             except RecipeError as exc:
-                return [f"recipe {self.program.recipe}: {exc}"]
+                return [f"recipe {self.program.recipe}: {exc}"], False
         if slot is None:
-            return ["no station is available to dry-run the proposal"]
+            return ["no station is available to dry-run the proposal"], False
         violations = await slot.actor.dry_run.remote(item.recipe, item.proposer)
-        return [_violation_text(v) for v in violations]
+        budget = bool(violations) and all(
+            str(v.get("rule", "")).startswith("budget.") for v in violations
+        )
+        return [_violation_text(v) for v in violations], budget
 
-    async def _reject(self, item: _Item, reasons: Sequence[str]) -> None:
-        self._tell(item, None, "infeasible")
+    async def _reject(self, item: _Item, reasons: Sequence[str], *, tell: bool = True) -> None:
+        if tell:
+            self._tell(item, None, "infeasible")
+        else:
+            self._forget(item)
         await self.journal.reject.remote(
             item.experiment_id, list(reasons), optimizer_state=self._state()
         )
@@ -713,10 +726,20 @@ class CampaignRunner:
                     await self.journal.save_optimizer_state.remote(self.campaign_id, self._state())
                 if not item.checked:
                     try:
-                        reasons = await self._check(item, slot)
-                    except ray.exceptions.RayActorError as exc:
+                        reasons, budget = await self._check(item, slot)
+                    except Exception as exc:  # the actor died or refused: out, not retried
                         self._queue.appendleft(item)  # still 'proposed': another station checks it
-                        self._out(slot, f"station died: {_cause(exc)}")
+                        dead = isinstance(exc, ray.exceptions.RayActorError)
+                        self._out(slot, f"station {'died' if dead else 'failed'}: {_cause(exc)}")
+                        return None
+                    if budget:  # the station's safety budget is spent for now: it rests
+                        self._queue.appendleft(item)
+                        self._out(
+                            slot,
+                            f"safety budget spent ({reasons[0]}); resume the campaign once the "
+                            "budget's window allows more",
+                            state="paused",
+                        )
                         return None
                     if reasons:
                         await self._reject(item, reasons)
@@ -738,10 +761,10 @@ class CampaignRunner:
                 slot.state, slot.experiment = "busy", item.experiment_id
                 return item
 
-    def _out(self, slot: _Slot, reason: str) -> None:
+    def _out(self, slot: _Slot, reason: str, *, state: str = "out") -> None:
         slot.state, slot.reason, slot.experiment = "out", reason, None
-        log.error("campaign %s: station %s is out: %s", self.campaign_id, slot.name, reason)
-        self._emit("station", station=slot.name, state="out", reason=reason)
+        log.error("campaign %s: station %s is %s: %s", self.campaign_id, slot.name, state, reason)
+        self._emit("station", station=slot.name, state=state, reason=reason)
 
     # ------------------------------------------------------------------ running
     async def run(self) -> CampaignSummary:
@@ -792,7 +815,9 @@ class CampaignRunner:
             proposer=item.proposer,
         )
         try:
-            out = await slot.actor.run.remote(eid, item.recipe, item.proposer)
+            out = await slot.actor.run.remote(
+                eid, item.recipe, item.proposer, include_image=self._images_dir is not None
+            )
         except ray.exceptions.RayActorError as exc:
             await self._station_lost(slot, item, f"station {slot.name} died: {_cause(exc)}")
             return
@@ -848,12 +873,31 @@ class CampaignRunner:
                 and not isinstance(value, bool)
                 and math.isfinite(value)
             ):
-                self._tell(item, float(value), "ok")
+                verification = out.get("verification")
+                verified, reason = None, None
+                if verification is not None:
+                    verified = verification.get("verified")
+                    if verified is False:
+                        reason = "unverified: " + "; ".join(verification.get("reasons") or ["?"])
+                self._tell(item, float(value), "untrusted" if verified is False else "ok")
                 result = {**dict(out.get("result") or {}), "station": slot.name}
-                await j.finish.remote(eid, result, float(value), optimizer_state=self._state())
+                if verification is not None:
+                    result["verification"] = verification
+                images = self._save_images(out)
+                if images:
+                    result["images"] = images
+                await j.finish.remote(
+                    eid,
+                    result,
+                    float(value),
+                    verified=verified,
+                    reason=reason,
+                    optimizer_state=self._state(),
+                )
                 self._counts.done += 1
                 self._counts.by_station[slot.name] = self._counts.by_station.get(slot.name, 0) + 1
-                self._record_value(eid, item.params, float(value))
+                # an untrusted value counts against the budget but is no result (stop rules)
+                self._record_value(eid, item.params, None if verified is False else float(value))
                 event = {
                     "experiment_id": eid,
                     "station": slot.name,
@@ -861,9 +905,13 @@ class CampaignRunner:
                     "proposer": item.proposer,
                     "objective": float(value),
                     "measurements": measurements,
+                    "verified": verified,
+                    "verification": verification,
+                    "images": images,
                 }
                 self._emit("finished", **event, progress=self.progress())
                 self._resolve(eid, {"event": "finished", **event})
+                self._count_disagreement(slot, verified, reason)
                 return
             reason = f"the recipe ran but produced no finite {measure!r} (got {value!r})"
             self._tell(item, None, "failed")
@@ -878,8 +926,14 @@ class CampaignRunner:
             reasons = [_violation_text(v) for v in out.get("violations") or []] or [
                 str(out.get("error"))
             ]
+            violations = out.get("violations") or []
+            budget = bool(violations) and all(
+                str(v.get("rule", "")).startswith("budget.") for v in violations
+            )
             await j.transition.remote(eid, "proposed", reason="the dry run at start refused it")
-            await self._reject(item, reasons)
+            await self._reject(item, reasons, tell=not budget)
+            if budget:
+                self._out(slot, f"safety budget spent ({reasons[0]})", state="paused")
             return
         if out.get("refused"):  # latched, a budget, or the journal: nothing acted
             reason = f"station {slot.name} refused to start it: {out.get('error')}"
@@ -907,6 +961,41 @@ class CampaignRunner:
         self._record_value(eid, item.params, None)
         self._failed_event(slot, item, reason, trip=out.get("trip"))
         self._out(slot, f"tripped after {eid} {reason}; check it and reset it to use it again")
+
+    def _save_images(self, out: Mapping[str, Any]) -> dict[str, str]:
+        """Write the run's JPEGs under ``images_dir`` by content hash; role -> relative path."""
+        if self._images_dir is None:
+            return {}
+        paths: dict[str, str] = {}
+        for role, key in (("outcome", "image"), ("reference", "reference_image")):
+            data = out.get(key)
+            if not data:
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            path = self._images_dir / f"{digest}.jpg"
+            if not path.exists():
+                self._images_dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            paths[role] = str(path)
+        return paths
+
+    def _count_disagreement(self, slot: _Slot, verified: bool | None, reason: str | None) -> None:
+        """Pause a station after ``max_disagreements`` unverified results in a row."""
+        if verified is not False:
+            slot.disagreements = 0
+            return
+        slot.disagreements += 1
+        limit = self._max_disagreements.get(slot.name, 3)
+        self._emit("unverified", station=slot.name, reason=reason, in_a_row=slot.disagreements)
+        if slot.disagreements >= limit:
+            self._out(
+                slot,
+                f"paused: {slot.disagreements} results in a row disagree with the camera "
+                f"(last: {reason}); check the bench (pumps, sensor, camera), then resume the campaign",
+                state="paused",
+            )
 
     async def _finish(self) -> CampaignSummary:
         reason = self._stop_reason() or "every station stopped claiming work"

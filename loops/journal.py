@@ -799,13 +799,15 @@ class Journal:
         objective: float,
         *,
         verified: bool | None = None,
+        reason: str | None = None,
         optimizer_state: Mapping[str, Any] | None = None,
     ) -> int:
         """running -> done with ``result`` (JSON-able) and a finite ``objective``.
 
-        ``verified``: None (not checked), True, False (untrusted). Refused while a
-        step is started and not done. ``optimizer_state`` (after telling the
-        optimizer this result) is saved in the same transaction.
+        ``verified``: None (not checked), True, False (untrusted; ``reason`` says
+        why, kept in the row). Refused while a step is started and not done.
+        ``optimizer_state`` (after telling the optimizer this result) is saved in
+        the same transaction.
         """
         value = float(objective)
         if not math.isfinite(value):
@@ -828,6 +830,7 @@ class Journal:
                 campaign_id,
                 "done",
                 fields={"result": result, "objective": value, "verified": verified},
+                reason=reason,
                 optimizer_state=optimizer_state,
             )
 
@@ -1326,6 +1329,7 @@ class AsyncJournal:
         objective: float,
         *,
         verified: bool | None = None,
+        reason: str | None = None,
         optimizer_state: Mapping[str, Any] | None = None,
     ) -> int:
         return await self._call(
@@ -1334,6 +1338,7 @@ class AsyncJournal:
             result,
             objective,
             verified=verified,
+            reason=reason,
             optimizer_state=optimizer_state,
         )
 

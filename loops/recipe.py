@@ -31,7 +31,9 @@ sensor ``color``, ``enclosure``, ``camera``):
                   optional: else the last ``calibrate``), ``integration_ms``
                   (optional): colour-sensor counts -> Lab -> CIEDE2000 to the target;
                   also reads the hotplate (liquid temperature)
-``capture``       ``timeout_s`` (optional): one camera frame; its JPEG bytes are kept
+``capture``       ``timeout_s``, ``role`` (optional): one camera frame; its JPEG bytes are
+                  kept: ``role="reference"`` the scene before the experiment acts,
+                  else its outcome (what verification compares)
 ``heater_off``    heater off (always allowed: makes the station safer)
 ``stirrer_off``   stirrer off
 ``drain``         ``volume_ml``, ``rate_ml_min``, ``timeout_s`` (optional): the waste
@@ -55,8 +57,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from instruments.colour import counts_to_lab, delta_e2000
 from instruments.errors import DeviceAlarm
-from loops.colour import counts_to_lab, delta_e2000
 from loops.program import Program
 from safety import Command, DryRunReport, SafeStation
 
@@ -90,6 +92,8 @@ DYES = ("red", "green", "blue")
 MIN_DISPENSE_ML = 0.001
 #: the colour sensor looks through the vial's lower window: it needs this much liquid
 MIN_MEASURE_ML = 0.3
+#: what a capture is for: the scene before the experiment acts, or its outcome
+CAPTURE_ROLES = ("reference", "outcome")
 
 StepCallback = Callable[[int, "Step", str, dict[str, Any]], Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
@@ -128,7 +132,7 @@ STEP_KINDS: dict[str, dict[str, tuple[str, bool]]] = {
         "white": ("counts", False),
         "integration_ms": ("int", False),
     },
-    "capture": {"timeout_s": ("positive", False)},
+    "capture": {"timeout_s": ("positive", False), "role": ("role", False)},
     "heater_off": {},
     "stirrer_off": {},
     "drain": {
@@ -168,6 +172,10 @@ def _normalise(kind: str, name: str, typ: str, value: Any) -> Any:
     if typ == "str":
         if not isinstance(value, str) or not value:
             raise RecipeError(f"{where} must be a name, got {value!r}")
+        return value
+    if typ == "role":
+        if value not in CAPTURE_ROLES:
+            raise RecipeError(f"{where} must be one of {', '.join(CAPTURE_ROLES)}, got {value!r}")
         return value
     if typ == "fluids":
         if isinstance(value, str) or not isinstance(value, Sequence) or not value:
@@ -500,6 +508,7 @@ def _color_match(program: Program, inputs: Mapping[str, Any]) -> Recipe:
     if temperature is not None:
         steps.append(Step.of("cool", below_c=inputs["start_below_c"]))
     steps.append(Step.of("light", intensity=inputs["light_intensity"]))
+    steps.append(Step.of("capture", role="reference"))  # the scene before anything is poured
     for dye, v in dispensed.items():
         steps.append(Step.of("dispense", fluid=dye, volume_ml=v, rate_ml_min=rate))
     steps += [
@@ -523,7 +532,7 @@ def _color_match(program: Program, inputs: Mapping[str, Any]) -> Recipe:
             white=white,
             integration_ms=inputs.get("integration_ms"),
         ),
-        Step.of("capture"),
+        Step.of("capture", role="outcome"),
     ]
     if temperature is not None:
         steps.append(Step.of("heater_off"))
@@ -541,7 +550,8 @@ def _color_match(program: Program, inputs: Mapping[str, Any]) -> Recipe:
 
 #: Colour matching on the reference bench: calibrate the sensor on the empty vial
 #: (unless ``white`` counts are given), wait for the plate to cool below
-#: ``start_below_c`` (heated recipes), light on, dispense the dyes (skipping
+#: ``start_below_c`` (heated recipes), light on, capture the scene
+#: (the reference for verification), dispense the dyes (skipping
 #: volumes below 0.001 mL), wait for the pumps, stir, heat (if ``temperature_c``:
 #: a ramp from ``ramp_from_c`` at ``ramp_c_per_min``), hold, measure (Lab,
 #: CIEDE2000 to the objective's ``target_lab``), capture, heater off, stirrer
@@ -564,7 +574,7 @@ COLOR_MATCH = RecipeBuilder(
         "rate_ml_min": 5.0,
         "drain_rate_ml_min": 20.0,
         "drain_margin_ml": 0.2,
-        "light_intensity": 0.8,
+        "light_intensity": 0.6,  # the camera's reference patch saturates above ~0.7 at the brightest ambient light
         "white": None,  # [r, g, b] counts of the empty vial; None: a calibrate step
         "integration_ms": None,  # None: the sensor's default
     },
@@ -621,13 +631,15 @@ class Result:
     was normalised by), ``liquid_c``/``plate_c`` (hotplate at the measurement),
     ``dispensed_ml`` (fluid -> mL the pump reports having infused),
     ``drained_ml`` (what the waste pump reports withdrawn), ``image_sha256``
-    and ``image_bytes`` (or None). ``image``: the camera's JPEG bytes (None if
-    no capture or the source sends raw frames). ``durations``: seconds per
-    step (``clock_now``), ``elapsed_s`` in total.
+    and ``image_bytes`` (or None), ``reference_sha256``. ``image``: the
+    outcome capture's JPEG bytes, ``reference_image`` the reference capture's
+    (None if no such capture or the source sends raw frames). ``durations``:
+    seconds per step (``clock_now``), ``elapsed_s`` in total.
     """
 
     measurements: dict[str, Any] = field(default_factory=dict)
     image: bytes | None = None
+    reference_image: bytes | None = None
     durations: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -821,11 +833,16 @@ class _Run:
         elif k == "capture":
             frame = await self.h(ins["camera"]).capture(p.get("timeout_s"))
             encoded = getattr(frame, "encoded", None)
-            self.result.image = bytes(encoded) if encoded else None
-            if self.result.image is not None:
-                self.m["image_sha256"] = hashlib.sha256(self.result.image).hexdigest()
-                self.m["image_bytes"] = len(self.result.image)
-            return {"image_sha256": self.m["image_sha256"], "image_bytes": self.m["image_bytes"]}
+            image = bytes(encoded) if encoded else None
+            digest = hashlib.sha256(image).hexdigest() if image is not None else None
+            size = len(image) if image is not None else None
+            if p.get("role") == "reference":
+                self.result.reference_image = image
+                self.m["reference_sha256"] = digest
+                return {"role": "reference", "image_sha256": digest, "image_bytes": size}
+            self.result.image = image
+            self.m["image_sha256"], self.m["image_bytes"] = digest, size
+            return {"role": "outcome", "image_sha256": digest, "image_bytes": size}
         elif k == "heater_off":
             await self.h(ins["hotplate"]).set_heater(False)
         elif k == "stirrer_off":

@@ -46,8 +46,10 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from instruments.vision import Calibration, decode_jpeg, fit_calibration
 from loops.journal import AsyncJournal, IllegalTransition, JournalError
-from loops.recipe import Recipe, Step, dry_run_recipe, run_recipe
+from loops.recipe import INSTRUMENTS, Recipe, Step, dry_run_recipe, run_recipe
+from loops.verify import Tolerances, verify
 from safety import SafeStation, SafetyError, load_envelope, open_station
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,9 @@ __all__ = [
     "start_station_actor",
     "station_resource",
 ]
+
+#: cumulative mL of dye at which :meth:`StationActor.calibrate_camera` takes a frame
+CALIBRATION_VOLUMES_ML = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)
 
 #: what :meth:`StationActor.recover` drains: more than the 3.0 mL vial holds
 RECOVERY_DRAIN_ML = 3.2
@@ -160,7 +165,11 @@ class StationActor:
     supervisor (``poll_interval``, ``device_time_scale``, ...); ``env``:
     environment variables set in the actor's process before the station opens
     (e.g. ``DBUS_SYSTEM_BUS_ADDRESS`` for a simulated BLE bus); ``journal``: a
-    :class:`JournalActor` handle (None: steps are not journaled).
+    :class:`JournalActor` handle (None: steps are not journaled);
+    ``verification``: ``enabled``, ``calibration`` (the camera's, a
+    :meth:`~instruments.vision.Calibration.to_dict`, or fitted later by
+    :meth:`calibrate_camera`) and ``tolerances`` (:class:`loops.verify.Tolerances`
+    fields): after each successful run the outcome is verified (:func:`loops.verify.verify`).
     """
 
     def __init__(
@@ -174,6 +183,7 @@ class StationActor:
         env: Mapping[str, str] | None = None,
         journal: Any = None,
         poll_s: float = 1.0,
+        verification: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self._specs = [dict(s) for s in specs]
@@ -190,6 +200,11 @@ class StationActor:
         self._open_lock = asyncio.Lock()
         self._current: str | None = None
         self._runs = 0
+        ver = dict(verification or {})
+        self._verify = bool(ver.get("enabled", False))
+        self._tolerances = Tolerances(**dict(ver.get("tolerances") or {}))
+        cal = ver.get("calibration")
+        self._calibration = Calibration.from_dict(cal) if cal else None
 
     # clock -----------------------------------------------------------------
     def _now(self) -> float:
@@ -305,8 +320,9 @@ class StationActor:
         nothing reached the wire or the journal. Else the experiment goes ``queued ->
         running`` in the journal (``mark_running``), one budget unit is consumed, and each
         step is journaled started before it acts and done after. Success -> ``{"ok": True,
-        "result": Result.as_dict(), "measurements": {...}, "steps": n}`` (``image``: the
-        JPEG bytes if ``include_image``). Failure at step i -> ``{"ok": False, "step": i,
+        "result": Result.as_dict(), "measurements": {...}, "steps": n, "verification":
+        Verification dict}`` (``verification`` when enabled; ``image`` and
+        ``reference_image``: the JPEG bytes if ``include_image``). Failure at step i -> ``{"ok": False, "step": i,
         "error": ..., "error_type": ..., "trip": TripReport dict}``: the station is tripped
         (latched safe state) when ``trip_on_failure``; the campaign records the outcome.
         """
@@ -419,9 +435,139 @@ class StationActor:
             "measurements": dict(result.measurements),
             "steps": len(recipe.steps),
         }
+        if self._verify:
+            out["verification"] = (await self._verify_outcome(result)).as_dict()
         if include_image:
             out["image"] = result.image
+            out["reference_image"] = result.reference_image
         return out
+
+    async def _verify_outcome(self, result: Any) -> Any:
+        """The camera against the instruments (CPU-bound, a few ms: off the event loop)."""
+        if self._calibration is None:
+            from loops.verify import Verification
+
+            return Verification(
+                False,
+                (
+                    f"cannot verify: station {self.name} has no camera calibration "
+                    "(labbridge calibrate)",
+                ),
+            )
+        return await asyncio.to_thread(
+            verify,
+            result.image,
+            result.measurements,
+            self._calibration,
+            self._tolerances,
+            reference_jpeg=result.reference_image,
+        )
+
+    async def calibrate_camera(
+        self,
+        volumes: Sequence[float] = CALIBRATION_VOLUMES_ML,
+        *,
+        fluid: str = "red",
+        rate_ml_min: float = 5.0,
+        who: str = "operator:calibration",
+        light_intensity: float = 0.6,
+        drain_rate_ml_min: float = 20.0,
+    ) -> dict[str, Any]:
+        """Fit the camera's fill-level calibration on this bench; it is used from now on.
+
+        Through the guard: light on, a frame of the empty vial, then ``fluid`` is
+        dispensed up to each of ``volumes`` (cumulative mL, ascending) with a frame
+        at each, then the vial is drained and the light turned off. The pumps are
+        trusted here: calibrate with a pump known to deliver what it reports.
+        Returns :meth:`~instruments.vision.Calibration.to_dict` (save it with the lab
+        config); raises :class:`StationError` naming the problem (a refusal, a bad fit).
+        """
+        station = self._require()
+        levels = [float(v) for v in volumes]
+        if levels != sorted(levels) or not levels or levels[0] < 0:
+            raise ValueError(f"calibration volumes must be ascending and >= 0, got {levels}")
+        if self._run_lock.locked():
+            raise StationBusy(f"station {self.name} is running {self._current}: not calibrating")
+        steps: list[Step] = [Step.of("light", intensity=light_intensity)]
+        if levels[0] > 0:
+            levels.insert(0, 0.0)
+        total = 0.0
+        for level in levels:
+            if level > total + 1e-9:
+                steps += [
+                    Step.of(
+                        "dispense",
+                        fluid=fluid,
+                        volume_ml=round(level - total, 4),
+                        rate_ml_min=rate_ml_min,
+                    ),
+                    Step.of("wait_pumps", fluids=[fluid]),
+                ]
+                total = level
+            steps.append(Step.of("capture", role="outcome"))
+        steps += [
+            Step.of("drain", volume_ml=round(total + 0.2, 4), rate_ml_min=drain_rate_ml_min),
+            Step.of("light_off"),
+        ]
+        recipe = Recipe(tuple(steps), name="camera-calibration")
+        report = dry_run_recipe(recipe, station, who=who, now=self._now())
+        if not report.ok:
+            raise StationError(f"station {self.name}: calibration refused: {report}")
+        frames: list[bytes] = []
+        camera = station.handle(INSTRUMENTS["camera"], who=who)
+
+        async def run(*part: Step) -> None:
+            await run_recipe(
+                Recipe(part),
+                station,
+                clock_sleep=self._sleep,
+                who=who,
+                clock_now=self._now,
+                poll_s=self._poll_s,
+            )
+
+        async with self._run_lock:
+            self._current = "camera-calibration"
+            try:
+                await run(steps[0])
+                total = 0.0
+                for level in levels:
+                    if level > total + 1e-9:
+                        await run(
+                            Step.of(
+                                "dispense",
+                                fluid=fluid,
+                                volume_ml=round(level - total, 4),
+                                rate_ml_min=rate_ml_min,
+                            ),
+                            Step.of("wait_pumps", fluids=[fluid]),
+                        )
+                        total = level
+                    frame = await camera.capture()
+                    encoded = getattr(frame, "encoded", None)
+                    if not encoded:
+                        raise StationError(
+                            "the camera sends raw frames, not JPEG: cannot keep them"
+                        )
+                    frames.append(bytes(encoded))
+                await run(*steps[-2:])
+            except Exception as exc:
+                reason = f"camera calibration failed: {_cause(exc)}"
+                await station.trip(reason, "calibration", who=who)
+                raise StationError(f"station {self.name}: {reason}") from None
+            finally:
+                self._current = None
+        if len(frames) != len(levels):
+            raise StationError(
+                f"station {self.name}: calibration got {len(frames)} frames for {len(levels)} volumes"
+            )
+        try:
+            samples = [(decode_jpeg(f), v) for f, v in zip(frames, levels, strict=True)]
+            calibration = await asyncio.to_thread(fit_calibration, samples)
+        except Exception as exc:
+            raise _portable(exc, StationError) from None
+        self._calibration = calibration
+        return calibration.to_dict()
 
     # safety ----------------------------------------------------------------
     async def trip(self, reason: str, who: str | None = None) -> dict[str, Any]:
@@ -509,6 +655,7 @@ def start_station_actor(
     poll_s: float = 1.0,
     actor_name: str | None = None,
     namespace: str | None = None,
+    verification: Mapping[str, Any] | None = None,
 ) -> Any:
     """Create station ``name``'s :class:`StationActor` (not yet open: ``await handle.start.remote()``).
 
@@ -535,6 +682,7 @@ def start_station_actor(
         env=dict(env or {}),
         journal=journal,
         poll_s=poll_s,
+        verification=dict(verification or {}),
     )
 
 

@@ -389,3 +389,59 @@ async def test_kill_9_at_random_points_then_resume_loses_nothing_and_reruns_noth
     assert saved["pending"] == {}
     statuses = sorted(o["status"] for o in saved["optimizer"]["observations"])
     assert statuses.count("ok") == sum(e.state == "done" for e in exps)
+
+
+# ------------------------------------------------------------- verification (issue 6)
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(
+    ("fault", "params", "reason"),
+    [
+        ("clogged-pump", {"pump": "red", "factor": 0.1}, "fill level: the camera sees"),
+        ("camera-freeze", {}, "cannot verify"),
+        ("vial-missing", {}, "cannot verify"),
+    ],
+)
+async def test_a_station_whose_camera_disagrees_is_paused_and_its_results_untrusted(
+    ray_session: Any, tmp_path: Path, fault: str, params: dict[str, Any], reason: str
+) -> None:
+    events: list[dict[str, Any]] = []
+    async with simulated(tmp_path) as (sim, lab, journal, actors):
+        assert lab.stations["bench-a"].verification is not None
+        assert lab.stations["bench-a"].verification.calibration() is not None  # calibrated itself
+        sim.stations[0].inject_fault(fault, **params)
+        runner = CampaignRunner(
+            program(budget=12, target=None),
+            journal,
+            actors,
+            campaign_id="witness",
+            clock_now=lab_clock(lab)[1],
+            on_event=events.append,
+            max_disagreements={"bench-a": 3},
+            images_dir=tmp_path / "images",
+        )
+        summary = await runner.run()
+        observations = {o.id: o for o in runner.optimizer.observations()}
+    assert summary.state == "stopped", summary
+    assert summary.stations["bench-a"]["state"] == "out"
+    assert summary.stations["bench-a"]["reason"].startswith("paused: 3 results in a row disagree")
+    assert [e["state"] for e in events if e["event"] == "station"] == ["paused"]
+    j = Journal(lab.store)
+    try:
+        exps = j.experiments("witness")
+    finally:
+        j.close()
+    unverified = [e for e in exps if e.verified is False]
+    assert len(unverified) >= 3 and len(exps) <= 6  # caught within a few experiments
+    assert [e.verified for e in exps[-3:]] == [False, False, False]
+    for e in unverified:
+        assert e.state == "done" and (e.reason or "").startswith("unverified: "), e.reason
+        assert reason in e.reason, e.reason
+        images = e.result["images"]
+        assert Path(images["outcome"]).exists() and Path(images["reference"]).exists()
+        assert Path(images["outcome"]).name == e.result["measurements"]["image_sha256"] + ".jpg"
+    # the optimizer keeps them out of its trusted data; the stop rules do not count them
+    statuses = [o.status for o in observations.values()]
+    assert statuses.count("untrusted") == len(unverified)
+    assert summary.best is None or all(summary.best["experiment_id"] != e.id for e in unverified)
+    finished = [e for e in events if e["event"] == "finished"]
+    assert [e["verified"] for e in finished] == [x.verified for x in exps if x.state == "done"]

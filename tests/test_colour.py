@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loops.colour import (
+from instruments.colour import (
     counts_to_lab,
     delta_e2000,
     lab_to_srgb,

@@ -144,3 +144,37 @@ def test_the_hardware_template_is_a_valid_lab() -> None:
     ]
     assert {i["kind"] for i in st.instruments} <= set(safety.available_drivers())
     assert not lab.simulated and lab.ray_address is None
+    assert st.verification is not None  # a station with a camera verifies by default
+    assert st.verification.calibration_path == lab.store.parent / "calibration" / "bench-a.yaml"
+    assert st.verification.tolerances.fill_ml == 0.15
+
+
+def test_verification_options(tmp_path: Path) -> None:
+    path = tmp_path / "lab.yaml"
+    path.write_text(GOOD)
+    assert load_lab(path).stations["bench-a"].verification is None  # no camera: nothing to verify
+    with_camera = GOOD.replace(
+        '    env: {EXTRA: "1"}\n',
+        '      - {name: camera, kind: camera, url: "camera://0"}\n'
+        '    env: {EXTRA: "1"}\n'
+        "    verification: {calibration: cal/a.yaml, fill_tolerance_ml: 0.2, max_disagreements: 5}\n",
+    )
+    path.write_text(with_camera)
+    v = load_lab(path).stations["bench-a"].verification
+    assert v is not None and v.calibration_path == tmp_path / "cal" / "a.yaml"
+    assert (v.tolerances.fill_ml, v.tolerances.max_disagreements) == (0.2, 5)
+    assert v.calibration() is None  # not made yet
+    v.save({"format": "labbridge.vision.calibration/1"})
+    assert v.calibration() == {"format": "labbridge.vision.calibration/1"}
+    path.write_text(with_camera.replace("max_disagreements: 5", "max_disagreements: 0"))
+    with pytest.raises(
+        LabConfigError, match=r"verification\.max_disagreements: must be an integer"
+    ):
+        load_lab(path)
+    path.write_text(
+        GOOD.replace(
+            '    env: {EXTRA: "1"}\n', '    env: {EXTRA: "1"}\n    verification: {enabled: true}\n'
+        )
+    )
+    with pytest.raises(LabConfigError, match="verification needs a camera"):
+        load_lab(path)

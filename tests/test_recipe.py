@@ -62,6 +62,7 @@ def test_color_match_builder(program: Program) -> None:
         "calibrate",
         "cool",
         "light",
+        "capture",  # the reference frame, before anything is poured
         "dispense",
         "dispense",  # green_ml = 0: no dispense
         "wait_pumps",
@@ -77,13 +78,15 @@ def test_color_match_builder(program: Program) -> None:
     ]
     steps = recipe.steps
     assert recipe.volumes() == {"red": 0.5, "blue": 0.7}
-    assert steps[3].params == {"fluid": "red", "volume_ml": 0.5, "rate_ml_min": 5.0}
-    assert steps[5]["fluids"] == ("red", "blue")
-    assert steps[6]["rpm"] == 300
-    assert steps[7].params == {"setpoint_c": 50.0, "from_c": 25.0, "rise_per_min": 10.0}
-    assert steps[8]["seconds"] == 120.0
-    assert steps[9]["target_lab"] == program.objective.target_lab
-    assert steps[13].params == {"volume_ml": 1.4, "rate_ml_min": 20.0}  # 1.2 mL + 0.2 margin
+    assert steps[3].params == {"role": "reference"}
+    assert steps[4].params == {"fluid": "red", "volume_ml": 0.5, "rate_ml_min": 5.0}
+    assert steps[6]["fluids"] == ("red", "blue")
+    assert steps[7]["rpm"] == 300
+    assert steps[8].params == {"setpoint_c": 50.0, "from_c": 25.0, "rise_per_min": 10.0}
+    assert steps[9]["seconds"] == 120.0
+    assert steps[10]["target_lab"] == program.objective.target_lab
+    assert steps[11].params == {"role": "outcome"}
+    assert steps[14].params == {"volume_ml": 1.4, "rate_ml_min": 20.0}  # 1.2 mL + 0.2 margin
     text = str(recipe)
     assert "dispense red 0.5 mL at 5 mL/min" in text and "heat to 50 degC from 25 degC" in text
 
@@ -154,14 +157,14 @@ def test_json_round_trip(program: Program) -> None:
     again = Recipe.from_dict(json.loads(text))
     assert again == recipe
     assert again.as_dict() == recipe.as_dict()
-    assert json.loads(text)["steps"][5] == {"kind": "wait_pumps", "fluids": ["red", "blue"]}
+    assert json.loads(text)["steps"][6] == {"kind": "wait_pumps", "fluids": ["red", "blue"]}
 
 
 def test_commands_for_the_dry_run(program: Program) -> None:
     recipe = build_recipe(program, PARAMS)
     commands = recipe.commands("optimizer")
     assert [str(c) for c in commands] == [
-        "enclosure.set_light(on=True, intensity=0.8)",
+        "enclosure.set_light(on=True, intensity=0.6)",
         "red.dispense(volume_ml=0.5, rate_ml_min=5.0)",
         "blue.dispense(volume_ml=0.7, rate_ml_min=5.0)",
         "hotplate.set_stirrer(on=True, rpm=300)",
@@ -252,8 +255,8 @@ async def test_run_recipe_on_a_simulated_station(program: Program) -> None:
         # "started" came before the step acted: the red dispense reached the guard after it
         records = station.audit.records()
         red = next(i for i, v in enumerate(records) if str(v.command).startswith("red.dispense"))
-        started = next(e[3] for e in events if e[:3] == (3, "dispense", "started"))
-        done = next(e[3] for e in events if e[:3] == (3, "dispense", "done"))
+        started = next(e[3] for e in events if e[:3] == (4, "dispense", "started"))
+        done = next(e[3] for e in events if e[:3] == (4, "dispense", "done"))
         assert started <= red < done
         assert not station.audit.records(allowed=False)
         assert {v.command.who for v in records} == {"optimizer"}
@@ -270,6 +273,8 @@ async def test_run_recipe_on_a_simulated_station(program: Program) -> None:
         assert m["drained_ml"] == pytest.approx(1.4, abs=1e-3)
         assert result.image is not None and result.image[:2] == b"\xff\xd8"  # a JPEG
         assert m["image_bytes"] == len(result.image)
+        assert result.reference_image is not None and result.reference_image[:2] == b"\xff\xd8"
+        assert m["reference_sha256"] != m["image_sha256"]  # the scene before and after
         json.dumps(result.as_dict())
         assert len(result.durations) == len(recipe.steps)
         ramp = result.durations[kinds(recipe).index("heat")]
