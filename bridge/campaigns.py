@@ -81,11 +81,15 @@ async def open_lab(
     ray_address: str | None = None,
     stations: list[str] | None = None,
     start_timeout_s: float = START_TIMEOUT_S,
+    calibrate_missing: bool = True,
 ) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
     """Start Ray (or join it), the journal actor for ``lab.store`` and the station actors.
 
-    Yields ``(journal, {station: actor})`` with every station open. On exit every
-    station is closed (instruments safe-stated) and the actors are released.
+    Yields ``(journal, {station: actor})`` with every station open and, with
+    ``calibrate_missing``, every verifying station's camera calibrated (a simulated
+    bench calibrates itself; a real one without a calibration is an error that says
+    to run ``labbridge calibrate``). On exit every station is closed (instruments
+    safe-stated) and the actors are released.
     """
     names = stations or list(lab.stations)
     unknown = [n for n in names if n not in lab.stations]
@@ -114,7 +118,8 @@ async def open_lab(
                 verification=st.verification.actor_options() if st.verification else None,
             )
         await asyncio.gather(*(_start(n, a, start_timeout_s) for n, a in actors.items()))
-        await _ensure_calibrated(lab, actors)
+        if calibrate_missing:
+            await _ensure_calibrated(lab, actors)
         yield journal, actors
     finally:
         await _close(journal, actors)

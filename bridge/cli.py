@@ -5,6 +5,7 @@ Commands available now (``labbridge COMMAND --help`` for each):
 * ``sim``     start a simulated lab on loopback and run the demo experiment on it
 * ``run``     run a campaign (``program.md``) on a lab's stations (a simulated lab by default)
 * ``resume``  carry on a campaign that was stopped or killed, from its journal
+* ``calibrate`` fit each station's camera calibration (fill level) on its bench
 * ``drivers`` list the registered driver kinds (built-in and from other packages)
 * ``probe``   connect one instrument by kind and URL, print what it is and what it reads
               (the way to check real hardware is wired right)
@@ -170,6 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _campaign_options(resume)
 
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit each station's camera calibration on its bench",
+        description=(
+            "Fit the camera's fill-level calibration of each station (or of --station): through "
+            "the safety layer, light on, a frame of the empty vial, then red dye dispensed to "
+            "0.5, 1.0, ... 2.5 mL with a frame at each, then the vial drained. The pump must "
+            "deliver what it reports (calibrate with a pump you trust). The calibration is saved "
+            "where the station's verification.calibration says (default calibration/<station>.yaml "
+            "next to the lab config); campaigns verify every experiment with it."
+        ),
+    )
+    cal.add_argument("--lab", type=Path, required=True, help="lab config")
+    cal.add_argument(
+        "--station", action="append", default=None, help="only this station (repeatable)"
+    )
+    cal.add_argument("--ray-address", default=None, help="join this Ray cluster")
+
     sub.add_parser(
         "drivers", help="list registered driver kinds", description="List registered driver kinds."
     )
@@ -257,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("run", "resume"):
         return _campaign_command(args)
+    if args.command == "calibrate":
+        return _calibrate_command(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
@@ -320,6 +341,31 @@ def _campaign_command(args: argparse.Namespace) -> int:
         where = f" --lab {args.lab}" if args.lab is not None else ""
         print(f"to carry on: labbridge resume {summary.campaign_id}{where}")
     return 0 if summary.state == "done" else 3
+
+
+def _calibrate_command(args: argparse.Namespace) -> int:
+    from bridge.campaigns import StationUnavailable, calibrate, open_lab
+    from bridge.labconfig import load_lab
+
+    async def go() -> dict[str, Path]:
+        lab = load_lab(args.lab)
+        names = args.station or [n for n, st in lab.stations.items() if st.verification]
+        off = [n for n in names if n in lab.stations and lab.stations[n].verification is None]
+        if off:
+            raise ValueError(f"{args.lab}: camera verification is off for {', '.join(off)}")
+        async with open_lab(
+            lab, ray_address=args.ray_address, stations=names, calibrate_missing=False
+        ) as (_, actors):
+            return await calibrate(lab, actors)
+
+    try:
+        written = asyncio.run(go())
+    except (ConfigError, StationUnavailable, ValueError, OSError) as exc:
+        print(f"labbridge calibrate: {exc}", file=sys.stderr)
+        return 1
+    for name, path in written.items():
+        print(f"{name}: camera calibration saved to {path}")
+    return 0
 
 
 async def _sim_campaign(

@@ -119,3 +119,39 @@ async def test_run_with_a_bad_program_names_the_field(tmp_path: Path) -> None:
     code, out = await finish(proc, 60)
     assert code == 1
     assert f"{bad}:" in out and "objective.direction" in out, out
+
+
+@pytest.mark.timeout(180)
+async def test_calibrate_then_a_real_lab_needs_its_calibration(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    import yaml
+
+    from bridge.simbench import sim_lab_yaml
+    from simulators.bench import SimulatedLab
+
+    address = ray_session.get_runtime_context().gcs_address
+    async with SimulatedLab(stations=1, speed=500) as sim:
+        text = sim_lab_yaml(sim, tmp_path / "journal.db")
+        real = yaml.safe_load(text)
+        del real["simulated"]  # as a bench PC's lab.yaml: no simulated clock, no self-calibration
+        lab_file = tmp_path / "lab.yaml"
+        lab_file.write_text(yaml.safe_dump(real))
+        proc = await labbridge(
+            "run", str(EXAMPLE), "--lab", str(lab_file), "--ray-address", address
+        )
+        code, out = await finish(proc)
+        assert code == 1, out
+        assert "station bench-a has no camera calibration" in out, out
+        assert f"labbridge calibrate --lab {lab_file}" in out, out
+
+        lab_file.write_text(text)  # the simulated clock again, for the pumps' timing
+        proc = await labbridge("calibrate", "--lab", str(lab_file), "--ray-address", address)
+        code, out = await finish(proc)
+        assert code == 0, out
+        saved = tmp_path / "calibration" / "bench-a.yaml"
+        assert f"bench-a: camera calibration saved to {saved}" in out, out
+        data = yaml.safe_load(saved.read_text())
+        assert data["format"] == "labbridge.vision.calibration/1"
+        assert data["fill"]["volumes_ml"] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+        assert max(abs(r) for r in data["fill"]["residuals_ml"]) < 0.05
