@@ -865,6 +865,9 @@ class CampaignRunner:
     async def _record(self, slot: _Slot, item: _Item, out: Mapping[str, Any]) -> None:
         j, eid = self.journal, item.experiment_id
         measure = self.program.objective.measure
+        images = self._save_images(out)
+        if images or out.get("audit"):  # the evidence first, then the outcome that cites it
+            await j.record_evidence.remote(eid, verdicts=out.get("audit") or (), images=images)
         if out.get("ok"):
             measurements = dict(out.get("measurements") or {})
             value = measurements.get(measure)
@@ -883,7 +886,6 @@ class CampaignRunner:
                 result = {**dict(out.get("result") or {}), "station": slot.name}
                 if verification is not None:
                     result["verification"] = verification
-                images = self._save_images(out)
                 if images:
                     result["images"] = images
                 await j.finish.remote(
@@ -962,11 +964,12 @@ class CampaignRunner:
         self._failed_event(slot, item, reason, trip=out.get("trip"))
         self._out(slot, f"tripped after {eid} {reason}; check it and reset it to use it again")
 
-    def _save_images(self, out: Mapping[str, Any]) -> dict[str, str]:
-        """Write the run's JPEGs under ``images_dir`` by content hash; role -> relative path."""
+    def _save_images(self, out: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Write the run's JPEGs under ``images_dir`` by content hash (before the journal
+        names them); role -> ``sha256``, ``path``, ``bytes``."""
         if self._images_dir is None:
             return {}
-        paths: dict[str, str] = {}
+        saved: dict[str, dict[str, Any]] = {}
         for role, key in (("outcome", "image"), ("reference", "reference_image")):
             data = out.get(key)
             if not data:
@@ -978,8 +981,8 @@ class CampaignRunner:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_bytes(data)
                 tmp.replace(path)
-            paths[role] = str(path)
-        return paths
+            saved[role] = {"sha256": digest, "path": str(path), "bytes": len(data)}
+        return saved
 
     def _count_disagreement(self, slot: _Slot, verified: bool | None, reason: str | None) -> None:
         """Pause a station after ``max_disagreements`` unverified results in a row."""

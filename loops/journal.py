@@ -73,7 +73,7 @@ __all__ = [
     "migrate",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 EXPERIMENT_STATES = (
     "proposed",
@@ -327,6 +327,34 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         """CREATE TRIGGER transitions_no_delete BEFORE DELETE ON transitions
             BEGIN SELECT RAISE(ABORT, 'journal transitions are append-only'); END""",
         "INSERT INTO schema_version (version) VALUES (0)",
+    ),
+    2: (
+        # the safety layer's verdicts on each experiment's commands (allowed and refused)
+        """CREATE TABLE verdicts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            campaign_id TEXT NOT NULL REFERENCES campaigns(id),
+            experiment_id TEXT REFERENCES experiments(id),
+            station TEXT NOT NULL,
+            t REAL NOT NULL,
+            who TEXT,
+            command TEXT NOT NULL,
+            allowed INTEGER NOT NULL CHECK (allowed IN (0, 1)),
+            rule TEXT,
+            reason TEXT NOT NULL,
+            data TEXT)""",
+        "CREATE INDEX verdicts_by_experiment ON verdicts (experiment_id, id)",
+        "CREATE INDEX verdicts_by_campaign ON verdicts (campaign_id, id)",
+        # camera frames on disk by content hash, and which experiment they belong to
+        """CREATE TABLE images (
+            sha256 TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            bytes INTEGER NOT NULL,
+            created REAL NOT NULL)""",
+        """CREATE TABLE experiment_images (
+            experiment_id TEXT NOT NULL REFERENCES experiments(id),
+            role TEXT NOT NULL,
+            sha256 TEXT NOT NULL REFERENCES images(sha256),
+            PRIMARY KEY (experiment_id, role))""",
     ),
 }
 
@@ -857,6 +885,87 @@ class Journal:
                 reason=reason,
             )
 
+    def record_evidence(
+        self,
+        experiment_id: str,
+        *,
+        verdicts: Sequence[Mapping[str, Any]] = (),
+        images: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Keep an experiment's evidence, in one transaction: the safety verdicts on its
+        commands (``Verdict.as_dict()``: ``station``, ``command``, ``allowed``, ``rule``,
+        ``reason``, ``t``, ...) and its images (role -> ``sha256``, ``path``, ``bytes``)."""
+        with self._tx() as conn:
+            campaign_id, _, station, _ = self._current(conn, experiment_id)
+            for v in verdicts:
+                command = v.get("command") or {}
+                conn.execute(
+                    "INSERT INTO verdicts (campaign_id, experiment_id, station, t, who, command, "
+                    "allowed, rule, reason, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        campaign_id,
+                        experiment_id,
+                        str(v.get("station") or station or ""),
+                        float(v.get("t") or time.time()),
+                        command.get("who") if isinstance(command, Mapping) else None,
+                        _dumps(command),
+                        int(bool(v.get("allowed"))),
+                        v.get("rule"),
+                        str(v.get("reason") or ""),
+                        _dumps(v.get("values")),
+                    ),
+                )
+            for role, image in (images or {}).items():
+                conn.execute(
+                    "INSERT OR IGNORE INTO images (sha256, path, bytes, created) VALUES (?, ?, ?, ?)",
+                    (image["sha256"], str(image["path"]), int(image["bytes"]), time.time()),
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO experiment_images (experiment_id, role, sha256) "
+                    "VALUES (?, ?, ?)",
+                    (experiment_id, role, image["sha256"]),
+                )
+
+    def verdicts(self, campaign_id: str, experiment_id: str | None = None) -> list[dict[str, Any]]:
+        """The safety verdicts recorded for a campaign (or one experiment), oldest first."""
+        sql = (
+            "SELECT id, experiment_id, station, t, who, command, allowed, rule, reason, data "
+            "FROM verdicts WHERE campaign_id = ?"
+        )
+        args: list[Any] = [campaign_id]
+        if experiment_id is not None:
+            sql += " AND experiment_id = ?"
+            args.append(experiment_id)
+        rows = self._db().execute(sql + " ORDER BY id", args).fetchall()
+        return [
+            {
+                "id": r[0],
+                "experiment_id": r[1],
+                "station": r[2],
+                "t": r[3],
+                "who": r[4],
+                "command": _loads(r[5]),
+                "allowed": bool(r[6]),
+                "rule": r[7],
+                "reason": r[8],
+                "values": _loads(r[9]),
+            }
+            for r in rows
+        ]
+
+    def images(self, experiment_id: str) -> dict[str, dict[str, Any]]:
+        """An experiment's images: role -> ``sha256``, ``path``, ``bytes``."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT e.role, i.sha256, i.path, i.bytes FROM experiment_images e "
+                "JOIN images i ON i.sha256 = e.sha256 WHERE e.experiment_id = ? ORDER BY e.role",
+                (experiment_id,),
+            )
+            .fetchall()
+        )
+        return {r[0]: {"sha256": r[1], "path": r[2], "bytes": r[3]} for r in rows}
+
     # ------------------------------------------------------------------ reads
     def experiment(self, experiment_id: str) -> Experiment:
         """One experiment; raises :class:`UnknownExperiment`."""
@@ -1346,6 +1455,25 @@ class AsyncJournal:
         self, experiment_id: str, verified: bool, *, reason: str | None = None
     ) -> int:
         return await self._call(self._journal.mark_verified, experiment_id, verified, reason=reason)
+
+    async def record_evidence(
+        self,
+        experiment_id: str,
+        *,
+        verdicts: Sequence[Mapping[str, Any]] = (),
+        images: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        await self._call(
+            self._journal.record_evidence, experiment_id, verdicts=verdicts, images=images
+        )
+
+    async def verdicts(
+        self, campaign_id: str, experiment_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        return await self._call(self._journal.verdicts, campaign_id, experiment_id)
+
+    async def images(self, experiment_id: str) -> dict[str, dict[str, Any]]:
+        return await self._call(self._journal.images, experiment_id)
 
     async def experiment(self, experiment_id: str) -> Experiment:
         return await self._call(self._journal.experiment, experiment_id)

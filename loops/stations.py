@@ -322,7 +322,8 @@ class StationActor:
         step is journaled started before it acts and done after. Success -> ``{"ok": True,
         "result": Result.as_dict(), "measurements": {...}, "steps": n, "verification":
         Verification dict}`` (``verification`` when enabled; ``image`` and
-        ``reference_image``: the JPEG bytes if ``include_image``). Failure at step i -> ``{"ok": False, "step": i,
+        ``reference_image``: the JPEG bytes if ``include_image``). Every outcome also
+        carries ``audit``: the safety verdicts (``Verdict.as_dict()``) of this run's commands. Failure at step i -> ``{"ok": False, "step": i,
         "error": ..., "error_type": ..., "trip": TripReport dict}``: the station is tripped
         (latched safe state) when ``trip_on_failure``; the campaign records the outcome.
         """
@@ -334,8 +335,9 @@ class StationActor:
             )
         async with self._run_lock:
             self._current = experiment_id
+            mark = len(station.audit.records())
             try:
-                return await self._run(
+                out = await self._run(
                     station,
                     experiment_id,
                     Recipe.from_dict(recipe),
@@ -344,6 +346,9 @@ class StationActor:
                     trip_on_failure=trip_on_failure,
                     include_image=include_image,
                 )
+                # the safety layer's verdicts on this run's commands, for the store
+                out["audit"] = [v.as_dict() for v in station.audit.records()[mark:]]
+                return out
             finally:
                 self._current = None
                 self._runs += 1
@@ -804,6 +809,21 @@ class JournalActor:
         self, experiment_id: str, verified: bool, *, reason: str | None = None
     ) -> int:
         return await self._call("mark_verified", experiment_id, verified, reason=reason)
+
+    async def record_evidence(
+        self,
+        experiment_id: str,
+        *,
+        verdicts: Sequence[Mapping[str, Any]] = (),
+        images: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        await self._call("record_evidence", experiment_id, verdicts=verdicts, images=images)
+
+    async def verdicts(self, campaign_id: str, experiment_id: str | None = None) -> Any:
+        return await self._call("verdicts", campaign_id, experiment_id)
+
+    async def images(self, experiment_id: str) -> Any:
+        return await self._call("images", experiment_id)
 
     async def experiment(self, experiment_id: str) -> Any:
         return await self._call("experiment", experiment_id)

@@ -428,6 +428,8 @@ async def test_a_station_whose_camera_disagrees_is_paused_and_its_results_untrus
     j = Journal(lab.store)
     try:
         exps = j.experiments("witness")
+        stored_images = {e.id: j.images(e.id) for e in exps}
+        stored_verdicts = {e.id: j.verdicts("witness", e.id) for e in exps}
     finally:
         j.close()
     unverified = [e for e in exps if e.verified is False]
@@ -437,8 +439,11 @@ async def test_a_station_whose_camera_disagrees_is_paused_and_its_results_untrus
         assert e.state == "done" and (e.reason or "").startswith("unverified: "), e.reason
         assert reason in e.reason, e.reason
         images = e.result["images"]
-        assert Path(images["outcome"]).exists() and Path(images["reference"]).exists()
-        assert Path(images["outcome"]).name == e.result["measurements"]["image_sha256"] + ".jpg"
+        assert Path(images["outcome"]["path"]).exists()
+        assert Path(images["reference"]["path"]).exists()
+        assert images["outcome"]["sha256"] == e.result["measurements"]["image_sha256"]
+        assert stored_images[e.id] == images  # the store knows them by hash
+        assert any(v["allowed"] for v in stored_verdicts[e.id])  # and the guard's verdicts
     # the optimizer keeps them out of its trusted data; the stop rules do not count them
     statuses = [o.status for o in observations.values()]
     assert statuses.count("untrusted") == len(unverified)

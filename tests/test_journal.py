@@ -129,6 +129,53 @@ def test_schema_version_migration_and_append_only_log(tmp_path: Path) -> None:
         Journal(path)
 
 
+def test_a_version_1_journal_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
+    from loops.journal import _MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for statement in _MIGRATIONS[1]:
+            conn.execute(statement)
+        conn.execute("UPDATE schema_version SET version = 1")
+        conn.execute("INSERT INTO campaigns VALUES ('c', 'n', '{}', 0, 'running', NULL, 0)")
+    finally:
+        conn.close()
+    with Journal(path) as j:
+        assert j.settings()["schema_version"] == SCHEMA_VERSION == 2
+        assert j.campaign("c").state == "running"
+        eid = j.propose("c", {"x": 1}, "optimizer")
+        j.transition(eid, "checked")
+        j.transition(eid, "queued", station="s1")
+        j.transition(eid, "running")
+        verdict = {
+            "allowed": False,
+            "station": "s1",
+            "command": {
+                "instrument": "red",
+                "action": "dispense",
+                "params": {},
+                "who": "optimizer",
+            },
+            "reason": "vial-capacity: 3.1 mL > 2.8",
+            "rule": "vial-capacity",
+            "values": {"total": 3.1},
+            "t": 12.5,
+        }
+        image = {"sha256": "ab" * 32, "path": "/x/ab.jpg", "bytes": 1234}
+        j.record_evidence(eid, verdicts=[verdict], images={"outcome": image})
+        j.record_evidence(eid, images={"outcome": image})  # idempotent for the same image
+        [stored] = j.verdicts("c")
+        assert stored["experiment_id"] == eid and stored["who"] == "optimizer"
+        assert (stored["allowed"], stored["rule"], stored["values"]) == (
+            False,
+            "vial-capacity",
+            {"total": 3.1},
+        )
+        assert j.verdicts("c", "c-9999") == []
+        assert j.images(eid) == {"outcome": image}
+
+
 def test_connection_is_confined_to_its_thread(journal: Journal) -> None:
     errors: list[BaseException] = []
 
