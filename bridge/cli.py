@@ -6,6 +6,7 @@ Commands available now (``labbridge COMMAND --help`` for each):
 * ``run``     run a campaign (``program.md``) on a lab's stations (a simulated lab by default)
 * ``resume``  carry on a campaign that was stopped or killed, from its journal
 * ``calibrate`` fit each station's camera calibration (fill level) on its bench
+* ``check``   validate a lab config without touching hardware
 * ``drivers`` list the registered driver kinds (built-in and from other packages)
 * ``probe``   connect one instrument by kind and URL, print what it is and what it reads
               (the way to check real hardware is wired right)
@@ -171,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _campaign_options(resume)
 
+    chk = sub.add_parser(
+        "check",
+        help="validate a lab config without touching hardware",
+        description=(
+            "Validate a lab config: its format (every error names the file, line and field), "
+            "each station's envelope (limits, rules, budgets; names must be the station's "
+            "instruments), each driver kind, transport URL and driver options, and whether "
+            "each verifying station has its camera calibration. Nothing is connected."
+        ),
+    )
+    chk.add_argument("lab", type=Path, help="the lab config (lab.yaml)")
+
     cal = sub.add_parser(
         "calibrate",
         help="fit each station's camera calibration on its bench",
@@ -278,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         return _campaign_command(args)
     if args.command == "calibrate":
         return _calibrate_command(args)
+    if args.command == "check":
+        return _check_command(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
@@ -341,6 +356,38 @@ def _campaign_command(args: argparse.Namespace) -> int:
         where = f" --lab {args.lab}" if args.lab is not None else ""
         print(f"to carry on: labbridge resume {summary.campaign_id}{where}")
     return 0 if summary.state == "done" else 3
+
+
+def _check_command(args: argparse.Namespace) -> int:
+    from bridge.labconfig import load_lab
+
+    try:
+        lab = load_lab(args.lab)
+    except ConfigError as exc:
+        print(f"labbridge check: {exc}", file=sys.stderr)
+        return 1
+    problems = lab.check()
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    for name, st in lab.stations.items():
+        kinds = ", ".join(f"{i['name']} ({i['kind']})" for i in st.instruments)
+        print(f"station {name}: {len(st.instruments)} instruments: {kinds}")
+        print(f"  envelope: {st.envelope_source}")
+        if st.verification is None:
+            print("  camera verification: off")
+        elif st.verification.calibration() is None:
+            print(
+                f"  camera verification: NOT CALIBRATED ({st.verification.calibration_path}): "
+                f"run labbridge calibrate --lab {args.lab}"
+            )
+        else:
+            print(f"  camera verification: calibrated ({st.verification.calibration_path})")
+    print(f"journal: {lab.store}; Ray: {lab.ray_address or 'local (loopback)'}")
+    if problems:
+        print(f"{args.lab}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.lab}: OK")
+    return 0
 
 
 def _calibrate_command(args: argparse.Namespace) -> int:

@@ -42,8 +42,9 @@ from typing import Any
 
 import yaml
 
+from instruments.errors import InstrumentError
 from loops.verify import Tolerances
-from safety import load_envelope
+from safety import check_instrument, load_envelope
 from safety.envelope import REFERENCE_BENCH
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
@@ -127,10 +128,38 @@ class LabConfig:
     sim_at_real: tuple[float, float] | None = None
     env: dict[str, str] = field(default_factory=dict)
     mqtt: dict[str, Any] = field(default_factory=dict)
+    doc: YamlDoc | None = field(default=None, repr=False, compare=False)
 
     @property
     def simulated(self) -> bool:
         return self.speed is not None
+
+    def check(self) -> list[str]:
+        """Everything ``labbridge check`` verifies beyond the format, without touching
+        hardware: each envelope's channels and rules name the station's instruments, each
+        driver kind is installed, each transport URL and its driver options are valid.
+        Returns the problems (``file:line: field: problem``), empty when all is well."""
+        problems: list[str] = []
+        for name, st in self.stations.items():
+            at = ("stations", name)
+            try:
+                load_envelope(
+                    st.envelope_text,
+                    source=st.envelope_source,
+                    known=[i["name"] for i in st.instruments],
+                )
+            except ConfigError as exc:
+                problems.append(f"{exc} (station {name})")
+            for i, spec in enumerate(st.instruments):
+                try:
+                    check_instrument(spec["kind"], spec["url"], spec.get("options"))
+                except (InstrumentError, TypeError, ValueError) as exc:
+                    where = (*at, "instruments", i)
+                    if self.doc is not None:
+                        problems.append(str(self.doc.error(str(exc), where)))
+                    else:
+                        problems.append(f"{self.source}: stations.{name}.instruments[{i}]: {exc}")
+        return problems
 
 
 def _str(
@@ -364,4 +393,5 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         sim_at_real=sim_at_real,
         env=env,
         mqtt=mqtt,
+        doc=doc,
     )

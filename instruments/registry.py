@@ -59,6 +59,18 @@ def driver_class(kind: str) -> type[Driver]:
     return obj
 
 
+def check(kind: str, url: str, **options: Any) -> None:
+    """Validate a driver kind, a transport URL and driver options without opening anything.
+
+    Raises :class:`UnknownDriverError`, :class:`InvalidURLError` (naming the URL
+    and what is wrong with it) or ``TypeError``/``ValueError`` for options the
+    driver does not take. No port, socket or device is touched.
+    """
+    cls = driver_class(kind)
+    transport = transport_for(url)
+    cls(transport, **options)
+
+
 @contextlib.asynccontextmanager
 async def connect(
     kind: str, url: str, *, safe_on_exit: bool = True, **options: Any

@@ -26,7 +26,7 @@ from safety.model import (
     Verdict,
 )
 from safety.monitors import Heartbeat, Interlock, Monitor, Staleness, Threshold, reference_monitors
-from safety.station import SafeStation, available_drivers, open_station, probe
+from safety.station import SafeStation, available_drivers, check_instrument, open_station, probe
 from safety.supervisor import StationSupervisor, TripReport
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "Verdict",
     "Violation",
     "available_drivers",
+    "check_instrument",
     "dry_run",
     "install_signal_handlers",
     "load_envelope",

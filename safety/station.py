@@ -22,6 +22,7 @@ from typing import Any
 
 import instruments
 from instruments.registry import available_drivers
+from instruments.registry import check as _check_driver
 from safety.dryrun import DryRunReport
 from safety.envelope import Envelope
 from safety.guard import Guard, GuardedInstrument
@@ -164,4 +165,10 @@ async def probe(kind: str, url: str, options: Mapping[str, Any] | None = None) -
         return {"describe": driver.describe(), "read": await driver.read()}
 
 
-__all__ = ["SafeStation", "available_drivers", "open_station", "probe"]
+def check_instrument(kind: str, url: str, options: Mapping[str, Any] | None = None) -> None:
+    """Validate an instrument's kind, transport URL and driver options without touching it
+    (``labbridge check``); raises the instrument layer's error naming what is wrong."""
+    _check_driver(kind, url, **dict(options or {}))
+
+
+__all__ = ["SafeStation", "available_drivers", "check_instrument", "open_station", "probe"]

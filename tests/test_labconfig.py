@@ -178,3 +178,40 @@ def test_verification_options(tmp_path: Path) -> None:
     )
     with pytest.raises(LabConfigError, match="verification needs a camera"):
         load_lab(path)
+
+
+def test_check_finds_what_the_format_cannot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bridge.cli import main
+
+    template = Path(__file__).resolve().parents[1] / "examples" / "lab-hardware.yaml"
+    assert load_lab(template).check() == []
+    assert main(["check", str(template)]) == 0
+    out = capsys.readouterr().out
+    assert "station bench-a: 8 instruments: red (syringe-pump), green (syringe-pump)" in out
+    assert "camera verification: NOT CALIBRATED" in out and f"{template}: OK" in out
+    path = tmp_path / "lab.yaml"
+    path.write_text(GOOD)  # two instruments: the reference envelope names the others
+    [problem] = load_lab(path).check()
+    assert "unknown instrument 'enclosure'" in problem and "(station bench-a)" in problem
+
+    bad = (
+        GOOD.replace("?unit=1", "?unitt=1")
+        .replace("kind: syringe-pump", "kind: syringe-pmup")
+        .replace("envelope: reference", "envelope: own.yaml")
+    )
+    (tmp_path / "own.yaml").write_text(
+        "channels:\n  stirrer.rpm: {min: 0, max: 1000}\n"  # no instrument 'stirrer' here
+    )
+    path.write_text(bad)
+    problems = load_lab(path).check()
+    assert len(problems) == 3, problems
+    assert "own.yaml" in problems[0] and "unknown instrument 'stirrer'" in problems[0]
+    assert problems[1].startswith(f"{path}:15: stations.bench-a.instruments[0]: ")
+    assert "no driver registered for kind 'syringe-pmup'" in problems[1]
+    assert problems[2].startswith(f"{path}:16: stations.bench-a.instruments[1]: ")
+    assert "unknown option(s): unitt" in problems[2]
+    assert main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err and "unitt" in err
