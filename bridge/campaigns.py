@@ -297,6 +297,7 @@ async def run_with_signals(
     operator: str,
     ray_address: str | None,
     progress: bool = True,
+    on_runner: Callable[[CampaignRunner], None] | None = None,
 ) -> CampaignSummary:
     """:func:`run_campaign` with a progress bar, and SIGINT/SIGTERM as an orderly stop.
 
@@ -322,6 +323,11 @@ async def run_with_signals(
         )
         pending.append(loop.create_task(runner_box[0].abort(f"{name} received", who=operator)))
 
+    # Ray's driver installs a C-level SIGTERM handler in ray.init (it dies with 15): start
+    # or join Ray first, then take SIGINT/SIGTERM over
+    init_ray(
+        ray_address or lab.ray_address, stations=list(lab.stations), local=True, log_to_driver=False
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
     shown = program
@@ -331,11 +337,13 @@ async def run_with_signals(
         if bar is not None:
             bar(event)
 
-    def on_runner(runner: CampaignRunner) -> None:
+    def got_runner(runner: CampaignRunner) -> None:
         nonlocal bar
         runner_box.append(runner)
         if progress:
             bar = CampaignProgress(runner.program, campaign_id)
+        if on_runner is not None:
+            on_runner(runner)
 
     try:
         return await run_campaign(
@@ -346,7 +354,7 @@ async def run_with_signals(
             operator=operator,
             on_event=on_event,
             ray_address=ray_address,
-            on_runner=on_runner,
+            on_runner=got_runner,
         )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -99,22 +99,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser(
         "sim",
-        help="start a simulated lab on loopback and run the demo experiment",
+        help="start a simulated lab on loopback and run a campaign on it",
         description=(
-            "Start simulated stations (pumps on a pty, hotplate as a Modbus TCP server, colour "
-            "sensor on a BlueZ stand-in, enclosure on an MQTT broker, MJPEG camera), connect every "
-            "instrument through the real drivers and run one experiment per station. Writes a run "
-            "folder with the lab config, results.jsonl and the camera frames."
+            "Start simulated stations on loopback (pumps on a pty, hotplate as a Modbus TCP "
+            "server, colour sensor on a BlueZ stand-in, enclosure on an MQTT broker, MJPEG "
+            "camera), then run a campaign on them through the real drivers, the safety layer, "
+            "Ray station actors, the optimizer and camera verification: by default the colour "
+            "match that ships with labbridge, to its target, with a progress bar. Writes a run "
+            "folder (lab.yaml, the journal, the camera calibration, the images)."
         ),
     )
     sim.add_argument(
-        "--stations", type=_positive_int, default=1, help="number of simulated stations (default 1)"
+        "--stations",
+        type=_positive_int,
+        default=None,
+        help="number of simulated stations (default: the program's)",
     )
     sim.add_argument(
         "--speed",
         type=_positive_float,
-        default=60.0,
-        help="simulated clock speed, x real time (default 60)",
+        default=200.0,
+        help="simulated clock speed, x real time (default 200)",
+    )
+    sim.add_argument(
+        "--campaign",
+        type=Path,
+        default=None,
+        help="the campaign's program.md (default: the built-in colour match)",
     )
     sim.add_argument(
         "--out", type=Path, default=None, help="run folder (default runs/sim-<timestamp>)"
@@ -130,13 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the embedded pure-Python broker even when mosquitto is installed",
     )
     sim.add_argument(
-        "--fault", default=None, help="inject a simulator fault at start (e.g. clogged-pump)"
+        "--fault",
+        default=None,
+        help="inject a simulator fault once the stations are calibrated (e.g. clogged-pump)",
     )
     sim.add_argument(
         "--keep-running",
         action="store_true",
-        help="stay up as a simulated lab after the experiment (Ctrl-C to stop)",
+        help="stay up as a simulated lab after the campaign (Ctrl-C to stop)",
     )
+    sim.add_argument("--ray-address", default=None, help="join this Ray cluster")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     run = sub.add_parser(
         "run",
@@ -255,38 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2, default=str))
         return 0
     if args.command == "sim":
-        from bridge.simbench import sim_tour  # the only place that imports the simulators
-
-        out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
-        try:
-            results = asyncio.run(
-                sim_tour(
-                    stations=args.stations,
-                    speed=args.speed,
-                    out=out,
-                    broker_url=args.broker,
-                    embedded_broker=args.embedded_broker,
-                    fault=args.fault,
-                    keep_running=args.keep_running,
-                )
-            )
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            print(
-                "\nstopped; every instrument was put in its safe state and the simulators shut down",
-                file=sys.stderr,
-            )
-            return 130
-        except (InstrumentError, safety.SafetyError, OSError, ValueError) as exc:
-            print(f"labbridge sim: {exc}", file=sys.stderr)
-            return 1
-        for rec in results:
-            c = rec["colour"]
-            print(
-                f"{rec['station']}: colour counts r={c['red']} g={c['green']} b={c['blue']} "
-                f"({c['status']}), liquid {rec['hotplate']['liquid_c']:.1f} degC"
-            )
-        print(f"run folder: {out}")
-        return 0
+        return _sim_command(args)
     if args.command in ("run", "resume"):
         return _campaign_command(args)
     if args.command == "calibrate":
@@ -339,6 +323,12 @@ def _campaign_command(args: argparse.Namespace) -> int:
     except (InstrumentError, safety.SafetyError, OSError, ValueError) as exc:
         print(f"{prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    where = f" --lab {args.lab}" if args.lab is not None else ""
+    return _print_summary(summary, f"labbridge resume {summary.campaign_id}{where}")
+
+
+def _print_summary(summary: Any, resume_hint: str) -> int:
+    """The campaign's outcome on stdout; exit status 0 when done, 3 when it stopped early."""
     best = summary.best
     print(f"campaign {summary.campaign_id}: {summary.state}: {summary.reason}")
     c = summary.counts
@@ -352,10 +342,58 @@ def _campaign_command(args: argparse.Namespace) -> int:
     for name, st in summary.stations.items():
         if st["state"] == "out":
             print(f"  station {name} is out: {st['reason']}")
-    if summary.state not in ("done",):
-        where = f" --lab {args.lab}" if args.lab is not None else ""
-        print(f"to carry on: labbridge resume {summary.campaign_id}{where}")
+    if summary.state != "done":
+        print(f"to carry on: {resume_hint}")
     return 0 if summary.state == "done" else 3
+
+
+def _sim_command(args: argparse.Namespace) -> int:
+    from bridge.campaigns import StationUnavailable
+    from bridge.simbench import known_faults, sim_campaign  # the only place importing simulators
+    from loops.program import builtin_program, load_program
+
+    if args.fault is not None and args.fault not in known_faults():
+        print(
+            f"labbridge sim: unknown fault {args.fault!r} (known: {', '.join(known_faults())})",
+            file=sys.stderr,
+        )
+        return 1
+    out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    try:
+        program = load_program(args.campaign or builtin_program())
+        if (out / "journal.db").exists():
+            raise FileExistsError(f"{out / 'journal.db'} exists: choose another --out")
+        summary = asyncio.run(
+            sim_campaign(
+                program,
+                campaign_id=out.name,
+                out=out,
+                stations=args.stations,
+                speed=args.speed,
+                broker_url=args.broker,
+                embedded_broker=args.embedded_broker,
+                fault=args.fault,
+                ray_address=args.ray_address,
+                progress=not args.no_progress,
+                keep_running=args.keep_running,
+            )
+        )
+    except KeyboardInterrupt:
+        print("labbridge sim: interrupted", file=sys.stderr)
+        return 130
+    except (
+        ConfigError,
+        StationUnavailable,
+        InstrumentError,
+        safety.SafetyError,
+        OSError,
+        ValueError,
+    ) as exc:
+        print(f"labbridge sim: {exc}", file=sys.stderr)
+        return 1
+    code = _print_summary(summary, f"labbridge resume {out.name} --runs {out.parent}")
+    print(f"run folder: {out}")
+    return code
 
 
 def _check_command(args: argparse.Namespace) -> int:
@@ -418,8 +456,7 @@ def _calibrate_command(args: argparse.Namespace) -> int:
 async def _sim_campaign(
     args: argparse.Namespace, program: Any, campaign_id: str, resume: bool
 ) -> Any:
-    from bridge.campaigns import run_with_signals
-    from bridge.simbench import simulated_lab  # the only place that imports the simulators
+    from bridge.simbench import sim_campaign  # the only place that imports the simulators
     from loops.journal import Journal
     from loops.program import load_program
 
@@ -440,21 +477,17 @@ async def _sim_campaign(
         raise FileExistsError(
             f"{store} exists: campaign {campaign_id} ran before; resume it instead"
         )
-    stations = args.stations or program.stations
-    async with simulated_lab(stations=stations, speed=args.speed, out=out, store=store) as lab:
-        print(
-            f"simulated lab: {stations} station(s) at {args.speed:g}x; run folder {out}",
-            file=sys.stderr,
-        )
-        return await run_with_signals(
-            None if resume else program,
-            lab,
-            campaign_id=campaign_id,
-            resume=resume,
-            operator=args.operator,
-            ray_address=args.ray_address,
-            progress=not args.no_progress,
-        )
+    return await sim_campaign(
+        program,
+        campaign_id=campaign_id,
+        out=out,
+        stations=args.stations,
+        speed=args.speed,
+        resume=resume,
+        operator=args.operator,
+        ray_address=args.ray_address,
+        progress=not args.no_progress,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,87 +1,39 @@
 """The simulated-bench entry point: the one runtime module allowed to import ``simulators``.
 
-``labbridge sim`` starts a simulated lab on loopback and runs one experiment
-on each station behind the safety layer (every command through the guard,
-the recipe dry-run first, the station supervised by monitors), over the real
-drivers and wire protocols: light on, dispense red/green/blue, stir, heat as
-fast as the envelope's setpoint rise limit allows, hold, measure the colour,
-take a picture, drain, safe state. It writes a run folder with the readings
-(JSON lines) and the camera frames.
-
-Until the closed loop (issue 4) lands this is one fixed experiment, not an
-optimised campaign.
+``labbridge sim`` starts a simulated lab on loopback (per station: syringe pumps
+on a pty, the hotplate as a Modbus TCP server, the colour sensor on a BlueZ
+stand-in, the enclosure on an MQTT broker, an MJPEG camera), writes its
+``lab.yaml``, and runs a campaign on it (by default the colour match that ships
+with labbridge) through the same code as ``labbridge run``: Ray station actors
+behind the safety layer, the optimizer, camera verification, the journal. The
+run folder keeps the lab config, the journal, the camera calibration, the
+images and the report.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
+from bridge.campaigns import run_with_signals
 from bridge.labconfig import LabConfig, load_lab
-from loops.recipe import ramp_setpoint
-from safety import (
-    Command,
-    EStop,
-    SafeStation,
-    SafetyError,
-    install_signal_handlers,
-    open_station,
-    reference_envelope,
-)
+from loops.campaign import CampaignRunner, CampaignSummary
+from loops.program import Program
+from safety import open_station, reference_envelope
 from simulators.bench import SimulatedBench, SimulatedLab
+from simulators.world import Faults
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TourRecipe:
-    """The fixed demo experiment, in SI-ish units."""
-
-    red_ml: float = 0.6
-    green_ml: float = 0.3
-    blue_ml: float = 0.5
-    rate_ml_min: float = 10.0
-    temperature_c: float = 60.0
-    stirrer_rpm: int = 300
-    hold_s: float = 120.0
-    drain_rate_ml_min: float = 20.0
-
-
-class Progress:
-    """A one-line progress bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, total: int, stream: Any = None) -> None:
-        self.total = total
-        self.done = 0
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = time.monotonic()
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        width = 24
-        filled = int(width * self.done / self.total)
-        bar = "#" * filled + "-" * (width - filled)
-        line = f"[{bar}] {self.done}/{self.total} {time.monotonic() - self.t0:5.1f}s {what}"
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line)
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 def open_sim_station(bench: SimulatedBench, speed: float) -> Any:
@@ -94,100 +46,6 @@ def open_sim_station(bench: SimulatedBench, speed: float) -> Any:
         clock=bench.world.clock.now,
         supervisor_options={"device_time_scale": speed, "poll_interval": 0.1},
     )
-
-
-async def run_experiment(
-    bench: SimulatedBench, station: SafeStation, recipe: TourRecipe, out: Path, progress: Progress
-) -> dict[str, Any]:
-    """One experiment on one station through the safety layer; returns the result record."""
-    clock = bench.world.clock
-    who = "labbridge-sim"
-    progress.step(
-        f"{bench.name}: {len(station.instruments)} instruments connected behind the guard"
-    )
-    h = {name: station.handle(name, who=who) for name in station.instruments}
-    await station.guard.begin_experiment(who=who)
-    await h["enclosure"].set_light(True, 0.8)
-    dispense = {"red": recipe.red_ml, "green": recipe.green_ml, "blue": recipe.blue_ml}
-    plan = [
-        Command(f, "dispense", {"volume_ml": v, "rate_ml_min": recipe.rate_ml_min}, who)
-        for f, v in dispense.items()
-    ]
-    report = station.dry_run(plan)
-    if not report.ok:
-        raise SafetyError("; ".join(f"step {v.step}: {v.reason}" for v in report.violations))
-    for fluid, volume in dispense.items():
-        await h[fluid].dispense(volume, recipe.rate_ml_min)
-    timeout = clock.real_seconds(60.0 * max(dispense.values()) / recipe.rate_ml_min + 30.0) + 5.0
-    for fluid in dispense:
-        await h[fluid].wait_until_stopped(timeout=timeout)
-    progress.step(f"{bench.name}: dispensed {sum(dispense.values()):.2f} mL")
-    await h["hotplate"].set_stirrer(True, recipe.stirrer_rpm)
-    await ramp_setpoint(station, recipe.temperature_c, who=who, clock_sleep=clock.sleep)
-    await clock.sleep(recipe.hold_s)
-    plate = await h["hotplate"].read()
-    progress.step(f"{bench.name}: held {recipe.hold_s:.0f} s, liquid {plate['liquid_c']:.1f} degC")
-    colour = await h["color"].measure()
-    frame = await h["camera"].capture()
-    image_path = _save_frame(frame, out / bench.name)
-    progress.step(f"{bench.name}: colour r={colour.red} g={colour.green} b={colour.blue}")
-    await h["hotplate"].set_heater(False)
-    await h["hotplate"].set_stirrer(False)
-    total = sum(dispense.values()) + 0.2
-    await h["waste"].withdraw(total, recipe.drain_rate_ml_min)
-    await h["waste"].wait_until_stopped(
-        timeout=clock.real_seconds(60.0 * total / recipe.drain_rate_ml_min + 30.0) + 5.0
-    )
-    progress.step(f"{bench.name}: drained, safe state")
-    record = {
-        "station": bench.name,
-        "recipe": recipe.__dict__,
-        "hotplate": plate,
-        "colour": {
-            "red": colour.red,
-            "green": colour.green,
-            "blue": colour.blue,
-            "clear": colour.clear,
-            "status": colour.status,
-        },
-        "image": image_path.name,
-        "safety": {
-            "verdicts": len(station.audit.records()),
-            "refused": len(station.audit.records(allowed=False)),
-            "tripped": station.tripped,
-        },
-        "world": _jsonable(bench.world.snapshot()),
-    }
-    return record
-
-
-def _save_frame(frame: Any, stem: Path) -> Path:
-    """Keep the frame as the camera sent it (JPEG bytes), else the raw pixels (.npy)."""
-    if getattr(frame, "encoded", None):
-        path = stem.with_suffix(".jpg")
-        path.write_bytes(frame.encoded)
-    else:
-        path = stem.with_suffix(".npy")
-        np.save(path, frame.image)
-    return path
-
-
-def _report_estop(report: Any, main: asyncio.Task[Any]) -> None:
-    summary = report.summary() if report is not None else "e-stop failed: see the log"
-    print(f"\ne-stop: {summary}", file=sys.stderr)
-    main.cancel()
-
-
-def _cancel_on_signals() -> None:
-    """SIGINT/SIGTERM cancel the current task (outside the experiment: set-up, keep-running)."""
-    task = asyncio.current_task()
-    if task is None:
-        return
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # not possible off the main thread or on Windows: the default handling stays
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, task.cancel)
 
 
 def sim_lab_yaml(lab: SimulatedLab, store: Path, *, bridge_id: str = "labbridge-sim") -> str:
@@ -215,6 +73,23 @@ def sim_lab_yaml(lab: SimulatedLab, store: Path, *, bridge_id: str = "labbridge-
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
+def known_faults() -> tuple[str, ...]:
+    """The faults a simulated bench can have injected (``--fault``)."""
+    return tuple(Faults.KNOWN)
+
+
+@dataclass(frozen=True)
+class RunningSimLab:
+    """A simulated lab that is up: its loaded ``lab.yaml`` and the simulators behind it."""
+
+    config: LabConfig
+    sim: SimulatedLab
+
+    def inject_fault(self, name: str) -> None:
+        for bench in self.sim.stations:
+            bench.inject_fault(name)
+
+
 @contextlib.asynccontextmanager
 async def simulated_lab(
     *,
@@ -224,8 +99,7 @@ async def simulated_lab(
     store: Path | None = None,
     broker_url: str | None = None,
     embedded_broker: bool = False,
-    fault: str | None = None,
-) -> AsyncIterator[LabConfig]:
+) -> AsyncIterator[RunningSimLab]:
     """Start a simulated lab on loopback, write ``out/lab.yaml`` for it, yield it loaded.
 
     ``store``: the journal's path (default ``out/journal.db``). The simulators run
@@ -239,82 +113,81 @@ async def simulated_lab(
         prefer_broker="embedded" if embedded_broker else "mosquitto",
     )
     async with lab:
-        if fault:
-            for bench in lab.stations:
-                bench.inject_fault(fault)
         path = out / "lab.yaml"
         path.write_text(sim_lab_yaml(lab, (store or out / "journal.db").resolve()))
-        yield load_lab(path)
+        yield RunningSimLab(load_lab(path), lab)
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=float))
-
-
-async def sim_tour(
+async def sim_campaign(
+    program: Program,
     *,
-    stations: int = 1,
-    speed: float = 20.0,
+    campaign_id: str,
     out: Path,
+    stations: int | None = None,
+    speed: float = 200.0,
     broker_url: str | None = None,
     embedded_broker: bool = False,
     fault: str | None = None,
+    resume: bool = False,
+    operator: str = "operator",
+    ray_address: str | None = None,
+    progress: bool = True,
     keep_running: bool = False,
-) -> list[dict[str, Any]]:
-    """Start a simulated lab and run the demo experiment on every station concurrently.
+    after: Callable[[RunningSimLab, CampaignSummary], None] | None = None,
+) -> CampaignSummary:
+    """Run ``program`` on a simulated lab started for it (the run folder is ``out``).
 
-    During the experiment SIGINT/SIGTERM e-stop every station (latched, safe
-    state, report printed) and stop the run; before and after it (set-up,
-    ``--keep-running``) they cancel the run. Either way every simulator stops.
+    ``fault``: a simulator fault injected once the stations are open and their
+    cameras calibrated (so the calibration itself is sound). ``after``: called
+    with the lab and the summary while the lab is still up (e.g. to write the
+    report). ``keep_running``: afterwards stay up as a simulated lab until
+    SIGINT/SIGTERM (another process can run campaigns with ``--lab
+    out/lab.yaml``).
     """
-    _cancel_on_signals()
-    out.mkdir(parents=True, exist_ok=True)
-    recipe = TourRecipe()
-    progress = Progress(total=5 * stations)
-    lab = SimulatedLab(
-        stations=stations,
-        speed=speed,
-        broker_url=broker_url,
-        prefer_broker="embedded" if embedded_broker else "mosquitto",
+    n = stations or program.stations
+    async with simulated_lab(
+        stations=n, speed=speed, out=out, broker_url=broker_url, embedded_broker=embedded_broker
+    ) as lab:
+        print(f"simulated lab: {n} station(s) at {speed:g}x; run folder {out}", file=sys.stderr)
+
+        def on_runner(runner: CampaignRunner) -> None:
+            if fault:
+                lab.inject_fault(fault)
+                print(f"fault injected into every station: {fault}", file=sys.stderr)
+
+        summary = await run_with_signals(
+            None if resume else program,
+            lab.config,
+            campaign_id=campaign_id,
+            resume=resume,
+            operator=operator,
+            ray_address=ray_address,
+            progress=progress,
+            on_runner=on_runner,
+        )
+        if after is not None:
+            after(lab, summary)
+        if keep_running and summary.state == "done":
+            await _stay_up(lab, out)
+    return summary
+
+
+async def _stay_up(lab: RunningSimLab, out: Path) -> None:
+    """Keep the simulators running until SIGINT/SIGTERM."""
+    bus = lab.sim.bluez.address if lab.sim.bluez else ""
+    print(
+        f"simulated lab running; lab config in {out / 'lab.yaml'} (labbridge run PROGRAM "
+        f"--lab {out / 'lab.yaml'}); to reach the BLE sensors from another process: "
+        f"export DBUS_SYSTEM_BUS_ADDRESS={bus}; Ctrl-C to stop",
+        file=sys.stderr,
     )
-    async with lab:
-        (out / "lab.yaml").write_text(sim_lab_yaml(lab, (out / "journal.db").resolve()))
-        if fault:
-            for bench in lab.stations:
-                bench.inject_fault(fault)
-        async with contextlib.AsyncExitStack() as stack:
-            safe = [
-                await stack.enter_async_context(open_sim_station(bench, speed))
-                for bench in lab.stations
-            ]
-            # SIGINT/SIGTERM: e-stop every station (latched, safe state), then stop the run.
-            main = asyncio.current_task()
-            assert main is not None
-            handlers = install_signal_handlers(
-                asyncio.get_running_loop(),
-                EStop({st.name: st.supervisor for st in safe}),
-                on_done=lambda report: _report_estop(report, main),
-            )
-            try:
-                results = await asyncio.gather(
-                    *(
-                        run_experiment(bench, st, recipe, out, progress)
-                        for bench, st in zip(lab.stations, safe, strict=True)
-                    )
-                )
-            finally:
-                handlers.remove()
-                _cancel_on_signals()
-        with (out / "results.jsonl").open("a") as fh:
-            for rec in results:
-                fh.write(json.dumps(rec) + "\n")
-        if keep_running:
-            print(
-                f"simulated lab running; lab config in {out / 'lab.yaml'} (labbridge run PROGRAM "
-                f"--lab {out / 'lab.yaml'}); to reach the BLE sensors "
-                f"from another process: export DBUS_SYSTEM_BUS_ADDRESS={lab.bluez.address if lab.bluez else ''}"
-                "; Ctrl-C to stop",
-                file=sys.stderr,
-            )
-            await asyncio.Event().wait()
-    return list(results)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print("stopping the simulated lab", file=sys.stderr)

@@ -84,6 +84,7 @@ from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml, field_path
 
 __all__ = [
+    "PROGRAMS_DIR",
     "Budget",
     "Constraint",
     "Objective",
@@ -92,6 +93,7 @@ __all__ = [
     "ProgramError",
     "Space",
     "StopRules",
+    "builtin_program",
     "load_program",
 ]
 
@@ -439,6 +441,19 @@ class Program:
 def _compose(text: str, doc: YamlDoc) -> Any:
     """Front-matter YAML -> plain data, noting the line of every key and item in ``doc``."""
     return compose_yaml(text, doc, what="front matter is ", key_types=(str,))
+
+
+#: the programs that ship with labbridge (``labbridge sim`` runs ``color-match``)
+PROGRAMS_DIR = Path(__file__).with_name("programs")
+
+
+def builtin_program(name: str = "color-match") -> Path:
+    """The path of a program that ships with labbridge (``loops/programs/<name>.md``)."""
+    path = PROGRAMS_DIR / f"{name}.md"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROGRAMS_DIR.glob("*.md")))
+        raise ProgramError(f"no built-in program {name!r} (known: {known})", source=str(path))
+    return path
 
 
 def split_front_matter(text: str, source: str = "<program>") -> tuple[str, str]:

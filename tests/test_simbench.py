@@ -3,16 +3,21 @@ and the ``labbridge`` command line (as a subprocess, as a user runs it)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import instruments
-from bridge.simbench import sim_tour
+from bridge.labconfig import load_lab
+from bridge.simbench import sim_campaign
+from loops.journal import Journal
+from loops.program import Program, builtin_program, load_program
 from simulators.bench import SimulatedLab
 from simulators.broker import mosquitto_binary
 
@@ -78,42 +83,79 @@ async def test_two_stations_every_instrument_answers() -> None:
         assert {b.enclosure_id for b in lab.stations} == {"enc-1", "enc-2"}
 
 
-@pytest.mark.timeout(90)
-async def test_sim_tour_on_the_embedded_broker(tmp_path: Path) -> None:
-    """The pip-only path of `labbridge sim` (no mosquitto): amqtt broker, MQTT 3.1.1."""
-    results = await sim_tour(stations=1, speed=100, out=tmp_path, embedded_broker=True)
-    (rec,) = results
-    assert rec["station"] == "bench-a"
-    assert rec["world"]["vial"]["volume_ml"] == pytest.approx(0.0, abs=0.05)  # drained at the end
-    assert rec["hotplate"]["liquid_c"] > 35.0  # it was heated towards 60 degC
-    assert (tmp_path / rec["image"]).stat().st_size > 1000
-    lines = (tmp_path / "results.jsonl").read_text().splitlines()
-    assert json.loads(lines[0])["colour"]["status"] == "ok"
+def small_program(budget: int = 2) -> Program:
+    base = load_program(builtin_program())
+    return dataclasses.replace(
+        base,
+        budget=dataclasses.replace(base.budget, experiments=budget),
+        stop=dataclasses.replace(base.stop, target=None),
+        initial_points=min(2, budget),
+    )
 
 
 @pytest.mark.timeout(120)
-def test_labbridge_sim_command_runs_end_to_end(tmp_path: Path) -> None:
+async def test_sim_campaign_on_the_embedded_broker(ray_session: Any, tmp_path: Path) -> None:
+    """The pip-only path of `labbridge sim` (no mosquitto): amqtt broker, MQTT 3.1.1."""
+    summary = await sim_campaign(
+        small_program(),
+        campaign_id="emb",
+        out=tmp_path / "emb",
+        speed=500,
+        embedded_broker=True,
+        progress=False,
+    )
+    assert summary.state == "done" and summary.counts["done"] == 2, summary
+    lab = load_lab(tmp_path / "emb" / "lab.yaml")
+    assert lab.simulated and lab.speed == 500
+    j = Journal(tmp_path / "emb" / "journal.db")
+    try:
+        exps = j.experiments("emb")
+    finally:
+        j.close()
+    assert [e.verified for e in exps] == [True, True]  # calibrated and verified by the camera
+    assert all(Path(e.result["images"]["outcome"]["path"]).exists() for e in exps)
+
+
+@pytest.mark.timeout(180)
+def test_labbridge_sim_command_runs_a_campaign_to_its_target(
+    ray_session: Any, tmp_path: Path
+) -> None:
     if mosquitto_binary() is None and os.environ.get("CI"):
         pytest.fail("mosquitto must be installed in CI (.ci/run installs it)")
     out = tmp_path / "run"
-    proc = run_cli("sim", "--speed", "100", "--stations", "2", "--out", str(out))
+    address = ray_session.get_runtime_context().gcs_address
+    proc = run_cli(
+        "sim",
+        "--speed",
+        "500",
+        "--stations",
+        "2",
+        "--out",
+        str(out),
+        "--ray-address",
+        address,
+        timeout=170,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "bench-a: colour counts" in proc.stdout and "bench-b: colour counts" in proc.stdout
+    assert "campaign run: done: target reached: delta_e2000=" in proc.stdout, proc.stdout
     assert f"run folder: {out}" in proc.stdout
-    assert {p.name for p in out.iterdir()} >= {
-        "lab.yaml",
-        "results.jsonl",
-        "bench-a.jpg",
-        "bench-b.jpg",
-    }
-    assert "10/10" in proc.stderr  # the progress display reached the end
-    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert {p.name for p in out.iterdir()} >= {"lab.yaml", "journal.db", "images", "calibration"}
+    assert "exp" in proc.stderr  # the progress bar
+    j = Journal(out / "journal.db")
+    try:
+        exps = j.experiments("run")
+    finally:
+        j.close()
+    assert {e.station for e in exps if e.station} == {"bench-a", "bench-b"}
+    assert min(e.objective for e in exps if e.state == "done" and e.verified) <= 2.0
 
 
 def test_cli_rejects_bad_input_with_clear_errors(tmp_path: Path) -> None:
     proc = run_cli("sim", "--fault", "gremlins", "--out", str(tmp_path / "x"), "--speed", "100")
     assert proc.returncode == 1
-    assert "unknown fault 'gremlins'" in proc.stderr
+    assert "unknown fault 'gremlins' (known: clogged-pump, " in proc.stderr
+    proc = run_cli("sim", "--campaign", str(tmp_path / "nope.md"), "--out", str(tmp_path / "y"))
+    assert proc.returncode == 1 and "nope.md" in proc.stderr
     proc = run_cli("sim", "--speed", "-3")
     assert proc.returncode == 2 and "must be > 0" in proc.stderr
     proc = run_cli("probe", "hotplate", "modbus-tcp://127.0.0.1:1?unit=1&timout=2")
@@ -123,7 +165,7 @@ def test_cli_rejects_bad_input_with_clear_errors(tmp_path: Path) -> None:
 
 
 def test_every_command_has_help() -> None:
-    for cmd in ([], ["sim"], ["drivers"], ["probe"]):
+    for cmd in ([], ["sim"], ["run"], ["resume"], ["calibrate"], ["check"], ["drivers"], ["probe"]):
         proc = run_cli(*cmd, "--help")
         assert proc.returncode == 0 and "usage: labbridge" in proc.stdout
     proc = run_cli("drivers")
@@ -173,32 +215,49 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.timeout(90)
-def test_sigterm_stops_a_keep_running_lab_cleanly(tmp_path: Path) -> None:
+@pytest.mark.timeout(150)
+def test_sigterm_stops_a_keep_running_lab_cleanly(ray_session: Any, tmp_path: Path) -> None:
     import signal
     import time
 
+    prog = tmp_path / "small.md"
+    prog.write_text(small_program(1).to_markdown())
+    address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen(
-        [*LABBRIDGE, "sim", "--keep-running", "--speed", "100", "--out", str(tmp_path / "run")],
+        [
+            *LABBRIDGE,
+            "sim",
+            "--keep-running",
+            "--speed",
+            "500",
+            "--campaign",
+            str(prog),
+            "--out",
+            str(tmp_path / "run"),
+            "--ray-address",
+            address,
+            "--no-progress",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert proc.stderr is not None
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         seen = ""
         while "simulated lab running" not in seen:
             line = proc.stderr.readline()
             assert line or proc.poll() is None, f"sim exited early: {seen}"
             seen += line
             assert time.monotonic() < deadline, seen
+        assert f"--lab {tmp_path / 'run' / 'lab.yaml'}" in seen
         helpers = _children(proc.pid)
         assert helpers, "the simulated lab should run a broker and a dbus-daemon as children"
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 130, err
-        assert "safe state" in err
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "stopping the simulated lab" in err and "campaign run: done" in out
         time.sleep(0.2)
         assert not [pid for pid in helpers if _alive(pid)], "simulator processes outlived the lab"
     finally:
@@ -207,31 +266,62 @@ def test_sigterm_stops_a_keep_running_lab_cleanly(tmp_path: Path) -> None:
             proc.communicate()
 
 
-@pytest.mark.timeout(90)
-def test_sigterm_during_the_experiment_estops_every_station(tmp_path: Path) -> None:
+@pytest.mark.timeout(150)
+def test_sigterm_during_the_campaign_safe_states_every_station(
+    ray_session: Any, tmp_path: Path
+) -> None:
     import signal
     import time
 
+    out = tmp_path / "run"
+    address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen(
-        [*LABBRIDGE, "sim", "--speed", "10", "--out", str(tmp_path / "run")],
+        [
+            *LABBRIDGE,
+            "sim",
+            "--speed",
+            "100",
+            "--stations",
+            "2",
+            "--out",
+            str(out),
+            "--ray-address",
+            address,
+            "--no-progress",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 60
-        seen = ""
-        while "dispensed" not in seen:  # mid-experiment, stations open behind the guard
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, f"sim exited early: {seen}"
-            seen += line
-            assert time.monotonic() < deadline, seen
+        deadline = time.monotonic() + 120
+        while True:  # mid-experiment: a step of a running experiment has started
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no experiment started"
+            if (out / "journal.db").exists():
+                j = Journal(out / "journal.db")
+                try:
+                    running = [e for e in j.experiments("run", "running") if e.step]
+                except Exception:
+                    running = []
+                finally:
+                    j.close()
+                if running:
+                    break
+            time.sleep(0.05)
         helpers = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 130, err
-        assert "e-stop:" in err and "bench-a" in err
+        stdout, err = proc.communicate(timeout=60)
+        assert proc.returncode == 3, err
+        assert "SIGTERM: stopping campaign run: every station to its safe state" in err
+        assert "campaign run: aborted: aborted: SIGTERM received" in stdout
+        assert f"labbridge resume run --runs {tmp_path}" in stdout
+        j = Journal(out / "journal.db")
+        try:
+            stopped = j.experiment(running[0].id)
+        finally:
+            j.close()
+        assert stopped.state == "failed" and "SIGTERM" in (stopped.reason or "")
         time.sleep(0.2)
         assert not [pid for pid in helpers if _alive(pid)], "simulator processes outlived the lab"
     finally:
