@@ -7,6 +7,8 @@ Commands available now (``labbridge COMMAND --help`` for each):
 * ``resume``  carry on a campaign that was stopped or killed, from its journal
 * ``calibrate`` fit each station's camera calibration (fill level) on its bench
 * ``check``   validate a lab config without touching hardware
+* ``report``  HTML + PNG report of a campaign (convergence, parameters, contact sheet, safety)
+* ``export``  a campaign's experiments, transitions and verdicts as CSV or Parquet
 * ``drivers`` list the registered driver kinds (built-in and from other packages)
 * ``probe``   connect one instrument by kind and URL, print what it is and what it reads
               (the way to check real hardware is wired right)
@@ -217,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--ray-address", default=None, help="join this Ray cluster")
 
+    from bridge.export import add_export_parser
+    from bridge.report import add_report_parser
+
+    add_report_parser(sub)
+    add_export_parser(sub)
+
     sub.add_parser(
         "drivers", help="list registered driver kinds", description="List registered driver kinds."
     )
@@ -277,6 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         return _calibrate_command(args)
     if args.command == "check":
         return _check_command(args)
+    if args.command == "report":
+        from bridge.report import report_command
+
+        return report_command(args)
+    if args.command == "export":
+        from bridge.export import export_command
+
+        return export_command(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
@@ -392,6 +408,14 @@ def _sim_command(args: argparse.Namespace) -> int:
         print(f"labbridge sim: {exc}", file=sys.stderr)
         return 1
     code = _print_summary(summary, f"labbridge resume {out.name} --runs {out.parent}")
+    try:
+        from bridge.report import write_report
+
+        report = write_report(out / "journal.db", out.name, out / "report")
+        print(f"report: {report}")
+    except Exception as exc:  # the campaign's data is safe in the journal: say why, carry on
+        print(f"labbridge sim: the report could not be written: {exc}", file=sys.stderr)
+        code = code or 1
     print(f"run folder: {out}")
     return code
 

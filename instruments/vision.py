@@ -1654,3 +1654,333 @@ def overlay(frame: np.ndarray, analysis: FrameAnalysis) -> np.ndarray:
         img, text, (8 * t, h - 10 * t), cv2.FONT_HERSHEY_SIMPLEX, fs, colour, t, cv2.LINE_AA
     )
     return img
+
+
+# ------------------------------------------------------------------ reports
+# For a campaign report's camera contact sheet: draw a *recorded* analysis again
+# (the one the verification stored with the result), tile overlaid frames with
+# captions, and encode PNGs, so that layers above (which must not import cv2)
+# can build the sheet through these pure functions.
+
+
+def _field(data: Mapping[str, Any], key: str, what: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise VisionError(f"{what} must be a mapping, got {type(data).__name__}")
+    if key not in data:
+        raise VisionError(
+            f"{what}: missing field {key!r} (got {', '.join(sorted(data)) or 'none'})"
+        )
+    return data[key]
+
+
+def _number(data: Mapping[str, Any], key: str, what: str) -> float:
+    value = _field(data, key, what)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise VisionError(f"{what}.{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(data: Mapping[str, Any], key: str, what: str) -> int:
+    value = _field(data, key, what)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise VisionError(f"{what}.{key} must be an integer, got {value!r}")
+    return value
+
+
+def _flag(data: Mapping[str, Any], key: str, what: str) -> bool:
+    value = _field(data, key, what)
+    if not isinstance(value, bool):
+        raise VisionError(f"{what}.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _region_kind(value: Any) -> Literal["spill", "object"]:
+    if value not in ("spill", "object"):
+        raise VisionError(
+            f"analysis.change.regions[].kind must be 'spill' or 'object', got {value!r}"
+        )
+    return "spill" if value == "spill" else "object"
+
+
+def _box(value: Any, what: str) -> Box:
+    try:
+        x, y, w, h = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise VisionError(f"{what} must be a box [x, y, w, h] of integers, got {value!r}") from None
+    return (x, y, w, h)
+
+
+def _opt_floats(value: Any, n: int, what: str) -> Any:
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise VisionError(f"{what} must be {n} numbers or null, got {value!r}") from None
+    if len(out) != n:
+        raise VisionError(f"{what} must be {n} numbers or null, got {len(out)}")
+    return out
+
+
+def _opt_float(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise VisionError(f"{what} must be a number or null, got {value!r}")
+    return float(value)
+
+
+def analysis_from_dict(data: Mapping[str, Any]) -> FrameAnalysis:
+    """The :class:`FrameAnalysis` whose :meth:`~FrameAnalysis.as_dict` is ``data``.
+
+    For drawing a recorded analysis again (``overlay(frame, analysis_from_dict(stored))``)
+    exactly as it was measured, without the calibration or the reference frame
+    it was measured with. ``PatchDetection.inner`` is not in the dict; it is
+    derived from the patch's box as the detector does. Raises
+    :class:`VisionError` naming the missing or malformed field.
+    """
+    if not isinstance(data, Mapping):
+        raise VisionError(
+            f"analysis must be a mapping (FrameAnalysis.as_dict()), got {type(data).__name__}"
+        )
+    status = _field(data, "status", "analysis")
+    if status not in ("ok", "cannot_verify"):
+        raise VisionError(f"analysis.status must be 'ok' or 'cannot_verify', got {status!r}")
+    vial = None
+    vd = _field(data, "vial", "analysis")
+    if vd is not None:
+        vial = VialDetection(
+            left_x=_number(vd, "left_x", "analysis.vial"),
+            right_x=_number(vd, "right_x", "analysis.vial"),
+            top_y=_number(vd, "top_y", "analysis.vial"),
+            bottom_y=_number(vd, "bottom_y", "analysis.vial"),
+            confidence=_number(vd, "confidence", "analysis.vial"),
+        )
+    patch = None
+    pd = _field(data, "patch", "analysis")
+    if pd is not None:
+        box = _box(_field(pd, "box", "analysis.patch"), "analysis.patch.box")
+        inner = (
+            box[0] + int(0.2 * box[2]),
+            box[1] + int(0.2 * box[3]),
+            max(2, int(0.6 * box[2])),
+            max(2, int(0.6 * box[3])),
+        )
+        patch = PatchDetection(
+            box,
+            inner,
+            _opt_floats(_field(pd, "bgr", "analysis.patch"), 3, "analysis.patch.bgr"),
+            _number(pd, "noise", "analysis.patch"),
+            _flag(pd, "saturated", "analysis.patch"),
+            _number(pd, "confidence", "analysis.patch"),
+        )
+    change = None
+    cd = _field(data, "change", "analysis")
+    if cd is not None:
+        regions = tuple(
+            ChangeRegion(
+                _box(
+                    _field(r, "box", "analysis.change.regions[]"), "analysis.change.regions[].box"
+                ),
+                _integer(r, "area_px", "analysis.change.regions[]"),
+                _number(r, "mean_change", "analysis.change.regions[]"),
+                _region_kind(_field(r, "kind", "analysis.change.regions[]")),
+            )
+            for r in _field(cd, "regions", "analysis.change")
+        )
+        change = SceneChange(
+            identical=_flag(cd, "identical", "analysis.change"),
+            frozen=_flag(cd, "frozen", "analysis.change"),
+            noise_correlation=_opt_float(
+                _field(cd, "noise_correlation", "analysis.change"),
+                "analysis.change.noise_correlation",
+            ),
+            shift_px=_opt_floats(
+                _field(cd, "shift_px", "analysis.change"), 2, "analysis.change.shift_px"
+            ),
+            patch_shift_px=_opt_floats(
+                _field(cd, "patch_shift_px", "analysis.change"), 2, "analysis.change.patch_shift_px"
+            ),
+            vial_shift_px=_opt_floats(
+                _field(cd, "vial_shift_px", "analysis.change"), 2, "analysis.change.vial_shift_px"
+            ),
+            camera_moved=_flag(cd, "camera_moved", "analysis.change"),
+            vial_moved=_flag(cd, "vial_moved", "analysis.change"),
+            vial_appeared=_flag(cd, "vial_appeared", "analysis.change"),
+            vial_disappeared=_flag(cd, "vial_disappeared", "analysis.change"),
+            regions=regions,
+            changed_fraction=_number(cd, "changed_fraction", "analysis.change"),
+            summary=tuple(str(s) for s in _field(cd, "summary", "analysis.change")),
+        )
+    conf = _field(data, "confidence", "analysis")
+    liquid_box = _field(data, "liquid_box", "analysis")
+    return FrameAnalysis(
+        width=_integer(data, "width", "analysis"),
+        height=_integer(data, "height", "analysis"),
+        status=status,
+        reasons=tuple(str(r) for r in _field(data, "reasons", "analysis")),
+        notes=tuple(str(n) for n in _field(data, "notes", "analysis")),
+        vial_present=_flag(data, "vial_present", "analysis"),
+        vial=vial,
+        patch=patch,
+        surface_y=_opt_float(_field(data, "surface_y", "analysis"), "analysis.surface_y"),
+        surface_px=_opt_float(_field(data, "surface_px", "analysis"), "analysis.surface_px"),
+        fill_px=_opt_float(_field(data, "fill_px", "analysis"), "analysis.fill_px"),
+        fill_ml=_opt_float(_field(data, "fill_ml", "analysis"), "analysis.fill_ml"),
+        lab=_opt_floats(_field(data, "lab", "analysis"), 3, "analysis.lab"),
+        liquid_bgr=_opt_floats(_field(data, "liquid_bgr", "analysis"), 3, "analysis.liquid_bgr"),
+        liquid_box=None if liquid_box is None else _box(liquid_box, "analysis.liquid_box"),
+        white_balanced_rgb=_opt_floats(
+            _field(data, "white_balanced_rgb", "analysis"), 3, "analysis.white_balanced_rgb"
+        ),
+        confidence=Confidence(
+            vial=_number(conf, "vial", "analysis.confidence"),
+            patch=_number(conf, "patch", "analysis.confidence"),
+            fill=_number(conf, "fill", "analysis.confidence"),
+            colour=_number(conf, "colour", "analysis.confidence"),
+        ),
+        change=change,
+    )
+
+
+def encode_png(image: np.ndarray, *, compression: int = 3) -> bytes:
+    """A BGR (or gray) ``uint8`` image -> PNG bytes (``compression`` 0-9: zlib level)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise VisionError(
+            "encode_png needs a uint8 image, got "
+            + (f"dtype {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__)
+        )
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise VisionError(
+            f"encode_png: image shape {image.shape} is not (h, w), (h, w, 3) or (h, w, 4)"
+        )
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise VisionError(f"encode_png: empty image, shape {image.shape}")
+    if not 0 <= compression <= 9:
+        raise VisionError(f"encode_png: compression must be 0-9, got {compression}")
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    if not ok:
+        raise VisionError(f"encode_png: OpenCV could not encode an image of shape {image.shape}")
+    return bytes(buf.tobytes())
+
+
+_SHEET_FONT = cv2.FONT_HERSHEY_SIMPLEX
+# OpenCV's Hershey fonts draw ASCII only (anything else comes out as "?")
+_ASCII = str.maketrans(
+    {"Δ": "d", "°": "deg", "µ": "u", "–": "-", "—": "-", "≤": "<=", "≥": ">=", "…": "..."}
+    | {"×": "x", "’": "'", "‘": "'", "“": '"', "”": '"', "±": "+-", "²": "^2"}
+)
+
+
+def _ascii(text: str) -> str:
+    return text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
+
+
+def _wrap(text: str, width_px: int, scale: float, thickness: int) -> list[str]:
+    """Greedy word wrap of ``text`` to ``width_px`` (OpenCV's Hershey font metrics)."""
+
+    def fits(s: str) -> bool:
+        return cv2.getTextSize(s, _SHEET_FONT, scale, thickness)[0][0] <= width_px
+
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}" if current else word
+        if fits(candidate):
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while not fits(word) and len(word) > 1:  # a word longer than the line: cut it
+            cut = len(word) - 1
+            while cut > 1 and not fits(word[:cut]):
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        lines.append(current)
+    return lines
+
+
+def contact_sheet(
+    frames: Sequence[np.ndarray],
+    captions: Sequence[Sequence[str]] | None = None,
+    *,
+    columns: int = 4,
+    tile_width: int = 320,
+    caption_lines: int = 4,
+    colours: Sequence[tuple[int, int, int]] | None = None,
+    background: tuple[int, int, int] = (40, 40, 40),
+    gap: int = 6,
+) -> np.ndarray:
+    """Tile ``frames`` (BGR ``uint8``, e.g. :func:`overlay` outputs) into one BGR image.
+
+    Tile ``i`` is at row ``i // columns``, column ``i % columns``: the frame
+    scaled to ``tile_width`` (aspect kept; every tile is as tall as the tallest
+    scaled frame, shorter frames are centred), with ``captions[i]`` under it
+    (one entry per line, each word-wrapped to the tile's width; at most
+    ``caption_lines`` lines, the last cut with ``...`` when there is more;
+    ``°``, ``Δ``, ``≤`` ... spelt in ASCII, which is all OpenCV's fonts draw) in
+    ``colours[i]`` (BGR; default light grey). ``gap`` pixels of ``background``
+    separate the tiles and surround the sheet, so the sheet is
+    ``gap + rows * (tile_height + gap)`` by ``gap + columns' * (tile_width + gap)``
+    pixels, ``columns' = min(columns, len(frames))``.
+    """
+    if not frames:
+        raise VisionError("contact_sheet needs at least one frame")
+    if captions is not None and len(captions) != len(frames):
+        raise VisionError(f"contact_sheet: {len(frames)} frames but {len(captions)} captions")
+    if colours is not None and len(colours) != len(frames):
+        raise VisionError(f"contact_sheet: {len(frames)} frames but {len(colours)} caption colours")
+    if columns < 1 or tile_width < 32 or caption_lines < 0 or gap < 0:
+        raise VisionError(
+            f"contact_sheet: columns >= 1, tile_width >= 32, caption_lines >= 0, gap >= 0 needed "
+            f"(got {columns}, {tile_width}, {caption_lines}, {gap})"
+        )
+    checked = [_check_frame(f, f"frame {i}") for i, f in enumerate(frames)]
+    scaled: list[np.ndarray] = []
+    for f in checked:
+        h, w = f.shape[:2]
+        new_h = max(1, int(round(h * tile_width / w)))
+        interp = cv2.INTER_AREA if tile_width < w else cv2.INTER_LINEAR
+        scaled.append(cv2.resize(f, (tile_width, new_h), interpolation=interp))
+    image_h = max(s.shape[0] for s in scaled)
+    scale = max(0.3, 0.4 * tile_width / 320.0)
+    thick = 1
+    (_, text_h), base = cv2.getTextSize("Ag", _SHEET_FONT, scale, thick)
+    line_h = text_h + base + 4
+    texts: list[list[str]] = []
+    for i in range(len(frames)):
+        lines: list[str] = []
+        for entry in captions[i] if captions is not None else ():
+            lines += _wrap(_ascii(str(entry)), tile_width - 8, scale, thick) or [""]
+        if caption_lines and len(lines) > caption_lines:
+            lines = lines[:caption_lines]
+            last = lines[-1]
+            while (
+                last
+                and cv2.getTextSize(last + "...", _SHEET_FONT, scale, thick)[0][0] > tile_width - 8
+            ):
+                last = last[:-1]
+            lines[-1] = last + "..."
+        texts.append(lines[:caption_lines] if caption_lines else [])
+    caption_h = (max(len(t) for t in texts) * line_h + 6) if any(texts) else 0
+    tile_h = image_h + caption_h
+    cols = min(columns, len(frames))
+    rows = (len(frames) + columns - 1) // columns
+    sheet = np.empty((gap + rows * (tile_h + gap), gap + cols * (tile_width + gap), 3), np.uint8)
+    sheet[:] = background
+    for i, (img, lines) in enumerate(zip(scaled, texts, strict=True)):
+        r, c = divmod(i, columns)
+        x0, y0 = gap + c * (tile_width + gap), gap + r * (tile_h + gap)
+        top = y0 + (image_h - img.shape[0]) // 2
+        sheet[top : top + img.shape[0], x0 : x0 + tile_width] = img
+        colour = colours[i] if colours is not None else (220, 220, 220)
+        for k, line in enumerate(lines):
+            y = y0 + image_h + 4 + (k + 1) * line_h - base - 2
+            cv2.putText(sheet, line, (x0 + 4, y), _SHEET_FONT, scale, colour, thick, cv2.LINE_AA)
+    return sheet
+
+
+__all__ += ["analysis_from_dict", "contact_sheet", "encode_png"]

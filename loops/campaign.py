@@ -319,6 +319,7 @@ class CampaignRunner:
         self._running.set()
         self._phase = "new"  # new | prepared | running | ended
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._notes: list[Any] = []  # journal writes in flight (station events)
         self._strategy = f"optimizer:{self.optimizer.strategy}"
 
     # ------------------------------------------------------------------ events
@@ -605,8 +606,8 @@ class CampaignRunner:
                 (s for s in self._slots.values() if s.state != "out"), None
             )
             reasons, budget = await self._check(item, slot)
-            if reasons:  # a spent budget says nothing about the point: the optimizer learns nothing
-                await self._reject(item, reasons, tell=not budget)
+            if reasons:  # a spent budget or no station says nothing about the point
+                await self._reject(item, reasons, tell=not budget and slot is not None)
                 return ProposalReceipt(item.experiment_id, False, tuple(reasons), proposer)
             try:
                 item.pid = self.optimizer.add_pending(item.params).id
@@ -765,6 +766,10 @@ class CampaignRunner:
         slot.state, slot.reason, slot.experiment = "out", reason, None
         log.error("campaign %s: station %s is %s: %s", self.campaign_id, slot.name, state, reason)
         self._emit("station", station=slot.name, state=state, reason=reason)
+        # journaled without waiting here (callers hold the lock); awaited before the end
+        self._notes.append(
+            self.journal.station_event.remote(self.campaign_id, slot.name, state, reason)
+        )
 
     # ------------------------------------------------------------------ running
     async def run(self) -> CampaignSummary:
@@ -1019,6 +1024,12 @@ class CampaignRunner:
                 state = "stopped"
             else:
                 state = "done"
+            notes, self._notes = self._notes, []
+            for note in notes:
+                try:
+                    await note
+                except Exception as exc:  # the station's state is in the summary and the log
+                    log.error("campaign %s: station event not journaled: %s", self.campaign_id, exc)
             await self.journal.save_optimizer_state.remote(self.campaign_id, self._state())
             await self.journal.set_campaign_state.remote(self.campaign_id, state, reason=reason)
         best = None

@@ -191,8 +191,9 @@ class Transition:
     """One row of the append-only log.
 
     ``event``: ``state`` (a state change), ``step_started``, ``step_done``,
-    ``verified`` (mark_verified) or ``campaign`` (campaign-level, experiment_id
-    None, state = the campaign's). ``data`` is None or a dict: the event's own
+    ``verified`` (mark_verified), ``campaign`` (campaign-level, experiment_id
+    None, state = the campaign's) or ``station`` (campaign-level: a station went
+    out, was paused or rests; ``data`` says which and why). ``data`` is None or a dict: the event's own
     keys (``params``/``proposer`` when proposed, ``step`` when a step started,
     ``result``/``objective``/``verified`` when done, ``last_step_*`` when
     interrupted by resume), ``reason``/``station``/``recipe`` when given, and
@@ -885,6 +886,28 @@ class Journal:
                 reason=reason,
             )
 
+    def station_event(self, campaign_id: str, station: str, state: str, reason: str) -> int:
+        """Log what happened to a station during a campaign (out, paused after disagreements,
+        resting on a spent budget, died) as a campaign-level row (event ``station``)."""
+        with self._tx() as conn:
+            self._require_campaign(conn, campaign_id)
+            current = conn.execute(
+                "SELECT state FROM campaigns WHERE id = ?", (campaign_id,)
+            ).fetchone()[0]
+            return self._log(
+                conn,
+                None,
+                campaign_id,
+                "station",
+                current,
+                None,
+                {
+                    "station": station,
+                    "station_state": state,
+                    "reason": f"station {station} {state}: {reason}",
+                },
+            )
+
     def record_evidence(
         self,
         experiment_id: str,
@@ -1455,6 +1478,9 @@ class AsyncJournal:
         self, experiment_id: str, verified: bool, *, reason: str | None = None
     ) -> int:
         return await self._call(self._journal.mark_verified, experiment_id, verified, reason=reason)
+
+    async def station_event(self, campaign_id: str, station: str, state: str, reason: str) -> int:
+        return await self._call(self._journal.station_event, campaign_id, station, state, reason)
 
     async def record_evidence(
         self,

@@ -533,21 +533,15 @@ class StationActor:
 
         async with self._run_lock:
             self._current = "camera-calibration"
-            try:
-                await run(steps[0])
-                total = 0.0
-                for level in levels:
-                    if level > total + 1e-9:
-                        await run(
-                            Step.of(
-                                "dispense",
-                                fluid=fluid,
-                                volume_ml=round(level - total, 4),
-                                rate_ml_min=rate_ml_min,
-                            ),
-                            Step.of("wait_pumps", fluids=[fluid]),
-                        )
-                        total = level
+            try:  # the recipe's segments through the guard, a frame kept at each capture
+                segment: list[Step] = []
+                for step in recipe.steps:
+                    if step.kind != "capture":
+                        segment.append(step)
+                        continue
+                    if segment:
+                        await run(*segment)
+                        segment = []
                     frame = await camera.capture()
                     encoded = getattr(frame, "encoded", None)
                     if not encoded:
@@ -555,7 +549,8 @@ class StationActor:
                             "the camera sends raw frames, not JPEG: cannot keep them"
                         )
                     frames.append(bytes(encoded))
-                await run(*steps[-2:])
+                if segment:
+                    await run(*segment)
             except Exception as exc:
                 reason = f"camera calibration failed: {_cause(exc)}"
                 await station.trip(reason, "calibration", who=who)
@@ -809,6 +804,9 @@ class JournalActor:
         self, experiment_id: str, verified: bool, *, reason: str | None = None
     ) -> int:
         return await self._call("mark_verified", experiment_id, verified, reason=reason)
+
+    async def station_event(self, campaign_id: str, station: str, state: str, reason: str) -> int:
+        return await self._call("station_event", campaign_id, station, state, reason)
 
     async def record_evidence(
         self,

@@ -430,8 +430,11 @@ async def test_a_station_whose_camera_disagrees_is_paused_and_its_results_untrus
         exps = j.experiments("witness")
         stored_images = {e.id: j.images(e.id) for e in exps}
         stored_verdicts = {e.id: j.verdicts("witness", e.id) for e in exps}
+        station_events = [t.data for t in j.campaign_log("witness") if t.event == "station"]
     finally:
         j.close()
+    assert [(d["station"], d["station_state"]) for d in station_events] == [("bench-a", "paused")]
+    assert station_events[0]["reason"].startswith("station bench-a paused: paused: 3 results")
     unverified = [e for e in exps if e.verified is False]
     assert len(unverified) >= 3 and len(exps) <= 6  # caught within a few experiments
     assert [e.verified for e in exps[-3:]] == [False, False, False]

@@ -139,7 +139,16 @@ def test_labbridge_sim_command_runs_a_campaign_to_its_target(
     assert proc.returncode == 0, proc.stderr
     assert "campaign run: done: target reached: delta_e2000=" in proc.stdout, proc.stdout
     assert f"run folder: {out}" in proc.stdout
-    assert {p.name for p in out.iterdir()} >= {"lab.yaml", "journal.db", "images", "calibration"}
+    assert {p.name for p in out.iterdir()} >= {
+        "lab.yaml",
+        "journal.db",
+        "images",
+        "calibration",
+        "report",
+    }
+    assert f"report: {out / 'report' / 'report.html'}" in proc.stdout
+    html = (out / "report" / "report.html").read_text()
+    assert "target reached" in html and "contact-sheet.png" in html
     assert "exp" in proc.stderr  # the progress bar
     j = Journal(out / "journal.db")
     try:
