@@ -480,8 +480,18 @@ class CampaignRunner:
                 self._tell(item, None, "infeasible")
             elif exp.state == "cancelled":
                 self._forget(item)
+        recovered: set[str] = set()
         for interrupted in info.interrupted:
             await self._recover(interrupted.experiment, interrupted.last_step_started, operator)
+            recovered.add(interrupted.experiment.station or "")
+        for slot in self._slots.values():  # nobody watched the others either: same treatment
+            if slot.name not in recovered and slot.state != "out":
+                await self._recover_station(
+                    slot,
+                    operator,
+                    f"resume of campaign {self.campaign_id}: the station was unattended since "
+                    "the campaign's process stopped",
+                )
         for p in self.optimizer.pending():  # asked but never journaled: nothing ran
             if p.id not in live:
                 self.optimizer.cancel(p.id)
@@ -524,15 +534,7 @@ class CampaignRunner:
             self._emit("station", station=exp.station, state="unknown", experiment_id=exp.id)
             return
         why = f"resume of campaign {self.campaign_id}: experiment {exp.id} was interrupted {where}"
-        try:
-            report = await slot.actor.recover.remote(operator, why)
-            outcome = (
-                f"station {slot.name} safe-stated, checked and drained "
-                f"({report.get('drained_ml', 0.0):.2f} mL) by {operator} on resume"
-            )
-        except Exception as exc:
-            outcome = f"station {slot.name} could not be recovered: {_cause(exc)}"
-            self._out(slot, f"recovery after an interrupted experiment failed: {_cause(exc)}")
+        outcome = await self._recover_station(slot, operator, why)
         reason = f"interrupted {where} (campaign process stopped); {outcome}; never re-run"
         self._tell(item, None, "failed")
         await self.journal.fail.remote(exp.id, reason, optimizer_state=self._state())
@@ -541,6 +543,25 @@ class CampaignRunner:
         self._emit(
             "failed", experiment_id=exp.id, station=slot.name, reason=reason, params=exp.params
         )
+
+    async def _recover_station(self, slot: _Slot, operator: str, why: str) -> str:
+        """:meth:`StationActor.recover` (safe state, reset by ``operator``, vial drained),
+        journaled as a station event; a station that cannot be recovered is out. Returns
+        what happened, as a sentence."""
+        try:
+            report = await slot.actor.recover.remote(operator, why)
+        except Exception as exc:
+            self._out(slot, f"recovery on resume failed: {_cause(exc)}")
+            return f"station {slot.name} could not be recovered: {_cause(exc)}"
+        outcome = (
+            f"station {slot.name} safe-stated, checked and drained "
+            f"({report.get('drained_ml', 0.0):.2f} mL) by {operator} on resume"
+        )
+        self._emit("station", station=slot.name, state="recovered", reason=why)
+        self._notes.append(
+            self.journal.station_event.remote(self.campaign_id, slot.name, "recovered", outcome)
+        )
+        return outcome
 
     # --------------------------------------------------------------- controls
     def stop(self, reason: str = "stopped by the operator") -> None:

@@ -333,7 +333,7 @@ async def test_kill_9_at_random_points_then_resume_loses_nothing_and_reruns_noth
             "tester",
         )
         proc = _labbridge("run", str(prog_file), "--campaign-id", cid, *common, log=log)
-        seen = 0
+        seen = resumes = 0
         for _ in range(3):  # three kills at random points
             target = seen + rng.randint(4, 45)  # somewhere within the next experiment or two
             deadline = time.monotonic() + 90
@@ -351,6 +351,7 @@ async def test_kill_9_at_random_points_then_resume_loses_nothing_and_reruns_noth
             finally:
                 j.close()
             proc = _labbridge("resume", cid, *common, log=log)
+            resumes += 1
         code = await _wait(proc, 150)
     text = log.read_text()
     assert code == 0, text[-4000:]
@@ -359,8 +360,13 @@ async def test_kill_9_at_random_points_then_resume_loses_nothing_and_reruns_noth
         campaign = j.campaign(cid)
         exps = j.experiments(cid)
         logs = {e.id: j.transitions(e.id) for e in exps}
+        station_events = [t.data for t in j.campaign_log(cid) if t.event == "station"]
     finally:
         j.close()
+    # every resume safe-stated, reset and drained the station before anything else ran on it
+    recovered = [d for d in station_events if d["station_state"] == "recovered"]
+    assert len(recovered) == resumes >= 1, station_events
+    assert all("drained" in d["reason"] and "by tester" in d["reason"] for d in recovered)
     assert campaign.state == "done", (campaign.state, text[-3000:])
     # no finished result was lost or changed
     final = {e.id: e for e in exps}
