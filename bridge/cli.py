@@ -9,6 +9,8 @@ Commands available now (``labbridge COMMAND --help`` for each):
 * ``check``   validate a lab config without touching hardware
 * ``report``  HTML + PNG report of a campaign (convergence, parameters, contact sheet, safety)
 * ``export``  a campaign's experiments, transitions and verdicts as CSV or Parquet
+* ``serve``   the MQTT campaign API for a lab (docs/mqtt-api.md)
+* ``estop`` / ``reset`` / ``status``  over MQTT, to a running ``serve``
 * ``drivers`` list the registered driver kinds (built-in and from other packages)
 * ``probe``   connect one instrument by kind and URL, print what it is and what it reads
               (the way to check real hardware is wired right)
@@ -220,10 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--ray-address", default=None, help="join this Ray cluster")
 
     from bridge.export import add_export_parser
+    from bridge.mqttapi import add_mqtt_client_parsers, add_serve_parser
     from bridge.report import add_report_parser
 
     add_report_parser(sub)
     add_export_parser(sub)
+    add_serve_parser(sub)
+    add_mqtt_client_parsers(sub)
 
     sub.add_parser(
         "drivers", help="list registered driver kinds", description="List registered driver kinds."
@@ -285,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         return _calibrate_command(args)
     if args.command == "check":
         return _check_command(args)
+    if args.command in ("serve", "estop", "reset", "status"):
+        return int(args.handler(args))
     if args.command == "report":
         from bridge.report import report_command
 

@@ -136,10 +136,18 @@ class LabConfig:
 
     def check(self) -> list[str]:
         """Everything ``labbridge check`` verifies beyond the format, without touching
-        hardware: each envelope's channels and rules name the station's instruments, each
-        driver kind is installed, each transport URL and its driver options are valid.
+        hardware: the ``mqtt:`` block (``bridge.mqttlink.mqtt_settings``), each envelope's
+        channels and rules name the station's instruments, each driver kind is installed,
+        each transport URL and its driver options are valid.
         Returns the problems (``file:line: field: problem``), empty when all is well."""
         problems: list[str] = []
+        if self.mqtt:
+            from bridge.mqttlink import mqtt_settings  # paho: only when there is a broker
+
+            try:
+                mqtt_settings(self)
+            except ConfigError as exc:
+                problems.append(str(exc))
         for name, st in self.stations.items():
             at = ("stations", name)
             try:

@@ -12,10 +12,8 @@ images and the report.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -140,9 +138,9 @@ async def sim_campaign(
     ``fault``: a simulator fault injected once the stations are open and their
     cameras calibrated (so the calibration itself is sound). ``after``: called
     with the lab and the summary while the lab is still up (e.g. to write the
-    report). ``keep_running``: afterwards stay up as a simulated lab until
-    SIGINT/SIGTERM (another process can run campaigns with ``--lab
-    out/lab.yaml``).
+    report). ``keep_running``: afterwards stay up as a simulated lab serving the
+    MQTT campaign API (``labbridge serve``) until SIGINT/SIGTERM; another process
+    can also run campaigns with ``--lab out/lab.yaml``.
     """
     n = stations or program.stations
     async with simulated_lab(
@@ -168,26 +166,23 @@ async def sim_campaign(
         if after is not None:
             after(lab, summary)
         if keep_running and summary.state == "done":
-            await _stay_up(lab, out)
+            await _stay_up(lab, out, broker_url)
     return summary
 
 
-async def _stay_up(lab: RunningSimLab, out: Path) -> None:
-    """Keep the simulators running until SIGINT/SIGTERM."""
+async def _stay_up(lab: RunningSimLab, out: Path, broker_url: str | None) -> None:
+    """Serve the MQTT campaign API on the simulated lab until SIGINT/SIGTERM."""
+    from bridge.mqttapi import mqtt_settings, serve
+
+    url = broker_url or lab.sim.broker_url
+    settings = mqtt_settings(lab.config, url)
     bus = lab.sim.bluez.address if lab.sim.bluez else ""
     print(
-        f"simulated lab running; lab config in {out / 'lab.yaml'} (labbridge run PROGRAM "
-        f"--lab {out / 'lab.yaml'}); to reach the BLE sensors from another process: "
-        f"export DBUS_SYSTEM_BUS_ADDRESS={bus}; Ctrl-C to stop",
+        f"simulated lab running, its MQTT campaign API on {url} under "
+        f"labbridge/{lab.config.bridge_id}/ (docs/mqtt-api.md); lab config in "
+        f"{out / 'lab.yaml'} (labbridge run PROGRAM --lab {out / 'lab.yaml'}); to reach the BLE "
+        f"sensors from another process: export DBUS_SYSTEM_BUS_ADDRESS={bus}; Ctrl-C to stop",
         file=sys.stderr,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    print("stopping the simulated lab", file=sys.stderr)
+    why = await serve(lab.config, settings)
+    print(f"stopping the simulated lab ({why})", file=sys.stderr)

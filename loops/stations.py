@@ -38,7 +38,7 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ClockSpec",
+    "ExperimentStopped",
     "JournalActor",
     "PortableIllegalTransition",
     "ScaledClock",
@@ -91,6 +92,11 @@ class StationError(RuntimeError):
 
 class StationNotOpen(RuntimeError):
     """The station actor was asked to act before ``start()`` (or after ``stop()``)."""
+
+
+class ExperimentStopped(RuntimeError):
+    """The station tripped (a monitor, an e-stop, a campaign abort) while an experiment ran:
+    its recipe was stopped there and then, so nothing of it resumes after a reset."""
 
 
 class StationBusy(RuntimeError):
@@ -151,6 +157,37 @@ def _cause(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     err = cause if isinstance(cause, BaseException) else exc
     return f"{type(err).__name__}: {err}"
+
+
+#: how often a running recipe checks whether its station tripped (real seconds)
+TRIP_POLL_S = 0.02
+
+
+async def _until_tripped(station: SafeStation, work: Awaitable[Any]) -> Any:
+    """Await ``work`` (a recipe run); if the station trips meanwhile, cancel it at once.
+
+    A latched station refuses every actuating command anyway, but a recipe in a wait step
+    (hold, cool, waiting for the pumps) would otherwise carry on waiting, and act again
+    after an operator's reset. Raises :class:`ExperimentStopped` naming the trip.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=TRIP_POLL_S)
+            if done:
+                return task.result()
+            if station.tripped:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                record = station.latch.trip_record
+                why = record.reason if record is not None else "tripped"
+                raise ExperimentStopped(f"the station tripped during the experiment: {why}")
+    except asyncio.CancelledError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise
 
 
 # --------------------------------------------------------------------- station
@@ -403,14 +440,17 @@ class StationActor:
                 await journal.step_done.remote(experiment_id, i, data)
 
         try:
-            result = await run_recipe(
-                recipe,
+            result = await _until_tripped(
                 station,
-                clock_sleep=self._sleep,
-                who=who,
-                on_step=on_step,
-                clock_now=self._now,
-                poll_s=self._poll_s,
+                run_recipe(
+                    recipe,
+                    station,
+                    clock_sleep=self._sleep,
+                    who=who,
+                    on_step=on_step,
+                    clock_now=self._now,
+                    poll_s=self._poll_s,
+                ),
             )
         except BaseException as exc:  # a cancellation too: safe-state, then re-raise
             where = f"step {index} ({phase})" if index >= 0 else "before its first step"
@@ -522,13 +562,16 @@ class StationActor:
         camera = station.handle(INSTRUMENTS["camera"], who=who)
 
         async def run(*part: Step) -> None:
-            await run_recipe(
-                Recipe(part),
+            await _until_tripped(
                 station,
-                clock_sleep=self._sleep,
-                who=who,
-                clock_now=self._now,
-                poll_s=self._poll_s,
+                run_recipe(
+                    Recipe(part),
+                    station,
+                    clock_sleep=self._sleep,
+                    who=who,
+                    clock_now=self._now,
+                    poll_s=self._poll_s,
+                ),
             )
 
         async with self._run_lock:
@@ -624,13 +667,16 @@ class StationActor:
             if not report.ok:
                 raise SafetyError(f"station {self.name}: the recovery drain is refused: {report}")
             try:
-                result = await run_recipe(
-                    recipe,
+                result = await _until_tripped(
                     station,
-                    clock_sleep=self._sleep,
-                    who=who,
-                    clock_now=self._now,
-                    poll_s=self._poll_s,
+                    run_recipe(
+                        recipe,
+                        station,
+                        clock_sleep=self._sleep,
+                        who=who,
+                        clock_now=self._now,
+                        poll_s=self._poll_s,
+                    ),
                 )
             except Exception as exc:
                 reason = f"recovery drain failed: {_cause(exc)}"

@@ -215,3 +215,18 @@ def test_check_finds_what_the_format_cannot(
     assert main(["check", str(path)]) == 1
     err = capsys.readouterr().err
     assert "3 problem(s)" in err and "unitt" in err
+
+
+def test_check_validates_the_mqtt_block(tmp_path: Path) -> None:
+    template = Path(__file__).resolve().parents[1] / "examples" / "lab-hardware.yaml"
+    text = template.read_text()
+    path = tmp_path / "lab.yaml"
+    path.write_text(text + "mqtt:\n  url: mqtt://broker.local:1883\n  password: hunter2\n")
+    [problem] = load_lab(path).check()
+    assert problem.startswith(f"{path}:") and "mqtt.password" in problem
+    assert "never inline" in problem
+    path.write_text(
+        text + "mqtt:\n  url: mqtt://broker.local:1883\n  username: lab\n"
+        "  password_env: LAB_MQTT_PASSWORD\n"
+    )
+    assert load_lab(path).check() == []

@@ -238,6 +238,57 @@ async def test_a_failed_run_trips_the_station_and_is_never_retried(
         assert j.experiment(eid).state == "failed"
 
 
+@pytest.mark.timeout(60)
+async def test_a_trip_during_a_wait_stops_the_recipe_there(
+    ray_session: Any, lab: SimulatedLab, tmp_path: Path
+) -> None:
+    """An e-stop (or a campaign abort) while the recipe waits: the recipe stops at once, so
+    nothing of it acts again after the operator's reset."""
+    ray = ray_session
+    bench = lab.stations[0]
+    recipe = Recipe(
+        (
+            Step.of("stir", rpm=300),
+            Step.of("hold", seconds=600.0),  # 6 s real at 100x
+            Step.of("dispense", fluid="red", volume_ml=0.3, rate_ml_min=5.0),
+            Step.of("wait_pumps", fluids=["red"]),
+            Step.of("stirrer_off"),
+        )
+    )
+    path = tmp_path / "journal.sqlite"
+    journal = start_journal_actor(path)
+    actor = station_actor(lab, journal=journal, actor_name="station-bench-a-estop")
+    try:
+        await journal.create_campaign.remote("c3", "estop", {"name": "estop"})
+        eid = await journal.propose.remote("c3", {"x": 1}, "operator:ada", recipe=recipe.as_dict())
+        await journal.transition.remote(eid, "checked")
+        await journal.transition.remote(eid, "queued", station=bench.name)
+        await actor.start.remote()
+        run = actor.run.remote(eid, recipe.as_dict(), "operator:ada")
+        deadline = time.monotonic() + 20
+        while (await journal.experiment.remote(eid)).step != 1:  # holding
+            assert time.monotonic() < deadline, "the hold never started"
+            await asyncio.sleep(0.02)
+        await actor.trip.remote("e-stop pressed", "operator:ada")
+        out = await asyncio.wait_for(run, 5)  # not after the remaining hold
+        t_trip = time.monotonic()
+        assert out["ok"] is False and out["step"] == 1, out
+        assert out["error"] == (
+            "ExperimentStopped: the station tripped during the experiment: e-stop pressed"
+        )
+        await actor.reset.remote("operator:ada", "checked the bench")
+        await asyncio.sleep(8.0)  # longer than the hold was: a recipe still waiting would act now
+        pumps = bench.world.wire.entries("pumps")
+        assert pumps, "the pumps' wire log is empty"
+        late = [r.data for r in pumps if r.real_t > t_trip and "RUN" in str(r.data)]
+        assert late == [], late  # the dispense after the hold never happened
+        assert all(p.phase != "running" for p in bench.world.pumps.values())
+        await actor.stop.remote()
+        await journal.close.remote()
+    finally:
+        await shutdown(ray, actor, journal)
+
+
 @pytest.mark.timeout(30)
 async def test_an_instrument_that_cannot_open_is_reported_with_its_url(ray_session: Any) -> None:
     ray = ray_session
