@@ -1,0 +1,1109 @@
+"""The MQTT campaign API: ``labbridge serve`` puts a :class:`~bridge.service.LabService` on a broker.
+
+Topics, under the root ``labbridge/<bridge_id>/`` (``docs/mqtt-api.md`` has every
+payload with ``mosquitto_pub``/``mosquitto_sub`` examples; the JSON Schemas are in
+``docs/schemas/`` and in :data:`SCHEMAS`)::
+
+    status                      retained service status; Last Will {"state": "offline"}
+    campaigns/start             start a campaign: {"id", "program", "lab"?, ...}; idempotent by id
+    campaigns/<id>/status       retained state and progress of one campaign
+    campaigns/<id>/results      one message per finished experiment
+    campaigns/<id>/proposals    agents propose experiments: {"agent", "params"}
+    campaigns/<id>/control      {"action": "pause"|"resume"|"stop"|"abort", "who"}
+    estop                       trips every station: {"reason", "who"?}
+    reset                       {"who", "why", "stations"?, "drain"?}
+    replies/<user>/...          where answers go (see below)
+    errors                      problems with requests that named no reply topic
+
+Requests are answered on the MQTT v5 response topic with the request's
+correlation data, or (MQTT 3.1.1) on the ``reply_to`` topic given in the payload
+with its ``correlation_id`` echoed. Reply topics must lie under
+``labbridge/<bridge_id>/replies/``: the service never publishes into other
+topics on a client's say-so (a reply into ``estop`` or a device's command topic
+would be a confused deputy). A request that names no usable reply topic gets
+its error on ``errors``.
+
+Every request is checked before anything is done: size (``max_payload_bytes``),
+UTF-8 JSON (no NaN, no duplicate keys), its JSON Schema (unknown fields are
+errors), a retained message is never acted on (it would replay at every
+restart), and an MQTT v5 message past its message expiry interval (counted from
+when it reached the service) is not acted on. The reply lists every problem.
+A malformed request never reaches a station. The one exception is ``estop``:
+any message on it trips every station (an e-stop is never refused for its
+format; the reply says what was wrong with the payload).
+
+The service's session is persistent (``session_expiry_s``, default 600 s):
+``campaigns/start``, ``proposals``, ``control`` and ``estop`` are subscribed with
+QoS 1, so the broker keeps them while the service restarts (their v5 message
+expiry still applies); ``reset`` is QoS 0 and never queued: a reset must be
+live.
+
+Modules: ``bridge/mqttlink.py`` (settings from lab.yaml, the paho link, JSON
+payloads), ``bridge/mqttschemas.py`` (the JSON Schemas), this one (the API, ``serve``
+and the command-line hooks); the lab itself is ``bridge/service.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bridge.labconfig import LabConfig, load_lab
+from bridge.mqttlink import (
+    ROOT,
+    ApiError,
+    Incoming,
+    MqttLink,
+    MqttSettings,
+    dumps,
+    mqtt_settings,
+    parse_broker_url,
+    parse_payload,
+    short,
+)
+from bridge.mqttschemas import SCHEMAS, schema_errors, write_schemas
+from bridge.service import CAMPAIGN_ID, LabService, ServiceError
+from loops.campaign import CampaignClosed
+from safety.yamldoc import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "API_VERSION",
+    "SCHEMAS",
+    "ApiError",
+    "Incoming",
+    "MqttApi",
+    "MqttLink",
+    "MqttSettings",
+    "add_mqtt_client_parsers",
+    "add_serve_parser",
+    "estop_command",
+    "main",
+    "mqtt_settings",
+    "parse_broker_url",
+    "parse_payload",
+    "request",
+    "reset_command",
+    "serve",
+    "serve_command",
+    "status_command",
+    "topic_root",
+    "write_schemas",
+]
+
+API_VERSION = 1
+
+
+def topic_root(bridge_id: str) -> str:
+    """``labbridge/<bridge_id>``: the root of every topic of one bridge."""
+    return f"{ROOT}/{bridge_id}"
+
+
+# =========================================================================  API
+_KINDS = {
+    "start": "campaigns/start",
+    "proposal": "proposals",
+    "control": "control",
+    "estop": "estop",
+    "reset": "reset",
+}
+
+
+@dataclass
+class _Request:
+    """One request in handling: where and how to answer it."""
+
+    kind: str
+    msg: Incoming
+    campaign_id: str | None = None
+    reply_topic: str | None = None
+    correlation_id: str | None = None
+    reply_problem: str | None = None
+
+
+class MqttApi:
+    """The MQTT front end of one :class:`~bridge.service.LabService` (see the module docstring).
+
+    ``await api.connect()`` (status ``starting``, the Last Will set), then
+    ``await api.attach(service)`` once the service is open (subscribes, status
+    ``online``), :meth:`detach` to stop taking requests, :meth:`close` to publish
+    the final statuses and ``offline`` and disconnect.
+    """
+
+    def __init__(self, settings: MqttSettings, bridge_id: str) -> None:
+        self.settings = settings
+        self.bridge_id = bridge_id
+        self.root = topic_root(bridge_id)
+        #: who serves: host, process and start time (in the status, and in the refusal of a second)
+        self.instance = (
+            f"{socket.gethostname()} pid {os.getpid()} started {time.strftime('%H:%M:%S')}"
+        )
+        offline = {
+            "state": "offline",
+            "bridge_id": bridge_id,
+            "api": API_VERSION,
+            "instance": self.instance,
+        }
+        self.link = MqttLink(
+            settings,
+            client_id=settings.client_id or f"labbridge-{bridge_id}",
+            clean=settings.session_expiry_s == 0,
+            session_expiry_s=settings.session_expiry_s,
+            will=(
+                f"{self.root}/status",
+                dumps({**offline, "reason": "connection to labbridge lost (Last Will)"}),
+            ),
+        )
+        self.service: LabService | None = None
+        self.state = "new"
+        #: requests answered and how: counts by kind and outcome (for status displays, tests)
+        self.counts: dict[str, int] = {}
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._ordered: asyncio.Queue[_Request] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._remove_listener: Callable[[], None] | None = None
+        self._last_status: dict[str, Any] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def topic(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    # --------------------------------------------------------------- lifecycle
+    async def connect(self) -> None:
+        """Connect to the broker and publish the retained status ``starting``.
+
+        Refuses (:class:`ApiError`) while the retained status says another service of this
+        bridge is up: connecting with the same client id would take over its session (the
+        broker drops the older connection, and the two would take turns).
+        """
+        await self._check_alone()
+        await self.link.open()
+        self.state = "starting"
+        self.link.on_connection_change(self._on_connection)
+        await self._publish_status({"state": "starting"}, wait=True)
+
+    async def attach(self, service: LabService) -> None:
+        """Serve ``service``: subscribe to the request topics, publish status ``online``."""
+        if self.service is not None:
+            raise ApiError("already serving a lab service")
+        self.service = service
+        self._remove_listener = service.add_listener(self._events.put_nowait)
+        self.state = "online"
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name="mqttapi-dispatch"),
+            asyncio.create_task(self._worker(), name="mqttapi-worker"),
+            asyncio.create_task(self._publisher(), name="mqttapi-publisher"),
+            asyncio.create_task(self._ticker(), name="mqttapi-ticker"),
+        ]
+        await self.link.subscribe(
+            [
+                (self.topic("campaigns", "start"), 1),
+                (self.topic("campaigns", "+", "proposals"), 1),
+                (self.topic("campaigns", "+", "control"), 1),
+                (self.topic("estop"), 1),
+                (self.topic("reset"), 0),
+            ]
+        )
+        self._events.put_nowait({"event": "_all"})
+        await self.flush()
+        log.info("MQTT campaign API online at %s/%s", self.settings.url, self.root)
+
+    async def detach(self) -> None:
+        """Stop taking requests (status ``stopping``): from now on every request but an e-stop
+        is answered "shutting down"; e-stops are still acted on until :meth:`close`."""
+        if self.state != "online":
+            return
+        self.state = "stopping"
+        if self._handlers:  # the requests in progress finish
+            await asyncio.wait(list(self._handlers), timeout=self.settings.timeout_s)
+        self._events.put_nowait({"event": "_status"})
+        await self.flush()
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every pending event is published (results, statuses)."""
+        if not self._tasks or self._tasks[2].done():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not (self._events.empty() and self._idle.is_set()):
+                    if self._idle.is_set():  # an event waits for the publisher to take it
+                        await asyncio.sleep(0)
+                    else:
+                        await self._idle.wait()
+
+    async def close(self, reason: str = "shut down") -> None:
+        """Publish pending results and statuses, then ``offline`` (retained), and disconnect."""
+        await self.detach()
+        await self.flush()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        self._tasks = []
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
+        if self.link.is_open:
+            self.state = "offline"
+            with contextlib.suppress(ApiError):
+                await self._publish_status({"state": "offline", "reason": reason}, wait=True)
+            await self.link.close()
+        self.service = None
+
+    async def __aenter__(self) -> MqttApi:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _check_alone(self) -> None:
+        probe_id = f"{self.link.client_id}-probe-{secrets.token_hex(3)}"
+        probe = MqttLink(replace(self.settings, client_id=probe_id), client_id=probe_id)
+        await probe.open([(self.topic("status"), 1)])
+        if self.link.settings.protocol == "auto" and probe.protocol is not None:
+            # what the broker speaks (amqtt: 3.1.1; it does not answer a v5 CONNECT that
+            # asks for a persistent session, so the link must not try v5 first there)
+            self.link.settings = replace(self.link.settings, protocol=probe.protocol)
+        status = None
+        try:  # a retained status comes right after the SUBACK
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    msg = await probe.messages.get()
+                    status, _ = parse_payload(msg.payload)
+        finally:
+            await probe.close()
+        if isinstance(status, Mapping) and status.get("state") in (
+            "starting",
+            "online",
+            "stopping",
+        ):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(status.get("t") or 0)))
+            raise ApiError(
+                f"{self.topic('status')} says labbridge for {self.bridge_id} is "
+                f"{status.get('state')} already ({status.get('instance', '?')}, status of {since}): "
+                "stop that one first. If it is gone without its Last Will (the broker restarted "
+                f"with persistence while it was down), clear the status: mosquitto_pub -u "
+                f"{self.settings.username or '<service user>'} -r -n -t {self.topic('status')}"
+            )
+
+    def _on_connection(self, connected: bool) -> None:
+        if connected:  # the broker may have lost our retained messages: publish them again
+            self._last_status = None
+            self._events.put_nowait({"event": "_all"})
+
+    # ----------------------------------------------------------------- status
+    async def _publish_status(self, status: Mapping[str, Any], *, wait: bool = False) -> None:
+        body = {
+            "bridge_id": self.bridge_id,
+            "api": API_VERSION,
+            "root": self.root,
+            "instance": self.instance,
+            **status,
+            "t": time.time(),
+        }
+        await self.link.publish(self.topic("status"), dumps(body), qos=1, retain=True, wait=wait)
+
+    async def _refresh_status(self, force: bool = False) -> None:
+        if self.service is None:
+            return
+        snapshot = await self.service.status()
+        status = {"state": self.state if self.state != "new" else "starting", **snapshot}
+        if force or status != self._last_status:
+            self._last_status = status
+            await self._publish_status(status)
+
+    async def _publish_campaign(self, campaign_id: str) -> None:
+        if self.service is None or campaign_id not in self.service.campaigns:
+            return
+        status = self.service.campaign_status(campaign_id)
+        await self.link.publish(
+            self.topic("campaigns", campaign_id, "status"), dumps(status), qos=1, retain=True
+        )
+
+    def _result(self, campaign_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
+        done = event.get("event") == "finished"
+        out: dict[str, Any] = {
+            "campaign_id": campaign_id,
+            "experiment_id": event.get("experiment_id"),
+            "outcome": "done" if done else "failed",
+            "station": event.get("station"),
+            "proposer": event.get("proposer") or "unknown",
+            "parameters": dict(event.get("params") or {}),
+            "measurements": dict(event.get("measurements") or {}) if done else None,
+            "objective": None,
+            "verified": event.get("verified") if done else None,
+            "verification": event.get("verification") if done else None,
+            "reason": None if done else event.get("reason"),
+            "t": time.time(),
+        }
+        handle = self.service.campaigns.get(campaign_id) if self.service is not None else None
+        if done and handle is not None:
+            objective = handle.program.objective
+            out["objective"] = {
+                "measure": objective.measure,
+                "value": event.get("objective"),
+                "direction": "minimize" if objective.minimize else "maximize",
+            }
+        if event.get("images"):
+            out["images"] = event["images"]
+        progress = event.get("progress")
+        if isinstance(progress, Mapping):
+            out["progress"] = {
+                k: progress.get(k) for k in ("experiments", "budget", "in_flight", "best")
+            }
+        return out
+
+    async def _publisher(self) -> None:
+        """Events of the service -> results (one per experiment) and retained statuses, in order."""
+        while True:
+            event = await self._events.get()
+            self._idle.clear()
+            try:
+                batch = [event]
+                while not self._events.empty():
+                    batch.append(self._events.get_nowait())
+                campaigns: list[str] = []
+                status, force = False, False
+                for ev in batch:
+                    kind = ev.get("event")
+                    cid = ev.get("campaign_id")
+                    if kind in ("finished", "failed") and isinstance(cid, str):
+                        await self.link.publish(
+                            self.topic("campaigns", cid, "results"), dumps(self._result(cid, ev))
+                        )
+                    if isinstance(cid, str) and cid not in campaigns:
+                        campaigns.append(cid)
+                    if kind in ("campaign", "estop", "reset", "station", "_tick", "_status"):
+                        status = True
+                    if kind == "_all" and self.service is not None:
+                        campaigns += [c for c in self.service.campaigns if c not in campaigns]
+                        status = force = True
+                for cid in campaigns:
+                    await self._publish_campaign(cid)
+                if status:
+                    await self._refresh_status(force=force)
+            except Exception:  # never let a publishing problem stop the service
+                log.exception("MQTT API: publishing failed")
+            finally:
+                if self._events.empty():
+                    self._idle.set()
+
+    async def _ticker(self) -> None:
+        """Refresh the retained status now and then (a monitor may trip a station any time)."""
+        while True:
+            await asyncio.sleep(self.settings.status_interval_s)
+            self._events.put_nowait({"event": "_tick"})
+
+    # --------------------------------------------------------------- requests
+    def _route(self, topic: str) -> tuple[str | None, str | None]:
+        prefix = self.root + "/"
+        if not topic.startswith(prefix):
+            return None, None
+        parts = topic[len(prefix) :].split("/")
+        if parts == ["campaigns", "start"]:
+            return "start", None
+        if len(parts) == 3 and parts[0] == "campaigns" and parts[2] in ("proposals", "control"):
+            return ("proposal" if parts[2] == "proposals" else "control"), parts[1]
+        if parts in (["estop"], ["reset"]):
+            return parts[0], None
+        return None, None
+
+    async def _dispatch(self) -> None:
+        """E-stops at once, each in its own task; every other request in arrival order."""
+        while True:
+            msg = await self.link.messages.get()
+            kind, cid = self._route(msg.topic)
+            if kind is None:
+                log.warning("MQTT API: message on unexpected topic %s ignored", msg.topic)
+                continue
+            req = _Request(kind, msg, cid)
+            if kind == "estop":
+                task = asyncio.create_task(self._handle(req), name="mqttapi-estop")
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+            else:
+                self._ordered.put_nowait(req)
+
+    async def _worker(self) -> None:
+        while True:
+            req = await self._ordered.get()
+            task = asyncio.create_task(self._handle(req), name=f"mqttapi-{req.kind}")
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+            await asyncio.wait([task])  # one at a time, in order; a cancelled worker leaves it be
+
+    def _count(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def _reply_target(self, req: _Request, data: Any) -> None:
+        """Where to answer: the v5 response topic, else ``reply_to``; refuse topics outside replies/."""
+        msg = req.msg
+        if isinstance(data, Mapping) and isinstance(data.get("correlation_id"), str):
+            req.correlation_id = data["correlation_id"]
+        topic = msg.response_topic
+        if topic is None and isinstance(data, Mapping) and isinstance(data.get("reply_to"), str):
+            topic = data["reply_to"]
+        if topic is None:
+            return
+        allowed = self.topic("replies") + "/"
+        if (
+            not topic.startswith(allowed)
+            or len(topic) > 512
+            or len(topic) <= len(allowed)
+            or "+" in topic
+            or "#" in topic
+            or "\x00" in topic
+        ):
+            req.reply_problem = (
+                f"cannot answer on {short(topic, 120)!r}: replies go to topics under {allowed} "
+                f"(e.g. {allowed}<your user>/<anything>)"
+            )
+            return
+        req.reply_topic = topic
+
+    async def _reply(self, req: _Request, ok: bool, **fields: Any) -> None:
+        body: dict[str, Any] = {"request": _KINDS[req.kind], "ok": ok, **fields}
+        if req.correlation_id is not None:
+            body["correlation_id"] = req.correlation_id
+        body["t"] = time.time()
+        self._count(f"{req.kind}:{'ok' if ok else 'error'}")
+        target = req.reply_topic
+        if target is None:
+            if ok and req.reply_problem is None and not fields.get("warnings"):
+                return  # nobody asked for an answer
+            target = self.topic("errors")
+            body["topic"] = req.msg.topic
+            if req.reply_problem is not None:
+                body.setdefault("errors", []).insert(0, req.reply_problem)
+        try:
+            await self.link.publish(
+                target,
+                dumps(body),
+                qos=1,
+                correlation_data=req.msg.correlation_data if req.reply_topic else None,
+            )
+        except ApiError as exc:
+            log.error("MQTT API: cannot send the reply to %s: %s", target, exc)
+
+    async def _handle(self, req: _Request) -> None:
+        try:
+            await self._process(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not take the service down; the client is told
+            log.exception("MQTT API: %s request on %s failed", req.kind, req.msg.topic)
+            await self._reply(req, False, errors=[f"internal error: {type(exc).__name__}: {exc}"])
+
+    async def _process(self, req: _Request) -> None:
+        msg, kind = req.msg, req.kind
+        limit = self.settings.max_payload_bytes
+        if len(msg.payload) > limit:
+            self._reply_target(req, None)
+            problem = f"the payload is too big: {len(msg.payload)} bytes (limit {limit})"
+            if kind == "estop":
+                await self._estop(req, None, [problem])
+                return
+            await self._reply(req, False, errors=[problem])
+            return
+        data, parse_error = parse_payload(msg.payload)
+        self._reply_target(req, data)
+        if msg.retain:
+            await self._reply(
+                req,
+                False,
+                errors=[
+                    f"a retained message on {msg.topic} is not acted on (it would replay at every "
+                    f"restart): publish without retain, and clear it with "
+                    f"`mosquitto_pub -r -n -t {msg.topic}`"
+                ],
+            )
+            return
+        if msg.expired():
+            log.warning("MQTT API: expired %s request on %s not acted on", kind, msg.topic)
+            await self._reply(
+                req,
+                False,
+                errors=[
+                    f"the message expired (message expiry interval {msg.expiry_s} s) before it "
+                    "could be acted on: nothing was done"
+                ],
+            )
+            return
+        if kind == "estop":
+            problems = [parse_error] if parse_error else schema_errors("estop", data)
+            await self._estop(req, data, problems)
+            return
+        if self.state != "online":
+            await self._reply(
+                req, False, errors=[f"labbridge is {self.state}: not taking requests (but e-stops)"]
+            )
+            return
+        if parse_error is not None:
+            await self._reply(req, False, errors=[parse_error])
+            return
+        schema = "proposal" if kind == "proposal" else kind
+        errors = schema_errors(schema, data)
+        if req.campaign_id is not None and not CAMPAIGN_ID.match(req.campaign_id):
+            errors.insert(0, f"topic: {req.campaign_id!r} is not a campaign id")
+        if errors:
+            await self._reply(req, False, errors=errors)
+            return
+        if req.reply_problem is not None:  # valid, but we could not answer: do nothing
+            await self._reply(req, False, errors=["not acted on: no usable reply topic"])
+            return
+        assert self.service is not None
+        if kind == "start":
+            await self._start(req, data)
+        elif kind == "proposal":
+            await self._proposal(req, data)
+        elif kind == "control":
+            await self._control(req, data)
+        else:
+            await self._reset(req, data)
+
+    async def _start(self, req: _Request, data: Mapping[str, Any]) -> None:
+        assert self.service is not None
+        lab = data.get("lab") or {}
+        result = await self.service.start_campaign(
+            data["id"],
+            data["program"],
+            body=data.get("body"),
+            stations=lab.get("stations"),
+            who=data.get("who") or "mqtt",
+        )
+        fields = result.as_dict()
+        if result.accepted:
+            cid = result.campaign_id
+            fields["topics"] = {
+                "status": self.topic("campaigns", cid, "status"),
+                "results": self.topic("campaigns", cid, "results"),
+                "proposals": self.topic("campaigns", cid, "proposals"),
+                "control": self.topic("campaigns", cid, "control"),
+            }
+        await self._reply(req, result.accepted, **fields)
+
+    async def _proposal(self, req: _Request, data: Mapping[str, Any]) -> None:
+        assert self.service is not None and req.campaign_id is not None
+        proposer = f"agent:{data['agent']}"
+        try:
+            receipt = await self.service.propose(req.campaign_id, data["params"], proposer)
+        except (ServiceError, CampaignClosed, ValueError) as exc:
+            await self._reply(req, False, campaign_id=req.campaign_id, errors=[str(exc)])
+            return
+        if data.get("note"):
+            log.info("proposal %s by %s: %s", receipt.experiment_id, proposer, data["note"])
+        await self._reply(req, receipt.accepted, campaign_id=req.campaign_id, **receipt.as_dict())
+
+    async def _control(self, req: _Request, data: Mapping[str, Any]) -> None:
+        assert self.service is not None and req.campaign_id is not None
+        try:
+            status = await self.service.control(
+                req.campaign_id, data["action"], who=data["who"], reason=data.get("reason")
+            )
+        except ServiceError as exc:
+            await self._reply(req, False, campaign_id=req.campaign_id, errors=[str(exc)])
+            return
+        await self._reply(
+            req, True, campaign_id=req.campaign_id, action=data["action"], state=status["state"]
+        )
+
+    async def _reset(self, req: _Request, data: Mapping[str, Any]) -> None:
+        assert self.service is not None
+        try:
+            report = await self.service.reset(
+                data["who"], data["why"], data.get("stations"), drain=bool(data.get("drain"))
+            )
+        except ServiceError as exc:
+            await self._reply(req, False, errors=[str(exc)])
+            return
+        errors = [f"{n}: {s['error']}" for n, s in report["stations"].items() if not s["ok"]]
+        await self._reply(req, report["ok"], stations=report["stations"], errors=errors)
+
+    async def _estop(self, req: _Request, data: Any, problems: list[str]) -> None:
+        """Any message trips every station; what was wrong with it goes back as warnings."""
+        assert self.service is not None
+        reason = None
+        who = "mqtt"
+        if isinstance(data, Mapping):
+            if isinstance(data.get("reason"), str) and data["reason"].strip():
+                reason = data["reason"]
+            if isinstance(data.get("who"), str) and data["who"].strip():
+                who = data["who"]
+        elif isinstance(data, str) and data.strip():
+            reason = data
+        elif data is None and req.msg.payload and len(req.msg.payload) <= 1000:
+            text = req.msg.payload.decode("utf-8", "replace")
+            text = "".join(c if c.isprintable() else " " for c in text).strip()
+            reason = text or None
+        reason = short(reason or "e-stop over MQTT (no reason given)", 1000)
+        try:
+            report = await self.service.estop(reason, who)
+        except ServiceError as exc:  # the stations are closed already (shutting down)
+            await self._reply(req, False, errors=[str(exc)])
+            return
+        warnings = []
+        if problems:
+            warnings = [
+                *problems,
+                "acted on anyway: an e-stop is never refused for its format "
+                '(send {"reason": "...", "who": "..."})',
+            ]
+        fields = {k: v for k, v in report.items() if k != "ok"}
+        await self._reply(req, bool(report["ok"]), warnings=warnings, **fields)
+
+
+# ======================================================================= serve
+async def serve(
+    lab: LabConfig,
+    settings: MqttSettings,
+    *,
+    ray_address: str | None = None,
+    operator: str = "operator",
+    stop: asyncio.Event | None = None,
+    handle_signals: bool = True,
+) -> str:
+    """Run the lab's MQTT campaign API until ``stop`` is set or SIGINT/SIGTERM arrives.
+
+    On the way out every running campaign is aborted (its stations tripped into the
+    safe state), every station is closed (instruments safe-stated), and the retained
+    status goes ``offline``. A second signal gives up waiting. Returns why it stopped.
+    """
+    from loops.stations import init_ray
+
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    stop = stop or asyncio.Event()
+    why: list[str] = []
+
+    def on_signal(name: str) -> None:
+        if why and main_task is not None:
+            main_task.cancel()
+            return
+        why.append(name)
+        print(
+            f"\n{name}: stopping: campaigns aborted, every station to its safe state",
+            file=sys.stderr,
+        )
+        stop.set()
+
+    # Ray's driver installs its own SIGTERM handler in ray.init: start (or join) Ray first
+    init_ray(
+        ray_address or lab.ray_address, stations=list(lab.stations), local=True, log_to_driver=False
+    )
+    installed: list[signal.Signals] = []
+    if handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, on_signal, sig.name)
+                installed.append(sig)
+    api = MqttApi(settings, lab.bridge_id)
+    final = "shut down"
+    try:
+        await api.connect()
+        try:
+            async with LabService(lab, ray_address=ray_address, operator=operator) as service:
+                await api.attach(service)
+                print(
+                    f"labbridge serve: {lab.bridge_id} online at {settings.url} "
+                    f"(topics {api.root}/...; stations {', '.join(service.stations)}); "
+                    "Ctrl-C to stop",
+                    file=sys.stderr,
+                )
+                await stop.wait()
+                reason = f"{why[0] if why else 'stop requested'}: labbridge serve shutting down"
+                await api.detach()
+                await service.shutdown(reason, who=operator)
+                await api.flush()
+            final = f"shut down ({why[0] if why else 'stop requested'})"
+        except BaseException as exc:
+            final = f"stopped: {type(exc).__name__}: {exc}" if str(exc) else "stopped"
+            raise
+        finally:
+            await api.close(final)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    return final
+
+
+# ===================================================================  clients
+async def request(
+    settings: MqttSettings,
+    bridge_id: str,
+    topic: str,
+    payload: dict[str, Any],
+    *,
+    timeout: float = 10.0,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Send one request (``topic`` relative to the bridge's root) and wait for its reply.
+
+    Uses the MQTT v5 response topic and correlation data when the broker speaks v5,
+    else ``reply_to``/``correlation_id`` in the payload. Returns ``(reply, status)``:
+    the reply (None if none came within ``timeout``) and the service's retained
+    status as seen before sending (None if there is none).
+    """
+    root = topic_root(bridge_id)
+    client_id = f"labbridge-cli-{secrets.token_hex(4)}"
+    reply_topic = f"{root}/replies/{settings.username or 'anonymous'}/{client_id}"
+    link = MqttLink(replace(settings, client_id=client_id), client_id=client_id, clean=True)
+    await link.open([(reply_topic, 1), (f"{root}/status", 1)])
+    try:
+        status = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                while status is None:
+                    msg = await link.messages.get()
+                    if msg.topic == f"{root}/status":
+                        data, _ = parse_payload(msg.payload)
+                        status = data if isinstance(data, dict) else None
+        correlation = secrets.token_hex(8)
+        body = dict(payload)
+        if link.protocol == "5":
+            await link.publish(
+                f"{root}/{topic}",
+                dumps(body),
+                response_topic=reply_topic,
+                correlation_data=correlation.encode(),
+                wait=True,
+            )
+        else:
+            body.update(reply_to=reply_topic, correlation_id=correlation)
+            await link.publish(f"{root}/{topic}", dumps(body), wait=True)
+        reply = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while reply is None:
+                    msg = await link.messages.get()
+                    if msg.topic != reply_topic:
+                        continue
+                    data, _ = parse_payload(msg.payload)
+                    ours = msg.correlation_data == correlation.encode() or (
+                        isinstance(data, dict) and data.get("correlation_id") == correlation
+                    )
+                    if ours and isinstance(data, dict):
+                        reply = data
+        return reply, status
+    finally:
+        await link.close()
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--lab", type=Path, help="lab config: its mqtt settings and bridge_id")
+    where.add_argument("--broker", help="broker URL, mqtt[s]://[user@]host[:port][?options]")
+    p.add_argument("--bridge-id", default=None, help="the bridge (default: the lab's bridge_id)")
+    p.add_argument("--user", default=None, help="MQTT user (default: the lab's or the URL's)")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--password-env", default=None, help="read the password from this variable")
+    secret.add_argument("--password-file", type=Path, default=None, help="read it from this file")
+    p.add_argument("--ca", type=Path, default=None, help="CA file of an mqtts:// broker")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+
+
+def _client_settings(args: argparse.Namespace) -> tuple[MqttSettings, str]:
+    if args.lab is not None:
+        lab = load_lab(args.lab)
+        settings, bridge_id = mqtt_settings(lab), lab.bridge_id
+    else:
+        fields = parse_broker_url(args.broker)
+        settings = MqttSettings(**fields, source="--broker")
+        bridge_id = "labbridge"
+    if args.bridge_id:
+        bridge_id = args.bridge_id
+    changes: dict[str, Any] = {}
+    if args.user is not None:
+        changes.update(username=args.user, password_env=None, password_file=None)
+    if args.password_env is not None:
+        changes.update(password_env=args.password_env, password_file=None)
+    if args.password_file is not None:
+        changes.update(password_file=args.password_file, password_env=None)
+    if args.ca is not None:
+        changes["ca"] = args.ca
+    return replace(settings, **changes, session_expiry_s=0), bridge_id
+
+
+def _run_client(
+    args: argparse.Namespace, topic: str, payload: dict[str, Any], prog: str
+) -> tuple[int, dict[str, Any] | None]:
+    try:
+        settings, bridge_id = _client_settings(args)
+        reply, status = asyncio.run(
+            request(settings, bridge_id, topic, payload, timeout=args.timeout)
+        )
+    except (ConfigError, ApiError, OSError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1, None
+    if reply is None:
+        state = (status or {}).get("state", "unknown: no retained status")
+        print(
+            f"{prog}: no reply from {topic_root(bridge_id)} within {args.timeout:g} s "
+            f"(service status: {state})",
+            file=sys.stderr,
+        )
+        return 2, None
+    return (0 if reply.get("ok") else 1), reply
+
+
+def estop_command(args: argparse.Namespace) -> int:
+    """``labbridge estop --reason TEXT``: trip every station of the bridge over MQTT."""
+    who = args.who or args.user or os.environ.get("USER") or "operator"
+    code, reply = _run_client(args, "estop", {"reason": args.reason, "who": who}, "labbridge estop")
+    if reply is None:
+        return code
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return code
+    ms = float(reply.get("elapsed_s") or 0.0) * 1e3
+    print(f"e-stop by {reply.get('who')} ({reply.get('reason')}): {ms:.0f} ms")
+    for name, st in (reply.get("stations") or {}).items():
+        if "error" in st:
+            print(f"  {name}: ERROR {st['error']}")
+            continue
+        what = "already tripped" if st.get("already_tripped") else "tripped"
+        failed = f"; FAILED: {', '.join(st['failed'])}" if st.get("failed") else ""
+        print(f"  {name}: {what}, safe: {', '.join(st.get('safe') or []) or '-'}{failed}")
+    for cid in reply.get("campaigns_aborted") or []:
+        print(f"  campaign {cid} aborted")
+    for w in reply.get("warnings") or []:
+        print(f"  note: {w}")
+    return code
+
+
+def reset_command(args: argparse.Namespace) -> int:
+    """``labbridge reset --who NAME --why TEXT``: unlatch the stations over MQTT."""
+    payload: dict[str, Any] = {"who": args.who, "why": args.why}
+    if args.drain:
+        payload["drain"] = True
+    if args.station:
+        payload["stations"] = args.station
+    code, reply = _run_client(args, "reset", payload, "labbridge reset")
+    if reply is None:
+        return code
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return code
+    for name, st in (reply.get("stations") or {}).items():
+        if st.get("ok"):
+            what = "reset" if st.get("was_tripped") else "was not tripped"
+            if st.get("drained_ml") is not None:
+                what += f", vial drained ({st['drained_ml']:.2f} mL)"
+            print(f"  {name}: {what}")
+        else:
+            print(f"  {name}: still latched: {st.get('error')}")
+    for e in reply.get("errors") or []:
+        if not any(e.startswith(f"{n}:") for n in reply.get("stations") or {}):
+            print(f"  error: {e}")
+    return code
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """``labbridge status``: print the bridge's retained status (and campaigns') over MQTT."""
+    prog = "labbridge status"
+    try:
+        settings, bridge_id = _client_settings(args)
+        found = asyncio.run(_read_retained(settings, bridge_id, args.campaign or [], args.timeout))
+    except (ConfigError, ApiError, OSError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    status = found.get("status")
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0 if status else 2
+    if status is None:
+        print(f"{prog}: no retained status on {topic_root(bridge_id)}/status: never served here")
+        return 2
+    state = status.get("state")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(status.get("t") or 0)))
+    why = f": {status['reason']}" if status.get("reason") else ""
+    print(f"{bridge_id}: {state}{why} (status of {when})")
+    for name, st in (status.get("stations") or {}).items():
+        if not st.get("ok"):
+            print(f"  station {name}: ERROR {st.get('error')}")
+            continue
+        trip = st.get("trip") or {}
+        flags = ["TRIPPED: " + str(trip.get("reason", "")) if st.get("tripped") else "ok"]
+        if st.get("campaign"):
+            flags.append(f"campaign {st['campaign']}")
+        if st.get("experiment"):
+            flags.append(f"running {st['experiment']}")
+        print(f"  station {name}: {'; '.join(flags)}")
+    for cid, c in (status.get("campaigns") or {}).items():
+        if cid not in (args.campaign or []):
+            print(f"  campaign {cid}: {c.get('state')}")
+    for cid in args.campaign or []:
+        cs = found.get(f"campaign:{cid}")
+        if cs is None:
+            print(f"  campaign {cid}: no status retained")
+            continue
+        p = cs.get("progress") or {}
+        best = (p.get("best") or {}).get("value")
+        shown = "-" if best is None else f"{best:.4g}"
+        print(
+            f"  campaign {cid}: {cs.get('state')}, {p.get('experiments')}/{p.get('budget')} "
+            f"experiments, best {shown}" + (f" ({cs['reason']})" if cs.get("reason") else "")
+        )
+    return 0
+
+
+async def _read_retained(
+    settings: MqttSettings, bridge_id: str, campaigns: Sequence[str], timeout: float
+) -> dict[str, Any]:
+    root = topic_root(bridge_id)
+    client_id = f"labbridge-cli-{secrets.token_hex(4)}"
+    wanted = {f"{root}/status": "status"}
+    wanted.update({f"{root}/campaigns/{c}/status": f"campaign:{c}" for c in campaigns})
+    link = MqttLink(replace(settings, client_id=client_id), client_id=client_id, clean=True)
+    await link.open([(t, 1) for t in wanted])
+    found: dict[str, Any] = {}
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(timeout, 2.0)):
+                while len(found) < len(wanted):
+                    msg = await link.messages.get()
+                    if msg.topic in wanted:
+                        data, _ = parse_payload(msg.payload)
+                        found[wanted[msg.topic]] = data
+    finally:
+        await link.close()
+    return found
+
+
+# ======================================================================== CLI
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``labbridge serve --lab lab.yaml [--broker URL]``."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the lab's MQTT campaign API",
+        description=(
+            "Open the lab's stations (Ray, one station actor per bench) and serve the MQTT "
+            "campaign API under labbridge/<bridge_id>/: start campaigns, agent proposals, "
+            "pause/resume/stop/abort, e-stop and reset, retained status and per-experiment "
+            "results (docs/mqtt-api.md). SIGINT/SIGTERM: running campaigns are aborted with "
+            "every station in its safe state and the status goes offline."
+        ),
+    )
+    p.add_argument("--lab", type=Path, required=True, help="lab config (lab.yaml)")
+    p.add_argument(
+        "--broker",
+        default=None,
+        help="broker URL mqtt[s]://[user@]host[:port][?password_env=VAR] (default: mqtt.url in lab.yaml)",
+    )
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster")
+    p.add_argument(
+        "--operator",
+        default=os.environ.get("USER") or "operator",
+        help="recorded as who stopped campaigns on shutdown (default $USER)",
+    )
+    p.set_defaults(handler=serve_command)
+    return p
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Run ``labbridge serve``; 0 after an orderly shutdown, 1 on a config or broker error."""
+    prog = "labbridge serve"
+    try:
+        lab = load_lab(args.lab)
+        settings = mqtt_settings(lab, args.broker)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    from bridge.campaigns import StationUnavailable
+
+    try:
+        final = asyncio.run(
+            serve(lab, settings, ray_address=args.ray_address, operator=args.operator)
+        )
+    except (ApiError, StationUnavailable, ConfigError, OSError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    print(f"{prog}: {final}", file=sys.stderr)
+    return 0
+
+
+def add_mqtt_client_parsers(subparsers: Any) -> None:
+    """``labbridge estop``, ``labbridge reset`` and ``labbridge status`` over MQTT."""
+    estop = subparsers.add_parser(
+        "estop",
+        help="e-stop every station of a served lab (over MQTT)",
+        description=(
+            "Publish an e-stop to labbridge/<bridge_id>/estop and print what each station did. "
+            "A software e-stop is layered above the bench's hardware e-stop, never a replacement."
+        ),
+    )
+    _client_args(estop)
+    estop.add_argument("--reason", required=True, help="why (recorded)")
+    estop.add_argument("--who", default=None, help="who (default: --user, else $USER)")
+    estop.add_argument("--json", action="store_true", help="print the reply as JSON")
+    estop.set_defaults(handler=estop_command)
+    reset = subparsers.add_parser(
+        "reset",
+        help="reset tripped stations of a served lab (over MQTT)",
+        description=(
+            "Unlatch tripped stations whose monitors have cleared; who and why are recorded. "
+            "Nothing is switched back on."
+        ),
+    )
+    _client_args(reset)
+    reset.add_argument("--who", required=True, help="who resets (recorded)")
+    reset.add_argument("--why", required=True, help="why it is safe now (recorded)")
+    reset.add_argument("--station", action="append", default=None, help="only this station")
+    reset.add_argument(
+        "--drain",
+        action="store_true",
+        help="also empty the vial through the guard (an experiment stopped half-way)",
+    )
+    reset.add_argument("--json", action="store_true", help="print the reply as JSON")
+    reset.set_defaults(handler=reset_command)
+    status = subparsers.add_parser(
+        "status",
+        help="show a served lab's status (over MQTT)",
+        description="Print the retained status of labbridge/<bridge_id> and of campaigns.",
+    )
+    _client_args(status)
+    status.add_argument("--campaign", action="append", default=None, help="also this campaign")
+    status.add_argument("--json", action="store_true", help="print the statuses as JSON")
+    status.set_defaults(handler=status_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bridge.mqttapi serve|estop|reset|status ...`` (the same as ``labbridge ...``)."""
+    parser = argparse.ArgumentParser(prog="labbridge", description="The MQTT campaign API.")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_serve_parser(sub)
+    add_mqtt_client_parsers(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.verbose == 0:
+        logging.getLogger("bleak").setLevel(logging.ERROR)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

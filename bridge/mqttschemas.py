@@ -1,0 +1,302 @@
+"""The JSON Schemas of the MQTT campaign API (``docs/schemas/<name>.schema.json``).
+
+Requests (``start``, ``proposal``, ``control``, ``estop``, ``reset``) are checked
+against them before anything is done (:func:`schema_errors` lists every problem);
+the service's messages (``reply``, ``status``, ``campaign-status``, ``result``)
+follow them. :func:`write_schemas` writes them into ``docs/schemas/``; a test
+checks that the files there are these.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from bridge.mqttlink import short
+from bridge.service import CAMPAIGN_ID, CONTROL_ACTIONS
+
+__all__ = ["REQUESTS", "SCHEMAS", "schema_errors", "write_schemas"]
+
+_MAX_ERRORS = 20
+
+_DRAFT = "https://json-schema.org/draft/2020-12/schema"
+_WHO = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 200,
+    "pattern": r"\S",
+    "description": "who sends it (a person or a system); recorded",
+}
+_REPLY = {
+    "reply_to": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 512,
+        "pattern": r"^[^+#\u0000]+$",
+        "description": (
+            "MQTT 3.1.1 clients: the topic to answer on, under labbridge/<bridge_id>/replies/ "
+            "(MQTT v5 clients may use the response topic property instead)"
+        ),
+    },
+    "correlation_id": {
+        "type": "string",
+        "maxLength": 256,
+        "description": "echoed in the reply (MQTT v5 correlation data is echoed as well)",
+    },
+}
+_STATION = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"}
+_STATIONS = {"type": "array", "minItems": 1, "uniqueItems": True, "items": _STATION}
+
+
+def _request_schema(
+    name: str, title: str, props: dict[str, Any], required: list[str]
+) -> dict[str, Any]:
+    return {
+        "$schema": _DRAFT,
+        "$id": f"{name}.schema.json",
+        "title": title,
+        "type": "object",
+        "additionalProperties": False,
+        "required": required,
+        "properties": {**props, **_REPLY},
+    }
+
+
+#: the JSON Schemas of every request and message, by name (``docs/schemas/<name>.schema.json``)
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "start": _request_schema(
+        "start",
+        "labbridge/<bridge_id>/campaigns/start: start a campaign (idempotent by id)",
+        {
+            "id": {
+                "type": "string",
+                "pattern": CAMPAIGN_ID.pattern,
+                "description": "the campaign id (also a topic level): the idempotency key",
+            },
+            "program": {
+                "type": ["string", "object"],
+                "minLength": 1,
+                "description": (
+                    "the campaign: program.md text (YAML front matter + Markdown), or its front "
+                    "matter as an object (see docs/campaigns.md and loops/program.py)"
+                ),
+            },
+            "body": {
+                "type": "string",
+                "maxLength": 65536,
+                "description": "with an object program: its Markdown body",
+            },
+            "lab": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"stations": _STATIONS},
+                "description": "which stations to run on (default: free ones, up to program.stations)",
+            },
+            "who": _WHO,
+        },
+        ["id", "program"],
+    ),
+    "proposal": _request_schema(
+        "proposal",
+        "labbridge/<bridge_id>/campaigns/<id>/proposals: an agent proposes an experiment",
+        {
+            "agent": {
+                "type": "string",
+                "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$",
+                "description": "the agent's identity; the experiment is attributed to agent:<agent>",
+            },
+            "params": {
+                "type": "object",
+                "minProperties": 1,
+                "maxProperties": 64,
+                "propertyNames": {"pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
+                "additionalProperties": {"type": "number"},
+                "description": "parameter name -> value, in the program's units",
+            },
+            "note": {"type": "string", "maxLength": 2000, "description": "free text, logged"},
+        },
+        ["agent", "params"],
+    ),
+    "control": _request_schema(
+        "control",
+        "labbridge/<bridge_id>/campaigns/<id>/control: pause, resume, stop or abort a campaign",
+        {
+            "action": {
+                "enum": list(CONTROL_ACTIONS),
+                "description": (
+                    "pause/resume: no new experiments meanwhile; stop: running experiments finish; "
+                    "abort: every station of the campaign is tripped into its safe state"
+                ),
+            },
+            "who": _WHO,
+            "reason": {"type": "string", "maxLength": 1000},
+        },
+        ["action", "who"],
+    ),
+    "estop": _request_schema(
+        "estop",
+        "labbridge/<bridge_id>/estop: trip every station (any message on the topic trips them)",
+        {
+            "reason": {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": r"\S"},
+            "who": _WHO,
+        },
+        ["reason"],
+    ),
+    "reset": _request_schema(
+        "reset",
+        "labbridge/<bridge_id>/reset: unlatch tripped stations whose monitors have cleared",
+        {
+            "who": _WHO,
+            "why": {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": r"\S"},
+            "stations": _STATIONS,
+            "drain": {
+                "type": "boolean",
+                "description": (
+                    "also empty the vial through the safety guard (after an experiment was "
+                    "stopped half-way and left liquid in it)"
+                ),
+            },
+        },
+        ["who", "why"],
+    ),
+    "reply": {
+        "$schema": _DRAFT,
+        "$id": "reply.schema.json",
+        "title": "an answer to a request (on the response topic or reply_to)",
+        "type": "object",
+        "required": ["request", "ok", "t"],
+        "properties": {
+            "request": {"enum": ["campaigns/start", "proposals", "control", "estop", "reset"]},
+            "ok": {"type": "boolean", "description": "the service did what was asked"},
+            "correlation_id": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "every problem found (when ok is false)",
+            },
+            "warnings": {"type": "array", "items": {"type": "string"}},
+            "topic": {"type": "string", "description": "the request's topic"},
+            "campaign_id": {"type": "string"},
+            "accepted": {"type": "boolean"},
+            "reasons": {"type": "array", "items": {"type": "string"}},
+            "t": {"type": "number", "description": "when the reply was sent (Unix seconds)"},
+        },
+    },
+    "status": {
+        "$schema": _DRAFT,
+        "$id": "status.schema.json",
+        "title": "labbridge/<bridge_id>/status (retained; the Last Will sets it offline)",
+        "type": "object",
+        "required": ["state", "bridge_id", "api"],
+        "properties": {
+            "state": {"enum": ["starting", "online", "stopping", "offline"]},
+            "bridge_id": {"type": "string"},
+            "api": {"type": "integer"},
+            "reason": {"type": ["string", "null"]},
+            "t": {"type": "number"},
+            "stations": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["ok"],
+                    "properties": {
+                        "ok": {"type": "boolean"},
+                        "tripped": {"type": "boolean"},
+                        "busy": {"type": "boolean"},
+                        "campaign": {"type": ["string", "null"]},
+                    },
+                },
+            },
+            "campaigns": {"type": "object"},
+        },
+    },
+    "campaign-status": {
+        "$schema": _DRAFT,
+        "$id": "campaign-status.schema.json",
+        "title": "labbridge/<bridge_id>/campaigns/<id>/status (retained)",
+        "type": "object",
+        "required": ["campaign_id", "state", "stations", "progress", "t"],
+        "properties": {
+            "campaign_id": {"type": "string"},
+            "state": {"enum": ["running", "paused", "done", "stopped", "aborted", "error"]},
+            "reason": {"type": ["string", "null"]},
+            "stations": {"type": "array", "items": {"type": "string"}},
+            "progress": {
+                "type": "object",
+                "required": ["experiments", "in_flight", "done", "failed", "rejected"],
+            },
+            "summary": {"type": ["object", "null"]},
+            "t": {"type": "number"},
+        },
+    },
+    "result": {
+        "$schema": _DRAFT,
+        "$id": "result.schema.json",
+        "title": "labbridge/<bridge_id>/campaigns/<id>/results: one finished experiment",
+        "type": "object",
+        "required": [
+            "campaign_id",
+            "experiment_id",
+            "outcome",
+            "station",
+            "proposer",
+            "parameters",
+            "t",
+        ],
+        "properties": {
+            "campaign_id": {"type": "string"},
+            "experiment_id": {"type": "string"},
+            "outcome": {"enum": ["done", "failed"]},
+            "station": {"type": ["string", "null"]},
+            "proposer": {
+                "type": "string",
+                "description": "optimizer:<strategy>, agent:<id> or operator:<who>",
+            },
+            "parameters": {"type": "object"},
+            "measurements": {"type": ["object", "null"]},
+            "objective": {
+                "type": ["object", "null"],
+                "required": ["measure", "value", "direction"],
+                "properties": {
+                    "measure": {"type": "string"},
+                    "value": {"type": ["number", "null"]},
+                    "direction": {"enum": ["minimize", "maximize"]},
+                },
+            },
+            "verified": {"type": ["boolean", "null"]},
+            "verification": {"type": ["object", "null"]},
+            "reason": {"type": ["string", "null"], "description": "why it failed"},
+            "t": {"type": "number"},
+        },
+    },
+}
+REQUESTS = ("start", "proposal", "control", "estop", "reset")
+_VALIDATORS = {name: jsonschema.Draft202012Validator(SCHEMAS[name]) for name in SCHEMAS}
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    """Write every schema of :data:`SCHEMAS` as ``<name>.schema.json`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, schema in SCHEMAS.items():
+        path = directory / f"{name}.schema.json"
+        path.write_text(json.dumps(schema, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        out.append(path)
+    return out
+
+
+def schema_errors(name: str, data: Any) -> list[str]:
+    """Every problem of ``data`` against schema ``name``, as ``field: problem`` lines."""
+    errors = sorted(
+        _VALIDATORS[name].iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]
+    )
+    out = []
+    for e in errors[:_MAX_ERRORS]:
+        where = ".".join(str(p) for p in e.absolute_path) or "(payload)"
+        out.append(f"{where}: {short(e.message)}")
+    if len(errors) > _MAX_ERRORS:
+        out.append(f"... and {len(errors) - _MAX_ERRORS} more")
+    return out

@@ -1,0 +1,818 @@
+"""The lab as a service: one opened lab, campaigns by id, agent proposals, control, e-stop, reset.
+
+:class:`LabService` is what ``labbridge serve`` puts behind MQTT (``bridge/mqttapi.py``);
+it knows nothing of MQTT and can be driven from Python the same way::
+
+    async with LabService(load_lab("lab.yaml")) as service:
+        started = await service.start_campaign("color-1", Path("program.md").read_text())
+        receipt = await service.propose("color-1", {"red_ml": 0.7, ...}, "agent:alice")
+        await service.control("color-1", "pause", who="ana")
+        report = await service.estop("smoke in the fume hood", who="ana")
+        await service.reset(who="ana", why="hood checked, smoke was steam")
+
+It owns one opened lab (:func:`bridge.campaigns.open_lab`: Ray, the journal actor,
+one station actor per bench) for its whole life, and runs each campaign as an
+asyncio task over a :class:`~loops.campaign.CampaignRunner` on the stations it
+chose for it. A station runs one campaign at a time.
+
+* **start** is idempotent by campaign id: the same id again (with the same
+  program) starts nothing and answers with the campaign's state, also for a
+  campaign found in the journal from an earlier run; the same id with another
+  program is refused. A campaign holds the journal's per-campaign lock
+  (:func:`~loops.campaign.campaign_lock`), so ``labbridge run`` cannot run it at
+  the same time in another process.
+* **e-stop** trips every station through its actor, all at once (latched safe
+  state: heater and stirrer off, pumps stopped, light off), then aborts every
+  running campaign. Idempotent: stations already latched report
+  ``already_tripped``.
+* **reset** needs who and why; a station whose trip condition still holds stays
+  latched and says which monitor holds it.
+* **shutdown** aborts running campaigns (their stations tripped into the safe
+  state) and closing the service closes every station (instruments safe-stated).
+
+Listeners (:meth:`LabService.add_listener`) receive every campaign runner event
+(``event``: ``proposed``, ``rejected``, ``started``, ``finished``, ``failed``,
+``cancelled``, ``station``, ``unverified``, ``state``, with ``campaign_id``)
+and the service's own events (``campaign`` when one starts or ends, ``estop``,
+``reset``). They are called on the event loop and must not block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.campaigns import START_TIMEOUT_S, lab_clock, open_lab
+from bridge.labconfig import LabConfig
+from loops.campaign import (
+    CampaignBusy,
+    CampaignClosed,
+    CampaignRunner,
+    CampaignSummary,
+    ProposalReceipt,
+    campaign_lock,
+)
+from loops.program import Program, load_program
+from safety.yamldoc import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CAMPAIGN_ID",
+    "CONTROL_ACTIONS",
+    "CampaignClosed",
+    "CampaignHandle",
+    "LabService",
+    "ServiceError",
+    "StartResult",
+    "UnknownCampaign",
+]
+
+#: a campaign id: also one MQTT topic level (no ``/``, ``+``, ``#``)
+CAMPAIGN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CONTROL_ACTIONS = ("pause", "resume", "stop", "abort")
+#: campaign states after which it takes no more work
+ENDED = ("done", "stopped", "aborted", "error")
+#: how long one station may take to answer a status, trip or reset call (s)
+STATION_CALL_TIMEOUT_S = 10.0
+#: how long a reset waits for an experiment still running on a tripped station to stop (s)
+RESET_WAIT_S = 30.0
+
+Listener = Callable[[dict[str, Any]], None]
+
+
+class ServiceError(ValueError):
+    """A request the service refuses; the message says what was wrong."""
+
+
+class UnknownCampaign(ServiceError, LookupError):
+    """No campaign with that id in this service."""
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: message`` of an error, unwrapping a Ray task error to its cause."""
+    cause = getattr(exc, "cause", None)
+    err = cause if isinstance(cause, BaseException) else exc
+    text = str(err) or type(err).__name__
+    return f"{type(err).__name__}: {text}"
+
+
+@dataclass(frozen=True)
+class StartResult:
+    """The answer to a start: accepted (started now, or already known) or refused with errors."""
+
+    campaign_id: str
+    accepted: bool
+    duplicate: bool = False
+    state: str | None = None
+    stations: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    note: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "campaign_id": self.campaign_id,
+            "accepted": self.accepted,
+            "duplicate": self.duplicate,
+            "state": self.state,
+            "stations": list(self.stations),
+        }
+        if self.errors:
+            out["errors"] = list(self.errors)
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+@dataclass
+class CampaignHandle:
+    """One campaign this service started: its runner, its task and where it stands."""
+
+    campaign_id: str
+    program: Program
+    stations: tuple[str, ...]
+    who: str
+    runner: CampaignRunner
+    started_t: float = field(default_factory=time.time)
+    state: str = "starting"
+    reason: str | None = None
+    summary: CampaignSummary | None = None
+    task: asyncio.Task[None] | None = None
+    lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def active(self) -> bool:
+        """Still running (its task has not finished)."""
+        return self.task is not None and not self.task.done()
+
+    def status(self) -> dict[str, Any]:
+        """Plain data for the ``campaigns/<id>/status`` topic."""
+        progress = self.runner.progress()
+        state = self.state
+        if state == "running" and progress.get("paused"):
+            state = "paused"
+        return {
+            "campaign_id": self.campaign_id,
+            "state": state,
+            "reason": self.reason,
+            "program": self.program.name,
+            "stations": list(self.stations),
+            "started_by": self.who,
+            "started_t": self.started_t,
+            "objective": {
+                "measure": self.program.objective.measure,
+                "direction": "minimize" if self.program.objective.minimize else "maximize",
+                "target": self.program.stop.target,
+            },
+            "progress": progress,
+            "summary": None if self.summary is None else self.summary.as_dict(),
+            "t": time.time(),
+        }
+
+
+class LabService:
+    """One opened lab serving campaigns by id (see the module docstring).
+
+    ``lab``: the validated lab config; ``stations``: open only these (default all);
+    ``ray_address``: join this Ray cluster (else the lab's, ``$RAY_ADDRESS``, or a
+    local loopback Ray); ``operator``: recorded as who stopped campaigns on shutdown;
+    ``station_timeout_s``: for one station's status, trip or reset call; ``reset_wait_s``:
+    how long a reset waits for an experiment still running on a tripped station.
+    Use as an async context manager, or :meth:`open` / :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        lab: LabConfig,
+        *,
+        stations: Sequence[str] | None = None,
+        ray_address: str | None = None,
+        operator: str = "operator",
+        start_timeout_s: float = START_TIMEOUT_S,
+        station_timeout_s: float = STATION_CALL_TIMEOUT_S,
+        reset_wait_s: float = RESET_WAIT_S,
+    ) -> None:
+        self.lab = lab
+        self.operator = operator
+        self._names = list(stations) if stations else list(lab.stations)
+        self._ray_address = ray_address
+        self._start_timeout_s = start_timeout_s
+        self._station_timeout_s = station_timeout_s
+        self._reset_wait_s = reset_wait_s
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.journal: Any = None
+        self.actors: dict[str, Any] = {}
+        self._campaigns: dict[str, CampaignHandle] = {}
+        self._start_lock = asyncio.Lock()
+        # e-stops and resets one at a time: a reset never lands before an e-stop in progress
+        # has finished (its campaign aborts trip the stations again)
+        self._safety_lock = asyncio.Lock()
+        self._listeners: list[Listener] = []
+        self.state = "new"  # new | online | stopping | closed
+        #: every e-stop answered, oldest first (plain data, as returned)
+        self.estops: list[dict[str, Any]] = []
+
+    # --------------------------------------------------------------- lifecycle
+    async def open(self) -> LabService:
+        """Open the lab: Ray, the journal, every station (raises what :func:`open_lab` raises)."""
+        if self._stack is not None:
+            return self
+        stack = contextlib.AsyncExitStack()
+        try:
+            journal, actors = await stack.enter_async_context(
+                open_lab(
+                    self.lab,
+                    ray_address=self._ray_address,
+                    stations=self._names,
+                    start_timeout_s=self._start_timeout_s,
+                )
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack, self.journal, self.actors = stack, journal, dict(actors)
+        self.state = "online"
+        log.info("lab %s open: stations %s", self.lab.bridge_id, ", ".join(self.actors))
+        return self
+
+    async def shutdown(self, reason: str = "service shutting down", who: str | None = None) -> None:
+        """Stop taking campaigns; abort the running ones (their stations tripped into the safe
+        state, running experiments recorded failed) and wait for them to end."""
+        if self.state in ("stopping", "closed"):
+            return
+        self.state = "stopping"
+        who = who or self.operator
+        active = [h for h in self._campaigns.values() if h.active]
+        await asyncio.gather(
+            *(h.runner.abort(reason, who=who) for h in active), return_exceptions=True
+        )
+        await self._wait_tasks(active, timeout=60.0)
+
+    async def close(self, reason: str = "service closed") -> None:
+        """:meth:`shutdown`, then close every station (instruments safe-stated) and Ray actors."""
+        await self.shutdown(reason)
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+        self.actors, self.journal = {}, None
+        self.state = "closed"
+
+    async def __aenter__(self) -> LabService:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _wait_tasks(self, handles: Sequence[CampaignHandle], timeout: float) -> None:
+        tasks = [h.task for h in handles if h.task is not None and not h.task.done()]
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:  # a runner that does not end: cancel it (stations were tripped)
+            log.error("campaign task %s did not end within %g s: cancelling it", task, timeout)
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _require_open(self) -> None:
+        if self._stack is None or self.state != "online":
+            raise ServiceError(f"the lab service is {self.state}: not taking requests")
+
+    # --------------------------------------------------------------- listeners
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event)`` for every event (see the module docstring); returns a remover."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return remove
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break the service
+                log.exception("lab service listener %r failed", listener)
+
+    def _runner_event(self, handle: CampaignHandle, event: dict[str, Any]) -> None:
+        if event.get("event") == "state":
+            state = str(event.get("state"))
+            if state in ("running", "paused", "done", "stopped", "aborted"):
+                handle.state = state
+            if event.get("reason"):
+                handle.reason = str(event["reason"])
+        self._emit(event)
+
+    # --------------------------------------------------------------- campaigns
+    @property
+    def stations(self) -> list[str]:
+        return list(self.actors)
+
+    @property
+    def campaigns(self) -> dict[str, CampaignHandle]:
+        """Every campaign started by this service (running or ended), by id."""
+        return dict(self._campaigns)
+
+    def campaign(self, campaign_id: str) -> CampaignHandle:
+        handle = self._campaigns.get(campaign_id)
+        if handle is None:
+            known = ", ".join(sorted(self._campaigns)) or "none"
+            raise UnknownCampaign(
+                f"no campaign {campaign_id!r} in this service (campaigns: {known})"
+            )
+        return handle
+
+    def campaign_status(self, campaign_id: str) -> dict[str, Any]:
+        """The campaign's state and progress (plain data); raises :class:`UnknownCampaign`."""
+        return self.campaign(campaign_id).status()
+
+    async def wait_campaign(self, campaign_id: str) -> CampaignHandle:
+        """Wait until the campaign's task has ended; returns its handle."""
+        handle = self.campaign(campaign_id)
+        if handle.task is not None:
+            await asyncio.shield(handle.task)
+        return handle
+
+    async def start_campaign(
+        self,
+        campaign_id: str,
+        program: Program | str | Mapping[str, Any],
+        *,
+        body: str | None = None,
+        stations: Sequence[str] | None = None,
+        who: str = "api",
+    ) -> StartResult:
+        """Start campaign ``campaign_id`` with ``program`` (a :class:`Program`, program.md text,
+        or its front matter as a mapping with ``body`` as its Markdown).
+
+        ``stations``: run on exactly these (default: up to the program's ``stations``
+        free, untripped stations of the lab). Idempotent by id (see the module
+        docstring). Never raises for a bad request: the result lists every error.
+        """
+        self._require_open()
+        if not isinstance(campaign_id, str) or not CAMPAIGN_ID.match(campaign_id):
+            return StartResult(
+                str(campaign_id),
+                False,
+                errors=(
+                    f"campaign id {campaign_id!r} is not 1-64 letters, digits, '_', '.', '-' "
+                    "(starting with a letter or digit)",
+                ),
+            )
+        try:
+            prog = (
+                program
+                if isinstance(program, Program)
+                else load_program(program, source=f"campaign {campaign_id} program", body=body)
+            )
+        except (ConfigError, TypeError, ValueError) as exc:
+            return StartResult(campaign_id, False, errors=(str(exc),))
+        async with self._start_lock:
+            existing = self._campaigns.get(campaign_id)
+            if existing is not None:
+                if existing.program.to_markdown() != prog.to_markdown():
+                    return StartResult(
+                        campaign_id,
+                        False,
+                        errors=(
+                            f"campaign {campaign_id} was started with a different program; "
+                            "a new campaign needs a new id",
+                        ),
+                    )
+                return StartResult(
+                    campaign_id,
+                    True,
+                    duplicate=True,
+                    state=existing.status()["state"],
+                    stations=existing.stations,
+                    note=f"campaign {campaign_id} is already known: not started again",
+                )
+            stored = await self._stored_campaign(campaign_id)
+            if stored is not None:
+                if stored.program != prog.to_markdown():
+                    return StartResult(
+                        campaign_id,
+                        False,
+                        errors=(
+                            f"campaign {campaign_id} exists in the journal {self.lab.store} "
+                            "with a different program; a new campaign needs a new id",
+                        ),
+                    )
+                return StartResult(
+                    campaign_id,
+                    True,
+                    duplicate=True,
+                    state=stored.state,
+                    note=(
+                        f"campaign {campaign_id} exists in the journal ({stored.state}): not "
+                        f"started again (`labbridge resume {campaign_id} --lab ...` carries on "
+                        "an interrupted one)"
+                    ),
+                )
+            chosen, errors = await self._choose_stations(prog, stations)
+            if errors:
+                return StartResult(campaign_id, False, errors=tuple(errors))
+            handle = self._handle(campaign_id, prog, chosen, who)
+            try:
+                handle.lock.enter_context(campaign_lock(self.lab.store, campaign_id))
+            except CampaignBusy as exc:
+                return StartResult(campaign_id, False, errors=(str(exc),))
+            try:
+                await handle.runner.prepare()
+            except Exception as exc:
+                handle.lock.close()
+                return StartResult(
+                    campaign_id,
+                    False,
+                    errors=(f"campaign {campaign_id} could not be created: {_cause(exc)}",),
+                )
+            self._campaigns[campaign_id] = handle
+            handle.state = "running"
+            handle.task = asyncio.create_task(self._run(handle), name=f"campaign-{campaign_id}")
+            await asyncio.sleep(0)  # the runner is running before anyone can pause it
+        log.info("campaign %s started by %s on %s", campaign_id, who, ", ".join(chosen))
+        self._emit(
+            {
+                "event": "campaign",
+                "campaign_id": campaign_id,
+                "state": "started",
+                "stations": list(chosen),
+                "who": who,
+            }
+        )
+        return StartResult(campaign_id, True, state="running", stations=chosen)
+
+    def _handle(
+        self, campaign_id: str, program: Program, stations: tuple[str, ...], who: str
+    ) -> CampaignHandle:
+        holder: list[CampaignHandle] = []
+
+        def on_event(event: dict[str, Any]) -> None:
+            if holder:
+                self._runner_event(holder[0], event)
+
+        runner = CampaignRunner(
+            program,
+            self.journal,
+            {n: self.actors[n] for n in stations},
+            campaign_id=campaign_id,
+            clock_now=lab_clock(self.lab)[1],
+            on_event=on_event,
+            max_disagreements={
+                n: st.verification.tolerances.max_disagreements
+                for n, st in self.lab.stations.items()
+                if n in stations and st.verification is not None
+            },
+            images_dir=self.lab.store.parent / "images",
+        )
+        handle = CampaignHandle(campaign_id, program, stations, who, runner)
+        holder.append(handle)
+        return handle
+
+    async def _stored_campaign(self, campaign_id: str) -> Any:
+        """The journal's campaign row, or None if the journal does not know the id."""
+        try:
+            return await self.journal.campaign.remote(campaign_id)
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, LookupError) or type(cause).__name__ == "UnknownCampaign":
+                return None
+            raise
+
+    async def _choose_stations(
+        self, program: Program, requested: Sequence[str] | None
+    ) -> tuple[tuple[str, ...], list[str]]:
+        in_use = {
+            s: h.campaign_id for h in self._campaigns.values() if h.active for s in h.stations
+        }
+        if requested is not None:
+            names = list(dict.fromkeys(requested))
+            unknown = [n for n in names if n not in self.actors]
+            if unknown or not names:
+                return (), [
+                    f"no station {', '.join(unknown) or '(none given)'} in this lab "
+                    f"(stations: {', '.join(self.actors)})"
+                ]
+        else:
+            names = list(self.actors)
+        statuses = await self._station_statuses(names)
+        problems: dict[str, str] = {}
+        for n in names:
+            st = statuses[n]
+            if n in in_use:
+                problems[n] = f"station {n} is running campaign {in_use[n]}"
+            elif "error" in st:
+                problems[n] = f"station {n} does not answer: {st['error']}"
+            elif st.get("tripped"):
+                trip = st.get("trip") or {}
+                problems[n] = (
+                    f"station {n} is tripped ({trip.get('reason', 'latched')}): "
+                    "reset it first (who and why)"
+                )
+            elif not st.get("open", False):
+                problems[n] = f"station {n} is not open"
+        if requested is not None:
+            if problems:
+                return (), list(problems.values())
+            return tuple(names), []
+        free = [n for n in names if n not in problems]
+        if not free:
+            return (), ["no station is free: " + "; ".join(problems.values())]
+        return tuple(free[: max(1, program.stations)]), []
+
+    async def _run(self, handle: CampaignHandle) -> None:
+        try:
+            summary = await handle.runner.run()
+            handle.summary = summary
+            handle.state, handle.reason = summary.state, summary.reason
+        except asyncio.CancelledError:
+            handle.state, handle.reason = "aborted", "cancelled"
+            raise
+        except Exception as exc:
+            handle.state = "error"
+            handle.reason = f"the campaign runner failed: {_cause(exc)}"
+            log.exception("campaign %s failed", handle.campaign_id)
+            # experiments may still be in flight on the stations: make them safe
+            await asyncio.gather(
+                *(
+                    self._station_call(
+                        n, "trip", f"campaign {handle.campaign_id} failed", "service"
+                    )
+                    for n in handle.stations
+                ),
+                return_exceptions=True,
+            )
+            with contextlib.suppress(Exception):
+                await self.journal.set_campaign_state.remote(
+                    handle.campaign_id, "aborted", reason=handle.reason
+                )
+        finally:
+            handle.lock.close()
+            self._emit(
+                {
+                    "event": "campaign",
+                    "campaign_id": handle.campaign_id,
+                    "state": handle.state,
+                    "reason": handle.reason,
+                }
+            )
+
+    async def propose(
+        self, campaign_id: str, params: Mapping[str, Any], proposer: str
+    ) -> ProposalReceipt:
+        """An agent's proposal into a running campaign (``proposer``: ``agent:<id>``).
+
+        Raises :class:`UnknownCampaign`, :class:`~loops.campaign.CampaignClosed` (ended or
+        stopping) or ValueError (a proposer that is not ``agent:<id>``/``operator:<who>``).
+        """
+        self._require_open()
+        return await self.campaign(campaign_id).runner.propose(params, proposer)
+
+    async def control(
+        self, campaign_id: str, action: str, *, who: str, reason: str | None = None
+    ) -> dict[str, Any]:
+        """``pause``, ``resume``, ``stop`` (running experiments finish) or ``abort`` (stations
+        tripped) a running campaign; returns its status."""
+        self._require_open()
+        if action not in CONTROL_ACTIONS:
+            raise ServiceError(f"unknown action {action!r} (one of {', '.join(CONTROL_ACTIONS)})")
+        if not who or not who.strip():
+            raise ServiceError("a control request must say who sends it")
+        handle = self.campaign(campaign_id)
+        if not handle.active:
+            raise ServiceError(
+                f"campaign {campaign_id} has ended ({handle.state}): nothing to {action}"
+            )
+        runner = handle.runner
+        if action == "pause":
+            await runner.pause(who)
+        elif action == "resume":
+            await runner.resume_running(who)
+        elif action == "stop":
+            runner.stop(reason or f"stopped by {who}")
+        else:
+            await runner.abort(reason or f"aborted by {who}", who=who)
+        log.warning(
+            "campaign %s: %s by %s%s", campaign_id, action, who, f": {reason}" if reason else ""
+        )
+        return handle.status()
+
+    # ------------------------------------------------------------------ safety
+    async def _station_call(
+        self, name: str, method: str, *args: Any, timeout: float | None = None
+    ) -> Any:
+        ref = getattr(self.actors[name], method).remote(*args)
+        return await asyncio.wait_for(
+            asyncio.wrap_future(ref.future()), timeout or self._station_timeout_s
+        )
+
+    async def estop(self, reason: str, who: str = "operator") -> dict[str, Any]:
+        """Trip every station at once (latched safe state), then abort every running campaign.
+
+        Never raises because a station failed: the report names, per station, the
+        instruments that reached their safe state and those that failed, or the error.
+        Idempotent (``already_tripped``).
+        """
+        if self._stack is None:
+            raise ServiceError("the lab service is not open")
+        reason = (reason or "").strip() or "no reason given"
+        who = (who or "").strip() or "unknown"
+        t0 = time.monotonic()
+        async with self._safety_lock:
+            report = await self._estop(reason, who, t0)
+        self.estops.append(report)
+        self._emit({"event": "estop", **report})
+        return report
+
+    async def _estop(self, reason: str, who: str, t0: float) -> dict[str, Any]:
+        text = f"e-stop by {who}: {reason}"
+        log.critical("E-STOP by %s: %s", who, reason)
+        names = list(self.actors)
+        results = await asyncio.gather(
+            *(self._station_call(n, "trip", text, who) for n in names), return_exceptions=True
+        )
+        elapsed = time.monotonic() - t0
+        stations: dict[str, Any] = {}
+        for name, res in zip(names, results, strict=True):
+            if isinstance(res, BaseException):
+                stations[name] = {"ok": False, "error": _cause(res)}
+            else:
+                failed = sorted(res.get("failed") or [])
+                stations[name] = {
+                    "ok": not failed,
+                    "already_tripped": bool(res.get("already_tripped")),
+                    "safe": sorted(res.get("safe") or []),
+                    "failed": failed,
+                    "errors": {
+                        k: o.get("error")
+                        for k, o in (res.get("outcomes") or {}).items()
+                        if k in failed
+                    },
+                }
+        active = [h for h in self._campaigns.values() if h.active]
+        await asyncio.gather(
+            *(h.runner.abort(text, who=who) for h in active), return_exceptions=True
+        )
+        return {
+            "reason": reason,
+            "who": who,
+            "t": time.time(),
+            "elapsed_s": elapsed,
+            "ok": all(s["ok"] for s in stations.values()),
+            "already_tripped": bool(stations)
+            and all(s.get("already_tripped") for s in stations.values()),
+            "stations": stations,
+            "campaigns_aborted": [h.campaign_id for h in active],
+        }
+
+    async def reset(
+        self,
+        who: str,
+        why: str,
+        stations: Sequence[str] | None = None,
+        *,
+        drain: bool = False,
+    ) -> dict[str, Any]:
+        """Unlatch the stations (default all) whose monitors have cleared; ``who`` and ``why``
+        are required and recorded. Nothing is switched back on.
+
+        A station still running an experiment is not reset under it: an experiment that
+        was running when the station tripped stops at its next command while the
+        station is latched, but would carry on after a reset. The reset waits for it
+        (up to ``reset_wait_s``) and otherwise refuses that station. ``drain``: also
+        empty the vial through the guard (:meth:`~loops.stations.StationActor.recover`:
+        trip, reset, drain), for a station whose experiment stopped half-way and left
+        liquid in the vial (the guard counts it: new proposals would overfill it).
+
+        Per station: ``ok``, ``was_tripped``, ``tripped``, ``drained_ml`` (with
+        ``drain``) or the ``error`` (the monitor that still holds, the experiment still
+        running).
+        """
+        self._require_open()
+        if not isinstance(who, str) or not who.strip():
+            raise ServiceError("a reset must say who resets (who)")
+        if not isinstance(why, str) or not why.strip():
+            raise ServiceError("a reset must say why (why)")
+        names = list(dict.fromkeys(stations)) if stations else list(self.actors)
+        unknown = [n for n in names if n not in self.actors]
+        if unknown:
+            raise ServiceError(
+                f"no station {', '.join(unknown)} in this lab (stations: {', '.join(self.actors)})"
+            )
+        await self._wait_idle(names, self._reset_wait_s)  # not under the lock: e-stops go first
+        async with self._safety_lock:
+            before = await self._station_statuses(names)
+            out = dict(
+                zip(
+                    names,
+                    await asyncio.gather(
+                        *(self._reset_one(n, before[n], who, why, drain) for n in names)
+                    ),
+                    strict=True,
+                )
+            )
+        report = {
+            "who": who,
+            "why": why,
+            "drain": drain,
+            "t": time.time(),
+            "ok": all(s["ok"] for s in out.values()),
+            "stations": out,
+        }
+        log.warning("reset by %s (%s): %s", who, why, {n: s["ok"] for n, s in out.items()})
+        self._emit({"event": "reset", **report})
+        return report
+
+    async def _reset_one(
+        self, name: str, status: Mapping[str, Any], who: str, why: str, drain: bool
+    ) -> dict[str, Any]:
+        was = bool(status.get("tripped"))
+        if "error" in status:
+            return {"ok": False, "was_tripped": was, "tripped": True, "error": status["error"]}
+        if status.get("busy"):
+            return {
+                "ok": False,
+                "was_tripped": was,
+                "tripped": was,
+                "error": (
+                    f"station {name} is still running {status.get('experiment')} (while latched "
+                    "it stops at its next command): not reset under it; try again when it has "
+                    "stopped"
+                ),
+            }
+        try:
+            if drain:
+                # the drain runs at the waste pump's rate: minutes on a real bench
+                recovered = await self._station_call(name, "recover", who, why, timeout=600.0)
+                st = recovered["status"]
+                return {
+                    "ok": True,
+                    "was_tripped": was,
+                    "tripped": bool(st.get("tripped")),
+                    "drained_ml": recovered.get("drained_ml"),
+                }
+            st = await self._station_call(name, "reset", who, why)
+        except Exception as exc:
+            return {"ok": False, "was_tripped": was, "tripped": True, "error": _cause(exc)}
+        return {"ok": True, "was_tripped": was, "tripped": bool(st.get("tripped"))}
+
+    async def _wait_idle(self, names: Sequence[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            statuses = await self._station_statuses(names)
+            if not any(st.get("busy") for st in statuses.values()):
+                return
+            await asyncio.sleep(0.1)
+
+    # ------------------------------------------------------------------ status
+    async def _station_statuses(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        results = await asyncio.gather(
+            *(self._station_call(n, "status") for n in names), return_exceptions=True
+        )
+        out: dict[str, dict[str, Any]] = {}
+        for name, res in zip(names, results, strict=True):
+            out[name] = {"error": _cause(res)} if isinstance(res, BaseException) else dict(res)
+        return out
+
+    async def status(self) -> dict[str, Any]:
+        """The service, its stations and campaigns as plain data (the ``status`` topic)."""
+        names = list(self.actors)
+        raw = await self._station_statuses(names) if names else {}
+        in_use = {
+            s: h.campaign_id for h in self._campaigns.values() if h.active for s in h.stations
+        }
+        stations: dict[str, Any] = {}
+        for name, st in raw.items():
+            if "error" in st:
+                stations[name] = {"ok": False, "error": st["error"], "campaign": in_use.get(name)}
+                continue
+            trip = st.get("trip")
+            stations[name] = {
+                "ok": True,
+                "open": bool(st.get("open")),
+                "busy": bool(st.get("busy")),
+                "experiment": st.get("experiment"),
+                "runs": int(st.get("runs") or 0),
+                "tripped": bool(st.get("tripped")),
+                "trip": dict(trip) if isinstance(trip, Mapping) else None,
+                "trips": int(st.get("trips") or 0),
+                "campaign": in_use.get(name),
+            }
+        return {
+            "bridge_id": self.lab.bridge_id,
+            "service": self.state,
+            "simulated": self.lab.simulated,
+            "stations": stations,
+            "campaigns": {
+                cid: {"state": h.status()["state"], "stations": list(h.stations)}
+                for cid, h in self._campaigns.items()
+            },
+        }
