@@ -12,8 +12,10 @@ images and the report.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -176,6 +178,10 @@ async def _stay_up(lab: RunningSimLab, out: Path, broker_url: str | None) -> Non
 
     url = broker_url or lab.sim.broker_url
     settings = mqtt_settings(lab.config, url)
+    stop = asyncio.Event()  # SIGINT/SIGTERM from now on stop the service, then the lab
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     bus = lab.sim.bluez.address if lab.sim.bluez else ""
     print(
         f"simulated lab running, its MQTT campaign API on {url} under "
@@ -184,5 +190,9 @@ async def _stay_up(lab: RunningSimLab, out: Path, broker_url: str | None) -> Non
         f"sensors from another process: export DBUS_SYSTEM_BUS_ADDRESS={bus}; Ctrl-C to stop",
         file=sys.stderr,
     )
-    why = await serve(lab.config, settings)
+    try:
+        why = await serve(lab.config, settings, stop=stop, handle_signals=False)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
     print(f"stopping the simulated lab ({why})", file=sys.stderr)

@@ -261,6 +261,15 @@ def test_sigterm_stops_a_keep_running_lab_cleanly(ray_session: Any, tmp_path: Pa
             seen += line
             assert time.monotonic() < deadline, seen
         assert f"--lab {tmp_path / 'run' / 'lab.yaml'}" in seen
+        while "labbridge serve: labbridge-sim online" not in seen:  # the MQTT campaign API
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, f"sim exited early: {seen}"
+            seen += line
+            assert time.monotonic() < deadline, seen
+        url = seen.split("MQTT campaign API on ", 1)[1].split()[0]
+        status = run_cli("status", "--broker", url, "--bridge-id", "labbridge-sim", "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["status"]["state"] == "online", status.stdout
         helpers = _children(proc.pid)
         assert helpers, "the simulated lab should run a broker and a dbus-daemon as children"
         proc.send_signal(signal.SIGTERM)
