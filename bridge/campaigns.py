@@ -38,7 +38,15 @@ from loops.stations import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StationUnavailable", "lab_clock", "open_lab", "run_campaign"]
+__all__ = [
+    "CampaignProgress",
+    "StationUnavailable",
+    "calibrate",
+    "lab_clock",
+    "open_lab",
+    "run_campaign",
+    "run_with_signals",
+]
 
 #: how long a station actor may take to be placed and open its instruments
 START_TIMEOUT_S = 60.0
@@ -52,10 +60,8 @@ def lab_clock(lab: LabConfig) -> tuple[ClockSpec | None, Callable[[], float]]:
     """The lab's clock: a simulated lab's shared clock (spec and ``now``), else ``time.monotonic``."""
     if lab.speed is None:
         return None, time.monotonic
-    if lab.sim_at_real is None:
-        spec = ClockSpec(lab.speed, (0.0, time.monotonic()))
-    else:
-        spec = ClockSpec(lab.speed, lab.sim_at_real)
+    assert lab.sim_at_real is not None  # load_lab fills it in for a simulated lab
+    spec = ClockSpec(lab.speed, lab.sim_at_real)
     return spec, ScaledClock(spec).now
 
 

@@ -9,7 +9,7 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
       address: null                   # null: local Ray on loopback; "auto"/host:port: a cluster
     simulated:                        # only for simulated benches: their shared clock
       speed: 100                      # simulated seconds per real second
-      sim_at_real: [12.5, 45678.9]    # (simulated s, time.monotonic()) at one instant
+      sim_at_real: [12.5, 45678.9]    # (simulated s, time.monotonic()) at one instant (default: 0 at load)
     env:                              # set in every station process before it connects
       DBUS_SYSTEM_BUS_ADDRESS: unix:path=/tmp/labbridge-bluez/bus
     stations:
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,6 +375,8 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
                     "must be [simulated seconds, monotonic seconds]", ("simulated", "sim_at_real")
                 )
             sim_at_real = (float(pair[0]), float(pair[1]))
+        else:  # the clock starts at 0 now: every process that uses this LabConfig shares it
+            sim_at_real = (0.0, time.monotonic())
     ray_cfg = _mapping(top.get("ray") or {}, ("ray",), doc, ("address",))
     address = ray_cfg.get("address")
     if address is not None:
