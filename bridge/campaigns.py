@@ -43,6 +43,7 @@ __all__ = [
     "StationUnavailable",
     "calibrate",
     "lab_clock",
+    "make_runner",
     "open_lab",
     "run_campaign",
     "run_with_signals",
@@ -183,6 +184,32 @@ async def _close(journal: Any, actors: Mapping[str, Any]) -> None:
     ray.kill(journal, no_restart=True)
 
 
+def make_runner(
+    lab: LabConfig,
+    program: Program,
+    journal: Any,
+    actors: Mapping[str, Any],
+    campaign_id: str,
+    on_event: OnEvent | None = None,
+) -> CampaignRunner:
+    """A :class:`CampaignRunner` on ``actors`` (a subset of the lab's stations) with the lab's
+    clock, each station's verification limit and the images folder next to the journal."""
+    return CampaignRunner(
+        program,
+        journal,
+        actors,
+        campaign_id=campaign_id,
+        clock_now=lab_clock(lab)[1],
+        on_event=on_event,
+        max_disagreements={
+            n: st.verification.tolerances.max_disagreements
+            for n, st in lab.stations.items()
+            if n in actors and st.verification is not None
+        },
+        images_dir=lab.store.parent / "images",
+    )
+
+
 async def run_campaign(
     program: Program | None,
     lab: LabConfig,
@@ -208,21 +235,7 @@ async def run_campaign(
                 program = load_program(stored.program, source=f"campaign {campaign_id} (journal)")
             if program is None:
                 raise ValueError("a new campaign needs its program")
-            _, now = lab_clock(lab)
-            runner = CampaignRunner(
-                program,
-                journal,
-                actors,
-                campaign_id=campaign_id,
-                clock_now=now,
-                on_event=on_event,
-                max_disagreements={
-                    n: st.verification.tolerances.max_disagreements
-                    for n, st in lab.stations.items()
-                    if st.verification is not None
-                },
-                images_dir=lab.store.parent / "images",
-            )
+            runner = make_runner(lab, program, journal, actors, campaign_id, on_event)
             if on_runner is not None:
                 on_runner(runner)
             await runner.prepare(resume=resume, operator=operator)

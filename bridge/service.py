@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.campaigns import START_TIMEOUT_S, lab_clock, open_lab
+from bridge.campaigns import START_TIMEOUT_S, make_runner, open_lab
 from bridge.labconfig import LabConfig
 from loops.campaign import (
     CampaignBusy,
@@ -459,19 +459,13 @@ class LabService:
             if holder:
                 self._runner_event(holder[0], event)
 
-        runner = CampaignRunner(
+        runner = make_runner(
+            self.lab,
             program,
             self.journal,
             {n: self.actors[n] for n in stations},
-            campaign_id=campaign_id,
-            clock_now=lab_clock(self.lab)[1],
-            on_event=on_event,
-            max_disagreements={
-                n: st.verification.tolerances.max_disagreements
-                for n, st in self.lab.stations.items()
-                if n in stations and st.verification is not None
-            },
-            images_dir=self.lab.store.parent / "images",
+            campaign_id,
+            on_event,
         )
         handle = CampaignHandle(campaign_id, program, stations, who, runner)
         holder.append(handle)

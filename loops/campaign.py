@@ -97,8 +97,6 @@ OnEvent = Callable[[Event], None]
 #: consecutive rejected optimizer proposals after which the campaign stops (a space
 #: the safety layer refuses almost everywhere: fix the program or the envelope)
 MAX_CONSECUTIVE_REJECTIONS = 25
-#: campaign states that end a campaign (the journal's ``set_campaign_state``)
-ENDED = ("done", "stopped", "aborted")
 
 
 class CampaignClosed(RuntimeError):
