@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_campaign_cli import running_step
 
 import instruments
 from bridge.labconfig import load_lab
@@ -208,6 +211,17 @@ async def test_probe_talks_to_a_simulated_hotplate() -> None:
     assert result["read"]["plate_c"] == pytest.approx(22.0, abs=2.0)
 
 
+def _read_until(proc: subprocess.Popen[str], marker: str, seen: str, deadline: float) -> str:
+    """Read the process's stderr lines (appended to ``seen``) until ``marker`` shows."""
+    assert proc.stderr is not None
+    while marker not in seen:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, f"sim exited early: {seen}"
+        seen += line
+        assert time.monotonic() < deadline, seen
+    return seen
+
+
 def _children(pid: int) -> set[int]:
     kids: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -226,9 +240,6 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.timeout(150)
 def test_sigterm_stops_a_keep_running_lab_cleanly(ray_session: Any, tmp_path: Path) -> None:
-    import signal
-    import time
-
     prog = tmp_path / "small.md"
     prog.write_text(small_program(1).to_markdown())
     address = ray_session.get_runtime_context().gcs_address
@@ -254,18 +265,9 @@ def test_sigterm_stops_a_keep_running_lab_cleanly(ray_session: Any, tmp_path: Pa
     try:
         assert proc.stderr is not None
         deadline = time.monotonic() + 120
-        seen = ""
-        while "simulated lab running" not in seen:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, f"sim exited early: {seen}"
-            seen += line
-            assert time.monotonic() < deadline, seen
+        seen = _read_until(proc, "simulated lab running", "", deadline)
         assert f"--lab {tmp_path / 'run' / 'lab.yaml'}" in seen
-        while "labbridge serve: labbridge-sim online" not in seen:  # the MQTT campaign API
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, f"sim exited early: {seen}"
-            seen += line
-            assert time.monotonic() < deadline, seen
+        seen = _read_until(proc, "labbridge serve: labbridge-sim online", seen, deadline)  # the API
         url = seen.split("MQTT campaign API on ", 1)[1].split()[0]
         status = run_cli("status", "--broker", url, "--bridge-id", "labbridge-sim", "--json")
         assert status.returncode == 0, status.stderr
@@ -288,9 +290,6 @@ def test_sigterm_stops_a_keep_running_lab_cleanly(ray_session: Any, tmp_path: Pa
 def test_sigterm_during_the_campaign_safe_states_every_station(
     ray_session: Any, tmp_path: Path
 ) -> None:
-    import signal
-    import time
-
     out = tmp_path / "run"
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen(
@@ -313,19 +312,10 @@ def test_sigterm_during_the_campaign_safe_states_every_station(
     )
     try:
         deadline = time.monotonic() + 120
-        while True:  # mid-experiment: a step of a running experiment has started
+        # mid-experiment: a step after the first of a running experiment has started
+        while (at := running_step(out / "journal.db", "run")) is None or at[1] < 1:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no experiment started"
-            if (out / "journal.db").exists():
-                j = Journal(out / "journal.db")
-                try:
-                    running = [e for e in j.experiments("run", "running") if e.step]
-                except Exception:
-                    running = []
-                finally:
-                    j.close()
-                if running:
-                    break
             time.sleep(0.05)
         helpers = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
@@ -336,7 +326,7 @@ def test_sigterm_during_the_campaign_safe_states_every_station(
         assert f"labbridge resume run --runs {tmp_path}" in stdout
         j = Journal(out / "journal.db")
         try:
-            stopped = j.experiment(running[0].id)
+            stopped = j.experiment(at[0])
         finally:
             j.close()
         assert stopped.state == "failed" and "SIGTERM" in (stopped.reason or "")
@@ -351,9 +341,6 @@ def test_sigterm_during_the_campaign_safe_states_every_station(
 @pytest.mark.timeout(60)
 def test_helper_processes_die_with_a_killed_lab() -> None:
     """kill -9 of the process running a simulated lab leaves no broker or bus daemon behind."""
-    import signal
-    import time
-
     script = (
         "import asyncio\n"
         "from simulators.bench import SimulatedLab\n"
