@@ -442,6 +442,9 @@ def _check_command(args: argparse.Namespace) -> int:
         kinds = ", ".join(f"{i['name']} ({i['kind']})" for i in st.instruments)
         print(f"station {name}: {len(st.instruments)} instruments: {kinds}")
         print(f"  envelope: {st.envelope_source}")
+        print("  actuated channels (deny by default: an unbounded one is refused):")
+        for b in _bounds(st):
+            print(f"    {b.channel}: {b.how}  [{', '.join(b.commands)}]")
         if st.verification is None:
             print("  camera verification: off")
         elif st.verification.calibration() is None:
@@ -457,6 +460,18 @@ def _check_command(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.lab}: OK")
     return 0
+
+
+def _bounds(st: Any) -> list[Any]:
+    """The station's actuated channels and how its envelope bounds them ([] if it cannot load:
+    the problems above say why)."""
+    from safety import actuated_channels, load_envelope
+
+    try:
+        envelope = load_envelope(st.envelope_text, source=st.envelope_source)
+        return actuated_channels(st.instruments, envelope)
+    except Exception:  # an envelope or a driver kind lab.check() already reported
+        return []
 
 
 def _calibrate_command(args: argparse.Namespace) -> int:

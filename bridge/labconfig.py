@@ -18,7 +18,7 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
         supervisor: {poll_interval: 0.1}
         instruments:
           - {name: red, kind: syringe-pump, url: "serial:///dev/ttyUSB0?baudrate=9600",
-             options: {address: 0}, role: dye}
+             options: {address: 0}}
         verification:                 # on by default for a station with a camera
           calibration: calibration/bench-a.yaml   # (default) written by labbridge calibrate
           fill_tolerance_ml: 0.15     # camera fill level vs the pumps' reported volume
@@ -62,7 +62,7 @@ _VERIFICATION = (
     "colour_tolerance_de2000",
     "max_disagreements",
 )
-_INSTRUMENT = ("name", "kind", "url", "options", "role")
+_INSTRUMENT = ("name", "kind", "url", "options")
 _SUPERVISOR = ("poll_interval", "device_time_scale", "safe_timeout", "watchdog_s")
 
 
@@ -259,8 +259,6 @@ def _instrument(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> dict[str, An
         ),
         "options": _mapping(data.get("options") or {}, (*path, "options"), doc, None),
     }
-    if data.get("role") is not None:
-        out["role"] = _str(data["role"], (*path, "role"), doc)
     return out
 
 

@@ -10,7 +10,11 @@ rpm, s) and converts to device units inside. It offers:
 * ``channels``: what can be set, with units and device limits;
 * ``await safe_state()``: idempotent, works after a fault (pumps stopped,
   heater and stirrer off, light off); it tries every action and raises only
-  after trying all of them.
+  after trying all of them. ``safe_state_calls`` says what it amounts to in
+  declared commands;
+* declarations of every command the safety layer may pass
+  (:mod:`instruments.declare`): ``commands`` holds them, checked against the
+  methods when the class is created.
 
 Idempotent operations (reads, setpoint writes) are retried a bounded number of
 times on a timeout or a garbled reply with :func:`retry_idempotent`; starting
@@ -26,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from instruments.declare import READ, Call, CommandSpec, collect, declare
 from instruments.errors import LinkLostError, ProtocolError, TransportTimeout
 from instruments.transports.base import Transport
 
@@ -105,6 +110,16 @@ class Driver(abc.ABC):
     kind: ClassVar[str] = ""
     #: the transport class(es) this driver works over
     transport_types: ClassVar[tuple[type[Transport], ...]] = ()
+    #: what ``safe_state()`` does, as calls of declared commands: the safety layer derives
+    #: the commanded channels after a safe state from their effects (instruments/declare.py)
+    safe_state_calls: ClassVar[tuple[Call, ...]] = ()
+    #: every declared command (instruments/declare.py), collected and checked against the
+    #: method signatures when the class is created
+    commands: ClassVar[Mapping[str, CommandSpec]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.commands = collect(cls, cls.safe_state_calls)
 
     def __init__(self, transport: Transport, *, name: str | None = None) -> None:
         if self.transport_types and not isinstance(transport, self.transport_types):
@@ -131,12 +146,14 @@ class Driver(abc.ABC):
         """Close the transport (idempotent)."""
         await self.transport.close()
 
+    @declare(READ)
     @abc.abstractmethod
     async def read(self) -> dict[str, Any]: ...
 
     @abc.abstractmethod
     async def safe_state(self) -> None: ...
 
+    @declare(READ)
     def describe(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -144,6 +161,7 @@ class Driver(abc.ABC):
             "url": self.url,
             "driver": f"{type(self).__module__}.{type(self).__qualname__}",
             "channels": {name: ch.as_dict() for name, ch in self.channels.items()},
+            "commands": {name: spec.as_dict() for name, spec in self.commands.items()},
         }
 
     async def __aenter__(self: Any) -> Any:

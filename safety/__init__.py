@@ -26,7 +26,14 @@ from safety.model import (
     Verdict,
 )
 from safety.monitors import Heartbeat, Interlock, Monitor, Staleness, Threshold, reference_monitors
-from safety.station import SafeStation, available_drivers, check_instrument, open_station, probe
+from safety.station import (
+    SafeStation,
+    actuated_channels,
+    available_drivers,
+    check_instrument,
+    open_station,
+    probe,
+)
 from safety.supervisor import StationSupervisor, TripReport
 
 __all__ = [
@@ -56,6 +63,7 @@ __all__ = [
     "TripReport",
     "Verdict",
     "Violation",
+    "actuated_channels",
     "available_drivers",
     "check_instrument",
     "dry_run",

@@ -12,8 +12,8 @@ Assumptions (the guard checks every step again when it is sent):
 
 * steps happen at ``now`` unless ``times`` gives each step's time (seconds,
   same clock as the guard's): rate limits count from those times;
-* a waste ``withdraw`` has emptied the vial by the next step (a recipe waits
-  for its drain); the guard credits a drain only as it is observed;
+* a drain (a flow out of a vessel) has finished by the next step (a recipe
+  waits for it); the guard credits a drain only as it is observed;
 * the station is not latched, and the measured values (lid, temperatures) stay
   as they are in ``state_view``;
 * the envelope's ledger (change times, budget consumption) is copied, never
@@ -92,21 +92,19 @@ def dry_run(
     envelope: Envelope,
     state_view: Mapping[str, Any],
     *,
-    kinds: Mapping[str, str],
-    roles: Mapping[str, str] | None = None,
+    layout: Layout,
     now: float,
     times: Sequence[float] | None = None,
     ledger: Ledger | None = None,
 ) -> DryRunReport:
     """Check ``commands`` in order from ``state_view`` (see the module docstring).
 
-    ``kinds``: instrument name -> driver kind; ``roles``: pump roles (default by
-    name); ``times``: one time per step (default: all at ``now``); ``ledger``:
+    ``layout``: the station's instruments, their declared commands and the
+    envelope's vessels (:class:`~safety.effects.Layout`); ``times``: one time per step (default: all at ``now``); ``ledger``:
     the runtime bookkeeping to start from (copied; default the envelope's).
     """
     if times is not None and len(times) != len(commands):
         raise ValueError(f"times has {len(times)} entries for {len(commands)} commands")
-    layout = Layout(dict(kinds), dict(roles or {}))
     book = (ledger if ledger is not None else envelope.ledger).copy()
     book.start(now)
     view: dict[str, Any] = initial_commanded(layout)

@@ -5,23 +5,37 @@ Declared in YAML (a mapping; the lab config embeds one per station)::
     channels:                      # flat "<instrument>.<channel>" names, see safety/model.py
       hotplate.setpoint_c: {min: 0, max: 80, max_rise_per_min: 10}
       hotplate.stirrer_rpm: {min: 0, max: 1200}
-      red.rate_ml_min: {min: 0.01, max: 10}
+      hotplate.heater: {unbounded: "on/off; rules say when it may be on"}
+      pump_a.rate_ml_min: {min: 0.01, max: 10}
       enclosure.lid: {allowed: [open, closed]}
+    vessels:                       # liquid that several instruments change together
+      beaker: {max: 2.8, capacity: 3.0, unit: mL, fed_by: [pump_a, pump_b], drained_by: [drain]}
     rules:                         # the rule language of safety/expr.py
       - name: heater-needs-stirring-and-closed-lid
         when: hotplate.heater -> hotplate.stirrer_rpm >= 100 and enclosure.lid == "closed"
-      - name: vial-capacity
-        when: red.volume + green.volume + blue.volume <= 2.8
-    budgets:                       # <resource>_per_<minute|hour|day>, rolling windows
-      experiments_per_hour: 30
-      dye_ml_per_day: 50
+    budgets:                       # rolling windows: minute, hour or day
+      experiments_per_hour: 30     # shorthand for {counts: experiments, per: hour, max: 30}
+      added_per_day: {counts: beaker.added, per: day, max: 50, unit: mL}
 
 Channel keys: ``min``, ``max``, ``allowed`` (a list), ``max_rate_per_min`` (the
 commanded value may change by at most this much per minute, up or down),
 ``max_rise_per_min`` (only increases are limited: lowering a setpoint is
-always fine), ``unit`` and ``doc`` (informational). Rule keys: ``name``,
-``when``, ``doc``. Budget resources: ``experiments`` (consumed by
-``Guard.begin_experiment``) and ``dye_ml`` (mL dispensed by the dye pumps).
+always fine), ``unbounded`` (a reason: the channel is deliberately not
+limited), ``unit`` and ``doc`` (informational). Deny by default: an actuating
+command that sets a channel the envelope does not list is refused
+(safety/effects.py).
+
+Vessel keys: ``max`` (the most it may hold: ``<vessel>.volume`` is limited to
+it), ``capacity`` (informational), ``unit``, ``doc``, ``fed_by`` (instruments
+whose ``out`` flows go into it) and ``drained_by`` (instruments whose ``in``
+flows come from it). The guard tracks ``<vessel>.volume`` from the flows
+(instruments/declare.py ``Flow``); rules use it like any channel. An
+instrument feeds or drains at most one vessel and only in its direction.
+
+Rule keys: ``name``, ``when``, ``doc``. Budget keys: ``counts``
+(``experiments``, consumed by ``Guard.begin_experiment``, or
+``<vessel>.added`` / ``<vessel>.removed``: volume flowed in / out), ``per``
+(``minute``, ``hour`` or ``day``), ``max``, ``unit``, ``doc``.
 
 What :meth:`Envelope.check` refuses (the guard and the dry run call it with
 the station state before a command and the command's updates):
@@ -68,6 +82,7 @@ from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
 __all__ = [
     "Budget",
+    "Vessel",
     "ChannelLimit",
     "Envelope",
     "EnvelopeError",
@@ -82,12 +97,23 @@ __all__ = [
 REFERENCE_BENCH = Path(__file__).with_name("reference_bench.yaml")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 _RULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
-_BUDGET_RE = re.compile(r"(experiments|dye_ml)_per_(minute|hour|day)")
+_BUDGET_RE = re.compile(r"experiments_per_(minute|hour|day)")
+_WORD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 WINDOWS_S = {"minute": 60.0, "hour": 3600.0, "day": 86400.0}
-RESOURCE_UNITS = {"experiments": "", "dye_ml": " mL"}
-CHANNEL_KEYS = ("min", "max", "allowed", "max_rate_per_min", "max_rise_per_min", "unit", "doc")
+CHANNEL_KEYS = (
+    "min",
+    "max",
+    "allowed",
+    "max_rate_per_min",
+    "max_rise_per_min",
+    "unbounded",
+    "unit",
+    "doc",
+)
+VESSEL_KEYS = ("max", "capacity", "unit", "fed_by", "drained_by", "doc")
+BUDGET_KEYS = ("counts", "per", "max", "unit", "doc")
 RULE_KEYS = ("name", "when", "doc")
-TOP_KEYS = ("channels", "rules", "budgets")
+TOP_KEYS = ("channels", "vessels", "rules", "budgets")
 #: tolerance for float comparisons of limits and budgets (values are in SI-ish units)
 EPS = 1e-9
 
@@ -138,6 +164,25 @@ class ChannelLimit:
     unit: str = ""
     doc: str = ""
     line: int | None = field(default=None, compare=False)
+    #: why the channel is deliberately not limited (deny by default needs it said)
+    unbounded: str | None = None
+
+    def bounds(self) -> str:
+        """How the channel is bounded, in words (``labbridge check`` lists it)."""
+        parts = []
+        if self.allowed is not None:
+            parts.append("one of " + ", ".join(fmt(a) for a in self.allowed))
+        if self.min is not None:
+            parts.append(f">= {fmt(self.min)}")
+        if self.max is not None:
+            parts.append(f"<= {fmt(self.max)}")
+        if self.max_rate_per_min is not None:
+            parts.append(f"changes <= {fmt(self.max_rate_per_min)}/min")
+        if self.max_rise_per_min is not None:
+            parts.append(f"rises <= {fmt(self.max_rise_per_min)}/min")
+        if self.unbounded:
+            parts.append(f"unbounded: {self.unbounded}")
+        return (", ".join(parts) + (f" {self.unit}" if self.unit else "")) or "not bounded"
 
     def check(
         self, value: Any, before: Any, last: tuple[Any, float] | None, t0: float, now: float
@@ -279,12 +324,32 @@ def _ordered_names(expr: Expression) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Vessel:
+    """Liquid that instruments add to (``fed_by``: their ``out`` flows) and take from
+    (``drained_by``: their ``in`` flows); ``<name>.volume`` may not exceed ``max``."""
+
+    name: str
+    max: float
+    fed_by: tuple[str, ...] = ()
+    drained_by: tuple[str, ...] = ()
+    capacity: float | None = None
+    unit: str = "mL"
+    doc: str = ""
+    line: int | None = field(default=None, compare=False)
+
+    @property
+    def channel(self) -> str:
+        return f"{self.name}.volume"
+
+
+@dataclass(frozen=True)
 class Budget:
-    name: str  # e.g. dye_ml_per_day
-    resource: str  # experiments | dye_ml
+    name: str  # e.g. added_per_day
+    resource: str  # experiments | <vessel>.added | <vessel>.removed
     window: str  # minute | hour | day
     limit: float
     line: int | None = field(default=None, compare=False)
+    unit: str = ""
 
     @property
     def window_s(self) -> float:
@@ -359,9 +424,15 @@ class Envelope:
         rules: Iterable[Rule] = (),
         budgets: Iterable[Budget] = (),
         *,
+        vessels: Iterable[Vessel] = (),
         source: str = "<envelope>",
     ) -> None:
         self.channels: dict[str, ChannelLimit] = {c.name: c for c in channels}
+        self.vessels: dict[str, Vessel] = {v.name: v for v in vessels}
+        for v in self.vessels.values():
+            self.channels.setdefault(
+                v.channel, ChannelLimit(v.channel, max=v.max, unit=v.unit, line=v.line)
+            )
         self.rules: list[Rule] = list(rules)
         self.budgets: list[Budget] = list(budgets)
         self.source = source
@@ -369,8 +440,8 @@ class Envelope:
 
     def __repr__(self) -> str:
         return (
-            f"<Envelope {self.source}: {len(self.channels)} channels, {len(self.rules)} rules, "
-            f"{len(self.budgets)} budgets>"
+            f"<Envelope {self.source}: {len(self.channels)} channels, {len(self.vessels)} vessels, "
+            f"{len(self.rules)} rules, {len(self.budgets)} budgets>"
         )
 
     def fresh(self) -> Envelope:
@@ -392,6 +463,15 @@ class Envelope:
         ``known``: instrument names (any channel), full ``instrument.channel``
         names, or a mapping instrument -> its channel names (None/empty: any).
         """
+        vessel_channels = {v.channel for v in self.vessels.values()}
+        if isinstance(known, Mapping):
+            instruments = set(known)
+        else:
+            instruments = {n.partition(".")[0] for n in known}
+        if isinstance(known, Mapping):
+            known = {**known, **{v.name: ["volume"] for v in self.vessels.values()}}
+        else:
+            known = [*known, *vessel_channels]
         check = _known_checker(known)
         for name, lim in self.channels.items():
             problem = check(name)
@@ -409,6 +489,23 @@ class Envelope:
                         line=rule.line,
                         field=f"rules[{i}].when",
                     )
+        for v in self.vessels.values():
+            if v.name in instruments:
+                raise EnvelopeError(
+                    f"vessel '{v.name}' has the name of an instrument; give it another",
+                    source=self.source,
+                    line=v.line,
+                    field=f"vessels.{v.name}",
+                )
+            for key in ("fed_by", "drained_by"):
+                for inst in getattr(v, key):
+                    if inst not in instruments:
+                        raise EnvelopeError(
+                            f"unknown instrument '{inst}'; known: {', '.join(sorted(instruments))}",
+                            source=self.source,
+                            line=v.line,
+                            field=f"vessels.{v.name}.{key}",
+                        )
 
     # ---------------------------------------------------------------- checks
     def check(
@@ -454,10 +551,10 @@ class Envelope:
         out: list[Violation] = []
         if amount <= 0:
             return out
-        unit = RESOURCE_UNITS.get(resource, "")
         for budget in self.budgets:
             if budget.resource != resource:
                 continue
+            unit = f" {budget.unit}" if budget.unit else ""
             used = ledger.used(resource, budget.window_s, now)
             if used + amount > budget.limit + EPS:
                 out.append(
@@ -589,8 +686,20 @@ def _build(data: Any, doc: YamlDoc) -> Envelope:
             raise doc.error(f"duplicate rule name '{rule.name}'", ("rules", i, "name"))
         seen.add(rule.name)
         rules.append(rule)
-    budgets = [_budget(k, v, doc) for k, v in _mapping(data, "budgets", doc).items()]
-    return Envelope(channels, rules, budgets, source=doc.source)
+    vessels = [_vessel(k, v, doc) for k, v in _mapping(data, "vessels", doc).items()]
+    owners: dict[str, str] = {}
+    for v in vessels:
+        for inst in (*v.fed_by, *v.drained_by):
+            if inst in owners:
+                raise doc.error(
+                    f"'{inst}' already feeds or drains vessel '{owners[inst]}': an instrument "
+                    f"belongs to one vessel",
+                    ("vessels", v.name),
+                )
+            owners[inst] = v.name
+    names = {v.name for v in vessels}
+    budgets = [_budget(k, v, doc, names) for k, v in _mapping(data, "budgets", doc).items()]
+    return Envelope(channels, rules, budgets, vessels=vessels, source=doc.source)
 
 
 def _mapping(data: Mapping[str, Any], key: str, doc: YamlDoc) -> Mapping[Any, Any]:
@@ -651,6 +760,9 @@ def _channel(name: Any, spec: Any, doc: YamlDoc) -> ChannelLimit:
     for key in ("unit", "doc"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise doc.error("must be a string", (*path, key))
+    unbounded = spec.get("unbounded")
+    if unbounded is not None and (not isinstance(unbounded, str) or not unbounded.strip()):
+        raise doc.error("give the reason the channel is not limited (a text)", (*path, "unbounded"))
     return ChannelLimit(
         name,
         lo,
@@ -659,6 +771,50 @@ def _channel(name: Any, spec: Any, doc: YamlDoc) -> ChannelLimit:
         rates.get("max_rate_per_min"),
         rates.get("max_rise_per_min"),
         spec.get("unit") or "",
+        spec.get("doc") or "",
+        line=doc.line(path),
+        unbounded=unbounded,
+    )
+
+
+def _names(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and _WORD_RE.fullmatch(v) for v in value
+    ):
+        raise doc.error(f"must be a list of instrument names, got {value!r}", path)
+    return tuple(value)
+
+
+def _vessel(name: Any, spec: Any, doc: YamlDoc) -> Vessel:
+    path: tuple[Any, ...] = ("vessels", name)
+    if not isinstance(name, str) or not _WORD_RE.fullmatch(name):
+        raise doc.error(f"a vessel name is a word, got {name!r}", path)
+    if not isinstance(spec, Mapping) or "max" not in spec:
+        raise doc.error("a vessel is a mapping with max (and fed_by, drained_by)", path)
+    _no_unknown(spec, VESSEL_KEYS, path, doc)
+    most = _number(spec["max"], (*path, "max"), doc, positive=True)
+    capacity = None
+    if spec.get("capacity") is not None:
+        capacity = _number(spec["capacity"], (*path, "capacity"), doc, positive=True)
+        if most > capacity:
+            raise doc.error(f"max {most!r} > capacity {capacity!r}", (*path, "max"))
+    fed_by = _names(spec.get("fed_by"), (*path, "fed_by"), doc)
+    drained_by = _names(spec.get("drained_by"), (*path, "drained_by"), doc)
+    both = set(fed_by) & set(drained_by)
+    if both:
+        raise doc.error(f"{', '.join(sorted(both))} both feeds and drains it", path)
+    for key in ("unit", "doc"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise doc.error("must be a string", (*path, key))
+    return Vessel(
+        name,
+        most,
+        fed_by,
+        drained_by,
+        capacity,
+        spec.get("unit") or "mL",
         spec.get("doc") or "",
         line=doc.line(path),
     )
@@ -689,16 +845,39 @@ def _rule(i: int, spec: Any, doc: YamlDoc) -> Rule:
     return Rule(name, expr, spec.get("doc") or "", line=doc.line((*path, "when")))
 
 
-def _budget(key: Any, value: Any, doc: YamlDoc) -> Budget:
+def _budget(key: Any, value: Any, doc: YamlDoc, vessels: Collection[str]) -> Budget:
     path: tuple[Any, ...] = ("budgets", key)
-    m = _BUDGET_RE.fullmatch(key) if isinstance(key, str) else None
-    if m is None:
+    if not isinstance(key, str) or not _WORD_RE.fullmatch(key):
+        raise doc.error(f"a budget name is a word, got {key!r}", path)
+    if not isinstance(value, Mapping):
+        m = _BUDGET_RE.fullmatch(key)
+        if m is None:
+            raise doc.error(
+                "a budget is {counts: <experiments | <vessel>.added | <vessel>.removed>, "
+                "per: <minute|hour|day>, max: N} (or experiments_per_<minute|hour|day>: N)",
+                path,
+            )
+        value = {"counts": "experiments", "per": m.group(1), "max": value}
+        max_path = path
+    else:
+        max_path = (*path, "max")
+    _no_unknown(value, BUDGET_KEYS, path, doc)
+    for k in ("counts", "per", "max"):
+        if k not in value:
+            raise doc.error(f"missing '{k}'", path)
+    counts = value["counts"]
+    allowed = ["experiments", *(f"{v}.{w}" for v in sorted(vessels) for w in ("added", "removed"))]
+    if counts not in allowed:
         raise doc.error(
-            f"unknown budget '{key}' (known: <experiments|dye_ml>_per_<minute|hour|day>, "
-            f"e.g. experiments_per_hour, dye_ml_per_day)",
-            path,
+            f"cannot count {counts!r}; known: {', '.join(allowed)}", (*path, "counts")
         )
-    limit = _number(value, path, doc)
+    per = value["per"]
+    if per not in WINDOWS_S:
+        raise doc.error(f"must be minute, hour or day, got {per!r}", (*path, "per"))
+    limit = _number(value["max"], max_path, doc)
     if limit < 0:
-        raise doc.error(f"must be >= 0, got {value!r}", path)
-    return Budget(key, m.group(1), m.group(2), limit, line=doc.line(path))
+        raise doc.error(f"must be >= 0, got {value['max']!r}", max_path)
+    unit = value.get("unit")
+    if unit is not None and not isinstance(unit, str):
+        raise doc.error("must be a string", (*path, "unit"))
+    return Budget(key, counts, per, limit, line=doc.line(path), unit=unit or "")

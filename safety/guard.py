@@ -33,18 +33,19 @@ Decisions where the contract had to choose:
   conservative picture for the next checks); a safer command is assumed NOT to
   have (the heater may still be on). A ``ValueError``/``TypeError`` is a
   driver refusing before sending anything: nothing is recorded.
-* Draining: a waste ``withdraw`` does not empty the vial in the guard's books
-  when it is sent; the dye volumes shrink as the waste pump's withdrawn
-  counter (``DIS``) shows liquid withdrawn, read before the next actuation and
-  on ``refresh()``. A drain that is interrupted (stop, e-stop, alarm) or whose
-  progress cannot be read therefore never over-credits the vial's capacity.
-  An interrupted dispense keeps counting its full volume (conservative).
-* Pump interlock (rule ``pump-interlock``): no waste ``withdraw`` while a dye
-  dispense may still be running (its volume / rate x 1.1 + 0.5 s, unless a
-  ``stop``, ``status``, ``read`` or ``wait_until_stopped`` of that pump showed
-  it stopped), no dispense while a drain is in progress, no second dispense
-  on a pump still running its first. A drain racing a dispense would let the
-  books credit liquid that has not arrived yet.
+* Draining: a flow ``in`` (out of a vessel, safety/effects.py) does not empty
+  the vessel in the guard's books when it is sent; its volume shrinks as the
+  instrument's declared ``progress`` read shows liquid taken (``in_ml``),
+  read before the next actuation and on ``refresh()``. A drain that is
+  interrupted (stop, e-stop, alarm) or whose progress cannot be read therefore
+  never over-credits the vessel's capacity. An interrupted delivery keeps
+  counting its full volume (conservative).
+* Flow interlock (rule ``flow-interlock``): no drain of a vessel while a
+  delivery into it may still be running (its volume / rate x 1.1 + 0.5 s,
+  unless a safer command to that instrument or a read of it reporting
+  ``moving`` false showed it stopped), no delivery while the vessel is being
+  drained, no second flow on an instrument still running its first. A drain
+  racing a delivery would let the books credit liquid that has not arrived.
 * Switching on without a setpoint (``set_heater(True)``) sends the known,
   checked setpoint explicitly (see safety/effects.py).
 * A trip that lands while an actuation is in flight: when the driver call
@@ -70,17 +71,18 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
+from instruments.declare import CommandSpec
 from safety.dryrun import DryRunReport, dry_run
 from safety.effects import (
     ACTUATE,
     READ,
-    Action,
+    SAFER,
     Assessment,
     Drain,
     Effect,
     Layout,
     assess,
-    drained_volumes,
+    drained,
     initial_commanded,
     safe_state_updates,
 )
@@ -96,8 +98,8 @@ from safety.model import (
 )
 
 log = logging.getLogger(__name__)
-#: a dispense is assumed to run up to this factor of volume/rate (+0.5 s) unless seen stopped
-DISPENSE_SLACK = 1.1
+#: a flow is assumed to run up to this factor of volume/rate (+0.5 s) unless seen stopped
+FLOW_SLACK = 1.1
 
 __all__ = ["Guard", "GuardedInstrument"]
 
@@ -105,8 +107,9 @@ __all__ = ["Guard", "GuardedInstrument"]
 class Guard:
     """Checks every command of one station against its envelope before a driver sees it.
 
-    ``drivers``: instrument name -> open driver; ``roles``: pump name ->
-    ``"dye"``/``"waste"`` (default by name); ``clock``: seconds for rates and
+    ``drivers``: instrument name -> open driver (its class declares its commands,
+    instruments/declare.py); the envelope's vessels say which flows fill and
+    empty what; ``clock``: seconds for rates and
     budgets (``time.monotonic``; a simulated clock in tests);
     ``command_timeout``: bound (s) on one actuating driver call, which holds the
     station's lock; ``read_timeout``: bound on each read of :meth:`refresh`
@@ -125,7 +128,6 @@ class Guard:
         latch: Latch,
         audit: AuditTrail,
         state: StationState,
-        roles: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         command_timeout: float = 30.0,
         read_timeout: float = 10.0,
@@ -134,7 +136,7 @@ class Guard:
             raise ValueError("command_timeout and read_timeout must be > 0 s")
         self.station = station
         self._drivers = dict(drivers)
-        self.layout = Layout.of(self._drivers, roles)
+        self.layout = Layout.of(self._drivers, envelope.vessels)
         envelope.validate_known(self.layout.kinds.keys())
         self.envelope = envelope
         self.latch = latch
@@ -147,8 +149,8 @@ class Guard:
         self._drain: Drain | None = None
         self._drain_credited = 0.0
         self._in_flight: Command | None = None
-        #: dye pump -> guard-clock time by which its last dispense has surely finished
-        self._dispensing: dict[str, float] = {}
+        #: instrument -> guard-clock time by which its last flow has surely finished
+        self._flowing: dict[str, float] = {}
         defaults = initial_commanded(self.layout)
         present = self.state.view()
         self.state.set_commanded({k: v for k, v in defaults.items() if k not in present})
@@ -200,38 +202,46 @@ class Guard:
             latched=self._latched(),
         )
         if a.allowed and a.effect is not None:
-            violation = self._pump_interlock(a.effect, now)
+            violation = self._flow_interlock(a.effect, now)
             if violation is not None:
                 a = Assessment(command, a.effect, (violation,))
         return a
 
-    def _pump_interlock(self, effect: Effect, now: float) -> Violation | None:
-        """No drain while a dye dispense may still be running, no dispense while draining,
-        no second dispense on a pump that may still be running its first."""
-        name, action = effect.command.instrument, effect.action.name
-        if action == "withdraw":
-            busy = {p: t for p, t in self._dispensing.items() if t > now}
+    def _flow_interlock(self, effect: Effect, now: float) -> Violation | None:
+        """No drain while a delivery into the vessel may still be running, no delivery while
+        it is drained, no second flow on an instrument that may still be running its first."""
+        flow = effect.action.flow
+        if flow is None or effect.category != ACTUATE:
+            return None
+        name = effect.command.instrument
+        found = self.layout.vessel_of(name)
+        until = self._flowing.get(name)
+        if until is not None and until > now:
+            reason = (
+                f"flow-interlock: {name}.{effect.action.name}() while {name} may still be running "
+                f"its previous flow (up to {until - now:.3g} s more); wait until it stopped"
+            )
+            return Violation("flow-interlock", reason, {"flowing": [name]})
+        if found is None:
+            return None
+        vessel = found[0]
+        if effect.drain is not None:
+            busy = {
+                p: t for p, t in self._flowing.items() if t > now and p in vessel.fed_by
+            }
             if busy:
-                pumps = ", ".join(f"{p} (up to {t - now:.3g} s more)" for p, t in busy.items())
+                others = ", ".join(f"{p} (up to {t - now:.3g} s more)" for p, t in busy.items())
                 reason = (
-                    f"pump-interlock: {name}.withdraw() while {pumps} may still be dispensing; "
-                    f"wait for the dispense to finish (wait_until_stopped)"
+                    f"flow-interlock: {name}.{effect.action.name}() drains {vessel.name} while "
+                    f"{others} may still be delivering into it; wait until they stopped"
                 )
-                return Violation("pump-interlock", reason, {"dispensing": sorted(busy)}, "rule")
-        if action == "dispense":
-            if self._drain is not None:
-                reason = (
-                    f"pump-interlock: {name}.dispense() while {self._drain.instrument} is still "
-                    f"draining the vial; wait for the drain to finish"
-                )
-                return Violation("pump-interlock", reason, {"draining": self._drain.instrument})
-            until = self._dispensing.get(name)
-            if until is not None and until > now:
-                reason = (
-                    f"pump-interlock: {name}.dispense() while {name} may still be running its "
-                    f"previous dispense (up to {until - now:.3g} s more)"
-                )
-                return Violation("pump-interlock", reason, {"dispensing": [name]})
+                return Violation("flow-interlock", reason, {"flowing": sorted(busy)}, "rule")
+        elif self._drain is not None and self._drain.vessel == vessel.name:
+            reason = (
+                f"flow-interlock: {name}.{effect.action.name}() while {self._drain.instrument} is "
+                f"still draining {vessel.name}; wait for the drain to finish"
+            )
+            return Violation("flow-interlock", reason, {"draining": self._drain.instrument})
         return None
 
     def _verdict(self, a: Assessment) -> Verdict:
@@ -249,8 +259,7 @@ class Guard:
             commands,
             self.envelope,
             self.state.view(),
-            kinds=self.layout.kinds,
-            roles=self.layout.roles,
+            layout=self.layout,
             now=self._clock(),
             times=times,
             ledger=self.envelope.ledger.copy(),
@@ -272,7 +281,7 @@ class Guard:
         refused, or whatever the driver raises.
         """
         action = self.layout.actions(command.instrument).get(command.action)
-        if action is not None and action.category == READ:
+        if action is not None and action.kind == READ:
             return await self._execute_read(command)
         async with self._lock:
             if self._drain is not None:
@@ -314,8 +323,8 @@ class Guard:
         assert a.effect is not None
         self.audit.record(self._verdict(a))
         result = await _call(self._drivers[command.instrument], a.effect.action, a.effect.params)
-        if command.instrument in self._dispensing and _reports_stopped(result):
-            self._dispensing.pop(command.instrument, None)  # seen stopped: nothing more comes
+        if command.instrument in self._flowing and _reports_stopped(result):
+            self._flowing.pop(command.instrument, None)  # seen stopped: nothing more comes
         return result
 
     def _commit(
@@ -325,16 +334,14 @@ class Guard:
         if updates:
             self.state.set_commanded(updates)
         self.envelope.commit(view, updates, now=now, consumes=effect.consumes)
-        name, action = effect.command.instrument, effect.action.name
+        name = effect.command.instrument
         if start_drain and effect.drain is not None:
             self._drain = effect.drain
             self._drain_credited = 0.0
-        if action == "dispense":
-            params = effect.command.params
-            minutes = float(params["volume_ml"]) / float(params["rate_ml_min"])
-            self._dispensing[name] = self._clock() + minutes * 60.0 * DISPENSE_SLACK + 0.5
-        elif action == "stop" and self.layout.role(name) is not None:
-            self._dispensing.pop(name, None)  # stopped (paused): RUN is not exposed
+        if effect.busy_s is not None:
+            self._flowing[name] = self._clock() + effect.busy_s * FLOW_SLACK + 0.5
+        elif effect.category == SAFER:
+            self._flowing.pop(name, None)  # stopped: a flow does not resume by itself
 
     async def _safe_after_trip(self, name: str) -> None:
         log.warning(
@@ -348,32 +355,56 @@ class Guard:
             self.state.set_commanded(safe_state_updates(self.layout, [name]))
 
     async def _sync_drain(self) -> None:
-        """Credit the vial with what the waste pump has withdrawn so far (call under the lock)."""
+        """Credit the vessel with what the draining instrument's declared progress read shows
+        taken so far (call under the lock). Without a progress read nothing is credited."""
         drain = self._drain
         if drain is None:
             return
+        if drain.progress is None:
+            log.warning(
+                "%s: %s declares no progress read: %s stays as full as before its drain",
+                self.station,
+                drain.instrument,
+                drain.vessel,
+            )
+            self._drain = None
+            return
         driver = self._drivers[drain.instrument]
         try:
-            status = await asyncio.wait_for(driver.status(), self.read_timeout)
-            _, withdrawn = await asyncio.wait_for(driver.dispensed(), self.read_timeout)
+            progress = await asyncio.wait_for(
+                getattr(driver, drain.progress)(), self.read_timeout
+            )
+            moving, taken = progress["moving"], progress["in_ml"]
+            if taken is None and moving is False:
+                log.warning(
+                    "%s: %s stopped without reporting what it took; %s stays as full as before",
+                    self.station,
+                    drain.instrument,
+                    drain.vessel,
+                )
+                self._drain = None
+                return
+            if taken is None:
+                raise ValueError("no volume reported")
         except Exception as exc:
             log.warning(
-                "%s: cannot read the drain progress of %s (%s); the vial is assumed as full as before",
+                "%s: cannot read the drain progress of %s (%s); %s is assumed as full as before",
                 self.station,
                 drain.instrument,
                 exc,
+                drain.vessel,
             )
             return
-        withdrawn = min(float(withdrawn), drain.requested_ml)
-        delta = withdrawn - self._drain_credited
+        taken = min(float(taken), drain.requested_ml)
+        delta = taken - self._drain_credited
         if delta > 0:
             view = self.state.view()
-            current = {ch: view.get(ch, 0.0) for ch in drain.base}
-            volumes = drained_volumes(current, delta)
-            self.state.set_commanded(volumes)
-            self.envelope.commit(view, volumes, now=self._clock())
-            self._drain_credited = withdrawn
-        if withdrawn >= drain.requested_ml - 1e-9 or not getattr(status, "moving", False):
+            channel = f"{drain.vessel}.volume"
+            update = {channel: drained(view.get(channel, 0.0), delta)}
+            self.state.set_commanded(update)
+            self.envelope.commit(view, update, now=self._clock())
+            self._drain_credited = taken
+        if taken >= drain.requested_ml - 1e-9 or not moving:
             self._drain = None
 
     # ------------------------------------------------------------ other entries
@@ -426,16 +457,15 @@ class Guard:
 
 
 def _reports_stopped(result: Any) -> bool:
-    """A pump status (``PumpStatus``) or ``read()`` dict that says the pump is not moving."""
+    """A read result that says the instrument is not moving: a ``moving`` attribute or key
+    that is False (the convention of instruments/declare.py ``Flow.progress``)."""
     moving = getattr(result, "moving", None)
-    if isinstance(moving, bool):
-        return not moving
     if isinstance(result, Mapping):
-        return result.get("status") in ("stopped", "paused", "alarm")
-    return False
+        moving = result.get("moving")
+    return moving is False
 
 
-async def _call(driver: Any, action: Action, params: Mapping[str, Any]) -> Any:
+async def _call(driver: Any, action: CommandSpec, params: Mapping[str, Any]) -> Any:
     result = getattr(driver, action.name)(**dict(params))
     if inspect.isawaitable(result):
         result = await result
@@ -457,7 +487,7 @@ class GuardedInstrument:
         self,
         name: str,
         kind: str,
-        actions: Mapping[str, Action],
+        actions: Mapping[str, CommandSpec],
         execute: Callable[[Command], Any],
         who: str,
     ) -> None:

@@ -21,9 +21,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import instruments
-from instruments.registry import available_drivers
+from instruments.registry import available_drivers, driver_class
 from instruments.registry import check as _check_driver
 from safety.dryrun import DryRunReport
+from safety.effects import Bound, Layout, bounds
 from safety.envelope import Envelope
 from safety.guard import Guard, GuardedInstrument
 from safety.model import AuditTrail, Command, Latch, StationState, Verdict
@@ -50,7 +51,6 @@ class SafeStation:
         *,
         monitors: Iterable[Monitor] | None = None,
         audit: AuditTrail | None = None,
-        roles: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         supervisor_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -60,7 +60,7 @@ class SafeStation:
         self.audit = audit or AuditTrail()
         self.guard = Guard(
             name, drivers, envelope, latch=self.latch, audit=self.audit, state=self.state,
-            roles=roles, clock=clock,
+            clock=clock,
         )
         self.supervisor = StationSupervisor(
             name,
@@ -129,8 +129,7 @@ async def open_station(
     """Connect a station's instruments and run them behind the safety layer.
 
     ``instrument_specs``: mappings with ``name``, ``kind``, ``url`` and optional
-    ``options`` (driver keyword options) and ``role`` (``dye``/``waste`` for
-    pumps). ``options`` go to :class:`SafeStation`. On exit (also on an error
+    ``options`` (driver keyword options). ``options`` go to :class:`SafeStation`. On exit (also on an error
     or a cancellation) the supervisor stops and every instrument is put in its
     safe state before its link is closed.
     """
@@ -138,9 +137,6 @@ async def open_station(
     names = [s["name"] for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"station {name}: instrument names must be unique, got {names}")
-    roles = {s["name"]: s["role"] for s in specs if s.get("role")}
-    if roles:
-        options.setdefault("roles", roles)
     async with contextlib.AsyncExitStack() as stack:
         drivers: dict[str, Any] = {}
         for spec in specs:
@@ -171,4 +167,21 @@ def check_instrument(kind: str, url: str, options: Mapping[str, Any] | None = No
     _check_driver(kind, url, **dict(options or {}))
 
 
-__all__ = ["SafeStation", "available_drivers", "check_instrument", "open_station", "probe"]
+def actuated_channels(
+    instrument_specs: Iterable[Mapping[str, Any]], envelope: Envelope
+) -> list[Bound]:
+    """Every channel the station's instruments can be commanded to set, from their drivers'
+    declarations, and how ``envelope`` bounds it (nothing is opened). A channel it does not
+    bound is listed with ``bounded`` False: the commands that set it will be refused."""
+    classes = {s["name"]: driver_class(s["kind"]) for s in instrument_specs}
+    return bounds(Layout.of(classes, envelope.vessels), envelope)
+
+
+__all__ = [
+    "SafeStation",
+    "actuated_channels",
+    "available_drivers",
+    "check_instrument",
+    "open_station",
+    "probe",
+]

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from instruments.driver import Driver
+from safety.effects import Layout, safe_state_updates
 from safety.model import (
     AuditTrail,
     Command,
@@ -51,15 +52,6 @@ from safety.model import (
 from safety.monitors import Monitor, MonitorResult, Staleness, evaluate_all
 
 log = logging.getLogger(__name__)
-
-#: Commanded channels that an instrument's safe state sets, by driver kind. Applied to
-#: ``state.commanded`` (prefixed with the instrument's name) once its safe state succeeded.
-SAFE_COMMANDED: dict[str, dict[str, Any]] = {
-    "hotplate": {"heater": False, "stirrer": False, "stirrer_rpm": 0},
-    "enclosure": {"light": False},
-    "color-sensor": {"continuous": False},
-}
-
 
 @dataclass
 class SafeOutcome:
@@ -524,9 +516,9 @@ class StationSupervisor:
             text = str(exc) or type(exc).__name__
             log.error("%s: %s: safe state failed: %s", self.station, name, text)
             return SafeOutcome(name, False, elapsed, text)
-        updates = SAFE_COMMANDED.get(driver.kind)
+        updates = safe_state_updates(Layout.of({name: driver}), [name])
         if updates:
-            self.state.set_commanded({f"{name}.{k}": v for k, v in updates.items()})
+            self.state.set_commanded(updates)
         return SafeOutcome(name, True, elapsed)
 
     def _straggle(self, task: asyncio.Future[Any]) -> None:
@@ -661,4 +653,4 @@ class StationSupervisor:
             log.exception("%s: audit sink failed", self.station)
 
 
-__all__ = ["SAFE_COMMANDED", "SafeOutcome", "StationSupervisor", "TripReport"]
+__all__ = ["SafeOutcome", "StationSupervisor", "TripReport"]

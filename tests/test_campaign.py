@@ -146,7 +146,7 @@ async def test_unsafe_proposals_are_rejected_with_reasons_and_fed_back(
             "agent:alice",
         )
         assert not receipt.accepted
-        assert any("vial-capacity" in r for r in receipt.reasons), receipt.reasons
+        assert any("vial.volume.max" in r for r in receipt.reasons), receipt.reasons
         summary = await runner.run()
         observations = runner.optimizer.observations()
     assert summary.counts["rejected"] >= 2, summary
@@ -159,7 +159,7 @@ async def test_unsafe_proposals_are_rejected_with_reasons_and_fed_back(
     assert len(rejected) == summary.counts["rejected"]
     for e in rejected:
         assert total_ml(e.params) > 2.8 - 1e-9, e.params
-        assert "vial-capacity" in (e.reason or ""), e.reason
+        assert "vial.volume.max" in (e.reason or ""), e.reason
     assert [e.proposer for e in rejected][0] == "agent:alice"
     for e in exps:
         if e.station is not None:  # everything that reached a station fits the vial

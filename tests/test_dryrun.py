@@ -5,20 +5,31 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from instruments.drivers.camera import Camera
+from instruments.drivers.color_sensor import ColorSensor
+from instruments.drivers.enclosure import Enclosure
+from instruments.drivers.hotplate import Hotplate
+from instruments.drivers.syringe_pump import SyringePump
 from safety.dryrun import dry_run
-from safety.envelope import Ledger, load_envelope, reference_envelope
+from safety.effects import Layout
+from safety.envelope import Envelope, Ledger, load_envelope, reference_envelope
 from safety.model import Command
 
-KINDS = {
-    "red": "syringe-pump",
-    "green": "syringe-pump",
-    "blue": "syringe-pump",
-    "waste": "syringe-pump",
-    "hotplate": "hotplate",
-    "color": "color-sensor",
-    "enclosure": "enclosure",
-    "camera": "camera",
+DRIVERS: dict[str, Any] = {
+    "red": SyringePump,
+    "green": SyringePump,
+    "blue": SyringePump,
+    "waste": SyringePump,
+    "hotplate": Hotplate,
+    "color": ColorSensor,
+    "enclosure": Enclosure,
+    "camera": Camera,
 }
+
+
+def layout(env: Envelope, drivers: dict[str, Any] = DRIVERS) -> Layout:
+    """The station's layout from the driver classes' declarations and the envelope's vessels."""
+    return Layout.of(drivers, env.vessels)
 MEASURED: dict[str, Any] = {"enclosure.lid": "closed", "hotplate.setpoint_c": 25.0}
 
 
@@ -44,12 +55,12 @@ def test_a_violating_step_is_reported_with_its_index_and_the_rest_still_checked(
         c("hotplate", "set_stirrer", on=False),  # now fine
     ]
     env = reference_envelope()
-    report = dry_run(recipe, env, MEASURED, kinds=KINDS, now=1000.0)
+    report = dry_run(recipe, env, MEASURED, layout=layout(env), now=1000.0)
     assert not report.ok
     assert report.refused_steps == [3, 5, 6, 11]
     by_step = {(v.step, v.rule) for v in report.violations}
     assert by_step == {
-        (3, "vial-capacity"),
+        (3, "vial.volume.max"),
         (5, "hotplate.setpoint_c.max"),
         (5, "hotplate.setpoint_c.max_rise_per_min"),
         (6, "allowed-commands"),
@@ -57,16 +68,14 @@ def test_a_violating_step_is_reported_with_its_index_and_the_rest_still_checked(
     }
     (capacity,) = [v for v in report.violations if v.step == 3]
     assert capacity.command is recipe[3]
-    assert (
-        capacity.reason == "rule vial-capacity: red.volume=1.5, green.volume=1.5, blue.volume=0.0"
-    )
-    assert capacity.values == {"red.volume": 1.5, "green.volume": 1.5, "blue.volume": 0.0}
+    assert capacity.reason == "vial.volume.max: vial.volume=3.0 is above the maximum 2.8"
+    assert capacity.values == {"vial.volume": 3.0}
     final = report.final_state
-    assert final["green.volume"] == 2.0 and final["red.volume"] == 0.0
+    assert final["vial.volume"] == 2.0  # drained to 0 (never below), then 2.0 of green
     assert final["hotplate.heater"] is False and final["hotplate.stirrer_rpm"] == 0
     text = str(report)
     assert text.startswith("dry run: 4 of 14 steps refused")
-    assert "step 3 green.dispense(volume_ml=1.5, rate_ml_min=5.0): rule vial-capacity" in text
+    assert "step 3 green.dispense(volume_ml=1.5, rate_ml_min=5.0): vial.volume.max" in text
     data = json.loads(json.dumps(report.as_dict()))
     assert data["ok"] is False and data["violations"][0]["step"] == 3
     assert data["violations"][0]["command"]["who"] == "agent:test"
@@ -81,18 +90,27 @@ def test_a_clean_recipe_is_ok_and_nothing_is_changed() -> None:
         c("red", "dispense", volume_ml=0.4, rate_ml_min=5.0),
         c("hotplate", "set_stirrer", on=True, rpm=250),
         c("hotplate", "set_heater", on=True),
-        c("color", "start_continuous"),
         c("color", "stop_continuous"),
         c("waste", "withdraw", volume_ml=1.0, rate_ml_min=10.0),
     ]
-    report = dry_run(recipe, env, view, kinds=KINDS, now=0.0)
+    report = dry_run(recipe, env, view, layout=layout(env), now=0.0)
     assert report.ok and report.violations == [] and str(report).endswith("inside the envelope")
     assert view == MEASURED  # the caller's view is not modified
-    assert env.ledger.last_change("red.volume") is None  # nor the envelope's ledger
-    assert ledger.used("dye_ml", 86400, 0.0) == 0.0
+    assert env.ledger.last_change("vial.volume") is None  # nor the envelope's ledger
+    assert ledger.used("vial.added", 86400, 0.0) == 0.0
     assert report.final_state["hotplate.setpoint_c"] == 25.0
     assert report.final_state["enclosure.light"] is True
     assert report.final_state["color.continuous"] is False
+    assert report.final_state["vial.volume"] == 0.0
+
+
+def test_deny_by_default_a_channel_the_envelope_does_not_bound_is_refused() -> None:
+    env = reference_envelope()  # lists no color.continuous: continuous mode is not used there
+    report = dry_run([c("color", "start_continuous")], env, MEASURED, layout=layout(env), now=0.0)
+    (v,) = report.violations
+    assert v.rule == "unbounded"
+    assert "the envelope does not bound color.continuous" in v.reason
+    assert "add channels.color.continuous" in v.reason
 
 
 def test_step_times_feed_the_rate_limits() -> None:
@@ -107,36 +125,50 @@ def test_step_times_feed_the_rate_limits() -> None:
     ledger = Ledger()
     ledger.start(0.0)
     report = dry_run(
-        recipe, env, base, kinds=KINDS, now=0.0, times=[30.0, 90.0, 120.0, 121.0], ledger=ledger
+        recipe,
+        env,
+        base,
+        layout=layout(env),
+        now=0.0,
+        times=[30.0, 90.0, 120.0, 121.0],
+        ledger=ledger,
     )
     assert [(v.step, v.rule) for v in report.violations] == [
         (2, "hotplate.setpoint_c.max_rise_per_min")
     ]
     assert report.final_state["hotplate.setpoint_c"] == 20.0
     # all at the same time (no times): only the first rise is possible
-    report = dry_run(recipe, env, base, kinds=KINDS, now=30.0, ledger=ledger)
+    report = dry_run(recipe, env, base, layout=layout(env), now=30.0, ledger=ledger)
     assert report.refused_steps == [1, 2]
 
 
-def test_budgets_and_roles_in_a_dry_run() -> None:
+def test_vessels_and_budgets_in_a_dry_run() -> None:
     env = load_envelope(
-        "rules:\n  - {name: cap, when: a.volume + b.volume <= 5}\nbudgets:\n  dye_ml_per_day: 3\n"
+        "channels:\n  a.rate_ml_min: {max: 5}\n  b.rate_ml_min: {max: 5}\n"
+        "  drain.rate_ml_min: {max: 5}\n  solo.rate_ml_min: {max: 5}\n"
+        "vessels:\n  beaker: {max: 5, fed_by: [a, b], drained_by: [drain]}\n"
+        "budgets:\n  added_per_day: {counts: beaker.added, per: day, max: 3, unit: mL}\n"
     )
-    kinds = {"a": "syringe-pump", "b": "syringe-pump", "drain": "syringe-pump"}
+    pumps = {"a": SyringePump, "b": SyringePump, "drain": SyringePump, "solo": SyringePump}
     ledger = Ledger()
-    ledger.consume("dye_ml", 1.0, 0.0)
+    ledger.consume("beaker.added", 1.0, 0.0)
     recipe = [
         c("a", "dispense", volume_ml=1.5, rate_ml_min=1.0),
         c("b", "dispense", volume_ml=1.0, rate_ml_min=1.0),  # 1 + 1.5 + 1 > 3 mL per day
         c("drain", "withdraw", volume_ml=5.0, rate_ml_min=1.0),
-        c("b", "withdraw", volume_ml=1.0, rate_ml_min=1.0),  # a dye pump cannot withdraw
+        c("b", "withdraw", volume_ml=1.0, rate_ml_min=1.0),  # a feed pump cannot draw it back
+        c("drain", "dispense", volume_ml=1.0, rate_ml_min=1.0),  # nor a drain pump feed it
+        c("solo", "dispense", volume_ml=1.0, rate_ml_min=1.0),  # connected to no vessel
     ]
-    report = dry_run(
-        recipe, env, {}, kinds=kinds, roles={"drain": "waste"}, now=10.0, ledger=ledger
-    )
+    report = dry_run(recipe, env, {}, layout=layout(env, pumps), now=10.0, ledger=ledger)
     assert [(v.step, v.rule) for v in report.violations] == [
-        (1, "budget.dye_ml_per_day"),
-        (3, "allowed-commands"),
+        (1, "budget.added_per_day"),
+        (3, "vessels"),
+        (4, "vessels"),
+        (5, "vessels"),
     ]
-    assert "budget dye_ml_per_day: 2.5 mL used in the last day + 1.0 mL asked > 3 mL" in str(report)
-    assert report.final_state["a.volume"] == 0.0  # drained
+    reasons = [v.reason for v in report.violations]
+    assert "b feeds vessel beaker: it may only add to it" in reasons[1]
+    assert "drain drains vessel beaker: it may only take from it" in reasons[2]
+    assert "solo feeds or drains no vessel of the envelope" in reasons[3]
+    assert report.final_state["beaker.volume"] == 0.0

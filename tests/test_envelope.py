@@ -7,6 +7,11 @@ from typing import Any
 
 import pytest
 
+from instruments.drivers.camera import Camera
+from instruments.drivers.color_sensor import ColorSensor
+from instruments.drivers.enclosure import Enclosure
+from instruments.drivers.hotplate import Hotplate
+from instruments.drivers.syringe_pump import SyringePump
 from safety.effects import Layout, assess
 from safety.envelope import (
     Envelope,
@@ -20,15 +25,15 @@ from safety.expr import RuleSyntaxError
 from safety.model import Command
 
 BENCH = ["red", "green", "blue", "waste", "hotplate", "color", "enclosure", "camera"]
-KINDS = {
-    "red": "syringe-pump",
-    "green": "syringe-pump",
-    "blue": "syringe-pump",
-    "waste": "syringe-pump",
-    "hotplate": "hotplate",
-    "color": "color-sensor",
-    "enclosure": "enclosure",
-    "camera": "camera",
+DRIVERS: dict[str, Any] = {
+    "red": SyringePump,
+    "green": SyringePump,
+    "blue": SyringePump,
+    "waste": SyringePump,
+    "hotplate": Hotplate,
+    "color": ColorSensor,
+    "enclosure": Enclosure,
+    "camera": Camera,
 }
 SAFE_BENCH: dict[str, Any] = {
     "hotplate.heater": False,
@@ -36,9 +41,7 @@ SAFE_BENCH: dict[str, Any] = {
     "hotplate.stirrer_rpm": 0,
     "hotplate.setpoint_c": 25.0,
     "enclosure.lid": "closed",
-    "red.volume": 0.0,
-    "green.volume": 0.0,
-    "blue.volume": 0.0,
+    "vial.volume": 0.0,
 }
 
 
@@ -133,11 +136,11 @@ def test_cross_channel_rules_refuse_any_command_whose_post_state_breaks_them() -
     assert rules_of(env.check(heating_open, {"enclosure.intensity": 0.5}, now=0)) == [
         "heater-needs-stirring-and-closed-lid"
     ]
-    # capacity: a sum over three channels
-    (v,) = env.check({**state, "red.volume": 1.5, "green.volume": 1.2}, {"blue.volume": 0.2}, now=0)
-    assert v.rule == "vial-capacity"
-    assert v.reason == "rule vial-capacity: red.volume=1.5, green.volume=1.2, blue.volume=0.2"
-    assert env.check({**state, "red.volume": 1.4, "green.volume": 1.4}, {}, now=0) == []
+    # capacity: the vessel's volume is a channel limited by its max
+    (v,) = env.check({**state, "vial.volume": 2.7}, {"vial.volume": 2.9}, now=0)
+    assert v.rule == "vial.volume.max"
+    assert v.reason == "vial.volume.max: vial.volume=2.9 is above the maximum 2.8"
+    assert env.check(state, {"vial.volume": 2.8}, now=0) == []
 
 
 def test_a_rule_that_cannot_be_evaluated_refuses() -> None:
@@ -156,14 +159,19 @@ def test_a_rule_that_cannot_be_evaluated_refuses() -> None:
 
 
 def test_budgets_over_rolling_windows() -> None:
-    env = load_envelope("budgets:\n  dye_ml_per_day: 50\n  experiments_per_hour: 2\n")
+    env = load_envelope(
+        "vessels:\n  beaker: {max: 5, fed_by: [a]}\n"
+        "budgets:\n  added_per_day: {counts: beaker.added, per: day, max: 50, unit: mL}\n"
+        "  experiments_per_hour: 2\n"
+    )
     ledger = Ledger()
-    env.commit({}, {}, now=0.0, consumes={"dye_ml": 49.5}, ledger=ledger)
-    assert env.check({}, {}, now=10.0, consumes={"dye_ml": 0.5}, ledger=ledger) == []
-    (v,) = env.check({}, {}, now=10.0, consumes={"dye_ml": 0.6}, ledger=ledger)
-    assert v.rule == "budget.dye_ml_per_day" and v.kind == "budget"
-    assert v.reason == "budget dye_ml_per_day: 49.5 mL used in the last day + 0.6 mL asked > 50 mL"
-    assert env.check({}, {}, now=86400.5, consumes={"dye_ml": 10}, ledger=ledger) == []
+    added = "beaker.added"
+    env.commit({}, {}, now=0.0, consumes={added: 49.5}, ledger=ledger)
+    assert env.check({}, {}, now=10.0, consumes={added: 0.5}, ledger=ledger) == []
+    (v,) = env.check({}, {}, now=10.0, consumes={added: 0.6}, ledger=ledger)
+    assert v.rule == "budget.added_per_day" and v.kind == "budget"
+    assert v.reason == "budget added_per_day: 49.5 mL used in the last day + 0.6 mL asked > 50 mL"
+    assert env.check({}, {}, now=86400.5, consumes={added: 10}, ledger=ledger) == []
     for t in (0.0, 100.0):
         assert env.check_budget("experiments", 1, now=t, ledger=ledger) == []
         env.commit({}, {}, now=t, consumes={"experiments": 1}, ledger=ledger)
@@ -171,10 +179,10 @@ def test_budgets_over_rolling_windows() -> None:
         "budget.experiments_per_hour"
     ]
     assert env.check_budget("experiments", 1, now=3600.5, ledger=ledger) == []
-    assert ledger.used("dye_ml", 86400, 10.0) == pytest.approx(49.5)
+    assert ledger.used(added, 86400, 10.0) == pytest.approx(49.5)
     copy = ledger.copy()
-    copy.consume("dye_ml", 1.0, 11.0)
-    assert ledger.used("dye_ml", 86400, 11.0) == pytest.approx(49.5)  # copies are independent
+    copy.consume(added, 1.0, 11.0)
+    assert ledger.used(added, 86400, 11.0) == pytest.approx(49.5)  # copies are independent
 
 
 # ------------------------------------------------------------------ loading
@@ -199,8 +207,24 @@ def test_yaml_errors_name_file_line_and_field(tmp_path: Path) -> None:
         ),
         "rules:\n  name: r\n": (1, "rules: must be a list"),
         "rules:\n  - {name: r, when: 3}\n": (2, "rules[0].when: must be a rule text"),
-        "budgets:\n  dye_per_week: 5\n": (2, "budgets.dye_per_week: unknown budget"),
-        "budgets:\n  dye_ml_per_day: -5\n": (2, "budgets.dye_ml_per_day: must be >= 0"),
+        "budgets:\n  dye_per_week: 5\n": (2, "budgets.dye_per_week: a budget is {counts:"),
+        "budgets:\n  experiments_per_day: -5\n": (2, "budgets.experiments_per_day: must be >= 0"),
+        "budgets:\n  b: {counts: vial.added, per: day, max: 1}\n": (
+            2,
+            "budgets.b.counts: cannot count 'vial.added'; known: experiments",
+        ),
+        "budgets:\n  b: {counts: experiments, per: week, max: 1}\n": (
+            2,
+            "budgets.b.per: must be minute, hour or day",
+        ),
+        "vessels:\n  v: {max: 3, capacity: 2}\n": (2, "vessels.v.max: max 3 > capacity 2"),
+        "vessels:\n  v: {max: 1, fed_by: a}\n": (2, "vessels.v.fed_by: must be a list"),
+        "vessels:\n  v: {max: 1, fed_by: [a], drained_by: [a]}\n": (2, "a both feeds and drains"),
+        "vessels:\n  v: {max: 1, fed_by: [a]}\n  w: {max: 1, drained_by: [a]}\n": (
+            3,
+            "vessels.w: 'a' already feeds or drains vessel 'v'",
+        ),
+        "channels:\n  a.b: {unbounded: ''}\n": (2, "channels.a.b.unbounded: give the reason"),
         "channels: [1, 2]\n": (1, "channels: must be a mapping"),
         "channels:\n  a.b: {min: 1\n": (3, "not valid YAML"),
     }
@@ -277,7 +301,19 @@ def test_reference_envelope_encodes_the_bench_facts() -> None:
     assert env.channels["hotplate.setpoint_c"].max == 80
     assert env.channels["hotplate.setpoint_c"].max_rise_per_min == 10
     assert env.channels["hotplate.stirrer_rpm"].max == 1200
-    assert {r.name for r in env.rules} == {"heater-needs-stirring-and-closed-lid", "vial-capacity"}
+    assert {r.name for r in env.rules} == {"heater-needs-stirring-and-closed-lid"}
+    vial = env.vessels["vial"]
+    assert (vial.max, vial.capacity, vial.fed_by, vial.drained_by) == (
+        2.8,
+        3.0,
+        ("red", "green", "blue"),
+        ("waste",),
+    )
+    assert env.channels["vial.volume"].max == 2.8
+    assert {b.name: (b.resource, b.limit) for b in env.budgets} == {
+        "experiments_per_hour": ("experiments", 30),
+        "dye_ml_per_day": ("vial.added", 50),
+    }
     assert {b.name: b.limit for b in env.budgets} == {
         "experiments_per_hour": 30,
         "dye_ml_per_day": 50,
@@ -287,7 +323,7 @@ def test_reference_envelope_encodes_the_bench_facts() -> None:
 
 def test_reference_envelope_refuses_heater_on_with_the_lid_open() -> None:
     env = reference_envelope(known=BENCH)
-    layout = Layout(KINDS)
+    layout = Layout.of(DRIVERS, env.vessels)
     view = {**SAFE_BENCH, "hotplate.stirrer": True, "hotplate.stirrer_rpm": 300}
     heat = Command("hotplate", "set_heater", {"on": True, "setpoint_c": 25.0}, "test")
     ok = assess(heat, layout=layout, envelope=env, view=view, now=0)

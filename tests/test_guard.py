@@ -123,14 +123,15 @@ async def test_refused_commands_never_reach_the_wire() -> None:
         )
         refused = [
             (hp.set_stirrer(True, 1500), "hotplate.stirrer_setpoint_rpm.max"),
-            (hp.set_stirrer(False, 5000), "hotplate.stirrer_setpoint_rpm.max"),
+            (hp.set_stirrer(False, 1300), "hotplate.stirrer_setpoint_rpm.max"),
+            (hp.set_stirrer(False, 5000), "params"),  # beyond what the device takes (1500)
             (hp.set_state(heater=False, setpoint_c=95.0, stirrer=False, rpm=0), None),
-            (red.dispense(3.0, 5.0), "red.volume.max"),
+            (red.dispense(3.0, 5.0), "vial.volume.max"),
             (red.dispense(0.5, 25.0), "red.rate_ml_min.max"),
             (red.dispense(-0.5, 5.0), "params"),
             (red.dispense(0.5, "fast"), "params"),
             (hp.set_heater("yes"), "params"),
-            (s.h("enclosure").set_light(True, 1.5), "enclosure.intensity.max"),
+            (s.h("enclosure").set_light(True, 1.5), "params"),  # the device takes 0-1
         ]
         for coro, rule in refused:
             with pytest.raises(SafetyRefusal) as info:
@@ -143,8 +144,8 @@ async def test_refused_commands_never_reach_the_wire() -> None:
             (Command("red", "set_rate", {"ml_min": 1.0}), "not an allowed command"),
             (Command("hotplate", "set_watchdog", {"seconds": 0}), "not an allowed command"),
             (Command("hotplate", "_write", {}), "not an allowed command"),
-            (Command("waste", "dispense", {"volume_ml": 1, "rate_ml_min": 1}), "(waste)"),
-            (Command("red", "withdraw", {"volume_ml": 1, "rate_ml_min": 1}), "(dye)"),
+            (Command("waste", "dispense", {"volume_ml": 1, "rate_ml_min": 1}), "waste drains vessel vial"),
+            (Command("red", "withdraw", {"volume_ml": 1, "rate_ml_min": 1}), "red feeds vessel vial"),
             (Command("furnace", "set_heater", {"on": True}), "no instrument 'furnace'"),
         ]:
             with pytest.raises(SafetyRefusal, match=r"\S") as info:
@@ -184,7 +185,7 @@ async def test_allowed_commands_reach_the_wire_and_update_the_state() -> None:
             "0CLDINF",
             "0RUN",
         ]
-        assert s.state.view()["red.volume"] == pytest.approx(0.4)
+        assert s.state.view()["vial.volume"] == pytest.approx(0.4)
         assert (await red.wait_until_stopped(timeout=5, poll_interval=0.01)).value == "stopped"
         assert s.world.vial.species_ml["red"] == pytest.approx(0.4, abs=1e-6)
 
@@ -196,7 +197,7 @@ async def test_the_audit_trail_has_every_verdict() -> None:
         hp = s.h("hotplate", "optimizer")
         await hp.set_stirrer(True, 200)
         with pytest.raises(SafetyRefusal):
-            await hp.set_stirrer(True, 5000, who="agent:x")
+            await hp.set_stirrer(True, 1300, who="agent:x")
         await hp.read()
         with pytest.raises(SafetyRefusal):
             await s.guard.execute(Command("red", "run", {}, "agent:y"))
@@ -292,14 +293,14 @@ async def test_vial_capacity_and_drains_are_credited_only_as_observed() -> None:
     async with guarded_station() as s:
         red, green, blue, waste = (s.h(n) for n in ("red", "green", "blue", "waste"))
         await red.dispense(1.5, 10.0)
-        with pytest.raises(SafetyRefusal, match="pump-interlock"):
+        with pytest.raises(SafetyRefusal, match="flow-interlock"):
             await red.dispense(0.1, 10.0)  # still running its first dispense
         await green.dispense(1.2, 10.0)
         with pytest.raises(SafetyRefusal) as info:
             await blue.dispense(0.2, 10.0)
-        assert info.value.verdict.rule == "vial-capacity"
-        assert "red.volume=1.5, green.volume=1.2, blue.volume=0.2" in str(info.value)
-        with pytest.raises(SafetyRefusal, match="pump-interlock.*may still be dispensing"):
+        assert info.value.verdict.rule == "vial.volume.max"
+        assert "vial.volume=2.9 is above the maximum 2.8" in str(info.value)
+        with pytest.raises(SafetyRefusal, match="flow-interlock.*may still be delivering"):
             await waste.withdraw(3.0, 20.0)
         await red.wait_until_stopped(timeout=10, poll_interval=0.01)
         await green.wait_until_stopped(timeout=10, poll_interval=0.01)
@@ -309,18 +310,17 @@ async def test_vial_capacity_and_drains_are_credited_only_as_observed() -> None:
         await waste.stop()
         await s.guard.refresh(["waste"])
         view = s.state.view()
-        in_vial = view["red.volume"] + view["green.volume"]
+        in_vial = view["vial.volume"]
         assert 0.0 < in_vial < 2.7
         assert in_vial == pytest.approx(s.world.vial.volume_ml, abs=0.05)
         # the full drain, observed, frees the vial
         await waste.withdraw(3.0, 20.0)
-        with pytest.raises(SafetyRefusal, match="pump-interlock.*draining"):
+        with pytest.raises(SafetyRefusal, match="flow-interlock.*draining"):
             await blue.dispense(0.2, 10.0)
         await waste.wait_until_stopped(timeout=10, poll_interval=0.01)
         await blue.dispense(0.2, 10.0)
         view = s.state.view()
-        assert (view["red.volume"], view["green.volume"]) == (0.0, 0.0)
-        assert view["blue.volume"] == pytest.approx(0.2)
+        assert view["vial.volume"] == pytest.approx(0.2)
         assert s.world.vial.spilled_ml == 0.0
 
 
@@ -330,16 +330,20 @@ async def test_handles_expose_only_allowed_commands() -> None:
         names=("red", "waste", "hotplate", "green", "blue", "enclosure")
     ) as s:
         red = s.h("red", "optimizer")
-        assert red.commands == [
+        assert red.commands == [  # what the driver declares (instruments/declare.py)
             "describe",
             "dispense",
             "dispensed",
+            "progress",
             "read",
             "status",
             "stop",
             "wait_until_stopped",
+            "withdraw",
         ]
-        assert "withdraw" in s.h("waste").commands and "dispense" not in s.h("waste").commands
+        with pytest.raises(SafetyRefusal) as info:  # the envelope's vessel says which way
+            await s.h("waste").dispense(0.1, 1.0)
+        assert info.value.verdict.rule == "vessels"
         for attr in ("driver", "transport", "run", "command", "set_rate", "_drivers", "safe_state"):
             with pytest.raises(AttributeError):
                 getattr(red, attr)
@@ -374,7 +378,7 @@ async def test_experiment_budget_and_guard_dry_run() -> None:
             ]
         )
         assert report.refused_steps == [1, 2]
-        assert s.state.view()["red.volume"] == 0.0  # a dry run changes nothing
+        assert s.state.view()["vial.volume"] == 0.0  # a dry run changes nothing
         assert s.wire_count() == before
 
 
@@ -405,12 +409,16 @@ async def test_a_driver_failure_after_the_check_is_assumed_to_have_taken_effect(
 
 @pytest.mark.timeout(60)
 async def test_a_driver_refusing_before_sending_leaves_the_state_alone() -> None:
-    bare = load_envelope("budgets: {dye_ml_per_day: 100}\n")  # no limits: only the driver's
+    bare = load_envelope(  # no limits: only the driver's
+        "channels:\n  hotplate.heater: {unbounded: test}\n"
+        "  hotplate.setpoint_c: {unbounded: test}\n"
+    )
     async with guarded_station(envelope=bare, names=("hotplate",)) as s:
-        await s.guard.refresh()
+        s.world.hotplate.max_c = 100.0  # this device's maximum, below the model's 340 degC
+        await s.guard.refresh()  # the driver learns it from input register 4
         before = len(hotplate_writes(s.world))
         with pytest.raises(ValueError, match="above the device maximum"):
-            await s.h("hotplate").set_heater(False, 500.0)
+            await s.h("hotplate").set_heater(False, 150.0)
         assert len(hotplate_writes(s.world)) == before
         assert s.state.commanded.get("hotplate.setpoint_c") is None
         assert s.audit.records()[-1].allowed  # the guard let it through; the driver refused
@@ -588,7 +596,7 @@ async def _reset(s: Station) -> None:
             s.world.vial.species_ml[species] = 0.0
         s.world.vial.spilled_ml = 0.0
     s.guard.mark_safe_state()
-    s.state.set_commanded({f"{d}.volume": 0.0 for d in DYES})
+    s.state.set_commanded({"vial.volume": 0.0})
     await s.guard.refresh(["hotplate", "waste"])
     for _ in range(400):
         await s.guard.refresh(["enclosure"])

@@ -24,7 +24,7 @@ stations:
     envelope: reference
     supervisor: {poll_interval: 0.1, device_time_scale: 100}
     instruments:
-      - {name: red, kind: syringe-pump, url: "serial:///dev/ttyUSB0?baudrate=9600", options: {address: 0}, role: dye}
+      - {name: red, kind: syringe-pump, url: "serial:///dev/ttyUSB0?baudrate=9600", options: {address: 0}}
       - {name: hotplate, kind: hotplate, url: "modbus-tcp://127.0.0.1:5020?unit=1"}
     env: {EXTRA: "1"}
 """
@@ -45,7 +45,6 @@ def test_a_valid_lab_loads(tmp_path: Path) -> None:
         "kind": "syringe-pump",
         "url": "serial:///dev/ttyUSB0?baudrate=9600",
         "options": {"address": 0},
-        "role": "dye",
     }
     assert st.envelope_text == REFERENCE_BENCH.read_text(encoding="utf-8")
     assert st.env == {"DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/tmp/bus", "EXTRA": "1"}
@@ -191,6 +190,13 @@ def test_check_finds_what_the_format_cannot(
     out = capsys.readouterr().out
     assert "station bench-a: 8 instruments: red (syringe-pump), green (syringe-pump)" in out
     assert "camera verification: NOT CALIBRATED" in out and f"{template}: OK" in out
+    # every actuated channel and how the envelope bounds it, from the drivers' declarations
+    assert "hotplate.setpoint_c: >= 0, <= 80, rises <= 10/min degC  [hotplate.set_heater()" in out
+    assert (
+        "vial.volume: <= 2.8 mL  [red.dispense(), green.dispense(), blue.dispense(), "
+        "waste.withdraw()]" in out
+    )
+    assert "color.continuous: NOT BOUNDED: its commands are refused" in out
     path = tmp_path / "lab.yaml"
     path.write_text(GOOD)  # two instruments: the reference envelope names the others
     [problem] = load_lab(path).check()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from instruments.errors import DeviceAlarm
+from instruments.registry import driver_class
 from loops.program import Program, load_program
 from loops.recipe import (
     COLOR_MATCH,
@@ -28,6 +29,7 @@ from loops.recipe import (
     run_recipe,
 )
 from safety import Command, SafetyRefusal, dry_run, open_station, reference_envelope
+from safety.effects import Layout
 from simulators.bench import SimulatedLab
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
@@ -43,6 +45,8 @@ KINDS = {
     "enclosure": "enclosure",
     "camera": "camera",
 }
+#: ... their declared commands (instruments/declare.py) and the envelope's vessels
+LAYOUT = Layout.of({n: driver_class(k) for n, k in KINDS.items()}, reference_envelope().vessels)
 SPEED = 100.0
 
 
@@ -186,9 +190,9 @@ def test_commands_for_the_dry_run(program: Program) -> None:
     # the reference envelope: the final setpoint is a 25 degC rise, fine at the ramp's end,
     # refused when the dry run checks every command at one instant
     state = {"hotplate.setpoint_c": 25.0, "enclosure.lid": "closed"}
-    report = dry_run(commands, reference_envelope(), state, kinds=KINDS, now=1000.0, times=times)
+    report = dry_run(commands, reference_envelope(), state, layout=LAYOUT, now=1000.0, times=times)
     assert report.ok, str(report)
-    at_once = dry_run(commands, reference_envelope(), state, kinds=KINDS, now=1000.0)
+    at_once = dry_run(commands, reference_envelope(), state, layout=LAYOUT, now=1000.0)
     assert at_once.refused_steps == [5]
     assert at_once.violations[0].rule == "hotplate.setpoint_c.max_rise_per_min"
     # a recipe past the vial's capacity is refused at its dispense, whatever the timing
@@ -202,11 +206,11 @@ def test_commands_for_the_dry_run(program: Program) -> None:
         overfill.commands("agent:7"),
         reference_envelope(),
         state,
-        kinds=KINDS,
+        layout=LAYOUT,
         now=0.0,
         times=overfill.command_times(0.0),
     )
-    assert report.refused_steps == [1] and report.violations[0].rule == "vial-capacity"
+    assert report.refused_steps == [1] and report.violations[0].rule == "vial.volume.max"
     assert report.violations[0].command.who == "agent:7"
 
 
@@ -336,7 +340,7 @@ def test_heating_ends_on_the_hotplates_setpoint_grid(program: Program) -> None:
     state = {"hotplate.setpoint_c": 25.0, "enclosure.lid": "closed"}
     times = recipe.command_times(1000.0, rise_per_min=10.0)
     commands = recipe.commands("optimizer")
-    report = dry_run(commands, reference_envelope(), state, kinds=KINDS, now=1000.0, times=times)
+    report = dry_run(commands, reference_envelope(), state, layout=LAYOUT, now=1000.0, times=times)
     assert report.ok, str(report)
     # the unrounded setpoint, ramped at exactly the rise limit, is what the device rounding refuses
     raw = Recipe(
@@ -351,7 +355,7 @@ def test_heating_ends_on_the_hotplates_setpoint_grid(program: Program) -> None:
         raw.commands("optimizer"),
         reference_envelope(),
         state,
-        kinds=KINDS,
+        layout=LAYOUT,
         now=1000.0,
         times=raw.command_times(1000.0, rise_per_min=10.0),
     )

@@ -69,7 +69,7 @@ async def test_handles_are_guarded_and_refusals_never_reach_the_wire() -> None:
         ]
         report = station.dry_run(plan)
         assert not report.ok and report.violations[0].step == 1
-        assert "vial-capacity" in report.violations[0].rule
+        assert report.violations[0].rule == "vial.volume.max"
         with pytest.raises(SafetyRefusal, match="not an allowed command"):
             await station.execute(Command("red", "run", {}))
 

@@ -167,7 +167,7 @@ async def test_a_refused_recipe_never_reaches_the_wire(ray_session: Any, lab: Si
         before = len(world.wire.entries("pumps"))
         violations = await actor.dry_run.remote(overfill.as_dict(), "agent:7")
         assert [v["step"] for v in violations] == [1]
-        assert violations[0]["rule"] == "vial-capacity"
+        assert violations[0]["rule"] == "vial.volume.max"
         assert violations[0]["command"]["who"] == "agent:7"
         out = await actor.run.remote("c1-0001", overfill.as_dict(), "agent:7")
         assert out["ok"] is False and out["rejected"] is True

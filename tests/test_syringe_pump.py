@@ -220,6 +220,7 @@ async def test_read_returns_the_whole_state(red: SyringePump) -> None:
     await red.set_volume(0.25)
     assert await red.read() == {
         "status": "stopped",
+        "moving": False,
         "rate_ml_min": 1.5,
         "volume_ml": 0.25,
         "direction": "infuse",

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol, cast
 
 import numpy as np
 
+from instruments.declare import READ, Param, declare
 from instruments.driver import Channel, Driver
 from instruments.errors import LinkLostError
 from instruments.transports.base import Transport
@@ -172,6 +173,7 @@ class Camera(Driver):
         self._resolution = (int(frame.image.shape[1]), int(frame.image.shape[0]))
 
     # ---------------------------------------------------------------- frames
+    @declare(READ, timeout=Param(float, "s", above=0, optional=True, doc="wait at most"))
     async def capture(self, timeout: float | None = None) -> FrameLike:
         """A fresh frame (newer than the previous capture); reconnects once after a dropped stream."""
         wait_s = self.timeout if timeout is None else float(timeout)

@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, cast, runtime_checkable
 
+from instruments.declare import ACTUATE, READ, SAFER, Call, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent
 from instruments.errors import LinkLostError, ProtocolError, TransportTimeout
 from instruments.transports.base import Transport
@@ -131,6 +132,7 @@ class ColorSensor(Driver):
     """
 
     kind = "color-sensor"
+    safe_state_calls = (Call("stop_continuous"),)
 
     def __init__(
         self,
@@ -214,6 +216,14 @@ class ColorSensor(Driver):
         await self.link.close()
 
     # ------------------------------------------------------------ commands
+    @declare(READ, integration_ms=Param(
+            int,
+            "ms",
+            min=MIN_INTEGRATION_MS,
+            max=MAX_INTEGRATION_MS,
+            optional=True,
+            doc="integration time (default: the driver's)",
+        ))
     async def measure(self, integration_ms: int | None = None) -> ColorReading:
         """One measurement (opcode 1 + its notification). While continuous, the next streamed one."""
         ms = _check_ms(integration_ms if integration_ms is not None else self.integration_ms)
@@ -247,6 +257,7 @@ class ColorSensor(Driver):
             if reading is not None:
                 return reading
 
+    @declare(READ)
     async def latest(self) -> ColorReading:
         """Read the measurement characteristic: the device's most recent measurement."""
         raw = await retry_idempotent(
@@ -258,6 +269,18 @@ class ColorSensor(Driver):
         assert reading is not None
         return reading
 
+    @declare(
+        ACTUATE,
+        integration_ms=Param(
+            int,
+            "ms",
+            min=MIN_INTEGRATION_MS,
+            max=MAX_INTEGRATION_MS,
+            optional=True,
+            doc="integration time (default: the driver's)",
+        ),
+        sets=[Set("continuous", value=True)],
+    )
     async def start_continuous(self, integration_ms: int | None = None) -> None:
         """Continuous mode at ``integration_ms`` (a state: sending it twice is harmless)."""
         ms = _check_ms(integration_ms if integration_ms is not None else self.integration_ms)
@@ -279,6 +302,7 @@ class ColorSensor(Driver):
             self._continuous = True
             self._stopped.clear()
 
+    @declare(SAFER, sets=[Set("continuous", value=False)])
     async def stop_continuous(self) -> None:
         """Stop continuous mode (idempotent); a running :meth:`readings` loop ends."""
         self._continuous = False

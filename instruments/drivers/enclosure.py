@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
+from instruments.declare import ACTUATE, Call, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent, run_all
 from instruments.errors import (
     DeviceRejected,
@@ -72,6 +73,7 @@ class Enclosure(Driver):
     """
 
     kind: ClassVar[str] = "enclosure"
+    safe_state_calls = (Call("set_light", on=False),)
 
     def __init__(
         self,
@@ -302,6 +304,21 @@ class Enclosure(Driver):
             fut.set_result(data)
 
     # -------------------------------------------------------------- commands
+    @declare(
+        ACTUATE,
+        on=Param(bool, doc="LED light on/off"),
+        intensity=Param(
+            float,
+            min=0.0,
+            max=1.0,
+            optional=True,
+            keeps="intensity",
+            fill_when={"on": True},
+            doc="fraction of full brightness; left out: the known one is re-sent",
+        ),
+        sets=[Set("light", arg="on"), Set("intensity", arg="intensity")],
+        safer_when={"on": False, "intensity": None},
+    )
     async def set_light(self, on: bool, intensity: float | None = None) -> None:
         """Light on/off, optionally at ``intensity`` (fraction 0..1; None keeps the device's).
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 
+from instruments.declare import ACTUATE, Call, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent, run_all
 from instruments.transports.base import Transport
 
@@ -142,6 +143,7 @@ class Hotplate(Driver):
     #: device maximum assumed until ``open()`` reads the real one, degC
     DEFAULT_MAX_C: ClassVar[float] = 340.0
     MAX_WATCHDOG_S: ClassVar[int] = 65535
+    safe_state_calls = (Call("set_heater", on=False), Call("set_stirrer", on=False))
     ATTEMPTS: ClassVar[int] = 3
 
     def __init__(
@@ -222,6 +224,24 @@ class Hotplate(Driver):
             self.max_c = value
 
     # ------------------------------------------------------------------ commands
+    @declare(
+        ACTUATE,
+        on=Param(bool, doc="heater enable"),
+        setpoint_c=Param(
+            float,
+            "degC",
+            min=MIN_SETPOINT_C,
+            max=DEFAULT_MAX_C,
+            optional=True,
+            step=0.1,
+            keeps="setpoint_c",
+            fill_when={"on": True},
+            need_known=True,
+            doc="plate setpoint (0.1 degC on the wire); left out: the known one is re-sent",
+        ),
+        sets=[Set("heater", arg="on"), Set("setpoint_c", arg="setpoint_c")],
+        safer_when={"on": False, "setpoint_c": None},
+    )
     async def set_heater(self, on: bool, setpoint_c: float | None = None) -> None:
         """Heater on/off; with ``setpoint_c`` (degC) the setpoint is written first."""
         if setpoint_c is not None:
@@ -229,6 +249,28 @@ class Hotplate(Driver):
             await self._write(HR_SETPOINT, raw, f"setpoint {setpoint_c} degC")
         await self._write(HR_HEATER_ENABLE, int(bool(on)), f"heater {'on' if on else 'off'}")
 
+    @declare(
+        ACTUATE,
+        on=Param(bool, doc="stirrer enable"),
+        rpm=Param(
+            int,
+            "rpm",
+            min=0,
+            max=MAX_RPM,
+            optional=True,
+            keeps="stirrer_setpoint_rpm",
+            fill_when={"on": True},
+            need_known=True,
+            doc="stirrer setpoint; left out: the known one is re-sent",
+        ),
+        sets=[
+            Set("stirrer", arg="on"),
+            Set("stirrer_setpoint_rpm", arg="rpm"),
+            Set("stirrer_rpm", arg="rpm", when={"on": True}),
+            Set("stirrer_rpm", value=0, when={"on": False}),
+        ],
+        latch_ok_when={"on": False, "rpm": None},
+    )
     async def set_stirrer(self, on: bool, rpm: int | None = None) -> None:
         """Stirrer on/off; with ``rpm`` the stirrer setpoint is written first."""
         if rpm is not None:
@@ -236,6 +278,21 @@ class Hotplate(Driver):
             await self._write(HR_STIRRER_RPM, raw, f"stirrer {rpm} rpm")
         await self._write(HR_STIRRER_ENABLE, int(bool(on)), f"stirrer {'on' if on else 'off'}")
 
+    @declare(
+        ACTUATE,
+        heater=Param(bool, doc="heater enable"),
+        setpoint_c=Param(float, "degC", min=MIN_SETPOINT_C, max=DEFAULT_MAX_C, step=0.1),
+        stirrer=Param(bool, doc="stirrer enable"),
+        rpm=Param(int, "rpm", min=0, max=MAX_RPM),
+        sets=[
+            Set("heater", arg="heater"),
+            Set("setpoint_c", arg="setpoint_c"),
+            Set("stirrer", arg="stirrer"),
+            Set("stirrer_setpoint_rpm", arg="rpm"),
+            Set("stirrer_rpm", arg="rpm", when={"stirrer": True}),
+            Set("stirrer_rpm", value=0, when={"stirrer": False}),
+        ],
+    )
     async def set_state(self, *, heater: bool, setpoint_c: float, stirrer: bool, rpm: int) -> None:
         """Set setpoint, stirrer setpoint, heater and stirrer enable in one FC16 write (holding 0-3)."""
         values = [

@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, Protocol, TypeVar, cast
 
+from instruments.declare import ACTUATE, READ, SAFER, Call, Flow, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent, run_all
 from instruments.errors import DeviceAlarm, DeviceRejected, ProtocolError, TransportError
 from instruments.transports.base import Transport
@@ -181,6 +182,16 @@ def encode_quantity(value: float, units: Mapping[str, float], what: str) -> tupl
     return best[1], best[2], best[3]
 
 
+def _wire_volume(ml: float) -> float:
+    """The volume (mL) the pump's number format carries for ``ml`` (ValueError if none)."""
+    return encode_quantity(ml, VOLUME_UNITS, "volume (mL)")[2]
+
+
+def _wire_rate(ml_min: float) -> float:
+    """The rate (mL/min) the pump's number format carries for ``ml_min`` (ValueError if none)."""
+    return encode_quantity(ml_min, RATE_UNITS, "rate (mL/min)")[2]
+
+
 def parse_reply(raw: bytes, *, address: int, device: str) -> PumpReply:
     """Parse ``\\x02<2-digit address><status>[data]\\x03`` strictly (else :class:`ProtocolError`)."""
     m = _REPLY_RE.fullmatch(raw)
@@ -233,6 +244,7 @@ class SyringePump(Driver):
     """
 
     kind: ClassVar[str] = "syringe-pump"
+    safe_state_calls = (Call("stop", clear=True),)
 
     def __init__(
         self,
@@ -428,6 +440,7 @@ class SyringePump(Driver):
             raise
         return self._no_data(reply)
 
+    @declare(SAFER, clear=Param(bool, optional=True, doc="also clear the paused phase"))
     async def stop(self, *, clear: bool = False) -> PumpStatus:
         """``STP``: stop (a running pump pauses). ``clear=True`` sends a second ``STP`` that
         clears the paused phase, so a later ``RUN`` starts afresh instead of resuming."""
@@ -454,11 +467,25 @@ class SyringePump(Driver):
         await self._idempotent("CLD", direction, self._no_data)
         return await self.run()
 
+    @declare(
+        ACTUATE,
+        volume_ml=Param(float, "mL", above=0, wire=_wire_volume, doc="volume to move"),
+        rate_ml_min=Param(float, "mL/min", above=0, wire=_wire_rate, doc="pumping rate"),
+        sets=[Set("rate_ml_min", arg="rate_ml_min")],
+        flow=Flow("out", "volume_ml", "rate_ml_min", progress="progress"),
+    )
     async def dispense(self, volume_ml: float, rate_ml_min: float) -> PumpStatus:
         """Infuse ``volume_ml`` at ``rate_ml_min``: sets direction, rate, volume, clears the
         infused counter and runs. Returns when ``RUN`` is acknowledged (see :meth:`wait_until_stopped`)."""
         return await self._move("INF", volume_ml, rate_ml_min)
 
+    @declare(
+        ACTUATE,
+        volume_ml=Param(float, "mL", above=0, wire=_wire_volume, doc="volume to move"),
+        rate_ml_min=Param(float, "mL/min", above=0, wire=_wire_rate, doc="pumping rate"),
+        sets=[Set("rate_ml_min", arg="rate_ml_min")],
+        flow=Flow("in", "volume_ml", "rate_ml_min", progress="progress"),
+    )
     async def withdraw(self, volume_ml: float, rate_ml_min: float) -> PumpStatus:
         """Withdraw ``volume_ml`` at ``rate_ml_min`` (like :meth:`dispense`, direction ``WDR``)."""
         return await self._move("WDR", volume_ml, rate_ml_min)
@@ -483,13 +510,24 @@ class SyringePump(Driver):
 
         return await retry_idempotent(op, what=f"{self.name}: DIS")
 
+    @declare(READ)
     async def status(self) -> PumpStatus:
         """Infusing / withdrawing / stopped / paused / alarm (:attr:`last_alarm` has the code)."""
         return (await self._status_and_dispensed())[0]
 
+    @declare(READ)
     async def dispensed(self) -> tuple[float, float]:
         """``(infused_ml, withdrawn_ml)`` since the counters were last cleared."""
         return await self._idempotent("DIS", "", self._parse_dis)
+
+    @declare(READ)
+    async def progress(self) -> dict[str, Any]:
+        """``moving`` (bool; an alarm stops the motor), ``out_ml`` and ``in_ml`` (infused /
+        withdrawn since the last move started; None in alarm), from one ``DIS``."""
+        status, counters = await self._status_and_dispensed()
+        if counters is None:
+            return {"moving": False, "out_ml": None, "in_ml": None}
+        return {"moving": status.moving, "out_ml": counters[0], "in_ml": counters[1]}
 
     async def clear_dispensed(self, which: str = "both") -> None:
         """Clear the infused (``"infuse"``), withdrawn (``"withdraw"``) or both counters."""
@@ -510,6 +548,11 @@ class SyringePump(Driver):
         self.firmware = await self._idempotent("VER", "", parse)
         return self.firmware
 
+    @declare(
+        READ,
+        timeout=Param(float, "s", above=0, optional=True),
+        poll_interval=Param(float, "s", above=0, optional=True),
+    )
     async def wait_until_stopped(
         self,
         timeout: float = 60.0,
@@ -544,11 +587,13 @@ class SyringePump(Driver):
             await self.set_diameter(self._diameter_wanted)
 
     async def read(self) -> dict[str, Any]:
-        """status, rate_ml_min, volume_ml, direction, infused_ml, withdrawn_ml (alarm: values None)."""
+        """status, moving, rate_ml_min, volume_ml, direction, infused_ml, withdrawn_ml (alarm:
+        values None)."""
         status, counters = await self._status_and_dispensed()
         if status is PumpStatus.ALARM or counters is None:
             return {
                 "status": PumpStatus.ALARM.value,
+                "moving": False,  # an alarm stops the motor
                 "alarm": self.last_alarm,
                 "rate_ml_min": None,
                 "volume_ml": None,
@@ -558,6 +603,7 @@ class SyringePump(Driver):
             }
         return {
             "status": status.value,
+            "moving": status.moving,
             "rate_ml_min": await self.rate(),
             "volume_ml": await self.volume(),
             "direction": await self.direction(),
