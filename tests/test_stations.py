@@ -171,7 +171,7 @@ async def test_a_refused_recipe_never_reaches_the_wire(ray_session: Any, lab: Si
         assert violations[0]["command"]["who"] == "agent:7"
         out = await actor.run.remote("c1-0001", overfill.as_dict(), "agent:7")
         assert out["ok"] is False and out["rejected"] is True
-        assert out["violations"][0]["rule"] == "vial-capacity"
+        assert out["violations"][0]["rule"] == "vial.volume.max"
         sent = [str(e.data) for e in world.wire.entries("pumps")[before:]]
         # the supervisor's status polls go on (``0VOL`` queries); no volume set, no RUN
         assert sent and not [x for x in sent if re.match(r"^\dRUN|^\dVOL[\d.]", x)], sent
