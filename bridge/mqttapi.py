@@ -38,7 +38,7 @@ QoS 1, so the broker keeps them while the service restarts (their v5 message
 expiry still applies); ``reset`` is QoS 0 and never queued: a reset must be
 live.
 
-Modules: ``bridge/mqttlink.py`` (settings from lab.yaml, the paho link, JSON
+Modules: ``bridge/mqttlink.py`` (the settings, the link on the shared MQTT client, JSON
 payloads), ``bridge/mqttschemas.py`` (the JSON Schemas), this one (the API, ``serve``
 and the command-line hooks); the lab itself is ``bridge/service.py``.
 """
@@ -61,16 +61,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bridge.labconfig import LabConfig, load_lab
+from bridge.labconfig import LabConfig, load_lab, mqtt_settings, parse_broker_url
 from bridge.mqttlink import (
     ROOT,
     ApiError,
+    ApiSettings,
     Incoming,
     MqttLink,
-    MqttSettings,
     dumps,
-    mqtt_settings,
-    parse_broker_url,
     parse_payload,
     short,
 )
@@ -85,10 +83,10 @@ __all__ = [
     "API_VERSION",
     "SCHEMAS",
     "ApiError",
+    "ApiSettings",
     "Incoming",
     "MqttApi",
     "MqttLink",
-    "MqttSettings",
     "add_mqtt_client_parsers",
     "add_serve_parser",
     "estop_command",
@@ -144,7 +142,7 @@ class MqttApi:
     the final statuses and ``offline`` and disconnect.
     """
 
-    def __init__(self, settings: MqttSettings, bridge_id: str) -> None:
+    def __init__(self, settings: ApiSettings, bridge_id: str) -> None:
         self.settings = settings
         self.bridge_id = bridge_id
         self.root = topic_root(bridge_id)
@@ -159,10 +157,7 @@ class MqttApi:
             "instance": self.instance,
         }
         self.link = MqttLink(
-            settings,
-            client_id=settings.client_id or f"labbridge-{bridge_id}",
-            clean=settings.session_expiry_s == 0,
-            session_expiry_s=settings.session_expiry_s,
+            replace(settings, client_id=settings.client_id or f"labbridge-{bridge_id}"),
             will=(
                 f"{self.root}/status",
                 dumps({**offline, "reason": "connection to labbridge lost (Last Will)"}),
@@ -211,7 +206,7 @@ class MqttApi:
             asyncio.create_task(self._publisher(), name="mqttapi-publisher"),
             asyncio.create_task(self._ticker(), name="mqttapi-ticker"),
         ]
-        await self.link.subscribe(
+        await self.link.subscribe_all(
             [
                 (self.topic("campaigns", "start"), 1),
                 (self.topic("campaigns", "+", "proposals"), 1),
@@ -277,7 +272,7 @@ class MqttApi:
 
     async def _check_alone(self) -> None:
         probe_id = f"{self.link.client_id}-probe-{secrets.token_hex(3)}"
-        probe = MqttLink(replace(self.settings, client_id=probe_id), client_id=probe_id)
+        probe = MqttLink(replace(self.settings, client_id=probe_id, session_expiry_s=0))
         await probe.open([(self.topic("status"), 1)])
         if self.link.settings.protocol == "auto" and probe.protocol is not None:
             # what the broker speaks (amqtt: 3.1.1; it does not answer a v5 CONNECT that
@@ -320,7 +315,7 @@ class MqttApi:
             **status,
             "t": time.time(),
         }
-        await self.link.publish(self.topic("status"), dumps(body), qos=1, retain=True, wait=wait)
+        await self.link.send(self.topic("status"), dumps(body), qos=1, retain=True, wait=wait)
 
     async def _refresh_status(self, force: bool = False) -> None:
         if self.service is None:
@@ -335,7 +330,7 @@ class MqttApi:
         if self.service is None or campaign_id not in self.service.campaigns:
             return
         status = self.service.campaign_status(campaign_id)
-        await self.link.publish(
+        await self.link.send(
             self.topic("campaigns", campaign_id, "status"), dumps(status), qos=1, retain=True
         )
 
@@ -387,7 +382,7 @@ class MqttApi:
                     kind = ev.get("event")
                     cid = ev.get("campaign_id")
                     if kind in ("finished", "failed") and isinstance(cid, str):
-                        await self.link.publish(
+                        await self.link.send(
                             self.topic("campaigns", cid, "results"), dumps(self._result(cid, ev))
                         )
                     if isinstance(cid, str) and cid not in campaigns:
@@ -495,7 +490,7 @@ class MqttApi:
             if req.reply_problem is not None:
                 body.setdefault("errors", []).insert(0, req.reply_problem)
         try:
-            await self.link.publish(
+            await self.link.send(
                 target,
                 dumps(body),
                 qos=1,
@@ -674,7 +669,7 @@ class MqttApi:
 # ======================================================================= serve
 async def serve(
     lab: LabConfig,
-    settings: MqttSettings,
+    settings: ApiSettings,
     *,
     ray_address: str | None = None,
     operator: str = "operator",
@@ -747,7 +742,7 @@ async def serve(
 
 # ===================================================================  clients
 async def request(
-    settings: MqttSettings,
+    settings: ApiSettings,
     bridge_id: str,
     topic: str,
     payload: dict[str, Any],
@@ -764,7 +759,7 @@ async def request(
     root = topic_root(bridge_id)
     client_id = f"labbridge-cli-{secrets.token_hex(4)}"
     reply_topic = f"{root}/replies/{settings.username or 'anonymous'}/{client_id}"
-    link = MqttLink(replace(settings, client_id=client_id), client_id=client_id, clean=True)
+    link = MqttLink(replace(settings, client_id=client_id, session_expiry_s=0))
     await link.open([(reply_topic, 1), (f"{root}/status", 1)])
     try:
         status = None
@@ -778,7 +773,7 @@ async def request(
         correlation = secrets.token_hex(8)
         body = dict(payload)
         if link.protocol == "5":
-            await link.publish(
+            await link.send(
                 f"{root}/{topic}",
                 dumps(body),
                 response_topic=reply_topic,
@@ -787,7 +782,7 @@ async def request(
             )
         else:
             body.update(reply_to=reply_topic, correlation_id=correlation)
-            await link.publish(f"{root}/{topic}", dumps(body), wait=True)
+            await link.send(f"{root}/{topic}", dumps(body), wait=True)
         reply = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
@@ -819,13 +814,13 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
 
 
-def _client_settings(args: argparse.Namespace) -> tuple[MqttSettings, str]:
+def _client_settings(args: argparse.Namespace) -> tuple[ApiSettings, str]:
     if args.lab is not None:
         lab = load_lab(args.lab)
         settings, bridge_id = mqtt_settings(lab), lab.bridge_id
     else:
         fields = parse_broker_url(args.broker)
-        settings = MqttSettings(**fields, source="--broker")
+        settings = ApiSettings(**fields, source="--broker")
         bridge_id = "labbridge"
     if args.bridge_id:
         bridge_id = args.bridge_id
@@ -965,13 +960,13 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 async def _read_retained(
-    settings: MqttSettings, bridge_id: str, campaigns: Sequence[str], timeout: float
+    settings: ApiSettings, bridge_id: str, campaigns: Sequence[str], timeout: float
 ) -> dict[str, Any]:
     root = topic_root(bridge_id)
     client_id = f"labbridge-cli-{secrets.token_hex(4)}"
     wanted = {f"{root}/status": "status"}
     wanted.update({f"{root}/campaigns/{c}/status": f"campaign:{c}" for c in campaigns})
-    link = MqttLink(replace(settings, client_id=client_id), client_id=client_id, clean=True)
+    link = MqttLink(replace(settings, client_id=client_id, session_expiry_s=0))
     await link.open([(t, 1) for t in wanted])
     found: dict[str, Any] = {}
     try:

@@ -43,14 +43,15 @@ from bridge.labconfig import LabConfigError, load_lab
 from bridge.mqttapi import (
     SCHEMAS,
     ApiError,
+    ApiSettings,
     Incoming,
     MqttApi,
-    MqttSettings,
     mqtt_settings,
     parse_payload,
 )
 from bridge.service import LabService
 from bridge.simbench import sim_lab_yaml
+from instruments.errors import TransportOpenError
 from loops.journal import Journal
 from loops.program import load_program
 from simulators._proc import bound_to_parent
@@ -468,12 +469,12 @@ def test_lab_yaml_mqtt_settings_are_validated_and_secrets_are_never_inline(tmp_p
     s = mqtt_settings(load(""), "mqtt://ana@127.0.0.1:1999?password_env=PW")
     assert (s.port, s.username, s.password_env) == (1999, "ana", "PW")
     os.environ.pop("LB_TEST_UNSET", None)
-    with pytest.raises(ApiError, match="LB_TEST_UNSET"):
+    with pytest.raises(TransportOpenError, match="LB_TEST_UNSET"):
         dataclasses.replace(s, password_env="LB_TEST_UNSET").password()
 
 
 def test_an_expired_message_is_counted_from_when_it_reached_the_service() -> None:
-    msg = Incoming("t", b"{}", 1, False, expiry_s=2, received=100.0)
+    msg = Incoming("t", b"{}", 1, False, {"message_expiry_interval": 2}, received=100.0)
     assert not msg.expired(101.9) and msg.expired(102.0)
     assert not Incoming("t", b"{}", 1, False, received=100.0).expired(1e9)  # no expiry: never
 
@@ -485,7 +486,7 @@ async def test_wrong_credentials_are_refused(docs_broker: DocsBroker) -> None:
             assert c.rc.is_failure and c.rc.value in (0x86, 0x87), (user, c.rc)
         finally:
             c.close()
-    settings_ = MqttSettings(
+    settings_ = ApiSettings(
         "127.0.0.1", docs_broker.port, username="labbridge", password_env="LB_TEST_WRONG_PW"
     )
     os.environ["LB_TEST_WRONG_PW"] = "wrong"
@@ -502,7 +503,7 @@ async def test_the_last_will_marks_the_service_offline_when_it_dies(
     docs_broker: DocsBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(SERVICE_PASSWORD_ENV, PASSWORDS["labbridge"])
-    settings_ = MqttSettings(
+    settings_ = ApiSettings(
         "127.0.0.1", docs_broker.port, username="labbridge", password_env=SERVICE_PASSWORD_ENV
     )
     api = MqttApi(settings_, "lab-will")
@@ -532,7 +533,7 @@ async def test_a_second_service_for_the_same_bridge_refuses_to_start(
     docs_broker: DocsBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(SERVICE_PASSWORD_ENV, PASSWORDS["labbridge"])
-    settings_ = MqttSettings(
+    settings_ = ApiSettings(
         "127.0.0.1",
         docs_broker.port,
         username="labbridge",
@@ -562,7 +563,7 @@ async def test_the_service_falls_back_to_mqtt_311_on_the_embedded_broker() -> No
     broker = EmbeddedBroker()
     await asyncio.to_thread(broker.start)
     try:
-        settings_ = MqttSettings("127.0.0.1", broker.port)
+        settings_ = ApiSettings("127.0.0.1", broker.port)
         api = MqttApi(settings_, "lab-embedded")
         await api.connect()
         try:

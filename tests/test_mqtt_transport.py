@@ -398,7 +398,8 @@ def test_url_validation() -> None:
         with pytest.raises(InvalidURLError, match=problem):
             MqttTransport(url)
     t = MqttTransport("mqtts://u%40lab@broker.example/a/b/?keepalive=10&insecure=true")
-    assert (t.username, t.host, t.port, t.prefix, t.keepalive, t.insecure) == (
+    s = t.settings
+    assert (s.username, s.host, s.port, t.prefix, s.keepalive, s.insecure) == (
         "u@lab",
         "broker.example",
         8883,
