@@ -139,7 +139,9 @@ def _read(journal: Journal, campaign_id: str) -> _Data:
         direction = program.objective.direction
         measure = program.objective.measure
         target = program.stop.target
-        target_lab = program.objective.target_lab
+        lab = program.fixed.get("target_lab")  # a colour target, drawn as a swatch
+        if isinstance(lab, list) and len(lab) == 3 and all(isinstance(v, int | float) for v in lab):
+            target_lab = (float(lab[0]), float(lab[1]), float(lab[2]))
         strategy = program.strategy
         parts = []
         if program.budget.experiments is not None:

@@ -25,7 +25,8 @@ Pure functions over floats (``math`` only; no OpenCV), one colour at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "D65_WHITE_XYZ",
@@ -170,6 +171,27 @@ def counts_to_lab(
         raise ValueError(f"white reference counts must be > 0, got {(wr, wg, wb)!r}")
     r, g, b = _triple((red, green, blue), "counts")
     return linear_to_lab((max(0.0, r / wr), max(0.0, g / wg), max(0.0, b / wb)))
+
+
+def reading_to_lab(counts: Mapping[str, Any], white: Mapping[str, Any]) -> list[float]:
+    """A colour-sensor reading -> ``[L, a, b]``, normalised by the white reference reading.
+
+    ``counts`` and ``white`` are readings as a recipe records them (``red``,
+    ``green``, ``blue``, ``status``, ``integration_ms``). Counts are linear in
+    integration time: a white reference taken at another integration time is
+    scaled to the reading's. Raises ``ValueError`` for a reading that is not
+    ``ok`` (saturated, dark) or a white reference that is not.
+    """
+    for what, r in (("reading", counts), ("white reference", white)):
+        if r.get("status") != "ok":
+            raise ValueError(f"colour sensor {what} is {r.get('status')!r}, not 'ok': {dict(r)}")
+    scale = 1.0
+    ms, white_ms = counts.get("integration_ms"), white.get("integration_ms")
+    if ms and white_ms and ms != white_ms:
+        scale = float(ms) / float(white_ms)
+    ref = (float(white["red"]) * scale, float(white["green"]) * scale, float(white["blue"]) * scale)
+    lab = counts_to_lab(float(counts["red"]), float(counts["green"]), float(counts["blue"]), ref)
+    return [round(v, 4) for v in lab]
 
 
 def _hue(b: float, a: float) -> float:

@@ -76,7 +76,7 @@ from loops.optimizer import (
     optimizer_from_state,
 )
 from loops.program import Program
-from loops.recipe import RecipeBuilder, RecipeError, build_recipe
+from loops.recipe import RecipeError, build_recipe
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,6 @@ class CampaignRunner:
         campaign_id: str,
         clock_now: Callable[[], float] = time.monotonic,
         on_event: OnEvent | None = None,
-        builders: Mapping[str, RecipeBuilder] | None = None,
         max_consecutive_rejections: int = MAX_CONSECUTIVE_REJECTIONS,
         max_disagreements: Mapping[str, int] | None = None,
         images_dir: Path | None = None,
@@ -295,7 +294,6 @@ class CampaignRunner:
         self._slots = {name: _Slot(name, actor) for name, actor in stations.items()}
         self._clock_now = clock_now
         self._on_event = on_event
-        self._builders = builders
         self._max_rejections = max_consecutive_rejections
         self._max_disagreements = dict(max_disagreements or {})
         self._images_dir = images_dir
@@ -661,7 +659,7 @@ class CampaignRunner:
         recipe: dict[str, Any] | None = None
         with contextlib.suppress(RecipeError, TypeError, ValueError):
             if self.program.feasible(params)[0]:
-                recipe = build_recipe(self.program, params, builders=self._builders).as_dict()
+                recipe = build_recipe(self.program, params).as_dict()
         eid = await self.journal.propose.remote(self.campaign_id, params, proposer, recipe=recipe)
         self._counts.proposed += 1
         if pid is not None:
@@ -677,11 +675,9 @@ class CampaignRunner:
             return reasons, False
         if item.recipe is None:
             try:
-                item.recipe = build_recipe(
-                    self.program, item.params, builders=self._builders
-                ).as_dict()
+                item.recipe = build_recipe(self.program, item.params).as_dict()
             except RecipeError as exc:
-                return [f"recipe {self.program.recipe}: {exc}"], False
+                return [f"recipe: {exc}"], False
         if slot is None:
             return ["no station is available to dry-run the proposal"], False
         violations = await slot.actor.dry_run.remote(item.recipe, item.proposer)

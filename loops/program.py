@@ -12,15 +12,17 @@
     objective:
       measure: delta_e2000           # a measurement the recipe produces
       direction: minimize            # minimize | maximize
-      target_lab: [45.0, 20.0, -15.0]  # required when measure is delta_e2000
     budget: {experiments: 60, hours: 4}
     stop: {target: 2.0, no_improvement: 20}
     strategy: bayes                  # bayes | random | grid
     initial_points: 8
     stations: 1
     seed: 1
-    recipe: color-match              # the recipe builder (loops/recipe.py RECIPES)
-    fixed: {stir_rpm: 300}           # optional: recipe inputs held constant
+    fixed: {stir_rpm: 300, target_lab: [45.0, 20.0, -15.0]}  # constants of the experiment
+    recipe:                          # the experiment's steps (loops/plan.py)
+      - call: hotplate.set_stirrer
+        args: {on: true, rpm: stir_rpm}
+      - ...
     ---
     # Markdown body: what the experiment is, for people and agents
 
@@ -39,8 +41,7 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
     that breaks one is infeasible before any dry run.
 ``objective`` (required)
     ``measure``: the name of a measurement the recipe produces;
-    ``direction``: ``minimize``/``maximize``; ``target_lab``: ``[L, a, b]``
-    (L in 0-100), required for ``measure: delta_e2000``.
+    ``direction``: ``minimize``/``maximize``.
 ``budget`` (required, at least one limit)
     ``experiments`` (int >= 1): experiments run on a station;
     ``hours`` (> 0): of the campaign's clock (simulated hours on a simulated
@@ -57,15 +58,17 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
     ``budget.experiments``.
 ``stations`` (default 1), ``seed`` (default 0): integers.
 ``recipe`` (required)
-    the recipe builder's name; its required inputs must be covered by
-    ``parameters`` or ``fixed``.
+    the experiment as a list of steps over the station's instruments
+    (:mod:`loops.plan`), compiled once; every parameter must be used by it,
+    the objective's ``measure`` must be one of its measurements.
 ``fixed``
-    recipe inputs held constant (name -> number, string, boolean or list);
-    names must not clash with parameters and must be inputs of the recipe.
+    constants of the experiment (name -> number, string, boolean or list),
+    used by the recipe's expressions and the constraints; names must not
+    clash with parameters, and each must be used somewhere.
 
 :func:`load_program` reads a file, Markdown text, or the front matter as a
-mapping (the MQTT API sends a JSON object). Validation of the recipe's inputs
-uses the builders of :mod:`loops.recipe` unless others are passed in.
+mapping (the MQTT API sends a JSON object). Compute functions are the
+registered ones (:mod:`loops.functions`) unless others are passed in.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ from typing import Any
 
 import yaml
 
+from loops.plan import Plan, compile_plan
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml, field_path
 
@@ -114,18 +118,28 @@ TOP_KEYS = (
 REQUIRED_KEYS = ("name", "parameters", "objective", "budget", "recipe")
 PARAMETER_KEYS = ("type", "low", "high", "unit", "doc")
 PARAMETER_TYPES = ("float", "int")
-OBJECTIVE_KEYS = ("measure", "direction", "target_lab")
+OBJECTIVE_KEYS = ("measure", "direction")
 DIRECTIONS = ("minimize", "maximize")
 BUDGET_KEYS = ("experiments", "hours")
 STOP_KEYS = ("target", "no_improvement")
 STRATEGIES = ("bayes", "random", "grid")
 _SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MEASURE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _RESERVED = {"and", "or", "not", "in", "true", "false", "True", "False"}
 
 
 class ProgramError(ConfigError):
     """An invalid campaign spec: ``<source>:<line>: <field>: <problem>`` (line omitted if unknown)."""
+
+
+def _json(value: Any) -> Any:
+    """Plain JSON-able data (mappings and lists copied, numbers as Python numbers)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    return _plain(value)
 
 
 def _is_number(value: Any) -> bool:
@@ -262,11 +276,10 @@ class Constraint:
 
 @dataclass(frozen=True)
 class Objective:
-    """What to optimise: a measurement name, the direction, and a target colour if any."""
+    """What to optimise: a measurement the recipe produces and the direction."""
 
     measure: str
     direction: str = "minimize"
-    target_lab: tuple[float, float, float] | None = None
 
     @property
     def minimize(self) -> bool:
@@ -281,10 +294,7 @@ class Objective:
         return -value if self.minimize else value
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"measure": self.measure, "direction": self.direction}
-        if self.target_lab is not None:
-            out["target_lab"] = list(self.target_lab)
-        return out
+        return {"measure": self.measure, "direction": self.direction}
 
 
 @dataclass(frozen=True)
@@ -325,7 +335,9 @@ class Program:
     parameters: tuple[Parameter, ...]
     objective: Objective
     budget: Budget
-    recipe: str
+    #: the recipe's steps as written (plain data; loops/plan.py), and compiled
+    recipe: list[Any]
+    plan: Plan
     constraints: tuple[Constraint, ...] = ()
     stop: StopRules = field(default_factory=StopRules)
     strategy: str = "bayes"
@@ -483,7 +495,7 @@ def load_program(
     *,
     source: str | None = None,
     body: str | None = None,
-    recipes: Mapping[str, Any] | None = None,
+    functions: Mapping[str, Any] | None = None,
 ) -> Program:
     """Load and validate a campaign spec.
 
@@ -491,8 +503,8 @@ def load_program(
     file) is read; any other ``str`` is ``program.md`` text; a mapping is the
     front matter as data (JSON from the MQTT API; errors then carry no line
     numbers), with ``body`` as its Markdown. ``source`` names it in messages
-    (default: the path, ``<program>``). ``recipes``: the recipe builders to
-    validate ``recipe``/``fixed`` against (default :data:`loops.recipe.RECIPES`).
+    (default: the path, ``<program>``). ``functions``: the compute functions the
+    recipe may name (default: the registered ones, :mod:`loops.functions`).
 
     Raises :class:`ProgramError` (a ``ValueError``) naming the file, the line and the field.
     """
@@ -526,7 +538,7 @@ def load_program(
         )
     if body is not None:
         md = body
-    return _build(data, doc, md, recipes)
+    return _build(data, doc, md, functions)
 
 
 # ----------------------------------------------------------------- validation
@@ -623,27 +635,17 @@ def _constraint(i: int, text: Any, known: set[str], doc: YamlDoc) -> Constraint:
 
 def _objective(spec: Any, doc: YamlDoc) -> Objective:
     path: tuple[Any, ...] = ("objective",)
-    spec = _mapping(spec, path, doc, "{measure, direction, target_lab}")
+    spec = _mapping(spec, path, doc, "{measure, direction}")
     _no_unknown(spec, OBJECTIVE_KEYS, path, doc)
     if "measure" not in spec:
         raise doc.error("missing 'measure'", path)
     measure = _string(spec["measure"], (*path, "measure"), doc)
-    if not _IDENT_RE.fullmatch(measure):
-        raise doc.error(f"a measurement name is an identifier, got {measure!r}", (*path, "measure"))
+    if not _MEASURE_RE.fullmatch(measure):
+        raise doc.error(
+            f"a measurement name is identifiers joined by dots, got {measure!r}", (*path, "measure")
+        )
     direction = _string(spec.get("direction", "minimize"), (*path, "direction"), doc, DIRECTIONS)
-    target: tuple[float, float, float] | None = None
-    if spec.get("target_lab") is not None:
-        raw = spec["target_lab"]
-        tpath = (*path, "target_lab")
-        if not isinstance(raw, list | tuple) or len(raw) != 3:
-            raise doc.error(f"must be [L, a, b], got {raw!r}", tpath)
-        vals = [float(_number(v, (*tpath, j), doc)) for j, v in enumerate(raw)]
-        if not 0.0 <= vals[0] <= 100.0:
-            raise doc.error(f"L must be within 0-100, got {vals[0]!r}", (*tpath, 0))
-        target = (vals[0], vals[1], vals[2])
-    elif measure == "delta_e2000":
-        raise doc.error("measure delta_e2000 needs target_lab: [L, a, b]", path)
-    return Objective(measure, direction, target)
+    return Objective(measure, direction)
 
 
 def _budget(spec: Any, doc: YamlDoc) -> Budget:
@@ -700,55 +702,44 @@ def _fixed(spec: Any, params: set[str], doc: YamlDoc) -> dict[str, Any]:
     return out
 
 
-def _known_recipes() -> Mapping[str, Any]:
-    from loops.recipe import RECIPES  # late: loops.recipe imports this module
-
-    return RECIPES
-
-
-def _check_recipe(
-    name: str,
-    params: set[str],
+def _plan(
+    spec: Any,
+    params: Sequence[str],
     fixed: Mapping[str, Any],
+    constraints: Sequence[Constraint],
     measure: str,
-    recipes: Mapping[str, Any],
+    name: str,
     doc: YamlDoc,
-) -> None:
-    builder = recipes.get(name)
-    if builder is None:
+    functions: Mapping[str, Any] | None,
+) -> Plan:
+    """Compile the recipe and check it against the rest: every parameter and fixed value is
+    used (by the recipe or a constraint), the objective is one of its measurements."""
+    plan = compile_plan(
+        spec, inputs=[*params, *fixed], doc=doc, functions=functions, name=name
+    )
+    in_constraints = set().union(*(c.expression.names() for c in constraints))
+    for p in params:
+        if p not in plan.uses:
+            raise doc.error(
+                f"parameter '{p}' is not used by the recipe: the optimizer would search it "
+                f"for nothing (use it in a step, or remove it)",
+                ("parameters", p),
+            )
+    for key in fixed:
+        if key not in plan.uses and key not in in_constraints:
+            raise doc.error(
+                f"'{key}' is used by no step and no constraint (a typo?)", ("fixed", key)
+            )
+    if measure not in plan.measures:
         raise doc.error(
-            f"unknown recipe {name!r} (known: {', '.join(sorted(recipes)) or 'none'})", ("recipe",)
-        )
-    inputs = set(getattr(builder, "inputs", {}) or {})
-    required = set(getattr(builder, "required", ()) or ())
-    if inputs:
-        for key in fixed:
-            if key not in inputs:
-                raise doc.error(
-                    f"'{key}' is not an input of recipe {name} (inputs: {', '.join(sorted(inputs))})",
-                    ("fixed", key),
-                )
-        for key in sorted(params):
-            if key not in inputs:
-                raise doc.error(
-                    f"'{key}' is not an input of recipe {name} (inputs: {', '.join(sorted(inputs))})",
-                    ("parameters", key),
-                )
-    missing = sorted(required - params - set(fixed))
-    if missing:
-        raise doc.error(
-            f"recipe {name} needs {', '.join(missing)}: add them to parameters or fixed",
-            ("parameters",),
-        )
-    measures = set(getattr(builder, "measures", ()) or ())
-    if measures and measure not in measures:
-        raise doc.error(
-            f"recipe {name} does not measure {measure!r} (it measures: {', '.join(sorted(measures))})",
+            f"the recipe does not measure {measure!r} (it measures: "
+            f"{', '.join(plan.measures) or 'nothing'})",
             ("objective", "measure"),
         )
+    return plan
 
 
-def _build(data: Any, doc: YamlDoc, body: str, recipes: Mapping[str, Any] | None) -> Program:
+def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | None) -> Program:
     if not isinstance(data, Mapping):
         raise doc.error(f"the front matter is a mapping with {', '.join(REQUIRED_KEYS)}, ...", ())
     _no_unknown(data, TOP_KEYS, (), doc)
@@ -786,15 +777,23 @@ def _build(data: Any, doc: YamlDoc, body: str, recipes: Mapping[str, Any] | None
             initial = min(initial, budget.experiments)
     stations = _integer(data.get("stations", 1), ("stations",), doc, minimum=1)
     seed = _integer(data.get("seed", 0), ("seed",), doc)
-    recipe = _string(data["recipe"], ("recipe",), doc)
-    table = recipes if recipes is not None else _known_recipes()
-    _check_recipe(recipe, pnames, fixed, objective.measure, table, doc)
+    plan = _plan(
+        data["recipe"],
+        [p.name for p in parameters],
+        fixed,
+        constraints,
+        objective.measure,
+        name,
+        doc,
+        functions,
+    )
     return Program(
         name=name,
         parameters=parameters,
         objective=objective,
         budget=budget,
-        recipe=recipe,
+        recipe=_json(data["recipe"]),
+        plan=plan,
         constraints=constraints,
         stop=stop,
         strategy=strategy,

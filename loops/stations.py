@@ -48,7 +48,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from instruments.vision import Calibration, decode_jpeg, fit_calibration
 from loops.journal import AsyncJournal, IllegalTransition, JournalError
-from loops.recipe import INSTRUMENTS, Recipe, Step, dry_run_recipe, run_recipe
+from loops.plan import Recipe, Step
+from loops.recipe import dry_run_recipe, run_recipe
 from loops.verify import Tolerances, verify
 from safety import SafeStation, SafetyError, load_envelope, open_station
 
@@ -449,7 +450,6 @@ class StationActor:
                     who=who,
                     on_step=on_step,
                     clock_now=self._now,
-                    poll_s=self._poll_s,
                 ),
             )
         except BaseException as exc:  # a cancellation too: safe-state, then re-raise
@@ -533,33 +533,32 @@ class StationActor:
             raise ValueError(f"calibration volumes must be ascending and >= 0, got {levels}")
         if self._run_lock.locked():
             raise StationBusy(f"station {self.name} is running {self._current}: not calibrating")
-        steps: list[Step] = [Step.of("light", intensity=light_intensity)]
+        wait = {"timeout": 300.0, "poll_interval": 0.05}
+        steps: list[Step] = [_call(LIGHT, "set_light", on=True, intensity=light_intensity)]
         if levels[0] > 0:
             levels.insert(0, 0.0)
         total = 0.0
         for level in levels:
             if level > total + 1e-9:
+                volume = round(level - total, 4)
                 steps += [
-                    Step.of(
-                        "dispense",
-                        fluid=fluid,
-                        volume_ml=round(level - total, 4),
-                        rate_ml_min=rate_ml_min,
-                    ),
-                    Step.of("wait_pumps", fluids=[fluid]),
+                    _call(fluid, "dispense", volume_ml=volume, rate_ml_min=rate_ml_min),
+                    _call(fluid, "wait_until_stopped", **wait),
                 ]
                 total = level
-            steps.append(Step.of("capture", role="outcome"))
+            steps.append(Step("capture", {"instrument": CAMERA, "role": "outcome"}))
+        drain = round(total + 0.2, 4)
         steps += [
-            Step.of("drain", volume_ml=round(total + 0.2, 4), rate_ml_min=drain_rate_ml_min),
-            Step.of("light_off"),
+            _call(DRAIN, "withdraw", volume_ml=drain, rate_ml_min=drain_rate_ml_min),
+            _call(DRAIN, "wait_until_stopped", **wait),
+            _call(LIGHT, "set_light", on=False),
         ]
         recipe = Recipe(tuple(steps), name="camera-calibration")
         report = dry_run_recipe(recipe, station, who=who, now=self._now())
         if not report.ok:
             raise StationError(f"station {self.name}: calibration refused: {report}")
         frames: list[bytes] = []
-        camera = station.handle(INSTRUMENTS["camera"], who=who)
+        camera = station.handle(CAMERA, who=who)
 
         async def run(*part: Step) -> None:
             await _until_tripped(
@@ -570,7 +569,6 @@ class StationActor:
                     clock_sleep=self._sleep,
                     who=who,
                     clock_now=self._now,
-                    poll_s=self._poll_s,
                 ),
             )
 
@@ -654,15 +652,7 @@ class StationActor:
                 if portable is exc:
                     raise
                 raise portable from None
-            recipe = Recipe(
-                (
-                    Step.of("heater_off"),
-                    Step.of("stirrer_off"),
-                    Step.of("drain", volume_ml=drain_ml, rate_ml_min=drain_rate_ml_min),
-                    Step.of("light_off"),
-                ),
-                name="recovery",
-            )
+            recipe = Recipe(_drain_steps(station, drain_ml, drain_rate_ml_min), name="recovery")
             report = dry_run_recipe(recipe, station, who=who, now=self._now())
             if not report.ok:
                 raise SafetyError(f"station {self.name}: the recovery drain is refused: {report}")
@@ -675,7 +665,6 @@ class StationActor:
                         clock_sleep=self._sleep,
                         who=who,
                         clock_now=self._now,
-                        poll_s=self._poll_s,
                     ),
                 )
             except Exception as exc:
@@ -684,9 +673,52 @@ class StationActor:
                 raise StationError(f"station {self.name}: {reason}") from None
         return {
             "trip": trip,
-            "drained_ml": result.measurements.get("drained_ml", 0.0),
+            "drained_ml": sum(
+                float(p.get("in_ml") or 0.0)
+                for p in result.measurements.get("drained", {}).values()
+            ),
             "status": await self.status(),
         }
+
+
+#: the reference bench's instruments the camera calibration uses (a set-up recipe of the
+#: lab's program will replace this: issue "any bench, any experiment")
+LIGHT, CAMERA, DRAIN = "enclosure", "camera", "waste"
+
+
+def _call(instrument: str, command: str, **args: Any) -> Step:
+    return Step("call", {"instrument": instrument, "command": command, "args": args})
+
+
+def _drain_steps(station: Any, volume_ml: float, rate_ml_min: float) -> tuple[Step, ...]:
+    """Empty every vessel of the station's envelope through the instruments that drain it
+    (their declared flow ``in``), each waited for and its progress read into
+    ``drained.<instrument>`` (the station is in its safe state already)."""
+    steps: list[Step] = []
+    layout = station.guard.layout
+    for vessel in station.guard.envelope.vessels.values():
+        for name in vessel.drained_by:
+            for spec in layout.actions(name).values():
+                flow = spec.flow
+                if flow is None or flow.direction != "in":
+                    continue
+                args = {flow.volume: volume_ml}
+                if flow.rate is not None:
+                    args[flow.rate] = rate_ml_min
+                steps.append(_call(name, spec.name, **args))
+                wait = {
+                    "condition": f"not {name}.moving",
+                    "instruments": [name],
+                    "every_s": 1.0,
+                    "timeout_s": 3600.0,
+                    "inputs": {},
+                }
+                steps.append(Step("wait", wait))
+                if flow.progress is not None:
+                    into = {"instrument": name, "command": flow.progress, "args": {}}
+                    steps.append(Step("call", {**into, "into": f"drained.{name}"}))
+                break
+    return tuple(steps)
 
 
 def start_station_actor(

@@ -110,6 +110,14 @@ def compose_yaml(
                     if key_node.tag == "tag:yaml.org,2002:merge":
                         raise doc.error("YAML merge keys (<<) are not supported", path)
                     key = loader.construct_object(key_node, deep=True)
+                    if (
+                        isinstance(key, bool)
+                        and str in key_types
+                        and bool not in key_types
+                        and isinstance(key_node, yaml.ScalarNode)
+                        and not key_node.style
+                    ):
+                        key = key_node.value  # a name like on/off/yes/no, not YAML 1.1's bool
                     line = key_node.start_mark.line + 1 + doc.offset
                     if key is None or not isinstance(key, key_types):
                         raise err(

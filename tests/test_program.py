@@ -29,7 +29,6 @@ constraints:
 objective:
   measure: delta_e2000
   direction: minimize
-  target_lab: [45.0, 20.0, -15.0]
 budget: {experiments: 60, hours: 4}
 stop:
   target: 2.0
@@ -38,7 +37,27 @@ strategy: bayes
 initial_points: 8
 stations: 2
 seed: 1
-recipe: color-match
+fixed: {target_lab: [45.0, 20.0, -15.0], rate: 5.0}
+recipe:
+  - call: red.dispense
+    args: {volume_ml: red_ml, rate_ml_min: rate}
+  - call: green.dispense
+    args: {volume_ml: green_ml, rate_ml_min: rate}
+  - call: blue.dispense
+    args: {volume_ml: blue_ml, rate_ml_min: rate}
+  - ramp: hotplate.set_heater
+    set: setpoint_c
+    to: temperature_c
+    args: {on: true}
+  - hold: hold_s
+  - call: color.measure
+    into: counts
+  - compute: lab
+    function: reading_to_lab
+    args: {counts: counts, white: counts}
+  - compute: delta_e2000
+    function: delta_e2000
+    args: {lab1: lab, lab2: target_lab}
 ---
 # Demo
 
@@ -54,11 +73,12 @@ def load(text: str = BASE) -> Program:
 
 def test_example_program_loads() -> None:
     p = load_program(EXAMPLE)
-    assert p.name == "color-match" and p.recipe == "color-match"
+    assert p.name == "color-match" and p.plan.name == "color-match"
+    assert {"delta_e2000", "lab", "dispensed_ml.red", "drained_ml"} <= set(p.plan.measures)
     assert p.space.names == ["red_ml", "green_ml", "blue_ml", "temperature_c", "hold_s"]
     assert p.space["hold_s"].type == "int" and p.space["hold_s"].unit == "s"
     assert p.objective.measure == "delta_e2000" and p.objective.minimize
-    assert p.objective.target_lab is not None and len(p.objective.target_lab) == 3
+    assert len(p.fixed["target_lab"]) == 3  # the target colour is an ordinary constant
     assert p.stop.target == 2.0 and p.stop.no_improvement == 20
     assert p.budget.experiments == 60 and p.strategy == "bayes" and p.initial_points == 8
     assert p.fixed["stir_rpm"] >= 100  # the envelope heats only while stirring
@@ -87,8 +107,10 @@ def test_fields_defaults_and_body() -> None:
             "parameters": {"red_ml": {"type": "float", "low": 0, "high": 1}},
             "objective": {"measure": "liquid_c", "direction": "maximize"},
             "budget": {"hours": 1},
-            "recipe": "color-match",
-            "fixed": {"green_ml": 0.3, "blue_ml": 0.3},
+            "recipe": [
+                {"call": "red.dispense", "args": {"volume_ml": "red_ml", "rate_ml_min": 1.0}},
+                {"read": {"liquid_c": "hotplate.liquid_c"}},
+            ],
         }
     )
     assert minimal.strategy == "bayes" and minimal.stations == 1 and minimal.seed == 0
@@ -120,7 +142,7 @@ def test_file_and_text_forms(tmp_path: Path) -> None:
 
 # (edit of BASE, line the error must name, field, words in the message)
 ERRORS = [
-    (("stations: 2", "station: 2"), 22, "station", "unknown key 'station'"),
+    (("stations: 2", "station: 2"), 21, "station", "unknown key 'station'"),
     (("{type: int, low: 30,", "{type: int, lo: 30,"), 8, "parameters.hold_s.lo", "unknown key"),
     (("high: 600", "high: 600.5"), 8, "parameters.hold_s.high", "integer bounds"),
     (
@@ -149,19 +171,6 @@ ERRORS = [
         "condition",
     ),
     (("direction: minimize", "direction: lower"), 14, "objective.direction", "minimize, maximize"),
-    (("  target_lab: [45.0, 20.0, -15.0]\n", ""), 12, "objective", "needs target_lab"),
-    (
-        ("target_lab: [45.0, 20.0, -15.0]", "target_lab: [145.0, 20.0, -15.0]"),
-        15,
-        "objective.target_lab[0]",
-        "0-100",
-    ),
-    (
-        ("target_lab: [45.0, 20.0, -15.0]", "target_lab: [45.0, 20.0]"),
-        15,
-        "objective.target_lab",
-        "[L, a, b]",
-    ),
     (
         ("measure: delta_e2000", "measure: sharpness"),
         13,
@@ -170,26 +179,27 @@ ERRORS = [
     ),
     (
         ("budget: {experiments: 60, hours: 4}", "budget: {experiments: 0}"),
-        16,
+        15,
         "budget.experiments",
         ">= 1",
     ),
-    (("budget: {experiments: 60, hours: 4}", "budget: {}"), 16, "budget", "needs a limit"),
-    (("initial_points: 8", "initial_points: 80"), 21, "initial_points", "exceed"),
-    (("no_improvement: 20", "no_improvement: 2.5"), 19, "stop.no_improvement", "integer"),
-    (("strategy: bayes", "strategy: genetic"), 20, "strategy", "bayes, random, grid"),
-    (
-        ("recipe: color-match", "recipe: colour-match"),
-        24,
-        "recipe",
-        "unknown recipe 'colour-match'",
-    ),
-    (("seed: 1", "seed: 1\nfixed: {stir_rpmm: 300}"), 24, "fixed.stir_rpmm", "not an input"),
-    (("seed: 1", "seed: 1\nfixed: {red_ml: 0.3}"), 24, "fixed.red_ml", "is a parameter"),
+    (("budget: {experiments: 60, hours: 4}", "budget: {}"), 15, "budget", "needs a limit"),
+    (("initial_points: 8", "initial_points: 80"), 20, "initial_points", "exceed"),
+    (("no_improvement: 20", "no_improvement: 2.5"), 18, "stop.no_improvement", "integer"),
+    (("strategy: bayes", "strategy: genetic"), 19, "strategy", "bayes, random, grid"),
+    (("rate: 5.0}", "rate: 5.0, spare: 1}"), 23, "fixed.spare", "used by no step"),
+    (("rate: 5.0}", "rate: 5.0, red_ml: 0.3}"), 23, "fixed.red_ml", "is a parameter"),
+    (("  - hold: hold_s\n", ""), 8, "parameters.hold_s", "is not used by the recipe"),
+    (("volume_ml: red_ml,", "volume_ml: red_mll,"), 26, "recipe[0].args.volume_ml", "'red_mll'"),
+    (("function: reading_to_lab", "function: to_lab"), 39, "recipe[6].function", "'to_lab'"),
+    (("  - hold: hold_s", "  - holdd: hold_s"), 35, "recipe[4]", "exactly one of call, wait"),
+    (("call: color.measure", "call: colormeasure"), 36, "recipe[5].call", "<instrument>.<command>"),
+    (("args: {lab1: lab,", "args: {lab1: lb,"), 43, "recipe[7].args.lab1", "unknown name 'lb'"),
+    (("hold: hold_s", "hold: hold_s +"), 35, "recipe[4].hold", "unexpected end"),
     (("  hold_s:", "  and:"), 8, "parameters.and", "identifiers"),
     (("name: demo", "name: demo campaign"), 2, "name", "slug"),
     (("name: demo\n", ""), None, "", "missing required field 'name'"),
-    (("stations: 2", "stations: 2\nstations: 3"), 23, "stations", "duplicate key"),
+    (("stations: 2", "stations: 2\nstations: 3"), 22, "stations", "duplicate key"),
     (("seed: 1", "seed: [1"), None, "", "not valid YAML"),
 ]
 

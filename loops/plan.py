@@ -1,0 +1,611 @@
+"""Recipes are data: steps over a station's instruments, compiled once into a :class:`Plan`.
+
+A program's ``recipe:`` is a list of steps (YAML), each one mapping whose key
+names its kind. Values in ``args``, ``hold``, ``to``... are YAML literals or,
+when they are strings, expressions in the envelope's rule language
+(:mod:`safety.expr`: ``red_ml + green_ml``, ``'closed'`` for a text) over the
+program's ``parameters`` and ``fixed`` values; ``wait`` conditions are
+expressions over the instruments' readings, ``compute`` arguments over the
+measurements taken so far::
+
+    - call: enclosure.set_light            # a declared command of an instrument
+      args: {on: true, intensity: light_intensity}
+    - call: red.dispense
+      args: {volume_ml: red_ml, rate_ml_min: rate_ml_min}
+      when: red_ml >= 0.001                  # over parameters/fixed: skipped otherwise
+    - call: red.wait_until_stopped           # a call's result can go into a measurement
+      args: {timeout: 120}
+    - read: {dispensed_ml.red: red.infused_ml}   # measurement <- instrument.reading key
+      when: red_ml >= 0.001
+      else: 0.0                              # the measurement when the step is skipped
+    - wait: hotplate.plate_c < start_below_c    # poll the readings until it holds
+      every: 5
+      timeout: 1800
+    - ramp: hotplate.set_heater              # raise one argument at a pace, never faster
+      set: setpoint_c                        #   than the envelope allows
+      to: temperature_c
+      from: ramp_from_c
+      per_min: ramp_c_per_min
+      args: {on: true}
+    - hold: hold_s                           # seconds of the station's clock
+    - call: color.measure
+      into: counts
+    - capture: camera                        # one frame; its JPEG is kept with the result
+      as: outcome                            # reference (before) or outcome (after)
+    - compute: delta_e2000                   # a registered function (loops/functions.py)
+      function: delta_e2000                  #   or an expression: {compute: x, expr: a - b}
+      args: {lab: lab, target: target_lab}
+
+Every step may have ``when`` (a condition over parameters and fixed values:
+the step is left out of the bound recipe when false; a step that produces a
+measurement may give ``else``, the measurement's value then) and ``doc``.
+Measurement names are identifiers joined by dots (``dispensed_ml.red``):
+dotted names nest in the result (``{"dispensed_ml": {"red": ...}}``) and are
+used flat in expressions. Loops are not part of the language: no recipe
+needed one yet (a fixed list of dyes is written out; a titration would need
+one, and a ``repeat`` step would then earn its place).
+
+:func:`compile_plan` checks the steps once (shapes, expressions parse, every
+name is a parameter, a fixed value or an earlier measurement, functions are
+registered) with errors that name the file, the line and the field.
+:meth:`Plan.bind` turns one proposal's inputs into a :class:`Recipe` of
+concrete steps: plain JSON data that the dry run (:meth:`Recipe.commands`,
+:meth:`Recipe.timeline`), the runner (loops/recipe.py), the journal and any
+fast model consume: one interpretation.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from safety import Command
+from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
+from safety.yamldoc import ConfigError, YamlDoc
+
+__all__ = [
+    "CAPTURE_ROLES",
+    "STEP_KINDS",
+    "Plan",
+    "Recipe",
+    "RecipeError",
+    "Step",
+    "compile_plan",
+]
+
+_WORD = r"[A-Za-z_][A-Za-z0-9_]*"
+_TARGET_RE = re.compile(rf"({_WORD})\.({_WORD})")
+_MEASURE_RE = re.compile(rf"{_WORD}(?:\.{_WORD})*")
+#: what a capture is for: the scene before the experiment acts, or its outcome
+CAPTURE_ROLES = ("reference", "outcome")
+#: step kind -> the keys it takes (besides when / else / doc)
+STEP_KINDS: dict[str, tuple[str, ...]] = {
+    "call": ("args", "into"),
+    "wait": ("every", "timeout"),
+    "hold": (),
+    "ramp": ("set", "to", "from", "per_min", "args", "step_s"),
+    "read": (),
+    "capture": ("as", "timeout"),
+    "compute": ("function", "args", "expr"),
+}
+COMMON = ("when", "else", "doc")
+MAX_STEPS = 500
+
+
+class RecipeError(ValueError):
+    """A proposal the recipe cannot be bound to (an expression that fails on its values)."""
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able plain data (numbers as int/float, tuples as lists)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if _num(value):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------ concrete steps
+@dataclass(frozen=True)
+class Step:
+    """One bound step: ``kind`` and its plain-data ``params`` (see the module docstring).
+
+    ``call``: instrument, command, args, into; ``wait``: condition, every_s,
+    timeout_s; ``hold``: seconds; ``ramp``: instrument, command, set, to, from,
+    per_min, args, step_s; ``read``: values (measurement -> instrument.key);
+    ``capture``: instrument, role, timeout; ``compute``: into, function or
+    expr, args; ``value``: into, value (a skipped step's ``else``).
+    """
+
+    kind: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.params[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.params.get(key, default)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **_plain(dict(self.params))}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Step:
+        if not isinstance(data, Mapping) or not isinstance(data.get("kind"), str):
+            raise RecipeError(f"a step is a mapping with a 'kind', got {data!r}")
+        if data["kind"] not in (*STEP_KINDS, "value"):
+            raise RecipeError(f"unknown step kind {data['kind']!r}")
+        return cls(data["kind"], {k: v for k, v in data.items() if k != "kind"})
+
+    def __str__(self) -> str:
+        p, k = self.params, self.kind
+        if k == "call":
+            args = ", ".join(f"{a}={_fmt(v)}" for a, v in p.get("args", {}).items())
+            into = f" -> {p['into']}" if p.get("into") else ""
+            return f"{p['instrument']}.{p['command']}({args}){into}"
+        if k == "wait":
+            return f"wait until {p['condition']}"
+        if k == "hold":
+            return f"hold {p['seconds']:g} s"
+        if k == "ramp":
+            pace = f" at {p['per_min']:g}/min" if p.get("per_min") is not None else ""
+            start = f" from {p['from']:g}" if p.get("from") is not None else ""
+            return f"ramp {p['instrument']}.{p['command']} {p['set']}{start} to {p['to']:g}{pace}"
+        if k == "read":
+            return "read " + ", ".join(f"{m} <- {src}" for m, src in p["values"].items())
+        if k == "capture":
+            return f"capture {p['instrument']} ({p['role']})"
+        if k == "compute":
+            what = p.get("expr") or f"{p['function']}({', '.join(p.get('args', {}))})"
+            return f"compute {p['into']} = {what}"
+        return f"{p['into']} = {_fmt(p['value'])}"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else repr(v)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One experiment as data: the bound ``steps``, the ``params`` they were bound from, the
+    plan's ``name``. JSON round trip with :meth:`as_dict` / :meth:`from_dict`."""
+
+    steps: tuple[Step, ...]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+        object.__setattr__(self, "params", dict(self.params))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __str__(self) -> str:
+        head = f"recipe {self.name}" if self.name else "recipe"
+        if self.params:
+            head += " (" + ", ".join(f"{k}={_fmt(v)}" for k, v in self.params.items()) + ")"
+        return "\n".join([head, *(f"  {i}. {s}" for i, s in enumerate(self.steps))])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "params": _plain(dict(self.params)),
+            "steps": [s.as_dict() for s in self.steps],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        if not isinstance(data, Mapping) or not isinstance(data.get("steps"), list):
+            raise RecipeError("a recipe is a mapping with a list of 'steps'")
+        return cls(
+            tuple(Step.from_dict(s) for s in data["steps"]),
+            dict(data.get("params") or {}),
+            str(data.get("name") or ""),
+        )
+
+    def commands(self, who: str) -> list[Command]:
+        """The commands the recipe sends, in order, for the safety layer's dry run: every
+        ``call`` (reads included: the dry run passes them) and a ``ramp``'s first and last
+        setpoint (at run time each setpoint between is checked by the guard as it is sent)."""
+        return [c for c, _ in self.timeline(who, 0.0)]
+
+    def timeline(
+        self,
+        who: str,
+        start: float,
+        *,
+        flow_s: Callable[[Command], float | None] | None = None,
+        rise_per_min: Callable[[str, str, str], float | None] | None = None,
+        from_value: Callable[[str, str, str], float | None] | None = None,
+        resolution: Callable[[str, str, str], float | None] | None = None,
+    ) -> list[tuple[Command, float]]:
+        """Each command with the time it would be sent (seconds from ``start``, the guard's
+        clock), estimated from the steps: ``hold`` and a ramp take their time; a flow keeps
+        its instrument busy for ``flow_s(command)`` seconds (the station's declarations) and
+        the next call to that instrument (a wait for it, a read of what it moved) comes after
+        it; ``wait`` and reads are instantaneous. ``rise_per_min(instrument, command, arg)``:
+        the envelope's limit on that setpoint's rise, ``from_value``: its current value (a
+        ramp without ``from`` starts there), ``resolution``: the device's step for it (a
+        ramp ends on that grid, as it does at run time)."""
+        out: list[tuple[Command, float]] = []
+        t = start
+        busy: dict[str, float] = {}
+        for s in self.steps:
+            p = s.params
+            if s.kind == "call":
+                name = p["instrument"]
+                t = max(t, busy.pop(name, t))
+                command = Command(name, p["command"], dict(p.get("args", {})), who)
+                out.append((command, t))
+                seconds = flow_s(command) if flow_s is not None else None
+                if seconds:
+                    busy[name] = t + seconds
+            elif s.kind == "hold":
+                t += float(p["seconds"])
+            elif s.kind == "ramp":
+                name, cmd, arg = p["instrument"], p["command"], p["set"]
+                t = max(t, busy.pop(name, t))
+                target = float(p["to"])
+                grid = resolution(name, cmd, arg) if resolution is not None else None
+                if grid:
+                    target = round(round(target / grid) * grid, 9)
+                first = p.get("from")
+                if first is None and from_value is not None:
+                    first = from_value(name, cmd, arg)
+                limit = rise_per_min(name, cmd, arg) if rise_per_min is not None else None
+                pace = p.get("per_min")
+                args = dict(p.get("args", {}))
+                if p.get("from") is not None and float(p["from"]) < target:
+                    out.append((Command(name, cmd, {**args, arg: float(p["from"])}, who), t))
+                if first is not None and float(first) < target:
+                    rates = [r for r in (pace, limit) if r]
+                    if rates:
+                        t += 60.0 * (target - float(first)) / min(rates)
+                out.append((Command(name, cmd, {**args, arg: target}, who), t))
+        return out
+
+
+# ------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class _Value:
+    """A literal, or an expression (parsed once) evaluated when the recipe is bound."""
+
+    literal: Any = None
+    expr: Expression | None = None
+
+    def names(self) -> set[str]:
+        return self.expr.names() if self.expr is not None else set()
+
+    def value(self, inputs: Mapping[str, Any], where: str) -> Any:
+        if self.expr is None:
+            return self.literal
+        try:
+            return _plain(self.expr.evaluate(inputs))
+        except EvaluationError as exc:
+            raise RecipeError(f"{where}: {self.expr.text}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _PlanStep:
+    index: int
+    kind: str
+    fields: Mapping[str, Any]  # constant data of the step (instrument, command, into...)
+    values: Mapping[str, _Value]  # bound from the inputs (args.<name>, seconds, to...)
+    when: Expression | None = None
+    otherwise: Any = None
+    has_else: bool = False
+    produces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled recipe: checked once, bound per proposal (:meth:`bind`)."""
+
+    name: str
+    steps: tuple[_PlanStep, ...]
+    #: every measurement the recipe can produce (``into``, ``read``, ``compute``), in order
+    measures: tuple[str, ...]
+    #: every input name (parameter or fixed) the steps use
+    uses: frozenset[str]
+    #: instrument -> the commands the steps call on it
+    calls: Mapping[str, frozenset[str]]
+
+    def bind(self, inputs: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> Recipe:
+        """The concrete recipe for ``inputs`` (parameters + fixed values); ``params`` are
+        recorded with it (default: ``inputs``). Raises :class:`RecipeError` naming the step."""
+        steps: list[Step] = []
+        for ps in self.steps:
+            where = f"recipe step {ps.index} ({ps.kind})"
+            if ps.when is not None:
+                try:
+                    keep = ps.when.evaluate(inputs)
+                except EvaluationError as exc:
+                    raise RecipeError(f"{where}: when {ps.when.text}: {exc}") from None
+                if keep is not True:
+                    if ps.has_else:
+                        for name in ps.produces:
+                            steps.append(Step("value", {"into": name, "value": ps.otherwise}))
+                    continue
+            data = dict(ps.fields)
+            if "_inputs" in data:  # the constants a run-time expression uses, recorded with it
+                data["inputs"] = {n: _plain(inputs[n]) for n in data.pop("_inputs")}
+            args: dict[str, Any] = {}
+            for key, val in ps.values.items():
+                value = val.value(inputs, f"{where} {key}")
+                if key.startswith("args."):
+                    args[key[5:]] = value
+                else:
+                    data[key] = value
+            if ps.kind in ("call", "ramp"):
+                data["args"] = args
+            for key in ("seconds", "to", "from", "per_min", "every_s", "timeout_s", "step_s"):
+                value = data.get(key)
+                if key in data and value is not None and not (_num(value) and math.isfinite(value)):
+                    raise RecipeError(f"{where}: {key} must be a finite number, got {value!r}")
+            if ps.kind == "hold" and data["seconds"] < 0:
+                raise RecipeError(f"{where}: hold must be >= 0 s, got {data['seconds']!r}")
+            steps.append(Step(ps.kind, data))
+        return Recipe(tuple(steps), dict(inputs if params is None else params), self.name)
+
+
+def _err(doc: YamlDoc, problem: str, path: tuple[Any, ...]) -> ConfigError:
+    return doc.error(problem, path)
+
+
+def _expression(
+    text: str, path: tuple[Any, ...], doc: YamlDoc, *, boolean: bool
+) -> Expression:
+    line, column, indent = doc.scalars.get(path, (doc.line(path) or 1, 1, 0))
+    try:
+        return parse(
+            text, source=doc.source, line=line, column=column, indent=indent, boolean=boolean
+        )
+    except RuleSyntaxError as exc:
+        raise doc.error(f'{exc.problem} in "{text}"', path) from None
+
+
+def _value(raw: Any, path: tuple[Any, ...], doc: YamlDoc) -> _Value:
+    if isinstance(raw, str):
+        return _Value(expr=_expression(raw, path, doc, boolean=False))
+    if raw is None or isinstance(raw, bool) or (_num(raw) and math.isfinite(raw)):
+        return _Value(literal=_plain(raw))
+    if isinstance(raw, list) and all(
+        isinstance(v, bool | str) or (_num(v) and math.isfinite(v)) for v in raw
+    ):
+        return _Value(literal=_plain(raw))
+    raise doc.error(
+        f"must be a number, true/false, a list of them, or an expression (a string), "
+        f"got {raw!r}",
+        path,
+    )
+
+
+def _target(raw: Any, path: tuple[Any, ...], doc: YamlDoc) -> tuple[str, str]:
+    m = _TARGET_RE.fullmatch(raw) if isinstance(raw, str) else None
+    if m is None:
+        raise doc.error(f"must be <instrument>.<command>, got {raw!r}", path)
+    return m.group(1), m.group(2)
+
+
+def _measure_name(raw: Any, path: tuple[Any, ...], doc: YamlDoc) -> str:
+    if not isinstance(raw, str) or not _MEASURE_RE.fullmatch(raw):
+        raise doc.error(f"a measurement name is identifiers joined by dots, got {raw!r}", path)
+    return raw
+
+
+def compile_plan(
+    spec: Any,
+    *,
+    inputs: Sequence[str],
+    doc: YamlDoc,
+    path: tuple[Any, ...] = ("recipe",),
+    functions: Mapping[str, Any] | None = None,
+    name: str = "",
+) -> Plan:
+    """Check ``spec`` (the steps) once and compile it (see the module docstring).
+
+    ``inputs``: the parameter and fixed names the expressions may use;
+    ``functions``: the registered compute functions (default: loops/functions.py's).
+    Raises :class:`~safety.yamldoc.ConfigError` naming file, line and field.
+    """
+    if functions is None:
+        from loops.functions import registry
+
+        functions = registry()
+    if not isinstance(spec, list) or not spec:
+        raise doc.error("a recipe is a non-empty list of steps", path)
+    if len(spec) > MAX_STEPS:
+        raise doc.error(f"{len(spec)} steps: a recipe has at most {MAX_STEPS}", path)
+    known_inputs = set(inputs)
+    measured: list[str] = []
+    used: set[str] = set()
+    calls: dict[str, set[str]] = {}
+    steps: list[_PlanStep] = []
+
+    def need(names: set[str], allowed: set[str], where: tuple[Any, ...], what: str) -> None:
+        for n in sorted(names):
+            if n not in allowed:
+                raise doc.error(
+                    f"unknown name '{n}' ({what}; known: {', '.join(sorted(allowed)) or 'none'})",
+                    where,
+                )
+
+    for i, raw in enumerate(spec):
+        at = (*path, i)
+        if not isinstance(raw, Mapping):
+            raise doc.error(f"a step is a mapping like {{call: ...}}, got {raw!r}", at)
+        kinds = [k for k in raw if k in STEP_KINDS]
+        if len(kinds) != 1:
+            raise doc.error(
+                f"a step has exactly one of {', '.join(STEP_KINDS)} (got {', '.join(map(str, raw))})",
+                at,
+            )
+        kind = kinds[0]
+        allowed = (kind, *STEP_KINDS[kind], *COMMON)
+        for key in raw:
+            if key not in allowed:
+                raise doc.error(f"unknown key '{key}' (a {kind} step takes: {', '.join(allowed)})", (*at, key))
+        fields: dict[str, Any] = {}
+        values: dict[str, _Value] = {}
+        produces: list[str] = []
+        bind_names: set[str] = set()
+
+        def bound(
+            key: str | tuple[Any, ...],
+            raw_value: Any,
+            into: str,
+            at: tuple[Any, ...] = at,
+            values: dict[str, _Value] = values,
+            names: set[str] = bind_names,
+        ) -> None:
+            where = (*at, *(key if isinstance(key, tuple) else (key,)))
+            v = _value(raw_value, where, doc)
+            need(v.names(), known_inputs, where, "a parameter or fixed value")
+            names.update(v.names())
+            values[into] = v
+
+        if kind in ("call", "ramp"):
+            instrument, command = _target(raw[kind], (*at, kind), doc)
+            fields.update(instrument=instrument, command=command)
+            calls.setdefault(instrument, set()).add(command)
+            args = raw.get("args") or {}
+            if not isinstance(args, Mapping):
+                raise doc.error("must be a mapping of argument -> value", (*at, "args"))
+            for arg, val in args.items():
+                if not isinstance(arg, str) or not re.fullmatch(_WORD, arg):
+                    raise doc.error(f"an argument name is an identifier, got {arg!r}", (*at, "args"))
+                bound(("args", arg), val, f"args.{arg}")
+        if kind == "call" and raw.get("into") is not None:
+            fields["into"] = _measure_name(raw["into"], (*at, "into"), doc)
+            produces.append(fields["into"])
+        elif kind == "wait":
+            text = raw["wait"]
+            if not isinstance(text, str):
+                raise doc.error(f"must be a condition (a string), got {text!r}", (*at, "wait"))
+            cond = _expression(text, (*at, "wait"), doc, boolean=True)
+            readings = {n for n in cond.names() if "." in n}
+            need(cond.names() - readings, known_inputs, (*at, "wait"), "a parameter or fixed value")
+            used.update(cond.names() - readings)
+            fields["condition"] = text
+            fields["_inputs"] = sorted(cond.names() - readings)
+            fields["instruments"] = sorted({n.split(".", 1)[0] for n in readings})
+            if not readings:
+                raise doc.error("a wait needs a reading (<instrument>.<key>) in its condition", (*at, "wait"))
+            bound("every", raw.get("every", 1.0), "every_s")
+            bound("timeout", raw.get("timeout", 3600.0), "timeout_s")
+        elif kind == "hold":
+            bound("hold", raw["hold"], "seconds")
+        elif kind == "ramp":
+            if not isinstance(raw.get("set"), str) or not re.fullmatch(_WORD, raw["set"]):
+                raise doc.error("names the argument the ramp raises (e.g. setpoint_c)", (*at, "set"))
+            if raw["set"] in (raw.get("args") or {}):
+                raise doc.error(f"'{raw['set']}' is the ramped argument, not a fixed one", (*at, "args"))
+            fields["set"] = raw["set"]
+            if "to" not in raw:
+                raise doc.error("missing 'to' (the value the ramp ends at)", at)
+            bound("to", raw["to"], "to")
+            for key, into in (("from", "from"), ("per_min", "per_min"), ("step_s", "step_s")):
+                bound(key, raw.get(key), into)
+        elif kind == "read":
+            spec_read = raw["read"]
+            if not isinstance(spec_read, Mapping) or not spec_read:
+                raise doc.error("must be a mapping measurement -> <instrument>.<key>", (*at, "read"))
+            sources: dict[str, str] = {}
+            for m, src in spec_read.items():
+                mname = _measure_name(m, (*at, "read", m), doc)
+                inst, key = _target(src, (*at, "read", m), doc)
+                sources[mname] = f"{inst}.{key}"
+                produces.append(mname)
+            fields["values"] = sources
+        elif kind == "capture":
+            if not isinstance(raw["capture"], str) or not re.fullmatch(_WORD, raw["capture"]):
+                raise doc.error("names the camera instrument", (*at, "capture"))
+            role = raw.get("as", "outcome")
+            if role not in CAPTURE_ROLES:
+                raise doc.error(f"must be one of {', '.join(CAPTURE_ROLES)}, got {role!r}", (*at, "as"))
+            fields.update(instrument=raw["capture"], role=role)
+            bound("timeout", raw.get("timeout"), "timeout")
+            produces.append("image_sha256" if role == "outcome" else "reference_sha256")
+        elif kind == "compute":
+            fields["into"] = _measure_name(raw["compute"], (*at, "compute"), doc)
+            has_fn, has_expr = raw.get("function") is not None, raw.get("expr") is not None
+            if has_fn == has_expr:
+                raise doc.error("give function (a registered one) or expr, not both", at)
+            before = set(measured) | known_inputs
+            if has_expr:
+                if not isinstance(raw["expr"], str):
+                    raise doc.error("must be an expression (a string)", (*at, "expr"))
+                e = _expression(raw["expr"], (*at, "expr"), doc, boolean=False)
+                need(e.names(), before, (*at, "expr"), "an input or an earlier measurement")
+                used.update(e.names() & known_inputs)
+                fields["expr"] = raw["expr"]
+                fields["_inputs"] = sorted(e.names() & known_inputs)
+            else:
+                fn = raw["function"]
+                if fn not in functions:
+                    raise doc.error(
+                        f"unknown function {fn!r} (registered: {', '.join(sorted(functions))})",
+                        (*at, "function"),
+                    )
+                fields["function"] = fn
+                args = raw.get("args") or {}
+                if not isinstance(args, Mapping):
+                    raise doc.error("must be a mapping of argument -> expression", (*at, "args"))
+                texts: dict[str, str] = {}
+                for arg, text in args.items():
+                    if not isinstance(text, str):
+                        raise doc.error("must be an expression (a string)", (*at, "args", arg))
+                    e = _expression(text, (*at, "args", arg), doc, boolean=False)
+                    need(e.names(), before, (*at, "args", arg), "an input or an earlier measurement")
+                    used.update(e.names() & known_inputs)
+                    texts[str(arg)] = text
+                    fields.setdefault("_inputs", [])
+                    fields["_inputs"] = sorted(set(fields["_inputs"]) | (e.names() & known_inputs))
+                fields["args"] = texts
+            produces.append(fields["into"])
+        need(bind_names, known_inputs, at, "a parameter or fixed value")
+        used.update(bind_names)
+        when = None
+        if raw.get("when") is not None:
+            if not isinstance(raw["when"], str):
+                raise doc.error("must be a condition (a string)", (*at, "when"))
+            when = _expression(raw["when"], (*at, "when"), doc, boolean=True)
+            need(when.names(), known_inputs, (*at, "when"), "a parameter or fixed value")
+            used.update(when.names())
+        has_else = "else" in raw
+        if has_else and (when is None or not produces):
+            raise doc.error("else needs a when and a step that produces a measurement", (*at, "else"))
+        otherwise = _value(raw.get("else"), (*at, "else"), doc).literal if has_else else None
+        if has_else and isinstance(raw.get("else"), str):
+            raise doc.error("else is a value (a number, true/false or a list)", (*at, "else"))
+        if raw.get("doc") is not None and not isinstance(raw["doc"], str):
+            raise doc.error("must be a text", (*at, "doc"))
+        for m in produces:
+            if m not in measured:
+                measured.append(m)
+        steps.append(
+            _PlanStep(i, kind, fields, values, when, otherwise, has_else, tuple(produces))
+        )
+    return Plan(
+        name,
+        tuple(steps),
+        tuple(measured),
+        frozenset(used),
+        {k: frozenset(v) for k, v in calls.items()},
+    )
+
