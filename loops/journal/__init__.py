@@ -39,8 +39,8 @@ in-process link; ``loops.raylinks`` has the Ray actor and its link, which forwar
 :data:`JOURNAL_API` (every public method but ``close``) by name.
 
 Modules: ``_model`` (states, errors, row types, JSON), ``_schema`` (SQLite schema
-and migrations), ``_store`` (:class:`Journal`), ``_async`` (:class:`JournalLink`,
-:class:`AsyncJournal`).
+and migrations), ``_reads`` (the queries and CSV rows), ``_store`` (:class:`Journal`:
+the writes and resume), ``_async`` (:class:`JournalLink`, :class:`AsyncJournal`).
 """
 
 from loops.journal._async import AsyncJournal, JournalLink
