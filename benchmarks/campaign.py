@@ -968,7 +968,7 @@ def stack_section(settings: Settings, progress: Progress) -> SectionReport:
     """The real stack: ``labbridge sim``'s campaign on 1 and K simulated stations, same seeds."""
     import ray
 
-    from loops.stations import init_ray
+    from loops.raylinks import init_ray
 
     ks = (1, settings.stations)
     names = [f"bench-{chr(ord('a') + i)}" for i in range(max(ks))]

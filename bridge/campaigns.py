@@ -28,13 +28,8 @@ from bridge.labconfig import LabConfig
 from loops.campaign import CampaignRunner, CampaignSummary, OnEvent, campaign_lock
 from loops.journal import Campaign
 from loops.program import Program, load_program
-from loops.stations import (
-    ClockSpec,
-    ScaledClock,
-    init_ray,
-    start_journal_actor,
-    start_station_actor,
-)
+from loops.raylinks import init_ray, ray_links, start_journal_actor, start_station_actor
+from loops.stations import ClockSpec, ScaledClock
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +115,6 @@ async def open_lab(
                 supervisor_options=st.supervisor,
                 env=st.env,
                 journal=journal,
-                poll_s=0.5 if clock is not None else 1.0,
                 actor_name=None,
                 verification=st.verification.actor_options() if st.verification else None,
             )
@@ -194,10 +188,11 @@ def make_runner(
 ) -> CampaignRunner:
     """A :class:`CampaignRunner` on ``actors`` (a subset of the lab's stations) with the lab's
     clock, each station's verification limit and the images folder next to the journal."""
+    journal_link, stations = ray_links(journal, actors)
     return CampaignRunner(
         program,
-        journal,
-        actors,
+        journal_link,
+        stations,
         campaign_id=campaign_id,
         clock_now=lab_clock(lab)[1],
         on_event=on_event,

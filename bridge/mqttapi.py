@@ -682,7 +682,7 @@ async def serve(
     safe state), every station is closed (instruments safe-stated), and the retained
     status goes ``offline``. A second signal gives up waiting. Returns why it stopped.
     """
-    from loops.stations import init_ray
+    from loops.raylinks import init_ray
 
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()

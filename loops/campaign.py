@@ -1,10 +1,12 @@
 """The closed loop: a campaign keeps every station busy with proposals, safely and durably.
 
 :class:`CampaignRunner` drives one campaign (a :class:`~loops.program.Program`)
-over K station actors (:class:`~loops.stations.StationActor` handles) and the
-journal actor (:class:`~loops.stations.JournalActor`)::
+over K stations and the journal, each behind a small link
+(:class:`~loops.stations.StationLink`, :class:`~loops.journal.JournalLink`):
+Ray actors (``loops.raylinks.ray_links``) or the same classes in this process
+(:class:`~loops.stations.LocalStation`, :class:`~loops.journal.AsyncJournal`)::
 
-    runner = CampaignRunner(program, journal, {"bench-a": actor_a, "bench-b": actor_b},
+    runner = CampaignRunner(program, journal, {"bench-a": link_a, "bench-b": link_b},
                             campaign_id="color-1")
     await runner.prepare()                 # or prepare(resume=True, operator="ana")
     summary = await runner.run()           # until a stop rule, the budget, or stop()
@@ -57,14 +59,12 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
-
-from loops.journal import Experiment, ResumeInfo
+from loops.journal import Experiment, Journal, JournalLink, ResumeInfo
 from loops.optimizer import (
     BayesOptimizer,
     Direction,
@@ -77,6 +77,7 @@ from loops.optimizer import (
 )
 from loops.program import Program
 from loops.recipe import RecipeError, build_recipe
+from loops.stations import StationActor, StationLink, StationLost
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class _Slot:
     """One station as the campaign sees it."""
 
     name: str
-    actor: Any
+    actor: StationLink
     state: str = "idle"  # idle | busy | out
     experiment: str | None = None
     reason: str | None = None
@@ -261,10 +262,10 @@ def _violation_text(v: Mapping[str, Any]) -> str:
 
 
 class CampaignRunner:
-    """One campaign over station actors and the journal actor (see the module docstring).
+    """One campaign over stations and a journal, through their links (module docstring).
 
-    ``stations``: station name -> a started :class:`~loops.stations.StationActor`
-    handle; ``journal``: a :class:`~loops.stations.JournalActor` handle;
+    ``stations``: station name -> a :class:`~loops.stations.StationLink` to a started
+    station; ``journal``: a :class:`~loops.journal.JournalLink`;
     ``clock_now``: the campaign's clock for the time budget (a simulated bench's
     clock on a simulated lab); ``on_event``: called (in the event loop) with
     every event dict (``event``: ``proposed``, ``rejected``, ``started``,
@@ -275,8 +276,8 @@ class CampaignRunner:
     def __init__(
         self,
         program: Program,
-        journal: Any,
-        stations: Mapping[str, Any],
+        journal: JournalLink,
+        stations: Mapping[str, StationLink],
         *,
         campaign_id: str,
         clock_now: Callable[[], float] = time.monotonic,
@@ -315,7 +316,7 @@ class CampaignRunner:
         self._running.set()
         self._phase = "new"  # new | prepared | running | ended
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._notes: list[Any] = []  # journal writes in flight (station events)
+        self._notes: list[Awaitable[int]] = []  # journal writes in flight (station events)
         self._strategy = f"optimizer:{self.optimizer.strategy}"
 
     # ------------------------------------------------------------------ events
@@ -411,16 +412,22 @@ class CampaignRunner:
             raise RuntimeError(f"campaign {self.campaign_id} is already {self._phase}")
         j = self.journal
         if not resume:
-            await j.create_campaign.remote(
-                self.campaign_id, self.program.name, self.program.to_markdown()
+            await j.call(
+                Journal.create_campaign,
+                self.campaign_id,
+                self.program.name,
+                self.program.to_markdown(),
             )
-            await j.save_optimizer_state.remote(self.campaign_id, self._state())
+            await j.call(Journal.save_optimizer_state, self.campaign_id, self._state())
         else:
-            info: ResumeInfo = await j.resume.remote(self.campaign_id)
+            info: ResumeInfo = await j.call(Journal.resume, self.campaign_id)
             await self._restore(info, operator)
             if info.campaign.state != "running":
-                await j.set_campaign_state.remote(
-                    self.campaign_id, "running", reason=f"resumed by {operator}"
+                await j.call(
+                    Journal.set_campaign_state,
+                    self.campaign_id,
+                    "running",
+                    reason=f"resumed by {operator}",
                 )
         self._phase = "prepared"
 
@@ -435,7 +442,9 @@ class CampaignRunner:
             self._pending = {str(k): str(v) for k, v in saved.get("pending", {}).items()}
             self._told = set(saved.get("told", []))
             self._elapsed_before = float(saved.get("elapsed_s", 0.0))
-        experiments: list[Experiment] = await self.journal.experiments.remote(self.campaign_id)
+        experiments: list[Experiment] = await self.journal.call(
+            Journal.experiments, self.campaign_id
+        )
         pending_ids = {p.id for p in self.optimizer.pending()}
         live: set[str] = set()
         ran = sorted(
@@ -492,7 +501,7 @@ class CampaignRunner:
             if p.id not in live:
                 self.optimizer.cancel(p.id)
         self._pending = {e: p for e, p in self._pending.items() if p in live}
-        await self.journal.save_optimizer_state.remote(self.campaign_id, self._state())
+        await self.journal.call(Journal.save_optimizer_state, self.campaign_id, self._state())
         self._emit("state", state="resumed", progress=self.progress())
 
     def _count_restored(self, exp: Experiment) -> None:
@@ -533,7 +542,7 @@ class CampaignRunner:
         outcome = await self._recover_station(slot, operator, why)
         reason = f"interrupted {where} (campaign process stopped); {outcome}; never re-run"
         self._tell(item, None, "failed")
-        await self.journal.fail.remote(exp.id, reason, optimizer_state=self._state())
+        await self.journal.call(Journal.fail, exp.id, reason, optimizer_state=self._state())
         self._counts.failed += 1
         self._record_value(exp.id, exp.params, None)
         self._emit(
@@ -545,7 +554,7 @@ class CampaignRunner:
         journaled as a station event; a station that cannot be recovered is out. Returns
         what happened, as a sentence."""
         try:
-            report = await slot.actor.recover.remote(operator, why)
+            report = await slot.actor.call(StationActor.recover, operator, why)
         except Exception as exc:
             self._out(slot, f"recovery on resume failed: {_cause(exc)}")
             return f"station {slot.name} could not be recovered: {_cause(exc)}"
@@ -555,7 +564,9 @@ class CampaignRunner:
         )
         self._emit("station", station=slot.name, state="recovered", reason=why)
         self._notes.append(
-            self.journal.station_event.remote(self.campaign_id, slot.name, "recovered", outcome)
+            self.journal.call(
+                Journal.station_event, self.campaign_id, slot.name, "recovered", outcome
+            )
         )
         return outcome
 
@@ -571,7 +582,7 @@ class CampaignRunner:
         self.stop(reason)
         await asyncio.gather(
             *(
-                s.actor.trip.remote(f"campaign aborted: {reason}", who)
+                s.actor.call(StationActor.trip, f"campaign aborted: {reason}", who)
                 for s in self._slots.values()
             ),
             return_exceptions=True,
@@ -581,8 +592,8 @@ class CampaignRunner:
         """No new experiments until :meth:`resume_running`; running ones finish."""
         if self._running.is_set() and self._phase == "running":
             self._running.clear()
-            await self.journal.set_campaign_state.remote(
-                self.campaign_id, "paused", reason=f"paused by {who}"
+            await self.journal.call(
+                Journal.set_campaign_state, self.campaign_id, "paused", reason=f"paused by {who}"
             )
             self._emit("state", state="paused", progress=self.progress())
 
@@ -590,8 +601,8 @@ class CampaignRunner:
         """Undo :meth:`pause`."""
         if not self._running.is_set():
             self._running.set()
-            await self.journal.set_campaign_state.remote(
-                self.campaign_id, "running", reason=f"resumed by {who}"
+            await self.journal.call(
+                Journal.set_campaign_state, self.campaign_id, "running", reason=f"resumed by {who}"
             )
             self._emit("state", state="running", progress=self.progress())
 
@@ -631,8 +642,8 @@ class CampaignRunner:
                 self._pending[item.experiment_id] = item.pid
             except ValueError:  # validated already by program.feasible; defensive
                 item.pid = None
-            await self.journal.transition.remote(
-                item.experiment_id, "checked", optimizer_state=self._state()
+            await self.journal.call(
+                Journal.transition, item.experiment_id, "checked", optimizer_state=self._state()
             )
             item.checked = True
             self._queue.append(item)
@@ -660,7 +671,9 @@ class CampaignRunner:
         with contextlib.suppress(RecipeError, TypeError, ValueError):
             if self.program.feasible(params)[0]:
                 recipe = build_recipe(self.program, params).as_dict()
-        eid = await self.journal.propose.remote(self.campaign_id, params, proposer, recipe=recipe)
+        eid = await self.journal.call(
+            Journal.propose, self.campaign_id, params, proposer, recipe=recipe
+        )
         self._counts.proposed += 1
         if pid is not None:
             self._pending[eid] = pid
@@ -680,7 +693,7 @@ class CampaignRunner:
                 return [f"recipe: {exc}"], False
         if slot is None:
             return ["no station is available to dry-run the proposal"], False
-        violations = await slot.actor.dry_run.remote(item.recipe, item.proposer)
+        violations = await slot.actor.call(StationActor.dry_run, item.recipe, item.proposer)
         budget = bool(violations) and all(
             str(v.get("rule", "")).startswith("budget.") for v in violations
         )
@@ -691,8 +704,8 @@ class CampaignRunner:
             self._tell(item, None, "infeasible")
         else:
             self._forget(item)
-        await self.journal.reject.remote(
-            item.experiment_id, list(reasons), optimizer_state=self._state()
+        await self.journal.call(
+            Journal.reject, item.experiment_id, list(reasons), optimizer_state=self._state()
         )
         self._counts.rejected += 1
         event = {
@@ -739,14 +752,16 @@ class CampaignRunner:
                     item = await self._journal_proposal(
                         dict(proposal.params), self._strategy, proposal.id
                     )
-                    await self.journal.save_optimizer_state.remote(self.campaign_id, self._state())
+                    await self.journal.call(
+                        Journal.save_optimizer_state, self.campaign_id, self._state()
+                    )
                 if not item.checked:
                     try:
                         reasons, budget = await self._check(item, slot)
                     except Exception as exc:  # the actor died or refused: out, not retried
                         self._queue.appendleft(item)  # still 'proposed': another station checks it
-                        dead = isinstance(exc, ray.exceptions.RayActorError)
-                        self._out(slot, f"station {'died' if dead else 'failed'}: {_cause(exc)}")
+                        dead = isinstance(exc, StationLost)
+                        self._out(slot, str(exc) if dead else f"station failed: {_cause(exc)}")
                         return None
                     if budget:  # the station's safety budget is spent for now: it rests
                         self._queue.appendleft(item)
@@ -768,8 +783,8 @@ class CampaignRunner:
                             )
                             return None
                         continue
-                    await self.journal.transition.remote(
-                        item.experiment_id, "checked", recipe=item.recipe
+                    await self.journal.call(
+                        Journal.transition, item.experiment_id, "checked", recipe=item.recipe
                     )
                     item.checked = True
                 self._consecutive_rejections = 0
@@ -783,7 +798,7 @@ class CampaignRunner:
         self._emit("station", station=slot.name, state=state, reason=reason)
         # journaled without waiting here (callers hold the lock); awaited before the end
         self._notes.append(
-            self.journal.station_event.remote(self.campaign_id, slot.name, state, reason)
+            self.journal.call(Journal.station_event, self.campaign_id, slot.name, state, reason)
         )
 
     # ------------------------------------------------------------------ running
@@ -826,7 +841,8 @@ class CampaignRunner:
 
     async def _execute(self, slot: _Slot, item: _Item) -> None:
         j, eid = self.journal, item.experiment_id
-        await j.transition.remote(eid, "queued", station=slot.name)
+        assert item.recipe is not None  # a checked proposal has its recipe (see _check)
+        await j.call(Journal.transition, eid, "queued", station=slot.name)
         self._emit(
             "started",
             experiment_id=eid,
@@ -835,11 +851,15 @@ class CampaignRunner:
             proposer=item.proposer,
         )
         try:
-            out = await slot.actor.run.remote(
-                eid, item.recipe, item.proposer, include_image=self._images_dir is not None
+            out = await slot.actor.call(
+                StationActor.run,
+                eid,
+                item.recipe,
+                item.proposer,
+                include_image=self._images_dir is not None,
             )
-        except ray.exceptions.RayActorError as exc:
-            await self._station_lost(slot, item, f"station {slot.name} died: {_cause(exc)}")
+        except StationLost as exc:
+            await self._station_lost(slot, item, str(exc))
             return
         except Exception as exc:  # the actor refused (busy, not open) or a bug: out, not retried
             await self._station_lost(
@@ -854,7 +874,7 @@ class CampaignRunner:
         """The station died or failed outside a recipe step: mark the experiment, never retry it."""
         self._out(slot, reason)
         async with self._lock:
-            exp: Experiment = await self.journal.experiment.remote(item.experiment_id)
+            exp: Experiment = await self.journal.call(Journal.experiment, item.experiment_id)
             if exp.state == "running":
                 step = "before its first step" if exp.step is None else f"during step {exp.step}"
                 why = (
@@ -864,7 +884,9 @@ class CampaignRunner:
             else:
                 why = f"{reason} before the experiment started; not retried"
             self._tell(item, None, "failed")
-            await self.journal.fail.remote(item.experiment_id, why, optimizer_state=self._state())
+            await self.journal.call(
+                Journal.fail, item.experiment_id, why, optimizer_state=self._state()
+            )
             self._counts.failed += 1
             if exp.state == "running":
                 self._record_value(item.experiment_id, item.params, None)
@@ -887,7 +909,9 @@ class CampaignRunner:
         measure = self.program.objective.measure
         images = self._save_images(out)
         if images or out.get("audit"):  # the evidence first, then the outcome that cites it
-            await j.record_evidence.remote(eid, verdicts=out.get("audit") or (), images=images)
+            await j.call(
+                Journal.record_evidence, eid, verdicts=out.get("audit") or (), images=images
+            )
         if out.get("ok"):
             measurements = dict(out.get("measurements") or {})
             value = measurements.get(measure)
@@ -908,7 +932,8 @@ class CampaignRunner:
                     result["verification"] = verification
                 if images:
                     result["images"] = images
-                await j.finish.remote(
+                await j.call(
+                    Journal.finish,
                     eid,
                     result,
                     float(value),
@@ -937,8 +962,12 @@ class CampaignRunner:
                 return
             reason = f"the recipe ran but produced no finite {measure!r} (got {value!r})"
             self._tell(item, None, "failed")
-            await j.fail.remote(
-                eid, reason, data={"measurements": measurements}, optimizer_state=self._state()
+            await j.call(
+                Journal.fail,
+                eid,
+                reason,
+                data={"measurements": measurements},
+                optimizer_state=self._state(),
             )
             self._counts.failed += 1
             self._record_value(eid, item.params, None)
@@ -952,7 +981,9 @@ class CampaignRunner:
             budget = bool(violations) and all(
                 str(v.get("rule", "")).startswith("budget.") for v in violations
             )
-            await j.transition.remote(eid, "proposed", reason="the dry run at start refused it")
+            await j.call(
+                Journal.transition, eid, "proposed", reason="the dry run at start refused it"
+            )
             await self._reject(item, reasons, tell=not budget)
             if budget:
                 self._out(slot, f"safety budget spent ({reasons[0]})", state="paused")
@@ -960,8 +991,8 @@ class CampaignRunner:
         if out.get("refused"):  # latched, a budget, or the journal: nothing acted
             reason = f"station {slot.name} refused to start it: {out.get('error')}"
             self._forget(item)
-            await j.transition.remote(
-                eid, "cancelled", reason=reason, optimizer_state=self._state()
+            await j.call(
+                Journal.transition, eid, "cancelled", reason=reason, optimizer_state=self._state()
             )
             self._counts.cancelled += 1
             self._out(slot, str(out.get("error")))
@@ -973,7 +1004,8 @@ class CampaignRunner:
         where = "before its first step" if step is None else f"at step {step}"
         reason = f"failed {where}: {out.get('error')}"
         self._tell(item, None, "failed")
-        await j.fail.remote(
+        await j.call(
+            Journal.fail,
             eid,
             reason,
             data={k: v for k, v in out.items() if k != "image"},
@@ -1027,7 +1059,9 @@ class CampaignRunner:
                 item = self._queue.popleft()
                 self._forget(item)
                 why = f"campaign ended before it ran ({reason})"
-                await self.journal.transition.remote(item.experiment_id, "cancelled", reason=why)
+                await self.journal.call(
+                    Journal.transition, item.experiment_id, "cancelled", reason=why
+                )
                 self._counts.cancelled += 1
                 self._resolve(
                     item.experiment_id,
@@ -1045,8 +1079,10 @@ class CampaignRunner:
                     await note
                 except Exception as exc:  # the station's state is in the summary and the log
                     log.error("campaign %s: station event not journaled: %s", self.campaign_id, exc)
-            await self.journal.save_optimizer_state.remote(self.campaign_id, self._state())
-            await self.journal.set_campaign_state.remote(self.campaign_id, state, reason=reason)
+            await self.journal.call(Journal.save_optimizer_state, self.campaign_id, self._state())
+            await self.journal.call(
+                Journal.set_campaign_state, self.campaign_id, state, reason=reason
+            )
         best = None
         if self._best is not None:
             best = {"experiment_id": self._best[0], "params": self._best[1], "value": self._best[2]}

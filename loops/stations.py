@@ -1,27 +1,29 @@
-"""Stations as Ray actors: one async actor per physical bench owns its guarded instruments.
+"""Stations: one :class:`StationActor` per physical bench owns its guarded instruments.
 
-:class:`StationActor` opens the station (:func:`safety.open_station`) INSIDE its
-own worker process, on the machine that offers the Ray custom resource
-``station:<name>`` (locally :func:`init_ray` provides it; on a lab network
-each bench PC runs ``ray start --resources '{"station:bench-a": 1}'``). Only
-data crosses Ray: recipe dicts in, result / violation / status dicts out;
-device handles never leave the actor (STYLE.md habit "Ray workers pass data").
+:class:`StationActor` is the one definition of a station's API. It runs as a Ray
+actor (``loops.raylinks``: placed on the machine that offers the Ray custom
+resource ``station:<name>``; locally ``init_ray`` provides it, on a lab network
+each bench PC runs ``ray start --resources '{"station:bench-a": 1}'``) or in
+the campaign's own process (:class:`LocalStation`, for tests and benchmarks).
+Either way only data crosses: recipe dicts in, result / violation / status
+dicts out; device handles never leave the station (STYLE.md habit "Ray
+workers pass data"). The campaign reaches a station through a
+:class:`StationLink`: ``await link.call(StationActor.run, eid, recipe, who)``.
 
-:class:`JournalActor` is the one process that owns the journal's SQLite file
-(:class:`loops.journal.Journal`); the campaign and every station actor call
-it. A station actor journals each step BEFORE it acts: ``on_step`` awaits
-``journal.step_started.remote(...)`` (an ObjectRef is awaitable inside an
-async actor), so a crash at any instant leaves the journal knowing which
-physical step may have started.
+The journal is reached through a :class:`~loops.journal.JournalLink` (the Ray
+journal actor, or an in-process :class:`~loops.journal.AsyncJournal`). A
+station journals each step BEFORE it acts: ``on_step`` awaits
+``journal.call(Journal.step_started, ...)``, so a crash at any instant leaves
+the journal knowing which physical step may have started.
 
-Who writes what: the station actor moves an experiment ``queued -> running``
+Who writes what: the station moves an experiment ``queued -> running``
 (``mark_running=True``) and writes its ``step_started``/``step_done`` events;
 the campaign writes the outcome (``finish``/``fail``, with the optimizer's
 state in the same transaction) from the dict :meth:`StationActor.run` returns.
 A failed run trips the station (latched safe state: an operator checks it and
-calls ``reset``); nothing is retried. Actors are created with
-``max_restarts=0``/``max_task_retries=0``: a station that crashed is reported,
-never silently reopened or re-run on hardware.
+calls ``reset``); nothing is retried. Ray actors are created with
+``max_restarts=0``/``max_task_retries=0``: a station that crashed is reported
+(:class:`StationLost`), never silently reopened or re-run on hardware.
 
 Clocks: on a simulated bench the guard and the recipe's durations run on the
 simulator's accelerated clock; the actor rebuilds it from a :class:`ClockSpec`
@@ -38,16 +40,12 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from instruments.vision import Calibration, decode_jpeg, fit_calibration
-from loops.journal import AsyncJournal, IllegalTransition, JournalError
+from loops.journal import IllegalTransition, Journal, JournalError, JournalLink
 from loops.plan import Recipe, Step
 from loops.recipe import dry_run_recipe, run_recipe
 from loops.verify import Tolerances, verify
@@ -58,16 +56,15 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ClockSpec",
     "ExperimentStopped",
-    "JournalActor",
+    "LocalStation",
     "PortableIllegalTransition",
     "ScaledClock",
     "StationActor",
     "StationBusy",
     "StationError",
+    "StationLink",
+    "StationLost",
     "StationNotOpen",
-    "init_ray",
-    "start_journal_actor",
-    "start_station_actor",
     "station_resource",
 ]
 
@@ -102,6 +99,11 @@ class ExperimentStopped(RuntimeError):
 
 class StationBusy(RuntimeError):
     """The station is already running an experiment (one at a time per bench)."""
+
+
+class StationLost(RuntimeError):
+    """The process that ran a station died (its instruments could not be safe-stated
+    from there); raised by a :class:`StationLink` call."""
 
 
 # ----------------------------------------------------------------------- clock
@@ -203,7 +205,7 @@ class StationActor:
     supervisor (``poll_interval``, ``device_time_scale``, ...); ``env``:
     environment variables set in the actor's process before the station opens
     (e.g. ``DBUS_SYSTEM_BUS_ADDRESS`` for a simulated BLE bus); ``journal``: a
-    :class:`JournalActor` handle (None: steps are not journaled);
+    :class:`~loops.journal.JournalLink` (None: steps are not journaled);
     ``verification``: ``enabled``, ``calibration`` (the camera's, a
     :meth:`~instruments.vision.Calibration.to_dict`, or fitted later by
     :meth:`calibrate_camera`) and ``tolerances`` (:class:`loops.verify.Tolerances`
@@ -219,8 +221,7 @@ class StationActor:
         clock: ClockSpec | None = None,
         supervisor_options: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
-        journal: Any = None,
-        poll_s: float = 1.0,
+        journal: JournalLink | None = None,
         verification: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
@@ -231,7 +232,6 @@ class StationActor:
         self._supervisor_options = dict(supervisor_options or {})
         self._env = {str(k): str(v) for k, v in (env or {}).items()}
         self._journal = journal
-        self._poll_s = poll_s
         self._stack: contextlib.AsyncExitStack | None = None
         self._station: SafeStation | None = None
         self._run_lock = asyncio.Lock()
@@ -318,6 +318,8 @@ class StationActor:
 
     async def placement(self) -> dict[str, Any]:
         """Where this actor runs: node id and IP, pid, and the Ray resources assigned to it."""
+        import ray  # only a station running as a Ray actor has a placement
+
         ctx = ray.get_runtime_context()
         return {
             "station": self.name,
@@ -419,7 +421,7 @@ class StationActor:
         journal = self._journal
         if mark_running and journal is not None:
             try:
-                await journal.transition.remote(experiment_id, "running", station=self.name)
+                await journal.call(Journal.transition, experiment_id, "running", station=self.name)
             except Exception as exc:  # the journal refused: do not act at all
                 return {
                     **base,
@@ -436,9 +438,9 @@ class StationActor:
             if journal is None:
                 return
             if what == "started":  # on disk before the step acts
-                await journal.step_started.remote(experiment_id, i, step.as_dict())
+                await journal.call(Journal.step_started, experiment_id, i, step.as_dict())
             else:
-                await journal.step_done.remote(experiment_id, i, data)
+                await journal.call(Journal.step_done, experiment_id, i, data)
 
         try:
             result = await _until_tripped(
@@ -721,50 +723,7 @@ def _drain_steps(station: Any, volume_ml: float, rate_ml_min: float) -> tuple[St
     return tuple(steps)
 
 
-def start_station_actor(
-    name: str,
-    specs: Sequence[Mapping[str, Any]],
-    envelope_text: str | Mapping[str, Any],
-    *,
-    clock: ClockSpec | None = None,
-    supervisor_options: Mapping[str, Any] | None = None,
-    env: Mapping[str, str] | None = None,
-    journal: Any = None,
-    poll_s: float = 1.0,
-    actor_name: str | None = None,
-    namespace: str | None = None,
-    verification: Mapping[str, Any] | None = None,
-) -> Any:
-    """Create station ``name``'s :class:`StationActor` (not yet open: ``await handle.start.remote()``).
-
-    Placed by the resource ``station:<name>`` (1 unit: one actor per bench), no CPU,
-    named ``station-<name>`` (``actor_name`` overrides), never restarted or retried by
-    Ray. Returns the actor handle.
-    """
-    cls = ray.remote(StationActor)
-    options: dict[str, Any] = {
-        "name": actor_name or f"station-{name}",
-        "resources": {station_resource(name): 1},
-        "num_cpus": 0,
-        "max_restarts": 0,
-        "max_task_retries": 0,
-    }
-    if namespace is not None:
-        options["namespace"] = namespace
-    return cls.options(**options).remote(
-        name,
-        [dict(s) for s in specs],
-        envelope_text,
-        clock=clock,
-        supervisor_options=dict(supervisor_options or {}),
-        env=dict(env or {}),
-        journal=journal,
-        poll_s=poll_s,
-        verification=dict(verification or {}),
-    )
-
-
-# --------------------------------------------------------------------- journal
+# ------------------------------------------------------- errors across Ray
 class PortableIllegalTransition(IllegalTransition):
     """An :class:`~loops.journal.IllegalTransition` that survives pickling (Ray sends errors
     across processes; the original's constructor arguments are not its ``args``)."""
@@ -793,218 +752,54 @@ def _portable(exc: Exception, fallback: type[Exception] = JournalError) -> Excep
     return exc
 
 
-class JournalActor:
-    """The process that owns the journal file: :class:`loops.journal.Journal` behind a Ray actor.
+# ------------------------------------------------------------------------- links
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
-    Calls run one at a time in arrival order on the journal's own thread
-    (:class:`~loops.journal.AsyncJournal`); a write has committed (fsync'ed)
-    when its ObjectRef resolves. Journal errors (IllegalTransition,
-    StepOrderError, ...) reach the caller as Ray task errors of that type.
+
+class StationLink(Protocol):
+    """A station as the campaign sees it: every call is one :class:`StationActor` method.
+
+    ``call(StationActor.method, *args, **kwargs)`` starts the call at once and returns
+    an awaitable of its result; a station whose process died raises
+    :class:`StationLost`. Implementations: :class:`LocalStation` (in-process),
+    ``loops.raylinks.RayStation`` (a Ray actor).
     """
 
-    def __init__(self, path: str, *, busy_timeout_s: float = 10.0) -> None:
-        self.path = str(path)
-        self._busy_timeout_s = busy_timeout_s
-        self._journal: AsyncJournal | None = None
-        self._lock = asyncio.Lock()
+    name: str
 
-    async def _j(self) -> AsyncJournal:
-        async with self._lock:
-            if self._journal is None:
-                self._journal = await AsyncJournal.open(
-                    self.path, busy_timeout_s=self._busy_timeout_s
-                )
-            return self._journal
-
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        journal = await self._j()
-        try:
-            return await getattr(journal, method)(*args, **kwargs)
-        except Exception as exc:
-            portable = _portable(exc)
-            if portable is exc:
-                raise
-            raise portable from None
-
-    async def close(self) -> None:
-        """Close the file (the actor can be killed afterwards); idempotent."""
-        async with self._lock:
-            journal, self._journal = self._journal, None
-        if journal is not None:
-            await journal.aclose()
-
-    async def create_campaign(
-        self, campaign_id: str, name: str, program: Any, *, exist_ok: bool = False
-    ) -> Any:
-        return await self._call("create_campaign", campaign_id, name, program, exist_ok=exist_ok)
-
-    async def campaign(self, campaign_id: str) -> Any:
-        return await self._call("campaign", campaign_id)
-
-    async def set_campaign_state(
-        self, campaign_id: str, state: str, *, reason: str | None = None
-    ) -> int:
-        return await self._call("set_campaign_state", campaign_id, state, reason=reason)
-
-    async def save_optimizer_state(self, campaign_id: str, state: Mapping[str, Any]) -> None:
-        await self._call("save_optimizer_state", campaign_id, state)
-
-    async def propose(
+    def call(
         self,
-        campaign_id: str,
-        params: Mapping[str, Any],
-        proposer: str,
-        *,
-        recipe: Any = None,
-        data: Any = None,
-    ) -> str:
-        return await self._call("propose", campaign_id, params, proposer, recipe=recipe, data=data)
+        fn: Callable[Concatenate[StationActor, _P], Awaitable[_R]],
+        /,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> Awaitable[_R]: ...
 
-    async def transition(self, experiment_id: str, state: str, **kwargs: Any) -> int:
-        return await self._call("transition", experiment_id, state, **kwargs)
 
-    async def reject(self, experiment_id: str, reasons: Sequence[str], **kwargs: Any) -> int:
-        return await self._call("reject", experiment_id, reasons, **kwargs)
+class LocalStation:
+    """A :class:`StationActor` in this process and event loop (the in-process :class:`StationLink`)."""
 
-    async def fail(self, experiment_id: str, reason: str, **kwargs: Any) -> int:
-        return await self._call("fail", experiment_id, reason, **kwargs)
+    def __init__(self, actor: StationActor) -> None:
+        self.actor = actor
+        self.name = actor.name
 
-    async def step_started(self, experiment_id: str, index: int, step: Any = None) -> int:
-        return await self._call("step_started", experiment_id, index, step)
-
-    async def step_done(self, experiment_id: str, index: int, data: Any = None) -> int:
-        return await self._call("step_done", experiment_id, index, data)
-
-    async def finish(self, experiment_id: str, result: Any, objective: float, **kwargs: Any) -> int:
-        return await self._call("finish", experiment_id, result, objective, **kwargs)
-
-    async def mark_verified(
-        self, experiment_id: str, verified: bool, *, reason: str | None = None
-    ) -> int:
-        return await self._call("mark_verified", experiment_id, verified, reason=reason)
-
-    async def station_event(self, campaign_id: str, station: str, state: str, reason: str) -> int:
-        return await self._call("station_event", campaign_id, station, state, reason)
-
-    async def record_evidence(
+    def call(
         self,
-        experiment_id: str,
-        *,
-        verdicts: Sequence[Mapping[str, Any]] = (),
-        images: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> None:
-        await self._call("record_evidence", experiment_id, verdicts=verdicts, images=images)
-
-    async def verdicts(self, campaign_id: str, experiment_id: str | None = None) -> Any:
-        return await self._call("verdicts", campaign_id, experiment_id)
-
-    async def images(self, experiment_id: str) -> Any:
-        return await self._call("images", experiment_id)
-
-    async def experiment(self, experiment_id: str) -> Any:
-        return await self._call("experiment", experiment_id)
-
-    async def experiments(self, campaign_id: str, state: str | Iterable[str] | None = None) -> Any:
-        return await self._call("experiments", campaign_id, state)
-
-    async def transitions(self, experiment_id: str) -> Any:
-        return await self._call("transitions", experiment_id)
-
-    async def campaign_log(self, campaign_id: str, *, since: int = 0) -> Any:
-        return await self._call("campaign_log", campaign_id, since=since)
-
-    async def resume(self, campaign_id: str) -> Any:
-        return await self._call("resume", campaign_id)
-
-    async def to_rows(self, campaign_id: str) -> Any:
-        return await self._call("to_rows", campaign_id)
+        fn: Callable[Concatenate[StationActor, _P], Awaitable[_R]],
+        /,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> asyncio.Future[_R]:
+        """Start ``fn(actor, *args, **kwargs)`` as a task of the running loop."""
+        station_method(fn)
+        return asyncio.ensure_future(fn(self.actor, *args, **kwargs))
 
 
-def start_journal_actor(
-    path: str | Path, *, actor_name: str | None = None, busy_timeout_s: float = 10.0
-) -> Any:
-    """Create the :class:`JournalActor` for ``path`` on the driver's node (the file is local to it).
-
-    ``path`` is made absolute here (a worker's working directory is not the driver's).
-    """
-    cls = ray.remote(JournalActor)
-    options: dict[str, Any] = {
-        "num_cpus": 0,
-        "max_restarts": 0,
-        "max_task_retries": 0,
-        "scheduling_strategy": NodeAffinitySchedulingStrategy(
-            node_id=ray.get_runtime_context().get_node_id(), soft=False
-        ),
-    }
-    if actor_name is not None:
-        options["name"] = actor_name
-    return cls.options(**options).remote(str(Path(path).resolve()), busy_timeout_s=busy_timeout_s)
-
-
-# ------------------------------------------------------------------------ init
-def init_ray(
-    address: str | None = None,
-    *,
-    stations: Iterable[str] = (),
-    local: bool = True,
-    num_cpus: int = 2,
-    object_store_mb: int = 100,
-    **kwargs: Any,
-) -> Any:
-    """Start or join Ray for a campaign; returns ``ray.init``'s context (or None if already up).
-
-    ``address`` (else ``$RAY_ADDRESS``) joins an existing cluster: each bench PC
-    offers its own ``station:<name>`` resource there. Otherwise a local instance
-    starts with ``num_cpus``, no dashboard, a small object store and one
-    ``station:<name>`` unit per name in ``stations``; ``local=True`` keeps it on
-    loopback (every Ray server listens on 127.0.0.1 only).
-
-    Sets ``RAY_AUTH_MODE=disabled`` and ``RAY_USAGE_STATS_ENABLED=0`` unless
-    already set (see NOTES.md "Ray 2.60").
-    """
-    if ray.is_initialized():
-        return None
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    target = address or os.environ.get("RAY_ADDRESS") or None
-    if target:
-        names = list(stations)
-        if names:  # a driver joining a cluster cannot add resources: the bench PCs offer them
-            log.info("joining Ray at %s: stations %s must be offered by their nodes", target, names)
-        if _loopback(target):  # a local cluster started by init_ray(local=True): stay on loopback
-            _pin_loopback()
-            kwargs.setdefault("_node_ip_address", "127.0.0.1")
-        return ray.init(address=target, **kwargs)
-    options: dict[str, Any] = {
-        "num_cpus": num_cpus,
-        "include_dashboard": False,
-        "object_store_memory": object_store_mb * 1024 * 1024,
-        "resources": {station_resource(n): 1 for n in stations},
-    }
-    if local:
-        _pin_loopback()
-        options["_node_ip_address"] = "127.0.0.1"
-    options.update(kwargs)
-    return ray.init(**options)
-
-
-def _loopback(address: str) -> bool:
-    """Whether a Ray address (``host:port``, ``ray://host:port``) names this machine's loopback."""
-    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def _pin_loopback() -> None:
-    """Keep every Ray server and this driver on 127.0.0.1.
-
-    Ray 2.60 on Linux turns ``_node_ip_address="127.0.0.1"`` into the host's routable
-    IP (and its servers then listen on every interface; a driver joining
-    ``127.0.0.1:port`` looks for the GCS at that routable IP and times out) unless
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0 (read at import into ray_constants; the
-    raylet/gcs/workers inherit the env). Measured: with both, every Ray socket
-    listens on 127.0.0.1 only and a second driver joins over loopback.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
+def station_method(fn: Callable[..., Any]) -> str:
+    """The name of ``fn`` if it is a public method of :class:`StationActor`; raises
+    ValueError otherwise (a link forwards the station's API, nothing else)."""
+    name = getattr(fn, "__name__", "")
+    if name.startswith("_") or getattr(StationActor, name, None) is not fn:
+        raise ValueError(f"{fn!r} is not a StationActor method (StationActor.run, .dry_run, ...)")
+    return name

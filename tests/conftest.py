@@ -184,7 +184,7 @@ def ray_session() -> Iterator[object]:
     baseline. Tests that do not request it never start Ray.
     """
     ray = pytest.importorskip("ray")
-    from loops.stations import init_ray
+    from loops.raylinks import init_ray
 
     if ray.is_initialized():  # someone else started it: use it as it is
         yield ray

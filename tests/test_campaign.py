@@ -32,6 +32,7 @@ from bridge.simbench import sim_lab_yaml
 from loops.campaign import CampaignBusy, CampaignClosed, CampaignRunner, campaign_lock
 from loops.journal import Journal
 from loops.program import Program, load_program
+from loops.raylinks import ray_links
 from simulators.bench import SimulatedLab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,8 @@ async def simulated(
 def runner_for(
     prog: Program, lab: LabConfig, journal: Any, actors: Any, cid: str
 ) -> CampaignRunner:
-    return CampaignRunner(prog, journal, actors, campaign_id=cid, clock_now=lab_clock(lab)[1])
+    link, stations = ray_links(journal, actors)
+    return CampaignRunner(prog, link, stations, campaign_id=cid, clock_now=lab_clock(lab)[1])
 
 
 def total_ml(params: dict[str, Any]) -> float:
@@ -80,8 +82,7 @@ async def test_three_stations_reach_the_target_with_distinct_concurrent_proposal
     async with simulated(tmp_path, stations=3) as (_, lab, journal, actors):
         runner = CampaignRunner(
             program(budget=45),
-            journal,
-            actors,
+            *ray_links(journal, actors),
             campaign_id="three",
             clock_now=lab_clock(lab)[1],
             on_event=events.append,
@@ -417,8 +418,7 @@ async def test_a_station_whose_camera_disagrees_is_paused_and_its_results_untrus
         sim.stations[0].inject_fault(fault, **params)
         runner = CampaignRunner(
             program(budget=12, target=None),
-            journal,
-            actors,
+            *ray_links(journal, actors),
             campaign_id="witness",
             clock_now=lab_clock(lab)[1],
             on_event=events.append,

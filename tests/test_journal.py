@@ -27,6 +27,7 @@ import pytest
 
 from loops.journal import (
     EXPERIMENT_STATES,
+    JOURNAL_API,
     NEXT_STATES,
     SCHEMA_VERSION,
     AsyncJournal,
@@ -130,7 +131,7 @@ def test_schema_version_migration_and_append_only_log(tmp_path: Path) -> None:
 
 
 def test_a_version_1_journal_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
-    from loops.journal import _MIGRATIONS
+    from loops.journal._schema import _MIGRATIONS
 
     path = tmp_path / "v1.db"
     conn = sqlite3.connect(path, isolation_level=None)
@@ -464,27 +465,40 @@ def test_to_rows_is_flat_with_the_same_keys_everywhere(journal: Journal) -> None
 # ------------------------------------------------------------------ async
 async def test_async_journal_runs_on_one_thread_in_call_order(tmp_path: Path) -> None:
     async with await AsyncJournal.open(tmp_path / "a.db") as aj:
-        assert (await aj.settings())["synchronous"] == "FULL"
-        await aj.create_campaign("c", "n", {}, exist_ok=True)
-        ids = await asyncio.gather(*(aj.propose("c", {"i": i}, "optimizer") for i in range(20)))
+        assert (await aj.call(Journal.settings))["synchronous"] == "FULL"
+        await aj.call(Journal.create_campaign, "c", "n", {}, exist_ok=True)
+        ids = await asyncio.gather(
+            *(aj.call(Journal.propose, "c", {"i": i}, "optimizer") for i in range(20))
+        )
         assert ids == [f"c-{i:04d}" for i in range(1, 21)]
-        assert [e.params["i"] for e in await aj.experiments("c")] == list(range(20))
-        await aj.transition(ids[0], "checked")
-        await aj.transition(ids[0], "queued", station="s")
-        await aj.transition(ids[0], "running")
-        await aj.step_started(ids[0], 0, {"op": "hold"})
-        info = await aj.resume("c")
+        assert [e.params["i"] for e in await aj.call(Journal.experiments, "c")] == list(range(20))
+        await aj.call(Journal.transition, ids[0], "checked")
+        await aj.call(Journal.transition, ids[0], "queued", station="s")
+        await aj.call(Journal.transition, ids[0], "running")
+        await aj.call(Journal.step_started, ids[0], 0, {"op": "hold"})
+        info = await aj.call(Journal.resume, "c")
         assert info.interrupted[0].last_step_started == 0
         assert [t.name for t in threading.enumerate() if t.name.startswith("journal")]
         with pytest.raises(IllegalTransition):
-            await aj.transition(ids[1], "running")
+            await aj.call(Journal.transition, ids[1], "running")
+        # only the journal's API is forwarded: not close(), not a private helper
+        with pytest.raises(ValueError, match="not a journal method"):
+            aj.call(Journal.close)
+        with pytest.raises(ValueError, match="not a journal method"):
+            aj.call(Journal._db)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("journal")]
     await aj.aclose()  # idempotent
     with pytest.raises(JournalError, match="closed"):
-        await aj.campaign("c")
+        await aj.call(Journal.campaign, "c")
     with pytest.raises(JournalError, match="not durable"):
         await AsyncJournal.open(":memory:")
     assert not [t.name for t in threading.enumerate() if t.name.startswith("journal")]
+
+
+def test_the_journal_api_is_every_public_journal_method_but_close() -> None:
+    public = {n for n in dir(Journal) if not n.startswith("_") and callable(getattr(Journal, n))}
+    assert public - JOURNAL_API == {"close"}
+    assert {"propose", "transition", "finish", "resume", "to_rows"} <= JOURNAL_API
 
 
 # ------------------------------------------------------------------- kill -9

@@ -17,6 +17,7 @@ import pytest
 
 from loops.journal import IllegalTransition, Journal
 from loops.program import Program, load_program
+from loops.raylinks import start_journal_actor, start_station_actor
 from loops.recipe import Recipe, Step, build_recipe
 from loops.stations import (
     ClockSpec,
@@ -24,8 +25,6 @@ from loops.stations import (
     StationActor,
     StationError,
     StationNotOpen,
-    start_journal_actor,
-    start_station_actor,
 )
 from safety.envelope import REFERENCE_BENCH
 from simulators.bench import SimulatedLab
@@ -57,7 +56,6 @@ def station_actor(lab: SimulatedLab, *, journal: Any = None, actor_name: str | N
         supervisor_options={"device_time_scale": SPEED, "poll_interval": 0.05, "safe_timeout": 2.0},
         env={"DBUS_SYSTEM_BUS_ADDRESS": lab.bluez.address},
         journal=journal,
-        poll_s=0.5,
         actor_name=actor_name,
     )
 

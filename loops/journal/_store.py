@@ -1,444 +1,42 @@
-"""Journal: every state transition of every experiment, written durably before it is acted on.
-
-One SQLite file per lab (or per campaign), ``PRAGMA journal_mode=WAL`` and
-``PRAGMA synchronous=FULL``: a method that writes returns only after its
-transaction is committed and the WAL is fsync'ed, so the caller acts on a
-transition only once it would survive a ``kill -9`` or a power cut. Every
-write is ONE transaction: the experiment's row, its append-only
-``transitions`` row and (when given) the campaign's optimizer state change
-together or not at all.
-
-Experiment states (:data:`NEXT_STATES` is the whole machine)::
-
-    proposed -> checked | rejected | cancelled
-    checked  -> queued | proposed (re-dry-run) | cancelled
-    queued   -> running | proposed (never started) | failed | cancelled
-    running  -> done (finish) | failed | interrupted      (+ step_started/step_done events)
-    interrupted -> failed   (after the station was safe-stated and checked)
-    done, failed, rejected, cancelled: final (done may get mark_verified)
-
-A physical step is never re-run: :meth:`Journal.step_started` refuses an index
-that already started, and nothing leaves ``interrupted`` except ``failed``.
-:meth:`Journal.resume` after a crash marks ``running`` experiments
-``interrupted`` (with the step that was in progress), sends ``checked``/``queued``
-ones back to ``proposed`` (to be dry-run again) and returns everything the
-campaign needs to carry on (:class:`ResumeInfo`).
-
-Threading: a :class:`Journal` owns one connection and must be used from the
-thread that opened it (sqlite3 checks). Its writes are synchronous and short
-(median ~0.2-0.3 ms, p99 < 1 ms on the CI disk; a few ms on a lab SSD), so the
-campaign's event loop calls it directly: nothing else runs between the commit
-and the action that follows it. On a slow disk (SD card, network share) use
-:class:`AsyncJournal`, the same API on one dedicated thread;
-:meth:`Journal.commit_stats` tells which case a machine is in.
-"""
+"""The :class:`Journal` itself: the one definition of the journal's API (SQLite, WAL, synchronous=FULL)."""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import dataclasses
-import json
 import math
 import re
 import sqlite3
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-__all__ = [
-    "CAMPAIGN_STATES",
-    "EXPERIMENT_STATES",
-    "FINAL_STATES",
-    "NEXT_STATES",
-    "SCHEMA_VERSION",
-    "AsyncJournal",
-    "Campaign",
-    "CampaignMismatch",
-    "Experiment",
-    "IllegalTransition",
-    "InterruptedExperiment",
-    "Journal",
-    "JournalError",
-    "ResumeInfo",
-    "StepOrderError",
-    "Transition",
-    "UnknownCampaign",
-    "UnknownExperiment",
-    "migrate",
-]
-
-SCHEMA_VERSION = 2
-
-EXPERIMENT_STATES = (
-    "proposed",
-    "checked",
-    "rejected",
-    "queued",
-    "running",
-    "done",
-    "failed",
-    "interrupted",
-    "cancelled",
+from loops.journal._model import (
+    CAMPAIGN_STATES,
+    EXPERIMENT_STATES,
+    NEXT_STATES,
+    Campaign,
+    CampaignMismatch,
+    IllegalTransition,
+    InterruptedExperiment,
+    JournalError,
+    ResumeInfo,
+    StepOrderError,
+    UnknownCampaign,
+    UnknownExperiment,
+    _dumps,
+    _loads,
 )
-NEXT_STATES: Mapping[str, frozenset[str]] = {
-    "proposed": frozenset({"checked", "rejected", "cancelled"}),
-    "checked": frozenset({"queued", "proposed", "cancelled"}),
-    "queued": frozenset({"running", "proposed", "failed", "cancelled"}),
-    "running": frozenset({"done", "failed", "interrupted"}),
-    "interrupted": frozenset({"failed"}),
-    "done": frozenset(),
-    "failed": frozenset(),
-    "rejected": frozenset(),
-    "cancelled": frozenset(),
-}
-FINAL_STATES = frozenset(s for s, nxt in NEXT_STATES.items() if not nxt)
-CAMPAIGN_STATES = ("running", "paused", "stopped", "done", "aborted")
+from loops.journal._reads import _EXPERIMENT_COLUMNS, JournalReads
+from loops.journal._schema import _schema_version, migrate
 
 _PROPOSER = re.compile(r"^(optimizer(:\S+)?|agent:\S+|operator(:\S+)?)$")
 _HISTORY = 1000  # commit durations kept for commit_stats()
 
 
-# --------------------------------------------------------------------- errors
-class JournalError(Exception):
-    """The journal refused an operation or cannot be used (the message says which and why)."""
-
-
-class UnknownCampaign(JournalError, LookupError):
-    """No campaign with that id in the journal."""
-
-
-class UnknownExperiment(JournalError, LookupError):
-    """No experiment with that id in the journal."""
-
-
-class CampaignMismatch(JournalError):
-    """create_campaign(exist_ok=True) found the id with a different name or program."""
-
-
-class IllegalTransition(JournalError):
-    """A transition the state machine does not allow; names the experiment and both states."""
-
-    def __init__(
-        self, experiment_id: str, from_state: str, to_state: str, detail: str = ""
-    ) -> None:
-        self.experiment_id = experiment_id
-        self.from_state = from_state
-        self.to_state = to_state
-        allowed = ", ".join(sorted(NEXT_STATES.get(from_state, ()))) or "nothing (final state)"
-        msg = (
-            f"experiment {experiment_id}: illegal transition {from_state!r} -> {to_state!r} "
-            f"(from {from_state!r} allowed: {allowed})"
-        )
-        super().__init__(msg + (f"; {detail}" if detail else ""))
-
-
-class StepOrderError(JournalError):
-    """A step event out of order: a step started twice, or done without being started."""
-
-
-# ---------------------------------------------------------------- data model
-@dataclass(frozen=True)
-class Campaign:
-    """One campaign row. ``program`` is what was given (program.md text or a dict)."""
-
-    id: str
-    name: str
-    program: Any
-    state: str
-    optimizer_state: dict[str, Any] | None
-    created: float
-    updated: float
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """One experiment row (times are wall-clock seconds since the epoch).
-
-    ``step`` is the index of the last step started (None before the first);
-    ``verified`` is None (not checked), True, or False (untrusted result).
-    """
-
-    id: str
-    campaign_id: str
-    seq: int
-    station: str | None
-    params: dict[str, Any]
-    proposer: str
-    state: str
-    step: int | None
-    recipe: Any
-    result: Any
-    objective: float | None
-    verified: bool | None
-    reason: str | None
-    created: float
-    updated: float
-
-    @property
-    def trusted(self) -> bool:
-        """False when verification disagreed (verified is False); unverified counts as trusted."""
-        return self.verified is not False
-
-
-@dataclass(frozen=True)
-class Transition:
-    """One row of the append-only log.
-
-    ``event``: ``state`` (a state change), ``step_started``, ``step_done``,
-    ``verified`` (mark_verified), ``campaign`` (campaign-level, experiment_id
-    None, state = the campaign's) or ``station`` (campaign-level: a station went
-    out, was paused or rests; ``data`` says which and why). ``data`` is None or a dict: the event's own
-    keys (``params``/``proposer`` when proposed, ``step`` when a step started,
-    ``result``/``objective``/``verified`` when done, ``last_step_*`` when
-    interrupted by resume), ``reason``/``station``/``recipe`` when given, and
-    the caller's data under ``"data"``: the log alone rebuilds the tables.
-    """
-
-    id: int
-    experiment_id: str | None
-    campaign_id: str
-    t: float
-    event: str
-    state: str
-    step: int | None
-    data: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class InterruptedExperiment:
-    """An experiment found ``running`` at resume: the station must be safe-stated and checked.
-
-    ``last_step_started`` is the index of the last physical step that started
-    (None: the experiment was running but no step had started), ``last_step``
-    its step data, ``last_step_done`` whether it also finished. ``marked_now`` is
-    False for an experiment an earlier resume marked and nobody resolved yet
-    (resolve with ``fail(id, reason)`` once the station is checked).
-    """
-
-    experiment: Experiment
-    station: str | None
-    last_step_started: int | None
-    last_step: Any
-    last_step_done: bool
-    steps_done: tuple[int, ...]
-    marked_now: bool
-
-
-@dataclass(frozen=True)
-class ResumeInfo:
-    """What a campaign needs to carry on after a crash (see :meth:`Journal.resume`).
-
-    ``finished``: done experiments with results (re-tell the optimizer those its
-    saved state does not include); ``failed``/``rejected``: information for the
-    optimizer too; ``interrupted``: NEVER re-run, check the station first;
-    ``requeued``: were checked/queued, now proposed again (also in
-    ``pending_proposals``, which lists every experiment in ``proposed``, to be
-    dry-run again); ``next_seq``: the seq the next proposal will get.
-    """
-
-    campaign: Campaign
-    finished: list[Experiment]
-    failed: list[Experiment]
-    rejected: list[Experiment]
-    interrupted: list[InterruptedExperiment]
-    requeued: list[Experiment]
-    pending_proposals: list[Experiment]
-    optimizer_state: dict[str, Any] | None
-    next_seq: int
-
-
-# ---------------------------------------------------------------------- JSON
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "as_dict") and callable(o.as_dict):  # safety.Command, DryRunReport, ...
-        return o.as_dict()
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return dataclasses.asdict(o)
-    if hasattr(o, "tolist") and callable(o.tolist):  # numpy arrays and scalars
-        return o.tolist()
-    if hasattr(o, "item") and callable(o.item):
-        return o.item()
-    if isinstance(o, Mapping):
-        return dict(o)
-    if isinstance(o, set | frozenset | tuple):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"journal: {type(o).__name__} is not JSON-serialisable: {o!r}")
-
-
-def _dumps(value: Any) -> str | None:
-    if value is None:
-        return None
-    return json.dumps(value, default=_json_default, separators=(",", ":"))
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-# ------------------------------------------------------------------ schema
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-        """CREATE TABLE campaigns (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
-            program TEXT NOT NULL,
-            created REAL NOT NULL,
-            state TEXT NOT NULL,
-            optimizer_state TEXT,
-            updated REAL NOT NULL)""",
-        """CREATE TABLE experiments (
-            id TEXT PRIMARY KEY,
-            campaign_id TEXT NOT NULL REFERENCES campaigns(id),
-            seq INTEGER NOT NULL,
-            station TEXT,
-            params TEXT NOT NULL,
-            proposer TEXT NOT NULL,
-            state TEXT NOT NULL,
-            step INTEGER,
-            recipe TEXT,
-            result TEXT,
-            objective REAL,
-            verified INTEGER CHECK (verified IN (0, 1)),
-            reason TEXT,
-            created REAL NOT NULL,
-            updated REAL NOT NULL,
-            UNIQUE (campaign_id, seq))""",
-        "CREATE INDEX experiments_by_state ON experiments (campaign_id, state)",
-        """CREATE TABLE transitions (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            experiment_id TEXT REFERENCES experiments(id),
-            campaign_id TEXT NOT NULL REFERENCES campaigns(id),
-            t REAL NOT NULL,
-            event TEXT NOT NULL,
-            state TEXT NOT NULL,
-            step INTEGER,
-            data TEXT)""",
-        "CREATE INDEX transitions_by_experiment ON transitions (experiment_id, id)",
-        "CREATE INDEX transitions_by_campaign ON transitions (campaign_id, id)",
-        """CREATE TRIGGER transitions_no_update BEFORE UPDATE ON transitions
-            BEGIN SELECT RAISE(ABORT, 'journal transitions are append-only'); END""",
-        """CREATE TRIGGER transitions_no_delete BEFORE DELETE ON transitions
-            BEGIN SELECT RAISE(ABORT, 'journal transitions are append-only'); END""",
-        "INSERT INTO schema_version (version) VALUES (0)",
-    ),
-    2: (
-        # the safety layer's verdicts on each experiment's commands (allowed and refused)
-        """CREATE TABLE verdicts (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            campaign_id TEXT NOT NULL REFERENCES campaigns(id),
-            experiment_id TEXT REFERENCES experiments(id),
-            station TEXT NOT NULL,
-            t REAL NOT NULL,
-            who TEXT,
-            command TEXT NOT NULL,
-            allowed INTEGER NOT NULL CHECK (allowed IN (0, 1)),
-            rule TEXT,
-            reason TEXT NOT NULL,
-            data TEXT)""",
-        "CREATE INDEX verdicts_by_experiment ON verdicts (experiment_id, id)",
-        "CREATE INDEX verdicts_by_campaign ON verdicts (campaign_id, id)",
-        # camera frames on disk by content hash, and which experiment they belong to
-        """CREATE TABLE images (
-            sha256 TEXT PRIMARY KEY,
-            path TEXT NOT NULL,
-            bytes INTEGER NOT NULL,
-            created REAL NOT NULL)""",
-        """CREATE TABLE experiment_images (
-            experiment_id TEXT NOT NULL REFERENCES experiments(id),
-            role TEXT NOT NULL,
-            sha256 TEXT NOT NULL REFERENCES images(sha256),
-            PRIMARY KEY (experiment_id, role))""",
-    ),
-}
-
-
-def _schema_version(conn: sqlite3.Connection) -> int:
-    row = conn.execute(
-        "SELECT name FROM sqlite_master WHERE type='table' AND name='schema_version'"
-    ).fetchone()
-    if row is None:
-        return 0
-    got = conn.execute("SELECT version FROM schema_version").fetchone()
-    return 0 if got is None else int(got[0])
-
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the journal schema to :data:`SCHEMA_VERSION`, one transaction per version.
-
-    ``conn`` must be in autocommit mode (``isolation_level=None``). Returns the
-    version it found. A journal written by a newer labbridge is refused.
-    """
-    found = _schema_version(conn)
-    if found > SCHEMA_VERSION:
-        raise JournalError(
-            f"journal schema version {found} is newer than this labbridge supports "
-            f"({SCHEMA_VERSION}); upgrade labbridge to open it"
-        )
-    for version in range(found + 1, SCHEMA_VERSION + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if _schema_version(conn) < version:  # another process may have migrated meanwhile
-                for statement in _MIGRATIONS[version]:
-                    conn.execute(statement)
-                conn.execute("UPDATE schema_version SET version = ?", (version,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-    return found
-
-
-# ------------------------------------------------------------------ journal
-_EXPERIMENT_COLUMNS = (
-    "id, campaign_id, seq, station, params, proposer, state, step, recipe, result, "
-    "objective, verified, reason, created, updated"
-)
-_TRANSITION_COLUMNS = "id, experiment_id, campaign_id, t, event, state, step, data"
-
-
-def _experiment(row: tuple[Any, ...]) -> Experiment:
-    return Experiment(
-        id=row[0],
-        campaign_id=row[1],
-        seq=row[2],
-        station=row[3],
-        params=_loads(row[4]),
-        proposer=row[5],
-        state=row[6],
-        step=row[7],
-        recipe=_loads(row[8]),
-        result=_loads(row[9]),
-        objective=row[10],
-        verified=None if row[11] is None else bool(row[11]),
-        reason=row[12],
-        created=row[13],
-        updated=row[14],
-    )
-
-
-def _transition(row: tuple[Any, ...]) -> Transition:
-    return Transition(
-        id=row[0],
-        experiment_id=row[1],
-        campaign_id=row[2],
-        t=row[3],
-        event=row[4],
-        state=row[5],
-        step=row[6],
-        data=_loads(row[7]),
-    )
-
-
-class Journal:
+class Journal(JournalReads):
     """The durable record of campaigns and experiments (SQLite, WAL, synchronous=FULL).
 
     ``Journal(path)`` creates or opens the file and migrates its schema.
@@ -487,11 +85,6 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise JournalError(f"journal {self.path} is closed")
-        return self._conn
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -570,34 +163,6 @@ class Journal:
                 )
                 self._log(conn, None, campaign_id, "campaign", "running", None, {"created": name})
         return self.campaign(campaign_id)
-
-    def campaign(self, campaign_id: str) -> Campaign:
-        """The campaign row; raises :class:`UnknownCampaign`."""
-        row = (
-            self._db()
-            .execute(
-                "SELECT id, name, program, state, optimizer_state, created, updated "
-                "FROM campaigns WHERE id = ?",
-                (campaign_id,),
-            )
-            .fetchone()
-        )
-        if row is None:
-            raise UnknownCampaign(f"no campaign {campaign_id!r} in journal {self.path}")
-        return Campaign(
-            id=row[0],
-            name=row[1],
-            program=_loads(row[2]),
-            state=row[3],
-            optimizer_state=_loads(row[4]),
-            created=row[5],
-            updated=row[6],
-        )
-
-    def campaigns(self) -> list[Campaign]:
-        """Every campaign, oldest first."""
-        ids = self._db().execute("SELECT id FROM campaigns ORDER BY created, id").fetchall()
-        return [self.campaign(r[0]) for r in ids]
 
     def set_campaign_state(self, campaign_id: str, state: str, *, reason: str | None = None) -> int:
         """Record the campaign's state (running|paused|stopped|done|aborted); returns the log id."""
@@ -949,101 +514,6 @@ class Journal:
                     (experiment_id, role, image["sha256"]),
                 )
 
-    def verdicts(self, campaign_id: str, experiment_id: str | None = None) -> list[dict[str, Any]]:
-        """The safety verdicts recorded for a campaign (or one experiment), oldest first."""
-        sql = (
-            "SELECT id, experiment_id, station, t, who, command, allowed, rule, reason, data "
-            "FROM verdicts WHERE campaign_id = ?"
-        )
-        args: list[Any] = [campaign_id]
-        if experiment_id is not None:
-            sql += " AND experiment_id = ?"
-            args.append(experiment_id)
-        rows = self._db().execute(sql + " ORDER BY id", args).fetchall()
-        return [
-            {
-                "id": r[0],
-                "experiment_id": r[1],
-                "station": r[2],
-                "t": r[3],
-                "who": r[4],
-                "command": _loads(r[5]),
-                "allowed": bool(r[6]),
-                "rule": r[7],
-                "reason": r[8],
-                "values": _loads(r[9]),
-            }
-            for r in rows
-        ]
-
-    def images(self, experiment_id: str) -> dict[str, dict[str, Any]]:
-        """An experiment's images: role -> ``sha256``, ``path``, ``bytes``."""
-        rows = (
-            self._db()
-            .execute(
-                "SELECT e.role, i.sha256, i.path, i.bytes FROM experiment_images e "
-                "JOIN images i ON i.sha256 = e.sha256 WHERE e.experiment_id = ? ORDER BY e.role",
-                (experiment_id,),
-            )
-            .fetchall()
-        )
-        return {r[0]: {"sha256": r[1], "path": r[2], "bytes": r[3]} for r in rows}
-
-    # ------------------------------------------------------------------ reads
-    def experiment(self, experiment_id: str) -> Experiment:
-        """One experiment; raises :class:`UnknownExperiment`."""
-        row = (
-            self._db()
-            .execute(
-                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,)
-            )
-            .fetchone()
-        )
-        if row is None:
-            raise UnknownExperiment(f"no experiment {experiment_id!r} in journal {self.path}")
-        return _experiment(row)
-
-    def experiments(
-        self, campaign_id: str, state: str | Iterable[str] | None = None
-    ) -> list[Experiment]:
-        """The campaign's experiments in seq order, optionally only those in ``state``(s)."""
-        sql = f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE campaign_id = ?"
-        args: list[Any] = [campaign_id]
-        if state is not None:
-            states = [state] if isinstance(state, str) else list(state)
-            unknown = [s for s in states if s not in NEXT_STATES]
-            if unknown:
-                raise ValueError(f"unknown experiment state(s) {unknown}")
-            sql += f" AND state IN ({', '.join('?' * len(states))})"
-            args += states
-        rows = self._db().execute(sql + " ORDER BY seq", args).fetchall()
-        return [_experiment(r) for r in rows]
-
-    def transitions(self, experiment_id: str) -> list[Transition]:
-        """The experiment's log, oldest first."""
-        rows = (
-            self._db()
-            .execute(
-                f"SELECT {_TRANSITION_COLUMNS} FROM transitions WHERE experiment_id = ? ORDER BY id",
-                (experiment_id,),
-            )
-            .fetchall()
-        )
-        return [_transition(r) for r in rows]
-
-    def campaign_log(self, campaign_id: str, *, since: int = 0) -> list[Transition]:
-        """Every log row of the campaign (experiments and campaign events) with id > ``since``."""
-        rows = (
-            self._db()
-            .execute(
-                f"SELECT {_TRANSITION_COLUMNS} FROM transitions WHERE campaign_id = ? AND id > ? "
-                "ORDER BY id",
-                (campaign_id, since),
-            )
-            .fetchall()
-        )
-        return [_transition(r) for r in rows]
-
     # ----------------------------------------------------------------- resume
     def resume(self, campaign_id: str) -> ResumeInfo:
         """Pick a campaign up after a crash, in one transaction (idempotent).
@@ -1154,49 +624,6 @@ class Journal:
             optimizer_state=campaign.optimizer_state,
             next_seq=next_seq,
         )
-
-    # ----------------------------------------------------------------- export
-    def to_rows(self, campaign_id: str) -> list[dict[str, Any]]:
-        """One flat dict per experiment (seq order), the same keys in every row (for CSV).
-
-        Columns: experiment, seq, station, proposer, state, step, objective,
-        verified, reason, created, updated, then ``param.<name>`` and
-        ``result.<key>`` (nested values as JSON text).
-        """
-        self.campaign(campaign_id)
-        exps = self.experiments(campaign_id)
-        param_keys: dict[str, None] = {}
-        result_keys: dict[str, None] = {}
-        for e in exps:
-            param_keys.update(dict.fromkeys(e.params))
-            if isinstance(e.result, Mapping):
-                result_keys.update(dict.fromkeys(e.result))
-
-        def flat(v: Any) -> Any:
-            return v if v is None or isinstance(v, str | int | float | bool) else _dumps(v)
-
-        rows = []
-        for e in exps:
-            row: dict[str, Any] = {
-                "experiment": e.id,
-                "seq": e.seq,
-                "station": e.station,
-                "proposer": e.proposer,
-                "state": e.state,
-                "step": e.step,
-                "objective": e.objective,
-                "verified": e.verified,
-                "reason": e.reason,
-                "created": e.created,
-                "updated": e.updated,
-            }
-            for k in param_keys:
-                row[f"param.{k}"] = flat(e.params.get(k))
-            result = e.result if isinstance(e.result, Mapping) else {}
-            for k in result_keys:
-                row[f"result.{k}"] = flat(result.get(k))
-            rows.append(row)
-        return rows
 
     # ---------------------------------------------------------------- helpers
     def _require_campaign(self, conn: sqlite3.Connection, campaign_id: str) -> None:
@@ -1346,177 +773,22 @@ class Journal:
         return rowid
 
 
-# -------------------------------------------------------------- async façade
-_T = TypeVar("_T")
+#: The journal's API: every public method of :class:`Journal` but ``close`` (the owner's).
+#: :class:`~loops.journal.AsyncJournal` and the Ray journal actor forward exactly these, so
+#: a method added to :class:`Journal` is available through both without another edit.
+JOURNAL_API: frozenset[str] = frozenset(
+    name
+    for name in dir(Journal)
+    if callable(getattr(Journal, name)) and not name.startswith("_") and name != "close"
+)
 
 
-class AsyncJournal:
-    """A :class:`Journal` whose connection lives on one dedicated thread, for slow disks.
-
-    Same methods, awaited; calls run one at a time in call order, so a write
-    has committed when its await returns. A call cancelled while it runs still
-    completes (a transaction is never cut in half); the caller got no answer
-    and must not act on it. Open with ``await AsyncJournal.open(path)`` (or
-    ``async with``), close with ``await aclose()`` (joins the thread).
-    """
-
-    def __init__(self, journal: Journal, executor: concurrent.futures.ThreadPoolExecutor) -> None:
-        self._journal = journal
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = executor
-        self.path = journal.path
-
-    @classmethod
-    async def open(cls, path: str | Path, *, busy_timeout_s: float = 10.0) -> AsyncJournal:
-        """Open (create, migrate) the journal on its own thread."""
-        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
-        try:
-            fut = executor.submit(Journal, path, busy_timeout_s=busy_timeout_s)
-            journal = await asyncio.wrap_future(fut)
-        except BaseException:
-            executor.shutdown(wait=True)
-            raise
-        return cls(journal, executor)
-
-    async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        if self._executor is None:
-            raise JournalError(f"journal {self.path} is closed")
-        return await asyncio.wrap_future(self._executor.submit(fn, *args, **kwargs))
-
-    async def aclose(self) -> None:
-        """Close the connection on its thread and join the thread (idempotent)."""
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        try:
-            await asyncio.wrap_future(executor.submit(self._journal.close))
-        finally:
-            executor.shutdown(wait=True)  # the thread is idle by now: joins in microseconds
-
-    async def __aenter__(self) -> AsyncJournal:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def settings(self) -> dict[str, Any]:
-        return await self._call(self._journal.settings)
-
-    async def commit_stats(self) -> dict[str, float]:
-        return await self._call(self._journal.commit_stats)
-
-    async def create_campaign(
-        self, campaign_id: str, name: str, program: Any, *, exist_ok: bool = False
-    ) -> Campaign:
-        return await self._call(
-            self._journal.create_campaign, campaign_id, name, program, exist_ok=exist_ok
+def api_name(fn: Callable[..., Any]) -> str:
+    """The name of ``fn`` if it is a method of the journal's API (``Journal.propose``, ...);
+    raises ValueError naming the allowed methods otherwise."""
+    name = getattr(fn, "__name__", None)
+    if name not in JOURNAL_API or getattr(Journal, name) is not fn:
+        raise ValueError(
+            f"{fn!r} is not a journal method; pass one of Journal.{', Journal.'.join(sorted(JOURNAL_API))}"
         )
-
-    async def campaign(self, campaign_id: str) -> Campaign:
-        return await self._call(self._journal.campaign, campaign_id)
-
-    async def campaigns(self) -> list[Campaign]:
-        return await self._call(self._journal.campaigns)
-
-    async def set_campaign_state(
-        self, campaign_id: str, state: str, *, reason: str | None = None
-    ) -> int:
-        return await self._call(self._journal.set_campaign_state, campaign_id, state, reason=reason)
-
-    async def save_optimizer_state(self, campaign_id: str, state: Mapping[str, Any]) -> None:
-        await self._call(self._journal.save_optimizer_state, campaign_id, state)
-
-    async def propose(
-        self,
-        campaign_id: str,
-        params: Mapping[str, Any],
-        proposer: str,
-        *,
-        recipe: Any = None,
-        data: Any = None,
-    ) -> str:
-        return await self._call(
-            self._journal.propose, campaign_id, params, proposer, recipe=recipe, data=data
-        )
-
-    async def transition(self, experiment_id: str, state: str, **kwargs: Any) -> int:
-        """See :meth:`Journal.transition` (same keyword arguments)."""
-        return await self._call(self._journal.transition, experiment_id, state, **kwargs)
-
-    async def reject(self, experiment_id: str, reasons: Sequence[str], **kwargs: Any) -> int:
-        return await self._call(self._journal.reject, experiment_id, reasons, **kwargs)
-
-    async def fail(self, experiment_id: str, reason: str, **kwargs: Any) -> int:
-        return await self._call(self._journal.fail, experiment_id, reason, **kwargs)
-
-    async def step_started(self, experiment_id: str, index: int, step: Any = None) -> int:
-        return await self._call(self._journal.step_started, experiment_id, index, step)
-
-    async def step_done(self, experiment_id: str, index: int, data: Any = None) -> int:
-        return await self._call(self._journal.step_done, experiment_id, index, data)
-
-    async def finish(
-        self,
-        experiment_id: str,
-        result: Any,
-        objective: float,
-        *,
-        verified: bool | None = None,
-        reason: str | None = None,
-        optimizer_state: Mapping[str, Any] | None = None,
-    ) -> int:
-        return await self._call(
-            self._journal.finish,
-            experiment_id,
-            result,
-            objective,
-            verified=verified,
-            reason=reason,
-            optimizer_state=optimizer_state,
-        )
-
-    async def mark_verified(
-        self, experiment_id: str, verified: bool, *, reason: str | None = None
-    ) -> int:
-        return await self._call(self._journal.mark_verified, experiment_id, verified, reason=reason)
-
-    async def station_event(self, campaign_id: str, station: str, state: str, reason: str) -> int:
-        return await self._call(self._journal.station_event, campaign_id, station, state, reason)
-
-    async def record_evidence(
-        self,
-        experiment_id: str,
-        *,
-        verdicts: Sequence[Mapping[str, Any]] = (),
-        images: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> None:
-        await self._call(
-            self._journal.record_evidence, experiment_id, verdicts=verdicts, images=images
-        )
-
-    async def verdicts(
-        self, campaign_id: str, experiment_id: str | None = None
-    ) -> list[dict[str, Any]]:
-        return await self._call(self._journal.verdicts, campaign_id, experiment_id)
-
-    async def images(self, experiment_id: str) -> dict[str, dict[str, Any]]:
-        return await self._call(self._journal.images, experiment_id)
-
-    async def experiment(self, experiment_id: str) -> Experiment:
-        return await self._call(self._journal.experiment, experiment_id)
-
-    async def experiments(
-        self, campaign_id: str, state: str | Iterable[str] | None = None
-    ) -> list[Experiment]:
-        return await self._call(self._journal.experiments, campaign_id, state)
-
-    async def transitions(self, experiment_id: str) -> list[Transition]:
-        return await self._call(self._journal.transitions, experiment_id)
-
-    async def campaign_log(self, campaign_id: str, *, since: int = 0) -> list[Transition]:
-        return await self._call(self._journal.campaign_log, campaign_id, since=since)
-
-    async def resume(self, campaign_id: str) -> ResumeInfo:
-        return await self._call(self._journal.resume, campaign_id)
-
-    async def to_rows(self, campaign_id: str) -> list[dict[str, Any]]:
-        return await self._call(self._journal.to_rows, campaign_id)
+    return name

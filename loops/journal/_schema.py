@@ -1,0 +1,123 @@
+"""The journal's SQLite schema and its migrations (one transaction per version)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from loops.journal._model import JournalError
+
+SCHEMA_VERSION = 2
+
+# ------------------------------------------------------------------ schema
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+        """CREATE TABLE campaigns (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            program TEXT NOT NULL,
+            created REAL NOT NULL,
+            state TEXT NOT NULL,
+            optimizer_state TEXT,
+            updated REAL NOT NULL)""",
+        """CREATE TABLE experiments (
+            id TEXT PRIMARY KEY,
+            campaign_id TEXT NOT NULL REFERENCES campaigns(id),
+            seq INTEGER NOT NULL,
+            station TEXT,
+            params TEXT NOT NULL,
+            proposer TEXT NOT NULL,
+            state TEXT NOT NULL,
+            step INTEGER,
+            recipe TEXT,
+            result TEXT,
+            objective REAL,
+            verified INTEGER CHECK (verified IN (0, 1)),
+            reason TEXT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            UNIQUE (campaign_id, seq))""",
+        "CREATE INDEX experiments_by_state ON experiments (campaign_id, state)",
+        """CREATE TABLE transitions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            experiment_id TEXT REFERENCES experiments(id),
+            campaign_id TEXT NOT NULL REFERENCES campaigns(id),
+            t REAL NOT NULL,
+            event TEXT NOT NULL,
+            state TEXT NOT NULL,
+            step INTEGER,
+            data TEXT)""",
+        "CREATE INDEX transitions_by_experiment ON transitions (experiment_id, id)",
+        "CREATE INDEX transitions_by_campaign ON transitions (campaign_id, id)",
+        """CREATE TRIGGER transitions_no_update BEFORE UPDATE ON transitions
+            BEGIN SELECT RAISE(ABORT, 'journal transitions are append-only'); END""",
+        """CREATE TRIGGER transitions_no_delete BEFORE DELETE ON transitions
+            BEGIN SELECT RAISE(ABORT, 'journal transitions are append-only'); END""",
+        "INSERT INTO schema_version (version) VALUES (0)",
+    ),
+    2: (
+        # the safety layer's verdicts on each experiment's commands (allowed and refused)
+        """CREATE TABLE verdicts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            campaign_id TEXT NOT NULL REFERENCES campaigns(id),
+            experiment_id TEXT REFERENCES experiments(id),
+            station TEXT NOT NULL,
+            t REAL NOT NULL,
+            who TEXT,
+            command TEXT NOT NULL,
+            allowed INTEGER NOT NULL CHECK (allowed IN (0, 1)),
+            rule TEXT,
+            reason TEXT NOT NULL,
+            data TEXT)""",
+        "CREATE INDEX verdicts_by_experiment ON verdicts (experiment_id, id)",
+        "CREATE INDEX verdicts_by_campaign ON verdicts (campaign_id, id)",
+        # camera frames on disk by content hash, and which experiment they belong to
+        """CREATE TABLE images (
+            sha256 TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            bytes INTEGER NOT NULL,
+            created REAL NOT NULL)""",
+        """CREATE TABLE experiment_images (
+            experiment_id TEXT NOT NULL REFERENCES experiments(id),
+            role TEXT NOT NULL,
+            sha256 TEXT NOT NULL REFERENCES images(sha256),
+            PRIMARY KEY (experiment_id, role))""",
+    ),
+}
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name='schema_version'"
+    ).fetchone()
+    if row is None:
+        return 0
+    got = conn.execute("SELECT version FROM schema_version").fetchone()
+    return 0 if got is None else int(got[0])
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the journal schema to :data:`SCHEMA_VERSION`, one transaction per version.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``). Returns the
+    version it found. A journal written by a newer labbridge is refused.
+    """
+    found = _schema_version(conn)
+    if found > SCHEMA_VERSION:
+        raise JournalError(
+            f"journal schema version {found} is newer than this labbridge supports "
+            f"({SCHEMA_VERSION}); upgrade labbridge to open it"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if _schema_version(conn) < version:  # another process may have migrated meanwhile
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+                conn.execute("UPDATE schema_version SET version = ?", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return found

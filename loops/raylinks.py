@@ -1,0 +1,279 @@
+"""Ray, the one place that knows it: the journal and station actors, their links, ``init_ray``.
+
+:class:`JournalActor` is the one process that owns the journal's SQLite file; its Ray
+methods are built from :data:`loops.journal.JOURNAL_API` (each forwards to the
+:class:`~loops.journal.Journal` method of that name on the journal's own thread), so
+there is no second copy of the API. :class:`RayJournal` and :class:`RayStation` wrap
+actor handles as a :class:`~loops.journal.JournalLink` and a
+:class:`~loops.stations.StationLink`: the campaign loop calls those, never ``.remote()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from loops.journal import JOURNAL_API, AsyncJournal, Journal, api_name
+from loops.stations import (
+    ClockSpec,
+    StationActor,
+    StationLost,
+    _portable,
+    station_method,
+    station_resource,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "JournalActor",
+    "RayJournal",
+    "RayStation",
+    "init_ray",
+    "ray_links",
+    "start_journal_actor",
+    "start_station_actor",
+]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+# ------------------------------------------------------------------------ links
+class RayJournal:
+    """The journal actor's handle as a :class:`~loops.journal.JournalLink` (picklable: a
+    station actor gets one). A journal error arrives as a Ray task error of its own type."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def call(
+        self, fn: Callable[Concatenate[Journal, _P], _R], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> Awaitable[_R]:
+        ref = getattr(self.handle, api_name(fn)).remote(*args, **kwargs)
+        return cast(Awaitable[_R], ref)  # an ObjectRef: submitted now, awaitable
+
+
+class RayStation:
+    """A station actor's handle as a :class:`~loops.stations.StationLink`; an actor that
+    died raises :class:`~loops.stations.StationLost`."""
+
+    def __init__(self, name: str, handle: Any) -> None:
+        self.name = name
+        self.handle = handle
+
+    def call(
+        self,
+        fn: Callable[Concatenate[StationActor, _P], Awaitable[_R]],
+        /,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> asyncio.Future[_R]:
+        ref = getattr(self.handle, station_method(fn)).remote(*args, **kwargs)
+        return asyncio.ensure_future(self._result(ref))
+
+    async def _result(self, ref: Any) -> Any:
+        try:
+            return await ref
+        except ray.exceptions.RayActorError as exc:
+            raise StationLost(f"station {self.name} died: {type(exc).__name__}: {exc}") from None
+
+
+def ray_links(journal: Any, actors: Mapping[str, Any]) -> tuple[RayJournal, dict[str, RayStation]]:
+    """The links a :class:`~loops.campaign.CampaignRunner` takes, from the actor handles."""
+    return RayJournal(journal), {name: RayStation(name, h) for name, h in actors.items()}
+
+
+# ---------------------------------------------------------------------- journal
+class JournalActor:
+    """The process that owns the journal file: :class:`loops.journal.Journal` behind a Ray actor.
+
+    One Ray method per name in :data:`~loops.journal.JOURNAL_API` (built below, not
+    written out), plus :meth:`close`. Calls run one at a time in arrival order on the
+    journal's own thread (:class:`~loops.journal.AsyncJournal`); a write has committed
+    (fsync'ed) when its ObjectRef resolves. Journal errors (IllegalTransition,
+    StepOrderError, ...) reach the caller as Ray task errors of that type.
+    """
+
+    def __init__(self, path: str, *, busy_timeout_s: float = 10.0) -> None:
+        self.path = str(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._journal: AsyncJournal | None = None
+        self._lock = asyncio.Lock()
+
+    async def _j(self) -> AsyncJournal:
+        async with self._lock:
+            if self._journal is None:
+                self._journal = await AsyncJournal.open(
+                    self.path, busy_timeout_s=self._busy_timeout_s
+                )
+            return self._journal
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        journal = await self._j()
+        try:
+            return await journal.call(getattr(Journal, method), *args, **kwargs)
+        except Exception as exc:
+            portable = _portable(exc)
+            if portable is exc:
+                raise
+            raise portable from None
+
+    async def close(self) -> None:
+        """Close the file (the actor can be killed afterwards); idempotent."""
+        async with self._lock:
+            journal, self._journal = self._journal, None
+        if journal is not None:
+            await journal.aclose()
+
+
+def _forwarder(name: str) -> Callable[..., Awaitable[Any]]:
+    async def method(self: JournalActor, *args: Any, **kwargs: Any) -> Any:
+        return await self._call(name, *args, **kwargs)
+
+    method.__name__ = name
+    method.__qualname__ = f"JournalActor.{name}"
+    method.__doc__ = getattr(Journal, name).__doc__
+    return method
+
+
+for _name in sorted(JOURNAL_API):  # before ray.remote() reads the class's methods
+    setattr(JournalActor, _name, _forwarder(_name))
+
+
+def start_station_actor(
+    name: str,
+    specs: Sequence[Mapping[str, Any]],
+    envelope_text: str | Mapping[str, Any],
+    *,
+    clock: ClockSpec | None = None,
+    supervisor_options: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    journal: Any = None,
+    actor_name: str | None = None,
+    namespace: str | None = None,
+    verification: Mapping[str, Any] | None = None,
+) -> Any:
+    """Create station ``name``'s :class:`StationActor` (not yet open: ``await handle.start.remote()``).
+
+    Placed by the resource ``station:<name>`` (1 unit: one actor per bench), no CPU,
+    named ``station-<name>`` (``actor_name`` overrides), never restarted or retried by
+    Ray. ``journal``: the journal actor's handle (:func:`start_journal_actor`), reached
+    from the station through a :class:`RayJournal`. Returns the actor handle.
+    """
+    cls = ray.remote(StationActor)
+    options: dict[str, Any] = {
+        "name": actor_name or f"station-{name}",
+        "resources": {station_resource(name): 1},
+        "num_cpus": 0,
+        "max_restarts": 0,
+        "max_task_retries": 0,
+    }
+    if namespace is not None:
+        options["namespace"] = namespace
+    return cls.options(**options).remote(
+        name,
+        [dict(s) for s in specs],
+        envelope_text,
+        clock=clock,
+        supervisor_options=dict(supervisor_options or {}),
+        env=dict(env or {}),
+        journal=None if journal is None else RayJournal(journal),
+        verification=dict(verification or {}),
+    )
+
+
+def start_journal_actor(
+    path: str | Path, *, actor_name: str | None = None, busy_timeout_s: float = 10.0
+) -> Any:
+    """Create the :class:`JournalActor` for ``path`` on the driver's node (the file is local to it).
+
+    ``path`` is made absolute here (a worker's working directory is not the driver's).
+    """
+    cls = ray.remote(JournalActor)
+    options: dict[str, Any] = {
+        "num_cpus": 0,
+        "max_restarts": 0,
+        "max_task_retries": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=False
+        ),
+    }
+    if actor_name is not None:
+        options["name"] = actor_name
+    return cls.options(**options).remote(str(Path(path).resolve()), busy_timeout_s=busy_timeout_s)
+
+
+def init_ray(
+    address: str | None = None,
+    *,
+    stations: Iterable[str] = (),
+    local: bool = True,
+    num_cpus: int = 2,
+    object_store_mb: int = 100,
+    **kwargs: Any,
+) -> Any:
+    """Start or join Ray for a campaign; returns ``ray.init``'s context (or None if already up).
+
+    ``address`` (else ``$RAY_ADDRESS``) joins an existing cluster: each bench PC
+    offers its own ``station:<name>`` resource there. Otherwise a local instance
+    starts with ``num_cpus``, no dashboard, a small object store and one
+    ``station:<name>`` unit per name in ``stations``; ``local=True`` keeps it on
+    loopback (every Ray server listens on 127.0.0.1 only).
+
+    Sets ``RAY_AUTH_MODE=disabled`` and ``RAY_USAGE_STATS_ENABLED=0`` unless
+    already set (see NOTES.md "Ray 2.60").
+    """
+    if ray.is_initialized():
+        return None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target:
+        names = list(stations)
+        if names:  # a driver joining a cluster cannot add resources: the bench PCs offer them
+            log.info("joining Ray at %s: stations %s must be offered by their nodes", target, names)
+        if _loopback(target):  # a local cluster started by init_ray(local=True): stay on loopback
+            _pin_loopback()
+            kwargs.setdefault("_node_ip_address", "127.0.0.1")
+        return ray.init(address=target, **kwargs)
+    options: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "include_dashboard": False,
+        "object_store_memory": object_store_mb * 1024 * 1024,
+        "resources": {station_resource(n): 1 for n in stations},
+    }
+    if local:
+        _pin_loopback()
+        options["_node_ip_address"] = "127.0.0.1"
+    options.update(kwargs)
+    return ray.init(**options)
+
+
+def _loopback(address: str) -> bool:
+    """Whether a Ray address (``host:port``, ``ray://host:port``) names this machine's loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _pin_loopback() -> None:
+    """Keep every Ray server and this driver on 127.0.0.1.
+
+    Ray 2.60 on Linux turns ``_node_ip_address="127.0.0.1"`` into the host's routable
+    IP (and its servers then listen on every interface; a driver joining
+    ``127.0.0.1:port`` looks for the GCS at that routable IP and times out) unless
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0 (read at import into ray_constants; the
+    raylet/gcs/workers inherit the env). Measured: with both, every Ray socket
+    listens on 127.0.0.1 only and a second driver joins over loopback.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
