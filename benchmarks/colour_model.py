@@ -2,56 +2,56 @@
 
 :class:`ColourMatchObjective` turns a proposal of ``examples/color-match/program.md``
 (``red_ml``, ``green_ml``, ``blue_ml``, ``temperature_c``, ``hold_s``) into the
-recipe the campaign would run (:func:`loops.recipe.build_recipe`, the program's
-``fixed`` inputs included) and executes that recipe's steps directly on a
-fresh :class:`simulators.world.StationWorld` driven by a manual clock: no
-pty, Modbus, BLE, MQTT or camera, no guard, and no real-time sleeping, so one
-experiment takes ~10 ms of CPU instead of minutes of (simulated) bench time.
+recipe the campaign would run (:func:`loops.recipe.build_recipe`: the program's
+plan bound to the proposal and its ``fixed`` values) and runs THAT recipe with
+the campaign's own runner (:func:`loops.recipe.run_recipe`, its ramp, waits and
+compute functions included) on a :class:`BenchModel`: the reference bench's
+instruments as in-memory handles acting directly on a fresh
+:class:`simulators.world.StationWorld` driven by a manual clock. No pty,
+Modbus, BLE, MQTT or camera, no guard (every command is assumed allowed) and
+no real-time sleeping, so one experiment takes milliseconds of CPU instead of
+minutes of (simulated) bench time, and there is no second copy of the
+experiment to keep in step with the program.
 
-Each step advances the world the way the stack would
-(:func:`loops.recipe.run_recipe` and :func:`loops.recipe.ramp_setpoint`):
-
-* ``calibrate``/``measure``: the colour sensor integrates (100 ms by default)
-  and returns counts with noise; ``measure`` normalises them by the
-  ``calibrate`` counts of the empty vial (:func:`instruments.colour.counts_to_lab`)
-  and takes ΔE00 to the program's ``target_lab``;
-* ``dispense`` starts a pump, ``wait_pumps``/``drain`` poll every second until
-  it stops (the runner's ``poll_s``);
-* ``heat``: heater on at ``from_c``, then every 10 s the setpoint rises to the
-  highest 0.1 °C step not above ``from_c + rise_per_min * elapsed`` (the
-  runner's ramp), until it reaches ``setpoint_c``;
-* ``hold`` waits; ``cool`` polls the plate every 5 s until it is below
-  ``below_c``.
+What the handles do: a pump's ``dispense``/``withdraw`` starts it (4
+significant digits, as the driver sends), ``wait_until_stopped`` polls it every
+``poll_interval`` simulated seconds; the colour sensor's ``measure`` integrates
+(100 ms by default) and returns counts with noise; the hotplate's
+``set_heater``/``set_stirrer`` set its registers and ``read()`` reports plate
+and liquid temperatures; light and camera have no effect on the colour or the
+time (a capture has no image here).
 
 Bench time. An experiment's :attr:`ColourResult.duration_s` is the simulated
-time from its first to its last step plus the cool-down the station's next
-experiment waits for (its ``cool`` step), i.e. how long the experiment keeps
-one station busy. Each experiment gets a fresh world (empty vial, plate at
-ambient), which is what the ``cool`` step and the paced ramp are there to make
-true on a real station.
+time from its first to its last step plus the recipe's ``wait`` steps once
+more (the cool-down the station's next experiment waits for), i.e. how long
+the experiment keeps one station busy. Each experiment gets a fresh world
+(empty vial, plate at ambient), which is what the cool-down and the paced
+ramp are there to make true on a real station.
 
 Differences from the full stack (why a point's ΔE00 here and through the wire
-differ by a few tenths): wire latencies (ms) are not simulated, and the sensor
-noise comes from a different random stream.
+differ by a few tenths): wire latencies (ms) are not simulated, a pump's wait
+polls in simulated rather than real seconds, and the sensor noise comes from a
+different random stream.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from instruments.colour import counts_to_lab, delta_e2000
+from loops.plan import Recipe, Step
 from loops.program import Program, load_program
-from loops.recipe import Recipe, Step, build_recipe
+from loops.recipe import MeasurementError, build_recipe, run_recipe
 from simulators.clock import SimClock
 from simulators.world import StationWorld
 
 __all__ = [
     "DEFAULT_PROGRAM",
     "REFERENCE_POINT",
+    "BenchModel",
     "ColourMatchObjective",
     "ColourResult",
     "ManualClock",
@@ -69,11 +69,8 @@ REFERENCE_POINT: dict[str, float | int] = {
 }
 
 SENSOR_DEFAULT_MS = 100  # the colour-sensor driver's default integration time
-POLL_S = 1.0  # run_recipe's default pump polling period
-RAMP_STEP_S = 10.0  # ramp_setpoint's default step
-RAMP_RESOLUTION_C = 0.1  # ramp_setpoint's setpoint grid
-COOL_POLL_S = 5.0  # the recipe runner's cool-step polling period
-WAIT_LIMIT_S = 24 * 3600.0  # a step that has not finished after a simulated day is a bug
+SENSOR_STATUS = {0: "ok", 1: "saturated", 2: "dark"}
+WAIT_LIMIT_S = 24 * 3600.0  # a wait that has not finished after a simulated day is a bug
 
 
 class ManualClock(SimClock):
@@ -122,13 +119,8 @@ class ColourMatchObjective:
 
     def __init__(self, program: Program | str | Path = DEFAULT_PROGRAM) -> None:
         self.program = program if isinstance(program, Program) else load_program(Path(program))
-        target = self.program.objective.target_lab
-        if target is None:
-            raise ValueError(
-                f"{self.program.source}: objective.target_lab is missing; the colour-match "
-                "objective needs a target colour"
-            )
-        self.target_lab: tuple[float, float, float] = target
+        if self.program.objective.measure not in self.program.plan.measures:
+            raise ValueError(f"{self.program.source}: the recipe does not measure the objective")
         if self.program.stop.target is None:
             raise ValueError(f"{self.program.source}: stop.target is missing")
         self.target: float = self.program.stop.target
@@ -150,139 +142,184 @@ class ColourMatchObjective:
         return build_recipe(self.program, params)
 
     def __call__(self, params: Mapping[str, Any], seed: int = 0) -> ColourResult:
-        return run_on_world(self.recipe(params), self.target_lab, seed=seed)
+        recipe = self.recipe(params)
+        return asyncio.run(run_on_world(recipe, self.program.objective.measure, seed=seed))
 
 
-def _wait(world: StationWorld, clock: ManualClock, period: float, done: Callable[[], bool]) -> None:
-    """Poll ``done`` every ``period`` simulated seconds (the runner's polling loops)."""
-    waited = 0.0
-    world.advance()
-    while not done():
-        if waited >= WAIT_LIMIT_S:
-            raise TimeoutError(f"condition not reached after {waited:g} simulated s")
-        clock.advance(period)
+class _Verdict:
+    allowed = True
+
+
+class _Handle:
+    """The calls of one instrument, acting on the world (see the module docstring)."""
+
+    def __init__(self, model: BenchModel, name: str) -> None:
+        self.model, self.name = model, name
+
+    def __getattr__(self, command: str) -> Any:
+        act = getattr(self.model, f"_{self.model.kinds[self.name]}_{command}", None)
+        if act is None:
+            raise AttributeError(f"the bench model cannot run {self.name}.{command}()")
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await act(self.name, *args, **kwargs)
+
+        return call
+
+
+class BenchModel:
+    """The reference bench's instruments over one :class:`StationWorld`, for
+    :func:`loops.recipe.run_recipe`: ``handle(name)`` and ``check(command)`` (always
+    allowed) are what the runner uses of a station."""
+
+    name = "bench-model"
+
+    def __init__(self, world: StationWorld, clock: ManualClock) -> None:
+        self.world, self.clock = world, clock
+        self.kinds = {
+            **{f: "pump" for f in ("red", "green", "blue", "waste")},
+            "hotplate": "hotplate",
+            "color": "sensor",
+            "enclosure": "quiet",
+            "camera": "quiet",
+        }
+
+    def handle(self, name: str, who: str = "model") -> _Handle:
+        if name not in self.kinds:
+            raise KeyError(f"the bench model has no instrument {name!r}")
+        return _Handle(self, name)
+
+    def check(self, command: Any) -> _Verdict:
+        return _Verdict()
+
+    async def sleep(self, seconds: float) -> None:
+        self.clock.advance(max(0.0, float(seconds)))
+
+    # pumps
+    async def _pump_dispense(self, name: str, volume_ml: float, rate_ml_min: float) -> None:
+        self._run(name, volume_ml, rate_ml_min, "INF")
+
+    async def _pump_withdraw(self, name: str, volume_ml: float, rate_ml_min: float) -> None:
+        self._run(name, volume_ml, rate_ml_min, "WDR")
+
+    def _run(self, name: str, volume_ml: float, rate_ml_min: float, direction: str) -> None:
+        world = self.world
         world.advance()
-        waited += period
+        with world.lock:
+            pump = world.pump_by_fluid(name)
+            pump.volume_ml = float(f"{volume_ml:.4g}")  # the driver sends 4 digits
+            pump.rate_ml_min = float(f"{rate_ml_min:.4g}")
+            pump.direction = direction
+            pump.remaining_ml = pump.volume_ml
+            if direction == "INF":
+                pump.dispensed_inf_ml = 0.0
+            else:
+                pump.dispensed_wdr_ml = 0.0
+            pump.phase = "running"
+
+    async def _pump_wait_until_stopped(
+        self, name: str, timeout: float = 60.0, poll_interval: float = 0.1
+    ) -> str:
+        waited = 0.0
+        self.world.advance()
+        while self.world.pump_by_fluid(name).phase == "running":
+            if waited >= WAIT_LIMIT_S:
+                raise TimeoutError(f"{name} still running after {waited:g} simulated s")
+            self.clock.advance(poll_interval)
+            self.world.advance()
+            waited += poll_interval
+        return "stopped"
+
+    async def _pump_read(self, name: str) -> dict[str, Any]:
+        self.world.advance()
+        pump = self.world.pump_by_fluid(name)
+        return {
+            "moving": pump.phase == "running",
+            "infused_ml": pump.dispensed_inf_ml,
+            "withdrawn_ml": pump.dispensed_wdr_ml,
+        }
+
+    # hotplate
+    async def _hotplate_set_stirrer(self, name: str, on: bool, rpm: int | None = None) -> None:
+        self.world.advance()
+        with self.world.lock:
+            if rpm is not None:
+                self.world.hotplate.stirrer_setpoint_rpm = int(rpm)
+            self.world.hotplate.stirrer_enabled = bool(on)
+
+    async def _hotplate_set_heater(
+        self, name: str, on: bool, setpoint_c: float | None = None
+    ) -> None:
+        self.world.advance()
+        with self.world.lock:
+            if setpoint_c is not None:
+                self.world.hotplate.setpoint_c = round(float(setpoint_c), 1)
+            self.world.hotplate.heater_enabled = bool(on)
+
+    async def _hotplate_read(self, name: str) -> dict[str, Any]:
+        self.world.advance()
+        hp = self.world.hotplate
+        return {"plate_c": round(hp.plate_c, 1), "liquid_c": round(hp.liquid_c, 1)}
+
+    # colour sensor
+    async def _sensor_measure(self, name: str, integration_ms: int | None = None) -> dict[str, Any]:
+        ms = int(integration_ms or SENSOR_DEFAULT_MS)
+        self.clock.advance(ms / 1000.0)  # the sensor integrates, then notifies
+        r, g, b, c, status = self.world.sensor_counts(ms)
+        return {
+            "red": r,
+            "green": g,
+            "blue": b,
+            "clear": c,
+            "status": SENSOR_STATUS[status],
+            "integration_ms": ms,
+        }
+
+    # light and camera: no effect on the colour or the bench time here
+    async def _quiet_set_light(self, name: str, on: bool, intensity: float | None = None) -> None:
+        return None
+
+    async def _quiet_capture(self, name: str, timeout: float | None = None) -> None:
+        return None
 
 
-def _plate_below(world: StationWorld, below_c: float) -> Callable[[], bool]:
-    return lambda: world.hotplate.plate_c < below_c
-
-
-def _pumps_stopped(world: StationWorld, fluids: list[str]) -> Callable[[], bool]:
-    return lambda: all(world.pump_by_fluid(f).phase == "stopped" for f in fluids)
-
-
-def _pump_run(world: StationWorld, fluid: str, volume_ml: float, rate: float, inf: bool) -> None:
-    with world.lock:
-        pump = world.pump_by_fluid(fluid)
-        # the driver sends at most 4 significant digits
-        pump.volume_ml = float(f"{volume_ml:.4g}")
-        pump.rate_ml_min = float(f"{rate:.4g}")
-        pump.direction = "INF" if inf else "WDR"
-        pump.remaining_ml = pump.volume_ml
-        pump.phase = "running"
-
-
-def _ramp(world: StationWorld, clock: ManualClock, step: Step) -> None:
-    """:func:`loops.recipe.ramp_setpoint`'s paced profile, the guard assumed to allow it."""
-    target = round(float(step["setpoint_c"]), 6)  # as the runner: its grid is rounded so
-    from_c, pace = step.get("from_c"), step.get("rise_per_min")
-    hp = world.hotplate
-    elapsed = 0.0
-    sent: float | None = None
-    while True:
-        limit = target
-        if from_c is not None and pace is not None:
-            limit = min(target, from_c + pace * elapsed / 60.0)
-        first = max(0, math.ceil((target - limit) / RAMP_RESOLUTION_C - 1e-9))
-        best = round(target - first * RAMP_RESOLUTION_C, 6)
-        if sent is None or best > sent:
-            world.advance()
-            with world.lock:
-                hp.setpoint_c = best
-                hp.heater_enabled = True
-            sent = best
-        if sent == target:
-            return
-        clock.advance(RAMP_STEP_S)
-        elapsed += RAMP_STEP_S
-
-
-def _sensor(world: StationWorld, clock: ManualClock, integration_ms: int | None) -> tuple[int, ...]:
-    ms = int(integration_ms or SENSOR_DEFAULT_MS)
-    clock.advance(ms / 1000.0)  # the sensor integrates, then notifies
-    return world.sensor_counts(ms)
-
-
-def run_on_world(
-    recipe: Recipe, target_lab: tuple[float, float, float], *, seed: int = 0
-) -> ColourResult:
-    """Execute a colour-match ``recipe`` on a fresh world; see the module docstring."""
+async def run_on_world(recipe: Recipe, measure: str, *, seed: int = 0) -> ColourResult:
+    """Run ``recipe`` with the campaign's runner on a fresh world; see the module docstring."""
     clock = ManualClock()
     world = StationWorld("bench-model", clock=clock, seed=seed)
-    hp = world.hotplate
-    white: tuple[float, float, float] | None = None
-    lab: tuple[float, float, float] | None = None
-    delta: float | None = None
-    status: Literal["ok", "failed"] = "ok"
-    liquid_c = math.nan
-    cool_below: float | None = None
+    model = BenchModel(world, clock)
     steps_s: dict[str, float] = {}
-    for step in recipe.steps:
+
+    async def on_step(index: int, step: Step, phase: str, data: dict[str, Any]) -> None:
+        if phase == "done":
+            label = step.kind if step.kind != "call" else f"call {step['command']}"
+            steps_s[label] = steps_s.get(label, 0.0) + float(data.get("duration_s", 0.0))
+
+    status: Literal["ok", "failed"] = "ok"
+    measurements: dict[str, Any] = {}
+    try:
+        result = await run_recipe(
+            recipe,
+            model,  # type: ignore[arg-type]
+            clock_sleep=model.sleep,
+            who="model",
+            on_step=on_step,
+            clock_now=clock.now,
+        )
+        measurements = result.measurements
+    except MeasurementError:
+        status = "failed"  # saturated or dark: the campaign tells the optimizer "failed"
+    waits = Recipe(tuple(s for s in recipe.steps if s.kind == "wait"))
+    if waits.steps:  # what the station's next experiment waits for first (the cool-down)
         t0 = clock.now()
-        k = step.kind
-        if k == "calibrate":
-            r, g, b, _, st = _sensor(world, clock, step.get("integration_ms"))
-            if st != 0:
-                raise RuntimeError(f"white reference reading has status {st} (empty vial?)")
-            white = (float(r), float(g), float(b))
-        elif k == "cool":
-            below = float(step["below_c"])
-            cool_below = below
-            _wait(world, clock, COOL_POLL_S, _plate_below(world, below))
-        elif k == "dispense":
-            _pump_run(world, step["fluid"], step["volume_ml"], step["rate_ml_min"], True)
-        elif k == "wait_pumps":
-            _wait(world, clock, POLL_S, _pumps_stopped(world, list(step["fluids"])))
-        elif k == "stir":
-            world.advance()
-            with world.lock:
-                hp.stirrer_setpoint_rpm = int(step["rpm"])
-                hp.stirrer_enabled = True
-        elif k == "heat":
-            _ramp(world, clock, step)
-        elif k == "hold":
-            clock.advance(float(step["seconds"]))
-        elif k == "measure":
-            r, g, b, _, st = _sensor(world, clock, step.get("integration_ms"))
-            liquid_c = hp.liquid_c
-            ref = step.get("white") or white
-            if ref is None:
-                raise RuntimeError("measure without a white reference (no calibrate step)")
-            if st != 0:
-                status = "failed"  # saturated or dark: MeasurementError in the runner
-            else:
-                lab = counts_to_lab(r, g, b, ref)
-                target = step.get("target_lab") or target_lab
-                delta = delta_e2000(lab, target)
-        elif k in ("heater_off", "stirrer_off"):
-            world.advance()
-            with world.lock:
-                if k == "heater_off":
-                    hp.heater_enabled = False
-                else:
-                    hp.stirrer_enabled = False
-        elif k == "drain":
-            _pump_run(world, "waste", step["volume_ml"], step["rate_ml_min"], False)
-            _wait(world, clock, POLL_S, _pumps_stopped(world, ["waste"]))
-        elif k in ("light", "light_off", "capture"):
-            pass  # no effect on the colour or the time (ms on the wire)
-        else:
-            raise ValueError(f"the colour model cannot run step kind {k!r}")
-        steps_s[k] = steps_s.get(k, 0.0) + clock.now() - t0
-    if cool_below is not None:  # the next experiment's cool step: this one's plate cools down
-        t0 = clock.now()
-        _wait(world, clock, COOL_POLL_S, _plate_below(world, cool_below))
-        steps_s["cool"] = steps_s.get("cool", 0.0) + clock.now() - t0
-    return ColourResult(delta, lab, clock.now(), status, liquid_c, steps_s)
+        await run_recipe(waits, model, clock_sleep=model.sleep, who="model")  # type: ignore[arg-type]
+        steps_s["next experiment's wait"] = clock.now() - t0
+    lab = measurements.get("lab")
+    return ColourResult(
+        measurements.get(measure) if status == "ok" else None,
+        (float(lab[0]), float(lab[1]), float(lab[2])) if lab else None,
+        clock.now(),
+        status,
+        float(measurements.get("liquid_c", world.hotplate.liquid_c)),
+        steps_s,
+    )

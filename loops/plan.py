@@ -34,7 +34,7 @@ measurements taken so far::
       as: outcome                            # reference (before) or outcome (after)
     - compute: delta_e2000                   # a registered function (loops/functions.py)
       function: delta_e2000                  #   or an expression: {compute: x, expr: a - b}
-      args: {lab: lab, target: target_lab}
+      args: {lab1: lab, lab2: target_lab}
 
 Every step may have ``when`` (a condition over parameters and fixed values:
 the step is left out of the bound recipe when false; a step that produces a

@@ -65,11 +65,14 @@ def test_reference_point_reproduces_the_stack_measured_target(
 def test_bench_time_follows_the_recipe(objective: ColourMatchObjective) -> None:
     r = objective(REFERENCE_POINT, seed=0)
     steps = r.steps_s
-    assert steps["wait_pumps"] == pytest.approx(9.0)  # 0.75 mL at 5 mL/min, polled each second
-    assert steps["heat"] == pytest.approx(150.0)  # 25 -> 50 degC at 10 degC/min, 10 s steps
+    # the dye pumps run together (the slowest: 0.75 mL at 5 mL/min = 9 s), then the drain
+    # (1.75 mL at 20 mL/min = 5.25 s), each waited for with 0.05 s polls
+    assert steps["call wait_until_stopped"] == pytest.approx(9.0 + 5.25, abs=0.15)
+    assert steps["ramp"] == pytest.approx(150.0)  # 25 -> 50 degC at 10 degC/min, 10 s steps
     assert steps["hold"] == pytest.approx(120.0)
-    assert steps["drain"] == pytest.approx(6.0)  # 1.75 mL at 20 mL/min = 5.25 s, polled
-    assert 30.0 < steps["cool"] < 120.0  # from ~50 degC to below 28 degC (tau 40 s), 5 s polls
+    assert steps["wait"] == 0.0  # a fresh world: the plate is cold already
+    # the next experiment waits for the plate: from ~50 degC to below 28 (tau 40 s), 5 s polls
+    assert 30.0 < steps["next experiment's wait"] < 120.0
     assert r.duration_s == pytest.approx(sum(steps.values()))
     assert 40.0 < r.liquid_c < 50.0  # the liquid lags the plate
 

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from loops.journal import IllegalTransition, Journal
+from loops.plan import Recipe, Step
 from loops.program import Program, load_program
 from loops.raylinks import start_journal_actor, start_station_actor
-from loops.recipe import Recipe, Step, build_recipe
+from loops.recipe import build_recipe
 from loops.stations import (
     ClockSpec,
     ScaledClock,
@@ -149,14 +150,19 @@ async def test_station_actor_runs_a_journaled_experiment(
         assert states == ["proposed", "checked", "queued", "running", "done"]
 
 
+
+def call(instrument: str, command: str, **args: Any) -> Step:
+    """A bound recipe step calling one declared command (loops/plan.py)."""
+    return Step("call", {"instrument": instrument, "command": command, "args": args})
+
 @pytest.mark.timeout(60)
 async def test_a_refused_recipe_never_reaches_the_wire(ray_session: Any, lab: SimulatedLab) -> None:
     ray = ray_session
     world = lab.stations[0].world
     overfill = Recipe(
         (
-            Step.of("dispense", fluid="red", volume_ml=1.5, rate_ml_min=5.0),
-            Step.of("dispense", fluid="blue", volume_ml=1.5, rate_ml_min=5.0),
+            call("red", "dispense", volume_ml=1.5, rate_ml_min=5.0),
+            call("blue", "dispense", volume_ml=1.5, rate_ml_min=5.0),
         )
     )
     actor = station_actor(lab, actor_name="station-bench-a-refusals")
@@ -191,10 +197,10 @@ async def test_a_failed_run_trips_the_station_and_is_never_retried(
     world = bench.world
     recipe = Recipe(
         (
-            Step.of("stir", rpm=300),
-            Step.of("dispense", fluid="red", volume_ml=0.3, rate_ml_min=1.0),
-            Step.of("wait_pumps", fluids=["red"]),
-            Step.of("stirrer_off"),
+            call("hotplate", "set_stirrer", on=True, rpm=300),
+            call("red", "dispense", volume_ml=0.3, rate_ml_min=1.0),
+            call("red", "wait_until_stopped", timeout=60.0, poll_interval=0.05),
+            call("hotplate", "set_stirrer", on=False),
         )
     )
     path = tmp_path / "journal.sqlite"
@@ -246,11 +252,11 @@ async def test_a_trip_during_a_wait_stops_the_recipe_there(
     bench = lab.stations[0]
     recipe = Recipe(
         (
-            Step.of("stir", rpm=300),
-            Step.of("hold", seconds=600.0),  # 6 s real at 100x
-            Step.of("dispense", fluid="red", volume_ml=0.3, rate_ml_min=5.0),
-            Step.of("wait_pumps", fluids=["red"]),
-            Step.of("stirrer_off"),
+            call("hotplate", "set_stirrer", on=True, rpm=300),
+            Step("hold", {"seconds": 600.0}),  # 6 s real at 100x
+            call("red", "dispense", volume_ml=0.3, rate_ml_min=5.0),
+            call("red", "wait_until_stopped", timeout=60.0, poll_interval=0.05),
+            call("hotplate", "set_stirrer", on=False),
         )
     )
     path = tmp_path / "journal.sqlite"
