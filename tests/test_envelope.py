@@ -550,3 +550,22 @@ def test_reference_envelope_declares_the_bench_monitors() -> None:
         "hotplate.heater",
         "hotplate.stirrer",
     )
+
+
+def test_the_yaml_examples_of_docs_safety_md_load_as_written() -> None:
+    import re
+
+    text = (Path(__file__).parent.parent / "docs" / "safety.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    full = load_envelope(blocks[0], source="docs/safety.md", known=BENCH)
+    assert [m.name for m in full.monitors] == [
+        "liquid-overtemp",
+        "hotplate-reading-stale",
+        "lid-open-while-heating",
+    ]
+    monitors = load_envelope(blocks[1], source="docs/safety.md", known=BENCH)
+    reference = {m.name: m for m in reference_envelope().monitors}
+    for spec in monitors.monitors:  # the examples say what the reference bench declares
+        assert spec.kind == reference[spec.name].kind
+        assert spec.channels == reference[spec.name].channels
