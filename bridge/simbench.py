@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def open_sim_station(bench: SimulatedBench, speed: float) -> Any:
     """``open_station`` for a simulated bench: the guard on the simulated clock, the
-    device watchdog paced for it, the reference envelope and monitors."""
+    device watchdog paced for it, the reference envelope (and the monitors it declares)."""
     return open_station(
         bench.name,
         [spec.as_dict() for spec in bench.instruments()],

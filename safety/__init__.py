@@ -25,7 +25,8 @@ from safety.model import (
     StationTripped,
     Verdict,
 )
-from safety.monitors import Heartbeat, Interlock, Monitor, Staleness, Threshold, reference_monitors
+from safety.monitors import Heartbeat, Interlock, Monitor, Staleness, Threshold
+from safety.monitorspec import MonitorSpec
 from safety.station import (
     SafeStation,
     actuated_channels,
@@ -50,6 +51,7 @@ __all__ = [
     "Interlock",
     "Latch",
     "Monitor",
+    "MonitorSpec",
     "ResetRefused",
     "RuleSyntaxError",
     "SafeStation",
@@ -72,5 +74,4 @@ __all__ = [
     "open_station",
     "probe",
     "reference_envelope",
-    "reference_monitors",
 ]

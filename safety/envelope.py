@@ -1,4 +1,4 @@
-"""The safety envelope of one station: channel limits, rates of change, cross-channel rules, budgets.
+"""The safety envelope of one station: channel limits, rates of change, rules, budgets, monitors.
 
 Declared in YAML (a mapping; the lab config embeds one per station)::
 
@@ -16,6 +16,10 @@ Declared in YAML (a mapping; the lab config embeds one per station)::
     budgets:                       # rolling windows: minute, hour or day
       experiments_per_hour: 30     # shorthand for {counts: experiments, per: hour, max: 30}
       added_per_day: {counts: beaker.added, per: day, max: 50, unit: mL}
+    monitors:                      # station monitors (safety/monitorspec.py): a trip latches
+      - {name: too-hot, kind: threshold, channel: hotplate.liquid_c, trip_above: 80, clear_below: 75}
+      - {name: lid-open-while-heating, kind: interlock,
+         trip_when: 'hotplate.heater and enclosure.lid != "closed"'}
 
 Channel keys: ``min``, ``max``, ``allowed`` (a list), ``max_rate_per_min`` (the
 commanded value may change by at most this much per minute, up or down),
@@ -31,6 +35,12 @@ whose ``out`` flows go into it) and ``drained_by`` (instruments whose ``in``
 flows come from it). The guard tracks ``<vessel>.volume`` from the flows
 (instruments/declare.py ``Flow``); rules use it like any channel. An
 instrument feeds or drains at most one vessel and only in its direction.
+
+Monitors (a list; kinds ``threshold``, ``staleness``, ``heartbeat``,
+``interlock``) are watched by the station supervisor, not checked here: see
+:mod:`safety.monitorspec` for their keys; :meth:`Envelope.build_monitors`
+makes them. Their channels are validated like the rest
+(:meth:`Envelope.validate_known`).
 
 Rule keys: ``name``, ``when``, ``doc``. Budget keys: ``counts``
 (``experiments``, consumed by ``Guard.begin_experiment``, or
@@ -77,7 +87,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safety.expr import EvaluationError, Expression, Name, parse
+from safety.expr import EvaluationError, Expression, parse
+from safety.monitors import Monitor
+from safety.monitorspec import MonitorSpec, parse_monitors
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
 __all__ = [
@@ -113,7 +125,7 @@ CHANNEL_KEYS = (
 VESSEL_KEYS = ("max", "capacity", "unit", "fed_by", "drained_by", "doc")
 BUDGET_KEYS = ("counts", "per", "max", "unit", "doc")
 RULE_KEYS = ("name", "when", "doc")
-TOP_KEYS = ("channels", "vessels", "rules", "budgets")
+TOP_KEYS = ("channels", "vessels", "rules", "budgets", "monitors")
 #: tolerance for float comparisons of limits and budgets (values are in SI-ish units)
 EPS = 1e-9
 
@@ -292,7 +304,7 @@ class Rule:
     line: int | None = field(default=None, compare=False)
 
     def check(self, post: Mapping[str, Any]) -> Violation | None:
-        names = _ordered_names(self.expr)
+        names = self.expr.names_in_order()
         values = {n: post.get(n) for n in names}
         try:
             result = self.expr.evaluate(post)
@@ -313,14 +325,6 @@ class Rule:
                 "rule",
             )
         return Violation(self.name, f"rule {self.name}: {describe(values)}", values, "rule")
-
-
-def _ordered_names(expr: Expression) -> list[str]:
-    seen: dict[str, None] = {}
-    for node in expr.ast.walk():
-        if isinstance(node, Name):
-            seen.setdefault(node.name)
-    return list(seen)
 
 
 @dataclass(frozen=True)
@@ -425,6 +429,7 @@ class Envelope:
         budgets: Iterable[Budget] = (),
         *,
         vessels: Iterable[Vessel] = (),
+        monitors: Iterable[MonitorSpec] = (),
         source: str = "<envelope>",
     ) -> None:
         self.channels: dict[str, ChannelLimit] = {c.name: c for c in channels}
@@ -435,13 +440,15 @@ class Envelope:
             )
         self.rules: list[Rule] = list(rules)
         self.budgets: list[Budget] = list(budgets)
+        #: the station monitors, declared (:meth:`build_monitors` makes them)
+        self.monitors: list[MonitorSpec] = list(monitors)
         self.source = source
         self.ledger = Ledger()
 
     def __repr__(self) -> str:
         return (
             f"<Envelope {self.source}: {len(self.channels)} channels, {len(self.vessels)} vessels, "
-            f"{len(self.rules)} rules, {len(self.budgets)} budgets>"
+            f"{len(self.rules)} rules, {len(self.budgets)} budgets, {len(self.monitors)} monitors>"
         )
 
     def fresh(self) -> Envelope:
@@ -451,14 +458,20 @@ class Envelope:
         return other
 
     def names(self) -> set[str]:
-        """Every channel name the envelope refers to (limits and rules)."""
+        """Every channel name the envelope refers to (limits, rules and monitors)."""
         out = set(self.channels)
         for rule in self.rules:
             out |= rule.expr.names()
+        for monitor in self.monitors:
+            out |= set(monitor.channels)
         return out
 
+    def build_monitors(self) -> list[Monitor]:
+        """Fresh station monitors from the ``monitors`` section (one set per supervisor)."""
+        return [spec.build() for spec in self.monitors]
+
     def validate_known(self, known: Collection[str] | Mapping[str, Collection[str] | None]) -> None:
-        """Raise :class:`EnvelopeError` if a channel or rule names an unknown instrument/channel.
+        """Raise :class:`EnvelopeError` if a channel, rule or monitor names an unknown instrument/channel.
 
         ``known``: instrument names (any channel), full ``instrument.channel``
         names, or a mapping instrument -> its channel names (None/empty: any).
@@ -480,7 +493,7 @@ class Envelope:
                     problem, source=self.source, line=lim.line, field=f"channels.{name}"
                 )
         for i, rule in enumerate(self.rules):
-            for name in _ordered_names(rule.expr):
+            for name in rule.expr.names_in_order():
                 problem = check(name)
                 if problem:
                     raise EnvelopeError(
@@ -488,6 +501,16 @@ class Envelope:
                         source=self.source,
                         line=rule.line,
                         field=f"rules[{i}].when",
+                    )
+        for i, monitor in enumerate(self.monitors):
+            for name in monitor.channels:
+                problem = check(name)
+                if problem:
+                    raise EnvelopeError(
+                        f"{problem} in monitor {monitor.name}",
+                        source=self.source,
+                        line=monitor.line,
+                        field=f"monitors[{i}].{monitor.channel_key}",
                     )
         for v in self.vessels.values():
             if v.name in instruments:
@@ -699,7 +722,8 @@ def _build(data: Any, doc: YamlDoc) -> Envelope:
             owners[inst] = v.name
     names = {v.name for v in vessels}
     budgets = [_budget(k, v, doc, names) for k, v in _mapping(data, "budgets", doc).items()]
-    return Envelope(channels, rules, budgets, vessels=vessels, source=doc.source)
+    monitors = parse_monitors(data.get("monitors"), doc)
+    return Envelope(channels, rules, budgets, vessels=vessels, monitors=monitors, source=doc.source)
 
 
 def _mapping(data: Mapping[str, Any], key: str, doc: YamlDoc) -> Mapping[Any, Any]:

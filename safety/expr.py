@@ -761,6 +761,14 @@ class Expression:
         """Every channel name the rule refers to."""
         return self.ast.names()
 
+    def names_in_order(self) -> list[str]:
+        """Every channel name the rule refers to, in the order they first appear (for messages)."""
+        seen: dict[str, None] = {}
+        for node in self.ast.walk():
+            if isinstance(node, Name):
+                seen.setdefault(node.name)
+        return list(seen)
+
     def __str__(self) -> str:
         return self.text
 

@@ -11,7 +11,7 @@ simulated clock). ``evaluate(view, ages)`` returns a :class:`MonitorResult`:
   trip may be reset. Between the two (e.g. liquid at 77 degC after tripping
   above 80 and clearing below 75) a monitor is neither;
 * ``reason``: names the monitor, the channel and the values
-  (``liquid-overtemp: hotplate.liquid_c=83.2 > 80.0``).
+  (for example ``liquid-overtemp: hotplate.liquid_c=83.2 > 80.0``).
 
 A value that is missing (never read, ``None``, not a number) is *unknown*:
 neither tripped nor cleared, except for :class:`Staleness`/:class:`Heartbeat`,
@@ -20,9 +20,13 @@ since they were armed without any reading.
 
 Kinds: :class:`Threshold` (trip above/below, clear with hysteresis),
 :class:`Staleness` (a reading older than ``max_age_s``), :class:`Heartbeat` (a
-device-reported age plus the reading's own age), :class:`Interlock` (``when``
-channel values -> ``require`` channel values, or a small callable). A monitor
-instance keeps its arming time, so it belongs to one supervisor.
+device-reported age plus the reading's own age), :class:`Interlock` (a
+condition in the envelope's rule language that trips while it holds, or a
+small callable). A monitor instance keeps its arming time, so it belongs to
+one supervisor.
+
+A bench declares its monitors in its envelope (the ``monitors:`` section,
+loaded by :mod:`safety.monitorspec`); nothing here knows an instrument.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from safety.expr import EvaluationError, Expression, parse
 from safety.model import StationState
 
 
@@ -70,13 +75,6 @@ def _number(value: Any) -> float | None:
         return None
     out = float(value)
     return out if math.isfinite(out) else None
-
-
-def _same(actual: Any, expected: Any) -> bool:
-    """Equality that does not confuse ``True`` with ``1``."""
-    if isinstance(expected, bool) or isinstance(actual, bool):
-        return isinstance(actual, bool) and isinstance(expected, bool) and actual is expected
-    return bool(actual == expected)
 
 
 class Monitor(abc.ABC):
@@ -258,7 +256,7 @@ class Staleness(Monitor):
 
 
 class Heartbeat(Staleness):
-    """Trip when a device-reported age (``enclosure.heartbeat_age_s``) exceeds ``max_age_s``.
+    """Trip when a device-reported age (e.g. ``enclosure.heartbeat_age_s``) exceeds ``max_age_s``.
 
     The effective age is the reported value plus the age of the reading that
     carried it, so a reading that stopped arriving still makes it grow.
@@ -280,21 +278,32 @@ InterlockCondition = Callable[[Mapping[str, Any]], str | None]
 
 
 class Interlock(Monitor):
-    """An interlock input: a combination of channel values that must not occur.
+    """An interlock input: a condition over the station's channels that must not hold.
 
-    Declarative: ``when`` maps channels to values, *any* of which makes the
-    interlock active; while active every ``require`` channel must have its
-    value, else it trips (with no ``require``, being active trips)::
+    Declarative: ``trip_when`` is a condition in the envelope's rule language
+    (:mod:`safety.expr`; a text or a parsed :class:`~safety.expr.Expression`)::
 
         Interlock("lid-open-while-heating",
-                  when={"hotplate.heating": True, "hotplate.heater": True},
-                  require={"enclosure.lid": "closed"})
-        Interlock("enclosure-offline", when={"enclosure.online": False})
+                  trip_when='(hotplate.heating or hotplate.heater) and enclosure.lid != "closed"')
+        Interlock("device-offline", trip_when="enclosure.online == false")
 
-    Cleared when inactive, or active with every requirement met. A required
-    value that is missing while active is unknown (neither). Or a callable:
-    ``condition(view)`` returns a text describing the violation, or None (then
-    cleared); give ``channels`` so the supervisor polls them.
+    True trips, false clears. A condition that cannot be evaluated (a channel
+    never read, ``None``, a value of the wrong type: the language is strict,
+    so ``1`` is not ``true``) or that is not a boolean is unknown: neither
+    tripped nor cleared, so it does not trip but a latched trip cannot be
+    reset. ``and``/``or``/``->`` short-circuit, so a channel behind a false
+    ``and`` is not needed (the lid does not matter while nothing heats).
+
+    ``confirm``: trip only once a reading taken after the condition first held
+    still shows it (until then neither tripped nor cleared). For conditions
+    that mix what the guard commands (recorded when the command is sent) with
+    what a device reports (seen at its next reading): a command that makes a
+    device clear a flag would otherwise meet the flag's last, older reading.
+    Measured channels only; a condition over commanded values alone trips at
+    once.
+
+    Or a callable: ``condition(view)`` returns a text describing the violation,
+    or None (then cleared); give ``channels`` so the supervisor polls them.
     """
 
     def __init__(
@@ -302,18 +311,23 @@ class Interlock(Monitor):
         name: str,
         condition: InterlockCondition | None = None,
         *,
-        when: Mapping[str, Any] | None = None,
-        require: Mapping[str, Any] | None = None,
+        trip_when: str | Expression | None = None,
+        confirm: bool = False,
         channels: Iterable[str] = (),
     ) -> None:
-        if condition is None and not when:
-            raise ValueError(f"interlock {name}: give a condition callable or when={{...}}")
-        if condition is not None and (when or require):
-            raise ValueError(f"interlock {name}: give either a condition callable or when/require")
+        if (condition is None) == (trip_when is None):
+            raise ValueError(f"interlock {name}: give a condition callable or trip_when=<rule>")
+        if confirm and trip_when is None:
+            raise ValueError(f"interlock {name}: confirm needs trip_when=<rule>")
         self.condition = condition
-        self.when: dict[str, Any] = dict(when or {})
-        self.require: dict[str, Any] = dict(require or {})
-        super().__init__(name, [*self.when, *self.require, *channels])
+        self.confirm = bool(confirm)
+        #: monotonic time the condition was first seen holding (``confirm``), None while it does not
+        self._holds_since: float | None = None
+        self.trip_when: Expression | None = (
+            parse(trip_when, source=f"monitor {name}") if isinstance(trip_when, str) else trip_when
+        )
+        names = self.trip_when.names_in_order() if self.trip_when is not None else []
+        super().__init__(name, [*names, *channels])
 
     def evaluate(self, view: Mapping[str, Any], ages: Mapping[str, float]) -> MonitorResult:
         if self.condition is not None:
@@ -321,30 +335,36 @@ class Interlock(Monitor):
             if violation:
                 return self._result(True, False, violation)
             return self._result(False, True, "condition holds")
-        active = {ch: view.get(ch) for ch, want in self.when.items() if _same(view.get(ch), want)}
-        if not active:
-            shown = ", ".join(f"{ch}={fmt(view.get(ch))}" for ch in self.when)
-            return self._result(False, True, f"inactive ({shown})")
-        cause = " and ".join(f"{ch}={fmt(v)}" for ch, v in active.items())
-        if not self.require:
-            return self._result(True, False, cause, **active)
-        missing = [ch for ch in self.require if view.get(ch) is None]
-        wrong = {
-            ch: view.get(ch)
-            for ch, want in self.require.items()
-            if ch not in missing and not _same(view.get(ch), want)
-        }
-        if wrong:
-            bad = ", ".join(f"{ch}={fmt(v)}" for ch, v in wrong.items())
-            need = ", ".join(f"{ch}={fmt(self.require[ch])}" for ch in wrong)
-            return self._result(
-                True, False, f"{bad} while {cause} (requires {need})", **active, **wrong
-            )
-        if missing:
-            return self._result(
-                False, False, f"{', '.join(missing)} unknown while {cause}", **active
-            )
-        return self._result(False, True, f"requirements met while {cause}", **active)
+        assert self.trip_when is not None
+        values = {ch: view.get(ch) for ch in self.channels}
+        shown = ", ".join(f"{ch}={fmt(v)}" for ch, v in values.items())
+        try:
+            result = self.trip_when.evaluate(view)
+        except EvaluationError as exc:
+            self._holds_since = None
+            return self._result(False, False, f"unknown ({exc}): {shown}", **values)
+        if result is not True:
+            self._holds_since = None
+        elif self.confirm:
+            now = time.monotonic()
+            if self._holds_since is None:
+                self._holds_since = now
+            waited = now - self._holds_since
+            stale = [ch for ch in self.channels if ch in ages and ages[ch] >= waited]
+            if stale:
+                return self._result(
+                    False,
+                    False,
+                    f"{shown}; waiting for a reading of {', '.join(stale)} to confirm it",
+                    **values,
+                )
+        if result is True:
+            return self._result(True, False, shown, **values)
+        if result is False:
+            return self._result(False, True, f"inactive ({shown})", **values)
+        return self._result(
+            False, False, f"unknown (not true/false: {fmt(result)}): {shown}", **values
+        )
 
 
 # ----------------------------------------------------------------------- helpers
@@ -372,49 +392,6 @@ def evaluate_all(
     return out
 
 
-def reference_monitors(
-    *,
-    hotplate: str = "hotplate",
-    enclosure: str = "enclosure",
-    liquid_trip_c: float = 80.0,
-    liquid_clear_c: float = 75.0,
-    plate_max_age_s: float = 2.0,
-    heartbeat_max_age_s: float = 2.0,
-    grace_s: float = 5.0,
-) -> list[Monitor]:
-    """The reference bench's monitors (DESIGN.md safety facts). Ages in real seconds.
-
-    * ``liquid-overtemp``: ``hotplate.liquid_c`` > 80 degC trips, clears < 75 degC;
-    * ``hotplate-reading-stale``: ``hotplate.plate_c`` older than 2 s (the hotplate stopped answering);
-    * ``enclosure-heartbeat-stale``: ``enclosure.heartbeat_age_s`` > 2 s (heartbeat every 0.5 s);
-    * ``enclosure-offline``: ``enclosure.online`` is False (the device's Last Will);
-    * ``lid-open-while-heating``: the lid is not closed while the hotplate heats (measured
-      ``heating`` / ``heater_enabled``) or the heater is commanded on (``hotplate.heater``).
-    """
-    hp, enc = hotplate, enclosure
-    return [
-        Threshold(
-            "liquid-overtemp",
-            f"{hp}.liquid_c",
-            trip_above=liquid_trip_c,
-            clear_below=liquid_clear_c,
-        ),
-        Staleness("hotplate-reading-stale", f"{hp}.plate_c", plate_max_age_s, grace_s=grace_s),
-        Heartbeat(
-            "enclosure-heartbeat-stale",
-            f"{enc}.heartbeat_age_s",
-            heartbeat_max_age_s,
-            grace_s=grace_s,
-        ),
-        Interlock("enclosure-offline", when={f"{enc}.online": False}),
-        Interlock(
-            "lid-open-while-heating",
-            when={f"{hp}.heating": True, f"{hp}.heater_enabled": True, f"{hp}.heater": True},
-            require={f"{enc}.lid": "closed"},
-        ),
-    ]
-
-
 __all__ = [
     "Heartbeat",
     "Interlock",
@@ -425,5 +402,4 @@ __all__ = [
     "Threshold",
     "evaluate_all",
     "measured_ages",
-    "reference_monitors",
 ]

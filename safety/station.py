@@ -28,7 +28,7 @@ from safety.effects import Bound, Layout, bounds
 from safety.envelope import Envelope
 from safety.guard import Guard, GuardedInstrument
 from safety.model import AuditTrail, Command, Latch, StationState, Verdict
-from safety.monitors import Monitor, reference_monitors
+from safety.monitors import Monitor
 from safety.supervisor import StationSupervisor, TripReport
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ class SafeStation:
     """Guard + supervisor over one station's open drivers (see the module docstring).
 
     ``clock`` is the guard's clock for rates and budgets (``time.monotonic`` on
-    a real bench; a simulated bench passes its simulated clock).
+    a real bench; a simulated bench passes its simulated clock). The station's
+    monitors are those its envelope declares (its ``monitors:`` section);
+    ``monitors`` replaces them.
     ``supervisor_options`` go to :class:`StationSupervisor` (``poll_interval``,
     ``safe_timeout``, ``device_watchdog_s``, ``device_time_scale``, ...).
     """
@@ -67,7 +69,7 @@ class SafeStation:
             drivers,
             latch=self.latch,
             state=self.state,
-            monitors=list(monitors) if monitors is not None else reference_monitors(),
+            monitors=list(monitors) if monitors is not None else envelope.build_monitors(),
             audit=self.audit,
             **dict(supervisor_options or {}),
         )

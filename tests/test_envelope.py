@@ -337,3 +337,235 @@ def test_reference_envelope_refuses_heater_on_with_the_lid_open() -> None:
     fast = Command("red", "dispense", {"volume_ml": 0.5, "rate_ml_min": 25.0}, "test")
     a = assess(fast, layout=layout, envelope=env, view=view, now=0)
     assert a.rule == "red.rate_ml_min.max"
+
+
+# ------------------------------------------------------------------ monitors
+MONITORS_YAML = """\
+monitors:
+  - name: too-hot
+    kind: threshold
+    channel: plate.liquid_c
+    trip_above: 80
+    clear_below: 75.5
+  - name: too-cold
+    kind: threshold
+    channel: plate.liquid_c
+    trip_below: 2
+    clear_above: 4
+  - name: plate-stale
+    kind: staleness
+    channel: plate.plate_c
+    max_age_s: 2
+    grace_s: 5
+    clear_age_s: 1
+  - name: box-heartbeat
+    kind: heartbeat
+    channel: box.heartbeat_age_s
+    max_age_s: 1.5
+  - name: door-open-while-heating
+    kind: interlock
+    trip_when: >-
+      (plate.heating or plate.heater)
+      and box.door != "closed"
+    doc: an example with other instrument names than the reference bench
+  - name: plate-tripped
+    kind: interlock
+    trip_when: plate.tripped and plate.heater
+    confirm: true
+"""
+
+
+def test_monitors_section_loads_each_kind_and_builds_fresh_monitors() -> None:
+    from safety.monitors import Heartbeat, Interlock, Staleness, Threshold
+
+    env = load_envelope(MONITORS_YAML, source="lab.yaml", known=["plate", "box"])
+    specs = {m.name: m for m in env.monitors}
+    assert [m.kind for m in env.monitors] == [
+        "threshold",
+        "threshold",
+        "staleness",
+        "heartbeat",
+        "interlock",
+        "interlock",
+    ]
+    assert specs["too-hot"].line == 2 and specs["plate-stale"].line == 12
+    assert specs["door-open-while-heating"].channels == (
+        "plate.heating",
+        "plate.heater",
+        "box.door",
+    )
+    assert "box.door" in env.names() and "box.heartbeat_age_s" in env.names()
+    built = {m.name: m for m in env.build_monitors()}
+    hot = built["too-hot"]
+    assert isinstance(hot, Threshold)
+    assert (hot.channel, hot.trip_above, hot.clear_below) == ("plate.liquid_c", 80.0, 75.5)
+    cold = built["too-cold"]
+    assert isinstance(cold, Threshold) and (cold.trip_below, cold.clear_above) == (2.0, 4.0)
+    stale = built["plate-stale"]
+    assert isinstance(stale, Staleness) and not isinstance(stale, Heartbeat)
+    assert (stale.max_age_s, stale.grace_s, stale.clear_age_s) == (2.0, 5.0, 1.0)
+    beat = built["box-heartbeat"]
+    assert isinstance(beat, Heartbeat) and (beat.max_age_s, beat.grace_s) == (1.5, 1.5)
+    door = built["door-open-while-heating"]
+    assert isinstance(door, Interlock) and not door.confirm
+    assert door.trip_when is not None and door.trip_when.line == 25  # the block scalar's text
+    assert isinstance(built["plate-tripped"], Interlock) and built["plate-tripped"].confirm
+    # each call builds new monitors (a monitor keeps its arming time: one per supervisor)
+    assert all(a is not b for a, b in zip(env.build_monitors(), env.build_monitors(), strict=True))
+    assert env.fresh().monitors == env.monitors
+    assert load_envelope("channels: {}\n").build_monitors() == []
+
+
+def test_monitors_section_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    one = "monitors:\n  - name: m\n"
+    cases = {
+        "monitors: {m: 1}\n": (1, "monitors: must be a list of {name, kind, ...}"),
+        "monitors:\n  - 3\n": (2, "monitors[0]: a monitor is a mapping"),
+        one + "    channel: a.b\n": (2, "monitors[0]: missing 'kind'"),
+        one + "    kind: watchdog\n": (
+            3,
+            "monitors[0].kind: unknown kind 'watchdog'; known: threshold, staleness, heartbeat, "
+            "interlock",
+        ),
+        "monitors:\n  - {name: 'a b', kind: threshold}\n": (2, "monitors[0].name: a monitor name"),
+        one + "    kind: threshold\n    trip_above: 1\n": (
+            2,
+            "monitors[0]: missing 'channel' (a threshold monitor needs channel)",
+        ),
+        one + "    kind: threshold\n    channel: a.b\n    max_age_s: 1\n": (
+            5,
+            "monitors[0].max_age_s: unknown key 'max_age_s' for a threshold monitor",
+        ),
+        one + "    kind: threshold\n    channel: nodot\n    trip_above: 1\n": (
+            4,
+            "monitors[0].channel: a channel is '<instrument>.<channel>', got 'nodot'",
+        ),
+        one + "    kind: threshold\n    channel: a.b\n    trip_above: hot\n": (
+            5,
+            "monitors[0].trip_above: must be a number, got 'hot'",
+        ),
+        one + "    kind: threshold\n    channel: a.b\n": (
+            2,
+            "monitors[0]: threshold m: give trip_above and/or trip_below",
+        ),
+        one + "    kind: threshold\n    channel: a.b\n    trip_above: 80\n    clear_below: 85\n": (
+            6,
+            "monitors[0].clear_below: threshold m: clear_below 85.0 is above trip_above 80.0",
+        ),
+        one + "    kind: staleness\n    channel: a.b\n": (
+            2,
+            "monitors[0]: missing 'max_age_s' (a staleness monitor needs channel, max_age_s)",
+        ),
+        one + "    kind: staleness\n    channel: a.b\n    max_age_s: 0\n": (
+            5,
+            "monitors[0].max_age_s: staleness m: max_age_s must be > 0",
+        ),
+        one + "    kind: heartbeat\n    channel: a.b\n    max_age_s: 1\n    grace_s: -1\n": (
+            6,
+            "monitors[0].grace_s: must be >= 0 (real seconds), got -1",
+        ),
+        one + "    kind: interlock\n    trip_when: 3\n": (
+            4,
+            "monitors[0].trip_when: must be a rule text (a string), got 3",
+        ),
+        one + "    kind: interlock\n    trip_when: a.b\n    confirm: yes please\n": (
+            5,
+            "monitors[0].confirm: must be true or false, got 'yes please'",
+        ),
+        one + "    kind: interlock\n    trip_when: a.b\n    doc: 4\n": (
+            5,
+            "monitors[0].doc: must be a string",
+        ),
+        one + "    kind: interlock\n    trip_when: a.b\n  - name: m\n    kind: interlock\n"
+        "    trip_when: a.c\n": (5, "monitors[1].name: duplicate monitor name 'm'"),
+    }
+    for text, (line, message) in cases.items():
+        path = tmp_path / "lab.yaml"
+        path.write_text(text)
+        with pytest.raises(EnvelopeError) as info:
+            load_envelope(path)
+        assert str(info.value).startswith(f"{path}:{line}: "), (text, str(info.value))
+        assert message in str(info.value), (text, str(info.value))
+
+
+def test_a_monitor_condition_that_does_not_parse_names_file_line_and_column() -> None:
+    text = "monitors:\n  - name: m\n    kind: interlock\n    trip_when: a.b and and c.d\n"
+    with pytest.raises(RuleSyntaxError) as info:
+        load_envelope(text, source="lab.yaml")
+    assert str(info.value).startswith("lab.yaml:4:24: ")
+
+
+def test_monitor_channels_must_name_the_stations_instruments() -> None:
+    text = (
+        "monitors:\n"
+        "  - {name: hot, kind: threshold, channel: plate.liquid_c, trip_above: 80}\n"
+        "  - name: door\n"
+        "    kind: interlock\n"
+        "    trip_when: plate.heater and furnace.door != 'closed'\n"
+    )
+    with pytest.raises(EnvelopeError) as info:
+        load_envelope(text, source="lab.yaml", known=["hotplate"])
+    assert str(info.value).startswith(
+        "lab.yaml:2: monitors[0].channel: unknown instrument 'plate' (in 'plate.liquid_c')"
+    )
+    assert "in monitor hot" in str(info.value)
+    with pytest.raises(EnvelopeError) as info:
+        load_envelope(text, source="lab.yaml", known=["plate"])
+    assert str(info.value).startswith(
+        "lab.yaml:3: monitors[1].trip_when: unknown instrument 'furnace' (in 'furnace.door')"
+    )
+    with pytest.raises(EnvelopeError, match="unknown channel 'plate.liquid_c'"):
+        load_envelope(text, known={"plate": {"heater"}, "furnace": None})
+    load_envelope(text, known=["plate", "furnace"])
+
+
+def test_reference_envelope_declares_the_bench_monitors() -> None:
+    env = reference_envelope(known=BENCH)
+    assert {m.name: m.kind for m in env.monitors} == {
+        "liquid-overtemp": "threshold",
+        "hotplate-reading-stale": "staleness",
+        "enclosure-heartbeat-stale": "heartbeat",
+        "enclosure-offline": "interlock",
+        "lid-open-while-heating": "interlock",
+        "hotplate-watchdog-tripped": "interlock",
+    }
+    specs = {m.name: m for m in env.monitors}
+    assert dict(specs["liquid-overtemp"].params) == {
+        "channel": "hotplate.liquid_c",
+        "trip_above": 80.0,
+        "clear_below": 75.0,
+    }
+    assert dict(specs["hotplate-reading-stale"].params) == {
+        "channel": "hotplate.plate_c",
+        "max_age_s": 2.0,
+        "grace_s": 5.0,
+    }
+    assert dict(specs["enclosure-heartbeat-stale"].params) == {
+        "channel": "enclosure.heartbeat_age_s",
+        "max_age_s": 2.0,
+        "grace_s": 5.0,
+    }
+    assert specs["hotplate-watchdog-tripped"].channels == (
+        "hotplate.watchdog_tripped",
+        "hotplate.heater",
+        "hotplate.stirrer",
+    )
+
+
+def test_the_yaml_examples_of_docs_safety_md_load_as_written() -> None:
+    import re
+
+    text = (Path(__file__).parent.parent / "docs" / "safety.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    full = load_envelope(blocks[0], source="docs/safety.md", known=BENCH)
+    assert [m.name for m in full.monitors] == [
+        "liquid-overtemp",
+        "hotplate-reading-stale",
+        "lid-open-while-heating",
+    ]
+    monitors = load_envelope(blocks[1], source="docs/safety.md", known=BENCH)
+    reference = {m.name: m for m in reference_envelope().monitors}
+    for spec in monitors.monitors:  # the examples say what the reference bench declares
+        assert spec.kind == reference[spec.name].kind
+        assert spec.channels == reference[spec.name].channels

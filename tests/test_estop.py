@@ -22,9 +22,10 @@ import pytest
 import instruments
 from instruments.driver import Channel, Driver
 from instruments.transports.base import Transport
+from safety.effects import Layout, initial_commanded
+from safety.envelope import reference_envelope
 from safety.estop import EStop, EStopReport, install_signal_handlers
 from safety.model import Latch, StationState
-from safety.monitors import reference_monitors
 from safety.supervisor import StationSupervisor
 from simulators.bench import SimulatedBench, SimulatedLab
 
@@ -56,10 +57,12 @@ async def sim_stations(
 def make_supervisor(
     name: str, drivers: Mapping[str, Driver], speed: float = 1.0, **options: Any
 ) -> StationSupervisor:
+    state = StationState()  # seeded like a guard seeds it: every instrument in its safe state
+    state.set_commanded(initial_commanded(Layout.of(drivers)))
     kwargs: dict[str, Any] = {
         "latch": Latch(name),
-        "state": StationState(),
-        "monitors": reference_monitors(plate_max_age_s=1.0, heartbeat_max_age_s=1.0),
+        "state": state,
+        "monitors": reference_envelope().build_monitors(),
         "poll_interval": 0.05,
         "safe_timeout": 0.5,
         "read_timeout": 0.3,

@@ -1,5 +1,5 @@
 """Monitors as pure logic on a StationState: thresholds with hysteresis, staleness and
-heartbeat watchdogs, interlocks, missing values, and the reference bench's set."""
+heartbeat watchdogs, interlocks, missing values, and the reference bench's declared set."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from safety.envelope import reference_envelope
 from safety.model import StationState
 from safety.monitors import (
     Heartbeat,
@@ -19,7 +20,6 @@ from safety.monitors import (
     Threshold,
     evaluate_all,
     measured_ages,
-    reference_monitors,
 )
 
 
@@ -142,20 +142,20 @@ def test_heartbeat_age_is_the_reported_age_plus_the_age_of_the_reading() -> None
 def test_interlock_lid_open_while_heating_measured_or_commanded() -> None:
     mon = Interlock(
         "lid-open-while-heating",
-        when={"hotplate.heating": True, "hotplate.heater": True},
-        require={"enclosure.lid": "closed"},
+        trip_when='(hotplate.heating or hotplate.heater) and enclosure.lid != "closed"',
     )
+    assert mon.channels == ("hotplate.heating", "hotplate.heater", "enclosure.lid")
     state = StationState()
     state.set_measured("enclosure", {"lid": "open"})
     state.set_measured("hotplate", {"heating": False})
+    state.set_commanded({"hotplate.heater": False})
     idle = run(mon, state)
     assert (idle.tripped, idle.cleared) == (False, True)  # lid open, nothing heats: fine
     state.set_measured("hotplate", {"heating": True})
     hot = run(mon, state)
     assert (hot.tripped, hot.cleared) == (True, False)
     assert hot.reason == (
-        "lid-open-while-heating: enclosure.lid='open' while hotplate.heating=True "
-        "(requires enclosure.lid='closed')"
+        "lid-open-while-heating: hotplate.heating=True, hotplate.heater=False, enclosure.lid='open'"
     )
     state.set_measured("hotplate", {"heating": False})
     state.set_commanded({"hotplate.heater": True})  # commanded on, not yet heating
@@ -164,25 +164,42 @@ def test_interlock_lid_open_while_heating_measured_or_commanded() -> None:
     closed = run(mon, state)
     assert (closed.tripped, closed.cleared) == (False, True)
     unknown = StationState()
+    unknown.set_measured("hotplate", {"heating": False})
     unknown.set_commanded({"hotplate.heater": True})
     r = run(mon, unknown)  # heater on, lid never reported: unknown, not cleared
     assert (r.tripped, r.cleared) == (False, False)
-    assert "enclosure.lid unknown" in r.reason
-    # 1 is not True: a numeric channel does not activate a boolean condition
+    assert r.reason == (
+        "lid-open-while-heating: unknown (unknown name 'enclosure.lid'): "
+        "hotplate.heating=False, hotplate.heater=True, enclosure.lid=None"
+    )
+    unknown.set_commanded({"hotplate.heater": False})  # nothing heats: the lid is not needed
+    assert run(mon, unknown).cleared
+    # 1 is not true (the rule language is strict): unknown, neither tripped nor cleared
     odd = StationState()
     odd.set_measured("hotplate", {"heating": 1})
     odd.set_measured("enclosure", {"lid": "open"})
-    assert not run(mon, odd).tripped
+    r = run(mon, odd)
+    assert (r.tripped, r.cleared) == (False, False) and "unknown" in r.reason
+    # a condition that is not a boolean is unknown too
+    bare = Interlock("bare", trip_when="a.flag")
+    s = StationState()
+    s.set_measured("a", {"flag": None})
+    r = run(bare, s)
+    assert (r.tripped, r.cleared) == (False, False)
+    assert r.reason == "bare: unknown (not true/false: None): a.flag=None"
 
 
 def test_interlock_without_requirement_and_with_a_callable() -> None:
-    offline = Interlock("enclosure-offline", when={"enclosure.online": False})
+    offline = Interlock("enclosure-offline", trip_when="enclosure.online == false")
     state = StationState()
     state.set_measured("enclosure", {"online": True})
     assert run(offline, state).cleared
     state.set_measured("enclosure", {"online": False})
     r = run(offline, state)
     assert r.tripped and r.reason == "enclosure-offline: enclosure.online=False"
+    state.set_measured("enclosure", {"online": None})  # retained status cleared: unknown
+    r = run(offline, state)
+    assert (r.tripped, r.cleared) == (False, False)
 
     def too_full(view: Any) -> str | None:
         total = sum(view.get(f"{d}.volume", 0.0) for d in ("red", "green", "blue"))
@@ -196,8 +213,12 @@ def test_interlock_without_requirement_and_with_a_callable() -> None:
     s.set_commanded({"blue.volume": 0.5})
     assert run(full, s).cleared
     assert full.instruments == {"red"}
-    with pytest.raises(ValueError, match="condition callable or when"):
+    with pytest.raises(ValueError, match="condition callable or trip_when"):
         Interlock("x")
+    with pytest.raises(ValueError, match="condition callable or trip_when"):
+        Interlock("x", too_full, trip_when="a.b")
+    with pytest.raises(ValueError, match="monitor x:1:"):
+        Interlock("x", trip_when="a.b and")  # a rule that does not parse
 
 
 def test_a_monitor_that_raises_counts_as_tripped() -> None:
@@ -209,32 +230,98 @@ def test_a_monitor_that_raises_counts_as_tripped() -> None:
     assert "monitor failed" in r.reason
 
 
-def test_reference_monitors_on_a_healthy_then_a_faulty_station() -> None:
-    mons = reference_monitors()
+def test_reference_bench_monitors_on_a_healthy_then_a_faulty_station() -> None:
+    mons = reference_envelope().build_monitors()
     assert [m.name for m in mons] == [
         "liquid-overtemp",
         "hotplate-reading-stale",
         "enclosure-heartbeat-stale",
         "enclosure-offline",
         "lid-open-while-heating",
+        "hotplate-watchdog-tripped",
     ]
     for m in mons:
         m.arm()
     state = StationState()
+    state.set_commanded({"hotplate.heater": True, "hotplate.stirrer": True})
     state.set_measured(
         "hotplate",
-        {"liquid_c": 60.0, "plate_c": 70.0, "heating": True, "heater_enabled": True},
+        {
+            "liquid_c": 60.0,
+            "plate_c": 70.0,
+            "heating": True,
+            "heater_enabled": True,
+            "watchdog_tripped": False,
+        },
     )
     state.set_measured("enclosure", {"lid": "closed", "online": True, "heartbeat_age_s": 0.2})
     results = evaluate_all(mons, state)
     assert all(r.cleared and not r.tripped for r in results.values()), results
     assert set(measured_ages(state)) >= {"hotplate.liquid_c", "enclosure.lid"}
-    state.set_measured("hotplate", {"liquid_c": 81.0})
+    state.set_measured("hotplate", {"liquid_c": 81.0, "watchdog_tripped": True})
     state.set_measured("enclosure", {"lid": "open", "online": False, "heartbeat_age_s": 3.0})
-    tripped = {n for n, r in evaluate_all(mons, state).items() if r.tripped}
+    pending = evaluate_all(mons, state)["hotplate-watchdog-tripped"]  # confirm: true
+    assert (pending.tripped, pending.cleared) == (False, False)
+    assert "waiting for a reading of hotplate.watchdog_tripped" in pending.reason
+    time.sleep(0.002)
+    state.set_measured("hotplate", {"watchdog_tripped": True})  # the next reading still shows it
+    results = evaluate_all(mons, state)
+    tripped = {n for n, r in results.items() if r.tripped}
     assert tripped == {
         "liquid-overtemp",
         "enclosure-heartbeat-stale",
         "enclosure-offline",
         "lid-open-while-heating",
+        "hotplate-watchdog-tripped",
     }
+    assert results["hotplate-watchdog-tripped"].reason == (
+        "hotplate-watchdog-tripped: hotplate.watchdog_tripped=True, hotplate.heater=True, "
+        "hotplate.stirrer=True"
+    )
+    # the hysteresis of the declared threshold: not yet cleared at 77, cleared below 75
+    state.set_measured("hotplate", {"liquid_c": 77.0})
+    r = evaluate_all(mons, state)["liquid-overtemp"]
+    assert (r.tripped, r.cleared) == (False, False)
+    state.set_measured("hotplate", {"liquid_c": 74.9})
+    assert evaluate_all(mons, state)["liquid-overtemp"].cleared
+
+
+def test_a_device_watchdog_bit_trips_only_while_heating_or_stirring_is_commanded() -> None:
+    """The trip's safe state (heater and stirrer commanded off) clears it, so the station can
+    be reset although the device keeps the bit until its next enable; a bit left set by a
+    previous run does not trip a station that commands nothing."""
+    (mon,) = [
+        m for m in reference_envelope().build_monitors() if m.name.endswith("watchdog-tripped")
+    ]
+    state = StationState()
+    state.set_measured("hotplate", {"watchdog_tripped": True})
+    state.set_commanded({"hotplate.heater": False, "hotplate.stirrer": False})
+    assert run(mon, state).cleared
+    # the stirrer is commanded on (which clears the bit on the device): the reading from
+    # before the command does not trip; the next one, showing the bit cleared, clears
+    state.set_commanded({"hotplate.stirrer": True})
+    for _ in range(3):
+        r = run(mon, state)
+        assert (r.tripped, r.cleared) == (False, False)
+    time.sleep(0.002)
+    state.set_measured("hotplate", {"watchdog_tripped": False})
+    assert run(mon, state).cleared
+    # the device trips while stirring: seen on one reading, confirmed by the next
+    state.set_measured("hotplate", {"watchdog_tripped": True})
+    assert not run(mon, state).tripped
+    time.sleep(0.002)
+    state.set_measured("hotplate", {"watchdog_tripped": True})
+    r = run(mon, state)
+    assert r.tripped and "hotplate.watchdog_tripped=True" in r.reason
+    # the trip's safe state commands heater and stirrer off: cleared, though the bit stays
+    state.set_commanded({"hotplate.heater": False, "hotplate.stirrer": False})
+    assert run(mon, state).cleared
+
+
+def test_a_confirmed_interlock_over_commanded_values_only_trips_at_once() -> None:
+    mon = Interlock("on-twice", trip_when="a.on and b.on", confirm=True)
+    state = StationState()
+    state.set_commanded({"a.on": True, "b.on": True})
+    assert run(mon, state).tripped
+    with pytest.raises(ValueError, match="confirm needs trip_when"):
+        Interlock("x", lambda view: None, confirm=True)

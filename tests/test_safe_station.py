@@ -108,3 +108,56 @@ async def test_overtemperature_trip_latches_until_reset_after_cooling() -> None:
         await station.handle("enclosure").set_light(True, 0.5)
     # leaving open_station put everything in its safe state
     assert world.enclosure.light_on is False
+
+
+@pytest.mark.timeout(60)
+async def test_the_hotplates_device_watchdog_trips_the_station_and_it_can_be_reset() -> None:
+    """The station's monitors are its envelope's. labbridge stalls longer than the hotplate's
+    device watchdog (5 device s = 0.1 s at 50x), which switches heating off by itself: the
+    station trips on the device's status bit (the experiment's thermal history is no longer
+    what was commanded), can be reset once its safe state is commanded, and the next enable
+    (which clears the bit on the device) does not trip it again."""
+    async with SimulatedLab(speed=SPEED) as lab, sim_station(lab) as station:
+        world = lab.stations[0].world
+        declared = [m.name for m in reference_envelope().monitors]
+        assert [m.name for m in station.supervisor.monitors] == declared
+        assert "hotplate-watchdog-tripped" in declared
+        hotplate = station.handle("hotplate", who="test")
+        await hotplate.set_stirrer(True, 200)
+        await hotplate.set_heater(True, 25.0)  # where the setpoint is (it may rise 10 degC/min)
+        await asyncio.sleep(0.3)  # fed every 33 ms: the device watchdog holds
+        assert world.snapshot()["hotplate"]["heater_enabled"] is True
+        assert not station.tripped, station.supervisor.last_results
+        time.sleep(0.5)  # labbridge stalls (the event loop is blocked): 25 device s unfed
+        await wait_for(lambda: station.tripped, 5, "the device-watchdog trip")
+        record = station.latch.trip_record
+        assert record is not None and record.source == "hotplate-watchdog-tripped", record
+        assert "hotplate.watchdog_tripped=True" in record.reason
+        assert "hotplate.heater=True" in record.reason
+        await wait_for(lambda: station.supervisor.trips[0].done, 5, "the safe state")
+        snap = world.snapshot()["hotplate"]
+        assert snap["watchdog_tripped"] and not snap["heater_enabled"]
+        with pytest.raises(StationTripped):
+            await hotplate.set_heater(True, 25.0)
+        # heater and stirrer are commanded off by the trip: the monitor clears although the
+        # device keeps its bit until the next enable
+        assert station.state.commanded["hotplate.heater"] is False
+        await wait_for(
+            lambda: station.supervisor.check()["hotplate-watchdog-tripped"].cleared,
+            5,
+            "the watchdog monitor to clear",
+        )
+        assert world.snapshot()["hotplate"]["watchdog_tripped"] is True
+        await station.reset("operator:ada", "labbridge stalled; experiment discarded")
+        assert not station.tripped
+        await hotplate.set_stirrer(True, 200)  # a write of 1 to an enable clears the device bit
+        await wait_for(
+            lambda: (
+                station.state.view(prefer_measured=True).get("hotplate.watchdog_tripped") is False
+            ),
+            5,
+            "a reading with the bit cleared",
+        )
+        await asyncio.sleep(0.3)
+        assert not station.tripped, station.latch.trip_record
+        assert len(station.supervisor.trips) == 1

@@ -21,8 +21,10 @@ import pytest
 import instruments
 from instruments.driver import Channel, Driver
 from instruments.transports.base import Transport
+from safety.effects import Layout, initial_commanded
+from safety.envelope import reference_envelope
 from safety.model import AuditTrail, Latch, ResetRecord, ResetRefused, StationState
-from safety.monitors import Staleness, Threshold, reference_monitors
+from safety.monitors import Staleness, Threshold
 from safety.supervisor import StationSupervisor
 from simulators.bench import SimulatedBench, SimulatedLab
 
@@ -55,12 +57,14 @@ async def sim_station(speed: float = SPEED) -> AsyncIterator[tuple[SimulatedBenc
 
 
 def supervisor(bench: SimulatedBench, drivers: dict[str, Any], **options: Any) -> StationSupervisor:
-    """The reference monitors with short real-time limits (0.5 s), a fast poll, bounded waits."""
+    """The reference bench's declared monitors (ages of 2 s), a fast poll, bounded waits."""
     name = bench.world.name
+    state = StationState()  # seeded like a guard seeds it: every instrument in its safe state
+    state.set_commanded(initial_commanded(Layout.of(drivers)))
     kwargs: dict[str, Any] = {
         "latch": Latch(name),
-        "state": StationState(),
-        "monitors": reference_monitors(plate_max_age_s=0.5, heartbeat_max_age_s=0.5, grace_s=2.0),
+        "state": state,
+        "monitors": reference_envelope().build_monitors(),
         "poll_interval": 0.05,
         "safe_timeout": 1.0,
         "read_timeout": 0.3,
@@ -214,7 +218,7 @@ async def test_heartbeat_stop_trips_on_staleness_and_reset_waits_for_heartbeats(
             await asyncio.sleep(0.2)
             assert not sup.latch.tripped, sup.last_results
             bench.world.faults.inject("heartbeat-stop", device="enclosure")
-            await wait_until(lambda: sup.latch.tripped, 3, "the heartbeat trip")
+            await wait_until(lambda: sup.latch.tripped, 6, "the heartbeat trip")  # 2 s limit
             record = sup.latch.trip_record
             assert record is not None and record.source == "enclosure-heartbeat-stale"
             assert "enclosure.heartbeat_age_s is" in record.reason
@@ -307,7 +311,7 @@ async def test_hotplate_that_stops_answering_trips_on_a_stale_reading() -> None:
         async with sup:
             await wait_until(lambda: "hotplate.plate_c" in sup.state.measured, 2, "a reading")
             bench.world.faults.inject("no-reply", device="hotplate")
-            await wait_until(lambda: sup.latch.tripped, 3, "the stale-reading trip")
+            await wait_until(lambda: sup.latch.tripped, 6, "the stale-reading trip")  # 2 s
             assert sup.latch.trip_record.source == "hotplate-reading-stale"  # type: ignore[union-attr]
             await wait_until(lambda: sup.trips[0].done, 3, "the safe state")
             report = sup.trips[0]
