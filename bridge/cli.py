@@ -197,11 +197,31 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Validate a lab config: its format (every error names the file, line and field), "
             "each station's envelope (limits, rules, budgets; names must be the station's "
-            "instruments), each driver kind, transport URL and driver options, and whether "
-            "each verifying station has its camera calibration. Nothing is connected."
+            "instruments), each driver kind, transport URL and driver options, every "
+            "actuated channel and how it is bounded, and whether each verifying station has "
+            "its camera calibration; with --program, a program's recipe against each station "
+            "and a dry run of its space's corners and centre. Nothing is connected."
         ),
     )
     chk.add_argument("lab", type=Path, help="the lab config (lab.yaml)")
+    chk.add_argument(
+        "--program",
+        type=Path,
+        help=(
+            "also check this program.md against each station: its recipe's instruments, "
+            "commands and arguments, and a dry run of the corners and centre of its space"
+        ),
+    )
+    chk.add_argument(
+        "--assume",
+        action="append",
+        default=[],
+        metavar="CHANNEL=VALUE",
+        help=(
+            "a measured value the dry run assumes (e.g. enclosure.lid=closed, "
+            "hotplate.setpoint_c=25); repeat for several"
+        ),
+    )
 
     cal = sub.add_parser(
         "calibrate",
@@ -455,11 +475,86 @@ def _check_command(args: argparse.Namespace) -> int:
         else:
             print(f"  camera verification: calibrated ({st.verification.calibration_path})")
     print(f"journal: {lab.store}; Ray: {lab.ray_address or 'local (loopback)'}")
+    if args.program is not None:
+        found = _check_program(lab, args.program, args.assume)
+        for problem in found:
+            print(problem, file=sys.stderr)
+        problems += found
     if problems:
         print(f"{args.lab}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     print(f"{args.lab}: OK")
     return 0
+
+
+def _assumed(items: list[str]) -> dict[str, Any]:
+    """``CHANNEL=VALUE`` pairs, values read as YAML scalars (closed, 25, true)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not eq or "." not in name:
+            raise ConfigError(
+                f"{item!r}: give CHANNEL=VALUE, e.g. enclosure.lid=closed", source="--assume"
+            )
+        try:
+            out[name.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"{item!r}: {text!r} is not a value", source="--assume") from None
+    return out
+
+
+def _check_program(lab: Any, path: Path, assume_items: list[str]) -> list[str]:
+    """``check --program``: the program against each station (loops/check.py); prints each
+    station's dry runs, returns the problems."""
+    from loops.check import check_program
+    from loops.program import load_program
+    from safety import load_envelope, station_layout
+
+    try:
+        program = load_program(path)
+        assume = _assumed(assume_items)
+    except ConfigError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    for name, st in lab.stations.items():
+        try:
+            envelope = load_envelope(st.envelope_text, source=st.envelope_source)
+            layout = station_layout(st.instruments, envelope)
+        except Exception as exc:  # lab.check() reported it already
+            problems.append(f"station {name}: cannot check the program: {exc}")
+            continue
+        result = check_program(program, name, layout, envelope, assume=assume)
+        problems += result.problems
+        if not result.ok:
+            continue
+        tried = [p for p in result.points if not p.infeasible]
+        refused = [p for p in tried if not p.ok]
+        print(
+            f"program {program.name} on station {name}: dry run of {len(tried)} points "
+            f"(corners and centre the constraints allow): {len(tried) - len(refused)} pass, "
+            f"{len(refused)} refused"
+        )
+        for point in refused:
+            values = ", ".join(f"{k}={v:g}" for k, v in point.params.items())
+            print(f"  {point.label} ({values}): refused")
+            for reason in point.reasons:
+                print(f"    {reason}")
+        unknown = sorted(
+            {
+                r.split("unknown name '", 1)[1].split("'", 1)[0]
+                for p in refused
+                for r in p.reasons
+                if "unknown name '" in r
+            }
+        )
+        if unknown:
+            print(
+                f"  the dry run does not know {', '.join(unknown)} (measured on the bench): "
+                f"say what to assume, e.g. --assume {unknown[0]}=<value>"
+            )
+    return problems
 
 
 def _bounds(st: Any) -> list[Any]:

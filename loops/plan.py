@@ -310,6 +310,7 @@ class _PlanStep:
     otherwise: Any = None
     has_else: bool = False
     produces: tuple[str, ...] = ()
+    line: int | None = None  # in the program file
 
 
 @dataclass(frozen=True)
@@ -599,7 +600,9 @@ def compile_plan(
             if m not in measured:
                 measured.append(m)
         steps.append(
-            _PlanStep(i, kind, fields, values, when, otherwise, has_else, tuple(produces))
+            _PlanStep(
+                i, kind, fields, values, when, otherwise, has_else, tuple(produces), doc.line(at)
+            )
         )
     return Plan(
         name,

@@ -27,6 +27,7 @@ from typing import Any
 from loops import functions
 from loops.plan import Recipe, RecipeError, Step
 from safety import Command, DryRunReport, SafeStation
+from safety.effects import CommandRefused, effect_of
 from safety.expr import EvaluationError, parse
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "build_recipe",
     "dry_run_recipe",
     "ramp_setpoint",
+    "recipe_times",
     "run_recipe",
 ]
 
@@ -78,35 +80,67 @@ def _channel_of(station: SafeStation, instrument: str, command: str, arg: str) -
     return None
 
 
-def dry_run_recipe(recipe: Recipe, station: SafeStation, *, who: str, now: float) -> DryRunReport:
-    """Dry-run ``recipe`` on ``station`` (no I/O), each command at the time it would be sent.
+def recipe_times(
+    recipe: Recipe,
+    *,
+    layout: Any,
+    envelope: Any,
+    view: Mapping[str, Any],
+    who: str,
+    now: float,
+) -> list[tuple[Command, float]]:
+    """Each command of ``recipe`` with the time it would be sent, from the station's
+    ``layout`` (its drivers' declarations: how long a flow keeps a pump busy, a setpoint's
+    resolution), its ``envelope`` (a ramp's rise limit) and its state ``view`` (where a
+    ramp starts). No I/O."""
 
-    ``now``: the guard's clock now (the simulated clock on a simulated bench).
-    Flows keep their instrument busy for volume / rate (the drivers' declarations);
-    a ramp is timed with the envelope's rise (or rate) limit on the channel it raises,
-    from the value the station has now.
-    """
+    def declared(instrument: str, command: str) -> Any:
+        return layout.actions(instrument).get(command)
+
+    def channel(instrument: str, command: str, arg: str) -> str | None:
+        for s in getattr(declared(instrument, command), "sets", ()):
+            if s.arg == arg:
+                return f"{instrument}.{s.channel}"
+        return None
 
     def flow_s(command: Command) -> float | None:
-        return station.guard.flow_seconds(command)
+        try:
+            return effect_of(command, layout, view).busy_s
+        except CommandRefused:
+            return None  # the dry run says why
 
     def rise(instrument: str, command: str, arg: str) -> float | None:
-        channel = _channel_of(station, instrument, command, arg)
-        limit = station.guard.envelope.channels.get(channel) if channel else None
+        name = channel(instrument, command, arg)
+        limit = envelope.channels.get(name) if name else None
         return limit.rate if limit is not None else None
 
     def current(instrument: str, command: str, arg: str) -> float | None:
-        channel = _channel_of(station, instrument, command, arg)
-        value: Any = station.state.view().get(channel) if channel else None
+        name = channel(instrument, command, arg)
+        value: Any = view.get(name) if name else None
         return float(value) if _num(value) else None
 
     def step(instrument: str, command: str, arg: str) -> float | None:
-        spec = _declared(station, instrument, command)
+        spec = declared(instrument, command)
         param = spec.params.get(arg) if spec is not None else None
         return param.step if param is not None else None
 
-    timeline = recipe.timeline(
+    return recipe.timeline(
         who, now, flow_s=flow_s, rise_per_min=rise, from_value=current, resolution=step
+    )
+
+
+def dry_run_recipe(recipe: Recipe, station: SafeStation, *, who: str, now: float) -> DryRunReport:
+    """Dry-run ``recipe`` on ``station`` (no I/O), each command at the time it would be sent
+    (:func:`recipe_times`); ``now``: the guard's clock now (the simulated clock on a
+    simulated bench)."""
+    guard = station.guard
+    timeline = recipe_times(
+        recipe,
+        layout=guard.layout,
+        envelope=guard.envelope,
+        view=station.state.view(),
+        who=who,
+        now=now,
     )
     return station.dry_run([c for c, _ in timeline], times=[t for _, t in timeline])
 

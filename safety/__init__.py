@@ -34,6 +34,7 @@ from safety.station import (
     check_instrument,
     open_station,
     probe,
+    station_layout,
 )
 from safety.supervisor import StationSupervisor, TripReport
 
@@ -73,5 +74,6 @@ __all__ = [
     "load_envelope",
     "open_station",
     "probe",
+    "station_layout",
     "reference_envelope",
 ]

@@ -78,13 +78,11 @@ from safety.effects import (
     READ,
     SAFER,
     Assessment,
-    CommandRefused,
     Drain,
     Effect,
     Layout,
     assess,
     drained,
-    effect_of,
     initial_commanded,
     safe_state_updates,
 )
@@ -245,14 +243,6 @@ class Guard:
             )
             return Violation("flow-interlock", reason, {"draining": self._drain.instrument})
         return None
-
-    def flow_seconds(self, command: Command) -> float | None:
-        """How long ``command`` keeps its instrument busy moving liquid (volume / rate from its
-        declaration), None when it moves none or is not a valid command (no I/O)."""
-        try:
-            return effect_of(command, self.layout, self.state.view()).busy_s
-        except CommandRefused:
-            return None
 
     def _verdict(self, a: Assessment) -> Verdict:
         return Verdict(a.allowed, self.station, a.command, a.reason, a.rule, a.values)

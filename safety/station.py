@@ -175,8 +175,14 @@ def actuated_channels(
     """Every channel the station's instruments can be commanded to set, from their drivers'
     declarations, and how ``envelope`` bounds it (nothing is opened). A channel it does not
     bound is listed with ``bounded`` False: the commands that set it will be refused."""
+    return bounds(station_layout(instrument_specs, envelope), envelope)
+
+
+def station_layout(instrument_specs: Iterable[Mapping[str, Any]], envelope: Envelope) -> Layout:
+    """The station's layout (instrument kinds, their drivers' declared commands and safe
+    states, the envelope's vessels) from the driver classes, without opening anything."""
     classes = {s["name"]: driver_class(s["kind"]) for s in instrument_specs}
-    return bounds(Layout.of(classes, envelope.vessels), envelope)
+    return Layout.of(classes, envelope.vessels)
 
 
 __all__ = [
@@ -186,4 +192,5 @@ __all__ = [
     "check_instrument",
     "open_station",
     "probe",
+    "station_layout",
 ]

@@ -1,0 +1,180 @@
+"""A program checked against a lab's station without touching hardware (``labbridge check
+lab.yaml --program program.md``).
+
+Two parts, each problem naming the program's file, line and field:
+
+* **the recipe against the station**: every instrument a step names is one of the
+  station's; every command it calls is one its driver declares, with the arguments that
+  command takes (none unknown, none required missing) and literal values of the type and
+  within the range the device accepts; a capture names an instrument that captures;
+* **the dry run of proposals** at the corners and the centre of the parameter space
+  (those the program's constraints allow), each checked step by step against the
+  station's envelope exactly as a campaign would, from the station's safe state plus what
+  ``assume`` says about measured values (the lid, the plate temperature): each point
+  passes or is refused with the named rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from loops.plan import RecipeError
+from loops.program import Program
+from loops.recipe import build_recipe, recipe_times
+from safety import dry_run
+from safety.effects import initial_commanded
+
+__all__ = ["MAX_CORNERS", "PointCheck", "ProgramCheck", "check_program"]
+
+#: corners dry-run at most (a space of more than 6 parameters gets its first 64 corners)
+MAX_CORNERS = 64
+
+
+@dataclass(frozen=True)
+class PointCheck:
+    """One proposal dry-run: ``label`` (corner or centre), its parameters, the refusals."""
+
+    label: str
+    params: Mapping[str, Any]
+    reasons: tuple[str, ...] = ()
+    infeasible: bool = False  # the program's own constraints exclude it (not dry-run)
+
+    @property
+    def ok(self) -> bool:
+        return not self.reasons
+
+
+@dataclass
+class ProgramCheck:
+    """The outcome for one station: ``problems`` (the recipe does not fit the station) and
+    ``points`` (the dry runs)."""
+
+    station: str
+    problems: list[str] = field(default_factory=list)
+    points: list[PointCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _where(program: Program, step: Any, what: str) -> str:
+    line = f":{step.line}" if step.line else ""
+    return f"{program.source}{line}: recipe[{step.index}]{what}"
+
+
+def _check_steps(program: Program, layout: Any) -> list[str]:
+    problems: list[str] = []
+    known = sorted(layout.kinds)
+    for step in program.plan.steps:
+        f = step.fields
+        names: list[tuple[str, str]] = []
+        if step.kind in ("call", "ramp", "capture"):
+            names.append((f["instrument"], "." + step.kind))
+        elif step.kind == "wait":
+            names += [(n, ".wait") for n in f["instruments"]]
+        elif step.kind == "read":
+            names += [(src.split(".", 1)[0], f".read.{m}") for m, src in f["values"].items()]
+        missing = [(n, w) for n, w in names if n not in layout.kinds]
+        for name, what in missing:
+            problems.append(
+                f"{_where(program, step, what)}: the station has no instrument '{name}' "
+                f"(it has: {', '.join(known)})"
+            )
+        if missing:
+            continue
+        if step.kind == "capture":
+            if "capture" not in layout.actions(f["instrument"]):
+                problems.append(
+                    f"{_where(program, step, '.capture')}: {f['instrument']} "
+                    f"({layout.kinds[f['instrument']]}) does not capture images"
+                )
+            continue
+        if step.kind not in ("call", "ramp"):
+            continue
+        instrument, command = f["instrument"], f["command"]
+        spec = layout.actions(instrument).get(command)
+        if spec is None:
+            problems.append(
+                f"{_where(program, step, '.' + step.kind)}: {instrument} "
+                f"({layout.kinds[instrument]}) has no command {command!r} (it declares: "
+                f"{', '.join(sorted(layout.actions(instrument))) or 'none'})"
+            )
+            continue
+        given = {k[5:] for k in step.values if k.startswith("args.")}
+        if step.kind == "ramp":
+            given.add(f["set"])
+        for arg in sorted(given - set(spec.params)):
+            problems.append(
+                f"{_where(program, step, '.args.' + arg)}: {instrument}.{command}() has no "
+                f"argument {arg!r}; it takes {spec.signature()}"
+            )
+        for arg in sorted(n for n, p in spec.params.items() if not p.optional and n not in given):
+            problems.append(
+                f"{_where(program, step, '.args')}: {instrument}.{command}() needs {arg} "
+                f"({spec.params[arg].describe()})"
+            )
+        for key, value in step.values.items():
+            name = key[5:]
+            if not key.startswith("args.") or name not in spec.params or value.expr is not None:
+                continue
+            try:
+                spec.params[name].check(value.literal)
+            except ValueError as exc:
+                problems.append(f"{_where(program, step, '.args.' + name)}: {name} {exc}")
+    return problems
+
+
+def _points(program: Program) -> list[tuple[str, dict[str, Any]]]:
+    params = program.parameters
+    out: list[tuple[str, dict[str, Any]]] = []
+    for corner in itertools.islice(itertools.product((0, 1), repeat=len(params)), MAX_CORNERS):
+        point = {p.name: (p.low, p.high)[c] for p, c in zip(params, corner, strict=True)}
+        out.append(("corner", program.space.clip(point)))
+    centre = {p.name: (p.low + p.high) / 2 for p in params}
+    out.append(("centre", program.space.clip(centre)))
+    return out
+
+
+def check_program(
+    program: Program,
+    station: str,
+    layout: Any,
+    envelope: Any,
+    *,
+    assume: Mapping[str, Any] | None = None,
+) -> ProgramCheck:
+    """Check ``program`` against one station (its ``layout`` and ``envelope``): see the
+    module docstring. Nothing is connected; the envelope's ledger is not touched."""
+    result = ProgramCheck(station, _check_steps(program, layout))
+    if result.problems:
+        return result
+    view: dict[str, Any] = {**initial_commanded(layout), **dict(assume or {})}
+    for label, params in _points(program):
+        ok, reasons = program.feasible(params)
+        if not ok:
+            result.points.append(PointCheck(label, params, tuple(reasons), infeasible=True))
+            continue
+        try:
+            recipe = build_recipe(program, params)
+        except RecipeError as exc:
+            result.points.append(PointCheck(label, params, (f"recipe: {exc}",)))
+            continue
+        timeline = recipe_times(
+            recipe, layout=layout, envelope=envelope, view=view, who="check", now=0.0
+        )
+        report = dry_run(
+            [c for c, _ in timeline],
+            envelope,
+            view,
+            layout=layout,
+            now=0.0,
+            times=[t for _, t in timeline],
+            ledger=envelope.ledger.copy(),
+        )
+        refusals = tuple(str(v) for v in report.violations)
+        result.points.append(PointCheck(label, params, refusals))
+    return result
