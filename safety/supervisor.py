@@ -11,7 +11,12 @@ One :class:`StationSupervisor` per station. While running it
   hotplate's holding register 4, which switches heater and stirrer off on the
   device itself when no register write arrives for that long, so the bench
   fails safe if labbridge dies) and feeds it by rewriting the register every
-  ``device_watchdog_s / 3`` device seconds;
+  third of its timeout. The timeout armed is ``device_watchdog_s``, raised
+  where needed so that feeds are at least :data:`MIN_FEED_INTERVAL_S` real
+  seconds apart: a simulated bench running 500 times faster than real time
+  cannot be fed every 3 ms, and a watchdog that fires because the scheduler
+  was late switches heating off under a running experiment (issue 12). On a
+  real bench (time scale 1) the configured timeout is armed unchanged;
 * on a trip (a monitor that trips, :meth:`trip`, or anyone who trips the
   :class:`~safety.model.Latch`) latches and drives *every* instrument of the
   station to its safe state concurrently, each ``safe_state()`` bounded by
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -52,6 +58,8 @@ from safety.model import (
 from safety.monitors import Monitor, MonitorResult, Staleness, evaluate_all
 
 log = logging.getLogger(__name__)
+#: real seconds the watchdog feeds are at least apart (its timeout is three of them)
+MIN_FEED_INTERVAL_S = 0.5
 
 @dataclass
 class SafeOutcome:
@@ -153,8 +161,9 @@ class StationSupervisor:
     ``drivers`` maps instrument names (``red``, ``hotplate``, ``enclosure``...)
     to open drivers; ``monitors`` see ``instrument.channel`` names. ``poll``
     restricts polling to some instruments (default: every driver).
-    ``device_watchdog_s`` (whole device seconds, 0 = do not arm) is written to
-    every driver with ``set_watchdog``; ``device_time_scale`` is device seconds
+    ``device_watchdog_s`` (whole device seconds, 0 = do not arm; raised to
+    :attr:`armed_watchdog_s` so that feeds are ``min_feed_interval_s`` real seconds
+    apart) is written to every driver with ``set_watchdog``; ``device_time_scale`` is device seconds
     per real second (1 on a real bench, the ``SimClock`` speed on a simulated
     one), used only to pace the watchdog feed. Other times are real seconds.
     """
@@ -170,6 +179,7 @@ class StationSupervisor:
         poll_interval: float = 0.1,
         safe_timeout: float = 2.0,
         device_watchdog_s: int = 5,
+        min_feed_interval_s: float = MIN_FEED_INTERVAL_S,
         audit: AuditTrail | None = None,
         read_timeout: float = 1.0,
         poll: Collection[str] | None = None,
@@ -209,6 +219,15 @@ class StationSupervisor:
         self.read_timeout = float(read_timeout)
         self.device_watchdog_s = device_watchdog_s
         self.device_time_scale = float(device_time_scale)
+        #: the timeout written to the device (device seconds; see the module docstring)
+        self.armed_watchdog_s = (
+            max(
+                device_watchdog_s,
+                math.ceil(3 * float(min_feed_interval_s) * self.device_time_scale - 1e-9),
+            )
+            if device_watchdog_s > 0
+            else 0
+        )
         self.reassert_interval = reassert_interval
         self.audit = audit
         #: every trip of this station (not re-assertions), oldest first
@@ -248,8 +267,8 @@ class StationSupervisor:
 
     @property
     def feed_interval_s(self) -> float:
-        """Real seconds between device watchdog feeds (a third of its timeout)."""
-        return self.device_watchdog_s / self.device_time_scale / 3.0
+        """Real seconds between device watchdog feeds (a third of its armed timeout)."""
+        return self.armed_watchdog_s / self.device_time_scale / 3.0
 
     async def start(self) -> None:
         """Arm the device watchdogs, then start polling and monitoring (idempotent)."""
@@ -370,7 +389,7 @@ class StationSupervisor:
         set_watchdog: Callable[[int], Any] = getattr(driver, "set_watchdog")  # noqa: B009
         try:
             async with asyncio.timeout(self.read_timeout):
-                await set_watchdog(self.device_watchdog_s)
+                await set_watchdog(self.armed_watchdog_s)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -381,7 +400,7 @@ class StationSupervisor:
                     self.station,
                     what,
                     name,
-                    self.device_watchdog_s,
+                    self.armed_watchdog_s,
                     text,
                 )
             self.watchdog_armed[name] = False

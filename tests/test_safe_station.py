@@ -22,14 +22,19 @@ from simulators.bench import SimulatedLab
 SPEED = 50.0
 
 
-def sim_station(lab: SimulatedLab) -> object:
+def sim_station(lab: SimulatedLab, **supervisor: object) -> object:
     bench = lab.stations[0]
     return open_station(
         bench.name,
         [s.as_dict() for s in bench.instruments()],
         reference_envelope(),
         clock=bench.world.clock.now,
-        supervisor_options={"device_time_scale": SPEED, "poll_interval": 0.05, "safe_timeout": 2.0},
+        supervisor_options={
+            "device_time_scale": SPEED,
+            "poll_interval": 0.05,
+            "safe_timeout": 2.0,
+            **supervisor,
+        },
     )
 
 
@@ -117,8 +122,11 @@ async def test_the_hotplates_device_watchdog_trips_the_station_and_it_can_be_res
     station trips on the device's status bit (the experiment's thermal history is no longer
     what was commanded), can be reset once its safe state is commanded, and the next enable
     (which clears the bit on the device) does not trip it again."""
-    async with SimulatedLab(speed=SPEED) as lab, sim_station(lab) as station:
+    # fed every 33 ms (the default keeps feeds 0.5 s apart: 75 device s at 50x)
+    fast = {"min_feed_interval_s": 0.03}
+    async with SimulatedLab(speed=SPEED) as lab, sim_station(lab, **fast) as station:
         world = lab.stations[0].world
+        assert station.supervisor.armed_watchdog_s == 5
         declared = [m.name for m in reference_envelope().monitors]
         assert [m.name for m in station.supervisor.monitors] == declared
         assert "hotplate-watchdog-tripped" in declared

@@ -270,21 +270,23 @@ async def test_hotplate_device_watchdog_is_armed_fed_and_fails_safe_when_the_sup
 ):
     async with sim_station() as (bench, drivers):
         world = bench.world
-        # 10 device s = 0.2 real s at speed 50: fed every ~67 ms while we live
+        # 10 device s asked; at speed 50 that would be fed every 67 ms real: the supervisor
+        # arms 75 device s (1.5 s real), fed every 0.5 s real while we live
         sup = supervisor(bench, drivers, device_watchdog_s=10)
+        assert sup.armed_watchdog_s == 75 and sup.feed_interval_s == pytest.approx(0.5)
         await sup.start()
         try:
-            assert (4, 10) in hotplate_writes(bench)
-            assert world.snapshot()["hotplate"] and world.hotplate.watchdog_s == 10
+            assert (4, 75) in hotplate_writes(bench)
+            assert world.snapshot()["hotplate"] and world.hotplate.watchdog_s == 75
             assert sup.watchdog_armed == {"hotplate": True}
             await drivers["hotplate"].set_stirrer(True, 200)
             await drivers["hotplate"].set_heater(True, 40.0)
             t_on = time.monotonic()
-            await asyncio.sleep(0.8)  # four watchdog periods
+            await asyncio.sleep(2.0)  # longer than the armed timeout: fed meanwhile
             snap = world.snapshot()["hotplate"]
             assert snap["heater_enabled"] and snap["stirrer_enabled"]
             assert not snap["watchdog_tripped"]
-            assert len([w for w in hotplate_writes(bench, t_on) if w == (4, 10)]) >= 6
+            assert len([w for w in hotplate_writes(bench, t_on) if w == (4, 75)]) >= 3
             assert not sup.latch.tripped
             # labbridge "dies": its tasks stop without stop() and without any safe state
             for task in sup.tasks:
@@ -292,13 +294,13 @@ async def test_hotplate_device_watchdog_is_armed_fed_and_fails_safe_when_the_sup
             await asyncio.gather(*sup.tasks, return_exceptions=True)
             t_dead = time.monotonic()
             await wait_until(
-                lambda: not world.snapshot()["hotplate"]["heater_enabled"], 2, "the device watchdog"
+                lambda: not world.snapshot()["hotplate"]["heater_enabled"], 3, "the device watchdog"
             )
             off_after = time.monotonic() - t_dead
             snap = world.snapshot()["hotplate"]
             assert not snap["stirrer_enabled"] and snap["watchdog_tripped"]
             assert not [w for w in hotplate_writes(bench, t_dead) if w[0] in (2, 3)]
-            assert off_after < 0.2 + 0.3
+            assert off_after < 1.5 + 0.3  # the armed timeout, plus the simulator's tick
         finally:
             await sup.stop()
             await sup.stop()  # idempotent
