@@ -39,7 +39,8 @@ class SafeStation:
 
     ``clock`` is the guard's clock for rates and budgets (``time.monotonic`` on
     a real bench; a simulated bench passes its simulated clock).
-    ``supervisor_options`` go to :class:`StationSupervisor` (``poll_interval``,
+    ``monitors``: default :func:`default_monitors` (the reference bench's, over the
+    instruments this station has). ``supervisor_options`` go to :class:`StationSupervisor` (``poll_interval``,
     ``safe_timeout``, ``device_watchdog_s``, ``device_time_scale``, ...).
     """
 
@@ -59,7 +60,12 @@ class SafeStation:
         self.state = StationState()
         self.audit = audit or AuditTrail()
         self.guard = Guard(
-            name, drivers, envelope, latch=self.latch, audit=self.audit, state=self.state,
+            name,
+            drivers,
+            envelope,
+            latch=self.latch,
+            audit=self.audit,
+            state=self.state,
             clock=clock,
         )
         self.supervisor = StationSupervisor(
@@ -67,7 +73,7 @@ class SafeStation:
             drivers,
             latch=self.latch,
             state=self.state,
-            monitors=list(monitors) if monitors is not None else reference_monitors(),
+            monitors=list(monitors) if monitors is not None else default_monitors(drivers),
             audit=self.audit,
             **dict(supervisor_options or {}),
         )
@@ -117,6 +123,14 @@ class SafeStation:
 
     def status(self) -> dict[str, Any]:
         return {"station": self.name, **self.supervisor.status()}
+
+
+def default_monitors(drivers: Iterable[str]) -> list[Monitor]:
+    """The reference bench's monitors (safety/monitors.py) over the instruments this station
+    has: a monitor that watches an instrument the station does not have is left out (a
+    staleness watch on a missing hotplate would trip every other lab's station)."""
+    names = set(drivers)
+    return [m for m in reference_monitors() if m.instruments <= names]
 
 
 @contextlib.asynccontextmanager
@@ -182,6 +196,7 @@ __all__ = [
     "actuated_channels",
     "available_drivers",
     "check_instrument",
+    "default_monitors",
     "open_station",
     "probe",
 ]
