@@ -11,7 +11,8 @@ step). Register one in your package's ``pyproject.toml``::
     ionic_strength = "mylab.chem:ionic_strength"
 
 labbridge's own (colour science for the reference bench) are registered the
-same way, in its ``pyproject.toml``. Built in here: ``mean``, ``total``,
+same way, in its ``pyproject.toml``. Entry points are read once per process: call
+:func:`refresh` after installing a package into a running one. Built in here: ``mean``, ``total``,
 ``minimum``, ``maximum`` over a list of numbers.
 """
 
@@ -24,7 +25,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["ENTRY_POINT_GROUP", "BUILTIN", "registry", "resolve"]
+__all__ = ["ENTRY_POINT_GROUP", "BUILTIN", "refresh", "registry", "resolve"]
 
 ENTRY_POINT_GROUP = "labbridge.functions"
 
@@ -97,6 +98,15 @@ def resolve(name: str) -> Callable[..., Any]:
     if not callable(obj):
         raise TypeError(f"entry point {name!r} ({found}) is not a function")
     return obj
+
+
+def refresh() -> None:
+    """Forget the entry points and functions looked up so far (they are cached): a package
+    installed, or put on ``sys.path``, while this process runs is seen from the next lookup,
+    and one taken away is no longer offered."""
+    importlib.invalidate_caches()
+    _entry_points.cache_clear()
+    resolve.cache_clear()
 
 
 def call(name: str, args: Mapping[str, Any]) -> Any:

@@ -61,7 +61,12 @@ class SafeStation:
         self.state = StationState()
         self.audit = audit or AuditTrail()
         self.guard = Guard(
-            name, drivers, envelope, latch=self.latch, audit=self.audit, state=self.state,
+            name,
+            drivers,
+            envelope,
+            latch=self.latch,
+            audit=self.audit,
+            state=self.state,
             clock=clock,
         )
         self.supervisor = StationSupervisor(

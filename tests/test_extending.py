@@ -1,0 +1,120 @@
+"""A driver package built outside the source tree runs a guarded campaign, labbridge unedited.
+
+The package is docs/extending.md's own ``file=`` blocks (``tinylab``: a dosing-pump and a
+pH-probe driver with declared commands, a simulator on loopback sockets, a compute
+function, a ``.dist-info`` with real entry points), written to a temporary folder put on
+``sys.path``, found through ``importlib.metadata`` (groups ``labbridge.drivers`` and
+``labbridge.functions``). The campaign runs in this process (LocalStation + AsyncJournal,
+as tests/test_campaign_local.py): an out-of-envelope proposal is refused by the dry run and
+none of its commands reaches the simulator's wire; in-envelope ones run and their
+measurements reach the optimizer and the journal. Afterwards the package is gone again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from docpages import write_files
+
+import instruments
+from bridge.labconfig import load_lab
+from loops import functions
+from loops.campaign import CampaignRunner
+from loops.journal import AsyncJournal, Journal
+from loops.program import load_program
+from loops.stations import LocalStation, StationActor
+
+
+def _forget_tinylab() -> None:
+    for name in [m for m in sys.modules if m == "tinylab" or m.startswith("tinylab.")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    functions.refresh()
+
+
+@pytest.fixture
+def tinylab(tmp_path: Path) -> Iterator[Path]:
+    """The package on sys.path, discovered by entry points; removed (and caches cleared) after."""
+    folder = tmp_path / "site"
+    written = {p.relative_to(folder).as_posix() for p in write_files("extending.md", folder)}
+    assert {"tinylab/drivers.py", "tinylab-0.1.dist-info/entry_points.txt"} <= written
+    sys.path.insert(0, str(folder))
+    _forget_tinylab()
+    try:
+        yield folder
+    finally:
+        sys.path.remove(str(folder))
+        _forget_tinylab()
+        assert "tinylab-pump" not in instruments.available_drivers()
+        assert "off_target" not in functions.registry()
+
+
+@pytest.mark.timeout(120)
+async def test_an_outside_driver_package_runs_a_guarded_campaign(tinylab: Path) -> None:
+    from tinylab.sim import Bench  # type: ignore[import-not-found]
+
+    assert instruments.driver_class("tinylab-pump").__module__ == "tinylab.drivers"
+    assert callable(functions.resolve("off_target"))
+    program = load_program(tinylab / "program.md")
+    events: list[dict[str, Any]] = []
+    async with Bench(speed=300) as bench:
+        lab = load_lab(bench.lab_yaml(str(tinylab / "lab.yaml"), str(tinylab / "sim-lab.yaml")))
+        assert lab.check() == []
+        st = lab.stations["bench"]
+        async with await AsyncJournal.open(lab.store) as journal:
+            station = LocalStation(
+                StationActor("bench", list(st.instruments), st.envelope_text, journal=journal)
+            )
+            await station.call(StationActor.start)
+            try:
+                runner = CampaignRunner(
+                    program, journal, {"bench": station}, campaign_id="c1", on_event=events.append
+                )
+                await runner.prepare()
+                wire_before = {n: list(v) for n, v in bench.received.items()}
+                refused = await runner.propose({"acid_ml": 2.5, "base_ml": 2.5}, "agent:t")
+                # refused by the safety layer's dry run (the program's own constraints allow it)
+                assert not refused.accepted
+                assert any("beaker.volume.max" in r for r in refused.reasons), refused.reasons
+                acting = {n: [x for x in v if x[0] in "DWS"] for n, v in bench.received.items()}
+                assert acting == {
+                    n: [x for x in v if x[0] in "DWS"] for n, v in wire_before.items()
+                }
+                accepted = await runner.propose({"acid_ml": 1.0, "base_ml": 1.2}, "agent:t")
+                assert accepted.accepted, accepted.reasons
+                summary = await runner.run()
+                status = await station.call(StationActor.status)
+            finally:
+                await station.call(StationActor.stop)
+    assert not status["tripped"], status.get("trip")
+    assert list(status["monitors"]) == ["probe-reading-stale"]  # the envelope's, no other
+    assert summary.state == "done", summary
+    assert summary.counts["done"] == 4 and summary.counts["run"] == 4, summary.counts
+    # nothing of the refused proposal reached a pump: no 2.5 mL move was ever sent
+    assert "D 2.500 8.00" not in bench.received["acid"] + bench.received["base"]
+    assert "W 5.500 25.00" not in bench.received["drain"]
+    j = Journal(lab.store)
+    try:
+        exps = {e.id: e for e in j.experiments("c1")}
+        assert exps[refused.experiment_id].state == "rejected"
+        done = [e for e in exps.values() if e.state == "done"]
+        assert len(done) == 4
+        # every run's volumes went over the wire as the guard let them through ...
+        for e in done:
+            assert f"D {e.params['acid_ml']:.3f} 8.00" in bench.received["acid"]
+            assert f"D {e.params['base_ml']:.3f} 8.00" in bench.received["base"]
+        # ... and its measurement reached the journal and the optimizer
+        agent_run = exps[accepted.experiment_id]
+        assert agent_run.state == "done" and agent_run.objective is not None
+        assert 0 <= agent_run.objective < 3
+        told = j.campaign("c1").optimizer_state["told"]
+        assert {e.id for e in done} <= set(told)
+    finally:
+        j.close()
+    finished = [e for e in events if e["event"] == "finished"]
+    assert len(finished) == 4
