@@ -237,8 +237,8 @@ class Recipe:
         """Each command with the time it would be sent (seconds from ``start``, the guard's
         clock), estimated from the steps: ``hold`` and a ramp take their time; a flow keeps
         its instrument busy for ``flow_s(command)`` seconds (the station's declarations) and
-        the next call to that instrument (a wait for it, a read of what it moved) comes after
-        it; ``wait`` and reads are instantaneous. ``rise_per_min(instrument, command, arg)``:
+        the next call to that instrument or ``wait`` on its readings (a wait for it, a read
+        of what it moved) comes after it; other waits and reads are instantaneous. ``rise_per_min(instrument, command, arg)``:
         the envelope's limit on that setpoint's rise, ``from_value``: its current value (a
         ramp without ``from`` starts there), ``resolution``: the device's step for it (a
         ramp ends on that grid, as it does at run time)."""
@@ -255,6 +255,8 @@ class Recipe:
                 seconds = flow_s(command) if flow_s is not None else None
                 if seconds:
                     busy[name] = t + seconds
+            elif s.kind == "wait":  # waiting on an instrument's readings outlasts its flow
+                t = max([t, *(busy.pop(n, t) for n in p.get("instruments", ()))])
             elif s.kind == "hold":
                 t += float(p["seconds"])
             elif s.kind == "ramp":

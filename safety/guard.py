@@ -38,7 +38,9 @@ Decisions where the contract had to choose:
   instrument's declared ``progress`` read shows liquid taken (``in_ml``),
   read before the next actuation and on ``refresh()``. A drain that is
   interrupted (stop, e-stop, alarm) or whose progress cannot be read therefore
-  never over-credits the vessel's capacity. An interrupted delivery keeps
+  never over-credits the vessel's capacity. Any read of the draining
+  instrument (a recipe waiting for it) settles the books too, so the next
+  proposal's dry run sees the vessel as it is. An interrupted delivery keeps
   counting its full volume (conservative).
 * Flow interlock (rule ``flow-interlock``): no drain of a vessel while a
   delivery into it may still be running (its volume / rate x 1.1 + 0.5 s,
@@ -325,6 +327,10 @@ class Guard:
         result = await _call(self._drivers[command.instrument], a.effect.action, a.effect.params)
         if command.instrument in self._flowing and _reports_stopped(result):
             self._flowing.pop(command.instrument, None)  # seen stopped: nothing more comes
+        drain = self._drain
+        if drain is not None and drain.instrument == command.instrument:
+            async with self._lock:  # a read of the draining instrument settles the books
+                await self._sync_drain()
         return result
 
     def _commit(

@@ -218,6 +218,21 @@ def test_commands_and_times_for_the_dry_run(program: Program) -> None:
     assert report.violations[0].command.who == "agent:7"
 
 
+def test_a_wait_on_a_pumps_readings_outlasts_its_flow() -> None:
+    doc = YamlDoc("p.md", error_cls=ConfigError)
+    plan = compile_plan(
+        [
+            {"call": "red.dispense", "args": {"volume_ml": 1.0, "rate_ml_min": 6.0}},
+            {"wait": "not red.moving", "every": 1},
+            {"call": "hotplate.set_stirrer", "args": {"on": True, "rpm": 300}},
+        ],
+        inputs=[],
+        doc=doc,
+    )
+    times = times_of(plan.bind({}), 0.0)
+    assert times == [0.0, pytest.approx(10.0)]  # 1 mL at 6 mL/min
+
+
 def test_heating_ends_on_the_hotplates_setpoint_grid(program: Program) -> None:
     """The hotplate takes setpoints in 0.1 degC (its declaration's step): an optimizer's
     70.98717... ends the ramp at 71.0 in the dry run as at run time, so the paced ramp is
