@@ -913,7 +913,7 @@ def _stack_run(stations: int, seed: int, speed: float, root: Path) -> dict[str, 
     from loops.journal import Journal
     from loops.program import builtin_program, load_program
 
-    base = load_program(builtin_program())
+    base = load_program(builtin_program("color-match"))
     program = replace(base, seed=seed, stations=stations)
     out = root / f"k{stations}-s{seed}"
     t0 = time.monotonic()

@@ -32,6 +32,9 @@ import safety
 from instruments.errors import InstrumentError
 from safety.yamldoc import ConfigError
 
+#: the program ``labbridge sim`` runs without --campaign: the reference bench's colour match
+DEMO_PROGRAM = "color-match"
+
 
 def _positive_float(text: str) -> float:
     try:
@@ -403,7 +406,7 @@ def _sim_command(args: argparse.Namespace) -> int:
         return 1
     out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
     try:
-        program = load_program(args.campaign or builtin_program())
+        program = load_program(args.campaign or builtin_program(DEMO_PROGRAM))
         if (out / "journal.db").exists():
             raise FileExistsError(f"{out / 'journal.db'} exists: choose another --out")
         summary = asyncio.run(

@@ -630,9 +630,16 @@ class LabService:
         text = f"e-stop by {who}: {reason}"
         log.critical("E-STOP by %s: %s", who, reason)
         names = list(self.actors)
+        active = [h for h in self._campaigns.values() if h.active]
+        # the trips go out first; the campaigns learn of the abort in the same turn of the
+        # loop, before any station can report a failed experiment (their stop reason is the
+        # e-stop, not "no station available")
         results = await asyncio.gather(
-            *(self._station_call(n, "trip", text, who) for n in names), return_exceptions=True
+            *(self._station_call(n, "trip", text, who) for n in names),
+            *(h.runner.abort(text, who=who) for h in active),
+            return_exceptions=True,
         )
+        results = results[: len(names)]
         elapsed = time.monotonic() - t0
         stations: dict[str, Any] = {}
         for name, res in zip(names, results, strict=True):
@@ -651,10 +658,6 @@ class LabService:
                         if k in failed
                     },
                 }
-        active = [h for h in self._campaigns.values() if h.active]
-        await asyncio.gather(
-            *(h.runner.abort(text, who=who) for h in active), return_exceptions=True
-        )
         return {
             "reason": reason,
             "who": who,

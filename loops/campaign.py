@@ -7,7 +7,7 @@ Ray actors (``loops.raylinks.ray_links``) or the same classes in this process
 (:class:`~loops.stations.LocalStation`, :class:`~loops.journal.AsyncJournal`)::
 
     runner = CampaignRunner(program, journal, {"bench-a": link_a, "bench-b": link_b},
-                            campaign_id="color-1")
+                            campaign_id="run-1")
     await runner.prepare()                 # or prepare(resume=True, operator="ana")
     summary = await runner.run()           # until a stop rule, the budget, or stop()
 
@@ -405,7 +405,7 @@ class CampaignRunner:
         """Create the campaign in the journal, or (``resume``) pick it up after a crash.
 
         On resume every interrupted experiment's station is recovered first
-        (:meth:`StationActor.recover`: safe state, reset by ``operator``, vial
+        (:meth:`StationActor.recover`: safe state, reset by ``operator``, vessels
         drained) and the experiment closed as failed, never re-run.
         """
         if self._phase != "new":
@@ -550,7 +550,7 @@ class CampaignRunner:
         )
 
     async def _recover_station(self, slot: _Slot, operator: str, why: str) -> str:
-        """:meth:`StationActor.recover` (safe state, reset by ``operator``, vial drained),
+        """:meth:`StationActor.recover` (safe state, reset by ``operator``, vessels drained),
         journaled as a station event; a station that cannot be recovered is out. Returns
         what happened, as a sentence."""
         try:

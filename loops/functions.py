@@ -10,8 +10,8 @@ step). Register one in your package's ``pyproject.toml``::
     [project.entry-points."labbridge.functions"]
     ionic_strength = "mylab.chem:ionic_strength"
 
-labbridge's own (colour science for the reference bench) are registered the
-same way, in its ``pyproject.toml``. Entry points are read once per process: call
+labbridge's own (for the reference bench) are registered the same way, in its
+``pyproject.toml``. Entry points are read once per process: call
 :func:`refresh` after installing a package into a running one. Built in here: ``mean``, ``total``,
 ``minimum``, ``maximum`` over a list of numbers.
 """

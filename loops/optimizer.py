@@ -3,7 +3,7 @@
 A campaign asks a strategy for a :class:`Proposal`, runs it on a station (after
 the safety dry run), and tells the strategy what happened::
 
-    opt = BayesOptimizer({"red": (0.0, 1.4, float), "hold": (0, 600, int)},
+    opt = BayesOptimizer({"acid": (0.0, 1.4, float), "hold": (0, 600, int)},
                          direction="minimize", seed=1)
     p = opt.ask()                       # p.params is plain JSON: floats and ints
     opt.tell(p.id, 3.2)                 # status "ok": a trusted measurement
@@ -41,7 +41,7 @@ untrusted point would stay a dummy forever, and the list would be hidden state
 to save. Here the pending set is explicit and saved in :meth:`state`.
 
 Known constraints (``constraints=``, a callable ``params -> bool``, e.g. the
-envelope's ``red + green + blue <= 2.8``) are checked before proposing: the
+program's ``acid + base <= 2.8``) are checked before proposing: the
 acquisition is masked outside them, the initial design skips points that
 violate them, and a proposal that violates one is never returned (if nothing
 feasible and unexcluded can be found, :class:`Exhausted` is raised).

@@ -10,13 +10,13 @@ measurements taken so far::
 
     - call: enclosure.set_light            # a declared command of an instrument
       args: {on: true, intensity: light_intensity}
-    - call: red.dispense
-      args: {volume_ml: red_ml, rate_ml_min: rate_ml_min}
-      when: red_ml >= 0.001                  # over parameters/fixed: skipped otherwise
-    - call: red.wait_until_stopped           # a call's result can go into a measurement
+    - call: acid.dispense
+      args: {volume_ml: acid_ml, rate_ml_min: rate_ml_min}
+      when: acid_ml >= 0.001                 # over parameters/fixed: skipped otherwise
+    - call: acid.wait_until_stopped          # a call's result can go into a measurement
       args: {timeout: 120}
-    - read: {dispensed_ml.red: red.infused_ml}   # measurement <- instrument.reading key
-      when: red_ml >= 0.001
+    - read: {added_ml.acid: acid.infused_ml}   # measurement <- instrument.reading key
+      when: acid_ml >= 0.001
       else: 0.0                              # the measurement when the step is skipped
     - wait: hotplate.plate_c < start_below_c    # poll the readings until it holds
       every: 5
@@ -28,21 +28,21 @@ measurements taken so far::
       per_min: ramp_c_per_min
       args: {on: true}
     - hold: hold_s                           # seconds of the station's clock
-    - call: color.measure
-      into: counts
+    - call: probe.measure
+      into: reading
     - capture: camera                        # one frame; its JPEG is kept with the result
       as: outcome                            # reference (before) or outcome (after)
-    - compute: delta_e2000                   # a registered function (loops/functions.py)
-      function: delta_e2000                  #   or an expression: {compute: x, expr: a - b}
-      args: {lab1: lab, lab2: target_lab}
+    - compute: off_target                    # a registered function (loops/functions.py)
+      function: off_target                   #   or an expression: {compute: x, expr: a - b}
+      args: {value: reading.ph, target: target_ph}
 
 Every step may have ``when`` (a condition over parameters and fixed values:
 the step is left out of the bound recipe when false; a step that produces a
 measurement may give ``else``, the measurement's value then) and ``doc``.
-Measurement names are identifiers joined by dots (``dispensed_ml.red``):
-dotted names nest in the result (``{"dispensed_ml": {"red": ...}}``) and are
+Measurement names are identifiers joined by dots (``added_ml.acid``):
+dotted names nest in the result (``{"added_ml": {"acid": ...}}``) and are
 used flat in expressions. Loops are not part of the language: no recipe
-needed one yet (a fixed list of dyes is written out; a titration would need
+needed one yet (a fixed list of pumps is written out; a titration would need
 one, and a ``repeat`` step would then earn its place).
 
 :func:`compile_plan` checks the steps once (shapes, expressions parse, every

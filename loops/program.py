@@ -3,22 +3,23 @@
 ::
 
     ---
-    name: color-match
+    name: neutralise
     parameters:                      # the search space
-      red_ml:   {type: float, low: 0.0, high: 1.2, unit: mL}
+      acid_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
+      base_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
       hold_s:   {type: int, low: 30, high: 600, unit: s}
     constraints:                     # optional; the safety layer's rule language
-      - red_ml + green_ml + blue_ml <= 2.6
+      - acid_ml + base_ml <= 2.0
     objective:
-      measure: delta_e2000           # a measurement the recipe produces
+      measure: off_target            # a measurement the recipe produces
       direction: minimize            # minimize | maximize
     budget: {experiments: 60, hours: 4}
-    stop: {target: 2.0, no_improvement: 20}
+    stop: {target: 0.05, no_improvement: 20}
     strategy: bayes                  # bayes | random | grid
     initial_points: 8
     stations: 1
     seed: 1
-    fixed: {stir_rpm: 300, target_lab: [45.0, 20.0, -15.0]}  # constants of the experiment
+    fixed: {stir_rpm: 300, target_ph: 7.0}  # constants of the experiment
     recipe:                          # the experiment's steps (loops/plan.py)
       - call: hotplate.set_stirrer
         args: {on: true, rpm: stir_rpm}
@@ -455,11 +456,11 @@ def _compose(text: str, doc: YamlDoc) -> Any:
     return compose_yaml(text, doc, what="front matter is ", key_types=(str,))
 
 
-#: the programs that ship with labbridge (``labbridge sim`` runs ``color-match``)
+#: the programs that ship with labbridge (``labbridge sim`` runs the reference bench's)
 PROGRAMS_DIR = Path(__file__).with_name("programs")
 
 
-def builtin_program(name: str = "color-match") -> Path:
+def builtin_program(name: str) -> Path:
     """The path of a program that ships with labbridge (``loops/programs/<name>.md``)."""
     path = PROGRAMS_DIR / f"{name}.md"
     if not path.is_file():

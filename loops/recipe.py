@@ -151,8 +151,8 @@ class Result:
     """What :func:`run_recipe` measured.
 
     ``measurements`` (JSON-able): every ``into`` / ``read`` / ``compute`` of the
-    recipe (dotted names nested: ``dispensed_ml.red`` -> ``{"dispensed_ml":
-    {"red": ...}}``), plus ``image_sha256``/``image_bytes`` of the outcome capture
+    recipe (dotted names nested: ``added_ml.acid`` -> ``{"added_ml":
+    {"acid": ...}}``), plus ``image_sha256``/``image_bytes`` of the outcome capture
     (None if none) and ``reference_sha256``. ``image``: the outcome capture's JPEG
     bytes, ``reference_image`` the reference capture's (None if no such capture or
     the source sends raw frames). ``durations``: seconds per step (``clock_now``),

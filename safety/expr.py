@@ -3,7 +3,7 @@
 A rule is one boolean expression over the station's flat channel names::
 
     hotplate.heater -> hotplate.stirrer_rpm >= 100 and enclosure.lid == "closed"
-    red.volume + green.volume + blue.volume <= 2.8
+    acid.rate_ml_min + base.rate_ml_min <= 12 or beaker.volume >= 1
     enclosure.lid in ["open", "closed"]
 
 Grammar, lowest precedence first (``parse`` builds an AST of frozen dataclasses)::

@@ -7,7 +7,7 @@ handles from :meth:`Guard.handle`, never a driver::
     hotplate = guard.handle("hotplate", who="optimizer")
     await hotplate.set_stirrer(True, 300)
     await hotplate.set_heater(True, 60.0)            # checked, then sent
-    await guard.handle("red").dispense(0.4, 5.0, who="agent:7")
+    await guard.handle("acid").dispense(0.4, 5.0, who="agent:7")
 
 Every command goes through :meth:`Guard.execute`:
 

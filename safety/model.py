@@ -22,7 +22,7 @@ class Command:
     """One intended action on one instrument of a station.
 
     ``instrument`` is the instrument's name in the station (``hotplate``,
-    ``red``, ``enclosure``), ``action`` the driver method (``set_heater``,
+    ``acid``, ``enclosure``), ``action`` the driver method (``set_heater``,
     ``dispense``), ``params`` its keyword arguments in SI-ish units, ``who``
     the proposer (``optimizer``, ``agent:<id>``, ``operator:<name>``).
     """
@@ -190,8 +190,8 @@ class StationState:
     """What the safety layer knows about one station, as flat ``instrument.channel`` names.
 
     * ``commanded``: targets set by allowed commands (``hotplate.heater``,
-      ``hotplate.setpoint_c``, ``hotplate.stirrer_rpm``, ``red.volume`` = mL
-      dispensed into the vial since the last drain, ...), updated by the guard
+      ``hotplate.setpoint_c``, ``hotplate.stirrer_rpm``, ``beaker.volume`` = mL
+      in a vessel of the envelope, ...), updated by the guard
       after a command succeeded on the wire;
     * ``measured``: the latest readings (``hotplate.liquid_c``, ``enclosure.lid``,
       ...) with the monotonic time they were taken, updated by whoever polls

@@ -158,7 +158,7 @@ class TripReport:
 class StationSupervisor:
     """Monitors, latched trips, reset and device watchdogs for one station (module docstring).
 
-    ``drivers`` maps instrument names (``red``, ``hotplate``, ``enclosure``...)
+    ``drivers`` maps instrument names (``acid``, ``hotplate``, ``enclosure``...)
     to open drivers; ``monitors`` see ``instrument.channel`` names. ``poll``
     restricts polling to some instruments (default: every driver).
     ``device_watchdog_s`` (whole device seconds, 0 = do not arm; raised to

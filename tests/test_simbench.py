@@ -87,7 +87,7 @@ async def test_two_stations_every_instrument_answers() -> None:
 
 
 def small_program(budget: int = 2) -> Program:
-    base = load_program(builtin_program())
+    base = load_program(builtin_program("color-match"))
     return dataclasses.replace(
         base,
         budget=dataclasses.replace(base.budget, experiments=budget),
