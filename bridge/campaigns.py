@@ -46,6 +46,9 @@ __all__ = [
 
 #: how long a station actor may take to be placed and open its instruments
 START_TIMEOUT_S = 60.0
+#: how ``labbridge calibrate`` calibrates a reference bench's camera: the red dye pump
+#: (trusted to deliver what it reports), the camera and the enclosure's light
+REFERENCE_CALIBRATION = {"fluid": "red", "camera": "camera", "light": "enclosure"}
 
 
 class StationUnavailable(RuntimeError):
@@ -153,7 +156,7 @@ async def calibrate(lab: LabConfig, actors: Mapping[str, Any]) -> dict[str, Path
         if config is None:
             raise ValueError(f"station {name}: camera verification is off in {lab.source}")
         try:
-            data = await actor.calibrate_camera.remote()
+            data = await actor.calibrate_camera.remote(**REFERENCE_CALIBRATION)
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc
             raise StationUnavailable(f"station {name}: {cause}") from None
@@ -197,7 +200,7 @@ def make_runner(
         clock_now=lab_clock(lab)[1],
         on_event=on_event,
         max_disagreements={
-            n: st.verification.tolerances.max_disagreements
+            n: st.verification.max_disagreements
             for n, st in lab.stations.items()
             if n in actors and st.verification is not None
         },

@@ -9,8 +9,8 @@ Three tables per campaign, written to ``out_dir`` as ``<campaign>-<table>.csv``
   ``measure.<key>`` column per scalar measurement (nested mappings flattened
   with dots: ``measure.dispensed_ml.red``; lists of numbers with their index:
   ``measure.lab.0``; lists of strings joined with ``"; "``), the verification's
-  numbers as ``check.<check>.<key>`` (``check.fill.camera_ml``,
-  ``check.colour.delta_e2000``, ...), one ``image.<role>`` column per image role
+  numbers as ``check.<check>.<key>`` (``check.fill.value``, ``check.fill.ok``,
+  ``check.fill.values.camera.fill_ml``, ...), one ``image.<role>`` column per image role
   (the path as stored) and ``created``/``updated`` (seconds since the epoch, UTC).
 * **transitions**: the campaign's whole journal log, oldest first: ``id``,
   ``experiment_id`` (empty for campaign-level events), ``t``, ``event``,

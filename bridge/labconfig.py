@@ -21,9 +21,9 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
              options: {address: 0}}
         verification:                 # on by default for a station with a camera
           calibration: calibration/bench-a.yaml   # (default) written by labbridge calibrate
-          fill_tolerance_ml: 0.15     # camera fill level vs the pumps' reported volume
-          colour_tolerance_de2000: 5  # camera colour vs the colour sensor's
           max_disagreements: 3        # unverified results in a row before the station pauses
+                                      # (what is checked, and how closely: the program's
+                                      # verification, loops/checks.py)
 
 Every error names the file, the line and the field
 (``lab.yaml:14: stations.bench-a.instruments[2].url: ...``). Nothing here
@@ -46,7 +46,6 @@ import yaml
 
 from bridge.mqttlink import MAX_PAYLOAD_BYTES, ROOT, ApiSettings
 from instruments.errors import InstrumentError
-from loops.verify import Tolerances
 from safety import check_instrument, load_envelope
 from safety.envelope import REFERENCE_BENCH
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
@@ -64,13 +63,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _TOP = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
 _STATION = ("envelope", "instruments", "supervisor", "env", "verification")
-_VERIFICATION = (
-    "enabled",
-    "calibration",
-    "fill_tolerance_ml",
-    "colour_tolerance_de2000",
-    "max_disagreements",
-)
+_VERIFICATION = ("enabled", "calibration", "max_disagreements")
 _INSTRUMENT = ("name", "kind", "url", "options")
 _SUPERVISOR = ("poll_interval", "device_time_scale", "safe_timeout", "watchdog_s")
 
@@ -94,10 +87,11 @@ class StationConfig:
 
 @dataclass(frozen=True)
 class VerificationConfig:
-    """A station's camera verification: where its calibration is and the tolerances."""
+    """A station's camera verification: where its calibration is, and how many unverified
+    results in a row pause the station (the checks themselves are the program's)."""
 
     calibration_path: Path
-    tolerances: Tolerances = field(default_factory=Tolerances)
+    max_disagreements: int = 3
 
     def calibration(self) -> dict[str, Any] | None:
         """The saved calibration (``Calibration.to_dict()``), or None if not made yet."""
@@ -118,11 +112,7 @@ class VerificationConfig:
         tmp.replace(self.calibration_path)
 
     def actor_options(self) -> dict[str, Any]:
-        return {
-            "enabled": True,
-            "calibration": self.calibration(),
-            "tolerances": self.tolerances.as_dict(),
-        }
+        return {"enabled": True, "calibration": self.calibration()}
 
 
 @dataclass(frozen=True)
@@ -296,19 +286,10 @@ def _verification(
     )
     if not path.is_absolute():
         path = base / path
-    numbers: dict[str, Any] = {}
-    for key, name in (
-        ("fill_tolerance_ml", "fill_ml"),
-        ("colour_tolerance_de2000", "colour_de2000"),
-    ):
-        if key in data:
-            numbers[name] = _number(data[key], (*at, key), doc)
-    if "max_disagreements" in data:
-        n = data["max_disagreements"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise doc.error(f"must be an integer >= 1, got {n!r}", (*at, "max_disagreements"))
-        numbers["max_disagreements"] = n
-    return VerificationConfig(path, Tolerances(**numbers))
+    n = data.get("max_disagreements", 3)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise doc.error(f"must be an integer >= 1, got {n!r}", (*at, "max_disagreements"))
+    return VerificationConfig(path, n)
 
 
 def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:

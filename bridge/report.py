@@ -705,6 +705,9 @@ def _analysis(data: _Data, e: Experiment, frame: np.ndarray) -> tuple[vision.Fra
     result = e.result if isinstance(e.result, Mapping) else {}
     verification = result.get("verification")
     recorded = verification.get("analysis") if isinstance(verification, Mapping) else None
+    if isinstance(recorded, Mapping) and "width" not in recorded:  # the analyses by name:
+        found = [a.get("analysis") for a in recorded.values() if isinstance(a, Mapping)]
+        recorded = next((a for a in found if isinstance(a, Mapping)), None)  # the camera's
     if isinstance(recorded, Mapping):
         try:
             analysis = vision.analysis_from_dict(recorded)

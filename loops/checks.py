@@ -13,10 +13,10 @@ bubble. A program says how its results are verified, in its front matter::
         - name: fill level                     # two measurements agree within a tolerance
           expr: camera.fill_ml - total_ml
           within: 0.15
-        - name: sensor agrees                  # a function of measurements, bounded
-          function: delta_e2000
-          args: {lab1: camera.lab, lab2: lab}
-          max: 8
+        - name: probe steady                   # a function of measurements, bounded
+          function: maximum
+          args: {values: ph_drift}
+          max: 0.05
         - name: scene                          # a condition holds
           expect: camera.scene_ok
           explain: camera.scene                # shown when it fails
@@ -104,7 +104,7 @@ def _names_ok(
         if name in known or name.split(".", 1)[0] in prefixes:
             continue
         if any(name.startswith(m + ".") for m in known):
-            continue  # a key of a measurement that is a mapping (counts.red)
+            continue  # a key of a measurement that is a mapping (reading.ph)
         raise doc.error(
             f"unknown name '{name}' (a measurement, an input, an analysis or one of "
             f"{', '.join(CONTEXT_NAMES)})",

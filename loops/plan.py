@@ -187,10 +187,13 @@ class Recipe:
     steps: tuple[Step, ...]
     params: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
+    #: the program's analyses and checks (loops/checks.py) with the inputs they may use
+    verification: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))
         object.__setattr__(self, "params", dict(self.params))
+        object.__setattr__(self, "verification", dict(self.verification))
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -202,20 +205,27 @@ class Recipe:
         return "\n".join([head, *(f"  {i}. {s}" for i, s in enumerate(self.steps))])
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "params": _plain(dict(self.params)),
             "steps": [s.as_dict() for s in self.steps],
         }
+        if self.verification:
+            out["verification"] = _plain(dict(self.verification))
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
         if not isinstance(data, Mapping) or not isinstance(data.get("steps"), list):
             raise RecipeError("a recipe is a mapping with a list of 'steps'")
+        verification = data.get("verification") or {}
+        if not isinstance(verification, Mapping):
+            raise RecipeError("a recipe's verification is a mapping")
         return cls(
             tuple(Step.from_dict(s) for s in data["steps"]),
             dict(data.get("params") or {}),
             str(data.get("name") or ""),
+            dict(verification),
         )
 
     def commands(self, who: str) -> list[Command]:

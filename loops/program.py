@@ -62,6 +62,11 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
     the experiment as a list of steps over the station's instruments
     (:mod:`loops.plan`), compiled once; every parameter must be used by it,
     the objective's ``measure`` must be one of its measurements.
+``verification``
+    how each result is verified (:mod:`loops.checks`): ``analyses`` (registered
+    functions computed once, e.g. the camera's) and ``checks`` (two
+    measurements agree within a tolerance, a function of them is bounded, a
+    condition holds); a result that fails one is kept as unverified.
 ``fixed``
     constants of the experiment (name -> number, string, boolean or list),
     used by the recipe's expressions and the constraints; names must not
@@ -84,6 +89,7 @@ from typing import Any
 
 import yaml
 
+from loops.checks import compile_verification
 from loops.plan import Plan, compile_plan
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml, field_path
@@ -115,6 +121,7 @@ TOP_KEYS = (
     "seed",
     "recipe",
     "fixed",
+    "verification",
 )
 REQUIRED_KEYS = ("name", "parameters", "objective", "budget", "recipe")
 PARAMETER_KEYS = ("type", "low", "high", "unit", "doc")
@@ -339,6 +346,8 @@ class Program:
     #: the recipe's steps as written (plain data; loops/plan.py), and compiled
     recipe: list[Any]
     plan: Plan
+    #: how results are verified (loops/checks.py), as plain data
+    verification: Mapping[str, Any] = field(default_factory=dict)
     constraints: tuple[Constraint, ...] = ()
     stop: StopRules = field(default_factory=StopRules)
     strategy: str = "bayes"
@@ -442,6 +451,8 @@ class Program:
         )
         if self.fixed:
             out["fixed"] = dict(self.fixed)
+        if self.verification.get("checks"):
+            out["verification"] = {k: v for k, v in self.verification.items() if v}
         return out
 
     def to_markdown(self) -> str:
@@ -788,6 +799,12 @@ def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | No
         doc,
         functions,
     )
+    verification = compile_verification(
+        data.get("verification"),
+        measures=plan.measures,
+        inputs=[*(p.name for p in parameters), *fixed],
+        doc=doc,
+    )
     return Program(
         name=name,
         parameters=parameters,
@@ -795,6 +812,7 @@ def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | No
         budget=budget,
         recipe=_json(data["recipe"]),
         plan=plan,
+        verification=verification,
         constraints=constraints,
         stop=stop,
         strategy=strategy,

@@ -61,7 +61,12 @@ def build_recipe(program: Any, params: Mapping[str, Any]) -> Recipe:
     if problems:
         raise RecipeError("; ".join(problems))
     plain = program.space.clip(params)  # valid already: only ints and numpy -> Python
-    return program.plan.bind({**dict(program.fixed), **plain}, plain)
+    inputs = {**dict(program.fixed), **plain}
+    recipe = program.plan.bind(inputs, plain)
+    if not program.verification.get("checks"):
+        return recipe
+    verification = {**program.verification, "inputs": inputs}
+    return Recipe(recipe.steps, recipe.params, recipe.name, verification)
 
 
 # ---------------------------------------------------------------------- dry run

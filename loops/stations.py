@@ -45,10 +45,10 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from instruments.vision import Calibration, decode_jpeg, fit_calibration
+from loops.checks import Verification, run_checks
 from loops.journal import IllegalTransition, Journal, JournalError, JournalLink
 from loops.plan import Recipe, Step
 from loops.recipe import dry_run_recipe, run_recipe
-from loops.verify import Tolerances, verify
 from safety import SafeStation, SafetyError, load_envelope, open_station
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,11 @@ __all__ = [
     "station_resource",
 ]
 
-#: cumulative mL of dye at which :meth:`StationActor.calibrate_camera` takes a frame
+#: cumulative mL at which :meth:`StationActor.calibrate_camera` takes a frame
 CALIBRATION_VOLUMES_ML = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)
 
-#: what :meth:`StationActor.recover` drains: more than the 3.0 mL vial holds
-RECOVERY_DRAIN_ML = 3.2
+#: what :meth:`StationActor.recover` drains beyond each vessel's capacity (mL)
+RECOVERY_MARGIN_ML = 0.2
 
 #: Ray resource a station's actor requires: ``station:<name>`` (one per bench)
 RESOURCE_PREFIX = "station:"
@@ -198,7 +198,7 @@ class StationActor:
     """One bench's guarded station, owned by one Ray async actor (create with :func:`start_station_actor`).
 
     ``specs``: the station's instruments (``name``, ``kind``, ``url``,
-    ``options``, ``role``) as the lab config lists them; ``envelope``: the
+    ``options``) as the lab config lists them; ``envelope``: the
     envelope's YAML text (or a mapping, or a path readable on the actor's
     machine); ``clock``: a simulated bench's clock (None: ``time.monotonic``
     and ``asyncio.sleep``); ``supervisor_options``: for the station's
@@ -206,10 +206,10 @@ class StationActor:
     environment variables set in the actor's process before the station opens
     (e.g. ``DBUS_SYSTEM_BUS_ADDRESS`` for a simulated BLE bus); ``journal``: a
     :class:`~loops.journal.JournalLink` (None: steps are not journaled);
-    ``verification``: ``enabled``, ``calibration`` (the camera's, a
+    ``verification``: ``enabled`` and ``calibration`` (the camera's, a
     :meth:`~instruments.vision.Calibration.to_dict`, or fitted later by
-    :meth:`calibrate_camera`) and ``tolerances`` (:class:`loops.verify.Tolerances`
-    fields): after each successful run the outcome is verified (:func:`loops.verify.verify`).
+    :meth:`calibrate_camera`): after each successful run the recipe's declared checks
+    run on its result (:func:`loops.checks.run_checks`).
     """
 
     def __init__(
@@ -240,7 +240,6 @@ class StationActor:
         self._runs = 0
         ver = dict(verification or {})
         self._verify = bool(ver.get("enabled", False))
-        self._tolerances = Tolerances(**dict(ver.get("tolerances") or {}))
         cal = ver.get("calibration")
         self._calibration = Calibration.from_dict(cal) if cal else None
 
@@ -483,38 +482,32 @@ class StationActor:
             "steps": len(recipe.steps),
         }
         if self._verify:
-            out["verification"] = (await self._verify_outcome(result)).as_dict()
+            out["verification"] = (await self._verify_outcome(result, recipe)).as_dict()
         if include_image:
             out["image"] = result.image
             out["reference_image"] = result.reference_image
         return out
 
-    async def _verify_outcome(self, result: Any) -> Any:
-        """The camera against the instruments (CPU-bound, a few ms: off the event loop)."""
-        if self._calibration is None:
-            from loops.verify import Verification
-
-            return Verification(
-                False,
-                (
-                    f"cannot verify: station {self.name} has no camera calibration "
-                    "(labbridge calibrate)",
-                ),
-            )
+    async def _verify_outcome(self, result: Any, recipe: Recipe) -> Verification:
+        """The program's checks (loops/checks.py) on this result, with the station's camera
+        calibration and the recipe's images (CPU-bound analyses: off the event loop)."""
+        checks = recipe.verification
         return await asyncio.to_thread(
-            verify,
-            result.image,
-            result.measurements,
-            self._calibration,
-            self._tolerances,
-            reference_jpeg=result.reference_image,
+            run_checks,
+            checks,
+            measurements=result.measurements,
+            inputs=checks.get("inputs") or {},
+            images={"outcome": result.image, "reference": result.reference_image},
+            calibration=self._calibration,
         )
 
     async def calibrate_camera(
         self,
         volumes: Sequence[float] = CALIBRATION_VOLUMES_ML,
         *,
-        fluid: str = "red",
+        fluid: str,
+        camera: str,
+        light: str | None = None,
         rate_ml_min: float = 5.0,
         who: str = "operator:calibration",
         light_intensity: float = 0.6,
@@ -522,10 +515,11 @@ class StationActor:
     ) -> dict[str, Any]:
         """Fit the camera's fill-level calibration on this bench; it is used from now on.
 
-        Through the guard: light on, a frame of the empty vial, then ``fluid`` is
-        dispensed up to each of ``volumes`` (cumulative mL, ascending) with a frame
-        at each, then the vial is drained and the light turned off. The pumps are
-        trusted here: calibrate with a pump known to deliver what it reports.
+        Through the guard: ``light`` on (if given), a frame of the empty vessel from
+        ``camera``, then the pump ``fluid`` delivers up to each of ``volumes`` (cumulative
+        mL, ascending) with a frame at each, then every vessel is drained through the
+        instruments that drain it and the light turned off. The pumps are trusted here:
+        calibrate with a pump known to deliver what it reports.
         Returns :meth:`~instruments.vision.Calibration.to_dict` (save it with the lab
         config); raises :class:`StationError` naming the problem (a refusal, a bad fit).
         """
@@ -536,7 +530,9 @@ class StationActor:
         if self._run_lock.locked():
             raise StationBusy(f"station {self.name} is running {self._current}: not calibrating")
         wait = {"timeout": 300.0, "poll_interval": 0.05}
-        steps: list[Step] = [_call(LIGHT, "set_light", on=True, intensity=light_intensity)]
+        steps: list[Step] = []
+        if light is not None:
+            steps.append(_call(light, "set_light", on=True, intensity=light_intensity))
         if levels[0] > 0:
             levels.insert(0, 0.0)
         total = 0.0
@@ -548,19 +544,16 @@ class StationActor:
                     _call(fluid, "wait_until_stopped", **wait),
                 ]
                 total = level
-            steps.append(Step("capture", {"instrument": CAMERA, "role": "outcome"}))
-        drain = round(total + 0.2, 4)
-        steps += [
-            _call(DRAIN, "withdraw", volume_ml=drain, rate_ml_min=drain_rate_ml_min),
-            _call(DRAIN, "wait_until_stopped", **wait),
-            _call(LIGHT, "set_light", on=False),
-        ]
+            steps.append(Step("capture", {"instrument": camera, "role": "outcome"}))
+        steps += _drain_steps(station, round(total + RECOVERY_MARGIN_ML, 4), drain_rate_ml_min)
+        if light is not None:
+            steps.append(_call(light, "set_light", on=False))
         recipe = Recipe(tuple(steps), name="camera-calibration")
         report = dry_run_recipe(recipe, station, who=who, now=self._now())
         if not report.ok:
             raise StationError(f"station {self.name}: calibration refused: {report}")
         frames: list[bytes] = []
-        camera = station.handle(CAMERA, who=who)
+        lens = station.handle(camera, who=who)
 
         async def run(*part: Step) -> None:
             await _until_tripped(
@@ -585,7 +578,7 @@ class StationActor:
                     if segment:
                         await run(*segment)
                         segment = []
-                    frame = await camera.capture()
+                    frame = await lens.capture()
                     encoded = getattr(frame, "encoded", None)
                     if not encoded:
                         raise StationError(
@@ -629,18 +622,18 @@ class StationActor:
         who: str,
         why: str,
         *,
-        drain_ml: float = RECOVERY_DRAIN_ML,
+        drain_ml: float | None = None,
         drain_rate_ml_min: float = 20.0,
     ) -> dict[str, Any]:
         """Bring the bench back after an experiment was interrupted (its campaign process died).
 
         The station is tripped (every instrument to its safe state, latched), reset by
         ``who`` once its monitors are clear (raises :class:`safety.ResetRefused` naming
-        the monitor otherwise, and the station stays latched), then the vial is drained
-        through the guard (``drain_ml``: more than it can hold, since a fresh guard
-        cannot know what the interrupted experiment left in it) with heater, stirrer and
-        light off. Returns ``trip`` (the TripReport), ``drained_ml`` (what the waste
-        pump reports) and ``status``. Raises :class:`StationBusy` while an experiment runs.
+        the monitor otherwise, and the station stays latched), then every vessel of the
+        envelope is drained through the guard by the instruments that drain it
+        (``drain_ml``, default: more than the vessel holds, since a fresh guard cannot
+        know what the interrupted experiment left in it). Returns ``trip`` (the
+        TripReport), ``drained_ml`` (what the draining pumps report) and ``status``. Raises :class:`StationBusy` while an experiment runs.
         """
         station = self._require()
         if self._run_lock.locked():
@@ -683,19 +676,16 @@ class StationActor:
         }
 
 
-#: the reference bench's instruments the camera calibration uses (a set-up recipe of the
-#: lab's program will replace this: issue "any bench, any experiment")
-LIGHT, CAMERA, DRAIN = "enclosure", "camera", "waste"
-
-
 def _call(instrument: str, command: str, **args: Any) -> Step:
     return Step("call", {"instrument": instrument, "command": command, "args": args})
 
 
-def _drain_steps(station: Any, volume_ml: float, rate_ml_min: float) -> tuple[Step, ...]:
+def _drain_steps(
+    station: Any, volume_ml: float | None, rate_ml_min: float
+) -> tuple[Step, ...]:
     """Empty every vessel of the station's envelope through the instruments that drain it
-    (their declared flow ``in``), each waited for and its progress read into
-    ``drained.<instrument>`` (the station is in its safe state already)."""
+    (their declared flow ``in``: ``volume_ml``, default the vessel's capacity plus a
+    margin), each waited for and its progress read into ``drained.<instrument>``."""
     steps: list[Step] = []
     layout = station.guard.layout
     for vessel in station.guard.envelope.vessels.values():
@@ -704,7 +694,8 @@ def _drain_steps(station: Any, volume_ml: float, rate_ml_min: float) -> tuple[St
                 flow = spec.flow
                 if flow is None or flow.direction != "in":
                     continue
-                args = {flow.volume: volume_ml}
+                size = vessel.capacity if vessel.capacity is not None else vessel.max
+                args = {flow.volume: volume_ml or round(size + RECOVERY_MARGIN_ML, 4)}
                 if flow.rate is not None:
                     args[flow.rate] = rate_ml_min
                 steps.append(_call(name, spec.name, **args))

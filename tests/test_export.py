@@ -84,9 +84,10 @@ def test_csv_has_one_row_per_experiment_transition_and_verdict(
         "measure.dispensed_ml.red",
         "measure.lab.0",
         "measure.counts.status",
-        "check.fill.camera_ml",
+        "check.fill.value",
+        "check.fill.values.camera.fill_ml",
         "check.fill.ok",
-        "check.colour.delta_e2000",
+        "check.colour.value",
         "check.scene.ok",
         "image.outcome",
         "image.reference",
@@ -112,7 +113,7 @@ def test_csv_has_one_row_per_experiment_transition_and_verdict(
         assert row["measure.dispensed_ml.red"] == as_text(dispensed.get("red"))
         assert row["measure.lab.2"] == as_text((measurements.get("lab") or [None] * 3)[2])
         fill = (result.get("verification") or {}).get("checks", {}).get("fill", {})
-        assert row["check.fill.camera_ml"] == as_text(fill.get("camera_ml"))
+        assert row["check.fill.value"] == as_text(fill.get("value"))
         assert row["check.fill.ok"] == as_text(fill.get("ok"))
         assert row["image.outcome"] == as_text(images[e.id].get("outcome", {}).get("path"))
         assert float(row["created"]) == e.created

@@ -145,7 +145,7 @@ def test_the_hardware_template_is_a_valid_lab() -> None:
     assert not lab.simulated and lab.ray_address is None
     assert st.verification is not None  # a station with a camera verifies by default
     assert st.verification.calibration_path == lab.store.parent / "calibration" / "bench-a.yaml"
-    assert st.verification.tolerances.fill_ml == 0.15
+    assert st.verification.max_disagreements == 3
 
 
 def test_verification_options(tmp_path: Path) -> None:
@@ -156,12 +156,12 @@ def test_verification_options(tmp_path: Path) -> None:
         '    env: {EXTRA: "1"}\n',
         '      - {name: camera, kind: camera, url: "camera://0"}\n'
         '    env: {EXTRA: "1"}\n'
-        "    verification: {calibration: cal/a.yaml, fill_tolerance_ml: 0.2, max_disagreements: 5}\n",
+        "    verification: {calibration: cal/a.yaml, max_disagreements: 5}\n",
     )
     path.write_text(with_camera)
     v = load_lab(path).stations["bench-a"].verification
     assert v is not None and v.calibration_path == tmp_path / "cal" / "a.yaml"
-    assert (v.tolerances.fill_ml, v.tolerances.max_disagreements) == (0.2, 5)
+    assert v.max_disagreements == 5
     assert v.calibration() is None  # not made yet
     v.save({"format": "labbridge.vision.calibration/1"})
     assert v.calibration() == {"format": "labbridge.vision.calibration/1"}

@@ -4,7 +4,7 @@ The campaigns are written through :class:`loops.journal.Journal` the way the
 campaign runner writes them (propose -> checked -> queued -> running -> finish
 / fail / reject, evidence before the outcome), with camera frames rendered by
 ``simulators.scene.SceneRenderer``, JPEG-encoded and verified by the real
-``loops.verify.verify`` against a fitted calibration: the results, their
+``loops.checks.run_checks`` (the colour match's declared checks) against a fitted calibration: the results, their
 verification, the images by hash and the safety verdicts have exactly the
 shape a real run stores. No Ray, no simulated bench: a campaign builds in
 well under a second.
@@ -50,9 +50,9 @@ from instruments.vision import (
     overlay,
     prepare_reference,
 )
+from loops.checks import run_checks
 from loops.journal import Experiment, Journal
-from loops.program import load_program
-from loops.verify import Tolerances, verify
+from loops.program import builtin_program, load_program
 from simulators.scene import SceneInputs, SceneRenderer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,12 +235,11 @@ def build_campaign(
             verified: bool | None = None
             reason: str | None = None
             if kind != "unchecked":
-                check = verify(
-                    outcome,
-                    measurements,
-                    scenes.calibration,
-                    Tolerances(),
-                    reference_jpeg=scenes.reference,
+                check = run_checks(  # the colour match's declared checks
+                    load_program(builtin_program("color-match")).verification,
+                    measurements=measurements,
+                    images={"outcome": outcome, "reference": scenes.reference},
+                    calibration=scenes.calibration,
                 )
                 result["verification"] = check.as_dict()
                 verified = check.verified

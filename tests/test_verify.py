@@ -1,19 +1,27 @@
-"""loops.verify on rendered frames with known truth, as real JPEG bytes: agreement verifies; a
-pump that under-delivers, a colour the sensor does not see, a spill, a frozen camera and a
-missing vial are each reported with what disagreed; the tolerances come from the lab config."""
+"""Verification as data (loops/checks.py) on rendered frames with known truth, as real JPEG
+bytes, with the colour match's own declared checks: agreement verifies; a pump that
+under-delivers, a colour the sensor does not see, a spill, a frozen camera and a missing vial
+are each reported with what disagreed; a program's tolerance decides."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import cv2
 import pytest
 
 from instruments.colour import linear_to_lab
 from instruments.vision import Calibration, decode_jpeg, fit_calibration
-from loops.verify import Tolerances, verify
+from loops.checks import Verification, compile_verification, run_checks
+from loops.program import load_program
+from safety.yamldoc import ConfigError, YamlDoc
 from simulators.scene import SceneInputs, SceneRenderer
 
 TRANS = (0.55, 0.35, 0.7)  # a purple liquid
 RENDER = SceneRenderer(640, 480, seed=5, noise_sigma=2.0)
+PROGRAM = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
+CHECKS = load_program(PROGRAM).verification  # the colour match's, as declared
 
 
 def jpeg(inputs: SceneInputs) -> bytes:
@@ -32,10 +40,10 @@ def calibration() -> Calibration:
     return fit_calibration(samples)
 
 
-def measured(volume_ml: float, lab: tuple[float, float, float] | None = None) -> dict[str, object]:
+def measured(volume_ml: float, lab: tuple[float, float, float] | None = None) -> dict[str, Any]:
     """What the instruments report: the pumps' volumes and the colour sensor's Lab."""
     return {
-        "dispensed_ml": {"red": volume_ml * 0.6, "blue": volume_ml * 0.4},
+        "dispensed_ml": {"red": volume_ml * 0.6, "green": 0.0, "blue": volume_ml * 0.4},
         "lab": list(lab if lab is not None else linear_to_lab(TRANS)),
     }
 
@@ -49,74 +57,103 @@ def outcome(**changes: object) -> bytes:
     return jpeg(SceneInputs(**fields))  # type: ignore[arg-type]
 
 
+def check(
+    image: bytes | None,
+    measurements: dict[str, Any],
+    calibration: Calibration | None,
+    reference: bytes | None = None,
+    checks: Any = None,
+) -> Verification:
+    return run_checks(
+        CHECKS if checks is None else checks,
+        measurements=measurements,
+        images={"outcome": image, "reference": reference},
+        calibration=calibration,
+    )
+
+
 def test_agreement_is_verified(calibration: Calibration) -> None:
-    v = verify(outcome(), measured(1.6), calibration, Tolerances(), reference_jpeg=jpeg(REFERENCE))
+    v = check(outcome(), measured(1.6), calibration, jpeg(REFERENCE))
     assert v.verified is True, v.reasons
     assert v.reasons == () and v.reason is None
-    assert v.checks["fill"]["ok"] and abs(v.checks["fill"]["difference_ml"]) < 0.05
-    assert v.checks["colour"]["ok"] and v.checks["colour"]["delta_e2000"] < 2.0
-    assert v.checks["scene"] == {"summary": [], "ok": True}
-    assert v.analysis is not None and v.analysis["status"] == "ok"
+    fill = v.checks["fill"]
+    assert fill["ok"] and abs(fill["value"]) < 0.05 and fill["within"] == 0.15
+    assert v.checks["colour"]["ok"] and v.checks["colour"]["value"] < 2.0
+    assert v.checks["scene"]["ok"] is True
+    assert v.analysis is not None and v.analysis["camera"]["analysis"]["status"] == "ok"
 
 
 def test_a_pump_that_under_delivers_is_caught(calibration: Calibration) -> None:
     # the pumps say 1.6 mL went in; the camera sees 1.1 mL (a clogged pump)
-    v = verify(outcome(volume_ml=1.1), measured(1.6), calibration, Tolerances())
+    v = check(outcome(volume_ml=1.1), measured(1.6), calibration)
     assert v.verified is False
-    assert v.checks["fill"]["ok"] is False
-    assert v.checks["fill"]["difference_ml"] == pytest.approx(-0.5, abs=0.05)
-    assert len(v.reasons) == 1 and v.reasons[0].startswith("fill level: the camera sees 1.1")
-    assert "the pumps report 1.60 mL" in v.reasons[0]
-    # within a looser tolerance the same frame verifies: the lab config decides
-    assert verify(
-        outcome(volume_ml=1.1), measured(1.6), calibration, Tolerances(fill_ml=0.6)
-    ).verified
+    fill = v.checks["fill"]
+    assert fill["ok"] is False and fill["value"] == pytest.approx(-0.5, abs=0.05)
+    assert len(v.reasons) == 1 and v.reasons[0].startswith("fill: camera.fill_ml - (")
+    assert "not within ±0.15" in v.reasons[0] and "dispensed_ml.red=0.96" in v.reasons[0]
+    # within a looser tolerance the same frame verifies: the program decides
+    loose = {**CHECKS, "checks": [{**CHECKS["checks"][0], "within": 0.6}, *CHECKS["checks"][1:]]}
+    assert check(outcome(volume_ml=1.1), measured(1.6), calibration, checks=loose).verified
 
 
 def test_a_colour_the_sensor_does_not_see_is_caught(calibration: Calibration) -> None:
     wrong = (80.0, -30.0, 40.0)  # a green-yellow the liquid is not
-    v = verify(outcome(), measured(1.6, wrong), calibration, Tolerances())
+    v = check(outcome(), measured(1.6, wrong), calibration)
     assert v.verified is False and v.checks["colour"]["ok"] is False
-    assert v.reasons[0].startswith("colour: camera and colour sensor differ by dE00")
+    assert v.reasons[0].startswith("colour: delta_e2000 = ") and "not <= 8" in v.reasons[0]
 
 
 def test_a_spill_is_reported_from_the_scene(calibration: Calibration) -> None:
-    v = verify(
-        outcome(spilled_ml=0.6),
-        measured(1.6),
-        calibration,
-        Tolerances(),
-        reference_jpeg=jpeg(REFERENCE),
-    )
+    v = check(outcome(spilled_ml=0.6), measured(1.6), calibration, jpeg(REFERENCE))
     assert v.verified is False
-    assert any(r.startswith("scene: spill") for r in v.reasons), v.reasons
+    assert any(r.startswith("scene: camera.scene_ok = not true: ['spill") for r in v.reasons), (
+        v.reasons
+    )
 
 
 def test_a_frozen_camera_cannot_verify(calibration: Calibration) -> None:
     same = jpeg(REFERENCE)  # the camera sent the reference frame again after the experiment
-    v = verify(same, measured(1.6), calibration, Tolerances(), reference_jpeg=same)
+    v = check(same, measured(1.6), calibration, same)
     assert v.verified is False
     assert any("cannot verify" in r and "frozen" in r for r in v.reasons), v.reasons
 
 
 def test_a_missing_vial_cannot_verify(calibration: Calibration) -> None:
-    v = verify(outcome(vial_present=False), measured(1.6), calibration, Tolerances())
+    v = check(outcome(vial_present=False), measured(1.6), calibration)
     assert v.verified is False
     assert any("cannot verify" in r and "vial" in r for r in v.reasons), v.reasons
-    assert "fill" not in v.checks  # nothing was guessed
+    assert v.checks["fill"]["ok"] is None  # nothing was guessed
 
 
-def test_no_frame_or_a_broken_frame_cannot_verify(calibration: Calibration) -> None:
-    assert verify(None, measured(1.0), calibration, Tolerances()).reasons == (
-        "cannot verify: no camera frame of the outcome",
+def test_no_frame_no_calibration_or_a_broken_frame_cannot_verify(
+    calibration: Calibration,
+) -> None:
+    v = check(None, measured(1.0), calibration)
+    assert v.verified is False
+    assert v.reasons[0] == (
+        "cannot verify: camera: no camera frame of the outcome (a capture step with as: outcome)"
     )
-    broken = verify(b"\xff\xd8garbage", measured(1.0), calibration, Tolerances())
+    v = check(outcome(), measured(1.0), None)
+    assert "the station's camera is not calibrated (labbridge calibrate)" in v.reasons[0]
+    broken = check(b"\xff\xd8garbage", measured(1.0), calibration)
     assert broken.verified is False and broken.reasons[0].startswith("cannot verify: ")
+    assert run_checks({"checks": []}, measurements={}).verified is None  # nothing declared
 
 
-def test_tolerances_are_checked() -> None:
-    with pytest.raises(ValueError, match="fill_ml must be a number > 0"):
-        Tolerances(fill_ml=0)
-    with pytest.raises(ValueError, match="max_disagreements must be an integer >= 1"):
-        Tolerances(max_disagreements=0)
-    assert Tolerances().as_dict() == {"fill_ml": 0.15, "colour_de2000": 8.0, "max_disagreements": 3}
+@pytest.mark.parametrize(
+    ("spec", "field", "words"),
+    [
+        ({"checks": [{"name": "a", "expr": "x", "max": "big"}]}, "verification.checks[0].max", "number"),
+        ({"checks": [{"name": "a", "expr": "x"}]}, "verification.checks[0]", "min, max or within"),
+        ({"checks": [{"name": "a", "expr": "y", "max": 1}]}, "verification.checks[0].expr", "'y'"),
+        ({"checks": [{"name": "a", "expect": "x > 1", "max": 1}]}, "verification.checks[0]", "no min"),
+        ({"checks": [{"name": "a", "function": "nope", "max": 1}]}, "verification.checks[0].function", "nope"),
+        ({"analyses": [{"name": "cam", "function": "nope"}]}, "verification.analyses[0].function", "nope"),
+        ({"check": []}, "verification.check", "unknown key"),
+    ],
+)
+def test_declared_checks_name_the_field_of_a_mistake(spec: Any, field: str, words: str) -> None:
+    doc = YamlDoc("p.md", error_cls=ConfigError)
+    with pytest.raises(ConfigError) as info:
+        compile_verification(spec, measures=["x"], inputs=[], doc=doc)
+    assert info.value.field == field and words in str(info.value), str(info.value)
