@@ -403,7 +403,7 @@ async def test_kill_9_at_random_points_then_resume_loses_nothing_and_reruns_noth
 @pytest.mark.parametrize(
     ("fault", "params", "reason"),
     [
-        ("clogged-pump", {"pump": "red", "factor": 0.1}, "fill level: the camera sees"),
+        ("clogged-pump", {"pump": "red", "factor": 0.1}, "fill: camera.fill_ml - ("),
         ("camera-freeze", {}, "cannot verify"),
         ("vial-missing", {}, "cannot verify"),
     ],
