@@ -64,6 +64,7 @@ _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 import instruments  # noqa: E402
+from instruments.registry import driver_class  # noqa: E402
 from safety.envelope import reference_envelope  # noqa: E402
 from safety.guard import Guard  # noqa: E402
 from safety.model import AuditTrail, Command, Latch, StationState  # noqa: E402
@@ -222,6 +223,9 @@ class NoIODriver:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        cls = driver_class(kind)  # the real driver's declarations: the guard is built from them
+        self.commands = cls.commands
+        self.safe_state_calls = cls.safe_state_calls
 
     def __getattr__(self, attr: str) -> Callable[..., Awaitable[None]]:
         async def action(*args: Any, **kwargs: Any) -> None:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loops import functions as registry
+from loops.recipe import plain
 from safety.expr import EvaluationError, RuleSyntaxError, parse
 from safety.yamldoc import YamlDoc
 
@@ -112,6 +113,30 @@ def _names_ok(
         )
 
 
+def _call(
+    spec: Mapping[str, Any],
+    at: tuple[Any, ...],
+    doc: YamlDoc,
+    known: set[str],
+    analyses: set[str],
+) -> dict[str, Any]:
+    """A registered ``function`` and its ``args`` (expressions over the known names)."""
+    fn = _text(spec, "function", at, doc)
+    if fn not in registry.registry():
+        raise doc.error(
+            f"unknown function {fn!r} (registered: {', '.join(sorted(registry.registry()))})",
+            (*at, "function"),
+        )
+    args = spec.get("args") or {}
+    if not isinstance(args, Mapping):
+        raise doc.error("must be a mapping of argument -> expression", (*at, "args"))
+    for arg, text in args.items():
+        if not isinstance(text, str):
+            raise doc.error("must be an expression (a string)", (*at, "args", arg))
+        _names_ok(text, (*at, "args", arg), doc, known, analyses, boolean=False)
+    return {"function": fn, "args": {str(k): v for k, v in args.items()}}
+
+
 def compile_verification(
     spec: Any,
     *,
@@ -142,21 +167,9 @@ def compile_verification(
         name = _text(a, "name", at, doc)
         if not _WORD.fullmatch(name) or name in names:
             raise doc.error(f"an analysis name is a new identifier, got {name!r}", (*at, "name"))
-        fn = _text(a, "function", at, doc)
-        if fn not in registry.registry():
-            raise doc.error(
-                f"unknown function {fn!r} (registered: {', '.join(sorted(registry.registry()))})",
-                (*at, "function"),
-            )
-        args = a.get("args") or {}
-        if not isinstance(args, Mapping):
-            raise doc.error("must be a mapping of argument -> expression", (*at, "args"))
-        for arg, text in args.items():
-            if not isinstance(text, str):
-                raise doc.error("must be an expression (a string)", (*at, "args", arg))
-            _names_ok(text, (*at, "args", arg), doc, known, names, boolean=False)
+        call = _call(a, at, doc, known, names)
         names.add(name)
-        analyses.append({"name": name, "function": fn, "args": {str(k): v for k, v in args.items()}})
+        analyses.append({"name": name, **call})
     checks: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, c in enumerate(spec.get("checks") or []):
@@ -185,17 +198,7 @@ def compile_verification(
                 out["expr"] = _text(c, "expr", at, doc)
                 _names_ok(out["expr"], (*at, "expr"), doc, known, names, boolean=False)
             else:
-                fn = _text(c, "function", at, doc)
-                if fn not in registry.registry():
-                    raise doc.error(f"unknown function {fn!r}", (*at, "function"))
-                args = c.get("args") or {}
-                if not isinstance(args, Mapping):
-                    raise doc.error("must be a mapping of argument -> expression", (*at, "args"))
-                for arg, text in args.items():
-                    if not isinstance(text, str):
-                        raise doc.error("must be an expression (a string)", (*at, "args", arg))
-                    _names_ok(text, (*at, "args", arg), doc, known, names, boolean=False)
-                out.update(function=fn, args={str(k): v for k, v in args.items()})
+                out.update(_call(c, at, doc, known, names))
             limits = {k: c[k] for k in LIMITS if c.get(k) is not None}
             if not limits:
                 raise doc.error("give min, max or within (the tolerance)", at)
@@ -217,19 +220,6 @@ def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, Mapping):
         for k, v in value.items():
             _flat(f"{prefix}.{k}", v, out)
-
-
-def _json(value: Any) -> Any:
-    """Plain data for the store (bytes and objects that are not data as a short note)."""
-    if value is None or isinstance(value, bool | str | int | float):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json(v) for v in value]
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return f"<{type(value).__name__}>"
 
 
 def _fmt(value: Any) -> str:
@@ -274,7 +264,7 @@ def run_checks(
             reasons.append(f"cannot verify: {name}: {exc}")
             continue
         _flat(name, result, scope)
-        analysis[name] = _json(result)
+        analysis[name] = plain(result)
         if isinstance(result, Mapping):
             reasons += [f"cannot verify: {p}" for p in result.get("problems") or []]
     results: dict[str, Any] = {}
@@ -287,7 +277,7 @@ def run_checks(
             else set().union(*(parse(t, boolean=False).names() for t in c["args"].values()))
         )
         shown = {
-            n: _json(scope[n]) for n in sorted(names) if n in scope and not n.startswith("images.")
+            n: plain(scope[n]) for n in sorted(names) if n in scope and not n.startswith("images.")
         }
         shown.pop("calibration", None)
         try:
@@ -326,7 +316,7 @@ def run_checks(
                 if part
             )
         results[name] = {
-            "value": _json(value),
+            "value": plain(value),
             "ok": ok,
             **{k: c[k] for k in LIMITS if k in c},
             "values": shown,
@@ -337,7 +327,7 @@ def run_checks(
             extra = ""
             if c.get("explain"):
                 try:
-                    extra = f": {_fmt(_json(value_of(c['explain'])))}"
+                    extra = f": {_fmt(plain(value_of(c['explain'])))}"
                 except EvaluationError:
                     extra = ""
             reasons.append(f"{name}: {text or c.get('function')} = {what}{extra} ({detail})")

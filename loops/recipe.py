@@ -185,9 +185,12 @@ def _num(value: Any) -> bool:
 
 def plain(value: Any) -> Any:
     """A driver's result as JSON-able data: dataclasses and mappings as dicts, enums as their
-    value, tuples as lists, numbers as int/float; anything else as its text."""
+    value, tuples as lists, numbers as int/float, bytes as their size; anything else as its
+    text."""
     if value is None or isinstance(value, bool | str | int | float):
         return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"  # images are kept by hash, not in the data
     if isinstance(value, enum.Enum):
         return plain(value.value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
