@@ -15,7 +15,8 @@ experiment to keep in step with the program.
 
 What the handles do: a pump's ``dispense``/``withdraw`` starts it (4
 significant digits, as the driver sends), ``wait_until_stopped`` polls it every
-``poll_interval`` simulated seconds; the colour sensor's ``measure`` integrates
+second of bench time (the real stack's real-time polls are seconds of bench
+time at its speeds); the colour sensor's ``measure`` integrates
 (100 ms by default) and returns counts with noise; the hotplate's
 ``set_heater``/``set_stirrer`` set its registers and ``read()`` reports plate
 and liquid temperatures; light and camera have no effect on the colour or the
@@ -30,8 +31,8 @@ ramp are there to make true on a real station.
 
 Differences from the full stack (why a point's ΔE00 here and through the wire
 differ by a few tenths): wire latencies (ms) are not simulated, a pump's wait
-polls in simulated rather than real seconds, and the sensor noise comes from a
-different random stream.
+polls every bench second, and the sensor noise comes from a different random
+stream.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ REFERENCE_POINT: dict[str, float | int] = {
 }
 
 SENSOR_DEFAULT_MS = 100  # the colour-sensor driver's default integration time
+POLL_S = 1.0  # a pump's wait polls at least this far apart (bench seconds): the real
+#             stack's 0.05 s real-time polls are 5 bench seconds at 100x
 SENSOR_STATUS = {0: "ok", 1: "saturated", 2: "dark"}
 WAIT_LIMIT_S = 24 * 3600.0  # a wait that has not finished after a simulated day is a bug
 
@@ -221,13 +224,14 @@ class BenchModel:
         self, name: str, timeout: float = 60.0, poll_interval: float = 0.1
     ) -> str:
         waited = 0.0
+        period = max(float(poll_interval), POLL_S)
         self.world.advance()
         while self.world.pump_by_fluid(name).phase == "running":
             if waited >= WAIT_LIMIT_S:
                 raise TimeoutError(f"{name} still running after {waited:g} simulated s")
-            self.clock.advance(poll_interval)
+            self.clock.advance(period)
             self.world.advance()
-            waited += poll_interval
+            waited += period
         return "stopped"
 
     async def _pump_read(self, name: str) -> dict[str, Any]:
