@@ -49,7 +49,7 @@ from loops.checks import Verification, run_checks
 from loops.journal import IllegalTransition, Journal, JournalError, JournalLink
 from loops.plan import Recipe, Step
 from loops.recipe import dry_run_recipe, run_recipe
-from safety import SafeStation, SafetyError, load_envelope, open_station
+from safety import Camera, SafeStation, SafetyError, load_envelope, open_station
 
 log = logging.getLogger(__name__)
 
@@ -553,7 +553,7 @@ class StationActor:
         if not report.ok:
             raise StationError(f"station {self.name}: calibration refused: {report}")
         frames: list[bytes] = []
-        lens = station.handle(camera, who=who)
+        lens = station.handle_as(camera, Camera, who=who)
 
         async def run(*part: Step) -> None:
             await _until_tripped(

@@ -9,6 +9,7 @@ handles are the only way to act (import-linter checks that ``loops`` and
 ``bridge`` never import drivers, transports or ``instruments.connect``).
 """
 
+from safety.capabilities import Camera, HeaterStirrer, Light, Pump, Sensor, require
 from safety.dryrun import DryRunReport, dry_run
 from safety.envelope import Envelope, EnvelopeError, Violation, load_envelope, reference_envelope
 from safety.estop import EStop, EStopReport, install_signal_handlers
@@ -40,6 +41,12 @@ from safety.supervisor import StationSupervisor, TripReport
 
 __all__ = [
     "AuditTrail",
+    "Camera",
+    "HeaterStirrer",
+    "Light",
+    "Pump",
+    "Sensor",
+    "require",
     "Command",
     "DryRunReport",
     "EStop",

@@ -18,11 +18,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import instruments
 from instruments.registry import available_drivers, driver_class
 from instruments.registry import check as _check_driver
+from safety.capabilities import require
 from safety.dryrun import DryRunReport
 from safety.effects import Bound, Layout, bounds
 from safety.envelope import Envelope
@@ -32,6 +33,7 @@ from safety.monitors import Monitor
 from safety.supervisor import StationSupervisor, TripReport
 
 log = logging.getLogger(__name__)
+P = TypeVar("P")
 
 
 class SafeStation:
@@ -87,6 +89,12 @@ class SafeStation:
     def handle(self, name: str, *, who: str = "unknown") -> GuardedInstrument:
         """The guarded handle of one instrument (the only handle code above safety/ gets)."""
         return self.guard.handle(name, who=who)
+
+    def handle_as(self, name: str, capability: type[P], *, who: str = "unknown") -> P:
+        """The guarded handle of one instrument typed by what it is (safety/capabilities.py:
+        ``Pump``, ``HeaterStirrer``, ``Light``, ``Sensor``, ``Camera``); ``TypeError`` naming
+        what it lacks when its driver does not declare those commands."""
+        return require(self.guard.handle(name, who=who), capability)
 
     async def execute(self, command: Command) -> Any:
         return await self.guard.execute(command)

@@ -291,3 +291,25 @@ def test_a_layout_without_declarations_can_do_nothing() -> None:
     layout = Layout.of({"thing": object()})
     assert layout.actions("thing") == {}
     assert safe_state_updates(layout) == {}
+
+
+def test_handles_are_typed_by_capability() -> None:
+    """``require`` / ``SafeStation.handle_as``: a handle typed by what the instrument is, or a
+    TypeError naming what its driver does not declare."""
+    from safety.capabilities import HeaterStirrer, Pump, require
+    from safety.guard import GuardedInstrument
+
+    async def never(command: Command) -> None:  # pragma: no cover - nothing is called here
+        raise AssertionError(command)
+
+    pump = GuardedInstrument("acid", "syringe-pump", SyringePump.commands, never, "agent:a")
+    typed: Pump = require(pump, Pump)  # mypy checks calls against the Protocol from here on
+    assert typed is pump
+    with pytest.raises(TypeError) as info:
+        require(pump, HeaterStirrer)
+    assert str(info.value).startswith(
+        "acid (syringe-pump) is not a HeaterStirrer: it declares no set_heater, set_stirrer"
+    )
+    guard, _ = _guard("channels:\n  furnace.power: {unbounded: on/off}\n")
+    with pytest.raises(TypeError, match="furnace \\(tube-furnace\\) is not a Pump"):
+        require(guard.handle("furnace"), Pump)
