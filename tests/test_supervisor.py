@@ -533,3 +533,19 @@ async def test_trip_after_a_direct_latch_trip_still_safe_states_once() -> None:
     assert second.outcomes["a"].ok  # the last safe-state outcomes come along
     assert [d.safe_calls for d in devices.values()] == [1, 1]
     await sup.stop()
+
+
+def test_the_armed_watchdog_timeout_is_one_its_feeds_can_keep() -> None:
+    """A real bench arms the configured timeout; a simulated bench running much faster than
+    real time arms one whose feeds are at least ``min_feed_interval_s`` real seconds apart
+    (issue 12: at 500x a 5 s watchdog needed a feed every 3 ms)."""
+    devices = {"a": SoftDevice("a")}
+    real = soft_supervisor(devices, device_watchdog_s=5, device_time_scale=1.0)
+    assert (real.armed_watchdog_s, real.feed_interval_s) == (5, pytest.approx(5 / 3))
+    fast = soft_supervisor(devices, device_watchdog_s=5, device_time_scale=500.0)
+    assert fast.armed_watchdog_s == 750 and fast.feed_interval_s == pytest.approx(0.5)
+    tight = soft_supervisor(
+        devices, device_watchdog_s=5, device_time_scale=500.0, min_feed_interval_s=0.01
+    )
+    assert tight.armed_watchdog_s == 15
+    assert soft_supervisor(devices, device_watchdog_s=0, device_time_scale=500.0).armed_watchdog_s == 0
