@@ -255,6 +255,10 @@ class CommandSpec:
             raise TypeError(f"{self.name}() missing argument(s): {', '.join(missing)}")
         return out
 
+    def channel_of(self, arg: str) -> str | None:
+        """The channel parameter ``arg`` sets (its ``Set``), None if it sets none."""
+        return next((s.channel for s in self.sets if s.arg == arg), None)
+
     def signature(self) -> str:
         """``set_heater(on: true/false, setpoint_c: a number >= 0 <= 340 degC = keep)``."""
         parts = []

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loops import functions as registry
-from loops.recipe import plain
+from loops.plan import plain
 from safety.expr import EvaluationError, RuleSyntaxError, parse
 from safety.yamldoc import YamlDoc
 

@@ -56,6 +56,8 @@ fast model consume: one interpretation.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 import numbers
 import re
@@ -75,6 +77,7 @@ __all__ = [
     "RecipeError",
     "Step",
     "compile_plan",
+    "plain",
 ]
 
 _WORD = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -104,19 +107,28 @@ def _num(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-able plain data (numbers as int/float, tuples as lists)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+def plain(value: Any) -> Any:
+    """JSON-able plain data, for what a program says and what a driver returns: mappings and
+    dataclasses as dicts, sequences as lists, enums as their value, numbers as int/float
+    (numpy's too), bytes as their size (images are kept by hash, not in the data); anything
+    else as its text."""
+    if value is None or isinstance(value, bool | str | int | float):
         return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, enum.Enum):
+        return plain(value.value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence):
+        return [plain(v) for v in value]
     if isinstance(value, numbers.Integral):
         return int(value)
-    if _num(value):
+    if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence):
-        return [_plain(v) for v in value]
-    return value
+    return str(value)
 
 
 # ------------------------------------------------------------------ concrete steps
@@ -141,7 +153,7 @@ class Step:
         return self.params.get(key, default)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **_plain(dict(self.params))}
+        return {"kind": self.kind, **plain(dict(self.params))}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Step:
@@ -207,11 +219,11 @@ class Recipe:
     def as_dict(self) -> dict[str, Any]:
         out = {
             "name": self.name,
-            "params": _plain(dict(self.params)),
+            "params": plain(dict(self.params)),
             "steps": [s.as_dict() for s in self.steps],
         }
         if self.verification:
-            out["verification"] = _plain(dict(self.verification))
+            out["verification"] = plain(dict(self.verification))
         return out
 
     @classmethod
@@ -307,7 +319,7 @@ class _Value:
         if self.expr is None:
             return self.literal
         try:
-            return _plain(self.expr.evaluate(inputs))
+            return plain(self.expr.evaluate(inputs))
         except EvaluationError as exc:
             raise RecipeError(f"{where}: {self.expr.text}: {exc}") from None
 
@@ -356,7 +368,7 @@ class Plan:
                     continue
             data = dict(ps.fields)
             if "_inputs" in data:  # the constants a run-time expression uses, recorded with it
-                data["inputs"] = {n: _plain(inputs[n]) for n in data.pop("_inputs")}
+                data["inputs"] = {n: plain(inputs[n]) for n in data.pop("_inputs")}
             args: dict[str, Any] = {}
             for key, val in ps.values.items():
                 value = val.value(inputs, f"{where} {key}")
@@ -396,11 +408,11 @@ def _value(raw: Any, path: tuple[Any, ...], doc: YamlDoc) -> _Value:
     if isinstance(raw, str):
         return _Value(expr=_expression(raw, path, doc, boolean=False))
     if raw is None or isinstance(raw, bool) or (_num(raw) and math.isfinite(raw)):
-        return _Value(literal=_plain(raw))
+        return _Value(literal=plain(raw))
     if isinstance(raw, list) and all(
         isinstance(v, bool | str) or (_num(v) and math.isfinite(v)) for v in raw
     ):
-        return _Value(literal=_plain(raw))
+        return _Value(literal=plain(raw))
     raise doc.error(
         f"must be a number, true/false, a list of them, or an expression (a string), "
         f"got {raw!r}",

@@ -90,7 +90,7 @@ from typing import Any
 import yaml
 
 from loops.checks import compile_verification
-from loops.plan import Plan, compile_plan
+from loops.plan import Plan, compile_plan, plain
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml, field_path
 
@@ -139,15 +139,6 @@ _RESERVED = {"and", "or", "not", "in", "true", "false", "True", "False"}
 
 class ProgramError(ConfigError):
     """An invalid campaign spec: ``<source>:<line>: <field>: <problem>`` (line omitted if unknown)."""
-
-
-def _json(value: Any) -> Any:
-    """Plain JSON-able data (mappings and lists copied, numbers as Python numbers)."""
-    if isinstance(value, Mapping):
-        return {str(k): _json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json(v) for v in value]
-    return _plain(value)
 
 
 def _is_number(value: Any) -> bool:
@@ -810,7 +801,7 @@ def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | No
         parameters=parameters,
         objective=objective,
         budget=budget,
-        recipe=_json(data["recipe"]),
+        recipe=plain(data["recipe"]),
         plan=plan,
         verification=verification,
         constraints=constraints,

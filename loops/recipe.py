@@ -14,8 +14,6 @@ sleep), ``asyncio.sleep`` on real hardware. Arguments of a command (a pump's
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import hashlib
 import math
 import numbers
@@ -25,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loops import functions
-from loops.plan import Recipe, RecipeError, Step
+from loops.plan import Recipe, RecipeError, Step, plain
 from safety import Command, DryRunReport, SafeStation
 from safety.effects import CommandRefused, effect_of
 from safety.expr import EvaluationError, parse
@@ -70,19 +68,16 @@ def build_recipe(program: Any, params: Mapping[str, Any]) -> Recipe:
 
 
 # ---------------------------------------------------------------------- dry run
-def _declared(station: SafeStation, instrument: str, command: str) -> Any:
-    """The command's declaration (instruments/declare.py), None for a station without one."""
-    layout = getattr(getattr(station, "guard", None), "layout", None)
+def _declared(layout: Any, instrument: str, command: str) -> Any:
+    """The command's declaration (instruments/declare.py), None without a layout."""
     return layout.actions(instrument).get(command) if layout is not None else None
 
 
-def _channel_of(station: SafeStation, instrument: str, command: str, arg: str) -> str | None:
-    """The commanded channel a command's argument sets (its declaration's ``Set``)."""
-    spec = _declared(station, instrument, command)
-    for s in getattr(spec, "sets", ()):
-        if s.arg == arg:
-            return f"{instrument}.{s.channel}"
-    return None
+def _channel_of(layout: Any, instrument: str, command: str, arg: str) -> str | None:
+    """The commanded channel (``instrument.channel``) a command's argument sets."""
+    spec = _declared(layout, instrument, command)
+    channel = spec.channel_of(arg) if spec is not None else None
+    return f"{instrument}.{channel}" if channel else None
 
 
 def recipe_times(
@@ -99,15 +94,6 @@ def recipe_times(
     resolution), its ``envelope`` (a ramp's rise limit) and its state ``view`` (where a
     ramp starts). No I/O."""
 
-    def declared(instrument: str, command: str) -> Any:
-        return layout.actions(instrument).get(command)
-
-    def channel(instrument: str, command: str, arg: str) -> str | None:
-        for s in getattr(declared(instrument, command), "sets", ()):
-            if s.arg == arg:
-                return f"{instrument}.{s.channel}"
-        return None
-
     def flow_s(command: Command) -> float | None:
         try:
             return effect_of(command, layout, view).busy_s
@@ -115,17 +101,17 @@ def recipe_times(
             return None  # the dry run says why
 
     def rise(instrument: str, command: str, arg: str) -> float | None:
-        name = channel(instrument, command, arg)
+        name = _channel_of(layout, instrument, command, arg)
         limit = envelope.channels.get(name) if name else None
         return limit.rate if limit is not None else None
 
     def current(instrument: str, command: str, arg: str) -> float | None:
-        name = channel(instrument, command, arg)
+        name = _channel_of(layout, instrument, command, arg)
         value: Any = view.get(name) if name else None
         return float(value) if _num(value) else None
 
     def step(instrument: str, command: str, arg: str) -> float | None:
-        spec = declared(instrument, command)
+        spec = _declared(layout, instrument, command)
         param = spec.params.get(arg) if spec is not None else None
         return param.step if param is not None else None
 
@@ -183,29 +169,6 @@ def _num(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def plain(value: Any) -> Any:
-    """A driver's result as JSON-able data: dataclasses and mappings as dicts, enums as their
-    value, tuples as lists, numbers as int/float, bytes as their size; anything else as its
-    text."""
-    if value is None or isinstance(value, bool | str | int | float):
-        return value
-    if isinstance(value, bytes | bytearray | memoryview):
-        return f"<{len(value)} bytes>"  # images are kept by hash, not in the data
-    if isinstance(value, enum.Enum):
-        return plain(value.value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return str(value)
-
-
 async def ramp_setpoint(
     station: SafeStation,
     instrument: str,
@@ -242,8 +205,9 @@ async def ramp_setpoint(
     with its reason, in the audit trail (:class:`~safety.SafetyRefusal`).
     ``TimeoutError`` after ``timeout_s``. Returns the value reached (``target``).
     """
-    spec = _declared(station, instrument, command)
-    param = getattr(spec, "params", {}).get(arg) if spec is not None else None
+    layout = getattr(getattr(station, "guard", None), "layout", None)  # None: not declared
+    spec = _declared(layout, instrument, command)
+    param = spec.params.get(arg) if spec is not None else None
     if resolution is None:
         resolution = getattr(param, "step", None) or 0.1
     if not (step_s > 0 and resolution > 0):
@@ -255,7 +219,7 @@ async def ramp_setpoint(
     if floor is None and declared_min is not None:
         floor = float(declared_min)
     if floor is None:
-        channel = _channel_of(station, instrument, command, arg)
+        channel = _channel_of(layout, instrument, command, arg)
         state = getattr(station, "state", None)
         now_value: Any = state.view().get(channel) if channel and state is not None else None
         floor = float(now_value) if _num(now_value) else target

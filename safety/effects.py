@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from instruments.declare import ACTUATE, READ, SAFER, Call, CommandSpec
-from safety.envelope import Envelope, Ledger, Vessel, Violation, is_number
+from safety.envelope import Envelope, Ledger, Vessel, Violation, is_number, same
 from safety.model import Command
 
 __all__ = [
@@ -108,9 +108,9 @@ class Layout:
             dict(vessels or {}),
         )
 
-    def actions(self, name: str) -> dict[str, CommandSpec]:
-        """The declared commands of instrument ``name``."""
-        return dict(self.commands.get(name, {}))
+    def actions(self, name: str) -> Mapping[str, CommandSpec]:
+        """The declared commands of instrument ``name`` (read-only; none for an unknown one)."""
+        return self.commands.get(name, {})
 
     def vessel_of(self, name: str) -> tuple[Vessel, str] | None:
         """The vessel instrument ``name`` feeds (``"out"``) or drains (``"in"``), if any."""
@@ -125,15 +125,7 @@ class Layout:
 def _matches(cond: Mapping[str, Any] | None, params: Mapping[str, Any]) -> bool:
     if cond is None:
         return False
-    return all(_same(params.get(k), v) for k, v in cond.items())
-
-
-def _same(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    return bool(a == b)
+    return all(same(params.get(k), v) for k, v in cond.items())
 
 
 def safe_state_updates(layout: Layout, names: Iterable[str] | None = None) -> dict[str, Any]:

@@ -202,7 +202,7 @@ class ChannelLimit:
         """Limits and rate of change of one new commanded ``value`` (``before`` = current value)."""
         out: list[Violation] = []
         name = self.name
-        if self.allowed is not None and not any(_same(value, a) for a in self.allowed):
+        if self.allowed is not None and not any(same(value, a) for a in self.allowed):
             options = ", ".join(fmt(a) for a in self.allowed)
             out.append(
                 Violation(
@@ -289,7 +289,7 @@ class ChannelLimit:
         ]
 
 
-def _same(a: Any, b: Any) -> bool:
+def same(a: Any, b: Any) -> bool:
     """Equality that does not confuse True with 1."""
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool) and a == b
@@ -392,7 +392,7 @@ class Ledger:
         with self._lock:
             for name, value in updates.items():
                 last = self._changes.get(name)
-                if last is None or not _same(last[0], value) or not _same(before.get(name), value):
+                if last is None or not same(last[0], value) or not same(before.get(name), value):
                     self._changes[name] = (value, now)
 
     def consume(self, resource: str, amount: float, now: float) -> None:

@@ -5,31 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from instruments.drivers.camera import Camera
-from instruments.drivers.color_sensor import ColorSensor
-from instruments.drivers.enclosure import Enclosure
-from instruments.drivers.hotplate import Hotplate
+from reference import layout
+
 from instruments.drivers.syringe_pump import SyringePump
 from safety.dryrun import dry_run
-from safety.effects import Layout
-from safety.envelope import Envelope, Ledger, load_envelope, reference_envelope
+from safety.envelope import Ledger, load_envelope, reference_envelope
 from safety.model import Command
 
-DRIVERS: dict[str, Any] = {
-    "red": SyringePump,
-    "green": SyringePump,
-    "blue": SyringePump,
-    "waste": SyringePump,
-    "hotplate": Hotplate,
-    "color": ColorSensor,
-    "enclosure": Enclosure,
-    "camera": Camera,
-}
-
-
-def layout(env: Envelope, drivers: dict[str, Any] = DRIVERS) -> Layout:
-    """The station's layout from the driver classes' declarations and the envelope's vessels."""
-    return Layout.of(drivers, env.vessels)
 MEASURED: dict[str, Any] = {"enclosure.lid": "closed", "hotplate.setpoint_c": 25.0}
 
 

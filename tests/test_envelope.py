@@ -6,13 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reference import layout
 
-from instruments.drivers.camera import Camera
-from instruments.drivers.color_sensor import ColorSensor
-from instruments.drivers.enclosure import Enclosure
-from instruments.drivers.hotplate import Hotplate
-from instruments.drivers.syringe_pump import SyringePump
-from safety.effects import Layout, assess
+from safety.effects import assess
 from safety.envelope import (
     Envelope,
     EnvelopeError,
@@ -25,16 +21,6 @@ from safety.expr import RuleSyntaxError
 from safety.model import Command
 
 BENCH = ["red", "green", "blue", "waste", "hotplate", "color", "enclosure", "camera"]
-DRIVERS: dict[str, Any] = {
-    "red": SyringePump,
-    "green": SyringePump,
-    "blue": SyringePump,
-    "waste": SyringePump,
-    "hotplate": Hotplate,
-    "color": ColorSensor,
-    "enclosure": Enclosure,
-    "camera": Camera,
-}
 SAFE_BENCH: dict[str, Any] = {
     "hotplate.heater": False,
     "hotplate.stirrer": False,
@@ -323,19 +309,19 @@ def test_reference_envelope_encodes_the_bench_facts() -> None:
 
 def test_reference_envelope_refuses_heater_on_with_the_lid_open() -> None:
     env = reference_envelope(known=BENCH)
-    layout = Layout.of(DRIVERS, env.vessels)
+    station = layout(env)
     view = {**SAFE_BENCH, "hotplate.stirrer": True, "hotplate.stirrer_rpm": 300}
     heat = Command("hotplate", "set_heater", {"on": True, "setpoint_c": 25.0}, "test")
-    ok = assess(heat, layout=layout, envelope=env, view=view, now=0)
+    ok = assess(heat, layout=station, envelope=env, view=view, now=0)
     assert ok.allowed, ok.reason
-    a = assess(heat, layout=layout, envelope=env, view={**view, "enclosure.lid": "open"}, now=0)
+    a = assess(heat, layout=station, envelope=env, view={**view, "enclosure.lid": "open"}, now=0)
     assert not a.allowed and a.rule == "heater-needs-stirring-and-closed-lid"
     assert "enclosure.lid='open'" in a.reason
     hot = Command("hotplate", "set_heater", {"on": True, "setpoint_c": 85.0}, "test")
-    a = assess(hot, layout=layout, envelope=env, view=view, now=3600)
+    a = assess(hot, layout=station, envelope=env, view=view, now=3600)
     assert a.rule == "hotplate.setpoint_c.max"
     fast = Command("red", "dispense", {"volume_ml": 0.5, "rate_ml_min": 25.0}, "test")
-    a = assess(fast, layout=layout, envelope=env, view=view, now=0)
+    a = assess(fast, layout=station, envelope=env, view=view, now=0)
     assert a.rule == "red.rate_ml_min.max"
 
 

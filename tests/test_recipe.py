@@ -13,32 +13,21 @@ from typing import Any
 
 import numpy as np
 import pytest
+from reference import layout
 
 from instruments.errors import DeviceAlarm
-from instruments.registry import driver_class
 from loops.plan import Recipe, RecipeError, Step, compile_plan
 from loops.program import Program, load_program
 from loops.recipe import build_recipe, dry_run_recipe, ramp_setpoint, run_recipe
 from safety import Command, SafetyRefusal, dry_run, open_station, reference_envelope
-from safety.effects import Layout, effect_of
+from safety.effects import effect_of
 from safety.yamldoc import ConfigError, YamlDoc
 from simulators.bench import SimulatedLab
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
 PARAMS = {"red_ml": 0.5, "green_ml": 0.0, "blue_ml": 0.7, "temperature_c": 50.0, "hold_s": 120}
-#: the reference station's instruments, as the dry run needs them
-KINDS = {
-    "red": "syringe-pump",
-    "green": "syringe-pump",
-    "blue": "syringe-pump",
-    "waste": "syringe-pump",
-    "hotplate": "hotplate",
-    "color": "color-sensor",
-    "enclosure": "enclosure",
-    "camera": "camera",
-}
-#: ... their declared commands (instruments/declare.py) and the envelope's vessels
-LAYOUT = Layout.of({n: driver_class(k) for n, k in KINDS.items()}, reference_envelope().vessels)
+#: the reference station's instruments, their declared commands and the envelope's vessels
+LAYOUT = layout(reference_envelope())
 SPEED = 100.0
 
 
