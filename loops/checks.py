@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loops import functions as registry
-from loops.plan import plain
-from safety.expr import EvaluationError, RuleSyntaxError, parse
+from loops.plan import flatten, parse_at, plain
+from safety.expr import EvaluationError, parse
 from safety.yamldoc import YamlDoc
 
 __all__ = ["CONTEXT_NAMES", "Verification", "compile_verification", "run_checks"]
@@ -94,14 +94,7 @@ def _text(spec: Mapping[str, Any], key: str, path: tuple[Any, ...], doc: YamlDoc
 def _names_ok(
     text: str, path: tuple[Any, ...], doc: YamlDoc, known: set[str], prefixes: set[str], *, boolean: bool
 ) -> None:
-    line, column, indent = doc.scalars.get(path, (doc.line(path) or 1, 1, 0))
-    try:
-        expr = parse(
-            text, source=doc.source, line=line, column=column, indent=indent, boolean=boolean
-        )
-    except RuleSyntaxError as exc:
-        raise doc.error(f'{exc.problem} in "{text}"', path) from None
-    for name in sorted(expr.names()):
+    for name in sorted(parse_at(text, path, doc, boolean=boolean).names()):
         if name in known or name.split(".", 1)[0] in prefixes:
             continue
         if any(name.startswith(m + ".") for m in known):
@@ -215,13 +208,6 @@ def compile_verification(
     return {"analyses": analyses, "checks": checks}
 
 
-def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    out[prefix] = value
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            _flat(f"{prefix}.{k}", v, out)
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -245,15 +231,22 @@ def run_checks(
         return Verification(None)
     scope: dict[str, Any] = dict(inputs or {})
     for name, value in measurements.items():
-        _flat(name, value, scope)
+        flatten(name, value, scope)
     for role in ("outcome", "reference"):
         scope[f"images.{role}"] = (images or {}).get(role)
     scope["calibration"] = calibration
     reasons: list[str] = []
     analysis: dict[str, Any] = {}
 
+    parsed: dict[str, Any] = {}
+
+    def expression(text: str) -> Any:  # each text parsed once per run
+        if text not in parsed:
+            parsed[text] = parse(text, boolean=False)
+        return parsed[text]
+
     def value_of(text: str) -> Any:
-        return parse(text, boolean=False).evaluate(scope)
+        return expression(text).evaluate(scope)
 
     for a in verification.get("analyses") or []:
         name = a["name"]
@@ -263,7 +256,7 @@ def run_checks(
         except (EvaluationError, ValueError, ArithmeticError, TypeError) as exc:
             reasons.append(f"cannot verify: {name}: {exc}")
             continue
-        _flat(name, result, scope)
+        flatten(name, result, scope)
         analysis[name] = plain(result)
         if isinstance(result, Mapping):
             reasons += [f"cannot verify: {p}" for p in result.get("problems") or []]
@@ -271,11 +264,8 @@ def run_checks(
     for c in checks:
         name = c["name"]
         text = c.get("expect") or c.get("expr") or ""
-        names = (
-            parse(text, boolean=False).names()
-            if text
-            else set().union(*(parse(t, boolean=False).names() for t in c["args"].values()))
-        )
+        texts = [text] if text else list(c["args"].values())
+        names = set().union(*(expression(t).names() for t in texts))
         shown = {
             n: plain(scope[n]) for n in sorted(names) if n in scope and not n.startswith("images.")
         }

@@ -77,6 +77,8 @@ __all__ = [
     "RecipeError",
     "Step",
     "compile_plan",
+    "flatten",
+    "parse_at",
     "plain",
 ]
 
@@ -392,9 +394,18 @@ def _err(doc: YamlDoc, problem: str, path: tuple[Any, ...]) -> ConfigError:
     return doc.error(problem, path)
 
 
-def _expression(
-    text: str, path: tuple[Any, ...], doc: YamlDoc, *, boolean: bool
-) -> Expression:
+def flatten(name: str, value: Any, out: dict[str, Any]) -> None:
+    """``out[name] = value`` and, for a mapping, each of its keys as ``name.key`` (nested):
+    the dotted names a recipe's expressions and a program's checks use for measurements."""
+    out[name] = value
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            flatten(f"{name}.{k}", v, out)
+
+
+def parse_at(text: str, path: tuple[Any, ...], doc: YamlDoc, *, boolean: bool) -> Expression:
+    """``text`` parsed as an expression of the rule language, a syntax error reported at its
+    place in the YAML file (file:line: field)."""
     line, column, indent = doc.scalars.get(path, (doc.line(path) or 1, 1, 0))
     try:
         return parse(
@@ -406,7 +417,7 @@ def _expression(
 
 def _value(raw: Any, path: tuple[Any, ...], doc: YamlDoc) -> _Value:
     if isinstance(raw, str):
-        return _Value(expr=_expression(raw, path, doc, boolean=False))
+        return _Value(expr=parse_at(raw, path, doc, boolean=False))
     if raw is None or isinstance(raw, bool) or (_num(raw) and math.isfinite(raw)):
         return _Value(literal=plain(raw))
     if isinstance(raw, list) and all(
@@ -522,7 +533,7 @@ def compile_plan(
             text = raw["wait"]
             if not isinstance(text, str):
                 raise doc.error(f"must be a condition (a string), got {text!r}", (*at, "wait"))
-            cond = _expression(text, (*at, "wait"), doc, boolean=True)
+            cond = parse_at(text, (*at, "wait"), doc, boolean=True)
             readings = {n for n in cond.names() if "." in n}
             need(cond.names() - readings, known_inputs, (*at, "wait"), "a parameter or fixed value")
             used.update(cond.names() - readings)
@@ -575,7 +586,7 @@ def compile_plan(
             if has_expr:
                 if not isinstance(raw["expr"], str):
                     raise doc.error("must be an expression (a string)", (*at, "expr"))
-                e = _expression(raw["expr"], (*at, "expr"), doc, boolean=False)
+                e = parse_at(raw["expr"], (*at, "expr"), doc, boolean=False)
                 need(e.names(), before, (*at, "expr"), "an input or an earlier measurement")
                 used.update(e.names() & known_inputs)
                 fields["expr"] = raw["expr"]
@@ -595,7 +606,7 @@ def compile_plan(
                 for arg, text in args.items():
                     if not isinstance(text, str):
                         raise doc.error("must be an expression (a string)", (*at, "args", arg))
-                    e = _expression(text, (*at, "args", arg), doc, boolean=False)
+                    e = parse_at(text, (*at, "args", arg), doc, boolean=False)
                     need(e.names(), before, (*at, "args", arg), "an input or an earlier measurement")
                     used.update(e.names() & known_inputs)
                     texts[str(arg)] = text
@@ -609,7 +620,7 @@ def compile_plan(
         if raw.get("when") is not None:
             if not isinstance(raw["when"], str):
                 raise doc.error("must be a condition (a string)", (*at, "when"))
-            when = _expression(raw["when"], (*at, "when"), doc, boolean=True)
+            when = parse_at(raw["when"], (*at, "when"), doc, boolean=True)
             need(when.names(), known_inputs, (*at, "when"), "a parameter or fixed value")
             used.update(when.names())
         has_else = "else" in raw

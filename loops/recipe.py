@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loops import functions
-from loops.plan import Recipe, RecipeError, Step, plain
+from loops.plan import Recipe, RecipeError, Step, flatten, plain
 from safety import Command, DryRunReport, SafeStation
 from safety.effects import CommandRefused, effect_of
 from safety.expr import EvaluationError, parse
@@ -306,13 +306,7 @@ class _Run:
             node = child
             self.flat[".".join(parts[: i + 1])] = child
         node[parts[-1]] = value
-        self._flatten(name, value)
-
-    def _flatten(self, name: str, value: Any) -> None:
-        self.flat[name] = value
-        if isinstance(value, dict):
-            for k, v in value.items():
-                self._flatten(f"{name}.{k}", v)
+        flatten(name, value, self.flat)
 
     def evaluate(self, text: str, inputs: Mapping[str, Any], where: str) -> Any:
         try:
