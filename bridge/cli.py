@@ -544,14 +544,7 @@ def _check_program(lab: Any, path: Path, assume_items: list[str]) -> list[str]:
             print(f"  {point.label} ({values}): refused")
             for reason in point.reasons:
                 print(f"    {reason}")
-        unknown = sorted(
-            {
-                r.split("unknown name '", 1)[1].split("'", 1)[0]
-                for p in refused
-                for r in p.reasons
-                if "unknown name '" in r
-            }
-        )
+        unknown = sorted({n for p in refused for n in p.unknown})
         if unknown:
             print(
                 f"  the dry run does not know {', '.join(unknown)} (measured on the bench): "

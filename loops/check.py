@@ -41,6 +41,8 @@ class PointCheck:
     params: Mapping[str, Any]
     reasons: tuple[str, ...] = ()
     infeasible: bool = False  # the program's own constraints exclude it (not dry-run)
+    #: channels a rule needed that the dry run does not know (measured on the bench)
+    unknown: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -176,5 +178,6 @@ def check_program(
             ledger=envelope.ledger.copy(),
         )
         refusals = tuple(str(v) for v in report.violations)
-        result.points.append(PointCheck(label, params, refusals))
+        unknown = sorted({n for v in report.violations for n, x in v.values.items() if x is None})
+        result.points.append(PointCheck(label, params, refusals, unknown=tuple(unknown)))
     return result
