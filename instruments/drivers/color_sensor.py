@@ -30,6 +30,15 @@ CONTROL = struct.Struct("<BH")
 OP_MEASURE_ONCE, OP_START_CONTINUOUS, OP_STOP = 1, 2, 3
 STATUS = {0: "ok", 1: "saturated", 2: "dark"}
 MIN_INTEGRATION_MS, MAX_INTEGRATION_MS = 1, 65535
+#: the integration time a measurement or continuous mode may be given (declared commands)
+INTEGRATION = Param(
+    int,
+    "ms",
+    min=MIN_INTEGRATION_MS,
+    max=MAX_INTEGRATION_MS,
+    optional=True,
+    doc="integration time (default: the driver's)",
+)
 
 
 @runtime_checkable
@@ -216,14 +225,7 @@ class ColorSensor(Driver):
         await self.link.close()
 
     # ------------------------------------------------------------ commands
-    @declare(READ, integration_ms=Param(
-            int,
-            "ms",
-            min=MIN_INTEGRATION_MS,
-            max=MAX_INTEGRATION_MS,
-            optional=True,
-            doc="integration time (default: the driver's)",
-        ))
+    @declare(READ, integration_ms=INTEGRATION)
     async def measure(self, integration_ms: int | None = None) -> ColorReading:
         """One measurement (opcode 1 + its notification). While continuous, the next streamed one."""
         ms = _check_ms(integration_ms if integration_ms is not None else self.integration_ms)
@@ -271,14 +273,7 @@ class ColorSensor(Driver):
 
     @declare(
         ACTUATE,
-        integration_ms=Param(
-            int,
-            "ms",
-            min=MIN_INTEGRATION_MS,
-            max=MAX_INTEGRATION_MS,
-            optional=True,
-            doc="integration time (default: the driver's)",
-        ),
+        integration_ms=INTEGRATION,
         sets=[Set("continuous", value=True)],
     )
     async def start_continuous(self, integration_ms: int | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 from instruments.declare import ACTUATE, Call, Param, Set, declare
@@ -144,6 +145,9 @@ class Hotplate(Driver):
     DEFAULT_MAX_C: ClassVar[float] = 340.0
     MAX_WATCHDOG_S: ClassVar[int] = 65535
     safe_state_calls = (Call("set_heater", on=False), Call("set_stirrer", on=False))
+    #: the device's setpoint ranges (0.1 degC on the wire), shared by the commands that set them
+    SETPOINT: ClassVar[Param] = Param(float, "degC", min=MIN_SETPOINT_C, max=DEFAULT_MAX_C, step=0.1)
+    RPM: ClassVar[Param] = Param(int, "rpm", min=0, max=MAX_RPM)
     ATTEMPTS: ClassVar[int] = 3
 
     def __init__(
@@ -227,13 +231,9 @@ class Hotplate(Driver):
     @declare(
         ACTUATE,
         on=Param(bool, doc="heater enable"),
-        setpoint_c=Param(
-            float,
-            "degC",
-            min=MIN_SETPOINT_C,
-            max=DEFAULT_MAX_C,
+        setpoint_c=replace(
+            SETPOINT,
             optional=True,
-            step=0.1,
             keeps="setpoint_c",
             fill_when={"on": True},
             need_known=True,
@@ -252,11 +252,8 @@ class Hotplate(Driver):
     @declare(
         ACTUATE,
         on=Param(bool, doc="stirrer enable"),
-        rpm=Param(
-            int,
-            "rpm",
-            min=0,
-            max=MAX_RPM,
+        rpm=replace(
+            RPM,
             optional=True,
             keeps="stirrer_setpoint_rpm",
             fill_when={"on": True},
@@ -281,9 +278,9 @@ class Hotplate(Driver):
     @declare(
         ACTUATE,
         heater=Param(bool, doc="heater enable"),
-        setpoint_c=Param(float, "degC", min=MIN_SETPOINT_C, max=DEFAULT_MAX_C, step=0.1),
+        setpoint_c=SETPOINT,
         stirrer=Param(bool, doc="stirrer enable"),
-        rpm=Param(int, "rpm", min=0, max=MAX_RPM),
+        rpm=RPM,
         sets=[
             Set("heater", arg="heater"),
             Set("setpoint_c", arg="setpoint_c"),

@@ -192,6 +192,11 @@ def _wire_rate(ml_min: float) -> float:
     return encode_quantity(ml_min, RATE_UNITS, "rate (mL/min)")[2]
 
 
+#: the parameters of a move (dispense, withdraw), as the pump's number format carries them
+VOLUME = Param(float, "mL", above=0, wire=_wire_volume, doc="volume to move")
+RATE = Param(float, "mL/min", above=0, wire=_wire_rate, doc="pumping rate")
+
+
 def parse_reply(raw: bytes, *, address: int, device: str) -> PumpReply:
     """Parse ``\\x02<2-digit address><status>[data]\\x03`` strictly (else :class:`ProtocolError`)."""
     m = _REPLY_RE.fullmatch(raw)
@@ -469,8 +474,8 @@ class SyringePump(Driver):
 
     @declare(
         ACTUATE,
-        volume_ml=Param(float, "mL", above=0, wire=_wire_volume, doc="volume to move"),
-        rate_ml_min=Param(float, "mL/min", above=0, wire=_wire_rate, doc="pumping rate"),
+        volume_ml=VOLUME,
+        rate_ml_min=RATE,
         sets=[Set("rate_ml_min", arg="rate_ml_min")],
         flow=Flow("out", "volume_ml", "rate_ml_min", progress="progress"),
     )
@@ -481,8 +486,8 @@ class SyringePump(Driver):
 
     @declare(
         ACTUATE,
-        volume_ml=Param(float, "mL", above=0, wire=_wire_volume, doc="volume to move"),
-        rate_ml_min=Param(float, "mL/min", above=0, wire=_wire_rate, doc="pumping rate"),
+        volume_ml=VOLUME,
+        rate_ml_min=RATE,
         sets=[Set("rate_ml_min", arg="rate_ml_min")],
         flow=Flow("in", "volume_ml", "rate_ml_min", progress="progress"),
     )
