@@ -6,7 +6,7 @@ stand-in, the enclosure on an MQTT broker, an MJPEG camera), writes its
 ``lab.yaml``, and runs a campaign on it (by default the colour match that ships
 with labbridge) through the same code as ``labbridge run``: Ray station actors
 behind the safety layer, the optimizer, camera verification, the journal. The
-run folder keeps the lab config, the journal, the camera calibration, the
+run folder keeps the lab config, the journal, the set-up results (the camera calibration), the
 images and the report.
 """
 
@@ -63,6 +63,7 @@ def sim_lab_yaml(lab: SimulatedLab, store: Path, *, bridge_id: str = "labbridge-
         "stations": {
             bench.name: {
                 "envelope": "reference",
+                "setup": ["reference"],
                 "supervisor": {"device_time_scale": speed, "poll_interval": 0.1},
                 "instruments": [spec.as_dict() for spec in bench.instruments()],
             }
@@ -138,7 +139,7 @@ async def sim_campaign(
     """Run ``program`` on a simulated lab started for it (the run folder is ``out``).
 
     ``fault``: a simulator fault injected once the stations are open and their
-    cameras calibrated (so the calibration itself is sound). ``after``: called
+    set up (so the camera calibration itself is sound). ``after``: called
     with the lab and the summary while the lab is still up (e.g. to write the
     report). ``keep_running``: afterwards stay up as a simulated lab serving the
     MQTT campaign API (``labbridge serve``) until SIGINT/SIGTERM; another process

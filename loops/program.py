@@ -90,7 +90,7 @@ from typing import Any
 import yaml
 
 from loops.checks import compile_verification
-from loops.plan import Plan, compile_plan, plain
+from loops.plan import Plan, compile_fixed, compile_plan, plain
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml, field_path
 
@@ -683,26 +683,7 @@ def _stop(spec: Any, doc: YamlDoc) -> StopRules:
 
 
 def _fixed(spec: Any, params: set[str], doc: YamlDoc) -> dict[str, Any]:
-    path: tuple[Any, ...] = ("fixed",)
-    if spec is None:
-        return {}
-    spec = _mapping(spec, path, doc, "recipe input -> value")
-    out: dict[str, Any] = {}
-    for key, value in spec.items():
-        kpath = (*path, key)
-        if not _IDENT_RE.fullmatch(key) or key in _RESERVED:
-            raise doc.error(f"names are identifiers, got {key!r}", kpath)
-        if key in params:
-            raise doc.error(f"'{key}' is a parameter; it cannot also be fixed", kpath)
-        ok = value is None or isinstance(value, str | bool) or _is_number(value)
-        if isinstance(value, list):
-            ok = all(_is_number(v) or isinstance(v, str | bool) for v in value)
-        if not ok or (_is_number(value) and not math.isfinite(value)):
-            raise doc.error(
-                f"must be a number, string, boolean or a list of them, got {value!r}", kpath
-            )
-        out[key] = _plain(value) if not isinstance(value, list) else [_plain(v) for v in value]
-    return out
+    return compile_fixed(spec, doc=doc, taken=params)
 
 
 def _plan(

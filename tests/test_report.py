@@ -239,7 +239,7 @@ def build_campaign(
                     load_program(builtin_program("color-match")).verification,
                     measurements=measurements,
                     images={"outcome": outcome, "reference": scenes.reference},
-                    calibration=scenes.calibration,
+                    setup={"calibration": scenes.calibration.to_dict()},
                 )
                 result["verification"] = check.as_dict()
                 verified = check.verified
