@@ -75,7 +75,7 @@ from typing import Any
 
 from safety import Command
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
-from safety.yamldoc import ConfigError, YamlDoc
+from safety.yamldoc import YamlDoc
 
 __all__ = [
     "CAPTURE_ROLES",
