@@ -11,8 +11,7 @@ Two users build on it: :class:`~instruments.transports.mqtt.MqttTransport`
 campaign API link (``bridge/mqttlink.py``, settings from lab.yaml).
 
 Why here: this module, its parts (``mqttdata.py``, ``mqttconnect.py``) and ``mqtt.py``
-are the only ones that import paho
-(import-linter: "paho only in the MQTT transport"). ``bridge`` may not import
+are the only ones that import paho (import-linter: "paho only in the MQTT transport"). ``bridge`` may not import
 ``instruments.transports`` ("Nothing above safety/ holds a driver"), with one
 exception written into that contract: ``bridge.mqttlink`` imports this module.
 It holds no driver and no transport, only a broker link, so the guard is not

@@ -4,7 +4,8 @@
 schema migrated), closes it, runs one write transaction (:meth:`~JournalConnection._tx`,
 timed for ``commit_stats``) and holds the helpers every write of the API uses inside
 one: the current row, the step log, the state update with its append-only log row.
-It adds no public method; :class:`~loops.journal.Journal` (``_store``) is the API.
+Its one public method is ``close`` (the owner's, not part of the API);
+:class:`~loops.journal.Journal` (``_store``) is the API.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ class JournalConnection(JournalReads):
 
     Use it from one thread; ``close()`` (or ``with``) releases the file.
     """
-
-    _commit_times: deque[float]
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
         text = str(path)
