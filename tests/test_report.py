@@ -1,4 +1,4 @@
-"""``labbridge report`` (bridge/report.py) and the contact-sheet helpers of instruments/vision.py.
+"""``labbridge report`` (bridge/report.py) and the contact-sheet helpers of instruments/vision/ (_draw.py).
 
 The campaigns are written through :class:`loops.journal.Journal` the way the
 campaign runner writes them (propose -> checked -> queued -> running -> finish
