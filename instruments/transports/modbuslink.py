@@ -354,20 +354,19 @@ def acquire_line(settings: ModbusSettings, url: str) -> ModbusLine:
     key = _line_key(settings.device)
     with _LINES_LOCK:
         lines = _LINES.setdefault(loop, {})
-        line = lines.get(key)
-        if line is None:
-            line = ModbusLine(settings, key, url)
-            lines[key] = line
-        elif line.settings.line() != settings.line():
-            s = line.settings
+        shared = lines.get(key)
+        if shared is None:
+            shared = lines[key] = ModbusLine(settings, key, url)
+        elif shared.settings.line() != settings.line():
+            s = shared.settings
             raise TransportOpenError(
                 url,
                 f"serial port {settings.device} is already open in this process as another "
                 f"Modbus line (baudrate={s.baudrate} bytesize={s.bytesize} parity={s.parity} "
                 f"stopbits={s.stopbits:g}): every unit on one RS-485 line needs the same settings",
             )
-        line.refs += 1
-        return line
+        shared.refs += 1
+        return shared
 
 
 async def release_line(line: ModbusLine, reason: Exception | None) -> None:
