@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
 
@@ -391,7 +391,7 @@ class Balance(Driver):
                 out.append(reading)
         return out
 
-    async def stream(self, max_readings: int | None = None) -> AsyncIterator[Weighing]:
+    async def stream(self, max_readings: int | None = None) -> AsyncGenerator[Weighing, None]:
         """Readings of ``SIR`` (about 10 a second) as they arrive.
 
         Ends after ``max_readings`` (if given), when any other command of this
