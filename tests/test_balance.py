@@ -222,7 +222,12 @@ async def test_stable_and_immediate_weight(balance: Balance, spec: SpecBalance) 
     assert await balance.weight() == Weighing(12.3456, "g", True, "S S    12.3456 g")
     now = await balance.weight_now()
     assert (now.value, now.stable) == (12.3456, True)
-    assert await balance.read() == {"weight_g": 12.3456, "stable": True, "tare_g": 0.0}
+    assert await balance.read() == {
+        "weight_g": 12.3456,
+        "stable": True,
+        "tare_g": 0.0,
+        "tared": False,
+    }
 
 
 async def test_a_dynamic_reading_is_never_reported_as_stable(
@@ -250,6 +255,7 @@ async def test_zero_tare_and_clear_tare(balance: Balance, spec: SpecBalance) -> 
     spec.load_g = 40.0  # a beaker on the pan
     assert await balance.tare() == pytest.approx(27.6544)
     assert await balance.tare_weight() == pytest.approx(27.6544)
+    assert (await balance.read())["tared"] is True
     spec.load_g = 45.5  # liquid in the beaker
     assert (await balance.weight()).value == pytest.approx(5.5)
     await balance.clear_tare()
@@ -408,3 +414,45 @@ async def test_a_stream_left_running_by_a_previous_owner_is_ended_on_open(
     async with Balance(SerialTransport(spec.url), timeout=0.2) as b:
         assert not spec.streaming
         assert b.serial_number == "B021234567"
+
+
+# ---------------------------------------------------------------- the declarations in an envelope
+def test_zero_and_tare_are_actuations_an_envelope_bounds_with_rules() -> None:
+    """The channels zero and tare set are what an envelope's limits and rules name."""
+    from instruments.drivers.syringe_pump import SyringePump
+    from safety.effects import Layout, assess
+    from safety.envelope import load_envelope
+    from safety.model import Command
+
+    layout = Layout.of(
+        {
+            "balance": Balance(SerialTransport("loop://")),
+            "acid": SyringePump(SerialTransport("loop://"), address=0),
+        }
+    )
+    tare = Command("balance", "tare", {}, "test")
+    bare = load_envelope("channels: {}\n")
+    verdict = assess(tare, layout=layout, envelope=bare, view={}, now=0.0)
+    assert not verdict.allowed and "balance.tared" in verdict.reason  # deny by default
+    envelope = load_envelope(
+        "channels:\n"
+        "  balance.tared: {unbounded: a tare moves nothing}\n"
+        "  balance.zeroed: {unbounded: a zero moves nothing}\n"
+        "rules:\n"
+        "  - name: no-tare-while-pumps-run\n"
+        "    when: balance.tared -> not acid.moving\n"
+    )
+    running = assess(tare, layout=layout, envelope=envelope, view={"acid.moving": True}, now=0.0)
+    assert not running.allowed and running.rule == "no-tare-while-pumps-run"
+    idle = assess(tare, layout=layout, envelope=envelope, view={"acid.moving": False}, now=0.0)
+    assert idle.allowed and idle.effect is not None
+    assert idle.effect.updates == {"balance.tared": True}
+    zero = assess(
+        Command("balance", "zero", {"immediate": True}, "test"),
+        layout=layout,
+        envelope=envelope,
+        view={"acid.moving": False, "balance.tared": False},
+        now=0.0,
+    )
+    assert zero.allowed and zero.effect is not None
+    assert zero.effect.updates == {"balance.zeroed": True}

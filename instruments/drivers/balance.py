@@ -309,9 +309,11 @@ class Balance(Driver):
 
     @declare(READ)
     async def read(self) -> dict[str, Any]:
-        """``SI`` and ``TA``: weight (g), whether it is stable, the tare (g)."""
+        """``SI`` and ``TA``: weight (g), whether it is stable, the tare (g) and whether one is
+        in use (``tared``: the measured value of the channel tare / clear_tare set)."""
         now = await self.weight_now()
-        return {"weight_g": now.value, "stable": now.stable, "tare_g": await self.tare_weight()}
+        tare_g = await self.tare_weight()
+        return {"weight_g": now.value, "stable": now.stable, "tare_g": tare_g, "tared": tare_g != 0}
 
     # ------------------------------------------------------------------ actuations
     @declare(
