@@ -292,6 +292,20 @@ def test_constructor_refuses_a_non_modbus_transport_and_bad_settings() -> None:
         PhMeter(SerialTransport("loop://"))
     with pytest.raises(ValueError, match="unit 0"):
         PhMeter(ModbusTransport("modbus-rtu:///dev/null?unit=2"), unit=0)
+    # the unit: given, else the URL's, else the transmitter's default 2
+    assert PhMeter(ModbusTransport("modbus-rtu:///dev/null?unit=5"), unit=7).unit == 7
+    assert PhMeter(ModbusTransport("modbus-rtu:///dev/null?unit=5")).unit == 5
+    assert PhMeter(ModbusTransport("modbus-rtu:///dev/null?unit=1")).unit == 1
+    assert PhMeter(ModbusTransport("modbus-rtu:///dev/null")).unit == 2
+    assert set(PhMeter(ModbusTransport("modbus-rtu:///dev/null")).channels) >= {
+        "compensation",
+        "manual_temperature_c",
+        "damping_s",
+        "last_buffer_ph",
+        "calibrated_ph4",
+        "calibrated_ph7",
+        "calibrated_ph10",
+    }
 
 
 # ---------------------------------------------------------------- reads
@@ -383,10 +397,12 @@ async def test_calibrate_writes_the_buffer_and_polls_until_done(
     unit = ph_of(bus)
     unit.cal_polls = 3
     async with ph_meter(bus, poll_interval=0.01) as meter:
+        opened = len(bus.requests)
         await meter.calibrate(buffer_ph)
     assert unit.calibrated == [BUFFERS[buffer_ph]]
     assert unit.holding[10] == 0
-    polls = [r for r in bus.requests if r == (2, 3)]
+    assert bus.requests[opened : opened + 2] == [(2, 4), (2, 6)]  # the status, the buffer
+    polls = [r for r in bus.requests[opened:] if r == (2, 3)]
     assert len(polls) == 4  # three reads while busy, the fourth reads 0
 
 
@@ -511,6 +527,15 @@ async def test_closing_one_user_leaves_the_line_open_for_the_other(bus: SpecRtuB
     assert (await meter.read())["ph"] == 7.0
     await meter.close()
     assert t1.line_users == 0 and not t1.connected
+
+
+async def test_open_refuses_another_device_at_the_unit(bus: SpecRtuBus) -> None:
+    meter = PhMeter(ModbusTransport(bus.url(1)), timeout=0.5)  # unit 1: the hotplate
+    with pytest.raises(ProtocolError, match="unit 1 has no holding register 10") as info:
+        await meter.open()
+    assert "check unit= in the URL" in str(info.value)
+    t = meter.transport
+    assert isinstance(t, ModbusTransport) and t.line_users == 0  # nothing left open
 
 
 async def test_open_fails_cleanly_when_the_unit_does_not_answer(bus: SpecRtuBus) -> None:

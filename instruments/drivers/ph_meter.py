@@ -12,11 +12,17 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, cast
+from urllib.parse import parse_qs, urlsplit
 
 from instruments.declare import ACTUATE, READ, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent
 from instruments.drivers.hotplate import _BUS_METHODS, RegisterBus, to_register, to_signed
-from instruments.errors import CalibrationError, ProbeNotImmersedError
+from instruments.errors import (
+    CalibrationError,
+    ModbusExceptionError,
+    ProbeNotImmersedError,
+    ProtocolError,
+)
 from instruments.transports.base import Transport
 
 T = TypeVar("T")
@@ -78,6 +84,8 @@ class PhStatus:
 class PhMeter(Driver):
     """pH transmitter on a Modbus register bus (RTU 9600 8N1, unit 2 by default).
 
+    ``unit``: the Modbus unit id; left out, the URL's ``unit=`` if it names one, else 2.
+
     Registers (16-bit, big-endian)::
 
         input 0     pH                      0.001 pH, unsigned (0-14000)      FC4 read
@@ -92,6 +100,8 @@ class PhMeter(Driver):
         holding 10  calibrate               write 4010, 7000 or 10010 (buffer pH x 1000) with
                                             the probe in that buffer; reads back 0 when done
 
+    :meth:`open` reads the status (input 3) and holding 10, which only a pH
+    transmitter has (a wrong unit is a :class:`ProtocolError`).
     :meth:`read` is one FC4 (input 0-3) and one FC3 (holding 0-2). While the
     status says the probe is not immersed (bit1) the device repeats its last
     pH with bit2 set: :meth:`read` raises :class:`ProbeNotImmersedError`
@@ -139,7 +149,9 @@ class PhMeter(Driver):
                 f"PhMeter needs a Modbus register transport (modbus-rtu:// or modbus-tcp://), "
                 f"got {type(transport).__name__} for {transport.url} (missing {', '.join(missing)})"
             )
-        unit = self.DEFAULT_UNIT if unit is None else unit
+        if unit is None:  # the URL's unit= if it names one, else the transmitter's default
+            named = "unit" in parse_qs(urlsplit(transport.url).query)
+            unit = int(getattr(transport, "unit", 0)) if named else self.DEFAULT_UNIT
         if not 1 <= unit <= 247:
             raise ValueError(f"unit {unit} is outside 1-247")
         for label, value in (
@@ -185,6 +197,15 @@ class PhMeter(Driver):
                 allowed=tuple(BUFFERS),
                 doc="the buffer of the last calibration point",
             ),
+            **{
+                f"calibrated_ph{round(b)}": Channel(
+                    f"calibrated_ph{round(b)}",
+                    "",
+                    "bool",
+                    doc=f"calibrated at the {b:.2f} buffer by this driver",
+                )
+                for b in BUFFERS
+            },
             "ph": Channel("ph", "pH", "float", 0.0, 14.0, settable=False),
             "temperature_c": Channel("temperature_c", "degC", "float", settable=False),
             "potential_mv": Channel("potential_mv", "mV", "float", settable=False),
@@ -197,10 +218,24 @@ class PhMeter(Driver):
         return out
 
     async def open(self) -> None:
-        """Open the bus and check the transmitter answers (its status register)."""
+        """Open the bus, check the transmitter answers (status) and is one (it has holding 10).
+
+        Another device at that unit (the hotplate, after a wrong ``unit=``) has no
+        holding 10: :class:`ProtocolError` naming the unit.
+        """
         await self.transport.open()
         try:
             await self.status()
+            try:
+                await self._read_calibration()
+            except ModbusExceptionError as exc:
+                if exc.exception_code != 2:
+                    raise
+                raise ProtocolError(
+                    self.name,
+                    f"unit {self.unit} has no holding register 10 (calibrate): it is not a pH "
+                    f"transmitter; check unit= in the URL (the pH transmitter is usually unit 2)",
+                ) from exc
         except BaseException:
             await self.transport.close()  # a device that does not answer leaves nothing open
             raise
@@ -331,12 +366,7 @@ class PhMeter(Driver):
         await self._write(HR_CALIBRATE, code, f"calibrate at pH {buffer_ph:.2f}")
         deadline = time.monotonic() + limit
         while True:
-            (left,) = await self._retry(
-                lambda: self.bus.read_holding_registers(
-                    HR_CALIBRATE, 1, unit=self.unit, timeout=self.timeout
-                ),
-                "read calibration (holding 10)",
-            )
+            left = await self._read_calibration()
             if left == 0:
                 return
             remaining = deadline - time.monotonic()
@@ -351,6 +381,16 @@ class PhMeter(Driver):
             await asyncio.sleep(min(self.poll_interval, remaining))
 
     # ------------------------------------------------------------------ helpers
+    async def _read_calibration(self) -> int:
+        """Holding 10: the buffer being calibrated (pH x 1000), 0 when idle."""
+        (value,) = await self._retry(
+            lambda: self.bus.read_holding_registers(
+                HR_CALIBRATE, 1, unit=self.unit, timeout=self.timeout
+            ),
+            "read calibration (holding 10)",
+        )
+        return value
+
     def _temperature_register(self, celsius: float) -> int:
         if isinstance(celsius, bool) or not isinstance(celsius, int | float):
             raise ValueError(f"temperature {celsius!r} degC is not a number")
