@@ -191,9 +191,11 @@ def test_declared_commands_and_channels() -> None:
         "reset": SAFER,
         "stop_stream": SAFER,
     }
-    assert [(s.channel, s.value) for s in c["zero"].sets] == [("zeroed", True)]
-    assert [(s.channel, s.value) for s in c["tare"].sets] == [("tared", True)]
-    assert [(s.channel, s.value) for s in c["clear_tare"].sets] == [("tared", False)]
+    taring = ("taring", True, True)  # momentary: true only while the command is checked
+    sets = {n: [(s.channel, s.value, s.momentary) for s in c[n].sets] for n in c}
+    assert sets["zero"] == [("zeroed", True, False), taring]
+    assert sets["tare"] == [("tared", True, False), taring]
+    assert sets["clear_tare"] == [("tared", False, False), taring]
     assert c["zero"].params["immediate"].optional
     assert (c["sample"].params["count"].min, c["sample"].params["count"].max) == (1, 1000)
     assert [str(call) for call in Balance.safe_state_calls] == ["stop_stream()"]
@@ -418,41 +420,61 @@ async def test_a_stream_left_running_by_a_previous_owner_is_ended_on_open(
 
 # ---------------------------------------------------------------- the declarations in an envelope
 def test_zero_and_tare_are_actuations_an_envelope_bounds_with_rules() -> None:
-    """The channels zero and tare set are what an envelope's limits and rules name."""
+    """Zero and tare set channels an envelope must bound (deny by default), and a momentary
+    ``balance.taring`` that rules name: no tare while a pump may still be delivering (the
+    guard's ``<pump>.flowing``), and the rule holds only for the tare, not after it."""
     from instruments.drivers.syringe_pump import SyringePump
-    from safety.effects import Layout, assess
+    from safety.dryrun import dry_run
+    from safety.effects import Layout, assess, initial_commanded
     from safety.envelope import load_envelope
     from safety.model import Command
 
-    layout = Layout.of(
-        {
-            "balance": Balance(SerialTransport("loop://")),
-            "acid": SyringePump(SerialTransport("loop://"), address=0),
-        }
-    )
     tare = Command("balance", "tare", {}, "test")
     bare = load_envelope("channels: {}\n")
+    drivers = {
+        "balance": Balance(SerialTransport("loop://")),
+        "acid": SyringePump(SerialTransport("loop://"), address=0),
+    }
+    layout = Layout.of(drivers)
     verdict = assess(tare, layout=layout, envelope=bare, view={}, now=0.0)
     assert not verdict.allowed and "balance.tared" in verdict.reason  # deny by default
     envelope = load_envelope(
         "channels:\n"
         "  balance.tared: {unbounded: a tare moves nothing}\n"
         "  balance.zeroed: {unbounded: a zero moves nothing}\n"
+        "  balance.taring: {unbounded: the rule below says when}\n"
+        "  acid.rate_ml_min: {min: 0.1, max: 10}\n"
+        "vessels:\n"
+        "  beaker: {max: 100, fed_by: [acid], drained_by: []}\n"
         "rules:\n"
         "  - name: no-tare-while-pumps-run\n"
-        "    when: balance.tared -> not acid.moving\n"
+        "    when: balance.taring -> not acid.flowing\n"
     )
-    running = assess(tare, layout=layout, envelope=envelope, view={"acid.moving": True}, now=0.0)
-    assert not running.allowed and running.rule == "no-tare-while-pumps-run"
-    idle = assess(tare, layout=layout, envelope=envelope, view={"acid.moving": False}, now=0.0)
-    assert idle.allowed and idle.effect is not None
-    assert idle.effect.updates == {"balance.tared": True}
+    layout = Layout.of(drivers, envelope.vessels)
+    rest = initial_commanded(layout)
+    assert rest["balance.taring"] is False and rest["acid.flowing"] is False
+    dispense = Command("acid", "dispense", {"volume_ml": 2.0, "rate_ml_min": 2.0}, "test")
+    # 2 mL at 2 mL/min: the pump may deliver for 60 s; a tare at 30 s is refused, at 61 s not
+    report = dry_run(
+        [dispense, tare, tare, dispense],
+        envelope,
+        rest,
+        layout=layout,
+        now=0.0,
+        times=[0.0, 30.0, 61.0, 62.0],
+    )
+    assert [v.step for v in report.violations] == [1], report
+    assert report.violations[0].rule == "no-tare-while-pumps-run"
+    assert "acid.flowing=True" in report.violations[0].reason
+    # the tare at 61 s went through and did not stick: the dispense after it is allowed
+    assert report.final_state["balance.taring"] is False and report.final_state["balance.tared"]
     zero = assess(
         Command("balance", "zero", {"immediate": True}, "test"),
         layout=layout,
         envelope=envelope,
-        view={"acid.moving": False, "balance.tared": False},
+        view=rest,
         now=0.0,
     )
     assert zero.allowed and zero.effect is not None
-    assert zero.effect.updates == {"balance.zeroed": True}
+    assert zero.effect.updates == {"balance.zeroed": True, "balance.taring": True}
+    assert zero.effect.committed_updates() == {"balance.zeroed": True, "balance.taring": False}

@@ -319,7 +319,7 @@ class Balance(Driver):
     @declare(
         ACTUATE,
         immediate=Param(bool, optional=True, doc="ZI: zero now, even on a dynamic reading"),
-        sets=[Set("zeroed", value=True)],
+        sets=[Set("zeroed", value=True), Set("taring", value=True, momentary=True)],
     )
     async def zero(self, immediate: bool = False) -> bool:
         """Zero the balance: ``Z`` at the next stable reading, or ``ZI`` now.
@@ -332,13 +332,13 @@ class Balance(Driver):
         self._expect("Z", await self._command("Z", self.stable_timeout), "Z A")
         return True
 
-    @declare(ACTUATE, sets=[Set("tared", value=True)])
+    @declare(ACTUATE, sets=[Set("tared", value=True), Set("taring", value=True, momentary=True)])
     async def tare(self) -> float:
         """``T``: tare at the next stable reading; returns the tare weight (g)."""
         text = await self._command("T", self.stable_timeout)
         return self._weighing("T", text, "S").value
 
-    @declare(ACTUATE, sets=[Set("tared", value=False)])
+    @declare(ACTUATE, sets=[Set("tared", value=False), Set("taring", value=True, momentary=True)])
     async def clear_tare(self) -> None:
         """``TAC``: clear the tare."""
         self._expect("TAC", await self._command("TAC"), "TAC A")
