@@ -409,15 +409,14 @@ def _flow(effect: Effect, layout: Layout, view: Mapping[str, Any]) -> Effect:
     updates[f"{name}.flowing"] = True  # while the rules check it; then the guard's to derive
     if direction == "out":
         updates[channel] = before + volume
-        return replace(
-            effect, updates=updates, consumes={f"{vessel.name}.added": volume}, busy_s=busy
-        )
+        consumes = {f"{vessel.name}.added": volume, f"{name}.delivered": volume}
+        return replace(effect, updates=updates, consumes=consumes, busy_s=busy)
     updates[channel] = drained(before, volume)
     drain = Drain(name, vessel.name, float(before), volume, flow.progress)
     return replace(
         effect,
         updates=updates,
-        consumes={f"{vessel.name}.removed": volume},
+        consumes={f"{vessel.name}.removed": volume, f"{name}.withdrawn": volume},
         drain=drain,
         busy_s=busy,
     )

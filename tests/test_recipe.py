@@ -410,3 +410,14 @@ async def test_a_ramp_to_an_unrounded_target_finishes() -> None:
         timeout_s=60.0,
     )
     assert reached == pytest.approx(54.248735) and sent == [reached]
+
+
+def test_builtin_functions_check_their_inputs() -> None:
+    from loops import functions
+
+    assert functions.call("distance", {"a": 7.1, "b": 7.4}) == pytest.approx(0.3)
+    assert functions.call("distance", {"a": [0, 3], "b": [4, 0]}) == 5.0
+    assert functions.call("mean", {"values": [1, 2, 3]}) == 2.0
+    for bad in ({"a": [1, 2], "b": [1]}, {"a": "x", "b": 1}, {"a": float("nan"), "b": 1}):
+        with pytest.raises(ValueError):
+            functions.call("distance", bad)
