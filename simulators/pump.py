@@ -53,7 +53,7 @@ import tty
 from typing import Any
 from urllib.parse import quote
 
-from simulators.world import PumpState, StationWorld
+from simulators.benchworld import BenchWorld, PumpState
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class PumpChainSim:
     """A daisy chain of NE-1000 style pumps on one pty (and optionally TCP). See the module docstring."""
 
     def __init__(
-        self, world: StationWorld, *, tcp: bool = False, seed: int = 0, firmware: str = FIRMWARE
+        self, world: BenchWorld, *, tcp: bool = False, seed: int = 0, firmware: str = FIRMWARE
     ) -> None:
         self.world = world
         self.tcp = tcp
