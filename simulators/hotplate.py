@@ -18,7 +18,8 @@ shared world (:class:`~simulators.benchworld.BenchWorld`: either bench):
 * requests for another unit id are not answered (as on an RS-485 line);
 * every received request is recorded in ``world.wire`` under ``"hotplate"``:
   ``{"fc": 3, "address": 0, "count": 5}`` for reads,
-  ``{"fc": 6, "address": 2, "values": [1]}`` for writes.
+  ``{"fc": 6, "address": 2, "values": [1]}`` for writes (the request log and the wire
+  faults below are :class:`simulators.rs485.ModbusUnitSim`'s, shared with the pH transmitter).
 
 The server is pymodbus's own (``ModbusTcpServer``, or for RTU the
 ``ModbusSerialServer`` of a :class:`simulators.rs485.RS485Line`) with a
@@ -46,17 +47,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any
 
 from pymodbus.constants import ExcCodes
-from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.server.base import ModbusBaseServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from simulators.benchworld import BenchWorld
-from simulators.rs485 import RS485Line
+from simulators.rs485 import ModbusUnitSim, RS485Line
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def _s16(raw: int) -> int:
     return raw - 0x10000 if raw & 0x8000 else raw
 
 
-class HotplateSim:
+class HotplateSim(ModbusUnitSim):
     """The hotplate-stirrer's Modbus side on a real pymodbus server. See the module docstring.
 
     ``HotplateSim(world, mode="tcp"|"rtu", unit=1)``; ``url`` is
@@ -110,15 +109,10 @@ class HotplateSim:
             raise ValueError(
                 "link= names the pty of a hotplate's own line; the shared line has its own"
             )
-        if not 1 <= unit <= 247:
-            raise ValueError(f"unit {unit} is outside 1-247")
-        self.world = world
-        self.mode = mode
-        self.unit = unit
+        super().__init__(world, DEVICE, unit, mode=mode, seed=seed)
         self.host = host
         self.port = port
         self.link = link
-        self._rng = random.Random(seed)
         self._server: ModbusBaseServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.line: RS485Line | None = None
@@ -258,7 +252,7 @@ class HotplateSim:
         """SimDevice hook, called for every access after pymodbus checked the address range."""
         if function_code not in SUPPORTED_FC:
             return ExcCodes.ILLEGAL_FUNCTION
-        if self.world.faults.active("modbus-exception", device=DEVICE) is not None:
+        if self.failing():
             return ExcCodes.DEVICE_FAILURE  # nothing applied; trace_pdu puts in the configured code
         if set_values is None:  # a read (or pymodbus reading back an FC6 write for its echo)
             fresh = self.input_registers() if function_code == 4 else self.holding_registers()
@@ -301,48 +295,7 @@ class HotplateSim:
             w.hotplate_write()
         return None
 
-    # ----------------------------------------------------------- wire hooks
-    def trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU | None:
-        if sending:
-            fault = self.world.faults.active("modbus-exception", device=DEVICE)
-            if fault is not None:
-                code = int(fault.get("code", 4))
-                fc = pdu.function_code & 0x7F
-                return ExceptionResponse(
-                    fc, code, device_id=pdu.dev_id, transaction=pdu.transaction_id
-                )
-            return pdu
-        fc = pdu.function_code
-        data: dict[str, Any] = {"fc": fc, "address": pdu.address}
-        if fc in (6, 16, 23):
-            data["values"] = [int(v) for v in pdu.registers]
-        elif fc in (5, 15):
-            data["values"] = [bool(b) for b in pdu.bits]
-        else:
-            data["count"] = pdu.count
-        notes = []
-        if pdu.dev_id != self.unit:
-            notes.append(f"unit {pdu.dev_id}: not for this device, ignored")
-        if self.world.faults.active("no-reply", device=DEVICE) is not None:
-            notes.append("no-reply")
-        self.world.wire.record(DEVICE, data, "; ".join(notes))
-        if notes:
-            return None  # pymodbus drops the request: no answer at all
-        return pdu
-
-    def trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending:
-            return data
-        fault = self.world.faults.active("garbled-bytes", device=DEVICE)
-        if fault is None or self._rng.random() >= float(fault.get("probability", 1.0)):
-            return data
-        out = bytearray(data)
-        if self.mode == "rtu":
-            out[-1] ^= 0x5A  # the CRC no longer matches
-        else:
-            out[7] ^= 0x40  # MBAP intact, the function code is now undefined
-        return bytes(out)
-
+    # ----------------------------------------------------------- wire faults
     def _on_fault(self, name: str, params: dict[str, Any]) -> None:
         """Edge-triggered faults (called on the injecting thread)."""
         if name != "dropped-connection" or params.get("device", DEVICE) != DEVICE:

@@ -11,7 +11,7 @@ an exception) without touching the others. A request for a unit that is not
 on the line gets no answer (recorded in the wire log under the line's
 ``device`` name with a note).
 
-Units implement :class:`ModbusUnitSim` (the hotplate, :class:`simulators.hotplate.HotplateSim`,
+Units derive from :class:`ModbusUnitSim` (the hotplate, :class:`simulators.hotplate.HotplateSim`,
 and the pH transmitter, :class:`simulators.ph_meter.PhTransmitterSim`). Attach
 every unit before the line starts; units open and close the line through
 :meth:`RS485Line.open` / :meth:`RS485Line.close`, which count their users: the
@@ -28,36 +28,99 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import tty
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
-from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusSerialServer
 from pymodbus.server.base import ModbusBaseServer
 from pymodbus.simulator import SimDevice
 
-from simulators.benchworld import WireLog
+from simulators.benchworld import BenchWorld, WireLog
 
 log = logging.getLogger(__name__)
 
 
-class ModbusUnitSim(Protocol):
-    """A Modbus device that can sit on an :class:`RS485Line`."""
+class ModbusUnitSim:
+    """What every simulated Modbus unit shares: its id, the request log and the wire faults.
 
-    unit: int
+    Subclasses (a device) give :meth:`sim_device` (their register map, with a
+    pymodbus ``action`` hook). Requests are recorded in ``world.wire`` under
+    ``device``: ``{"fc": 3, "address": 0, "count": 5}`` for reads,
+    ``{"fc": 6, "address": 2, "values": [1]}`` for writes. Faults
+    (``world.faults``, matched on ``device=``):
+
+    ``modbus-exception`` ``code=4``   every request is answered with that exception
+                                      (the ``action`` hook should apply nothing: :meth:`failing`)
+    ``garbled-bytes`` ``probability=1.0``  replies corrupted: RTU a bad CRC, TCP an invalid
+                                      function code
+    ``no-reply``                      requests are read (and recorded) but never answered
+    """
+
+    def __init__(
+        self, world: BenchWorld, device: str, unit: int, *, mode: str = "rtu", seed: int = 0
+    ) -> None:
+        if not 1 <= unit <= 247:
+            raise ValueError(f"unit {unit} is outside 1-247")
+        self.world = world
+        self.device = device
+        self.unit = unit
+        self.mode = mode
+        self._rng = random.Random(seed)
 
     def sim_device(self, device_id: int) -> SimDevice:
         """The unit's register map as a pymodbus ``SimDevice`` with that id."""
-        ...
+        raise NotImplementedError
+
+    def failing(self) -> bool:
+        """Is the ``modbus-exception`` fault active for this unit (apply nothing)?"""
+        return self.world.faults.active("modbus-exception", device=self.device) is not None
 
     def trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU | None:
-        """A request received (return None to stay silent) or a reply about to be sent."""
-        ...
+        """A request received (recorded; None: stay silent) or a reply about to be sent."""
+        faults = self.world.faults
+        if sending:
+            fault = faults.active("modbus-exception", device=self.device)
+            if fault is not None:
+                code = int(fault.get("code", 4))
+                fc = pdu.function_code & 0x7F
+                return ExceptionResponse(
+                    fc, code, device_id=pdu.dev_id, transaction=pdu.transaction_id
+                )
+            return pdu
+        fc = pdu.function_code
+        data: dict[str, Any] = {"fc": fc, "address": pdu.address}
+        if fc in (6, 16, 23):
+            data["values"] = [int(v) for v in pdu.registers]
+        elif fc in (5, 15):
+            data["values"] = [bool(b) for b in pdu.bits]
+        else:
+            data["count"] = pdu.count
+        notes = []
+        if pdu.dev_id != self.unit:
+            notes.append(f"unit {pdu.dev_id}: not for this device, ignored")
+        if faults.active("no-reply", device=self.device) is not None:
+            notes.append("no-reply")
+        self.world.wire.record(self.device, data, "; ".join(notes))
+        if notes:
+            return None  # pymodbus drops the request: no answer at all
+        return pdu
 
     def trace_packet(self, sending: bool, data: bytes) -> bytes:
-        """A whole frame received or about to be sent (garble it here)."""
-        ...
+        """A whole frame received or about to be sent (garbled here under the fault)."""
+        if not sending:
+            return data
+        fault = self.world.faults.active("garbled-bytes", device=self.device)
+        if fault is None or self._rng.random() >= float(fault.get("probability", 1.0)):
+            return data
+        out = bytearray(data)
+        if self.mode == "rtu":
+            out[-1] ^= 0x5A  # the CRC no longer matches
+        else:
+            out[7] ^= 0x40  # MBAP intact, the function code is now undefined
+        return bytes(out)
 
 
 class PtyMasterTransport(asyncio.Transport):
