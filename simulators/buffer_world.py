@@ -286,7 +286,7 @@ class BufferWorld(BenchWorld):
 
     # ------------------------------------------------------------------- pH
     def _solve(self, phosphate_m: float, sodium_m: float, temperature_c: float) -> Speciation:
-        key = (f"{phosphate_m:.9g}", f"{sodium_m:.9g}", round(temperature_c, 2))
+        key = (f"{phosphate_m:.6g}", f"{sodium_m:.6g}", round(temperature_c, 2))  # ~1e-6 pH
         if self._ph_cache is not None and self._ph_cache[0] == key:
             cached = self._ph_cache[1]
             assert cached is not None
