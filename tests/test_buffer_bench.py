@@ -80,7 +80,8 @@ async def test_buffer_lab_starts_lists_its_instruments_and_stops() -> None:
             finally:
                 client.close()
 
-            await lab.clock.sleep(10.0)  # the stirrer (switched off on exit) spins down, the pan settles
+            # the stirrer (switched off on exit) spins down, the pan settles
+            await lab.clock.sleep(10.0)
             port = serial.Serial(specs["balance"].url[len("serial://") :].split("?")[0], 9600)
             try:
                 await asyncio.to_thread(port.write, b"S\r\n")

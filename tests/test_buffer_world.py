@@ -36,7 +36,9 @@ def make_world(seed: int = 0) -> tuple[BufferWorld, ManualClock]:
     return BufferWorld(clock=clock, seed=seed), clock
 
 
-def run_pump(world: BufferWorld, fluid: str, ml: float, rate: float = 30.0, direction: str = "INF") -> None:
+def run_pump(
+    world: BufferWorld, fluid: str, ml: float, rate: float = 30.0, direction: str = "INF"
+) -> None:
     with world.lock:
         pump = world.pump_by_fluid(fluid)
         pump.rate_ml_min, pump.direction = rate, direction
@@ -65,7 +67,9 @@ def test_reference_solutions() -> None:
     assert equi.ionic_strength == pytest.approx(0.1, rel=1e-3)
     # pKa2 - 3 x Davies term at I = 0.1 (0.509 x (0.240 - 0.03) = 0.107): 6.88, not 7.20
     assert 6.8 <= equi.ph <= 6.9
-    assert equi.ph == pytest.approx(PKA_25[1] - 3 * 0.5092 * (math.sqrt(0.1) / (1 + math.sqrt(0.1)) - 0.03), abs=0.005)
+    assert equi.ph == pytest.approx(
+        PKA_25[1] - 3 * 0.5092 * (math.sqrt(0.1) / (1 + math.sqrt(0.1)) - 0.03), abs=0.005
+    )
     assert solve_ph(0.0, 0.0, 25.0).ph == pytest.approx(7.0, abs=0.01)
     dilute = solve_ph(2e-4, 3e-4, 25.0)  # I ~ 4e-4: activity correction almost gone
     assert dilute.ph == pytest.approx(PKA_25[1], abs=0.04)
@@ -85,7 +89,8 @@ def test_temperature_dependence() -> None:
     assert ph15 > ph25 > ph37  # pKa2 falls with temperature
     assert (ph37 - ph15) / 22 == pytest.approx(-0.0028, abs=0.001)
     assert pkw(25.0) == pytest.approx(14.0, abs=0.01)
-    assert solve_ph(0, 0, 50.0).ph == pytest.approx(pkw(50.0) / 2, abs=0.01)  # neutral water is 6.63 at 50 degC
+    # neutral water is 6.63 at 50 degC
+    assert solve_ph(0, 0, 50.0).ph == pytest.approx(pkw(50.0) / 2, abs=0.01)
     assert nernst_mv(25.0) == pytest.approx(59.16, abs=0.01)
     with pytest.raises(ValueError, match="concentrations"):
         solve_ph(-0.1, 0.0)
@@ -117,7 +122,7 @@ def test_mixing_lag_short_while_stirring() -> None:
         world.add("acid", 40.0)  # the bulk is the acid stock
         world.add("base", 40.0)
         clock.t = 30.0
-        results[rpm] = abs(world.bulk_ph() - world.mixed_ph())  # type: ignore[operator]
+        results[rpm] = abs(world.bulk_ph() - world.mixed_ph())
     assert results[300] < 0.01  # mixed within ~30 s at 300 rpm
     assert results[0] > 0.5  # unstirred: still far from it
 
@@ -139,7 +144,9 @@ def test_beaker_spills_beyond_its_capacity_and_the_spill_is_not_weighed() -> Non
     world, _ = make_world()
     assert world.add("water", 160.0) == pytest.approx(BEAKER_CAPACITY_ML)
     assert world.beaker.spilled_ml == pytest.approx(160.0 - BEAKER_CAPACITY_ML)
-    assert world.balance_load_g() == pytest.approx(BEAKER_TARE_G + 150.0 * STOCKS["water"].density_g_ml)
+    assert world.balance_load_g() == pytest.approx(
+        BEAKER_TARE_G + 150.0 * STOCKS["water"].density_g_ml
+    )
     with pytest.raises(KeyError, match="stock"):
         world.add("ethanol", 1.0)
     with pytest.raises(ValueError, match="negative"):
@@ -157,7 +164,9 @@ def test_liquid_temperature_follows_the_hotplate() -> None:
     world.advance()
     assert world.hotplate.liquid_c == pytest.approx(25.0, abs=0.1)
     world.add("water", 20.0)  # at ambient: the mixture cools
-    assert world.hotplate.liquid_c == pytest.approx((80 * world.hotplate.plate_c + 20 * AMBIENT_C) / 100, abs=0.1)
+    assert world.hotplate.liquid_c == pytest.approx(
+        (80 * world.hotplate.plate_c + 20 * AMBIENT_C) / 100, abs=0.1
+    )
 
 
 # ---------------------------------------------------------------- electrode
@@ -172,7 +181,7 @@ def test_probe_first_order_response_and_immersion() -> None:
     clock.t = 40.0  # mixed (tau 5 s); the probe is still at its storage potential
     world.advance()
     start = world.probe.potential_mv
-    target = world.electrode_potential(world.bulk_ph(), world.hotplate.liquid_c)  # type: ignore[arg-type]
+    target = world.electrode_potential(world.bulk_ph(), world.hotplate.liquid_c)
     clock.t = 50.0  # one tau
     world.advance()
     frac = (world.probe.potential_mv - start) / (target - start)
@@ -181,7 +190,7 @@ def test_probe_first_order_response_and_immersion() -> None:
     world.advance()
     assert world.probe.immersed
     assert world.probe.potential_mv == pytest.approx(
-        world.electrode_potential(world.bulk_ph(), world.hotplate.liquid_c), abs=0.05  # type: ignore[arg-type]
+        world.electrode_potential(world.bulk_ph(), world.hotplate.liquid_c), abs=0.05
     )
     # the electrode: offset at pH 7, 98.5 % of Nernst
     assert world.electrode_potential(7.0, 25.0) == pytest.approx(7.5 + world.probe.drift_mv)
@@ -228,7 +237,9 @@ def test_balance_mass_is_what_entered() -> None:
     run_pump(world, "acid", 10.0)
     run_pump(world, "water", 20.0)
     clock.t = 60.0
-    expected = BEAKER_TARE_G + 10.0 * STOCKS["acid"].density_g_ml + 20.0 * STOCKS["water"].density_g_ml
+    expected = (
+        BEAKER_TARE_G + 10.0 * STOCKS["acid"].density_g_ml + 20.0 * STOCKS["water"].density_g_ml
+    )
     values = readings(world, clock, 50)
     assert statistics.mean(values) == pytest.approx(expected, abs=0.0003)
     assert world.balance_reading().stable

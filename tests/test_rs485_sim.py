@@ -99,9 +99,8 @@ async def test_two_units_on_one_pty(bus: Line) -> None:
     true_ph = bus.world.mixed_ph()
     assert true_ph is not None
     # factory calibration (0 mV, 100 %) on a +7.5 mV, 98.5 % electrode: slightly off
-    expected = 7.0 - bus.world.electrode_potential(true_ph, bus.world.hotplate.liquid_c) / nernst_mv(
-        bus.world.hotplate.liquid_c
-    )
+    liquid_c = bus.world.hotplate.liquid_c
+    expected = 7.0 - bus.world.electrode_potential(true_ph, liquid_c) / nernst_mv(liquid_c)
     assert ph / 1000 == pytest.approx(expected, abs=0.003)
     assert abs(ph / 1000 - true_ph) > 0.05
     assert _s16(temp) == round(bus.world.hotplate.liquid_c * 10)
@@ -154,7 +153,8 @@ async def test_register_map_and_exceptions(bus: Line) -> None:
     rr = await bus.client.write_registers(0, [0, 0xFF38, 10], device_id=2)  # FC16: manual, -20.0
     assert rr.isError() and rr.exception_code == 3  # -20.0 degC is out of range: nothing applied
     assert await bus.holding(0, count=3) == [1, 250, 0]
-    rr = await bus.client.write_registers(0, [0, 0xFF9C, 10], device_id=2)  # manual, -10.0 degC, 10 s
+    # manual, -10.0 degC, 10 s
+    rr = await bus.client.write_registers(0, [0, 0xFF9C, 10], device_id=2)
     assert not rr.isError()
     assert await bus.holding(0, count=3) == [0, 0xFF9C, 10]
     _, temp, _, _ = await bus.inputs()
