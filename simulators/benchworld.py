@@ -257,6 +257,11 @@ class BenchWorld:
                 self._t += dt
             return self._t
 
+    @property
+    def sim_time(self) -> float:
+        """The simulated time the world has been integrated to (the last :meth:`advance`)."""
+        return self._t
+
     def _step(self, dt: float) -> None:
         self._step_pumps(dt)
         self._step_hotplate(dt)

@@ -328,9 +328,10 @@ class BufferWorld(BenchWorld):
             return self.probe.potential_mv
 
     def probe_samples(self, window_s: float) -> list[ProbeSample]:
-        """The probe's samples (one per integration step) of the last ``window_s`` seconds."""
-        now = self.advance()
+        """The probe's samples (one per integration step) of the last ``window_s`` seconds
+        before :attr:`sim_time` (the world is advanced first; the last sample ends at it)."""
         with self.lock:
+            now = self.advance()
             return [s for s in self._samples if s.t > now - window_s]
 
     def _probe_immersed(self) -> bool:

@@ -210,14 +210,13 @@ class PhTransmitterSim(ModbusUnitSim):
         """Input registers 0-3 as the transmitter reports them now."""
         self._finish_calibration()
         w = self.buffer_world
-        now = w.advance()
         with w.lock:
+            samples = w.probe_samples(max(float(self.damping_s), STABLE_WINDOW_S))
+            now = w.sim_time  # the samples' time base (the clock moves on while we compute)
             probe = w.probe
             immersed = probe.immersed
             t_comp = self._t_comp(probe.temperature_c)
             potential = probe.potential_mv + float(w.rng.normal(0.0, NOISE_MV))
-            window = max(float(self.damping_s), STABLE_WINDOW_S)
-            samples = w.probe_samples(window)
         status = 0
         if self.calibration.due(now):
             status |= STATUS_CAL_DUE
