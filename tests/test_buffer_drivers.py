@@ -84,7 +84,7 @@ async def test_balance_driver_on_the_simulator(bench: SimulatedBufferBench) -> N
         assert await bal.tare() == pytest.approx(BEAKER_TARE_G, abs=0.0005)
         url_p, opts = spec(bench, "water")
         async with instruments.connect("syringe-pump", url_p, **opts) as pump:
-            await pump.dispense(10.0, 30.0)
+            await pump.dispense(10.0, 5.0)  # 120 s of simulated time
             assert not (await bal.weight_now()).stable  # dispensing: dynamic
             await pump.wait_until_stopped(timeout=10)
         stable = await bal.weight()
