@@ -49,7 +49,8 @@ class Faults:
     One list for both benches (simulators read the ones that concern them).
     Colour bench and shared:
 
-    ``clogged-pump``      ``pump=<fluid or address>, factor=0.4``: acknowledges, delivers ``factor`` of it
+    ``clogged-pump``      ``pump=<fluid or address>`` (default pump 0), ``factor=0.4``: acknowledges,
+                          delivers ``factor`` of it (the balance shows the missing mass)
     ``stuck-heater``      ``temperature_c=120``: the heater stays on whatever the enable register says
     ``sensor-dropout``    the colour sensor stops notifying and reads fail
     ``garbled-bytes``     ``device=pumps|hotplate|..., probability=1.0``: replies are corrupted
