@@ -182,10 +182,12 @@ def test_every_command_has_help() -> None:
         assert proc.returncode == 0 and "usage: labbridge" in proc.stdout
     proc = run_cli("drivers")
     assert proc.stdout.split() == [
+        "balance",
         "camera",
         "color-sensor",
         "enclosure",
         "hotplate",
+        "ph-meter",
         "syringe-pump",
     ]
 
