@@ -32,8 +32,6 @@ import safety
 from instruments.errors import InstrumentError
 from safety.yamldoc import ConfigError
 
-#: the program ``labbridge sim`` runs without --campaign: the reference bench's colour match
-DEMO_PROGRAM = "color-match"
 
 
 def _positive_float(text: str) -> float:
@@ -129,10 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated clock speed, x real time (default 200)",
     )
     sim.add_argument(
+        "--bench",
+        choices=("colour", "buffer"),
+        default="colour",
+        help=(
+            "which simulated bench: colour (the reference bench's colour match, default) or "
+            "buffer (pH transmitter + balance: a phosphate buffer at pH 7.40, examples/buffer)"
+        ),
+    )
+    sim.add_argument(
         "--campaign",
         type=Path,
         default=None,
-        help="the campaign's program.md (default: the built-in colour match)",
+        help="the campaign's program.md (default: the bench's own: the colour match, the buffer)",
     )
     sim.add_argument(
         "--out", type=Path, default=None, help="run folder (default runs/sim-<timestamp>)"
@@ -398,8 +405,8 @@ def _print_summary(summary: Any, resume_hint: str) -> int:
 
 def _sim_command(args: argparse.Namespace) -> int:
     from bridge.campaigns import StationUnavailable
-    from bridge.simbench import known_faults, sim_campaign  # the only place importing simulators
-    from loops.program import builtin_program, load_program
+    from bridge.simbench import bench_data, known_faults, sim_campaign  # imports the simulators
+    from loops.program import load_program
 
     if args.fault is not None and args.fault not in known_faults():
         print(
@@ -409,7 +416,7 @@ def _sim_command(args: argparse.Namespace) -> int:
         return 1
     out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
     try:
-        program = load_program(args.campaign or builtin_program(DEMO_PROGRAM))
+        program = load_program(args.campaign or bench_data(args.bench).program)
         if (out / "journal.db").exists():
             raise FileExistsError(f"{out / 'journal.db'} exists: choose another --out")
         summary = asyncio.run(
@@ -425,6 +432,7 @@ def _sim_command(args: argparse.Namespace) -> int:
                 ray_address=args.ray_address,
                 progress=not args.no_progress,
                 keep_running=args.keep_running,
+                bench=args.bench,
             )
         )
     except KeyboardInterrupt:
