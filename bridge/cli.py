@@ -33,7 +33,6 @@ from instruments.errors import InstrumentError
 from safety.yamldoc import ConfigError
 
 
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)

@@ -10,13 +10,13 @@ measurements taken so far::
 
     - call: enclosure.set_light            # a declared command of an instrument
       args: {on: true, intensity: light_intensity}
-    - call: acid.dispense
-      args: {volume_ml: acid_ml, rate_ml_min: rate_ml_min}
-      when: acid_ml >= 0.001                 # over parameters/fixed: skipped otherwise
-    - call: acid.wait_until_stopped          # a call's result can go into a measurement
+    - call: doser.dispense
+      args: {volume_ml: dose_ml, rate_ml_min: rate_ml_min}
+      when: dose_ml >= 0.001                 # over parameters/fixed: skipped otherwise
+    - call: doser.wait_until_stopped          # a call's result can go into a measurement
       args: {timeout: 120}
-    - read: {added_ml.acid: acid.infused_ml}   # measurement <- instrument.reading key
-      when: acid_ml >= 0.001
+    - read: {added_ml.doser: doser.infused_ml}   # measurement <- instrument.reading key
+      when: dose_ml >= 0.001
       else: 0.0                              # the measurement when the step is skipped
     - wait: hotplate.plate_c < start_below_c    # poll the readings until it holds
       every: 5
@@ -47,8 +47,8 @@ recipe.
 Every step may have ``when`` (a condition over parameters and fixed values:
 the step is left out of the bound recipe when false; a step that produces a
 measurement may give ``else``, the measurement's value then) and ``doc``.
-Measurement names are identifiers joined by dots (``added_ml.acid``):
-dotted names nest in the result (``{"added_ml": {"acid": ...}}``) and are
+Measurement names are identifiers joined by dots (``added_ml.doser``):
+dotted names nest in the result (``{"added_ml": {"doser": ...}}``) and are
 used flat in expressions. Loops are not part of the language: no recipe
 needed one yet (a fixed list of pumps is written out; a titration would need
 one, and a ``repeat`` step would then earn its place).

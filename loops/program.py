@@ -5,11 +5,11 @@
     ---
     name: neutralise
     parameters:                      # the search space
-      acid_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
-      base_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
+      solvent_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
+      reagent_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
       hold_s:   {type: int, low: 30, high: 600, unit: s}
     constraints:                     # optional; the safety layer's rule language
-      - acid_ml + base_ml <= 2.0
+      - solvent_ml + reagent_ml <= 2.0
     objective:
       measure: off_target            # a measurement the recipe produces
       direction: minimize            # minimize | maximize

@@ -1,6 +1,6 @@
 """Station set-up as data: the recipes a station runs before its experiments.
 
-A calibration, priming the lines, a white reference, zeroing a balance: work
+A calibration, priming the lines, a white reference, zeroing a scale: work
 a station does before (or between) campaigns, through its guard like any
 experiment, written in the same recipe language (:mod:`loops.plan`). A lab
 config lists each station's set-up recipes (``setup:``, files or inline); a
