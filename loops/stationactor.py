@@ -18,7 +18,6 @@ from typing import Any
 
 from loops.checks import Verification, run_checks
 from loops.journal import Journal, JournalLink
-from loops.plan import Recipe, Step, flatten
 from loops.recipe import Result, dry_run_recipe, run_recipe
 from loops.stationclock import ClockSpec, ScaledClock
 from loops.stationerrors import (
@@ -29,6 +28,7 @@ from loops.stationerrors import (
     cause_text,
     portable_error,
 )
+from loops.steps import Recipe, Step, flatten
 from safety import SafeStation, SafetyError, load_envelope, open_station
 
 log = logging.getLogger(__name__)
