@@ -21,11 +21,11 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from loops.journal import JOURNAL_API, AsyncJournal, Journal, api_name
+from loops.stationerrors import portable_error
 from loops.stations import (
     ClockSpec,
     StationActor,
     StationLost,
-    _portable,
     station_method,
     station_resource,
 )
@@ -121,7 +121,7 @@ class JournalActor:
         try:
             return await journal.call(getattr(Journal, method), *args, **kwargs)
         except Exception as exc:
-            portable = _portable(exc)
+            portable = portable_error(exc)
             if portable is exc:
                 raise
             raise portable from None

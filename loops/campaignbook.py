@@ -1,0 +1,302 @@
+"""A campaign runner's books: what a running campaign knows, and the events it emits.
+
+:class:`CampaignBook` holds the state of one :class:`~loops.campaign.CampaignRunner`
+(stations as :class:`Slot`, the queue of :class:`Item`, :class:`Counts`, the
+optimizer with its pending proposals and what it was told, the best result, the
+campaign's clock) and the small operations every part of the runner shares:
+emitting an event, telling the optimizer an outcome, saving the state, taking a
+station out. :func:`make_optimizer` builds the program's strategy.
+
+The state saved with the journal (``optimizer_state`` of the campaign row) is
+:data:`STATE_VERSION`'s wrapper (see :mod:`loops.campaign`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loops.journal import Journal, JournalLink
+from loops.optimizer import (
+    BayesOptimizer,
+    Direction,
+    GridSearch,
+    RandomSearch,
+    Status,
+    UnknownProposal,
+)
+from loops.program import Program
+from loops.stations import StationLink
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MAX_CONSECUTIVE_REJECTIONS",
+    "STATE_VERSION",
+    "CampaignBook",
+    "Counts",
+    "Event",
+    "Item",
+    "OnEvent",
+    "Slot",
+    "make_optimizer",
+    "violation_text",
+]
+
+STATE_VERSION = 1
+Event = dict[str, Any]
+OnEvent = Callable[[Event], None]
+#: consecutive rejected optimizer proposals after which the campaign stops (a space
+#: the safety layer refuses almost everywhere: fix the program or the envelope)
+MAX_CONSECUTIVE_REJECTIONS = 25
+
+
+def make_optimizer(program: Program) -> BayesOptimizer | RandomSearch | GridSearch:
+    """The program's strategy over its space, with its constraints, direction and seed."""
+    space = {p.name: (p.low, p.high, p.type) for p in program.parameters}
+    direction: Direction = "minimize" if program.objective.minimize else "maximize"
+
+    def feasible(params: Mapping[str, Any]) -> bool:
+        return program.feasible(params)[0]
+
+    if program.strategy == "bayes":
+        return BayesOptimizer(
+            space,
+            direction=direction,
+            seed=program.seed,
+            initial_points=program.initial_points,
+            constraints=feasible,
+        )
+    if program.strategy == "random":
+        return RandomSearch(space, program.seed, direction=direction, constraints=feasible)
+    if program.strategy == "grid":
+        budget = program.budget.experiments or 100
+        per_axis = max(2, math.floor(budget ** (1.0 / max(1, len(space)))))
+        return GridSearch(space, per_axis, direction=direction, constraints=feasible)
+    raise ValueError(f"unknown strategy {program.strategy!r} (bayes, random or grid)")
+
+
+@dataclass
+class Item:
+    """A proposal on its way to a station."""
+
+    experiment_id: str
+    pid: str | None  # the optimizer's pending id (None: not in the optimizer's space)
+    params: dict[str, Any]
+    recipe: dict[str, Any] | None
+    proposer: str
+    checked: bool
+
+
+@dataclass
+class Slot:
+    """One station as the campaign sees it."""
+
+    name: str
+    actor: StationLink
+    state: str = "idle"  # idle | busy | out
+    experiment: str | None = None
+    reason: str | None = None
+    runs: int = 0
+    disagreements: int = 0  # unverified results in a row
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "experiment": self.experiment,
+            "reason": self.reason,
+            "runs": self.runs,
+        }
+
+
+@dataclass
+class Counts:
+    """How many proposals came to what (this campaign, resumes included)."""
+
+    proposed: int = 0
+    rejected: int = 0
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    agent: int = 0
+    by_station: dict[str, int] = field(default_factory=dict)
+
+
+def violation_text(v: Mapping[str, Any]) -> str:
+    step = v.get("step")
+    where = f"step {step}" if step is not None else "recipe"
+    command = v.get("command") or {}
+    what = command.get("description") if isinstance(command, Mapping) else None
+    rule = v.get("rule") or "?"
+    text = f"{where}: {rule}: {v.get('reason', '?')}"
+    return f"{text} ({what})" if what else text
+
+
+class CampaignBook:
+    """A campaign runner's books: its stations (slots), the queue, the counts, the optimizer
+    and what it was told, the best result, the clock and the events it emits.
+
+    Constructor arguments: :class:`~loops.campaign.CampaignRunner`, which runs the campaign
+    over these books; :class:`~loops.campaignresume.CampaignResume` restores them after a
+    crash, :class:`~loops.campaignrecord.CampaignRecorder` records outcomes in them.
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        journal: JournalLink,
+        stations: Mapping[str, StationLink],
+        *,
+        campaign_id: str,
+        clock_now: Callable[[], float] = time.monotonic,
+        on_event: OnEvent | None = None,
+        max_consecutive_rejections: int = MAX_CONSECUTIVE_REJECTIONS,
+        max_disagreements: Mapping[str, int] | None = None,
+        images_dir: Path | None = None,
+    ) -> None:
+        if not stations:
+            raise ValueError("a campaign needs at least one station")
+        self.program = program
+        self.campaign_id = campaign_id
+        self.journal = journal
+        self.optimizer = make_optimizer(program)
+        self._slots = {name: Slot(name, actor) for name, actor in stations.items()}
+        self._clock_now = clock_now
+        self._on_event = on_event
+        self._max_rejections = max_consecutive_rejections
+        self._max_disagreements = dict(max_disagreements or {})
+        self._images_dir = images_dir
+        self._lock = asyncio.Lock()  # claims, asks, tells and state saves: one at a time
+        self._queue: deque[Item] = deque()  # agent and resumed proposals, run before new asks
+        self._pending: dict[str, str] = {}  # experiment id -> optimizer proposal id
+        self._told: set[str] = set()
+        self._values: list[float | None] = []  # objective per experiment run, finish order
+        self._best: tuple[str, dict[str, Any], float] | None = None
+        self._counts = Counts()
+        self._consecutive_rejections = 0
+        self._in_flight = 0
+        self._elapsed_before = 0.0
+        self._t0: float | None = None
+        self._stop_request: str | None = None
+        self._abort_request: str | None = None
+        self._exhausted: str | None = None
+        self._running = asyncio.Event()
+        self._running.set()
+        self._phase = "new"  # new | prepared | running | ended
+        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._notes: list[Awaitable[int]] = []  # journal writes in flight (station events)
+        self._strategy = f"optimizer:{self.optimizer.strategy}"
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, event: str, **data: Any) -> None:
+        if self._on_event is None:
+            return
+        payload: Event = {"event": event, "campaign_id": self.campaign_id, **data}
+        try:
+            self._on_event(payload)
+        except Exception:  # a broken listener must not break the campaign
+            log.exception("campaign %s: on_event listener failed", self.campaign_id)
+
+    # ------------------------------------------------------------------- state
+    @property
+    def elapsed_s(self) -> float:
+        """Campaign clock seconds, over every run of this campaign (resumes included)."""
+        if self._t0 is None:
+            return self._elapsed_before
+        return self._elapsed_before + (self._clock_now() - self._t0)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "optimizer": self.optimizer.state(),
+            "pending": dict(self._pending),
+            "told": sorted(self._told),
+            "elapsed_s": self.elapsed_s,
+        }
+
+    def progress(self) -> dict[str, Any]:
+        """A snapshot for progress displays and status topics (plain data)."""
+        c = self._counts
+        budget = self.program.budget.experiments
+        best = None
+        if self._best is not None:
+            best = {"experiment_id": self._best[0], "params": self._best[1], "value": self._best[2]}
+        return {
+            "campaign_id": self.campaign_id,
+            "phase": self._phase,
+            "paused": not self._running.is_set(),
+            "experiments": len(self._values),
+            "budget": budget,
+            "in_flight": self._in_flight,
+            "queued": len(self._queue),
+            "done": c.done,
+            "failed": c.failed,
+            "rejected": c.rejected,
+            "agent": c.agent,
+            "best": best,
+            "target": self.program.stop.target,
+            "elapsed_s": self.elapsed_s,
+            "stations": {n: s.as_dict() for n, s in self._slots.items()},
+        }
+
+    def _tell(self, item: Item, value: float | None, status: Status) -> None:
+        """Tell the optimizer an outcome (by pending id, else by params); remember it was told."""
+        if item.pid is not None and item.pid in {p.id for p in self.optimizer.pending()}:
+            self.optimizer.tell(item.pid, value, status=status)
+        else:
+            try:
+                self.optimizer.tell(item.params, value, status=status)
+            except ValueError as exc:  # params outside the space (an agent's): nothing to learn
+                log.info("campaign %s: %s not told: %s", self.campaign_id, item.experiment_id, exc)
+        self._pending.pop(item.experiment_id, None)
+        self._told.add(item.experiment_id)
+
+    def _forget(self, item: Item) -> None:
+        """Drop a proposal from the optimizer without information (it never ran)."""
+        if item.pid is not None:
+            with contextlib.suppress(UnknownProposal):
+                self.optimizer.cancel(item.pid)
+        self._pending.pop(item.experiment_id, None)
+        self._told.add(item.experiment_id)
+
+    def _record_value(
+        self, experiment_id: str, params: Mapping[str, Any], value: float | None
+    ) -> None:
+        self._values.append(value)
+        if value is None or not math.isfinite(value):
+            return
+        if self._best is None or self.program.objective.better(value, self._best[2]):
+            self._best = (experiment_id, dict(params), value)
+
+    # ---------------------------------------------------------------- waiters
+    async def wait_for(self, experiment_id: str) -> dict[str, Any]:
+        """The outcome event (``finished``/``failed``/``rejected``/``cancelled``) of an experiment."""
+        fut = self._waiters.get(experiment_id)
+        if fut is None:
+            fut = self._waiters[experiment_id] = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(fut)
+
+    def _resolve(self, experiment_id: str, outcome: dict[str, Any]) -> None:
+        fut = self._waiters.get(experiment_id)
+        if fut is None:
+            fut = self._waiters[experiment_id] = asyncio.get_running_loop().create_future()
+        if not fut.done():
+            fut.set_result(outcome)
+
+    # --------------------------------------------------------------- stations
+    def _out(self, slot: Slot, reason: str, *, state: str = "out") -> None:
+        slot.state, slot.reason, slot.experiment = "out", reason, None
+        log.error("campaign %s: station %s is %s: %s", self.campaign_id, slot.name, state, reason)
+        self._emit("station", station=slot.name, state=state, reason=reason)
+        # journaled without waiting here (callers hold the lock); awaited before the end
+        self._notes.append(
+            self.journal.call(Journal.station_event, self.campaign_id, slot.name, state, reason)
+        )

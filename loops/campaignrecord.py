@@ -1,0 +1,223 @@
+"""Recording what an experiment came to: :class:`CampaignRecorder`.
+
+Each outcome of a station's run (a finished result, verified or not, with its
+images; no finite objective; refused at start; failed and tripped; the station
+lost) is journaled with the optimizer's state in the same transaction, told to
+the optimizer, counted, emitted as an event and given to whoever waits for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from loops.campaignbook import CampaignBook, Item, Slot, violation_text
+from loops.journal import Experiment, Journal
+
+__all__ = ["CampaignRecorder"]
+
+
+class CampaignRecorder(CampaignBook):
+    """The outcomes of proposals and runs, into the journal, the optimizer and the events."""
+
+    async def _reject(self, item: Item, reasons: Sequence[str], *, tell: bool = True) -> None:
+        if tell:
+            self._tell(item, None, "infeasible")
+        else:
+            self._forget(item)
+        await self.journal.call(
+            Journal.reject, item.experiment_id, list(reasons), optimizer_state=self._state()
+        )
+        self._counts.rejected += 1
+        event = {
+            "experiment_id": item.experiment_id,
+            "params": item.params,
+            "proposer": item.proposer,
+            "reasons": list(reasons),
+        }
+        self._emit("rejected", **event)
+        self._resolve(item.experiment_id, {"event": "rejected", **event})
+
+    async def _station_lost(self, slot: Slot, item: Item, reason: str) -> None:
+        """The station died or failed outside a recipe step: mark the experiment, never retry it."""
+        self._out(slot, reason)
+        async with self._lock:
+            exp: Experiment = await self.journal.call(Journal.experiment, item.experiment_id)
+            if exp.state == "running":
+                step = "before its first step" if exp.step is None else f"during step {exp.step}"
+                why = (
+                    f"{reason} {step}; the instruments could not be safe-stated from here "
+                    "(device watchdogs apply): check the bench; never retried"
+                )
+            else:
+                why = f"{reason} before the experiment started; not retried"
+            self._tell(item, None, "failed")
+            await self.journal.call(
+                Journal.fail, item.experiment_id, why, optimizer_state=self._state()
+            )
+            self._counts.failed += 1
+            if exp.state == "running":
+                self._record_value(item.experiment_id, item.params, None)
+            self._failed_event(slot, item, why)
+
+    def _failed_event(self, slot: Slot, item: Item, reason: str, **extra: Any) -> None:
+        event = {
+            "experiment_id": item.experiment_id,
+            "station": slot.name,
+            "params": item.params,
+            "proposer": item.proposer,
+            "reason": reason,
+            **extra,
+        }
+        self._emit("failed", **event)
+        self._resolve(item.experiment_id, {"event": "failed", **event})
+
+    async def _record(self, slot: Slot, item: Item, out: Mapping[str, Any]) -> None:
+        j, eid = self.journal, item.experiment_id
+        measure = self.program.objective.measure
+        images = self._save_images(out)
+        if images or out.get("audit"):  # the evidence first, then the outcome that cites it
+            await j.call(
+                Journal.record_evidence, eid, verdicts=out.get("audit") or (), images=images
+            )
+        if out.get("ok"):
+            measurements = dict(out.get("measurements") or {})
+            value = measurements.get(measure)
+            if (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
+                verification = out.get("verification")
+                verified, reason = None, None
+                if verification is not None:
+                    verified = verification.get("verified")
+                    if verified is False:
+                        reason = "unverified: " + "; ".join(verification.get("reasons") or ["?"])
+                self._tell(item, float(value), "untrusted" if verified is False else "ok")
+                result = {**dict(out.get("result") or {}), "station": slot.name}
+                if verification is not None:
+                    result["verification"] = verification
+                if images:
+                    result["images"] = images
+                await j.call(
+                    Journal.finish,
+                    eid,
+                    result,
+                    float(value),
+                    verified=verified,
+                    reason=reason,
+                    optimizer_state=self._state(),
+                )
+                self._counts.done += 1
+                self._counts.by_station[slot.name] = self._counts.by_station.get(slot.name, 0) + 1
+                # an untrusted value counts against the budget but is no result (stop rules)
+                self._record_value(eid, item.params, None if verified is False else float(value))
+                event = {
+                    "experiment_id": eid,
+                    "station": slot.name,
+                    "params": item.params,
+                    "proposer": item.proposer,
+                    "objective": float(value),
+                    "measurements": measurements,
+                    "verified": verified,
+                    "verification": verification,
+                    "images": images,
+                }
+                self._emit("finished", **event, progress=self.progress())
+                self._resolve(eid, {"event": "finished", **event})
+                self._count_disagreement(slot, verified, reason)
+                return
+            reason = f"the recipe ran but produced no finite {measure!r} (got {value!r})"
+            self._tell(item, None, "failed")
+            await j.call(
+                Journal.fail,
+                eid,
+                reason,
+                data={"measurements": measurements},
+                optimizer_state=self._state(),
+            )
+            self._counts.failed += 1
+            self._record_value(eid, item.params, None)
+            self._failed_event(slot, item, reason)
+            return
+        if out.get("rejected"):  # the station's state changed since the check: nothing acted
+            reasons = [violation_text(v) for v in out.get("violations") or []] or [
+                str(out.get("error"))
+            ]
+            violations = out.get("violations") or []
+            budget = bool(violations) and all(
+                str(v.get("rule", "")).startswith("budget.") for v in violations
+            )
+            await j.call(
+                Journal.transition, eid, "proposed", reason="the dry run at start refused it"
+            )
+            await self._reject(item, reasons, tell=not budget)
+            if budget:
+                self._out(slot, f"safety budget spent ({reasons[0]})", state="paused")
+            return
+        if out.get("refused"):  # latched, a budget, or the journal: nothing acted
+            reason = f"station {slot.name} refused to start it: {out.get('error')}"
+            self._forget(item)
+            await j.call(
+                Journal.transition, eid, "cancelled", reason=reason, optimizer_state=self._state()
+            )
+            self._counts.cancelled += 1
+            self._out(slot, str(out.get("error")))
+            event = {"experiment_id": eid, "station": slot.name, "reason": reason}
+            self._emit("cancelled", **event)
+            self._resolve(eid, {"event": "cancelled", **event})
+            return
+        step = out.get("step")
+        where = "before its first step" if step is None else f"at step {step}"
+        reason = f"failed {where}: {out.get('error')}"
+        self._tell(item, None, "failed")
+        await j.call(
+            Journal.fail,
+            eid,
+            reason,
+            data={k: v for k, v in out.items() if k != "image"},
+            optimizer_state=self._state(),
+        )
+        self._counts.failed += 1
+        self._record_value(eid, item.params, None)
+        self._failed_event(slot, item, reason, trip=out.get("trip"))
+        self._out(slot, f"tripped after {eid} {reason}; check it and reset it to use it again")
+
+    def _save_images(self, out: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Write the run's JPEGs under ``images_dir`` by content hash (before the journal
+        names them); role -> ``sha256``, ``path``, ``bytes``."""
+        if self._images_dir is None:
+            return {}
+        saved: dict[str, dict[str, Any]] = {}
+        for role, key in (("outcome", "image"), ("reference", "reference_image")):
+            data = out.get(key)
+            if not data:
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            path = self._images_dir / f"{digest}.jpg"
+            if not path.exists():
+                self._images_dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            saved[role] = {"sha256": digest, "path": str(path), "bytes": len(data)}
+        return saved
+
+    def _count_disagreement(self, slot: Slot, verified: bool | None, reason: str | None) -> None:
+        """Pause a station after ``max_disagreements`` unverified results in a row."""
+        if verified is not False:
+            slot.disagreements = 0
+            return
+        slot.disagreements += 1
+        limit = self._max_disagreements.get(slot.name, 3)
+        self._emit("unverified", station=slot.name, reason=reason, in_a_row=slot.disagreements)
+        if slot.disagreements >= limit:
+            self._out(
+                slot,
+                f"paused: {slot.disagreements} results in a row disagree with the camera "
+                f"(last: {reason}); check the bench (pumps, sensor, camera), then resume the campaign",
+                state="paused",
+            )

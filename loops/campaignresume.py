@@ -1,0 +1,195 @@
+"""Resuming a campaign after a crash or a kill -9: :class:`CampaignResume`.
+
+``prepare(resume=True)`` (see :mod:`loops.campaign`): the optimizer is restored
+from its saved state and told every outcome it does not know yet; every station
+is safe-stated, checked and drained (:meth:`StationActor.recover
+<loops.stationactor.StationActor.recover>`, recorded with the operator's name)
+and each interrupted experiment is closed as ``failed``, never re-run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from loops.campaignbook import STATE_VERSION, CampaignBook, Item, Slot
+from loops.journal import Experiment, Journal, ResumeInfo
+from loops.optimizer import optimizer_from_state
+from loops.stationerrors import cause_text
+from loops.stations import StationActor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CampaignResume"]
+
+
+class CampaignResume(CampaignBook):
+    """Creating a campaign in the journal, or picking it up after a crash (:meth:`prepare`)."""
+
+    async def prepare(self, *, resume: bool = False, operator: str = "operator") -> None:
+        """Create the campaign in the journal, or (``resume``) pick it up after a crash.
+
+        On resume every interrupted experiment's station is recovered first
+        (:meth:`StationActor.recover`: safe state, reset by ``operator``, vessels
+        drained) and the experiment closed as failed, never re-run.
+        """
+        if self._phase != "new":
+            raise RuntimeError(f"campaign {self.campaign_id} is already {self._phase}")
+        j = self.journal
+        if not resume:
+            await j.call(
+                Journal.create_campaign,
+                self.campaign_id,
+                self.program.name,
+                self.program.to_markdown(),
+            )
+            await j.call(Journal.save_optimizer_state, self.campaign_id, self._state())
+        else:
+            info: ResumeInfo = await j.call(Journal.resume, self.campaign_id)
+            await self._restore(info, operator)
+            if info.campaign.state != "running":
+                await j.call(
+                    Journal.set_campaign_state,
+                    self.campaign_id,
+                    "running",
+                    reason=f"resumed by {operator}",
+                )
+        self._phase = "prepared"
+
+    async def _restore(self, info: ResumeInfo, operator: str) -> None:
+        saved = info.optimizer_state or {}
+        if saved.get("version") == STATE_VERSION and saved.get("optimizer"):
+            self.optimizer = optimizer_from_state(
+                self.optimizer.space,
+                saved["optimizer"],
+                constraints=self.optimizer.constraints,
+            )
+            self._pending = {str(k): str(v) for k, v in saved.get("pending", {}).items()}
+            self._told = set(saved.get("told", []))
+            self._elapsed_before = float(saved.get("elapsed_s", 0.0))
+        experiments: list[Experiment] = await self.journal.call(
+            Journal.experiments, self.campaign_id
+        )
+        pending_ids = {p.id for p in self.optimizer.pending()}
+        live: set[str] = set()
+        ran = sorted(
+            (e for e in experiments if e.state in ("done", "failed") and e.station is not None),
+            key=lambda e: e.updated,
+        )
+        for exp in ran:  # the stop rules' view: every experiment that reached a station
+            self._record_value(exp.id, exp.params, exp.objective if exp.state == "done" else None)
+        for exp in experiments:
+            pid = self._pending.get(exp.id)
+            item = Item(
+                exp.id,
+                pid if pid in pending_ids else None,
+                dict(exp.params),
+                exp.recipe,
+                exp.proposer,
+                checked=False,
+            )
+            self._count_restored(exp)
+            if exp.state == "proposed":
+                if item.pid is None:
+                    try:
+                        item.pid = self.optimizer.add_pending(exp.params).id
+                    except ValueError:
+                        item.pid = None
+                if item.pid is not None:
+                    self._pending[exp.id] = item.pid
+                    live.add(item.pid)
+                self._queue.append(item)
+                continue
+            if exp.id in self._told or exp.state == "interrupted":
+                continue
+            if exp.state == "done":
+                self._tell(item, exp.objective, "ok" if exp.trusted else "untrusted")
+            elif exp.state == "failed":
+                self._tell(item, None, "failed")
+            elif exp.state == "rejected":
+                self._tell(item, None, "infeasible")
+            elif exp.state == "cancelled":
+                self._forget(item)
+        recovered: set[str] = set()
+        for interrupted in info.interrupted:
+            await self._recover(interrupted.experiment, interrupted.last_step_started, operator)
+            recovered.add(interrupted.experiment.station or "")
+        for slot in self._slots.values():  # nobody watched the others either: same treatment
+            if slot.name not in recovered and slot.state != "out":
+                await self._recover_station(
+                    slot,
+                    operator,
+                    f"resume of campaign {self.campaign_id}: the station was unattended since "
+                    "the campaign's process stopped",
+                )
+        for p in self.optimizer.pending():  # asked but never journaled: nothing ran
+            if p.id not in live:
+                self.optimizer.cancel(p.id)
+        self._pending = {e: p for e, p in self._pending.items() if p in live}
+        await self.journal.call(Journal.save_optimizer_state, self.campaign_id, self._state())
+        self._emit("state", state="resumed", progress=self.progress())
+
+    def _count_restored(self, exp: Experiment) -> None:
+        c = self._counts
+        c.proposed += 1
+        if exp.proposer.startswith("agent:"):
+            c.agent += 1
+        if exp.state == "done":
+            c.done += 1
+        elif exp.state == "failed":
+            c.failed += 1
+        elif exp.state == "rejected":
+            c.rejected += 1
+        elif exp.state == "cancelled":
+            c.cancelled += 1
+        if exp.station and exp.state in ("done", "failed"):
+            c.by_station[exp.station] = c.by_station.get(exp.station, 0) + 1
+
+    async def _recover(self, exp: Experiment, step: int | None, operator: str) -> None:
+        """Safe-state, check and drain the station an interrupted experiment ran on; close it."""
+        where = "before its first step" if step is None else f"at step {step}"
+        slot = self._slots.get(exp.station or "")
+        item = Item(
+            exp.id, self._pending.get(exp.id), dict(exp.params), exp.recipe, exp.proposer, False
+        )
+        if slot is None:
+            log.warning(
+                "campaign %s: experiment %s was interrupted %s on station %s, which is not in this "
+                "lab: it stays 'interrupted' until that station is checked",
+                self.campaign_id,
+                exp.id,
+                where,
+                exp.station,
+            )
+            self._emit("station", station=exp.station, state="unknown", experiment_id=exp.id)
+            return
+        why = f"resume of campaign {self.campaign_id}: experiment {exp.id} was interrupted {where}"
+        outcome = await self._recover_station(slot, operator, why)
+        reason = f"interrupted {where} (campaign process stopped); {outcome}; never re-run"
+        self._tell(item, None, "failed")
+        await self.journal.call(Journal.fail, exp.id, reason, optimizer_state=self._state())
+        self._counts.failed += 1
+        self._record_value(exp.id, exp.params, None)
+        self._emit(
+            "failed", experiment_id=exp.id, station=slot.name, reason=reason, params=exp.params
+        )
+
+    async def _recover_station(self, slot: Slot, operator: str, why: str) -> str:
+        """:meth:`StationActor.recover` (safe state, reset by ``operator``, vessels drained),
+        journaled as a station event; a station that cannot be recovered is out. Returns
+        what happened, as a sentence."""
+        try:
+            report = await slot.actor.call(StationActor.recover, operator, why)
+        except Exception as exc:
+            self._out(slot, f"recovery on resume failed: {cause_text(exc)}")
+            return f"station {slot.name} could not be recovered: {cause_text(exc)}"
+        outcome = (
+            f"station {slot.name} safe-stated, checked and drained "
+            f"({report.get('drained_ml', 0.0):.2f} mL) by {operator} on resume"
+        )
+        self._emit("station", station=slot.name, state="recovered", reason=why)
+        self._notes.append(
+            self.journal.call(
+                Journal.station_event, self.campaign_id, slot.name, "recovered", outcome
+            )
+        )
+        return outcome
