@@ -145,6 +145,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _finite(value: Any) -> bool:
+    """A number that is finite as a float (an integer like 10**400 is not: it overflows one)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut short (a 400-digit integer in a message helps nobody)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars -> Python numbers (proposals come from numpy)."""
     if isinstance(value, bool) or value is None:
@@ -171,8 +185,8 @@ class Parameter:
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not a valid value of this parameter (None if it is)."""
         value = _plain(value)
-        if not _is_number(value) or not math.isfinite(value):
-            return f"{self.name} must be a finite number, got {value!r}"
+        if not _finite(value):
+            return f"{self.name} must be a finite number, got {_show(value)}"
         if self.type == "int" and float(value) != round(float(value)):
             return f"{self.name} must be an integer, got {value!r}"
         if value < self.low or value > self.high:
@@ -560,8 +574,8 @@ def _mapping(value: Any, path: tuple[Any, ...], doc: YamlDoc, what: str) -> Mapp
 
 
 def _number(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> float:
-    if not _is_number(value) or not math.isfinite(value):
-        raise doc.error(f"must be a number, got {value!r}", path)
+    if not _finite(value):
+        raise doc.error(f"must be a number (finite), got {_show(value)}", path)
     return _plain(value)
 
 
@@ -697,9 +711,11 @@ def _fixed(spec: Any, params: set[str], doc: YamlDoc) -> dict[str, Any]:
         ok = value is None or isinstance(value, str | bool) or _is_number(value)
         if isinstance(value, list):
             ok = all(_is_number(v) or isinstance(v, str | bool) for v in value)
-        if not ok or (_is_number(value) and not math.isfinite(value)):
+        if isinstance(value, list):
+            ok = ok and all(_finite(v) for v in value if _is_number(v))
+        if not ok or (_is_number(value) and not _finite(value)):
             raise doc.error(
-                f"must be a number, string, boolean or a list of them, got {value!r}", kpath
+                f"must be a number, string, boolean or a list of them, got {_show(value)}", kpath
             )
         out[key] = _plain(value) if not isinstance(value, list) else [_plain(v) for v in value]
     return out
