@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an unexpected error show its traceback (default: one line saying what is wrong)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     sim = sub.add_parser(
@@ -283,6 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _main(parser, args)
+    except Exception as exc:  # each command reports what it expects; this is for the rest
+        if args.debug:
+            raise
+        print(f"labbridge {args.command or ''}: {one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """An unexpected error as one line: what it says and how to see more."""
+    if isinstance(exc, RecursionError):
+        text = "the input is nested too deeply to process: simplify it"
+    else:
+        text = " ".join(str(exc).split()) or "no message"
+        if len(text) > 500:
+            text = text[:497] + "..."
+    return f"{text} ({type(exc).__name__}; run with --debug for the traceback)"
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose == 0:

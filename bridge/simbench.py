@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from bridge.campaigns import run_with_signals
-from bridge.labconfig import LabConfig, load_lab
+from bridge.labconfig import LabConfig, load_lab, parse_broker_url
 from loops.campaign import CampaignRunner, CampaignSummary
 from loops.program import Program
 from safety import open_station, reference_envelope
@@ -118,6 +118,30 @@ async def simulated_lab(
         yield RunningSimLab(load_lab(path), lab)
 
 
+async def check_broker(url: str, timeout_s: float = 5.0) -> None:
+    """Raise ConnectionError (saying what to do) unless something listens at the broker URL."""
+    fields = parse_broker_url(url)
+    host, port = fields["host"], fields["port"]
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as exc:
+        why = (
+            f"no answer within {timeout_s:g} s"
+            if isinstance(exc, TimeoutError)
+            else "connection refused"
+            if isinstance(exc, ConnectionRefusedError)
+            else exc.strerror or str(exc)
+        )
+        raise ConnectionError(
+            f"no MQTT broker answers at {host}:{port} ({why}): start it, "
+            "fix --broker, or leave --broker out (labbridge sim then starts its own broker)"
+        ) from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 async def sim_campaign(
     program: Program,
     *,
@@ -145,6 +169,8 @@ async def sim_campaign(
     can also run campaigns with ``--lab out/lab.yaml``.
     """
     n = stations or program.stations
+    if broker_url is not None:
+        await check_broker(broker_url)
     async with simulated_lab(
         stations=n, speed=speed, out=out, broker_url=broker_url, embedded_broker=embedded_broker
     ) as lab:

@@ -175,11 +175,25 @@ def check_size(
     Stops at the first value past a limit, so the cost is bounded by the limits and the
     text's length, not by what the text would expand to. Raises ``yaml.YAMLError`` for a syntax error met first.
     """
+    try:
+        _check_events(text, doc, what, max_nodes, max_depth)
+    except yaml.MarkedYAMLError as exc:
+        if "maximum nesting depth" not in str(exc.problem):
+            raise
+        mark = exc.problem_mark
+        raise doc.error_cls(
+            f"{what}nested more than {max_depth} levels deep: flatten it",
+            source=doc.source,
+            line=mark.line + 1 + doc.offset if mark is not None else None,
+        ) from None
+
+
+def _check_events(text: str, doc: YamlDoc, what: str, max_nodes: int, max_depth: int) -> None:
+    # libyaml's parser when it is there: fast, and it refuses absurd nesting by itself
     # per open mapping or list: its anchor, the node count when it opened, its tallest child
     stack: list[tuple[str | None, int, list[int]]] = []
     sizes: dict[str, tuple[int, int]] = {}  # anchor -> (values, height) of what it names
     nodes = 0
-    # libyaml's parser when it is there: fast, and it refuses absurd nesting by itself
     for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
         if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
             nodes += 1
