@@ -4,16 +4,22 @@ Topics, under the root ``labbridge/<bridge_id>/`` (``docs/mqtt-api.md`` has ever
 payload with ``mosquitto_pub``/``mosquitto_sub`` examples; the JSON Schemas are in
 ``docs/schemas/`` and in :data:`SCHEMAS`)::
 
-    status                      retained service status; Last Will {"state": "offline"}
-    campaigns/start             start a campaign: {"id", "program", "lab"?, ...}; idempotent by id
-    campaigns/<id>/status       retained state and progress of one campaign
-    campaigns/<id>/results      one message per finished experiment
-    campaigns/<id>/proposals    agents propose experiments: {"agent", "params"}
-    campaigns/<id>/control      {"action": "pause"|"resume"|"stop"|"abort", "who"}
-    estop                       trips every station: {"reason", "who"?}
-    reset                       {"who", "why", "stations"?, "drain"?}
-    replies/<user>/...          where answers go (see below)
-    errors                      problems with requests that named no reply topic
+    status                          retained service status; Last Will {"state": "offline"}
+    campaigns/start/<user>          start a campaign: {"id", "program", "lab"?, ...}; idempotent by id
+    campaigns/<id>/status           retained state and progress of one campaign
+    campaigns/<id>/results          one message per finished experiment
+    campaigns/<id>/proposals/<user> agents propose experiments: {"params", "note"?}
+    campaigns/<id>/control/<user>   {"action": "pause"|"resume"|"stop"|"abort", "reason"?}
+    estop/<user>                    trips every station: {"reason"}
+    reset/<user>                    {"why", "stations"?, "drain"?}
+    replies/<user>/...              where answers go (see below)
+    errors                          problems with requests that named no reply topic
+
+Identity: the last level of a request topic is the sender's broker user, and
+the broker's ACL lets each account publish only under its own name
+(``pattern write ...%u`` or a per-user ``topic`` line, ``docs/mosquitto/acl``). Who
+started, proposed, controlled, e-stopped or reset is that user, never a payload
+field (a payload may add a ``note``). Replies go only to ``replies/<that user>/``.
 
 Requests are answered on the MQTT v5 response topic with the request's
 correlation data, or (MQTT 3.1.1) on the ``reply_to`` topic given in the payload
@@ -23,7 +29,10 @@ topics on a client's say-so (a reply into ``estop`` or a device's command topic
 would be a confused deputy). A request that names no usable reply topic gets
 its error on ``errors``.
 
-Every request is checked before anything is done: size (``max_payload_bytes``),
+Every request is checked before anything is done: size (``max_payload_bytes``; an
+MQTT v5 link also tells the broker its maximum packet size, so the broker drops
+larger messages for it instead of sending them; over 3.1.1 only the broker's
+``message_size_limit`` keeps them unread),
 UTF-8 JSON (no NaN, no duplicate keys), its JSON Schema (unknown fields are
 errors), a retained message is never acted on (it would replay at every
 restart), and an MQTT v5 message past its message expiry interval (counted from
@@ -31,6 +40,13 @@ when it reached the service) is not acted on. The reply lists every problem.
 A malformed request never reaches a station. The one exception is ``estop``:
 any message on it trips every station (an e-stop is never refused for its
 format; the reply says what was wrong with the payload).
+
+The event loop that dispatches e-stops never parses a request: e-stops are
+handled at once, each in its own task; every other request passes a
+per-user rate limit (``request_rate``/s, bursts of ``request_burst``) and a
+bounded queue (``queue_size``), else it is answered "busy, retry" (at most once
+a second per user); the queue is worked in arrival order (``control`` and
+``reset`` first), the JSON, schema and program parsing on a worker thread.
 
 The service's session is persistent (``session_expiry_s``, default 600 s):
 ``campaigns/start``, ``proposals``, ``control`` and ``estop`` are subscribed with
@@ -57,6 +73,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -103,7 +120,10 @@ __all__ = [
     "write_schemas",
 ]
 
-API_VERSION = 1
+API_VERSION = 2
+#: room in a packet beyond the payload: fixed header, topic, v5 properties (response topic,
+#: correlation data, ...); a request packet larger than payload limit + this is never read
+PACKET_OVERHEAD_BYTES = 4096
 
 
 def topic_root(bridge_id: str) -> str:
@@ -128,9 +148,31 @@ class _Request:
     kind: str
     msg: Incoming
     campaign_id: str | None = None
+    user: str = ""
     reply_topic: str | None = None
     correlation_id: str | None = None
     reply_problem: str | None = None
+
+
+#: requests worked before the others in the queue (they stop or unlatch things)
+_FIRST = ("control", "reset")
+#: the API's topics, relative to the root: request topics end in the sender's user
+_REQUEST_FILTERS = (
+    ("campaigns/start/+", 1),
+    ("campaigns/+/proposals/+", 1),
+    ("campaigns/+/control/+", 1),
+    ("estop/+", 1),
+    ("reset/+", 0),
+)
+
+
+@dataclass
+class _Bucket:
+    """One user's token bucket: ``tokens`` left at ``t``; ``told``: when last told "busy"."""
+
+    tokens: float
+    t: float
+    told: float = -1e9
 
 
 class MqttApi:
@@ -157,7 +199,12 @@ class MqttApi:
             "instance": self.instance,
         }
         self.link = MqttLink(
-            replace(settings, client_id=settings.client_id or f"labbridge-{bridge_id}"),
+            replace(
+                settings,
+                client_id=settings.client_id or f"labbridge-{bridge_id}",
+                # v5: the broker drops larger messages for the service, unsent and unread
+                max_packet_bytes=settings.max_payload_bytes + PACKET_OVERHEAD_BYTES,
+            ),
             will=(
                 f"{self.root}/status",
                 dumps({**offline, "reason": "connection to labbridge lost (Last Will)"}),
@@ -168,7 +215,12 @@ class MqttApi:
         #: requests answered and how: counts by kind and outcome (for status displays, tests)
         self.counts: dict[str, int] = {}
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._ordered: asyncio.Queue[_Request] = asyncio.Queue()
+        self._ordered: asyncio.PriorityQueue[tuple[int, int, _Request]] = asyncio.PriorityQueue(
+            maxsize=settings.queue_size
+        )
+        self._seq = 0
+        self._buckets: dict[str, _Bucket] = {}
+        self._parser: ThreadPoolExecutor | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[None]] = set()
         self._remove_listener: Callable[[], None] | None = None
@@ -200,21 +252,14 @@ class MqttApi:
         self.service = service
         self._remove_listener = service.add_listener(self._events.put_nowait)
         self.state = "online"
+        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqttapi-parse")
         self._tasks = [
             asyncio.create_task(self._dispatch(), name="mqttapi-dispatch"),
             asyncio.create_task(self._worker(), name="mqttapi-worker"),
             asyncio.create_task(self._publisher(), name="mqttapi-publisher"),
             asyncio.create_task(self._ticker(), name="mqttapi-ticker"),
         ]
-        await self.link.subscribe_all(
-            [
-                (self.topic("campaigns", "start"), 1),
-                (self.topic("campaigns", "+", "proposals"), 1),
-                (self.topic("campaigns", "+", "control"), 1),
-                (self.topic("estop"), 1),
-                (self.topic("reset"), 0),
-            ]
-        )
+        await self.link.subscribe_all([(self.topic(f), qos) for f, qos in _REQUEST_FILTERS])
         self._events.put_nowait({"event": "_all"})
         await self.flush()
         log.info("MQTT campaign API online at %s/%s", self.settings.url, self.root)
@@ -253,6 +298,9 @@ class MqttApi:
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
         self._tasks = []
+        parser, self._parser = self._parser, None
+        if parser is not None:
+            parser.shutdown(wait=True, cancel_futures=True)
         if self._remove_listener is not None:
             self._remove_listener()
             self._remove_listener = None
@@ -409,42 +457,98 @@ class MqttApi:
             self._events.put_nowait({"event": "_tick"})
 
     # --------------------------------------------------------------- requests
-    def _route(self, topic: str) -> tuple[str | None, str | None]:
+    def _route(self, topic: str) -> tuple[str | None, str | None, str]:
+        """``(kind, campaign id, user)`` of a request topic (kind None: not one)."""
         prefix = self.root + "/"
         if not topic.startswith(prefix):
-            return None, None
+            return None, None, ""
         parts = topic[len(prefix) :].split("/")
-        if parts == ["campaigns", "start"]:
-            return "start", None
-        if len(parts) == 3 and parts[0] == "campaigns" and parts[2] in ("proposals", "control"):
-            return ("proposal" if parts[2] == "proposals" else "control"), parts[1]
-        if parts in (["estop"], ["reset"]):
-            return parts[0], None
-        return None, None
+        user = parts[-1]
+        if not user:
+            return None, None, ""
+        if len(parts) == 3 and parts[:2] == ["campaigns", "start"]:
+            return "start", None, user
+        if len(parts) == 4 and parts[0] == "campaigns" and parts[2] in ("proposals", "control"):
+            return ("proposal" if parts[2] == "proposals" else "control"), parts[1], user
+        if len(parts) == 2 and parts[0] in ("estop", "reset"):
+            return parts[0], None, user
+        return None, None, ""
+
+    def _spawn(self, req: _Request) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._handle(req), name=f"mqttapi-{req.kind}")
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        return task
 
     async def _dispatch(self) -> None:
-        """E-stops at once, each in its own task; every other request in arrival order."""
+        """E-stops at once, each in its own task; every other request, if its size, its
+        user's rate and the queue allow, onto the queue (see the module docstring)."""
         while True:
             msg = await self.link.messages.get()
-            kind, cid = self._route(msg.topic)
+            kind, cid, user = self._route(msg.topic)
             if kind is None:
                 log.warning("MQTT API: message on unexpected topic %s ignored", msg.topic)
                 continue
-            req = _Request(kind, msg, cid)
+            req = _Request(kind, msg, cid, user)
             if kind == "estop":
-                task = asyncio.create_task(self._handle(req), name="mqttapi-estop")
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
-            else:
-                self._ordered.put_nowait(req)
+                self._spawn(req)
+                continue
+            limit = self.settings.max_payload_bytes
+            if len(msg.payload) > limit:  # not parsed: answered on a v5 response topic only
+                self._reply_target(req, None)
+                problem = f"the payload is too big: {len(msg.payload)} bytes (limit {limit})"
+                await self._reply(req, False, errors=[problem])
+                continue
+            if not self._admit(user):
+                await self._busy(req, f"more than {self.settings.request_rate:g} requests/s")
+                continue
+            self._seq += 1
+            try:
+                self._ordered.put_nowait((0 if kind in _FIRST else 1, self._seq, req))
+            except asyncio.QueueFull:
+                await self._busy(req, f"{self._ordered.maxsize} requests are waiting")
+
+    def _admit(self, user: str) -> bool:
+        """Take a token from ``user``'s bucket (``request_rate``/s, ``request_burst`` at most)."""
+        now = time.monotonic()
+        rate, burst = self.settings.request_rate, float(self.settings.request_burst)
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            if len(self._buckets) > 10_000:  # users are broker accounts; forget idle ones
+                self._buckets = {u: b for u, b in self._buckets.items() if now - b.t < 60}
+            bucket = self._buckets[user] = _Bucket(burst, now)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.t) * rate)
+        bucket.t = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return True
+        return False
+
+    async def _busy(self, req: _Request, why: str) -> None:
+        """Refuse unread: "busy, retry", at most once a second per user (the rest are counted)."""
+        self._count(f"{req.kind}:busy")
+        bucket = self._buckets.setdefault(req.user, _Bucket(0.0, time.monotonic()))
+        now = time.monotonic()
+        if now - bucket.told < 1.0:
+            return
+        bucket.told = now
+        self._reply_target(req, None)
+        await self._reply(
+            req,
+            False,
+            busy=True,
+            retry_after_s=1.0,
+            errors=[
+                f"busy ({why}; user {req.user}): not acted on, not read; retry in a second. "
+                "Requests refused while busy are not answered one by one."
+            ],
+        )
 
     async def _worker(self) -> None:
         while True:
-            req = await self._ordered.get()
-            task = asyncio.create_task(self._handle(req), name=f"mqttapi-{req.kind}")
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
-            await asyncio.wait([task])  # one at a time, in order; a cancelled worker leaves it be
+            _, _, req = await self._ordered.get()
+            # one at a time, in order; a cancelled worker leaves it be
+            await asyncio.wait([self._spawn(req)])
 
     def _count(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
@@ -459,7 +563,7 @@ class MqttApi:
             topic = data["reply_to"]
         if topic is None:
             return
-        allowed = self.topic("replies") + "/"
+        allowed = self.topic("replies", req.user) + "/"
         if (
             not topic.startswith(allowed)
             or len(topic) > 512
@@ -469,8 +573,8 @@ class MqttApi:
             or "\x00" in topic
         ):
             req.reply_problem = (
-                f"cannot answer on {short(topic, 120)!r}: replies go to topics under {allowed} "
-                f"(e.g. {allowed}<your user>/<anything>)"
+                f"cannot answer on {short(topic, 120)!r}: replies to {req.user} go to topics "
+                f"under {allowed} (e.g. {allowed}<anything>)"
             )
             return
         req.reply_topic = topic
@@ -508,19 +612,31 @@ class MqttApi:
             log.exception("MQTT API: %s request on %s failed", req.kind, req.msg.topic)
             await self._reply(req, False, errors=[f"internal error: {type(exc).__name__}: {exc}"])
 
+    def _parse(self, req: _Request) -> tuple[Any, str | None, list[str]]:
+        """``(data, parse error, schema errors)``; sets the reply target. CPU-bound: the worker
+        thread's, but for e-stops (which are small or cut short)."""
+        data, parse_error = parse_payload(req.msg.payload)
+        self._reply_target(req, data)
+        if parse_error is not None:
+            return None, parse_error, []
+        errors = schema_errors("proposal" if req.kind == "proposal" else req.kind, data)
+        if req.campaign_id is not None and not CAMPAIGN_ID.match(req.campaign_id):
+            errors.insert(0, f"topic: {req.campaign_id!r} is not a campaign id")
+        return data, None, errors
+
     async def _process(self, req: _Request) -> None:
         msg, kind = req.msg, req.kind
         limit = self.settings.max_payload_bytes
-        if len(msg.payload) > limit:
+        if kind == "estop" and len(msg.payload) > limit:
             self._reply_target(req, None)
             problem = f"the payload is too big: {len(msg.payload)} bytes (limit {limit})"
-            if kind == "estop":
-                await self._estop(req, None, [problem])
-                return
-            await self._reply(req, False, errors=[problem])
+            await self._estop(req, None, [problem])
             return
-        data, parse_error = parse_payload(msg.payload)
-        self._reply_target(req, data)
+        if kind == "estop" or self._parser is None:
+            data, parse_error, errors = self._parse(req)
+        else:
+            loop = asyncio.get_running_loop()
+            data, parse_error, errors = await loop.run_in_executor(self._parser, self._parse, req)
         if msg.retain:
             await self._reply(
                 req,
@@ -544,8 +660,7 @@ class MqttApi:
             )
             return
         if kind == "estop":
-            problems = [parse_error] if parse_error else schema_errors("estop", data)
-            await self._estop(req, data, problems)
+            await self._estop(req, data, [parse_error] if parse_error else errors)
             return
         if self.state != "online":
             await self._reply(
@@ -555,10 +670,6 @@ class MqttApi:
         if parse_error is not None:
             await self._reply(req, False, errors=[parse_error])
             return
-        schema = "proposal" if kind == "proposal" else kind
-        errors = schema_errors(schema, data)
-        if req.campaign_id is not None and not CAMPAIGN_ID.match(req.campaign_id):
-            errors.insert(0, f"topic: {req.campaign_id!r} is not a campaign id")
         if errors:
             await self._reply(req, False, errors=errors)
             return
@@ -578,12 +689,14 @@ class MqttApi:
     async def _start(self, req: _Request, data: Mapping[str, Any]) -> None:
         assert self.service is not None
         lab = data.get("lab") or {}
+        if data.get("note"):
+            log.info("campaign %s start by %s: %s", data["id"], req.user, data["note"])
         result = await self.service.start_campaign(
             data["id"],
             data["program"],
             body=data.get("body"),
             stations=lab.get("stations"),
-            who=data.get("who") or "mqtt",
+            who=req.user,
         )
         fields = result.as_dict()
         if result.accepted:
@@ -598,7 +711,7 @@ class MqttApi:
 
     async def _proposal(self, req: _Request, data: Mapping[str, Any]) -> None:
         assert self.service is not None and req.campaign_id is not None
-        proposer = f"agent:{data['agent']}"
+        proposer = f"agent:{req.user}"
         try:
             receipt = await self.service.propose(req.campaign_id, data["params"], proposer)
         except (ServiceError, CampaignClosed, ValueError) as exc:
@@ -612,7 +725,7 @@ class MqttApi:
         assert self.service is not None and req.campaign_id is not None
         try:
             status = await self.service.control(
-                req.campaign_id, data["action"], who=data["who"], reason=data.get("reason")
+                req.campaign_id, data["action"], who=req.user, reason=data.get("reason")
             )
         except ServiceError as exc:
             await self._reply(req, False, campaign_id=req.campaign_id, errors=[str(exc)])
@@ -625,7 +738,7 @@ class MqttApi:
         assert self.service is not None
         try:
             report = await self.service.reset(
-                data["who"], data["why"], data.get("stations"), drain=bool(data.get("drain"))
+                req.user, data["why"], data.get("stations"), drain=bool(data.get("drain"))
             )
         except ServiceError as exc:
             await self._reply(req, False, errors=[str(exc)])
@@ -637,12 +750,10 @@ class MqttApi:
         """Any message trips every station; what was wrong with it goes back as warnings."""
         assert self.service is not None
         reason = None
-        who = "mqtt"
+        who = req.user
         if isinstance(data, Mapping):
             if isinstance(data.get("reason"), str) and data["reason"].strip():
                 reason = data["reason"]
-            if isinstance(data.get("who"), str) and data["who"].strip():
-                who = data["who"]
         elif isinstance(data, str) and data.strip():
             reason = data
         elif data is None and req.msg.payload and len(req.msg.payload) <= 1000:
@@ -660,7 +771,7 @@ class MqttApi:
             warnings = [
                 *problems,
                 "acted on anyway: an e-stop is never refused for its format "
-                '(send {"reason": "...", "who": "..."})',
+                '(send {"reason": "..."})',
             ]
         fields = {k: v for k, v in report.items() if k != "ok"}
         await self._reply(req, bool(report["ok"]), warnings=warnings, **fields)
@@ -749,7 +860,8 @@ async def request(
     *,
     timeout: float = 10.0,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Send one request (``topic`` relative to the bridge's root) and wait for its reply.
+    """Send one request (``topic`` relative to the bridge's root, without the user level:
+    ``estop``, ``campaigns/start``, ...) as the link's user and wait for its reply.
 
     Uses the MQTT v5 response topic and correlation data when the broker speaks v5,
     else ``reply_to``/``correlation_id`` in the payload. Returns ``(reply, status)``:
@@ -758,7 +870,8 @@ async def request(
     """
     root = topic_root(bridge_id)
     client_id = f"labbridge-cli-{secrets.token_hex(4)}"
-    reply_topic = f"{root}/replies/{settings.username or 'anonymous'}/{client_id}"
+    user = settings.username or "anonymous"
+    reply_topic = f"{root}/replies/{user}/{client_id}"
     link = MqttLink(replace(settings, client_id=client_id, session_expiry_s=0))
     await link.open([(reply_topic, 1), (f"{root}/status", 1)])
     try:
@@ -774,7 +887,7 @@ async def request(
         body = dict(payload)
         if link.protocol == "5":
             await link.send(
-                f"{root}/{topic}",
+                f"{root}/{topic}/{user}",
                 dumps(body),
                 response_topic=reply_topic,
                 correlation_data=correlation.encode(),
@@ -782,7 +895,7 @@ async def request(
             )
         else:
             body.update(reply_to=reply_topic, correlation_id=correlation)
-            await link.send(f"{root}/{topic}", dumps(body), wait=True)
+            await link.send(f"{root}/{topic}/{user}", dumps(body), wait=True)
         reply = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
@@ -860,8 +973,10 @@ def _run_client(
 
 def estop_command(args: argparse.Namespace) -> int:
     """``labbridge estop --reason TEXT``: trip every station of the bridge over MQTT."""
-    who = args.who or args.user or os.environ.get("USER") or "operator"
-    code, reply = _run_client(args, "estop", {"reason": args.reason, "who": who}, "labbridge estop")
+    payload: dict[str, Any] = {"reason": args.reason}
+    if args.note:
+        payload["note"] = args.note
+    code, reply = _run_client(args, "estop", payload, "labbridge estop")
     if reply is None:
         return code
     if args.json:
@@ -885,7 +1000,9 @@ def estop_command(args: argparse.Namespace) -> int:
 
 def reset_command(args: argparse.Namespace) -> int:
     """``labbridge reset --who NAME --why TEXT``: unlatch the stations over MQTT."""
-    payload: dict[str, Any] = {"who": args.who, "why": args.why}
+    payload: dict[str, Any] = {"why": args.why}
+    if args.note:
+        payload["note"] = args.note
     if args.drain:
         payload["drain"] = True
     if args.station:
@@ -1049,7 +1166,9 @@ def add_mqtt_client_parsers(subparsers: Any) -> None:
     )
     _client_args(estop)
     estop.add_argument("--reason", required=True, help="why (recorded)")
-    estop.add_argument("--who", default=None, help="who (default: --user, else $USER)")
+    estop.add_argument(
+        "--note", default=None, help="a note, logged (who e-stops is the MQTT user)"
+    )
     estop.add_argument("--json", action="store_true", help="print the reply as JSON")
     estop.set_defaults(handler=estop_command)
     reset = subparsers.add_parser(
@@ -1061,7 +1180,9 @@ def add_mqtt_client_parsers(subparsers: Any) -> None:
         ),
     )
     _client_args(reset)
-    reset.add_argument("--who", required=True, help="who resets (recorded)")
+    reset.add_argument(
+        "--note", default=None, help="a note, logged (who resets is the MQTT user, recorded)"
+    )
     reset.add_argument("--why", required=True, help="why it is safe now (recorded)")
     reset.add_argument("--station", action="append", default=None, help="only this station")
     reset.add_argument(

@@ -101,6 +101,9 @@ class MqttSettings:
     ``session_expiry_s`` 0 is a clean session; more keeps the broker's session
     (subscriptions, queued QoS 1/2 messages) that long after a disconnect.
     ``timeout_s`` bounds CONNACK, SUBACK and PUBACK/PUBCOMP waits.
+    ``max_packet_bytes`` (MQTT v5 only): the largest packet this client accepts; the
+    broker drops larger messages for it instead of sending them (paho itself reads
+    every packet whole before any callback: this is the only way to leave one unread).
     """
 
     host: str
@@ -118,6 +121,7 @@ class MqttSettings:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 10.0
     session_expiry_s: int = 0
+    max_packet_bytes: int | None = None
     will: MqttWill | None = None
     inline_password: str | None = field(default=None, repr=False)
 
@@ -392,6 +396,8 @@ class MqttClient:
                 props = Properties(PacketTypes.CONNECT)
                 if s.session_expiry_s > 0:
                     props.SessionExpiryInterval = s.session_expiry_s
+                if s.max_packet_bytes is not None:
+                    props.MaximumPacketSize = s.max_packet_bytes
                 client.connect(
                     s.host,
                     s.port,
