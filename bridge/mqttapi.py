@@ -204,6 +204,8 @@ class MqttApi:
                 client_id=settings.client_id or f"labbridge-{bridge_id}",
                 # v5: the broker drops larger messages for the service, unsent and unread
                 max_packet_bytes=settings.max_payload_bytes + PACKET_OVERHEAD_BYTES,
+                # v5: a live message published retained (or a retained one cleared) is told apart
+                retain_as_published=True,
             ),
             will=(
                 f"{self.root}/status",
@@ -227,6 +229,8 @@ class MqttApi:
         self._last_status: dict[str, Any] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        #: when the service came online (monotonic): requests received earlier were queued
+        self.online_t: float | None = None
 
     def topic(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
@@ -252,6 +256,7 @@ class MqttApi:
         self.service = service
         self._remove_listener = service.add_listener(self._events.put_nowait)
         self.state = "online"
+        self.online_t = time.monotonic()
         self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqttapi-parse")
         self._tasks = [
             asyncio.create_task(self._dispatch(), name="mqttapi-dispatch"),
@@ -637,7 +642,7 @@ class MqttApi:
         else:
             loop = asyncio.get_running_loop()
             data, parse_error, errors = await loop.run_in_executor(self._parser, self._parse, req)
-        if msg.retain:
+        if kind != "estop" and msg.retain:
             await self._reply(
                 req,
                 False,
@@ -648,7 +653,7 @@ class MqttApi:
                 ],
             )
             return
-        if msg.expired():
+        if msg.expired() and kind != "estop":  # an expired e-stop still trips: it is safer
             log.warning("MQTT API: expired %s request on %s not acted on", kind, msg.topic)
             await self._reply(
                 req,
@@ -661,6 +666,19 @@ class MqttApi:
             return
         if kind == "estop":
             await self._estop(req, data, [parse_error] if parse_error else errors)
+            return
+        queued = self.queued_s(msg)
+        if queued is not None and msg.expiry_s is None:
+            await self._reply(
+                req,
+                False,
+                errors=[
+                    f"not acted on: queued by the broker while labbridge was down or starting "
+                    f"(received {queued:.1f} s before it came online), and it has no message "
+                    "expiry, so it could be hours old. Send it again; a request that may wait "
+                    "for the service must carry an MQTT v5 message expiry interval"
+                ],
+            )
             return
         if self.state != "online":
             await self._reply(
@@ -746,9 +764,41 @@ class MqttApi:
         errors = [f"{n}: {s['error']}" for n, s in report["stations"].items() if not s["ok"]]
         await self._reply(req, report["ok"], stations=report["stations"], errors=errors)
 
+    def queued_s(self, msg: Incoming) -> float | None:
+        """How long before the service came online ``msg`` was received (None: after): a
+        request the broker queued while the service was down or starting."""
+        if self.online_t is None or msg.received >= self.online_t:
+            return None
+        return self.online_t - msg.received
+
     async def _estop(self, req: _Request, data: Any, problems: list[str]) -> None:
-        """Any message trips every station; what was wrong with it goes back as warnings."""
+        """Any message trips every station; what was wrong with it goes back as warnings.
+
+        But one: an empty message flagged retained is the clearing of a retained e-stop
+        (``labbridge estop --clear-retained``, ``mosquitto_pub -r -n``), never an e-stop
+        (over MQTT v5, where the service subscribes "retain as published"). A retained
+        e-stop, or one queued while the service was down, trips too, and says so.
+        """
         assert self.service is not None
+        msg = req.msg
+        if msg.retain and not msg.payload:
+            log.warning("MQTT API: the retained e-stop on %s was cleared by %s", msg.topic, req.user)
+            self._count("estop:cleared")
+            return
+        notes = []
+        if msg.retain:
+            notes.append(
+                f"this e-stop is retained on {msg.topic}: it trips every station again whenever "
+                f"the service (re)subscribes; clear it with `labbridge estop --clear-retained` "
+                f"or `mosquitto_pub -r -n -t {msg.topic}` (an empty retained message is not an "
+                "e-stop)"
+            )
+        queued = self.queued_s(msg)
+        if queued is not None:
+            notes.append(
+                f"stale: queued by the broker while labbridge was down or starting (received "
+                f"{queued:.1f} s before it came online); acted on anyway (an e-stop is safer)"
+            )
         reason = None
         who = req.user
         if isinstance(data, Mapping):
@@ -774,7 +824,9 @@ class MqttApi:
                 '(send {"reason": "..."})',
             ]
         fields = {k: v for k, v in report.items() if k != "ok"}
-        await self._reply(req, bool(report["ok"]), warnings=warnings, **fields)
+        if queued is not None or msg.retain:
+            fields.update(stale=queued is not None, retained=msg.retain)
+        await self._reply(req, bool(report["ok"]), warnings=[*warnings, *notes], **fields)
 
 
 # ======================================================================= serve
@@ -973,6 +1025,11 @@ def _run_client(
 
 def estop_command(args: argparse.Namespace) -> int:
     """``labbridge estop --reason TEXT``: trip every station of the bridge over MQTT."""
+    if args.clear_retained:
+        return _clear_retained_estop(args)
+    if not args.reason:
+        print("labbridge estop: --reason is required (why: it is recorded)", file=sys.stderr)
+        return 1
     payload: dict[str, Any] = {"reason": args.reason}
     if args.note:
         payload["note"] = args.note
@@ -996,6 +1053,37 @@ def estop_command(args: argparse.Namespace) -> int:
     for w in reply.get("warnings") or []:
         print(f"  note: {w}")
     return code
+
+
+def _clear_retained_estop(args: argparse.Namespace) -> int:
+    """Publish the empty retained message that clears a retained e-stop of this user (the
+    service, over MQTT v5, does not take it for an e-stop)."""
+    prog = "labbridge estop --clear-retained"
+
+    async def clear(settings: ApiSettings, bridge_id: str) -> str:
+        topic = f"{topic_root(bridge_id)}/estop/{settings.username or 'anonymous'}"
+        link = MqttLink(replace(settings, client_id=f"labbridge-cli-{secrets.token_hex(4)}"))
+        await link.open()
+        try:
+            if link.protocol != "5":
+                raise ApiError(
+                    f"the broker speaks MQTT {link.protocol}: there, an empty message on "
+                    f"{topic} is an e-stop like any other; clear a retained e-stop only where "
+                    "MQTT v5 is spoken (or stop the service first)"
+                )
+            await link.send(topic, b"", retain=True, wait=True)
+        finally:
+            await link.close()
+        return topic
+
+    try:
+        settings, bridge_id = _client_settings(args)
+        topic = asyncio.run(clear(settings, bridge_id))
+    except (ConfigError, ApiError, OSError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    print(f"retained e-stop on {topic} cleared (nothing was tripped)")
+    return 0
 
 
 def reset_command(args: argparse.Namespace) -> int:
@@ -1165,7 +1253,12 @@ def add_mqtt_client_parsers(subparsers: Any) -> None:
         ),
     )
     _client_args(estop)
-    estop.add_argument("--reason", required=True, help="why (recorded)")
+    estop.add_argument("--reason", default=None, help="why (recorded; required)")
+    estop.add_argument(
+        "--clear-retained",
+        action="store_true",
+        help="clear a retained e-stop published by this user (trips nothing; MQTT v5 brokers)",
+    )
     estop.add_argument(
         "--note", default=None, help="a note, logged (who e-stops is the MQTT user)"
     )

@@ -183,6 +183,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "description": "refused unread: too many requests; retry after retry_after_s",
             },
             "retry_after_s": {"type": "number"},
+            "stale": {
+                "type": "boolean",
+                "description": "an e-stop queued while the service was down: acted on anyway",
+            },
+            "retained": {
+                "type": "boolean",
+                "description": "an e-stop published retained: acted on; clear it (docs)",
+            },
             "campaign_id": {"type": "string"},
             "accepted": {"type": "boolean"},
             "reasons": {"type": "array", "items": {"type": "string"}},

@@ -292,14 +292,19 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving(
-    tmp_path: Path, broker: DocsBroker, bridge_id: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    broker: DocsBroker,
+    bridge_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    **settings: Any,
 ) -> AsyncIterator[Served]:
+    """A simulated lab served on ``broker``; ``settings`` change the API's (rate, queue)."""
     monkeypatch.setenv(SERVICE_PASSWORD_ENV, PASSWORDS["labbridge"])
     async with SimulatedLab(stations=1, speed=SPEED) as sim:
         path = tmp_path / "lab.yaml"
         path.write_text(lab_text(sim, tmp_path, broker, bridge_id))
         lab = load_lab(path)
-        api = MqttApi(mqtt_settings(lab), lab.bridge_id)
+        api = MqttApi(dataclasses.replace(mqtt_settings(lab), **settings), lab.bridge_id)
         await api.connect()
         try:
             async with LabService(lab) as service:
@@ -750,7 +755,9 @@ async def test_estop_over_mqtt_trips_the_stations_and_a_reset_restores_them_and_
             _, refused_start, _ = await lims.get(lambda t, d: t.endswith("replies/lims/f"))
             assert not refused_start["ok"] and "tripped" in refused_start["errors"][0]
             # reset needs who and why; then the station is back
-            ana.publish(f"{root}/reset/ana", {"note": "no why"}, response_topic=f"{root}/replies/ana/r1")
+            ana.publish(
+                f"{root}/reset/ana", {"note": "no why"}, response_topic=f"{root}/replies/ana/r1"
+            )
             _, bad, _ = await ana.get(lambda t, d: t.endswith("/r1"))
             assert not bad["ok"] and any("'why' is a required property" in e for e in bad["errors"])
             assert (await actor.status.remote())["tripped"]
@@ -779,7 +786,9 @@ async def test_estop_over_mqtt_trips_the_stations_and_a_reset_restores_them_and_
             assert world.vial.volume_ml == pytest.approx(0.0, abs=1e-6)
             assert not (await actor.status.remote())["tripped"]
             # any payload on estop trips: an e-stop is never refused for its format
-            ana.publish(f"{root}/estop/ana", b"stop now\xff", response_topic=f"{root}/replies/ana/e3")
+            ana.publish(
+                f"{root}/estop/ana", b"stop now\xff", response_topic=f"{root}/replies/ana/e3"
+            )
             _, text_stop, _ = await ana.get(lambda t, d: t.endswith("/e3"))
             assert text_stop["ok"] and text_stop["reason"] == "stop now\ufffd", text_stop
             assert "not UTF-8" in text_stop["warnings"][0]
@@ -946,7 +955,11 @@ async def test_malformed_and_fuzzed_payloads_get_an_error_reply_and_never_act(
             ),
             # who sends is the topic's user, never a payload field
             ("reset", {"who": "ana", "why": "x"}, "'who' was unexpected"),
-            ("campaigns/nope/proposals", {"agent": "bob", "params": GOOD}, "'agent' was unexpected"),
+            (
+                "campaigns/nope/proposals",
+                {"agent": "bob", "params": GOOD},
+                "'agent' was unexpected",
+            ),
             ("reset", {"why": "x", "stations": ["bench-q"]}, "no station bench-q"),
         ]
         with (
@@ -1048,10 +1061,16 @@ async def test_expired_and_retained_requests_are_not_acted_on(
             )
             await asyncio.sleep(1.5)
             start("late-2", 2)  # queued; expires in our queue while the lab "opens"
-            lims.publish(  # queued, no expiry: acted on (proves queued requests arrive)
+            start("wait-3", 60)  # queued, may wait 60 s: acted on (refused: the station's latched)
+            lims.publish(  # queued, no expiry: could be hours old, not acted on
                 f"{root}/campaigns/nope/control/lims",
                 {"action": "pause"},
                 response_topic=f"{root}/replies/lims/queued",
+            )
+            ana.publish(  # queued e-stop: trips (safer), reported stale
+                f"{root}/estop/ana",
+                {"reason": "sent while the service was down"},
+                response_topic=f"{root}/replies/ana/stale",
             )
             await asyncio.sleep(0.2)
             api = MqttApi(mqtt_settings(s.lab), s.lab.bridge_id)
@@ -1059,13 +1078,21 @@ async def test_expired_and_retained_requests_are_not_acted_on(
             try:
                 await asyncio.sleep(2.5)
                 await api.attach(s.service)
-                got: dict[str, Any] = {}  # control requests are worked first: either order
-                while len(got) < 2:
-                    topic, data, _ = await lims.get(lambda t, d: t.endswith(("/late-2", "/queued")))
+                got: dict[str, Any] = {}  # control requests are worked first: any order
+                while len(got) < 3:
+                    topic, data, _ = await lims.get(
+                        lambda t, d: t.endswith(("/late-2", "/wait-3", "/queued"))
+                    )
                     got[topic.rsplit("/", 1)[1]] = data
-                late, queued = got["late-2"], got["queued"]
+                late, waited, queued = got["late-2"], got["wait-3"], got["queued"]
                 assert not late["ok"] and "expired" in late["errors"][0], late
-                assert not queued["ok"] and "no campaign 'nope'" in queued["errors"][0]
+                assert not waited["ok"] and "station bench-a is tripped" in waited["errors"][0]
+                assert not queued["ok"] and "queued by the broker" in queued["errors"][0], queued
+                assert "no message expiry" in queued["errors"][0]
+                _, stale, _ = await ana.get(lambda t, d: t.endswith("/stale"))
+                assert stale["ok"] and stale["stale"] is True and stale["retained"] is False
+                assert stale["who"] == "ana" and stale["already_tripped"]
+                assert any(w.startswith("stale: queued by the broker") for w in stale["warnings"])
                 _, retained, _ = await ana.get(lambda t, d: t.endswith("/retained"))
                 assert not retained["ok"] and "retained message" in retained["errors"][0]
                 with pytest.raises(TimeoutError):
@@ -1073,10 +1100,138 @@ async def test_expired_and_retained_requests_are_not_acted_on(
                 assert (await actor.status.remote())["tripped"]  # the retained reset did nothing
                 assert s.service.campaigns == {}
                 ana.publish(f"{root}/reset/ana", b"", retain=True)  # clear the retained message
+                # a retained e-stop trips (and says so); clearing it trips nothing
+                await s.service.reset("test", "before the retained e-stop")
+                ana.publish(
+                    f"{root}/estop/ana",
+                    {"reason": "retained by mistake"},
+                    response_topic=f"{root}/replies/ana/kept",
+                    retain=True,
+                )
+                _, kept, _ = await ana.get(lambda t, d: t.endswith("/kept"))
+                assert kept["ok"] and kept["retained"] is True and not kept["already_tripped"]
+                assert any("labbridge estop --clear-retained" in w for w in kept["warnings"])
+                await s.service.reset("test", "before clearing it")
+                estops = len(s.service.estops)
+                ana.puback(ana.publish(f"{root}/estop/ana", b"", retain=True))
+                await until(lambda: api.counts.get("estop:cleared") == 1, 10, "the clearing")
+                assert len(s.service.estops) == estops
+                assert not (await actor.status.remote())["tripped"]
                 await api.detach()
             finally:
                 await api.close("test over")
     assert journal_campaigns(tmp_path / "journal.db") == {}
+
+
+def heavy_program(i: int) -> str:
+    """A valid-looking program just under the 64 KiB payload limit that takes a while to parse
+    (YAML composed in pure Python): about half a second here."""
+    pad = "".join(f"  pad_{i}_{n}: [{n}, {n + 1}, 1.5, 2.5]\n" for n in range(1500))
+    return EXAMPLE.read_text().replace("fixed:\n", "fixed:\n" + pad, 1)
+
+
+@pytest.mark.timeout(120)
+async def test_an_estop_never_waits_behind_requests_and_the_queue_is_bounded(
+    ray_session: Any, docs_broker: DocsBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starts that take long to parse are queued ahead of an e-stop: the e-stop is answered
+    before any of them (their parsing once ran on the loop that dispatches e-stops); the
+    queue holds at most ``queue_size`` requests, the others are answered busy, unread."""
+    loop = asyncio.get_running_loop()
+    async with serving(tmp_path, docs_broker, "lab-busy", monkeypatch, queue_size=3) as s:
+        root = s.root
+        with (
+            client(docs_broker, "lims", loop=loop) as lims,
+            client(docs_broker, "ana", loop=loop) as ana,
+        ):
+            ana.subscribe(f"{root}/replies/#")  # the operator reads every reply, in order
+            mids = []
+            for i in range(6):
+                payload = json.dumps({"id": f"heavy-{i}", "program": heavy_program(i)})
+                assert len(payload) < 65536
+                mids.append(
+                    lims.publish(
+                        f"{root}/campaigns/start/lims",
+                        payload,
+                        response_topic=f"{root}/replies/lims/heavy",
+                        correlation=f"heavy-{i}".encode(),
+                    )
+                )
+            for mid in mids:
+                lims.puback(mid)
+            ana.publish(
+                f"{root}/estop/ana",
+                {"reason": "behind six starts"},
+                response_topic=f"{root}/replies/ana/estop",
+            )
+            order: list[tuple[str, dict[str, Any]]] = []
+
+            def complete() -> bool:
+                kinds = [k for k, d in order if not d.get("busy")]
+                n_busy = s.api.counts.get("start:busy", 0)
+                told = any(d.get("busy") for _, d in order)
+                return (
+                    "estop" in kinds and kinds.count("heavy") == 6 - n_busy and told == (n_busy > 0)
+                )
+
+            while not complete():
+                topic, data, _ = await ana.get(timeout=30)
+                order.append((topic.rsplit("/", 1)[1], data))
+            kinds = [k for k, _ in order]
+            assert order[kinds.index("estop")][1]["ok"], order
+            # the e-stop is answered before every start that was parsed
+            worked = [i for i, (k, d) in enumerate(order) if k == "heavy" and not d.get("busy")]
+            assert kinds.index("estop") < worked[0], kinds
+            # queue_size waited (and maybe one more being worked); the rest: busy, unread, and
+            # told so once (a second)
+            busy = [d for k, d in order if d.get("busy")]
+            assert len(busy) == 1 and 2 <= s.api.counts["start:busy"] <= 3, order
+            assert "3 requests are waiting" in busy[0]["errors"][0]
+            assert busy[0]["retry_after_s"] == 1.0
+        await s.service.reset("test", "test over")
+
+
+@pytest.mark.timeout(120)
+async def test_each_user_is_rate_limited_and_told_busy_once_a_second(
+    ray_session: Any, docs_broker: DocsBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with serving(
+        tmp_path, docs_broker, "lab-rate", monkeypatch, request_rate=1.0, request_burst=5
+    ) as s:
+        root = s.root
+        with (
+            client(docs_broker, "lims", loop=loop) as lims,
+            client(docs_broker, "ana", loop=loop) as ana,
+        ):
+            lims.subscribe(f"{root}/replies/lims/#")
+            ana.subscribe(f"{root}/replies/ana/#")
+            for i in range(50):  # a flood of malformed requests from one user
+                lims.publish(
+                    f"{root}/campaigns/start/lims",
+                    b"{not json",
+                    response_topic=f"{root}/replies/lims/flood",
+                    correlation=str(i).encode(),
+                )
+            await until(lambda: s.api.counts.get("start:busy", 0) >= 40, 20, "the flood")
+            # another user is not slowed down by it
+            ana.publish(
+                f"{root}/reset/ana",
+                {"why": "while lims floods"},
+                response_topic=f"{root}/replies/ana/r",
+            )
+            _, reset, _ = await ana.get(lambda t, d: t.endswith("/r"))
+            assert reset["ok"], reset
+            replies = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    replies.append((await lims.get(timeout=1.0))[1])
+            busy = [r for r in replies if r.get("busy")]
+            parsed = [r for r in replies if not r.get("busy")]
+            assert len(parsed) == 5 and all("not JSON" in r["errors"][0] for r in parsed)
+            assert len(busy) == 1, busy  # told once a second, the rest only counted
+            assert "more than 1 requests/s" in busy[0]["errors"][0]
+            assert s.api.counts["start:busy"] == 45
 
 
 @pytest.mark.timeout(120)

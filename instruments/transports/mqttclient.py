@@ -57,6 +57,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from instruments.errors import LinkLostError, TransportError, TransportOpenError, TransportTimeout
 from instruments.transports.base import DeviceWorker
@@ -104,6 +105,9 @@ class MqttSettings:
     ``max_packet_bytes`` (MQTT v5 only): the largest packet this client accepts; the
     broker drops larger messages for it instead of sending them (paho itself reads
     every packet whole before any callback: this is the only way to leave one unread).
+    ``retain_as_published`` (MQTT v5 only): subscribe with the option of that name, so a
+    message published retained arrives flagged ``retain`` also when it is live (without
+    it only the retained copies sent at subscribe time are flagged).
     """
 
     host: str
@@ -122,6 +126,7 @@ class MqttSettings:
     reconnect_max_s: float = 10.0
     session_expiry_s: int = 0
     max_packet_bytes: int | None = None
+    retain_as_published: bool = False
     will: MqttWill | None = None
     inline_password: str | None = field(default=None, repr=False)
 
@@ -553,10 +558,15 @@ class MqttClient:
             # Subscribe again after a reconnect (the broker's session may be gone).
             if subs and client.protocol == paho.MQTTv5:
                 for flt, (qos, sid) in subs:
-                    client.subscribe(flt, qos, properties=self._sid_properties(sid))
+                    client.subscribe(
+                        flt, options=self._sub_options(qos), properties=self._sid_properties(sid)
+                    )
             elif subs:
                 client.subscribe([(flt, qos) for flt, (qos, _sid) in subs])
         self._to_loop(self._on_connack, client, reason)
+
+    def _sub_options(self, qos: int) -> SubscribeOptions:
+        return SubscribeOptions(qos=qos, retainAsPublished=self.settings.retain_as_published)
 
     @staticmethod
     def _sid_properties(sid: int) -> Properties:
@@ -798,7 +808,9 @@ class MqttClient:
         try:
             if self.protocol == "5":
                 rc, mid = client.subscribe(
-                    absolute, send_qos, properties=self._sid_properties(sub.sid)
+                    absolute,
+                    options=self._sub_options(send_qos),
+                    properties=self._sid_properties(sub.sid),
                 )
             else:
                 rc, mid = client.subscribe(absolute, send_qos)
