@@ -143,7 +143,9 @@ class Requester:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = f"{self.root}/replies/bench/r"
         props.CorrelationData = corr
-        self.client.publish(f"{self.root}/{topic}", json.dumps(payload), qos=1, properties=props)
+        self.client.publish(
+            request_topic(self.root, topic, "bench"), json.dumps(payload), qos=1, properties=props
+        )
         return corr
 
     def wait(self, pred: Any, timeout: float = 30.0) -> tuple[float, str, Any]:
@@ -441,8 +443,8 @@ class Results:
 
 
 def request_topic(root: str, kind: str, user: str) -> str:
-    """The topic a client publishes a request on (see docs/mqtt-api.md)."""
-    return f"{root}/{kind}"
+    """The topic a client publishes a request on, ending in its user (docs/mqtt-api.md)."""
+    return f"{root}/{kind}/{user}"
 
 
 async def run_loaded(
@@ -522,7 +524,7 @@ async def main_async(args: argparse.Namespace) -> Results:
 
 def report(args: argparse.Namespace, r: Results, elapsed: float) -> bool:
     print()
-    print("labbridge MQTT campaign API benchmark (issue 5)")
+    print("labbridge MQTT campaign API benchmark (issues 5, 13)")
     print(
         f"one simulated reference station at {args.speed:g}x on local Ray (warm), mosquitto with "
         f"a password on loopback, a paho MQTT v5 requester; set-up {r.setup_s:.1f} s"

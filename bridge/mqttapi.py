@@ -41,8 +41,11 @@ A malformed request never reaches a station. The one exception is ``estop``:
 any message on it trips every station (an e-stop is never refused for its
 format; the reply says what was wrong with the payload).
 
-The event loop that dispatches e-stops never parses a request: e-stops are
-handled at once, each in its own task; every other request passes a
+E-stops come over a connection of their own (client id ``<client_id>-estop``,
+its own socket, paho thread and persistent session), so they never wait behind
+other requests in a socket or a broker queue. The event loop that dispatches
+them never parses a request: e-stops are handled at once, each in its own
+task; every other request passes a
 per-user rate limit (``request_rate``/s, bursts of ``request_burst``) and a
 bounded queue (``queue_size``), else it is answered "busy, retry" (at most once
 a second per user); the queue is worked in arrival order (``control`` and
@@ -161,9 +164,10 @@ _REQUEST_FILTERS = (
     ("campaigns/start/+", 1),
     ("campaigns/+/proposals/+", 1),
     ("campaigns/+/control/+", 1),
-    ("estop/+", 1),
     ("reset/+", 0),
 )
+#: e-stops, on the e-stop connection
+_ESTOP_FILTER = "estop/+"
 
 
 @dataclass
@@ -212,6 +216,11 @@ class MqttApi:
                 dumps({**offline, "reason": "connection to labbridge lost (Last Will)"}),
             ),
         )
+        #: e-stops come on a connection of their own (its own socket, paho thread and
+        #: persistent session): never behind other requests in a socket or a broker queue
+        self.estop_link = MqttLink(
+            replace(self.link.settings, client_id=f"{self.link.client_id}-estop")
+        )
         self.service: LabService | None = None
         self.state = "new"
         #: requests answered and how: counts by kind and outcome (for status displays, tests)
@@ -245,6 +254,11 @@ class MqttApi:
         """
         await self._check_alone()
         await self.link.open()
+        try:
+            await self.estop_link.open()
+        except BaseException:
+            await self.link.close()
+            raise
         self.state = "starting"
         self.link.on_connection_change(self._on_connection)
         await self._publish_status({"state": "starting"}, wait=True)
@@ -259,11 +273,13 @@ class MqttApi:
         self.online_t = time.monotonic()
         self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqttapi-parse")
         self._tasks = [
-            asyncio.create_task(self._dispatch(), name="mqttapi-dispatch"),
+            asyncio.create_task(self._dispatch(self.link), name="mqttapi-dispatch"),
             asyncio.create_task(self._worker(), name="mqttapi-worker"),
             asyncio.create_task(self._publisher(), name="mqttapi-publisher"),
             asyncio.create_task(self._ticker(), name="mqttapi-ticker"),
+            asyncio.create_task(self._dispatch(self.estop_link), name="mqttapi-estops"),
         ]
+        await self.estop_link.subscribe_all([(self.topic(_ESTOP_FILTER), 1)])
         await self.link.subscribe_all([(self.topic(f), qos) for f, qos in _REQUEST_FILTERS])
         self._events.put_nowait({"event": "_all"})
         await self.flush()
@@ -314,6 +330,7 @@ class MqttApi:
             with contextlib.suppress(ApiError):
                 await self._publish_status({"state": "offline", "reason": reason}, wait=True)
             await self.link.close()
+        await self.estop_link.close()
         self.service = None
 
     async def __aenter__(self) -> MqttApi:
@@ -331,6 +348,7 @@ class MqttApi:
             # what the broker speaks (amqtt: 3.1.1; it does not answer a v5 CONNECT that
             # asks for a persistent session, so the link must not try v5 first there)
             self.link.settings = replace(self.link.settings, protocol=probe.protocol)
+            self.estop_link.settings = replace(self.estop_link.settings, protocol=probe.protocol)
         status = None
         try:  # a retained status comes right after the SUBACK
             with contextlib.suppress(TimeoutError):
@@ -485,11 +503,11 @@ class MqttApi:
         task.add_done_callback(self._handlers.discard)
         return task
 
-    async def _dispatch(self) -> None:
+    async def _dispatch(self, link: MqttLink) -> None:
         """E-stops at once, each in its own task; every other request, if its size, its
         user's rate and the queue allow, onto the queue (see the module docstring)."""
         while True:
-            msg = await self.link.messages.get()
+            msg = await link.messages.get()
             kind, cid, user = self._route(msg.topic)
             if kind is None:
                 log.warning("MQTT API: message on unexpected topic %s ignored", msg.topic)
@@ -598,8 +616,9 @@ class MqttApi:
             body["topic"] = req.msg.topic
             if req.reply_problem is not None:
                 body.setdefault("errors", []).insert(0, req.reply_problem)
+        link = self.estop_link if req.kind == "estop" else self.link
         try:
-            await self.link.send(
+            await link.send(
                 target,
                 dumps(body),
                 qos=1,
@@ -1127,7 +1146,8 @@ def status_command(args: argparse.Namespace) -> int:
     status = found.get("status")
     if args.json:
         print(json.dumps(found, indent=2))
-        return 0 if status else 2
+        missing = [c for c in args.campaign or [] if f"campaign:{c}" not in found]
+        return 0 if status and not missing else 2
     if status is None:
         print(f"{prog}: no retained status on {topic_root(bridge_id)}/status: never served here")
         return 2
@@ -1149,10 +1169,12 @@ def status_command(args: argparse.Namespace) -> int:
     for cid, c in (status.get("campaigns") or {}).items():
         if cid not in (args.campaign or []):
             print(f"  campaign {cid}: {c.get('state')}")
+    code = 0
     for cid in args.campaign or []:
         cs = found.get(f"campaign:{cid}")
         if cs is None:
-            print(f"  campaign {cid}: no status retained")
+            print(f"  campaign {cid}: no status retained (no such campaign here?)")
+            code = 2
             continue
         p = cs.get("progress") or {}
         best = (p.get("best") or {}).get("value")
@@ -1161,7 +1183,7 @@ def status_command(args: argparse.Namespace) -> int:
             f"  campaign {cid}: {cs.get('state')}, {p.get('experiments')}/{p.get('budget')} "
             f"experiments, best {shown}" + (f" ({cs['reason']})" if cs.get("reason") else "")
         )
-    return 0
+    return code
 
 
 async def _read_retained(
