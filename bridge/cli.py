@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import safety
-from instruments.errors import InstrumentError
-from safety.yamldoc import ConfigError
+# Nothing heavy at import time (Ray, the optimizer, the safety layer, OpenCV load on use):
+# ``labbridge COMMAND --help`` stays fast.
 
 #: the program ``labbridge sim`` runs without --campaign: the reference bench's colour match
 DEMO_PROGRAM = "color-match"
@@ -94,7 +93,24 @@ def _campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: commands whose parser lives in a module that is slow to import: only the chosen one loads
+_HEAVY_PARSERS = {
+    "report": "write a campaign's HTML report with PNG plots",
+    "export": "write a campaign's experiments, transitions and verdicts as CSV or Parquet",
+}
+
+
+def _command_of(argv: list[str] | None) -> str | None:
+    """The command named in ``argv`` (the first word that is not an option), if any."""
+    for word in sys.argv[1:] if argv is None else argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``labbridge`` parser; ``command``: the one about to run (its full parser is built;
+    the slow-to-import ``report`` and ``export`` are otherwise only listed)."""
     parser = argparse.ArgumentParser(
         prog="labbridge",
         description="A safe bridge between software and lab instruments.",
@@ -249,12 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--ray-address", default=None, help="join this Ray cluster")
 
-    from bridge.export import add_export_parser
-    from bridge.mqttapi import add_mqtt_client_parsers, add_serve_parser
-    from bridge.report import add_report_parser
+    from bridge.mqttcli import add_mqtt_client_parsers, add_serve_parser
 
-    add_report_parser(sub)
-    add_export_parser(sub)
+    for name, what in _HEAVY_PARSERS.items():
+        if name != command:
+            sub.add_parser(name, help=what, add_help=False)
+        elif name == "report":
+            from bridge.report import add_report_parser
+
+            add_report_parser(sub)
+        else:
+            from bridge.export import add_export_parser
+
+            add_export_parser(sub)
     add_serve_parser(sub)
     add_mqtt_client_parsers(sub)
 
@@ -286,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     try:
         return _main(parser, args)
@@ -319,6 +342,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    import safety
+    from instruments.errors import InstrumentError
+
     if args.command == "drivers":
         for kind in safety.available_drivers():
             print(kind)
@@ -354,11 +380,14 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _campaign_command(args: argparse.Namespace) -> int:
+    import safety
     from bridge.campaigns import StationUnavailable, run_with_signals
     from bridge.labconfig import load_lab
+    from instruments.errors import InstrumentError
     from loops.campaign import CampaignBusy
     from loops.journal import JournalError
     from loops.program import load_program
+    from safety.yamldoc import ConfigError
 
     prog = f"labbridge {args.command}"
     resume = args.command == "resume"
@@ -420,9 +449,12 @@ def _print_summary(summary: Any, resume_hint: str) -> int:
 
 
 def _sim_command(args: argparse.Namespace) -> int:
+    import safety
     from bridge.campaigns import StationUnavailable
     from bridge.simbench import known_faults, sim_campaign  # the only place importing simulators
+    from instruments.errors import InstrumentError
     from loops.program import builtin_program, load_program
+    from safety.yamldoc import ConfigError
 
     if args.fault is not None and args.fault not in known_faults():
         print(
@@ -478,6 +510,7 @@ def _sim_command(args: argparse.Namespace) -> int:
 
 def _check_command(args: argparse.Namespace) -> int:
     from bridge.labconfig import load_lab
+    from safety.yamldoc import ConfigError
 
     try:
         lab = load_lab(args.lab)
@@ -520,6 +553,8 @@ def _assumed(items: list[str]) -> dict[str, Any]:
     """``CHANNEL=VALUE`` pairs, values read as YAML scalars (closed, 25, true)."""
     import yaml
 
+    from safety.yamldoc import ConfigError
+
     out: dict[str, Any] = {}
     for item in items:
         name, eq, text = item.partition("=")
@@ -540,6 +575,7 @@ def _check_program(lab: Any, path: Path, assume_items: list[str]) -> list[str]:
     from loops.check import check_program
     from loops.program import load_program
     from safety import load_envelope, station_layout
+    from safety.yamldoc import ConfigError
 
     try:
         program = load_program(path)
@@ -594,6 +630,7 @@ def _bounds(st: Any) -> list[Any]:
 def _calibrate_command(args: argparse.Namespace) -> int:
     from bridge.campaigns import StationUnavailable, calibrate, open_lab
     from bridge.labconfig import load_lab
+    from safety.yamldoc import ConfigError
 
     async def go() -> dict[str, Path]:
         lab = load_lab(args.lab)

@@ -42,6 +42,7 @@ __all__ = [
     "dumps",
     "parse_payload",
     "short",
+    "topic_root",
 ]
 
 #: every topic of the campaign API is under ``labbridge/<bridge_id>/``
@@ -50,6 +51,11 @@ ROOT = "labbridge"
 MAX_PAYLOAD_BYTES = 65536
 #: a received message (``received``, ``expired()``, ``response_topic``, ``correlation_data``)
 Incoming = MqttMessage
+
+
+def topic_root(bridge_id: str) -> str:
+    """``labbridge/<bridge_id>``: the root of every topic of one bridge."""
+    return f"{ROOT}/{bridge_id}"
 
 
 class ApiError(RuntimeError):

@@ -208,16 +208,20 @@ async def _stay_up(lab: RunningSimLab, out: Path, broker_url: str | None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    bus = lab.sim.bluez.address if lab.sim.bluez else ""
-    print(
-        f"simulated lab running, its MQTT campaign API on {url} under "
-        f"labbridge/{lab.config.bridge_id}/ (docs/mqtt-api.md); lab config in "
-        f"{out / 'lab.yaml'} (labbridge run PROGRAM --lab {out / 'lab.yaml'}); to reach the BLE "
-        f"sensors from another process: export DBUS_SYSTEM_BUS_ADDRESS={bus}; Ctrl-C to stop",
-        file=sys.stderr,
-    )
+    def online(api: Any, service: Any) -> None:
+        # printed once the API is subscribed: an e-stop sent after this line is acted on
+        root = f"labbridge/{lab.config.bridge_id}"
+        print(
+            f"simulated lab serving its MQTT campaign API on {url} under {root}/ "
+            f"(docs/mqtt-api.md): start campaigns on {root}/campaigns/start/<user>, e-stop "
+            f"with labbridge estop --broker {url} --bridge-id {lab.config.bridge_id} --reason "
+            f"...; its stations are held by this service (lab config {out / 'lab.yaml'}); "
+            "Ctrl-C to stop",
+            file=sys.stderr,
+        )
+
     try:
-        why = await serve(lab.config, settings, stop=stop, handle_signals=False)
+        why = await serve(lab.config, settings, stop=stop, handle_signals=False, on_online=online)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -116,3 +116,30 @@ def test_sim_without_dbus_daemon_says_so_and_debug_shows_the_traceback(tmp_path:
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert "BleSimulatorUnavailable" in debug.stderr
+
+
+HEAVY = ("ray", "bayes_opt", "scipy", "numpy", "cv2", "safety", "loops", "instruments", "paho")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [None, "sim", "run", "resume", "calibrate", "check", "serve", "estop", "reset", "status"],
+)
+def test_help_loads_nothing_heavy(command: str | None) -> None:
+    """``labbridge COMMAND --help`` once took 2-3 s: building the parser imported Ray, the
+    optimizer (scipy) and the safety layer. (``report``/``export`` load their own modules.)"""
+    code = (
+        "import sys; from bridge.cli import build_parser; "
+        f"build_parser({command!r}).format_help(); "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -1381,7 +1381,7 @@ async def test_the_docs_examples_work_against_labbridge_serve_and_sigterm_is_ord
         serve_cmd = [
             sys.executable,
             "-m",
-            "bridge.mqttapi",
+            "bridge.mqttcli",
             "serve",
             "--lab",
             str(tmp_path / "lab.yaml"),
@@ -1435,7 +1435,7 @@ async def test_the_docs_examples_work_against_labbridge_serve_and_sigterm_is_ord
             )
             assert sim.stations[0].world.vial.volume_ml == pytest.approx(0.0, abs=1e-6)
             # the CLI client commands (labbridge estop/reset/status) against the same service
-            cli = [sys.executable, "-m", "bridge.mqttapi"]
+            cli = [sys.executable, "-m", "bridge.mqttcli"]
             who = [
                 "--lab",
                 str(tmp_path / "lab.yaml"),
