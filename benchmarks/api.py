@@ -281,6 +281,7 @@ class EStopRun:
     reply_s: float | None
     commands: int
     missing: list[str]
+    failed: list[str] = dataclasses.field(default_factory=list)  # instruments not safe in time
 
 
 async def run_estops(
@@ -293,15 +294,18 @@ async def run_estops(
         t0 = time.monotonic()
         reply_s = None
         if via == "mqtt":
-            corr = client.request("estop", {"reason": f"benchmark {i}", "who": "benchmark"})
+            corr = client.request("estop", {"reason": f"benchmark {i}"})
             t, _, reply = await asyncio.to_thread(client.wait, lambda t, d, c, corr=corr: c == corr)
             reply_s = t - t0
             report = reply
         else:
             report = await service.estop(f"benchmark {i}", "benchmark")
             reply_s = time.monotonic() - t0
-        if not report["ok"] or report["already_tripped"]:
-            raise RuntimeError(f"e-stop {i} did not trip cleanly: {report}")
+        if report["already_tripped"]:
+            raise RuntimeError(f"e-stop {i}: the station was tripped already: {report}")
+        failed = [  # e.g. a simulator starved of CPU under load: recorded, shown in the table
+            f"{name}: {inst}" for name, st in report["stations"].items() for inst in st["failed"]
+        ]
         await asyncio.sleep(0.05)  # every command of the storm has arrived
         arrivals = safe_state_arrivals(bench, t0, time.monotonic())
         firsts = [t for dev, ts in arrivals.items() for t in ts[: SAFE_WIRE_EXPECTED[dev]]]
@@ -310,13 +314,16 @@ async def run_estops(
             for dev, k in SAFE_WIRE_EXPECTED.items()
             if len(arrivals[dev]) < k
         ]
-        reset = await service.reset("benchmark", f"after e-stop {i}")
-        if not reset["ok"]:
+        for _ in range(5):
+            reset = await service.reset("benchmark", f"after e-stop {i}")
+            if reset["ok"]:
+                break
+            await asyncio.sleep(1.0)
+        else:
             raise RuntimeError(f"reset after e-stop {i} refused: {reset}")
         if i >= 2:
-            runs.append(
-                EStopRun(via, max(firsts) - t0 if firsts else None, reply_s, len(firsts), missing)
-            )
+            wire_s = max(firsts) - t0 if firsts else None
+            runs.append(EStopRun(via, wire_s, reply_s, len(firsts), missing, failed))
     return runs
 
 
@@ -569,8 +576,10 @@ def report(args: argparse.Namespace, r: Results, elapsed: float) -> bool:
         [e.reply_s for e in em if e.reply_s is not None],
         [e.reply_s for e in ed if e.reply_s is not None],
     )
-    counts = [e.commands for e in r.estops]
-    incomplete = [e for e in r.estops if e.missing]
+    every = [*r.estops, *(e for runs, _, _ in r.loaded.values() for e in runs)]
+    counts = [e.commands for e in every]
+    incomplete = [e for e in every if e.missing]
+    failed = [e for e in every if e.failed]
     for name, (runs, sent, elapsed) in r.loaded.items():
         what = (
             f"under a flood of malformed requests ({sent / elapsed:,.0f} msg/s)"
@@ -593,6 +602,8 @@ def report(args: argparse.Namespace, r: Results, elapsed: float) -> bool:
         f"{sum(SAFE_WIRE_EXPECTED.values())}: hotplate 2, pumps 8, enclosure 1, colour 1); "
         f"e-stops with some missing: {len(incomplete)}"
         + (f" (e.g. {incomplete[0].missing})" if incomplete else "")
+        + f"; e-stops where an instrument did not report safe in time: {len(failed)}"
+        + (f" (e.g. {failed[0].failed})" if failed else "")
     )
     print()
     lat = [s.result_latency_s for s in r.starts if s.result_latency_s is not None]
