@@ -19,7 +19,6 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -29,6 +28,7 @@ from loops.campaign import CampaignRunner, CampaignSummary, OnEvent, campaign_lo
 from loops.journal import Campaign
 from loops.program import Program, load_program
 from loops.raylinks import init_ray, ray_links, start_journal_actor, start_station_actor
+from loops.setup import SetupRecipe
 from loops.stations import ClockSpec, ScaledClock
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CampaignProgress",
     "StationUnavailable",
-    "calibrate",
+    "set_up",
     "lab_clock",
     "make_runner",
     "open_lab",
@@ -46,9 +46,6 @@ __all__ = [
 
 #: how long a station actor may take to be placed and open its instruments
 START_TIMEOUT_S = 60.0
-#: how ``labbridge calibrate`` calibrates a reference bench's camera: the red dye pump
-#: (trusted to deliver what it reports), the camera and the enclosure's light
-REFERENCE_CALIBRATION = {"fluid": "red", "camera": "camera", "light": "enclosure"}
 
 
 class StationUnavailable(RuntimeError):
@@ -86,15 +83,15 @@ async def open_lab(
     ray_address: str | None = None,
     stations: list[str] | None = None,
     start_timeout_s: float = START_TIMEOUT_S,
-    calibrate_missing: bool = True,
+    set_up_first: bool = True,
 ) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
     """Start Ray (or join it), the journal actor for ``lab.store`` and the station actors.
 
     Yields ``(journal, {station: actor})`` with every station open and, with
-    ``calibrate_missing``, every verifying station's camera calibrated (a simulated
-    bench calibrates itself; a real one without a calibration is an error that says
-    to run ``labbridge calibrate``). On exit every station is closed (instruments
-    safe-stated) and the actors are released.
+    ``set_up_first``, set up for a campaign (:func:`_ensure_set_up`: a simulated bench
+    sets itself up; a real one whose set-up never ran is an error that says to run
+    ``labbridge setup``). On exit every station is closed (instruments safe-stated)
+    and the actors are released.
     """
     names = stations or list(lab.stations)
     unknown = [n for n in names if n not in lab.stations]
@@ -120,50 +117,61 @@ async def open_lab(
                 journal=journal,
                 actor_name=None,
                 verification=st.verification.actor_options() if st.verification else None,
+                setup=st.setup_store.values() if st.setup_store else None,
             )
         await asyncio.gather(*(_start(n, a, start_timeout_s) for n, a in actors.items()))
-        if calibrate_missing:
-            await _ensure_calibrated(lab, actors)
+        if set_up_first:
+            await _ensure_set_up(lab, actors)
         yield journal, actors
     finally:
         await _close(journal, actors)
 
 
-async def _ensure_calibrated(lab: LabConfig, actors: Mapping[str, Any]) -> None:
-    """Every verifying station needs its camera calibration: a simulated bench calibrates
-    itself now (saved next to its lab.yaml); a real one must be calibrated by an operator."""
-    missing = [n for n in actors if (v := lab.stations[n].verification) and v.calibration() is None]
-    if not missing:
-        return
-    if not lab.simulated:
+async def _ensure_set_up(lab: LabConfig, actors: Mapping[str, Any]) -> None:
+    """Run what each station's set-up needs before a campaign (:meth:`SetupStore.pending`):
+    its ``every: campaign`` recipes, and on a simulated bench the ``once`` ones never run;
+    a real bench whose ``once`` recipes have not run is an error saying to run
+    ``labbridge setup`` (an operator's job: a calibration needs trusted instruments)."""
+    todo: dict[str, list[SetupRecipe]] = {}
+    missing: list[str] = []
+    for name in actors:
+        st = lab.stations[name]
+        if st.setup_store is None:
+            continue
+        pending = st.setup_store.pending(st.setup)
+        if not lab.simulated:
+            missing += [f"station {name}: set-up {r.name!r} has not run" for r in pending if r.every == "once"]
+        todo[name] = pending
+    if missing:
         raise StationUnavailable(
-            "; ".join(
-                f"station {n} has no camera calibration ({lab.stations[n].verification.calibration_path})"  # type: ignore[union-attr]
-                for n in missing
-            )
-            + f": run `labbridge calibrate --lab {lab.source}`, or set verification: "
-            "{enabled: false} for the station in the lab config"
+            "; ".join(missing) + f": run `labbridge setup --lab {lab.source}`"
         )
-    await calibrate(lab, {n: actors[n] for n in missing})
+    await set_up(lab, actors, {n: r for n, r in todo.items() if r}, who="campaign:setup")
 
 
-async def calibrate(lab: LabConfig, actors: Mapping[str, Any]) -> dict[str, Path]:
-    """Fit each station's camera calibration on its bench and save it where the lab config
-    says (``verification.calibration``); returns the paths written."""
-    written: dict[str, Path] = {}
+async def set_up(
+    lab: LabConfig,
+    actors: Mapping[str, Any],
+    recipes: Mapping[str, list[SetupRecipe]] | None = None,
+    *,
+    who: str = "operator:setup",
+) -> dict[str, list[str]]:
+    """Run set-up recipes on each station (default: all of the station's, in order) and
+    save what they keep in its set-up file; returns station -> the recipes run."""
+    done: dict[str, list[str]] = {}
     for name, actor in actors.items():
-        config = lab.stations[name].verification
-        if config is None:
-            raise ValueError(f"station {name}: camera verification is off in {lab.source}")
-        try:
-            data = await actor.calibrate_camera.remote(**REFERENCE_CALIBRATION)
-        except Exception as exc:
-            cause = getattr(exc, "cause", None) or exc
-            raise StationUnavailable(f"station {name}: {cause}") from None
-        config.save(data)
-        written[name] = config.calibration_path
-        log.info("station %s: camera calibration saved to %s", name, config.calibration_path)
-    return written
+        st = lab.stations[name]
+        for recipe in st.setup if recipes is None else recipes.get(name, []):
+            log.info("station %s: set-up %s", name, recipe.name)
+            try:
+                kept = await actor.run_setup.remote(recipe.recipe.as_dict(), list(recipe.keep), who=who)
+            except Exception as exc:
+                cause = getattr(exc, "cause", None) or exc
+                raise StationUnavailable(f"station {name}: {cause}") from None
+            assert st.setup_store is not None  # load_lab gives every station one
+            st.setup_store.record(recipe, kept, who=who)
+            done.setdefault(name, []).append(recipe.name)
+    return done
 
 
 async def _close(journal: Any, actors: Mapping[str, Any]) -> None:

@@ -5,7 +5,7 @@ Commands available now (``labbridge COMMAND --help`` for each):
 * ``sim``     start a simulated lab on loopback and run the demo experiment on it
 * ``run``     run a campaign (``program.md``) on a lab's stations (a simulated lab by default)
 * ``resume``  carry on a campaign that was stopped or killed, from its journal
-* ``calibrate`` fit each station's camera calibration (fill level) on its bench
+* ``setup``   run each station's set-up recipes (a camera calibration, priming...) on its bench
 * ``check``   validate a lab config without touching hardware
 * ``report``  HTML + PNG report of a campaign (convergence, parameters, contact sheet, safety)
 * ``export``  a campaign's experiments, transitions and verdicts as CSV or Parquet
@@ -30,9 +30,6 @@ from typing import Any
 
 # Nothing heavy at import time (Ray, the optimizer, the safety layer, OpenCV load on use):
 # ``labbridge COMMAND --help`` stays fast.
-
-#: the program ``labbridge sim`` runs without --campaign: the reference bench's colour match
-DEMO_PROGRAM = "color-match"
 
 
 def _positive_float(text: str) -> float:
@@ -150,10 +147,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="simulated clock speed, x real time (default 200)",
     )
     sim.add_argument(
+        "--bench",
+        choices=("colour", "buffer"),
+        default="colour",
+        help=(
+            "which simulated bench: colour (the reference bench's colour match, default) or "
+            "buffer (pH transmitter + balance: a phosphate buffer at pH 7.40, examples/buffer)"
+        ),
+    )
+    sim.add_argument(
         "--campaign",
         type=Path,
         default=None,
-        help="the campaign's program.md (default: the built-in colour match)",
+        help="the campaign's program.md (default: the bench's own: the colour match, the buffer)",
     )
     sim.add_argument(
         "--out", type=Path, default=None, help="run folder (default runs/sim-<timestamp>)"
@@ -222,8 +228,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             "Validate a lab config: its format (every error names the file, line and field), "
             "each station's envelope (limits, rules, budgets; names must be the station's "
             "instruments), each driver kind, transport URL and driver options, every "
-            "actuated channel and how it is bounded, and whether each verifying station has "
-            "its camera calibration; with --program, a program's recipe against each station "
+            "actuated channel and how it is bounded, each station's set-up recipes and whether "
+            "they have run; with --program, a program's recipe against each station "
             "and a dry run of its space's corners and centre. Nothing is connected."
         ),
     )
@@ -247,23 +253,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ),
     )
 
-    cal = sub.add_parser(
-        "calibrate",
-        help="fit each station's camera calibration on its bench",
+    stp = sub.add_parser(
+        "setup",
+        help="run each station's set-up recipes (calibrations, priming...) on its bench",
         description=(
-            "Fit the camera's fill-level calibration of each station (or of --station): through "
-            "the safety layer, light on, a frame of the empty vial, then red dye dispensed to "
-            "0.5, 1.0, ... 2.5 mL with a frame at each, then the vial drained. The pump must "
-            "deliver what it reports (calibrate with a pump you trust). The calibration is saved "
-            "where the station's verification.calibration says (default calibration/<station>.yaml "
-            "next to the lab config); campaigns verify every experiment with it."
+            "Run the set-up recipes the lab config lists for each station (or --station; "
+            "all of them, or --recipe), in order, through the safety layer: e.g. the reference "
+            "bench's camera calibration (frames of the vial at known volumes, fitted). What "
+            "they keep is saved in the station's setup_file (default setup/<station>.yaml "
+            "next to the lab config); campaigns verify every experiment with it. A real "
+            "bench's campaign refuses to start until its 'once' recipes have run."
         ),
     )
-    cal.add_argument("--lab", type=Path, required=True, help="lab config")
-    cal.add_argument(
+    stp.add_argument("--lab", type=Path, required=True, help="lab config")
+    stp.add_argument(
         "--station", action="append", default=None, help="only this station (repeatable)"
     )
-    cal.add_argument("--ray-address", default=None, help="join this Ray cluster")
+    stp.add_argument(
+        "--recipe", action="append", default=None, help="only this set-up recipe (repeatable)"
+    )
+    stp.add_argument("--ray-address", default=None, help="join this Ray cluster")
 
     from bridge.mqttcli import add_mqtt_client_parsers, add_serve_parser
 
@@ -361,8 +370,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _sim_command(args)
     if args.command in ("run", "resume"):
         return _campaign_command(args)
-    if args.command == "calibrate":
-        return _calibrate_command(args)
+    if args.command == "setup":
+        return _setup_command(args)
     if args.command == "check":
         return _check_command(args)
     if args.command in ("serve", "estop", "reset", "status"):
@@ -451,9 +460,9 @@ def _print_summary(summary: Any, resume_hint: str) -> int:
 def _sim_command(args: argparse.Namespace) -> int:
     import safety
     from bridge.campaigns import StationUnavailable
-    from bridge.simbench import known_faults, sim_campaign  # the only place importing simulators
+    from bridge.simbench import bench_data, known_faults, sim_campaign  # imports the simulators
     from instruments.errors import InstrumentError
-    from loops.program import builtin_program, load_program
+    from loops.program import load_program
     from safety.yamldoc import ConfigError
 
     if args.fault is not None and args.fault not in known_faults():
@@ -464,7 +473,7 @@ def _sim_command(args: argparse.Namespace) -> int:
         return 1
     out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
     try:
-        program = load_program(args.campaign or builtin_program(DEMO_PROGRAM))
+        program = load_program(args.campaign or bench_data(args.bench).program)
         if (out / "journal.db").exists():
             raise FileExistsError(f"{out / 'journal.db'} exists: choose another --out")
         summary = asyncio.run(
@@ -480,6 +489,7 @@ def _sim_command(args: argparse.Namespace) -> int:
                 ray_address=args.ray_address,
                 progress=not args.no_progress,
                 keep_running=args.keep_running,
+                bench=args.bench,
             )
         )
     except KeyboardInterrupt:
@@ -527,15 +537,12 @@ def _check_command(args: argparse.Namespace) -> int:
         print("  actuated channels (deny by default: an unbounded one is refused):")
         for b in _bounds(st):
             print(f"    {b.channel}: {b.how}  [{', '.join(b.commands)}]")
-        if st.verification is None:
-            print("  camera verification: off")
-        elif st.verification.calibration() is None:
-            print(
-                f"  camera verification: NOT CALIBRATED ({st.verification.calibration_path}): "
-                f"run labbridge calibrate --lab {args.lab}"
-            )
-        else:
-            print(f"  camera verification: calibrated ({st.verification.calibration_path})")
+        print(f"  verification: {'on' if st.verification else 'off'}")
+        ran = st.setup_store.load()["ran"] if st.setup_store else {}
+        for recipe in st.setup:
+            last = ran.get(recipe.name)
+            state = f"ran {last['at']} by {last['who']}" if last else "NOT RUN: labbridge setup"
+            print(f"  set-up {recipe.name} ({recipe.every}): {state}")
     print(f"journal: {lab.store}; Ray: {lab.ray_address or 'local (loopback)'}")
     if args.program is not None:
         found = _check_program(lab, args.program, args.assume)
@@ -627,29 +634,41 @@ def _bounds(st: Any) -> list[Any]:
         return []
 
 
-def _calibrate_command(args: argparse.Namespace) -> int:
-    from bridge.campaigns import StationUnavailable, calibrate, open_lab
+def _setup_command(args: argparse.Namespace) -> int:
+    from bridge.campaigns import StationUnavailable, open_lab, set_up
     from bridge.labconfig import load_lab
     from safety.yamldoc import ConfigError
 
-    async def go() -> dict[str, Path]:
+    async def go() -> tuple[Any, dict[str, list[str]]]:
         lab = load_lab(args.lab)
-        names = args.station or [n for n, st in lab.stations.items() if st.verification]
-        off = [n for n in names if n in lab.stations and lab.stations[n].verification is None]
-        if off:
-            raise ValueError(f"{args.lab}: camera verification is off for {', '.join(off)}")
-        async with open_lab(
-            lab, ray_address=args.ray_address, stations=names, calibrate_missing=False
-        ) as (_, actors):
-            return await calibrate(lab, actors)
+        names = args.station or [n for n, st in lab.stations.items() if st.setup]
+        unknown = [n for n in names if n not in lab.stations]
+        if unknown:
+            raise ValueError(f"{args.lab}: no station {', '.join(unknown)}")
+        none = [n for n in names if not lab.stations[n].setup]
+        if none or not names:
+            raise ValueError(f"{args.lab}: no set-up recipes for {', '.join(none) or 'any station'}")
+        chosen = {
+            n: [r for r in lab.stations[n].setup if args.recipe is None or r.name in args.recipe]
+            for n in names
+        }
+        missing = set(args.recipe or ()) - {r.name for rs in chosen.values() for r in rs}
+        if missing:
+            raise ValueError(f"{args.lab}: no set-up recipe {', '.join(sorted(missing))}")
+        async with open_lab(lab, ray_address=args.ray_address, stations=names, set_up_first=False) as (
+            _,
+            actors,
+        ):
+            return lab, await set_up(lab, actors, chosen)
 
     try:
-        written = asyncio.run(go())
+        lab, done = asyncio.run(go())
     except (ConfigError, StationUnavailable, ValueError, OSError) as exc:
-        print(f"labbridge calibrate: {exc}", file=sys.stderr)
+        print(f"labbridge setup: {exc}", file=sys.stderr)
         return 1
-    for name, path in written.items():
-        print(f"{name}: camera calibration saved to {path}")
+    for name, recipes in done.items():
+        store = lab.stations[name].setup_store
+        print(f"{name}: {', '.join(recipes)} done; kept in {store.path if store else '-'}")
     return 0
 
 

@@ -19,8 +19,11 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
         instruments:
           - {name: red, kind: syringe-pump, url: "serial:///dev/ttyUSB0?baudrate=9600",
              options: {address: 0}}
-        verification:                 # on by default for a station with a camera
-          calibration: calibration/bench-a.yaml   # (default) written by labbridge calibrate
+        setup: [reference]            # set-up recipes (loops/setup.py): files (relative to
+                                      # this file), inline mappings, or "reference" (the
+                                      # reference bench's camera calibration)
+        setup_file: setup/bench-a.yaml   # (default) what they keep; labbridge setup writes it
+        verification:                 # the program's checks after each experiment (default on)
           max_disagreements: 3        # unverified results in a row before the station pauses
                                       # (what is checked, and how closely: the program's
                                       # verification, loops/checks.py)
@@ -46,6 +49,7 @@ import yaml
 
 from bridge.mqttlink import MAX_PAYLOAD_BYTES, ROOT, ApiSettings
 from instruments.errors import InstrumentError
+from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
 from safety import check_instrument, load_envelope
 from safety.envelope import REFERENCE_BENCH
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
@@ -62,8 +66,8 @@ __all__ = [
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _TOP = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
-_STATION = ("envelope", "instruments", "supervisor", "env", "verification")
-_VERIFICATION = ("enabled", "calibration", "max_disagreements")
+_STATION = ("envelope", "instruments", "supervisor", "env", "verification", "setup", "setup_file")
+_VERIFICATION = ("enabled", "max_disagreements")
 _INSTRUMENT = ("name", "kind", "url", "options")
 _SUPERVISOR = ("poll_interval", "device_time_scale", "safe_timeout", "watchdog_s")
 
@@ -83,36 +87,21 @@ class StationConfig:
     supervisor: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     verification: VerificationConfig | None = None
+    #: the station's set-up recipes, in the order they run
+    setup: tuple[SetupRecipe, ...] = ()
+    #: what they keep and when each ran (``setup_file``)
+    setup_store: SetupStore | None = None
 
 
 @dataclass(frozen=True)
 class VerificationConfig:
-    """A station's camera verification: where its calibration is, and how many unverified
-    results in a row pause the station (the checks themselves are the program's)."""
+    """A station's verification: how many unverified results in a row pause the station
+    (the checks themselves are the program's)."""
 
-    calibration_path: Path
     max_disagreements: int = 3
 
-    def calibration(self) -> dict[str, Any] | None:
-        """The saved calibration (``Calibration.to_dict()``), or None if not made yet."""
-        if not self.calibration_path.exists():
-            return None
-        data = yaml.safe_load(self.calibration_path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise LabConfigError(
-                "not a camera calibration (labbridge calibrate writes it)",
-                source=str(self.calibration_path),
-            )
-        return data
-
-    def save(self, calibration: dict[str, Any]) -> None:
-        self.calibration_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.calibration_path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(calibration, sort_keys=False), encoding="utf-8")
-        tmp.replace(self.calibration_path)
-
     def actor_options(self) -> dict[str, Any]:
-        return {"enabled": True, "calibration": self.calibration()}
+        return {"enabled": True}
 
 
 @dataclass(frozen=True)
@@ -259,37 +248,52 @@ def _instrument(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> dict[str, An
     return out
 
 
-def _verification(
-    value: Any,
-    at: tuple[Any, ...],
-    doc: YamlDoc,
-    base: Path,
-    station: str,
-    instruments: tuple[dict[str, Any], ...],
-) -> VerificationConfig | None:
-    """On by default for a station with a camera; ``enabled: false`` turns it off."""
+def _verification(value: Any, at: tuple[Any, ...], doc: YamlDoc) -> VerificationConfig | None:
+    """On by default (the program's checks run after each experiment); ``enabled: false``
+    turns it off."""
+    if isinstance(value, Mapping) and "calibration" in value:
+        raise doc.error(
+            "verification.calibration is gone: a camera calibration is what a set-up recipe "
+            "keeps (station 'setup:' and 'setup_file:', labbridge setup)",
+            (*at, "calibration"),
+        )
     data = _mapping(value or {}, at, doc, _VERIFICATION)
-    enabled = data.get("enabled", any(i["kind"] == "camera" for i in instruments))
+    enabled = data.get("enabled", True)
     if not isinstance(enabled, bool):
         raise doc.error(f"must be true or false, got {enabled!r}", (*at, "enabled"))
     if not enabled:
         return None
-    if not any(i["kind"] == "camera" for i in instruments):
-        raise doc.error("verification needs a camera among the station's instruments", at)
-    path = Path(
-        _str(
-            data.get("calibration", f"calibration/{station}.yaml"),
-            (*at, "calibration"),
-            doc,
-            what="a file path",
-        )
-    )
-    if not path.is_absolute():
-        path = base / path
     n = data.get("max_disagreements", 3)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise doc.error(f"must be an integer >= 1, got {n!r}", (*at, "max_disagreements"))
-    return VerificationConfig(path, n)
+    return VerificationConfig(n)
+
+
+def _setup(
+    value: Any, at: tuple[Any, ...], doc: YamlDoc, base: Path
+) -> tuple[SetupRecipe, ...]:
+    """A station's ``setup:`` list: files (relative to the lab file), inline mappings, or
+    ``reference`` (the reference bench's, loops/programs/reference-setup.yaml)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise doc.error("must be a list of set-up recipes (files or mappings)", at)
+    out: list[SetupRecipe] = []
+    for i, item in enumerate(value):
+        if isinstance(item, Mapping):
+            recipe = compile_setup(item, doc=doc, path=(*at, i))
+        else:
+            file = _str(item, (*at, i), doc, what="'reference', a file path or a mapping")
+            p = REFERENCE_SETUP if file == "reference" else Path(file)
+            if not p.is_absolute():
+                p = base / p
+            if not p.is_file():
+                raise doc.error(f"no set-up recipe file {p}", (*at, i))
+            recipe = load_setup(p)  # its own errors name its file and line
+        if any(r.name == recipe.name for r in out):
+            raise doc.error(f"two set-up recipes named {recipe.name!r}", (*at, i))
+        out.append(recipe)
+    return tuple(out)
 
 
 def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
@@ -331,8 +335,14 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         for key, v in supervisor.items():
             _number(v, (*at, "supervisor", key), doc)
         text_env, env_source = _envelope(sdata.get("envelope"), (*at, "envelope"), doc, base)
-        verification = _verification(
-            sdata.get("verification"), (*at, "verification"), doc, base, sname, instruments
+        verification = _verification(sdata.get("verification"), (*at, "verification"), doc)
+        setup_file = Path(
+            _str(
+                sdata.get("setup_file", f"setup/{sname}.yaml"),
+                (*at, "setup_file"),
+                doc,
+                what="a file path",
+            )
         )
         stations[sname] = StationConfig(
             name=sname,
@@ -342,6 +352,8 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
             supervisor=supervisor,
             env={**env, **_env(sdata.get("env"), (*at, "env"), doc)},
             verification=verification,
+            setup=_setup(sdata.get("setup"), (*at, "setup"), doc, base),
+            setup_store=SetupStore(setup_file if setup_file.is_absolute() else base / setup_file),
         )
     speed: float | None = None
     sim_at_real: tuple[float, float] | None = None

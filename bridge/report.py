@@ -59,6 +59,7 @@ from bridge.export import (
 from instruments import vision
 from instruments.colour import lab_to_srgb
 from loops.journal import Campaign, Experiment, Journal, Transition
+from loops.setup import SetupStore
 
 __all__ = [
     "CONTACT_SHEET",
@@ -172,7 +173,7 @@ def _read(journal: Journal, campaign_id: str) -> _Data:
     folder = journal.path.parent
     calibrations = {}
     for station in {e.station for e in exps if e.station}:
-        path = folder / "calibration" / f"{station}.yaml"
+        path = folder / "setup" / f"{station}.yaml"  # the set-up results of a run folder
         if path.is_file():
             calibrations[station] = path
     return _Data(
@@ -718,10 +719,9 @@ def _analysis(data: _Data, e: Experiment, frame: np.ndarray) -> tuple[vision.Fra
     calibration = None
     cal_path = data.stations_with_calibration.get(e.station or "")
     if cal_path is not None:
-        try:
-            import yaml
-
-            calibration = vision.Calibration.from_dict(yaml.safe_load(cal_path.read_text()))
+        try:  # the camera calibration the station's set-up kept, if it kept one
+            kept = SetupStore(cal_path).values().get("calibration")
+            calibration = vision.Calibration.from_dict(kept) if isinstance(kept, dict) else None
         except Exception:
             calibration = None
     reference = None

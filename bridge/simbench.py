@@ -6,7 +6,7 @@ stand-in, the enclosure on an MQTT broker, an MJPEG camera), writes its
 ``lab.yaml``, and runs a campaign on it (by default the colour match that ships
 with labbridge) through the same code as ``labbridge run``: Ray station actors
 behind the safety layer, the optimizer, camera verification, the journal. The
-run folder keeps the lab config, the journal, the camera calibration, the
+run folder keeps the lab config, the journal, the set-up results (the camera calibration), the
 images and the report.
 """
 
@@ -28,7 +28,7 @@ import yaml
 from bridge.campaigns import run_with_signals
 from bridge.labconfig import LabConfig, load_lab, parse_broker_url
 from loops.campaign import CampaignRunner, CampaignSummary
-from loops.program import Program
+from loops.program import Program, builtin_program
 from safety import open_station, reference_envelope
 from simulators.bench import SimulatedBench, SimulatedLab
 from simulators.world import Faults
@@ -48,13 +48,48 @@ def open_sim_station(bench: SimulatedBench, speed: float) -> Any:
     )
 
 
+#: the data of each simulated bench's experiment: the repository's examples/ folder
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """What a simulated bench's stations use: an envelope (``reference`` or a file), set-up
+    recipes (``reference`` or files) and the program ``labbridge sim`` runs by default."""
+
+    envelope: str
+    setup: tuple[str, ...]
+    program: Path
+
+
+def bench_data(bench: str) -> BenchData:
+    """The data of simulated bench ``bench`` (``colour``: the reference bench, built in;
+    ``buffer``: examples/buffer). Raises ``FileNotFoundError`` saying where it looked."""
+    if bench == "colour":
+        return BenchData("reference", ("reference",), builtin_program("color-match"))
+    folder = EXAMPLES / bench
+    data = BenchData(
+        str(folder / "envelope.yaml"), (str(folder / "setup.yaml"),), folder / "program.md"
+    )
+    files = [Path(data.envelope), *map(Path, data.setup), data.program]
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the {bench} bench's data are not here ({', '.join(map(str, missing))}): they ship "
+            "in the source checkout's examples/ folder (pip install -e . from it)"
+        )
+    return data
+
+
 def sim_lab_yaml(lab: SimulatedLab, store: Path, *, bridge_id: str = "labbridge-sim") -> str:
     """``lab.yaml`` text for a running simulated lab: its stations' instruments on loopback,
-    the reference envelope, its clock (``simulated``) and the BLE bus address (``env``).
+    its bench's envelope and set-up (:func:`bench_data`), its clock (``simulated``) and the
+    BLE bus address (``env``).
 
     ``labbridge run program.md --lab <it>`` from another process drives the same benches
     (CLOCK_MONOTONIC is system-wide, so ``sim_at_real`` defines the clock there too)."""
     speed = lab.clock.speed
+    data = bench_data(lab.bench)
     config = {
         "bridge_id": bridge_id,
         "store": str(store),
@@ -62,7 +97,8 @@ def sim_lab_yaml(lab: SimulatedLab, store: Path, *, bridge_id: str = "labbridge-
         "env": {"DBUS_SYSTEM_BUS_ADDRESS": lab.bluez.address if lab.bluez else ""},
         "stations": {
             bench.name: {
-                "envelope": "reference",
+                "envelope": data.envelope,
+                "setup": list(data.setup),
                 "supervisor": {"device_time_scale": speed, "poll_interval": 0.1},
                 "instruments": [spec.as_dict() for spec in bench.instruments()],
             }
@@ -99,14 +135,17 @@ async def simulated_lab(
     store: Path | None = None,
     broker_url: str | None = None,
     embedded_broker: bool = False,
+    bench: str = "colour",
 ) -> AsyncIterator[RunningSimLab]:
     """Start a simulated lab on loopback, write ``out/lab.yaml`` for it, yield it loaded.
 
-    ``store``: the journal's path (default ``out/journal.db``). The simulators run
-    in this process until the block exits.
+    ``store``: the journal's path (default ``out/journal.db``); ``bench``: ``colour``
+    or ``buffer``. The simulators run in this process until the block exits.
     """
+    bench_data(bench)  # its data are there, before anything starts
     out.mkdir(parents=True, exist_ok=True)
     lab = SimulatedLab(
+        bench=bench,
         stations=stations,
         speed=speed,
         broker_url=broker_url,
@@ -158,23 +197,32 @@ async def sim_campaign(
     progress: bool = True,
     keep_running: bool = False,
     after: Callable[[RunningSimLab, CampaignSummary], None] | None = None,
+    bench: str = "colour",
 ) -> CampaignSummary:
     """Run ``program`` on a simulated lab started for it (the run folder is ``out``).
 
-    ``fault``: a simulator fault injected once the stations are open and their
-    cameras calibrated (so the calibration itself is sound). ``after``: called
+    ``bench``: the simulated bench (``colour``, ``buffer``). ``fault``: a simulator fault injected once the stations are open and their
+    set up (so the camera calibration itself is sound). ``after``: called
     with the lab and the summary while the lab is still up (e.g. to write the
     report). ``keep_running``: afterwards stay up as a simulated lab serving the
-    MQTT campaign API (``labbridge serve``) until SIGINT/SIGTERM; another process
-    can also run campaigns with ``--lab out/lab.yaml``.
+    MQTT campaign API (``labbridge serve``) until SIGINT/SIGTERM: other processes run
+    campaigns on it over MQTT (its stations are held by the service meanwhile).
     """
     n = stations or program.stations
     if broker_url is not None:
         await check_broker(broker_url)
     async with simulated_lab(
-        stations=n, speed=speed, out=out, broker_url=broker_url, embedded_broker=embedded_broker
+        stations=n,
+        speed=speed,
+        out=out,
+        broker_url=broker_url,
+        embedded_broker=embedded_broker,
+        bench=bench,
     ) as lab:
-        print(f"simulated lab: {n} station(s) at {speed:g}x; run folder {out}", file=sys.stderr)
+        print(
+            f"simulated lab: {n} {bench} station(s) at {speed:g}x; run folder {out}",
+            file=sys.stderr,
+        )
 
         def on_runner(runner: CampaignRunner) -> None:
             if fault:
@@ -208,6 +256,7 @@ async def _stay_up(lab: RunningSimLab, out: Path, broker_url: str | None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
     def online(api: Any, service: Any) -> None:
         # printed once the API is subscribed: an e-stop sent after this line is acted on
         root = f"labbridge/{lab.config.bridge_id}"

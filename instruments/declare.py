@@ -180,18 +180,25 @@ class Param:
 @dataclass(frozen=True)
 class Set:
     """The command sets ``channel`` to parameter ``arg``'s value or to ``value``, when the
-    parameters named in ``when`` have those values (``None``: not given)."""
+    parameters named in ``when`` have those values (``None``: not given).
+
+    ``momentary``: the channel holds ``value`` (a boolean) only while this command is
+    checked, and ``not value`` otherwise: an event the envelope's rules can name (``a
+    tare while a pump runs``) without it sticking to every later command."""
 
     channel: str
     arg: str | None = None
     value: Any = None
     when: Mapping[str, Any] = field(default_factory=dict)
+    momentary: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.channel):
             raise DeclarationError(f"Set channel {self.channel!r} is not a channel name")
         if self.arg is None and self.value is None:
             raise DeclarationError(f"Set({self.channel!r}) needs arg= or value=")
+        if self.momentary and (self.arg is not None or not isinstance(self.value, bool)):
+            raise DeclarationError(f"Set({self.channel!r}, momentary=True) needs value=True or False")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,16 @@ Hierarchy::
     └── DeviceError                the device answered with an error
         ├── DeviceRejected         an error reply (pump ``?OOR``, enclosure ``ok: false``, ...)
         ├── DeviceAlarm            the device reports an alarm state
-        └── ModbusExceptionError   a Modbus exception reply (function, address, code)
+        ├── ModbusExceptionError   a Modbus exception reply (function, address, code)
+        ├── ProbeNotImmersedError  a pH reading while the probe is out of the liquid / open circuit
+        ├── CalibrationError       a calibration that did not finish (or was refused)
+        └── BalanceError           an MT-SICS error reply of a balance (``.command``, ``.code``)
+            ├── BalanceNotExecutable      ``<cmd> I``: not executable now (no stable reading)
+            ├── BalanceOverload           ``<cmd> +``: overload / above the zero or tare range
+            ├── BalanceUnderload          ``<cmd> -``: underload / below the zero or tare range
+            ├── BalanceSyntaxError        ``ES``: the balance did not know the command
+            ├── BalanceTransmissionError  ``ET``: a character arrived garbled (parity, framing)
+            └── BalanceLogicalError       ``EL``: a parameter out of range
 """
 
 from __future__ import annotations
@@ -133,3 +142,90 @@ class ModbusExceptionError(DeviceError):
         self.function_code = function_code
         self.address = address
         self.exception_code = exception_code
+
+
+class ProbeNotImmersedError(DeviceError):
+    """A pH reading was taken while the probe reports "not immersed or open circuit".
+
+    The device then repeats its last value: that is not a measurement, so no
+    number is returned. ``last_ph`` is the value the device repeated (for logs only).
+    """
+
+    def __init__(self, device: str, last_ph: float | None = None) -> None:
+        super().__init__(
+            device,
+            "pH probe not immersed or open circuit (status bit1): no valid reading; put the "
+            "probe in the liquid (check the level covers the junction) and the cable, then read again",
+        )
+        self.last_ph = last_ph
+
+
+class CalibrationError(DeviceError):
+    """A calibration did not finish within its deadline, or the device refused it."""
+
+    def __init__(self, device: str, message: str, buffer_ph: float | None = None) -> None:
+        super().__init__(device, message)
+        self.buffer_ph = buffer_ph
+
+
+class BalanceError(DeviceError):
+    """A balance answered a command with an MT-SICS error (``command``, ``code``, ``advice``)."""
+
+    #: what the reply means, and what to do about it
+    meaning: str = "error reply"
+    advice: str = ""
+
+    def __init__(self, device: str, command: str, code: str, reply: str = "") -> None:
+        detail = f" (reply {reply!r})" if reply else ""
+        super().__init__(
+            device, f"command {command!r}: {self.meaning}{detail}; {self.advice}".rstrip("; ")
+        )
+        self.command = command
+        self.code = code
+        self.reply = reply
+
+
+class BalanceNotExecutable(BalanceError):
+    """``<cmd> I``: the command cannot be executed now (no stable reading within the device's
+    timeout: vibration, a draught, liquid still flowing or a stirrer turning)."""
+
+    meaning = "not executable (no stable reading within the balance's timeout)"
+    advice = (
+        "stop what disturbs the pan (stirrer, pumps, draught), let it settle and retry, "
+        "or use the immediate command (SI, ZI)"
+    )
+
+
+class BalanceOverload(BalanceError):
+    """``<cmd> +``: overload, or above the range the command accepts (zero/tare range)."""
+
+    meaning = "overload (the load is above the balance's range or the zero/tare range)"
+    advice = "take load off the pan (capacity 220 g on the bench balance)"
+
+
+class BalanceUnderload(BalanceError):
+    """``<cmd> -``: underload, or below the range the command accepts (pan missing?)."""
+
+    meaning = "underload (the load is below the balance's range or the zero/tare range)"
+    advice = "check that the weighing pan is in place and nothing lifts it"
+
+
+class BalanceSyntaxError(BalanceError):
+    """``ES``: the balance did not recognise the command."""
+
+    meaning = "syntax error (ES): the balance does not know this command"
+    advice = "check the command and the balance's MT-SICS level"
+
+
+class BalanceTransmissionError(BalanceError):
+    """``ET``: the balance received a garbled character (parity, framing, baud rate)."""
+
+    meaning = "transmission error (ET): the balance received a garbled character"
+    advice = "check the cable and the line settings (9600 8N1), then send the command again"
+
+
+class BalanceLogicalError(BalanceError):
+    """``EL``: a logical error (a parameter out of range)."""
+
+    meaning = "logical error (EL): a parameter is out of range for this balance"
+    advice = "check the command's parameter against the balance's ranges"

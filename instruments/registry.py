@@ -30,6 +30,8 @@ _BUILTIN: dict[str, str] = {
     "color-sensor": "instruments.drivers.color_sensor:ColorSensor",
     "enclosure": "instruments.drivers.enclosure:Enclosure",
     "camera": "instruments.drivers.camera:Camera",
+    "ph-meter": "instruments.drivers.ph_meter:PhMeter",
+    "balance": "instruments.drivers.balance:Balance",
 }
 
 

@@ -8,7 +8,7 @@ bubble. A program says how its results are verified, in its front matter::
       analyses:                    # computed once per experiment, before the checks
         - name: camera
           function: camera_analysis            # a registered function (loops/functions.py)
-          args: {image: images.outcome, reference: images.reference, calibration: calibration}
+          args: {image: images.outcome, reference: images.reference, calibration: setup.calibration}
       checks:
         - name: fill level                     # two measurements agree within a tolerance
           expr: camera.fill_ml - total_ml
@@ -23,9 +23,10 @@ bubble. A program says how its results are verified, in its front matter::
 
 Names in ``args``, ``expr`` and ``expect`` are the experiment's measurements
 (dotted names as the recipe wrote them), its parameters and fixed values, the
-analyses' results (``camera.fill_ml``), ``images.outcome`` and
-``images.reference`` (the JPEG bytes of the recipe's captures, None without
-one) and ``calibration`` (the station's camera calibration, None without one).
+analyses' results (``camera.fill_ml``), ``images.<name>`` (the JPEG bytes of
+the recipe's captures: ``images.outcome``, ``images.reference``..., None
+without one) and ``setup.<name>`` (what the station's set-up recipes kept,
+e.g. ``setup.calibration``: a camera calibration; None when not set up).
 A check passes when its value is within ``min``/``max``, within ``±within``,
 or (``expect``) true. An analysis that raises, or returns a mapping whose
 ``problems`` list is not empty, and a check that cannot be evaluated (a name
@@ -52,10 +53,11 @@ from loops.plan import flatten, parse_at, plain
 from safety.expr import EvaluationError, parse
 from safety.yamldoc import YamlDoc
 
-__all__ = ["CONTEXT_NAMES", "Verification", "compile_verification", "run_checks"]
+__all__ = ["CONTEXT_PREFIXES", "Verification", "compile_verification", "run_checks"]
 
-#: names the station provides to analyses and checks besides the measurements and inputs
-CONTEXT_NAMES = ("images.outcome", "images.reference", "calibration")
+#: what the station provides to analyses and checks besides the measurements and inputs:
+#: ``images.<capture>`` and ``setup.<kept value>``
+CONTEXT_PREFIXES = frozenset({"images", "setup"})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_ .:-]*")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 LIMITS = ("min", "max", "within")
@@ -95,13 +97,13 @@ def _names_ok(
     text: str, path: tuple[Any, ...], doc: YamlDoc, known: set[str], prefixes: set[str], *, boolean: bool
 ) -> None:
     for name in sorted(parse_at(text, path, doc, boolean=boolean).names()):
-        if name in known or name.split(".", 1)[0] in prefixes:
+        if name in known or name.split(".", 1)[0] in prefixes | CONTEXT_PREFIXES:
             continue
         if any(name.startswith(m + ".") for m in known):
             continue  # a key of a measurement that is a mapping (reading.ph)
         raise doc.error(
-            f"unknown name '{name}' (a measurement, an input, an analysis or one of "
-            f"{', '.join(CONTEXT_NAMES)})",
+            f"unknown name '{name}' (a measurement, an input, an analysis, "
+            "images.<capture> or setup.<kept value>)",
             path,
         )
 
@@ -147,7 +149,7 @@ def compile_verification(
     for key in spec:
         if key not in ("analyses", "checks"):
             raise doc.error(f"unknown key '{key}' (known: analyses, checks)", (*path, key))
-    known = set(measures) | set(inputs) | set(CONTEXT_NAMES)
+    known = set(measures) | set(inputs)
     analyses: list[dict[str, Any]] = []
     names: set[str] = set()
     for i, a in enumerate(spec.get("analyses") or []):
@@ -222,7 +224,7 @@ def run_checks(
     measurements: Mapping[str, Any],
     inputs: Mapping[str, Any] | None = None,
     images: Mapping[str, bytes | None] | None = None,
-    calibration: Any = None,
+    setup: Mapping[str, Any] | None = None,
 ) -> Verification:
     """Run a recipe's analyses and checks (:func:`compile_verification`'s data) on one
     experiment's result; see the module docstring. Never raises for a bad result."""
@@ -232,9 +234,12 @@ def run_checks(
     scope: dict[str, Any] = dict(inputs or {})
     for name, value in measurements.items():
         flatten(name, value, scope)
-    for role in ("outcome", "reference"):
-        scope[f"images.{role}"] = (images or {}).get(role)
-    scope["calibration"] = calibration
+    for role in ("outcome", "reference"):  # None when the recipe took no such frame
+        scope[f"images.{role}"] = None
+    for role, data in (images or {}).items():
+        scope[f"images.{role}"] = data
+    for name, value in (setup or {}).items():
+        flatten(f"setup.{name}", value, scope)
     reasons: list[str] = []
     analysis: dict[str, Any] = {}
 
@@ -254,7 +259,8 @@ def run_checks(
             args = {k: value_of(t) for k, t in a.get("args", {}).items()}
             result = registry.call(a["function"], args)
         except (EvaluationError, ValueError, ArithmeticError, TypeError) as exc:
-            reasons.append(f"cannot verify: {name}: {exc}")
+            hint = " (the station's set-up has not kept it: run labbridge setup)" if "'setup." in str(exc) else ""
+            reasons.append(f"cannot verify: {name}: {exc}{hint}")
             continue
         flatten(name, result, scope)
         analysis[name] = plain(result)
@@ -267,9 +273,10 @@ def run_checks(
         texts = [text] if text else list(c["args"].values())
         names = set().union(*(expression(t).names() for t in texts))
         shown = {
-            n: plain(scope[n]) for n in sorted(names) if n in scope and not n.startswith("images.")
+            n: plain(scope[n])
+            for n in sorted(names)
+            if n in scope and n.split(".", 1)[0] not in CONTEXT_PREFIXES
         }
-        shown.pop("calibration", None)
         try:
             if "function" in c:
                 args = {k: value_of(t) for k, t in c["args"].items()}

@@ -13,7 +13,8 @@ step). Register one in your package's ``pyproject.toml``::
 labbridge's own (for the reference bench) are registered the same way, in its
 ``pyproject.toml``. Entry points are read once per process: call
 :func:`refresh` after installing a package into a running one. Built in here: ``mean``, ``total``,
-``minimum``, ``maximum`` over a list of numbers.
+``minimum``, ``maximum`` over a list of numbers, and ``distance`` (``|a - b|``: how far
+a measurement is from its target, the objective of a "hit this value" experiment).
 """
 
 from __future__ import annotations
@@ -62,7 +63,17 @@ def maximum(values: Sequence[Any]) -> float:
     return max(_numbers(values))
 
 
+def distance(a: Any, b: Any) -> float:
+    """``|a - b|`` of two numbers, or the Euclidean distance of two equally long lists."""
+    xs = _numbers(a if isinstance(a, Sequence) and not isinstance(a, str) else [a])
+    ys = _numbers(b if isinstance(b, Sequence) and not isinstance(b, str) else [b])
+    if len(xs) != len(ys):
+        raise ValueError(f"needs two numbers or two lists of one length, got {a!r} and {b!r}")
+    return math.dist(xs, ys)
+
+
 BUILTIN: dict[str, Callable[..., Any]] = {
+    "distance": distance,
     "mean": mean,
     "total": total,
     "minimum": minimum,

@@ -10,13 +10,13 @@ measurements taken so far::
 
     - call: enclosure.set_light            # a declared command of an instrument
       args: {on: true, intensity: light_intensity}
-    - call: acid.dispense
-      args: {volume_ml: acid_ml, rate_ml_min: rate_ml_min}
-      when: acid_ml >= 0.001                 # over parameters/fixed: skipped otherwise
-    - call: acid.wait_until_stopped          # a call's result can go into a measurement
+    - call: doser.dispense
+      args: {volume_ml: dose_ml, rate_ml_min: rate_ml_min}
+      when: dose_ml >= 0.001                 # over parameters/fixed: skipped otherwise
+    - call: doser.wait_until_stopped          # a call's result can go into a measurement
       args: {timeout: 120}
-    - read: {added_ml.acid: acid.infused_ml}   # measurement <- instrument.reading key
-      when: acid_ml >= 0.001
+    - read: {added_ml.doser: doser.infused_ml}   # measurement <- instrument.reading key
+      when: dose_ml >= 0.001
       else: 0.0                              # the measurement when the step is skipped
     - wait: hotplate.plate_c < start_below_c    # poll the readings until it holds
       every: 5
@@ -31,16 +31,24 @@ measurements taken so far::
     - call: probe.measure
       into: reading
     - capture: camera                        # one frame; its JPEG is kept with the result
-      as: outcome                            # reference (before) or outcome (after)
+      as: outcome                            # its name: outcome (default), reference, any
     - compute: off_target                    # a registered function (loops/functions.py)
       function: off_target                   #   or an expression: {compute: x, expr: a - b}
       args: {value: reading.ph, target: target_ph}
 
+A capture's frame goes into the result by its name (``as``; ``outcome`` is
+the one a campaign verifies and shows, ``reference`` the scene before) and
+its SHA-256 into the measurement ``image_sha256`` (the outcome) or
+``<name>_sha256``. A later ``compute`` may use the frames themselves:
+``images.<name>`` (JPEG bytes) or ``images`` (all of them, name -> bytes, in
+the order they were taken), e.g. to fit a camera calibration in a set-up
+recipe.
+
 Every step may have ``when`` (a condition over parameters and fixed values:
 the step is left out of the bound recipe when false; a step that produces a
 measurement may give ``else``, the measurement's value then) and ``doc``.
-Measurement names are identifiers joined by dots (``added_ml.acid``):
-dotted names nest in the result (``{"added_ml": {"acid": ...}}``) and are
+Measurement names are identifiers joined by dots (``added_ml.doser``):
+dotted names nest in the result (``{"added_ml": {"doser": ...}}``) and are
 used flat in expressions. Loops are not part of the language: no recipe
 needed one yet (a fixed list of pumps is written out; a titration would need
 one, and a ``repeat`` step would then earn its place).
@@ -67,7 +75,7 @@ from typing import Any
 
 from safety import Command
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
-from safety.yamldoc import ConfigError, YamlDoc
+from safety.yamldoc import YamlDoc
 
 __all__ = [
     "CAPTURE_ROLES",
@@ -76,8 +84,10 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Step",
+    "compile_fixed",
     "compile_plan",
     "flatten",
+    "image_digest_name",
     "parse_at",
     "plain",
 ]
@@ -85,7 +95,8 @@ __all__ = [
 _WORD = r"[A-Za-z_][A-Za-z0-9_]*"
 _TARGET_RE = re.compile(rf"({_WORD})\.({_WORD})")
 _MEASURE_RE = re.compile(rf"{_WORD}(?:\.{_WORD})*")
-#: what a capture is for: the scene before the experiment acts, or its outcome
+#: the capture names campaigns know: the scene before the experiment acts, and its outcome
+#: (the verified frame); a recipe may name other captures as it likes
 CAPTURE_ROLES = ("reference", "outcome")
 #: step kind -> the keys it takes (besides when / else / doc)
 STEP_KINDS: dict[str, tuple[str, ...]] = {
@@ -390,8 +401,45 @@ class Plan:
         return Recipe(tuple(steps), dict(inputs if params is None else params), self.name)
 
 
-def _err(doc: YamlDoc, problem: str, path: tuple[Any, ...]) -> ConfigError:
-    return doc.error(problem, path)
+_RESERVED = frozenset({"and", "or", "not", "in", "true", "false", "True", "False"})
+
+
+def compile_fixed(
+    spec: Any,
+    *,
+    doc: YamlDoc,
+    path: tuple[Any, ...] = ("fixed",),
+    taken: set[str] | frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """A ``fixed:`` section (the constants a recipe's expressions use): identifier ->
+    number, string, boolean or a list of them; ``taken``: names it may not reuse (the
+    parameters). Errors name the file, line and field."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        raise doc.error(f"must be a mapping (name -> value), got {type(spec).__name__}", path)
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        kpath = (*path, key)
+        if not isinstance(key, str) or not re.fullmatch(_WORD, key) or key in _RESERVED:
+            raise doc.error(f"names are identifiers, got {key!r}", kpath)
+        if key in taken:
+            raise doc.error(f"'{key}' is a parameter; it cannot also be fixed", kpath)
+        ok = value is None or isinstance(value, str | bool) or _num(value)
+        if isinstance(value, list):
+            ok = all(_num(v) or isinstance(v, str | bool) for v in value)
+        if not ok or (_num(value) and not math.isfinite(value)):
+            raise doc.error(
+                f"must be a number, string, boolean or a list of them, got {value!r}", kpath
+            )
+        out[key] = plain(value)
+    return out
+
+
+def image_digest_name(role: str) -> str:
+    """The measurement holding a capture's SHA-256: ``image_sha256`` for the outcome,
+    ``<name>_sha256`` for any other."""
+    return "image_sha256" if role == "outcome" else f"{role}_sha256"
 
 
 def flatten(name: str, value: Any, out: dict[str, Any]) -> None:
@@ -469,6 +517,7 @@ def compile_plan(
         raise doc.error(f"{len(spec)} steps: a recipe has at most {MAX_STEPS}", path)
     known_inputs = set(inputs)
     measured: list[str] = []
+    captured: list[str] = []
     used: set[str] = set()
     calls: dict[str, set[str]] = {}
     steps: list[_PlanStep] = []
@@ -572,17 +621,22 @@ def compile_plan(
             if not isinstance(raw["capture"], str) or not re.fullmatch(_WORD, raw["capture"]):
                 raise doc.error("names the camera instrument", (*at, "capture"))
             role = raw.get("as", "outcome")
-            if role not in CAPTURE_ROLES:
-                raise doc.error(f"must be one of {', '.join(CAPTURE_ROLES)}, got {role!r}", (*at, "as"))
+            if not isinstance(role, str) or not re.fullmatch(_WORD, role):
+                raise doc.error(f"names the image (an identifier, e.g. outcome), got {role!r}", (*at, "as"))
+            if role in captured:
+                raise doc.error(f"a second capture named {role!r} (give each its own 'as')", (*at, "as"))
+            captured.append(role)
             fields.update(instrument=raw["capture"], role=role)
             bound("timeout", raw.get("timeout"), "timeout")
-            produces.append("image_sha256" if role == "outcome" else "reference_sha256")
+            produces.append(image_digest_name(role))
         elif kind == "compute":
             fields["into"] = _measure_name(raw["compute"], (*at, "compute"), doc)
             has_fn, has_expr = raw.get("function") is not None, raw.get("expr") is not None
             if has_fn == has_expr:
                 raise doc.error("give function (a registered one) or expr, not both", at)
             before = set(measured) | known_inputs
+            if captured:  # the frames taken so far, as JPEG bytes: one by name, or all in order
+                before |= {"images", *(f"images.{c}" for c in captured)}
             if has_expr:
                 if not isinstance(raw["expr"], str):
                     raise doc.error("must be an expression (a string)", (*at, "expr"))

@@ -5,11 +5,11 @@
     ---
     name: neutralise
     parameters:                      # the search space
-      acid_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
-      base_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
+      solvent_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
+      reagent_ml:  {type: float, low: 0.0, high: 1.2, unit: mL}
       hold_s:   {type: int, low: 30, high: 600, unit: s}
     constraints:                     # optional; the safety layer's rule language
-      - acid_ml + base_ml <= 2.0
+      - solvent_ml + reagent_ml <= 2.0
     objective:
       measure: off_target            # a measurement the recipe produces
       direction: minimize            # minimize | maximize
@@ -90,7 +90,7 @@ from typing import Any
 import yaml
 
 from loops.checks import compile_verification
-from loops.plan import Plan, compile_plan, plain
+from loops.plan import Plan, compile_fixed, compile_plan, plain
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml, field_path
 
@@ -555,7 +555,22 @@ def load_program(
         )
     if body is not None:
         md = body
+    _no_huge_integers(data, doc)
     return _build(data, doc, md, functions)
+
+
+def _no_huge_integers(data: Any, doc: YamlDoc) -> None:
+    """Refuse an integer too large for a float anywhere in the spec (JSON and YAML allow
+    10**400; every check that compares it with a float would raise OverflowError)."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, Mapping):
+            stack.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, i), v) for i, v in enumerate(value))
+        elif isinstance(value, numbers.Integral) and not _finite(value):
+            raise doc.error(f"must be a number (finite), got {_show(value)}", path)
 
 
 # ----------------------------------------------------------------- validation
@@ -697,28 +712,7 @@ def _stop(spec: Any, doc: YamlDoc) -> StopRules:
 
 
 def _fixed(spec: Any, params: set[str], doc: YamlDoc) -> dict[str, Any]:
-    path: tuple[Any, ...] = ("fixed",)
-    if spec is None:
-        return {}
-    spec = _mapping(spec, path, doc, "recipe input -> value")
-    out: dict[str, Any] = {}
-    for key, value in spec.items():
-        kpath = (*path, key)
-        if not _IDENT_RE.fullmatch(key) or key in _RESERVED:
-            raise doc.error(f"names are identifiers, got {key!r}", kpath)
-        if key in params:
-            raise doc.error(f"'{key}' is a parameter; it cannot also be fixed", kpath)
-        ok = value is None or isinstance(value, str | bool) or _is_number(value)
-        if isinstance(value, list):
-            ok = all(_is_number(v) or isinstance(v, str | bool) for v in value)
-        if isinstance(value, list):
-            ok = ok and all(_finite(v) for v in value if _is_number(v))
-        if not ok or (_is_number(value) and not _finite(value)):
-            raise doc.error(
-                f"must be a number, string, boolean or a list of them, got {_show(value)}", kpath
-            )
-        out[key] = _plain(value) if not isinstance(value, list) else [_plain(v) for v in value]
-    return out
+    return compile_fixed(spec, doc=doc, taken=params)
 
 
 def _plan(

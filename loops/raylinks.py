@@ -163,6 +163,7 @@ def start_station_actor(
     actor_name: str | None = None,
     namespace: str | None = None,
     verification: Mapping[str, Any] | None = None,
+    setup: Mapping[str, Any] | None = None,
 ) -> Any:
     """Create station ``name``'s :class:`StationActor` (not yet open: ``await handle.start.remote()``).
 
@@ -190,6 +191,7 @@ def start_station_actor(
         env=dict(env or {}),
         journal=None if journal is None else RayJournal(journal),
         verification=dict(verification or {}),
+        setup=dict(setup or {}),
     )
 
 

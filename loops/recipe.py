@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loops import functions
-from loops.plan import Recipe, RecipeError, Step, flatten, plain
+from loops.plan import Recipe, RecipeError, Step, flatten, image_digest_name, plain
 from safety import Command, DryRunReport, SafeStation
 from safety.effects import CommandRefused, effect_of
 from safety.expr import EvaluationError, parse
@@ -144,20 +144,27 @@ class Result:
     ``measurements`` (JSON-able): every ``into`` / ``read`` / ``compute`` of the
     recipe (dotted names nested: ``added_ml.acid`` -> ``{"added_ml":
     {"acid": ...}}``), plus ``image_sha256``/``image_bytes`` of the outcome capture
-    (None if none) and ``reference_sha256``. ``image``: the outcome capture's JPEG
-    bytes, ``reference_image`` the reference capture's (None if no such capture or
-    the source sends raw frames). ``durations``: seconds per step (``clock_now``),
-    ``elapsed_s`` in total.
+    (None if none) and ``<name>_sha256`` of every other capture. ``images``: each
+    capture's JPEG bytes by its name (None if the source sends raw frames);
+    :attr:`image` is the outcome's, :attr:`reference_image` the reference's.
+    ``durations``: seconds per step (``clock_now``), ``elapsed_s`` in total.
     """
 
     measurements: dict[str, Any] = field(default_factory=dict)
-    image: bytes | None = None
-    reference_image: bytes | None = None
+    images: dict[str, bytes | None] = field(default_factory=dict)
     durations: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
 
+    @property
+    def image(self) -> bytes | None:
+        return self.images.get("outcome")
+
+    @property
+    def reference_image(self) -> bytes | None:
+        return self.images.get("reference")
+
     def as_dict(self) -> dict[str, Any]:
-        """JSON-able (the image as its digest and size, not its bytes)."""
+        """JSON-able (the images as their digests in ``measurements``, not their bytes)."""
         return {
             "measurements": dict(self.measurements),
             "durations": list(self.durations),
@@ -309,8 +316,11 @@ class _Run:
         flatten(name, value, self.flat)
 
     def evaluate(self, text: str, inputs: Mapping[str, Any], where: str) -> Any:
+        images = self.result.images
+        scope = {**inputs, **self.flat, "images": dict(images)}
+        scope.update({f"images.{name}": data for name, data in images.items()})
         try:
-            return parse(text, boolean=False).evaluate({**inputs, **self.flat})
+            return parse(text, boolean=False).evaluate(scope)
         except EvaluationError as exc:
             raise MeasurementError(f"{where}: {text}: {exc}") from None
 
@@ -407,14 +417,12 @@ class _Run:
         image = bytes(encoded) if encoded else None
         digest = hashlib.sha256(image).hexdigest() if image is not None else None
         size = len(image) if image is not None else None
-        if p["role"] == "reference":
-            self.result.reference_image = image
-            self.put("reference_sha256", digest)
-            return {"role": "reference", "image_sha256": digest, "image_bytes": size}
-        self.result.image = image
-        self.put("image_sha256", digest)
-        self.put("image_bytes", size)
-        return {"role": "outcome", "image_sha256": digest, "image_bytes": size}
+        role = p["role"]
+        self.result.images[role] = image
+        self.put(image_digest_name(role), digest)
+        if role == "outcome":
+            self.put("image_bytes", size)
+        return {"role": role, "image_sha256": digest, "image_bytes": size}
 
     def compute(self, p: Mapping[str, Any]) -> dict[str, Any]:
         where = f"compute {p['into']}"

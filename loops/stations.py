@@ -44,12 +44,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
-from instruments.vision import Calibration, decode_jpeg, fit_calibration
 from loops.checks import Verification, run_checks
 from loops.journal import IllegalTransition, Journal, JournalError, JournalLink
-from loops.plan import Recipe, Step
-from loops.recipe import dry_run_recipe, run_recipe
-from safety import Camera, SafeStation, SafetyError, load_envelope, open_station
+from loops.plan import Recipe, Step, flatten
+from loops.recipe import Result, dry_run_recipe, run_recipe
+from safety import SafeStation, SafetyError, load_envelope, open_station
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +66,6 @@ __all__ = [
     "StationNotOpen",
     "station_resource",
 ]
-
-#: cumulative mL at which :meth:`StationActor.calibrate_camera` takes a frame
-CALIBRATION_VOLUMES_ML = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)
 
 #: what :meth:`StationActor.recover` drains beyond each vessel's capacity (mL)
 RECOVERY_MARGIN_ML = 0.2
@@ -206,10 +202,10 @@ class StationActor:
     environment variables set in the actor's process before the station opens
     (e.g. ``DBUS_SYSTEM_BUS_ADDRESS`` for a simulated BLE bus); ``journal``: a
     :class:`~loops.journal.JournalLink` (None: steps are not journaled);
-    ``verification``: ``enabled`` and ``calibration`` (the camera's, a
-    :meth:`~instruments.vision.Calibration.to_dict`, or fitted later by
-    :meth:`calibrate_camera`): after each successful run the recipe's declared checks
-    run on its result (:func:`loops.checks.run_checks`).
+    ``verification``: ``enabled``: after each successful run the recipe's declared
+    checks run on its result (:func:`loops.checks.run_checks`); ``setup``: what the
+    station's set-up recipes kept (``setup.<name>`` in the checks; :meth:`run_setup`
+    adds to it).
     """
 
     def __init__(
@@ -223,6 +219,7 @@ class StationActor:
         env: Mapping[str, str] | None = None,
         journal: JournalLink | None = None,
         verification: Mapping[str, Any] | None = None,
+        setup: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self._specs = [dict(s) for s in specs]
@@ -238,10 +235,8 @@ class StationActor:
         self._open_lock = asyncio.Lock()
         self._current: str | None = None
         self._runs = 0
-        ver = dict(verification or {})
-        self._verify = bool(ver.get("enabled", False))
-        cal = ver.get("calibration")
-        self._calibration = Calibration.from_dict(cal) if cal else None
+        self._verify = bool(dict(verification or {}).get("enabled", False))
+        self._setup: dict[str, Any] = dict(setup or {})
 
     # clock -----------------------------------------------------------------
     def _now(self) -> float:
@@ -489,121 +484,65 @@ class StationActor:
         return out
 
     async def _verify_outcome(self, result: Any, recipe: Recipe) -> Verification:
-        """The program's checks (loops/checks.py) on this result, with the station's camera
-        calibration and the recipe's images (CPU-bound analyses: off the event loop)."""
+        """The program's checks (loops/checks.py) on this result, with what the station's
+        set-up kept and the recipe's images (CPU-bound analyses: off the event loop)."""
         checks = recipe.verification
         return await asyncio.to_thread(
             run_checks,
             checks,
             measurements=result.measurements,
             inputs=checks.get("inputs") or {},
-            images={"outcome": result.image, "reference": result.reference_image},
-            calibration=self._calibration,
+            images=result.images,
+            setup=self._setup,
         )
 
-    async def calibrate_camera(
-        self,
-        volumes: Sequence[float] = CALIBRATION_VOLUMES_ML,
-        *,
-        fluid: str,
-        camera: str,
-        light: str | None = None,
-        rate_ml_min: float = 5.0,
-        who: str = "operator:calibration",
-        light_intensity: float = 0.6,
-        drain_rate_ml_min: float = 20.0,
+    async def run_setup(
+        self, recipe: Mapping[str, Any], keep: Sequence[str] = (), *, who: str = "operator:setup"
     ) -> dict[str, Any]:
-        """Fit the camera's fill-level calibration on this bench; it is used from now on.
-
-        Through the guard: ``light`` on (if given), a frame of the empty vessel from
-        ``camera``, then the pump ``fluid`` delivers up to each of ``volumes`` (cumulative
-        mL, ascending) with a frame at each, then every vessel is drained through the
-        instruments that drain it and the light turned off. The pumps are trusted here:
-        calibrate with a pump known to deliver what it reports.
-        Returns :meth:`~instruments.vision.Calibration.to_dict` (save it with the lab
-        config); raises :class:`StationError` naming the problem (a refusal, a bad fit).
-        """
-        station = self._require()
-        levels = [float(v) for v in volumes]
-        if levels != sorted(levels) or not levels or levels[0] < 0:
-            raise ValueError(f"calibration volumes must be ascending and >= 0, got {levels}")
+        """Run a set-up recipe (:mod:`loops.setup`: a calibration, priming...) through the
+        guard and return the measurements it ``keep``s, which the station's checks use
+        from now on (``setup.<name>``). Refused by the dry run -> :class:`StationError`
+        and nothing acted; a failure trips the station (safe state) and raises
+        :class:`StationError` naming the step."""
+        bound = Recipe.from_dict(recipe)
+        what = f"set-up {bound.name or 'recipe'}"
+        self._require()
         if self._run_lock.locked():
-            raise StationBusy(f"station {self.name} is running {self._current}: not calibrating")
-        wait = {"timeout": 300.0, "poll_interval": 0.05}
-        steps: list[Step] = []
-        if light is not None:
-            steps.append(_call(light, "set_light", on=True, intensity=light_intensity))
-        if levels[0] > 0:
-            levels.insert(0, 0.0)
-        total = 0.0
-        for level in levels:
-            if level > total + 1e-9:
-                volume = round(level - total, 4)
-                steps += [
-                    _call(fluid, "dispense", volume_ml=volume, rate_ml_min=rate_ml_min),
-                    _call(fluid, "wait_until_stopped", **wait),
-                ]
-                total = level
-            steps.append(Step("capture", {"instrument": camera, "role": "outcome"}))
-        steps += _drain_steps(station, round(total + RECOVERY_MARGIN_ML, 4), drain_rate_ml_min)
-        if light is not None:
-            steps.append(_call(light, "set_light", on=False))
-        recipe = Recipe(tuple(steps), name="camera-calibration")
+            raise StationBusy(f"station {self.name} is running {self._current}: not running {what}")
+        async with self._run_lock:
+            result = await self._run_locked(bound, who, what=what)
+        flat: dict[str, Any] = {}
+        for name, value in result.measurements.items():
+            flatten(name, value, flat)
+        kept: dict[str, Any] = {}
+        for name in keep:
+            if name not in flat:
+                raise StationError(f"station {self.name}: {what} measured no {name!r}")
+            kept[name] = flat[name]
+        self._setup.update(kept)
+        return kept
+
+    async def _run_locked(self, recipe: Recipe, who: str, *, what: str) -> Result:
+        """Dry-run ``recipe`` then run it through the guard (the caller holds the run lock;
+        not journaled: set-up and recovery are not experiments). Refused -> a
+        :class:`~safety.SafetyError`, nothing acted; a failure trips the station and raises
+        :class:`StationError` naming the step."""
+        station = self._require()
         report = dry_run_recipe(recipe, station, who=who, now=self._now())
         if not report.ok:
-            raise StationError(f"station {self.name}: calibration refused: {report}")
-        frames: list[bytes] = []
-        lens = station.handle_as(camera, Camera, who=who)
-
-        async def run(*part: Step) -> None:
-            await _until_tripped(
-                station,
-                run_recipe(
-                    Recipe(part),
-                    station,
-                    clock_sleep=self._sleep,
-                    who=who,
-                    clock_now=self._now,
-                ),
-            )
-
-        async with self._run_lock:
-            self._current = "camera-calibration"
-            try:  # the recipe's segments through the guard, a frame kept at each capture
-                segment: list[Step] = []
-                for step in recipe.steps:
-                    if step.kind != "capture":
-                        segment.append(step)
-                        continue
-                    if segment:
-                        await run(*segment)
-                        segment = []
-                    frame = await lens.capture()
-                    encoded = getattr(frame, "encoded", None)
-                    if not encoded:
-                        raise StationError(
-                            "the camera sends raw frames, not JPEG: cannot keep them"
-                        )
-                    frames.append(bytes(encoded))
-                if segment:
-                    await run(*segment)
-            except Exception as exc:
-                reason = f"camera calibration failed: {_cause(exc)}"
-                await station.trip(reason, "calibration", who=who)
-                raise StationError(f"station {self.name}: {reason}") from None
-            finally:
-                self._current = None
-        if len(frames) != len(levels):
-            raise StationError(
-                f"station {self.name}: calibration got {len(frames)} frames for {len(levels)} volumes"
-            )
+            raise SafetyError(f"station {self.name}: {what} refused: {report}")
+        self._current = what
         try:
-            samples = [(decode_jpeg(f), v) for f, v in zip(frames, levels, strict=True)]
-            calibration = await asyncio.to_thread(fit_calibration, samples)
+            return await _until_tripped(
+                station,
+                run_recipe(recipe, station, clock_sleep=self._sleep, who=who, clock_now=self._now),
+            )
         except Exception as exc:
-            raise _portable(exc, StationError) from None
-        self._calibration = calibration
-        return calibration.to_dict()
+            reason = f"{what} failed: {_cause(exc)}"
+            await station.trip(reason, what.split(" ", 1)[0], who=who)
+            raise StationError(f"station {self.name}: {reason}") from None
+        finally:
+            self._current = None
 
     # safety ----------------------------------------------------------------
     async def trip(self, reason: str, who: str | None = None) -> dict[str, Any]:
@@ -648,24 +587,7 @@ class StationActor:
                     raise
                 raise portable from None
             recipe = Recipe(_drain_steps(station, drain_ml, drain_rate_ml_min), name="recovery")
-            report = dry_run_recipe(recipe, station, who=who, now=self._now())
-            if not report.ok:
-                raise SafetyError(f"station {self.name}: the recovery drain is refused: {report}")
-            try:
-                result = await _until_tripped(
-                    station,
-                    run_recipe(
-                        recipe,
-                        station,
-                        clock_sleep=self._sleep,
-                        who=who,
-                        clock_now=self._now,
-                    ),
-                )
-            except Exception as exc:
-                reason = f"recovery drain failed: {_cause(exc)}"
-                await station.trip(reason, "recovery", who=who)
-                raise StationError(f"station {self.name}: {reason}") from None
+            result = await self._run_locked(recipe, who, what="recovery drain")
         return {
             "trip": trip,
             "drained_ml": sum(

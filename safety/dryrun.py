@@ -14,6 +14,8 @@ Assumptions (the guard checks every step again when it is sent):
   same clock as the guard's): rate limits count from those times;
 * a drain (a flow out of a vessel) has finished by the next step (a recipe
   waits for it); the guard credits a drain only as it is observed;
+* an instrument sent a flow is ``<name>.flowing`` until its volume / rate has
+  passed on the steps' times (or a safer command stopped it);
 * the station is not latched, and the measured values (lid, temperatures) stay
   as they are in ``state_view``;
 * the envelope's ledger (change times, budget consumption) is copied, never
@@ -109,9 +111,14 @@ def dry_run(
     book.start(now)
     view: dict[str, Any] = initial_commanded(layout)
     view.update(state_view)
+    flowing = layout.flowing_channels()
+    until: dict[str, float] = {}  # a flow's instrument -> when its volume / rate has passed
     report = DryRunReport(len(commands))
     for step, command in enumerate(commands):
         t = now if times is None else times[step]
+        for channel, name in flowing.items():
+            if name in until:
+                view[channel] = until[name] > t
         a = assess(command, layout=layout, envelope=envelope, view=view, now=t, ledger=book)
         if not a.allowed:
             report.violations += [
@@ -122,6 +129,11 @@ def dry_run(
         effect = a.effect
         assert effect is not None
         envelope.commit(view, effect.updates, now=t, consumes=effect.consumes, ledger=book)
-        view.update(effect.updates)
+        view.update(effect.settled_updates())
+        name = command.instrument
+        if effect.busy_s is not None:
+            until[name] = t + effect.busy_s
+        elif effect.action.flow is not None or (effect.safer and f"{name}.flowing" in flowing):
+            until[name] = t if effect.safer else float("inf")  # stopped; or no rate: unknown
     report.final_state = view
     return report

@@ -112,6 +112,26 @@ class Layout:
         """The declared commands of instrument ``name`` (read-only; none for an unknown one)."""
         return self.commands.get(name, {})
 
+    def flowing_channels(self) -> dict[str, str]:
+        """``<instrument>.flowing`` -> instrument, for every instrument with a declared flow:
+        true while the guard counts a flow it was sent as possibly still running (derived
+        by the guard, never commanded; rules may name it)."""
+        return {
+            f"{name}.flowing": name
+            for name, specs in self.commands.items()
+            if any(spec.flow is not None for spec in specs.values())
+        }
+
+    def momentary_rest(self) -> dict[str, bool]:
+        """Every declared momentary channel (``Set(..., momentary=True)``) at rest."""
+        return {
+            f"{name}.{s.channel}": not s.value
+            for name, specs in self.commands.items()
+            for spec in specs.values()
+            for s in spec.sets
+            if s.momentary
+        }
+
     def vessel_of(self, name: str) -> tuple[Vessel, str] | None:
         """The vessel instrument ``name`` feeds (``"out"``) or drains (``"in"``), if any."""
         for v in self.vessels.values():
@@ -153,6 +173,8 @@ def initial_commanded(layout: Layout) -> dict[str, Any]:
     out = safe_state_updates(layout)
     for v in layout.vessels.values():
         out[v.channel] = 0.0
+    out.update(dict.fromkeys(layout.flowing_channels(), False))
+    out.update(layout.momentary_rest())
     return out
 
 
@@ -220,6 +242,8 @@ class Effect:
     #: the driver call's arguments as checked (rounded to the device's step, a setpoint
     #: the check filled in): the device gets exactly what was checked
     call_params: Mapping[str, Any] | None = None
+    #: channels that hold their value only while this command is checked
+    momentary: frozenset[str] = frozenset()
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -239,12 +263,21 @@ class Effect:
     def allowed_when_latched(self) -> bool:
         return self.category in (READ, SAFER) or self.latch_ok
 
+    def settled_updates(self) -> dict[str, Any]:
+        """The commanded state once the command is done (the dry run's next step): a
+        momentary channel back at rest; ``flowing`` left to whoever tracks the flow."""
+        out = {k: (not v if k in self.momentary else v) for k, v in self.updates.items()}
+        out.pop(f"{self.command.instrument}.flowing", None)
+        return out
+
     def committed_updates(self) -> dict[str, Any]:
-        """What the guard writes to ``state.commanded`` after success: a draining vessel's
-        volume is credited only as the instrument's progress shows it taken out."""
-        if self.drain is None:
-            return dict(self.updates)
-        return {k: v for k, v in self.updates.items() if k != f"{self.drain.vessel}.volume"}
+        """What the guard writes to ``state.commanded`` after success: the settled state,
+        except that a draining vessel's volume is credited only as the instrument's progress
+        shows it taken out."""
+        out = self.settled_updates()
+        if self.drain is not None:
+            out.pop(f"{self.drain.vessel}.volume", None)
+        return out
 
 
 def drained(base: float, withdrawn_ml: float) -> float:
@@ -319,12 +352,15 @@ def effect_of(command: Command, layout: Layout, view: Mapping[str, Any]) -> Effe
     if category == ACTUATE and _matches(spec.safer_when, given):
         category = SAFER
     updates: dict[str, Any] = {}
+    momentary: set[str] = set()
     for s in spec.sets:
         if s.when and not _matches(s.when, params):
             continue
         value = params.get(s.arg) if s.arg is not None else s.value
         if value is not None:
             updates[f"{name}.{s.channel}"] = value
+            if s.momentary:
+                momentary.add(f"{name}.{s.channel}")
     effect = Effect(
         command,
         spec,
@@ -333,6 +369,7 @@ def effect_of(command: Command, layout: Layout, view: Mapping[str, Any]) -> Effe
         category=category,
         latch_ok=_matches(spec.latch_ok_when, given),
         call_params=params,
+        momentary=frozenset(momentary),
     )
     if spec.flow is None:
         return effect
@@ -369,17 +406,17 @@ def _flow(effect: Effect, layout: Layout, view: Mapping[str, Any]) -> Effect:
     if not is_number(before):
         raise CommandRefused("state", f"{channel} is {before!r}, not a number")
     updates = dict(effect.updates)
+    updates[f"{name}.flowing"] = True  # while the rules check it; then the guard's to derive
     if direction == "out":
         updates[channel] = before + volume
-        return replace(
-            effect, updates=updates, consumes={f"{vessel.name}.added": volume}, busy_s=busy
-        )
+        consumes = {f"{vessel.name}.added": volume, f"{name}.delivered": volume}
+        return replace(effect, updates=updates, consumes=consumes, busy_s=busy)
     updates[channel] = drained(before, volume)
     drain = Drain(name, vessel.name, float(before), volume, flow.progress)
     return replace(
         effect,
         updates=updates,
-        consumes={f"{vessel.name}.removed": volume},
+        consumes={f"{vessel.name}.removed": volume, f"{name}.withdrawn": volume},
         drain=drain,
         busy_s=busy,
     )
@@ -462,7 +499,7 @@ def assess(
             "limit",
         )
         for channel, value in effect.updates.items()
-        if channel not in envelope.channels
+        if channel not in envelope.channels and channel not in layout.flowing_channels()
     ]
     violations += envelope.check(
         view, effect.updates, now=now, consumes=effect.consumes, ledger=ledger

@@ -44,7 +44,9 @@ makes them. Their channels are validated like the rest
 
 Rule keys: ``name``, ``when``, ``doc``. Budget keys: ``counts``
 (``experiments``, consumed by ``Guard.begin_experiment``, or
-``<vessel>.added`` / ``<vessel>.removed``: volume flowed in / out), ``per``
+``<vessel>.added`` / ``<vessel>.removed``: volume flowed in / out;
+``<instrument>.delivered`` / ``<instrument>.withdrawn``: what one instrument
+that feeds / drains a vessel moved, e.g. one reagent's pump), ``per``
 (``minute``, ``hour`` or ``day``), ``max``, ``unit``, ``doc``.
 
 What :meth:`Envelope.check` refuses (the guard and the dry run call it with
@@ -349,7 +351,7 @@ class Vessel:
 @dataclass(frozen=True)
 class Budget:
     name: str  # e.g. added_per_day
-    resource: str  # experiments | <vessel>.added | <vessel>.removed
+    resource: str  # experiments | <vessel>.added|removed | <instrument>.delivered|withdrawn
     window: str  # minute | hour | day
     limit: float
     line: int | None = field(default=None, compare=False)
@@ -720,8 +722,11 @@ def _build(data: Any, doc: YamlDoc) -> Envelope:
                     ("vessels", v.name),
                 )
             owners[inst] = v.name
-    names = {v.name for v in vessels}
-    budgets = [_budget(k, v, doc, names) for k, v in _mapping(data, "budgets", doc).items()]
+    countable = ["experiments"]
+    for v in sorted(vessels, key=lambda v: v.name):
+        countable += [f"{v.name}.added", f"{v.name}.removed"]
+        countable += [f"{i}.delivered" for i in v.fed_by] + [f"{i}.withdrawn" for i in v.drained_by]
+    budgets = [_budget(k, v, doc, countable) for k, v in _mapping(data, "budgets", doc).items()]
     monitors = parse_monitors(data.get("monitors"), doc)
     return Envelope(channels, rules, budgets, vessels=vessels, monitors=monitors, source=doc.source)
 
@@ -869,7 +874,7 @@ def _rule(i: int, spec: Any, doc: YamlDoc) -> Rule:
     return Rule(name, expr, spec.get("doc") or "", line=doc.line((*path, "when")))
 
 
-def _budget(key: Any, value: Any, doc: YamlDoc, vessels: Collection[str]) -> Budget:
+def _budget(key: Any, value: Any, doc: YamlDoc, allowed: Collection[str]) -> Budget:
     path: tuple[Any, ...] = ("budgets", key)
     if not isinstance(key, str) or not _WORD_RE.fullmatch(key):
         raise doc.error(f"a budget name is a word, got {key!r}", path)
@@ -877,7 +882,8 @@ def _budget(key: Any, value: Any, doc: YamlDoc, vessels: Collection[str]) -> Bud
         m = _BUDGET_RE.fullmatch(key)
         if m is None:
             raise doc.error(
-                "a budget is {counts: <experiments | <vessel>.added | <vessel>.removed>, "
+                "a budget is {counts: <experiments | <vessel>.added|removed | "
+                "<instrument>.delivered|withdrawn>, "
                 "per: <minute|hour|day>, max: N} (or experiments_per_<minute|hour|day>: N)",
                 path,
             )
@@ -890,7 +896,6 @@ def _budget(key: Any, value: Any, doc: YamlDoc, vessels: Collection[str]) -> Bud
         if k not in value:
             raise doc.error(f"missing '{k}'", path)
     counts = value["counts"]
-    allowed = ["experiments", *(f"{v}.{w}" for v in sorted(vessels) for w in ("added", "removed"))]
     if counts not in allowed:
         raise doc.error(
             f"cannot count {counts!r}; known: {', '.join(allowed)}", (*path, "counts")

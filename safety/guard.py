@@ -209,6 +209,14 @@ class Guard:
                 a = Assessment(command, a.effect, (violation,))
         return a
 
+    def _view(self, now: float) -> dict[str, Any]:
+        """The state the checks see: commanded and measured values, and each flowing
+        instrument's ``<name>.flowing`` (its last flow may still be running at ``now``)."""
+        view = self.state.view()
+        for channel, name in self.layout.flowing_channels().items():
+            view[channel] = self._flowing.get(name, float("-inf")) > now
+        return view
+
     def _flow_interlock(self, effect: Effect, now: float) -> Violation | None:
         """No drain while a delivery into the vessel may still be running, no delivery while
         it is drained, no second flow on an instrument that may still be running its first."""
@@ -251,18 +259,20 @@ class Guard:
 
     def check(self, command: Command) -> Verdict:
         """The verdict ``execute`` would give now, without executing or recording it."""
-        return self._verdict(self._assess(command, self._clock(), self.state.view()))
+        now = self._clock()
+        return self._verdict(self._assess(command, now, self._view(now)))
 
     def dry_run(
         self, commands: Sequence[Command], *, times: Sequence[float] | None = None
     ) -> DryRunReport:
         """Check a whole recipe against the envelope from the current state (no I/O)."""
+        now = self._clock()
         return dry_run(
             commands,
             self.envelope,
-            self.state.view(),
+            self._view(now),
             layout=self.layout,
-            now=self._clock(),
+            now=now,
             times=times,
             ledger=self.envelope.ledger.copy(),
         )
@@ -289,7 +299,7 @@ class Guard:
             if self._drain is not None:
                 await self._sync_drain()
             now = self._clock()
-            view = self.state.view()
+            view = self._view(now)
             a = self._assess(command, now, view)
             if not a.allowed:
                 self._refuse(a)
@@ -319,7 +329,8 @@ class Guard:
             return result
 
     async def _execute_read(self, command: Command) -> Any:
-        a = self._assess(command, self._clock(), self.state.view())
+        now = self._clock()
+        a = self._assess(command, now, self._view(now))
         if not a.allowed:
             self._refuse(a)
         assert a.effect is not None

@@ -15,7 +15,9 @@ camera             MJPEG over HTTP                                ``http://127.0
 
 Several stations share one MQTT broker and one BlueZ stand-in (bleak reaches
 BlueZ through the process-wide ``DBUS_SYSTEM_BUS_ADDRESS``), see
-:class:`SimulatedLab`.
+:class:`SimulatedLab`. ``SimulatedLab(bench="buffer")`` starts the second
+bench's stations instead (:mod:`simulators.buffer_bench`: pumps, hotplate and
+pH transmitter on one RS-485 line, balance).
 """
 
 from __future__ import annotations
@@ -24,45 +26,39 @@ import asyncio
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 from simulators.ble.bluez import BlueZStandIn
 from simulators.ble.color_sensor import ColorSensorSim
 from simulators.broker import start_broker
+from simulators.buffer_bench import SimulatedBufferBench
+from simulators.buffer_world import BufferWorld
 from simulators.camera import CameraSim
 from simulators.clock import SimClock
 from simulators.enclosure import EnclosureSim
 from simulators.hotplate import HotplateSim
 from simulators.pump import PumpChainSim
+from simulators.station import InstrumentSpec, SimulatedStation
 from simulators.world import StationWorld
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InstrumentSpec", "SimClock", "SimulatedBench", "SimulatedLab", "StationWorld"]
+__all__ = [
+    "BENCHES",
+    "InstrumentSpec",
+    "SimClock",
+    "SimulatedBench",
+    "SimulatedBufferBench",
+    "SimulatedLab",
+    "StationWorld",
+]
+
+BENCHES = ("colour", "buffer")
 
 PUMP_ADDRESSES = {"red": 0, "green": 1, "blue": 2, "waste": 3}
 
 
-@dataclass
-class InstrumentSpec:
-    """One instrument as a lab config names it: a driver kind, a URL and driver options."""
-
-    name: str
-    kind: str
-    url: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "url": self.url,
-            "options": dict(self.options),
-        }
-
-
-class SimulatedBench:
+class SimulatedBench(SimulatedStation):
     """One simulated reference station. Use :class:`SimulatedLab` to start it (and its neighbours).
 
     ``index`` makes addresses unique when several stations share a broker and a BLE bus.
@@ -79,9 +75,8 @@ class SimulatedBench:
         prefix: str = "lab",
         camera_fps: float = 10.0,
     ) -> None:
-        self.world = world
-        self.name = world.name
-        self.index = index
+        super().__init__(world, index=index)
+        self.world: StationWorld = world
         self.enclosure_id = f"enc-{index + 1}"
         self.pumps = PumpChainSim(world)
         self.hotplate = HotplateSim(world, mode=hotplate_mode)
@@ -93,32 +88,13 @@ class SimulatedBench:
             world, broker_url, prefix=prefix, enclosure_id=self.enclosure_id
         )
         self.camera = CameraSim(world, fps=camera_fps)
-        self._sims: list[Any] = [
+        self._sims = [
             self.pumps,
             self.hotplate,
             self.color_sensor,
             self.enclosure,
             self.camera,
         ]
-        self._started: list[Any] = []
-
-    async def start(self) -> None:
-        try:
-            for sim in self._sims:
-                await sim.start()
-                self._started.append(sim)
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        """Stop every simulator (idempotent); failures are logged and the rest still stop."""
-        while self._started:
-            sim = self._started.pop()
-            try:
-                await sim.stop()
-            except Exception as exc:
-                log.error("%s: stopping %s failed: %s", self.name, type(sim).__name__, exc)
 
     @property
     def urls(self) -> dict[str, str]:
@@ -146,13 +122,6 @@ class SimulatedBench:
         ]
         return specs
 
-    def inject_fault(self, name: str, **params: Any) -> None:
-        """Inject a fault into this station (see :class:`simulators.world.Faults`)."""
-        self.world.faults.inject(name, **params)
-
-    def clear_fault(self, name: str | None = None) -> None:
-        self.world.faults.clear(name)
-
 
 class SimulatedLab:
     """N simulated stations on loopback with one broker and one BLE bus.
@@ -163,6 +132,13 @@ class SimulatedLab:
     ``prefer_broker="embedded"`` forces the latter).
     While running, ``DBUS_SYSTEM_BUS_ADDRESS`` points at the BlueZ stand-in
     (restored on stop), so bleak in this process finds the simulated sensors.
+
+    ``bench="colour"`` (default) starts colour-match stations
+    (:class:`SimulatedBench`); ``bench="buffer"`` starts buffer-formulation
+    stations (:class:`~simulators.buffer_bench.SimulatedBufferBench`, each on a
+    :class:`~simulators.buffer_world.BufferWorld`): they have no BLE device,
+    so no BlueZ stand-in is started (``bluez`` stays None; ``hotplate_mode``
+    and ``camera_fps`` do not apply), the broker is (the campaign API uses it).
     """
 
     def __init__(
@@ -176,9 +152,13 @@ class SimulatedLab:
         prefix: str = "lab",
         camera_fps: float = 10.0,
         prefer_broker: str = "mosquitto",
+        bench: str = "colour",
     ) -> None:
         if stations < 1:
             raise ValueError(f"a simulated lab needs at least one station, got {stations}")
+        if bench not in BENCHES:
+            raise ValueError(f"unknown bench {bench!r}; benches: {', '.join(BENCHES)}")
+        self.bench = bench
         self.clock = SimClock(speed)
         self.n_stations = stations
         self.seed = seed
@@ -189,7 +169,7 @@ class SimulatedLab:
         self.prefer_broker = prefer_broker
         self.broker: Any = None
         self.bluez: BlueZStandIn | None = None
-        self.stations: list[SimulatedBench] = []
+        self.stations: list[SimulatedBench | SimulatedBufferBench] = []
         self._saved_env: str | None = None
         self._env_set = False
 
@@ -205,31 +185,38 @@ class SimulatedLab:
         try:
             if self._broker_url is None:
                 self.broker = await asyncio.to_thread(start_broker, self.prefer_broker)
-            self.bluez = BlueZStandIn()
-            await self.bluez.start()
-            self._saved_env = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
-            os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self.bluez.address
-            self._env_set = True
+            if self.bench == "colour":
+                self.bluez = BlueZStandIn()
+                await self.bluez.start()
+                self._saved_env = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+                os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self.bluez.address
+                self._env_set = True
             for i in range(self.n_stations):
-                world = StationWorld(
-                    f"bench-{chr(ord('a') + i)}", clock=self.clock, seed=self.seed + i
-                )
-                bench = SimulatedBench(
-                    world,
-                    index=i,
-                    broker_url=self.broker_url,
-                    bluez=self.bluez,
-                    hotplate_mode=self.hotplate_mode,
-                    prefix=self.prefix,
-                    camera_fps=self.camera_fps,
-                )
-                self.stations.append(bench)
+                station = self._station(i)
+                self.stations.append(station)
                 if self.broker is not None:
-                    self.broker.watch(world)  # the broker-restart fault restarts our broker
-                await bench.start()
+                    self.broker.watch(station.world)  # the broker-restart fault restarts our broker
+                await station.start()
         except BaseException:
             await self.stop()
             raise
+
+    def _station(self, i: int) -> SimulatedBench | SimulatedBufferBench:
+        name = f"bench-{chr(ord('a') + i)}"
+        if self.bench == "buffer":
+            return SimulatedBufferBench(
+                BufferWorld(name, clock=self.clock, seed=self.seed + i), index=i
+            )
+        assert self.bluez is not None
+        return SimulatedBench(
+            StationWorld(name, clock=self.clock, seed=self.seed + i),
+            index=i,
+            broker_url=self.broker_url,
+            bluez=self.bluez,
+            hotplate_mode=self.hotplate_mode,
+            prefix=self.prefix,
+            camera_fps=self.camera_fps,
+        )
 
     async def stop(self) -> None:
         """Stop everything (idempotent): stations, then the BLE bus and the broker."""

@@ -1,7 +1,7 @@
 """Simulated hotplate-stirrer: a real pymodbus 3.16 server (Modbus TCP, or RTU on a pty).
 
 The device side of PROTOCOLS.md "Hotplate-stirrer", with its state in the
-shared :class:`~simulators.world.StationWorld`:
+shared world (:class:`~simulators.benchworld.BenchWorld`: either bench):
 
 * every request brings the world up to now (``world.advance()``) and the
   registers it reads are computed from the world (plate and liquid
@@ -18,15 +18,17 @@ shared :class:`~simulators.world.StationWorld`:
 * requests for another unit id are not answered (as on an RS-485 line);
 * every received request is recorded in ``world.wire`` under ``"hotplate"``:
   ``{"fc": 3, "address": 0, "count": 5}`` for reads,
-  ``{"fc": 6, "address": 2, "values": [1]}`` for writes.
+  ``{"fc": 6, "address": 2, "values": [1]}`` for writes (the request log and the wire
+  faults below are :class:`simulators.rs485.ModbusUnitSim`'s, shared with the pH transmitter).
 
-The server is pymodbus's own (``ModbusTcpServer`` / ``ModbusSerialServer``
-with a :class:`pymodbus.simulator.SimDevice`): the register logic is the
-SimDevice ``action`` hook, wire faults use the server's ``trace_pdu`` /
-``trace_packet`` hooks. For RTU the server listens on the master side of an
-``os.openpty()`` pair through a small asyncio transport (pymodbus would open a
-path with pyserial, and a pty master has none); the driver opens the slave,
-``/dev/pts/N`` (or the ``link`` symlink if given).
+The server is pymodbus's own (``ModbusTcpServer``, or for RTU the
+``ModbusSerialServer`` of a :class:`simulators.rs485.RS485Line`) with a
+:class:`pymodbus.simulator.SimDevice`: the register logic is the SimDevice
+``action`` hook, wire faults use the server's ``trace_pdu`` / ``trace_packet``
+hooks. For RTU the hotplate is a unit of an RS-485 line on a pty: its own line
+(19200 baud in the URL), or a shared one (``line=``, e.g. with the buffer
+bench's pH transmitter as unit 2); the driver opens the slave, ``/dev/pts/N``
+(or the ``link`` symlink if given).
 
 Faults (``world.faults``, device ``"hotplate"``):
 
@@ -44,20 +46,16 @@ The device watchdog (holding 4) is physics in the world as well. Status bit3
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import random
-import tty
 from typing import Any
 
 from pymodbus.constants import ExcCodes
-from pymodbus.pdu import ExceptionResponse, ModbusPDU
-from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.server import ModbusTcpServer
 from pymodbus.server.base import ModbusBaseServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from simulators.world import StationWorld
+from simulators.benchworld import BenchWorld
+from simulators.rs485 import ModbusUnitSim, RS485Line
 
 log = logging.getLogger(__name__)
 
@@ -77,121 +75,50 @@ def _s16(raw: int) -> int:
     return raw - 0x10000 if raw & 0x8000 else raw
 
 
-class _PtyMasterTransport(asyncio.Transport):
-    """An asyncio transport over a pty master fd (the device end of the simulated serial line)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: Any, fd: int) -> None:
-        super().__init__()
-        self._loop = loop
-        self._protocol = protocol
-        self._fd = fd
-        self._closed = False
-        self._pending = b""
-
-    def setup(self) -> None:
-        if self._closed:
-            return
-        self._loop.add_reader(self._fd, self._read_ready)
-        self._protocol.connection_made(self)
-
-    def _read_ready(self) -> None:
-        try:
-            data = os.read(self._fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # EIO: no slave open (we keep one open, so rare)
-            log.debug("pty master read: %s", exc)
-            return
-        if data:
-            self._protocol.data_received(data)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closed or not data:
-            return
-        self._pending += bytes(data)
-        self._flush()
-
-    def _flush(self) -> None:
-        while self._pending and not self._closed:
-            try:
-                n = os.write(self._fd, self._pending)
-            except (BlockingIOError, InterruptedError):
-                self._loop.add_writer(self._fd, self._write_ready)
-                return
-            except OSError as exc:
-                log.debug("pty master write: %s", exc)
-                self._pending = b""
-                return
-            self._pending = self._pending[n:]
-
-    def _write_ready(self) -> None:
-        self._loop.remove_writer(self._fd)
-        self._flush()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._loop.remove_reader(self._fd)
-        self._loop.remove_writer(self._fd)
-        self._pending = b""
-
-    def abort(self) -> None:
-        self.close()
-
-    def is_closing(self) -> bool:
-        return self._closed
-
-    def get_write_buffer_size(self) -> int:
-        return len(self._pending)
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
-
-    def is_reading(self) -> bool:
-        return not self._closed
-
-
-class HotplateSim:
+class HotplateSim(ModbusUnitSim):
     """The hotplate-stirrer's Modbus side on a real pymodbus server. See the module docstring.
 
     ``HotplateSim(world, mode="tcp"|"rtu", unit=1)``; ``url`` is
     ``modbus-tcp://127.0.0.1:PORT?unit=1`` or
     ``modbus-rtu:///dev/pts/N?baudrate=19200&unit=1`` (``link`` names a
-    stable symlink to the pty instead).
+    stable symlink to the pty instead). With ``line=`` (an
+    :class:`~simulators.rs485.RS485Line`) the hotplate joins that shared
+    RS-485 line as its ``unit`` instead of having a pty of its own (RTU; the
+    line's baud rate); the line starts with its first unit and stops with its
+    last.
     """
 
     def __init__(
         self,
-        world: StationWorld,
-        mode: str = "tcp",
+        world: BenchWorld,
+        mode: str | None = None,
         unit: int = 1,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
         link: str | None = None,
         seed: int = 0,
+        line: RS485Line | None = None,
     ) -> None:
+        mode = mode or ("rtu" if line is not None else "tcp")
         if mode not in ("tcp", "rtu"):
             raise ValueError(f"mode {mode!r} is not 'tcp' or 'rtu'")
-        if not 1 <= unit <= 247:
-            raise ValueError(f"unit {unit} is outside 1-247")
-        self.world = world
-        self.mode = mode
-        self.unit = unit
+        if line is not None and mode != "rtu":
+            raise ValueError("a hotplate on an RS-485 line speaks Modbus RTU, not mode='tcp'")
+        if line is not None and link is not None:
+            raise ValueError(
+                "link= names the pty of a hotplate's own line; the shared line has its own"
+            )
+        super().__init__(world, DEVICE, unit, mode=mode, seed=seed)
         self.host = host
         self.port = port
         self.link = link
-        self._rng = random.Random(seed)
         self._server: ModbusBaseServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._master_fd: int | None = None
-        self._slave_fd: int | None = None
-        self._pty_name = ""
-        self._pty_transport: _PtyMasterTransport | None = None
+        self.line: RS485Line | None = None
+        if mode == "rtu":
+            self.line = line or RS485Line(world.wire, baudrate=19200, link=link, device=DEVICE)
+            self.line.attach(self)
         self._listening = False
         self._registered = False
 
@@ -200,9 +127,9 @@ class HotplateSim:
     def url(self) -> str:
         if not self._listening:
             raise RuntimeError("HotplateSim is not started")
-        if self.mode == "tcp":
-            return f"modbus-tcp://{self.host}:{self.port}?unit={self.unit}"
-        return f"modbus-rtu://{self.link or self._pty_name}?baudrate=19200&unit={self.unit}"
+        if self.line is not None:
+            return self.line.url_for(self.unit)
+        return f"modbus-tcp://{self.host}:{self.port}?unit={self.unit}"
 
     @property
     def running(self) -> bool:
@@ -216,37 +143,29 @@ class HotplateSim:
         if not self._registered:
             self.world.faults.on_inject(self._on_fault)
             self._registered = True
-        device = self._device()
-        try:
-            if self.mode == "tcp":
+        if self.line is not None:
+            await self.line.open()
+        else:
+            try:
                 self._server = ModbusTcpServer(
-                    device,
+                    self.sim_device(0),
                     address=(self.host, self.port),
-                    trace_pdu=self._trace_pdu,  # type: ignore[arg-type]
-                    trace_packet=self._trace_packet,
+                    trace_pdu=self.trace_pdu,  # type: ignore[arg-type]
+                    trace_packet=self.trace_packet,
                 )
                 await self._server.serve_forever(background=True)
                 sockets = self._server.transport.sockets  # type: ignore[attr-defined]
                 self.port = int(sockets[0].getsockname()[1])
-            else:
-                self._open_pty()
-                self._server = ModbusSerialServer(
-                    device,
-                    port=self._pty_name,
-                    baudrate=19200,
-                    trace_pdu=self._trace_pdu,  # type: ignore[arg-type]
-                    trace_packet=self._trace_packet,
-                )
-                self._server.call_create = self._create_pty_connection
-                await self._server.serve_forever(background=True)
-        except BaseException:
-            await self._teardown()
-            raise
+            except BaseException:
+                await self._teardown()
+                raise
         self._listening = True
         log.info("hotplate simulator serving %s", self.url)
 
     async def stop(self) -> None:
         """Stop serving and release every socket and pty fd (idempotent)."""
+        if self._listening and self.line is not None:
+            await self.line.close()
         self._listening = False
         await self._teardown()
 
@@ -258,17 +177,6 @@ class HotplateSim:
                 ModbusBaseServer.active_server = None
             for _ in range(3):  # asyncio closes accepted sockets on the next iterations
                 await asyncio.sleep(0)
-        if self._pty_transport is not None:
-            self._pty_transport.close()
-            self._pty_transport = None
-        for attr in ("_master_fd", "_slave_fd"):
-            fd = getattr(self, attr)
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                setattr(self, attr, None)
-        self._remove_link()
-        self._pty_name = ""
 
     async def __aenter__(self) -> HotplateSim:
         await self.start()
@@ -277,40 +185,14 @@ class HotplateSim:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # ----------------------------------------------------------------- pty
-    def _open_pty(self) -> None:
-        master, slave = os.openpty()
-        self._master_fd, self._slave_fd = master, slave
-        tty.setraw(slave)  # no echo, no line discipline: a byte pipe like a serial line
-        os.set_blocking(master, False)
-        self._pty_name = os.ttyname(slave)
-        if self.link:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.link)
-            os.symlink(self._pty_name, self.link)
-
-    def _remove_link(self) -> None:
-        if self.link and self._pty_name:
-            with contextlib.suppress(OSError):
-                if os.path.islink(self.link) and os.readlink(self.link) == self._pty_name:
-                    os.unlink(self.link)
-
-    async def _create_pty_connection(self) -> tuple[asyncio.Transport, Any]:
-        """Replaces pymodbus's serial ``call_create``: serve on the pty master fd."""
-        assert self._server is not None and self._loop is not None and self._master_fd is not None
-        protocol = self._server.handle_new_connection()
-        transport = _PtyMasterTransport(self._loop, protocol, self._master_fd)
-        self._pty_transport = transport
-        self._loop.call_soon(transport.setup)
-        return transport, protocol
-
     # ------------------------------------------------------------- registers
-    def _device(self) -> SimDevice:
+    def sim_device(self, device_id: int) -> SimDevice:
+        """The register map as a pymodbus ``SimDevice`` (TCP: id 0, any unit; other units are
+        filtered in :meth:`trace_pdu`)."""
         bits = [SimData(0, count=1, values=0, datatype=DataType.BITS)]
         regs = [SimData(0, count=N_REGISTERS, values=0, datatype=DataType.REGISTERS)]
-        # id=0: the device answers any unit at this level; other units are filtered in _trace_pdu.
         return SimDevice(
-            id=0,
+            id=device_id,
             simdata=(
                 list(bits),
                 list(bits),
@@ -370,10 +252,8 @@ class HotplateSim:
         """SimDevice hook, called for every access after pymodbus checked the address range."""
         if function_code not in SUPPORTED_FC:
             return ExcCodes.ILLEGAL_FUNCTION
-        if self.world.faults.active("modbus-exception", device=DEVICE) is not None:
-            return (
-                ExcCodes.DEVICE_FAILURE
-            )  # nothing applied; _trace_pdu puts in the configured code
+        if self.failing():
+            return ExcCodes.DEVICE_FAILURE  # nothing applied; trace_pdu puts in the configured code
         if set_values is None:  # a read (or pymodbus reading back an FC6 write for its echo)
             fresh = self.input_registers() if function_code == 4 else self.holding_registers()
             for i, value in enumerate(fresh):
@@ -415,48 +295,7 @@ class HotplateSim:
             w.hotplate_write()
         return None
 
-    # ----------------------------------------------------------- wire hooks
-    def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU | None:
-        if sending:
-            fault = self.world.faults.active("modbus-exception", device=DEVICE)
-            if fault is not None:
-                code = int(fault.get("code", 4))
-                fc = pdu.function_code & 0x7F
-                return ExceptionResponse(
-                    fc, code, device_id=pdu.dev_id, transaction=pdu.transaction_id
-                )
-            return pdu
-        fc = pdu.function_code
-        data: dict[str, Any] = {"fc": fc, "address": pdu.address}
-        if fc in (6, 16, 23):
-            data["values"] = [int(v) for v in pdu.registers]
-        elif fc in (5, 15):
-            data["values"] = [bool(b) for b in pdu.bits]
-        else:
-            data["count"] = pdu.count
-        notes = []
-        if pdu.dev_id != self.unit:
-            notes.append(f"unit {pdu.dev_id}: not for this device, ignored")
-        if self.world.faults.active("no-reply", device=DEVICE) is not None:
-            notes.append("no-reply")
-        self.world.wire.record(DEVICE, data, "; ".join(notes))
-        if notes:
-            return None  # pymodbus drops the request: no answer at all
-        return pdu
-
-    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending:
-            return data
-        fault = self.world.faults.active("garbled-bytes", device=DEVICE)
-        if fault is None or self._rng.random() >= float(fault.get("probability", 1.0)):
-            return data
-        out = bytearray(data)
-        if self.mode == "rtu":
-            out[-1] ^= 0x5A  # the CRC no longer matches
-        else:
-            out[7] ^= 0x40  # MBAP intact, the function code is now undefined
-        return bytes(out)
-
+    # ----------------------------------------------------------- wire faults
     def _on_fault(self, name: str, params: dict[str, Any]) -> None:
         """Edge-triggered faults (called on the injecting thread)."""
         if name != "dropped-connection" or params.get("device", DEVICE) != DEVICE:

@@ -43,17 +43,14 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import random
 import re
-import shutil
-import tempfile
 import threading
-import tty
 from typing import Any
 from urllib.parse import quote
 
-from simulators.world import PumpState, StationWorld
+from simulators.benchworld import BenchWorld, PumpState
+from simulators.ptyport import PtyPort
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +96,7 @@ class PumpChainSim:
     """A daisy chain of NE-1000 style pumps on one pty (and optionally TCP). See the module docstring."""
 
     def __init__(
-        self, world: StationWorld, *, tcp: bool = False, seed: int = 0, firmware: str = FIRMWARE
+        self, world: BenchWorld, *, tcp: bool = False, seed: int = 0, firmware: str = FIRMWARE
     ) -> None:
         self.world = world
         self.tcp = tcp
@@ -109,11 +106,8 @@ class PumpChainSim:
         self._loop_thread: int | None = None
         self._running = False
         self._listening = False
-        self._dir: str | None = None
-        self._master: int | None = None
-        self._slave: int | None = None
+        self._port = PtyPort(DEVICE, self._on_pty_data, prefix="lb-pumps-")
         self._pty_rx = bytearray()
-        self._pty_tx = bytearray()
         self._server: asyncio.AbstractServer | None = None
         self._tcp_port: int | None = None
         self._clients: set[asyncio.StreamWriter] = set()
@@ -124,9 +118,9 @@ class PumpChainSim:
     # ------------------------------------------------------------------ life cycle
     @property
     def link_path(self) -> str:
-        if self._dir is None:
+        if not self._port.is_open:
             raise RuntimeError("PumpChainSim is not started")
-        return os.path.join(self._dir, "pumps")
+        return self._port.link_path
 
     @property
     def url(self) -> str:
@@ -145,10 +139,10 @@ class PumpChainSim:
             return
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._dir = tempfile.mkdtemp(prefix="lb-pumps-")
         self._running = True
         try:
-            self._open_pty()
+            self._pty_rx.clear()
+            self._port.open()
             if self.tcp:
                 self._server = await asyncio.start_server(self._serve_client, "127.0.0.1", 0)
                 self._tcp_port = self._server.sockets[0].getsockname()[1]
@@ -164,7 +158,7 @@ class PumpChainSim:
     async def stop(self) -> None:
         """Close the pty, the TCP server and its clients, remove the symlink (idempotent)."""
         self._running = False
-        self._close_pty()
+        self._port.close()
         if self._server is not None:
             server, self._server = self._server, None
             server.close()
@@ -175,79 +169,17 @@ class PumpChainSim:
             await asyncio.gather(*self._client_tasks, return_exceptions=True)
             await server.wait_closed()
             self._tcp_port = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
     # ------------------------------------------------------------------ pty
-    def _open_pty(self) -> None:
-        assert self._loop is not None
-        master, slave = os.openpty()
-        tty.setraw(slave)  # no echo, no CR/NL translation before the driver configures the port
-        os.set_blocking(master, False)
-        self._master, self._slave = (
-            master,
-            slave,
-        )  # the sim keeps the slave open: no EIO on the master
-        tmp = self.link_path + ".new"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        os.symlink(os.ttyname(slave), tmp)
-        os.replace(tmp, self.link_path)
-        self._pty_rx.clear()
-        self._pty_tx.clear()
-        self._loop.add_reader(master, self._on_pty_readable)
-
-    def _close_pty(self) -> None:
-        master, slave = self._master, self._slave
-        self._master = self._slave = None
-        if master is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(master)
-            self._loop.remove_writer(master)
-        for fd in (master, slave):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-    def _on_pty_readable(self) -> None:
-        if self._master is None:
-            return
-        try:
-            data = os.read(self._master, 4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:  # EIO: no slave open (cannot happen while we hold one)
-            return
+    def _on_pty_data(self, data: bytes) -> None:
         for line in _split_lines(self._pty_rx, data):
             reply = self._handle(line)
             if reply is not None:
-                self._pty_send(reply)
-
-    def _pty_send(self, data: bytes) -> None:
-        if self._master is None:
-            return
-        self._pty_tx += data
-        self._flush_pty()
-
-    def _flush_pty(self) -> None:
-        if self._master is None or self._loop is None:
-            return
-        try:
-            n = os.write(self._master, self._pty_tx)
-            del self._pty_tx[:n]
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            log.debug("pump sim: pty write failed: %s", exc)
-            self._pty_tx.clear()
-        if self._pty_tx:
-            self._loop.add_writer(self._master, self._flush_pty)
-        else:
-            self._loop.remove_writer(self._master)
+                self._port.send(reply)
 
     def write_noise(self, data: bytes) -> None:
         """Put unsolicited bytes on the line (a late reply, line noise), to every client."""
-        self._pty_send(data)
+        self._port.send(data)
         for writer in self._clients:
             writer.write(data)
 
@@ -257,8 +189,8 @@ class PumpChainSim:
         if not self._running:
             return
         self.drops += 1
-        self._close_pty()
-        self._open_pty()
+        self._pty_rx.clear()
+        self._port.reopen()
         for writer in list(self._clients):
             writer.transport.abort()
 

@@ -5,8 +5,11 @@ A block is either a **file** (its info string names one: ```` ```python file=tin
 under that name, into the page's working folder; or a **script** (```` ```python ````): it
 runs in its own interpreter (``python -``, as a reader pasting it would run it) in that
 folder, with the repository and the folder on ``PYTHONPATH``, after every file of the page
-is written. A page without files runs its scripts from the repository root. A script passes
-when it exits 0: the blocks assert what they show. Nothing a script starts outlives it.
+is written; or **commands** (```` ```sh ````): they run in ``bash`` with ``set -e -o
+pipefail`` (each command must succeed) in that folder, with this interpreter's ``bin``
+first on ``PATH`` (so ``labbridge`` and ``python`` are the ones under test). A page without
+files runs its scripts from the repository root unless the test gives it a folder. A script
+passes when it exits 0: the blocks assert what they show. Nothing a script starts outlives it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```([\w+-]*)([^\n]*)\n(.*?)^```$", flags=re.S | re.M)
 FILE_RE = re.compile(r"\s*file=(\S+)\s*")
-RUNNERS = {"python"}  # the languages whose blocks run as scripts
+RUNNERS = {"python", "sh"}  # the languages whose blocks run as scripts
 
 
 @dataclass(frozen=True)
@@ -75,22 +78,40 @@ def write_files(page: str, folder: Path) -> list[Path]:
     return written
 
 
-def run_script(block: Block, folder: Path | None, timeout: float = 80) -> None:
-    """Run a script block in ``folder`` (None: the repository root); AssertionError if it fails."""
+def run_script(
+    block: Block,
+    folder: Path | None,
+    timeout: float = 80,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a script block in ``folder`` (None: the repository root), with ``env`` added to the
+    environment; AssertionError if it fails. Returns the finished process (its output)."""
     cwd = folder if folder is not None else ROOT
     path = [
         str(ROOT),
         *([str(folder)] if folder is not None else []),
         os.environ.get("PYTHONPATH", ""),
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    bin_dir = str(Path(sys.executable).parent)
+    full = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(path),
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+        **(env or {}),
+    }
+    if block.lang == "sh":
+        argv = ["bash", "-e", "-o", "pipefail", "-c", block.code]
+        stdin = ""
+    else:
+        argv, stdin = [sys.executable, "-"], block.code
     done = subprocess.run(
-        [sys.executable, "-"],
-        input=block.code,
+        argv,
+        input=stdin,
         cwd=cwd,
-        env=env,
+        env=full,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
     assert done.returncode == 0, f"{block.where}: the block failed\n{done.stdout}\n{done.stderr}"
+    return done

@@ -264,6 +264,13 @@ async def test_transport_fresh_frames_latest_not_buffered(sim: CameraSim) -> Non
         assert fresh.age_s < 0.2
         latest = await cam.latest()
         assert latest.seq >= fresh.seq
+        # a frame already received when grab is called may show the scene before the last
+        # change (a pump still running): grab waits for the next one
+        await asyncio.sleep(0.2)
+        buffered = await cam.latest()
+        after = await cam.grab()
+        assert after.seq > buffered.seq
+        assert int(after.meta["x-frame-seq"]) > int(buffered.meta["x-frame-seq"])
     finally:
         await cam.close()
 

@@ -414,7 +414,8 @@ async def test_a_station_whose_camera_disagrees_is_paused_and_its_results_untrus
     events: list[dict[str, Any]] = []
     async with simulated(tmp_path) as (sim, lab, journal, actors):
         assert lab.stations["bench-a"].verification is not None
-        assert lab.stations["bench-a"].verification.calibration() is not None  # calibrated itself
+        store = lab.stations["bench-a"].setup_store
+        assert store is not None and "calibration" in store.values()  # set itself up
         sim.stations[0].inject_fault(fault, **params)
         runner = CampaignRunner(
             program(budget=12, target=None),

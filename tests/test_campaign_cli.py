@@ -122,9 +122,7 @@ async def test_run_with_a_bad_program_names_the_field(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-async def test_calibrate_then_a_real_lab_needs_its_calibration(
-    ray_session: Any, tmp_path: Path
-) -> None:
+async def test_setup_then_a_real_lab_needs_its_set_up(ray_session: Any, tmp_path: Path) -> None:
     import yaml
 
     from bridge.simbench import sim_lab_yaml
@@ -134,7 +132,7 @@ async def test_calibrate_then_a_real_lab_needs_its_calibration(
     async with SimulatedLab(stations=1, speed=500) as sim:
         text = sim_lab_yaml(sim, tmp_path / "journal.db")
         real = yaml.safe_load(text)
-        del real["simulated"]  # as a bench PC's lab.yaml: no simulated clock, no self-calibration
+        del real["simulated"]  # as a bench PC's lab.yaml: no simulated clock, no self-set-up
         lab_file = tmp_path / "lab.yaml"
         lab_file.write_text(yaml.safe_dump(real))
         proc = await labbridge(
@@ -142,16 +140,18 @@ async def test_calibrate_then_a_real_lab_needs_its_calibration(
         )
         code, out = await finish(proc)
         assert code == 1, out
-        assert "station bench-a has no camera calibration" in out, out
-        assert f"labbridge calibrate --lab {lab_file}" in out, out
+        assert "station bench-a: set-up 'camera-calibration' has not run" in out, out
+        assert f"labbridge setup --lab {lab_file}" in out, out
 
         lab_file.write_text(text)  # the simulated clock again, for the pumps' timing
-        proc = await labbridge("calibrate", "--lab", str(lab_file), "--ray-address", address)
+        proc = await labbridge("setup", "--lab", str(lab_file), "--ray-address", address)
         code, out = await finish(proc)
         assert code == 0, out
-        saved = tmp_path / "calibration" / "bench-a.yaml"
-        assert f"bench-a: camera calibration saved to {saved}" in out, out
-        data = yaml.safe_load(saved.read_text())
+        saved = tmp_path / "setup" / "bench-a.yaml"
+        assert f"bench-a: camera-calibration done; kept in {saved}" in out, out
+        kept = yaml.safe_load(saved.read_text())
+        assert kept["ran"]["camera-calibration"]["who"] == "operator:setup"
+        data = kept["values"]["calibration"]
         assert data["format"] == "labbridge.vision.calibration/1"
         assert data["fill"]["volumes_ml"] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
         assert max(abs(r) for r in data["fill"]["residuals_ml"]) < 0.05

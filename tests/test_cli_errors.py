@@ -123,7 +123,7 @@ HEAVY = ("ray", "bayes_opt", "scipy", "numpy", "cv2", "safety", "loops", "instru
 
 @pytest.mark.parametrize(
     "command",
-    [None, "sim", "run", "resume", "calibrate", "check", "serve", "estop", "reset", "status"],
+    [None, "sim", "run", "resume", "setup", "check", "serve", "estop", "reset", "status"],
 )
 def test_help_loads_nothing_heavy(command: str | None) -> None:
     """``labbridge COMMAND --help`` once took 2-3 s: building the parser imported Ray, the

@@ -201,6 +201,13 @@ def test_safe_state_calls_must_be_declared_commands_that_make_it_safer() -> None
             safe_state_calls = (Call("read"),)
 
 
+def test_a_momentary_set_is_a_boolean_event() -> None:
+    assert Set("taring", value=True, momentary=True).momentary
+    for bad in ({"arg": "on"}, {"value": 3}):
+        with pytest.raises(DeclarationError, match="momentary=True\\) needs value=True or False"):
+            Set("taring", momentary=True, **bad)  # type: ignore[arg-type]
+
+
 def test_params_check_types_ranges_steps_and_wire_format() -> None:
     p = Param(float, "degC", min=0, max=80, step=0.1)
     assert p.check(25.04) == 25.0 and p.check(7) == 7.0

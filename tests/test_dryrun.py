@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from reference import layout
 
 from instruments.drivers.syringe_pump import SyringePump
 from safety.dryrun import dry_run
-from safety.envelope import Ledger, load_envelope, reference_envelope
+from safety.envelope import EnvelopeError, Ledger, load_envelope, reference_envelope
 from safety.model import Command
 
 MEASURED: dict[str, Any] = {"enclosure.lid": "closed", "hotplate.setpoint_c": 25.0}
@@ -154,3 +155,28 @@ def test_vessels_and_budgets_in_a_dry_run() -> None:
     assert "drain drains vessel beaker: it may only take from it" in reasons[2]
     assert "solo feeds or drains no vessel of the envelope" in reasons[3]
     assert report.final_state["beaker.volume"] == 0.0
+
+
+def test_one_instruments_flow_has_its_own_budget() -> None:
+    """``<instrument>.delivered`` counts what one feed pump moved (a reagent's daily budget)."""
+    env = load_envelope(
+        "channels:\n  a.rate_ml_min: {max: 5}\n  b.rate_ml_min: {max: 5}\n"
+        "  drain.rate_ml_min: {max: 5}\n"
+        "vessels:\n  beaker: {max: 50, fed_by: [a, b], drained_by: [drain]}\n"
+        "budgets:\n  a_per_day: {counts: a.delivered, per: day, max: 2, unit: mL}\n"
+        "  drained_per_day: {counts: drain.withdrawn, per: day, max: 100, unit: mL}\n"
+    )
+    pumps = {"a": SyringePump, "b": SyringePump, "drain": SyringePump}
+    recipe = [
+        c("a", "dispense", volume_ml=1.5, rate_ml_min=1.0),
+        c("b", "dispense", volume_ml=3.0, rate_ml_min=1.0),  # b's flow is not a's budget
+        c("a", "dispense", volume_ml=1.0, rate_ml_min=1.0),  # 2.5 mL of a in a day
+    ]
+    times = [0.0, 100.0, 300.0]
+    report = dry_run(recipe, env, {}, layout=layout(env, pumps), now=0.0, times=times)
+    assert [(v.step, v.rule) for v in report.violations] == [(2, "budget.a_per_day")]
+    with pytest.raises(EnvelopeError, match=r"budgets.x.counts: cannot count 'b.withdrawn'; known: .*a.delivered"):
+        load_envelope(
+            "vessels:\n  beaker: {max: 50, fed_by: [a, b], drained_by: [drain]}\n"
+            "budgets:\n  x: {counts: b.withdrawn, per: day, max: 1}\n"
+        )

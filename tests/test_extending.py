@@ -72,6 +72,15 @@ async def test_an_outside_driver_package_runs_a_guarded_campaign(tinylab: Path) 
             )
             await station.call(StationActor.start)
             try:
+                # the lab's set-up recipe (blank.yaml), through the same guard
+                (blank,) = st.setup
+                assert (blank.name, blank.every, blank.keep) == ("blank", "campaign", ("blank_ph",))
+                kept = await station.call(
+                    StationActor.run_setup, blank.recipe.as_dict(), list(blank.keep)
+                )
+                assert kept["blank_ph"] > 8, kept  # the base alone
+                assert "D 1.000 8.00" in bench.received["base"]
+                assert "W 1.500 25.00" in bench.received["drain"]
                 runner = CampaignRunner(
                     program, journal, {"bench": station}, campaign_id="c1", on_event=events.append
                 )

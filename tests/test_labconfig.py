@@ -8,6 +8,7 @@ import pytest
 
 from bridge.labconfig import LabConfigError, load_lab
 from safety.envelope import REFERENCE_BENCH, EnvelopeError
+from safety.yamldoc import ConfigError
 
 GOOD = """\
 bridge_id: bench-lab
@@ -143,39 +144,106 @@ def test_the_hardware_template_is_a_valid_lab() -> None:
     ]
     assert {i["kind"] for i in st.instruments} <= set(safety.available_drivers())
     assert not lab.simulated and lab.ray_address is None
-    assert st.verification is not None  # a station with a camera verifies by default
-    assert st.verification.calibration_path == lab.store.parent / "calibration" / "bench-a.yaml"
+    assert st.verification is not None  # on by default: the program's checks run
     assert st.verification.max_disagreements == 3
+    assert [r.name for r in st.setup] == ["camera-calibration"]  # setup: [reference]
+    assert st.setup_store is not None
+    assert st.setup_store.path == lab.store.parent / "setup" / "bench-a.yaml"
 
 
 def test_verification_options(tmp_path: Path) -> None:
     path = tmp_path / "lab.yaml"
     path.write_text(GOOD)
-    assert load_lab(path).stations["bench-a"].verification is None  # no camera: nothing to verify
-    with_camera = GOOD.replace(
-        '    env: {EXTRA: "1"}\n',
-        '      - {name: camera, kind: camera, url: "camera://0"}\n'
-        '    env: {EXTRA: "1"}\n'
-        "    verification: {calibration: cal/a.yaml, max_disagreements: 5}\n",
-    )
-    path.write_text(with_camera)
+    assert load_lab(path).stations["bench-a"].verification is not None  # on by default
+    path.write_text(GOOD + "    verification: {max_disagreements: 5}\n")
     v = load_lab(path).stations["bench-a"].verification
-    assert v is not None and v.calibration_path == tmp_path / "cal" / "a.yaml"
-    assert v.max_disagreements == 5
-    assert v.calibration() is None  # not made yet
-    v.save({"format": "labbridge.vision.calibration/1"})
-    assert v.calibration() == {"format": "labbridge.vision.calibration/1"}
-    path.write_text(with_camera.replace("max_disagreements: 5", "max_disagreements: 0"))
+    assert v is not None and v.max_disagreements == 5
+    path.write_text(GOOD + "    verification: {enabled: false}\n")
+    assert load_lab(path).stations["bench-a"].verification is None
+    path.write_text(GOOD + "    verification: {max_disagreements: 0}\n")
     with pytest.raises(
         LabConfigError, match=r"verification\.max_disagreements: must be an integer"
     ):
         load_lab(path)
-    path.write_text(
-        GOOD.replace(
-            '    env: {EXTRA: "1"}\n', '    env: {EXTRA: "1"}\n    verification: {enabled: true}\n'
-        )
+    path.write_text(GOOD + "    verification: {calibration: cal/a.yaml}\n")
+    with pytest.raises(LabConfigError, match=r"lab.yaml:18: .*verification.calibration is gone"):
+        load_lab(path)
+
+
+SETUP = """    setup:
+      - name: prime
+        every: campaign
+        fixed: {volume_ml: 0.2}
+        recipe:
+          - call: red.dispense
+            args: {volume_ml: volume_ml, rate_ml_min: 5}
+          - compute: primed_ml
+            expr: volume_ml
+        keep: [primed_ml]
+"""
+
+
+def test_set_up_recipes_inline_or_in_files(tmp_path: Path) -> None:
+    from loops.setup import SetupStore
+
+    path = tmp_path / "lab.yaml"
+    path.write_text(GOOD + SETUP)
+    st = load_lab(path).stations["bench-a"]
+    (prime,) = st.setup
+    assert (prime.name, prime.every, prime.keep) == ("prime", "campaign", ("primed_ml",))
+    assert str(prime.recipe.steps[0]) == "red.dispense(volume_ml=0.2, rate_ml_min=5)"
+    store = st.setup_store
+    assert store is not None and store.path == tmp_path / "setup" / "bench-a.yaml"
+    assert store.pending(st.setup) == [prime]  # never ran
+    store.record(prime, {"primed_ml": 0.2}, who="ada")
+    assert SetupStore(store.path).values() == {"primed_ml": 0.2}
+    assert SetupStore(store.path).load()["ran"]["prime"]["who"] == "ada"
+    assert store.pending(st.setup) == [prime]  # every: campaign -> before each campaign
+    once = SETUP.replace("every: campaign", "every: once")
+    path.write_text(GOOD + once)
+    st = load_lab(path).stations["bench-a"]
+    assert st.setup_store is not None and st.setup_store.pending(st.setup) == []  # ran once
+    # a file, relative to the lab file, with its own file:line errors
+    (tmp_path / "prime.yaml").write_text(
+        "name: prime\n"
+        "fixed: {volume_ml: 0.2}\n"
+        "recipe:\n"
+        "  - call: red.dispense\n"
+        "    args: {volume_ml: volume_ml, rate_ml_min: 5}\n"
+        "  - compute: primed_ml\n"
+        "    expr: volume_ml\n"
+        "keep: [primed_ml]\n"
     )
-    with pytest.raises(LabConfigError, match="verification needs a camera"):
+    path.write_text(GOOD + "    setup: [prime.yaml]\n    setup_file: state/a.yaml\n")
+    st = load_lab(path).stations["bench-a"]
+    assert [r.name for r in st.setup] == ["prime"] and st.setup[0].source == str(tmp_path / "prime.yaml")
+    assert st.setup_store is not None and st.setup_store.path == tmp_path / "state" / "a.yaml"
+    (tmp_path / "prime.yaml").write_text(
+        (tmp_path / "prime.yaml").read_text().replace("primed_ml]", "primed]")
+    )
+    with pytest.raises(ConfigError, match=r"prime.yaml:8: keep\[0\]: the recipe does not measure 'primed'"):
+        load_lab(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (("every: campaign", "every: daily"), r"lab.yaml:20: stations.bench-a.setup\[0\].every: must be one of once, campaign"),
+        (("volume_ml: 0.2}", "volume_ml: 0.2, spare: 1}"), r"setup\[0\].fixed.spare: 'spare' is used by no step"),
+        (("call: red.dispense", "call: red dispense"), r"setup\[0\].recipe\[0\].call"),
+        (("keep: [primed_ml]", "keep: [nope]"), r"setup\[0\].keep\[0\]: the recipe does not measure 'nope'"),
+        (("- name: prime", "- name: prime\n        when: x"), r"setup\[0\].when: unknown key 'when'"),
+    ],
+)
+def test_set_up_mistakes_name_file_line_and_field(
+    tmp_path: Path, change: tuple[str, str], words: str
+) -> None:
+    path = tmp_path / "lab.yaml"
+    path.write_text(GOOD + SETUP.replace(*change))
+    with pytest.raises(LabConfigError, match=words):
+        load_lab(path)
+    path.write_text(GOOD + "    setup: [missing.yaml]\n")
+    with pytest.raises(LabConfigError, match=r"setup\[0\]: no set-up recipe file"):
         load_lab(path)
 
 
@@ -189,7 +257,8 @@ def test_check_finds_what_the_format_cannot(
     assert main(["check", str(template)]) == 0
     out = capsys.readouterr().out
     assert "station bench-a: 8 instruments: red (syringe-pump), green (syringe-pump)" in out
-    assert "camera verification: NOT CALIBRATED" in out and f"{template}: OK" in out
+    assert "set-up camera-calibration (once): NOT RUN: labbridge setup" in out
+    assert f"{template}: OK" in out
     # every actuated channel and how the envelope bounds it, from the drivers' declarations
     assert "hotplate.setpoint_c: >= 0, <= 80, rises <= 10/min degC  [hotplate.set_heater()" in out
     assert (

@@ -101,7 +101,13 @@ def test_the_colour_match_plan_binds_a_proposal(program: Program) -> None:
         ([{"hold": 5, "else": 1}], "recipe[0].else", "else needs a when"),
         ([{"wait": "x > 1"}], "recipe[0].wait", "needs a reading"),
         ([{"compute": "y", "expr": "x", "function": "mean"}], "recipe[0]", "not both"),
-        ([{"capture": "camera", "as": "before"}], "recipe[0].as", "reference, outcome"),
+        ([{"capture": "camera", "as": "the scene"}], "recipe[0].as", "an identifier"),
+        (
+            [{"capture": "camera", "as": "a"}, {"capture": "camera", "as": "a"}],
+            "recipe[1].as",
+            "a second capture named 'a'",
+        ),
+        ([{"compute": "y", "expr": "images"}], "recipe[0].expr", "unknown name 'images'"),
         ([{"read": {"a": "hotplate"}}], "recipe[0].read.a", "<instrument>.<command>"),
         ([{"compute": "y", "expr": "z + 1"}], "recipe[0].expr", "unknown name 'z'"),
         ([{"call": "a.b", "args": {"v": [1, {"x": 2}]}}], "recipe[0].args.v", "must be a number"),
@@ -404,3 +410,14 @@ async def test_a_ramp_to_an_unrounded_target_finishes() -> None:
         timeout_s=60.0,
     )
     assert reached == pytest.approx(54.248735) and sent == [reached]
+
+
+def test_builtin_functions_check_their_inputs() -> None:
+    from loops import functions
+
+    assert functions.call("distance", {"a": 7.1, "b": 7.4}) == pytest.approx(0.3)
+    assert functions.call("distance", {"a": [0, 3], "b": [4, 0]}) == 5.0
+    assert functions.call("mean", {"values": [1, 2, 3]}) == 2.0
+    for bad in ({"a": [1, 2], "b": [1]}, {"a": "x", "b": 1}, {"a": float("nan"), "b": 1}):
+        with pytest.raises(ValueError):
+            functions.call("distance", bad)

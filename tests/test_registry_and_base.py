@@ -137,7 +137,7 @@ async def test_run_all_attempts_every_action_then_reports_all_failures() -> None
 def test_unknown_driver_lists_known_kinds() -> None:
     with pytest.raises(
         UnknownDriverError,
-        match="known kinds: camera, color-sensor, enclosure, hotplate, syringe-pump",
+        match="known kinds: balance, camera, color-sensor, enclosure, hotplate, ph-meter, syringe-pump",
     ):
         instruments.driver_class("thermocycler")
 

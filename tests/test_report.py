@@ -1,4 +1,4 @@
-"""``labbridge report`` (bridge/report.py) and the contact-sheet helpers of instruments/vision.py.
+"""``labbridge report`` (bridge/report.py) and the contact-sheet helpers of instruments/vision/ (_draw.py).
 
 The campaigns are written through :class:`loops.journal.Journal` the way the
 campaign runner writes them (propose -> checked -> queued -> running -> finish
@@ -239,7 +239,7 @@ def build_campaign(
                     load_program(builtin_program("color-match")).verification,
                     measurements=measurements,
                     images={"outcome": outcome, "reference": scenes.reference},
-                    calibration=scenes.calibration,
+                    setup={"calibration": scenes.calibration.to_dict()},
                 )
                 result["verification"] = check.as_dict()
                 verified = check.verified

@@ -146,7 +146,7 @@ def test_labbridge_sim_command_runs_a_campaign_to_its_target(
         "lab.yaml",
         "journal.db",
         "images",
-        "calibration",
+        "setup",
         "report",
     }
     assert f"report: {out / 'report' / 'report.html'}" in proc.stdout
@@ -177,15 +177,17 @@ def test_cli_rejects_bad_input_with_clear_errors(tmp_path: Path) -> None:
 
 
 def test_every_command_has_help() -> None:
-    for cmd in ([], ["sim"], ["run"], ["resume"], ["calibrate"], ["check"], ["drivers"], ["probe"]):
+    for cmd in ([], ["sim"], ["run"], ["resume"], ["setup"], ["check"], ["drivers"], ["probe"]):
         proc = run_cli(*cmd, "--help")
         assert proc.returncode == 0 and "usage: labbridge" in proc.stdout
     proc = run_cli("drivers")
     assert proc.stdout.split() == [
+        "balance",
         "camera",
         "color-sensor",
         "enclosure",
         "hotplate",
+        "ph-meter",
         "syringe-pump",
     ]
 

@@ -242,6 +242,62 @@ async def test_a_failed_run_trips_the_station_and_is_never_retried(
         assert j.experiment(eid).state == "failed"
 
 
+@pytest.mark.timeout(90)
+async def test_set_up_recipes_run_through_the_guard_and_keep_their_results(
+    ray_session: Any, lab: SimulatedLab
+) -> None:
+    from loops.setup import REFERENCE_SETUP, load_setup
+    from safety import SafetyError
+
+    ray = ray_session
+    bench = lab.stations[0]
+    world = bench.world
+    reference = load_setup(REFERENCE_SETUP)
+    actor = station_actor(lab, actor_name="station-bench-a-setup")
+    try:
+        await actor.start.remote()
+        # refused by the dry run: nothing reaches the pumps
+        overfill = Recipe((call("red", "dispense", volume_ml=5.0, rate_ml_min=5.0),), name="prime")
+        before = len(world.wire.entries("pumps"))
+        with pytest.raises(SafetyError, match=r"(?s)set-up prime refused: .*vial.volume.max"):
+            await actor.run_setup.remote(overfill.as_dict(), [])
+        sent = [str(e.data) for e in world.wire.entries("pumps")[before:]]
+        assert not [x for x in sent if re.match(r"^\dRUN|^\dVOL[\d.]", x)], sent
+        # the reference bench's camera calibration, as data: frames at known volumes, fitted
+        kept = await actor.run_setup.remote(reference.recipe.as_dict(), list(reference.keep))
+        cal = kept["calibration"]
+        assert cal["format"] == "labbridge.vision.calibration/1"
+        assert cal["fill"]["volumes_ml"] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+        world.advance()
+        assert world.vial.volume_ml < 0.01 and not world.enclosure.light_on  # drained, dark
+        # a set-up that fails after acting trips the station (safe state) and says where
+        broken = Recipe(
+            (
+                call("enclosure", "set_light", on=True, intensity=0.5),
+                Step("capture", {"instrument": "camera", "role": "empty"}),
+                Step(
+                    "compute",
+                    {
+                        "into": "calibration",
+                        "function": "fit_fill_calibration",
+                        "args": {"frames": "images", "volumes_ml": "levels"},
+                        "inputs": {"levels": [0.0, 1.0]},
+                    },
+                ),
+            ),
+            name="camera-calibration",
+        )
+        with pytest.raises(StationError, match="(?s)set-up camera-calibration failed: .*1 frames for 2 volumes"):
+            await actor.run_setup.remote(broken.as_dict(), ["calibration"])
+        status = await actor.status.remote()
+        assert status["tripped"] and not status["busy"]
+        world.advance()
+        assert not world.enclosure.light_on  # the trip turned it off
+        await actor.stop.remote()
+    finally:
+        await shutdown(ray, actor)
+
+
 @pytest.mark.timeout(60)
 async def test_a_trip_during_a_wait_stops_the_recipe_there(
     ray_session: Any, lab: SimulatedLab, tmp_path: Path

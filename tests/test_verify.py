@@ -68,7 +68,8 @@ def check(
         CHECKS if checks is None else checks,
         measurements=measurements,
         images={"outcome": image, "reference": reference},
-        calibration=calibration,
+        # as a set-up recipe keeps it: plain data
+        setup={"calibration": calibration.to_dict()} if calibration is not None else {},
     )
 
 
@@ -134,7 +135,10 @@ def test_no_frame_no_calibration_or_a_broken_frame_cannot_verify(
         "cannot verify: camera: no camera frame of the outcome (a capture step with as: outcome)"
     )
     v = check(outcome(), measured(1.0), None)
-    assert "the station's camera is not calibrated (labbridge calibrate)" in v.reasons[0]
+    assert v.reasons[0] == (
+        "cannot verify: camera: unknown name 'setup.calibration' "
+        "(the station's set-up has not kept it: run labbridge setup)"
+    )
     broken = check(b"\xff\xd8garbage", measured(1.0), calibration)
     assert broken.verified is False and broken.reasons[0].startswith("cannot verify: ")
     assert run_checks({"checks": []}, measurements={}).verified is None  # nothing declared

@@ -175,7 +175,7 @@ class Camera(Driver):
     # ---------------------------------------------------------------- frames
     @declare(READ, timeout=Param(float, "s", above=0, optional=True, doc="wait at most"))
     async def capture(self, timeout: float | None = None) -> FrameLike:
-        """A fresh frame (newer than the previous capture); reconnects once after a dropped stream."""
+        """A fresh frame (received after this call); reconnects once after a dropped stream."""
         wait_s = self.timeout if timeout is None else float(timeout)
         try:
             frame = await self.source.grab(wait_s)

@@ -7,7 +7,8 @@ module             URL schemes                                  library
 =================  ==========================================  ===================
 ``serial``         ``serial://``, ``socket://``, ``rfc2217://``, pyserial
                    ``loop://``
-``modbus``         ``modbus-tcp://``, ``modbus-rtu://``         pymodbus
+``modbus``,        ``modbus-tcp://``, ``modbus-rtu://``         pymodbus
+``modbuslink``     (the link, shared by the units of one line)
 ``ble``            ``ble://ADDRESS``, ``ble://name/NAME``       bleak
 ``mqtt``           ``mqtt://``, ``mqtts://``                    paho-mqtt
 ``camera``         ``camera://INDEX``, ``camera:///file``,      OpenCV

@@ -929,7 +929,9 @@ class CameraTransport(Transport):
 
     # ---------------------------------------------------------------- frames
     async def grab(self, timeout: float | None = None) -> Frame:
-        """A frame newer than the last one returned; waits up to ``timeout`` (default: the URL's).
+        """A fresh frame: one received after this call (a live stream's frames buffered before
+        it may show the scene before the last change: a pump still running), also newer than
+        the last one returned; waits up to ``timeout`` (default: the URL's).
 
         Raises :class:`TransportTimeout` (no new frame in time, or the stream
         stalled), :class:`LinkLostError` (the stream ended; the next call
@@ -945,7 +947,10 @@ class CameraTransport(Transport):
             elif self._mode == "snapshot":
                 frame = await self._fetch_snapshot(t)
             else:
-                frame = await self._live(t, newer_than=self._last_returned)
+                reader = self._reader
+                raw = reader.state()[0] if reader is not None else None
+                received = raw.seq if raw is not None else 0
+                frame = await self._live(t, newer_than=max(self._last_returned, received))
             self._last_returned = frame.seq
             self._last_frame = frame
             return frame

@@ -16,6 +16,9 @@ Behaviour:
 
 * one request at a time per link (an ``asyncio.Lock``), each with a deadline
   (:class:`~instruments.errors.TransportTimeout` naming the URL);
+* ``modbus-rtu://`` transports naming the same serial device (several units
+  on one RS-485 line) share one port, one client and one lock, reference
+  counted: see :mod:`instruments.transports.modbuslink`;
 * a Modbus exception reply raises :class:`~instruments.errors.ModbusExceptionError`
   (function code, address, exception code);
 * a reply that cannot be decoded (bad CRC, corrupt PDU, wrong function or
@@ -23,9 +26,9 @@ Behaviour:
 * the link dropping while a request waits raises
   :class:`~instruments.errors.LinkLostError`; a link found dropped between
   requests is reopened on demand by the next request. After a timeout or a
-  garbled reply the link is also reopened before the next request, so a late
-  reply can never be taken for the answer to a later request (RTU has no
-  transaction ids);
+  garbled reply the link is also reopened before the next request (to any
+  unit on the line), so a late reply can never be taken for the answer to a
+  later request (RTU has no transaction ids);
 * a refused connection or a missing serial port raises
   :class:`~instruments.errors.TransportOpenError` naming the URL.
 
@@ -37,53 +40,33 @@ hence the ``noqa: ASYNC109``.)
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, ModbusBaseClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.framer import FramerBase, FramerRTU, FramerSocket, FramerType
-from pymodbus.pdu import DecodePDU, ModbusPDU
+from pymodbus.client import ModbusBaseClient
+from pymodbus.pdu import ModbusPDU
 
 from instruments.errors import (
     InvalidURLError,
     LinkLostError,
     ModbusExceptionError,
     ProtocolError,
-    TransportOpenError,
     TransportTimeout,
 )
 from instruments.transports.base import Transport, URLOptions, split_url
+from instruments.transports.modbuslink import (
+    Connection,
+    ModbusLine,
+    ModbusSettings,
+    acquire_line,
+    release_line,
+)
 
 log = logging.getLogger(__name__)
-
-# pymodbus's own timeout is only a backstop: our deadlines (a timer per request) always end it first.
-_BACKSTOP_S = 300.0
 _MAX_READ_REGISTERS = 125
 _MAX_WRITE_REGISTERS = 123
 _MAX_READ_BITS = 2000
-
-
-@dataclass(frozen=True)
-class ModbusSettings:
-    """A parsed Modbus URL. ``mode`` is ``"tcp"`` or ``"rtu"``."""
-
-    mode: str
-    unit: int
-    timeout: float
-    retries: int
-    host: str = ""
-    port: int = 502
-    device: str = ""
-    baudrate: int = 19200
-    bytesize: int = 8
-    parity: str = "N"
-    stopbits: float = 1
 
 
 def parse_modbus_url(url: str) -> ModbusSettings:
@@ -160,75 +143,6 @@ def _retries(opts: URLOptions) -> int:
     return value
 
 
-class _Link:
-    """One pymodbus client connection and what its callbacks reported."""
-
-    def __init__(self) -> None:
-        self.client: ModbusBaseClient | None = None
-        self.connected = asyncio.Event()
-        self.lost = False
-        #: the task waiting for a reply (None between requests)
-        self.waiter: asyncio.Task[Any] | None = None
-        #: why the waiting request was ended early (set together with ``waiter.cancel()``)
-        self.abort: Exception | None = None
-
-    def end_request(self, reason: Exception) -> bool:
-        """End the request that waits on this link with ``reason`` (the first reason wins).
-
-        The waiting task is cancelled and turns the cancellation into ``reason``
-        (see ``ModbusTransport._request_once``). False if no request waits.
-        """
-        task = self.waiter
-        if task is None or self.abort is not None or task.done():
-            return False
-        self.abort = reason
-        task.cancel()
-        return True
-
-
-class _GarbleCheck(FramerBase):
-    """Framer mixin: report a reply that pymodbus would silently drop (bad CRC, corrupt PDU).
-
-    pymodbus skips an undecodable frame and lets the request run into its
-    timeout; we want a :class:`ProtocolError` at once. The check costs nothing
-    on a good reply: only a frame consumed without a PDU is decoded a second
-    time, unfiltered, to tell a corrupt frame from one for another unit or
-    transaction (which pymodbus skips, as before).
-    """
-
-    on_garbled: Callable[[str, bytes], None] | None = None
-
-    def handleFrame(  # pymodbus names it so
-        self, data: bytes, exp_devid: int, exp_tid: int
-    ) -> tuple[int, ModbusPDU | None]:
-        try:
-            used, pdu = super().handleFrame(data, exp_devid, exp_tid)
-        except ModbusException as exc:
-            return self._garbled(f"undecodable reply ({exc})", data)
-        if pdu is None and used:
-            try:
-                _, anything = super().handleFrame(data, 0, 0)
-            except ModbusException as exc:
-                return self._garbled(f"undecodable reply ({exc})", data)
-            if anything is None:
-                return self._garbled("corrupt frame (bad CRC or length)", data)
-        return used, pdu
-
-    def _garbled(self, problem: str, data: bytes) -> tuple[int, None]:
-        if self.on_garbled is not None:
-            self.on_garbled(problem, bytes(data))
-        # pymodbus never sees the garbage; the link is reset before the next request
-        return len(data), None
-
-
-class _CheckedSocketFramer(_GarbleCheck, FramerSocket):
-    pass
-
-
-class _CheckedRTUFramer(_GarbleCheck, FramerRTU):
-    pass
-
-
 class ModbusTransport(Transport):
     """A Modbus TCP or RTU link (see the module docstring for URLs and behaviour).
 
@@ -243,9 +157,7 @@ class ModbusTransport(Transport):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.settings = parse_modbus_url(url)
-        self._link: _Link | None = None
-        self._request_lock = asyncio.Lock()
-        self._reset_before_next = False
+        self._line: ModbusLine | None = None
 
     # ------------------------------------------------------------ properties
     @property
@@ -261,102 +173,37 @@ class ModbusTransport(Transport):
     @property
     def connected(self) -> bool:
         """True while the underlying TCP connection / serial port is up."""
-        link = self._link
-        return bool(link and link.client and link.client.connected and not link.lost)
+        return self._line is not None and self._line.connected
+
+    @property
+    def line_users(self) -> int:
+        """How many open transports share this transport's line (0 when closed)."""
+        return self._line.refs if self._line is not None else 0
+
+    @property
+    def _link(self) -> Connection | None:
+        """The line's current client connection (None when closed or between reconnects)."""
+        return self._line.conn if self._line is not None else None
 
     # ------------------------------------------------------------ open/close
     async def _open(self) -> None:
-        await self._connect(self.settings.timeout)
+        line = acquire_line(self.settings, self.url)
+        try:
+            async with line.lock:
+                if not line.usable:
+                    await line.drop(None)
+                    await line.connect(self.url, self.settings.timeout)
+        except BaseException:
+            await release_line(line, None)
+            raise
+        self._line = line
 
     async def _close(self) -> None:
-        await self._drop_link(
-            LinkLostError(self.url, "transport closed while a request was waiting")
-        )
-
-    async def _release(self) -> None:
-        await self._drop_link(None)
-
-    def _make_client(self, link: _Link) -> ModbusBaseClient:
-        s = self.settings
-
-        def on_connect(up: bool) -> None:
-            if up:
-                link.connected.set()
-                return
-            link.lost = True
-            link.end_request(LinkLostError(self.url, "connection lost while waiting for a reply"))
-
-        def on_garbled(problem: str, data: bytes) -> None:
-            self._reset_before_next = True
-            if not link.end_request(ProtocolError(self.url, problem, raw=data)):
-                log.warning("%s: unexpected garbled bytes %r", self.url, data)
-
-        common: dict[str, Any] = {
-            "reconnect_delay": 0,  # no background reconnect task: we reconnect on demand
-            "timeout": _BACKSTOP_S,
-            "retries": 0,
-            "trace_connect": on_connect,
-        }
-        client: ModbusBaseClient
-        framer: _GarbleCheck
-        if s.mode == "tcp":
-            client = AsyncModbusTcpClient(s.host, port=s.port, framer=FramerType.SOCKET, **common)
-            framer = _CheckedSocketFramer(DecodePDU(False))
-        else:
-            client = AsyncModbusSerialClient(
-                s.device,
-                framer=FramerType.RTU,
-                baudrate=s.baudrate,
-                bytesize=s.bytesize,
-                parity=s.parity,
-                stopbits=s.stopbits,  # type: ignore[arg-type]  # pyserial accepts 1.5
-                **common,
+        line, self._line = self._line, None
+        if line is not None:
+            await release_line(
+                line, LinkLostError(self.url, "transport closed while a request was waiting")
             )
-            framer = _CheckedRTUFramer(DecodePDU(False))
-        # Same framer class and decoder pymodbus builds for this FramerType, plus the garble check.
-        framer.on_garbled = on_garbled
-        client.ctx.framer = framer
-        return client
-
-    async def _connect(self, limit: float) -> None:
-        """Open a fresh pymodbus client within ``limit`` seconds or raise TransportOpenError."""
-        s = self.settings
-        if s.mode == "rtu" and not _path_exists(s.device):
-            raise TransportOpenError(self.url, f"no such serial port {s.device}")
-        link = _Link()
-        link.client = self._make_client(link)
-        self._link = link
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        try:
-            ok = await asyncio.wait_for(link.client.connect(), limit)
-            if ok:
-                await asyncio.wait_for(link.connected.wait(), max(0.001, deadline - loop.time()))
-        except TimeoutError:
-            await self._drop_link(None)
-            raise TransportOpenError(self.url, f"could not connect within {limit:g} s") from None
-        except Exception as exc:
-            await self._drop_link(None)
-            raise TransportOpenError(self.url, f"could not connect: {exc}") from exc
-        if not ok:
-            await self._drop_link(None)
-            where = f"serial port {s.device}" if s.mode == "rtu" else f"{s.host}:{s.port}"
-            raise TransportOpenError(
-                self.url, f"could not connect to {where} (refused, unreachable or busy)"
-            )
-        self._reset_before_next = False
-
-    async def _drop_link(self, reason: Exception | None) -> None:
-        link, self._link = self._link, None
-        if link is None:
-            return
-        if reason is not None:
-            link.end_request(reason)
-        if link.client is not None:
-            link.client.close()
-            # asyncio closes a socket on the next loop iteration: let it, so nothing dangles.
-            for _ in range(3):
-                await asyncio.sleep(0)
 
     # ------------------------------------------------------------ requests
     async def read_holding_registers(
@@ -591,88 +438,25 @@ class ModbusTransport(Transport):
     ) -> ModbusPDU:
         if not self._is_open:
             await self.open()
-        async with self._request_lock:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + limit
-            link = self._link
-            if (
-                link is None
-                or link.client is None
-                or link.lost
-                or self._reset_before_next
-                or not link.client.connected
-            ):
-                if link is not None:
-                    log.info("%s: reopening the link before %s", self.url, what)
-                await self._drop_link(None)
-                await self._connect(limit)
-                link = self._link
-            assert link is not None and link.client is not None
-            # The request is awaited in this task, not raced in another one: the deadline
-            # timer and the link callbacks (lost link, garbled reply) end it early through
-            # ``link.end_request``, which cancels this task; the cancellation is turned
-            # back into their error below (the way ``asyncio.timeout`` does it).
-            task = asyncio.current_task()
-            assert task is not None
-            cancelling = task.cancelling()
-            link.abort = None
-            link.waiter = task
-            timer = loop.call_at(deadline, self._expire, link, what, unit, limit)
-            try:
-                pdu = await send(link.client, unit)
-            except asyncio.CancelledError:
-                self._reset_before_next = True  # a late reply must not answer the next request
-                reason = link.abort
-                if reason is None or task.uncancel() > cancelling:
-                    raise  # cancelled from outside
-                raise reason from None
-            except ConnectionException as exc:
-                self._reset_before_next = True
-                raise LinkLostError(self.url, f"{what}: link down ({exc})") from exc
-            except ModbusIOException as exc:
-                self._reset_before_next = True
-                if "No response" in str(exc):
-                    raise TransportTimeout(self.url, f"no reply to {what} (unit {unit})") from exc
-                raise ProtocolError(self.url, f"{what}: {exc}") from exc
-            except ModbusException as exc:
-                self._reset_before_next = True
-                raise ProtocolError(self.url, f"{what}: {exc}") from exc
-            except BaseException:
-                self._reset_before_next = True
-                raise
-            finally:
-                timer.cancel()
-                link.waiter = None
-            if link.abort is not None:
-                # Ended early, but the reply had already arrived: pymodbus's wait_for returned it
-                # and swallowed our cancellation. Keep the reply (the link is still reset).
-                self._reset_before_next = True
-                if task.uncancel() > cancelling:
-                    raise asyncio.CancelledError  # a cancellation from outside was swallowed too
-            return self._check_reply(what, fc, address, pdu)
+        line = self._line
+        assert line is not None
+        pdu = await line.request(self.url, what, send, unit, limit)
+        return self._check_reply(line, what, fc, address, pdu)
 
-    def _expire(self, link: _Link, what: str, unit: int, limit: float) -> None:
-        link.end_request(
-            TransportTimeout(self.url, f"no reply to {what} (unit {unit}) within {limit:g} s")
-        )
-
-    def _check_reply(self, what: str, fc: int, address: int, pdu: ModbusPDU | None) -> ModbusPDU:
+    def _check_reply(
+        self, line: ModbusLine, what: str, fc: int, address: int, pdu: ModbusPDU | None
+    ) -> ModbusPDU:
         if pdu is None:
-            self._reset_before_next = True
+            line.reset_before_next = True
             raise ProtocolError(self.url, f"{what}: no reply object")
         if (pdu.function_code & 0x7F) != fc:
-            self._reset_before_next = True
+            line.reset_before_next = True
             raise ProtocolError(
                 self.url, f"{what}: reply has function code {pdu.function_code}, expected {fc}"
             )
         if pdu.isError():
             raise ModbusExceptionError(self.url, fc, address, int(pdu.exception_code))
         return pdu
-
-
-def _path_exists(path: str) -> bool:
-    """Whether a serial device path exists (a stat of a local path: does not block)."""
-    return os.path.exists(path)
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

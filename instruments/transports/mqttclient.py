@@ -1,16 +1,17 @@
 """One MQTT client over paho-mqtt 2.x, below both the MQTT transport and the bridge's campaign API.
 
-:class:`MqttSettings` says where the broker is and how to log in (host, port,
-TLS, user and password source, client id, keepalive, MQTT version, session,
-Last Will); :class:`MqttClient` is one paho client on those settings:
+:class:`MqttSettings` (in :mod:`.mqttdata`, re-exported here with the other data types)
+says where the broker is and how to log in (host, port, TLS, user and password source,
+client id, keepalive, MQTT version, session, Last Will); :class:`MqttClient` is one paho
+client on those settings (built and connected by :mod:`.mqttconnect`):
 ``connect``/``disconnect``, ``publish`` (v5 properties, QoS 1/2 acknowledged),
 ``subscribe`` onto asyncio queues, automatic reconnects that subscribe again.
 Two users build on it: :class:`~instruments.transports.mqtt.MqttTransport`
 (``mqtt://`` URLs, a topic prefix, the enclosure driver) and the bridge's
 campaign API link (``bridge/mqttlink.py``, settings from lab.yaml).
 
-Why here: this module and ``mqtt.py`` are the only ones that import paho
-(import-linter: "paho only in the MQTT transport"). ``bridge`` may not import
+Why here: this module, its parts (``mqttdata.py``, ``mqttconnect.py``) and ``mqtt.py``
+are the only ones that import paho (import-linter: "paho only in the MQTT transport"). ``bridge`` may not import
 ``instruments.transports`` ("Nothing above safety/ holds a driver"), with one
 exception written into that contract: ``bridge.mqttlink`` imports this module.
 It holds no driver and no transport, only a broker link, so the guard is not
@@ -39,21 +40,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import secrets
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -61,158 +57,26 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from instruments.errors import LinkLostError, TransportError, TransportOpenError, TransportTimeout
 from instruments.transports.base import DeviceWorker
+from instruments.transports.mqttconnect import (
+    UNSUPPORTED_PROTOCOL,
+    ConnectFailed,
+    connect_blocking,
+    new_client,
+    refusal_text,
+    stop_client_blocking,
+)
+from instruments.transports.mqttdata import (
+    PROTOCOLS,
+    MqttMessage,
+    MqttSettings,
+    MqttWill,
+    Payload,
+    check_qos,
+    properties_from_dict,
+    properties_to_dict,
+)
 
 log = logging.getLogger(__name__)
-
-PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
-# MQTT v5 PUBLISH properties we map, by our (snake_case) name.
-_PROPERTY_NAMES = {
-    "response_topic": "ResponseTopic",
-    "correlation_data": "CorrelationData",
-    "message_expiry_interval": "MessageExpiryInterval",
-    "content_type": "ContentType",
-    "payload_format_indicator": "PayloadFormatIndicator",
-    "user_properties": "UserProperty",
-}
-# CONNACK reason codes that mean "bad credentials / not allowed" (v5 and v3 mapped to v5).
-_NOT_AUTHORISED = {0x86, 0x87, 0x8C}
-_UNSUPPORTED_PROTOCOL = 0x84
-
-Payload = bytes | bytearray | str
-
-
-@dataclass(frozen=True)
-class MqttWill:
-    """The Last Will: published by the broker if the link dies without a DISCONNECT."""
-
-    topic: str  # absolute
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    """Where the broker is and how to log in.
-
-    The password comes from ``password_env`` (an environment variable) or
-    ``password_file`` (its first line), read when connecting, or, discouraged,
-    ``inline_password`` (never shown in ``repr`` or ``url``). ``protocol``:
-    ``"5"``, ``"3.1.1"`` or ``"auto"`` (v5, then 3.1.1 if the broker refuses v5).
-    ``session_expiry_s`` 0 is a clean session; more keeps the broker's session
-    (subscriptions, queued QoS 1/2 messages) that long after a disconnect.
-    ``timeout_s`` bounds CONNACK, SUBACK and PUBACK/PUBCOMP waits.
-    ``max_packet_bytes`` (MQTT v5 only): the largest packet this client accepts; the
-    broker drops larger messages for it instead of sending them (paho itself reads
-    every packet whole before any callback: this is the only way to leave one unread).
-    ``retain_as_published`` (MQTT v5 only): subscribe with the option of that name, so a
-    message published retained arrives flagged ``retain`` also when it is live (without
-    it only the retained copies sent at subscribe time are flagged).
-    """
-
-    host: str
-    port: int = 1883
-    tls: bool = False
-    username: str | None = None
-    password_env: str | None = None
-    password_file: Path | None = None
-    ca: Path | None = None
-    insecure: bool = False
-    client_id: str | None = None
-    protocol: str = "auto"
-    keepalive: int = 30
-    timeout_s: float = 10.0
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 10.0
-    session_expiry_s: int = 0
-    max_packet_bytes: int | None = None
-    retain_as_published: bool = False
-    will: MqttWill | None = None
-    inline_password: str | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.protocol not in ("auto", *PROTOCOLS):
-            raise ValueError(f"protocol must be auto, 5 or 3.1.1, got {self.protocol!r}")
-
-    @property
-    def url(self) -> str:
-        """The broker URL without secrets (for messages)."""
-        user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
-
-    def password(self) -> str | None:
-        """The password (None: none configured); raises :class:`TransportOpenError` if its
-        environment variable is unset or its file unreadable."""
-        if self.inline_password is not None:
-            return self.inline_password
-        if self.password_env is not None:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise TransportOpenError(
-                    self.url, f"environment variable {self.password_env} (password_env) is not set"
-                )
-            return value
-        if self.password_file is not None:
-            try:
-                lines = Path(self.password_file).read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                raise TransportOpenError(
-                    self.url,
-                    f"cannot read password_file {self.password_file}: {exc.strerror or exc}",
-                ) from None
-            return lines[0] if lines else ""
-        return None
-
-
-@dataclass(frozen=True)
-class MqttMessage:
-    """One received message.
-
-    ``topic`` is relative to the client's prefix (``/`` + absolute topic when
-    outside it; the absolute topic without a prefix); ``properties`` holds the
-    MQTT v5 properties present (``response_topic``, ``correlation_data``
-    (bytes), ``message_expiry_interval`` (s), ``content_type``,
-    ``payload_format_indicator``, ``user_properties`` (list of (key, value)));
-    empty for MQTT 3.1.1. ``received`` is ``time.monotonic()`` on arrival.
-    """
-
-    topic: str
-    payload: bytes
-    qos: int = 0
-    retain: bool = False
-    properties: dict[str, Any] = field(default_factory=dict)
-    absolute_topic: str = ""
-    received: float = 0.0
-
-    @property
-    def text(self) -> str:
-        """The payload decoded as UTF-8 (raises UnicodeDecodeError, a ValueError)."""
-        return self.payload.decode("utf-8")
-
-    def json(self) -> Any:
-        """The payload parsed as JSON (raises ValueError if it is not)."""
-        return json.loads(self.payload.decode("utf-8"))
-
-    @property
-    def response_topic(self) -> str | None:
-        return self.properties.get("response_topic")
-
-    @property
-    def correlation_data(self) -> bytes | None:
-        corr = self.properties.get("correlation_data")
-        return bytes(corr) if corr is not None else None
-
-    @property
-    def expiry_s(self) -> int | None:
-        """The v5 message expiry left when it arrived, s (None: none)."""
-        expiry = self.properties.get("message_expiry_interval")
-        return int(expiry) if expiry is not None else None
-
-    def expired(self, now: float | None = None) -> bool:
-        """Past its MQTT v5 message expiry (counted from when it reached us)."""
-        if self.expiry_s is None:
-            return False
-        return (time.monotonic() if now is None else now) >= self.received + self.expiry_s
 
 
 @dataclass
@@ -220,60 +84,6 @@ class _Subscription:
     qos: int
     sid: int  # MQTT v5 subscription identifier (routes overlapping filters exactly)
     queues: list[asyncio.Queue[MqttMessage]]
-
-
-class _ConnectFailed(Exception):
-    def __init__(self, what: str, detail: str) -> None:
-        super().__init__(f"{what}: {detail}")
-        self.what = what
-        self.detail = detail
-
-
-def properties_to_dict(props: Properties | None) -> dict[str, Any]:
-    """The v5 properties we know, as a plain dict (see :class:`MqttMessage`)."""
-    out: dict[str, Any] = {}
-    if props is None:
-        return out
-    for ours, theirs in _PROPERTY_NAMES.items():
-        if hasattr(props, theirs):
-            value = getattr(props, theirs)
-            if ours == "user_properties":
-                value = [tuple(kv) for kv in value]
-            out[ours] = value
-    return out
-
-
-def properties_from_dict(values: dict[str, Any]) -> Properties:
-    """Build paho PUBLISH properties from our names; unknown names raise ValueError."""
-    props = Properties(PacketTypes.PUBLISH)
-    for key, value in values.items():
-        if key not in _PROPERTY_NAMES:
-            raise ValueError(
-                f"unknown MQTT v5 property {key!r}; known: {', '.join(_PROPERTY_NAMES)}"
-            )
-        if value is None:
-            continue
-        if key == "correlation_data" and isinstance(value, str):
-            value = value.encode()
-        if key == "user_properties":
-            for k, v in value:
-                props.UserProperty = (str(k), str(v))
-            continue
-        setattr(props, _PROPERTY_NAMES[key], value)
-    return props
-
-
-def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
-    """Disable Nagle on the broker link: a command and its ack are small messages, and
-    Nagle + delayed ACK would add ~40 ms to every back-to-back pair on loopback or a LAN."""
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _qos(qos: int) -> int:
-    if qos not in (0, 1, 2):
-        raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
-    return qos
 
 
 class MqttClient:
@@ -338,7 +148,7 @@ class MqttClient:
         if self._client is not None:
             raise TransportError(self.name, "set_will() must be called before open()")
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
-        will = MqttWill(self.topic(topic), data, _qos(qos), retain)
+        will = MqttWill(self.topic(topic), data, check_qos(qos), retain)
         self.settings = replace(self.settings, will=will)
 
     # --------------------------------------------------------- connection
@@ -357,83 +167,13 @@ class MqttClient:
 
     def _build_client(self, protocol: str) -> paho.Client:
         """Create and configure the paho client (runs on the worker: reads CA/password files)."""
-        s = self.settings
-        version = PROTOCOLS[protocol]
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=version,
-            clean_session=s.session_expiry_s == 0 if version != paho.MQTTv5 else None,
-        )
-        client.connect_timeout = s.timeout_s
-        client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)  # type: ignore[arg-type]
-        client.on_socket_open = _no_delay
-        if s.username:
-            client.username_pw_set(s.username, s.password())
-        if s.tls:
-            try:
-                context = ssl.create_default_context(cafile=str(s.ca) if s.ca is not None else None)
-            except (OSError, ssl.SSLError) as exc:
-                raise TransportOpenError(self.name, f"cannot load CA file {s.ca}: {exc}") from None
-            client.tls_set_context(context)
-            client.tls_insecure_set(s.insecure)
-        if s.will is not None:
-            client.will_set(s.will.topic, s.will.payload, s.will.qos, s.will.retain)
+        client = new_client(self.settings, self.client_id, protocol, self.name)
         client.on_connect = self._paho_on_connect
         client.on_disconnect = self._paho_on_disconnect
         client.on_message = self._paho_on_message
         client.on_publish = self._paho_on_publish
         client.on_subscribe = self._paho_on_subscribe
         return client
-
-    def _connect_blocking(self, client: paho.Client, protocol: str) -> None:
-        """TCP (+TLS) connect and send CONNECT, then start paho's network thread. Worker thread.
-
-        A failure is re-raised as a fresh :class:`_ConnectFailed` outside the
-        ``except`` block: the original traceback holds paho's half-open socket
-        (paho does not close it when the TLS handshake fails), and dropping the
-        traceback closes it now instead of at the next garbage collection.
-        """
-        s = self.settings
-        failure: tuple[str, str] | None = None
-        try:
-            if protocol == "5":
-                props = Properties(PacketTypes.CONNECT)
-                if s.session_expiry_s > 0:
-                    props.SessionExpiryInterval = s.session_expiry_s
-                if s.max_packet_bytes is not None:
-                    props.MaximumPacketSize = s.max_packet_bytes
-                client.connect(
-                    s.host,
-                    s.port,
-                    s.keepalive,
-                    clean_start=s.session_expiry_s == 0,
-                    properties=props,
-                )
-            else:
-                client.connect(s.host, s.port, s.keepalive)
-        except ssl.SSLError as exc:
-            failure = ("TLS handshake failed with the broker at", str(exc))
-        except OSError as exc:
-            failure = (
-                "cannot connect to the broker at",
-                exc.strerror or str(exc) or type(exc).__name__,
-            )
-        if failure is not None:
-            raise _ConnectFailed(*failure)
-        client.loop_start()
-
-    @staticmethod
-    def _stop_client_blocking(client: paho.Client) -> None:
-        """Disconnect, join paho's thread and close its sockets (worker thread)."""
-        with contextlib.suppress(Exception):
-            client.disconnect()
-        client.loop_stop()
-        # paho closes its wake-up socket pair only in __del__: close it now so
-        # no file descriptor outlives close().
-        reset = getattr(client, "_reset_sockets", None)
-        if reset is not None:
-            reset()
 
     async def connect(self) -> None:
         """Connect (v5, falling back to 3.1.1 under ``protocol="auto"``); waits for the CONNACK.
@@ -448,7 +188,7 @@ class MqttClient:
         try:
             for i, protocol in enumerate(protocols):
                 reason = await self._try_connect(protocol)
-                if reason.value == _UNSUPPORTED_PROTOCOL and i + 1 < len(protocols):
+                if reason.value == UNSUPPORTED_PROTOCOL and i + 1 < len(protocols):
                     log.info(
                         "%s: broker refused MQTT v%s, trying v%s",
                         self.name,
@@ -459,7 +199,9 @@ class MqttClient:
                     continue
                 if reason.is_failure:
                     await self._drop_client()
-                    raise TransportOpenError(self.name, self._refusal_text(reason, protocol))
+                    raise TransportOpenError(
+                        self.name, refusal_text(self.settings, reason, protocol)
+                    )
                 self.protocol = protocol
                 break
         except BaseException:
@@ -467,15 +209,6 @@ class MqttClient:
             await self._stop_worker()
             raise
         log.info("%s: connected (MQTT %s, client id %s)", self.name, self.protocol, self.client_id)
-
-    def _refusal_text(self, reason: ReasonCode, protocol: str) -> str:
-        if reason.value in _NOT_AUTHORISED:
-            user = self.settings.username
-            who = f"user {user!r}" if user else "anonymous clients"
-            return f"broker refused the connection: not authorised ({reason}; check the credentials of {who})"
-        if reason.value == _UNSUPPORTED_PROTOCOL:
-            return f"broker refused MQTT v{protocol} ({reason}); try ?protocol=3.1.1"
-        return f"broker refused the connection: {reason}"
 
     async def _try_connect(self, protocol: str) -> ReasonCode:
         """One connection attempt; returns the CONNACK reason (success or refusal)."""
@@ -488,13 +221,13 @@ class MqttClient:
         self._connack = self._loop.create_future()
         try:
             await self._worker.run(
-                self._connect_blocking, client, protocol, timeout=s.timeout_s + 1.0, url=self.name
+                connect_blocking, client, s, protocol, timeout=s.timeout_s + 1.0, url=self.name
             )
         except TransportTimeout:
             raise TransportOpenError(
                 self.name, f"no connection to {s.host}:{s.port} within {s.timeout_s:g} s"
             ) from None
-        except _ConnectFailed as exc:
+        except ConnectFailed as exc:
             raise TransportOpenError(
                 self.name, f"{exc.what} {s.host}:{s.port}: {exc.detail}"
             ) from None
@@ -510,7 +243,7 @@ class MqttClient:
         if client is not None and self._worker is not None:
             try:
                 await self._worker.run(
-                    self._stop_client_blocking,
+                    stop_client_blocking,
                     client,
                     timeout=self.settings.timeout_s + 2.0,
                     url=self.name,
@@ -728,7 +461,7 @@ class MqttClient:
         reconnect). ``properties``: MQTT v5 only (see :class:`MqttMessage` for
         the names).
         """
-        _qos(qos)
+        check_qos(qos)
         absolute = self.topic(topic)
         if "+" in absolute or "#" in absolute:
             raise ValueError(f"{self.name}: cannot publish to a topic with wildcards: {absolute!r}")
@@ -788,7 +521,7 @@ class MqttClient:
         :meth:`unsubscribe` ends it. Queues are unbounded: consume them, or
         unsubscribe.
         """
-        _qos(qos)
+        check_qos(qos)
         absolute = self.topic(topic_filter)
         deadline = self.settings.timeout_s if timeout is None else timeout
         client = await self._wait_connected(f"subscribe to {absolute}")
@@ -874,6 +607,7 @@ class MqttClient:
 
 __all__ = [
     "PROTOCOLS",
+    "Payload",
     "MqttClient",
     "MqttMessage",
     "MqttSettings",

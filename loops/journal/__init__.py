@@ -39,7 +39,8 @@ in-process link; ``loops.raylinks`` has the Ray actor and its link, which forwar
 :data:`JOURNAL_API` (every public method but ``close``) by name.
 
 Modules: ``_model`` (states, errors, row types, JSON), ``_schema`` (SQLite schema
-and migrations), ``_reads`` (the queries and CSV rows), ``_store`` (:class:`Journal`:
+and migrations), ``_reads`` (the queries and CSV rows), ``_conn`` (the connection, one
+write transaction, the row-level helpers of the writes), ``_store`` (:class:`Journal`:
 the writes and resume), ``_async`` (:class:`JournalLink`, :class:`AsyncJournal`).
 """
 

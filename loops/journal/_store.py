@@ -1,18 +1,20 @@
-"""The :class:`Journal` itself: the one definition of the journal's API (SQLite, WAL, synchronous=FULL)."""
+"""The :class:`Journal` itself: the one definition of the journal's API (SQLite, WAL, synchronous=FULL).
+
+The connection, the write transaction and the row-level helpers it uses are
+:class:`~loops.journal._conn.JournalConnection`'s; the queries are
+:class:`~loops.journal._reads.JournalReads`'.
+"""
 
 from __future__ import annotations
 
 import math
 import re
-import sqlite3
 import statistics
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from loops.journal._conn import JournalConnection
 from loops.journal._model import (
     CAMPAIGN_STATES,
     EXPERIMENT_STATES,
@@ -24,19 +26,16 @@ from loops.journal._model import (
     JournalError,
     ResumeInfo,
     StepOrderError,
-    UnknownCampaign,
-    UnknownExperiment,
     _dumps,
     _loads,
 )
-from loops.journal._reads import _EXPERIMENT_COLUMNS, JournalReads
-from loops.journal._schema import _schema_version, migrate
+from loops.journal._reads import _EXPERIMENT_COLUMNS
+from loops.journal._schema import _schema_version
 
 _PROPOSER = re.compile(r"^(optimizer(:\S+)?|agent:\S+|operator(:\S+)?)$")
-_HISTORY = 1000  # commit durations kept for commit_stats()
 
 
-class Journal(JournalReads):
+class Journal(JournalConnection):
     """The durable record of campaigns and experiments (SQLite, WAL, synchronous=FULL).
 
     ``Journal(path)`` creates or opens the file and migrates its schema.
@@ -44,62 +43,6 @@ class Journal(JournalReads):
     write lock (a ``labbridge status`` reader never blocks it: WAL). Use it
     from one thread; ``close()`` (or ``with``) releases the file.
     """
-
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
-        text = str(path)
-        if text == ":memory:" or text.startswith("file::memory:") or text == "":
-            raise JournalError("a journal must be a file: an in-memory database is not durable")
-        self.path = Path(path)
-        self._commit_times: deque[float] = deque(maxlen=_HISTORY)
-        self._conn: sqlite3.Connection | None = None
-        try:
-            conn = sqlite3.connect(text, isolation_level=None, timeout=busy_timeout_s)
-        except sqlite3.Error as e:
-            raise JournalError(f"cannot open journal {text}: {e}") from e
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise JournalError(
-                    f"journal {text}: cannot switch to WAL (journal_mode is {mode!r}); "
-                    "put the journal on a local filesystem"
-                )
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            migrate(conn)
-        except BaseException as e:
-            conn.close()
-            if isinstance(e, sqlite3.Error):
-                raise JournalError(f"cannot open journal {text}: {e}") from e
-            raise
-        self._conn = conn
-
-    # ------------------------------------------------------------ lifecycle
-    def close(self) -> None:
-        """Close the connection (idempotent). The WAL is checkpointed by SQLite."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    def __enter__(self) -> Journal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: BEGIN IMMEDIATE ... COMMIT (fsync'ed) or ROLLBACK."""
-        conn = self._db()
-        t0 = time.perf_counter()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self._commit_times.append(time.perf_counter() - t0)
 
     # ----------------------------------------------------------- diagnostics
     def settings(self) -> dict[str, Any]:
@@ -625,155 +568,7 @@ class Journal(JournalReads):
             next_seq=next_seq,
         )
 
-    # ---------------------------------------------------------------- helpers
-    def _require_campaign(self, conn: sqlite3.Connection, campaign_id: str) -> None:
-        if conn.execute("SELECT 1 FROM campaigns WHERE id = ?", (campaign_id,)).fetchone() is None:
-            raise UnknownCampaign(f"no campaign {campaign_id!r} in journal {self.path}")
 
-    def _current(
-        self, conn: sqlite3.Connection, experiment_id: str
-    ) -> tuple[str, str, str | None, int | None]:
-        row = conn.execute(
-            "SELECT campaign_id, state, station, step FROM experiments WHERE id = ?",
-            (experiment_id,),
-        ).fetchone()
-        if row is None:
-            raise UnknownExperiment(f"no experiment {experiment_id!r} in journal {self.path}")
-        return row[0], row[1], row[2], row[3]
-
-    def _last_step_event(
-        self, conn: sqlite3.Connection, experiment_id: str
-    ) -> tuple[str, int] | None:
-        row = conn.execute(
-            "SELECT event, step FROM transitions WHERE experiment_id = ? "
-            "AND event IN ('step_started', 'step_done') ORDER BY id DESC LIMIT 1",
-            (experiment_id,),
-        ).fetchone()
-        return None if row is None else (row[0], row[1])
-
-    def _require_no_step_open(self, conn: sqlite3.Connection, experiment_id: str) -> None:
-        last = self._last_step_event(conn, experiment_id)
-        if last is not None and last[0] == "step_started":
-            raise StepOrderError(
-                f"experiment {experiment_id}: step {last[1]} started and is not recorded done"
-            )
-
-    def _step_info(self, conn: sqlite3.Connection, experiment_id: str) -> dict[str, Any]:
-        rows = conn.execute(
-            "SELECT event, step, data FROM transitions WHERE experiment_id = ? "
-            "AND event IN ('step_started', 'step_done') ORDER BY id",
-            (experiment_id,),
-        ).fetchall()
-        last_started: int | None = None
-        last_step: Any = None
-        done: list[int] = []
-        for event, step, data in rows:
-            if event == "step_started":
-                last_started = step
-                payload = _loads(data)
-                last_step = payload.get("step") if isinstance(payload, dict) else payload
-            else:
-                done.append(step)
-        return {
-            "last_step_started": last_started,
-            "last_step": last_step,
-            "last_step_done": last_started is not None and last_started in done,
-            "steps_done": tuple(done),
-        }
-
-    def _save_optimizer(
-        self, conn: sqlite3.Connection, campaign_id: str, state: Mapping[str, Any]
-    ) -> None:
-        if not isinstance(state, Mapping):
-            raise TypeError(f"optimizer state must be a mapping, got {type(state).__name__}")
-        conn.execute(
-            "UPDATE campaigns SET optimizer_state = ?, updated = ? WHERE id = ?",
-            (_dumps(dict(state)), time.time(), campaign_id),
-        )
-
-    def _apply(
-        self,
-        conn: sqlite3.Connection,
-        experiment_id: str,
-        campaign_id: str,
-        state: str,
-        *,
-        event: str = "state",
-        step: int | None = None,
-        fields: Mapping[str, Any] | None = None,
-        data: Any = None,
-        reason: str | None = None,
-        station: str | None = None,
-        recipe: Any = None,
-        optimizer_state: Mapping[str, Any] | None = None,
-        touch_step: bool = False,
-    ) -> int:
-        """Update the experiment row and append its log row (inside the caller's transaction).
-
-        The log row's data is None or an object: the event's own ``fields``, plus
-        ``reason``/``station``/``recipe`` when given and the caller's ``data``
-        under ``"data"``.
-        """
-        now = time.time()
-        sets = ["state = ?", "updated = ?"]
-        args: list[Any] = [state, now]
-        if reason is not None and event == "state":
-            sets.append("reason = ?")
-            args.append(reason)
-        if state == "proposed":
-            sets.append("station = NULL")
-        elif station is not None:
-            sets.append("station = ?")
-            args.append(station)
-        if recipe is not None:
-            sets.append("recipe = ?")
-            args.append(_dumps(recipe))
-        if touch_step and step is not None:
-            sets.append("step = ?")
-            args.append(step)
-        conn.execute(
-            f"UPDATE experiments SET {', '.join(sets)} WHERE id = ?", [*args, experiment_id]
-        )
-        if optimizer_state is not None:
-            self._save_optimizer(conn, campaign_id, optimizer_state)
-        payload: dict[str, Any] = dict(fields or {})
-        for key, value in (("reason", reason), ("station", station), ("recipe", recipe)):
-            if value is not None:
-                payload[key] = value
-        if data is not None:
-            payload["data"] = data
-        return self._log(conn, experiment_id, campaign_id, event, state, step, payload or None, now)
-
-    def _log(
-        self,
-        conn: sqlite3.Connection,
-        experiment_id: str | None,
-        campaign_id: str,
-        event: str,
-        state: str,
-        step: int | None,
-        data: Any,
-        t: float | None = None,
-    ) -> int:
-        cur = conn.execute(
-            "INSERT INTO transitions (experiment_id, campaign_id, t, event, state, step, data) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                experiment_id,
-                campaign_id,
-                time.time() if t is None else t,
-                event,
-                state,
-                step,
-                _dumps(data),
-            ),
-        )
-        rowid = cur.lastrowid
-        assert rowid is not None
-        return rowid
-
-
-#: The journal's API: every public method of :class:`Journal` but ``close`` (the owner's).
 #: :class:`~loops.journal.AsyncJournal` and the Ray journal actor forward exactly these, so
 #: a method added to :class:`Journal` is available through both without another edit.
 JOURNAL_API: frozenset[str] = frozenset(
