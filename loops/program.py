@@ -569,7 +569,7 @@ def _no_huge_integers(data: Any, doc: YamlDoc) -> None:
             stack.extend(((*path, k), v) for k, v in value.items())
         elif isinstance(value, list):
             stack.extend(((*path, i), v) for i, v in enumerate(value))
-        elif isinstance(value, numbers.Integral) and not _finite(value):
+        elif _is_number(value) and isinstance(value, numbers.Integral) and not _finite(value):
             raise doc.error(f"must be a number (finite), got {_show(value)}", path)
 
 

@@ -364,9 +364,12 @@ def reference(node: Expr, state: Mapping[str, Any]) -> Any:
         if node.op == "->":
             return (not reference(node.left, state)) or reference(node.right, state)
         a, b = reference(node.left, state), reference(node.right, state)
-        return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[
+        value = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[
             node.op
         ]()
+        if isinstance(value, float) and not math.isfinite(value):  # overflow refuses
+            raise EvaluationError(f"{value}")
+        return value
     if isinstance(node, Compare):
         left = reference(node.operands[0], state)
         for op, operand in zip(node.ops, node.operands[1:], strict=True):
