@@ -1,7 +1,7 @@
 """The MQTT campaign API: start latency, e-stop reaction over MQTT, results throughput.
 
 Run:  python benchmarks/api.py [--starts 8] [--estops 50] [--results 2000] [--speed 1000]
-      python benchmarks/api.py --quick          # CI smoke run (< 30 s)
+      python benchmarks/api.py --quick          # CI smoke run (< 60 s)
 
 One simulated reference station (``SimulatedLab(stations=1)``, pumps on a pty,
 hotplate over Modbus TCP, colour sensor over BLE/D-Bus, enclosure over MQTT,
@@ -26,7 +26,13 @@ in the same run, interleaved (MQTT, direct, MQTT, direct, ...):
    off, colour sensor stopped (as ``benchmarks/safety.py`` measures a trip).
    Next to it ``LabService.estop`` called directly (Ray to the station actor,
    no MQTT). The station is idle and reset (over the direct path) between
-   e-stops. Goal (issue 5): p99 < 100 ms over MQTT.
+   e-stops. Goal (issue 13): p99 < 50 ms over MQTT, quiet and under load:
+   the same e-stops again while a second client (its own user) floods
+   ``campaigns/start`` with malformed JSON at ``--flood-rate`` messages/s,
+   and while a third publishes ``--storm-mb`` MB payloads there at
+   ``--storm-rate``/s (a payload storm). Both load clients are plain paho
+   QoS 0 publishers paced on their own thread; the table says how many
+   messages each sent during the e-stops.
 3. Results: the latency from the journal's ``done`` of each experiment of
    part 1 to its message on ``campaigns/<id>/results`` at a subscriber; and the
    API's result throughput: ``--results`` copies of a real result event of part
@@ -48,6 +54,7 @@ import queue
 import secrets
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,7 +84,7 @@ from simulators.broker import MosquittoBroker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
-ESTOP_GOAL_MS = 100.0
+ESTOP_GOAL_MS = 50.0
 SAFE_WIRE_EXPECTED = {"hotplate": 2, "pumps": 8, "enclosure": 1, "color": 1}
 
 
@@ -136,7 +143,9 @@ class Requester:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = f"{self.root}/replies/bench/r"
         props.CorrelationData = corr
-        self.client.publish(f"{self.root}/{topic}", json.dumps(payload), qos=1, properties=props)
+        self.client.publish(
+            request_topic(self.root, topic, "bench"), json.dumps(payload), qos=1, properties=props
+        )
         return corr
 
     def wait(self, pred: Any, timeout: float = 30.0) -> tuple[float, str, Any]:
@@ -272,6 +281,7 @@ class EStopRun:
     reply_s: float | None
     commands: int
     missing: list[str]
+    failed: list[str] = dataclasses.field(default_factory=list)  # instruments not safe in time
 
 
 async def run_estops(
@@ -284,15 +294,18 @@ async def run_estops(
         t0 = time.monotonic()
         reply_s = None
         if via == "mqtt":
-            corr = client.request("estop", {"reason": f"benchmark {i}", "who": "benchmark"})
+            corr = client.request("estop", {"reason": f"benchmark {i}"})
             t, _, reply = await asyncio.to_thread(client.wait, lambda t, d, c, corr=corr: c == corr)
             reply_s = t - t0
             report = reply
         else:
             report = await service.estop(f"benchmark {i}", "benchmark")
             reply_s = time.monotonic() - t0
-        if not report["ok"] or report["already_tripped"]:
-            raise RuntimeError(f"e-stop {i} did not trip cleanly: {report}")
+        if report["already_tripped"]:
+            raise RuntimeError(f"e-stop {i}: the station was tripped already: {report}")
+        failed = [  # e.g. a simulator starved of CPU under load: recorded, shown in the table
+            f"{name}: {inst}" for name, st in report["stations"].items() for inst in st["failed"]
+        ]
         await asyncio.sleep(0.05)  # every command of the storm has arrived
         arrivals = safe_state_arrivals(bench, t0, time.monotonic())
         firsts = [t for dev, ts in arrivals.items() for t in ts[: SAFE_WIRE_EXPECTED[dev]]]
@@ -301,14 +314,80 @@ async def run_estops(
             for dev, k in SAFE_WIRE_EXPECTED.items()
             if len(arrivals[dev]) < k
         ]
-        reset = await service.reset("benchmark", f"after e-stop {i}")
-        if not reset["ok"]:
+        for _ in range(5):
+            reset = await service.reset("benchmark", f"after e-stop {i}")
+            if reset["ok"]:
+                break
+            await asyncio.sleep(1.0)
+        else:
             raise RuntimeError(f"reset after e-stop {i} refused: {reset}")
         if i >= 2:
-            runs.append(
-                EStopRun(via, max(firsts) - t0 if firsts else None, reply_s, len(firsts), missing)
-            )
+            wire_s = max(firsts) - t0 if firsts else None
+            runs.append(EStopRun(via, wire_s, reply_s, len(firsts), missing, failed))
     return runs
+
+
+_LOAD_SCRIPT = """
+import signal, sys, time
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+host, port, user, password, topic, kind, size, rate = sys.argv[1:9]
+payload = b'{"id": "x", "program": ' if kind == "flood" else b"x" * int(size)
+rate = float(rate)
+c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-load", protocol=paho.MQTTv5)
+c.username_pw_set(user, password)
+c.connect(host, int(port))
+c.loop_start()
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+print("ready", flush=True)
+sent, t0 = 0, time.monotonic()
+while not stop:
+    due = int((time.monotonic() - t0) * rate) + 1
+    while sent < due and not stop:
+        c.publish(topic, payload, qos=0)
+        sent += 1
+    time.sleep(min(0.01, 1.0 / rate))
+c.disconnect()
+c.loop_stop()
+print(sent, time.monotonic() - t0, flush=True)
+"""
+
+
+class Load:
+    """Background load on the broker from another process (so that it takes no CPU time from
+    this one's simulators): a paho client of its own publishing to ``topic`` at ``rate``
+    messages/s, QoS 0, paced in small batches; ``kind`` ``flood`` (malformed JSON) or
+    ``storm`` (``size`` bytes of ``x``)."""
+
+    def __init__(
+        self,
+        broker: MosquittoBroker,
+        user: str,
+        password: str,
+        topic: str,
+        kind: str,
+        size: int,
+        rate: float,
+    ) -> None:
+        self.argv = [broker.host, str(broker.port), user, password, topic, kind, str(size)]
+        self.argv.append(str(rate))
+        self.sent, self.elapsed = 0, 0.0
+
+    def __enter__(self) -> Load:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _LOAD_SCRIPT, *self.argv], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the load client did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=30)
+        sent, elapsed = out.split()
+        self.sent, self.elapsed = int(sent), float(elapsed)
 
 
 # ----------------------------------------------------------------- part 3: results
@@ -367,13 +446,43 @@ class Results:
     api_rate: float
     raw_rate: float
     setup_s: float
+    loaded: dict[str, tuple[list[EStopRun], int, float]] = dataclasses.field(default_factory=dict)
+
+
+def request_topic(root: str, kind: str, user: str) -> str:
+    """The topic a client publishes a request on, ending in its user (docs/mqtt-api.md)."""
+    return f"{root}/{kind}/{user}"
+
+
+async def run_loaded(
+    service: LabService,
+    client: Requester,
+    bench: SimulatedBench,
+    broker: MosquittoBroker,
+    password: str,
+    args: argparse.Namespace,
+) -> dict[str, tuple[list[EStopRun], int, float]]:
+    """The e-stops of part 2 again, under a flood of malformed requests and a payload storm."""
+    out: dict[str, tuple[list[EStopRun], int, float]] = {}
+    start = request_topic(client.root, "campaigns/start", "flood")
+    loads = {"flood": args.flood_rate, "storm": args.storm_rate}
+    size = int(args.storm_mb * 1024 * 1024)
+    for name, rate in loads.items():
+        with Load(broker, "flood", password, start, name, size, rate) as load:
+            await asyncio.sleep(0.5)  # the load is steady before the first e-stop
+            runs = await run_estops(service, client, bench, args.estops)
+        out[name] = (runs, load.sent, load.elapsed)
+        await asyncio.sleep(1.0)  # the service drains what is queued before the next part
+    return out
 
 
 async def main_async(args: argparse.Namespace) -> Results:
     password = secrets.token_urlsafe(12)
     os.environ["LB_BENCH_SERVICE_PASSWORD"] = password
     bench_password = secrets.token_urlsafe(12)
-    broker = MosquittoBroker(users={"labbridge": password, "bench": bench_password})
+    broker = MosquittoBroker(
+        users={"labbridge": password, "bench": bench_password, "flood": bench_password}
+    )
     broker.start()
     t0 = time.monotonic()
     try:
@@ -401,6 +510,10 @@ async def main_async(args: argparse.Namespace) -> Results:
                             )
                             print(f"2. {args.estops} + {args.estops} e-stops ...", file=sys.stderr)
                             estops = await run_estops(service, client, sim.stations[0], args.estops)
+                            print("2b. the same e-stops under load ...", file=sys.stderr)
+                            loaded = await run_loaded(
+                                service, client, sim.stations[0], broker, bench_password, args
+                            )
                             print(f"3. {args.results} results x 2 ...", file=sys.stderr)
                             api_rate, raw_rate = await run_throughput(
                                 service, client, broker, event, args.results
@@ -413,12 +526,12 @@ async def main_async(args: argparse.Namespace) -> Results:
     finally:
         broker.stop()
         ray.shutdown()
-    return Results(starts, estops, api_rate, raw_rate, setup_s)
+    return Results(starts, estops, api_rate, raw_rate, setup_s, loaded)
 
 
 def report(args: argparse.Namespace, r: Results, elapsed: float) -> bool:
     print()
-    print("labbridge MQTT campaign API benchmark (issue 5)")
+    print("labbridge MQTT campaign API benchmark (issues 5, 13)")
     print(
         f"one simulated reference station at {args.speed:g}x on local Ray (warm), mosquitto with "
         f"a password on loopback, a paho MQTT v5 requester; set-up {r.setup_s:.1f} s"
@@ -463,13 +576,34 @@ def report(args: argparse.Namespace, r: Results, elapsed: float) -> bool:
         [e.reply_s for e in em if e.reply_s is not None],
         [e.reply_s for e in ed if e.reply_s is not None],
     )
-    counts = [e.commands for e in r.estops]
-    incomplete = [e for e in r.estops if e.missing]
+    every = [*r.estops, *(e for runs, _, _ in r.loaded.values() for e in runs)]
+    counts = [e.commands for e in every]
+    incomplete = [e for e in every if e.missing]
+    failed = [e for e in every if e.failed]
+    for name, (runs, sent, elapsed) in r.loaded.items():
+        what = (
+            f"under a flood of malformed requests ({sent / elapsed:,.0f} msg/s)"
+            if name == "flood"
+            else f"under a {args.storm_mb:g} MB payload storm ({sent / elapsed:.1f} msg/s)"
+        )
+        print(f"    {what}:")
+        row(
+            "  e-stop -> last safe-state command (wire log)",
+            [e.wire_s for e in runs if e.via == "mqtt" and e.wire_s is not None],
+            [e.wire_s for e in runs if e.via == "direct" and e.wire_s is not None],
+        )
+        row(
+            "  e-stop -> report back",
+            [e.reply_s for e in runs if e.via == "mqtt" and e.reply_s is not None],
+            [e.reply_s for e in runs if e.via == "direct" and e.reply_s is not None],
+        )
     print(
         f"    safe-state commands seen per e-stop: {med(counts):.0f} (expected "
         f"{sum(SAFE_WIRE_EXPECTED.values())}: hotplate 2, pumps 8, enclosure 1, colour 1); "
         f"e-stops with some missing: {len(incomplete)}"
         + (f" (e.g. {incomplete[0].missing})" if incomplete else "")
+        + f"; e-stops where an instrument did not report safe in time: {len(failed)}"
+        + (f" (e.g. {failed[0].failed})" if failed else "")
     )
     print()
     lat = [s.result_latency_s for s in r.starts if s.result_latency_s is not None]
@@ -483,13 +617,20 @@ def report(args: argparse.Namespace, r: Results, elapsed: float) -> bool:
         f"raw paho {r.raw_rate:,.0f}/s ({r.api_rate / r.raw_rate:.2f}x)"
     )
     print()
-    p99 = pct(mw, 0.99)
-    met = p99 * 1e3 < ESTOP_GOAL_MS
     print(f"{'goal':<46} {'target':>10} {'measured':>11}  met?")
-    print(
-        f"{'e-stop over MQTT -> last wire cmd, p99':<46} {'< ' + format(ESTOP_GOAL_MS, 'g') + ' ms':>10} "
-        f"{p99 * 1e3:>8.1f} ms  {'yes' if met else 'NO'}"
-    )
+    met = True
+    cases = {"quiet": mw}
+    for name, (runs, _, _) in r.loaded.items():
+        cases[name] = [e.wire_s for e in runs if e.via == "mqtt" and e.wire_s is not None]
+    for name, values in cases.items():
+        p99 = pct(values, 0.99)
+        ok = p99 * 1e3 < ESTOP_GOAL_MS
+        met = met and ok
+        label = f"e-stop over MQTT -> last wire cmd, p99, {name}"
+        print(
+            f"{label:<46} {'< ' + format(ESTOP_GOAL_MS, 'g') + ' ms':>10} "
+            f"{p99 * 1e3:>8.1f} ms  {'yes' if ok else 'NO'}"
+        )
     print(f"\n(run took {elapsed:.0f} s)")
     return met
 
@@ -502,7 +643,16 @@ def main() -> None:
     parser.add_argument(
         "--speed", type=float, default=1000.0, help="simulated clock (default 1000)"
     )
-    parser.add_argument("--quick", action="store_true", help="a CI smoke run (< 30 s)")
+    parser.add_argument(
+        "--flood-rate", type=float, default=1000.0, help="malformed requests/s (default 1000)"
+    )
+    parser.add_argument(
+        "--storm-mb", type=float, default=10.0, help="payload storm: MB per message (default 10)"
+    )
+    parser.add_argument(
+        "--storm-rate", type=float, default=2.0, help="payload storm: messages/s (default 2)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a CI smoke run (< 60 s)")
     parser.add_argument("--verbose", action="store_true", help="show the service's logs")
     args = parser.parse_args()
     if args.quick:

@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import safety
-from instruments.errors import InstrumentError
-from safety.yamldoc import ConfigError
+# Nothing heavy at import time (Ray, the optimizer, the safety layer, OpenCV load on use):
+# ``labbridge COMMAND --help`` stays fast.
 
 
 def _positive_float(text: str) -> float:
@@ -91,13 +90,35 @@ def _campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: commands whose parser lives in a module that is slow to import: only the chosen one loads
+_HEAVY_PARSERS = {
+    "report": "write a campaign's HTML report with PNG plots",
+    "export": "write a campaign's experiments, transitions and verdicts as CSV or Parquet",
+}
+
+
+def _command_of(argv: list[str] | None) -> str | None:
+    """The command named in ``argv`` (the first word that is not an option), if any."""
+    for word in sys.argv[1:] if argv is None else argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``labbridge`` parser; ``command``: the one about to run (its full parser is built;
+    the slow-to-import ``report`` and ``export`` are otherwise only listed)."""
     parser = argparse.ArgumentParser(
         prog="labbridge",
         description="A safe bridge between software and lab instruments.",
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an unexpected error show its traceback (default: one line saying what is wrong)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -253,12 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stp.add_argument("--ray-address", default=None, help="join this Ray cluster")
 
-    from bridge.export import add_export_parser
-    from bridge.mqttapi import add_mqtt_client_parsers, add_serve_parser
-    from bridge.report import add_report_parser
+    from bridge.mqttcli import add_mqtt_client_parsers, add_serve_parser
 
-    add_report_parser(sub)
-    add_export_parser(sub)
+    for name, what in _HEAVY_PARSERS.items():
+        if name != command:
+            sub.add_parser(name, help=what, add_help=False)
+        elif name == "report":
+            from bridge.report import add_report_parser
+
+            add_report_parser(sub)
+        else:
+            from bridge.export import add_export_parser
+
+            add_export_parser(sub)
     add_serve_parser(sub)
     add_mqtt_client_parsers(sub)
 
@@ -290,8 +318,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
+    try:
+        return _main(parser, args)
+    except Exception as exc:  # each command reports what it expects; this is for the rest
+        if args.debug:
+            raise
+        print(f"labbridge {args.command or ''}: {one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """An unexpected error as one line: what it says and how to see more."""
+    if isinstance(exc, RecursionError):
+        text = "the input is nested too deeply to process: simplify it"
+    else:
+        text = " ".join(str(exc).split()) or "no message"
+        if len(text) > 500:
+            text = text[:497] + "..."
+    return f"{text} ({type(exc).__name__}; run with --debug for the traceback)"
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose == 0:
@@ -302,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    import safety
+    from instruments.errors import InstrumentError
+
     if args.command == "drivers":
         for kind in safety.available_drivers():
             print(kind)
@@ -337,11 +389,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _campaign_command(args: argparse.Namespace) -> int:
+    import safety
     from bridge.campaigns import StationUnavailable, run_with_signals
     from bridge.labconfig import load_lab
+    from instruments.errors import InstrumentError
     from loops.campaign import CampaignBusy
     from loops.journal import JournalError
     from loops.program import load_program
+    from safety.yamldoc import ConfigError
 
     prog = f"labbridge {args.command}"
     resume = args.command == "resume"
@@ -403,9 +458,12 @@ def _print_summary(summary: Any, resume_hint: str) -> int:
 
 
 def _sim_command(args: argparse.Namespace) -> int:
+    import safety
     from bridge.campaigns import StationUnavailable
     from bridge.simbench import bench_data, known_faults, sim_campaign  # imports the simulators
+    from instruments.errors import InstrumentError
     from loops.program import load_program
+    from safety.yamldoc import ConfigError
 
     if args.fault is not None and args.fault not in known_faults():
         print(
@@ -462,6 +520,7 @@ def _sim_command(args: argparse.Namespace) -> int:
 
 def _check_command(args: argparse.Namespace) -> int:
     from bridge.labconfig import load_lab
+    from safety.yamldoc import ConfigError
 
     try:
         lab = load_lab(args.lab)
@@ -501,6 +560,8 @@ def _assumed(items: list[str]) -> dict[str, Any]:
     """``CHANNEL=VALUE`` pairs, values read as YAML scalars (closed, 25, true)."""
     import yaml
 
+    from safety.yamldoc import ConfigError
+
     out: dict[str, Any] = {}
     for item in items:
         name, eq, text = item.partition("=")
@@ -521,6 +582,7 @@ def _check_program(lab: Any, path: Path, assume_items: list[str]) -> list[str]:
     from loops.check import check_program
     from loops.program import load_program
     from safety import load_envelope, station_layout
+    from safety.yamldoc import ConfigError
 
     try:
         program = load_program(path)
@@ -575,6 +637,7 @@ def _bounds(st: Any) -> list[Any]:
 def _setup_command(args: argparse.Namespace) -> int:
     from bridge.campaigns import StationUnavailable, open_lab, set_up
     from bridge.labconfig import load_lab
+    from safety.yamldoc import ConfigError
 
     async def go() -> tuple[Any, dict[str, list[str]]]:
         lab = load_lab(args.lab)

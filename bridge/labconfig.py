@@ -420,6 +420,9 @@ _MQTT_KEYS = (
     "session_expiry_s",
     "max_payload_bytes",
     "status_interval_s",
+    "request_rate",
+    "request_burst",
+    "queue_size",
 )
 _TLS_KEYS = ("ca", "insecure")
 _URL_OPTIONS = ("password_env", "password_file", "ca", "insecure", "client_id", "protocol")
@@ -491,7 +494,8 @@ def mqtt_settings(lab: LabConfig, broker: str | None = None) -> ApiSettings:
     ``password_env`` or ``password_file`` (never a password inline), ``tls: {ca,
     insecure}``, ``client_id`` (default ``labbridge-<bridge_id>``), ``protocol``
     (``auto``, ``5``, ``3.1.1``), ``keepalive``, ``session_expiry_s`` (0: a clean
-    session), ``max_payload_bytes``, ``status_interval_s``. Relative paths are
+    session), ``max_payload_bytes``, ``status_interval_s``, ``request_rate``, ``request_burst``,
+    ``queue_size``. Relative paths are
     relative to the lab file. Errors name the file, the line and the field.
     """
     doc, base = _lab_doc(lab)
@@ -608,6 +612,12 @@ def mqtt_settings(lab: LabConfig, broker: str | None = None) -> ApiSettings:
     if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
         raise doc.error(f"must be a number > 0, got {interval!r}", (*at, "status_interval_s"))
     fields["status_interval_s"] = float(interval)
+    rate = raw.get("request_rate", 20.0)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 10_000:
+        raise doc.error(f"must be a number in (0, 10000], got {rate!r}", (*at, "request_rate"))
+    fields["request_rate"] = float(rate)
+    fields["request_burst"] = integer("request_burst", 40, 1, 100_000)
+    fields["queue_size"] = integer("queue_size", 64, 1, 100_000)
     fields.setdefault("client_id", f"labbridge-{lab.bridge_id}")
     fields["source"] = lab.source
     return ApiSettings(**fields)

@@ -4,16 +4,22 @@ Topics, under the root ``labbridge/<bridge_id>/`` (``docs/mqtt-api.md`` has ever
 payload with ``mosquitto_pub``/``mosquitto_sub`` examples; the JSON Schemas are in
 ``docs/schemas/`` and in :data:`SCHEMAS`)::
 
-    status                      retained service status; Last Will {"state": "offline"}
-    campaigns/start             start a campaign: {"id", "program", "lab"?, ...}; idempotent by id
-    campaigns/<id>/status       retained state and progress of one campaign
-    campaigns/<id>/results      one message per finished experiment
-    campaigns/<id>/proposals    agents propose experiments: {"agent", "params"}
-    campaigns/<id>/control      {"action": "pause"|"resume"|"stop"|"abort", "who"}
-    estop                       trips every station: {"reason", "who"?}
-    reset                       {"who", "why", "stations"?, "drain"?}
-    replies/<user>/...          where answers go (see below)
-    errors                      problems with requests that named no reply topic
+    status                          retained service status; Last Will {"state": "offline"}
+    campaigns/start/<user>          start a campaign: {"id", "program", "lab"?, ...}; idempotent by id
+    campaigns/<id>/status           retained state and progress of one campaign
+    campaigns/<id>/results          one message per finished experiment
+    campaigns/<id>/proposals/<user> agents propose experiments: {"params", "note"?}
+    campaigns/<id>/control/<user>   {"action": "pause"|"resume"|"stop"|"abort", "reason"?}
+    estop/<user>                    trips every station: {"reason"}
+    reset/<user>                    {"why", "stations"?, "drain"?}
+    replies/<user>/...              where answers go (see below)
+    errors                          problems with requests that named no reply topic
+
+Identity: the last level of a request topic is the sender's broker user, and
+the broker's ACL lets each account publish only under its own name
+(``pattern write ...%u`` or a per-user ``topic`` line, ``docs/mosquitto/acl``). Who
+started, proposed, controlled, e-stopped or reset is that user, never a payload
+field (a payload may add a ``note``). Replies go only to ``replies/<that user>/``.
 
 Requests are answered on the MQTT v5 response topic with the request's
 correlation data, or (MQTT 3.1.1) on the ``reply_to`` topic given in the payload
@@ -23,7 +29,10 @@ topics on a client's say-so (a reply into ``estop`` or a device's command topic
 would be a confused deputy). A request that names no usable reply topic gets
 its error on ``errors``.
 
-Every request is checked before anything is done: size (``max_payload_bytes``),
+Every request is checked before anything is done: size (``max_payload_bytes``; an
+MQTT v5 link also tells the broker its maximum packet size, so the broker drops
+larger messages for it instead of sending them; over 3.1.1 only the broker's
+``message_size_limit`` keeps them unread),
 UTF-8 JSON (no NaN, no duplicate keys), its JSON Schema (unknown fields are
 errors), a retained message is never acted on (it would replay at every
 restart), and an MQTT v5 message past its message expiry interval (counted from
@@ -32,6 +41,16 @@ A malformed request never reaches a station. The one exception is ``estop``:
 any message on it trips every station (an e-stop is never refused for its
 format; the reply says what was wrong with the payload).
 
+E-stops come over a connection of their own (client id ``<client_id>-estop``,
+its own socket, paho thread and persistent session), so they never wait behind
+other requests in a socket or a broker queue. The event loop that dispatches
+them never parses a request: e-stops are handled at once, each in its own
+task; every other request passes a
+per-user rate limit (``request_rate``/s, bursts of ``request_burst``) and a
+bounded queue (``queue_size``), else it is answered "busy, retry" (at most once
+a second per user); the queue is worked in arrival order (``control`` and
+``reset`` first), the JSON, schema and program parsing on a worker thread.
+
 The service's session is persistent (``session_expiry_s``, default 600 s):
 ``campaigns/start``, ``proposals``, ``control`` and ``estop`` are subscribed with
 QoS 1, so the broker keeps them while the service restarts (their v5 message
@@ -39,8 +58,9 @@ expiry still applies); ``reset`` is QoS 0 and never queued: a reset must be
 live.
 
 Modules: ``bridge/mqttlink.py`` (the settings, the link on the shared MQTT client, JSON
-payloads), ``bridge/mqttschemas.py`` (the JSON Schemas), this one (the API, ``serve``
-and the command-line hooks); the lab itself is ``bridge/service.py``.
+payloads), ``bridge/mqttschemas.py`` (the JSON Schemas), this one (the API and
+``serve``), ``bridge/mqttcli.py`` (the command line: ``serve``'s parser, the clients
+``estop``, ``reset``, ``status``); the lab itself is ``bridge/service.py``.
 """
 
 from __future__ import annotations
@@ -48,7 +68,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -56,14 +75,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from bridge.labconfig import LabConfig, load_lab, mqtt_settings, parse_broker_url
 from bridge.mqttlink import (
-    ROOT,
     ApiError,
     ApiSettings,
     Incoming,
@@ -71,6 +89,7 @@ from bridge.mqttlink import (
     dumps,
     parse_payload,
     short,
+    topic_root,
 )
 from bridge.mqttschemas import SCHEMAS, schema_errors, write_schemas
 from bridge.service import CAMPAIGN_ID, LabService, ServiceError
@@ -87,28 +106,19 @@ __all__ = [
     "Incoming",
     "MqttApi",
     "MqttLink",
-    "add_mqtt_client_parsers",
-    "add_serve_parser",
-    "estop_command",
-    "main",
     "mqtt_settings",
     "parse_broker_url",
     "parse_payload",
-    "request",
-    "reset_command",
     "serve",
     "serve_command",
-    "status_command",
     "topic_root",
     "write_schemas",
 ]
 
-API_VERSION = 1
-
-
-def topic_root(bridge_id: str) -> str:
-    """``labbridge/<bridge_id>``: the root of every topic of one bridge."""
-    return f"{ROOT}/{bridge_id}"
+API_VERSION = 2
+#: room in a packet beyond the payload: fixed header, topic, v5 properties (response topic,
+#: correlation data, ...); a request packet larger than payload limit + this is never read
+PACKET_OVERHEAD_BYTES = 4096
 
 
 # =========================================================================  API
@@ -128,9 +138,32 @@ class _Request:
     kind: str
     msg: Incoming
     campaign_id: str | None = None
+    user: str = ""
     reply_topic: str | None = None
     correlation_id: str | None = None
     reply_problem: str | None = None
+
+
+#: requests worked before the others in the queue (they stop or unlatch things)
+_FIRST = ("control", "reset")
+#: the API's topics, relative to the root: request topics end in the sender's user
+_REQUEST_FILTERS = (
+    ("campaigns/start/+", 1),
+    ("campaigns/+/proposals/+", 1),
+    ("campaigns/+/control/+", 1),
+    ("reset/+", 0),
+)
+#: e-stops, on the e-stop connection
+_ESTOP_FILTER = "estop/+"
+
+
+@dataclass
+class _Bucket:
+    """One user's token bucket: ``tokens`` left at ``t``; ``told``: when last told "busy"."""
+
+    tokens: float
+    t: float
+    told: float = -1e9
 
 
 class MqttApi:
@@ -157,24 +190,43 @@ class MqttApi:
             "instance": self.instance,
         }
         self.link = MqttLink(
-            replace(settings, client_id=settings.client_id or f"labbridge-{bridge_id}"),
+            replace(
+                settings,
+                client_id=settings.client_id or f"labbridge-{bridge_id}",
+                # v5: the broker drops larger messages for the service, unsent and unread
+                max_packet_bytes=settings.max_payload_bytes + PACKET_OVERHEAD_BYTES,
+                # v5: a live message published retained (or a retained one cleared) is told apart
+                retain_as_published=True,
+            ),
             will=(
                 f"{self.root}/status",
                 dumps({**offline, "reason": "connection to labbridge lost (Last Will)"}),
             ),
+        )
+        #: e-stops come on a connection of their own (its own socket, paho thread and
+        #: persistent session): never behind other requests in a socket or a broker queue
+        self.estop_link = MqttLink(
+            replace(self.link.settings, client_id=f"{self.link.client_id}-estop")
         )
         self.service: LabService | None = None
         self.state = "new"
         #: requests answered and how: counts by kind and outcome (for status displays, tests)
         self.counts: dict[str, int] = {}
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._ordered: asyncio.Queue[_Request] = asyncio.Queue()
+        self._ordered: asyncio.PriorityQueue[tuple[int, int, _Request]] = asyncio.PriorityQueue(
+            maxsize=settings.queue_size
+        )
+        self._seq = 0
+        self._buckets: dict[str, _Bucket] = {}
+        self._parser: ThreadPoolExecutor | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[None]] = set()
         self._remove_listener: Callable[[], None] | None = None
         self._last_status: dict[str, Any] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        #: when the service came online (monotonic): requests received earlier were queued
+        self.online_t: float | None = None
 
     def topic(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
@@ -189,6 +241,11 @@ class MqttApi:
         """
         await self._check_alone()
         await self.link.open()
+        try:
+            await self.estop_link.open()
+        except BaseException:
+            await self.link.close()
+            raise
         self.state = "starting"
         self.link.on_connection_change(self._on_connection)
         await self._publish_status({"state": "starting"}, wait=True)
@@ -200,21 +257,17 @@ class MqttApi:
         self.service = service
         self._remove_listener = service.add_listener(self._events.put_nowait)
         self.state = "online"
+        self.online_t = time.monotonic()
+        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqttapi-parse")
         self._tasks = [
-            asyncio.create_task(self._dispatch(), name="mqttapi-dispatch"),
+            asyncio.create_task(self._dispatch(self.link), name="mqttapi-dispatch"),
             asyncio.create_task(self._worker(), name="mqttapi-worker"),
             asyncio.create_task(self._publisher(), name="mqttapi-publisher"),
             asyncio.create_task(self._ticker(), name="mqttapi-ticker"),
+            asyncio.create_task(self._dispatch(self.estop_link), name="mqttapi-estops"),
         ]
-        await self.link.subscribe_all(
-            [
-                (self.topic("campaigns", "start"), 1),
-                (self.topic("campaigns", "+", "proposals"), 1),
-                (self.topic("campaigns", "+", "control"), 1),
-                (self.topic("estop"), 1),
-                (self.topic("reset"), 0),
-            ]
-        )
+        await self.estop_link.subscribe_all([(self.topic(_ESTOP_FILTER), 1)])
+        await self.link.subscribe_all([(self.topic(f), qos) for f, qos in _REQUEST_FILTERS])
         self._events.put_nowait({"event": "_all"})
         await self.flush()
         log.info("MQTT campaign API online at %s/%s", self.settings.url, self.root)
@@ -253,6 +306,9 @@ class MqttApi:
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
         self._tasks = []
+        parser, self._parser = self._parser, None
+        if parser is not None:
+            parser.shutdown(wait=True, cancel_futures=True)
         if self._remove_listener is not None:
             self._remove_listener()
             self._remove_listener = None
@@ -261,6 +317,7 @@ class MqttApi:
             with contextlib.suppress(ApiError):
                 await self._publish_status({"state": "offline", "reason": reason}, wait=True)
             await self.link.close()
+        await self.estop_link.close()
         self.service = None
 
     async def __aenter__(self) -> MqttApi:
@@ -278,6 +335,7 @@ class MqttApi:
             # what the broker speaks (amqtt: 3.1.1; it does not answer a v5 CONNECT that
             # asks for a persistent session, so the link must not try v5 first there)
             self.link.settings = replace(self.link.settings, protocol=probe.protocol)
+            self.estop_link.settings = replace(self.estop_link.settings, protocol=probe.protocol)
         status = None
         try:  # a retained status comes right after the SUBACK
             with contextlib.suppress(TimeoutError):
@@ -409,42 +467,98 @@ class MqttApi:
             self._events.put_nowait({"event": "_tick"})
 
     # --------------------------------------------------------------- requests
-    def _route(self, topic: str) -> tuple[str | None, str | None]:
+    def _route(self, topic: str) -> tuple[str | None, str | None, str]:
+        """``(kind, campaign id, user)`` of a request topic (kind None: not one)."""
         prefix = self.root + "/"
         if not topic.startswith(prefix):
-            return None, None
+            return None, None, ""
         parts = topic[len(prefix) :].split("/")
-        if parts == ["campaigns", "start"]:
-            return "start", None
-        if len(parts) == 3 and parts[0] == "campaigns" and parts[2] in ("proposals", "control"):
-            return ("proposal" if parts[2] == "proposals" else "control"), parts[1]
-        if parts in (["estop"], ["reset"]):
-            return parts[0], None
-        return None, None
+        user = parts[-1]
+        if not user:
+            return None, None, ""
+        if len(parts) == 3 and parts[:2] == ["campaigns", "start"]:
+            return "start", None, user
+        if len(parts) == 4 and parts[0] == "campaigns" and parts[2] in ("proposals", "control"):
+            return ("proposal" if parts[2] == "proposals" else "control"), parts[1], user
+        if len(parts) == 2 and parts[0] in ("estop", "reset"):
+            return parts[0], None, user
+        return None, None, ""
 
-    async def _dispatch(self) -> None:
-        """E-stops at once, each in its own task; every other request in arrival order."""
+    def _spawn(self, req: _Request) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._handle(req), name=f"mqttapi-{req.kind}")
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        return task
+
+    async def _dispatch(self, link: MqttLink) -> None:
+        """E-stops at once, each in its own task; every other request, if its size, its
+        user's rate and the queue allow, onto the queue (see the module docstring)."""
         while True:
-            msg = await self.link.messages.get()
-            kind, cid = self._route(msg.topic)
+            msg = await link.messages.get()
+            kind, cid, user = self._route(msg.topic)
             if kind is None:
                 log.warning("MQTT API: message on unexpected topic %s ignored", msg.topic)
                 continue
-            req = _Request(kind, msg, cid)
+            req = _Request(kind, msg, cid, user)
             if kind == "estop":
-                task = asyncio.create_task(self._handle(req), name="mqttapi-estop")
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
-            else:
-                self._ordered.put_nowait(req)
+                self._spawn(req)
+                continue
+            limit = self.settings.max_payload_bytes
+            if len(msg.payload) > limit:  # not parsed: answered on a v5 response topic only
+                self._reply_target(req, None)
+                problem = f"the payload is too big: {len(msg.payload)} bytes (limit {limit})"
+                await self._reply(req, False, errors=[problem])
+                continue
+            if not self._admit(user):
+                await self._busy(req, f"more than {self.settings.request_rate:g} requests/s")
+                continue
+            self._seq += 1
+            try:
+                self._ordered.put_nowait((0 if kind in _FIRST else 1, self._seq, req))
+            except asyncio.QueueFull:
+                await self._busy(req, f"{self._ordered.maxsize} requests are waiting")
+
+    def _admit(self, user: str) -> bool:
+        """Take a token from ``user``'s bucket (``request_rate``/s, ``request_burst`` at most)."""
+        now = time.monotonic()
+        rate, burst = self.settings.request_rate, float(self.settings.request_burst)
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            if len(self._buckets) > 10_000:  # users are broker accounts; forget idle ones
+                self._buckets = {u: b for u, b in self._buckets.items() if now - b.t < 60}
+            bucket = self._buckets[user] = _Bucket(burst, now)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.t) * rate)
+        bucket.t = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return True
+        return False
+
+    async def _busy(self, req: _Request, why: str) -> None:
+        """Refuse unread: "busy, retry", at most once a second per user (the rest are counted)."""
+        self._count(f"{req.kind}:busy")
+        bucket = self._buckets.setdefault(req.user, _Bucket(0.0, time.monotonic()))
+        now = time.monotonic()
+        if now - bucket.told < 1.0:
+            return
+        bucket.told = now
+        self._reply_target(req, None)
+        await self._reply(
+            req,
+            False,
+            busy=True,
+            retry_after_s=1.0,
+            errors=[
+                f"busy ({why}; user {req.user}): not acted on, not read; retry in a second. "
+                "Requests refused while busy are not answered one by one."
+            ],
+        )
 
     async def _worker(self) -> None:
         while True:
-            req = await self._ordered.get()
-            task = asyncio.create_task(self._handle(req), name=f"mqttapi-{req.kind}")
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
-            await asyncio.wait([task])  # one at a time, in order; a cancelled worker leaves it be
+            _, _, req = await self._ordered.get()
+            # one at a time, in order; a cancelled worker leaves it be
+            await asyncio.wait([self._spawn(req)])
 
     def _count(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
@@ -459,7 +573,7 @@ class MqttApi:
             topic = data["reply_to"]
         if topic is None:
             return
-        allowed = self.topic("replies") + "/"
+        allowed = self.topic("replies", req.user) + "/"
         if (
             not topic.startswith(allowed)
             or len(topic) > 512
@@ -469,8 +583,8 @@ class MqttApi:
             or "\x00" in topic
         ):
             req.reply_problem = (
-                f"cannot answer on {short(topic, 120)!r}: replies go to topics under {allowed} "
-                f"(e.g. {allowed}<your user>/<anything>)"
+                f"cannot answer on {short(topic, 120)!r}: replies to {req.user} go to topics "
+                f"under {allowed} (e.g. {allowed}<anything>)"
             )
             return
         req.reply_topic = topic
@@ -489,8 +603,9 @@ class MqttApi:
             body["topic"] = req.msg.topic
             if req.reply_problem is not None:
                 body.setdefault("errors", []).insert(0, req.reply_problem)
+        link = self.estop_link if req.kind == "estop" else self.link
         try:
-            await self.link.send(
+            await link.send(
                 target,
                 dumps(body),
                 qos=1,
@@ -508,20 +623,32 @@ class MqttApi:
             log.exception("MQTT API: %s request on %s failed", req.kind, req.msg.topic)
             await self._reply(req, False, errors=[f"internal error: {type(exc).__name__}: {exc}"])
 
+    def _parse(self, req: _Request) -> tuple[Any, str | None, list[str]]:
+        """``(data, parse error, schema errors)``; sets the reply target. CPU-bound: the worker
+        thread's, but for e-stops (which are small or cut short)."""
+        data, parse_error = parse_payload(req.msg.payload)
+        self._reply_target(req, data)
+        if parse_error is not None:
+            return None, parse_error, []
+        errors = schema_errors("proposal" if req.kind == "proposal" else req.kind, data)
+        if req.campaign_id is not None and not CAMPAIGN_ID.match(req.campaign_id):
+            errors.insert(0, f"topic: {req.campaign_id!r} is not a campaign id")
+        return data, None, errors
+
     async def _process(self, req: _Request) -> None:
         msg, kind = req.msg, req.kind
         limit = self.settings.max_payload_bytes
-        if len(msg.payload) > limit:
+        if kind == "estop" and len(msg.payload) > limit:
             self._reply_target(req, None)
             problem = f"the payload is too big: {len(msg.payload)} bytes (limit {limit})"
-            if kind == "estop":
-                await self._estop(req, None, [problem])
-                return
-            await self._reply(req, False, errors=[problem])
+            await self._estop(req, None, [problem])
             return
-        data, parse_error = parse_payload(msg.payload)
-        self._reply_target(req, data)
-        if msg.retain:
+        if kind == "estop" or self._parser is None:
+            data, parse_error, errors = self._parse(req)
+        else:
+            loop = asyncio.get_running_loop()
+            data, parse_error, errors = await loop.run_in_executor(self._parser, self._parse, req)
+        if kind != "estop" and msg.retain:
             await self._reply(
                 req,
                 False,
@@ -532,7 +659,7 @@ class MqttApi:
                 ],
             )
             return
-        if msg.expired():
+        if msg.expired() and kind != "estop":  # an expired e-stop still trips: it is safer
             log.warning("MQTT API: expired %s request on %s not acted on", kind, msg.topic)
             await self._reply(
                 req,
@@ -544,8 +671,20 @@ class MqttApi:
             )
             return
         if kind == "estop":
-            problems = [parse_error] if parse_error else schema_errors("estop", data)
-            await self._estop(req, data, problems)
+            await self._estop(req, data, [parse_error] if parse_error else errors)
+            return
+        queued = self.queued_s(msg)
+        if queued is not None and msg.expiry_s is None:
+            await self._reply(
+                req,
+                False,
+                errors=[
+                    f"not acted on: queued by the broker while labbridge was down or starting "
+                    f"(received {queued:.1f} s before it came online), and it has no message "
+                    "expiry, so it could be hours old. Send it again; a request that may wait "
+                    "for the service must carry an MQTT v5 message expiry interval"
+                ],
+            )
             return
         if self.state != "online":
             await self._reply(
@@ -555,10 +694,6 @@ class MqttApi:
         if parse_error is not None:
             await self._reply(req, False, errors=[parse_error])
             return
-        schema = "proposal" if kind == "proposal" else kind
-        errors = schema_errors(schema, data)
-        if req.campaign_id is not None and not CAMPAIGN_ID.match(req.campaign_id):
-            errors.insert(0, f"topic: {req.campaign_id!r} is not a campaign id")
         if errors:
             await self._reply(req, False, errors=errors)
             return
@@ -578,12 +713,14 @@ class MqttApi:
     async def _start(self, req: _Request, data: Mapping[str, Any]) -> None:
         assert self.service is not None
         lab = data.get("lab") or {}
+        if data.get("note"):
+            log.info("campaign %s start by %s: %s", data["id"], req.user, data["note"])
         result = await self.service.start_campaign(
             data["id"],
             data["program"],
             body=data.get("body"),
             stations=lab.get("stations"),
-            who=data.get("who") or "mqtt",
+            who=req.user,
         )
         fields = result.as_dict()
         if result.accepted:
@@ -598,7 +735,7 @@ class MqttApi:
 
     async def _proposal(self, req: _Request, data: Mapping[str, Any]) -> None:
         assert self.service is not None and req.campaign_id is not None
-        proposer = f"agent:{data['agent']}"
+        proposer = f"agent:{req.user}"
         try:
             receipt = await self.service.propose(req.campaign_id, data["params"], proposer)
         except (ServiceError, CampaignClosed, ValueError) as exc:
@@ -612,7 +749,7 @@ class MqttApi:
         assert self.service is not None and req.campaign_id is not None
         try:
             status = await self.service.control(
-                req.campaign_id, data["action"], who=data["who"], reason=data.get("reason")
+                req.campaign_id, data["action"], who=req.user, reason=data.get("reason")
             )
         except ServiceError as exc:
             await self._reply(req, False, campaign_id=req.campaign_id, errors=[str(exc)])
@@ -625,7 +762,7 @@ class MqttApi:
         assert self.service is not None
         try:
             report = await self.service.reset(
-                data["who"], data["why"], data.get("stations"), drain=bool(data.get("drain"))
+                req.user, data["why"], data.get("stations"), drain=bool(data.get("drain"))
             )
         except ServiceError as exc:
             await self._reply(req, False, errors=[str(exc)])
@@ -633,16 +770,46 @@ class MqttApi:
         errors = [f"{n}: {s['error']}" for n, s in report["stations"].items() if not s["ok"]]
         await self._reply(req, report["ok"], stations=report["stations"], errors=errors)
 
+    def queued_s(self, msg: Incoming) -> float | None:
+        """How long before the service came online ``msg`` was received (None: after): a
+        request the broker queued while the service was down or starting."""
+        if self.online_t is None or msg.received >= self.online_t:
+            return None
+        return self.online_t - msg.received
+
     async def _estop(self, req: _Request, data: Any, problems: list[str]) -> None:
-        """Any message trips every station; what was wrong with it goes back as warnings."""
+        """Any message trips every station; what was wrong with it goes back as warnings.
+
+        But one: an empty message flagged retained is the clearing of a retained e-stop
+        (``labbridge estop --clear-retained``, ``mosquitto_pub -r -n``), never an e-stop
+        (over MQTT v5, where the service subscribes "retain as published"). A retained
+        e-stop, or one queued while the service was down, trips too, and says so.
+        """
         assert self.service is not None
+        msg = req.msg
+        if msg.retain and not msg.payload:
+            log.warning("MQTT API: the retained e-stop on %s was cleared by %s", msg.topic, req.user)
+            self._count("estop:cleared")
+            return
+        notes = []
+        if msg.retain:
+            notes.append(
+                f"this e-stop is retained on {msg.topic}: it trips every station again whenever "
+                f"the service (re)subscribes; clear it with `labbridge estop --clear-retained` "
+                f"or `mosquitto_pub -r -n -t {msg.topic}` (an empty retained message is not an "
+                "e-stop)"
+            )
+        queued = self.queued_s(msg)
+        if queued is not None:
+            notes.append(
+                f"stale: queued by the broker while labbridge was down or starting (received "
+                f"{queued:.1f} s before it came online); acted on anyway (an e-stop is safer)"
+            )
         reason = None
-        who = "mqtt"
+        who = req.user
         if isinstance(data, Mapping):
             if isinstance(data.get("reason"), str) and data["reason"].strip():
                 reason = data["reason"]
-            if isinstance(data.get("who"), str) and data["who"].strip():
-                who = data["who"]
         elif isinstance(data, str) and data.strip():
             reason = data
         elif data is None and req.msg.payload and len(req.msg.payload) <= 1000:
@@ -660,10 +827,12 @@ class MqttApi:
             warnings = [
                 *problems,
                 "acted on anyway: an e-stop is never refused for its format "
-                '(send {"reason": "...", "who": "..."})',
+                '(send {"reason": "..."})',
             ]
         fields = {k: v for k, v in report.items() if k != "ok"}
-        await self._reply(req, bool(report["ok"]), warnings=warnings, **fields)
+        if queued is not None or msg.retain:
+            fields.update(stale=queued is not None, retained=msg.retain)
+        await self._reply(req, bool(report["ok"]), warnings=[*warnings, *notes], **fields)
 
 
 # ======================================================================= serve
@@ -675,12 +844,14 @@ async def serve(
     operator: str = "operator",
     stop: asyncio.Event | None = None,
     handle_signals: bool = True,
+    on_online: Callable[[MqttApi, LabService], None] | None = None,
 ) -> str:
     """Run the lab's MQTT campaign API until ``stop`` is set or SIGINT/SIGTERM arrives.
 
     On the way out every running campaign is aborted (its stations tripped into the
     safe state), every station is closed (instruments safe-stated), and the retained
-    status goes ``offline``. A second signal gives up waiting. Returns why it stopped.
+    status goes ``offline``. A second signal gives up waiting. ``on_online``: called once
+    the API is subscribed and serving (default: print that it is). Returns why it stopped.
     """
     from loops.raylinks import init_ray
 
@@ -716,13 +887,16 @@ async def serve(
         await api.connect()
         try:
             async with LabService(lab, ray_address=ray_address, operator=operator) as service:
-                await api.attach(service)
-                print(
-                    f"labbridge serve: {lab.bridge_id} online at {settings.url} "
-                    f"(topics {api.root}/...; stations {', '.join(service.stations)}); "
-                    "Ctrl-C to stop",
-                    file=sys.stderr,
-                )
+                await api.attach(service)  # subscribed: requests are served from now on
+                if on_online is not None:
+                    on_online(api, service)
+                else:
+                    print(
+                        f"labbridge serve: {lab.bridge_id} online at {settings.url} "
+                        f"(topics {api.root}/...; stations {', '.join(service.stations)}); "
+                        "Ctrl-C to stop",
+                        file=sys.stderr,
+                    )
                 await stop.wait()
                 reason = f"{why[0] if why else 'stop requested'}: labbridge serve shutting down"
                 await api.detach()
@@ -740,278 +914,7 @@ async def serve(
     return final
 
 
-# ===================================================================  clients
-async def request(
-    settings: ApiSettings,
-    bridge_id: str,
-    topic: str,
-    payload: dict[str, Any],
-    *,
-    timeout: float = 10.0,
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Send one request (``topic`` relative to the bridge's root) and wait for its reply.
-
-    Uses the MQTT v5 response topic and correlation data when the broker speaks v5,
-    else ``reply_to``/``correlation_id`` in the payload. Returns ``(reply, status)``:
-    the reply (None if none came within ``timeout``) and the service's retained
-    status as seen before sending (None if there is none).
-    """
-    root = topic_root(bridge_id)
-    client_id = f"labbridge-cli-{secrets.token_hex(4)}"
-    reply_topic = f"{root}/replies/{settings.username or 'anonymous'}/{client_id}"
-    link = MqttLink(replace(settings, client_id=client_id, session_expiry_s=0))
-    await link.open([(reply_topic, 1), (f"{root}/status", 1)])
-    try:
-        status = None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                while status is None:
-                    msg = await link.messages.get()
-                    if msg.topic == f"{root}/status":
-                        data, _ = parse_payload(msg.payload)
-                        status = data if isinstance(data, dict) else None
-        correlation = secrets.token_hex(8)
-        body = dict(payload)
-        if link.protocol == "5":
-            await link.send(
-                f"{root}/{topic}",
-                dumps(body),
-                response_topic=reply_topic,
-                correlation_data=correlation.encode(),
-                wait=True,
-            )
-        else:
-            body.update(reply_to=reply_topic, correlation_id=correlation)
-            await link.send(f"{root}/{topic}", dumps(body), wait=True)
-        reply = None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while reply is None:
-                    msg = await link.messages.get()
-                    if msg.topic != reply_topic:
-                        continue
-                    data, _ = parse_payload(msg.payload)
-                    ours = msg.correlation_data == correlation.encode() or (
-                        isinstance(data, dict) and data.get("correlation_id") == correlation
-                    )
-                    if ours and isinstance(data, dict):
-                        reply = data
-        return reply, status
-    finally:
-        await link.close()
-
-
-def _client_args(p: argparse.ArgumentParser) -> None:
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--lab", type=Path, help="lab config: its mqtt settings and bridge_id")
-    where.add_argument("--broker", help="broker URL, mqtt[s]://[user@]host[:port][?options]")
-    p.add_argument("--bridge-id", default=None, help="the bridge (default: the lab's bridge_id)")
-    p.add_argument("--user", default=None, help="MQTT user (default: the lab's or the URL's)")
-    secret = p.add_mutually_exclusive_group()
-    secret.add_argument("--password-env", default=None, help="read the password from this variable")
-    secret.add_argument("--password-file", type=Path, default=None, help="read it from this file")
-    p.add_argument("--ca", type=Path, default=None, help="CA file of an mqtts:// broker")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
-
-
-def _client_settings(args: argparse.Namespace) -> tuple[ApiSettings, str]:
-    if args.lab is not None:
-        lab = load_lab(args.lab)
-        settings, bridge_id = mqtt_settings(lab), lab.bridge_id
-    else:
-        fields = parse_broker_url(args.broker)
-        settings = ApiSettings(**fields, source="--broker")
-        bridge_id = "labbridge"
-    if args.bridge_id:
-        bridge_id = args.bridge_id
-    changes: dict[str, Any] = {}
-    if args.user is not None:
-        changes.update(username=args.user, password_env=None, password_file=None)
-    if args.password_env is not None:
-        changes.update(password_env=args.password_env, password_file=None)
-    if args.password_file is not None:
-        changes.update(password_file=args.password_file, password_env=None)
-    if args.ca is not None:
-        changes["ca"] = args.ca
-    return replace(settings, **changes, session_expiry_s=0), bridge_id
-
-
-def _run_client(
-    args: argparse.Namespace, topic: str, payload: dict[str, Any], prog: str
-) -> tuple[int, dict[str, Any] | None]:
-    try:
-        settings, bridge_id = _client_settings(args)
-        reply, status = asyncio.run(
-            request(settings, bridge_id, topic, payload, timeout=args.timeout)
-        )
-    except (ConfigError, ApiError, OSError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1, None
-    if reply is None:
-        state = (status or {}).get("state", "unknown: no retained status")
-        print(
-            f"{prog}: no reply from {topic_root(bridge_id)} within {args.timeout:g} s "
-            f"(service status: {state})",
-            file=sys.stderr,
-        )
-        return 2, None
-    return (0 if reply.get("ok") else 1), reply
-
-
-def estop_command(args: argparse.Namespace) -> int:
-    """``labbridge estop --reason TEXT``: trip every station of the bridge over MQTT."""
-    who = args.who or args.user or os.environ.get("USER") or "operator"
-    code, reply = _run_client(args, "estop", {"reason": args.reason, "who": who}, "labbridge estop")
-    if reply is None:
-        return code
-    if args.json:
-        print(json.dumps(reply, indent=2))
-        return code
-    ms = float(reply.get("elapsed_s") or 0.0) * 1e3
-    print(f"e-stop by {reply.get('who')} ({reply.get('reason')}): {ms:.0f} ms")
-    for name, st in (reply.get("stations") or {}).items():
-        if "error" in st:
-            print(f"  {name}: ERROR {st['error']}")
-            continue
-        what = "already tripped" if st.get("already_tripped") else "tripped"
-        failed = f"; FAILED: {', '.join(st['failed'])}" if st.get("failed") else ""
-        print(f"  {name}: {what}, safe: {', '.join(st.get('safe') or []) or '-'}{failed}")
-    for cid in reply.get("campaigns_aborted") or []:
-        print(f"  campaign {cid} aborted")
-    for w in reply.get("warnings") or []:
-        print(f"  note: {w}")
-    return code
-
-
-def reset_command(args: argparse.Namespace) -> int:
-    """``labbridge reset --who NAME --why TEXT``: unlatch the stations over MQTT."""
-    payload: dict[str, Any] = {"who": args.who, "why": args.why}
-    if args.drain:
-        payload["drain"] = True
-    if args.station:
-        payload["stations"] = args.station
-    code, reply = _run_client(args, "reset", payload, "labbridge reset")
-    if reply is None:
-        return code
-    if args.json:
-        print(json.dumps(reply, indent=2))
-        return code
-    for name, st in (reply.get("stations") or {}).items():
-        if st.get("ok"):
-            what = "reset" if st.get("was_tripped") else "was not tripped"
-            if st.get("drained_ml") is not None:
-                what += f", vial drained ({st['drained_ml']:.2f} mL)"
-            print(f"  {name}: {what}")
-        else:
-            print(f"  {name}: still latched: {st.get('error')}")
-    for e in reply.get("errors") or []:
-        if not any(e.startswith(f"{n}:") for n in reply.get("stations") or {}):
-            print(f"  error: {e}")
-    return code
-
-
-def status_command(args: argparse.Namespace) -> int:
-    """``labbridge status``: print the bridge's retained status (and campaigns') over MQTT."""
-    prog = "labbridge status"
-    try:
-        settings, bridge_id = _client_settings(args)
-        found = asyncio.run(_read_retained(settings, bridge_id, args.campaign or [], args.timeout))
-    except (ConfigError, ApiError, OSError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    status = found.get("status")
-    if args.json:
-        print(json.dumps(found, indent=2))
-        return 0 if status else 2
-    if status is None:
-        print(f"{prog}: no retained status on {topic_root(bridge_id)}/status: never served here")
-        return 2
-    state = status.get("state")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(status.get("t") or 0)))
-    why = f": {status['reason']}" if status.get("reason") else ""
-    print(f"{bridge_id}: {state}{why} (status of {when})")
-    for name, st in (status.get("stations") or {}).items():
-        if not st.get("ok"):
-            print(f"  station {name}: ERROR {st.get('error')}")
-            continue
-        trip = st.get("trip") or {}
-        flags = ["TRIPPED: " + str(trip.get("reason", "")) if st.get("tripped") else "ok"]
-        if st.get("campaign"):
-            flags.append(f"campaign {st['campaign']}")
-        if st.get("experiment"):
-            flags.append(f"running {st['experiment']}")
-        print(f"  station {name}: {'; '.join(flags)}")
-    for cid, c in (status.get("campaigns") or {}).items():
-        if cid not in (args.campaign or []):
-            print(f"  campaign {cid}: {c.get('state')}")
-    for cid in args.campaign or []:
-        cs = found.get(f"campaign:{cid}")
-        if cs is None:
-            print(f"  campaign {cid}: no status retained")
-            continue
-        p = cs.get("progress") or {}
-        best = (p.get("best") or {}).get("value")
-        shown = "-" if best is None else f"{best:.4g}"
-        print(
-            f"  campaign {cid}: {cs.get('state')}, {p.get('experiments')}/{p.get('budget')} "
-            f"experiments, best {shown}" + (f" ({cs['reason']})" if cs.get("reason") else "")
-        )
-    return 0
-
-
-async def _read_retained(
-    settings: ApiSettings, bridge_id: str, campaigns: Sequence[str], timeout: float
-) -> dict[str, Any]:
-    root = topic_root(bridge_id)
-    client_id = f"labbridge-cli-{secrets.token_hex(4)}"
-    wanted = {f"{root}/status": "status"}
-    wanted.update({f"{root}/campaigns/{c}/status": f"campaign:{c}" for c in campaigns})
-    link = MqttLink(replace(settings, client_id=client_id, session_expiry_s=0))
-    await link.open([(t, 1) for t in wanted])
-    found: dict[str, Any] = {}
-    try:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(timeout, 2.0)):
-                while len(found) < len(wanted):
-                    msg = await link.messages.get()
-                    if msg.topic in wanted:
-                        data, _ = parse_payload(msg.payload)
-                        found[wanted[msg.topic]] = data
-    finally:
-        await link.close()
-    return found
-
-
 # ======================================================================== CLI
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """``labbridge serve --lab lab.yaml [--broker URL]``."""
-    p = subparsers.add_parser(
-        "serve",
-        help="serve the lab's MQTT campaign API",
-        description=(
-            "Open the lab's stations (Ray, one station actor per bench) and serve the MQTT "
-            "campaign API under labbridge/<bridge_id>/: start campaigns, agent proposals, "
-            "pause/resume/stop/abort, e-stop and reset, retained status and per-experiment "
-            "results (docs/mqtt-api.md). SIGINT/SIGTERM: running campaigns are aborted with "
-            "every station in its safe state and the status goes offline."
-        ),
-    )
-    p.add_argument("--lab", type=Path, required=True, help="lab config (lab.yaml)")
-    p.add_argument(
-        "--broker",
-        default=None,
-        help="broker URL mqtt[s]://[user@]host[:port][?password_env=VAR] (default: mqtt.url in lab.yaml)",
-    )
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster")
-    p.add_argument(
-        "--operator",
-        default=os.environ.get("USER") or "operator",
-        help="recorded as who stopped campaigns on shutdown (default $USER)",
-    )
-    p.set_defaults(handler=serve_command)
-    return p
-
-
 def serve_command(args: argparse.Namespace) -> int:
     """Run ``labbridge serve``; 0 after an orderly shutdown, 1 on a config or broker error."""
     prog = "labbridge serve"
@@ -1035,70 +938,3 @@ def serve_command(args: argparse.Namespace) -> int:
         return 130
     print(f"{prog}: {final}", file=sys.stderr)
     return 0
-
-
-def add_mqtt_client_parsers(subparsers: Any) -> None:
-    """``labbridge estop``, ``labbridge reset`` and ``labbridge status`` over MQTT."""
-    estop = subparsers.add_parser(
-        "estop",
-        help="e-stop every station of a served lab (over MQTT)",
-        description=(
-            "Publish an e-stop to labbridge/<bridge_id>/estop and print what each station did. "
-            "A software e-stop is layered above the bench's hardware e-stop, never a replacement."
-        ),
-    )
-    _client_args(estop)
-    estop.add_argument("--reason", required=True, help="why (recorded)")
-    estop.add_argument("--who", default=None, help="who (default: --user, else $USER)")
-    estop.add_argument("--json", action="store_true", help="print the reply as JSON")
-    estop.set_defaults(handler=estop_command)
-    reset = subparsers.add_parser(
-        "reset",
-        help="reset tripped stations of a served lab (over MQTT)",
-        description=(
-            "Unlatch tripped stations whose monitors have cleared; who and why are recorded. "
-            "Nothing is switched back on."
-        ),
-    )
-    _client_args(reset)
-    reset.add_argument("--who", required=True, help="who resets (recorded)")
-    reset.add_argument("--why", required=True, help="why it is safe now (recorded)")
-    reset.add_argument("--station", action="append", default=None, help="only this station")
-    reset.add_argument(
-        "--drain",
-        action="store_true",
-        help="also empty the vial through the guard (an experiment stopped half-way)",
-    )
-    reset.add_argument("--json", action="store_true", help="print the reply as JSON")
-    reset.set_defaults(handler=reset_command)
-    status = subparsers.add_parser(
-        "status",
-        help="show a served lab's status (over MQTT)",
-        description="Print the retained status of labbridge/<bridge_id> and of campaigns.",
-    )
-    _client_args(status)
-    status.add_argument("--campaign", action="append", default=None, help="also this campaign")
-    status.add_argument("--json", action="store_true", help="print the statuses as JSON")
-    status.set_defaults(handler=status_command)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bridge.mqttapi serve|estop|reset|status ...`` (the same as ``labbridge ...``)."""
-    parser = argparse.ArgumentParser(prog="labbridge", description="The MQTT campaign API.")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_serve_parser(sub)
-    add_mqtt_client_parsers(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if args.verbose == 0:
-        logging.getLogger("bleak").setLevel(logging.ERROR)
-    handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

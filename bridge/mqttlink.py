@@ -42,6 +42,7 @@ __all__ = [
     "dumps",
     "parse_payload",
     "short",
+    "topic_root",
 ]
 
 #: every topic of the campaign API is under ``labbridge/<bridge_id>/``
@@ -50,6 +51,11 @@ ROOT = "labbridge"
 MAX_PAYLOAD_BYTES = 65536
 #: a received message (``received``, ``expired()``, ``response_topic``, ``correlation_data``)
 Incoming = MqttMessage
+
+
+def topic_root(bridge_id: str) -> str:
+    """``labbridge/<bridge_id>``: the root of every topic of one bridge."""
+    return f"{ROOT}/{bridge_id}"
 
 
 class ApiError(RuntimeError):
@@ -122,12 +128,17 @@ def parse_payload(payload: bytes) -> tuple[Any, str | None]:
 @dataclass(frozen=True)
 class ApiSettings(MqttSettings):
     """The broker link's settings and the API's own: ``max_payload_bytes`` (larger requests
-    are refused unread), ``status_interval_s`` (retained status refresh), ``source`` (where
-    they came from, for messages). The session is persistent by default (600 s)."""
+    are refused unread), ``status_interval_s`` (retained status refresh), ``request_rate``
+    and ``request_burst`` (requests per second and user, e-stops excepted), ``queue_size``
+    (requests waiting), ``source`` (where they came from, for messages). The session is
+    persistent by default (600 s)."""
 
     session_expiry_s: int = 600
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     status_interval_s: float = 2.0
+    request_rate: float = 20.0
+    request_burst: int = 40
+    queue_size: int = 64
     source: str = ""
 
 

@@ -23,12 +23,13 @@ __all__ = ["REQUESTS", "SCHEMAS", "schema_errors", "write_schemas"]
 _MAX_ERRORS = 20
 
 _DRAFT = "https://json-schema.org/draft/2020-12/schema"
-_WHO = {
+_NOTE = {
     "type": "string",
-    "minLength": 1,
-    "maxLength": 200,
-    "pattern": r"\S",
-    "description": "who sends it (a person or a system); recorded",
+    "maxLength": 2000,
+    "description": (
+        "free text, logged (who sends a request is the broker user, the last level of its "
+        "topic, never a payload field)"
+    ),
 }
 _REPLY = {
     "reply_to": {
@@ -95,19 +96,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "properties": {"stations": _STATIONS},
                 "description": "which stations to run on (default: free ones, up to program.stations)",
             },
-            "who": _WHO,
+            "note": _NOTE,
         },
         ["id", "program"],
     ),
     "proposal": _request_schema(
         "proposal",
-        "labbridge/<bridge_id>/campaigns/<id>/proposals: an agent proposes an experiment",
+        "labbridge/<bridge_id>/campaigns/<id>/proposals/<user>: an agent proposes an experiment "
+        "(attributed to agent:<user>)",
         {
-            "agent": {
-                "type": "string",
-                "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$",
-                "description": "the agent's identity; the experiment is attributed to agent:<agent>",
-            },
             "params": {
                 "type": "object",
                 "minProperties": 1,
@@ -116,13 +113,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "additionalProperties": {"type": "number"},
                 "description": "parameter name -> value, in the program's units",
             },
-            "note": {"type": "string", "maxLength": 2000, "description": "free text, logged"},
+            "note": _NOTE,
         },
-        ["agent", "params"],
+        ["params"],
     ),
     "control": _request_schema(
         "control",
-        "labbridge/<bridge_id>/campaigns/<id>/control: pause, resume, stop or abort a campaign",
+        "labbridge/<bridge_id>/campaigns/<id>/control/<user>: pause, resume, stop or abort a "
+        "campaign",
         {
             "action": {
                 "enum": list(CONTROL_ACTIONS),
@@ -131,25 +129,25 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                     "abort: every station of the campaign is tripped into its safe state"
                 ),
             },
-            "who": _WHO,
             "reason": {"type": "string", "maxLength": 1000},
+            "note": _NOTE,
         },
-        ["action", "who"],
+        ["action"],
     ),
     "estop": _request_schema(
         "estop",
-        "labbridge/<bridge_id>/estop: trip every station (any message on the topic trips them)",
+        "labbridge/<bridge_id>/estop/<user>: trip every station (any message on the topic trips "
+        "them)",
         {
             "reason": {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": r"\S"},
-            "who": _WHO,
+            "note": _NOTE,
         },
         ["reason"],
     ),
     "reset": _request_schema(
         "reset",
-        "labbridge/<bridge_id>/reset: unlatch tripped stations whose monitors have cleared",
+        "labbridge/<bridge_id>/reset/<user>: unlatch tripped stations whose monitors have cleared",
         {
-            "who": _WHO,
             "why": {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": r"\S"},
             "stations": _STATIONS,
             "drain": {
@@ -159,8 +157,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                     "stopped half-way and left liquid in it)"
                 ),
             },
+            "note": _NOTE,
         },
-        ["who", "why"],
+        ["why"],
     ),
     "reply": {
         "$schema": _DRAFT,
@@ -179,6 +178,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             },
             "warnings": {"type": "array", "items": {"type": "string"}},
             "topic": {"type": "string", "description": "the request's topic"},
+            "busy": {
+                "type": "boolean",
+                "description": "refused unread: too many requests; retry after retry_after_s",
+            },
+            "retry_after_s": {"type": "number"},
+            "stale": {
+                "type": "boolean",
+                "description": "an e-stop queued while the service was down: acted on anyway",
+            },
+            "retained": {
+                "type": "boolean",
+                "description": "an e-stop published retained: acted on; clear it (docs)",
+            },
             "campaign_id": {"type": "string"},
             "accepted": {"type": "boolean"},
             "reasons": {"type": "array", "items": {"type": "string"}},

@@ -24,7 +24,10 @@ chose for it. A station runs one campaign at a time.
 * **e-stop** trips every station through its actor, all at once (latched safe
   state: heater and stirrer off, pumps stopped, light off), then aborts every
   running campaign. Idempotent: stations already latched report
-  ``already_tripped``.
+  ``already_tripped``. It never waits for anything else the service does: not
+  for a start (a program is parsed on a worker thread, off the event loop), not
+  for a reset in progress (a reset waits for e-stops in progress, and trips its
+  stations again if an e-stop arrives while it runs).
 * **reset** needs who and why; a station whose trip condition still holds stays
   latched and says which monitor holds it.
 * **shutdown** aborts running campaigns (their stations tripped into the safe
@@ -41,10 +44,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,9 +215,14 @@ class LabService:
         self.actors: dict[str, Any] = {}
         self._campaigns: dict[str, CampaignHandle] = {}
         self._start_lock = asyncio.Lock()
-        # e-stops and resets one at a time: a reset never lands before an e-stop in progress
-        # has finished (its campaign aborts trip the stations again)
+        # resets one at a time; an e-stop never takes this lock (see reset())
         self._safety_lock = asyncio.Lock()
+        self._estops_running = 0
+        self._estops_idle = asyncio.Event()
+        self._estops_idle.set()
+        self._estop_seq = 0
+        # programs are parsed here, off the event loop that serves e-stops
+        self._parser: ThreadPoolExecutor | None = None
         self._listeners: list[Listener] = []
         self.state = "new"  # new | online | stopping | closed
         #: every e-stop answered, oldest first (plain data, as returned)
@@ -262,6 +272,9 @@ class LabService:
             await stack.aclose()
         self.actors, self.journal = {}, None
         self.state = "closed"
+        parser, self._parser = self._parser, None
+        if parser is not None:
+            parser.shutdown(wait=True, cancel_futures=True)
 
     async def __aenter__(self) -> LabService:
         return await self.open()
@@ -371,7 +384,9 @@ class LabService:
             prog = (
                 program
                 if isinstance(program, Program)
-                else load_program(program, source=f"campaign {campaign_id} program", body=body)
+                else await self.parse_program(
+                    program, source=f"campaign {campaign_id} program", body=body
+                )
             )
         except (ConfigError, TypeError, ValueError) as exc:
             return StartResult(campaign_id, False, errors=(str(exc),))
@@ -449,6 +464,17 @@ class LabService:
             }
         )
         return StartResult(campaign_id, True, state="running", stations=chosen)
+
+    async def parse_program(
+        self, program: str | Mapping[str, Any], *, source: str, body: str | None = None
+    ) -> Program:
+        """:func:`~loops.program.load_program` on the service's parser thread (one; programs
+        queue for it), so that the event loop stays free for e-stops. Bounded: the YAML
+        limits of :mod:`safety.yamldoc` apply, and the API limits the payload size."""
+        if self._parser is None:
+            self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labservice-parse")
+        call = functools.partial(load_program, program, source=source, body=body)
+        return await asyncio.get_running_loop().run_in_executor(self._parser, call)
 
     def _handle(
         self, campaign_id: str, program: Program, stations: tuple[str, ...], who: str
@@ -620,8 +646,15 @@ class LabService:
         reason = (reason or "").strip() or "no reason given"
         who = (who or "").strip() or "unknown"
         t0 = time.monotonic()
-        async with self._safety_lock:
+        self._estop_seq += 1
+        self._estops_running += 1
+        self._estops_idle.clear()
+        try:
             report = await self._estop(reason, who, t0)
+        finally:
+            self._estops_running -= 1
+            if not self._estops_running:
+                self._estops_idle.set()
         self.estops.append(report)
         self._emit({"event": "estop", **report})
         return report
@@ -704,8 +737,12 @@ class LabService:
             raise ServiceError(
                 f"no station {', '.join(unknown)} in this lab (stations: {', '.join(self.actors)})"
             )
-        await self._wait_idle(names, self._reset_wait_s)  # not under the lock: e-stops go first
+        await self._wait_idle(names, self._reset_wait_s)
         async with self._safety_lock:
+            # an e-stop in progress finishes first (its campaign aborts trip stations again);
+            # one that arrives during the reset wins: its stations are tripped again below
+            await self._estops_idle.wait()
+            seq = self._estop_seq
             before = await self._station_statuses(names)
             out = dict(
                 zip(
@@ -716,6 +753,20 @@ class LabService:
                     strict=True,
                 )
             )
+            if self._estop_seq != seq:
+                await self._estops_idle.wait()
+                last = self.estops[-1] if self.estops else {}
+                text = f"e-stop by {last.get('who', '?')}: {last.get('reason', '?')}"
+                await asyncio.gather(
+                    *(self._station_call(n, "trip", text, str(last.get("who"))) for n in names),
+                    return_exceptions=True,
+                )
+                for st in out.values():
+                    st.update(
+                        ok=False,
+                        tripped=True,
+                        error="an e-stop arrived during the reset: tripped again",
+                    )
         report = {
             "who": who,
             "why": why,

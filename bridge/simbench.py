@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from bridge.campaigns import run_with_signals
-from bridge.labconfig import LabConfig, load_lab
+from bridge.labconfig import LabConfig, load_lab, parse_broker_url
 from loops.campaign import CampaignRunner, CampaignSummary
 from loops.program import Program, builtin_program
 from safety import open_station, reference_envelope
@@ -157,6 +157,30 @@ async def simulated_lab(
         yield RunningSimLab(load_lab(path), lab)
 
 
+async def check_broker(url: str, timeout_s: float = 5.0) -> None:
+    """Raise ConnectionError (saying what to do) unless something listens at the broker URL."""
+    fields = parse_broker_url(url)
+    host, port = fields["host"], fields["port"]
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as exc:
+        why = (
+            f"no answer within {timeout_s:g} s"
+            if isinstance(exc, TimeoutError)
+            else "connection refused"
+            if isinstance(exc, ConnectionRefusedError)
+            else exc.strerror or str(exc)
+        )
+        raise ConnectionError(
+            f"no MQTT broker answers at {host}:{port} ({why}): start it, "
+            "fix --broker, or leave --broker out (labbridge sim then starts its own broker)"
+        ) from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 async def sim_campaign(
     program: Program,
     *,
@@ -181,10 +205,12 @@ async def sim_campaign(
     set up (so the camera calibration itself is sound). ``after``: called
     with the lab and the summary while the lab is still up (e.g. to write the
     report). ``keep_running``: afterwards stay up as a simulated lab serving the
-    MQTT campaign API (``labbridge serve``) until SIGINT/SIGTERM; another process
-    can also run campaigns with ``--lab out/lab.yaml``.
+    MQTT campaign API (``labbridge serve``) until SIGINT/SIGTERM: other processes run
+    campaigns on it over MQTT (its stations are held by the service meanwhile).
     """
     n = stations or program.stations
+    if broker_url is not None:
+        await check_broker(broker_url)
     async with simulated_lab(
         stations=n,
         speed=speed,
@@ -230,16 +256,21 @@ async def _stay_up(lab: RunningSimLab, out: Path, broker_url: str | None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    bus = lab.sim.bluez.address if lab.sim.bluez else ""
-    print(
-        f"simulated lab running, its MQTT campaign API on {url} under "
-        f"labbridge/{lab.config.bridge_id}/ (docs/mqtt-api.md); lab config in "
-        f"{out / 'lab.yaml'} (labbridge run PROGRAM --lab {out / 'lab.yaml'}); to reach the BLE "
-        f"sensors from another process: export DBUS_SYSTEM_BUS_ADDRESS={bus}; Ctrl-C to stop",
-        file=sys.stderr,
-    )
+
+    def online(api: Any, service: Any) -> None:
+        # printed once the API is subscribed: an e-stop sent after this line is acted on
+        root = f"labbridge/{lab.config.bridge_id}"
+        print(
+            f"simulated lab serving its MQTT campaign API on {url} under {root}/ "
+            f"(docs/mqtt-api.md): start campaigns on {root}/campaigns/start/<user>, e-stop "
+            f"with labbridge estop --broker {url} --bridge-id {lab.config.bridge_id} --reason "
+            f"...; its stations are held by this service (lab config {out / 'lab.yaml'}); "
+            "Ctrl-C to stop",
+            file=sys.stderr,
+        )
+
     try:
-        why = await serve(lab.config, settings, stop=stop, handle_signals=False)
+        why = await serve(lab.config, settings, stop=stop, handle_signals=False, on_online=online)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -145,6 +145,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _finite(value: Any) -> bool:
+    """A number that is finite as a float (an integer like 10**400 is not: it overflows one)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut short (a 400-digit integer in a message helps nobody)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars -> Python numbers (proposals come from numpy)."""
     if isinstance(value, bool) or value is None:
@@ -171,8 +185,8 @@ class Parameter:
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not a valid value of this parameter (None if it is)."""
         value = _plain(value)
-        if not _is_number(value) or not math.isfinite(value):
-            return f"{self.name} must be a finite number, got {value!r}"
+        if not _finite(value):
+            return f"{self.name} must be a finite number, got {_show(value)}"
         if self.type == "int" and float(value) != round(float(value)):
             return f"{self.name} must be an integer, got {value!r}"
         if value < self.low or value > self.high:
@@ -541,7 +555,22 @@ def load_program(
         )
     if body is not None:
         md = body
+    _no_huge_integers(data, doc)
     return _build(data, doc, md, functions)
+
+
+def _no_huge_integers(data: Any, doc: YamlDoc) -> None:
+    """Refuse an integer too large for a float anywhere in the spec (JSON and YAML allow
+    10**400; every check that compares it with a float would raise OverflowError)."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, Mapping):
+            stack.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, i), v) for i, v in enumerate(value))
+        elif _is_number(value) and isinstance(value, numbers.Integral) and not _finite(value):
+            raise doc.error(f"must be a number (finite), got {_show(value)}", path)
 
 
 # ----------------------------------------------------------------- validation
@@ -560,8 +589,8 @@ def _mapping(value: Any, path: tuple[Any, ...], doc: YamlDoc, what: str) -> Mapp
 
 
 def _number(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> float:
-    if not _is_number(value) or not math.isfinite(value):
-        raise doc.error(f"must be a number, got {value!r}", path)
+    if not _finite(value):
+        raise doc.error(f"must be a number (finite), got {_show(value)}", path)
     return _plain(value)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
@@ -36,6 +37,8 @@ __all__ = [
     "JournalActor",
     "RayJournal",
     "RayStation",
+    "RayUnreachable",
+    "check_ray_address",
     "init_ray",
     "ray_links",
     "start_journal_actor",
@@ -242,6 +245,7 @@ def init_ray(
         names = list(stations)
         if names:  # a driver joining a cluster cannot add resources: the bench PCs offer them
             log.info("joining Ray at %s: stations %s must be offered by their nodes", target, names)
+        check_ray_address(target)
         if _loopback(target):  # a local cluster started by init_ray(local=True): stay on loopback
             _pin_loopback()
             kwargs.setdefault("_node_ip_address", "127.0.0.1")
@@ -257,6 +261,43 @@ def init_ray(
         options["_node_ip_address"] = "127.0.0.1"
     options.update(kwargs)
     return ray.init(**options)
+
+
+class RayUnreachable(ConnectionError):
+    """No Ray cluster answers at the address given (``--ray-address``, ``$RAY_ADDRESS``)."""
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Raise :class:`RayUnreachable` unless something listens at a ``host:port`` Ray address.
+
+    ``ray.init`` itself retries an unreachable GCS for minutes, printing only warnings;
+    this answers within ``timeout_s``. ``auto``, ``local`` and ``ray://`` addresses are
+    left to Ray.
+    """
+    if "://" in address or ":" not in address:
+        return
+    host, _, port_text = address.rpartition(":")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise RayUnreachable(
+            f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379)"
+        ) from None
+    try:
+        socket.create_connection((host.strip("[]"), port), timeout=timeout_s).close()
+    except OSError as exc:
+        why = (
+            f"no answer within {timeout_s:g} s"
+            if isinstance(exc, TimeoutError)
+            else "connection refused"
+            if isinstance(exc, ConnectionRefusedError)
+            else exc.strerror or str(exc)
+        )
+        raise RayUnreachable(
+            f"no Ray cluster answers at {address} ({why}): start its head "
+            f"there (ray start --head --port={port}), fix --ray-address / $RAY_ADDRESS, or leave "
+            "both out to run a local Ray"
+        ) from None
 
 
 def _loopback(address: str) -> bool:

@@ -96,7 +96,8 @@ class RuleTypeError(RuleSyntaxError):
 
 
 class EvaluationError(Exception):
-    """A rule could not be evaluated against a state (unknown name, type error, division by 0)."""
+    """A rule could not be evaluated against a state (unknown name, type error, division by 0,
+    a NaN or an overflow)."""
 
 
 # ---------------------------------------------------------------------- tokens
@@ -113,6 +114,10 @@ OPERATORS = ("->", "==", "!=", "<=", ">=", "<", ">", "+", "-", "*", "/", "(", ")
 _NUMBER_RE = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t"}
+#: how deeply parentheses, ``not``, unary ``-`` and ``->`` may nest in one rule
+MAX_NESTING = 50
+#: how many operations deep a rule's tree may be (``a + b + c`` is two deep)
+MAX_DEPTH = 100
 
 
 class _Source:
@@ -347,15 +352,24 @@ class Binary(Expr):
             return _need_bool(op, self.right, self.right.eval(state))
         a = _need_number(op, self.left, self.left.eval(state))
         b = _need_number(op, self.right, self.right.eval(state))
-        if op == "+":
-            return a + b
-        if op == "-":
-            return a - b
-        if op == "*":
-            return a * b
-        if b == 0:
+        if op == "/" and b == 0:
             raise EvaluationError(f"division by zero: {_show(self.right, b)} in {to_source(self)}")
-        return a / b
+        try:
+            if op == "+":
+                value = a + b
+            elif op == "-":
+                value = a - b
+            elif op == "*":
+                value = a * b
+            else:
+                value = a / b
+        except OverflowError:
+            value = math.inf
+        if isinstance(value, float) and not math.isfinite(value):
+            raise EvaluationError(
+                f"{to_source(self)} overflows with {_show(self.left, a)} and {_show(self.right, b)}"
+            )
+        return value
 
 
 @dataclass(frozen=True, eq=True)
@@ -430,9 +444,18 @@ def _need_bool(op: str, node: Expr, value: Any) -> bool:
     return value
 
 
+def _not_finite(value: Any) -> bool:
+    """A NaN or an infinity (a rule refuses them rather than compute with them)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and (
+        not math.isfinite(value)
+    )
+
+
 def _need_number(op: str, node: Expr, value: Any) -> Any:
     if _kind(value) != "number":
         raise EvaluationError(f"'{op}' needs a number, got {_show(node, value)}")
+    if _not_finite(value):
+        raise EvaluationError(f"'{op}' needs a finite number, got {_show(node, value)}")
     return value
 
 
@@ -441,6 +464,11 @@ def compare(op: str, a: Any, b: Any, a_node: Expr, b_node: Expr) -> bool:
     ka, kb = _kind(a), _kind(b)
     if ka is None or kb is None or ka != kb or (op not in ("==", "!=") and ka == "bool"):
         raise EvaluationError(f"cannot apply '{op}' to {_show(a_node, a)} and {_show(b_node, b)}")
+    if _not_finite(a) or _not_finite(b):
+        raise EvaluationError(
+            f"cannot apply '{op}' to {_show(a_node, a)} and {_show(b_node, b)}: "
+            "not a finite number"
+        )
     if op == "==":
         return bool(a == b)
     if op == "!=":
@@ -468,6 +496,7 @@ class _Parser:
         self.text = text
         self.src = src
         self.tokens = tokenize(text, src)
+        self.depth = 0
         self.i = 0
 
     @property
@@ -503,6 +532,17 @@ class _Parser:
             raise self.unexpected(f"'{op}'")
         return self.next()
 
+    def nested(self, tok: Token) -> None:
+        """Count one more level of nesting at ``tok`` (the parser recurses on each)."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.src.error(
+                f"nested more than {MAX_NESTING} levels deep (parentheses, 'not', '-', '->'): "
+                "simplify the rule or split it into several",
+                tok.pos,
+                tok.text,
+            )
+
     # grammar ---------------------------------------------------------------
     def rule(self) -> Expr:
         if self.at("EOF"):
@@ -516,7 +556,10 @@ class _Parser:
         left = self.disjunction()
         if self.at_op("->"):
             tok = self.next()
-            return Binary("->", left, self.implication(), tok.pos)
+            self.nested(tok)
+            right = self.implication()
+            self.depth -= 1
+            return Binary("->", left, right, tok.pos)
         return left
 
     def disjunction(self) -> Expr:
@@ -536,7 +579,10 @@ class _Parser:
     def negation(self) -> Expr:
         if self.at("KW", "not"):
             tok = self.next()
-            return Unary("not", self.negation(), tok.pos)
+            self.nested(tok)
+            operand = self.negation()
+            self.depth -= 1
+            return Unary("not", operand, tok.pos)
         return self.comparison()
 
     def comparison(self) -> Expr:
@@ -594,7 +640,10 @@ class _Parser:
     def unary(self) -> Expr:
         if self.at_op("-"):
             tok = self.next()
-            return Unary("-", self.unary(), tok.pos)
+            self.nested(tok)
+            operand = self.unary()
+            self.depth -= 1
+            return Unary("-", operand, tok.pos)
         return self.atom()
 
     def atom(self) -> Expr:
@@ -618,11 +667,26 @@ class _Parser:
             self.next()
             return Bool(t.text in ("true", "True"), t.pos)
         if self.at_op("("):
-            self.next()
+            self.nested(self.next())
             node = self.implication()
             self.expect_op(")")
+            self.depth -= 1
             return node
         raise self.unexpected()
+
+
+def _check_depth(node: Expr, src: _Source) -> None:
+    """Refuse a tree deeper than :data:`MAX_DEPTH` (evaluating it would recurse that deep)."""
+    stack = [(node, 1)]
+    while stack:
+        n, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise src.error(
+                f"more than {MAX_DEPTH} operations deep: split the rule into several",
+                n.pos,
+                src.text[n.pos : n.pos + 20],
+            )
+        stack.extend((child, depth + 1) for child in n.children())
 
 
 # ------------------------------------------------------------- static typing
@@ -779,6 +843,7 @@ def parse_expr(
     """Parse (and statically type-check) ``text`` into an AST. See :func:`parse`."""
     src = _Source(text, source, line, column, indent)
     node = _Parser(text, src).rule()
+    _check_depth(node, src)
     _static(node, src)
     return node
 
@@ -802,6 +867,7 @@ def parse(
         raise TypeError(f"a rule must be a string, got {type(text).__name__}")
     src = _Source(text, source, line, column, indent)
     node = _Parser(text, src).rule()
+    _check_depth(node, src)
     kind = _static(node, src)
     if boolean and kind not in ("bool", "any"):
         raise src.error(

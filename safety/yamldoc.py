@@ -6,6 +6,11 @@ matter, later the lab config) is composed here into plain data plus a
 position of every scalar's text, so a validator can say
 ``lab.yaml:14: stations.bench-a.hotplate.url: ...`` or point at a column
 inside a rule.
+
+Composing is bounded before it starts (:func:`check_size`): at most
+:data:`MAX_NODES` values once aliases (``*name``) are expanded (a few KB of
+nested aliases, a "billion laughs", would otherwise be billions) and at most
+:data:`MAX_DEPTH` levels of nesting (PyYAML composes recursively).
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from typing import Any
 import yaml
 
 Path_ = tuple[Any, ...]
+
+#: the most values (scalars, mappings, lists; each alias counted as what it repeats) in a document
+MAX_NODES = 100_000
+#: the deepest nesting of mappings and lists in a document
+MAX_DEPTH = 100
 
 
 class ConfigError(ValueError):
@@ -88,6 +98,7 @@ def compose_yaml(
     loader = yaml.SafeLoader(text)
     try:
         try:
+            check_size(text, doc, what=what)
             node = loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
@@ -153,3 +164,72 @@ def compose_yaml(
         return walk(node, ())
     finally:
         loader.dispose()
+
+
+def check_size(
+    text: str, doc: YamlDoc, *, what: str = "", max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH
+) -> None:
+    """Refuse (``doc.error_cls``) YAML with more than ``max_nodes`` values once its aliases are
+    expanded, or nested deeper than ``max_depth``, reading its events only (no tree is built).
+
+    Stops at the first value past a limit, so the cost is bounded by the limits and the
+    text's length, not by what the text would expand to. Raises ``yaml.YAMLError`` for a syntax error met first.
+    """
+    try:
+        _check_events(text, doc, what, max_nodes, max_depth)
+    except yaml.MarkedYAMLError as exc:
+        if "maximum nesting depth" not in str(exc.problem):
+            raise
+        mark = exc.problem_mark
+        raise doc.error_cls(
+            f"{what}nested more than {max_depth} levels deep: flatten it",
+            source=doc.source,
+            line=mark.line + 1 + doc.offset if mark is not None else None,
+        ) from None
+
+
+def _check_events(text: str, doc: YamlDoc, what: str, max_nodes: int, max_depth: int) -> None:
+    # libyaml's parser when it is there: fast, and it refuses absurd nesting by itself
+    # per open mapping or list: its anchor, the node count when it opened, its tallest child
+    stack: list[tuple[str | None, int, list[int]]] = []
+    sizes: dict[str, tuple[int, int]] = {}  # anchor -> (values, height) of what it names
+    nodes = 0
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            nodes += 1
+            stack.append((event.anchor, nodes, [0]))
+            height = len(stack)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, start, tallest = stack.pop()
+            size, height = nodes - start + 1, tallest[0] + 1
+            if anchor is not None:
+                sizes[anchor] = (size, height)
+            if stack:
+                stack[-1][2][0] = max(stack[-1][2][0], height)
+            continue
+        elif isinstance(event, yaml.ScalarEvent | yaml.AliasEvent):
+            size, height = (1, 1)
+            if isinstance(event, yaml.AliasEvent):
+                size, height = sizes.get(event.anchor or "", (1, 1))
+            elif event.anchor is not None:
+                sizes[event.anchor] = (1, 1)
+            nodes += size
+            if stack:
+                stack[-1][2][0] = max(stack[-1][2][0], height)
+            height += len(stack)
+        else:
+            continue
+        line = event.start_mark.line + 1 + doc.offset if event.start_mark is not None else None
+        if nodes > max_nodes:
+            raise doc.error_cls(
+                f"{what}too large: more than {max_nodes} values once its aliases (*name) are "
+                "expanded; write the values out, or split the file",
+                source=doc.source,
+                line=line,
+            )
+        if height > max_depth:
+            raise doc.error_cls(
+                f"{what}nested more than {max_depth} levels deep: flatten it",
+                source=doc.source,
+                line=line,
+            )

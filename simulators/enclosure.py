@@ -41,12 +41,14 @@ import contextlib
 import json
 import logging
 import math
+import os
 import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -58,8 +60,32 @@ DEVICE = "enclosure"
 HEARTBEAT_PERIOD_S = 0.5
 
 
+def _password(query: dict[str, str]) -> str | None:
+    """The broker password named by a URL's ``password_env`` or ``password_file``."""
+    if "password_env" in query:
+        value = os.environ.get(query["password_env"])
+        if value is None:
+            raise ValueError(
+                f"enclosure simulator: environment variable {query['password_env']} "
+                "(password_env) is not set"
+            )
+        return value
+    if "password_file" in query:
+        try:
+            lines = Path(query["password_file"]).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ValueError(
+                f"enclosure simulator: cannot read password_file {query['password_file']}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        return lines[0] if lines else ""
+    return None
+
+
 class EnclosureSim:
-    """The enclosure module on ``broker_url`` (``mqtt://host:port``, optional ``?protocol=5|3.1.1``).
+    """The enclosure module on ``broker_url`` (``mqtt[s]://[user@]host:port``, optional
+    ``?protocol=5|3.1.1``; with a user, the password from ``password_env`` or
+    ``password_file`` in the query, as the driver's transport reads it).
 
     ``url`` is the driver's transport URL: ``mqtt://host:port/<prefix>`` (plus
     the broker URL's query). See the module docstring for topics and faults.
@@ -83,6 +109,8 @@ class EnclosureSim:
         self.port = parts.port or 1883
         self.tls = parts.scheme == "mqtts"
         self._query = dict(parse_qsl(parts.query))
+        self.username = unquote(parts.username) if parts.username else None
+        self._password = _password(self._query) if self.username else None
         protocol = self._query.get("protocol", "3.1.1")
         if protocol not in ("3.1.1", "5"):
             raise ValueError(f"protocol must be 3.1.1 or 5, got {protocol!r}")
@@ -112,7 +140,10 @@ class EnclosureSim:
         """Transport URL for the driver: ``mqtt://host:port/<prefix>[?query]``."""
         scheme = "mqtts" if self.tls else "mqtt"
         query = urlencode(self._query)
-        return f"{scheme}://{self.host}:{self.port}/{self.prefix}" + (f"?{query}" if query else "")
+        user = f"{quote(self.username, safe='')}@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}/{self.prefix}" + (
+            f"?{query}" if query else ""
+        )
 
     def topic(self, leaf: str) -> str:
         return f"{self.root}/{leaf}"
@@ -134,6 +165,8 @@ class EnclosureSim:
         client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]
         client.on_socket_open = _no_delay  # an ESP32 stack sends small packets at once, too
         client.will_set(self.topic("status"), b"offline", qos=1, retain=True)
+        if self.username:
+            client.username_pw_set(self.username, self._password)
         if self.tls:
             ctx = ssl.create_default_context(cafile=self._query.get("ca"))
             client.tls_set_context(ctx)

@@ -390,3 +390,25 @@ async def test_driver_against_minimal_spec_emulator(mosquitto: MosquittoBroker) 
         assert emu.light["on"] is False  # safe state on exit: light off
     finally:
         await asyncio.to_thread(emu.stop)
+
+
+async def test_a_broker_url_with_credentials_is_used_by_the_simulator_and_the_driver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``labbridge sim --broker mqtt://user@host:port?password_env=VAR`` once failed: the
+    enclosure simulator connected without the credentials (refused by the broker)."""
+    from tests.conftest import require_mosquitto
+
+    require_mosquitto()
+    monkeypatch.setenv("LB_TEST_ENC_PASSWORD", "s3cret-enc")
+    with MosquittoBroker(users={"dev": "s3cret-enc"}) as broker:
+        url = f"mqtt://dev@{broker.host}:{broker.port}?password_env=LB_TEST_ENC_PASSWORD"
+        b = await start_bench(url)
+        try:
+            assert b.sim.url.startswith(f"mqtt://dev@{broker.host}:{broker.port}/")
+            assert (await b.enc.read())["lid"] in ("open", "closed")
+        finally:
+            await stop_bench(b)
+        monkeypatch.delenv("LB_TEST_ENC_PASSWORD")
+        with pytest.raises(ValueError, match="LB_TEST_ENC_PASSWORD .password_env. is not set"):
+            EnclosureSim(make_world(), url)

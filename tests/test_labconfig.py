@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -304,3 +305,21 @@ def test_check_validates_the_mqtt_block(tmp_path: Path) -> None:
     path.write_text(text.replace("mqtt://labbridge@", "http://labbridge@"))
     [problem] = load_lab(path).check()
     assert "mqtt.url" in problem, problem
+
+
+
+def test_the_api_rate_limit_and_queue_come_from_lab_yaml(tmp_path: Path) -> None:
+    from bridge.labconfig import mqtt_settings
+
+    path = tmp_path / "lab.yaml"
+
+    def settings(extra: str) -> Any:
+        path.write_text(GOOD + "mqtt:\n  url: mqtt://svc@broker.lab\n" + extra)
+        return mqtt_settings(load_lab(path))
+
+    s = settings("")
+    assert (s.request_rate, s.request_burst, s.queue_size) == (20.0, 40, 64)
+    s = settings("  request_rate: 2\n  request_burst: 5\n  queue_size: 8\n")
+    assert (s.request_rate, s.request_burst, s.queue_size) == (2.0, 5, 8)
+    with pytest.raises(LabConfigError, match=r"mqtt.request_rate: must be a number in"):
+        settings("  request_rate: 0\n")

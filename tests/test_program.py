@@ -313,3 +313,22 @@ def test_stop_rules() -> None:
     assert maximise.objective.better(3.0, 2.0) and maximise.objective.score(3.0) == 3.0
     assert maximise.reached(2.5) and not maximise.reached(1.5)
     assert p.objective.better(2.0, 3.0) and p.objective.score(3.0) == -3.0
+
+
+def test_huge_integers_are_refused_not_an_overflow_error() -> None:
+    """10**400 is valid JSON; ``math.isfinite`` of it raised OverflowError ("internal error")."""
+    space = load().space
+    huge = json.loads("1" + "0" * 400)
+    problems = space.validate_params(POINT | {"red_ml": huge, "hold_s": -huge})
+    assert problems == [
+        "red_ml must be a finite number, got a huge integer",
+        "hold_s must be a finite number, got a huge integer",
+    ]
+    data = load().as_dict()
+    data["parameters"]["hold_s"]["high"] = huge
+    with pytest.raises(ProgramError, match=r"parameters.hold_s.high: must be a number \(finite\)"):
+        load_program(data, source="mqtt:start")
+    data = load().as_dict()
+    data["fixed"]["rate"] = [1.0, huge]
+    with pytest.raises(ProgramError, match=r"fixed.rate\[1\]: must be a number \(finite\)"):
+        load_program(data, source="mqtt:start")

@@ -364,9 +364,12 @@ def reference(node: Expr, state: Mapping[str, Any]) -> Any:
         if node.op == "->":
             return (not reference(node.left, state)) or reference(node.right, state)
         a, b = reference(node.left, state), reference(node.right, state)
-        return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[
+        value = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[
             node.op
         ]()
+        if isinstance(value, float) and not math.isfinite(value):  # overflow refuses
+            raise EvaluationError(f"{value}")
+        return value
     if isinstance(node, Compare):
         left = reference(node.operands[0], state)
         for op, operand in zip(node.ops, node.operands[1:], strict=True):
@@ -434,3 +437,46 @@ def test_arithmetic_round_trips(tree: Expr, state: dict[str, Any]) -> None:
     ours = _outcome(lambda: parse(text, boolean=False).evaluate(state))
     ref = _outcome(lambda: reference(tree, state))
     assert _same(ours, ref), f"{text}: ours {ours!r}, reference {ref!r}"
+
+
+# ------------------------------------------------ bounded input (issue 13)
+@pytest.mark.parametrize(
+    "text",
+    [
+        "(" * 120 + "x" + ")" * 120 + " > 1",  # once a RecursionError in the parser
+        "not " * 300 + "a",
+        "- " * 300 + "x > 1",
+        "a -> " * 200 + "b",
+    ],
+)
+def test_deep_nesting_is_a_syntax_error_not_a_recursion_error(text: str) -> None:
+    with pytest.raises(RuleSyntaxError, match="nested more than 50 levels deep"):
+        parse(text, source="lab.yaml", line=3)
+
+
+def test_a_very_long_chain_is_refused_before_evaluation_recurses() -> None:
+    with pytest.raises(RuleSyntaxError, match="more than 100 operations deep"):
+        parse(" + ".join(["x"] * 2000) + " > 1")
+    # nesting and length just inside the limits still work
+    assert parse("(" * 50 + "x" + ")" * 50 + " > 1").evaluate({"x": 2}) is True
+    assert parse(" + ".join(["x"] * 90) + " == 90").evaluate({"x": 1}) is True
+
+
+@pytest.mark.parametrize(
+    ("text", "state", "message"),
+    [
+        ("x - x == 0", {"x": math.nan}, "'-' needs a finite number, got x=nan"),
+        ("not (x > 10)", {"x": math.nan}, "cannot apply '>' to x=nan and 10: not a finite number"),
+        ("x < 10", {"x": math.inf}, "not a finite number"),
+        ("x * 10 < 1", {"x": 1e308}, "x * 10 overflows with x=1e+308 and 10"),
+        ("x * 1e308 > 0", {"x": 10**400}, "overflows"),
+        ("x - y > 0", {"x": 1e308, "y": -1e308}, "x - y overflows with x=1e+308 and y=-1e+308"),
+    ],
+)
+def test_nan_and_overflow_refuse_instead_of_evaluating(
+    text: str, state: Mapping[str, Any], message: str
+) -> None:
+    """A NaN compares false with everything: ``not (x > 10)`` would be true for a NaN reading."""
+    with pytest.raises(EvaluationError) as info:
+        parse(text).evaluate(state)
+    assert message in str(info.value)

@@ -267,10 +267,16 @@ def test_sigterm_stops_a_keep_running_lab_cleanly(ray_session: Any, tmp_path: Pa
     try:
         assert proc.stderr is not None
         deadline = time.monotonic() + 120
-        seen = _read_until(proc, "simulated lab running", "", deadline)
-        assert f"--lab {tmp_path / 'run' / 'lab.yaml'}" in seen
-        seen = _read_until(proc, "labbridge serve: labbridge-sim online", seen, deadline)  # the API
+        seen = _read_until(proc, "simulated lab serving its MQTT campaign API", "", deadline)
+        seen = _read_until(proc, "Ctrl-C to stop", seen, deadline)
+        assert "its stations are held by this service" in seen
+        assert "labbridge run PROGRAM --lab" not in seen  # that route cannot work: ports held
         url = seen.split("MQTT campaign API on ", 1)[1].split()[0]
+        # the line is printed once the API is subscribed: an e-stop right after it is acted on
+        estop = run_cli(
+            "estop", "--broker", url, "--bridge-id", "labbridge-sim", "--reason", "at once"
+        )
+        assert estop.returncode == 0 and "bench-a: tripped" in estop.stdout, estop
         status = run_cli("status", "--broker", url, "--bridge-id", "labbridge-sim", "--json")
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["status"]["state"] == "online", status.stdout

@@ -53,6 +53,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from instruments.errors import LinkLostError, TransportError, TransportOpenError, TransportTimeout
 from instruments.transports.base import DeviceWorker
@@ -290,10 +291,15 @@ class MqttClient:
             # Subscribe again after a reconnect (the broker's session may be gone).
             if subs and client.protocol == paho.MQTTv5:
                 for flt, (qos, sid) in subs:
-                    client.subscribe(flt, qos, properties=self._sid_properties(sid))
+                    client.subscribe(
+                        flt, options=self._sub_options(qos), properties=self._sid_properties(sid)
+                    )
             elif subs:
                 client.subscribe([(flt, qos) for flt, (qos, _sid) in subs])
         self._to_loop(self._on_connack, client, reason)
+
+    def _sub_options(self, qos: int) -> SubscribeOptions:
+        return SubscribeOptions(qos=qos, retainAsPublished=self.settings.retain_as_published)
 
     @staticmethod
     def _sid_properties(sid: int) -> Properties:
@@ -535,7 +541,9 @@ class MqttClient:
         try:
             if self.protocol == "5":
                 rc, mid = client.subscribe(
-                    absolute, send_qos, properties=self._sid_properties(sub.sid)
+                    absolute,
+                    options=self._sub_options(send_qos),
+                    properties=self._sid_properties(sub.sid),
                 )
             else:
                 rc, mid = client.subscribe(absolute, send_qos)

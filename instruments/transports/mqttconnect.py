@@ -89,6 +89,8 @@ def connect_blocking(client: paho.Client, s: MqttSettings, protocol: str) -> Non
             props = Properties(PacketTypes.CONNECT)
             if s.session_expiry_s > 0:
                 props.SessionExpiryInterval = s.session_expiry_s
+            if s.max_packet_bytes is not None:
+                props.MaximumPacketSize = s.max_packet_bytes
             client.connect(
                 s.host,
                 s.port,

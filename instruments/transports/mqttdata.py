@@ -58,6 +58,12 @@ class MqttSettings:
     ``session_expiry_s`` 0 is a clean session; more keeps the broker's session
     (subscriptions, queued QoS 1/2 messages) that long after a disconnect.
     ``timeout_s`` bounds CONNACK, SUBACK and PUBACK/PUBCOMP waits.
+    ``max_packet_bytes`` (MQTT v5 only): the largest packet this client accepts; the
+    broker drops larger messages for it instead of sending them (paho itself reads
+    every packet whole before any callback: this is the only way to leave one unread).
+    ``retain_as_published`` (MQTT v5 only): subscribe with the option of that name, so a
+    message published retained arrives flagged ``retain`` also when it is live (without
+    it only the retained copies sent at subscribe time are flagged).
     """
 
     host: str
@@ -75,6 +81,8 @@ class MqttSettings:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 10.0
     session_expiry_s: int = 0
+    max_packet_bytes: int | None = None
+    retain_as_published: bool = False
     will: MqttWill | None = None
     inline_password: str | None = field(default=None, repr=False)
 

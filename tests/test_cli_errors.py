@@ -1,0 +1,145 @@
+"""Errors, never tracebacks (issue 13): bad input and environment problems give one line saying
+what is wrong and what to do; ``--debug`` shows the traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.cli import main
+from loops.raylinks import RayUnreachable, check_ray_address
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
+LAB = ROOT / "examples" / "lab-hardware.yaml"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def labbridge(*args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run(
+        [sys.executable, "-m", "bridge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("replace", "message"),
+    [
+        ("seed: " + "[" * 5000 + "]" * 5000, "front matter is nested more than 100 levels deep"),
+        (
+            "seed: 1\nx0: &a0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n"
+            + "".join(
+                f"x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(1, 10)
+            ),
+            "front matter is too large: more than 100000 values",
+        ),
+    ],
+)
+def test_check_names_a_hostile_program_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], replace: str, message: str
+) -> None:
+    program = tmp_path / "program.md"
+    program.write_text(EXAMPLE.read_text().replace("seed: 1", replace, 1))
+    assert main(["check", str(LAB), "--program", str(program)]) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and "RecursionError" not in err
+    assert len(err.splitlines()) <= 2, err
+
+
+def test_sim_with_a_broker_at_a_closed_port_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = closed_port()
+    code = main(["sim", "--broker", f"mqtt://127.0.0.1:{port}", "--out", str(tmp_path / "r")])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"labbridge sim: no MQTT broker answers at 127.0.0.1:{port} (connection refused): start "
+        "it, fix --broker, or leave --broker out (labbridge sim then starts its own broker)"
+    )
+
+
+def test_an_unreachable_ray_address_is_refused_quickly() -> None:
+    port = closed_port()
+    with pytest.raises(RayUnreachable, match=rf"no Ray cluster answers at 127.0.0.1:{port}"):
+        check_ray_address(f"127.0.0.1:{port}")
+    with pytest.raises(RayUnreachable, match="is not host:port"):
+        check_ray_address("127.0.0.1:six")
+
+
+def test_serve_with_an_unreachable_ray_address_prints_one_line() -> None:
+    port = closed_port()
+    done = labbridge("serve", "--lab", str(LAB), "--ray-address", f"127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"labbridge serve: no Ray cluster answers at 127.0.0.1:{port} (connection refused): "
+        f"start its head there (ray start --head --port={port}), fix --ray-address / "
+        "$RAY_ADDRESS, or leave both out to run a local Ray"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_sim_without_dbus_daemon_says_so_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"  # a PATH with mosquitto but without dbus-daemon
+    bin_dir.mkdir()
+    mosquitto = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+    if mosquitto:
+        (bin_dir / "mosquitto").symlink_to(mosquitto)
+    args = ["sim", "--no-progress", "--out"]
+    done = labbridge(*args, str(tmp_path / "a"), path=str(bin_dir))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("labbridge sim: the BLE simulator needs dbus-daemon (Linux)")
+    assert "apt-get install dbus-daemon" in lines[-1]
+    assert lines[-1].endswith("(BleSimulatorUnavailable; run with --debug for the traceback)")
+    assert "Traceback" not in done.stderr
+    debug = labbridge("--debug", *args, str(tmp_path / "b"), path=str(bin_dir))
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert "BleSimulatorUnavailable" in debug.stderr
+
+
+HEAVY = ("ray", "bayes_opt", "scipy", "numpy", "cv2", "safety", "loops", "instruments", "paho")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [None, "sim", "run", "resume", "setup", "check", "serve", "estop", "reset", "status"],
+)
+def test_help_loads_nothing_heavy(command: str | None) -> None:
+    """``labbridge COMMAND --help`` once took 2-3 s: building the parser imported Ray, the
+    optimizer (scipy) and the safety layer. (``report``/``export`` load their own modules.)"""
+    code = (
+        "import sys; from bridge.cli import build_parser; "
+        f"build_parser({command!r}).format_help(); "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
