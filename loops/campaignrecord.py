@@ -217,7 +217,7 @@ class CampaignRecorder(CampaignBook):
         if slot.disagreements >= limit:
             self._out(
                 slot,
-                f"paused: {slot.disagreements} results in a row disagree with the camera "
-                f"(last: {reason}); check the bench (pumps, sensor, camera), then resume the campaign",
+                f"paused: {slot.disagreements} results in a row failed their checks "
+                f"(last: {reason}); check the bench and its instruments, then resume the campaign",
                 state="paused",
             )

@@ -430,7 +430,7 @@ async def test_a_station_whose_camera_disagrees_is_paused_and_its_results_untrus
         observations = {o.id: o for o in runner.optimizer.observations()}
     assert summary.state == "stopped", summary
     assert summary.stations["bench-a"]["state"] == "out"
-    assert summary.stations["bench-a"]["reason"].startswith("paused: 3 results in a row disagree")
+    assert summary.stations["bench-a"]["reason"].startswith("paused: 3 results in a row failed their checks")
     assert [e["state"] for e in events if e["event"] == "station"] == ["paused"]
     j = Journal(lab.store)
     try:

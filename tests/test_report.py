@@ -321,7 +321,7 @@ def build_campaign(
             j.fail(eid, reason, data={"step": 0, "error": error, "trip": trip})
             built.failure_reasons.append(reason)
         built.stop_reason = (
-            "no station available (bench-a: paused: 3 results in a row disagree with the camera)"
+            "no station available (bench-a: paused: 3 results in a row failed their checks)"
         )
         j.set_campaign_state(cid, "stopped", reason=built.stop_reason)
     finally:
