@@ -86,6 +86,12 @@ def _campaign_options(p: argparse.ArgumentParser) -> None:
         default=200.0,
         help="simulated lab only: clock speed, x real time (default 200)",
     )
+    p.add_argument(
+        "--bench",
+        choices=("colour", "buffer"),
+        default="colour",
+        help="simulated lab only: which bench (colour, default; buffer: examples/buffer)",
+    )
     p.add_argument("--runs", type=Path, default=Path("runs"), help="run folders (default runs/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -433,8 +439,28 @@ def _campaign_command(args: argparse.Namespace) -> int:
     except (InstrumentError, safety.SafetyError, OSError, ValueError) as exc:
         print(f"{prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    where = f" --lab {args.lab}" if args.lab is not None else ""
-    return _print_summary(summary, f"labbridge resume {summary.campaign_id}{where}")
+    if args.lab is not None:
+        where = f" --lab {args.lab}"
+        journal = lab.store
+        folder = lab.store.parent / "reports" / summary.campaign_id
+    else:
+        where = f" --runs {args.runs}" + (f" --bench {args.bench}" if args.bench != "colour" else "")
+        journal = args.runs / summary.campaign_id / "journal.db"
+        folder = journal.parent / "report"
+    code = _print_summary(summary, f"labbridge resume {summary.campaign_id}{where}")
+    return _write_report(journal, summary.campaign_id, folder, prog) or code
+
+
+def _write_report(journal: Path, campaign_id: str, folder: Path, prog: str) -> int:
+    """Write a campaign's report (``labbridge report``'s) and say where; 1 if it could not."""
+    try:
+        from bridge.report import write_report
+
+        print(f"report: {write_report(journal, campaign_id, folder)}")
+    except Exception as exc:  # the campaign's data is safe in the journal: say why, carry on
+        print(f"{prog}: the report could not be written: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _print_summary(summary: Any, resume_hint: str) -> int:
@@ -505,15 +531,10 @@ def _sim_command(args: argparse.Namespace) -> int:
     ) as exc:
         print(f"labbridge sim: {exc}", file=sys.stderr)
         return 1
-    code = _print_summary(summary, f"labbridge resume {out.name} --runs {out.parent}")
-    try:
-        from bridge.report import write_report
-
-        report = write_report(out / "journal.db", out.name, out / "report")
-        print(f"report: {report}")
-    except Exception as exc:  # the campaign's data is safe in the journal: say why, carry on
-        print(f"labbridge sim: the report could not be written: {exc}", file=sys.stderr)
-        code = code or 1
+    bench = f" --bench {args.bench}" if args.bench != "colour" else ""
+    code = _print_summary(summary, f"labbridge resume {out.name} --runs {out.parent}{bench}")
+    reported = _write_report(out / "journal.db", out.name, out / "report", "labbridge sim")
+    code = code or reported
     print(f"run folder: {out}")
     return code
 
@@ -706,6 +727,7 @@ async def _sim_campaign(
         operator=args.operator,
         ray_address=args.ray_address,
         progress=not args.no_progress,
+        bench=args.bench,
     )
 
 

@@ -95,6 +95,8 @@ async def test_ctrl_c_stops_safely_and_resume_finishes(ray_session: Any, tmp_pat
     code, out = await finish(proc)
     assert code == 0, out
     assert "campaign sig: done: experiment budget spent: 3 of 3" in out, out
+    report = tmp_path / "runs" / "sig" / "report" / "report.html"  # run and resume write one
+    assert f"report: {report}" in out and report.exists(), out
     j = Journal(store)
     try:
         exps = j.experiments("sig")
