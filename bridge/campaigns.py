@@ -282,7 +282,7 @@ class CampaignProgress:
         kind = event.get("event")
         if kind in ("finished", "failed"):
             self._bar.update(1)
-        if kind == "finished":
+        if kind == "finished" and event.get("verified") is not False:  # untrusted: no result
             value = event["objective"]
             if self._best is None or self.program.objective.better(value, self._best):
                 self._best = value
@@ -309,7 +309,13 @@ class CampaignProgress:
             self._postfix = postfix
             self._bar.set_postfix(postfix, refresh=True)
 
-    def close(self) -> None:
+    def close(self, summary: CampaignSummary | None = None) -> None:
+        """End the bar; with the campaign's ``summary``, at its final count and reason (a
+        campaign that stops early, e.g. at its target, does not leave a bar at 27%)."""
+        if summary is not None:
+            self._bar.total = self._bar.n  # what was run is the whole campaign
+            self._bar.set_description_str(f"{self._bar.desc}: {summary.state}")
+            self._bar.refresh()
         self._bar.close()
 
 
@@ -370,8 +376,9 @@ async def run_with_signals(
         if on_runner is not None:
             on_runner(runner)
 
+    summary: CampaignSummary | None = None
     try:
-        return await run_campaign(
+        summary = await run_campaign(
             shown,
             lab,
             campaign_id=campaign_id,
@@ -381,10 +388,11 @@ async def run_with_signals(
             ray_address=ray_address,
             on_runner=got_runner,
         )
+        return summary
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         if bar is not None:
-            bar.close()
+            bar.close(summary)

@@ -240,6 +240,7 @@ def init_ray(
         return None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs.setdefault("logging_level", logging.WARNING)  # no INFO lines over the progress bar
     target = address or os.environ.get("RAY_ADDRESS") or None
     if target:
         names = list(stations)
