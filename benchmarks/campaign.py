@@ -560,7 +560,7 @@ class Settings:
     mc: Mapping[str, int] = field(
         default_factory=lambda: {
             "colour-match": 20_000,
-            "buffer": 3000,
+            "buffer": 2000,
             "branin": 200_000,
             "hartmann6": 1_000_000,
         }
