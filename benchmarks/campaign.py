@@ -1313,6 +1313,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     )
     ap.add_argument("--cap", type=int, default=None, help="experiments cap for ours (200)")
     ap.add_argument("--random-cap", type=int, default=None, help="cap for random search (500)")
+    ap.add_argument(
+        "--hit-draws",
+        type=int,
+        default=None,
+        help="uniform draws for random search's hit rate, each problem (20000 colour-match, "
+        "2000 buffer, 200000 branin, 1000000 hartmann6; --quick: fewer)",
+    )
     ap.add_argument("--stations", type=int, default=4, help="stations for the K-station run (4)")
     ap.add_argument("--workers", type=int, default=2, help="processes (2; 1 runs in-process)")
     ap.add_argument(
@@ -1343,7 +1350,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             f"--problems {a.problems!r}: unknown {', '.join(map(repr, unknown)) or 'empty'} "
             f"(known: {', '.join(PROBLEMS)})"
         )
-    for name in ("seeds", "random_seeds", "cap", "random_cap"):
+    for name in ("seeds", "random_seeds", "cap", "random_cap", "hit_draws"):
         v = getattr(a, name)
         if v is not None and v < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -1351,6 +1358,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         ap.error(f"--stations must be >= 2 (compared with one), got {a.stations}")
     if a.workers < 1:
         ap.error(f"--workers must be >= 1, got {a.workers}")
+    draws = dict.fromkeys(PROBLEMS, a.hit_draws) if a.hit_draws else None
     if a.quick:
         return Settings(
             seeds=a.seeds or 2,
@@ -1358,7 +1366,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             cap=a.cap or 60,
             random_cap=a.random_cap or 100,
             workers=a.workers,
-            mc={"colour-match": 1000, "buffer": 80, "branin": 20_000, "hartmann6": 50_000},
+            mc=draws or {"colour-match": 1000, "buffer": 80, "branin": 20_000, "hartmann6": 50_000},
             suggest_sizes=(50, 200),
             suggest_repeats=1,
             reference_seeds=3,
@@ -1371,6 +1379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             problems=problems,
         )
     return Settings(
+        **({"mc": draws} if draws else {}),
         seeds=a.seeds or 30,
         random_seeds=a.random_seeds or 100,
         cap=a.cap or 200,
