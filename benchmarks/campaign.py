@@ -925,7 +925,39 @@ def _buffer_reference(settings: Settings, progress: Progress) -> tuple[dict[str,
         f"{results[0].duration_s:.0f} s per experiment; set-up calibration "
         f"{cal.zero_mv:.2f} mV, slope {100 * cal.slope:.1f} %",
     ]
+    if settings.check_stack:
+        lines += _check_buffer_stack(objective, progress, data)
     return data, lines
+
+
+def _check_buffer_stack(
+    objective: BufferObjective, progress: Progress, data: dict[str, Any]
+) -> list[str]:
+    """:data:`benchmarks.buffer_stack.STACK_POINTS` through the whole simulated buffer
+    bench (set-up, drivers, wire, guard, envelope) next to the model."""
+    import asyncio
+
+    from benchmarks.buffer_stack import STACK_POINTS as BUFFER_POINTS
+    from benchmarks.buffer_stack import run_points_on_stack
+
+    speed = 20.0
+    rows = asyncio.run(run_points_on_stack(BUFFER_POINTS, speed=speed, progress=progress.update))
+    for row in rows:  # the model runs its recipes on its own event loop
+        model = [objective(row["point"], seed=s) for s in range(3)]
+        row["model_ph"] = statistics.median(r.ph for r in model if r.ph is not None)
+        row["model_verified"] = [r.status == "ok" for r in model]
+    data["stack_check"] = rows
+    lines = [
+        f"  pH through the whole simulated buffer stack (set-up and recipe, speed {speed:g}) "
+        "vs the model (median of 3 noise seeds):"
+    ]
+    for r in rows:
+        point = ", ".join(f"{k}={v:g}" for k, v in r["point"].items())
+        lines.append(
+            f"    {point}: stack {r['stack_ph']:.3f} (verified: {r['stack_verified']}, "
+            f"{r['stack_temperature_c']:.1f} degC), model {r['model_ph']:.3f}"
+        )
+    return lines
 
 
 def _colour_reference(settings: Settings, progress: Progress) -> tuple[dict[str, Any], list[str]]:
@@ -1378,8 +1410,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             quick=True,
             problems=problems,
         )
-    return Settings(
-        **({"mc": draws} if draws else {}),
+    full = Settings(
         seeds=a.seeds or 30,
         random_seeds=a.random_seeds or 100,
         cap=a.cap or 200,
@@ -1391,6 +1422,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         out=a.out or Path(_HERE) / "results",
         problems=problems,
     )
+    return replace(full, mc=draws) if draws else full
 
 
 def run_sections(
