@@ -361,7 +361,7 @@ def test_sections_write_the_table_data_and_the_plot(tmp_path: Path) -> None:
     ]
     assert opt["stations"]["stations"] == 2
     assert reports[2].data["rows"][0]["observations"] == 12
-    png = tmp_path / "campaign_convergence.png"
+    png = tmp_path / "campaign-colour-match+branin+hartmann6_convergence.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tasks" in (tmp_path / "progress.txt").read_text()
     text = "\n".join(line for r in reports for line in r.lines)
