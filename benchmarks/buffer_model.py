@@ -8,7 +8,7 @@ on a :class:`BufferModel`: the buffer bench's instruments as in-memory handles
 acting directly on a fresh :class:`simulators.buffer_world.BufferWorld` (the
 phosphate chemistry of :mod:`simulators.phosphate`, mixing, the pH electrode,
 the balance) on a manual clock. No pty, Modbus or guard (every command is
-assumed allowed) and no real sleeping: one experiment is ~0.1 s of CPU
+assumed allowed) and no real sleeping: one experiment is ~0.2 s of CPU
 instead of ~10 minutes of bench time. The program's verification
 (:func:`loops.checks.run_checks`: gravimetric, pH steady, stable flag) runs on
 the result as the station would run it.

@@ -1282,8 +1282,7 @@ def plot_convergence(
         _plot_stations(axes.flat[len(names)], traces, problems, settings)
     fig.suptitle(
         f"Best so far, median and inter-quartile band over seeds ({settings.seeds} ours, "
-        f"{settings.random_seeds} random) "
-        "(a run stopped at its target keeps its last value)",
+        f"{settings.random_seeds} random)\n(a run stopped at its target keeps its last value)",
         fontsize=10,
     )
     fig.savefig(path, dpi=90)
