@@ -122,10 +122,9 @@ class UnitBus:
     async def close(self) -> None:
         return None
 
-    @staticmethod
-    def _span(registers: Sequence[int], address: int, count: int, fc: int) -> list[int]:
+    def _span(self, registers: Sequence[int], address: int, count: int, fc: int) -> list[int]:
         if address < 0 or count < 1 or address + count > len(registers):
-            raise ModbusExceptionError("model://ph", fc, address, 2)
+            raise ModbusExceptionError(self.url, fc, address, 2)  # illegal data address
         return list(registers[address : address + count])
 
     async def read_input_registers(

@@ -4,6 +4,7 @@ sections."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sys
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.buffer_model import SORENSEN_POINT, BufferObjective  # noqa: E402
+from benchmarks.buffer_model import SORENSEN_POINT, BufferModel, BufferObjective  # noqa: E402
 from benchmarks.campaign import (  # noqa: E402
     Outcome,
     Problem,
@@ -44,6 +45,7 @@ from benchmarks.colour_model import (  # noqa: E402
     ColourMatchObjective,
     ManualClock,
 )
+from instruments.errors import ModbusExceptionError, ProbeNotImmersedError  # noqa: E402
 from loops.optimizer import BayesOptimizer, Proposal, RandomSearch  # noqa: E402
 from loops.testfunctions import BRANIN, run_values  # noqa: E402
 from simulators.buffer_world import STOCKS, BufferWorld  # noqa: E402
@@ -179,6 +181,28 @@ def test_buffer_probe_out_fails_the_experiment(buffer: BufferObjective) -> None:
     r = buffer(SORENSEN_POINT, seed=4, faults={"probe-out": {}})
     assert r.status == "failed" and r.ph_error is None
     assert r.error is not None and "ProbeNotImmersedError" in r.error
+
+
+def test_buffer_model_ph_handle_is_the_driver_on_the_registers() -> None:
+    clock = ManualClock()
+    model = BufferModel(BufferWorld(clock=clock), clock)
+    ph = model.handle("ph")
+
+    async def run() -> None:
+        with pytest.raises(ProbeNotImmersedError):  # an empty beaker: the driver refuses
+            await ph.read()
+        with pytest.raises(ModbusExceptionError) as exc:  # not a buffer: the unit refuses
+            await model.bus.write_register(10, 1234)
+        assert exc.value.exception_code == 3
+        with pytest.raises(ModbusExceptionError) as exc:  # outside the register map
+            await model.bus.read_input_registers(2, 5)
+        assert exc.value.exception_code == 2
+        await ph.set_damping(seconds=4)
+        assert model.transmitter.damping_s == 4 and model.state().damping_s == 4
+        with pytest.raises(AttributeError, match=r"cannot run ph.dispense"):
+            await ph.dispense(volume_ml=1.0, rate_ml_min=1.0)
+
+    asyncio.run(run())
 
 
 def test_buffer_problem_uses_the_program(buffer: BufferObjective) -> None:
