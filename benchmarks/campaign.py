@@ -3,6 +3,7 @@
 Run:  python benchmarks/campaign.py [--seeds 10] [--workers 2] [--out benchmarks/results]
       python benchmarks/campaign.py --quick          # CI smoke run (< 60 s)
       python benchmarks/campaign.py --check-stack    # also run a few points through the stack
+      python benchmarks/campaign.py --problems buffer   # some problems only
 
 Problems (all minimised):
 
@@ -16,6 +17,15 @@ Problems (all minimised):
   Checked against the whole simulated stack at the point ``target_lab`` was
   measured at (printed as "reference point"; ``--check-stack`` compares more
   points through the real drivers and simulators).
+* ``buffer``: ``examples/buffer/program.md`` (``acid_ml``, ``base_ml``; the
+  constraint ``acid_ml + base_ml <= 60 mL``; target |pH - 7.40| <= 0.02, its
+  ``stop.target``). One experiment is the program's recipe executed on the
+  buffer simulator's chemistry (:mod:`benchmarks.buffer_model`: a fresh
+  ``BufferWorld``, the pH read through the transmitter's driver and its
+  simulated calibration, set up once per campaign by ``examples/buffer/setup.yaml``),
+  verified by the program's checks (an unverified result is told ``untrusted``
+  and does not count as reaching the target, as in a campaign). Printed as
+  "reference point": the model at Sørensen's table point for pH 7.4.
 * ``branin`` (2-D) and ``hartmann6`` (6-D) from :mod:`loops.testfunctions`,
   to ``f <= 0.5`` (the minimum is 0.3979) and ``f <= -3.0`` (90 % of the
   minimum -3.3224). Every evaluation counts one time unit.
@@ -23,7 +33,8 @@ Problems (all minimised):
 Sections:
 
 1. Acceleration factor: experiments to target, ours (``BayesOptimizer`` with
-   the default settings a campaign uses, ``initial_points`` 8) versus
+   the default settings a campaign uses, ``initial_points`` from the program: 8
+   for colour-match, 6 for buffer; 8 for the test functions) versus
    ``RandomSearch``, one station, ``--seeds`` seeds each. Ours is capped at
    ``--cap`` experiments, random search at ``--random-cap``; a run that did not
    reach the target is censored and counted as such (a median over runs that
@@ -48,7 +59,10 @@ Sections:
 Writes ``<out>/campaign.json`` (summary numbers) and
 ``<out>/campaign_convergence.png`` (best so far versus experiments, median
 and inter-quartile band over seeds, ours vs random, one panel per problem;
-and colour-match best so far versus bench hours, K stations vs one).
+and colour-match best so far versus bench hours, K stations vs one). With
+``--problems`` naming some problems only, the files are
+``campaign-<problems>.json`` and ``campaign-<problems>_convergence.png``, and
+the colour-only parts (K stations, the real stack) run only with colour-match.
 
 More sections (a real-Ray campaign on the simulated bench) plug in as
 functions in :data:`SECTIONS`: ``(Settings, Progress) -> SectionReport``.
@@ -83,6 +97,7 @@ if _ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks.buffer_model import SORENSEN_POINT, BufferObjective  # noqa: E402
 from benchmarks.colour_model import REFERENCE_POINT, ColourMatchObjective  # noqa: E402
 from loops.optimizer import (  # noqa: E402
     BayesOptimizer,
@@ -117,7 +132,7 @@ __all__ = [
 LITERATURE_AF = 6.0  # median acceleration factor reported for self-driving labs
 STATION_SPEEDUP_GOAL = 3.0
 STATION_EXPERIMENTS_GOAL = 1.3
-PROBLEMS = ("colour-match", "branin", "hartmann6")
+PROBLEMS = ("colour-match", "buffer", "branin", "hartmann6")
 TEST_FUNCTION_TARGETS = {"branin": 0.5, "hartmann6": -3.0}
 INITIAL_POINTS = 8  # BayesOptimizer's default; the colour-match program also says 8
 SUGGEST_SIZES = (50, 200, 500)
@@ -127,11 +142,12 @@ StrategyName = Literal["bayes", "random"]
 # --------------------------------------------------------------------- problems
 @dataclass(frozen=True)
 class Outcome:
-    """One experiment: ``value`` (None unless ``status`` is ok), its bench ``duration_s``."""
+    """One experiment: ``value``, its bench ``duration_s``; ``status`` ok, failed (no
+    value) or untrusted (a value its checks did not verify: told, never counted as a hit)."""
 
     value: float | None
     duration_s: float
-    status: Literal["ok", "failed"] = "ok"
+    status: Literal["ok", "failed", "untrusted"] = "ok"
 
 
 @dataclass(frozen=True)
@@ -187,10 +203,32 @@ def _colour_problem() -> Problem:
     )
 
 
+def _buffer_problem() -> Problem:
+    objective = BufferObjective()  # runs the set-up: once per campaign (one per task)
+
+    def evaluate(params: Mapping[str, Any], noise_seed: int) -> Outcome:
+        r = objective(params, seed=noise_seed)
+        return Outcome(r.ph_error, r.duration_s, r.status)
+
+    return Problem(
+        name="buffer",
+        space=objective.space,
+        target=objective.target,
+        evaluate=evaluate,
+        constraints=objective.feasible,
+        initial_points=objective.program.initial_points,
+        value_label="|pH - target|",
+        time_unit="bench second",
+    )
+
+
 def make_problem(name: str) -> Problem:
-    """``colour-match``, ``branin`` or ``hartmann6`` (built in each worker process)."""
+    """``colour-match``, ``buffer``, ``branin`` or ``hartmann6`` (built in each worker
+    process)."""
     if name == "colour-match":
         return _colour_problem()
+    if name == "buffer":
+        return _buffer_problem()
     if name == "branin":
         return _function_problem(BRANIN, TEST_FUNCTION_TARGETS["branin"])
     if name == "hartmann6":
@@ -521,7 +559,12 @@ class Settings:
     stations: int = 4
     workers: int = 2
     mc: Mapping[str, int] = field(
-        default_factory=lambda: {"colour-match": 20_000, "branin": 200_000, "hartmann6": 1_000_000}
+        default_factory=lambda: {
+            "colour-match": 20_000,
+            "buffer": 2000,
+            "branin": 200_000,
+            "hartmann6": 1_000_000,
+        }
     )
     suggest_sizes: tuple[int, ...] = SUGGEST_SIZES
     suggest_repeats: int = 5
@@ -532,6 +575,14 @@ class Settings:
     check_stack: bool = False
     out: Path = Path(_HERE) / "results"
     quick: bool = False
+    problems: tuple[str, ...] = PROBLEMS
+
+    @property
+    def stem(self) -> str:
+        """The result files' stem: ``campaign``, or ``campaign-<problems>`` for some only."""
+        if set(self.problems) == set(PROBLEMS):
+            return "campaign"
+        return "campaign-" + "+".join(p for p in PROBLEMS if p in self.problems)
 
 
 class Progress:
@@ -625,9 +676,9 @@ def _run_any(task: Task | HitTask) -> Trace | int:
 
 def _hit_tasks(settings: Settings) -> list[HitTask]:
     """The hit-rate samples, in chunks of at most ~10 s of work each (they run in the pool)."""
-    chunk = {"colour-match": 2500, "branin": 100_000, "hartmann6": 250_000}
+    chunk = {"colour-match": 2500, "buffer": 80, "branin": 100_000, "hartmann6": 250_000}
     out = []
-    for name in PROBLEMS:
+    for name in settings.problems:
         total = settings.mc[name]
         for i, start in enumerate(range(0, total, chunk[name])):
             out.append(HitTask(name, 7919 * (i + 1), min(chunk[name], total - start)))
@@ -648,57 +699,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def optimizer_section(settings: Settings, progress: Progress) -> SectionReport:
-    """Acceleration factor (ours vs random) and K stations vs one; writes the convergence plot."""
-    _pyplot()  # fail before minutes of runs, not after
-    tasks: list[Task | HitTask] = []
-    for name in ("hartmann6", "colour-match", "branin"):  # slowest first: balances the pool
-        for seed in range(max(settings.seeds, settings.random_seeds)):
-            if seed < settings.seeds:
-                tasks.append(Task(name, "bayes", 1, seed, settings.cap))
-                if name == "colour-match":
-                    tasks.append(Task(name, "bayes", settings.stations, seed, settings.cap))
-            if seed < settings.random_seeds:
-                tasks.append(Task(name, "random", 1, seed, settings.random_cap))
-    traces, hit_counts = _run_tasks([*_hit_tasks(settings), *tasks], settings.workers, progress)
-
-    problems = {name: make_problem(name) for name in PROBLEMS}
-    acc_rows: list[dict[str, Any]] = []
-    for name in PROBLEMS:
-        pb = problems[name]
-        ours = summarise(traces[(name, "bayes", 1)], settings.cap)
-        rnd = summarise(traces[(name, "random", 1)], settings.random_cap)
-        hits, samples = hit_counts[name]
-        p = hits / samples
-        # no hit at all: the median is only bounded, by p's 95 % upper limit (rule of three)
-        geo = geometric_median(p) if hits else geometric_median(3.0 / samples)
-        geo_bound = hits == 0
-        af_emp = None if ours.censored else _ratio(rnd.median, ours.median)
-        af_ci = bootstrap_ratio(
-            _exps(traces[(name, "random", 1)]), _exps(traces[(name, "bayes", 1)])
-        )
-        af_low = None
-        if rnd.censored and not ours.censored:
-            af_low = settings.random_cap / ours.median  # random needs more than its cap
-        acc_rows.append(
-            {
-                "problem": name,
-                "target": pb.target,
-                "dims": len(pb.space),
-                "ours": asdict(ours),
-                "random": asdict(rnd),
-                "random_hit_rate": p,
-                "random_hit_rate_draws": samples,
-                "random_hit_rate_hits": hits,
-                "random_geometric_median": geo,
-                "random_geometric_median_is_lower_bound": geo_bound,
-                "af_empirical": af_emp,
-                "af_empirical_ci95": af_ci,
-                "af_lower_bound": af_low,
-                "af_geometric": None if ours.censored else _ratio(geo, ours.median),
-            }
-        )
-
+def _stations_part(
+    traces: Mapping[tuple[str, str, int], Sequence[Trace]], settings: Settings
+) -> tuple[dict[str, Any], list[str]]:
+    """colour-match, K stations vs one: the summary data and the table lines."""
     k = settings.stations
     one = summarise(traces[("colour-match", "bayes", 1)], settings.cap)
     many = summarise(traces[("colour-match", "bayes", k)], settings.cap)
@@ -727,6 +731,81 @@ def optimizer_section(settings: Settings, progress: Progress) -> SectionReport:
             and exp_ratio <= STATION_EXPERIMENTS_GOAL
         ),
     }
+
+    lines = [
+        f"colour-match, {k} stations vs 1 ({settings.seeds} seeds, bench time simulated):",
+        f"{'stations':>8} {'experiments med':>16} {'started med':>12} "
+        f"{'bench h to target med':>22} {'hit':>6}",
+    ]
+    for label, s in (("1", one), (str(k), many)):
+        t = s.time_median
+        th = "> cap" if s.time_censored else _fmt(None if t is None else t / 3600.0, ".2f")
+        lines.append(
+            f"{label:>8} {s.text():>16} {_fmt(s.started_median, 'g'):>12} {th:>22} "
+            f"{s.hits:>2}/{s.runs:<3}"
+        )
+    lines.append(
+        f"  wall-clock 1/{k}: {_fmt(speedup, '.2f')}x faster {_ci_text(speedup_ci)} "
+        f"(goal >= {STATION_SPEEDUP_GOAL:g}x); experiments {k}/1: {_fmt(exp_ratio, '.2f')}x "
+        f"{_ci_text(exp_ratio_ci)} (goal <= {STATION_EXPERIMENTS_GOAL:g}x)"
+        f" -> {'met' if stations['goal_met'] else 'NOT met'} (ratios of medians; "
+        "brackets: 95 % bootstrap interval over seeds)"
+    )
+    return stations, lines
+
+
+def optimizer_section(settings: Settings, progress: Progress) -> SectionReport:
+    """Acceleration factor (ours vs random) and K stations vs one; writes the convergence plot."""
+    _pyplot()  # fail before minutes of runs, not after
+    tasks: list[Task | HitTask] = []
+    slowest_first = ("hartmann6", "buffer", "colour-match", "branin")  # balances the pool
+    for name in (p for p in slowest_first if p in settings.problems):
+        for seed in range(max(settings.seeds, settings.random_seeds)):
+            if seed < settings.seeds:
+                tasks.append(Task(name, "bayes", 1, seed, settings.cap))
+                if name == "colour-match":
+                    tasks.append(Task(name, "bayes", settings.stations, seed, settings.cap))
+            if seed < settings.random_seeds:
+                tasks.append(Task(name, "random", 1, seed, settings.random_cap))
+    traces, hit_counts = _run_tasks([*_hit_tasks(settings), *tasks], settings.workers, progress)
+
+    problems = {name: make_problem(name) for name in settings.problems}
+    acc_rows: list[dict[str, Any]] = []
+    for name in settings.problems:
+        pb = problems[name]
+        ours = summarise(traces[(name, "bayes", 1)], settings.cap)
+        rnd = summarise(traces[(name, "random", 1)], settings.random_cap)
+        hits, samples = hit_counts[name]
+        p = hits / samples
+        # no hit at all: the median is only bounded, by p's 95 % upper limit (rule of three)
+        geo = geometric_median(p) if hits else geometric_median(3.0 / samples)
+        geo_bound = hits == 0
+        af_emp = None if ours.censored else _ratio(rnd.median, ours.median)
+        af_ci = bootstrap_ratio(
+            _exps(traces[(name, "random", 1)]), _exps(traces[(name, "bayes", 1)])
+        )
+        af_low = None
+        if rnd.censored and not ours.censored:
+            af_low = settings.random_cap / ours.median  # random needs more than its cap
+        acc_rows.append(
+            {
+                "problem": name,
+                "target": pb.target,
+                "dims": len(pb.space),
+                "initial_points": pb.initial_points,
+                "ours": asdict(ours),
+                "random": asdict(rnd),
+                "random_hit_rate": p,
+                "random_hit_rate_draws": samples,
+                "random_hit_rate_hits": hits,
+                "random_geometric_median": geo,
+                "random_geometric_median_is_lower_bound": geo_bound,
+                "af_empirical": af_emp,
+                "af_empirical_ci95": af_ci,
+                "af_lower_bound": af_low,
+                "af_geometric": None if ours.censored else _ratio(geo, ours.median),
+            }
+        )
 
     lines = [
         f"Experiments to target, one station ({settings.seeds} seeds for ours, "
@@ -762,26 +841,12 @@ def optimizer_section(settings: Settings, progress: Progress) -> SectionReport:
         + ", ".join(f"{row['random_hit_rate_draws']} for {row['problem']}" for row in acc_rows)
         + "); med(p) = ln 0.5 / ln(1 - p), random search's median without censoring; "
         "AF(p) = med(p) / ours median.",
-        "",
-        f"colour-match, {k} stations vs 1 ({settings.seeds} seeds, bench time simulated):",
-        f"{'stations':>8} {'experiments med':>16} {'started med':>12} "
-        f"{'bench h to target med':>22} {'hit':>6}",
     ]
-    for label, s in (("1", one), (str(k), many)):
-        t = s.time_median
-        th = "> cap" if s.time_censored else _fmt(None if t is None else t / 3600.0, ".2f")
-        lines.append(
-            f"{label:>8} {s.text():>16} {_fmt(s.started_median, 'g'):>12} {th:>22} "
-            f"{s.hits:>2}/{s.runs:<3}"
-        )
-    lines.append(
-        f"  wall-clock 1/{k}: {_fmt(speedup, '.2f')}x faster {_ci_text(speedup_ci)} "
-        f"(goal >= {STATION_SPEEDUP_GOAL:g}x); experiments {k}/1: {_fmt(exp_ratio, '.2f')}x "
-        f"{_ci_text(exp_ratio_ci)} (goal <= {STATION_EXPERIMENTS_GOAL:g}x)"
-        f" -> {'met' if stations['goal_met'] else 'NOT met'} (ratios of medians; "
-        "brackets: 95 % bootstrap interval over seeds)"
-    )
-    png = settings.out / "campaign_convergence.png"
+    stations: dict[str, Any] | None = None
+    if "colour-match" in settings.problems:
+        stations, station_lines = _stations_part(traces, settings)
+        lines += ["", *station_lines]
+    png = settings.out / f"{settings.stem}_convergence.png"
     progress.update(f"plotting {png}")
     plot_convergence(traces, problems, settings, png)
     lines.append(f"  convergence plot: {png}")
@@ -819,6 +884,85 @@ def suggest_section(settings: Settings, progress: Progress) -> SectionReport:
 
 
 def reference_section(settings: Settings, progress: Progress) -> SectionReport:
+    """The colour model at the point program.md's target was measured at (through the
+    stack), the buffer model at a textbook point; each for the problems selected."""
+    lines: list[str] = []
+    data: dict[str, Any] = {}
+    if "colour-match" in settings.problems:
+        data, lines = _colour_reference(settings, progress)
+    if "buffer" in settings.problems:
+        data["buffer"], buffer_lines = _buffer_reference(settings, progress)
+        lines += buffer_lines
+    return SectionReport("reference", lines, data)
+
+
+def _buffer_reference(settings: Settings, progress: Progress) -> tuple[dict[str, Any], list[str]]:
+    """The buffer model at Sørensen's table point for pH 7.4 (the chemistry's own check)."""
+    progress.update("buffer model at Sørensen's pH 7.4 point")
+    objective = BufferObjective()
+    results = [objective(SORENSEN_POINT, seed=s) for s in range(settings.reference_seeds)]
+    phs = [r.ph for r in results if r.ph is not None]
+    truth = [r.true_ph for r in results if r.true_ph is not None]
+    cal = objective.station.calibration
+    data: dict[str, Any] = {
+        "point": dict(SORENSEN_POINT),
+        "table_ph": 7.40,
+        "ph_median": statistics.median(phs) if phs else None,
+        "ph_min": min(phs) if phs else None,
+        "ph_max": max(phs) if phs else None,
+        "true_ph_median": statistics.median(truth) if truth else None,
+        "not_ok": [r.status for r in results if r.status != "ok"],
+        "duration_s": results[0].duration_s,
+        "steps_s": results[0].steps_s,
+        "setup": {"kept": objective.kept, "zero_mv": cal.zero_mv, "slope": cal.slope},
+    }
+    lines = [
+        "buffer model at Sørensen's table point for pH 7.40 (19 + 81 mL of the 0.2 M stocks "
+        f"in 200 mL, scaled to 60 mL: {', '.join(f'{k}={v:g}' for k, v in SORENSEN_POINT.items())}):",
+        f"  pH read {_fmt(data['ph_median'], '.3f')} (median; {_fmt(data['ph_min'], '.3f')}-"
+        f"{_fmt(data['ph_max'], '.3f')} over {len(results)} noise seeds), the chemistry's own pH "
+        f"of the mixed liquid {_fmt(data['true_ph_median'], '.3f')} (at the liquid's "
+        f"{_fmt(results[0].measurements.get('temperature_c'), '.1f')} degC); "
+        f"{len(results) - len(data['not_ok'])}/{len(results)} verified; bench time "
+        f"{results[0].duration_s:.0f} s per experiment; set-up calibration "
+        f"{cal.zero_mv:.2f} mV, slope {100 * cal.slope:.1f} %",
+    ]
+    if settings.check_stack:
+        lines += _check_buffer_stack(objective, progress, data)
+    return data, lines
+
+
+def _check_buffer_stack(
+    objective: BufferObjective, progress: Progress, data: dict[str, Any]
+) -> list[str]:
+    """:data:`benchmarks.buffer_stack.STACK_POINTS` through the whole simulated buffer
+    bench (set-up, drivers, wire, guard, envelope) next to the model."""
+    import asyncio
+
+    from benchmarks.buffer_stack import STACK_POINTS as BUFFER_POINTS
+    from benchmarks.buffer_stack import run_points_on_stack
+
+    speed = 20.0
+    rows = asyncio.run(run_points_on_stack(BUFFER_POINTS, speed=speed, progress=progress.update))
+    for row in rows:  # the model runs its recipes on its own event loop
+        model = [objective(row["point"], seed=s) for s in range(3)]
+        row["model_ph"] = statistics.median(r.ph for r in model if r.ph is not None)
+        row["model_verified"] = [r.status == "ok" for r in model]
+    data["stack_check"] = rows
+    lines = [
+        f"  pH through the whole simulated buffer stack (set-up and recipe, speed {speed:g}) "
+        "vs the model (median of 3 noise seeds):"
+    ]
+    for r in rows:
+        point = ", ".join(f"{k}={v:g}" for k, v in r["point"].items())
+        lines.append(
+            f"    {point}: stack {r['stack_ph']:.3f} (verified: {r['stack_verified']}, "
+            f"{r['stack_temperature_c']:.1f} degC), model {r['model_ph']:.3f}"
+        )
+    return lines
+
+
+def _colour_reference(settings: Settings, progress: Progress) -> tuple[dict[str, Any], list[str]]:
     """The colour model at the point program.md's target was measured at (through the stack)."""
     progress.update("colour model at the reference point")
     objective = ColourMatchObjective()
@@ -842,7 +986,7 @@ def reference_section(settings: Settings, progress: Progress) -> SectionReport:
     ]
     if settings.check_stack:
         lines += _check_stack(objective, progress, data)
-    return SectionReport("reference", lines, data)
+    return data, lines
 
 
 STACK_POINTS: tuple[dict[str, float | int], ...] = (
@@ -964,7 +1108,10 @@ def _stack_run(stations: int, seed: int, speed: float, root: Path) -> dict[str, 
 
 
 def stack_section(settings: Settings, progress: Progress) -> SectionReport:
-    """The real stack: ``labbridge sim``'s campaign on 1 and K simulated stations, same seeds."""
+    """The real stack: ``labbridge sim``'s campaign on 1 and K simulated stations, same seeds
+    (colour-match; skipped when it is not among the problems)."""
+    if "colour-match" not in settings.problems:
+        return SectionReport("stack", ["Real stack: skipped (colour-match not run)"], {})
     import ray
 
     from loops.raylinks import init_ray
@@ -1098,13 +1245,22 @@ def plot_convergence(
     path: Path,
 ) -> None:
     """Best so far vs experiments (median, IQR band; ours vs random), one panel per problem,
-    plus colour-match best so far vs bench hours with K stations vs one."""
+    plus colour-match best so far vs bench hours with K stations vs one (when it ran)."""
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+    names = [p for p in PROBLEMS if p in problems]
+    colour = "colour-match" in problems
+    panels = len(names) + colour
+    cols = 1 if panels == 1 else 2 if panels <= 4 else 3
+    rows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(5.5 * cols, 4 * rows), constrained_layout=True, squeeze=False
+    )
+    for spare in axes.flat[panels:]:
+        spare.set_visible(False)
     colours = {"bayes": "tab:blue", "random": "tab:orange"}
     labels = {"bayes": "ours (BayesOptimizer)", "random": "random search"}
-    for ax, name in zip(axes.flat, PROBLEMS, strict=False):
+    for ax, name in zip(axes.flat, names, strict=False):
         pb = problems[name]
         offset = pb.minimum if pb.minimum is not None else 0.0
         for strategy in ("bayes", "random"):
@@ -1124,7 +1280,24 @@ def plot_convergence(
         ax.set_ylabel(f"best so far: {pb.value_label}")
         ax.set_title(f"{name} ({len(pb.space)}-D)")
         ax.legend(fontsize=8)
-    ax = axes.flat[3]
+    if colour:
+        _plot_stations(axes.flat[len(names)], traces, problems, settings)
+    fig.suptitle(
+        f"Best so far, median and inter-quartile band over seeds ({settings.seeds} ours, "
+        f"{settings.random_seeds} random)\n(a run stopped at its target keeps its last value)",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_stations(
+    ax: Any,
+    traces: Mapping[tuple[str, str, int], Sequence[Trace]],
+    problems: Mapping[str, Problem],
+    settings: Settings,
+) -> None:
+    """colour-match best so far vs bench hours, K stations vs one."""
     k = settings.stations
     for stations, colour in ((1, "tab:blue"), (k, "tab:green")):
         runs = traces.get(("colour-match", "bayes", stations), [])
@@ -1147,14 +1320,6 @@ def plot_convergence(
     ax.set_ylabel("best so far: ΔE00 to target")
     ax.set_title(f"colour-match: {k} stations vs 1")
     ax.legend(fontsize=8)
-    fig.suptitle(
-        f"Best so far, median and inter-quartile band over seeds ({settings.seeds} ours, "
-        f"{settings.random_seeds} random) "
-        "(a run stopped at its target keeps its last value)",
-        fontsize=10,
-    )
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------- main
@@ -1181,6 +1346,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     )
     ap.add_argument("--cap", type=int, default=None, help="experiments cap for ours (200)")
     ap.add_argument("--random-cap", type=int, default=None, help="cap for random search (500)")
+    ap.add_argument(
+        "--hit-draws",
+        type=int,
+        default=None,
+        help="uniform draws for random search's hit rate, each problem (20000 colour-match, "
+        "2000 buffer, 200000 branin, 1000000 hartmann6; --quick: fewer)",
+    )
     ap.add_argument("--stations", type=int, default=4, help="stations for the K-station run (4)")
     ap.add_argument("--workers", type=int, default=2, help="processes (2; 1 runs in-process)")
     ap.add_argument(
@@ -1197,8 +1369,21 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         help="seeds of the real-stack campaigns, 1 vs --stations stations (3; --quick: 1, 1 vs 2)",
     )
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, small caps")
+    ap.add_argument(
+        "--problems",
+        default=",".join(PROBLEMS),
+        help=f"comma-separated problems to run ({','.join(PROBLEMS)}: all); some only: the "
+        "results are campaign-<problems>.json and the colour-only sections need colour-match",
+    )
     a = ap.parse_args(argv)
-    for name in ("seeds", "random_seeds", "cap", "random_cap"):
+    problems = tuple(p.strip() for p in a.problems.split(",") if p.strip())
+    unknown = [p for p in problems if p not in PROBLEMS]
+    if unknown or not problems:
+        ap.error(
+            f"--problems {a.problems!r}: unknown {', '.join(map(repr, unknown)) or 'empty'} "
+            f"(known: {', '.join(PROBLEMS)})"
+        )
+    for name in ("seeds", "random_seeds", "cap", "random_cap", "hit_draws"):
         v = getattr(a, name)
         if v is not None and v < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -1206,6 +1391,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         ap.error(f"--stations must be >= 2 (compared with one), got {a.stations}")
     if a.workers < 1:
         ap.error(f"--workers must be >= 1, got {a.workers}")
+    draws = dict.fromkeys(PROBLEMS, a.hit_draws) if a.hit_draws else None
     if a.quick:
         return Settings(
             seeds=a.seeds or 2,
@@ -1213,7 +1399,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             cap=a.cap or 60,
             random_cap=a.random_cap or 100,
             workers=a.workers,
-            mc={"colour-match": 1000, "branin": 20_000, "hartmann6": 50_000},
+            mc=draws or {"colour-match": 1000, "buffer": 80, "branin": 20_000, "hartmann6": 50_000},
             suggest_sizes=(50, 200),
             suggest_repeats=1,
             reference_seeds=3,
@@ -1223,8 +1409,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             check_stack=a.check_stack,
             out=a.out or Path(tempfile.gettempdir()) / "labbridge-campaign-quick",
             quick=True,
+            problems=problems,
         )
-    return Settings(
+    full = Settings(
         seeds=a.seeds or 30,
         random_seeds=a.random_seeds or 100,
         cap=a.cap or 200,
@@ -1234,7 +1421,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         stack_seeds=a.stack_seeds or 3,
         check_stack=a.check_stack,
         out=a.out or Path(_HERE) / "results",
+        problems=problems,
     )
+    return replace(full, mc=draws) if draws else full
 
 
 def run_sections(
@@ -1279,9 +1468,11 @@ def main(
             "cap": settings.cap,
             "random_cap": settings.random_cap,
             "stations": settings.stations,
-            "initial_points": INITIAL_POINTS,
+            "initial_points": INITIAL_POINTS,  # the test functions'; programs: per problem
+            "problems": list(settings.problems),
             "targets": {
-                "colour-match": make_problem("colour-match").target,
+                "colour-match": ColourMatchObjective().target,
+                "buffer": BufferObjective().target,
                 **TEST_FUNCTION_TARGETS,
             },
         },
@@ -1295,7 +1486,7 @@ def main(
         **{r.name: r.data for r in reports},
     }
     settings.out.mkdir(parents=True, exist_ok=True)
-    path = settings.out / "campaign.json"
+    path = settings.out / f"{settings.stem}.json"
     path.write_text(json.dumps(_jsonable(doc), indent=1, ensure_ascii=False) + "\n")
     print(f"\nwrote {path}")
     return 0

@@ -13,14 +13,10 @@ no real-time sleeping, so one experiment takes milliseconds of CPU instead of
 minutes of (simulated) bench time, and there is no second copy of the
 experiment to keep in step with the program.
 
-What the handles do: a pump's ``dispense``/``withdraw`` starts it (4
-significant digits, as the driver sends), ``wait_until_stopped`` polls it every
-second of bench time (the real stack's real-time polls are seconds of bench
-time at its speeds); the colour sensor's ``measure`` integrates
-(100 ms by default) and returns counts with noise; the hotplate's
-``set_heater``/``set_stirrer`` set its registers and ``read()`` reports plate
-and liquid temperatures; light and camera have no effect on the colour or the
-time (a capture has no image here).
+What the handles do: the pumps and the hotplate are the shared ones of
+:mod:`benchmarks.bench_model` (see there); the colour sensor's ``measure``
+integrates (100 ms by default) and returns counts with noise; light and camera
+have no effect on the colour or the time (a capture has no image here).
 
 Bench time. An experiment's :attr:`ColourResult.duration_s` is the simulated
 time from its first to its last step plus the recipe's ``wait`` steps once
@@ -43,10 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loops.plan import Recipe, Step
+from benchmarks.bench_model import ManualClock, WorldModel, run_model_recipe
+from loops.plan import Recipe
 from loops.program import Program, load_program
-from loops.recipe import MeasurementError, build_recipe, run_recipe
-from simulators.clock import SimClock
+from loops.recipe import MeasurementError, build_recipe
 from simulators.world import StationWorld
 
 __all__ = [
@@ -70,27 +66,7 @@ REFERENCE_POINT: dict[str, float | int] = {
 }
 
 SENSOR_DEFAULT_MS = 100  # the colour-sensor driver's default integration time
-POLL_S = 1.0  # a pump's wait polls at least this far apart (bench seconds): the real
-#             stack's 0.05 s real-time polls are 5 bench seconds at 100x
 SENSOR_STATUS = {0: "ok", 1: "saturated", 2: "dark"}
-WAIT_LIMIT_S = 24 * 3600.0  # a wait that has not finished after a simulated day is a bug
-
-
-class ManualClock(SimClock):
-    """A :class:`SimClock` that only moves when told (:meth:`advance`); ``now()`` starts at 0."""
-
-    def __init__(self) -> None:
-        super().__init__(1.0)
-        self._t = 0.0
-
-    def now(self) -> float:
-        return self._t
-
-    def advance(self, seconds: float) -> float:
-        if not seconds >= 0:
-            raise ValueError(f"a clock only moves forward, got {seconds!r} s")
-        self._t += seconds
-        return self._t
 
 
 @dataclass(frozen=True)
@@ -149,121 +125,21 @@ class ColourMatchObjective:
         return asyncio.run(run_on_world(recipe, self.program.objective.measure, seed=seed))
 
 
-class _Verdict:
-    allowed = True
-
-
-class _Handle:
-    """The calls of one instrument, acting on the world (see the module docstring)."""
-
-    def __init__(self, model: BenchModel, name: str) -> None:
-        self.model, self.name = model, name
-
-    def __getattr__(self, command: str) -> Any:
-        act = getattr(self.model, f"_{self.model.kinds[self.name]}_{command}", None)
-        if act is None:
-            raise AttributeError(f"the bench model cannot run {self.name}.{command}()")
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            return await act(self.name, *args, **kwargs)
-
-        return call
-
-
-class BenchModel:
-    """The reference bench's instruments over one :class:`StationWorld`, for
-    :func:`loops.recipe.run_recipe`: ``handle(name)`` and ``check(command)`` (always
-    allowed) are what the runner uses of a station."""
-
-    name = "bench-model"
+class BenchModel(WorldModel):
+    """The reference bench's instruments over one :class:`StationWorld` (the shared pumps
+    and hotplate of :class:`~benchmarks.bench_model.WorldModel`, plus the colour sensor,
+    the enclosure's light and the camera)."""
 
     def __init__(self, world: StationWorld, clock: ManualClock) -> None:
-        self.world, self.clock = world, clock
-        self.kinds = {
+        kinds = {
             **{f: "pump" for f in ("red", "green", "blue", "waste")},
             "hotplate": "hotplate",
             "color": "sensor",
             "enclosure": "quiet",
             "camera": "quiet",
         }
-
-    def handle(self, name: str, who: str = "model") -> _Handle:
-        if name not in self.kinds:
-            raise KeyError(f"the bench model has no instrument {name!r}")
-        return _Handle(self, name)
-
-    def check(self, command: Any) -> _Verdict:
-        return _Verdict()
-
-    async def sleep(self, seconds: float) -> None:
-        self.clock.advance(max(0.0, float(seconds)))
-
-    # pumps
-    async def _pump_dispense(self, name: str, volume_ml: float, rate_ml_min: float) -> None:
-        self._run(name, volume_ml, rate_ml_min, "INF")
-
-    async def _pump_withdraw(self, name: str, volume_ml: float, rate_ml_min: float) -> None:
-        self._run(name, volume_ml, rate_ml_min, "WDR")
-
-    def _run(self, name: str, volume_ml: float, rate_ml_min: float, direction: str) -> None:
-        world = self.world
-        world.advance()
-        with world.lock:
-            pump = world.pump_by_fluid(name)
-            pump.volume_ml = float(f"{volume_ml:.4g}")  # the driver sends 4 digits
-            pump.rate_ml_min = float(f"{rate_ml_min:.4g}")
-            pump.direction = direction
-            pump.remaining_ml = pump.volume_ml
-            if direction == "INF":
-                pump.dispensed_inf_ml = 0.0
-            else:
-                pump.dispensed_wdr_ml = 0.0
-            pump.phase = "running"
-
-    async def _pump_wait_until_stopped(
-        self, name: str, timeout: float = 60.0, poll_interval: float = 0.1
-    ) -> str:
-        waited = 0.0
-        period = max(float(poll_interval), POLL_S)
-        self.world.advance()
-        while self.world.pump_by_fluid(name).phase == "running":
-            if waited >= WAIT_LIMIT_S:
-                raise TimeoutError(f"{name} still running after {waited:g} simulated s")
-            self.clock.advance(period)
-            self.world.advance()
-            waited += period
-        return "stopped"
-
-    async def _pump_read(self, name: str) -> dict[str, Any]:
-        self.world.advance()
-        pump = self.world.pump_by_fluid(name)
-        return {
-            "moving": pump.phase == "running",
-            "infused_ml": pump.dispensed_inf_ml,
-            "withdrawn_ml": pump.dispensed_wdr_ml,
-        }
-
-    # hotplate
-    async def _hotplate_set_stirrer(self, name: str, on: bool, rpm: int | None = None) -> None:
-        self.world.advance()
-        with self.world.lock:
-            if rpm is not None:
-                self.world.hotplate.stirrer_setpoint_rpm = int(rpm)
-            self.world.hotplate.stirrer_enabled = bool(on)
-
-    async def _hotplate_set_heater(
-        self, name: str, on: bool, setpoint_c: float | None = None
-    ) -> None:
-        self.world.advance()
-        with self.world.lock:
-            if setpoint_c is not None:
-                self.world.hotplate.setpoint_c = round(float(setpoint_c), 1)
-            self.world.hotplate.heater_enabled = bool(on)
-
-    async def _hotplate_read(self, name: str) -> dict[str, Any]:
-        self.world.advance()
-        hp = self.world.hotplate
-        return {"plate_c": round(hp.plate_c, 1), "liquid_c": round(hp.liquid_c, 1)}
+        super().__init__(world, clock, kinds)
+        self.world: StationWorld = world
 
     # colour sensor
     async def _sensor_measure(self, name: str, integration_ms: int | None = None) -> dict[str, Any]:
@@ -293,30 +169,16 @@ async def run_on_world(recipe: Recipe, measure: str, *, seed: int = 0) -> Colour
     world = StationWorld("bench-model", clock=clock, seed=seed)
     model = BenchModel(world, clock)
     steps_s: dict[str, float] = {}
-
-    async def on_step(index: int, step: Step, phase: str, data: dict[str, Any]) -> None:
-        if phase == "done":
-            label = step.kind if step.kind != "call" else f"call {step['command']}"
-            steps_s[label] = steps_s.get(label, 0.0) + float(data.get("duration_s", 0.0))
-
     status: Literal["ok", "failed"] = "ok"
     measurements: dict[str, Any] = {}
     try:
-        result = await run_recipe(
-            recipe,
-            model,  # type: ignore[arg-type]
-            clock_sleep=model.sleep,
-            who="model",
-            on_step=on_step,
-            clock_now=clock.now,
-        )
-        measurements = result.measurements
+        measurements = (await run_model_recipe(recipe, model, steps_s=steps_s)).result.measurements
     except MeasurementError:
         status = "failed"  # saturated or dark: the campaign tells the optimizer "failed"
     waits = Recipe(tuple(s for s in recipe.steps if s.kind == "wait"))
     if waits.steps:  # what the station's next experiment waits for first (the cool-down)
         t0 = clock.now()
-        await run_recipe(waits, model, clock_sleep=model.sleep, who="model")  # type: ignore[arg-type]
+        await run_model_recipe(waits, model)
         steps_s["next experiment's wait"] = clock.now() - t0
     lab = measurements.get("lab")
     return ColourResult(

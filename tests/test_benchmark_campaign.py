@@ -1,8 +1,10 @@
-"""Smoke tests of benchmarks/campaign.py's helpers: the colour model, the discrete-event
-campaign, the censoring-aware statistics, and one tiny end-to-end run of the sections."""
+"""Smoke tests of benchmarks/campaign.py's helpers: the colour and buffer models, the
+discrete-event campaign, the censoring-aware statistics, and one tiny end-to-end run of the
+sections."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sys
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.buffer_model import SORENSEN_POINT, BufferModel, BufferObjective  # noqa: E402
 from benchmarks.campaign import (  # noqa: E402
     Outcome,
     Problem,
@@ -30,6 +33,7 @@ from benchmarks.campaign import (  # noqa: E402
     make_problem,
     make_strategy,
     optimizer_section,
+    parse_args,
     reference_section,
     run_sections,
     simulate_campaign,
@@ -41,13 +45,20 @@ from benchmarks.colour_model import (  # noqa: E402
     ColourMatchObjective,
     ManualClock,
 )
+from instruments.errors import ModbusExceptionError, ProbeNotImmersedError  # noqa: E402
 from loops.optimizer import BayesOptimizer, Proposal, RandomSearch  # noqa: E402
 from loops.testfunctions import BRANIN, run_values  # noqa: E402
+from simulators.buffer_world import STOCKS, BufferWorld  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def objective() -> ColourMatchObjective:
     return ColourMatchObjective()
+
+
+@pytest.fixture(scope="module")
+def buffer() -> BufferObjective:
+    return BufferObjective()
 
 
 # ------------------------------------------------------------------ colour model
@@ -100,6 +111,114 @@ def test_manual_clock_only_moves_forward() -> None:
     assert clock.advance(2.5) == 2.5
     with pytest.raises(ValueError, match="only moves forward"):
         clock.advance(-1.0)
+
+
+# ------------------------------------------------------------------ buffer model
+def test_buffer_setup_calibrates_the_transmitter(buffer: BufferObjective) -> None:
+    # the two-point calibration finds the electrode's real offset (+7.5 mV) and slope (98.5 %)
+    cal = buffer.station.calibration
+    assert cal.zero_mv == pytest.approx(7.5, abs=0.1)
+    assert cal.slope == pytest.approx(0.985, abs=0.002)
+    assert sorted(cal.points) == [4010, 7000]
+    assert buffer.station.compensation == 1 and buffer.station.damping_s == 2
+    assert buffer.kept == {"calibration_due": False, "beaker_g": pytest.approx(52.3817, abs=1e-3)}
+    assert buffer.setup_steps_s["call calibrate"] == pytest.approx(30.0, abs=1.0)  # 2 x 15 s
+
+
+def test_buffer_model_reads_the_chemistry_ph(buffer: BufferObjective) -> None:
+    r = buffer(SORENSEN_POINT, seed=0)
+    assert r.status == "ok" and r.reasons == () and r.error is None
+    assert r.ph is not None and r.true_ph is not None and r.ph_error is not None
+    assert r.ph_error == pytest.approx(abs(r.ph - 7.40), abs=1e-9)
+    assert abs(r.ph - r.true_ph) < 0.01  # calibrated transmitter vs the liquid's own pH
+    assert abs(r.ph - 7.40) < 0.06  # Sørensen's table: pH 7.4 at 25 degC (here ~23 degC)
+    # the same liquid made by hand in the full simulator, at the temperature the probe read
+    world = BufferWorld(seed=5)
+    d = r.measurements["dispensed_ml"]
+    for stock in ("acid", "base", "water"):
+        world.add(stock, d[stock])
+    world.hotplate.liquid_c = r.measurements["temperature_c"]
+    hand = world.mixed_ph()
+    assert hand is not None and abs(r.ph - hand) < 0.01
+    # the gravimetric check: the balance saw what the pumps reported
+    expected = sum(d[s] * STOCKS[s].density_g_ml for s in ("acid", "base", "water"))
+    assert r.measurements["weighed"]["value"] == pytest.approx(expected, abs=0.01)
+    assert r.measurements["weighed"]["stable"] is True
+
+
+def test_buffer_ph_follows_the_ratio(buffer: BufferObjective) -> None:
+    phs = [buffer({"acid_ml": a, "base_ml": b}, seed=1).ph for a, b in ((30, 5), (15, 15), (4, 30))]
+    assert all(p is not None for p in phs)
+    low, mid, high = (float(p or 0.0) for p in phs)
+    assert low < 6.3 < mid < 7.0 < 7.5 < high  # pKa2 ~6.8 at this ionic strength
+
+
+def test_buffer_bench_time_follows_the_recipe(buffer: BufferObjective) -> None:
+    r = buffer({"acid_ml": 10.0, "base_ml": 20.0}, seed=2)
+    steps = r.steps_s
+    # acid 10 mL and base 20 mL at 20 mL/min, water 30 mL at 30 mL/min, the drain of 62 mL
+    # at 30 mL/min, each waited for with polls every bench second
+    pumping = 30.0 + 60.0 + 60.0 + 124.0
+    assert steps["call wait_until_stopped"] == pytest.approx(pumping, abs=4.0)
+    assert steps["hold"] == pytest.approx(60.0 + 10.0 + 5.0)  # mix, steady, settle
+    assert r.duration_s == pytest.approx(sum(steps.values()))
+
+
+def test_clogged_acid_pump_shows_on_the_balance(buffer: BufferObjective) -> None:
+    clean = buffer(SORENSEN_POINT, seed=3)
+    clogged = buffer(SORENSEN_POINT, seed=3, faults={"clogged-pump": {"pump": "acid"}})
+    assert clogged.status == "untrusted"
+    assert any(reason.startswith("gravimetric") for reason in clogged.reasons)
+    m = clogged.measurements
+    assert m["dispensed_ml"]["acid"] == pytest.approx(5.7)  # the pump reports it all
+    missing = 0.6 * 5.7 * STOCKS["acid"].density_g_ml  # it delivered 40 %
+    assert m["weighed"]["value"] - m["expected_g"] == pytest.approx(-missing, abs=0.02)
+    assert clean.ph is not None and clogged.ph is not None
+    assert clogged.ph > clean.ph + 0.1  # less acid: a more basic buffer
+
+
+def test_buffer_probe_out_fails_the_experiment(buffer: BufferObjective) -> None:
+    r = buffer(SORENSEN_POINT, seed=4, faults={"probe-out": {}})
+    assert r.status == "failed" and r.ph_error is None
+    assert r.error is not None and "ProbeNotImmersedError" in r.error
+
+
+def test_buffer_model_ph_handle_is_the_driver_on_the_registers() -> None:
+    clock = ManualClock()
+    model = BufferModel(BufferWorld(clock=clock), clock)
+    ph = model.handle("ph")
+
+    async def run() -> None:
+        with pytest.raises(ProbeNotImmersedError):  # an empty beaker: the driver refuses
+            await ph.read()
+        with pytest.raises(ModbusExceptionError) as exc:  # not a buffer: the unit refuses
+            await model.bus.write_register(10, 1234)
+        assert exc.value.exception_code == 3
+        with pytest.raises(ModbusExceptionError) as exc:  # outside the register map
+            await model.bus.read_input_registers(2, 5)
+        assert exc.value.exception_code == 2
+        await ph.set_damping(seconds=4)
+        assert model.transmitter.damping_s == 4 and model.state().damping_s == 4
+        with pytest.raises(AttributeError, match=r"cannot run ph.dispense"):
+            await ph.dispense(volume_ml=1.0, rate_ml_min=1.0)
+
+    asyncio.run(run())
+
+
+def test_buffer_problem_uses_the_program(buffer: BufferObjective) -> None:
+    problem = make_problem("buffer")
+    assert problem.target == 0.02 and problem.initial_points == 6
+    assert set(problem.space) == {"acid_ml", "base_ml"}
+    opt = make_strategy(problem, "random", 0)
+    for _ in range(50):
+        p = opt.ask()
+        assert p.params["acid_ml"] + p.params["base_ml"] <= 60.0
+        opt.cancel(p.id)
+    with pytest.raises(ValueError, match=r"acid_ml \+ base_ml <= total_ml"):
+        buffer({"acid_ml": 40.0, "base_ml": 40.0})
+    out = problem.evaluate(SORENSEN_POINT, 0)
+    assert out.status == "ok" and out.value is not None and out.value < 0.06
+    assert out.duration_s > 300.0
 
 
 # ------------------------------------------------------------------ discrete events
@@ -247,6 +366,7 @@ def test_sections_write_the_table_data_and_the_plot(tmp_path: Path) -> None:
         suggest_repeats=1,
         reference_seeds=2,
         out=tmp_path,
+        problems=("colour-match", "branin", "hartmann6"),  # buffer: test_buffer_only_sections
     )
     progress = Progress(stream=open(tmp_path / "progress.txt", "w"), every_s=0.0)
     try:
@@ -265,7 +385,7 @@ def test_sections_write_the_table_data_and_the_plot(tmp_path: Path) -> None:
     ]
     assert opt["stations"]["stations"] == 2
     assert reports[2].data["rows"][0]["observations"] == 12
-    png = tmp_path / "campaign_convergence.png"
+    png = tmp_path / "campaign-colour-match+branin+hartmann6_convergence.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tasks" in (tmp_path / "progress.txt").read_text()
     text = "\n".join(line for r in reports for line in r.lines)
@@ -290,4 +410,60 @@ def test_main_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "a line" in capsys.readouterr().out
     doc = json.loads((tmp_path / "campaign.json").read_text())
     assert doc["quick"] is True and doc["tiny"] == {"x": "inf", "y": None}
-    assert doc["settings"]["targets"] == {"colour-match": 2.0, "branin": 0.5, "hartmann6": -3.0}
+    assert doc["settings"]["targets"] == {
+        "colour-match": 2.0,
+        "buffer": 0.02,
+        "branin": 0.5,
+        "hartmann6": -3.0,
+    }
+
+
+def test_problems_option_selects_and_names_the_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = parse_args(["--quick", "--problems", "buffer"])
+    assert settings.problems == ("buffer",) and settings.stem == "campaign-buffer"
+    assert settings.mc["buffer"] >= 1
+    assert parse_args(["--problems", "buffer", "--hit-draws", "7"]).mc["buffer"] == 7
+    assert parse_args([]).stem == "campaign"
+    with pytest.raises(SystemExit):
+        parse_args(["--problems", "buffer,rosenbrock"])
+    assert "unknown 'rosenbrock'" in capsys.readouterr().err
+
+    def tiny(settings: Settings, progress: Progress) -> SectionReport:
+        return SectionReport("tiny", ["a line"], {})
+
+    argv = ["--quick", "--problems", "buffer", "--workers", "1", "--out", str(tmp_path)]
+    assert main(argv, sections=[tiny]) == 0
+    doc = json.loads((tmp_path / "campaign-buffer.json").read_text())
+    assert doc["settings"]["problems"] == ["buffer"]
+
+
+def test_buffer_only_sections(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    settings = Settings(
+        seeds=1,
+        random_seeds=1,
+        cap=3,
+        random_cap=3,
+        workers=1,
+        mc={"buffer": 3},
+        reference_seeds=1,
+        out=tmp_path,
+        problems=("buffer",),
+    )
+    progress = Progress(stream=open(tmp_path / "progress.txt", "w"), every_s=0.0)
+    try:
+        reports = run_sections(settings, [reference_section, optimizer_section], progress)
+    finally:
+        progress.stream.close()
+    ref, opt = reports[0].data, reports[1].data
+    assert set(ref) == {"buffer"}  # no colour reference
+    assert ref["buffer"]["ph_median"] == pytest.approx(7.43, abs=0.05)
+    assert [row["problem"] for row in opt["acceleration"]] == ["buffer"]
+    assert opt["stations"] is None  # K stations is colour-match's
+    assert (tmp_path / "campaign-buffer_convergence.png").read_bytes()[:4] == b"\x89PNG"
+    row = opt["acceleration"][0]
+    assert row["ours"]["runs"] == 1 and row["random_hit_rate_draws"] == 3
+    text = "\n".join(line for r in reports for line in r.lines)
+    assert "Sørensen" in text and "AF" in text and "stations vs 1" not in text
