@@ -286,7 +286,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name != command:
             sub.add_parser(name, help=what, add_help=False)
         elif name == "report":
-            from bridge.report import add_report_parser
+            from bridge.reportcli import add_report_parser
 
             add_report_parser(sub)
         else:

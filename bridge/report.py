@@ -45,14 +45,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from bridge.export import (
-    CampaignDataError,
-    add_journal_arguments,
-    open_journal,
-    resolve_journal,
-)
+from bridge.export import CampaignDataError, open_journal, resolve_journal
 from bridge.reportdata import best_result, fmt_num, read_report_data, verification_text
 from bridge.reporthtml import (
     CSS,
@@ -70,7 +64,6 @@ __all__ = [
     "CONVERGENCE",
     "PARAMETERS",
     "REPORT",
-    "add_report_parser",
     "report_command",
     "select_tiles",
     "write_report",
@@ -242,37 +235,6 @@ def write_report(
 
 
 # ---------------------------------------------------------------------- CLI
-def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``report`` to a ``parser.add_subparsers()`` object; returns its parser."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "report",
-        help="write a campaign's HTML report with PNG plots",
-        description=(
-            "Write report.html and PNGs for a campaign from its journal: state, stop reason, "
-            "counts, the best result, convergence, the parameters explored, the camera contact "
-            "sheet with the measured overlays, and the safety verdicts (refusals, rejected "
-            "proposals, trips and failures). The journal is runs/<CAMPAIGN>/journal.db unless "
-            "--runs or --journal says otherwise. Open the HTML in any browser; no JavaScript."
-        ),
-    )
-    add_journal_arguments(parser, out_help="output folder (default: report/ next to the journal)")
-    parser.add_argument(
-        "--max-tiles",
-        type=int,
-        default=60,
-        metavar="N",
-        help="at most N frames on the contact sheet (default 60; all of them when there are fewer)",
-    )
-    parser.add_argument(
-        "--best-tiles",
-        type=int,
-        default=24,
-        metavar="N",
-        help="over the cap: the N best trusted results plus the unverified and failed ones (default 24)",
-    )
-    return parser
-
-
 def report_command(args: argparse.Namespace) -> int:
     """Run ``labbridge report``: prints where the report went; errors to stderr with status 1."""
     journal = resolve_journal(args)

@@ -32,11 +32,11 @@ from bridge.report import (
     CONTACT_SHEET,
     CONVERGENCE,
     PARAMETERS,
-    add_report_parser,
     report_command,
     select_tiles,
     write_report,
 )
+from bridge.reportcli import add_report_parser
 from instruments.colour import delta_e2000, linear_to_lab
 from instruments.vision import (
     Calibration,
