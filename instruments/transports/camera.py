@@ -1,6 +1,8 @@
 """Camera transport: frames from a camera device, a video file, an MJPEG-over-HTTP or RTSP URL.
 
-The only runtime module that imports OpenCV (``cv2``). URL forms::
+With its reader threads (:mod:`~instruments.transports.camerareaders`), the only runtime
+code that imports OpenCV (``cv2``); URLs are parsed in :mod:`~instruments.transports.cameraurl`,
+HTTP is spoken by :mod:`~instruments.transports.camerahttp`. URL forms::
 
     camera://0?timeout=5&width=1280&height=720&fps=30&fourcc=MJPG   device index (V4L2, ...)
     camera:///data/run1.avi?loop=true&width=640                        a file (.avi, .mp4, .mjpg, ...)
@@ -50,41 +52,38 @@ auth).
 from __future__ import annotations
 
 import asyncio
-import base64
-import concurrent.futures
 import contextlib
-import hashlib
-import itertools
 import logging
 import os
-import socket
-import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, unquote_plus, urljoin, urlsplit, urlunsplit
 
 import cv2
 import numpy as np
 
 from instruments.errors import (
-    InvalidURLError,
     LinkLostError,
     ProtocolError,
     TransportError,
     TransportOpenError,
     TransportTimeout,
 )
-from instruments.transports.base import DeviceWorker, Transport, URLOptions, split_url
+from instruments.transports.base import DeviceWorker, Transport
+from instruments.transports.camerahttp import content_type, http_get, read_body
+from instruments.transports.camerareaders import (
+    CaptureReader,
+    MjpegReader,
+    RawFrame,
+    Reader,
+    frame_digest,
+    thread_ids,
+)
+from instruments.transports.cameraurl import CameraSource, parse_camera_url
 
 log = logging.getLogger(__name__)
-
-_MAX_JPEG_BYTES = 64 * 1024 * 1024
-_MAX_HEADER_LINE = 16 * 1024
-_MAX_REDIRECTS = 3
-_ids = itertools.count(1)
 
 
 class EndOfStreamError(TransportError):
@@ -134,610 +133,6 @@ class Frame:
         return f"<Frame seq={self.seq} {self.width}x{self.height} repeats={self.repeats}>"
 
 
-def _digest(data: Any) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-# --------------------------------------------------------------------- URLs
-@dataclass(frozen=True)
-class CameraSource:
-    """A parsed camera URL: what to open and how."""
-
-    kind: str  # device | file | http | rtsp
-    target: int | str  # device index, file path, or the URL handed to the camera/library
-    display: str  # the URL with any password replaced by ***
-    timeout: float
-    width: int = 0
-    height: int = 0
-    fps: float = 0.0
-    fourcc: str | None = None
-    loop: bool = False
-    backend: str = "auto"  # http: auto | mjpeg | ffmpeg
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
-def parse_camera_url(url: str) -> CameraSource:
-    """Validate ``url`` and split it into the source and our options (see the module docstring)."""
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme == "camera":
-        return _parse_camera_scheme(url)
-    if scheme in ("http", "https", "rtsp"):
-        return _parse_network(url, scheme)
-    raise InvalidURLError(url, "a camera URL starts with camera://, http://, https:// or rtsp://")
-
-
-def _size_options(opts: URLOptions, prefix: str) -> tuple[int, int]:
-    width = opts.int(prefix + "width", 0)
-    height = opts.int(prefix + "height", 0)
-    for name, value in ((prefix + "width", width), (prefix + "height", height)):
-        if value < 0 or value > 16384:
-            raise InvalidURLError(opts.url, f"option {name}={value} must be between 1 and 16384")
-    return width, height
-
-
-def _timeout_option(opts: URLOptions, name: str) -> float:
-    timeout = opts.float(name, 5.0)
-    if timeout <= 0:
-        raise InvalidURLError(opts.url, f"option {name} must be > 0 seconds")
-    return timeout
-
-
-def _parse_camera_scheme(url: str) -> CameraSource:
-    _, _, raw_opts = split_url(url)
-    parts = urlsplit(url)
-    opts = URLOptions(url, raw_opts)
-    timeout = _timeout_option(opts, "timeout")
-    width, height = _size_options(opts, "")
-    path = unquote(parts.path)
-    if parts.netloc and path not in ("", "/"):
-        raise InvalidURLError(
-            url, "use camera://INDEX for a device or camera:///absolute/path for a file"
-        )
-    if parts.netloc:
-        try:
-            index = int(parts.netloc)
-        except ValueError:
-            raise InvalidURLError(
-                url,
-                f"device index {parts.netloc!r} is not an integer (a file is camera:///path/to/file)",
-            ) from None
-        if index < 0:
-            raise InvalidURLError(url, "device index must be >= 0")
-        fps = opts.float("fps", 0.0)
-        fourcc = opts.optional_str("fourcc")
-        if fourcc is not None and len(fourcc) != 4:
-            raise InvalidURLError(url, f"option fourcc={fourcc!r} must be 4 characters, e.g. MJPG")
-        opts.finish()
-        return CameraSource("device", index, url, timeout, width, height, fps, fourcc)
-    if not path or path == "/":
-        raise InvalidURLError(url, "no device index and no file path")
-    for device_only in ("fps", "fourcc"):
-        if opts.optional_str(device_only) is not None:
-            raise InvalidURLError(
-                url, f"option {device_only} applies to camera devices (camera://INDEX) only"
-            )
-    loop = opts.bool("loop", False)
-    opts.finish()
-    return CameraSource("file", path, url, timeout, width, height, loop=loop)
-
-
-def _parse_network(url: str, scheme: str) -> CameraSource:
-    parts = urlsplit(url)
-    if not parts.hostname:
-        raise InvalidURLError(url, "no host")
-    try:
-        parts.port  # noqa: B018 - validates the port
-    except ValueError as exc:
-        raise InvalidURLError(url, f"bad port: {exc}") from None
-    ours: dict[str, str] = {}
-    keep: list[str] = []
-    for segment in parts.query.split("&") if parts.query else []:
-        key = unquote_plus(segment.partition("=")[0])
-        if key.startswith("lb_"):
-            if key in ours:
-                raise InvalidURLError(url, f"option {key!r} given twice")
-            ours[key] = unquote_plus(segment.partition("=")[2])
-        else:
-            keep.append(segment)
-    target = urlunsplit(parts._replace(query="&".join(keep)))
-    opts = URLOptions(url, ours)
-    timeout = _timeout_option(opts, "lb_timeout")
-    width, height = _size_options(opts, "lb_")
-    backend = "ffmpeg"
-    if scheme in ("http", "https"):
-        backend = opts.choice("lb_backend", "auto", ("auto", "mjpeg", "ffmpeg"))
-    for device_only in ("lb_fps", "lb_fourcc", "lb_loop"):
-        if device_only in ours:
-            raise InvalidURLError(
-                url, f"option {device_only} does not apply to {scheme}:// sources"
-            )
-    opts.finish()
-    kind = "rtsp" if scheme == "rtsp" else "http"
-    return CameraSource(kind, target, _redact(url), timeout, width, height, backend=backend)
-
-
-# ------------------------------------------------------------- HTTP client
-class _Buffered:
-    """A byte reader over ``recv(n)`` with line / exact / until-marker reads (blocking)."""
-
-    def __init__(self, recv: Callable[[int], bytes]) -> None:
-        self._recv = recv
-        self._buf = bytearray()
-
-    def _fill(self) -> None:
-        data = self._recv(65536)
-        if not data:
-            raise EOFError("connection closed by the peer")
-        self._buf += data
-
-    def recv(self, n: int) -> bytes:
-        """Up to ``n`` bytes (b"" at end of stream): lets a _Buffered feed another."""
-        if not self._buf:
-            try:
-                self._fill()
-            except EOFError:
-                return b""
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    def readline(self, limit: int = _MAX_HEADER_LINE) -> bytes:
-        """One line without its CR LF."""
-        start = 0
-        while True:
-            idx = self._buf.find(b"\n", start)
-            if idx >= 0:
-                line = bytes(self._buf[:idx])
-                del self._buf[: idx + 1]
-                return line.rstrip(b"\r")
-            if len(self._buf) > limit:
-                raise ProtocolError("camera", f"header line longer than {limit} bytes")
-            start = len(self._buf)
-            self._fill()
-
-    def read_exact(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            self._fill()
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    def read_until_any(self, markers: tuple[bytes, ...], limit: int) -> tuple[bytes, bytes]:
-        """Data before the earliest marker, and that marker (consumed)."""
-        start = 0
-        longest = max(len(m) for m in markers)
-        while True:
-            best: tuple[int, bytes] | None = None
-            for m in markers:
-                idx = self._buf.find(m, start)
-                if idx >= 0 and (best is None or idx < best[0]):
-                    best = (idx, m)
-            if best is not None:
-                idx, marker = best
-                data = bytes(self._buf[:idx])
-                del self._buf[: idx + len(marker)]
-                return data, marker
-            if len(self._buf) > limit:
-                raise ProtocolError("camera", f"no part boundary within {limit} bytes")
-            start = max(0, len(self._buf) - longest)
-            self._fill()
-
-    def read_to_eof(self, limit: int) -> bytes:
-        while True:
-            if len(self._buf) > limit:
-                raise ProtocolError("camera", f"body larger than {limit} bytes")
-            try:
-                self._fill()
-            except EOFError:
-                out = bytes(self._buf)
-                self._buf.clear()
-                return out
-
-
-class _Dechunk:
-    """``Transfer-Encoding: chunked`` decoder exposing ``recv(n)``."""
-
-    def __init__(self, raw: _Buffered) -> None:
-        self._raw = raw
-        self._left = 0
-        self._done = False
-
-    def recv(self, n: int) -> bytes:
-        if self._done:
-            return b""
-        if self._left == 0:
-            line = self._raw.readline()
-            if not line:  # the CR LF after the previous chunk
-                line = self._raw.readline()
-            try:
-                self._left = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise ProtocolError(
-                    "camera", "bad chunk size in chunked body", raw=line[:32]
-                ) from None
-            if self._left == 0:
-                self._done = True
-                return b""
-        data = self._raw.recv(min(n, self._left))
-        if not data:
-            raise EOFError("connection closed inside a chunk")
-        self._left -= len(data)
-        return data
-
-
-@dataclass
-class _HttpResponse:
-    sock: socket.socket
-    status: int
-    reason: str
-    headers: dict[str, str]
-    body: _Buffered
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-def _http_get(url: str, display: str, timeout: float) -> _HttpResponse:
-    """GET ``url`` (blocking; socket timeouts = ``timeout``); follows redirects; status must be 200."""
-    for _ in range(_MAX_REDIRECTS + 1):
-        resp = _http_request(url, display, timeout)
-        if resp.status in (301, 302, 303, 307, 308) and "location" in resp.headers:
-            resp.close()
-            url = urljoin(url, resp.headers["location"])
-            if urlsplit(url).scheme not in ("http", "https"):
-                raise TransportOpenError(display, f"redirected to a non-HTTP URL {_redact(url)}")
-            continue
-        if resp.status != 200:
-            resp.close()
-            hint = (
-                " (authentication required: put user:password@ in the URL)"
-                if resp.status == 401
-                else ""
-            )
-            raise TransportOpenError(display, f"HTTP {resp.status} {resp.reason}{hint}")
-        return resp
-    raise TransportOpenError(display, f"more than {_MAX_REDIRECTS} redirects")
-
-
-def _http_request(url: str, display: str, timeout: float) -> _HttpResponse:
-    parts = urlsplit(url)
-    tls = parts.scheme == "https"
-    host = parts.hostname or ""
-    port = parts.port or (443 if tls else 80)
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except TimeoutError:
-        raise TransportTimeout(
-            display, f"connecting to {host}:{port} took longer than {timeout:g} s"
-        ) from None
-    except OSError as exc:
-        raise TransportOpenError(
-            display, f"cannot connect to {host}:{port}: {exc.strerror or exc}"
-        ) from None
-    try:
-        if tls:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        lines = [
-            f"GET {target} HTTP/1.1",
-            f"Host: {parts.netloc.rpartition('@')[2]}",
-            "User-Agent: labbridge-camera",
-            "Accept: multipart/x-mixed-replace, image/jpeg, */*",
-            "Connection: close",
-        ]
-        if parts.username is not None:
-            cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-            lines.append("Authorization: Basic " + base64.b64encode(cred).decode("ascii"))
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        raw = _Buffered(sock.recv)
-        status_line = raw.readline().decode("latin-1")
-        fields = status_line.split(" ", 2)
-        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
-            raise ProtocolError(display, "not an HTTP response", raw=status_line[:64])
-        headers: dict[str, str] = {}
-        while True:
-            line = raw.readline().decode("latin-1")
-            if not line:
-                break
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        body = raw
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = _Buffered(_Dechunk(raw).recv)
-        return _HttpResponse(
-            sock, int(fields[1]), fields[2] if len(fields) > 2 else "", headers, body
-        )
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            sock.close()
-        if isinstance(exc, TimeoutError):
-            raise TransportTimeout(display, f"no HTTP response within {timeout:g} s") from None
-        if isinstance(exc, (EOFError, ConnectionError)):
-            raise TransportOpenError(display, f"the server closed the connection: {exc}") from None
-        if isinstance(exc, ssl.SSLError):
-            raise TransportOpenError(display, f"TLS failed: {exc}") from None
-        raise
-
-
-def _content_type(headers: Mapping[str, str]) -> tuple[str, dict[str, str]]:
-    value = headers.get("content-type", "")
-    main, _, rest = value.partition(";")
-    params: dict[str, str] = {}
-    for item in rest.split(";"):
-        key, sep, val = item.partition("=")
-        if sep:
-            params[key.strip().lower()] = val.strip().strip('"')
-    return main.strip().lower(), params
-
-
-def _read_body(resp: _HttpResponse) -> bytes:
-    length = resp.headers.get("content-length")
-    if length is not None and length.isdigit():
-        n = int(length)
-        if n > _MAX_JPEG_BYTES:
-            raise ProtocolError("camera", f"image of {n} bytes is too large")
-        return resp.body.read_exact(n)
-    return resp.body.read_to_eof(_MAX_JPEG_BYTES)
-
-
-# ----------------------------------------------------------------- readers
-@dataclass(frozen=True)
-class _Raw:
-    """A frame as the reader thread keeps it (not decoded yet for JPEG sources)."""
-
-    seq: int
-    timestamp: float
-    payload: bytes | np.ndarray
-    digest: bytes
-    repeats: int
-    meta: Mapping[str, str]
-
-
-class _Reader(threading.Thread):
-    """A live source's reader thread: keeps only the latest frame; reports the first failure."""
-
-    def __init__(self, display: str, seq_start: int, notify: Callable[[], None]) -> None:
-        super().__init__(name=f"lb-camera-reader-{next(_ids)}", daemon=True)
-        self.display = display
-        self.opened: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._notify = notify
-        self._lock = threading.Lock()
-        self._latest: _Raw | None = None
-        self._failure: Exception | None = None
-        self._seq = seq_start
-        self._prev_digest: bytes | None = None
-        self._repeats = 0
-        self._stop_event = threading.Event()
-
-    @property
-    def last_seq(self) -> int:
-        with self._lock:
-            return self._seq
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop_event.is_set()
-
-    def state(self) -> tuple[_Raw | None, Exception | None]:
-        with self._lock:
-            return self._latest, self._failure
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self._interrupt()
-
-    def _interrupt(self) -> None:
-        """Unblock a blocking read (overridden where that is possible)."""
-
-    def _open_done(self, exc: Exception | None = None) -> None:
-        with contextlib.suppress(concurrent.futures.InvalidStateError):
-            if exc is None:
-                self.opened.set_result(None)
-            else:
-                self.opened.set_exception(exc)
-
-    def _publish(self, payload: bytes | np.ndarray, digest: bytes, meta: Mapping[str, str]) -> None:
-        with self._lock:
-            self._repeats = self._repeats + 1 if digest == self._prev_digest else 0
-            self._prev_digest = digest
-            self._seq += 1
-            self._latest = _Raw(self._seq, time.monotonic(), payload, digest, self._repeats, meta)
-        self._notify()
-
-    def _fail(self, exc: Exception) -> None:
-        if self.stopping:
-            return
-        with self._lock:
-            if self._failure is None:
-                self._failure = exc
-        self._notify()
-
-
-class _MjpegReader(_Reader):
-    """Reads ``multipart/x-mixed-replace`` parts from an open HTTP response."""
-
-    def __init__(
-        self,
-        display: str,
-        seq_start: int,
-        notify: Callable[[], None],
-        resp: _HttpResponse,
-        boundary: str,
-        stall_s: float,
-    ) -> None:
-        super().__init__(display, seq_start, notify)
-        self._resp = resp
-        b = boundary.encode("latin-1")
-        # RFC 2046: delimiter is "--" + boundary; some cameras declare "--x" and send "--x".
-        self._delims = {b"--" + b}
-        if b.startswith(b"--"):
-            self._delims.add(b)
-        self._ends = {d + b"--" for d in self._delims}
-        self._markers = tuple(b"\n" + d for d in self._delims)
-        self._sock_lock = threading.Lock()
-        self._closed = False
-        self._after_marker = False
-        self._stall_s = stall_s
-        self._open_done()
-
-    def _interrupt(self) -> None:
-        with self._sock_lock:
-            if not self._closed:
-                with contextlib.suppress(OSError):
-                    self._resp.sock.shutdown(socket.SHUT_RDWR)
-
-    def _close_sock(self) -> None:
-        with self._sock_lock:
-            self._closed = True
-            self._resp.close()
-
-    def run(self) -> None:
-        try:
-            self._resp.sock.settimeout(self._stall_s)
-            while not self.stopping:
-                data, headers = self._next_part()
-                ctype = headers.get("content-type", "image/jpeg").lower()
-                if "jpeg" not in ctype and "jpg" not in ctype:
-                    continue  # e.g. a metadata part interleaved by some cameras
-                self._publish(data, _digest(data), headers)
-        except TimeoutError:
-            self._fail(
-                TransportTimeout(self.display, f"stream stalled: no data for {self._stall_s:g} s")
-            )
-        except (EOFError, OSError) as exc:
-            self._fail(LinkLostError(self.display, f"MJPEG stream lost: {exc}"))
-        except ProtocolError as exc:
-            self._fail(exc)
-        except Exception as exc:  # anything else ends the stream, reported once
-            self._fail(LinkLostError(self.display, f"MJPEG reader failed: {exc!r}"))
-        finally:
-            self._close_sock()
-
-    def _next_part(self) -> tuple[bytes, dict[str, str]]:
-        body = self._resp.body
-        if self._after_marker:
-            rest = body.readline()  # what follows a delimiter found inside data: CRLF or "--" (end)
-            if rest.startswith(b"--"):
-                raise EOFError("the camera ended the multipart stream")
-            self._after_marker = False
-        else:
-            skipped = 0
-            while True:
-                line = body.readline().strip()
-                if line in self._delims:
-                    break
-                if line in self._ends:
-                    raise EOFError("the camera ended the multipart stream")
-                skipped += len(line) + 2
-                if skipped > 1024 * 1024:
-                    raise ProtocolError(self.display, "no multipart boundary found", raw=line[:32])
-        headers: dict[str, str] = {}
-        while True:
-            text = body.readline().decode("latin-1")
-            if not text:
-                break
-            name, sep, value = text.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        length = headers.get("content-length", "")
-        if length.isdigit():
-            n = int(length)
-            if n > _MAX_JPEG_BYTES:
-                raise ProtocolError(self.display, f"part of {n} bytes is too large")
-            return body.read_exact(n), headers
-        data, _ = body.read_until_any(self._markers, _MAX_JPEG_BYTES)
-        self._after_marker = True
-        return data.rstrip(b"\r"), headers
-
-
-class _CaptureReader(_Reader):
-    """Reads a live OpenCV ``VideoCapture`` (device, RTSP, HTTP via FFmpeg) on its own thread."""
-
-    def __init__(self, source: CameraSource, seq_start: int, notify: Callable[[], None]) -> None:
-        super().__init__(source.display, seq_start, notify)
-        self.source = source
-        self.backend_name = ""
-
-    def _create(self) -> Any:
-        src = self.source
-        if src.kind == "device":
-            return cv2.VideoCapture(int(src.target), cv2.CAP_ANY)
-        ms = int(src.timeout * 1000)
-        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
-        return cv2.VideoCapture(str(src.target), cv2.CAP_FFMPEG, params)
-
-    def _configure(self, cap: Any) -> None:
-        src = self.source
-        if src.kind != "device":
-            return
-        if src.fourcc:
-            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*src.fourcc))
-        if src.width:
-            cap.set(cv2.CAP_PROP_FRAME_WIDTH, src.width)
-        if src.height:
-            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, src.height)
-        if src.fps:
-            cap.set(cv2.CAP_PROP_FPS, src.fps)
-
-    def run(self) -> None:
-        cap: Any = None
-        opened = False
-        try:
-            cap = self._create()
-            if not cap.isOpened():
-                what = (
-                    "no such camera device"
-                    if self.source.kind == "device"
-                    else "OpenCV/FFmpeg could not open the stream"
-                )
-                self._open_done(TransportOpenError(self.display, what))
-                return
-            self.backend_name = cap.getBackendName()
-            self._configure(cap)
-            opened = True
-            self._open_done()
-            read_timeout = self.source.timeout if self.source.kind != "device" else 0.0
-            while not self.stopping:
-                t0 = time.monotonic()
-                ok, image = cap.read()
-                if self.stopping:
-                    break
-                if not ok or image is None:
-                    waited = time.monotonic() - t0
-                    if read_timeout and waited >= 0.8 * read_timeout:
-                        self._fail(
-                            TransportTimeout(
-                                self.display, f"stream stalled: no frame for {waited:.1f} s"
-                            )
-                        )
-                    else:
-                        self._fail(
-                            LinkLostError(self.display, "the source stopped delivering frames")
-                        )
-                    return
-                self._publish(image, _digest(image), {})
-        except Exception as exc:  # cv2.error and friends, reported once
-            if opened:
-                self._fail(LinkLostError(self.display, f"reading failed: {exc}"))
-            else:
-                self._open_done(TransportOpenError(self.display, f"cannot open: {exc}"))
-        finally:
-            if cap is not None:
-                cap.release()
-
-
-# --------------------------------------------------------------- transport
 class CameraTransport(Transport):
     """Frames from a camera, file or stream URL; see the module docstring for URLs and threads.
 
@@ -753,7 +148,7 @@ class CameraTransport(Transport):
         super().__init__(url)
         self.source = parse_camera_url(url)
         self._worker: DeviceWorker | None = None
-        self._reader: _Reader | None = None
+        self._reader: Reader | None = None
         self._mode = ""  # file | snapshot | mjpeg | opencv
         self._cap: Any = None  # file VideoCapture (worker thread only)
         self._backend = ""
@@ -804,7 +199,7 @@ class CameraTransport(Transport):
     # ------------------------------------------------------------ open/close
     async def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._worker = DeviceWorker(f"camera-{next(_ids)}")
+        self._worker = DeviceWorker(f"camera-{next(thread_ids)}")
         try:
             if self.source.kind == "file":
                 await self._worker.run(
@@ -814,7 +209,7 @@ class CameraTransport(Transport):
             elif self.source.kind == "http" and self.source.backend != "ffmpeg":
                 await self._open_http()
             else:
-                await self._start_reader(_CaptureReader(self.source, self._seq, self._notify))
+                await self._start_reader(CaptureReader(self.source, self._seq, self._notify))
                 self._mode = "opencv"
         except BaseException:
             await self._teardown()
@@ -827,7 +222,7 @@ class CameraTransport(Transport):
             with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
                 loop.call_soon_threadsafe(self._frame_event.set)
 
-    async def _start_reader(self, reader: _Reader) -> None:
+    async def _start_reader(self, reader: Reader) -> None:
         self._reader = reader
         reader.start()
         try:
@@ -836,23 +231,23 @@ class CameraTransport(Transport):
             raise TransportTimeout(
                 self.display_url, f"opening took longer than {self.timeout * 2 + 5.0:g} s"
             ) from None
-        if isinstance(reader, _CaptureReader):
+        if isinstance(reader, CaptureReader):
             self._backend = reader.backend_name
 
     async def _open_http(self) -> None:
         assert self._worker is not None
         target = str(self.source.target)
         resp = await self._worker.run(
-            _http_get,
+            http_get,
             target,
             self.display_url,
             self.timeout,
             timeout=self.timeout * 3 + 5.0,
             url=self.display_url,
         )
-        ctype, params = _content_type(resp.headers)
+        ctype, params = content_type(resp.headers)
         if ctype.startswith("multipart/") and params.get("boundary"):
-            reader = _MjpegReader(
+            reader = MjpegReader(
                 self.display_url, self._seq, self._notify, resp, params["boundary"], self.timeout
             )
             await self._start_reader(reader)
@@ -870,7 +265,7 @@ class CameraTransport(Transport):
                 f"not an MJPEG stream (Content-Type {ctype or 'missing'!r}); try lb_backend=ffmpeg",
             )
         log.info("%s: Content-Type %r, reading it with OpenCV/FFmpeg", self.display_url, ctype)
-        await self._start_reader(_CaptureReader(self.source, self._seq, self._notify))
+        await self._start_reader(CaptureReader(self.source, self._seq, self._notify))
         self._mode = "opencv"
 
     def _open_file(self) -> None:
@@ -999,7 +394,7 @@ class CameraTransport(Transport):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._frame_event.wait(), remaining)
 
-    async def _to_frame(self, raw: _Raw, wait_s: float) -> Frame:
+    async def _to_frame(self, raw: RawFrame, wait_s: float) -> Frame:
         cached = self._decoded
         if cached is not None and cached.seq == raw.seq:
             return cached
@@ -1046,7 +441,7 @@ class CameraTransport(Transport):
     async def _read_file(self, wait_s: float) -> Frame:
         assert self._worker is not None
         image, index = await self._worker.run(self._file_read, timeout=wait_s, url=self.display_url)
-        digest = _digest(image)
+        digest = frame_digest(image)
         seq, repeats = self._next_seq(digest)
         return Frame(image, time.monotonic(), seq, digest, repeats, {"frame_index": str(index)})
 
@@ -1076,7 +471,7 @@ class CameraTransport(Transport):
         except (LinkLostError, TransportTimeout):
             await self._drop_link()
             raise
-        digest = _digest(data)
+        digest = frame_digest(data)
         image = await self._worker.run(
             self._decode, data, self._seq + 1, timeout=wait_s, url=self.display_url
         )
@@ -1086,11 +481,11 @@ class CameraTransport(Transport):
     def _snapshot_blocking(self, timeout: float) -> tuple[bytes, dict[str, str], float]:
         """Worker thread: one GET of the snapshot URL (a refused connection is a lost link)."""
         try:
-            resp = _http_get(self._snapshot_url, self.display_url, timeout)
+            resp = http_get(self._snapshot_url, self.display_url, timeout)
         except TransportOpenError as exc:
             raise LinkLostError(self.display_url, str(exc).split(": ", 1)[-1]) from None
         try:
-            data = _read_body(resp)
+            data = read_body(resp)
         except TimeoutError:
             raise TransportTimeout(
                 self.display_url, f"snapshot body not complete within {timeout:g} s"
