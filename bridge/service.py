@@ -38,6 +38,9 @@ Listeners (:meth:`LabService.add_listener`) receive every campaign runner event
 ``cancelled``, ``station``, ``unverified``, ``state``, with ``campaign_id``)
 and the service's own events (``campaign`` when one starts or ends, ``estop``,
 ``reset``). They are called on the event loop and must not block.
+
+Modules: this one (life cycle, listeners, campaigns, status), ``bridge/servicesafety.py``
+(e-stop, reset, station calls), ``bridge/servicetypes.py`` (errors, results, handles).
 """
 
 from __future__ import annotations
@@ -47,19 +50,23 @@ import contextlib
 import functools
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.campaigns import START_TIMEOUT_S, make_runner, open_lab
 from bridge.labconfig import LabConfig
+from bridge.servicesafety import StationSafety
+from bridge.servicetypes import (
+    CampaignHandle,
+    ServiceError,
+    StartResult,
+    UnknownCampaign,
+    cause,
+)
 from loops.campaign import (
     CampaignBusy,
     CampaignClosed,
-    CampaignRunner,
-    CampaignSummary,
     ProposalReceipt,
     campaign_lock,
 )
@@ -92,96 +99,7 @@ RESET_WAIT_S = 30.0
 Listener = Callable[[dict[str, Any]], None]
 
 
-class ServiceError(ValueError):
-    """A request the service refuses; the message says what was wrong."""
-
-
-class UnknownCampaign(ServiceError, LookupError):
-    """No campaign with that id in this service."""
-
-
-def _cause(exc: BaseException) -> str:
-    """``Type: message`` of an error, unwrapping a Ray task error to its cause."""
-    cause = getattr(exc, "cause", None)
-    err = cause if isinstance(cause, BaseException) else exc
-    text = str(err) or type(err).__name__
-    return f"{type(err).__name__}: {text}"
-
-
-@dataclass(frozen=True)
-class StartResult:
-    """The answer to a start: accepted (started now, or already known) or refused with errors."""
-
-    campaign_id: str
-    accepted: bool
-    duplicate: bool = False
-    state: str | None = None
-    stations: tuple[str, ...] = ()
-    errors: tuple[str, ...] = ()
-    note: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "campaign_id": self.campaign_id,
-            "accepted": self.accepted,
-            "duplicate": self.duplicate,
-            "state": self.state,
-            "stations": list(self.stations),
-        }
-        if self.errors:
-            out["errors"] = list(self.errors)
-        if self.note:
-            out["note"] = self.note
-        return out
-
-
-@dataclass
-class CampaignHandle:
-    """One campaign this service started: its runner, its task and where it stands."""
-
-    campaign_id: str
-    program: Program
-    stations: tuple[str, ...]
-    who: str
-    runner: CampaignRunner
-    started_t: float = field(default_factory=time.time)
-    state: str = "starting"
-    reason: str | None = None
-    summary: CampaignSummary | None = None
-    task: asyncio.Task[None] | None = None
-    lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-
-    @property
-    def active(self) -> bool:
-        """Still running (its task has not finished)."""
-        return self.task is not None and not self.task.done()
-
-    def status(self) -> dict[str, Any]:
-        """Plain data for the ``campaigns/<id>/status`` topic."""
-        progress = self.runner.progress()
-        state = self.state
-        if state == "running" and progress.get("paused"):
-            state = "paused"
-        return {
-            "campaign_id": self.campaign_id,
-            "state": state,
-            "reason": self.reason,
-            "program": self.program.name,
-            "stations": list(self.stations),
-            "started_by": self.who,
-            "started_t": self.started_t,
-            "objective": {
-                "measure": self.program.objective.measure,
-                "direction": "minimize" if self.program.objective.minimize else "maximize",
-                "target": self.program.stop.target,
-            },
-            "progress": progress,
-            "summary": None if self.summary is None else self.summary.as_dict(),
-            "t": time.time(),
-        }
-
-
-class LabService:
+class LabService(StationSafety):
     """One opened lab serving campaigns by id (see the module docstring).
 
     ``lab``: the validated lab config; ``stations``: open only these (default all);
@@ -447,7 +365,7 @@ class LabService:
                 return StartResult(
                     campaign_id,
                     False,
-                    errors=(f"campaign {campaign_id} could not be created: {_cause(exc)}",),
+                    errors=(f"campaign {campaign_id} could not be created: {cause(exc)}",),
                 )
             self._campaigns[campaign_id] = handle
             handle.state = "running"
@@ -558,7 +476,7 @@ class LabService:
             raise
         except Exception as exc:
             handle.state = "error"
-            handle.reason = f"the campaign runner failed: {_cause(exc)}"
+            handle.reason = f"the campaign runner failed: {cause(exc)}"
             log.exception("campaign %s failed", handle.campaign_id)
             # experiments may still be in flight on the stations: make them safe
             await asyncio.gather(
@@ -625,211 +543,7 @@ class LabService:
         )
         return handle.status()
 
-    # ------------------------------------------------------------------ safety
-    async def _station_call(
-        self, name: str, method: str, *args: Any, timeout: float | None = None
-    ) -> Any:
-        ref = getattr(self.actors[name], method).remote(*args)
-        return await asyncio.wait_for(
-            asyncio.wrap_future(ref.future()), timeout or self._station_timeout_s
-        )
-
-    async def estop(self, reason: str, who: str = "operator") -> dict[str, Any]:
-        """Trip every station at once (latched safe state), then abort every running campaign.
-
-        Never raises because a station failed: the report names, per station, the
-        instruments that reached their safe state and those that failed, or the error.
-        Idempotent (``already_tripped``).
-        """
-        if self._stack is None:
-            raise ServiceError("the lab service is not open")
-        reason = (reason or "").strip() or "no reason given"
-        who = (who or "").strip() or "unknown"
-        t0 = time.monotonic()
-        self._estop_seq += 1
-        self._estops_running += 1
-        self._estops_idle.clear()
-        try:
-            report = await self._estop(reason, who, t0)
-        finally:
-            self._estops_running -= 1
-            if not self._estops_running:
-                self._estops_idle.set()
-        self.estops.append(report)
-        self._emit({"event": "estop", **report})
-        return report
-
-    async def _estop(self, reason: str, who: str, t0: float) -> dict[str, Any]:
-        text = f"e-stop by {who}: {reason}"
-        log.critical("E-STOP by %s: %s", who, reason)
-        names = list(self.actors)
-        active = [h for h in self._campaigns.values() if h.active]
-        # the trips go out first; the campaigns learn of the abort in the same turn of the
-        # loop, before any station can report a failed experiment (their stop reason is the
-        # e-stop, not "no station available")
-        results = await asyncio.gather(
-            *(self._station_call(n, "trip", text, who) for n in names),
-            *(h.runner.abort(text, who=who) for h in active),
-            return_exceptions=True,
-        )
-        results = results[: len(names)]
-        elapsed = time.monotonic() - t0
-        stations: dict[str, Any] = {}
-        for name, res in zip(names, results, strict=True):
-            if isinstance(res, BaseException):
-                stations[name] = {"ok": False, "error": _cause(res)}
-            else:
-                failed = sorted(res.get("failed") or [])
-                stations[name] = {
-                    "ok": not failed,
-                    "already_tripped": bool(res.get("already_tripped")),
-                    "safe": sorted(res.get("safe") or []),
-                    "failed": failed,
-                    "errors": {
-                        k: o.get("error")
-                        for k, o in (res.get("outcomes") or {}).items()
-                        if k in failed
-                    },
-                }
-        return {
-            "reason": reason,
-            "who": who,
-            "t": time.time(),
-            "elapsed_s": elapsed,
-            "ok": all(s["ok"] for s in stations.values()),
-            "already_tripped": bool(stations)
-            and all(s.get("already_tripped") for s in stations.values()),
-            "stations": stations,
-            "campaigns_aborted": [h.campaign_id for h in active],
-        }
-
-    async def reset(
-        self,
-        who: str,
-        why: str,
-        stations: Sequence[str] | None = None,
-        *,
-        drain: bool = False,
-    ) -> dict[str, Any]:
-        """Unlatch the stations (default all) whose monitors have cleared; ``who`` and ``why``
-        are required and recorded. Nothing is switched back on.
-
-        A station still running an experiment is not reset under it: an experiment that
-        was running when the station tripped stops at its next command while the
-        station is latched, but would carry on after a reset. The reset waits for it
-        (up to ``reset_wait_s``) and otherwise refuses that station. ``drain``: also
-        empty the vial through the guard (:meth:`~loops.stations.StationActor.recover`:
-        trip, reset, drain), for a station whose experiment stopped half-way and left
-        liquid in the vial (the guard counts it: new proposals would overfill it).
-
-        Per station: ``ok``, ``was_tripped``, ``tripped``, ``drained_ml`` (with
-        ``drain``) or the ``error`` (the monitor that still holds, the experiment still
-        running).
-        """
-        self._require_open()
-        if not isinstance(who, str) or not who.strip():
-            raise ServiceError("a reset must say who resets (who)")
-        if not isinstance(why, str) or not why.strip():
-            raise ServiceError("a reset must say why (why)")
-        names = list(dict.fromkeys(stations)) if stations else list(self.actors)
-        unknown = [n for n in names if n not in self.actors]
-        if unknown:
-            raise ServiceError(
-                f"no station {', '.join(unknown)} in this lab (stations: {', '.join(self.actors)})"
-            )
-        await self._wait_idle(names, self._reset_wait_s)
-        async with self._safety_lock:
-            # an e-stop in progress finishes first (its campaign aborts trip stations again);
-            # one that arrives during the reset wins: its stations are tripped again below
-            await self._estops_idle.wait()
-            seq = self._estop_seq
-            before = await self._station_statuses(names)
-            out = dict(
-                zip(
-                    names,
-                    await asyncio.gather(
-                        *(self._reset_one(n, before[n], who, why, drain) for n in names)
-                    ),
-                    strict=True,
-                )
-            )
-            if self._estop_seq != seq:
-                await self._estops_idle.wait()
-                last = self.estops[-1] if self.estops else {}
-                text = f"e-stop by {last.get('who', '?')}: {last.get('reason', '?')}"
-                await asyncio.gather(
-                    *(self._station_call(n, "trip", text, str(last.get("who"))) for n in names),
-                    return_exceptions=True,
-                )
-                for st in out.values():
-                    st.update(
-                        ok=False,
-                        tripped=True,
-                        error="an e-stop arrived during the reset: tripped again",
-                    )
-        report = {
-            "who": who,
-            "why": why,
-            "drain": drain,
-            "t": time.time(),
-            "ok": all(s["ok"] for s in out.values()),
-            "stations": out,
-        }
-        log.warning("reset by %s (%s): %s", who, why, {n: s["ok"] for n, s in out.items()})
-        self._emit({"event": "reset", **report})
-        return report
-
-    async def _reset_one(
-        self, name: str, status: Mapping[str, Any], who: str, why: str, drain: bool
-    ) -> dict[str, Any]:
-        was = bool(status.get("tripped"))
-        if "error" in status:
-            return {"ok": False, "was_tripped": was, "tripped": True, "error": status["error"]}
-        if status.get("busy"):
-            return {
-                "ok": False,
-                "was_tripped": was,
-                "tripped": was,
-                "error": (
-                    f"station {name} is still running {status.get('experiment')} (while latched "
-                    "it stops at its next command): not reset under it; try again when it has "
-                    "stopped"
-                ),
-            }
-        try:
-            if drain:
-                # the drain runs at the waste pump's rate: minutes on a real bench
-                recovered = await self._station_call(name, "recover", who, why, timeout=600.0)
-                st = recovered["status"]
-                return {
-                    "ok": True,
-                    "was_tripped": was,
-                    "tripped": bool(st.get("tripped")),
-                    "drained_ml": recovered.get("drained_ml"),
-                }
-            st = await self._station_call(name, "reset", who, why)
-        except Exception as exc:
-            return {"ok": False, "was_tripped": was, "tripped": True, "error": _cause(exc)}
-        return {"ok": True, "was_tripped": was, "tripped": bool(st.get("tripped"))}
-
-    async def _wait_idle(self, names: Sequence[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            statuses = await self._station_statuses(names)
-            if not any(st.get("busy") for st in statuses.values()):
-                return
-            await asyncio.sleep(0.1)
-
     # ------------------------------------------------------------------ status
-    async def _station_statuses(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-        results = await asyncio.gather(
-            *(self._station_call(n, "status") for n in names), return_exceptions=True
-        )
-        out: dict[str, dict[str, Any]] = {}
-        for name, res in zip(names, results, strict=True):
-            out[name] = {"error": _cause(res)} if isinstance(res, BaseException) else dict(res)
-        return out
-
     async def status(self) -> dict[str, Any]:
         """The service, its stations and campaigns as plain data (the ``status`` topic)."""
         names = list(self.actors)
