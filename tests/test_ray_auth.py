@@ -170,9 +170,7 @@ def test_the_local_ray_asks_for_a_token_too(ray_session: Any, tmp_path: Path) ->
 
     done = _run([sys.executable, "-c", probe, address], env)
     assert done.returncode == 1
-    assert "RayAuthError: joining a Ray cluster needs its token and none was found" in (
-        done.stderr
-    )
+    assert "RayAuthError: joining a Ray cluster needs its token and none was found" in done.stderr
 
     inherited = {**env, **{k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH")}}
     done = _run([sys.executable, "-c", probe, address], inherited)
