@@ -5,11 +5,13 @@ dir and port, stopped at the end), drivers in subprocesses (this process's Ray s
 any, stays as it is): with the token (from a file, as lab.yaml ``ray.token_file`` names
 it) a driver joins and runs a task on the head's ``station:`` resource; without a token,
 or with another one, ``labbridge serve --ray-address`` exits with one line that says what
-to do. The local Ray ``init_ray`` starts asks for a token too (the session's, inherited).
+to do. A head without authentication is refused, token or not. The local Ray ``init_ray``
+starts asks for a token too (the session's, inherited).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -71,6 +73,14 @@ def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 @pytest.fixture
 def token_head() -> Iterator[dict[str, Any]]:
     """A Ray head on 127.0.0.1 with token authentication and one ``station:bench-t`` unit."""
+    with _head(auth=True) as head:
+        yield head
+
+
+@contextlib.contextmanager
+def _head(*, auth: bool) -> Iterator[dict[str, Any]]:
+    """``ray start --head --block`` on 127.0.0.1 in a temp dir of its own (token auth on or
+    off), stopped (SIGTERM: it drains and stops every process it started) at the end."""
     # short: Ray's unix socket paths live under it (108 bytes at most)
     tmp = Path(tempfile.mkdtemp(prefix="rtk-", dir="/tmp"))
     home = tmp / "home"
@@ -82,7 +92,7 @@ def token_head() -> Iterator[dict[str, Any]]:
     log_path = tmp / "head.log"
     env = {
         **_clean_env(home),
-        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_MODE": "token" if auth else "disabled",
         "RAY_AUTH_TOKEN_PATH": str(token_file),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep every server on 127.0.0.1
     }
@@ -113,7 +123,7 @@ def token_head() -> Iterator[dict[str, Any]]:
         assert "Ray runtime started" in log_path.read_text(), log_path.read_text()
         yield {"address": f"127.0.0.1:{port}", "token_file": token_file, "home": home}
     finally:
-        head.terminate()  # --block: the head drains and stops every process it started
+        head.terminate()
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -196,3 +206,17 @@ stations:
     with pytest.raises(ConfigError, match=r"ray\.token_file: looks like a Ray token itself") as e:
         load_lab(tmp_path / "lab.yaml")
     assert token not in str(e.value)
+
+
+@pytest.mark.timeout(180)
+def test_a_cluster_without_authentication_is_refused(tmp_path: Path) -> None:
+    """A head started without ``RAY_AUTH_MODE=token`` lets anyone in: labbridge does not join."""
+    with _head(auth=False) as head:
+        address, token_file = head["address"], head["token_file"]
+        done = _run([sys.executable, "-c", DRIVER, address, str(token_file)], _clean_env(tmp_path))
+    assert done.returncode == 1
+    assert (
+        f"RayAuthError: the Ray cluster at {address} does not require a token (anyone who "
+        "reaches it can run code on every station): restart its head and nodes with "
+        "RAY_AUTH_MODE=token and a token, see docs/cluster.md"
+    ) in done.stderr, done.stderr
