@@ -99,7 +99,13 @@ async def open_lab(
         raise ValueError(
             f"{lab.source}: no station {', '.join(unknown)} (known: {', '.join(lab.stations)})"
         )
-    init_ray(ray_address or lab.ray_address, stations=names, local=True, log_to_driver=False)
+    init_ray(
+        ray_address or lab.ray_address,
+        stations=names,
+        local=True,
+        token_file=lab.ray_token_file,
+        log_to_driver=False,
+    )
     lab.store.parent.mkdir(parents=True, exist_ok=True)
     journal = start_journal_actor(lab.store)
     clock, _ = lab_clock(lab)
@@ -357,7 +363,11 @@ async def run_with_signals(
     # Ray's driver installs a C-level SIGTERM handler in ray.init (it dies with 15): start
     # or join Ray first, then take SIGINT/SIGTERM over
     init_ray(
-        ray_address or lab.ray_address, stations=list(lab.stations), local=True, log_to_driver=False
+        ray_address or lab.ray_address,
+        stations=list(lab.stations),
+        local=True,
+        token_file=lab.ray_token_file,
+        log_to_driver=False,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)

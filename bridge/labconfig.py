@@ -7,6 +7,8 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
     store: labbridge.db               # the journal (relative to this file)
     ray:
       address: null                   # null: local Ray on loopback; "auto"/host:port: a cluster
+      token_file: null                # a file holding the cluster's Ray token (relative to this
+                                      # file; never the token itself): docs/cluster.md
     simulated:                        # only for simulated benches: their shared clock
       speed: 100                      # simulated seconds per real second
       sim_at_real: [12.5, 45678.9]    # (simulated s, time.monotonic()) at one instant (default: 0 at load)
@@ -113,6 +115,7 @@ class LabConfig:
     store: Path
     stations: dict[str, StationConfig]
     ray_address: str | None = None
+    ray_token_file: Path | None = None
     speed: float | None = None
     sim_at_real: tuple[float, float] | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -375,12 +378,23 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
             sim_at_real = (float(pair[0]), float(pair[1]))
         else:  # the clock starts at 0 now: every process that uses this LabConfig shares it
             sim_at_real = (0.0, time.monotonic())
-    ray_cfg = _mapping(top.get("ray") or {}, ("ray",), doc, ("address",))
+    ray_cfg = _mapping(top.get("ray") or {}, ("ray",), doc, ("address", "token_file"))
     address = ray_cfg.get("address")
     if address is not None:
         address = _str(
             address, ("ray", "address"), doc, what="a Ray address (auto, host:port, ray://...)"
         )
+    token_file = ray_cfg.get("token_file")
+    if isinstance(token_file, str) and re.fullmatch(r"[0-9a-fA-F]{32,}", token_file.strip()):
+        raise doc.error(  # never echo it: the error may end up in a log
+            "looks like a Ray token itself: save the token in a file readable only by you "
+            "and name that file here (docs/cluster.md)",
+            ("ray", "token_file"),
+        )
+    if token_file is not None:
+        what = "a file path (the file holding the Ray token, not the token)"
+        token_file = _str(token_file, ("ray", "token_file"), doc, what=what)
+        token_file = base / Path(token_file).expanduser()
     bridge_id = _str(
         top.get("bridge_id", "labbridge"),
         ("bridge_id",),
@@ -398,6 +412,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         store=store,
         stations=stations,
         ray_address=address,
+        ray_token_file=token_file,
         speed=speed,
         sim_at_real=sim_at_real,
         env=env,

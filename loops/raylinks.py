@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,10 +36,12 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "JournalActor",
+    "RayAuthError",
     "RayJournal",
     "RayStation",
     "RayUnreachable",
     "check_ray_address",
+    "check_ray_token",
     "init_ray",
     "ray_links",
     "start_journal_actor",
@@ -223,6 +226,7 @@ def init_ray(
     local: bool = True,
     num_cpus: int = 2,
     object_store_mb: int = 100,
+    token_file: str | Path | None = None,
     **kwargs: Any,
 ) -> Any:
     """Start or join Ray for a campaign; returns ``ray.init``'s context (or None if already up).
@@ -233,12 +237,29 @@ def init_ray(
     ``station:<name>`` unit per name in ``stations``; ``local=True`` keeps it on
     loopback (every Ray server listens on 127.0.0.1 only).
 
-    Sets ``RAY_AUTH_MODE=disabled`` and ``RAY_USAGE_STATS_ENABLED=0`` unless
-    already set (see NOTES.md "Ray 2.60").
+    Token authentication (Ray's own, ``RAY_AUTH_MODE=token``) is on in both cases;
+    ``RAY_AUTH_MODE=disabled`` in the environment is overridden. Anyone who can run
+    code in a Ray cluster owns every station in it (``actor.__ray_call__`` runs any
+    function inside an actor), and loopback is not private to this process tree:
+    every local user can connect to 127.0.0.1 ports, so without a token any account
+    on this machine could join a local Ray and drive the instruments (it never leaves
+    this machine: nothing beyond loopback reaches it). The token costs nothing
+    measurable at start-up (measured: local starts of 9-14 s on a loaded 2-core machine
+    either way). docs/cluster.md states the trust model.
+
+    The token is Ray's, from (first found) ``$RAY_AUTH_TOKEN``, the file
+    ``$RAY_AUTH_TOKEN_PATH``, the file ``token_file`` (lab.yaml ``ray.token_file``),
+    ``~/.ray/auth_token``. A local start without any makes a fresh one for this process
+    tree (``RAY_AUTH_TOKEN`` in this process's environment, inherited by Ray's processes
+    and by whatever this process starts, never written to disk). Joining a cluster
+    needs the cluster's token: :class:`RayAuthError` (one line, what to do) when there
+    is none, when the file cannot be read, when the cluster refuses it, or when the
+    cluster does not ask for one at all (it would let anyone in).
+
+    Sets ``RAY_USAGE_STATS_ENABLED=0`` unless already set.
     """
     if ray.is_initialized():
         return None
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs.setdefault("logging_level", logging.WARNING)  # no INFO lines over the progress bar
     target = address or os.environ.get("RAY_ADDRESS") or None
@@ -247,9 +268,11 @@ def init_ray(
         if names:  # a driver joining a cluster cannot add resources: the bench PCs offer them
             log.info("joining Ray at %s: stations %s must be offered by their nodes", target, names)
         check_ray_address(target)
+        source = _use_token(token_file, create=False)
         if _loopback(target):  # a local cluster started by init_ray(local=True): stay on loopback
             _pin_loopback()
             kwargs.setdefault("_node_ip_address", "127.0.0.1")
+        check_ray_token(target, source)
         return ray.init(address=target, **kwargs)
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
@@ -257,11 +280,137 @@ def init_ray(
         "object_store_memory": object_store_mb * 1024 * 1024,
         "resources": {station_resource(n): 1 for n in stations},
     }
+    _use_token(token_file, create=True)
     if local:
         _pin_loopback()
         options["_node_ip_address"] = "127.0.0.1"
     options.update(kwargs)
     return ray.init(**options)
+
+
+# ------------------------------------------------------------------ the token
+TOKEN_DOC = "docs/cluster.md"
+
+
+class RayAuthError(ConnectionError):
+    """No usable Ray token: none found, its file unreadable, refused by the cluster, or a
+    cluster that does not ask for one. The message says what to do."""
+
+
+def _default_token_path() -> Path:
+    """Ray's default token file (``ray get-auth-token --generate`` writes it)."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def _set_auth_mode(mode: str) -> None:
+    """Set ``RAY_AUTH_MODE`` for this process and its children, and make Ray's C++ side
+    see it now (it caches the mode and the token; Ray's own ``_enable_token_auth`` does
+    the same refresh)."""
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+    os.environ["RAY_AUTH_MODE"] = mode
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _use_token(token_file: str | Path | None, *, create: bool) -> str:
+    """Turn token authentication on and make sure Ray will find a token; where it is from.
+
+    Ray's order: ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``, then (labbridge's)
+    ``token_file`` (exported as ``RAY_AUTH_TOKEN_PATH``), then ``~/.ray/auth_token``.
+    ``create``: with none of them, make a fresh token for this process tree. Raises
+    :class:`RayAuthError` for a named file that cannot be read or is empty (Ray would
+    abort the process) or, without ``create``, when there is no token at all.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        log.info("RAY_AUTH_MODE=%s overridden: labbridge runs Ray with token auth", mode)
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        _set_auth_mode("token")
+        return "$RAY_AUTH_TOKEN"
+    env_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path: Path | None = None
+    if env_path:
+        path, named = Path(env_path), f"the token file {env_path} ($RAY_AUTH_TOKEN_PATH)"
+    elif token_file is not None:
+        path = Path(token_file).expanduser().resolve()
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)  # Ray's own way to name the file
+        named = f"the token file {path} (lab.yaml ray.token_file)"
+    if path is not None:
+        try:
+            empty = not path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise RayAuthError(
+                f"cannot read {named}: {why}: save the cluster's Ray token there "
+                f"(print it on the head with ray get-auth-token), see {TOKEN_DOC}"
+            ) from None
+        if empty:
+            raise RayAuthError(
+                f"{named} is empty: save the cluster's Ray token there "
+                f"(print it on the head with ray get-auth-token), see {TOKEN_DOC}"
+            )
+        _set_auth_mode("token")
+        return named
+    default = _default_token_path()
+    if default.is_file() and default.stat().st_size > 0:
+        _set_auth_mode("token")
+        return f"the token file {default} (Ray's default)"
+    if not create:
+        raise RayAuthError(
+            "joining a Ray cluster needs its token and none was found: save it in a file "
+            "readable only by you and name that file in lab.yaml ray.token_file or "
+            f"$RAY_AUTH_TOKEN_PATH (print it on the head with ray get-auth-token), see {TOKEN_DOC}"
+        )
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # Ray's own tokens are this
+    _set_auth_mode("token")
+    return "a token made for this process tree ($RAY_AUTH_TOKEN)"
+
+
+def check_ray_token(address: str, source: str) -> None:
+    """Raise :class:`RayAuthError` unless the GCS at ``address`` takes this process's token
+    and refuses a client without one (a cluster without authentication lets anyone in).
+
+    Two cheap calls (milliseconds) with a cluster ID that cannot match: the GCS checks the
+    token before the ID, so ``InvalidAuthToken`` means refused and any other answer means
+    the credentials passed. Without this, ``ray.init`` retries a refused token for 20 s and
+    ends with a bare ``ConnectionError``. ``auto`` and ``ray://`` addresses are left to Ray.
+    Call with token mode on (:func:`_use_token`); it is on again when this returns.
+    """
+    if "://" in address or ":" not in address:
+        return
+    if _gcs_lets_in(address) is False:
+        raise RayAuthError(
+            f"the Ray cluster at {address} refused the token from {source}: use the cluster's "
+            f"token (print it on the head with ray get-auth-token), see {TOKEN_DOC}"
+        )
+    _set_auth_mode("disabled")
+    try:
+        open_door = _gcs_lets_in(address)
+    finally:
+        _set_auth_mode("token")
+    if open_door:
+        raise RayAuthError(
+            f"the Ray cluster at {address} does not require a token (anyone who reaches it can "
+            "run code on every station): restart its head and nodes with RAY_AUTH_MODE=token "
+            f"and a token, see {TOKEN_DOC}"
+        )
+
+
+def _gcs_lets_in(gcs_address: str) -> bool | None:
+    """Whether the GCS passes this process's current credentials (see :func:`check_ray_token`);
+    None when the probe failed for another reason (ray.init will tell)."""
+    from ray._raylet import ClusterID, GcsClient  # type: ignore[attr-defined]
+
+    try:
+        client = GcsClient(address=gcs_address, cluster_id=ClusterID.from_random().hex())
+        client.internal_kv_get(b"labbridge-auth-probe", None, timeout=5)
+    except ray.exceptions.AuthenticationError as exc:  # WrongClusterID comes as one too
+        return "InvalidAuthToken" not in str(exc)
+    except Exception as exc:  # not about the token (a timeout, ...)
+        log.debug("Ray auth probe at %s: %s: %s", gcs_address, type(exc).__name__, exc)
+        return None
+    return True
 
 
 class RayUnreachable(ConnectionError):
