@@ -665,7 +665,6 @@ def main() -> None:
             logging.getLogger(name).setLevel(
                 logging.CRITICAL + 1 if name != "bleak" else logging.ERROR
             )
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t0 = time.monotonic()
     results = asyncio.run(main_async(args))
