@@ -352,6 +352,7 @@ def test_geometric_median_and_bootstrap() -> None:
 
 
 # ------------------------------------------------------------------ end to end
+@pytest.mark.timeout(240)  # ~25 s alone; minutes on a loaded 2-core machine
 def test_sections_write_the_table_data_and_the_plot(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     settings = Settings(
