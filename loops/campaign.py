@@ -369,10 +369,14 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            await self._release_leases()
             raise
         finally:
             self._phase = "ended"
-        return await self._finish()
+        try:
+            return await self._finish()
+        finally:
+            await self._release_leases()
 
     async def _worker(self, slot: Slot) -> None:
         while slot.state != "out":
@@ -405,6 +409,7 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
                 item.recipe,
                 item.proposer,
                 include_image=self._images_dir is not None,
+                epoch=self._epoch,
             )
         except StationLost as exc:
             await self._station_lost(slot, item, str(exc))
