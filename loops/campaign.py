@@ -373,10 +373,8 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             raise
         finally:
             self._phase = "ended"
-        try:
-            return await self._finish()
-        finally:
-            await self._release_leases()
+        await self._release_leases()  # every worker is done: nothing acts for us any more
+        return await self._finish()
 
     async def _worker(self, slot: Slot) -> None:
         while slot.state != "out":

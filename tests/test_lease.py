@@ -140,6 +140,9 @@ def test_the_journal_fences_progress_writes_of_an_older_owner(tmp_path: Path) ->
             j.step_started(eid, 1, {}, epoch=1)
         j.step_done(eid, 0, {}, epoch=2)
         assert [t.event for t in j.transitions(eid)][-2:] == ["step_started", "step_done"]
+        # epochs are the journal's: another campaign's owner outranks every owner before
+        j.create_campaign("d", "n", "program")
+        assert j.take_ownership("d", "third") == 3 and j.owner("c")["epoch"] == 2
 
 
 @pytest.mark.timeout(120)

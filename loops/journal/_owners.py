@@ -2,7 +2,8 @@
 consumed: the durable parts of leases and ledgers, below :class:`~loops.journal.Journal`.
 
 Every ``prepare`` of a campaign (a run, a resume, a restarted service) takes the next
-epoch (:meth:`JournalOwners.take_ownership`); the station actor passes the epoch of the
+epoch of the journal, above every campaign's (:meth:`JournalOwners.take_ownership`:
+a station serves one campaign after another); the station actor passes the epoch of the
 lease it runs under with each progress write (``running``, ``step_started``,
 ``step_done``), and the journal refuses a write whose epoch is not the campaign's
 current one (:class:`~loops.journal.StaleOwner`): an orphan of a dead owner cannot
@@ -31,12 +32,15 @@ class JournalOwners(JournalConnection):
 
     def take_ownership(self, campaign_id: str, owner: str) -> int:
         """Make ``owner`` (a description: process, host) the campaign's owner; returns its
-        epoch, one more than any before. Writes carrying an older epoch are refused."""
+        epoch, one more than any epoch of any campaign in this journal (a station serves
+        one campaign after another, and each new owner must outrank every one before).
+        Writes carrying an older epoch of this campaign are refused."""
         with self._tx() as conn:
             self._require_campaign(conn, campaign_id)
             conn.execute(
-                "UPDATE campaigns SET owner_epoch = owner_epoch + 1, owner = ?, owner_since = ? "
-                "WHERE id = ?",
+                "UPDATE campaigns SET owner_epoch = "
+                "(SELECT COALESCE(MAX(owner_epoch), 0) + 1 FROM campaigns), "
+                "owner = ?, owner_since = ? WHERE id = ?",
                 (str(owner), time.time(), campaign_id),
             )
             row = conn.execute(
