@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
+import time
 
 from loops.campaignbook import CampaignBook, Slot
 from loops.journal import Journal, StaleOwner
 from loops.stationerrors import cause_text
 from loops.stationlease import RENEW_S
 from loops.stations import StationActor
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CampaignLease"]
 
@@ -81,9 +85,19 @@ class CampaignLease(CampaignBook):
             self._running.set()
 
     async def _keep(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(RENEW_S)
+            gap = time.monotonic() - last
+            if gap > self._lease_s / 2:  # this process stalls: its stations may trip
+                log.warning(
+                    "campaign %s: lease renewal %.1f s after the last (leases last %g s)",
+                    self.campaign_id,
+                    gap,
+                    self._lease_s,
+                )
             await self._renew()
+            last = time.monotonic()
 
     async def _release_leases(self) -> None:
         """Stop renewing and release every station's lease (the campaign ended)."""

@@ -258,9 +258,13 @@ class StationActor:
         the reason naming the lost owner; a running recipe stops at once (:func:`_until_tripped`)."""
         while True:
             await asyncio.sleep(POLL_S)
-            self._lease.expire()
-            if self._lease.held:
-                continue
+            if not self._lease.overdue():
+                if self._lease.held:
+                    continue
+            else:  # after a stall of this process, a renewal may be queued: let it in first
+                await asyncio.sleep(POLL_S)
+                if self._lease.expire() is None:
+                    continue
             station, why = self._station, self._lease.lost
             if not self._lease.timed_out or station is None or why is None:
                 return  # released by its owner, or nothing open to safe-state

@@ -14,7 +14,7 @@ Fencing: a lease is taken with an epoch; a call with an older epoch is refused
 (:class:`~loops.journal.StaleOwner`), and a lost epoch stays lost (only a new owner,
 with a higher epoch, takes the station again). The journal refuses progress writes
 of an old epoch as well. Bound: after the owner's last renewal reaches the actor,
-its lease ends within ``LEASE_S`` and the station trips within ``LEASE_S + POLL_S``
+its lease ends within ``LEASE_S`` and the station trips within ``LEASE_S + 2 * POLL_S``
 (measured in ``tests/test_lease.py``).
 
 Times are real (``time.monotonic`` in the actor's process), not a simulated bench's
@@ -32,11 +32,13 @@ from loops.stationerrors import StationError
 
 __all__ = ["LEASE_S", "POLL_S", "RENEW_S", "Lease", "OwnerLost", "StaleOwner"]
 
-#: how long a lease lasts without a renewal (real seconds)
-LEASE_S = 2.0
-#: how often an owner renews its leases (real seconds): four renewals per lease
-RENEW_S = 0.5
-#: how often the station actor looks at its lease while idle (real seconds)
+#: how long a lease lasts without a renewal (real seconds): five renewal periods, so a
+#: campaign process stalled for a few seconds on a loaded machine does not trip its stations
+LEASE_S = 5.0
+#: how often an owner renews its leases (real seconds)
+RENEW_S = 1.0
+#: how often the station actor looks at its lease (real seconds); a lease found run out
+#: is looked at once more after this long (renewals queued behind a stall arrive first)
 POLL_S = 0.1
 
 
@@ -93,6 +95,10 @@ class Lease:
         if epoch == self.epoch and self.held:
             self.held, self.lost = False, f"released by {self.owner}"
 
+    def overdue(self) -> bool:
+        """The held lease has run out (not yet declared lost: :meth:`expire`)."""
+        return self.held and time.monotonic() > self.expires
+
     def expire(self) -> str | None:
         """If the held lease ran out just now: mark it lost and return why (else None)."""
         if self.held and time.monotonic() > self.expires:
@@ -122,8 +128,7 @@ class Lease:
                 )
             return
         self._refuse_older(epoch, "call")
-        self.expire()
-        if not self.held:
+        if not self.held:  # the actor's lease watch declares a lease lost (stationactor)
             raise OwnerLost(f"station {self.station}: {self.lost}; not acting for epoch {epoch}")
 
     def _refuse_older(self, epoch: int, what: str) -> None:
