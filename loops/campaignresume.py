@@ -36,30 +36,30 @@ class CampaignResume(CampaignLease):
         if self._phase != "new":
             raise RuntimeError(f"campaign {self.campaign_id} is already {self._phase}")
         j = self.journal
-        if not resume:
-            await j.call(
-                Journal.create_campaign,
-                self.campaign_id,
-                self.program.name,
-                self.program.to_markdown(),
-            )
-            await self._take_leases()
-            await j.call(Journal.save_optimizer_state, self.campaign_id, self._state())
-        else:
-            await self._take_leases()  # the next epoch: the dead owner's orphans are fenced off
-            info: ResumeInfo = await j.call(Journal.resume, self.campaign_id)
-            try:
-                await self._restore(info, operator)
-            except BaseException:
-                await self._release_leases()
-                raise
-            if info.campaign.state != "running":
+        try:
+            if not resume:
                 await j.call(
-                    Journal.set_campaign_state,
+                    Journal.create_campaign,
                     self.campaign_id,
-                    "running",
-                    reason=f"resumed by {operator}",
+                    self.program.name,
+                    self.program.to_markdown(),
                 )
+                await self._take_leases()
+                await j.call(Journal.save_optimizer_state, self.campaign_id, self._state())
+            else:
+                await self._take_leases()  # the next epoch: a dead owner's orphans are fenced off
+                info: ResumeInfo = await j.call(Journal.resume, self.campaign_id)
+                await self._restore(info, operator)
+                if info.campaign.state != "running":
+                    await j.call(
+                        Journal.set_campaign_state,
+                        self.campaign_id,
+                        "running",
+                        reason=f"resumed by {operator}",
+                    )
+        except BaseException:
+            await self._release_leases()  # nothing keeps renewing for a campaign not prepared
+            raise
         self._phase = "prepared"
 
     async def _restore(self, info: ResumeInfo, operator: str) -> None:

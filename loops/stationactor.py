@@ -34,7 +34,7 @@ from loops.stationerrors import (
     portable_error,
 )
 from loops.stationlease import LEASE_S, POLL_S, Lease
-from loops.stationledger import restore_consumption, save_consumption
+from loops.stationledger import restore_consumption, save_consumption, unsaved_consumption
 from loops.steps import Recipe, Step, flatten
 from safety import SafeStation, SafetyError, load_envelope, open_station
 
@@ -384,8 +384,7 @@ class StationActor:
             await station.guard.begin_experiment(who=who)
         except SafetyError as exc:
             return {**base, "ok": False, "rejected": False, "refused": True, "error": str(exc)}
-        await self._save_ledger(station)
-        journal = self._journal
+        journal = self._journal  # the experiment unit is journaled with step 0 (or at the end)
         if mark_running and journal is not None:
             try:
                 self._lease.check(epoch)
@@ -408,13 +407,21 @@ class StationActor:
             index, phase = i, what
             if journal is None:
                 return
-            await self._save_ledger(station)
+            # the budget consumption so far goes to disk with the step event (one transaction)
+            used = unsaved_consumption(station.guard.envelope.ledger, self._now, self._speed)
             if what == "started":  # on disk before the step acts
                 await journal.call(
-                    Journal.step_started, experiment_id, i, step.as_dict(), epoch=epoch
+                    Journal.step_started,
+                    experiment_id,
+                    i,
+                    step.as_dict(),
+                    epoch=epoch,
+                    consumption=used,
                 )
             else:
-                await journal.call(Journal.step_done, experiment_id, i, data, epoch=epoch)
+                await journal.call(
+                    Journal.step_done, experiment_id, i, data, epoch=epoch, consumption=used
+                )
 
         try:
             result = await _until_tripped(

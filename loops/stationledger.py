@@ -23,7 +23,7 @@ from collections.abc import Callable
 from loops.journal import Journal, JournalLink
 from safety.envelope import Ledger
 
-__all__ = ["restore_consumption", "save_consumption"]
+__all__ = ["restore_consumption", "save_consumption", "unsaved_consumption"]
 
 
 async def restore_consumption(
@@ -41,13 +41,23 @@ async def restore_consumption(
     return len(rows)
 
 
+def unsaved_consumption(
+    ledger: Ledger, now: Callable[[], float], speed: float = 1.0
+) -> list[tuple[str, float, float, float]]:
+    """What ``ledger`` consumed since the last call, as journal entries ``(resource, amount,
+    t_clock, t_wall)`` (for a journal write that stores them with a step: one transaction)."""
+    entries = ledger.take_unsaved()
+    if not entries:
+        return []
+    t, wall = now(), time.time()
+    return [(r, a, when, wall - (t - when) / speed) for r, a, when in entries]
+
+
 async def save_consumption(
     ledger: Ledger, journal: JournalLink, station: str, now: Callable[[], float], speed: float = 1.0
 ) -> int:
     """Write what ``ledger`` consumed since the last call to the journal; returns the rows."""
-    entries = ledger.take_unsaved()
-    if not entries:
+    rows = unsaved_consumption(ledger, now, speed)
+    if not rows:
         return 0
-    t, wall = now(), time.time()
-    rows = [(r, a, when, wall - (t - when) / speed) for r, a, when in entries]
     return await journal.call(Journal.record_consumption, station, rows)

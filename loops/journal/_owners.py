@@ -75,26 +75,21 @@ class JournalOwners(JournalConnection):
     def record_consumption(self, station: str, entries: Sequence[Sequence[object]]) -> int:
         """Store what a station's safety budgets consumed: ``entries`` of ``(resource,
         amount, t_clock, t_wall)``; returns how many rows were written."""
-        rows: list[tuple[str, str, float, float, float]] = []
-        for entry in entries:
-            if len(entry) != 4:
-                raise ValueError(
-                    f"consumption entry {entry!r}: expected (resource, amount, t_clock, t_wall)"
-                )
-            resource, amount, t_clock, t_wall = entry
-            numbers = (float(amount), float(t_clock), float(t_wall))  # type: ignore[arg-type]
-            if not all(math.isfinite(v) for v in numbers):
-                raise ValueError(f"consumption entry {entry!r}: amount and times must be finite")
-            rows.append((str(station), str(resource), *numbers))
+        rows = _consumption_rows(station, entries)
         if not rows:
             return 0
         with self._tx() as conn:
-            conn.executemany(
-                "INSERT INTO consumption (station, resource, amount, t_clock, t_wall) "
-                "VALUES (?, ?, ?, ?, ?)",
-                rows,
-            )
+            self._insert_consumption(conn, rows)
         return len(rows)
+
+    def _insert_consumption(
+        self, conn: sqlite3.Connection, rows: Sequence[tuple[str, str, float, float, float]]
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO consumption (station, resource, amount, t_clock, t_wall) "
+            "VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
 
     def consumption(
         self, station: str, since_wall: float = 0.0
@@ -111,3 +106,21 @@ class JournalOwners(JournalConnection):
             .fetchall()
         )
         return [(str(r[0]), float(r[1]), float(r[2]), float(r[3])) for r in rows]
+
+
+def _consumption_rows(
+    station: str, entries: Sequence[Sequence[object]]
+) -> list[tuple[str, str, float, float, float]]:
+    """``(resource, amount, t_clock, t_wall)`` entries as rows, validated."""
+    rows: list[tuple[str, str, float, float, float]] = []
+    for entry in entries:
+        if len(entry) != 4:
+            raise ValueError(
+                f"consumption entry {entry!r}: expected (resource, amount, t_clock, t_wall)"
+            )
+        resource, amount, t_clock, t_wall = entry
+        numbers = (float(amount), float(t_clock), float(t_wall))  # type: ignore[arg-type]
+        if not all(math.isfinite(v) for v in numbers):
+            raise ValueError(f"consumption entry {entry!r}: amount and times must be finite")
+        rows.append((str(station), str(resource), *numbers))
+    return rows

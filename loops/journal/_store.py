@@ -28,7 +28,7 @@ from loops.journal._model import (
     _dumps,
     _loads,
 )
-from loops.journal._owners import JournalOwners
+from loops.journal._owners import JournalOwners, _consumption_rows
 from loops.journal._reads import _EXPERIMENT_COLUMNS
 from loops.journal._schema import _schema_version
 
@@ -279,20 +279,28 @@ class Journal(JournalOwners):
         )
 
     def step_started(
-        self, experiment_id: str, index: int, step: Any = None, *, epoch: int | None = None
+        self,
+        experiment_id: str,
+        index: int,
+        step: Any = None,
+        *,
+        epoch: int | None = None,
+        consumption: Sequence[Sequence[object]] = (),
     ) -> int:
         """Step ``index`` (0-based) of a running experiment is about to act; returns the log id.
 
         Refused (:class:`StepOrderError`) if that index (or a later one) already
         started, or the previous step has not been recorded done: a physical
         step is never started twice. ``epoch``: the station's lease epoch (an older owner's
-        write raises :class:`StaleOwner`).
+        write raises :class:`StaleOwner`); ``consumption``: the station's budget consumption
+        since its last write (:meth:`record_consumption`), stored in the same transaction.
         """
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise ValueError(f"step index must be an int >= 0, got {index!r}")
         with self._tx() as conn:
-            campaign_id, current, _, last = self._current(conn, experiment_id)
+            campaign_id, current, station, last = self._current(conn, experiment_id)
             self._require_epoch(conn, campaign_id, epoch)
+            self._insert_consumption(conn, _consumption_rows(station or "", consumption))
             if current != "running":
                 raise IllegalTransition(
                     experiment_id, current, "running", f"step {index} can only start while running"
@@ -315,13 +323,20 @@ class Journal(JournalOwners):
             )
 
     def step_done(
-        self, experiment_id: str, index: int, data: Any = None, *, epoch: int | None = None
+        self,
+        experiment_id: str,
+        index: int,
+        data: Any = None,
+        *,
+        epoch: int | None = None,
+        consumption: Sequence[Sequence[object]] = (),
     ) -> int:
         """Step ``index`` finished (``data``: its readings/outcome); returns the log id.
-        ``epoch`` as for :meth:`step_started`."""
+        ``epoch`` and ``consumption`` as for :meth:`step_started`."""
         with self._tx() as conn:
-            campaign_id, current, _, _ = self._current(conn, experiment_id)
+            campaign_id, current, station, _ = self._current(conn, experiment_id)
             self._require_epoch(conn, campaign_id, epoch)
+            self._insert_consumption(conn, _consumption_rows(station or "", consumption))
             if current != "running":
                 raise IllegalTransition(
                     experiment_id, current, "running", f"step {index} can only finish while running"
