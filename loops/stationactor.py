@@ -243,9 +243,7 @@ class StationActor:
         epoch than one seen, :class:`~loops.stationlease.OwnerLost` for a lost epoch."""
         out = self._lease.take(owner, epoch, ttl_s)
         if self._lease_watch is None or self._lease_watch.done():
-            self._lease_watch = asyncio.create_task(
-                self._watch_lease(), name=f"lease-{self.name}"
-            )
+            self._lease_watch = asyncio.create_task(self._watch_lease(), name=f"lease-{self.name}")
         return out
 
     async def release(self, epoch: int) -> dict[str, Any]:
