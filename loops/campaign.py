@@ -369,9 +369,11 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            await self._release_leases()
             raise
         finally:
             self._phase = "ended"
+        await self._release_leases()  # every worker is done: nothing acts for us any more
         return await self._finish()
 
     async def _worker(self, slot: Slot) -> None:
@@ -405,6 +407,7 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
                 item.recipe,
                 item.proposer,
                 include_image=self._images_dir is not None,
+                epoch=self._epoch,
             )
         except StationLost as exc:
             await self._station_lost(slot, item, str(exc))

@@ -34,6 +34,7 @@ from loops.optimizer import (
     UnknownProposal,
 )
 from loops.program import Program
+from loops.stationlease import LEASE_S
 from loops.stations import StationLink
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class CampaignBook:
         max_consecutive_rejections: int = MAX_CONSECUTIVE_REJECTIONS,
         max_disagreements: Mapping[str, int] | None = None,
         images_dir: Path | None = None,
+        lease_s: float = LEASE_S,
     ) -> None:
         if not stations:
             raise ValueError("a campaign needs at least one station")
@@ -174,6 +176,7 @@ class CampaignBook:
         self._max_rejections = max_consecutive_rejections
         self._max_disagreements = dict(max_disagreements or {})
         self._images_dir = images_dir
+        self._lease_s = float(lease_s)  # how long a station acts without hearing from us
         self._lock = asyncio.Lock()  # claims, asks, tells and state saves: one at a time
         self._queue: deque[Item] = deque()  # agent and resumed proposals, run before new asks
         self._pending: dict[str, str] = {}  # experiment id -> optimizer proposal id

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from loops.campaignbook import STATE_VERSION, CampaignBook, Item, Slot
+from loops.campaignbook import STATE_VERSION, Item, Slot
+from loops.campaignlease import CampaignLease
 from loops.journal import Experiment, Journal, ResumeInfo
 from loops.optimizer import optimizer_from_state
 from loops.stationerrors import cause_text
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CampaignResume"]
 
 
-class CampaignResume(CampaignBook):
+class CampaignResume(CampaignLease):
     """Creating a campaign in the journal, or picking it up after a crash (:meth:`prepare`)."""
 
     async def prepare(self, *, resume: bool = False, operator: str = "operator") -> None:
@@ -35,24 +36,30 @@ class CampaignResume(CampaignBook):
         if self._phase != "new":
             raise RuntimeError(f"campaign {self.campaign_id} is already {self._phase}")
         j = self.journal
-        if not resume:
-            await j.call(
-                Journal.create_campaign,
-                self.campaign_id,
-                self.program.name,
-                self.program.to_markdown(),
-            )
-            await j.call(Journal.save_optimizer_state, self.campaign_id, self._state())
-        else:
-            info: ResumeInfo = await j.call(Journal.resume, self.campaign_id)
-            await self._restore(info, operator)
-            if info.campaign.state != "running":
+        try:
+            if not resume:
                 await j.call(
-                    Journal.set_campaign_state,
+                    Journal.create_campaign,
                     self.campaign_id,
-                    "running",
-                    reason=f"resumed by {operator}",
+                    self.program.name,
+                    self.program.to_markdown(),
                 )
+                await self._take_leases()
+                await j.call(Journal.save_optimizer_state, self.campaign_id, self._state())
+            else:
+                await self._take_leases()  # the next epoch: a dead owner's orphans are fenced off
+                info: ResumeInfo = await j.call(Journal.resume, self.campaign_id)
+                await self._restore(info, operator)
+                if info.campaign.state != "running":
+                    await j.call(
+                        Journal.set_campaign_state,
+                        self.campaign_id,
+                        "running",
+                        reason=f"resumed by {operator}",
+                    )
+        except BaseException:
+            await self._release_leases()  # nothing keeps renewing for a campaign not prepared
+            raise
         self._phase = "prepared"
 
     async def _restore(self, info: ResumeInfo, operator: str) -> None:
@@ -178,7 +185,7 @@ class CampaignResume(CampaignBook):
         journaled as a station event; a station that cannot be recovered is out. Returns
         what happened, as a sentence."""
         try:
-            report = await slot.actor.call(StationActor.recover, operator, why)
+            report = await slot.actor.call(StationActor.recover, operator, why, epoch=self._epoch)
         except Exception as exc:
             self._out(slot, f"recovery on resume failed: {cause_text(exc)}")
             return f"station {slot.name} could not be recovered: {cause_text(exc)}"

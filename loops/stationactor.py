@@ -4,6 +4,11 @@ The one definition of a station's API (how the campaign reaches it, and why
 only data crosses: :mod:`loops.stations`). It opens the bench behind the safety
 layer, dry-runs and runs recipes (each step journaled before it acts), verifies
 outcomes, runs set-up recipes, and trips, resets and recovers the station.
+
+Nothing acts without a live owner: the campaign holds a lease on the actor
+(:mod:`loops.stationlease`) checked before every step and while steps act or wait;
+a lost lease trips the station. The envelope's budget consumption is kept in the
+journal (:mod:`loops.stationledger`) and restored when the actor starts.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from loops.stationerrors import (
     cause_text,
     portable_error,
 )
+from loops.stationlease import LEASE_S, POLL_S, Lease
+from loops.stationledger import restore_consumption, save_consumption, unsaved_consumption
 from loops.steps import Recipe, Step, flatten
 from safety import SafeStation, SafetyError, load_envelope, open_station
 
@@ -116,6 +123,8 @@ class StationActor:
         self._runs = 0
         self._verify = bool(dict(verification or {}).get("enabled", False))
         self._setup: dict[str, Any] = dict(setup or {})
+        self._lease = Lease(name)
+        self._lease_watch: asyncio.Task[None] | None = None
 
     # clock -----------------------------------------------------------------
     def _now(self) -> float:
@@ -126,6 +135,21 @@ class StationActor:
             await self._clock.sleep(seconds)
         else:
             await asyncio.sleep(max(0.0, seconds))
+
+    @property
+    def _speed(self) -> float:
+        return self._clock.speed if self._clock is not None else 1.0
+
+    async def _save_ledger(self, station: SafeStation) -> None:
+        """The budget consumption since the last save, to the journal (logged if refused)."""
+        if self._journal is None:
+            return
+        try:
+            await save_consumption(
+                station.guard.envelope.ledger, self._journal, self.name, self._now, self._speed
+            )
+        except Exception as exc:
+            log.error("station %s: budget consumption not journaled: %s", self.name, exc)
 
     def _require(self) -> SafeStation:
         if self._station is None:
@@ -162,12 +186,32 @@ class StationActor:
                     if portable is exc:
                         raise
                     raise portable from None
+                if self._journal is not None:  # budgets carry across restarts
+                    try:
+                        await restore_consumption(
+                            station.guard.envelope.ledger,
+                            self._journal,
+                            self.name,
+                            self._now(),
+                            self._speed,
+                        )
+                    except BaseException as exc:
+                        await stack.aclose()
+                        raise StationError(
+                            f"station {self.name}: cannot read its budget consumption from the "
+                            f"journal ({cause_text(exc)}); not opening without its budgets"
+                        ) from None
                 self._stack, self._station = stack, station
                 log.info("station %s open: %s", self.name, ", ".join(station.instruments))
         return await self.status()
 
     async def stop(self) -> dict[str, Any]:
         """Close the station: supervisor stopped, every instrument safe-stated, links closed. Idempotent."""
+        watch, self._lease_watch = self._lease_watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         async with self._open_lock:
             stack, self._stack, self._station = self._stack, None, None
             if stack is not None:
@@ -184,12 +228,50 @@ class StationActor:
             "experiment": self._current,
             "runs": self._runs,
             "clock": None if self._clock is None else self._now(),
+            "lease": self._lease.as_dict(),
         }
         if self._station is not None:
             out.update(self._station.status())
             out["instruments"] = dict(self._station.instruments)
             out["tripped"] = self._station.tripped
         return out
+
+    # lease -----------------------------------------------------------------
+    async def lease(self, owner: str, epoch: int, ttl_s: float = LEASE_S) -> dict[str, Any]:
+        """Take or renew the owner's lease (:mod:`loops.stationlease`) for ``ttl_s`` real
+        seconds; returns it as data. Raises :class:`~loops.journal.StaleOwner` for an older
+        epoch than one seen, :class:`~loops.stationlease.OwnerLost` for a lost epoch."""
+        out = self._lease.take(owner, epoch, ttl_s)
+        if self._lease_watch is None or self._lease_watch.done():
+            self._lease_watch = asyncio.create_task(self._watch_lease(), name=f"lease-{self.name}")
+        return out
+
+    async def release(self, epoch: int) -> dict[str, Any]:
+        """The owner at ``epoch`` is done with the station (its campaign ended)."""
+        self._lease.release(epoch)
+        return self._lease.as_dict()
+
+    async def _watch_lease(self) -> None:
+        """While a lease is held: when it runs out, trip the station (safe state, latched),
+        the reason naming the lost owner; a running recipe stops at once (:func:`_until_tripped`)."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            if not self._lease.overdue():
+                if self._lease.held:
+                    continue
+            else:  # after a stall of this process, a renewal may be queued: let it in first
+                await asyncio.sleep(POLL_S)
+                if self._lease.expire() is None:
+                    continue
+            station, why = self._station, self._lease.lost
+            if not self._lease.timed_out or station is None or why is None:
+                return  # released by its owner, or nothing open to safe-state
+            log.error("station %s: %s: tripping", self.name, why)
+            try:
+                await station.trip(why, "lease", who=self._lease.owner)
+            except Exception as exc:  # the supervisor logs each instrument's failure
+                log.error("station %s: trip on lost lease failed: %s", self.name, exc)
+            return
 
     async def placement(self) -> dict[str, Any]:
         """Where this actor runs: node id and IP, pid, and the Ray resources assigned to it."""
@@ -226,9 +308,12 @@ class StationActor:
         mark_running: bool = True,
         trip_on_failure: bool = True,
         include_image: bool = False,
+        epoch: int | None = None,
     ) -> dict[str, Any]:
         """Run one experiment's recipe on this station; returns plain data (never raises for
-        a refused or failed experiment; raises :class:`StationBusy`/:class:`StationNotOpen`).
+        a refused or failed experiment; raises :class:`StationBusy`/:class:`StationNotOpen`,
+        and :class:`~loops.journal.StaleOwner`/:class:`~loops.stationlease.OwnerLost` unless
+        ``epoch`` holds the station's lease, :meth:`lease`).
 
         The recipe is dry-run again first (the state may have changed since it was
         checked): refused -> ``{"ok": False, "rejected": True, "violations": [...]}`` and
@@ -243,6 +328,7 @@ class StationActor:
         (latched safe state) when ``trip_on_failure``; the campaign records the outcome.
         """
         station = self._require()
+        self._lease.check(epoch)
         if self._run_lock.locked():
             raise StationBusy(
                 f"station {self.name} is running experiment {self._current}; "
@@ -260,6 +346,7 @@ class StationActor:
                     mark_running=mark_running,
                     trip_on_failure=trip_on_failure,
                     include_image=include_image,
+                    epoch=epoch,
                 )
                 # the safety layer's verdicts on this run's commands, for the store
                 out["audit"] = [v.as_dict() for v in station.audit.records()[mark:]]
@@ -267,6 +354,7 @@ class StationActor:
             finally:
                 self._current = None
                 self._runs += 1
+                await self._save_ledger(station)
 
     async def _run(
         self,
@@ -278,6 +366,7 @@ class StationActor:
         mark_running: bool,
         trip_on_failure: bool,
         include_image: bool,
+        epoch: int | None,
     ) -> dict[str, Any]:
         base = {"experiment_id": experiment_id, "station": self.name}
         report = dry_run_recipe(recipe, station, who=who, now=self._now())
@@ -293,10 +382,13 @@ class StationActor:
             await station.guard.begin_experiment(who=who)
         except SafetyError as exc:
             return {**base, "ok": False, "rejected": False, "refused": True, "error": str(exc)}
-        journal = self._journal
+        journal = self._journal  # the experiment unit is journaled with step 0 (or at the end)
         if mark_running and journal is not None:
             try:
-                await journal.call(Journal.transition, experiment_id, "running", station=self.name)
+                self._lease.check(epoch)
+                await journal.call(
+                    Journal.transition, experiment_id, "running", station=self.name, epoch=epoch
+                )
             except Exception as exc:  # the journal refused: do not act at all
                 return {
                     **base,
@@ -309,13 +401,25 @@ class StationActor:
 
         async def on_step(i: int, step: Step, what: str, data: dict[str, Any]) -> None:
             nonlocal index, phase
+            self._lease.check(epoch)  # no step acts, nothing is journaled, without a live owner
             index, phase = i, what
             if journal is None:
                 return
+            # the budget consumption so far goes to disk with the step event (one transaction)
+            used = unsaved_consumption(station.guard.envelope.ledger, self._now, self._speed)
             if what == "started":  # on disk before the step acts
-                await journal.call(Journal.step_started, experiment_id, i, step.as_dict())
+                await journal.call(
+                    Journal.step_started,
+                    experiment_id,
+                    i,
+                    step.as_dict(),
+                    epoch=epoch,
+                    consumption=used,
+                )
             else:
-                await journal.call(Journal.step_done, experiment_id, i, data)
+                await journal.call(
+                    Journal.step_done, experiment_id, i, data, epoch=epoch, consumption=used
+                )
 
         try:
             result = await _until_tripped(
@@ -378,7 +482,12 @@ class StationActor:
         )
 
     async def run_setup(
-        self, recipe: Mapping[str, Any], keep: Sequence[str] = (), *, who: str = "operator:setup"
+        self,
+        recipe: Mapping[str, Any],
+        keep: Sequence[str] = (),
+        *,
+        who: str = "operator:setup",
+        epoch: int | None = None,
     ) -> dict[str, Any]:
         """Run a set-up recipe (:mod:`loops.setup`: a calibration, priming...) through the
         guard and return the measurements it ``keep``s, which the station's checks use
@@ -388,6 +497,7 @@ class StationActor:
         bound = Recipe.from_dict(recipe)
         what = f"set-up {bound.name or 'recipe'}"
         self._require()
+        self._lease.check(epoch)
         if self._run_lock.locked():
             raise StationBusy(f"station {self.name} is running {self._current}: not running {what}")
         async with self._run_lock:
@@ -424,6 +534,7 @@ class StationActor:
             raise StationError(f"station {self.name}: {reason}") from None
         finally:
             self._current = None
+            await self._save_ledger(station)
 
     # safety ----------------------------------------------------------------
     async def trip(self, reason: str, who: str | None = None) -> dict[str, Any]:
@@ -444,6 +555,7 @@ class StationActor:
         *,
         drain_ml: float | None = None,
         drain_rate_ml_min: float = 20.0,
+        epoch: int | None = None,
     ) -> dict[str, Any]:
         """Bring the bench back after an experiment was interrupted (its campaign process died).
 
@@ -453,9 +565,11 @@ class StationActor:
         envelope is drained through the guard by the instruments that drain it
         (``drain_ml``, default: more than the vessel holds, since a fresh guard cannot
         know what the interrupted experiment left in it). Returns ``trip`` (the
-        TripReport), ``drained_ml`` (what the draining pumps report) and ``status``. Raises :class:`StationBusy` while an experiment runs.
+        TripReport), ``drained_ml`` (what the draining pumps report) and ``status``. Raises :class:`StationBusy` while an experiment runs,
+        and like :meth:`run` unless ``epoch`` holds the lease.
         """
         station = self._require()
+        self._lease.check(epoch)
         if self._run_lock.locked():
             raise StationBusy(f"station {self.name} is running {self._current}: not recovering")
         async with self._run_lock:

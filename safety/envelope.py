@@ -368,6 +368,10 @@ class Ledger:
 
     ``start(now)`` fixes ``t0``, the time rate limits count from for channels that
     never changed (the guard starts it when it is created). Thread-safe.
+
+    Durable budgets: after :meth:`track_unsaved`, every consumption is also kept until
+    :meth:`take_unsaved` hands it to whoever stores it (the station actor, in the
+    journal); :meth:`restore` loads consumption from before a restart.
     """
 
     MAX_WINDOW_S = max(WINDOWS_S.values())
@@ -377,6 +381,7 @@ class Ledger:
         self.t0: float | None = None
         self._changes: dict[str, tuple[Any, float]] = {}
         self._consumed: dict[str, deque[tuple[float, float]]] = {}
+        self._unsaved: list[tuple[str, float, float]] | None = None
 
     def start(self, now: float) -> None:
         with self._lock:
@@ -401,10 +406,35 @@ class Ledger:
         if amount <= 0:
             return
         with self._lock:
-            entries = self._consumed.setdefault(resource, deque())
-            entries.append((now, float(amount)))
-            while entries and entries[0][0] < now - self.MAX_WINDOW_S:
-                entries.popleft()
+            self._add(resource, float(amount), now)
+            if self._unsaved is not None:
+                self._unsaved.append((resource, float(amount), now))
+
+    def _add(self, resource: str, amount: float, now: float) -> None:
+        entries = self._consumed.setdefault(resource, deque())
+        entries.append((now, amount))
+        while entries and entries[0][0] < now - self.MAX_WINDOW_S:
+            entries.popleft()
+
+    def track_unsaved(self) -> None:
+        """Keep every consumption from now on until :meth:`take_unsaved` collects it."""
+        with self._lock:
+            if self._unsaved is None:
+                self._unsaved = []
+
+    def take_unsaved(self) -> list[tuple[str, float, float]]:
+        """The consumption since the last call, ``(resource, amount, time)``, and forget it."""
+        with self._lock:
+            out, self._unsaved = (self._unsaved or []), ([] if self._unsaved is not None else None)
+        return out
+
+    def restore(self, entries: Iterable[tuple[str, float, float]]) -> None:
+        """Consumption from before a restart, ``(resource, amount, time on this ledger's
+        clock)``, oldest first; counted by the budgets, not handed out as unsaved."""
+        with self._lock:
+            for resource, amount, when in sorted(entries, key=lambda e: e[2]):
+                if amount > 0:
+                    self._add(str(resource), float(amount), float(when))
 
     def used(self, resource: str, window_s: float, now: float) -> float:
         """Amount of ``resource`` consumed in ``(now - window_s, now]``."""

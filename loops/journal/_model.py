@@ -73,6 +73,11 @@ class StepOrderError(JournalError):
     """A step event out of order: a step started twice, or done without being started."""
 
 
+class StaleOwner(JournalError):
+    """A write (or a station call) from a campaign owner that a newer owner (a higher
+    epoch: a resume, a restarted service) has fenced off."""
+
+
 # ---------------------------------------------------------------- data model
 @dataclass(frozen=True)
 class Campaign:

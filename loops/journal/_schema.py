@@ -6,7 +6,7 @@ import sqlite3
 
 from loops.journal._model import JournalError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # ------------------------------------------------------------------ schema
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -82,6 +82,21 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             role TEXT NOT NULL,
             sha256 TEXT NOT NULL REFERENCES images(sha256),
             PRIMARY KEY (experiment_id, role))""",
+    ),
+    3: (
+        # the campaign's owner: each run/resume takes a higher epoch; older owners are fenced
+        "ALTER TABLE campaigns ADD COLUMN owner_epoch INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE campaigns ADD COLUMN owner TEXT",
+        "ALTER TABLE campaigns ADD COLUMN owner_since REAL",
+        # what each station's safety budgets consumed, when (its clock and the wall clock)
+        """CREATE TABLE consumption (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            station TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            amount REAL NOT NULL,
+            t_clock REAL NOT NULL,
+            t_wall REAL NOT NULL)""",
+        "CREATE INDEX consumption_by_station ON consumption (station, t_wall)",
     ),
 }
 

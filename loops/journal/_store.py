@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from loops.journal._conn import JournalConnection
 from loops.journal._model import (
     CAMPAIGN_STATES,
     EXPERIMENT_STATES,
@@ -29,13 +28,14 @@ from loops.journal._model import (
     _dumps,
     _loads,
 )
+from loops.journal._owners import JournalOwners, _consumption_rows
 from loops.journal._reads import _EXPERIMENT_COLUMNS
 from loops.journal._schema import _schema_version
 
 _PROPOSER = re.compile(r"^(optimizer(:\S+)?|agent:\S+|operator(:\S+)?)$")
 
 
-class Journal(JournalConnection):
+class Journal(JournalOwners):
     """The durable record of campaigns and experiments (SQLite, WAL, synchronous=FULL).
 
     ``Journal(path)`` creates or opens the file and migrates its schema.
@@ -186,6 +186,7 @@ class Journal(JournalConnection):
         station: str | None = None,
         recipe: Any = None,
         optimizer_state: Mapping[str, Any] | None = None,
+        epoch: int | None = None,
     ) -> int:
         """Move an experiment to ``state``, committed before returning; returns the log id.
 
@@ -195,7 +196,8 @@ class Journal(JournalConnection):
         and step events through :meth:`step_started`/:meth:`step_done`.
         ``station``/``recipe`` update the row when given (going back to
         ``proposed`` clears the station); ``step`` and ``data`` go to the log
-        row only. ``optimizer_state`` is saved in the same transaction.
+        row only. ``optimizer_state`` is saved in the same transaction. ``epoch``: the
+        writer's owner epoch (:meth:`take_ownership`); an older one raises :class:`StaleOwner`.
         """
         return self._transition(
             experiment_id,
@@ -206,6 +208,7 @@ class Journal(JournalConnection):
             station=station,
             recipe=recipe,
             optimizer_state=optimizer_state,
+            epoch=epoch,
         )
 
     def _transition(
@@ -217,6 +220,7 @@ class Journal(JournalConnection):
         **kwargs: Any,
     ) -> int:
         reason, station = kwargs.get("reason"), kwargs.get("station")
+        epoch = kwargs.pop("epoch", None)
         if state not in NEXT_STATES:
             raise ValueError(
                 f"unknown experiment state {state!r}; one of {', '.join(EXPERIMENT_STATES)}"
@@ -229,6 +233,7 @@ class Journal(JournalConnection):
             raise ValueError(f"experiment {experiment_id}: moving to {state!r} needs a reason")
         with self._tx() as conn:
             campaign_id, current, cur_station, _ = self._current(conn, experiment_id)
+            self._require_epoch(conn, campaign_id, epoch)
             if state not in NEXT_STATES[current]:
                 raise IllegalTransition(experiment_id, current, state)
             if state == "running" and not (station or cur_station):
@@ -273,17 +278,29 @@ class Journal(JournalConnection):
             experiment_id, "failed", reason=reason, data=data, optimizer_state=optimizer_state
         )
 
-    def step_started(self, experiment_id: str, index: int, step: Any = None) -> int:
+    def step_started(
+        self,
+        experiment_id: str,
+        index: int,
+        step: Any = None,
+        *,
+        epoch: int | None = None,
+        consumption: Sequence[Sequence[object]] = (),
+    ) -> int:
         """Step ``index`` (0-based) of a running experiment is about to act; returns the log id.
 
         Refused (:class:`StepOrderError`) if that index (or a later one) already
         started, or the previous step has not been recorded done: a physical
-        step is never started twice.
+        step is never started twice. ``epoch``: the station's lease epoch (an older owner's
+        write raises :class:`StaleOwner`); ``consumption``: the station's budget consumption
+        since its last write (:meth:`record_consumption`), stored in the same transaction.
         """
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise ValueError(f"step index must be an int >= 0, got {index!r}")
         with self._tx() as conn:
-            campaign_id, current, _, last = self._current(conn, experiment_id)
+            campaign_id, current, station, last = self._current(conn, experiment_id)
+            self._require_epoch(conn, campaign_id, epoch)
+            self._insert_consumption(conn, _consumption_rows(station or "", consumption))
             if current != "running":
                 raise IllegalTransition(
                     experiment_id, current, "running", f"step {index} can only start while running"
@@ -305,10 +322,21 @@ class Journal(JournalConnection):
                 touch_step=True,
             )
 
-    def step_done(self, experiment_id: str, index: int, data: Any = None) -> int:
-        """Step ``index`` finished (``data``: its readings/outcome); returns the log id."""
+    def step_done(
+        self,
+        experiment_id: str,
+        index: int,
+        data: Any = None,
+        *,
+        epoch: int | None = None,
+        consumption: Sequence[Sequence[object]] = (),
+    ) -> int:
+        """Step ``index`` finished (``data``: its readings/outcome); returns the log id.
+        ``epoch`` and ``consumption`` as for :meth:`step_started`."""
         with self._tx() as conn:
-            campaign_id, current, _, _ = self._current(conn, experiment_id)
+            campaign_id, current, station, _ = self._current(conn, experiment_id)
+            self._require_epoch(conn, campaign_id, epoch)
+            self._insert_consumption(conn, _consumption_rows(station or "", consumption))
             if current != "running":
                 raise IllegalTransition(
                     experiment_id, current, "running", f"step {index} can only finish while running"

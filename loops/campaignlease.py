@@ -1,0 +1,115 @@
+"""The campaign's ownership of its stations: epoch and leases (:class:`CampaignLease`).
+
+Before anything acts, ``prepare`` takes the campaign's next owner epoch in the journal
+(:meth:`Journal.take_ownership <loops.journal.Journal.take_ownership>`) and a lease on
+every station with it (:meth:`StationActor.lease
+<loops.stationactor.StationActor.lease>`); a keeper task renews the leases every
+:data:`~loops.stationlease.RENEW_S` real seconds until the campaign ends, when they are
+released. If this process dies, the leases run out and every station trips within
+the bound of :mod:`loops.stationlease`. A station that refuses the renewal (a newer
+owner fenced this one off, or the lease was lost) is taken out of the campaign; a
+fenced owner stops the whole campaign.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+
+from loops.campaignbook import CampaignBook, Slot
+from loops.journal import Journal, StaleOwner
+from loops.stationerrors import cause_text
+from loops.stationlease import RENEW_S
+from loops.stations import StationActor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CampaignLease"]
+
+
+class CampaignLease(CampaignBook):
+    """Taking, keeping and releasing the stations' leases (module docstring)."""
+
+    _epoch: int | None = None
+    _keeper: asyncio.Task[None] | None = None
+    _released: set[str]
+
+    @property
+    def epoch(self) -> int | None:
+        """This owner's epoch (None before :meth:`prepare`)."""
+        return self._epoch
+
+    def _owner_name(self) -> str:
+        return f"campaign {self.campaign_id} (pid {os.getpid()} on {socket.gethostname()})"
+
+    async def _take_leases(self) -> None:
+        """Become the campaign's owner (next epoch) and lease every station; start the keeper."""
+        owner = self._owner_name()
+        self._epoch = await self.journal.call(Journal.take_ownership, self.campaign_id, owner)
+        self._released = set()
+        await self._renew(first=True)
+        self._keeper = asyncio.create_task(self._keep(), name=f"campaign-{self.campaign_id}-leases")
+
+    async def _renew(self, *, first: bool = False) -> None:
+        epoch = self._epoch
+        assert epoch is not None
+        owner = self._owner_name()
+        live = [s for s in self._slots.values() if s.state != "out"]
+        for slot in self._slots.values():  # a station out of the campaign: its lease ends now
+            if slot.state == "out" and slot.name not in self._released:
+                self._released.add(slot.name)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(slot.actor.call(StationActor.release, epoch), RENEW_S)
+        calls = [slot.actor.call(StationActor.lease, owner, epoch, self._lease_s) for slot in live]
+        done = await asyncio.gather(
+            *(asyncio.wait_for(c, None if first else 2 * RENEW_S) for c in calls),
+            return_exceptions=True,
+        )
+        for slot, outcome in zip(live, done, strict=True):
+            if isinstance(outcome, TimeoutError):
+                continue  # slow, not refused: the next renewal tries again
+            if isinstance(outcome, BaseException):
+                self._lease_refused(slot, outcome)
+
+    def _lease_refused(self, slot: Slot, exc: BaseException) -> None:
+        why = cause_text(exc)
+        if slot.state != "out":
+            self._out(slot, f"lease refused: {why}")
+        if isinstance(exc, StaleOwner):  # a newer owner runs this campaign: stop acting
+            reason = f"fenced off by a newer owner of campaign {self.campaign_id}: {why}"
+            self._stop_request = self._stop_request or reason  # CampaignRunner.stop()
+            self._running.set()
+
+    async def _keep(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(RENEW_S)
+            gap = time.monotonic() - last
+            if gap > self._lease_s / 2:  # this process stalls: its stations may trip
+                log.warning(
+                    "campaign %s: lease renewal %.1f s after the last (leases last %g s)",
+                    self.campaign_id,
+                    gap,
+                    self._lease_s,
+                )
+            await self._renew()
+            last = time.monotonic()
+
+    async def _release_leases(self) -> None:
+        """Stop renewing and release every station's lease (the campaign ended)."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        epoch = self._epoch
+        if epoch is None:
+            return
+        await asyncio.gather(
+            *(s.actor.call(StationActor.release, epoch) for s in self._slots.values()),
+            return_exceptions=True,
+        )
