@@ -1426,7 +1426,10 @@ async def test_the_docs_examples_work_against_labbridge_serve_and_sigterm_is_ord
             assert [c["action"] for c in controls] == ["pause", "resume", "stop"]
             assert all(c["ok"] for c in controls) and controls[0]["state"] == "paused"
             estops = _json_lines(await run(blocks[6]))
-            assert len(estops) == 1 and estops[0]["ok"] and estops[0]["already_tripped"], estops
+            # two e-stops from two clients (pub, then rr): the service may see them in either
+            # order, so the answered one tripped the station or found it tripped already
+            assert len(estops) == 1 and estops[0]["ok"], estops
+            assert all(s["ok"] for s in estops[0]["stations"].values()), estops
             reset = _json_lines(await run(blocks[7]))[0]
             assert reset["ok"] and reset["stations"]["bench-a"]["was_tripped"], reset
             assert (
