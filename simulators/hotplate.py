@@ -63,7 +63,6 @@ DEVICE = "hotplate"
 NO_PROBE = 0x8000
 MAX_RPM = 1500
 N_REGISTERS = 5
-SUPPORTED_FC = (3, 4, 6, 16)
 
 
 def _u16(value: float) -> int:
@@ -199,7 +198,7 @@ class HotplateSim(ModbusUnitSim):
                 list(regs),
                 [SimData(0, count=N_REGISTERS, values=0, datatype=DataType.REGISTERS)],
             ),
-            action=self._action,
+            action=self.action,
         )
 
     def input_registers(self) -> list[int]:
@@ -240,29 +239,7 @@ class HotplateSim(ModbusUnitSim):
                 max(0, min(0xFFFF, int(hp.watchdog_s))),
             ]
 
-    async def _action(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        """SimDevice hook, called for every access after pymodbus checked the address range."""
-        if function_code not in SUPPORTED_FC:
-            return ExcCodes.ILLEGAL_FUNCTION
-        if self.failing():
-            return ExcCodes.DEVICE_FAILURE  # nothing applied; trace_pdu puts in the configured code
-        if set_values is None:  # a read (or pymodbus reading back an FC6 write for its echo)
-            fresh = self.input_registers() if function_code == 4 else self.holding_registers()
-            for i, value in enumerate(fresh):
-                if 0 <= i - start_address < len(registers):
-                    registers[i - start_address] = value
-            return None
-        return self._apply_write(address, [int(v) for v in set_values])
-
-    def _apply_write(self, address: int, values: list[int]) -> ExcCodes | None:
+    def write(self, address: int, values: list[int]) -> ExcCodes | None:
         w = self.world
         hp = w.hotplate
         # Check every value first: a rejected FC16 changes nothing.

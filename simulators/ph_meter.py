@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 DEVICE = "ph"
 UNIT = 2
-SUPPORTED_FC = (3, 4, 6, 16)
 BUFFERS = {4010: 4.01, 7000: 7.00, 10010: 10.01}
 CALIBRATION_S = 15.0
 CALIBRATION_VALID_S = 24 * 3600.0
@@ -303,30 +302,8 @@ class PhTransmitterSim(ModbusUnitSim):
                 ],
                 [SimData(0, count=4, values=0, datatype=DataType.REGISTERS)],
             ),
-            action=self._action,
+            action=self.action,
         )
-
-    async def _action(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        """SimDevice hook, called for every access after pymodbus checked the address range."""
-        if function_code not in SUPPORTED_FC:
-            return ExcCodes.ILLEGAL_FUNCTION
-        if self.failing():
-            return ExcCodes.DEVICE_FAILURE  # nothing applied; trace_pdu puts in the configured code
-        if set_values is None:  # a read (or pymodbus reading back an FC6 write for its echo)
-            fresh = self.input_registers() if function_code == 4 else self.holding_registers()
-            for i, value in enumerate(fresh):
-                if 0 <= i - start_address < len(registers):
-                    registers[i - start_address] = value
-            return None
-        return self.write(address, [int(v) for v in set_values])
 
 
 __all__ = ["BUFFERS", "Calibration", "PhTransmitterSim"]

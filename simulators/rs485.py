@@ -33,6 +33,7 @@ import tty
 from typing import Any
 from urllib.parse import quote
 
+from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusSerialServer
 from pymodbus.server.base import ModbusBaseServer
@@ -43,11 +44,16 @@ from simulators.benchworld import BenchWorld, WireLog
 log = logging.getLogger(__name__)
 
 
+#: the function codes the simulated units answer (read holding/input, write one/several)
+SUPPORTED_FC = (3, 4, 6, 16)
+
+
 class ModbusUnitSim:
     """What every simulated Modbus unit shares: its id, the request log and the wire faults.
 
-    Subclasses (a device) give :meth:`sim_device` (their register map, with a
-    pymodbus ``action`` hook). Requests are recorded in ``world.wire`` under
+    Subclasses (a device) give :meth:`sim_device` (their register map, with
+    :meth:`action` as the pymodbus hook) and the registers it reads and writes:
+    :meth:`input_registers`, :meth:`holding_registers`, :meth:`write`. Requests are recorded in ``world.wire`` under
     ``device``: ``{"fc": 3, "address": 0, "count": 5}`` for reads,
     ``{"fc": 6, "address": 2, "values": [1]}`` for writes. Faults
     (``world.faults``, matched on ``device=``):
@@ -73,6 +79,40 @@ class ModbusUnitSim:
     def sim_device(self, device_id: int) -> SimDevice:
         """The unit's register map as a pymodbus ``SimDevice`` with that id."""
         raise NotImplementedError
+
+    def input_registers(self) -> list[int]:
+        """The input registers from address 0, as the device would answer now."""
+        raise NotImplementedError
+
+    def holding_registers(self) -> list[int]:
+        """The holding registers from address 0, as the device would answer now."""
+        raise NotImplementedError
+
+    def write(self, address: int, values: list[int]) -> ExcCodes | None:
+        """Apply a write (FC6/FC16) of ``values`` at ``address``; an exception code refuses it."""
+        raise NotImplementedError
+
+    async def action(
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        """SimDevice hook, called for every access after pymodbus checked the address range."""
+        if function_code not in SUPPORTED_FC:
+            return ExcCodes.ILLEGAL_FUNCTION
+        if self.failing():
+            return ExcCodes.DEVICE_FAILURE  # nothing applied; trace_pdu puts in the configured code
+        if set_values is None:  # a read (or pymodbus reading back an FC6 write for its echo)
+            fresh = self.input_registers() if function_code == 4 else self.holding_registers()
+            for i, value in enumerate(fresh):
+                if 0 <= i - start_address < len(registers):
+                    registers[i - start_address] = value
+            return None
+        return self.write(address, [int(v) for v in set_values])
 
     def failing(self) -> bool:
         """Is the ``modbus-exception`` fault active for this unit (apply nothing)?"""
