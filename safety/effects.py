@@ -50,8 +50,10 @@ format carries it).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 from instruments.declare import ACTUATE, READ, SAFER, Call, CommandSpec
@@ -112,15 +114,22 @@ class Layout:
         """The declared commands of instrument ``name`` (read-only; none for an unknown one)."""
         return self.commands.get(name, {})
 
-    def flowing_channels(self) -> dict[str, str]:
+    def flowing_channels(self) -> Mapping[str, str]:
         """``<instrument>.flowing`` -> instrument, for every instrument with a declared flow:
         true while the guard counts a flow it was sent as possibly still running (derived
-        by the guard, never commanded; rules may name it)."""
-        return {
-            f"{name}.flowing": name
-            for name, specs in self.commands.items()
-            if any(spec.flow is not None for spec in specs.values())
-        }
+        by the guard, never commanded; rules may name it). Worked out once per layout:
+        every command check asks."""
+        return self._flowing
+
+    @functools.cached_property
+    def _flowing(self) -> Mapping[str, str]:
+        return MappingProxyType(
+            {
+                f"{name}.flowing": name
+                for name, specs in self.commands.items()
+                if any(spec.flow is not None for spec in specs.values())
+            }
+        )
 
     def momentary_rest(self) -> dict[str, bool]:
         """Every declared momentary channel (``Set(..., momentary=True)``) at rest."""
@@ -490,6 +499,7 @@ def assess(
         return Assessment(command, effect, (Violation("latch", reason, {}, "latch"),), True)
     if effect.category in (READ, SAFER):
         return Assessment(command, effect)
+    derived = layout.flowing_channels()
     violations = [
         Violation(
             "unbounded",
@@ -499,7 +509,7 @@ def assess(
             "limit",
         )
         for channel, value in effect.updates.items()
-        if channel not in envelope.channels and channel not in layout.flowing_channels()
+        if channel not in envelope.channels and channel not in derived
     ]
     violations += envelope.check(
         view, effect.updates, now=now, consumes=effect.consumes, ledger=ledger
