@@ -65,7 +65,6 @@ fast model consume: one interpretation.
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,6 +80,7 @@ from loops.steps import (
     image_digest_name,
     plain,
 )
+from safety.envelope import is_number
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
 from safety.yamldoc import YamlDoc
 
@@ -104,10 +104,6 @@ _TARGET_RE = re.compile(rf"({_WORD})\.({_WORD})")
 _MEASURE_RE = re.compile(rf"{_WORD}(?:\.{_WORD})*")
 COMMON = ("when", "else", "doc")
 MAX_STEPS = 500
-
-
-def _num(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # ------------------------------------------------------------------ the plan
@@ -186,7 +182,7 @@ class Plan:
                 data["args"] = args
             for key in ("seconds", "to", "from", "per_min", "every_s", "timeout_s", "step_s"):
                 value = data.get(key)
-                if key in data and value is not None and not (_num(value) and math.isfinite(value)):
+                if key in data and value is not None and not (is_number(value) and math.isfinite(value)):
                     raise RecipeError(f"{where}: {key} must be a finite number, got {value!r}")
             if ps.kind == "hold" and data["seconds"] < 0:
                 raise RecipeError(f"{where}: hold must be >= 0 s, got {data['seconds']!r}")
@@ -218,10 +214,10 @@ def compile_fixed(
             raise doc.error(f"names are identifiers, got {key!r}", kpath)
         if key in taken:
             raise doc.error(f"'{key}' is a parameter; it cannot also be fixed", kpath)
-        ok = value is None or isinstance(value, str | bool) or _num(value)
+        ok = value is None or isinstance(value, str | bool) or is_number(value)
         if isinstance(value, list):
-            ok = all(_num(v) or isinstance(v, str | bool) for v in value)
-        if not ok or (_num(value) and not math.isfinite(value)):
+            ok = all(is_number(v) or isinstance(v, str | bool) for v in value)
+        if not ok or (is_number(value) and not math.isfinite(value)):
             raise doc.error(
                 f"must be a number, string, boolean or a list of them, got {value!r}", kpath
             )
@@ -244,10 +240,10 @@ def parse_at(text: str, path: tuple[Any, ...], doc: YamlDoc, *, boolean: bool) -
 def _value(raw: Any, path: tuple[Any, ...], doc: YamlDoc) -> _Value:
     if isinstance(raw, str):
         return _Value(expr=parse_at(raw, path, doc, boolean=False))
-    if raw is None or isinstance(raw, bool) or (_num(raw) and math.isfinite(raw)):
+    if raw is None or isinstance(raw, bool) or (is_number(raw) and math.isfinite(raw)):
         return _Value(literal=plain(raw))
     if isinstance(raw, list) and all(
-        isinstance(v, bool | str) or (_num(v) and math.isfinite(v)) for v in raw
+        isinstance(v, bool | str) or (is_number(v) and math.isfinite(v)) for v in raw
     ):
         return _Value(literal=plain(raw))
     raise doc.error(
