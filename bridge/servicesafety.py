@@ -132,8 +132,9 @@ class StationSafety:
 
         A station still running an experiment is not reset under it: an experiment that
         was running when the station tripped stops at its next command while the
-        station is latched, but would carry on after a reset. The reset waits for it
-        (up to ``reset_wait_s``) and otherwise refuses that station. ``drain``: also
+        station is latched, but would carry on after a reset. The reset waits for it, and
+        for the campaigns told to stop to end (they hold their stations' leases until
+        then), up to ``reset_wait_s``, and otherwise refuses that station. ``drain``: also
         empty the vial through the guard (:meth:`~loops.stations.StationActor.recover`:
         trip, reset, drain), for a station whose experiment stopped half-way and left
         liquid in the vial (the guard counts it: new proposals would overfill it).
@@ -229,10 +230,14 @@ class StationSafety:
         return {"ok": True, "was_tripped": was, "tripped": bool(st.get("tripped"))}
 
     async def _wait_idle(self, names: Sequence[str], timeout: float) -> None:
+        """Wait (up to ``timeout``) until no station runs an experiment and every campaign
+        told to stop has ended: until then it holds its stations' leases, and a drain
+        (a call without the owner's epoch) is refused."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            ending = [h for h in self._campaigns.values() if h.active and h.runner.stopping]
             statuses = await self._station_statuses(names)
-            if not any(st.get("busy") for st in statuses.values()):
+            if not ending and not any(st.get("busy") for st in statuses.values()):
                 return
             await asyncio.sleep(0.1)
 

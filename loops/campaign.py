@@ -165,6 +165,11 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
         self._stop_request = self._stop_request or reason
         self._running.set()  # a paused campaign wakes up to stop
 
+    @property
+    def stopping(self) -> bool:
+        """Told to stop (:meth:`stop`, :meth:`abort`): it ends once its running experiments do."""
+        return self._stop_request is not None
+
     async def abort(self, reason: str, who: str = "operator") -> None:
         """Stop now: trip every station (latched safe state); running experiments fail."""
         self._abort_request = self._abort_request or reason
