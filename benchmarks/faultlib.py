@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import math
 import statistics
 import time
@@ -28,6 +29,7 @@ from typing import Any
 import psutil
 
 from loops.journal import Journal
+from loops.program import Program, load_program
 from safety.envelope import Envelope, Violation
 from simulators.bench import PUMP_ADDRESSES, SimulatedBench
 
@@ -36,6 +38,22 @@ FLUID_OF = {address: fluid for fluid, address in PUMP_ADDRESSES.items()}
 TERMINAL = ("done", "failed", "rejected", "cancelled")
 #: pump rate units (PROTOCOLS.md) -> mL/min
 RATE_UNITS = {"MM": 1.0, "MH": 1.0 / 60.0, "UM": 1e-3, "UH": 1e-3 / 60.0}
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
+
+
+def campaign_program(experiments: int, path: Path = EXAMPLE) -> Program:
+    """The colour-match program at ``path`` (default the example): random proposals, no stop
+    rule but ``experiments``, no time budget."""
+    base = load_program(path)
+    return dataclasses.replace(
+        base,
+        strategy="random",
+        initial_points=min(base.initial_points, max(1, experiments // 2)),
+        budget=dataclasses.replace(base.budget, experiments=experiments, hours=None),
+        stop=dataclasses.replace(base.stop, target=None, no_improvement=None),
+    )
 
 
 # --------------------------------------------------------------------- statistics
@@ -148,7 +166,9 @@ def _decode(device: str, data: Any, state: Mapping[str, Any]) -> tuple[dict[str,
             updates["hotplate.stirrer"] = writes[3] == 1
         if 1 in writes or 3 in writes:
             on = updates.get("hotplate.stirrer", state.get("hotplate.stirrer", False))
-            rpm = updates.get("hotplate.stirrer_setpoint_rpm", state.get("hotplate.stirrer_setpoint_rpm", 0))
+            rpm = updates.get(
+                "hotplate.stirrer_setpoint_rpm", state.get("hotplate.stirrer_setpoint_rpm", 0)
+            )
             updates["hotplate.stirrer_rpm"] = rpm if on else 0
         safer = bool(writes) and set(writes) <= {2, 3} and all(v == 0 for v in writes.values())
         return updates, safer
@@ -299,7 +319,9 @@ def budget_check(
         # the ledger counts what was commanded, before the pump ran: never less than pushed
         "uncounted_ml": round(max(0.0, pushed - ledger), 4),
         "max_in_window_ml": round(series.max_dye_in_window(budget.window_s), 4),
-        "over_budget_ml": round(max(0.0, series.max_dye_in_window(budget.window_s) - budget.limit), 4),
+        "over_budget_ml": round(
+            max(0.0, series.max_dye_in_window(budget.window_s) - budget.limit), 4
+        ),
     }
 
 

@@ -64,6 +64,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import signal
@@ -72,7 +73,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ from benchmarks.faultlib import (  # noqa: E402
     audit_journal,
     audit_wire,
     budget_check,
+    campaign_program,
     descendants,
     done_results,
     journal_rows,
@@ -100,12 +102,10 @@ from benchmarks.faultlib import (  # noqa: E402
     rows_after,
     vessel_check,
 )
-from loops.program import Program, load_program  # noqa: E402
 from loops.stationlease import LEASE_S, POLL_S  # noqa: E402
-from safety.envelope import Envelope, reference_envelope  # noqa: E402
+from safety.envelope import reference_envelope  # noqa: E402
 
 ROOT = Path(_ROOT)
-EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
 #: after the owner's death its stations stop acting within this (loops/stationlease.py)
 FENCING_BOUND_S = LEASE_S + 2 * POLL_S
 OPERATOR = "faultbench"
@@ -175,18 +175,6 @@ class Progress:
             print(f"[{time.monotonic() - self.t0:7.1f} s] {text}", file=sys.stderr, flush=True)
 
 
-def campaign_program(experiments: int) -> Program:
-    """The colour-match example: random proposals, no stop rule but ``experiments``."""
-    base = load_program(EXAMPLE)
-    return dataclasses.replace(
-        base,
-        strategy="random",
-        initial_points=min(base.initial_points, max(1, experiments // 2)),
-        budget=dataclasses.replace(base.budget, experiments=experiments, hours=None),
-        stop=dataclasses.replace(base.stop, target=None, no_improvement=None),
-    )
-
-
 # ----------------------------------------------------------------- kill -9
 @dataclass
 class Kill:
@@ -236,7 +224,10 @@ async def _start_over_mqtt(lab_file: Path, campaign_id: str, program: str) -> di
     deadline = time.monotonic() + 120
     while True:
         reply, _ = await request(
-            settings, lab.bridge_id, "campaigns/start", {"id": campaign_id, "program": program},
+            settings,
+            lab.bridge_id,
+            "campaigns/start",
+            {"id": campaign_id, "program": program},
             timeout=5.0,
         )
         if reply is not None:
@@ -487,7 +478,10 @@ def kill_table(r: dict[str, Any]) -> list[str]:
     lines.append(
         f"  at the end: actor processes {r['actors_left_at_end']}, lb-* folders left "
         f"{r['lb_left_at_end']}; campaigns "
-        + ", ".join(f"{s}: {sum(1 for x in r['campaigns'].values() if x == s)}" for s in sorted(set(map(str, r["campaigns"].values()))))
+        + ", ".join(
+            f"{s}: {sum(1 for x in r['campaigns'].values() if x == s)}"
+            for s in sorted(set(map(str, r["campaigns"].values())))
+        )
     )
     return lines
 
@@ -519,6 +513,14 @@ async def run(s: Settings) -> dict[str, Any]:
     doc: dict[str, Any] = {"settings": {k: str(v) for k, v in dataclasses.asdict(s).items()}}
     with private_tmp() as tmp:
         t0 = time.monotonic()
+        # the stack's own log lines (a station out, a retry) go to a file, not over the tables
+        logging.basicConfig(
+            filename=tmp / "benchmark.log",
+            level=logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            force=True,
+        )
+        doc["log"] = str(tmp / "benchmark.log")
         init_ray(
             stations=[f"bench-{chr(ord('a') + i)}" for i in range(max(3, s.stations))],
             local=True,
