@@ -120,7 +120,8 @@ class Settings:
     speed: float = 500.0  # the kill campaign's bench
     fault_speed: float = 500.0
     stations: int = 3  # the fault campaign's
-    experiments: int = 6  # per kill campaign
+    experiments: int = 4  # per kill campaign
+    kills_per_campaign: int = 3  # then it runs to its end (a new campaign: run and serve in turn)
     settle_s: float = 1.5  # after the fencing bound, before the resume starts
     out: Path = Path(_HERE) / "results"
     only: str | None = None
@@ -130,14 +131,19 @@ class Settings:
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--quick", action="store_true", help="CI form: 5 kills, 40 faults, 2 stations")
+    ap.add_argument("--quick", action="store_true", help="CI form: 5 kills, 30 faults, 2 stations")
     ap.add_argument("--kills", type=int, default=None, help="SIGKILLs of run/serve/resume (50)")
     ap.add_argument("--faults", type=int, default=None, help="injected faults (1000)")
     ap.add_argument("--stations", type=int, default=None, help="fault campaign stations (3)")
     ap.add_argument("--seed", type=int, default=0, help="RNG seed of kill moments and faults (0)")
     ap.add_argument("--speed", type=float, default=500.0, help="kill campaign bench speed (500)")
     ap.add_argument("--fault-speed", type=float, default=500.0, help="fault bench speed (500)")
-    ap.add_argument("--experiments", type=int, default=6, help="budget of each kill campaign (6)")
+    ap.add_argument(
+        "--experiments", type=int, default=None, help="budget of each kill campaign (4)"
+    )
+    ap.add_argument(
+        "--kills-per-campaign", type=int, default=None, help="then it runs to its end (3)"
+    )
     ap.add_argument(
         "--settle", type=float, default=1.5, help="s watched after the fencing bound (1.5)"
     )
@@ -148,12 +154,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     quick = a.quick
     return Settings(
         kills=a.kills if a.kills is not None else (5 if quick else 50),
-        faults=a.faults if a.faults is not None else (40 if quick else 1000),
+        faults=a.faults if a.faults is not None else (30 if quick else 1000),
         seed=a.seed,
         speed=a.speed,
         fault_speed=a.fault_speed,
         stations=a.stations if a.stations is not None else (2 if quick else 3),
-        experiments=a.experiments,
+        experiments=a.experiments or (3 if quick else 4),
+        kills_per_campaign=a.kills_per_campaign or (2 if quick else 3),
         settle_s=a.settle,
         out=a.out
         or (Path(tempfile.gettempdir()) / "faultbench" if quick else Path(_HERE) / "results"),
@@ -280,7 +287,7 @@ async def kill_campaign(s: Settings, progress: Progress, tmp: Path) -> dict[str,
         async with Physics([bench]) as physics:
             proc: Any = None
             command = cid = ""
-            n = ends = 0
+            n = ends = in_campaign = 0
             while True:
                 if proc is None:  # a new campaign: by run or by serve, in turn
                     if len(kills) >= s.kills:
@@ -320,12 +327,13 @@ async def kill_campaign(s: Settings, progress: Progress, tmp: Path) -> dict[str,
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"campaign {cid} made no progress in 180 s; see {log}")
                     await asyncio.sleep(0.05)
-                if finished or len(kills) >= s.kills:  # let it end by itself
+                enough = len(kills) >= s.kills or in_campaign >= s.kills_per_campaign
+                if finished or enough:  # let it end by itself
                     code = await _finish(proc, command, store, cid)
                     state = _campaign_state(store, cid)
                     if state == "done":
                         proc = None
-                        ends = 0
+                        ends = in_campaign = 0
                         continue
                     ends += 1
                     if state is None or ends > 20:
@@ -344,6 +352,7 @@ async def kill_campaign(s: Settings, progress: Progress, tmp: Path) -> dict[str,
                 t_kill, wall_kill = time.monotonic(), time.time()
                 proc.wait()
                 commands[command] += 1
+                in_campaign += 1
                 await asyncio.sleep(FENCING_BOUND_S + s.settle_s)  # nobody drives the bench
                 late = actuating(bench, t_kill)
                 rows = rows_after(store, cid, wall_kill)
@@ -371,6 +380,7 @@ async def kill_campaign(s: Settings, progress: Progress, tmp: Path) -> dict[str,
                 )
                 if _campaign_state(store, cid) is None:  # killed before it was created
                     proc = None
+                    in_campaign = 0
                     continue
                 proc = _labbridge(["resume", cid, "--no-progress", *common], log, tmp)
                 command = "resume"
