@@ -29,6 +29,7 @@ from benchmarks.faultlib import (
     audit_wire,
     budget_check,
     campaign_program,
+    colour_benches,
     med,
     pct,
     vessel_check,
@@ -211,7 +212,12 @@ class StationFaults:
                     f.resets_refused += 1
                     await asyncio.sleep(0.2)
                     continue
-                await self.start_campaign()
+                try:
+                    await self.start_campaign()
+                except Exception as exc:  # e.g. the actor died under the resume: look again
+                    self.errors.append(f"{f.kind}: resume failed: {type(exc).__name__}: {exc}")
+                    await asyncio.sleep(0.2)
+                    continue
                 f.resumed += 1
             elif self.started_at > f.t_clr:
                 status = await self.actor.status.remote()
@@ -261,24 +267,25 @@ async def fault_campaign(s: Any, progress: Any, tmp: Path) -> dict[str, Any]:
     kinds = kind_cycle(random.Random(s.seed + 2))
     t_wall0 = time.time()
     async with SimulatedLab(stations=s.stations, speed=s.fault_speed, seed=s.seed) as sim:
+        benches = colour_benches(sim)
         (work / "lab.yaml").write_text(sim_lab_yaml(sim, store, bridge_id="faultbench-faults"))
         lab = load_lab(work / "lab.yaml")
         journal = start_journal_actor(lab.store)
         clock, _ = lab_clock(lab)
-        actors = {b.name: start_lab_station(lab, b.name, journal, clock) for b in sim.stations}
+        actors = {b.name: start_lab_station(lab, b.name, journal, clock) for b in benches}
         await asyncio.gather(*(a.start.remote() for a in actors.values()))
         await set_up(lab, actors, who="faultbench:setup")
         runs = [
             StationFaults(
                 lab, b, journal, actors[b.name], program, random.Random(rng.random()), kinds
             )
-            for b in sim.stations
+            for b in benches
         ]
         quotas = [s.faults // len(runs) + (i < s.faults % len(runs)) for i in range(len(runs))]
         counter = [0]
         progress(f"faults: {s.faults} on {len(runs)} stations at {s.fault_speed:g}x")
         try:
-            async with Physics(sim.stations) as physics:
+            async with Physics(benches) as physics:
                 await asyncio.gather(
                     *(
                         r.run(q, progress, counter, s.faults)
@@ -294,12 +301,12 @@ async def fault_campaign(s: Any, progress: Any, tmp: Path) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 await journal.close.remote()
             ray.kill(journal, no_restart=True)
-        wire = {b.name: audit_wire(b, envelope) for b in sim.stations}
+        wire = {b.name: audit_wire(b, envelope) for b in benches}
         budgets = {
             b.name: budget_check(physics.series[b.name], envelope, store, b.name, t_wall0)
-            for b in sim.stations
+            for b in benches
         }
-        vessels = {b.name: vessel_check(physics.series[b.name], envelope) for b in sim.stations}
+        vessels = {b.name: vessel_check(physics.series[b.name], envelope) for b in benches}
     seen: dict[str, float | None] = {}
     for r in runs:
         seen.update(r.finished)

@@ -31,7 +31,7 @@ import psutil
 from loops.journal import Journal
 from loops.program import Program, load_program
 from safety.envelope import Envelope, Violation
-from simulators.bench import PUMP_ADDRESSES, SimulatedBench
+from simulators.bench import PUMP_ADDRESSES, SimulatedBench, SimulatedLab
 
 DYE = ("red", "green", "blue")
 FLUID_OF = {address: fluid for fluid, address in PUMP_ADDRESSES.items()}
@@ -54,6 +54,14 @@ def campaign_program(experiments: int, path: Path = EXAMPLE) -> Program:
         budget=dataclasses.replace(base.budget, experiments=experiments, hours=None),
         stop=dataclasses.replace(base.stop, target=None, no_improvement=None),
     )
+
+
+def colour_benches(lab: SimulatedLab) -> list[SimulatedBench]:
+    """The colour bench's stations of a running simulated lab."""
+    benches = [b for b in lab.stations if isinstance(b, SimulatedBench)]
+    if len(benches) != len(lab.stations):
+        raise ValueError("benchmarks/faults.py runs on the colour bench only")
+    return benches
 
 
 # --------------------------------------------------------------------- statistics
@@ -388,7 +396,7 @@ def audit_journal(
                 out.states[e.state] = out.states.get(e.state, 0) + 1
                 log = j.transitions(e.id)
                 states = [t.state for t in log if t.event == "state"]
-                started = [t.step for t in log if t.event == "step_started"]
+                started = [t.step for t in log if t.event == "step_started" and t.step is not None]
                 done_steps = {t.step for t in log if t.event == "step_done"}
                 if states.count("running") > 1:
                     out.twice.append(f"{e.id}: 'running' {states.count('running')} times")
@@ -406,9 +414,9 @@ def audit_journal(
                 if e.state == "failed" and steps and done_steps >= set(range(steps)):
                     out.dropped.append(f"{e.id}: all {steps} steps done, closed failed: {e.reason}")
     for eid, value in (seen or {}).items():
-        e = final.get(eid)
-        if e is None or e.state != "done" or e.objective != value:
-            now = "missing" if e is None else f"{e.state} {e.objective}"
+        last = final.get(eid)
+        if last is None or last.state != "done" or last.objective != value:
+            now = "missing" if last is None else f"{last.state} {last.objective}"
             out.changed.append(f"{eid}: done {value} before, {now} after")
     return out
 

@@ -93,6 +93,7 @@ from benchmarks.faultlib import (  # noqa: E402
     audit_wire,
     budget_check,
     campaign_program,
+    colour_benches,
     descendants,
     done_results,
     journal_rows,
@@ -237,7 +238,8 @@ async def _start_over_mqtt(lab_file: Path, campaign_id: str, program: str) -> di
             {"id": campaign_id, "program": program},
             timeout=5.0,
         )
-        if reply is not None:
+        stale = reply is not None and any("not acted on" in e for e in reply.get("errors") or [])
+        if reply is not None and not stale:  # a start queued while serve was starting: again
             return reply
         if time.monotonic() > deadline:
             raise RuntimeError("labbridge serve never answered campaigns/start")
@@ -278,7 +280,7 @@ async def kill_campaign(s: Settings, progress: Progress, tmp: Path) -> dict[str,
     commands = {"run": 0, "serve": 0, "resume": 0}
     t_start_wall = time.time()
     async with SimulatedLab(stations=1, speed=s.speed, seed=s.seed) as sim:
-        bench = sim.stations[0]
+        (bench,) = colour_benches(sim)
         text = sim_lab_yaml(sim, store, bridge_id="faultbench")
         text += f"mqtt:\n  url: {sim.broker_url}\n  status_interval_s: 0.5\n"
         lab_file.write_text(text)
