@@ -72,7 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,8 +286,8 @@ async def kill_campaign(s: Settings, progress: Progress, tmp: Path) -> dict[str,
         lab_file.write_text(text)
         common = ["--lab", str(lab_file), "--ray-address", address, "--operator", OPERATOR]
         lb_before = lb_folders(tmp)
-        async with Physics([bench]) as physics:
-            proc: Any = None
+        proc: Any = None
+        async with Physics([bench]) as physics, _reaped(lambda: proc):
             command = cid = ""
             n = ends = in_campaign = 0
             while True:
@@ -411,6 +411,18 @@ async def kill_campaign(s: Settings, progress: Progress, tmp: Path) -> dict[str,
         "actors_left_at_end": len(ray_actor_processes(os.getpid())),
         "log": str(log),
     }
+
+
+@contextlib.asynccontextmanager
+async def _reaped(current: Any) -> AsyncIterator[None]:
+    """On the way out (an error too), the owner process still running is stopped."""
+    try:
+        yield
+    finally:
+        proc = current()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
 
 
 def _running(store: Path, cid: str) -> bool:
