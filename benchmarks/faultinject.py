@@ -228,7 +228,14 @@ class StationFaults:
         self.errors.append(f"{f.kind} at {f.wall_inj:.1f}: not back within {RECOVERY_TIMEOUT_S} s")
 
     async def run(self, quota: int, progress: Any, counter: list[int], total: int) -> None:
-        await self.start_campaign()
+        for attempt in range(3):
+            try:
+                await self.start_campaign()
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(1.0)
         for _ in range(quota):
             await asyncio.sleep(self.rng.uniform(*GAP_S))
             kind = next(self.kinds)
@@ -274,7 +281,17 @@ async def fault_campaign(s: Any, progress: Any, tmp: Path) -> dict[str, Any]:
         clock, _ = lab_clock(lab)
         actors = {b.name: start_lab_station(lab, b.name, journal, clock) for b in benches}
         await asyncio.gather(*(a.start.remote() for a in actors.values()))
-        await set_up(lab, actors, who="faultbench:setup")
+        for attempt in range(3):  # a set-up step lost on a loaded machine: reset, again
+            try:
+                await set_up(lab, actors, who="faultbench:setup")
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(1.0)
+                for a in actors.values():
+                    with contextlib.suppress(Exception):
+                        await a.reset.remote(OPERATOR, "set-up failed: trying again")
         runs = [
             StationFaults(
                 lab, b, journal, actors[b.name], program, random.Random(rng.random()), kinds

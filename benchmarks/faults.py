@@ -72,6 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -552,19 +553,22 @@ async def run(s: Settings) -> dict[str, Any]:
         )
         progress(f"Ray head up ({time.monotonic() - t0:.1f} s), temp folder {tmp}")
         try:
-            if s.only in (None, "kills") and s.kills > 0:
-                t = time.monotonic()
-                doc["kills"] = await kill_campaign(s, progress, tmp)
-                doc["kills"]["elapsed_s"] = time.monotonic() - t
-                for line in kill_table(doc["kills"]):
-                    print(line, flush=True)
-            if s.only in (None, "faults") and s.faults > 0:
-                from benchmarks.faultinject import fault_campaign, fault_table
+            from benchmarks.faultinject import fault_campaign, fault_table
 
+            parts = [("kills", s.kills, kill_campaign, kill_table)]
+            parts.append(("faults", s.faults, fault_campaign, fault_table))
+            for name, size, part, table in parts:
+                if s.only not in (None, name) or size <= 0:
+                    continue
                 t = time.monotonic()
-                doc["faults"] = await fault_campaign(s, progress, tmp)
-                doc["faults"]["elapsed_s"] = time.monotonic() - t
-                for line in fault_table(doc["faults"]):
+                try:
+                    doc[name] = await part(s, progress, tmp)
+                except Exception:  # said in the results and as a missed goal, not a traceback
+                    doc.setdefault("errors", []).append(f"{name}: {traceback.format_exc()}")
+                    print(f"{name}: the run failed:\n{traceback.format_exc()}", flush=True)
+                    continue
+                doc[name]["elapsed_s"] = time.monotonic() - t
+                for line in table(doc[name]):
                     print(line, flush=True)
         finally:
             ray.shutdown()
@@ -593,7 +597,7 @@ def _leftover_ray(tmp: Path) -> list[str]:
 
 def invariants(doc: dict[str, Any]) -> list[str]:
     """The goals that this run missed (empty: every goal held)."""
-    out: list[str] = []
+    out: list[str] = [f"the run failed: {e.splitlines()[0]}" for e in doc.get("errors", [])]
     k = doc.get("kills")
     if k:
         after = sum(x["after_bound"] for x in k["kills"])

@@ -41,6 +41,7 @@ def run_benchmark(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
     path = out / "faults.json"
     assert path.exists(), (done.returncode, done.stdout[-3000:], done.stderr[-3000:])
     doc: dict[str, Any] = json.loads(path.read_text())
+    assert not doc.get("errors"), "\n".join(doc["errors"])
     doc["stdout"] = done.stdout
     return doc
 
