@@ -502,9 +502,9 @@ def kill_table(r: dict[str, Any]) -> list[str]:
     )
     lines.append(
         f"  at the end: actor processes {r['actors_left_at_end']}, lb-* folders left "
-        f"{r['lb_left_at_end']}; campaigns "
+        f"{r['lb_left_at_end']}; campaigns (None: killed before it was created) "
         + ", ".join(
-            f"{s}: {sum(1 for x in r['campaigns'].values() if x == s)}"
+            f"{s}: {sum(1 for x in r['campaigns'].values() if str(x) == s)}"
             for s in sorted(set(map(str, r["campaigns"].values())))
         )
     )
