@@ -67,6 +67,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -648,6 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {path}")
     for m in missed:
         print(f"MISSED: {m}")
+    if doc.get("log"):  # the run's temp folder (its logs) is kept only when a goal was missed
+        folder = Path(doc["log"]).parent
+        if missed:
+            print(f"logs: {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
     return 1 if missed else 0
 
 
