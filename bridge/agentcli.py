@@ -14,7 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_agent_parsers", "agents_command", "main", "mcp_command"]
+__all__ = ["TOKEN_ENV", "add_agent_parsers", "agents_command", "main", "mcp_command"]
+
+#: the environment variable that holds the stdio transport's agent token
+TOKEN_ENV = "LABBRIDGE_AGENT_TOKEN"
 
 
 def _lab(args: argparse.Namespace, prog: str) -> Any:
@@ -132,26 +135,38 @@ def _list(lab: Any, store: Any, as_json: bool) -> int:
 
 
 def mcp_command(args: argparse.Namespace) -> int:
-    """``labbridge mcp``: serve until the client leaves or a signal; 1 on a refusal."""
+    """``labbridge mcp``: serve until the client leaves or a signal; 1 on a refusal.
+
+    A refusal it can tell before opening anything (no token, a token that does not
+    authenticate, a bind beyond loopback without TLS) comes first, before the heavy imports."""
     import asyncio
 
-    from bridge.agents import AuthError
-    from bridge.campaigns import StationUnavailable
-    from bridge.mcpserver import TOKEN_ENV, McpError, parse_bind, serve_http, serve_stdio
-    from bridge.servicetypes import ServiceError
+    from bridge.agents import Authenticator, AuthError
 
     prog = "labbridge mcp"
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if args.http is None and not token:
+        print(
+            f"{prog}: no agent token: set {TOKEN_ENV} to the token `labbridge agents issue "
+            "NAME` printed (the stdio transport serves that one agent)",
+            file=sys.stderr,
+        )
+        return 1
     lab = _lab(args, prog)
     if lab is None:
         return 1
     try:
         if args.http is None:
-            token = os.environ.get(TOKEN_ENV, "").strip()
-            if not token:
-                raise McpError(
-                    f"no agent token: set {TOKEN_ENV} to the token `labbridge agents issue "
-                    "NAME` printed (the stdio transport serves that one agent)"
-                )
+            Authenticator(lab.agents).authenticate(token)
+    except AuthError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    from bridge.campaigns import StationUnavailable
+    from bridge.mcpserver import McpError, parse_bind, serve_http, serve_stdio
+    from bridge.servicetypes import ServiceError
+
+    try:
+        if args.http is None:
             why = asyncio.run(
                 serve_stdio(lab, token, ray_address=args.ray_address, operator=args.operator)
             )

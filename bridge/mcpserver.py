@@ -47,7 +47,6 @@ from bridge.service import LabService
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TOKEN_ENV",
     "BearerTokens",
     "HttpBind",
     "McpError",
@@ -57,8 +56,6 @@ __all__ = [
     "serve_stdio",
 ]
 
-#: the environment variable that holds the stdio transport's agent token
-TOKEN_ENV = "LABBRIDGE_AGENT_TOKEN"
 
 
 class McpError(RuntimeError):
@@ -256,7 +253,11 @@ async def serve_stdio(
         except BaseException:
             remove()
             raise
-    log.warning("labbridge mcp (stdio): %s on %s", agent.proposer, ", ".join(service.stations))
+    print(
+        f"labbridge mcp: {lab.bridge_id} for {agent.proposer} over stdio (stations "
+        f"{', '.join(service.stations)})",
+        file=sys.stderr,
+    )
     why = "the client closed the session"
     try:
         server = LabTools(service, auth, token=token).build()

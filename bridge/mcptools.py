@@ -453,6 +453,7 @@ class LabTools:
             name,
             auth=auth,
             token_verifier=token_verifier,
+            log_level="WARNING",  # the SDK's logging.basicConfig, should nobody have called it
             instructions=(
                 f"labbridge lab {lab.bridge_id}: you propose physical experiments; labbridge "
                 "decides what may touch the bench. Start with the lab and campaigns tools; "
