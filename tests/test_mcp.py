@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from docpages import blocks, run_script, strays, write_files
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -496,3 +497,26 @@ def test_http_binds_beyond_loopback_need_tls() -> None:
         parse_bind("192.0.2.1:8765", Path("/nonexistent.pem"), Path("/nonexistent.key"))
     with pytest.raises(McpError, match="is not HOST:PORT"):
         parse_bind("8765")
+
+
+# ------------------------------------------------------------------------- docs
+@pytest.mark.timeout(420)
+def test_the_agents_page_runs_as_written(ray_session: Any, tmp_path: Path) -> None:
+    page = "agents.md"
+    assert not strays(page), strays(page)
+    written = {p.name for p in write_files(page, tmp_path)}
+    assert written == {"agents.yaml", "agentlab.py", "mcp.json"}, written
+    env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    out = []
+    for block in blocks(page):
+        if block.file is None:
+            done = run_script(block, tmp_path, timeout=180, env=env)
+            out.append(done.stdout + done.stderr)
+    assert len(out) == 4, out
+    tokens = load_lab(tmp_path / "runs" / "agents" / "lab.yaml").agents.store()
+    assert set(tokens.records()) == {"alice"}  # bob's was revoked at the end
+    assert "agent:alice" in out[1] and " done agent:alice " in out[1], out[1]
+    assert "rule: hotplate.heater -> hotplate.stirrer_rpm >= 100" in out[1], out[1]
+    assert "was issued for read only, not propose" in out[2], out[2]
+    exps = journal_experiments(tmp_path / "runs" / "agents" / "journal.db", "color-agent")
+    assert "agent:alice" in {e.proposer for e in exps}
