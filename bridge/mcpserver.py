@@ -58,6 +58,14 @@ __all__ = [
 
 
 
+#: the largest HTTP request body: a program.md at its limit, JSON-escaped, and then some
+MAX_BODY_BYTES = 256 * 1024
+#: MCP sessions open at once over HTTP (the SDK refuses more with 503)
+MAX_SESSIONS = 256
+#: an HTTP session idle this long (s) is closed; its agent opens a new one
+SESSION_IDLE_S = 600.0
+
+
 class McpError(RuntimeError):
     """``labbridge mcp`` cannot start as asked (the message says why and what to do)."""
 
@@ -100,7 +108,10 @@ class HttpBind:
         """Refuse a bind that would send tokens in clear beyond this machine, half a TLS
         pair, or a certificate that does not load."""
         if (self.certfile is None) != (self.keyfile is None):
-            raise McpError("TLS needs both --tls-cert and --tls-key")
+            raise McpError(
+                "TLS needs both a certificate and a key (mcp: --tls-cert and --tls-key; serve: "
+                "--mcp-tls-cert and --mcp-tls-key)"
+            )
         if self.certfile is None and not self.loopback:
             raise McpError(
                 f"{self.host} is not a loopback address: bearer tokens would cross the network "
@@ -148,12 +159,15 @@ async def mcp_http(service: LabService, bind: HttpBind) -> AsyncIterator[str]:
 
     bind.check()
     auth = Authenticator(service.lab.agents)
-    infos = socket.getaddrinfo(bind.host, bind.port, type=socket.SOCK_STREAM)
-    family = infos[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, address = socket.getaddrinfo(
+        bind.host, bind.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )[0]
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say
+    # so; with it on, every HTTP response waited ~40 ms for a delayed ACK on loopback
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(infos[0][4])
+        sock.bind(address)
         sock.listen(64)
         sock.setblocking(False)
     except OSError as exc:
@@ -167,7 +181,12 @@ async def mcp_http(service: LabService, bind: HttpBind) -> AsyncIterator[str]:
         auth=AuthSettings(issuer_url=base, resource_server_url=None),  # type: ignore[arg-type]
         token_verifier=BearerTokens(auth),
     )
-    app = server.streamable_http_app(host=bind.host)
+    app = server.streamable_http_app(
+        host=bind.host,
+        max_request_body_size=MAX_BODY_BYTES,
+        max_sessions=MAX_SESSIONS,
+        session_idle_timeout=SESSION_IDLE_S,
+    )
     config = uvicorn.Config(
         app,
         log_level="warning",

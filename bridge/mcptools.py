@@ -138,6 +138,8 @@ class LabTools:
         self.service = service
         self.auth = auth
         self.token = token
+        #: station -> its description (:func:`describe_station`): the lab config does not change
+        self._described: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ identity
     def agent(self, ctx: Context[Any, Any]) -> Agent:
@@ -196,10 +198,15 @@ class LabTools:
                     "bridge_id": lab.bridge_id,
                     "simulated": lab.simulated,
                     "you": {"agent": agent.proposer, "scopes": agent.config.as_dict()},
-                    "stations": {s: describe_station(lab.stations[s]) for s in stations},
+                    "stations": {s: self._describe(s) for s in stations},
                     "not_yours": [s for s in self.service.stations if s not in stations],
                 }
             )
+
+    def _describe(self, station: str) -> dict[str, Any]:
+        if station not in self._described:
+            self._described[station] = _plain(describe_station(self.service.lab.stations[station]))
+        return self._described[station]
 
     async def readings(self, station: StationName, ctx: Context[Any, Any]) -> dict[str, Any]:
         with self._refusals():

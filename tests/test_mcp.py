@@ -491,12 +491,26 @@ def test_http_binds_beyond_loopback_need_tls() -> None:
     assert parse_bind("127.0.0.1:8765").loopback and parse_bind("[::1]:0").loopback
     with pytest.raises(McpError, match="not a loopback address: bearer tokens would cross"):
         parse_bind("0.0.0.0:8765")
-    with pytest.raises(McpError, match="needs both --tls-cert and --tls-key"):
+    with pytest.raises(McpError, match="TLS needs both a certificate and a key"):
         parse_bind("127.0.0.1:8765", certfile=Path("cert.pem"))
     with pytest.raises(McpError, match="cannot load the TLS certificate and key"):
         parse_bind("192.0.2.1:8765", Path("/nonexistent.pem"), Path("/nonexistent.key"))
     with pytest.raises(McpError, match="is not HOST:PORT"):
         parse_bind("8765")
+
+
+def test_serve_refuses_an_mcp_http_bind_beyond_loopback_without_tls_before_opening(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bridge.cli import main
+
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(BASE)
+    argv = ["serve", "--lab", str(lab), "--broker", "mqtt://127.0.0.1:9", "--mcp-http"]
+    assert main([*argv, "0.0.0.0:8765"]) == 1
+    assert "not a loopback address" in capsys.readouterr().err
+    assert main([*argv, "127.0.0.1:8765", "--mcp-tls-cert", "c.pem"]) == 1
+    assert "--mcp-tls-cert and --mcp-tls-key" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- docs
