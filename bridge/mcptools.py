@@ -157,15 +157,13 @@ class LabTools:
 
     @contextlib.contextmanager
     def _refusals(self) -> Iterator[None]:
-        """A refusal becomes a one-line tool error saying what was wrong."""
+        """A refusal becomes a one-line tool error saying what was wrong and what to do
+        (anything else is a bug: the SDK logs it here and tells the client only that the
+        tool failed)."""
         try:
             yield
-        except ToolError:
-            raise
         except (AuthError, ScopeRefused, ServiceError, CampaignClosed, ConfigError) as exc:
-            raise ToolError(str(exc)) from None
-        except (ValueError, TypeError) as exc:
-            raise ToolError(f"invalid request: {exc}") from None
+            raise ToolError(" ".join(str(exc).split())) from None
 
     def _campaign_id(self, campaign_id: str) -> str:
         if not CAMPAIGN_ID.match(campaign_id):
@@ -385,7 +383,8 @@ class LabTools:
                 campaign_id, program, stations=stations, who=agent.proposer
             )
             if not result.accepted:
-                raise ToolError(f"campaign {campaign_id} not started: " + "; ".join(result.errors))
+                why = " ".join("; ".join(result.errors).split())
+                raise ToolError(f"campaign {campaign_id} not started: {why}")
             return _plain(result.as_dict())
 
     async def control(

@@ -350,6 +350,8 @@ async def test_an_agent_session_over_http_hosted_by_serve_and_the_red_team_is_re
             await LabService(alab.lab()).open()  # one owner: MCP shares serve's service
         async with http_agent(url, alab.tokens["alice"]) as alice:
             eid = await agent_session(alice, alab.sim, "color-2", budget=5)
+            report = await alice.read_resource("labbridge://campaigns/color-2/report.html")
+            assert "<h1>Campaign color-2</h1>" in report.contents[0].text  # type: ignore[union-attr]
             await pause_when_idle(alice, "color-2")
             t0 = time.monotonic()
             # oversized and malformed arguments: one line naming the field
@@ -383,6 +385,8 @@ async def test_an_agent_session_over_http_hosted_by_serve_and_the_red_team_is_re
             )
             assert "agent bob may not start campaign 'color-3'" in text, text
             assert (await call(bob, "campaigns"))["campaigns"] == {}
+            with pytest.raises(MCPError, match="agent bob may not read campaign 'color-2'"):
+                await bob.read_resource("labbridge://campaigns/color-2/program.md")
         async with http_agent(url, alab.tokens["carol"]) as carol:
             assert (await call(carol, "lab"))["you"]["agent"] == "agent:carol"
             text = await refused(carol, "propose", campaign_id="color-2", params=GOOD)
