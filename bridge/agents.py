@@ -119,6 +119,10 @@ class Agent:
     def proposer(self) -> str:
         return f"agent:{self.name}"
 
+    def may(self, action: str, campaign_id: str) -> bool:
+        """This agent's token and lab.yaml both allow ``action`` on the campaign."""
+        return action in self.token_scopes and self.config.may(action, campaign_id)
+
     def require(self, action: str, campaign_id: str) -> None:
         """Raise :class:`ScopeRefused` unless this agent may ``action`` the campaign."""
         if action not in self.token_scopes:

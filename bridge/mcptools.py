@@ -33,7 +33,13 @@ from pydantic import Field, StrictFloat, StrictInt, ValidationError
 
 from bridge.agents import Agent, Authenticator, AuthError, ScopeRefused
 from bridge.labdescribe import describe_station, envelope_lines
-from bridge.service import CAMPAIGN_ID, CONTROL_ACTIONS, LabService, ServiceError
+from bridge.service import (
+    CAMPAIGN_ID,
+    CONTROL_ACTIONS,
+    CampaignHandle,
+    LabService,
+    ServiceError,
+)
 from loops.campaign import CampaignClosed
 from loops.journal import Experiment
 from loops.program import Program
@@ -173,7 +179,7 @@ class LabTools:
             )
         return campaign_id
 
-    def _active(self, agent: Agent, action: str, campaign_id: str) -> Any:
+    def _active(self, agent: Agent, action: str, campaign_id: str) -> CampaignHandle:
         """The service's campaign, once the agent may ``action`` it on its stations."""
         agent.require(action, self._campaign_id(campaign_id))
         handle = self.service.campaign(campaign_id)
@@ -217,7 +223,7 @@ class LabTools:
             agent = self.agent(ctx)
             out: dict[str, Any] = {}
             for cid, handle in self.service.campaigns.items():
-                if agent.config.may("read", cid):
+                if agent.may("read", cid):
                     st = handle.status()
                     p = st["progress"]
                     out[cid] = {
@@ -229,7 +235,7 @@ class LabTools:
                         "best": p.get("best"),
                     }
             for row in await self.service.stored_campaigns():
-                if row.id not in out and agent.config.may("read", row.id):
+                if row.id not in out and agent.may("read", row.id):
                     out[row.id] = {"state": row.state, "in_this_service": False}
             return _plain({"campaigns": out})
 
