@@ -11,6 +11,8 @@ Commands available now (``labbridge COMMAND --help`` for each):
 * ``export``  a campaign's experiments, transitions and verdicts as CSV or Parquet
 * ``serve``   the MQTT campaign API for a lab (docs/mqtt-api.md)
 * ``estop`` / ``reset`` / ``status``  over MQTT, to a running ``serve``
+* ``mcp``     serve the lab to agents over the Model Context Protocol (docs/agents.md)
+* ``agents``  issue, revoke and list agents' tokens
 * ``drivers`` list the registered driver kinds (built-in and from other packages)
 * ``probe``   connect one instrument by kind and URL, print what it is and what it reads
               (the way to check real hardware is wired right)
@@ -280,6 +282,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     stp.add_argument("--ray-address", default=None, help="join this Ray cluster")
 
+    from bridge.agentcli import add_agent_parsers
     from bridge.mqttcli import add_mqtt_client_parsers, add_serve_parser
 
     for name, what in _HEAVY_PARSERS.items():
@@ -295,6 +298,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             add_export_parser(sub)
     add_serve_parser(sub)
     add_mqtt_client_parsers(sub)
+    add_agent_parsers(sub)
 
     sub.add_parser(
         "drivers", help="list registered driver kinds", description="List registered driver kinds."
@@ -380,7 +384,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _setup_command(args)
     if args.command == "check":
         return _check_command(args)
-    if args.command in ("serve", "estop", "reset", "status"):
+    if args.command in ("serve", "estop", "reset", "status", "agents", "mcp"):
         return int(args.handler(args))
     if args.command == "report":
         from bridge.report import report_command

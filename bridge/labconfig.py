@@ -29,6 +29,9 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
           max_disagreements: 3        # unverified results in a row before the station pauses
                                       # (what is checked, and how closely: the program's
                                       # verification, loops/checks.py)
+    agents:                           # MCP agents and what they may do (bridge/agents.py,
+      alice: {read: "*", propose: [color-*], stations: [bench-a]}   # docs/agents.md)
+    agent_tokens: agents.tokens       # their hashed tokens (the default; labbridge agents issue)
 
 Every error names the file, the line and the field
 (``lab.yaml:14: stations.bench-a.instruments[2].url: ...``). Nothing here
@@ -49,6 +52,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import yaml
 
+from bridge.agents import AgentsConfig, parse_agents
 from bridge.mqttlink import MAX_PAYLOAD_BYTES, ROOT, ApiSettings
 from instruments.errors import InstrumentError
 from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
@@ -67,7 +71,8 @@ __all__ = [
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-_TOP = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
+_TOP: tuple[str, ...] = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
+_TOP += ("agents", "agent_tokens")
 _STATION = ("envelope", "instruments", "supervisor", "env", "verification", "setup", "setup_file")
 _VERIFICATION = ("enabled", "max_disagreements")
 _INSTRUMENT = ("name", "kind", "url", "options")
@@ -120,6 +125,8 @@ class LabConfig:
     sim_at_real: tuple[float, float] | None = None
     env: dict[str, str] = field(default_factory=dict)
     mqtt: dict[str, Any] = field(default_factory=dict)
+    #: the agents (MCP) and their scopes, and where their hashed tokens are
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
     doc: YamlDoc | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -406,6 +413,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
     if not store.is_absolute():
         store = base / store
     mqtt = _mapping(top.get("mqtt") or {}, ("mqtt",), doc, None)
+    agents = parse_agents(top.get("agents"), top.get("agent_tokens"), doc, base, list(stations))
     return LabConfig(
         source=name,
         bridge_id=bridge_id,
@@ -417,6 +425,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         sim_at_real=sim_at_real,
         env=env,
         mqtt=mqtt,
+        agents=agents,
         doc=doc,
     )
 

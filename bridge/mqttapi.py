@@ -77,7 +77,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -436,13 +436,17 @@ async def serve(
     stop: asyncio.Event | None = None,
     handle_signals: bool = True,
     on_online: Callable[[MqttApi, LabService], None] | None = None,
+    hosted: Sequence[Callable[[LabService], contextlib.AbstractAsyncContextManager[Any]]] = (),
 ) -> str:
     """Run the lab's MQTT campaign API until ``stop`` is set or SIGINT/SIGTERM arrives.
 
     On the way out every running campaign is aborted (its stations tripped into the
     safe state), every station is closed (instruments safe-stated), and the retained
     status goes ``offline``. A second signal gives up waiting. ``on_online``: called once
-    the API is subscribed and serving (default: print that it is). Returns why it stopped.
+    the API is subscribed and serving (default: print that it is). ``hosted``: other
+    front ends on the same service (``serve --mcp-http``: :func:`bridge.mcpserver.mcp_http`),
+    each entered once the service is open and left after it shut down; what each yields is
+    printed. Returns why it stopped.
     """
     from loops.raylinks import init_ray
 
@@ -477,14 +481,19 @@ async def serve(
     try:
         await api.connect()
         try:
-            async with LabService(lab, ray_address=ray_address, operator=operator) as service:
+            async with (
+                LabService(lab, ray_address=ray_address, operator=operator) as service,
+                contextlib.AsyncExitStack() as fronts,
+            ):
+                extra = [await fronts.enter_async_context(host(service)) for host in hosted]
                 await api.attach(service)  # subscribed: requests are served from now on
                 if on_online is not None:
                     on_online(api, service)
                 else:
+                    also = "".join(f"; also serving {x}" for x in extra)
                     print(
                         f"labbridge serve: {lab.bridge_id} online at {settings.url} "
-                        f"(topics {api.root}/...; stations {', '.join(service.stations)}); "
+                        f"(topics {api.root}/...; stations {', '.join(service.stations)}{also}); "
                         "Ctrl-C to stop",
                         file=sys.stderr,
                     )
@@ -516,12 +525,33 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     from bridge.campaigns import StationUnavailable
+    from bridge.servicetypes import ServiceError
 
+    hosted = []
+    refusals: tuple[type[Exception], ...] = (
+        ApiError,
+        StationUnavailable,
+        ConfigError,
+        ServiceError,
+        OSError,
+    )
+    if getattr(args, "mcp_http", None):  # MCP on the same service (bridge/mcpserver.py)
+        from bridge.mcpserver import McpError, mcp_http, parse_bind
+
+        try:
+            bind = parse_bind(args.mcp_http, args.mcp_tls_cert, args.mcp_tls_key)
+        except McpError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 1
+        hosted.append(lambda service: mcp_http(service, bind))
+        refusals += (McpError,)
     try:
         final = asyncio.run(
-            serve(lab, settings, ray_address=args.ray_address, operator=args.operator)
+            serve(
+                lab, settings, ray_address=args.ray_address, operator=args.operator, hosted=hosted
+            )
         )
-    except (ApiError, StationUnavailable, ConfigError, OSError) as exc:
+    except refusals as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -367,6 +367,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=os.environ.get("USER") or "operator",
         help="recorded as who stopped campaigns on shutdown (default $USER)",
     )
+    from bridge.agentcli import add_http_arguments  # the MCP server's, on the same service
+
+    add_http_arguments(p, "--mcp-http", "--mcp-tls-cert", "--mcp-tls-key")
     p.set_defaults(handler=_serve_command)
     return p
 

@@ -40,7 +40,9 @@ and the service's own events (``campaign`` when one starts or ends, ``estop``,
 ``reset``). They are called on the event loop and must not block.
 
 Modules: this one (life cycle, listeners, campaigns, status), ``bridge/servicesafety.py``
-(e-stop, reset, station calls), ``bridge/servicetypes.py`` (errors, results, handles).
+(e-stop, reset, station calls), ``bridge/servicequeries.py`` (a dry run that queues
+nothing, live readings, journal reads), ``bridge/servicetypes.py`` (errors, results,
+handles).
 """
 
 from __future__ import annotations
@@ -50,18 +52,21 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from bridge.campaigns import START_TIMEOUT_S, make_runner, open_lab
 from bridge.labconfig import LabConfig
+from bridge.servicequeries import ServiceQueries
 from bridge.servicesafety import StationSafety
 from bridge.servicetypes import (
     CampaignHandle,
     ServiceError,
     StartResult,
     UnknownCampaign,
+    UnknownExperiment,
     cause,
 )
 from loops.campaign import (
@@ -84,6 +89,7 @@ __all__ = [
     "ServiceError",
     "StartResult",
     "UnknownCampaign",
+    "UnknownExperiment",
 ]
 
 #: a campaign id: also one MQTT topic level (no ``/``, ``+``, ``#``)
@@ -97,9 +103,30 @@ STATION_CALL_TIMEOUT_S = 10.0
 RESET_WAIT_S = 30.0
 
 Listener = Callable[[dict[str, Any]], None]
+#: the lock beside the journal that the service holding the lab keeps (not a campaign id)
+OWNER_LOCK = "service~owner"
 
 
-class LabService(StationSafety):
+@contextlib.contextmanager
+def _owner_lock(lab: LabConfig) -> Iterator[None]:
+    """One service per lab at a time (``serve``, ``mcp``): a second is refused at once."""
+    held, holder = contextlib.ExitStack(), ""
+    try:
+        held.enter_context(campaign_lock(lab.store, OWNER_LOCK))
+    except CampaignBusy:
+        path = Path(f"{Path(lab.store).resolve()}.{OWNER_LOCK}.lock")
+        with contextlib.suppress(OSError):
+            holder = path.read_text().strip()
+        raise ServiceError(
+            f"the lab {lab.source} is open in another labbridge process (pid {holder or '?'} "
+            f"holds {path}): one process owns a lab at a time; stop that one, or serve MCP "
+            "from it with `labbridge serve --mcp-http`"
+        ) from None
+    with held:
+        yield
+
+
+class LabService(StationSafety, ServiceQueries):
     """One opened lab serving campaigns by id (see the module docstring).
 
     ``lab``: the validated lab config; ``stations``: open only these (default all);
@@ -153,6 +180,7 @@ class LabService(StationSafety):
             return self
         stack = contextlib.AsyncExitStack()
         try:
+            stack.enter_context(_owner_lock(self.lab))
             journal, actors = await stack.enter_async_context(
                 open_lab(
                     self.lab,

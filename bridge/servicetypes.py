@@ -23,6 +23,10 @@ class UnknownCampaign(ServiceError, LookupError):
     """No campaign with that id in this service."""
 
 
+class UnknownExperiment(ServiceError, LookupError):
+    """No experiment with that id in the lab's journal."""
+
+
 def cause(exc: BaseException) -> str:
     """``Type: message`` of an error, unwrapping a Ray task error to its cause."""
     inner = getattr(exc, "cause", None)
@@ -104,4 +108,11 @@ class CampaignHandle:
         }
 
 
-__all__ = ["CampaignHandle", "ServiceError", "StartResult", "UnknownCampaign", "cause"]
+__all__ = [
+    "CampaignHandle",
+    "ServiceError",
+    "StartResult",
+    "UnknownCampaign",
+    "UnknownExperiment",
+    "cause",
+]

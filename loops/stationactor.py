@@ -236,6 +236,19 @@ class StationActor:
             out["tripped"] = self._station.tripped
         return out
 
+    async def readings(self) -> dict[str, Any]:
+        """Plain data, no I/O: the latest measured values (``instrument.channel`` -> value
+        and its age in s, as the supervisor last polled them) and the commanded targets."""
+        station = self._require()
+        state, now = station.guard.state, time.monotonic()
+        measured = dict(state.measured)  # one copy: the supervisor keeps updating it
+        return {
+            "station": self.name,
+            "measured": {n: {"value": v, "age_s": now - t} for n, (v, t) in measured.items()},
+            "commanded": dict(state.commanded),
+            "tripped": station.tripped,
+        }
+
     # lease -----------------------------------------------------------------
     async def lease(self, owner: str, epoch: int, ttl_s: float = LEASE_S) -> dict[str, Any]:
         """Take or renew the owner's lease (:mod:`loops.stationlease`) for ``ttl_s`` real

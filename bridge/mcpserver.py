@@ -1,0 +1,318 @@
+"""``labbridge mcp``: the lab's Model Context Protocol server, over stdio or streamable HTTP.
+
+Who owns the lab (one process at a time: :class:`~bridge.service.LabService` holds a lock
+beside the journal, and a second one is refused):
+
+* ``labbridge mcp --lab lab.yaml`` (stdio) opens the lab itself, for the one agent whose
+  token is in ``$LABBRIDGE_AGENT_TOKEN``; an MCP client starts it as a subprocess, and
+  closing the client's session closes the lab (running campaigns aborted, every station
+  safe-stated). It refuses to start without a valid token.
+* ``labbridge mcp --lab lab.yaml --http 127.0.0.1:8765`` opens the lab itself and serves
+  any number of agents, each request authenticated by its bearer token.
+* ``labbridge serve --lab lab.yaml --mcp-http 127.0.0.1:8765`` serves MCP from the lab
+  service the MQTT campaign API uses: MQTT and MCP share one service (the way to have
+  both).
+
+HTTP listens on loopback unless told otherwise; any other address needs ``--tls-cert``
+and ``--tls-key`` (bearer tokens never cross a network in clear). Tokens are checked on
+every request against the hashed token file (:mod:`bridge.agenttokens`), read again when
+it changes: a revoked token is refused from its next request on. The tools are
+:mod:`bridge.mcptools`'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+
+from bridge.agents import Authenticator, AuthError
+from bridge.labconfig import LabConfig
+from bridge.mcptools import LabTools
+from bridge.service import LabService
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BearerTokens",
+    "HttpBind",
+    "McpError",
+    "mcp_http",
+    "parse_bind",
+    "serve_http",
+    "serve_stdio",
+]
+
+
+
+#: the largest HTTP request body: a program.md at its limit, JSON-escaped, and then some
+MAX_BODY_BYTES = 256 * 1024
+#: MCP sessions open at once over HTTP (the SDK refuses more with 503)
+MAX_SESSIONS = 256
+#: an HTTP session idle this long (s) is closed; its agent opens a new one
+SESSION_IDLE_S = 600.0
+
+
+class McpError(RuntimeError):
+    """``labbridge mcp`` cannot start as asked (the message says why and what to do)."""
+
+
+class BearerTokens:
+    """The SDK's token verifier: a bearer token -> its agent (:class:`AccessToken` with the
+    agent's name as ``client_id`` and the token's actions as ``scopes``), or None."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        try:
+            agent = self.auth.authenticate(token)
+        except AuthError as exc:
+            log.warning("MCP: bearer token refused: %s", exc)
+            return None
+        return AccessToken(token=token, client_id=agent.name, scopes=sorted(agent.token_scopes))
+
+
+@dataclass(frozen=True)
+class HttpBind:
+    """Where the HTTP transport listens, and its TLS certificate and key (PEM files)."""
+
+    host: str
+    port: int
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check(self) -> None:
+        """Refuse a bind that would send tokens in clear beyond this machine, half a TLS
+        pair, or a certificate that does not load."""
+        if (self.certfile is None) != (self.keyfile is None):
+            raise McpError(
+                "TLS needs both a certificate and a key (mcp: --tls-cert and --tls-key; serve: "
+                "--mcp-tls-cert and --mcp-tls-key)"
+            )
+        if self.certfile is None and not self.loopback:
+            raise McpError(
+                f"{self.host} is not a loopback address: bearer tokens would cross the network "
+                "in clear; give --tls-cert and --tls-key (or bind 127.0.0.1)"
+            )
+        if self.certfile is not None and self.keyfile is not None:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    self.certfile, self.keyfile
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise McpError(f"cannot load the TLS certificate and key: {exc}") from None
+
+
+def parse_bind(text: str, certfile: Path | None = None, keyfile: Path | None = None) -> HttpBind:
+    """``HOST:PORT`` (``[::1]:8765`` for IPv6) -> a checked :class:`HttpBind`."""
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise McpError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8765)")
+    bind = HttpBind(host, int(port_text), certfile, keyfile)
+    bind.check()
+    return bind
+
+
+# ====================================================================== HTTP
+def _uvicorn_server(config: Any) -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn without its own signal handling: labbridge's process owns the signals."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return Server(config)
+
+
+@contextlib.asynccontextmanager
+async def mcp_http(service: LabService, bind: HttpBind) -> AsyncIterator[str]:
+    """Serve MCP over streamable HTTP for ``service`` while the block runs; yields the
+    endpoint's URL (``http[s]://host:port/mcp``; port 0 picks a free one)."""
+    import uvicorn
+
+    bind.check()
+    auth = Authenticator(service.lab.agents)
+    family, kind, proto, _, address = socket.getaddrinfo(
+        bind.host, bind.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )[0]
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say
+    # so; with it on, every HTTP response waited ~40 ms for a delayed ACK on loopback
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise McpError(f"cannot listen on {bind.host}:{bind.port}: {exc}") from None
+    port = sock.getsockname()[1]
+    scheme = "https" if bind.certfile is not None else "http"
+    host = f"[{bind.host}]" if ":" in bind.host else bind.host
+    base = f"{scheme}://{host}:{port}"
+    server = LabTools(service, auth).build(
+        auth=AuthSettings(issuer_url=base, resource_server_url=None),  # type: ignore[arg-type]
+        token_verifier=BearerTokens(auth),
+    )
+    app = server.streamable_http_app(
+        host=bind.host,
+        max_request_body_size=MAX_BODY_BYTES,
+        max_sessions=MAX_SESSIONS,
+        session_idle_timeout=SESSION_IDLE_S,
+    )
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+        ssl_certfile=bind.certfile,
+        ssl_keyfile=bind.keyfile,
+    )
+    uv = _uvicorn_server(config)
+    task = asyncio.create_task(uv.serve(sockets=[sock]), name="mcp-http")
+    try:
+        while not uv.started:  # uvicorn has no started event
+            if task.done():
+                task.result()
+                raise McpError(f"the MCP HTTP server on {base} stopped while starting")
+            await asyncio.sleep(0.01)
+        log.info("MCP server on %s/mcp", base)
+        yield f"{base}/mcp"
+    finally:
+        uv.should_exit = True
+        with contextlib.suppress(Exception):
+            await task
+        sock.close()
+
+
+# ===================================================================== runners
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Point fd 1 at stderr meanwhile: processes started now (Ray's) inherit that, never the
+    stdio transport's wire."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _signals(stop: asyncio.Event) -> Callable[[], None]:
+    """SIGINT/SIGTERM set ``stop`` (after Ray's own handler is in: call after init_ray)."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+
+    def remove() -> None:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+def _init_ray(lab: LabConfig, ray_address: str | None) -> None:
+    from loops.raylinks import init_ray
+
+    init_ray(
+        ray_address or lab.ray_address,
+        stations=list(lab.stations),
+        local=True,
+        token_file=lab.ray_token_file,
+        log_to_driver=False,
+    )
+
+
+async def serve_stdio(
+    lab: LabConfig, token: str, *, ray_address: str | None = None, operator: str = "operator"
+) -> str:
+    """Serve MCP on this process's stdin/stdout for the agent of ``token`` until the client
+    closes the session (or SIGINT/SIGTERM); opens and closes the lab. Returns why it ended."""
+    auth = Authenticator(lab.agents)
+    agent = auth.authenticate(token)  # before anything opens
+    with _stdout_to_stderr():
+        _init_ray(lab, ray_address)
+        stop = asyncio.Event()
+        remove = _signals(stop)
+        try:
+            service = await LabService(lab, ray_address=ray_address, operator=operator).open()
+        except BaseException:
+            remove()
+            raise
+    print(
+        f"labbridge mcp: {lab.bridge_id} for {agent.proposer} over stdio (stations "
+        f"{', '.join(service.stations)})",
+        file=sys.stderr,
+    )
+    why = "the client closed the session"
+    try:
+        server = LabTools(service, auth, token=token).build()
+        run = asyncio.create_task(server.run_stdio_async(), name="mcp-stdio")
+        halt = asyncio.create_task(stop.wait(), name="mcp-stop")
+        await asyncio.wait({run, halt}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            why = "signal"
+        for task in (run, halt):
+            task.cancel()
+        await asyncio.gather(run, halt, return_exceptions=True)
+    finally:
+        await service.close(f"labbridge mcp: {why}")
+        remove()
+    return why
+
+
+async def serve_http(
+    lab: LabConfig,
+    bind: HttpBind,
+    *,
+    ray_address: str | None = None,
+    operator: str = "operator",
+    on_online: Callable[[str], None] | None = None,
+) -> str:
+    """Open the lab and serve MCP over HTTP on ``bind`` until SIGINT/SIGTERM."""
+    bind.check()
+    _init_ray(lab, ray_address)
+    stop = asyncio.Event()
+    remove = _signals(stop)
+    try:
+        async with LabService(lab, ray_address=ray_address, operator=operator) as service:
+            async with mcp_http(service, bind) as url:
+                if on_online is not None:
+                    on_online(url)
+                await stop.wait()
+    finally:
+        remove()
+    return "signal"
