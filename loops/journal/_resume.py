@@ -111,7 +111,9 @@ class JournalResume(JournalSteps):
             optimizer_state=campaign.optimizer_state,
             next_seq=next_seq,
             completed=[
-                CompletedRun(self.experiment(eid), self.outcome(eid) or {}, self.outcome_images(eid))
+                CompletedRun(
+                    self.experiment(eid), self.outcome(eid) or {}, self.outcome_images(eid)
+                )
                 for eid in completed
             ],
         )

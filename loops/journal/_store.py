@@ -417,10 +417,14 @@ class Journal(JournalResume):
     ) -> None:
         """Keep an experiment's evidence, in one transaction: the safety verdicts on its
         commands (``Verdict.as_dict()``: ``station``, ``command``, ``allowed``, ``rule``,
-        ``reason``, ``t``, ...) and its images (role -> ``sha256``, ``path``, ``bytes``)."""
+        ``reason``, ``t``, ...) and its images (role -> ``sha256``, ``path``, ``bytes``).
+        Idempotent: the verdicts replace any an earlier, interrupted record of the same
+        experiment kept (resume records a journaled outcome once more)."""
         with self._tx() as conn:
             campaign_id, _, station, _ = self._current(conn, experiment_id)
             self._require_epoch(conn, campaign_id, epoch)
+            if verdicts:
+                conn.execute("DELETE FROM verdicts WHERE experiment_id = ?", (experiment_id,))
             for v in verdicts:
                 command = v.get("command") or {}
                 conn.execute(
@@ -449,6 +453,7 @@ class Journal(JournalResume):
                     "VALUES (?, ?, ?)",
                     (experiment_id, role, image["sha256"]),
                 )
+
 
 #: :class:`~loops.journal.AsyncJournal` and the Ray journal actor forward exactly these, so
 #: a method added to :class:`Journal` is available through both without another edit.
