@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -372,15 +374,18 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return 1
         print(json.dumps(result, indent=2, default=str))
         return 0
-    if args.command == "sim":
-        return _sim_command(args)
-    if args.command in ("run", "resume"):
-        return _campaign_command(args)
-    if args.command == "setup":
-        return _setup_command(args)
+    if args.command in _OWNING_COMMANDS:
+        with _run_folder():
+            if args.command == "sim":
+                return _sim_command(args)
+            if args.command in ("run", "resume"):
+                return _campaign_command(args)
+            if args.command == "setup":
+                return _setup_command(args)
+            return int(args.handler(args))  # serve
     if args.command == "check":
         return _check_command(args)
-    if args.command in ("serve", "estop", "reset", "status"):
+    if args.command in ("estop", "reset", "status"):
         return int(args.handler(args))
     if args.command == "report":
         from bridge.report import report_command
@@ -392,6 +397,22 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return export_command(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+#: commands that start Ray, simulators or stations: they run in a run folder of their own
+_OWNING_COMMANDS = ("sim", "run", "resume", "setup", "serve")
+
+
+@contextlib.contextmanager
+def _run_folder() -> Iterator[None]:
+    """This process's run folder (:mod:`loops.runfolder`); first, what killed labbridge
+    processes left behind (their Ray processes, their temp folders) is cleaned up."""
+    from loops.runfolder import clean_leftovers, run_folder
+
+    with run_folder():
+        for line in clean_leftovers():
+            print(f"labbridge: {line}", file=sys.stderr)
+        yield
 
 
 def _campaign_command(args: argparse.Namespace) -> int:

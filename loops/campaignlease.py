@@ -88,11 +88,12 @@ class CampaignLease(CampaignBook):
                 if isinstance(outcome, LeaseHeld) and time.monotonic() < deadline:
                     if slot.name not in seen:
                         seen.add(slot.name)
-                        log.warning("campaign %s: waiting: %s", self.campaign_id, outcome)
+                        why = cause_text(outcome).split(": ", 1)[-1]
+                        log.warning("campaign %s: waiting: %s", self.campaign_id, why)
                     still.append(slot)
                 elif isinstance(outcome, BaseException):
                     if isinstance(outcome, LeaseHeld):
-                        alive.append(str(outcome))
+                        alive.append(cause_text(outcome))
                     self._lease_refused(slot, outcome)
             waiting = still
             if waiting:

@@ -90,12 +90,14 @@ class StationActor(StationRecovery):
         seconds; returns it as data. Raises :class:`~loops.journal.StaleOwner` for an older
         epoch than one seen, :class:`~loops.stationlease.OwnerLost` for a lost epoch,
         :class:`~loops.stationlease.LeaseHeld` while an older owner's lease is live. A
-        station that closed itself when an older lease was lost opens again (latched)."""
+        station that closed itself when an older lease was lost opens again (latched); a new
+        epoch's first lease returns once an older owner's run has ended."""
         new = epoch != self._lease.epoch
         out = self._lease.take(owner, epoch, ttl_s)
         if new:
-            try:
-                await self._reopen_after_loss(owner)
+            try:  # an older owner's run, stopped by the trip of its lost lease, ends first
+                async with self._run_lock:
+                    await self._reopen_after_loss(owner)
             except BaseException:
                 self._lease.release(epoch)
                 raise
