@@ -35,7 +35,7 @@ from loops.journal import Journal, JournalLink
 from loops.steps import Step
 from safety import Command, SafeStation
 from safety.effects import CommandRefused, effect_of
-from safety.envelope import EPS, Envelope, Ledger, fmt
+from safety.envelope import EPS, Envelope, Ledger
 
 __all__ = [
     "budget_status",
@@ -161,14 +161,14 @@ def window_text(status: Mapping[str, Any], wall: float | None = None) -> str:
     and when its window allows more (local time and how long from ``wall``, default now)."""
     unit = f" {status['unit']}" if status.get("unit") else ""
     text = (
-        f"budget {status['name']}: {fmt(round(float(status['used']), 6))}{unit} of "
-        f"{fmt(status['limit'])}{unit} used in the last {status['per']}"
+        f"budget {status['name']}: {_num(status['used'])}{unit} of "
+        f"{_num(status['limit'])}{unit} used in the last {status['per']}"
     )
     asked = float(status.get("asked") or 0.0)
     what = (
         "another experiment"
         if status.get("resource") == "experiments" and asked == 1.0
-        else f"{fmt(round(asked, 6))}{unit} more"
+        else f"{_num(asked)}{unit} more"
         if asked > 0
         else "more"
     )
@@ -178,6 +178,10 @@ def window_text(status: Mapping[str, Any], wall: float | None = None) -> str:
     wait = max(0.0, float(when) - (time.time() if wall is None else wall))
     clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(math.ceil(float(when))))
     return f"{text}; its window allows {what} at {clock} (in {_duration(wait)})"
+
+
+def _num(value: Any) -> str:
+    return f"{round(float(value), 6):g}"
 
 
 def _duration(seconds: float) -> str:
