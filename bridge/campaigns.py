@@ -38,6 +38,7 @@ __all__ = [
     "StationUnavailable",
     "set_up",
     "lab_clock",
+    "start_lab_station",
     "make_runner",
     "open_lab",
     "run_campaign",
@@ -112,25 +113,36 @@ async def open_lab(
     actors: dict[str, Any] = {}
     try:
         for name in names:
-            st = lab.stations[name]
-            actors[name] = start_station_actor(
-                name,
-                list(st.instruments),
-                st.envelope_text,
-                clock=clock,
-                supervisor_options=st.supervisor,
-                env=st.env,
-                journal=journal,
-                actor_name=None,
-                verification=st.verification.actor_options() if st.verification else None,
-                setup=st.setup_store.values() if st.setup_store else None,
-            )
+            actors[name] = start_lab_station(lab, name, journal, clock)
         await asyncio.gather(*(_start(n, a, start_timeout_s) for n, a in actors.items()))
         if set_up_first:
             await _ensure_set_up(lab, actors)
         yield journal, actors
     finally:
         await _close(journal, actors)
+
+
+def start_lab_station(
+    lab: LabConfig, name: str, journal: Any, clock: ClockSpec | None = None
+) -> Any:
+    """Create station ``name``'s actor as the lab config describes it (instruments, envelope,
+    supervisor, environment, verification, what its set-up kept), journaling through
+    ``journal`` (the journal actor), on the lab's clock ``clock`` (:func:`lab_clock`).
+    Not yet open: ``await handle.start.remote()``. :func:`open_lab` uses it for every
+    station; a tool that replaces a station actor that died uses it for one."""
+    st = lab.stations[name]
+    return start_station_actor(
+        name,
+        list(st.instruments),
+        st.envelope_text,
+        clock=clock,
+        supervisor_options=st.supervisor,
+        env=st.env,
+        journal=journal,
+        actor_name=None,
+        verification=st.verification.actor_options() if st.verification else None,
+        setup=st.setup_store.values() if st.setup_store else None,
+    )
 
 
 async def _ensure_set_up(lab: LabConfig, actors: Mapping[str, Any]) -> None:

@@ -115,12 +115,13 @@ async def no_leaked_tasks(no_leaked_threads_or_fds: None) -> AsyncIterator[None]
 
 # --------------------------------------------------------------------- broker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("LABBRIDGE_LAB"):
-        return
     skip_hw = pytest.mark.skip(reason="hardware test: set LABBRIDGE_LAB=path/to/lab.yaml to run")
+    skip_long = pytest.mark.skip(reason="long test (minutes): set LABBRIDGE_LONG=1 to run")
     for item in items:
-        if "hardware" in item.keywords:
+        if "hardware" in item.keywords and not os.environ.get("LABBRIDGE_LAB"):
             item.add_marker(skip_hw)
+        if "long" in item.keywords and os.environ.get("LABBRIDGE_LONG") != "1":
+            item.add_marker(skip_long)
 
 
 # ------------------------------------------------------------------ mosquitto

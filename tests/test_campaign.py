@@ -89,7 +89,12 @@ async def test_three_stations_reach_the_target_with_distinct_concurrent_proposal
         )
         summary = await runner.run()
     assert summary.state == "done", summary
-    assert summary.reason.startswith("target reached"), summary.reason
+    trouble = [
+        (e["event"], e.get("experiment_id"), e.get("reason"))
+        for e in events
+        if e["event"] in ("failed", "unverified", "rejected", "station")
+    ]
+    assert summary.reason.startswith("target reached"), (summary.reason, summary.counts, trouble)
     assert summary.best is not None and summary.best["value"] <= 2.0
     j = Journal(lab.store)
     try:
