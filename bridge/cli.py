@@ -420,7 +420,7 @@ def _campaign_command(args: argparse.Namespace) -> int:
     from bridge.campaigns import StationUnavailable, run_with_signals
     from bridge.labconfig import load_lab
     from instruments.errors import InstrumentError
-    from loops.campaign import CampaignBusy
+    from loops.campaign import BudgetWindow, CampaignBusy, OwnerAlive
     from loops.journal import JournalError
     from loops.program import load_program
     from safety.yamldoc import ConfigError
@@ -454,7 +454,15 @@ def _campaign_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, CampaignBusy, JournalError, StationUnavailable, FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        CampaignBusy,
+        BudgetWindow,
+        OwnerAlive,
+        JournalError,
+        StationUnavailable,
+        FileNotFoundError,
+    ) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except (InstrumentError, safety.SafetyError, OSError, ValueError) as exc:
