@@ -1,10 +1,12 @@
 """One station actor per bench: a lock on the actor's machine (:class:`BenchLock`).
 
 A station actor holds its bench's lock from the moment it opens the instruments until
-it closes them: a ``flock`` on ``<tmp>/lb-benches-<uid>/<station>-<key>.lock`` (``key``:
-a hash of the instruments' URLs, so two simulated benches that share a station name do
-not share a lock, and a real bench is the same bench in every process). The kernel
-drops the lock when the process dies (``kill -9`` included). The lock file holds the
+it closes them: a ``flock`` on ``<tmp>/labbridge-benches-<uid>/<station>-<key>.lock``
+(``key``: a hash of the instruments' URLs, so two simulated benches that share a
+station name do not share a lock, and a real bench is the same bench in every
+process). The kernel drops the lock when the process dies (``kill -9`` included). The
+lock files stay (deleting one on release would let a waiter lock a file nobody else
+sees); they are a few bytes each, one per bench. The lock file holds the
 holder's record (pid, host, station, its lease: owner, epoch, whether it is held),
 rewritten as the lease changes.
 
@@ -52,7 +54,8 @@ class BenchLock:
         urls = sorted(str(s.get("url", "")) for s in specs)
         key = hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in station)
-        self.path = system_temp() / f"lb-benches-{os.getuid()}" / f"{safe}-{key}.lock"
+        folder = system_temp() / f"labbridge-benches-{os.getuid()}"
+        self.path = folder / f"{safe}-{key}.lock"
         self.urls = urls
         self._fd: int | None = None
 
