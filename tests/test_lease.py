@@ -31,7 +31,7 @@ from loops.journal import AsyncJournal, Journal, StaleOwner
 from loops.program import load_program
 from loops.raylinks import ray_links, start_journal_actor, start_station_actor
 from loops.stationlease import LEASE_S, POLL_S, Lease, LeaseHeld, OwnerLost
-from loops.stations import ClockSpec, LocalStation, ScaledClock, StationActor
+from loops.stations import ClockSpec, LocalStation, ScaledClock, StationActor, StationError
 from safety.envelope import REFERENCE_BENCH
 from simulators.bench import SimulatedBench, SimulatedLab
 
@@ -457,3 +457,47 @@ async def test_a_resume_while_the_old_owner_is_alive_takes_over_only_once_its_le
             os.kill(proc.pid, signal.SIGCONT)
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(120)
+async def test_a_second_actor_on_a_bench_waits_until_the_first_lets_it_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two station actors for one bench (a fresh Ray per run, an actor left behind): the
+    second opens the bench only once the first let it go (its lease was lost: it tripped
+    and closed), and refuses, naming the holder, while the first keeps it."""
+    async with SimulatedLab(speed=500.0) as lab:
+        bench = lab.stations[0]
+        assert lab.bluez is not None
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", lab.bluez.address)
+        spec = ClockSpec.of(bench.world.clock.now, 500.0)
+        specs = [s.as_dict() for s in bench.instruments()]
+        envelope = REFERENCE_BENCH.read_text(encoding="utf-8").replace(
+            "max_age_s: 2\n", "max_age_s: 10\n"
+        )
+
+        def actor(wait_s: float) -> StationActor:
+            return StationActor(
+                bench.name,
+                specs,
+                envelope,
+                clock=spec,
+                supervisor_options={"device_time_scale": 500.0, "poll_interval": 0.05},
+                bench_wait_s=wait_s,
+            )
+
+        first, second = actor(1.0), actor(60.0)
+        await first.start()
+        try:
+            with pytest.raises(StationError, match="no lease: open outside a campaign"):
+                await actor(0.3).start()  # held, and never let go: refused, holder named
+            await first.lease("owner that dies", 1, ttl_s=0.5)  # and is never renewed
+            opened = await second.start()  # waits: the first trips, closes, lets go
+            status = await first.status()
+            assert not status["open"] and "owner lost: owner that dies" in status["closed"]
+            assert opened["open"] and not opened["tripped"]
+            with pytest.raises(StationError, match=f"pid {os.getpid()}"):
+                await first.lease("new owner", 2)  # it would open again: the bench is taken
+        finally:
+            await second.stop()
+            await first.stop()
