@@ -159,7 +159,9 @@ def clean_leftovers(base: Path | None = None, *, grace_s: float = GRACE_S) -> li
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its process is alive
-            owner = _read_json(path / "owner.json") or {}
+            owner = _read_json(path / "owner.json")
+            if owner is None:
+                continue  # another start cleaned it up meanwhile
             ended = _end(_read_json(path / "processes.json") or [], grace_s)
             shutil.rmtree(path, ignore_errors=True)
         finally:
