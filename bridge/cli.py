@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -376,15 +378,18 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return 1
         print(json.dumps(result, indent=2, default=str))
         return 0
-    if args.command == "sim":
-        return _sim_command(args)
-    if args.command in ("run", "resume"):
-        return _campaign_command(args)
-    if args.command == "setup":
-        return _setup_command(args)
+    if args.command in _OWNING_COMMANDS:
+        with _run_folder():
+            if args.command == "sim":
+                return _sim_command(args)
+            if args.command in ("run", "resume"):
+                return _campaign_command(args)
+            if args.command == "setup":
+                return _setup_command(args)
+            return int(args.handler(args))  # serve, mcp
     if args.command == "check":
         return _check_command(args)
-    if args.command in ("serve", "estop", "reset", "status", "agents", "mcp"):
+    if args.command in ("estop", "reset", "status", "agents"):
         return int(args.handler(args))
     if args.command == "report":
         from bridge.report import report_command
@@ -398,12 +403,28 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 2
 
 
+#: commands that start Ray, simulators or stations: they run in a run folder of their own
+_OWNING_COMMANDS = ("sim", "run", "resume", "setup", "serve", "mcp")
+
+
+@contextlib.contextmanager
+def _run_folder() -> Iterator[None]:
+    """This process's run folder (:mod:`loops.runfolder`); first, what killed labbridge
+    processes left behind (their Ray processes, their temp folders) is cleaned up."""
+    from loops.runfolder import clean_leftovers, run_folder
+
+    with run_folder():
+        for line in clean_leftovers():
+            print(f"labbridge: {line}", file=sys.stderr)
+        yield
+
+
 def _campaign_command(args: argparse.Namespace) -> int:
     import safety
     from bridge.campaigns import StationUnavailable, run_with_signals
     from bridge.labconfig import load_lab
     from instruments.errors import InstrumentError
-    from loops.campaign import CampaignBusy
+    from loops.campaign import BudgetWindow, CampaignBusy, OwnerAlive
     from loops.journal import JournalError
     from loops.program import load_program
     from safety.yamldoc import ConfigError
@@ -437,7 +458,15 @@ def _campaign_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, CampaignBusy, JournalError, StationUnavailable, FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        CampaignBusy,
+        BudgetWindow,
+        OwnerAlive,
+        JournalError,
+        StationUnavailable,
+        FileNotFoundError,
+    ) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except (InstrumentError, safety.SafetyError, OSError, ValueError) as exc:

@@ -72,25 +72,29 @@ from loops.campaignbook import (
     make_optimizer,
     violation_text,
 )
+from loops.campaignlease import OwnerAlive
 from loops.campaignlock import CampaignBusy, campaign_lock
 from loops.campaignrecord import CampaignRecorder
-from loops.campaignresume import CampaignResume
+from loops.campaignresume import BudgetWindow, CampaignResume
 from loops.journal import Journal
 from loops.optimizer import Exhausted
 from loops.recipe import RecipeError, build_recipe
 from loops.stationerrors import cause_text
+from loops.stationledger import window_text
 from loops.stations import StationActor, StationLost
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "STATE_VERSION",
+    "BudgetWindow",
     "CampaignBusy",
     "CampaignClosed",
     "CampaignRunner",
     "CampaignSummary",
     "Event",
     "OnEvent",
+    "OwnerAlive",
     "ProposalReceipt",
     "campaign_lock",
     "make_optimizer",
@@ -187,7 +191,11 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
         if self._running.is_set() and self._phase == "running":
             self._running.clear()
             await self.journal.call(
-                Journal.set_campaign_state, self.campaign_id, "paused", reason=f"paused by {who}"
+                Journal.set_campaign_state,
+                self.campaign_id,
+                "paused",
+                reason=f"paused by {who}",
+                epoch=self._epoch,
             )
             self._emit("state", state="paused", progress=self.progress())
 
@@ -196,7 +204,11 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
         if not self._running.is_set():
             self._running.set()
             await self.journal.call(
-                Journal.set_campaign_state, self.campaign_id, "running", reason=f"resumed by {who}"
+                Journal.set_campaign_state,
+                self.campaign_id,
+                "running",
+                reason=f"resumed by {who}",
+                epoch=self._epoch,
             )
             self._emit("state", state="running", progress=self.progress())
 
@@ -237,7 +249,11 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             except ValueError:  # validated already by program.feasible; defensive
                 item.pid = None
             await self.journal.call(
-                Journal.transition, item.experiment_id, "checked", optimizer_state=self._state()
+                Journal.transition,
+                item.experiment_id,
+                "checked",
+                optimizer_state=self._state(),
+                epoch=self._epoch,
             )
             item.checked = True
             self._queue.append(item)
@@ -252,7 +268,7 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             if self.program.feasible(params)[0]:
                 recipe = build_recipe(self.program, params).as_dict()
         eid = await self.journal.call(
-            Journal.propose, self.campaign_id, params, proposer, recipe=recipe
+            Journal.propose, self.campaign_id, params, proposer, recipe=recipe, epoch=self._epoch
         )
         self._counts.proposed += 1
         if pid is not None:
@@ -277,7 +293,26 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
         budget = bool(violations) and all(
             str(v.get("rule", "")).startswith("budget.") for v in violations
         )
+        if budget:  # say when each window allows what the proposal asks
+            return await self._budget_reasons(slot, violations), True
         return [violation_text(v) for v in violations], budget
+
+    async def _budget_reasons(self, slot: Slot, violations: list[dict[str, Any]]) -> list[str]:
+        """The budget violations of a dry run as when each budget's window allows the amount
+        the proposal asks (:func:`~loops.stationledger.window_text`)."""
+        asks: dict[str, float] = {}
+        for v in violations:
+            for key, value in dict(v.get("values") or {}).items():
+                if str(key).endswith(" asked") and isinstance(value, int | float):
+                    resource = str(key)[: -len(" asked")]
+                    asks[resource] = max(asks.get(resource, 0.0), float(value))
+        try:
+            budgets = await slot.actor.call(StationActor.budgets, asks)
+        except Exception:  # the station could not say: the dry run's words
+            return [violation_text(v) for v in violations]
+        names = {str(v.get("rule", ""))[len("budget.") :] for v in violations}
+        texts = [window_text(b) for b in budgets if b["name"] in names and not b["ok"]]
+        return texts or [violation_text(v) for v in violations]
 
     def _stop_reason(self) -> str | None:
         if self._abort_request is not None:
@@ -315,7 +350,10 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
                         dict(proposal.params), self._strategy, proposal.id
                     )
                     await self.journal.call(
-                        Journal.save_optimizer_state, self.campaign_id, self._state()
+                        Journal.save_optimizer_state,
+                        self.campaign_id,
+                        self._state(),
+                        epoch=self._epoch,
                     )
                 if not item.checked:
                     try:
@@ -329,8 +367,8 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
                         self._queue.appendleft(item)
                         self._out(
                             slot,
-                            f"safety budget spent ({reasons[0]}); resume the campaign once the "
-                            "budget's window allows more",
+                            f"safety budget spent ({'; '.join(reasons)}); resume the campaign "
+                            "once the budget's window allows more",
                             state="paused",
                         )
                         return None
@@ -346,7 +384,11 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
                             return None
                         continue
                     await self.journal.call(
-                        Journal.transition, item.experiment_id, "checked", recipe=item.recipe
+                        Journal.transition,
+                        item.experiment_id,
+                        "checked",
+                        recipe=item.recipe,
+                        epoch=self._epoch,
                     )
                     item.checked = True
                 self._consecutive_rejections = 0
@@ -397,7 +439,7 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
     async def _execute(self, slot: Slot, item: Item) -> None:
         j, eid = self.journal, item.experiment_id
         assert item.recipe is not None  # a checked proposal has its recipe (see _check)
-        await j.call(Journal.transition, eid, "queued", station=slot.name)
+        await j.call(Journal.transition, eid, "queued", station=slot.name, epoch=self._epoch)
         self._emit(
             "started",
             experiment_id=eid,
@@ -434,7 +476,11 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
                 self._forget(item)
                 why = f"campaign ended before it ran ({reason})"
                 await self.journal.call(
-                    Journal.transition, item.experiment_id, "cancelled", reason=why
+                    Journal.transition,
+                    item.experiment_id,
+                    "cancelled",
+                    reason=why,
+                    epoch=self._epoch,
                 )
                 self._counts.cancelled += 1
                 self._resolve(
@@ -453,9 +499,15 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
                     await note
                 except Exception as exc:  # the station's state is in the summary and the log
                     log.error("campaign %s: station event not journaled: %s", self.campaign_id, exc)
-            await self.journal.call(Journal.save_optimizer_state, self.campaign_id, self._state())
             await self.journal.call(
-                Journal.set_campaign_state, self.campaign_id, state, reason=reason
+                Journal.save_optimizer_state, self.campaign_id, self._state(), epoch=self._epoch
+            )
+            await self.journal.call(
+                Journal.set_campaign_state,
+                self.campaign_id,
+                state,
+                reason=reason,
+                epoch=self._epoch,
             )
         best = None
         if self._best is not None:

@@ -197,6 +197,9 @@ class CampaignBook:
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._notes: list[Awaitable[int]] = []  # journal writes in flight (station events)
         self._strategy = f"optimizer:{self.optimizer.strategy}"
+        #: this owner's epoch (:meth:`~loops.journal.Journal.take_ownership`), passed with every
+        #: journal write: an older owner still alive cannot write once a newer one took over
+        self._epoch: int | None = None
 
     # ------------------------------------------------------------------ events
     def _emit(self, event: str, **data: Any) -> None:
@@ -301,5 +304,7 @@ class CampaignBook:
         self._emit("station", station=slot.name, state=state, reason=reason)
         # journaled without waiting here (callers hold the lock); awaited before the end
         self._notes.append(
-            self.journal.call(Journal.station_event, self.campaign_id, slot.name, state, reason)
+            self.journal.call(
+                Journal.station_event, self.campaign_id, slot.name, state, reason, epoch=self._epoch
+            )
         )

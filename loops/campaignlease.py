@@ -3,7 +3,13 @@
 Before anything acts, ``prepare`` takes the campaign's next owner epoch in the journal
 (:meth:`Journal.take_ownership <loops.journal.Journal.take_ownership>`) and a lease on
 every station with it (:meth:`StationActor.lease
-<loops.stationactor.StationActor.lease>`); a keeper task renews the leases every
+<loops.stationactor.StationActor.lease>`). A station still leased by an older owner
+(a run or resume still alive: stalled, stopped) is waited for until that lease is
+released or runs out (the station trips then: the older owner's experiment stops
+before this owner acts), up to :data:`HANDOVER_S`; an older owner that keeps renewing
+is alive and keeps its stations (:class:`OwnerAlive` if it keeps them all). Every
+journal write of the runner carries the epoch, so the older owner, if it wakes up,
+can no longer write either. A keeper task renews the leases every
 :data:`~loops.stationlease.RENEW_S` real seconds until the campaign ends, when they are
 released. If this process dies, the leases run out and every station trips within
 the bound of :mod:`loops.stationlease`. A station that refuses the renewal (a newer
@@ -23,18 +29,26 @@ import time
 from loops.campaignbook import CampaignBook, Slot
 from loops.journal import Journal, StaleOwner
 from loops.stationerrors import cause_text
-from loops.stationlease import RENEW_S
+from loops.stationlease import LEASE_S, POLL_S, RENEW_S, LeaseHeld
 from loops.stations import StationActor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CampaignLease"]
+__all__ = ["HANDOVER_S", "CampaignLease", "OwnerAlive"]
+
+#: how long a new owner waits for an older owner's lease on a station to end: a whole
+#: lease after a last renewal, the trip, and a margin for a loaded machine (real seconds)
+HANDOVER_S = 2 * LEASE_S + 2 * POLL_S + 2.0
+
+
+class OwnerAlive(RuntimeError):
+    """Every station of the campaign is still leased by an older owner that keeps renewing
+    its leases: that process is alive (stop it before taking over)."""
 
 
 class CampaignLease(CampaignBook):
     """Taking, keeping and releasing the stations' leases (module docstring)."""
 
-    _epoch: int | None = None
     _keeper: asyncio.Task[None] | None = None
     _released: set[str]
 
@@ -51,10 +65,46 @@ class CampaignLease(CampaignBook):
         owner = self._owner_name()
         self._epoch = await self.journal.call(Journal.take_ownership, self.campaign_id, owner)
         self._released = set()
-        await self._renew(first=True)
+        await self._hand_over()
         self._keeper = asyncio.create_task(self._keep(), name=f"campaign-{self.campaign_id}-leases")
 
-    async def _renew(self, *, first: bool = False) -> None:
+    async def _hand_over(self) -> None:
+        """The first lease on every station: one still leased by an older owner is asked again
+        until that lease has ended (:class:`LeaseHeld`), up to :data:`HANDOVER_S`."""
+        epoch = self._epoch
+        assert epoch is not None
+        owner = self._owner_name()
+        deadline = time.monotonic() + HANDOVER_S
+        waiting = [s for s in self._slots.values() if s.state != "out"]
+        seen: set[str] = set()
+        alive: list[str] = []  # still held when the wait ran out: their owners renew them
+        while waiting:
+            done = await asyncio.gather(
+                *(s.actor.call(StationActor.lease, owner, epoch, self._lease_s) for s in waiting),
+                return_exceptions=True,
+            )
+            still: list[Slot] = []
+            for slot, outcome in zip(waiting, done, strict=True):
+                if isinstance(outcome, LeaseHeld) and time.monotonic() < deadline:
+                    if slot.name not in seen:
+                        seen.add(slot.name)
+                        why = cause_text(outcome).split(": ", 1)[-1]
+                        log.warning("campaign %s: waiting: %s", self.campaign_id, why)
+                    still.append(slot)
+                elif isinstance(outcome, BaseException):
+                    if isinstance(outcome, LeaseHeld):
+                        alive.append(cause_text(outcome))
+                    self._lease_refused(slot, outcome)
+            waiting = still
+            if waiting:
+                await asyncio.sleep(2 * POLL_S)
+        if alive and all(s.state == "out" for s in self._slots.values()):
+            raise OwnerAlive(
+                f"campaign {self.campaign_id}: an older owner still renews its leases after "
+                f"{HANDOVER_S:g} s ({'; '.join(alive)}): it is alive; stop it first"
+            )
+
+    async def _renew(self) -> None:
         epoch = self._epoch
         assert epoch is not None
         owner = self._owner_name()
@@ -66,8 +116,7 @@ class CampaignLease(CampaignBook):
                     await asyncio.wait_for(slot.actor.call(StationActor.release, epoch), RENEW_S)
         calls = [slot.actor.call(StationActor.lease, owner, epoch, self._lease_s) for slot in live]
         done = await asyncio.gather(
-            *(asyncio.wait_for(c, None if first else 2 * RENEW_S) for c in calls),
-            return_exceptions=True,
+            *(asyncio.wait_for(c, 2 * RENEW_S) for c in calls), return_exceptions=True
         )
         for slot, outcome in zip(live, done, strict=True):
             if isinstance(outcome, TimeoutError):

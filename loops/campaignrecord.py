@@ -28,7 +28,11 @@ class CampaignRecorder(CampaignBook):
         else:
             self._forget(item)
         await self.journal.call(
-            Journal.reject, item.experiment_id, list(reasons), optimizer_state=self._state()
+            Journal.reject,
+            item.experiment_id,
+            list(reasons),
+            optimizer_state=self._state(),
+            epoch=self._epoch,
         )
         self._counts.rejected += 1
         event = {
@@ -55,7 +59,11 @@ class CampaignRecorder(CampaignBook):
                 why = f"{reason} before the experiment started; not retried"
             self._tell(item, None, "failed")
             await self.journal.call(
-                Journal.fail, item.experiment_id, why, optimizer_state=self._state()
+                Journal.fail,
+                item.experiment_id,
+                why,
+                optimizer_state=self._state(),
+                epoch=self._epoch,
             )
             self._counts.failed += 1
             if exp.state == "running":
@@ -77,10 +85,14 @@ class CampaignRecorder(CampaignBook):
     async def _record(self, slot: Slot, item: Item, out: Mapping[str, Any]) -> None:
         j, eid = self.journal, item.experiment_id
         measure = self.program.objective.measure
-        images = self._save_images(out)
+        images, missing = self._save_images(out)
         if images or out.get("audit"):  # the evidence first, then the outcome that cites it
             await j.call(
-                Journal.record_evidence, eid, verdicts=out.get("audit") or (), images=images
+                Journal.record_evidence,
+                eid,
+                verdicts=out.get("audit") or (),
+                images=images,
+                epoch=self._epoch,
             )
         if out.get("ok"):
             measurements = dict(out.get("measurements") or {})
@@ -102,6 +114,10 @@ class CampaignRecorder(CampaignBook):
                     result["verification"] = verification
                 if images:
                     result["images"] = images
+                if missing:  # cited by the outcome, neither journaled nor on disk
+                    result["images_missing"] = missing
+                if out.get("recorded_on_resume"):
+                    result["recorded_on_resume"] = True
                 await j.call(
                     Journal.finish,
                     eid,
@@ -110,6 +126,7 @@ class CampaignRecorder(CampaignBook):
                     verified=verified,
                     reason=reason,
                     optimizer_state=self._state(),
+                    epoch=self._epoch,
                 )
                 self._counts.done += 1
                 self._counts.by_station[slot.name] = self._counts.by_station.get(slot.name, 0) + 1
@@ -138,6 +155,7 @@ class CampaignRecorder(CampaignBook):
                 reason,
                 data={"measurements": measurements},
                 optimizer_state=self._state(),
+                epoch=self._epoch,
             )
             self._counts.failed += 1
             self._record_value(eid, item.params, None)
@@ -152,7 +170,11 @@ class CampaignRecorder(CampaignBook):
                 str(v.get("rule", "")).startswith("budget.") for v in violations
             )
             await j.call(
-                Journal.transition, eid, "proposed", reason="the dry run at start refused it"
+                Journal.transition,
+                eid,
+                "proposed",
+                reason="the dry run at start refused it",
+                epoch=self._epoch,
             )
             await self._reject(item, reasons, tell=not budget)
             if budget:
@@ -162,7 +184,12 @@ class CampaignRecorder(CampaignBook):
             reason = f"station {slot.name} refused to start it: {out.get('error')}"
             self._forget(item)
             await j.call(
-                Journal.transition, eid, "cancelled", reason=reason, optimizer_state=self._state()
+                Journal.transition,
+                eid,
+                "cancelled",
+                reason=reason,
+                optimizer_state=self._state(),
+                epoch=self._epoch,
             )
             self._counts.cancelled += 1
             self._out(slot, str(out.get("error")))
@@ -180,17 +207,22 @@ class CampaignRecorder(CampaignBook):
             reason,
             data={k: v for k, v in out.items() if k != "image"},
             optimizer_state=self._state(),
+            epoch=self._epoch,
         )
         self._counts.failed += 1
         self._record_value(eid, item.params, None)
         self._failed_event(slot, item, reason, trip=out.get("trip"))
         self._out(slot, f"tripped after {eid} {reason}; check it and reset it to use it again")
 
-    def _save_images(self, out: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    def _save_images(
+        self, out: Mapping[str, Any]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Write the run's JPEGs under ``images_dir`` by content hash (before the journal
-        names them); role -> ``sha256``, ``path``, ``bytes``."""
+        names them): role -> ``sha256``, ``path``, ``bytes``. A role the outcome cites
+        (``images``: role -> ``sha256``, an outcome journaled by the station) without its
+        bytes is cited if its file is there, else returned as missing (role -> sha256)."""
         if self._images_dir is None:
-            return {}
+            return {}, {}
         saved: dict[str, dict[str, Any]] = {}
         for role, key in (("outcome", "image"), ("reference", "reference_image")):
             data = out.get(key)
@@ -204,7 +236,20 @@ class CampaignRecorder(CampaignBook):
                 tmp.write_bytes(data)
                 tmp.replace(path)
             saved[role] = {"sha256": digest, "path": str(path), "bytes": len(data)}
-        return saved
+        missing: dict[str, str] = {}
+        for role, cited in dict(out.get("images") or {}).items():
+            if role in saved or not isinstance(cited, Mapping) or not cited.get("sha256"):
+                continue
+            path = self._images_dir / f"{cited['sha256']}.jpg"
+            if path.is_file() and path.stat().st_size == int(cited.get("bytes") or -1):
+                saved[role] = {
+                    "sha256": cited["sha256"],
+                    "path": str(path),
+                    "bytes": int(cited["bytes"]),
+                }
+            else:
+                missing[role] = str(cited["sha256"])
+        return saved, missing
 
     def _count_disagreement(self, slot: Slot, verified: bool | None, reason: str | None) -> None:
         """Pause a station after ``max_disagreements`` unverified results in a row."""

@@ -1,10 +1,17 @@
 """Resuming a campaign after a crash or a kill -9: :class:`CampaignResume`.
 
 ``prepare(resume=True)`` (see :mod:`loops.campaign`): the optimizer is restored
-from its saved state and told every outcome it does not know yet; every station
-is safe-stated, checked and drained (:meth:`StationActor.recover
-<loops.stationactor.StationActor.recover>`, recorded with the operator's name)
-and each interrupted experiment is closed as ``failed``, never re-run.
+from its saved state and told every outcome it does not know yet; an experiment whose
+station journaled its outcome before the campaign's process stopped is recorded as the
+result it is (:class:`~loops.journal.CompletedRun`); every station is safe-stated,
+checked and drained (:meth:`StationActor.recover
+<loops.stationactor.StationActor.recover>`, recorded with the operator's name) and
+each interrupted experiment is closed as ``failed``, never re-run.
+
+Budgets (a new campaign and a resume): a station whose safety budget's window is
+spent (one more experiment does not fit; a volume budget with nothing left) rests,
+with when its window allows more; if every station does, the campaign does not start
+at all (:class:`BudgetWindow`, the message saying when).
 """
 
 from __future__ import annotations
@@ -13,17 +20,24 @@ import logging
 
 from loops.campaignbook import STATE_VERSION, Item, Slot
 from loops.campaignlease import CampaignLease
-from loops.journal import Experiment, Journal, ResumeInfo
+from loops.campaignrecord import CampaignRecorder
+from loops.journal import CompletedRun, Experiment, Journal, ResumeInfo
 from loops.optimizer import optimizer_from_state
 from loops.stationerrors import cause_text
+from loops.stationledger import window_text
 from loops.stations import StationActor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CampaignResume"]
+__all__ = ["BudgetWindow", "CampaignResume"]
 
 
-class CampaignResume(CampaignLease):
+class BudgetWindow(RuntimeError):
+    """Every station's safety budget is spent for now: the campaign does not start (or
+    resume) until a window allows more; the message says when."""
+
+
+class CampaignResume(CampaignLease, CampaignRecorder):
     """Creating a campaign in the journal, or picking it up after a crash (:meth:`prepare`)."""
 
     async def prepare(self, *, resume: bool = False, operator: str = "operator") -> None:
@@ -36,6 +50,14 @@ class CampaignResume(CampaignLease):
         if self._phase != "new":
             raise RuntimeError(f"campaign {self.campaign_id} is already {self._phase}")
         j = self.journal
+        spent = await self._spent_budgets()
+        if spent and len(spent) == sum(s.state != "out" for s in self._slots.values()):
+            raise BudgetWindow(
+                f"campaign {self.campaign_id} {'resumes' if resume else 'starts'} on no station "
+                "now: "
+                + "; ".join(f"station {n}: {why}" for n, why in spent.items())
+                + f"; {'resume' if resume else 'start'} it once a window allows more"
+            )
         try:
             if not resume:
                 await j.call(
@@ -45,22 +67,50 @@ class CampaignResume(CampaignLease):
                     self.program.to_markdown(),
                 )
                 await self._take_leases()
-                await j.call(Journal.save_optimizer_state, self.campaign_id, self._state())
+                self._rest(spent)
+                await j.call(
+                    Journal.save_optimizer_state, self.campaign_id, self._state(), epoch=self._epoch
+                )
             else:
-                await self._take_leases()  # the next epoch: a dead owner's orphans are fenced off
-                info: ResumeInfo = await j.call(Journal.resume, self.campaign_id)
+                await self._take_leases()  # the next epoch: an older owner is over or fenced off
+                info: ResumeInfo = await j.call(Journal.resume, self.campaign_id, epoch=self._epoch)
                 await self._restore(info, operator)
+                self._rest(spent)
                 if info.campaign.state != "running":
                     await j.call(
                         Journal.set_campaign_state,
                         self.campaign_id,
                         "running",
                         reason=f"resumed by {operator}",
+                        epoch=self._epoch,
                     )
         except BaseException:
             await self._release_leases()  # nothing keeps renewing for a campaign not prepared
             raise
         self._phase = "prepared"
+
+    async def _spent_budgets(self) -> dict[str, str]:
+        """Station -> why no experiment fits its budgets now, and when one does (stations
+        that cannot say are left to the dry runs)."""
+        out: dict[str, str] = {}
+        for slot in self._slots.values():
+            if slot.state == "out":
+                continue
+            try:
+                budgets = await slot.actor.call(StationActor.budgets)
+            except Exception as exc:
+                log.info("campaign %s: budgets of %s: %s", self.campaign_id, slot.name, exc)
+                continue
+            blocked = [window_text(b) for b in budgets if not b["ok"]]
+            if blocked:
+                out[slot.name] = "; ".join(blocked)
+        return out
+
+    def _rest(self, spent: dict[str, str]) -> None:
+        for name, why in spent.items():
+            slot = self._slots[name]
+            if slot.state != "out":
+                self._out(slot, f"safety budget spent: {why}", state="paused")
 
     async def _restore(self, info: ResumeInfo, operator: str) -> None:
         saved = info.optimizer_state or {}
@@ -116,6 +166,8 @@ class CampaignResume(CampaignLease):
                 self._tell(item, None, "infeasible")
             elif exp.state == "cancelled":
                 self._forget(item)
+        for run in info.completed:  # ran to its end before the stop: its result, exactly once
+            await self._record_completed(run)
         recovered: set[str] = set()
         for interrupted in info.interrupted:
             await self._recover(interrupted.experiment, interrupted.last_step_started, operator)
@@ -132,7 +184,9 @@ class CampaignResume(CampaignLease):
             if p.id not in live:
                 self.optimizer.cancel(p.id)
         self._pending = {e: p for e, p in self._pending.items() if p in live}
-        await self.journal.call(Journal.save_optimizer_state, self.campaign_id, self._state())
+        await self.journal.call(
+            Journal.save_optimizer_state, self.campaign_id, self._state(), epoch=self._epoch
+        )
         self._emit("state", state="resumed", progress=self.progress())
 
     def _count_restored(self, exp: Experiment) -> None:
@@ -150,6 +204,31 @@ class CampaignResume(CampaignLease):
             c.cancelled += 1
         if exp.station and exp.state in ("done", "failed"):
             c.by_station[exp.station] = c.by_station.get(exp.station, 0) + 1
+
+    async def _record_completed(self, run: CompletedRun) -> None:
+        """Record the result of an experiment whose station journaled its outcome (every
+        step ran) before the campaign's process stopped, as the run returned it: verified
+        as it was verified, its JPEGs written from the journal."""
+        exp = run.experiment
+        slot = self._slots.get(exp.station or "")
+        if slot is None:
+            log.warning(
+                "campaign %s: experiment %s ran to its end on station %s, which is not in this "
+                "lab: its outcome stays in the journal until a resume with that station",
+                self.campaign_id,
+                exp.id,
+                exp.station,
+            )
+            return
+        pid = self._pending.get(exp.id)
+        item = Item(exp.id, pid, dict(exp.params), exp.recipe, exp.proposer, checked=True)
+        out = {
+            **run.outcome,
+            "image": run.images.get("outcome"),
+            "reference_image": run.images.get("reference"),
+            "recorded_on_resume": True,
+        }
+        await self._record(slot, item, out)
 
     async def _recover(self, exp: Experiment, step: int | None, operator: str) -> None:
         """Safe-state, check and drain the station an interrupted experiment ran on; close it."""
@@ -173,7 +252,9 @@ class CampaignResume(CampaignLease):
         outcome = await self._recover_station(slot, operator, why)
         reason = f"interrupted {where} (campaign process stopped); {outcome}; never re-run"
         self._tell(item, None, "failed")
-        await self.journal.call(Journal.fail, exp.id, reason, optimizer_state=self._state())
+        await self.journal.call(
+            Journal.fail, exp.id, reason, optimizer_state=self._state(), epoch=self._epoch
+        )
         self._counts.failed += 1
         self._record_value(exp.id, exp.params, None)
         self._emit(
@@ -196,7 +277,12 @@ class CampaignResume(CampaignLease):
         self._emit("station", station=slot.name, state="recovered", reason=why)
         self._notes.append(
             self.journal.call(
-                Journal.station_event, self.campaign_id, slot.name, "recovered", outcome
+                Journal.station_event,
+                self.campaign_id,
+                slot.name,
+                "recovered",
+                outcome,
+                epoch=self._epoch,
             )
         )
         return outcome

@@ -23,6 +23,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from loops.journal import JOURNAL_API, AsyncJournal, Journal, api_name
+from loops.runfolder import note_children
 from loops.stationerrors import portable_error
 from loops.stations import (
     ClockSpec,
@@ -256,7 +257,10 @@ def init_ray(
     is none, when the file cannot be read, when the cluster refuses it, or when the
     cluster does not ask for one at all (it would let anyone in).
 
-    Sets ``RAY_USAGE_STATS_ENABLED=0`` unless already set.
+    Sets ``RAY_USAGE_STATS_ENABLED=0`` unless already set. A local start notes Ray's
+    processes in this process's run folder (:mod:`loops.runfolder`, when it has one):
+    some of them outlive a ``kill -9`` of this process, and the next labbridge start ends
+    them.
     """
     if ray.is_initialized():
         return None
@@ -285,7 +289,9 @@ def init_ray(
         _pin_loopback()
         options["_node_ip_address"] = "127.0.0.1"
     options.update(kwargs)
-    return ray.init(**options)
+    context = ray.init(**options)
+    note_children()  # a next start ends what outlives this process (a kill -9)
+    return context
 
 
 # ------------------------------------------------------------------ the token

@@ -13,7 +13,10 @@ lost owner), the running recipe stops, and nothing more is journaled as its prog
 Fencing: a lease is taken with an epoch; a call with an older epoch is refused
 (:class:`~loops.journal.StaleOwner`), and a lost epoch stays lost (only a new owner,
 with a higher epoch, takes the station again). The journal refuses progress writes
-of an old epoch as well. Bound: after the owner's last renewal reaches the actor,
+of an old epoch as well. Hand-over: a new owner (a higher epoch) takes the station
+only once the old lease is released, lost or run out (:class:`LeaseHeld` until then):
+an old owner that is still alive (stalled, stopped) has its station tripped by its
+own lease running out before anyone else acts on it. Bound: after the owner's last renewal reaches the actor,
 its lease ends within ``LEASE_S`` and the station trips within ``LEASE_S + 2 * POLL_S``
 (measured in ``tests/test_lease.py``).
 
@@ -30,7 +33,7 @@ from typing import Any
 from loops.journal import StaleOwner
 from loops.stationerrors import StationError
 
-__all__ = ["LEASE_S", "POLL_S", "RENEW_S", "Lease", "OwnerLost", "StaleOwner"]
+__all__ = ["LEASE_S", "POLL_S", "RENEW_S", "Lease", "LeaseHeld", "OwnerLost", "StaleOwner"]
 
 #: how long a lease lasts without a renewal (real seconds): five renewal periods, so a
 #: campaign process stalled for a few seconds on a loaded machine does not trip its stations
@@ -45,6 +48,11 @@ POLL_S = 0.1
 class OwnerLost(StationError):
     """The station's owner stopped renewing its lease (or released it): the station acts
     for nobody until a new owner takes it with a higher epoch."""
+
+
+class LeaseHeld(StationError):
+    """A newer owner asked for a station whose older owner's lease is still live: it takes
+    the station once that lease is released or runs out (the station trips then)."""
 
 
 class Lease:
@@ -74,7 +82,9 @@ class Lease:
         """Take or renew the lease for ``owner`` at ``epoch`` for ``ttl_s`` real seconds.
 
         Raises :class:`StaleOwner` for an epoch older than one seen, :class:`OwnerLost` for
-        the epoch whose lease was lost or released (a new owner needs a higher epoch)."""
+        the epoch whose lease was lost or released (a new owner needs a higher epoch),
+        :class:`LeaseHeld` for a newer epoch while the older one's lease is held (it has
+        not run out, or has and is not yet declared lost)."""
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
             raise ValueError(f"lease epoch must be an int >= 1, got {epoch!r}")
         if not (isinstance(ttl_s, int | float) and math.isfinite(ttl_s) and ttl_s > 0):
@@ -84,6 +94,13 @@ class Lease:
             raise OwnerLost(
                 f"station {self.station}: the lease of epoch {epoch} ended ({self.lost}); "
                 "a new owner takes the station with a higher epoch"
+            )
+        if self.held and self.epoch is not None and epoch > self.epoch:
+            left = self.expires - time.monotonic()
+            raise LeaseHeld(
+                f"station {self.station} is leased by {self.owner} (epoch {self.epoch}) for "
+                f"{max(0.0, left):.1f} s more: epoch {epoch} takes it once that lease is "
+                "released or runs out (the station trips then)"
             )
         self.owner, self.epoch, self.ttl_s = str(owner), epoch, float(ttl_s)
         self.expires, self.held, self.lost = time.monotonic() + self.ttl_s, True, None

@@ -1,9 +1,11 @@
 """Budgets and counters are durable (issue 12): what a station's safety budgets consumed is
-journaled and restored when a new station actor starts (a resume, a restarted service).
+journaled and restored when a new station actor starts (a resume, a restarted service),
+and a campaign that would exceed a budget's window is refused, saying when it allows more.
 
 Stations and journal in this process (:class:`~loops.stations.LocalStation`,
 :class:`~loops.journal.AsyncJournal`) on a simulated bench; the bench's envelope has a
-dye budget per simulated hour (7.2 real seconds at this speed).
+dye budget per simulated hour (7.2 real seconds at this speed), or a rate of experiments
+per hour. (The budget use of a step cut by a kill: tests/test_kill_outcome.py.)
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import pytest
 from bridge.campaigns import lab_clock
 from bridge.labconfig import LabConfig, load_lab
 from bridge.simbench import sim_lab_yaml
-from loops.campaign import CampaignRunner
+from loops.campaign import BudgetWindow, CampaignRunner
 from loops.journal import AsyncJournal, Journal
 from loops.program import Program, load_program
 from loops.recipe import build_recipe
+from loops.stationledger import budget_status, window_text
 from loops.stations import LocalStation, StationActor
+from safety.envelope import reference_envelope
 from simulators.bench import SimulatedLab
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
@@ -41,14 +45,18 @@ def one_experiment(base: Program) -> Program:
     )
 
 
-def new_actor(lab: LabConfig, journal: AsyncJournal) -> LocalStation:
-    """A fresh station actor on the bench, as a resume or a restarted service makes one."""
+def new_actor(lab: LabConfig, journal: AsyncJournal, budget: str = BUDGET) -> LocalStation:
+    """A fresh station actor on the bench, as a resume or a restarted service makes one;
+    ``budget`` replaces the envelope's budgets (staleness limits of 10 s, not 2: a monitor
+    tripping on a starved poll of a loaded 2-core machine is not what this tests)."""
     st = lab.stations["bench-a"]
     text = st.envelope_text
-    assert isinstance(text, str) and "dye_ml_per_day:" in text
+    assert isinstance(text, str) and "dye_ml_per_day:" in text and "max_age_s: 2\n" in text
+    lines = text.replace("max_age_s: 2\n", "max_age_s: 10\n").splitlines()
     envelope = "\n".join(
-        f"  {BUDGET}" if line.strip().startswith("dye_ml_per_day:") else line
-        for line in text.splitlines()
+        f"  {budget}" if line.strip().startswith("dye_ml_per_day:") else line
+        for line in lines
+        if not line.strip().startswith("experiments_per_hour:")
     )
     actor = StationActor(
         "bench-a",
@@ -118,3 +126,106 @@ async def test_a_spent_budget_survives_a_new_station_actor_until_its_window_pass
                 assert await second.call(StationActor.dry_run, recipe, "optimizer") == []
             finally:
                 await second.call(StationActor.stop)
+
+
+def test_a_budget_says_when_its_window_allows_more() -> None:
+    envelope = reference_envelope()  # 30 experiments per hour, 50 mL of dye per day
+    ledger = envelope.ledger
+    for minute in range(30):  # one experiment a minute, 1.5 mL each, from t = 0
+        ledger.consume("experiments", 1, 60.0 * minute)
+        ledger.consume("vial.added", 1.5, 60.0 * minute)
+    now = 1800.0
+    status = {b["name"]: b for b in budget_status(envelope, now, speed=2.0, wall=1000.0)}
+    rate, dye = status["experiments_per_hour"], status["dye_ml_per_day"]
+    assert rate["used"] == 30 and not rate["ok"]
+    assert rate["frees_at"] == pytest.approx(3600.0, abs=0.5)  # the first leaves the hour
+    assert rate["frees_at_wall"] == pytest.approx(1000.0 + (3600.0 - now) / 2.0, abs=0.5)
+    assert dye["used"] == 45 and dye["ok"]  # 5 mL left: something fits
+    text = window_text(rate, wall=1000.0)
+    assert "budget experiments_per_hour: 30 of 30 used in the last hour" in text, text
+    assert "its window allows another experiment at " in text and "(in 15 min 0 s)" in text
+    # 10 mL do not fit in the day's 5 mL left: 1.5 mL leave per minute from t = 86400 on
+    (dye,) = [
+        b
+        for b in budget_status(envelope, now, asks={"vial.added": 10.0}, wall=0.0)
+        if b["name"] == "dye_ml_per_day"
+    ]
+    assert not dye["ok"] and dye["frees_at"] == pytest.approx(86400.0 + 3 * 60.0, abs=0.5)
+    assert "10 mL more at" in window_text(dye)
+    (never,) = [
+        b
+        for b in budget_status(envelope, now, asks={"vial.added": 60.0})
+        if b["name"] == "dye_ml_per_day"
+    ]
+    assert never["frees_at"] is None and "never fits" in window_text(never)
+
+
+@pytest.mark.timeout(150)
+async def test_a_rate_of_experiments_survives_a_restart_and_a_resume_waits_for_its_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One experiment per (simulated) hour: the second is refused on the station; a new
+    actor (a resume, a restarted service) restores the count, and the resume is refused
+    with when the window allows the next one, until it does."""
+    rate = "experiments_per_hour: 1"
+    base = load_program(EXAMPLE)
+    program = dataclasses.replace(
+        base,
+        budget=dataclasses.replace(base.budget, experiments=2),
+        stop=dataclasses.replace(base.stop, target=None),
+    )
+    async with SimulatedLab(stations=1, speed=SPEED) as sim:
+        path = tmp_path / "lab.yaml"
+        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
+        lab = load_lab(path)
+        now = lab_clock(lab)[1]
+        for key, value in lab.stations["bench-a"].env.items():
+            monkeypatch.setenv(key, value)
+        async with await AsyncJournal.open(lab.store) as journal:
+            first = new_actor(lab, journal, rate)
+            await first.call(StationActor.start)
+            try:
+                runner = CampaignRunner(
+                    program, journal, {"bench-a": first}, campaign_id="rate", clock_now=now
+                )
+                await runner.prepare()
+                assert (await runner.propose(PARAMS, "agent:rate-test")).accepted
+                summary = await runner.run()  # the second experiment is refused: 1 per hour
+            finally:
+                await first.call(StationActor.stop)
+            assert summary.counts["done"] == 1 and summary.counts["cancelled"] == 1, summary
+            assert "experiments_per_hour" in summary.stations["bench-a"]["reason"], summary
+            started = [r for r in await journal.call(Journal.consumption, "bench-a")]
+            assert [r[0] for r in started].count("experiments") == 1, started
+
+            second = new_actor(lab, journal, rate)  # the restart: the count is restored
+            await second.call(StationActor.start)
+            try:
+                owner = await journal.call(Journal.owner, "rate")
+                rows = len(await journal.call(Journal.campaign_log, "rate"))
+                resume = CampaignRunner(
+                    program, journal, {"bench-a": second}, campaign_id="rate", clock_now=now
+                )
+                with pytest.raises(BudgetWindow) as refused:
+                    await resume.prepare(resume=True, operator="tester")
+                text = str(refused.value)
+                assert "campaign rate resumes on no station now" in text, text
+                assert "budget experiments_per_hour: 1 of 1 used in the last hour" in text, text
+                assert "its window allows another experiment at" in text, text
+                # refused before anything: no new owner, nothing journaled
+                assert await journal.call(Journal.owner, "rate") == owner
+                assert len(await journal.call(Journal.campaign_log, "rate")) == rows
+                # once the hour since the first experiment has passed, the resume runs
+                (budget,) = await second.call(StationActor.budgets)
+                deadline = time.monotonic() + 60
+                while now() <= budget["frees_at"]:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+                resume = CampaignRunner(
+                    program, journal, {"bench-a": second}, campaign_id="rate", clock_now=now
+                )
+                await resume.prepare(resume=True, operator="tester")
+                summary = await resume.run()
+            finally:
+                await second.call(StationActor.stop)
+            assert summary.counts["done"] == 2, summary

@@ -143,7 +143,7 @@ def test_a_version_1_journal_is_migrated_and_keeps_its_data(tmp_path: Path) -> N
     finally:
         conn.close()
     with Journal(path) as j:
-        assert j.settings()["schema_version"] == SCHEMA_VERSION == 3
+        assert j.settings()["schema_version"] == SCHEMA_VERSION == 4
         assert j.campaign("c").state == "running"
         eid = j.propose("c", {"x": 1}, "optimizer")
         j.transition(eid, "checked")

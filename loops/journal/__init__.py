@@ -20,7 +20,8 @@ Experiment states (:data:`NEXT_STATES` is the whole machine)::
 A physical step is never re-run: :meth:`Journal.step_started` refuses an index
 that already started, and nothing leaves ``interrupted`` except ``failed``.
 :meth:`Journal.resume` after a crash marks ``running`` experiments
-``interrupted`` (with the step that was in progress), sends ``checked``/``queued``
+``interrupted`` (with the step that was in progress; one whose outcome the station
+journaled is returned as a :class:`CompletedRun` instead), sends ``checked``/``queued``
 ones back to ``proposed`` (to be dry-run again) and returns everything the
 campaign needs to carry on (:class:`ResumeInfo`).
 
@@ -38,10 +39,15 @@ objective)``, type-checked against the method itself. :class:`AsyncJournal` is t
 in-process link; ``loops.raylinks`` has the Ray actor and its link, which forward
 :data:`JOURNAL_API` (every public method but ``close``) by name.
 
+A station journals a run's outcome (:meth:`Journal.record_outcome`) before it returns
+it: resume records such a run's result (:class:`CompletedRun`) instead of failing it.
+
 Modules: ``_model`` (states, errors, row types, JSON), ``_schema`` (SQLite schema
 and migrations), ``_reads`` (the queries and CSV rows), ``_conn`` (the connection, one
-write transaction, the row-level helpers of the writes), ``_store`` (:class:`Journal`:
-the writes and resume), ``_async`` (:class:`JournalLink`, :class:`AsyncJournal`).
+write transaction, the row-level helpers of the writes), ``_owners`` (owner epochs,
+budget consumption), ``_steps`` (step events, reservations, outcomes), ``_resume``
+(resume), ``_store`` (:class:`Journal`: campaigns and state changes), ``_async``
+(:class:`JournalLink`, :class:`AsyncJournal`).
 """
 
 from loops.journal._async import AsyncJournal, JournalLink
@@ -52,6 +58,7 @@ from loops.journal._model import (
     NEXT_STATES,
     Campaign,
     CampaignMismatch,
+    CompletedRun,
     Experiment,
     IllegalTransition,
     InterruptedExperiment,
@@ -76,6 +83,7 @@ __all__ = [
     "AsyncJournal",
     "Campaign",
     "CampaignMismatch",
+    "CompletedRun",
     "Experiment",
     "IllegalTransition",
     "InterruptedExperiment",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from loops.journal._model import (
+    FINAL_STATES,
     JournalError,
     StepOrderError,
     UnknownCampaign,
@@ -205,6 +206,8 @@ class JournalConnection(JournalReads):
         )
         if optimizer_state is not None:
             self._save_optimizer(conn, campaign_id, optimizer_state)
+        if state in FINAL_STATES:  # its JPEGs are on disk now, or the result says they are not
+            conn.execute("DELETE FROM outcome_images WHERE experiment_id = ?", (experiment_id,))
         payload: dict[str, Any] = dict(fields or {})
         for key, value in (("reason", reason), ("station", station), ("recipe", recipe)):
             if value is not None:

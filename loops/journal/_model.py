@@ -167,6 +167,22 @@ class InterruptedExperiment:
 
 
 @dataclass(frozen=True)
+class CompletedRun:
+    """An experiment found ``running`` at resume whose station had journaled its outcome
+    (:meth:`Journal.record_outcome`): every step ran and was measured, only the result was
+    not recorded yet. Resume records it as the result it is (never re-run, never lost).
+
+    ``outcome``: what the station's run returned (measurements, ``result``, ``verification``,
+    ``audit``, ``images``: role -> ``sha256``/``bytes``); ``images``: the JPEGs journaled
+    with it, role -> bytes (:meth:`Journal.outcome_images`).
+    """
+
+    experiment: Experiment
+    outcome: dict[str, Any]
+    images: dict[str, bytes]
+
+
+@dataclass(frozen=True)
 class ResumeInfo:
     """What a campaign needs to carry on after a crash (see :meth:`Journal.resume`).
 
@@ -175,7 +191,9 @@ class ResumeInfo:
     optimizer too; ``interrupted``: NEVER re-run, check the station first;
     ``requeued``: were checked/queued, now proposed again (also in
     ``pending_proposals``, which lists every experiment in ``proposed``, to be
-    dry-run again); ``next_seq``: the seq the next proposal will get.
+    dry-run again); ``next_seq``: the seq the next proposal will get;
+    ``completed``: running experiments whose outcome the station journaled (record
+    their results: :class:`CompletedRun`).
     """
 
     campaign: Campaign
@@ -187,6 +205,7 @@ class ResumeInfo:
     pending_proposals: list[Experiment]
     optimizer_state: dict[str, Any] | None
     next_seq: int
+    completed: list[CompletedRun] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- JSON

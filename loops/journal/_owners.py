@@ -13,7 +13,9 @@ Consumption (``record_consumption``/``consumption``): one row per budget unit th
 envelope's ledger consumed on a station, with the station's clock (``t_clock``, the
 simulated clock on a simulated bench) and the wall clock (``t_wall``, epoch seconds:
 the one clock that survives a restart); see :meth:`StationActor.start
-<loops.stationactor.StationActor.start>` for how a new actor restores them.
+<loops.stationactor.StationActor.start>` for how a new actor restores them. A step that
+starts reserves what the guard would commit for it (``reserved`` rows), settled by the
+station's next record of what it actually consumed: a step cut by a kill counts in full.
 """
 
 from __future__ import annotations
@@ -74,33 +76,47 @@ class JournalOwners(JournalConnection):
     # ------------------------------------------------------------ consumption
     def record_consumption(self, station: str, entries: Sequence[Sequence[object]]) -> int:
         """Store what a station's safety budgets consumed: ``entries`` of ``(resource,
-        amount, t_clock, t_wall)``; returns how many rows were written."""
+        amount, t_clock, t_wall)``; returns how many rows were written. The station's
+        open reservation (:meth:`step_started` ``reserve=``) is settled: what it consumed
+        is known now (an empty ``entries`` settles it too)."""
         rows = _consumption_rows(station, entries)
-        if not rows:
-            return 0
         with self._tx() as conn:
-            self._insert_consumption(conn, rows)
+            self._store_consumption(conn, str(station), rows)
         return len(rows)
 
-    def _insert_consumption(
-        self, conn: sqlite3.Connection, rows: Sequence[tuple[str, str, float, float, float]]
+    def _store_consumption(
+        self,
+        conn: sqlite3.Connection,
+        station: str,
+        rows: Sequence[tuple[str, str, float, float, float]],
+        *,
+        reserve: Sequence[tuple[str, str, float, float, float]] = (),
     ) -> None:
-        conn.executemany(
-            "INSERT INTO consumption (station, resource, amount, t_clock, t_wall) "
-            "VALUES (?, ?, ?, ?, ?)",
-            rows,
+        """Inside a write: settle ``station``'s reservation, store its actual consumption
+        ``rows``, then reserve ``reserve`` for the step about to act (one station runs one
+        step at a time: an actual write is what every earlier reservation came to)."""
+        conn.execute("DELETE FROM consumption WHERE station = ? AND reserved = 1", (station,))
+        sql = (
+            "INSERT INTO consumption (station, resource, amount, t_clock, t_wall, reserved) "
+            "VALUES (?, ?, ?, ?, ?, ?)"
         )
+        conn.executemany(sql, [(*r, 0) for r in rows])
+        conn.executemany(sql, [(*r, 1) for r in reserve])
 
     def consumption(
-        self, station: str, since_wall: float = 0.0
+        self, station: str, since_wall: float = 0.0, *, reserved: bool | None = None
     ) -> list[tuple[str, float, float, float]]:
         """What ``station``'s budgets consumed after ``since_wall`` (epoch seconds), oldest
-        first: ``(resource, amount, t_clock, t_wall)``."""
+        first: ``(resource, amount, t_clock, t_wall)``. ``reserved``: None (default) counts
+        a step that started and never finished as what was reserved for it (conservative:
+        its owner died between the command and the step's record); True: only those
+        reservations; False: only what was recorded as consumed."""
+        where = "" if reserved is None else f" AND reserved = {int(bool(reserved))}"
         rows = (
             self._db()
             .execute(
                 "SELECT resource, amount, t_clock, t_wall FROM consumption "
-                "WHERE station = ? AND t_wall > ? ORDER BY t_wall, id",
+                f"WHERE station = ? AND t_wall > ?{where} ORDER BY t_wall, id",
                 (str(station), float(since_wall)),
             )
             .fetchall()

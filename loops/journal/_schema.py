@@ -6,7 +6,7 @@ import sqlite3
 
 from loops.journal._model import JournalError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # ------------------------------------------------------------------ schema
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -97,6 +97,20 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             t_clock REAL NOT NULL,
             t_wall REAL NOT NULL)""",
         "CREATE INDEX consumption_by_station ON consumption (station, t_wall)",
+    ),
+    4: (
+        # what the guard would commit for a step that started, counted until the step's actual
+        # consumption replaces it (a kill between the command and step_done loses nothing)
+        "ALTER TABLE consumption ADD COLUMN reserved INTEGER NOT NULL DEFAULT 0 "
+        "CHECK (reserved IN (0, 1))",
+        # a finished run's JPEGs, journaled with its outcome (event 'outcome') until the result
+        # that cites them is recorded (they are written under images/ then)
+        """CREATE TABLE outcome_images (
+            experiment_id TEXT NOT NULL REFERENCES experiments(id),
+            role TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (experiment_id, role))""",
     ),
 }
 

@@ -2,7 +2,16 @@
 
 The connection, the write transaction and the row-level helpers it uses are
 :class:`~loops.journal._conn.JournalConnection`'s; the queries are
-:class:`~loops.journal._reads.JournalReads`'.
+:class:`~loops.journal._reads.JournalReads`'; owners and budget consumption
+:class:`~loops.journal._owners.JournalOwners`'; what a station writes while it runs
+:class:`~loops.journal._steps.JournalSteps`'; resume
+:class:`~loops.journal._resume.JournalResume`'. This module: campaigns and the
+experiments' state changes.
+
+Fencing: every write a campaign's owner makes (proposals, transitions, results, the
+optimizer's and the campaign's state, station events, evidence) takes ``epoch=``, the
+owner's epoch (:meth:`Journal.take_ownership`); a write from an older owner is refused
+(:class:`~loops.journal.StaleOwner`). None: a write without an owner (a tool's).
 """
 
 from __future__ import annotations
@@ -21,21 +30,19 @@ from loops.journal._model import (
     Campaign,
     CampaignMismatch,
     IllegalTransition,
-    InterruptedExperiment,
     JournalError,
-    ResumeInfo,
-    StepOrderError,
     _dumps,
     _loads,
 )
-from loops.journal._owners import JournalOwners, _consumption_rows
+from loops.journal._owners import _consumption_rows
 from loops.journal._reads import _EXPERIMENT_COLUMNS
+from loops.journal._resume import JournalResume
 from loops.journal._schema import _schema_version
 
 _PROPOSER = re.compile(r"^(optimizer(:\S+)?|agent:\S+|operator(:\S+)?)$")
 
 
-class Journal(JournalOwners):
+class Journal(JournalResume):
     """The durable record of campaigns and experiments (SQLite, WAL, synchronous=FULL).
 
     ``Journal(path)`` creates or opens the file and migrates its schema.
@@ -107,7 +114,9 @@ class Journal(JournalOwners):
                 self._log(conn, None, campaign_id, "campaign", "running", None, {"created": name})
         return self.campaign(campaign_id)
 
-    def set_campaign_state(self, campaign_id: str, state: str, *, reason: str | None = None) -> int:
+    def set_campaign_state(
+        self, campaign_id: str, state: str, *, reason: str | None = None, epoch: int | None = None
+    ) -> int:
         """Record the campaign's state (running|paused|stopped|done|aborted); returns the log id."""
         if state not in CAMPAIGN_STATES:
             raise ValueError(
@@ -115,6 +124,7 @@ class Journal(JournalOwners):
             )
         with self._tx() as conn:
             self._require_campaign(conn, campaign_id)
+            self._require_epoch(conn, campaign_id, epoch)
             conn.execute(
                 "UPDATE campaigns SET state = ?, updated = ? WHERE id = ?",
                 (state, time.time(), campaign_id),
@@ -122,11 +132,14 @@ class Journal(JournalOwners):
             data = {"reason": reason} if reason else None
             return self._log(conn, None, campaign_id, "campaign", state, None, data)
 
-    def save_optimizer_state(self, campaign_id: str, state: Mapping[str, Any]) -> None:
+    def save_optimizer_state(
+        self, campaign_id: str, state: Mapping[str, Any], *, epoch: int | None = None
+    ) -> None:
         """Store the optimizer's state (JSON-able dict). Prefer ``optimizer_state=`` on the
         transition that made it necessary (finish/fail/reject): one transaction for both."""
         with self._tx() as conn:
             self._require_campaign(conn, campaign_id)
+            self._require_epoch(conn, campaign_id, epoch)
             self._save_optimizer(conn, campaign_id, state)
 
     # ------------------------------------------------------------ experiments
@@ -138,6 +151,7 @@ class Journal(JournalOwners):
         *,
         recipe: Any = None,
         data: Any = None,
+        epoch: int | None = None,
     ) -> str:
         """Record a new proposal; returns its id ``<campaign_id>-<seq:04d>`` (seq from 1).
 
@@ -156,6 +170,7 @@ class Journal(JournalOwners):
         recipe_json = _dumps(recipe)
         with self._tx() as conn:
             self._require_campaign(conn, campaign_id)
+            self._require_epoch(conn, campaign_id, epoch)
             seq = conn.execute(
                 "SELECT COALESCE(MAX(seq), 0) + 1 FROM experiments WHERE campaign_id = ?",
                 (campaign_id,),
@@ -187,6 +202,7 @@ class Journal(JournalOwners):
         recipe: Any = None,
         optimizer_state: Mapping[str, Any] | None = None,
         epoch: int | None = None,
+        consumption: Sequence[Sequence[object]] = (),
     ) -> int:
         """Move an experiment to ``state``, committed before returning; returns the log id.
 
@@ -198,6 +214,8 @@ class Journal(JournalOwners):
         ``proposed`` clears the station); ``step`` and ``data`` go to the log
         row only. ``optimizer_state`` is saved in the same transaction. ``epoch``: the
         writer's owner epoch (:meth:`take_ownership`); an older one raises :class:`StaleOwner`.
+        ``consumption``: the station's budget consumption (as for :meth:`step_started`; the
+        experiments unit goes with ``running``), stored in the same transaction.
         """
         return self._transition(
             experiment_id,
@@ -209,6 +227,7 @@ class Journal(JournalOwners):
             recipe=recipe,
             optimizer_state=optimizer_state,
             epoch=epoch,
+            consumption=consumption,
         )
 
     def _transition(
@@ -221,6 +240,7 @@ class Journal(JournalOwners):
     ) -> int:
         reason, station = kwargs.get("reason"), kwargs.get("station")
         epoch = kwargs.pop("epoch", None)
+        consumption = kwargs.pop("consumption", ())
         if state not in NEXT_STATES:
             raise ValueError(
                 f"unknown experiment state {state!r}; one of {', '.join(EXPERIMENT_STATES)}"
@@ -241,6 +261,9 @@ class Journal(JournalOwners):
                     f"experiment {experiment_id}: 'running' needs the station it runs on "
                     "(pass station= here or when queuing)"
                 )
+            if consumption:
+                where = str(station or cur_station or "")
+                self._store_consumption(conn, where, _consumption_rows(where, consumption))
             return self._apply(conn, experiment_id, campaign_id, state, fields=fields, **kwargs)
 
     def reject(
@@ -250,6 +273,7 @@ class Journal(JournalOwners):
         *,
         data: Any = None,
         optimizer_state: Mapping[str, Any] | None = None,
+        epoch: int | None = None,
     ) -> int:
         """proposed -> rejected (the dry run refused it); ``reasons``: one line per violation."""
         reasons = [str(r) for r in ([reasons] if isinstance(reasons, str) else reasons)]
@@ -262,6 +286,7 @@ class Journal(JournalOwners):
             reason="; ".join(reasons),
             data=data,
             optimizer_state=optimizer_state,
+            epoch=epoch,
         )
 
     def fail(
@@ -271,91 +296,18 @@ class Journal(JournalOwners):
         *,
         data: Any = None,
         optimizer_state: Mapping[str, Any] | None = None,
+        epoch: int | None = None,
     ) -> int:
         """queued|running|interrupted -> failed with ``reason`` (a step in progress stays
         recorded as started and not done)."""
         return self.transition(
-            experiment_id, "failed", reason=reason, data=data, optimizer_state=optimizer_state
+            experiment_id,
+            "failed",
+            reason=reason,
+            data=data,
+            optimizer_state=optimizer_state,
+            epoch=epoch,
         )
-
-    def step_started(
-        self,
-        experiment_id: str,
-        index: int,
-        step: Any = None,
-        *,
-        epoch: int | None = None,
-        consumption: Sequence[Sequence[object]] = (),
-    ) -> int:
-        """Step ``index`` (0-based) of a running experiment is about to act; returns the log id.
-
-        Refused (:class:`StepOrderError`) if that index (or a later one) already
-        started, or the previous step has not been recorded done: a physical
-        step is never started twice. ``epoch``: the station's lease epoch (an older owner's
-        write raises :class:`StaleOwner`); ``consumption``: the station's budget consumption
-        since its last write (:meth:`record_consumption`), stored in the same transaction.
-        """
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            raise ValueError(f"step index must be an int >= 0, got {index!r}")
-        with self._tx() as conn:
-            campaign_id, current, station, last = self._current(conn, experiment_id)
-            self._require_epoch(conn, campaign_id, epoch)
-            self._insert_consumption(conn, _consumption_rows(station or "", consumption))
-            if current != "running":
-                raise IllegalTransition(
-                    experiment_id, current, "running", f"step {index} can only start while running"
-                )
-            self._require_no_step_open(conn, experiment_id)
-            if last is not None and index <= last:
-                raise StepOrderError(
-                    f"experiment {experiment_id}: step {index} cannot start, step {last} already "
-                    "started (a physical step is never run twice)"
-                )
-            return self._apply(
-                conn,
-                experiment_id,
-                campaign_id,
-                "running",
-                event="step_started",
-                step=index,
-                fields={"step": step},
-                touch_step=True,
-            )
-
-    def step_done(
-        self,
-        experiment_id: str,
-        index: int,
-        data: Any = None,
-        *,
-        epoch: int | None = None,
-        consumption: Sequence[Sequence[object]] = (),
-    ) -> int:
-        """Step ``index`` finished (``data``: its readings/outcome); returns the log id.
-        ``epoch`` and ``consumption`` as for :meth:`step_started`."""
-        with self._tx() as conn:
-            campaign_id, current, station, _ = self._current(conn, experiment_id)
-            self._require_epoch(conn, campaign_id, epoch)
-            self._insert_consumption(conn, _consumption_rows(station or "", consumption))
-            if current != "running":
-                raise IllegalTransition(
-                    experiment_id, current, "running", f"step {index} can only finish while running"
-                )
-            last_event = self._last_step_event(conn, experiment_id)
-            if last_event is None or last_event != ("step_started", index):
-                raise StepOrderError(
-                    f"experiment {experiment_id}: step {index} done, but the last step event is "
-                    f"{last_event[0] + ' ' + str(last_event[1]) if last_event else 'none'}"
-                )
-            return self._apply(
-                conn,
-                experiment_id,
-                campaign_id,
-                "running",
-                event="step_done",
-                step=index,
-                data=data,
-            )
 
     def finish(
         self,
@@ -366,6 +318,7 @@ class Journal(JournalOwners):
         verified: bool | None = None,
         reason: str | None = None,
         optimizer_state: Mapping[str, Any] | None = None,
+        epoch: int | None = None,
     ) -> int:
         """running -> done with ``result`` (JSON-able) and a finite ``objective``.
 
@@ -382,6 +335,7 @@ class Journal(JournalOwners):
             )
         with self._tx() as conn:
             campaign_id, current, _, _ = self._current(conn, experiment_id)
+            self._require_epoch(conn, campaign_id, epoch)
             if current != "running":
                 raise IllegalTransition(experiment_id, current, "done")
             self._require_no_step_open(conn, experiment_id)
@@ -400,11 +354,17 @@ class Journal(JournalOwners):
             )
 
     def mark_verified(
-        self, experiment_id: str, verified: bool, *, reason: str | None = None
+        self,
+        experiment_id: str,
+        verified: bool,
+        *,
+        reason: str | None = None,
+        epoch: int | None = None,
     ) -> int:
         """Set a done experiment's verification (False: untrusted, the optimizer ignores it)."""
         with self._tx() as conn:
             campaign_id, current, _, _ = self._current(conn, experiment_id)
+            self._require_epoch(conn, campaign_id, epoch)
             if current != "done":
                 raise IllegalTransition(
                     experiment_id, current, current, "only a done experiment can be verified"
@@ -422,11 +382,14 @@ class Journal(JournalOwners):
                 reason=reason,
             )
 
-    def station_event(self, campaign_id: str, station: str, state: str, reason: str) -> int:
+    def station_event(
+        self, campaign_id: str, station: str, state: str, reason: str, *, epoch: int | None = None
+    ) -> int:
         """Log what happened to a station during a campaign (out, paused after disagreements,
         resting on a spent budget, died) as a campaign-level row (event ``station``)."""
         with self._tx() as conn:
             self._require_campaign(conn, campaign_id)
+            self._require_epoch(conn, campaign_id, epoch)
             current = conn.execute(
                 "SELECT state FROM campaigns WHERE id = ?", (campaign_id,)
             ).fetchone()[0]
@@ -450,12 +413,18 @@ class Journal(JournalOwners):
         *,
         verdicts: Sequence[Mapping[str, Any]] = (),
         images: Mapping[str, Mapping[str, Any]] | None = None,
+        epoch: int | None = None,
     ) -> None:
         """Keep an experiment's evidence, in one transaction: the safety verdicts on its
         commands (``Verdict.as_dict()``: ``station``, ``command``, ``allowed``, ``rule``,
-        ``reason``, ``t``, ...) and its images (role -> ``sha256``, ``path``, ``bytes``)."""
+        ``reason``, ``t``, ...) and its images (role -> ``sha256``, ``path``, ``bytes``).
+        Idempotent: the verdicts replace any an earlier, interrupted record of the same
+        experiment kept (resume records a journaled outcome once more)."""
         with self._tx() as conn:
             campaign_id, _, station, _ = self._current(conn, experiment_id)
+            self._require_epoch(conn, campaign_id, epoch)
+            if verdicts:
+                conn.execute("DELETE FROM verdicts WHERE experiment_id = ?", (experiment_id,))
             for v in verdicts:
                 command = v.get("command") or {}
                 conn.execute(
@@ -484,117 +453,6 @@ class Journal(JournalOwners):
                     "VALUES (?, ?, ?)",
                     (experiment_id, role, image["sha256"]),
                 )
-
-    # ----------------------------------------------------------------- resume
-    def resume(self, campaign_id: str) -> ResumeInfo:
-        """Pick a campaign up after a crash, in one transaction (idempotent).
-
-        ``running`` experiments become ``interrupted`` (reason and log data say
-        which step was in progress): the caller safe-states their station, checks
-        it, and resolves them with ``fail()``; they are never re-run. ``checked``
-        and ``queued`` ones (no step started) go back to ``proposed``, to be dry-run
-        again. Finished results and the optimizer state are returned as stored.
-        """
-        with self._tx() as conn:
-            self._require_campaign(conn, campaign_id)
-            running = conn.execute(
-                "SELECT id FROM experiments WHERE campaign_id = ? AND state = 'running' ORDER BY seq",
-                (campaign_id,),
-            ).fetchall()
-            newly: set[str] = set()
-            for (eid,) in running:
-                info = self._step_info(conn, eid)
-                if info["last_step_started"] is None:
-                    where = "no step had started"
-                else:
-                    where = f"step {info['last_step_started']} " + (
-                        "had finished" if info["last_step_done"] else "was in progress"
-                    )
-                self._apply(
-                    conn,
-                    eid,
-                    campaign_id,
-                    "interrupted",
-                    reason=f"resume: found running ({where}); safe-state and check the station, "
-                    "never re-run",
-                    fields={
-                        "last_step_started": info["last_step_started"],
-                        "last_step_done": info["last_step_done"],
-                        "step": info["last_step"],
-                    },
-                )
-                newly.add(eid)
-            waiting = conn.execute(
-                "SELECT id, state FROM experiments WHERE campaign_id = ? "
-                "AND state IN ('checked', 'queued') ORDER BY seq",
-                (campaign_id,),
-            ).fetchall()
-            for eid, state in waiting:
-                self._apply(
-                    conn,
-                    eid,
-                    campaign_id,
-                    "proposed",
-                    reason=f"resume: was {state}, no step started; dry-run again",
-                    fields={"was": state},
-                )
-            self._log(
-                conn,
-                None,
-                campaign_id,
-                "campaign",
-                conn.execute("SELECT state FROM campaigns WHERE id = ?", (campaign_id,)).fetchone()[
-                    0
-                ],
-                None,
-                {
-                    "resumed": True,
-                    "interrupted": sorted(newly),
-                    "requeued": [w[0] for w in waiting],
-                },
-            )
-            interrupted_ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT id FROM experiments WHERE campaign_id = ? AND state = 'interrupted' "
-                    "ORDER BY seq",
-                    (campaign_id,),
-                ).fetchall()
-            ]
-            steps = {eid: self._step_info(conn, eid) for eid in interrupted_ids}
-            next_seq = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) + 1 FROM experiments WHERE campaign_id = ?",
-                (campaign_id,),
-            ).fetchone()[0]
-        requeued = {w[0] for w in waiting}
-        campaign = self.campaign(campaign_id)
-        interrupted = []
-        for eid in interrupted_ids:
-            exp = self.experiment(eid)
-            info = steps[eid]
-            interrupted.append(
-                InterruptedExperiment(
-                    experiment=exp,
-                    station=exp.station,
-                    last_step_started=info["last_step_started"],
-                    last_step=info["last_step"],
-                    last_step_done=info["last_step_done"],
-                    steps_done=info["steps_done"],
-                    marked_now=eid in newly,
-                )
-            )
-        pending = self.experiments(campaign_id, "proposed")
-        return ResumeInfo(
-            campaign=campaign,
-            finished=self.experiments(campaign_id, "done"),
-            failed=self.experiments(campaign_id, "failed"),
-            rejected=self.experiments(campaign_id, "rejected"),
-            interrupted=interrupted,
-            requeued=[e for e in pending if e.id in requeued],
-            pending_proposals=pending,
-            optimizer_state=campaign.optimizer_state,
-            next_seq=next_seq,
-        )
 
 
 #: :class:`~loops.journal.AsyncJournal` and the Ray journal actor forward exactly these, so
