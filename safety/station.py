@@ -41,8 +41,10 @@ class SafeStation:
 
     ``clock`` is the guard's clock for rates and budgets (``time.monotonic`` on
     a real bench; a simulated bench passes its simulated clock). The station's
-    monitors are those its envelope declares (its ``monitors:`` section);
-    ``monitors`` replaces them.
+    monitors are those its envelope declares (its ``monitors:`` section;
+    ``monitors`` replaces them) and the faults its drivers declare
+    (``<instrument>.<fault>``, safety/devicefaults.py; the envelope may switch
+    one off or narrow it, with a reason).
     ``supervisor_options`` go to :class:`StationSupervisor` (``poll_interval``,
     ``safe_timeout``, ``device_watchdog_s``, ``device_time_scale``, ...).
     """
@@ -77,6 +79,7 @@ class SafeStation:
             latch=self.latch,
             state=self.state,
             monitors=list(monitors) if monitors is not None else envelope.build_monitors(),
+            fault_settings=envelope.fault_settings,
             audit=self.audit,
             **dict(supervisor_options or {}),
         )
