@@ -5,6 +5,11 @@ checks the recipe's commands against the station's envelope at the times they
 would be sent (no I/O); :func:`run_recipe` runs its steps. All three read the
 same bound :class:`~loops.plan.Recipe`, so the dry run checks what runs.
 
+A ``hold`` with a ``while`` condition checks it on fresh readings at its
+start, every ``every`` seconds and at its end, beside the hold (which lasts
+its seconds whatever the reads take); the first time it does not hold the
+step fails with :class:`HoldBroken`, naming the condition and the values.
+
 Durations and timeouts (``hold``, ``wait``'s ``every``/``timeout``, the ramp's
 pace) are in the seconds of the ``clock_sleep`` the runner is given: simulated
 seconds on a simulated bench (the campaign passes the simulated clock's
@@ -14,6 +19,7 @@ sleep), ``asyncio.sleep`` on real hardware. Arguments of a command (a pump's
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import numbers
@@ -29,6 +35,7 @@ from safety.effects import CommandRefused, effect_of
 from safety.expr import EvaluationError, parse
 
 __all__ = [
+    "HoldBroken",
     "MeasurementError",
     "Result",
     "build_recipe",
@@ -45,6 +52,11 @@ Sleep = Callable[[float], Awaitable[None]]
 class MeasurementError(RuntimeError):
     """A measurement that cannot be used (a reading that is not there, a function refusing
     its input: a saturated sensor, a missing reference)."""
+
+
+class HoldBroken(RuntimeError):
+    """A hold's ``while`` condition stopped holding (or could not be evaluated on the
+    readings): what the hold was for is gone, so the experiment fails at that step."""
 
 
 def build_recipe(program: Any, params: Mapping[str, Any]) -> Recipe:
@@ -335,8 +347,7 @@ class _Run:
         if k == "wait":
             return await self.wait(s)
         if k == "hold":
-            await self.sleep(float(p["seconds"]))
-            return {}
+            return await self.hold(p)
         if k == "ramp":
             reached = await ramp_setpoint(
                 self.station,
@@ -380,6 +391,63 @@ class _Run:
             out[name] = self.flat[name]
         return out
 
+    async def readings(self, instruments: list[str], inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """``inputs`` and a fresh ``read()`` of each instrument (``<instrument>.<key>``)."""
+        state = dict(inputs)
+        for instrument in instruments:
+            reading = await self.h(instrument).read()
+            state.update({f"{instrument}.{k}": plain(v) for k, v in reading.items()})
+        return state
+
+    async def hold(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        """Hold ``seconds``; with a ``while`` condition, check it beside the hold (module
+        docstring): :class:`HoldBroken` the first time it does not hold."""
+        seconds = float(p["seconds"])
+        if not p.get("condition"):
+            await self.sleep(seconds)
+            return {}
+        condition = parse(p["condition"])
+        every = float(p["every_s"])
+        checks = 0
+
+        async def check(when: str) -> dict[str, Any]:
+            nonlocal checks
+            state = await self.readings(p["instruments"], p.get("inputs", {}))
+            used = {n: state.get(n) for n in condition.names_in_order()}
+            try:
+                holds, problem = condition.evaluate(state), ""
+            except EvaluationError as exc:
+                holds, problem = None, f" (cannot be evaluated: {exc})"
+            if holds is not True:
+                shown = ", ".join(f"{n}={v!r}" for n, v in used.items())
+                raise HoldBroken(
+                    f"hold {seconds:g} s while {p['condition']}: it no longer holds {when}"
+                    f"{problem}: {shown}"
+                )
+            checks += 1
+            return used
+
+        async def watch() -> None:
+            waited = 0.0
+            while True:
+                await self.sleep(every)
+                waited += every
+                await check(f"at check {checks + 1} (about {waited:g} s into the hold)")
+
+        await check("at its start")
+        watcher = asyncio.ensure_future(watch())
+        sleeper = asyncio.ensure_future(self.sleep(seconds))
+        try:
+            done, _ = await asyncio.wait({watcher, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                watcher.result()  # HoldBroken, or the error of a read
+        finally:
+            for task in (watcher, sleeper):
+                task.cancel()
+            await asyncio.gather(watcher, sleeper, return_exceptions=True)
+        used = await check(f"at its end ({seconds:g} s)")
+        return {"checks": checks, **used}
+
     async def wait(self, s: Step) -> dict[str, Any]:
         p = s.params
         condition = parse(p["condition"])
@@ -387,10 +455,7 @@ class _Run:
         every, timeout = float(p["every_s"]), float(p["timeout_s"])
         waited = 0.0
         while True:
-            state = dict(inputs)
-            for instrument in p["instruments"]:
-                reading = await self.h(instrument).read()
-                state.update({f"{instrument}.{k}": plain(v) for k, v in reading.items()})
+            state = await self.readings(p["instruments"], inputs)
             try:
                 done = condition.evaluate(state)
             except EvaluationError as exc:
