@@ -335,7 +335,12 @@ class Balance(Driver):
             now = await self.weight_now()
         except (BalanceOverload, BalanceUnderload) as exc:
             over = isinstance(exc, BalanceOverload)
-            exc.reading = {"weight_g": None, "stable": False, "overload": over, "underload": not over}
+            exc.reading = {
+                "weight_g": None,
+                "stable": False,
+                "overload": over,
+                "underload": not over,
+            }
             raise
         tare_g = await self.tare_weight()
         return {
