@@ -427,10 +427,21 @@ class _Run:
             checks += 1
             return used
 
+        stop = asyncio.Event()
+
         async def watch() -> None:
             waited = 0.0
-            while True:
-                await self.sleep(every)
+            while True:  # a nap of `every`, cut short when the hold ends
+                nap = asyncio.ensure_future(self.sleep(every))
+                halt = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait({nap, halt}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    nap.cancel()
+                    halt.cancel()
+                    await asyncio.gather(nap, halt, return_exceptions=True)
+                if stop.is_set():
+                    return
                 waited += every
                 await check(f"at check {checks + 1} (about {waited:g} s into the hold)")
 
@@ -441,7 +452,12 @@ class _Run:
             done, _ = await asyncio.wait({watcher, sleeper}, return_when=asyncio.FIRST_COMPLETED)
             if watcher in done:
                 watcher.result()  # HoldBroken, or the error of a read
+            stop.set()
+            await watcher  # ends at once when napping; a read in flight finishes (not cut)
         finally:
+            # cancelled (the station tripped): a read may swallow its cancellation (asyncio's
+            # wait_for can), so the watcher also ends at its next look at ``stop``
+            stop.set()
             for task in (watcher, sleeper):
                 task.cancel()
             await asyncio.gather(watcher, sleeper, return_exceptions=True)

@@ -15,7 +15,7 @@ Deny by default: no envelope has to remember them. An envelope changes one only
 with a written reason (:class:`~safety.monitorspec.FaultSetting`, its
 ``monitors:`` section): ``{name: hotplate.probe-fault, disabled: "no liquid
 probe fitted"}`` switches it off (logged when the station starts, listed in the
-supervisor's status); ``{name: ph.not-immersed, while: hotplate.stirrer}``
+supervisor's status); ``{name: probe.not-immersed, while: hotplate.stirrer}``
 narrows it (it trips only while that condition over the station's channels
 also holds). A setting that names no declared fault is an
 :class:`~safety.envelope.EnvelopeError` naming the faults the station has.

@@ -48,7 +48,7 @@ bench, with the reason written down::
     monitors:
       - name: hotplate.probe-fault       # switched off: the reason is the value
         disabled: no liquid probe fitted on this bench
-      - name: ph.not-immersed            # narrowed: trips only while this also holds
+      - name: probe.not-immersed         # narrowed: trips only while this also holds
         while: hotplate.stirrer
         doc: the beaker is emptied between experiments; stirring needs it full
 

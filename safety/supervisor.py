@@ -7,7 +7,7 @@ One :class:`StationSupervisor` per station. While running it
   the :class:`~safety.monitors.Staleness` monitors catch) into
   ``state.measured``, and evaluates the monitors after every reading and every
   ``poll_interval``. A read the driver refuses because the device flags its
-  value invalid (a pH probe out of the liquid, an overloaded balance: a
+  value invalid (a probe out of the liquid, an overloaded scale: a
   :class:`~instruments.errors.DeviceError` with a ``reading``) still gives its
   flags: that partial reading is stored (the refused values ``None``), noted
   once in the log when it starts and when it ends, never as a failure;

@@ -275,9 +275,8 @@ async def test_a_refused_reading_keeps_its_flags_trips_and_is_logged_once(
     texts = [r.getMessage() for r in caplog.records if r.name == "safety.supervisor"]
     assert sum("reads without a value" in t for t in texts) == 1  # once, not at every poll
     assert sum("gives a whole reading again" in t for t in texts) == 1
-    assert not [
-        r for r in caplog.records if r.levelno >= logging.WARNING and "dry" in r.getMessage()
-    ]
+    failed = [r for r in caplog.records if "reading probe failed" in r.getMessage()]
+    assert failed == []  # a refusal with the device's flags is no failed read
 
 
 # ------------------------------------------------------------------ the wire, device side
@@ -677,3 +676,31 @@ def _stall_the_watchdog_feeder_of(station: str) -> None:
     name = f"supervisor-{station}-watchdog-feed-hotplate"
     (feeder,) = [t for t in asyncio.all_tasks() if t.get_name() == name]
     feeder.cancel()
+
+
+def test_labbridge_check_names_a_fault_setting_no_driver_declares(tmp_path: Path) -> None:
+    from bridge.labconfig import load_lab
+    from safety.envelope import REFERENCE_BENCH
+
+    root = Path(__file__).resolve().parents[1]
+    own = tmp_path / "envelope.yaml"
+    own.write_text(
+        REFERENCE_BENCH.read_text()
+        + "  - name: red.alarm\n    disabled: a pump that stalls is fine here\n"
+        + "  - name: hotplate.watchdog\n    disabled: typo\n"
+    )
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(
+        (root / "examples" / "lab-hardware.yaml")
+        .read_text()
+        .replace("envelope: reference", f"envelope: {own}")
+    )
+    (problem,) = load_lab(lab).check()
+    assert problem.startswith(f"{own}:")
+    assert (
+        "monitors[6].name: 'hotplate.watchdog' is not a fault hotplate's driver declares" in problem
+    )
+    assert (
+        "(known: hotplate.watchdog-tripped, hotplate.over-temperature, hotplate.probe-fault)"
+        in problem
+    )
