@@ -53,7 +53,7 @@ and fixed values, like a ``wait``'s) is checked when the hold starts, every
 (false, or a reading it names missing) the step fails with
 :class:`~loops.recipe.HoldBroken` naming the condition and the values that
 broke it, so the experiment fails there and is never a result. The hold
-lasts its seconds whatever the checks take (they run beside it).
+ends by the station's clock, so the reads' own time is part of it.
 
 Every step may have ``when`` (a condition over parameters and fixed values:
 the step is left out of the bound recipe when false; a step that produces a

@@ -6,9 +6,10 @@ would be sent (no I/O); :func:`run_recipe` runs its steps. All three read the
 same bound :class:`~loops.plan.Recipe`, so the dry run checks what runs.
 
 A ``hold`` with a ``while`` condition checks it on fresh readings at its
-start, every ``every`` seconds and at its end, beside the hold (which lasts
-its seconds whatever the reads take); the first time it does not hold the
-step fails with :class:`HoldBroken`, naming the condition and the values.
+start, after every ``every`` seconds and at its end; it ends by the clock
+(``clock_now``), so the reads' own time is part of the hold, not added to it.
+The first time the condition does not hold the step fails with
+:class:`HoldBroken`, naming the condition and the values.
 
 Durations and timeouts (``hold``, ``wait``'s ``every``/``timeout``, the ramp's
 pace) are in the seconds of the ``clock_sleep`` the runner is given: simulated
@@ -19,7 +20,6 @@ sleep), ``asyncio.sleep`` on real hardware. Arguments of a command (a pump's
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
 import numbers
@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 StepCallback = Callable[[int, Step, str, dict[str, Any]], Awaitable[None]]
+#: a hold with ``while`` ends when less than this is left (a clock's rounding, not a nap)
+HOLD_SLACK_S = 1e-3
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -301,10 +303,13 @@ async def ramp_setpoint(
 class _Run:
     """The state of one :func:`run_recipe`: measurements (nested and flat), images."""
 
-    def __init__(self, station: SafeStation, who: str, clock_sleep: Sleep) -> None:
+    def __init__(
+        self, station: SafeStation, who: str, clock_sleep: Sleep, clock_now: Callable[[], float]
+    ) -> None:
         self.station = station
         self.who = who
         self.sleep = clock_sleep
+        self.now = clock_now
         self.result = Result()
         self.m = self.result.measurements
         self.m["image_sha256"] = None
@@ -400,8 +405,9 @@ class _Run:
         return state
 
     async def hold(self, p: Mapping[str, Any]) -> dict[str, Any]:
-        """Hold ``seconds``; with a ``while`` condition, check it beside the hold (module
-        docstring): :class:`HoldBroken` the first time it does not hold."""
+        """Hold ``seconds`` (by the recipe's clock); with a ``while`` condition, check it at the
+        start, after every nap of ``every`` seconds and at the end (module docstring):
+        :class:`HoldBroken` the first time it does not hold."""
         seconds = float(p["seconds"])
         if not p.get("condition"):
             await self.sleep(seconds)
@@ -427,40 +433,12 @@ class _Run:
             checks += 1
             return used
 
-        stop = asyncio.Event()
-
-        async def watch() -> None:
-            waited = 0.0
-            while True:  # a nap of `every`, cut short when the hold ends
-                nap = asyncio.ensure_future(self.sleep(every))
-                halt = asyncio.ensure_future(stop.wait())
-                try:
-                    await asyncio.wait({nap, halt}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    nap.cancel()
-                    halt.cancel()
-                    await asyncio.gather(nap, halt, return_exceptions=True)
-                if stop.is_set():
-                    return
-                waited += every
-                await check(f"at check {checks + 1} (about {waited:g} s into the hold)")
-
+        end = self.now() + seconds  # the reads' own time is part of the hold, not added to it
         await check("at its start")
-        watcher = asyncio.ensure_future(watch())
-        sleeper = asyncio.ensure_future(self.sleep(seconds))
-        try:
-            done, _ = await asyncio.wait({watcher, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-            if watcher in done:
-                watcher.result()  # HoldBroken, or the error of a read
-            stop.set()
-            await watcher  # ends at once when napping; a read in flight finishes (not cut)
-        finally:
-            # cancelled (the station tripped): a read may swallow its cancellation (asyncio's
-            # wait_for can), so the watcher also ends at its next look at ``stop``
-            stop.set()
-            for task in (watcher, sleeper):
-                task.cancel()
-            await asyncio.gather(watcher, sleeper, return_exceptions=True)
+        while (left := end - self.now()) > HOLD_SLACK_S:
+            await self.sleep(min(every, left))
+            if end - self.now() > HOLD_SLACK_S:
+                await check(f"at check {checks + 1} ({seconds - (end - self.now()):.3g} s into it)")
         used = await check(f"at its end ({seconds:g} s)")
         return {"checks": checks, **used}
 
@@ -533,7 +511,7 @@ async def run_recipe(
 
     ``clock_sleep``: an async sleep in the recipe's seconds (the simulated clock's
     ``sleep`` on a simulated bench, ``asyncio.sleep`` on hardware); ``clock_now``: the
-    matching clock for the step durations.
+    clock it sleeps on (the step durations, and when a hold with ``while`` ends).
 
     ``on_step(index, step, "started", {})`` is awaited BEFORE each step acts (so a
     journal has it on disk first) and ``on_step(index, step, "done", data)`` after it
@@ -543,7 +521,7 @@ async def run_recipe(
     or a timeout propagates at the step where it happened: the caller marks the
     experiment failed and puts the station in its safe state. Nothing is retried here.
     """
-    run = _Run(station, who, clock_sleep)
+    run = _Run(station, who, clock_sleep, clock_now)
     t_start = clock_now()
     for index, step in enumerate(recipe.steps):
         if on_step is not None:

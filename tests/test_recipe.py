@@ -420,10 +420,15 @@ async def test_a_hold_checks_what_it_holds_for_and_fails_naming_the_values() -> 
             return self.probe
 
     slept: list[float] = []
+    clock = [0.0]  # the recipe's clock: it moves only when the recipe sleeps
 
-    async def sleep(seconds: float) -> None:  # 1 ms a recipe second: a 30 ms hold
+    async def sleep(seconds: float) -> None:
         slept.append(seconds)
-        await asyncio.sleep(seconds / 1000)
+        clock[0] += seconds
+        await asyncio.sleep(0)
+
+    def now() -> float:
+        return clock[0]
 
     healthy = {"heating": True, "t": 45.0}
     steady = Probe([healthy])
@@ -433,28 +438,31 @@ async def test_a_hold_checks_what_it_holds_for_and_fails_naming_the_values() -> 
         if phase == "done":
             logged.append(data)
 
-    await run_recipe(recipe, Station(steady), clock_sleep=sleep, who="t", on_step=on_step)  # type: ignore[arg-type]
-    assert 30 in slept and 5 in slept  # the hold itself, and the checks beside it
+    await run_recipe(
+        recipe, Station(steady), clock_sleep=sleep, clock_now=now, who="t", on_step=on_step  # type: ignore[arg-type]
+    )
+    assert slept == [5.0] * 6 and clock[0] == 30.0  # naps of `every`: the hold lasts 30 s
     (data,) = logged  # what the journal keeps of the hold: how often it was checked, the last values
-    assert data["checks"] == steady.reads >= 2  # at its start and its end at least
+    assert data["checks"] == steady.reads == 7  # at 0, 5, ... 25 s and at its end
     assert (data["probe.heating"], data["probe.t"], data["low"]) == (True, 45.0, 40.0)
 
     # the heater goes off after two good readings: the step fails, naming what broke it
     tripped = Probe([healthy, healthy, {"heating": False, "t": 44.0}])
     with pytest.raises(HoldBroken) as broken:
-        await run_recipe(recipe, Station(tripped), clock_sleep=sleep, who="t")  # type: ignore[arg-type]
-    text = str(broken.value)
-    assert text.startswith("hold 30 s while probe.heating and probe.t > low: it no longer holds")
-    assert text.endswith("probe.heating=False, probe.t=44.0, low=40.0")
+        await run_recipe(recipe, Station(tripped), clock_sleep=sleep, clock_now=now, who="t")  # type: ignore[arg-type]
+    assert str(broken.value) == (
+        "hold 30 s while probe.heating and probe.t > low: it no longer holds at check 3 "
+        "(10 s into it): probe.heating=False, probe.t=44.0, low=40.0"
+    )
     # a reading the condition needs is missing: it cannot be said to hold, so it does not
     blind = Probe([healthy, {"heating": True}])
     with pytest.raises(HoldBroken, match=r"cannot be evaluated: unknown name 'probe\.t'"):
-        await run_recipe(recipe, Station(blind), clock_sleep=sleep, who="t")  # type: ignore[arg-type]
+        await run_recipe(recipe, Station(blind), clock_sleep=sleep, clock_now=now, who="t")  # type: ignore[arg-type]
     # broken already when it starts: nothing is held
     slept.clear()
     cold = Probe([{"heating": True, "t": 22.0}])
     with pytest.raises(HoldBroken, match="it no longer holds at its start"):
-        await run_recipe(recipe, Station(cold), clock_sleep=sleep, who="t")  # type: ignore[arg-type]
+        await run_recipe(recipe, Station(cold), clock_sleep=sleep, clock_now=now, who="t")  # type: ignore[arg-type]
     assert slept == []
 
 

@@ -643,10 +643,11 @@ class SyringePump(Driver):
 
         def stp(label: str) -> Callable[[], Awaitable[None]]:
             async def action() -> None:
+                known = self.last_alarm
                 try:
                     await self._idempotent("STP", "", self._no_data)
-                except DeviceAlarm as exc:
-                    log.warning(
+                except DeviceAlarm as exc:  # once per alarm: a latched station re-asserts this
+                    (log.debug if exc.code == known else log.warning)(
                         "%s: %s answered with an alarm (motor stopped): %s", self.name, label, exc
                     )
 
