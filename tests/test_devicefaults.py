@@ -547,6 +547,8 @@ async def test_an_overloaded_balance_trips_the_station() -> None:
         assert record is not None and record.source == "balance.overload", record
         pumps = ("acid", "base", "water", "waste")
         await wait_for(lambda: safe_state_seen(bench, t_inject, pumps) is not None, 5, "safe state")
+        await asyncio.sleep(0.3)
+        assert actuating(bench, station.supervisor.trips[0].t_detected) == []
         bench.world.faults.clear("balance-overload")
         await wait_for(lambda: station.supervisor.check()["balance.overload"].cleared, 5, "cleared")
         await station.reset("operator:ada", "load taken off the pan")
