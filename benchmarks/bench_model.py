@@ -17,7 +17,7 @@ second of bench time (:data:`POLL_S`: the real stack's real-time polls are
 seconds of bench time at its speeds), ``read()`` reports ``moving``,
 ``infused_ml`` and ``withdrawn_ml``; the hotplate's ``set_heater`` /
 ``set_stirrer`` set its registers and ``read()`` reports plate and liquid
-temperatures (0.1 degC, as the registers do).
+temperatures (0.1 degC, as the registers do) and the heater and stirrer enables.
 """
 
 from __future__ import annotations
@@ -177,7 +177,12 @@ class WorldModel:
     async def _hotplate_read(self, name: str) -> dict[str, Any]:
         self.world.advance()
         hp = self.world.hotplate
-        return {"plate_c": round(hp.plate_c, 1), "liquid_c": round(hp.liquid_c, 1)}
+        return {
+            "plate_c": round(hp.plate_c, 1),
+            "liquid_c": round(hp.liquid_c, 1),
+            "heater_enabled": hp.heater_enabled,  # what a hold's while checks
+            "stirrer_enabled": hp.stirrer_enabled,
+        }
 
 
 @dataclass

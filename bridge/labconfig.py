@@ -56,7 +56,7 @@ from bridge.agents import AgentsConfig, parse_agents
 from bridge.mqttlink import MAX_PAYLOAD_BYTES, ROOT, ApiSettings
 from instruments.errors import InstrumentError
 from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
-from safety import check_instrument, load_envelope
+from safety import check_device_faults, check_instrument, load_envelope
 from safety.envelope import REFERENCE_BENCH
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
@@ -148,11 +148,12 @@ class LabConfig:
         for name, st in self.stations.items():
             at = ("stations", name)
             try:
-                load_envelope(
+                envelope = load_envelope(
                     st.envelope_text,
                     source=st.envelope_source,
                     known=[i["name"] for i in st.instruments],
                 )
+                check_device_faults(st.instruments, envelope)  # disabled/while name real faults
             except ConfigError as exc:
                 problems.append(f"{exc} (station {name})")
             for i, spec in enumerate(st.instruments):

@@ -57,6 +57,30 @@ optional ones matching the signature's defaults; names in ``sets``,
 ``safer_when``, ``fill_when`` and ``Flow`` must be parameters; safe-state
 calls must name declared commands with valid arguments. A renamed argument
 fails at import, not at run time.
+
+Device faults
+-------------
+What the device itself reports when it stopped doing what it was told (a
+watchdog or cut-out that switched a heater off, a pump's alarm, a probe out of
+the liquid) is declared too, as the class attribute ``faults``: fault name ->
+:class:`Fault`, a condition over the driver's *own* channels (the keys of its
+``read()`` and the channels its commands set, without the instrument's name)
+and a sentence of what it means::
+
+    faults = {
+        "watchdog-tripped": Fault(
+            "watchdog_tripped and (heater or stirrer)",
+            "the device's watchdog switched heating and stirring off while they were commanded",
+            confirm=True,
+        ),
+    }
+
+The station supervisor turns every declared fault of every instrument of a
+station into a monitor ``<instrument>.<fault>`` that trips the station while
+the condition holds (:mod:`safety.devicefaults`); a lab's envelope may narrow
+one (``while``) or switch it off, with a written reason. The condition is in
+the rule language of :mod:`safety.expr`; this layer checks its shape when the
+class is created (:func:`check_faults`), the safety layer parses it.
 """
 
 from __future__ import annotations
@@ -77,9 +101,11 @@ __all__ = [
     "Call",
     "CommandSpec",
     "DeclarationError",
+    "Fault",
     "Flow",
     "Param",
     "Set",
+    "check_faults",
     "collect",
     "declare",
 ]
@@ -88,6 +114,8 @@ READ, SAFER, ACTUATE = "read", "safer", "actuate"
 KINDS = (READ, SAFER, ACTUATE)
 _ATTR = "__labbridge_command__"
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_FAULT_NAME = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+_CHANNEL_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -215,6 +243,59 @@ class Flow:
     def __post_init__(self) -> None:
         if self.direction not in ("out", "in"):
             raise DeclarationError(f"Flow direction must be 'out' or 'in', not {self.direction!r}")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault the device reports (module docstring, "Device faults").
+
+    ``when``: a condition in the rule language over the driver's own channels (``read()``
+    keys and the channels its commands set, without the instrument's name:
+    ``watchdog_tripped and heater``), true while the device is in that fault. ``doc``: one
+    sentence of what it means, shown with the trip. ``confirm``: trip only once a reading
+    taken after the condition first held still shows it (for conditions that mix what the
+    guard commands, recorded at once, with a flag the device clears at that command, seen
+    at its next reading; :class:`safety.monitors.Interlock`). ``show``: further channels
+    of the driver shown with the trip (an alarm's code)."""
+
+    when: str
+    doc: str
+    confirm: bool = False
+    show: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.when, str) or not self.when.strip():
+            raise DeclarationError(f"Fault condition must be a rule text, got {self.when!r}")
+        if not isinstance(self.doc, str) or not self.doc.strip():
+            raise DeclarationError(f"Fault({self.when!r}) needs a doc: what the fault means")
+        if not isinstance(self.confirm, bool):
+            raise DeclarationError(f"Fault({self.when!r}): confirm must be True or False")
+        object.__setattr__(self, "show", tuple(self.show))
+        for name in self.show:
+            if not isinstance(name, str) or not _CHANNEL_WORD.fullmatch(name):
+                raise DeclarationError(
+                    f"Fault({self.when!r}): show names the driver's own channels "
+                    f"(identifiers), got {name!r}"
+                )
+
+
+def check_faults(owner: str, faults: Any) -> dict[str, Fault]:
+    """A driver's ``faults`` (name -> :class:`Fault`), checked; :class:`DeclarationError`
+    naming the driver and the fault. Names are lower-case words joined by ``-``
+    (``watchdog-tripped``): the station's monitor is ``<instrument>.<name>``."""
+    if not isinstance(faults, Mapping):
+        raise DeclarationError(f"{owner}.faults must be a mapping name -> Fault(...)")
+    out: dict[str, Fault] = {}
+    for name, fault in faults.items():
+        if not isinstance(name, str) or not _FAULT_NAME.fullmatch(name):
+            raise DeclarationError(
+                f"{owner}.faults: a fault name is lower-case words joined by '-' "
+                f"(e.g. watchdog-tripped), got {name!r}"
+            )
+        if not isinstance(fault, Fault):
+            raise DeclarationError(f"{owner}.faults[{name!r}] must be a Fault(...)")
+        out[name] = fault
+    return out
 
 
 @dataclass(frozen=True)

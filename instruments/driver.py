@@ -14,7 +14,18 @@ rpm, s) and converts to device units inside. It offers:
   declared commands;
 * declarations of every command the safety layer may pass
   (:mod:`instruments.declare`): ``commands`` holds them, checked against the
-  methods when the class is created.
+  methods when the class is created;
+* ``faults``: the faults the device reports in its readings (a watchdog or
+  cut-out that switched something off, an alarm, a probe out of the liquid),
+  each a condition over its own channels (:class:`~instruments.declare.Fault`):
+  the station supervisor trips the station on each of them.
+
+A ``read()`` that refuses a value because the device flags it invalid (a pH
+probe out of the liquid, an overloaded balance) raises a
+:class:`~instruments.errors.DeviceError` whose ``reading`` holds the rest of
+the snapshot (the refused values ``None``, the flags that say why), so a
+supervisor still sees the flags while a recipe never gets a number that is not
+a measurement.
 
 Idempotent operations (reads, setpoint writes) are retried a bounded number of
 times on a timeout or a garbled reply with :func:`retry_idempotent`; starting
@@ -30,7 +41,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from instruments.declare import READ, Call, CommandSpec, collect, declare
+from instruments.declare import READ, Call, CommandSpec, Fault, check_faults, collect, declare
 from instruments.errors import LinkLostError, ProtocolError, TransportTimeout
 from instruments.transports.base import Transport
 
@@ -116,10 +127,14 @@ class Driver(abc.ABC):
     #: every declared command (instruments/declare.py), collected and checked against the
     #: method signatures when the class is created
     commands: ClassVar[Mapping[str, CommandSpec]] = {}
+    #: the faults the device reports (instruments/declare.py ``Fault``): name -> condition over
+    #: this driver's own channels; the station supervisor trips on each (safety/devicefaults.py)
+    faults: ClassVar[Mapping[str, Fault]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.commands = collect(cls, cls.safe_state_calls)
+        cls.faults = check_faults(cls.__qualname__, cls.faults)
 
     def __init__(self, transport: Transport, *, name: str | None = None) -> None:
         if self.transport_types and not isinstance(transport, self.transport_types):
@@ -162,6 +177,10 @@ class Driver(abc.ABC):
             "driver": f"{type(self).__module__}.{type(self).__qualname__}",
             "channels": {name: ch.as_dict() for name, ch in self.channels.items()},
             "commands": {name: spec.as_dict() for name, spec in self.commands.items()},
+            "faults": {
+                name: {"when": f.when, "doc": f.doc, "confirm": f.confirm}
+                for name, f in self.faults.items()
+            },
         }
 
     async def __aenter__(self: Any) -> Any:

@@ -88,7 +88,14 @@ class ProtocolError(InstrumentError):
 
 
 class DeviceError(InstrumentError):
-    """The device answered, and the answer is an error."""
+    """The device answered, and the answer is an error.
+
+    ``reading``: when a driver's ``read()`` refuses a value the device flags as invalid,
+    the rest of the snapshot it did get (the refused values ``None``, the flags saying
+    why), so a station supervisor still sees the flags; None otherwise.
+    """
+
+    reading: dict[str, Any] | None = None
 
     def __init__(self, device: str, message: str) -> None:
         super().__init__(f"{device}: {message}")

@@ -76,8 +76,8 @@ def _check_steps(program: Program, layout: Any) -> list[str]:
         names: list[tuple[str, str]] = []
         if step.kind in ("call", "ramp", "capture"):
             names.append((f["instrument"], "." + step.kind))
-        elif step.kind == "wait":
-            names += [(n, ".wait") for n in f["instruments"]]
+        elif step.kind in ("wait", "hold"):  # the instruments a condition reads
+            names += [(n, f".{step.kind}") for n in f.get("instruments", ())]
         elif step.kind == "read":
             names += [(src.split(".", 1)[0], f".read.{m}") for m, src in f["values"].items()]
         missing = [(n, w) for n, w in names if n not in layout.kinds]

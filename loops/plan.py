@@ -28,6 +28,8 @@ measurements taken so far::
       per_min: ramp_c_per_min
       args: {on: true}
     - hold: hold_s                           # seconds of the station's clock
+      while: hotplate.heater_enabled and hotplate.liquid_c > temperature_c - 15
+      every: 5                               # checked on fresh readings every 5 s (default 1)
     - call: probe.measure
       into: reading
     - capture: camera                        # one frame; its JPEG is kept with the result
@@ -43,6 +45,15 @@ its SHA-256 into the measurement ``image_sha256`` (the outcome) or
 ``images.<name>`` (JPEG bytes) or ``images`` (all of them, name -> bytes, in
 the order they were taken), e.g. to fit a camera calibration in a set-up
 recipe.
+
+A ``hold`` with ``while`` holds for the conditions it is there for: the
+condition (over the instruments' readings, read afresh, and the parameters
+and fixed values, like a ``wait``'s) is checked when the hold starts, every
+``every`` seconds of it and when it ends; the first time it does not hold
+(false, or a reading it names missing) the step fails with
+:class:`~loops.recipe.HoldBroken` naming the condition and the values that
+broke it, so the experiment fails there and is never a result. The hold
+ends by the station's clock, so the reads' own time is part of it.
 
 Every step may have ``when`` (a condition over parameters and fixed values:
 the step is left out of the bound recipe when false; a step that produces a
@@ -186,6 +197,8 @@ class Plan:
                     raise RecipeError(f"{where}: {key} must be a finite number, got {value!r}")
             if ps.kind == "hold" and data["seconds"] < 0:
                 raise RecipeError(f"{where}: hold must be >= 0 s, got {data['seconds']!r}")
+            if ps.kind == "hold" and "every_s" in data and not data["every_s"] > 0:
+                raise RecipeError(f"{where}: every must be > 0 s, got {data['every_s']!r}")
             steps.append(Step(ps.kind, data))
         return Recipe(tuple(steps), dict(inputs if params is None else params), self.name)
 
@@ -251,6 +264,33 @@ def _value(raw: Any, path: tuple[Any, ...], doc: YamlDoc) -> _Value:
         f"got {raw!r}",
         path,
     )
+
+
+def _condition(
+    text: Any,
+    where: tuple[Any, ...],
+    fields: dict[str, Any],
+    doc: YamlDoc,
+    known_inputs: set[str],
+    used: set[str],
+    what: str,
+) -> None:
+    """A ``wait``'s or a hold's ``while`` condition: over readings (``<instrument>.<key>``,
+    at least one) and inputs; into ``fields`` (condition, its inputs, the instruments to read)."""
+    if not isinstance(text, str):
+        raise doc.error(f"must be a condition (a string), got {text!r}", where)
+    cond = parse_at(text, where, doc, boolean=True)
+    readings = {n for n in cond.names() if "." in n}
+    for n in sorted(cond.names() - readings):
+        if n not in known_inputs:
+            known = ", ".join(sorted(known_inputs)) or "none"
+            raise doc.error(f"unknown name '{n}' (a parameter or fixed value; known: {known})", where)
+    if not readings:
+        raise doc.error(f"{what} needs a reading (<instrument>.<key>) in its condition", where)
+    used.update(cond.names() - readings)
+    fields["condition"] = text
+    fields["_inputs"] = sorted(cond.names() - readings)
+    fields["instruments"] = sorted({n.split(".", 1)[0] for n in readings})
 
 
 def _target(raw: Any, path: tuple[Any, ...], doc: YamlDoc) -> tuple[str, str]:
@@ -353,22 +393,16 @@ def compile_plan(
             fields["into"] = _measure_name(raw["into"], (*at, "into"), doc)
             produces.append(fields["into"])
         elif kind == "wait":
-            text = raw["wait"]
-            if not isinstance(text, str):
-                raise doc.error(f"must be a condition (a string), got {text!r}", (*at, "wait"))
-            cond = parse_at(text, (*at, "wait"), doc, boolean=True)
-            readings = {n for n in cond.names() if "." in n}
-            need(cond.names() - readings, known_inputs, (*at, "wait"), "a parameter or fixed value")
-            used.update(cond.names() - readings)
-            fields["condition"] = text
-            fields["_inputs"] = sorted(cond.names() - readings)
-            fields["instruments"] = sorted({n.split(".", 1)[0] for n in readings})
-            if not readings:
-                raise doc.error("a wait needs a reading (<instrument>.<key>) in its condition", (*at, "wait"))
+            _condition(raw["wait"], (*at, "wait"), fields, doc, known_inputs, used, "a wait")
             bound("every", raw.get("every", 1.0), "every_s")
             bound("timeout", raw.get("timeout", 3600.0), "timeout_s")
         elif kind == "hold":
             bound("hold", raw["hold"], "seconds")
+            if raw.get("while") is not None:
+                _condition(raw["while"], (*at, "while"), fields, doc, known_inputs, used, "a hold's while")
+                bound("every", raw.get("every", 1.0), "every_s")
+            elif raw.get("every") is not None:
+                raise doc.error("every is how often a hold's while is checked: give while", (*at, "every"))
         elif kind == "ramp":
             if not isinstance(raw.get("set"), str) or not re.fullmatch(_WORD, raw["set"]):
                 raise doc.error("names the argument the ramp raises (e.g. setpoint_c)", (*at, "set"))

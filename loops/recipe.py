@@ -5,6 +5,12 @@ checks the recipe's commands against the station's envelope at the times they
 would be sent (no I/O); :func:`run_recipe` runs its steps. All three read the
 same bound :class:`~loops.plan.Recipe`, so the dry run checks what runs.
 
+A ``hold`` with a ``while`` condition checks it on fresh readings at its
+start, after every ``every`` seconds and at its end; it ends by the clock
+(``clock_now``), so the reads' own time is part of the hold, not added to it.
+The first time the condition does not hold the step fails with
+:class:`HoldBroken`, naming the condition and the values.
+
 Durations and timeouts (``hold``, ``wait``'s ``every``/``timeout``, the ramp's
 pace) are in the seconds of the ``clock_sleep`` the runner is given: simulated
 seconds on a simulated bench (the campaign passes the simulated clock's
@@ -29,6 +35,7 @@ from safety.effects import CommandRefused, effect_of
 from safety.expr import EvaluationError, parse
 
 __all__ = [
+    "HoldBroken",
     "MeasurementError",
     "Result",
     "build_recipe",
@@ -39,12 +46,19 @@ __all__ = [
 ]
 
 StepCallback = Callable[[int, Step, str, dict[str, Any]], Awaitable[None]]
+#: a hold with ``while`` ends when less than this is left (a clock's rounding, not a nap)
+HOLD_SLACK_S = 1e-3
 Sleep = Callable[[float], Awaitable[None]]
 
 
 class MeasurementError(RuntimeError):
     """A measurement that cannot be used (a reading that is not there, a function refusing
     its input: a saturated sensor, a missing reference)."""
+
+
+class HoldBroken(RuntimeError):
+    """A hold's ``while`` condition stopped holding (or could not be evaluated on the
+    readings): what the hold was for is gone, so the experiment fails at that step."""
 
 
 def build_recipe(program: Any, params: Mapping[str, Any]) -> Recipe:
@@ -289,10 +303,13 @@ async def ramp_setpoint(
 class _Run:
     """The state of one :func:`run_recipe`: measurements (nested and flat), images."""
 
-    def __init__(self, station: SafeStation, who: str, clock_sleep: Sleep) -> None:
+    def __init__(
+        self, station: SafeStation, who: str, clock_sleep: Sleep, clock_now: Callable[[], float]
+    ) -> None:
         self.station = station
         self.who = who
         self.sleep = clock_sleep
+        self.now = clock_now
         self.result = Result()
         self.m = self.result.measurements
         self.m["image_sha256"] = None
@@ -335,8 +352,7 @@ class _Run:
         if k == "wait":
             return await self.wait(s)
         if k == "hold":
-            await self.sleep(float(p["seconds"]))
-            return {}
+            return await self.hold(p)
         if k == "ramp":
             reached = await ramp_setpoint(
                 self.station,
@@ -380,6 +396,52 @@ class _Run:
             out[name] = self.flat[name]
         return out
 
+    async def readings(self, instruments: list[str], inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """``inputs`` and a fresh ``read()`` of each instrument (``<instrument>.<key>``)."""
+        state = dict(inputs)
+        for instrument in instruments:
+            reading = await self.h(instrument).read()
+            state.update({f"{instrument}.{k}": plain(v) for k, v in reading.items()})
+        return state
+
+    async def hold(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        """Hold ``seconds`` (by the recipe's clock); with a ``while`` condition, check it at the
+        start, after every nap of ``every`` seconds and at the end (module docstring):
+        :class:`HoldBroken` the first time it does not hold."""
+        seconds = float(p["seconds"])
+        if not p.get("condition"):
+            await self.sleep(seconds)
+            return {}
+        condition = parse(p["condition"])
+        every = float(p["every_s"])
+        checks = 0
+
+        async def check(when: str) -> dict[str, Any]:
+            nonlocal checks
+            state = await self.readings(p["instruments"], p.get("inputs", {}))
+            used = {n: state.get(n) for n in condition.names_in_order()}
+            try:
+                holds, problem = condition.evaluate(state), ""
+            except EvaluationError as exc:
+                holds, problem = None, f" (cannot be evaluated: {exc})"
+            if holds is not True:
+                shown = ", ".join(f"{n}={v!r}" for n, v in used.items())
+                raise HoldBroken(
+                    f"hold {seconds:g} s while {p['condition']}: it no longer holds {when}"
+                    f"{problem}: {shown}"
+                )
+            checks += 1
+            return used
+
+        end = self.now() + seconds  # the reads' own time is part of the hold, not added to it
+        await check("at its start")
+        while (left := end - self.now()) > HOLD_SLACK_S:
+            await self.sleep(min(every, left))
+            if end - self.now() > HOLD_SLACK_S:
+                await check(f"at check {checks + 1} ({seconds - (end - self.now()):.3g} s into it)")
+        used = await check(f"at its end ({seconds:g} s)")
+        return {"checks": checks, **used}
+
     async def wait(self, s: Step) -> dict[str, Any]:
         p = s.params
         condition = parse(p["condition"])
@@ -387,10 +449,7 @@ class _Run:
         every, timeout = float(p["every_s"]), float(p["timeout_s"])
         waited = 0.0
         while True:
-            state = dict(inputs)
-            for instrument in p["instruments"]:
-                reading = await self.h(instrument).read()
-                state.update({f"{instrument}.{k}": plain(v) for k, v in reading.items()})
+            state = await self.readings(p["instruments"], inputs)
             try:
                 done = condition.evaluate(state)
             except EvaluationError as exc:
@@ -452,7 +511,7 @@ async def run_recipe(
 
     ``clock_sleep``: an async sleep in the recipe's seconds (the simulated clock's
     ``sleep`` on a simulated bench, ``asyncio.sleep`` on hardware); ``clock_now``: the
-    matching clock for the step durations.
+    clock it sleeps on (the step durations, and when a hold with ``while`` ends).
 
     ``on_step(index, step, "started", {})`` is awaited BEFORE each step acts (so a
     journal has it on disk first) and ``on_step(index, step, "done", data)`` after it
@@ -462,7 +521,7 @@ async def run_recipe(
     or a timeout propagates at the step where it happened: the caller marks the
     experiment failed and puts the station in its safe state. Nothing is retried here.
     """
-    run = _Run(station, who, clock_sleep)
+    run = _Run(station, who, clock_sleep, clock_now)
     t_start = clock_now()
     for index, step in enumerate(recipe.steps):
         if on_step is not None:

@@ -36,7 +36,7 @@ CAPTURE_ROLES = ("reference", "outcome")
 STEP_KINDS: dict[str, tuple[str, ...]] = {
     "call": ("args", "into"),
     "wait": ("every", "timeout"),
-    "hold": (),
+    "hold": ("while", "every"),
     "ramp": ("set", "to", "from", "per_min", "args", "step_s"),
     "read": (),
     "capture": ("as", "timeout"),
@@ -78,7 +78,8 @@ class Step:
     """One bound step: ``kind`` and its plain-data ``params`` (see the module docstring).
 
     ``call``: instrument, command, args, into; ``wait``: condition, every_s,
-    timeout_s; ``hold``: seconds; ``ramp``: instrument, command, set, to, from,
+    timeout_s; ``hold``: seconds, and with ``while``: condition, every_s,
+    instruments (read to check it), inputs; ``ramp``: instrument, command, set, to, from,
     per_min, args, step_s; ``read``: values (measurement -> instrument.key);
     ``capture``: instrument, role, timeout; ``compute``: into, function or
     expr, args; ``value``: into, value (a skipped step's ``else``).
@@ -113,7 +114,8 @@ class Step:
         if k == "wait":
             return f"wait until {p['condition']}"
         if k == "hold":
-            return f"hold {p['seconds']:g} s"
+            held = f" while {p['condition']}" if p.get("condition") else ""
+            return f"hold {p['seconds']:g} s{held}"
         if k == "ramp":
             pace = f" at {p['per_min']:g}/min" if p.get("per_min") is not None else ""
             start = f" from {p['from']:g}" if p.get("from") is not None else ""

@@ -27,11 +27,12 @@ from safety.model import (
     Verdict,
 )
 from safety.monitors import Heartbeat, Interlock, Monitor, Staleness, Threshold
-from safety.monitorspec import MonitorSpec
+from safety.monitorspec import FaultSetting, MonitorSpec
 from safety.station import (
     SafeStation,
     actuated_channels,
     available_drivers,
+    check_device_faults,
     check_instrument,
     open_station,
     probe,
@@ -53,6 +54,7 @@ __all__ = [
     "EStopReport",
     "Envelope",
     "EnvelopeError",
+    "FaultSetting",
     "Guard",
     "GuardedInstrument",
     "Heartbeat",
@@ -75,6 +77,7 @@ __all__ = [
     "Violation",
     "actuated_channels",
     "available_drivers",
+    "check_device_faults",
     "check_instrument",
     "dry_run",
     "install_signal_handlers",

@@ -40,7 +40,10 @@ Monitors (a list; kinds ``threshold``, ``staleness``, ``heartbeat``,
 ``interlock``) are watched by the station supervisor, not checked here: see
 :mod:`safety.monitorspec` for their keys; :meth:`Envelope.build_monitors`
 makes them. Their channels are validated like the rest
-(:meth:`Envelope.validate_known`).
+(:meth:`Envelope.validate_known`). The faults the station's drivers declare
+are monitors too, without a word here; an entry ``{name:
+<instrument>.<fault>, disabled: <why>}`` or ``{..., while: <condition>}`` switches
+one off or narrows it (``Envelope.fault_settings``, :mod:`safety.devicefaults`).
 
 Rule keys: ``name``, ``when``, ``doc``. Budget keys: ``counts``
 (``experiments``, consumed by ``Guard.begin_experiment``, or
@@ -91,7 +94,7 @@ from typing import Any
 
 from safety.expr import EvaluationError, Expression, parse
 from safety.monitors import Monitor
-from safety.monitorspec import MonitorSpec, parse_monitors
+from safety.monitorspec import FaultSetting, MonitorSpec, parse_monitors
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
 __all__ = [
@@ -462,6 +465,7 @@ class Envelope:
         *,
         vessels: Iterable[Vessel] = (),
         monitors: Iterable[MonitorSpec] = (),
+        fault_settings: Iterable[FaultSetting] = (),
         source: str = "<envelope>",
     ) -> None:
         self.channels: dict[str, ChannelLimit] = {c.name: c for c in channels}
@@ -474,6 +478,8 @@ class Envelope:
         self.budgets: list[Budget] = list(budgets)
         #: the station monitors, declared (:meth:`build_monitors` makes them)
         self.monitors: list[MonitorSpec] = list(monitors)
+        #: what the envelope says about the faults its drivers declare (disabled / while)
+        self.fault_settings: list[FaultSetting] = list(fault_settings)
         self.source = source
         self.ledger = Ledger()
 
@@ -496,6 +502,8 @@ class Envelope:
             out |= rule.expr.names()
         for monitor in self.monitors:
             out |= set(monitor.channels)
+        for setting in self.fault_settings:
+            out |= set(setting.channels)
         return out
 
     def build_monitors(self) -> list[Monitor]:
@@ -542,7 +550,27 @@ class Envelope:
                         f"{problem} in monitor {monitor.name}",
                         source=self.source,
                         line=monitor.line,
-                        field=f"monitors[{i}].{monitor.channel_key}",
+                        field=f"monitors[{monitor.index if monitor.index is not None else i}]"
+                        f".{monitor.channel_key}",
+                    )
+        for setting in self.fault_settings:
+            where = f"monitors[{setting.index}]" if setting.index is not None else "monitors"
+            if setting.instrument not in instruments:
+                raise EnvelopeError(
+                    f"{setting.name} names unknown instrument '{setting.instrument}'; known: "
+                    f"{', '.join(sorted(instruments))}",
+                    source=self.source,
+                    line=setting.line,
+                    field=f"{where}.name",
+                )
+            for name in setting.channels:
+                problem = check(name)
+                if problem:
+                    raise EnvelopeError(
+                        f"{problem} in the setting of {setting.name}",
+                        source=self.source,
+                        line=setting.line,
+                        field=f"{where}.while",
                     )
         for v in self.vessels.values():
             if v.name in instruments:
@@ -757,8 +785,16 @@ def _build(data: Any, doc: YamlDoc) -> Envelope:
         countable += [f"{v.name}.added", f"{v.name}.removed"]
         countable += [f"{i}.delivered" for i in v.fed_by] + [f"{i}.withdrawn" for i in v.drained_by]
     budgets = [_budget(k, v, doc, countable) for k, v in _mapping(data, "budgets", doc).items()]
-    monitors = parse_monitors(data.get("monitors"), doc)
-    return Envelope(channels, rules, budgets, vessels=vessels, monitors=monitors, source=doc.source)
+    monitors, fault_settings = parse_monitors(data.get("monitors"), doc)
+    return Envelope(
+        channels,
+        rules,
+        budgets,
+        vessels=vessels,
+        monitors=monitors,
+        fault_settings=fault_settings,
+        source=doc.source,
+    )
 
 
 def _mapping(data: Mapping[str, Any], key: str, doc: YamlDoc) -> Mapping[Any, Any]:

@@ -430,7 +430,14 @@ class Guard:
         wanted = list(self._drivers if names is None else names)
 
         async def one(name: str) -> None:
-            reading = await asyncio.wait_for(self._drivers[name].read(), self.read_timeout)
+            try:
+                reading = await asyncio.wait_for(self._drivers[name].read(), self.read_timeout)
+            except Exception as exc:  # refused with the device's flags: keep them (driver.py)
+                partial = getattr(exc, "reading", None)
+                if not isinstance(partial, Mapping):
+                    raise
+                log.info("%s: %s reads without a value (device flags stored): %s", self.station, name, exc)
+                reading = partial
             self.state.set_measured(name, reading)
 
         results = await asyncio.gather(*(one(n) for n in wanted), return_exceptions=True)

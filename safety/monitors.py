@@ -302,6 +302,10 @@ class Interlock(Monitor):
     Measured channels only; a condition over commanded values alone trips at
     once.
 
+    ``channels``: further channels to show in the reason (and to read on a reset).
+    ``doc``: what the condition means, added to the reason when it trips (the
+    device faults of :mod:`safety.devicefaults` carry their driver's sentence).
+
     Or a callable: ``condition(view)`` returns a text describing the violation,
     or None (then cleared); give ``channels`` so the supervisor polls them.
     """
@@ -314,6 +318,7 @@ class Interlock(Monitor):
         trip_when: str | Expression | None = None,
         confirm: bool = False,
         channels: Iterable[str] = (),
+        doc: str = "",
     ) -> None:
         if (condition is None) == (trip_when is None):
             raise ValueError(f"interlock {name}: give a condition callable or trip_when=<rule>")
@@ -321,13 +326,14 @@ class Interlock(Monitor):
             raise ValueError(f"interlock {name}: confirm needs trip_when=<rule>")
         self.condition = condition
         self.confirm = bool(confirm)
+        self.doc = doc
         #: monotonic time the condition was first seen holding (``confirm``), None while it does not
         self._holds_since: float | None = None
         self.trip_when: Expression | None = (
             parse(trip_when, source=f"monitor {name}") if isinstance(trip_when, str) else trip_when
         )
         names = self.trip_when.names_in_order() if self.trip_when is not None else []
-        super().__init__(name, [*names, *channels])
+        super().__init__(name, dict.fromkeys([*names, *channels]))
 
     def evaluate(self, view: Mapping[str, Any], ages: Mapping[str, float]) -> MonitorResult:
         if self.condition is not None:
@@ -359,7 +365,7 @@ class Interlock(Monitor):
                     **values,
                 )
         if result is True:
-            return self._result(True, False, shown, **values)
+            return self._result(True, False, f"{shown} ({self.doc})" if self.doc else shown, **values)
         if result is False:
             return self._result(False, True, f"inactive ({shown})", **values)
         return self._result(

@@ -24,6 +24,7 @@ import instruments
 from instruments.registry import available_drivers, driver_class
 from instruments.registry import check as _check_driver
 from safety.capabilities import require
+from safety.devicefaults import fault_monitors
 from safety.dryrun import DryRunReport
 from safety.effects import Bound, Layout, bounds
 from safety.envelope import Envelope
@@ -41,8 +42,10 @@ class SafeStation:
 
     ``clock`` is the guard's clock for rates and budgets (``time.monotonic`` on
     a real bench; a simulated bench passes its simulated clock). The station's
-    monitors are those its envelope declares (its ``monitors:`` section);
-    ``monitors`` replaces them.
+    monitors are those its envelope declares (its ``monitors:`` section;
+    ``monitors`` replaces them) and the faults its drivers declare
+    (``<instrument>.<fault>``, safety/devicefaults.py; the envelope may switch
+    one off or narrow it, with a reason).
     ``supervisor_options`` go to :class:`StationSupervisor` (``poll_interval``,
     ``safe_timeout``, ``device_watchdog_s``, ``device_time_scale``, ...).
     """
@@ -77,6 +80,7 @@ class SafeStation:
             latch=self.latch,
             state=self.state,
             monitors=list(monitors) if monitors is not None else envelope.build_monitors(),
+            fault_settings=envelope.fault_settings,
             audit=self.audit,
             **dict(supervisor_options or {}),
         )
@@ -191,6 +195,20 @@ def actuated_channels(
     return bounds(station_layout(instrument_specs, envelope), envelope)
 
 
+def check_device_faults(
+    instrument_specs: Iterable[Mapping[str, Any]], envelope: Envelope
+) -> dict[str, str]:
+    """Check the envelope's settings of device faults (``disabled``/``while``) against the
+    faults the station's drivers declare, without opening anything (``labbridge check``);
+    :class:`~safety.envelope.EnvelopeError` naming the known faults. Returns the disabled
+    ones (name -> why). A kind that is not installed is skipped (reported on its own)."""
+    classes: dict[str, Any] = {}
+    for spec in instrument_specs:
+        if spec["kind"] in available_drivers():
+            classes[spec["name"]] = driver_class(spec["kind"])
+    return fault_monitors(classes, envelope.fault_settings)[1]
+
+
 def station_layout(instrument_specs: Iterable[Mapping[str, Any]], envelope: Envelope) -> Layout:
     """The station's layout (instrument kinds, their drivers' declared commands and safe
     states, the envelope's vessels) from the driver classes, without opening anything."""
@@ -202,6 +220,7 @@ __all__ = [
     "SafeStation",
     "actuated_channels",
     "available_drivers",
+    "check_device_faults",
     "check_instrument",
     "open_station",
     "probe",

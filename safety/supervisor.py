@@ -6,17 +6,22 @@ One :class:`StationSupervisor` per station. While running it
   ``read_timeout``; a failing read is logged and its channels simply age, which
   the :class:`~safety.monitors.Staleness` monitors catch) into
   ``state.measured``, and evaluates the monitors after every reading and every
-  ``poll_interval``;
+  ``poll_interval``. A read the driver refuses because the device flags its
+  value invalid (a probe out of the liquid, an overloaded scale: a
+  :class:`~instruments.errors.DeviceError` with a ``reading``) still gives its
+  flags: that partial reading is stored (the refused values ``None``), noted
+  once in the log when it starts and when it ends, never as a failure;
+* watches, besides the ``monitors`` it is given (the envelope's), every fault
+  its drivers declare, as a monitor ``<instrument>.<fault>``
+  (:mod:`safety.devicefaults`; ``fault_settings`` from the envelope switch
+  one off or narrow it, with a reason);
 * arms each device watchdog it finds (a driver with ``set_watchdog(s)``: the
   hotplate's holding register 4, which switches heater and stirrer off on the
   device itself when no register write arrives for that long, so the bench
-  fails safe if labbridge dies) and feeds it by rewriting the register every
-  third of its timeout. The timeout armed is ``device_watchdog_s``, raised
-  where needed so that feeds are at least :data:`MIN_FEED_INTERVAL_S` real
-  seconds apart: a simulated bench running 500 times faster than real time
-  cannot be fed every 3 ms, and a watchdog that fires because the scheduler
-  was late switches heating off under a running experiment (issue 12). On a
-  real bench (time scale 1) the configured timeout is armed unchanged;
+  fails safe if labbridge dies) and feeds it every third of its timeout
+  (:mod:`safety.devicewatchdog`: the timeout armed is ``device_watchdog_s``,
+  raised on a fast simulated bench so that feeds are at least
+  ``min_feed_interval_s`` real seconds apart);
 * on a trip (a monitor that trips, :meth:`trip`, or anyone who trips the
   :class:`~safety.model.Latch`) latches and drives *every* instrument of the
   station to its safe state concurrently, each ``safe_state()`` bounded by
@@ -37,14 +42,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from instruments.driver import Driver
+from safety.devicefaults import fault_monitors
+from safety.devicewatchdog import MIN_FEED_INTERVAL_S, DeviceWatchdogs
 from safety.effects import Layout, safe_state_updates
 from safety.model import (
     AuditTrail,
@@ -56,111 +61,19 @@ from safety.model import (
     Verdict,
 )
 from safety.monitors import Monitor, MonitorResult, Staleness, evaluate_all
+from safety.monitorspec import FaultSetting
+from safety.tripreport import SafeOutcome, TripReport
 
 log = logging.getLogger(__name__)
-#: real seconds the watchdog feeds are at least apart (its timeout is three of them)
-MIN_FEED_INTERVAL_S = 0.5
-
-@dataclass
-class SafeOutcome:
-    """What one instrument's ``safe_state()`` did in a trip. ``elapsed_s`` real seconds."""
-
-    instrument: str
-    ok: bool
-    elapsed_s: float
-    error: str | None = None
-    timed_out: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "instrument": self.instrument,
-            "ok": self.ok,
-            "elapsed_s": self.elapsed_s,
-            "error": self.error,
-            "timed_out": self.timed_out,
-        }
-
-
-@dataclass
-class TripReport:
-    """One trip (or re-assertion) of a station's safe state.
-
-    Times are ``time.monotonic()`` (the clock of ``StationState`` and of the
-    simulators' wire log): ``t_reading`` when the reading that tripped was
-    taken (for a staleness trip, an e-stop or an API trip: when it was
-    detected), ``t_detected`` when the trip latched, ``t_done`` when the last
-    safe-state action completed. ``already_tripped``: the station was latched
-    already and no safe-state storm ran for this call.
-    """
-
-    station: str
-    reason: str
-    source: str
-    kind: str = "trip"  # "trip" | "reassert"
-    already_tripped: bool = False
-    who: str | None = None
-    t: float = field(default_factory=time.time)
-    t_reading: float = field(default_factory=time.monotonic)
-    t_detected: float = field(default_factory=time.monotonic)
-    t_done: float | None = None
-    outcomes: dict[str, SafeOutcome] = field(default_factory=dict)
-
-    @property
-    def done(self) -> bool:
-        return self.t_done is not None
-
-    @property
-    def safe(self) -> list[str]:
-        """Instruments that reached their safe state."""
-        return [name for name, o in self.outcomes.items() if o.ok]
-
-    @property
-    def failed(self) -> list[str]:
-        """Instruments whose safe state failed or timed out."""
-        return [name for name, o in self.outcomes.items() if not o.ok]
-
-    @property
-    def ok(self) -> bool:
-        return self.done and not self.failed
-
-    @property
-    def reaction_s(self) -> float | None:
-        """Real seconds from the reading that tripped to the last safe-state action completing."""
-        return None if self.t_done is None else self.t_done - self.t_reading
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "station": self.station,
-            "reason": self.reason,
-            "source": self.source,
-            "kind": self.kind,
-            "already_tripped": self.already_tripped,
-            "who": self.who,
-            "t": self.t,
-            "reaction_s": self.reaction_s,
-            "safe": self.safe,
-            "failed": self.failed,
-            "outcomes": {k: o.as_dict() for k, o in self.outcomes.items()},
-        }
-
-    def summary(self) -> str:
-        if self.already_tripped:
-            return f"{self.station}: already tripped ({self.reason})"
-        if not self.done:
-            return f"{self.station}: safe state in progress ({self.reason})"
-        text = f"{self.station}: {len(self.safe)}/{len(self.outcomes)} instruments safe"
-        if self.failed:
-            detail = "; ".join(f"{n}: {self.outcomes[n].error}" for n in self.failed)
-            text += f", FAILED {detail}"
-        return text
 
 
 class StationSupervisor:
     """Monitors, latched trips, reset and device watchdogs for one station (module docstring).
 
     ``drivers`` maps instrument names (``acid``, ``hotplate``, ``enclosure``...)
-    to open drivers; ``monitors`` see ``instrument.channel`` names. ``poll``
-    restricts polling to some instruments (default: every driver).
+    to open drivers; ``monitors`` see ``instrument.channel`` names; the drivers'
+    declared faults are added to them (``fault_settings``: the envelope's word on
+    them). ``poll`` restricts polling to some instruments (default: every driver).
     ``device_watchdog_s`` (whole device seconds, 0 = do not arm; raised to
     :attr:`armed_watchdog_s` so that feeds are ``min_feed_interval_s`` real seconds
     apart) is written to every driver with ``set_watchdog``; ``device_time_scale`` is device seconds
@@ -176,6 +89,7 @@ class StationSupervisor:
         latch: Latch,
         state: StationState,
         monitors: Iterable[Monitor],
+        fault_settings: Iterable[FaultSetting] = (),
         poll_interval: float = 0.1,
         safe_timeout: float = 2.0,
         device_watchdog_s: int = 5,
@@ -196,10 +110,6 @@ class StationSupervisor:
         ):
             if not value > 0:
                 raise ValueError(f"{label} must be > 0, got {value!r}")
-        if isinstance(device_watchdog_s, bool) or not isinstance(device_watchdog_s, int):
-            raise ValueError(f"device_watchdog_s must be whole seconds, got {device_watchdog_s!r}")
-        if device_watchdog_s < 0:
-            raise ValueError(f"device_watchdog_s must be >= 0, got {device_watchdog_s}")
         if reassert_interval is not None and not reassert_interval > 0:
             raise ValueError(f"reassert_interval must be > 0 or None, got {reassert_interval!r}")
         self.station = station
@@ -207,6 +117,16 @@ class StationSupervisor:
         self.latch = latch
         self.state = state
         self.monitors: list[Monitor] = list(monitors)
+        device, off = fault_monitors(self.drivers, fault_settings)
+        clash = sorted({m.name for m in self.monitors} & ({m.name for m in device} | set(off)))
+        if clash:
+            raise ValueError(
+                f"monitor(s) {', '.join(clash)} have the name of a fault the drivers declare "
+                f"(watched already); change one with disabled/while in the envelope instead"
+            )
+        self.monitors += device
+        #: the drivers' faults the envelope switched off: name -> why
+        self.faults_disabled: dict[str, str] = off
         names = [m.name for m in self.monitors]
         if len(set(names)) != len(names):
             raise ValueError(f"monitor names must be unique, got {names}")
@@ -219,15 +139,19 @@ class StationSupervisor:
         self.read_timeout = float(read_timeout)
         self.device_watchdog_s = device_watchdog_s
         self.device_time_scale = float(device_time_scale)
-        #: the timeout written to the device (device seconds; see the module docstring)
-        self.armed_watchdog_s = (
-            max(
-                device_watchdog_s,
-                math.ceil(3 * float(min_feed_interval_s) * self.device_time_scale - 1e-9),
-            )
-            if device_watchdog_s > 0
-            else 0
+        #: the devices' own watchdogs (safety/devicewatchdog.py)
+        self.watchdogs = DeviceWatchdogs(
+            station,
+            self.drivers,
+            device_watchdog_s=device_watchdog_s,
+            min_feed_interval_s=min_feed_interval_s,
+            device_time_scale=self.device_time_scale,
+            write_timeout=self.read_timeout,
         )
+        #: the timeout written to the devices (device seconds; safety/devicewatchdog.py)
+        self.armed_watchdog_s = self.watchdogs.armed_s
+        #: per instrument with a device watchdog: armed (the last write succeeded)?
+        self.watchdog_armed = self.watchdogs.armed
         self.reassert_interval = reassert_interval
         self.audit = audit
         #: every trip of this station (not re-assertions), oldest first
@@ -239,8 +163,8 @@ class StationSupervisor:
         #: per instrument: consecutive failed reads, and the last error
         self.read_failures: dict[str, int] = dict.fromkeys(self.drivers, 0)
         self.last_read_error: dict[str, str] = {}
-        #: per instrument with a device watchdog: armed (the last write succeeded)?
-        self.watchdog_armed: dict[str, bool] = {}
+        #: per instrument whose last read was refused with the device's flags: why
+        self.partial_reads: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._storms: set[asyncio.Task[TripReport]] = set()
         self._stragglers: set[asyncio.Future[Any]] = set()
@@ -263,12 +187,12 @@ class StationSupervisor:
     @property
     def watchdog_drivers(self) -> dict[str, Driver]:
         """Drivers with a device watchdog (``set_watchdog``)."""
-        return {n: d for n, d in self.drivers.items() if callable(getattr(d, "set_watchdog", None))}
+        return dict(self.watchdogs.drivers)
 
     @property
     def feed_interval_s(self) -> float:
         """Real seconds between device watchdog feeds (a third of its armed timeout)."""
-        return self.armed_watchdog_s / self.device_time_scale / 3.0
+        return self.watchdogs.feed_interval_s
 
     async def start(self) -> None:
         """Arm the device watchdogs, then start polling and monitoring (idempotent)."""
@@ -280,10 +204,9 @@ class StationSupervisor:
             monitor.arm(now)
         try:
             if self.device_watchdog_s > 0:
-                wd = self.watchdog_drivers
-                await asyncio.gather(*(self._write_watchdog(n, d, "arm") for n, d in wd.items()))
-                for name, driver in wd.items():
-                    self._spawn(self._feed_loop(name, driver), f"watchdog-feed-{name}")
+                await self.watchdogs.arm()
+                for name, driver in self.watchdogs.drivers.items():
+                    self._spawn(self.watchdogs.feed(name, driver), f"watchdog-feed-{name}")
             for name in self.poll:
                 self._spawn(self._poll_loop(name, self.drivers[name]), f"poll-{name}")
             self._spawn(self._monitor_loop(), "monitor")
@@ -354,6 +277,9 @@ class StationSupervisor:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            partial = getattr(exc, "reading", None)
+            if isinstance(partial, Mapping):  # the device answered: its flags say why no value
+                return self._partial(name, partial, str(exc) or type(exc).__name__)
             text = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
                 text = f"read timed out after {self.read_timeout:g} s"
@@ -367,6 +293,8 @@ class StationSupervisor:
                 log.debug("%s: reading %s failed again: %s", self.station, name, text)
             return False
         self.state.set_measured(name, reading, time.monotonic())
+        if self.partial_reads.pop(name, None) is not None:
+            log.info("%s: %s gives a whole reading again", self.station, name)
         if self.read_failures.get(name):
             log.info(
                 "%s: %s answers again after %d failed reads",
@@ -377,46 +305,21 @@ class StationSupervisor:
         self.read_failures[name] = 0
         return True
 
+    def _partial(self, name: str, reading: Mapping[str, Any], why: str) -> bool:
+        """Store a reading the driver refused with the device's flags (module docstring)."""
+        self.state.set_measured(name, reading, time.monotonic())
+        if self.partial_reads.get(name) != why:
+            log.info("%s: %s reads without a value (device flags stored): %s", self.station, name, why)
+        self.partial_reads[name] = why
+        self.read_failures[name] = 0
+        return True
+
     async def poll_once(self) -> dict[str, bool]:
         """Read every polled instrument now (concurrently) and evaluate the monitors."""
         names = list(self.poll)
         done = await asyncio.gather(*(self.poll_instrument(n) for n in names))
         self._evaluate()
         return dict(zip(names, done, strict=True))
-
-    # ---------------------------------------------------------- device watchdog
-    async def _write_watchdog(self, name: str, driver: Driver, what: str) -> bool:
-        set_watchdog: Callable[[int], Any] = getattr(driver, "set_watchdog")  # noqa: B009
-        try:
-            async with asyncio.timeout(self.read_timeout):
-                await set_watchdog(self.armed_watchdog_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            text = str(exc) or type(exc).__name__
-            if self.watchdog_armed.get(name, True):
-                log.error(
-                    "%s: %s device watchdog (%s, %d s) failed: %s",
-                    self.station,
-                    what,
-                    name,
-                    self.armed_watchdog_s,
-                    text,
-                )
-            self.watchdog_armed[name] = False
-            return False
-        if not self.watchdog_armed.get(name, False) and what != "arm":
-            log.info("%s: %s device watchdog armed again", self.station, name)
-        self.watchdog_armed[name] = True
-        return True
-
-    async def _feed_loop(self, name: str, driver: Driver) -> None:
-        interval = self.feed_interval_s
-        next_t = time.monotonic() + interval
-        while True:
-            await asyncio.sleep(max(0.0, next_t - time.monotonic()))
-            next_t = max(next_t + interval, time.monotonic())
-            await self._write_watchdog(name, driver, "feed")
 
     # ------------------------------------------------------------ monitors
     def check(self) -> dict[str, MonitorResult]:
@@ -638,6 +541,8 @@ class StationSupervisor:
             "trip": None if record is None else {"reason": record.reason, "source": record.source},
             "monitors": {k: r.as_dict() for k, r in self.last_results.items()},
             "read_failures": dict(self.read_failures),
+            "partial_reads": dict(self.partial_reads),
+            "faults_disabled": dict(self.faults_disabled),
             "watchdog_armed": dict(self.watchdog_armed),
             "trips": len(self.trips),
         }

@@ -21,6 +21,9 @@ simulators of :mod:`simulators.pump` and :mod:`simulators.hotplate` use:
   stirrer ramps to its setpoint (time constant 2 s). Device watchdog: no
   register write for ``watchdog_s`` switches heater and stirrer off and sets
   the watchdog-tripped flag (:meth:`BenchWorld.hotplate_write` feeds it).
+  Over-temperature cut-out: a plate above ``max_c`` (or the
+  ``hotplate-overtemp`` fault) sets the flag and heating stops until an
+  enable is written with the plate below ``max_c`` and the fault cleared.
 
 The world is advanced lazily to the clock's ``now()`` whenever a simulator
 reads or changes it, in steps of at most ``max_step`` simulated seconds:
@@ -62,7 +65,14 @@ class Faults:
     ``no-reply``          ``device=...``: the device stops answering
     ``heartbeat-stop``    ``device=enclosure``: the device stops publishing heartbeats (still answers)
     ``pump-alarm``        ``pump=<fluid or address>, code=S``: the pump stops and answers ``A?<code>``
-                          (R reset, S stalled, T safe-mode timeout, E comms error) until cleared
+                          (R reset, S stalled, T safe-mode timeout, E comms error) until cleared;
+                          ``on_run=True``: only once it is told to ``RUN`` (a motor that stalls
+                          when it starts), answering normally until then
+    ``hotplate-overtemp``  the hotplate's over-temperature cut-out fires (a failed plate sensor or
+                          a runaway the device sees first): status bit2 set, heating cut, until
+                          cleared (and an enable written, as for a real over-temperature)
+    ``hotplate-probe-fault`` the hotplate's liquid probe fails open: input 1 reads 0x8000 (no value)
+                          and status bit3 (probe fault) is set until cleared
 
     Buffer bench (:mod:`simulators.buffer_world`; ``garbled-bytes``, ``no-reply`` and
     ``modbus-exception`` take ``device="ph"`` or ``"hotplate"`` there, one unit of the shared line):
@@ -85,6 +95,8 @@ class Faults:
         "vial-missing",
         "no-reply",
         "pump-alarm",
+        "hotplate-overtemp",
+        "hotplate-probe-fault",
         "heartbeat-stop",
         "probe-out",
         "probe-drift",
@@ -334,6 +346,8 @@ class BenchWorld:
                 hp.heater_enabled = False
                 hp.stirrer_enabled = False
                 hp.watchdog_tripped = True
+        if self.faults.get("hotplate-overtemp") is not None:
+            hp.over_temperature = True  # the device's cut-out fired (it heats no more)
         heating, target = self.heater_effective()
         target = max(target, AMBIENT_C)  # a heater cannot cool below ambient
         hp.plate_c += (target - hp.plate_c) * (1.0 - math.exp(-dt / hp.tau_plate_s))

@@ -37,10 +37,12 @@ Faults (``world.faults``, device ``"hotplate"``):
 ``no-reply``                        requests are read (and recorded) but never answered
 ``dropped-connection``              TCP: every client connection is closed once, on injection
 ``stuck-heater``                    physics in the world (the heating status bit follows it)
+``hotplate-overtemp``               physics in the world: the over-temperature cut-out (status bit2)
+``hotplate-probe-fault``            the liquid probe fails: input 1 = 0x8000, status bit3 set
 
-The device watchdog (holding 4) is physics in the world as well. Status bit3
-(probe fault) is never set: the world models a missing probe only (input 1 =
-0x8000). A pty has no baud rate, so RTU replies come without 19200-baud timing.
+The device watchdog (holding 4) is physics in the world as well. Without the
+probe fault, a missing probe reads 0x8000 with bit3 clear. A pty has no baud
+rate, so RTU replies come without 19200-baud timing.
 """
 
 from __future__ import annotations
@@ -208,6 +210,7 @@ class HotplateSim(ModbusUnitSim):
         with w.lock:
             hp = w.hotplate
             heating, _ = w.heater_effective()
+            probe_fault = w.faults.get("hotplate-probe-fault") is not None
             status = 0
             if heating:
                 status |= 1 << 0
@@ -215,11 +218,13 @@ class HotplateSim(ModbusUnitSim):
                 status |= 1 << 1
             if hp.over_temperature:
                 status |= 1 << 2
+            if probe_fault:
+                status |= 1 << 3
             if hp.watchdog_tripped:
                 status |= 1 << 4
             return [
                 _u16(hp.plate_c * 10),
-                _u16(hp.liquid_c * 10) if hp.probe_present else NO_PROBE,
+                _u16(hp.liquid_c * 10) if hp.probe_present and not probe_fault else NO_PROBE,
                 max(0, min(0xFFFF, round(hp.stirrer_rpm))),
                 status,
                 _u16(hp.max_c * 10),

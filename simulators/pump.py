@@ -31,7 +31,8 @@ Faults read from ``world.faults`` (device name ``pumps``):
 ``dropped-connection``  edge-triggered: the pty master is closed and a fresh pty is
                         created behind the same symlink (TCP clients are disconnected)
 ``pump-alarm``          ``pump=``, ``code="S"``: the pump stops and answers ``A?<code>``
-                        to every command until the fault is cleared
+                        to every command until the fault is cleared; ``on_run=True``: from
+                        the first ``RUN`` on (a motor that stalls as it starts)
 ``clogged-pump``        physics, in the world
 
 Every received line is recorded with ``world.wire.record("pumps", "<line>")``.
@@ -229,7 +230,7 @@ class PumpChainSim:
             return
         if name == "garbled-bytes":
             self._garble_left = params.get("count")
-        elif name == "pump-alarm":
+        elif name == "pump-alarm" and not params.get("on_run"):
             self.world.advance()
             with self.world.lock:
                 for pump in self.world.pumps.values():
@@ -306,8 +307,10 @@ class PumpChainSim:
         with self.world.lock:
             alarm = self.world.faults.active("pump-alarm")
             if alarm is not None and _targets(alarm, pump):
-                self._alarm_stop(pump, str(alarm.get("code", "S")))
-                return self._garble(self._frame(pump, "?" + pump.alarm if pump.alarm else ""))
+                if not alarm.get("on_run") or command == "RUN" or pump.alarm:
+                    code = pump.alarm or str(alarm.get("code", "S"))
+                    self._alarm_stop(pump, code)
+                    return self._garble(self._frame(pump, "?" + code))
             pump.alarm = None
             data = self._execute(pump, command, param)
             return self._garble(self._frame(pump, data))

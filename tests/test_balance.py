@@ -229,6 +229,8 @@ async def test_stable_and_immediate_weight(balance: Balance, spec: SpecBalance) 
         "stable": True,
         "tare_g": 0.0,
         "tared": False,
+        "overload": False,
+        "underload": False,
     }
 
 
@@ -309,9 +311,23 @@ async def test_overload_and_underload_from_the_load(balance: Balance, spec: Spec
         await balance.weight()
     with pytest.raises(BalanceOverload):
         await balance.tare()
+    # read() has no weight to give either, but its error carries what the balance said, for
+    # a supervisor (the balance's declared overload/underload faults)
+    with pytest.raises(BalanceOverload) as over:
+        await balance.read()
+    assert over.value.reading == {
+        "weight_g": None,
+        "stable": False,
+        "overload": True,
+        "underload": False,
+    }
     spec.load_g = -1.0
     with pytest.raises(BalanceUnderload, match="weighing pan is in place"):
         await balance.zero()
+    with pytest.raises(BalanceUnderload) as under:
+        await balance.read()
+    assert under.value.reading is not None
+    assert (under.value.reading["overload"], under.value.reading["underload"]) == (False, True)
 
 
 async def test_garbled_and_missing_replies(balance: Balance, spec: SpecBalance) -> None:

@@ -513,8 +513,10 @@ def test_reference_envelope_declares_the_bench_monitors() -> None:
         "enclosure-heartbeat-stale": "heartbeat",
         "enclosure-offline": "interlock",
         "lid-open-while-heating": "interlock",
-        "hotplate-watchdog-tripped": "interlock",
     }
+    # the hotplate's watchdog and the pumps' alarms are its drivers' declared faults, watched
+    # without a word in the envelope (tests/test_devicefaults.py); it changes none of them
+    assert env.fault_settings == []
     specs = {m.name: m for m in env.monitors}
     assert dict(specs["liquid-overtemp"].params) == {
         "channel": "hotplate.liquid_c",
@@ -531,10 +533,11 @@ def test_reference_envelope_declares_the_bench_monitors() -> None:
         "max_age_s": 2.0,
         "grace_s": 5.0,
     }
-    assert specs["hotplate-watchdog-tripped"].channels == (
-        "hotplate.watchdog_tripped",
+    assert specs["lid-open-while-heating"].channels == (
+        "hotplate.heating",
+        "hotplate.heater_enabled",
         "hotplate.heater",
-        "hotplate.stirrer",
+        "enclosure.lid",
     )
 
 
@@ -543,7 +546,7 @@ def test_the_yaml_examples_of_docs_safety_md_load_as_written() -> None:
 
     text = (Path(__file__).parent.parent / "docs" / "safety.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     full = load_envelope(blocks[0], source="docs/safety.md", known=BENCH)
     assert [m.name for m in full.monitors] == [
         "liquid-overtemp",
@@ -555,3 +558,17 @@ def test_the_yaml_examples_of_docs_safety_md_load_as_written() -> None:
     for spec in monitors.monitors:  # the examples say what the reference bench declares
         assert spec.kind == reference[spec.name].kind
         assert spec.channels == reference[spec.name].channels
+    # the device faults' settings: names the faults the drivers really declare
+    from instruments.drivers.hotplate import Hotplate
+    from instruments.drivers.ph_meter import PhMeter
+    from safety.devicefaults import fault_monitors
+
+    settings = load_envelope(blocks[2], source="docs/safety.md", known=[*BENCH, "ph"])
+    assert settings.monitors == []
+    assert [(f.name, f.disabled is None, f.when is None) for f in settings.fault_settings] == [
+        ("ph.not-immersed", True, False),
+        ("hotplate.probe-fault", False, True),
+    ]
+    built, off = fault_monitors({"hotplate": Hotplate, "ph": PhMeter}, settings.fault_settings)
+    assert off == {"hotplate.probe-fault": "no liquid probe fitted on this bench"}
+    assert "hotplate.stirrer" in {c for m in built for c in m.channels if m.name == "ph.not-immersed"}

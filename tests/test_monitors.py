@@ -1,5 +1,6 @@
 """Monitors as pure logic on a StationState: thresholds with hysteresis, staleness and
-heartbeat watchdogs, interlocks, missing values, and the reference bench's declared set."""
+heartbeat watchdogs, interlocks, missing values, and the reference bench's declared set
+(its envelope's monitors plus the faults its hotplate's driver declares)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from instruments.drivers.hotplate import Hotplate
+from safety.devicefaults import fault_monitors
 from safety.envelope import reference_envelope
 from safety.model import StationState
 from safety.monitors import (
@@ -230,15 +233,26 @@ def test_a_monitor_that_raises_counts_as_tripped() -> None:
     assert "monitor failed" in r.reason
 
 
+def reference_monitors() -> list[Monitor]:
+    """What a reference-bench supervisor watches on its hotplate and enclosure: the
+    envelope's monitors and the hotplate driver's declared faults."""
+    envelope = reference_envelope()
+    device, off = fault_monitors({"hotplate": Hotplate}, envelope.fault_settings)
+    assert off == {}
+    return [*envelope.build_monitors(), *device]
+
+
 def test_reference_bench_monitors_on_a_healthy_then_a_faulty_station() -> None:
-    mons = reference_envelope().build_monitors()
+    mons = reference_monitors()
     assert [m.name for m in mons] == [
         "liquid-overtemp",
         "hotplate-reading-stale",
         "enclosure-heartbeat-stale",
         "enclosure-offline",
         "lid-open-while-heating",
-        "hotplate-watchdog-tripped",
+        "hotplate.watchdog-tripped",
+        "hotplate.over-temperature",
+        "hotplate.probe-fault",
     ]
     for m in mons:
         m.arm()
@@ -252,6 +266,8 @@ def test_reference_bench_monitors_on_a_healthy_then_a_faulty_station() -> None:
             "heating": True,
             "heater_enabled": True,
             "watchdog_tripped": False,
+            "over_temperature": False,
+            "probe_fault": False,
         },
     )
     state.set_measured("enclosure", {"lid": "closed", "online": True, "heartbeat_age_s": 0.2})
@@ -260,7 +276,7 @@ def test_reference_bench_monitors_on_a_healthy_then_a_faulty_station() -> None:
     assert set(measured_ages(state)) >= {"hotplate.liquid_c", "enclosure.lid"}
     state.set_measured("hotplate", {"liquid_c": 81.0, "watchdog_tripped": True})
     state.set_measured("enclosure", {"lid": "open", "online": False, "heartbeat_age_s": 3.0})
-    pending = evaluate_all(mons, state)["hotplate-watchdog-tripped"]  # confirm: true
+    pending = evaluate_all(mons, state)["hotplate.watchdog-tripped"]  # confirm: true
     assert (pending.tripped, pending.cleared) == (False, False)
     assert "waiting for a reading of hotplate.watchdog_tripped" in pending.reason
     time.sleep(0.002)
@@ -272,11 +288,11 @@ def test_reference_bench_monitors_on_a_healthy_then_a_faulty_station() -> None:
         "enclosure-heartbeat-stale",
         "enclosure-offline",
         "lid-open-while-heating",
-        "hotplate-watchdog-tripped",
+        "hotplate.watchdog-tripped",
     }
-    assert results["hotplate-watchdog-tripped"].reason == (
-        "hotplate-watchdog-tripped: hotplate.watchdog_tripped=True, hotplate.heater=True, "
-        "hotplate.stirrer=True"
+    assert results["hotplate.watchdog-tripped"].reason == (
+        "hotplate.watchdog-tripped: hotplate.watchdog_tripped=True, hotplate.heater=True, "
+        f"hotplate.stirrer=True ({Hotplate.faults['watchdog-tripped'].doc})"
     )
     # the hysteresis of the declared threshold: not yet cleared at 77, cleared below 75
     state.set_measured("hotplate", {"liquid_c": 77.0})
@@ -290,9 +306,7 @@ def test_a_device_watchdog_bit_trips_only_while_heating_or_stirring_is_commanded
     """The trip's safe state (heater and stirrer commanded off) clears it, so the station can
     be reset although the device keeps the bit until its next enable; a bit left set by a
     previous run does not trip a station that commands nothing."""
-    (mon,) = [
-        m for m in reference_envelope().build_monitors() if m.name.endswith("watchdog-tripped")
-    ]
+    (mon,) = [m for m in reference_monitors() if m.name.endswith("watchdog-tripped")]
     state = StationState()
     state.set_measured("hotplate", {"watchdog_tripped": True})
     state.set_commanded({"hotplate.heater": False, "hotplate.stirrer": False})

@@ -1127,7 +1127,7 @@ async def test_expired_and_retained_requests_are_not_acted_on(
 def heavy_program(i: int) -> str:
     """A valid-looking program just under the 64 KiB payload limit that takes a while to parse
     (YAML composed in pure Python): about half a second here."""
-    pad = "".join(f"  pad_{i}_{n}: [{n}, {n + 1}, 1.5, 2.5]\n" for n in range(1500))
+    pad = "".join(f"  pad_{i}_{n}: [{n}, {n + 1}, 1.5, 2.5]\n" for n in range(1450))
     return EXAMPLE.read_text().replace("fixed:\n", "fixed:\n" + pad, 1)
 
 

@@ -346,13 +346,17 @@ async def test_a_reading_while_the_probe_is_not_immersed_is_an_error(bus: SpecRt
         with pytest.raises(ProbeNotImmersedError, match="not immersed") as info:
             await meter.read()
         assert info.value.last_ph == 7.0  # the repeated value is kept for the log, not returned
+        partial = info.value.reading  # what a supervisor keeps: the flags, no pH
+        assert partial is not None and partial["ph"] is None
+        assert partial["not_immersed"] and partial["out_of_range"]
         status = await meter.status()  # the status alone does not raise
         assert status.not_immersed and status.out_of_range
         with pytest.raises(ProbeNotImmersedError):
             await meter.calibrate(7.00)  # nor does a calibration start in air
         assert ph_of(bus).calibrated == []
         ph_of(bus).immersed = True
-        assert (await meter.read())["ph"] == 7.0
+        whole = await meter.read()
+        assert whole["ph"] == 7.0 and set(whole) == set(partial)  # the same channels
 
 
 # ---------------------------------------------------------------- commands

@@ -18,7 +18,7 @@ from reference import layout
 from instruments.errors import DeviceAlarm
 from loops.plan import Recipe, RecipeError, Step, compile_plan
 from loops.program import Program, load_program
-from loops.recipe import build_recipe, dry_run_recipe, ramp_setpoint, run_recipe
+from loops.recipe import HoldBroken, build_recipe, dry_run_recipe, ramp_setpoint, run_recipe
 from safety import Command, SafetyRefusal, dry_run, open_station, reference_envelope
 from safety.effects import effect_of
 from safety.yamldoc import ConfigError, YamlDoc
@@ -74,7 +74,10 @@ def test_the_colour_match_plan_binds_a_proposal(program: Program) -> None:
     assert not [s for s in steps if s.startswith("green.")]
     assert "dispensed_ml.green = 0" in steps
     assert "ramp hotplate.set_heater setpoint_c from 25 to 50 at 10/min" in steps
-    assert "hold 120 s" in steps
+    hold = next(s for s in recipe.steps if s.kind == "hold")
+    assert str(hold).startswith("hold 120 s while hotplate.heater_enabled and ")
+    assert hold["instruments"] == ["hotplate"] and hold["every_s"] == 5
+    assert hold["inputs"] == {"temperature_c": 50.0, "hold_lag_c": 17.0, "hold_over_c": 5.0}
     assert "waste.withdraw(volume_ml=1.4, rate_ml_min=20)" in steps  # 1.2 mL + 0.2 margin
     wait = recipe.steps[1]
     assert wait["inputs"] == {"start_below_c": 28.0} and wait["instruments"] == ["hotplate"]
@@ -114,6 +117,11 @@ def test_the_colour_match_plan_binds_a_proposal(program: Program) -> None:
         ([{"call": "a.b", "into": "1x"}], "recipe[0].into", "identifiers joined by dots"),
         ([{"ramp": "h.set", "set": "sp"}], "recipe[0]", "missing 'to'"),
         ([{"hold": 1, "colour": "red"}], "recipe[0].colour", "unknown key 'colour'"),
+        ([{"hold": 1, "every": 2}], "recipe[0].every", "give while"),
+        ([{"hold": 1, "while": "x > 1"}], "recipe[0].while", "needs a reading"),
+        ([{"hold": 1, "while": "probe.ok and y"}], "recipe[0].while", "unknown name 'y'"),
+        ([{"hold": 1, "while": 3}], "recipe[0].while", "must be a condition"),
+        ([{"hold": 1, "while": "probe.t + 1"}], "recipe[0].while", "must be a condition"),
         ([], "recipe", "non-empty list"),
     ],
 )
@@ -374,6 +382,88 @@ async def test_run_recipe_on_a_simulated_station(program: Program) -> None:
             await run_recipe(stalls, station, clock_sleep=clock.sleep, who="t", on_step=stall_red)
         assert alarm.value.code == "S"
         bench.clear_fault("pump-alarm")
+
+
+async def test_a_hold_checks_what_it_holds_for_and_fails_naming_the_values() -> None:
+    """A hold's while: checked at its start, beside it and at its end, on fresh readings; the
+    first reading that breaks it fails the step with the condition and the values."""
+    doc = YamlDoc("p.md", error_cls=ConfigError)
+    plan = compile_plan(
+        [{"hold": 30, "while": "probe.heating and probe.t > low", "every": 5}],
+        inputs=["low"],
+        doc=doc,
+    )
+    with pytest.raises(RecipeError, match="every must be > 0"):
+        compile_plan(
+            [{"hold": 30, "while": "probe.heating", "every": "low"}], inputs=["low"], doc=doc
+        ).bind({"low": 0.0})
+    recipe = plan.bind({"low": 40.0})
+    assert str(recipe.steps[0]) == "hold 30 s while probe.heating and probe.t > low"
+
+    class Probe:
+        def __init__(self, readings: list[dict[str, Any]]) -> None:
+            self.readings = readings
+            self.reads = 0
+
+        async def read(self) -> dict[str, Any]:
+            self.reads += 1
+            return self.readings[min(self.reads, len(self.readings)) - 1]
+
+    class Station:
+        name = "bench-x"
+
+        def __init__(self, probe: Probe) -> None:
+            self.probe = probe
+
+        def handle(self, name: str, who: str) -> Probe:
+            assert name == "probe"
+            return self.probe
+
+    slept: list[float] = []
+    clock = [0.0]  # the recipe's clock: it moves only when the recipe sleeps
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+        await asyncio.sleep(0)
+
+    def now() -> float:
+        return clock[0]
+
+    healthy = {"heating": True, "t": 45.0}
+    steady = Probe([healthy])
+    logged: list[dict[str, Any]] = []
+
+    async def on_step(index: int, step: Step, phase: str, data: dict[str, Any]) -> None:
+        if phase == "done":
+            logged.append(data)
+
+    await run_recipe(
+        recipe, Station(steady), clock_sleep=sleep, clock_now=now, who="t", on_step=on_step  # type: ignore[arg-type]
+    )
+    assert slept == [5.0] * 6 and clock[0] == 30.0  # naps of `every`: the hold lasts 30 s
+    (data,) = logged  # what the journal keeps of the hold: how often it was checked, the last values
+    assert data["checks"] == steady.reads == 7  # at 0, 5, ... 25 s and at its end
+    assert (data["probe.heating"], data["probe.t"], data["low"]) == (True, 45.0, 40.0)
+
+    # the heater goes off after two good readings: the step fails, naming what broke it
+    tripped = Probe([healthy, healthy, {"heating": False, "t": 44.0}])
+    with pytest.raises(HoldBroken) as broken:
+        await run_recipe(recipe, Station(tripped), clock_sleep=sleep, clock_now=now, who="t")  # type: ignore[arg-type]
+    assert str(broken.value) == (
+        "hold 30 s while probe.heating and probe.t > low: it no longer holds at check 3 "
+        "(10 s into it): probe.heating=False, probe.t=44.0, low=40.0"
+    )
+    # a reading the condition needs is missing: it cannot be said to hold, so it does not
+    blind = Probe([healthy, {"heating": True}])
+    with pytest.raises(HoldBroken, match=r"cannot be evaluated: unknown name 'probe\.t'"):
+        await run_recipe(recipe, Station(blind), clock_sleep=sleep, clock_now=now, who="t")  # type: ignore[arg-type]
+    # broken already when it starts: nothing is held
+    slept.clear()
+    cold = Probe([{"heating": True, "t": 22.0}])
+    with pytest.raises(HoldBroken, match="it no longer holds at its start"):
+        await run_recipe(recipe, Station(cold), clock_sleep=sleep, clock_now=now, who="t")  # type: ignore[arg-type]
+    assert slept == []
 
 
 async def test_a_ramp_to_an_unrounded_target_finishes() -> None:

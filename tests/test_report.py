@@ -238,6 +238,7 @@ def build_campaign(
                 check = run_checks(  # the colour match's declared checks
                     load_program(builtin_program("color-match")).verification,
                     measurements=measurements,
+                    inputs=params,  # as a station gives them (the setpoint the liquid is checked at)
                     images={"outcome": outcome, "reference": scenes.reference},
                     setup={"calibration": scenes.calibration.to_dict()},
                 )

@@ -117,7 +117,8 @@ async def test_overtemperature_trip_latches_until_reset_after_cooling() -> None:
 
 @pytest.mark.timeout(60)
 async def test_the_hotplates_device_watchdog_trips_the_station_and_it_can_be_reset() -> None:
-    """The station's monitors are its envelope's. labbridge stalls longer than the hotplate's
+    """The station's monitors are its envelope's and its drivers' declared faults (the
+    hotplate's watchdog among them, named hotplate.watchdog-tripped). labbridge stalls longer than the hotplate's
     device watchdog (5 device s = 0.1 s at 50x), which switches heating off by itself: the
     station trips on the device's status bit (the experiment's thermal history is no longer
     what was commanded), can be reset once its safe state is commanded, and the next enable
@@ -128,8 +129,11 @@ async def test_the_hotplates_device_watchdog_trips_the_station_and_it_can_be_res
         world = lab.stations[0].world
         assert station.supervisor.armed_watchdog_s == 5
         declared = [m.name for m in reference_envelope().monitors]
-        assert [m.name for m in station.supervisor.monitors] == declared
-        assert "hotplate-watchdog-tripped" in declared
+        faults = ["hotplate.watchdog-tripped", "hotplate.over-temperature", "hotplate.probe-fault"]
+        pumps = [f"{p}.alarm" for p in ("red", "green", "blue", "waste")]
+        names = [m.name for m in station.supervisor.monitors]
+        assert names[: len(declared)] == declared
+        assert sorted(names[len(declared) :]) == sorted([*faults, *pumps])
         hotplate = station.handle("hotplate", who="test")
         await hotplate.set_stirrer(True, 200)
         await hotplate.set_heater(True, 25.0)  # where the setpoint is (it may rise 10 degC/min)
@@ -139,7 +143,7 @@ async def test_the_hotplates_device_watchdog_trips_the_station_and_it_can_be_res
         time.sleep(0.5)  # labbridge stalls (the event loop is blocked): 25 device s unfed
         await wait_for(lambda: station.tripped, 5, "the device-watchdog trip")
         record = station.latch.trip_record
-        assert record is not None and record.source == "hotplate-watchdog-tripped", record
+        assert record is not None and record.source == "hotplate.watchdog-tripped", record
         assert "hotplate.watchdog_tripped=True" in record.reason
         assert "hotplate.heater=True" in record.reason
         await wait_for(lambda: station.supervisor.trips[0].done, 5, "the safe state")
@@ -151,7 +155,7 @@ async def test_the_hotplates_device_watchdog_trips_the_station_and_it_can_be_res
         # device keeps its bit until the next enable
         assert station.state.commanded["hotplate.heater"] is False
         await wait_for(
-            lambda: station.supervisor.check()["hotplate-watchdog-tripped"].cleared,
+            lambda: station.supervisor.check()["hotplate.watchdog-tripped"].cleared,
             5,
             "the watchdog monitor to clear",
         )

@@ -212,7 +212,9 @@ async def test_a_failed_run_trips_the_station_and_is_never_retried(
         await journal.transition.remote(eid, "checked")
         await journal.transition.remote(eid, "queued", station=bench.name)
         await actor.start.remote()
-        bench.inject_fault("pump-alarm", pump="red", code="S")  # the red pump stalls
+        # the red pump stalls as it starts (on_run: an alarm the pump had already would trip
+        # the station on its declared red.alarm fault before the experiment began)
+        bench.inject_fault("pump-alarm", pump="red", code="S", on_run=True)
         out = await actor.run.remote(eid, recipe.as_dict(), "agent:7")
         assert out["ok"] is False and out["rejected"] is False, out
         assert out["step"] == 1 and out["step_done"] is False  # the red dispense

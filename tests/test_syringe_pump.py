@@ -221,6 +221,8 @@ async def test_read_returns_the_whole_state(red: SyringePump) -> None:
     assert await red.read() == {
         "status": "stopped",
         "moving": False,
+        "alarmed": False,
+        "alarm": None,
         "rate_ml_min": 1.5,
         "volume_ml": 0.25,
         "direction": "infuse",
@@ -283,7 +285,8 @@ async def test_pump_alarm(sim: PumpChainSim, world: StationWorld) -> None:
             await green.set_rate(1.0)
         assert err.value.code == "S" and "stalled" in err.value.meaning
         assert await green.status() is PumpStatus.ALARM and green.last_alarm == "S"
-        assert (await green.read())["status"] == "alarm"
+        reading = await green.read()
+        assert (reading["status"], reading["alarmed"], reading["alarm"]) == ("alarm", True, "S")
         with pytest.raises(DeviceAlarm):
             await green.wait_until_stopped(timeout=1.0)
         with pytest.raises(DeviceAlarm):
@@ -294,6 +297,16 @@ async def test_pump_alarm(sim: PumpChainSim, world: StationWorld) -> None:
         world.faults.clear("pump-alarm")
         assert await green.status() is PumpStatus.STOPPED
         await green.set_rate(1.0)
+        assert (await green.read())["alarmed"] is False
+        # on_run: a motor that stalls as it starts: answers normally until the RUN
+        world.faults.inject("pump-alarm", pump="green", code="S", on_run=True)
+        assert await green.status() is PumpStatus.STOPPED
+        with pytest.raises(DeviceAlarm):
+            await green.dispense(0.1, 1.0)
+        assert world.pumps[1].phase == "stopped" and world.pumps[1].alarm == "S"
+        assert (await green.read())["alarmed"] is True  # and from then on, until cleared
+        world.faults.clear("pump-alarm")
+        assert (await green.read())["alarmed"] is False
 
 
 async def test_no_reply_times_out_after_bounded_retries(

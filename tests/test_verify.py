@@ -40,11 +40,19 @@ def calibration() -> Calibration:
     return fit_calibration(samples)
 
 
-def measured(volume_ml: float, lab: tuple[float, float, float] | None = None) -> dict[str, Any]:
-    """What the instruments report: the pumps' volumes and the colour sensor's Lab."""
+#: the proposal's values the checks compare with (the commanded setpoint)
+INPUTS = {"temperature_c": 50.0}
+
+
+def measured(
+    volume_ml: float, lab: tuple[float, float, float] | None = None, liquid_c: float = 47.5
+) -> dict[str, Any]:
+    """What the instruments report: the pumps' volumes, the colour sensor's Lab, the liquid's
+    temperature at the end of the hold (2.5 degC below the commanded 50: a normal run)."""
     return {
         "dispensed_ml": {"red": volume_ml * 0.6, "green": 0.0, "blue": volume_ml * 0.4},
         "lab": list(lab if lab is not None else linear_to_lab(TRANS)),
+        "liquid_c": liquid_c,
     }
 
 
@@ -67,6 +75,7 @@ def check(
     return run_checks(
         CHECKS if checks is None else checks,
         measurements=measurements,
+        inputs=INPUTS,
         images={"outcome": image, "reference": reference},
         # as a set-up recipe keeps it: plain data
         setup={"calibration": calibration.to_dict()} if calibration is not None else {},
@@ -82,6 +91,34 @@ def test_agreement_is_verified(calibration: Calibration) -> None:
     assert v.checks["colour"]["ok"] and v.checks["colour"]["value"] < 2.0
     assert v.checks["scene"]["ok"] is True
     assert v.analysis is not None and v.analysis["camera"]["analysis"]["status"] == "ok"
+
+
+def test_a_liquid_that_never_reached_the_setpoint_is_not_verified(
+    calibration: Calibration,
+) -> None:
+    """issue 12: the hotplate's watchdog switched heating off mid-run; the liquid ended 20 degC
+    below the commanded 50 degC. Every camera check agrees with the instruments, yet the result
+    is not verified: commanded and measured disagree."""
+    v = check(outcome(), measured(1.6, liquid_c=30.0), calibration, jpeg(REFERENCE))
+    assert v.verified is False
+    assert [c for c, r in v.checks.items() if r["ok"] is not True] == ["liquid at setpoint"]
+    (reason,) = v.reasons
+    assert reason.startswith("liquid at setpoint: liquid_c - temperature_c = -20, not >= -12")
+    assert "liquid_c=30" in reason and "temperature_c=50" in reason
+    # the slowest normal run (75 degC, a 30 s hold: 10.1 degC behind, simulated) verifies
+    late = check(outcome(), measured(1.6, liquid_c=64.9), calibration, jpeg(REFERENCE), checks=None)
+    assert late.verified is False  # 64.9 is for 75 degC: against the 50 commanded here it is hot
+    ok = run_checks(
+        CHECKS,
+        measurements=measured(1.6, liquid_c=64.9),
+        inputs={"temperature_c": 75.0},
+        images={"outcome": outcome(), "reference": jpeg(REFERENCE)},
+        setup={"calibration": calibration.to_dict()},
+    )
+    assert ok.verified is True, ok.reasons
+    # no liquid temperature at all (a probe fault): cannot verify, never verified
+    gone = check(outcome(), {**measured(1.6), "liquid_c": None}, calibration, jpeg(REFERENCE))
+    assert gone.verified is False and gone.reasons[0].startswith("cannot verify liquid at setpoint")
 
 
 def test_a_pump_that_under_delivers_is_caught(calibration: Calibration) -> None:

@@ -36,7 +36,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
 
-from instruments.declare import ACTUATE, READ, SAFER, Call, Param, Set, declare
+from instruments.declare import ACTUATE, READ, SAFER, Call, Fault, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent
 from instruments.errors import (
     BalanceError,
@@ -120,10 +120,27 @@ class Balance(Driver):
     ``tared`` are the channels they set), so an envelope can bound them with
     rules. Safe state: the balance moves and heats nothing; its safe state is
     a quiet line (:meth:`stop_stream`).
+
+    Device faults (``faults``), at any time: ``overload`` and ``underload``
+    (``SI`` answers ``S +`` / ``S -``): the pan carries more than the balance
+    weighs, or less than nothing (a load put on it, the pan lifted, the vessel
+    knocked off): the balance no longer weighs what is on it, so it witnesses
+    nothing, and liquid dispensed now may go where no vessel is.
     """
 
     kind: ClassVar[str] = "balance"
     safe_state_calls = (Call("stop_stream"),)
+    faults = {
+        "overload": Fault(
+            "overload",
+            "the balance is overloaded (S +): more is on the pan than it weighs; it no longer "
+            "weighs what the bench put there",
+        ),
+        "underload": Fault(
+            "underload",
+            "the balance is underloaded (S -): the pan is lifted or the vessel is off it",
+        ),
+    }
     #: most stream lines dropped while a stream is being stopped (about 10 a second)
     MAX_STOP_LINES: ClassVar[int] = 200
     ATTEMPTS: ClassVar[int] = 3
@@ -310,10 +327,30 @@ class Balance(Driver):
     @declare(READ)
     async def read(self) -> dict[str, Any]:
         """``SI`` and ``TA``: weight (g), whether it is stable, the tare (g) and whether one is
-        in use (``tared``: the measured value of the channel tare / clear_tare set)."""
-        now = await self.weight_now()
+        in use (``tared``: the measured value of the channel tare / clear_tare set), and
+        ``overload``/``underload`` (False). Over- or underloaded, ``SI`` has no weight: raises
+        :class:`BalanceOverload`/:class:`BalanceUnderload` whose ``reading`` says which
+        (``weight_g`` None) for a supervisor."""
+        try:
+            now = await self.weight_now()
+        except (BalanceOverload, BalanceUnderload) as exc:
+            over = isinstance(exc, BalanceOverload)
+            exc.reading = {
+                "weight_g": None,
+                "stable": False,
+                "overload": over,
+                "underload": not over,
+            }
+            raise
         tare_g = await self.tare_weight()
-        return {"weight_g": now.value, "stable": now.stable, "tare_g": tare_g, "tared": tare_g != 0}
+        return {
+            "weight_g": now.value,
+            "stable": now.stable,
+            "tare_g": tare_g,
+            "tared": tare_g != 0,
+            "overload": False,
+            "underload": False,
+        }
 
     # ------------------------------------------------------------------ actuations
     @declare(

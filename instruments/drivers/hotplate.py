@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 
-from instruments.declare import ACTUATE, Call, Param, Set, declare
+from instruments.declare import ACTUATE, Call, Fault, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent, run_all
 from instruments.transports.base import Transport
 
@@ -133,6 +133,13 @@ class Hotplate(Driver):
     garbled reply or a lost link. ``read()`` is two multi-register reads
     (FC3 holding 0-4, FC4 input 0-4). ``safe_state()`` writes heater enable 0
     and stirrer enable 0, trying both even if one fails.
+
+    Device faults (``faults``; the station supervisor trips on each, as
+    ``<instrument>.<fault>``): ``watchdog-tripped`` (status bit4 while the guard
+    commands heating or stirring), ``over-temperature`` (bit2 while it commands
+    heating) and ``probe-fault`` (bit3 while it commands heating). The first
+    two need ``confirm``: the device clears its bit at the next enable, which
+    the guard records at once but a reading shows only afterwards.
     """
 
     kind: ClassVar[str] = "hotplate"
@@ -149,6 +156,26 @@ class Hotplate(Driver):
     SETPOINT: ClassVar[Param] = Param(float, "degC", min=MIN_SETPOINT_C, max=DEFAULT_MAX_C, step=0.1)
     RPM: ClassVar[Param] = Param(int, "rpm", min=0, max=MAX_RPM)
     ATTEMPTS: ClassVar[int] = 3
+    faults = {
+        "watchdog-tripped": Fault(
+            "watchdog_tripped and (heater or stirrer)",
+            "the hotplate's own watchdog switched heater and stirrer off (no register write "
+            "for its timeout: labbridge stalled or the link dropped) while heating or stirring "
+            "was commanded: the liquid's thermal history is no longer what was commanded",
+            confirm=True,
+        ),
+        "over-temperature": Fault(
+            "over_temperature and heater",
+            "the hotplate's over-temperature cut-out switched heating off while heating was "
+            "commanded (the plate went above the device maximum): it no longer heats as told",
+            confirm=True,
+        ),
+        "probe-fault": Fault(
+            "probe_fault and heater",
+            "the liquid temperature probe is faulty (open or short circuit) while heating: "
+            "nobody sees the liquid's temperature",
+        ),
+    }
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
-from instruments.declare import ACTUATE, READ, Param, Set, declare
+from instruments.declare import ACTUATE, READ, Fault, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent
 from instruments.drivers.hotplate import _BUS_METHODS, RegisterBus, to_register, to_signed
 from instruments.errors import (
@@ -122,9 +122,21 @@ class PhMeter(Driver):
     the bench, so :meth:`safe_state` sends nothing and ``safe_state_calls``
     is empty. A calibration in progress is not interrupted (the protocol has
     no command for that); its result is checked by the recipe that asked for it.
+
+    Device fault ``not-immersed`` (``faults``): status bit1, whenever it is set. Whether
+    the probe *should* be in liquid is the bench's business: a beaker emptied between
+    experiments legitimately leaves it in the air, so such a bench's envelope narrows the
+    fault to when the beaker must be full (``while:``, docs/safety.md "Device faults").
     """
 
     kind: ClassVar[str] = "ph-meter"
+    faults = {
+        "not-immersed": Fault(
+            "not_immersed",
+            "the pH probe is out of the liquid or its circuit is open (status bit1): no pH "
+            "can be measured",
+        ),
+    }
     DEFAULT_UNIT: ClassVar[int] = 2
     ATTEMPTS: ClassVar[int] = 3
     #: manual compensation temperatures the driver sends, degC (the transmitter's
@@ -259,7 +271,8 @@ class PhMeter(Driver):
     async def read(self) -> dict[str, Any]:
         """pH, temperature (degC), potential (mV), the status bits and the settings.
 
-        Raises :class:`ProbeNotImmersedError` while the probe is not immersed (status bit1).
+        Raises :class:`ProbeNotImmersedError` while the probe is not immersed (status bit1);
+        its ``reading`` has the rest (``ph`` None, ``not_immersed`` True) for a supervisor.
         """
         inp = await self._retry(
             lambda: self.bus.read_input_registers(IR_PH, 4, unit=self.unit, timeout=self.timeout),
@@ -267,15 +280,13 @@ class PhMeter(Driver):
         )
         status = PhStatus.of(inp[IR_STATUS])
         ph = inp[IR_PH] / 1000.0
-        if status.not_immersed:
-            raise ProbeNotImmersedError(self.name, last_ph=ph)
         hold = await self._retry(
             lambda: self.bus.read_holding_registers(
                 HR_COMPENSATION, 3, unit=self.unit, timeout=self.timeout
             ),
             "read holding 0-2",
         )
-        return {
+        reading = {
             "ph": ph,
             "temperature_c": to_signed(inp[IR_TEMPERATURE]) / 10.0,
             "potential_mv": to_signed(inp[IR_POTENTIAL]) / 10.0,
@@ -284,6 +295,11 @@ class PhMeter(Driver):
             "manual_temperature_c": to_signed(hold[HR_MANUAL_TEMPERATURE]) / 10.0,
             "damping_s": hold[HR_DAMPING],
         }
+        if status.not_immersed:
+            error = ProbeNotImmersedError(self.name, last_ph=ph)
+            error.reading = {**reading, "ph": None}  # the flags, not the repeated value
+            raise error
+        return reading
 
     # ------------------------------------------------------------------ commands
     @declare(

@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, Protocol, TypeVar, cast
 
-from instruments.declare import ACTUATE, READ, SAFER, Call, Flow, Param, Set, declare
+from instruments.declare import ACTUATE, READ, SAFER, Call, Fault, Flow, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent, run_all
 from instruments.errors import DeviceAlarm, DeviceRejected, ProtocolError, TransportError
 from instruments.transports.base import Transport
@@ -246,10 +246,25 @@ class SyringePump(Driver):
 
     ``diameter_mm`` is the syringe's inner diameter, set on :meth:`open`;
     ``timeout`` the reply deadline per command (s). Volumes in mL, rates in mL/min.
+
+    Device fault ``alarm`` (``faults``): the pump answers with status ``A`` (``read()``
+    reports ``alarmed`` and the code in ``alarm``), at any time, not only while the guard
+    believes it flows: a pump may report an alarm once, to the next command, and that
+    command is often the supervisor's poll; a stall or a power-cycle reset seen only
+    while idle still means the next run would start from lost settings.
     """
 
     kind: ClassVar[str] = "syringe-pump"
     safe_state_calls = (Call("stop", clear=True),)
+    faults = {
+        "alarm": Fault(
+            "alarmed",
+            "the pump reports an alarm and has stopped its motor (stalled, reset by a power "
+            "interruption: its settings are lost, or a safe-mode communication fault): what it "
+            "delivered is no longer what it was told",
+            show=("alarm",),
+        ),
+    }
 
     def __init__(
         self,
@@ -592,13 +607,14 @@ class SyringePump(Driver):
             await self.set_diameter(self._diameter_wanted)
 
     async def read(self) -> dict[str, Any]:
-        """status, moving, rate_ml_min, volume_ml, direction, infused_ml, withdrawn_ml (alarm:
-        values None)."""
+        """status, moving, alarmed, alarm (the alarm's code letter, None without one),
+        rate_ml_min, volume_ml, direction, infused_ml, withdrawn_ml (in alarm: values None)."""
         status, counters = await self._status_and_dispensed()
         if status is PumpStatus.ALARM or counters is None:
             return {
                 "status": PumpStatus.ALARM.value,
                 "moving": False,  # an alarm stops the motor
+                "alarmed": True,
                 "alarm": self.last_alarm,
                 "rate_ml_min": None,
                 "volume_ml": None,
@@ -609,6 +625,8 @@ class SyringePump(Driver):
         return {
             "status": status.value,
             "moving": status.moving,
+            "alarmed": False,
+            "alarm": None,
             "rate_ml_min": await self.rate(),
             "volume_ml": await self.volume(),
             "direction": await self.direction(),
@@ -625,10 +643,11 @@ class SyringePump(Driver):
 
         def stp(label: str) -> Callable[[], Awaitable[None]]:
             async def action() -> None:
+                known = self.last_alarm
                 try:
                     await self._idempotent("STP", "", self._no_data)
-                except DeviceAlarm as exc:
-                    log.warning(
+                except DeviceAlarm as exc:  # once per alarm: a latched station re-asserts this
+                    (log.debug if exc.code == known else log.warning)(
                         "%s: %s answered with an alarm (motor stopped): %s", self.name, label, exc
                     )
 

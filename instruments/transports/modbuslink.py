@@ -319,6 +319,10 @@ class ModbusLine:
                 self.reset_before_next = True
                 if task.uncancel() > cancelling:
                     raise asyncio.CancelledError  # a cancellation from outside was swallowed too
+            elif task.cancelling() > cancelling:
+                # cancelled from outside as the reply arrived: pymodbus's wait_for returned the
+                # reply and swallowed the cancellation; the caller asked to stop, so stop
+                raise asyncio.CancelledError
             return pdu
 
     @staticmethod
