@@ -625,7 +625,8 @@ async def test_a_watchdog_trip_mid_hold_never_yields_a_verified_result(
                 list(st.instruments),
                 st.envelope_text,
                 clock=clock,
-                supervisor_options=st.supervisor,
+                # the watchdog armed as tight as it was when the issue saw it fire mid-hold
+                supervisor_options={**st.supervisor, "min_feed_interval_s": 0.5},
                 journal=journal,
                 verification={"enabled": True},
             )

@@ -525,7 +525,7 @@ def test_reference_envelope_declares_the_bench_monitors() -> None:
     }
     assert dict(specs["hotplate-reading-stale"].params) == {
         "channel": "hotplate.plate_c",
-        "max_age_s": 2.0,
+        "max_age_s": 3.0,
         "grace_s": 5.0,
     }
     assert dict(specs["enclosure-heartbeat-stale"].params) == {
