@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from loops.journal import Journal
 from loops.recipe import Result, dry_run_recipe, run_recipe
 from loops.stationerrors import StationBusy, StationError, cause_text, portable_error
+from loops.stationledger import step_reservation, unsaved_consumption
 from loops.stationrun import StationRuns, until_tripped
 from loops.steps import Recipe, Step, flatten
 from safety import SafetyError
@@ -68,10 +70,29 @@ class StationRecovery(StationRuns):
         if not report.ok:
             raise SafetyError(f"station {self.name}: {what} refused: {report}")
         self._current = what
+        journal = self._journal
+
+        async def on_step(i: int, step: Step, phase: str, data: dict[str, Any]) -> None:
+            # the budgets' use goes to disk step by step, the step about to act reserved: a
+            # set-up that dispenses is cut by a kill as an experiment is (nothing uncounted)
+            if journal is None:
+                return
+            rows = unsaved_consumption(station.guard.envelope.ledger, self._now, self._speed)
+            reserve = step_reservation(station, step, who, self._now) if phase == "started" else []
+            await journal.call(Journal.record_consumption, self.name, rows, reserve=reserve)
+            self._reserved = bool(reserve)
+
         try:
             return await until_tripped(
                 station,
-                run_recipe(recipe, station, clock_sleep=self._sleep, who=who, clock_now=self._now),
+                run_recipe(
+                    recipe,
+                    station,
+                    clock_sleep=self._sleep,
+                    who=who,
+                    on_step=on_step,
+                    clock_now=self._now,
+                ),
             )
         except Exception as exc:
             reason = f"{what} failed: {cause_text(exc)}"

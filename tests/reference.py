@@ -3,6 +3,7 @@ instrument's driver class (its declared commands), and the layout a dry run chec
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from instruments.drivers.camera import Camera
@@ -29,3 +30,11 @@ DRIVERS: dict[str, Any] = {
 def layout(env: Envelope, drivers: dict[str, Any] = DRIVERS) -> Layout:
     """The station's layout from the driver classes' declarations and the envelope's vessels."""
     return Layout.of(drivers, env.vessels)
+
+
+def relaxed_staleness(envelope_text: str) -> str:
+    """An envelope's text with every staleness/heartbeat limit at 10 s (for tests where a
+    monitor tripping on a starved poll of a loaded 2-core machine is not what is tested)."""
+    text, n = re.subn(r"max_age_s: \d+(?:\.\d+)?\n", "max_age_s: 10\n", envelope_text)
+    assert n, "the envelope has no max_age_s to relax"
+    return text

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reference import relaxed_staleness
 
 from loops.campaign import CampaignRunner
 from loops.journal import AsyncJournal, Journal, StaleOwner
@@ -235,11 +236,9 @@ async def leased_bench(ray: Any, tmp_path: Path) -> AsyncIterator[LeasedBench]:
         station = start_station_actor(
             bench.name,
             [s.as_dict() for s in bench.instruments()],
-            # staleness limits of 10 s, not 2: a monitor tripping on a starved poll while the
+            # staleness limits of 10 s, not 2-3: a monitor tripping on a starved poll while the
             # owner's Ray driver starts on a loaded 2-core machine is not what this tests
-            REFERENCE_BENCH.read_text(encoding="utf-8").replace(
-                "max_age_s: 2\n", "max_age_s: 10\n"
-            ),
+            relaxed_staleness(REFERENCE_BENCH.read_text(encoding="utf-8")),
             clock=spec,
             supervisor_options={
                 "device_time_scale": SPEED,
@@ -476,9 +475,7 @@ async def test_a_second_actor_on_a_bench_waits_until_the_first_lets_it_go(
         monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", lab.bluez.address)
         spec = ClockSpec.of(bench.world.clock.now, 500.0)
         specs = [s.as_dict() for s in bench.instruments()]
-        envelope = REFERENCE_BENCH.read_text(encoding="utf-8").replace(
-            "max_age_s: 2\n", "max_age_s: 10\n"
-        )
+        envelope = relaxed_staleness(REFERENCE_BENCH.read_text(encoding="utf-8"))
 
         def actor(wait_s: float) -> StationActor:
             return StationActor(

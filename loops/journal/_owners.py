@@ -74,14 +74,24 @@ class JournalOwners(JournalConnection):
             )
 
     # ------------------------------------------------------------ consumption
-    def record_consumption(self, station: str, entries: Sequence[Sequence[object]]) -> int:
+    def record_consumption(
+        self,
+        station: str,
+        entries: Sequence[Sequence[object]],
+        *,
+        reserve: Sequence[Sequence[object]] = (),
+    ) -> int:
         """Store what a station's safety budgets consumed: ``entries`` of ``(resource,
         amount, t_clock, t_wall)``; returns how many rows were written. The station's
         open reservation (:meth:`step_started` ``reserve=``) is settled: what it consumed
-        is known now (an empty ``entries`` settles it too)."""
+        is known now (an empty ``entries`` settles it too). ``reserve``: what the step
+        about to act may consume (same entries; a set-up or recovery step, which is not an
+        experiment's step event), counted until the next write settles it."""
         rows = _consumption_rows(station, entries)
         with self._tx() as conn:
-            self._store_consumption(conn, str(station), rows)
+            self._store_consumption(
+                conn, str(station), rows, reserve=_consumption_rows(station, reserve)
+            )
         return len(rows)
 
     def _store_consumption(
