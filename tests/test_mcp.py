@@ -80,11 +80,13 @@ TOOLS = {
 
 
 def relaxed_program(budget: int) -> str:
-    """The colour match without its constraints or target: the safety layer is what refuses."""
+    """The colour match without its cap on the total volume or its target: the safety layer
+    is what refuses an overfill. (Its floor stays: below 0.6 mL the liquid probe is out of
+    the liquid, the hold's temperature check fails and the station trips.)"""
     base = load_program(builtin_program("color-match"))
     prog = dataclasses.replace(
         base,
-        constraints=(),
+        constraints=tuple(c for c in base.constraints if ">=" in c.text),
         budget=dataclasses.replace(base.budget, experiments=budget),
         stop=dataclasses.replace(base.stop, target=None, no_improvement=None),
         initial_points=1,
