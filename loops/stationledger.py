@@ -55,7 +55,10 @@ async def restore_consumption(
 ) -> int:
     """Load ``station``'s consumption of the last budget window from the journal into
     ``ledger`` (times moved onto the ledger's clock, whose time is ``now``), and keep
-    new consumption for :func:`save_consumption`. Returns the entries restored."""
+    new consumption for :func:`save_consumption`. A step its predecessor reserved and
+    never finished counts for good (:meth:`Journal.keep_reservations`): the first write
+    of this actor would otherwise settle (drop) it. Returns the entries restored."""
+    await journal.call(Journal.keep_reservations, station)  # a dead predecessor's step
     wall = time.time()
     rows = await journal.call(Journal.consumption, station, wall - Ledger.MAX_WINDOW_S / speed)
     ledger.restore(

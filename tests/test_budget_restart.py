@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,7 @@ def vols_before_runs(bench: Any, since: float) -> list[Any]:
         text = str(r.data).strip()
         if r.real_t <= since or r.note:
             continue
-        if text.startswith("0VOL"):
+        if re.fullmatch(r"0VOL[0-9.]+(ML|UL)", text):
             last = r
         elif text == "0RUN" and last is not None:
             out.append(last)

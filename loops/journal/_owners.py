@@ -94,6 +94,18 @@ class JournalOwners(JournalConnection):
             )
         return len(rows)
 
+    def keep_reservations(self, station: str) -> int:
+        """A new station actor takes the bench: the open reservation of the step its
+        predecessor started and never finished (the owner died) becomes consumption for
+        good, so the new actor's writes (which settle only their own reservations) never
+        drop it. Returns the rows kept."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE consumption SET reserved = 0 WHERE station = ? AND reserved = 1",
+                (str(station),),
+            )
+        return int(cur.rowcount or 0)
+
     def _store_consumption(
         self,
         conn: sqlite3.Connection,
