@@ -53,7 +53,6 @@ import os
 import queue
 import secrets
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,9 @@ from typing import Any
 # sys.path[0] and "import safety" (through bridge) would import that file. Drop the entry.
 _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+_ROOT = os.path.dirname(_HERE)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 import paho.mqtt.client as paho  # noqa: E402
 import ray  # noqa: E402
@@ -73,6 +75,7 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
+from benchmarks.stats import med, pct  # noqa: E402
 from bridge.labconfig import load_lab  # noqa: E402
 from bridge.mqttapi import MqttApi, mqtt_settings  # noqa: E402
 from bridge.service import LabService  # noqa: E402
@@ -86,19 +89,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
 ESTOP_GOAL_MS = 50.0
 SAFE_WIRE_EXPECTED = {"hotplate": 2, "pumps": 8, "enclosure": 1, "color": 1}
-
-
-# --------------------------------------------------------------------- statistics
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1)."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
-
-
-def med(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 def ms(x: float) -> str:

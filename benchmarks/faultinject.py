@@ -30,10 +30,9 @@ from benchmarks.faultlib import (
     budget_check,
     campaign_program,
     colour_benches,
-    med,
-    pct,
     vessel_check,
 )
+from benchmarks.stats import med, pct
 from bridge.campaigns import lab_clock, make_runner, set_up, start_lab_station
 from bridge.labconfig import LabConfig, load_lab
 from bridge.simbench import sim_lab_yaml

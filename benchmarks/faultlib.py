@@ -19,9 +19,8 @@ import asyncio
 import bisect
 import dataclasses
 import math
-import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -62,19 +61,6 @@ def colour_benches(lab: SimulatedLab) -> list[SimulatedBench]:
     if len(benches) != len(lab.stations):
         raise ValueError("benchmarks/faults.py runs on the colour bench only")
     return benches
-
-
-# --------------------------------------------------------------------- statistics
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1); NaN for no values."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
-
-
-def med(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 # --------------------------------------------------------------------- the wire

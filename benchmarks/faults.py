@@ -100,11 +100,11 @@ from benchmarks.faultlib import (  # noqa: E402
     done_results,
     journal_rows,
     lb_folders,
-    pct,
     ray_actor_processes,
     rows_after,
     vessel_check,
 )
+from benchmarks.stats import pct  # noqa: E402
 from loops.stationlease import LEASE_S, POLL_S  # noqa: E402
 from safety.envelope import reference_envelope  # noqa: E402
 

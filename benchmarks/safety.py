@@ -50,11 +50,10 @@ import logging
 import math
 import os
 import random
-import statistics
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +61,12 @@ from typing import Any
 # is sys.path[0], and "import safety" would import this file: drop that entry first.
 _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+_ROOT = os.path.dirname(_HERE)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 import instruments  # noqa: E402
+from benchmarks.stats import med, pct  # noqa: E402
 from instruments.registry import driver_class  # noqa: E402
 from safety.envelope import reference_envelope  # noqa: E402
 from safety.guard import Guard  # noqa: E402
@@ -82,19 +85,6 @@ IEC_CAT0_MS = 200.0
 HOT_LIQUID_C = 90.0
 HOT_PLATE_C = 95.0
 CLEAR_BELOW_C = 75.0  # the liquid-overtemp monitor's hysteresis
-
-
-# --------------------------------------------------------------------- statistics
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1)."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
-
-
-def med(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 @dataclass
