@@ -32,6 +32,8 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
     agents:                           # MCP agents and what they may do (bridge/agents.py,
       alice: {read: "*", propose: [color-*], stations: [bench-a]}   # docs/agents.md)
     agent_tokens: agents.tokens       # their hashed tokens (the default; labbridge agents issue)
+    users: {ana: operator, ben: viewer}   # who logs in to the lab page (bridge/webusers.py)
+    user_passwords: users.passwords   # their scrypt-hashed passwords (labbridge users passwd)
 
 Every error names the file, the line and the field
 (``lab.yaml:14: stations.bench-a.instruments[2].url: ...``). Nothing here
@@ -54,6 +56,7 @@ import yaml
 
 from bridge.agents import AgentsConfig, parse_agents
 from bridge.mqttlink import MAX_PAYLOAD_BYTES, ROOT, ApiSettings
+from bridge.webusers import UsersConfig, parse_users
 from instruments.errors import InstrumentError
 from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
 from safety import check_device_faults, check_instrument, load_envelope
@@ -72,7 +75,7 @@ __all__ = [
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _TOP: tuple[str, ...] = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
-_TOP += ("agents", "agent_tokens")
+_TOP += ("agents", "agent_tokens", "users", "user_passwords")
 _STATION = ("envelope", "instruments", "supervisor", "env", "verification", "setup", "setup_file")
 _VERIFICATION = ("enabled", "max_disagreements")
 _INSTRUMENT = ("name", "kind", "url", "options")
@@ -127,6 +130,8 @@ class LabConfig:
     mqtt: dict[str, Any] = field(default_factory=dict)
     #: the agents (MCP) and their scopes, and where their hashed tokens are
     agents: AgentsConfig = field(default_factory=AgentsConfig)
+    #: the people who log in to the lab page, their roles, and where their hashed passwords are
+    users: UsersConfig = field(default_factory=UsersConfig)
     doc: YamlDoc | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -415,6 +420,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         store = base / store
     mqtt = _mapping(top.get("mqtt") or {}, ("mqtt",), doc, None)
     agents = parse_agents(top.get("agents"), top.get("agent_tokens"), doc, base, list(stations))
+    users = parse_users(top.get("users"), top.get("user_passwords"), doc, base)
     return LabConfig(
         source=name,
         bridge_id=bridge_id,
@@ -427,6 +433,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         env=env,
         mqtt=mqtt,
         agents=agents,
+        users=users,
         doc=doc,
     )
 
