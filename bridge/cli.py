@@ -13,6 +13,7 @@ Commands available now (``labbridge COMMAND --help`` for each):
 * ``estop`` / ``reset`` / ``status``  over MQTT, to a running ``serve``
 * ``mcp``     serve the lab to agents over the Model Context Protocol (docs/agents.md)
 * ``agents``  issue, revoke and list agents' tokens
+* ``users``   set, remove and list the lab page's users' passwords (docs/web.md)
 * ``drivers`` list the registered driver kinds (built-in and from other packages)
 * ``probe``   connect one instrument by kind and URL, print what it is and what it reads
               (the way to check real hardware is wired right)
@@ -31,6 +32,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from bridge.webcli import DEFAULT_WEB, add_web_arguments
 
 # Nothing heavy at import time (Ray, the optimizer, the safety layer, OpenCV load on use):
 # ``labbridge COMMAND --help`` stays fast.
@@ -192,8 +195,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sim.add_argument(
         "--keep-running",
         action="store_true",
-        help="stay up as a simulated lab after the campaign (Ctrl-C to stop)",
+        help=(
+            "stay up as a simulated lab after the campaign, serving the MQTT campaign API and "
+            f"the lab page (at {DEFAULT_WEB} unless --web says otherwise; Ctrl-C to stop)"
+        ),
     )
+    add_web_arguments(sim, optional_address=True)
     sim.add_argument("--ray-address", default=None, help="join this Ray cluster")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -286,6 +293,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     from bridge.agentcli import add_agent_parsers
     from bridge.mqttcli import add_mqtt_client_parsers, add_serve_parser
+    from bridge.webcli import add_user_parsers
 
     for name, what in _HEAVY_PARSERS.items():
         if name != command:
@@ -301,6 +309,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_mqtt_client_parsers(sub)
     add_agent_parsers(sub)
+    add_user_parsers(sub)
 
     sub.add_parser(
         "drivers", help="list registered driver kinds", description="List registered driver kinds."
@@ -389,7 +398,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return int(args.handler(args))  # serve, mcp
     if args.command == "check":
         return _check_command(args)
-    if args.command in ("estop", "reset", "status", "agents"):
+    if args.command in ("estop", "reset", "status", "agents", "users"):
         return int(args.handler(args))
     if args.command == "report":
         from bridge.report import report_command
@@ -519,6 +528,7 @@ def _print_summary(summary: Any, resume_hint: str) -> int:
 def _sim_command(args: argparse.Namespace) -> int:
     import safety
     from bridge.campaigns import StationUnavailable
+    from bridge.httpserve import BindError
     from bridge.simbench import bench_data, known_faults, sim_campaign  # imports the simulators
     from instruments.errors import InstrumentError
     from loops.program import load_program
@@ -531,6 +541,16 @@ def _sim_command(args: argparse.Namespace) -> int:
         )
         return 1
     out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    web = None
+    address = args.web or (DEFAULT_WEB if args.keep_running else None)
+    if address is not None:  # the campaign runs inside a lab service with the lab page
+        from bridge.webcli import web_bind
+
+        try:
+            web = web_bind(address, args.web_tls_cert, args.web_tls_key)
+        except BindError as exc:
+            print(f"labbridge sim: {exc}", file=sys.stderr)
+            return 1
     try:
         program = load_program(args.campaign or bench_data(args.bench).program)
         if (out / "journal.db").exists():
@@ -549,12 +569,15 @@ def _sim_command(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 keep_running=args.keep_running,
                 bench=args.bench,
+                web=web,
+                web_any_port=args.web is None,
             )
         )
     except KeyboardInterrupt:
         print("labbridge sim: interrupted", file=sys.stderr)
         return 130
     except (
+        BindError,
         ConfigError,
         StationUnavailable,
         InstrumentError,

@@ -107,7 +107,7 @@ def _uvicorn_server(config: Any) -> Any:
 
 @contextlib.asynccontextmanager
 async def serve_asgi(
-    make_app: Callable[[str], Any], bind: HttpBind, *, name: str, graceful_s: float = 2.0
+    make_app: Callable[[str], Any], bind: HttpBind, *, name: str, graceful_s: int = 2
 ) -> AsyncIterator[str]:
     """Serve the ASGI app ``make_app(base_url)`` on ``bind`` while the block runs; yields the
     base URL (``http[s]://host:port``; port 0 picks a free one, so the app learns its URL

@@ -545,6 +545,18 @@ def serve_command(args: argparse.Namespace) -> int:
             return 1
         hosted.append(lambda service: mcp_http(service, bind))
         refusals += (McpError,)
+    if getattr(args, "web", None):  # the lab page on the same service (bridge/webapp.py)
+        from bridge.httpserve import BindError
+        from bridge.webapp import lab_page
+        from bridge.webcli import web_bind
+
+        try:
+            web = web_bind(args.web, args.web_tls_cert, args.web_tls_key)
+        except BindError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 1
+        hosted.append(lambda service: lab_page(service, web))
+        refusals += (BindError,)
     try:
         final = asyncio.run(
             serve(
