@@ -58,10 +58,13 @@ from bridge.webevents import PageEvents, plain
 from bridge.webviews import (
     campaign_view,
     channel_words,
+    checks_view,
     history_view,
     latest_frames,
+    measurements_view,
     read_campaign,
     station_limits,
+    steps_view,
 )
 from loops.campaign import CampaignClosed
 
@@ -322,8 +325,19 @@ class LabPage:
         }
         if "outcome" in record["images"]:
             record["images"]["overlay"] = {"url": f"/api/experiments/{exp.id}/overlay.png"}
-        record["channels"] = {
-            k: channel_words(k) for k in ((exp.result or {}).get("measurements") or {})
+        result = exp.result if isinstance(exp.result, dict) else {}
+        verification = result.get("verification") or {}
+        record["view"] = {
+            "steps": steps_view(record),
+            "planned_steps": len((exp.recipe or {}).get("steps") or []),
+            "measurements": measurements_view(result.get("measurements") or {}),
+            "checks": checks_view(verification),
+            "verification_reasons": verification.get("reasons") or [],
+            "transitions": [
+                {"t": t["t"], "state": t["state"], "event": t["event"]}
+                for t in record["log"]
+                if t["event"] == "state"
+            ],
         }
         return JSONResponse(plain(record))
 

@@ -138,7 +138,6 @@ class PageEvents:
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
         """A queue of this page's messages while the block runs (the first is ``hello``)."""
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=QUEUE_SIZE)
-        q.put_nowait({"kind": "hello", "service": self.service.state, "t": time.time()})
         if self._closed:
             q.put_nowait(_CLOSE)
         else:
@@ -211,6 +210,11 @@ class PageEvents:
                 }
                 st["commanded"] = r["commanded"]
                 st["monitors"] = r["monitors"]
+            if st.get("experiment"):  # running experiment N at step k of n
+                with contextlib.suppress(Exception):
+                    exp = await self.service.experiment(str(st["experiment"]))
+                    st["step"] = exp.step
+                    st["steps"] = len((exp.recipe or {}).get("steps") or [])
             out[name] = plain(st)
         return out
 

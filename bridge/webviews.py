@@ -13,7 +13,6 @@ experiment_record`).
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,10 @@ _SUFFIXES: tuple[tuple[str, str, str], ...] = (
     ("_rpm", "speed", "rpm"),
     ("_ml", "volume", "mL"),
     ("_c", "temperature", "°C"),
-    ("_s", "time", "s"),
-    ("_g", "mass", "g"),
-    ("_ph", "pH", ""),
+    ("_ms", "", "ms"),
+    ("_s", "", "s"),
+    ("_mg", "mass", "mg"),
+    ("_percent", "", "%"),
     ("_pct", "", "%"),
 )
 #: objectives the bundled programs use, in words (others: their name in words)
@@ -69,7 +69,8 @@ def channel_words(channel: str) -> dict[str, str]:
     for suffix, quantity, u in _SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
             stem = name[: -len(suffix)].replace("_", " ")
-            label = f"{stem} {quantity}".strip() if quantity else stem
+            repeated = not quantity or stem == quantity or stem.endswith(f" {quantity}")
+            label = stem if repeated else f"{stem} {quantity}"
             unit = u
             break
     else:
@@ -78,8 +79,14 @@ def channel_words(channel: str) -> dict[str, str]:
 
 
 def measure_words(measure: str) -> dict[str, str]:
-    label, unit = MEASURE_WORDS.get(measure, (measure.replace("_", " "), ""))
-    return {"label": label, "unit": unit}
+    """An objective in words: ``label`` and ``unit`` (:data:`MEASURE_WORDS`, else the name
+    read like a channel's) and a ``short`` label for small plots."""
+    if measure in MEASURE_WORDS:
+        label, unit = MEASURE_WORDS[measure]
+    else:
+        words = channel_words(measure)
+        label, unit = words["label"], words["unit"]
+    return {"label": label, "unit": unit, "short": measure}
 
 
 def srgb_hex(lab: Any) -> str | None:
@@ -91,9 +98,6 @@ def srgb_hex(lab: Any) -> str | None:
     except (TypeError, ValueError):
         return None
     return "#" + "".join(f"{round(255 * c):02x}" for c in (r, g, b))
-
-
-_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 def station_limits(service: LabService, station: str) -> dict[str, Any]:
@@ -252,3 +256,141 @@ async def latest_frames(service: LabService, seen: Mapping[str, Any]) -> dict[st
             if not missing:
                 break
     return plain(frames)
+
+
+# --------------------------------------------------------------- experiments
+_HIDDEN = ("image_sha256", "image_bytes", "reference_sha256")
+
+
+def _step_text(step: Mapping[str, Any]) -> str:
+    """A recipe step in a line: ``red.dispense(volume_ml=0.35, rate_ml_min=5)``."""
+    kind = step.get("kind")
+    args = step.get("args") or {}
+    shown = ", ".join(f"{k}={_short(v)}" for k, v in args.items())
+    if kind == "call":
+        text = f"{step.get('instrument')}.{step.get('command')}({shown})"
+        return text + (f" into {step['into']}" if step.get("into") else "")
+    if kind == "wait":
+        return f"wait until {step.get('condition')}"
+    if kind == "capture":
+        return f"camera frame: {step.get('role')}"
+    if kind == "read":
+        return "read " + ", ".join(f"{k} = {v}" for k, v in (step.get("into") or {}).items())
+    if kind == "hold":
+        return f"hold {_short(step.get('seconds') or step.get('s'))} s"
+    if kind == "ramp":
+        return f"ramp {step.get('instrument')}.{step.get('command')} to {_short(step.get('to'))}"
+    return ", ".join(f"{k}={_short(v)}" for k, v in step.items() if k != "kind") or str(kind)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+def measurements_view(measurements: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """An experiment's measurements as rows in words: label, value (text) and unit."""
+    rows = []
+    for key, value in measurements.items():
+        if key in _HIDDEN:
+            continue
+        if key == "lab" and isinstance(value, list) and len(value) == 3:
+            rows.append(
+                {
+                    "label": "measured colour (CIELAB L*, a*, b*)",
+                    "value": ", ".join(_short(v) for v in value),
+                    "unit": "",
+                    "colour": srgb_hex(value),
+                }
+            )
+            continue
+        words = MEASURE_WORDS.get(key)
+        label, unit = words if words else (channel_words(key)["label"], channel_words(key)["unit"])
+        text = (
+            ", ".join(f"{k} {_short(v)}" for k, v in value.items())
+            if isinstance(value, Mapping)
+            else _short(value)
+        )
+        rows.append({"label": label, "value": text, "unit": unit})
+    return rows
+
+
+def checks_view(verification: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The verification's checks in words: passed, the value against its bound, the values
+    compared (the camera's and the instruments')."""
+    rows = []
+    for name, check in (verification.get("checks") or {}).items():
+        if not isinstance(check, Mapping):
+            continue
+        bounds = []
+        if check.get("within") is not None:
+            bounds.append(f"within ±{_short(check['within'])}")
+        if check.get("min") is not None:
+            bounds.append(f">= {_short(check['min'])}")
+        if check.get("max") is not None:
+            bounds.append(f"<= {_short(check['max'])}")
+        compared = "; ".join(f"{k} = {_short(v)}" for k, v in (check.get("values") or {}).items())
+        rows.append(
+            {
+                "check": name,
+                "ok": check.get("ok"),
+                "value": _short(check.get("value")),
+                "bound": ", ".join(bounds),
+                "compared": compared,
+            }
+        )
+    return rows
+
+
+def steps_view(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The recipe's steps with when each started and ended, how long it took (the lab's
+    clock: simulated seconds on a simulated bench), what it returned and the safety
+    verdicts of its commands (matched by time)."""
+    recipe = record.get("recipe") if isinstance(record.get("recipe"), Mapping) else {}
+    planned = list((recipe or {}).get("steps") or [])
+    steps: dict[int, dict[str, Any]] = {}
+    for t in record.get("log") or []:
+        k, data = t.get("step"), t.get("data") or {}
+        if not isinstance(k, int):
+            continue
+        row = steps.setdefault(
+            k,
+            {
+                "index": k,
+                "text": _step_text(planned[k]) if k < len(planned) else "",
+                "verdicts": [],
+            },
+        )
+        if t.get("event") == "step_started":
+            row["started"] = t.get("t")
+            if isinstance(data.get("step"), Mapping):
+                row["text"] = _step_text(data["step"])
+        elif t.get("event") in ("step_done", "step_failed"):
+            row["ended"] = t.get("t")
+            out = data.get("data") if isinstance(data.get("data"), Mapping) else {}
+            row["duration_s"] = out.get("duration_s")
+            row["result"] = ", ".join(
+                f"{k} = {_short(v)}"
+                for k, v in out.items()
+                if k != "duration_s" and k not in _HIDDEN
+            )
+            if t.get("event") == "step_failed" or data.get("error"):
+                row["error"] = str(data.get("error") or data.get("reason") or "failed")
+    ordered = [steps[k] for k in sorted(steps)]
+    for v in record.get("verdicts") or []:
+        t = v.get("t") or 0.0
+        for row in ordered:
+            if row.get("started", float("inf")) <= t <= row.get("ended", float("inf")):
+                row["verdicts"].append(v)
+                break
+    for row in ordered:
+        vs = row.pop("verdicts")
+        refused = [f"{v.get('rule') or '?'}: {v.get('reason')}" for v in vs if not v.get("allowed")]
+        row["allowed"] = sum(1 for v in vs if v.get("allowed"))
+        row["refused"] = refused
+    return ordered

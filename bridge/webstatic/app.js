@@ -52,7 +52,7 @@ function table(headers, rows, onRow) {
   return h("table", {},
     h("thead", {}, h("tr", {}, headers.map((x) => h("th", { text: x })))),
     h("tbody", {}, rows.map((r) => {
-      const tr = h("tr", { class: r.cls || (onRow ? "clickable" : null) },
+      const tr = h("tr", { class: r.cls || (onRow ? "clickable" : null), ...(r.attrs || {}) },
         r.cells.map((c) => (c instanceof Node ? h("td", {}, c) : h("td", { class: typeof c === "number" ? "num" : null, text: num(c) }))));
       if (onRow && r.href) tr.addEventListener("click", (e) => { if (e.target.tagName !== "A") location.hash = r.href; });
       return tr;
@@ -295,7 +295,8 @@ function stationState(name, st) {
   if (st.tripped) return ["tripped", `TRIPPED: ${(st.trip && st.trip.reason) || "latched"}`];
   if (st.busy || st.experiment) {
     const c = st.campaign ? ` (campaign ${st.campaign})` : "";
-    return ["running", `running experiment ${st.experiment || "?"}${c}`];
+    const step = typeof st.step === "number" && st.steps ? ` at step ${st.step + 1} of ${st.steps}` : "";
+    return ["running", `running experiment ${st.experiment || "?"}${step}${c}`];
   }
   if (st.campaign) {
     const camp = S.lab.campaigns[st.campaign];
@@ -326,27 +327,37 @@ function stationCard(name, st, lab) {
   const [cls, text] = stationState(name, st);
   const limits = (lab.limits[name] || {}).limits || {};
   const words = (ch) => lab.channels[ch] || { label: ch, unit: "" };
-  const rows = Object.entries(st.measured || {}).sort().map(([ch, r]) => ({
-    cells: [words(ch).label, typeof r.value === "number" ? r.value : num(r.value), words(ch).unit,
-      `${num(r.age_s, 2)} s ago`, limits[ch] ? limits[ch].how : ""],
-  }));
+  const byInstrument = {};
+  for (const [ch, r] of Object.entries(st.measured || {})) {
+    const inst = ch.split(".")[0];
+    (byInstrument[inst] = byInstrument[inst] || []).push([ch, r]);
+  }
+  const groups = Object.keys(byInstrument).sort().map((inst) => {
+    const rows = byInstrument[inst].sort().map(([ch, r]) => ({
+      cells: [words(ch).label.replace(`${inst}: `, ""), typeof r.value === "number" ? r.value : num(r.value), words(ch).unit, limits[ch] ? limits[ch].how : ""],
+    }));
+    const age = Math.min(...byInstrument[inst].map(([, r]) => r.age_s));
+    return h("div", { class: "instrument", "data-instrument": inst },
+      h("h4", {}, inst, h("span", { class: "muted", text: ` measured ${num(age, 2)} s ago` })),
+      table(["quantity", "value", "unit", "envelope limit"], rows));
+  });
   const commanded = Object.entries(st.commanded || {}).sort().map(([ch, v]) => ({
     cells: [words(ch).label, typeof v === "number" ? v : num(v), words(ch).unit, limits[ch] ? limits[ch].how : ""],
   }));
   const monitors = Object.entries(st.monitors || {});
   return h("div", { class: `card ${cls === "tripped" ? "tripped" : ""}`, "data-station": name },
     h("h2", {}, `Station ${name} `, h("span", { class: `state ${cls}`, text: text })),
-    st.trip && st.tripped ? h("p", { class: "muted", text: `tripped at ${when(st.trip.t)} by ${st.trip.who || st.trip.monitor || "a monitor"}` }) : null,
+    st.trip && st.tripped ? h("p", { class: "muted", text: `tripped at ${when(st.trip.t)}${st.trip.who ? ` by ${st.trip.who}` : ""}` }) : null,
+    resetForm(name, st),
     h("h3", { text: "Live readings" }),
-    rows.length ? table(["quantity", "value", "unit", "measured", "envelope limit"], rows)
-      : h("p", { class: "muted", text: st.readings_error || "no readings yet" }),
+    groups.length ? h("div", { class: "instruments" }, groups) : h("p", { class: "muted", text: st.readings_error || "no readings yet" }),
     commanded.length ? h("details", {}, h("summary", { text: "Commanded targets" }),
       table(["quantity", "target", "unit", "envelope limit"], commanded)) : null,
     h("details", {}, h("summary", { text: "Envelope: limits, rules and monitors" }),
       table(["quantity", "unit", "limit"], Object.values(limits).map((l) => ({ cells: [l.label, l.unit, l.how] }))),
       h("ul", {}, ((lab.limits[name] || {}).rules || []).map((r) => h("li", {}, h("b", { text: r.name }), `: ${r.rule}`, r.why ? ` (${r.why})` : ""))),
-      monitors.length ? h("ul", {}, monitors.map(([m, s]) => h("li", { text: `monitor ${m}: ${typeof s === "object" ? JSON.stringify(s) : s}` }))) : null),
-    resetForm(name, st));
+      h("ul", {}, ((lab.limits[name] || {}).monitors || []).map((m) => h("li", {}, h("b", { text: m.name }), ` (${m.kind}): ${m.watches}`, m.doc ? ` — ${m.doc}` : ""))),
+      monitors.length ? table(["monitor", "now"], monitors.map(([m, v]) => ({ cells: [m, typeof v === "object" ? JSON.stringify(v) : v] }))) : null));
 }
 
 function resetForm(name, st) {
@@ -398,7 +409,7 @@ function campaignView(c) {
     h("h3", { text: `Refused (${refused.length})` }),
     refused.length ? table(["experiment", "proposed by", "why refused"], refused.slice(-20).reverse().map((e) => ({ href: `#/experiment/${e.experiment_id}`, cells: [expLink(e.experiment_id), e.proposer || "", e.reason || ""] })), true) : h("p", { class: "muted", text: "no proposal refused" }),
     h("h2", { text: "Experiments" }),
-    experimentsTable(c, objLabel));
+    h("div", { id: "experiments" }, experimentsTable(c, objLabel)));
 }
 
 function controls(c) {
@@ -440,6 +451,7 @@ function bestView(c, best, objLabel) {
 function experimentsTable(c, objLabel) {
   const rows = c.experiments.slice().reverse().map((e) => ({
     href: `#/experiment/${e.experiment_id}`,
+    attrs: { "data-experiment": e.experiment_id, "data-state": e.state },
     cls: S.fresh.has(e.experiment_id) ? "clickable new" : "clickable",
     cells: [expLink(e.experiment_id), e.state, e.station || "", e.proposer || "",
       ...c.parameters.map((p) => (e.params || {})[p.name]),
@@ -532,52 +544,50 @@ function parameterPlots(c, objLabel) {
   return h("div", { class: "panels" }, c.parameters.map((p) => scatter({
     points: done.map((e) => ({ x: Number(e.params[p.name]), y: e.objective, cls: dotClass(e, false), r: 3.5, href: `#/experiment/${e.experiment_id}`, title: `${e.experiment_id}: ${p.name}=${num(e.params[p.name])}` })),
     x: { label: paramLabel(p), lo: p.low !== null ? p.low : Math.min(...done.map((e) => e.params[p.name])), hi: p.high !== null ? p.high : Math.max(...done.map((e) => e.params[p.name])) },
-    y: { label: objLabel }, width: 300, height: 220, target: c.objective.target,
+    y: { label: c.objective.short }, width: 300, height: 220, target: c.objective.target,
   })));
 }
 
 // ------------------------------------------------------------------ experiment
 async function experimentView(eid) {
   const r = await api(`/api/experiments/${encodeURIComponent(eid)}`);
-  const result = r.result || {};
-  const ms = result.measurements || {};
-  const words = (k) => r.channels[k] || { label: k, unit: "" };
-  const verification = result.verification || {};
-  const checks = verification.checks || {};
+  const v = r.view;
   const frames = Object.entries({ reference: "before: the scene before anything was poured", outcome: "after: the outcome", overlay: "after, with what the camera measured" })
-    .filter(([role]) => r.images[role]).map(([role, text]) => h("figure", {}, h("a", { href: r.images[role].url, target: "_blank" }, h("img", { src: r.images[role].url, alt: text })), h("figcaption", { text })));
-  const steps = r.log.map((t) => ({ cells: [clock(t.t), t.step === null || t.step === undefined ? "" : t.step, t.event, t.state || "", stepText(t)] }));
+    .filter(([role]) => r.images[role]).map(([role, text]) => h("figure", { "data-role": role }, h("a", { href: r.images[role].url, target: "_blank" }, h("img", { src: r.images[role].url, alt: text })), h("figcaption", { text })));
+  const verified = r.verified === true ? "verified" : r.verified === false ? "UNVERIFIED" : "not checked";
   return h("div", {},
     h("h1", {}, `Experiment ${r.experiment_id} `, h("span", { class: `state ${r.state}`, text: r.state })),
     h("p", {}, "Campaign ", link(`#/campaign/${r.campaign_id}`, r.campaign_id), r.station ? ` · station ${r.station}` : "", ` · proposed by ${r.proposer}`,
-      r.objective !== null && r.objective !== undefined ? ` · objective ${num(r.objective)}` : "",
-      ` · ${r.verified === true ? "verified" : r.verified === false ? "UNVERIFIED" : "not checked"}`),
+      r.objective !== null && r.objective !== undefined ? ` · objective ${num(r.objective)}` : "", ` · ${verified}`),
     r.reason ? h("p", { class: r.state === "done" ? "muted" : "bad", text: r.reason }) : null,
     h("h2", { text: "Parameters" }),
-    table(["parameter", "value"], Object.entries(r.params || {}).map(([k, v]) => ({ cells: [k.replace(/_/g, " "), v] }))),
+    table(["parameter", "value"], Object.entries(r.params || {}).map(([k, val]) => ({ cells: [k.replace(/_/g, " "), val] }))),
     h("h2", { text: "Measurements" }),
-    Object.keys(ms).length ? table(["measurement", "value", "unit"], Object.entries(ms).map(([k, v]) => ({ cells: [words(k).label, Array.isArray(v) ? v.map((x) => num(x)).join(", ") : v, words(k).unit] }))) : h("p", { class: "muted", text: "none" }),
-    h("h2", { text: "Verification" }),
-    Object.keys(checks).length ? table(["check", "passed", "detail"], Object.entries(checks).map(([k, v]) => ({ cells: [k.replace(/_/g, " "), typeof v === "object" ? (v.ok === undefined ? "" : v.ok ? "yes" : "NO") : v, typeof v === "object" ? JSON.stringify(v) : ""] })))
-      : h("p", { class: "muted", text: verification.verified === undefined ? "not verified (no camera check)" : JSON.stringify(verification) }),
+    v.measurements.length ? table(["measurement", "value", "unit"], v.measurements.map((m) => ({ cells: [m.label, m.colour ? h("span", {}, swatch(m.colour, m.label), m.value) : m.value, m.unit] })))
+      : h("p", { class: "muted", text: "none" }),
+    h("h2", { text: `Verification: ${verified}` }),
+    v.verification_reasons.length ? h("ul", {}, v.verification_reasons.map((x) => h("li", { class: "bad", text: x }))) : null,
+    v.checks.length ? table(["check", "passed", "value", "bound", "compared"], v.checks.map((c) => ({ cls: c.ok === false ? "bad" : null, cells: [c.check, c.ok === true ? "yes" : c.ok === false ? "NO" : "", c.value, c.bound, c.compared] })))
+      : h("p", { class: "muted", text: "no checks recorded" }),
     h("h3", { text: "Camera frames" }),
     frames.length ? h("div", { class: "frames" }, frames) : h("p", { class: "muted", text: "no frames" }),
-    h("h2", { text: "Steps" }),
-    table(["time", "step", "event", "state", "detail"], steps),
-    r.verdicts.length ? h("div", {}, h("h2", { text: "Safety verdicts" }),
-      table(["time", "command", "allowed", "rule", "reason"], r.verdicts.map((v) => ({ cls: v.allowed ? null : "bad", cells: [clock(v.t), commandText(v.command), v.allowed ? "yes" : "REFUSED", v.rule || "", v.reason || ""] })))) : null,
-    h("details", {}, h("summary", { text: "The journal's record" }), h("pre", { text: JSON.stringify(r, null, 2) })));
-}
-function stepText(t) {
-  const d = t.data || {};
-  const parts = [];
-  for (const k of ["description", "call", "reason", "error"]) if (d[k]) parts.push(typeof d[k] === "string" ? d[k] : JSON.stringify(d[k]));
-  return parts.join("; ") || (Object.keys(d).length ? JSON.stringify(d).slice(0, 200) : "");
+    h("h2", { text: `Steps (${v.steps.length} of ${v.planned_steps} run)` }),
+    table(["#", "started", "ended", "step", "took (lab clock, s)", "safety", "returned"], v.steps.map((st) => ({
+      cls: st.refused.length || st.error ? "bad" : null,
+      cells: [st.index + 1, clock(st.started), clock(st.ended), st.text, st.duration_s === undefined ? "" : Number(st.duration_s.toFixed(2)),
+        st.refused.length ? `REFUSED: ${st.refused.join("; ")}` : `${st.allowed} allowed`, st.error || st.result || ""],
+    }))),
+    h("h2", { text: "Journal" }),
+    table(["time", "state"], v.transitions.map((t) => ({ cells: [when(t.t), t.state] }))),
+    h("details", {}, h("summary", { text: `Safety verdicts (${r.verdicts.length})` }),
+      table(["time", "command", "allowed", "rule", "reason"], r.verdicts.map((x) => ({ cls: x.allowed ? null : "bad", cells: [clock(x.t), commandText(x.command), x.allowed ? "yes" : "REFUSED", x.rule || "", x.reason || ""] })))),
+    h("details", {}, h("summary", { text: "The journal's record" }), h("pre", { text: JSON.stringify({ ...r, view: undefined }, null, 2) })));
 }
 function commandText(c) {
   if (!c) return "";
   if (typeof c === "string") return c;
-  return c.description || `${c.instrument || ""}.${c.command || ""}`;
+  const args = Object.entries(c.params || {}).map(([k, v]) => `${k}=${num(v)}`).join(", ");
+  return `${c.instrument || ""}.${c.action || c.command || ""}(${args})`;
 }
 
 // --------------------------------------------------------------------- cameras
