@@ -14,15 +14,13 @@ so, and it reconnects when the server is back.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
-from test_mqtt_api import actuations, full_storm, safe_state_storm, small_program
+from test_mqtt_api import actuations, full_storm, safe_state_storm, small_program, until
 from webtesting import PASSWORDS, browser, shot, web_lab
 
 #: how long the page may take to show something the lab did (generous: a loaded 2-core CI)
@@ -57,9 +55,11 @@ async def test_the_page_shows_a_campaign_live_and_drills_down_to_its_camera_fram
         # --- a campaign starts (as a LIMS would start it over MQTT): the page follows it
         finished: dict[str, float] = {}
         web.service.add_listener(
-            lambda e: finished.setdefault(str(e["experiment_id"]), time.monotonic())
-            if e.get("event") == "finished"
-            else None
+            lambda e: (
+                finished.setdefault(str(e["experiment_id"]), time.monotonic())
+                if e.get("event") == "finished"
+                else None
+            )
         )
         started = await web.service.start_campaign("web-1", small_program(3), who="lims")
         assert started.accepted, started
@@ -69,7 +69,9 @@ async def test_the_page_shows_a_campaign_live_and_drills_down_to_its_camera_fram
         first = await _visible(page, "#experiments tr[data-state=done]", 90_000)
         eid1 = await first.get_attribute("data-experiment")
         # the next result appears without a reload; time from the result to its row
-        await _visible(page, f"#experiments tr[data-state=done]:not([data-experiment='{eid1}'])", 90_000)
+        await _visible(
+            page, f"#experiments tr[data-state=done]:not([data-experiment='{eid1}'])", 90_000
+        )
         seen = time.monotonic()
         rows = await page.query_selector_all("#experiments tr[data-state=done]")
         newest = await rows[0].get_attribute("data-experiment")
@@ -162,7 +164,11 @@ async def test_acting_needs_an_operator_an_estop_trips_the_bench_and_the_page_re
             assert cookie
         assert web.service.estops == [] and "web-2" in web.service.campaigns
         assert web.service.campaign_status("web-2")["state"] == "running"
-        assert not [a for a in actuations(web.sim, since=t0) if a[0] == "hotplate" and a[1].get("values") == [0]]
+        assert not [
+            a
+            for a in actuations(web.sim, since=t0)
+            if a[0] == "hotplate" and a[1].get("values") == [0]
+        ]
         # --- the operator logs in on the page and pauses, then resumes the campaign
         await page.click("#login-open")
         await page.fill("#login input[name=user]", "ana")
@@ -180,19 +186,18 @@ async def test_acting_needs_an_operator_an_estop_trips_the_bench_and_the_page_re
         await page.click("#estop")
         await page.click("#estop")
         await _visible(page, "#notice:has-text('E-stop by ana')")
-        storm: dict[str, int] = {}
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(10):
-                while not full_storm(storm := safe_state_storm(web.sim, t_estop)):
-                    await asyncio.sleep(0.05)
-        assert full_storm(storm), storm
+        await until(
+            lambda: full_storm(safe_state_storm(web.sim, t_estop)), 10, "the safe state on the wire"
+        )
         assert web.service.estops[-1]["who"] == "ana"
         assert web.service.estops[-1]["campaigns_aborted"] == ["web-2"]
         await page.goto(web.url + "#/lab")
         await _visible(page, "[data-station=bench-a] .state.tripped")
         await shot(page, tmp_path, "web-tripped.png")
         # --- reset with who and why, from the station's card
-        await page.fill("[data-station=bench-a] input[name=why]", "checked the bench after the drill")
+        await page.fill(
+            "[data-station=bench-a] input[name=why]", "checked the bench after the drill"
+        )
         await page.click("[data-station=bench-a] button:has-text('Reset bench-a')")
         await _visible(page, "#notice:has-text('Station bench-a reset by ana')", 60_000)
         status = await web.service.status()
