@@ -62,6 +62,7 @@ from bridge.webviews import (
     history_view,
     latest_frames,
     measurements_view,
+    parameter_rows,
     read_campaign,
     station_limits,
     steps_view,
@@ -325,9 +326,11 @@ class LabPage:
         }
         if "outcome" in record["images"]:
             record["images"]["overlay"] = {"url": f"/api/experiments/{exp.id}/overlay.png"}
+        data = await asyncio.to_thread(read_campaign, self.service.lab.store, exp.campaign_id)
         result = exp.result if isinstance(exp.result, dict) else {}
         verification = result.get("verification") or {}
         record["view"] = {
+            "parameters": parameter_rows(self.service, data),
             "steps": steps_view(record),
             "planned_steps": len((exp.recipe or {}).get("steps") or []),
             "measurements": measurements_view(result.get("measurements") or {}),

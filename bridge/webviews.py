@@ -13,6 +13,7 @@ experiment_record`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from bridge.service import LabService
 from bridge.webevents import plain
 from instruments.colour import lab_to_srgb
 from loops.journal import Experiment
+from loops.program import load_program
 
 __all__ = [
     "MEASURE_WORDS",
@@ -166,6 +168,27 @@ def _best(data: ReportData) -> Experiment | None:
     return best_result(data)
 
 
+def parameter_rows(service: LabService, data: ReportData) -> list[dict[str, Any]]:
+    """The campaign's parameters in words: the program's ``doc`` (else the name), the unit
+    and the bounds."""
+    handle = service.campaigns.get(data.campaign.id)
+    docs = {p.name: p.doc for p in handle.program.parameters} if handle is not None else {}
+    if handle is None:
+        with contextlib.suppress(Exception):  # an old or foreign program: names will do
+            program = load_program(data.campaign.program)
+            docs = {p.name: p.doc for p in program.parameters}
+    return [
+        {
+            "name": p.name,
+            "label": docs.get(p.name) or p.name.replace("_", " "),
+            "unit": unit_words(p.unit),
+            "low": p.low,
+            "high": p.high,
+        }
+        for p in data.params
+    ]
+
+
 def campaign_view(service: LabService, data: ReportData) -> dict[str, Any]:
     """A campaign for the page: its state, program (parameters and objective in words),
     progress, best verified result and every experiment (the queue among them)."""
@@ -174,19 +197,7 @@ def campaign_view(service: LabService, data: ReportData) -> dict[str, Any]:
     status = handle.status() if handle is not None else None
     best = _best(data)
     target_lab = list(data.target_lab) if data.target_lab is not None else None
-    params = []
-    program = handle.program if handle is not None else None
-    docs = {p.name: p.doc for p in program.parameters} if program is not None else {}
-    for p in data.params:
-        params.append(
-            {
-                "name": p.name,
-                "label": docs.get(p.name) or p.name.replace("_", " "),
-                "unit": unit_words(p.unit),
-                "low": p.low,
-                "high": p.high,
-            }
-        )
+    params = parameter_rows(service, data)
     rows = [_row(e, data) for e in data.experiments[-MAX_ROWS:]]
     out: dict[str, Any] = {
         "campaign_id": c.id,
@@ -275,7 +286,10 @@ def _step_text(step: Mapping[str, Any]) -> str:
     if kind == "capture":
         return f"camera frame: {step.get('role')}"
     if kind == "read":
-        return "read " + ", ".join(f"{k} = {v}" for k, v in (step.get("into") or {}).items())
+        values = step.get("values") or {}
+        return "read " + ", ".join(f"{k} = {v}" for k, v in values.items())
+    if kind == "compute":
+        return f"{step.get('into')} = {step.get('function')}(...)"
     if kind == "hold":
         return f"hold {_short(step.get('seconds') or step.get('s'))} s"
     if kind == "ramp":
@@ -372,7 +386,8 @@ def steps_view(record: Mapping[str, Any]) -> list[dict[str, Any]]:
                 row["text"] = _step_text(data["step"])
         elif t.get("event") in ("step_done", "step_failed"):
             row["ended"] = t.get("t")
-            out = data.get("data") if isinstance(data.get("data"), Mapping) else {}
+            found = data.get("data")
+            out: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
             row["duration_s"] = out.get("duration_s")
             row["result"] = ", ".join(
                 f"{k} = {_short(v)}"

@@ -14,14 +14,16 @@ so, and it reconnects when the server is back.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
+from docpages import blocks, run_script, strays, write_files
 from test_mqtt_api import actuations, full_storm, safe_state_storm, small_program, until
-from webtesting import PASSWORDS, browser, shot, web_lab
+from webtesting import PASSWORDS, ROOT, browser, shot, web_lab
 
 #: how long the page may take to show something the lab did (generous: a loaded 2-core CI)
 SEEN_MS = 30_000
@@ -215,3 +217,32 @@ async def test_acting_needs_an_operator_an_estop_trips_the_bench_and_the_page_re
 
 def _pw(user: str) -> dict[str, str]:
     return {"password": PASSWORDS[user]}
+
+
+@pytest.mark.timeout(300)
+def test_the_web_page_runs_as_written(ray_session: Any, tmp_path: Path) -> None:
+    page = "web.md"
+    assert not strays(page), strays(page)
+    written = {p.name for p in write_files(page, tmp_path)}
+    assert written == {"users.yaml", "weblab.py"}, written
+    scripts = [b for b in blocks(page) if b.file is None]
+    assert [b.lang for b in scripts] == ["sh", "python"], scripts
+    password = re.search(r"export ANA_PASSWORD='([^']+)'", scripts[0].code)
+    assert password is not None
+    env = {
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "ANA_PASSWORD": password.group(1),
+    }
+    out = [run_script(b, tmp_path, timeout=240, env=env) for b in scripts]
+    assert "password of ana (operator) set, scrypt-hashed" in out[0].stdout, out[0]
+    assert (
+        "ana: operator; password set" in out[0].stdout
+        and "ben: viewer; no password" in out[0].stdout
+    )
+    said = out[1].stdout
+    assert "401 log in to e-stop the lab" in said, said
+    assert "ana operator ['control', 'estop', 'reset']" in said, said
+    assert "e-stop by ana: bench-a tripped" in said, said
+    assert "colour difference to the target (CIEDE2000 ΔE): best" in said, said
+    for image in re.findall(r"\]\((images/[^)]+)\)", (ROOT / "docs" / page).read_text()):
+        assert (ROOT / "docs" / image).is_file(), f"docs/{page} shows {image}, which is missing"

@@ -103,6 +103,7 @@ async def web_lab(tmp_path: Path, stations: int = 1) -> AsyncIterator[WebLab]:
 async def shot(page: Any, folder: Path, name: str) -> Path:
     """A full-page screenshot ``name`` in ``folder`` (and docs/images/, see the module)."""
     path = folder / name
+    await page.add_style_tag(content="header { position: static !important; }")  # one header
     await page.screenshot(path=str(path), full_page=True)
     if os.environ.get("LABBRIDGE_DOCS_SCREENSHOTS") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)

@@ -561,7 +561,7 @@ async function experimentView(eid) {
       r.objective !== null && r.objective !== undefined ? ` · objective ${num(r.objective)}` : "", ` · ${verified}`),
     r.reason ? h("p", { class: r.state === "done" ? "muted" : "bad", text: r.reason }) : null,
     h("h2", { text: "Parameters" }),
-    table(["parameter", "value"], Object.entries(r.params || {}).map(([k, val]) => ({ cells: [k.replace(/_/g, " "), val] }))),
+    table(["parameter", "value"], v.parameters.map((p) => ({ cells: [paramLabel(p), (r.params || {})[p.name]] }))),
     h("h2", { text: "Measurements" }),
     v.measurements.length ? table(["measurement", "value", "unit"], v.measurements.map((m) => ({ cells: [m.label, m.colour ? h("span", {}, swatch(m.colour, m.label), m.value) : m.value, m.unit] })))
       : h("p", { class: "muted", text: "none" }),
