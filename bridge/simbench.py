@@ -242,6 +242,7 @@ async def sim_campaign(
                 keep_running=keep_running,
                 broker_url=broker_url,
                 operator=operator,
+                ray_address=ray_address,
                 progress=progress,
                 fault=fault,
                 after=after,
@@ -279,6 +280,7 @@ async def _served_campaign(
     keep_running: bool,
     broker_url: str | None,
     operator: str,
+    ray_address: str | None,
     progress: bool,
     fault: str | None,
     after: Callable[[RunningSimLab, CampaignSummary], None] | None,
@@ -289,6 +291,7 @@ async def _served_campaign(
     from bridge.campaigns import CampaignProgress
     from bridge.mqttapi import mqtt_settings, serve
     from bridge.webapp import lab_page
+    from loops.raylinks import init_ray
 
     url = broker_url or lab.sim.broker_url
     settings = mqtt_settings(lab.config, url)
@@ -322,10 +325,10 @@ async def _served_campaign(
         if fault:
             lab.inject_fault(fault)
             print(f"fault injected into every station: {fault}", file=sys.stderr)
-        bar = CampaignProgress(program, campaign_id, disable=not progress)
+        bar = CampaignProgress(program, campaign_id) if progress else None
 
         def on_event(event: dict[str, Any]) -> None:
-            if event.get("campaign_id") == campaign_id:
+            if bar is not None and event.get("campaign_id") == campaign_id:
                 bar(event)
 
         remove = service.add_listener(on_event)
@@ -342,7 +345,8 @@ async def _served_campaign(
                 raise RuntimeError(f"campaign {campaign_id}: {handle.reason}")
         finally:
             remove()
-            bar.close(summary)
+            if bar is not None:
+                bar.close(summary)
         if after is not None:
             after(lab, summary)
         if keep_running and not signalled:
@@ -362,12 +366,21 @@ async def _served_campaign(
         task.append(asyncio.create_task(run(service), name=f"sim-campaign-{campaign_id}"))
         task[0].add_done_callback(lambda t: stop.set() if t.exception() else None)
 
+    # Ray's driver installs its own SIGTERM handler in ray.init: start (or join) Ray first
+    init_ray(
+        ray_address or lab.config.ray_address,
+        stations=list(lab.config.stations),
+        local=True,
+        token_file=lab.config.ray_token_file,
+        log_to_driver=False,
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         why = await serve(
             lab.config,
             settings,
+            ray_address=ray_address,
             operator=operator,
             stop=stop,
             handle_signals=False,

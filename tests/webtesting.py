@@ -103,8 +103,10 @@ async def web_lab(tmp_path: Path, stations: int = 1) -> AsyncIterator[WebLab]:
 async def shot(page: Any, folder: Path, name: str) -> Path:
     """A full-page screenshot ``name`` in ``folder`` (and docs/images/, see the module)."""
     path = folder / name
-    await page.add_style_tag(content="header { position: static !important; }")  # one header
+    header = "document.querySelector('header').style.position"
+    await page.evaluate(f"{header} = 'static'")  # one header in a full-page shot
     await page.screenshot(path=str(path), full_page=True)
+    await page.evaluate(f"{header} = ''")
     if os.environ.get("LABBRIDGE_DOCS_SCREENSHOTS") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, DOCS_IMAGES / name)
