@@ -347,7 +347,7 @@ function stationCard(name, st, lab) {
   const monitors = Object.entries(st.monitors || {});
   return h("div", { class: `card ${cls === "tripped" ? "tripped" : ""}`, "data-station": name },
     h("h2", {}, `Station ${name} `, h("span", { class: `state ${cls}`, text: text })),
-    st.trip && st.tripped ? h("p", { class: "muted", text: `tripped at ${when(st.trip.t)}${st.trip.who ? ` by ${st.trip.who}` : ""}` }) : null,
+    st.trip && st.tripped && st.trip.source ? h("p", { class: "muted", text: `what tripped it: ${st.trip.source}; latched until an operator resets it` }) : null,
     resetForm(name, st),
     h("h3", { text: "Live readings" }),
     groups.length ? h("div", { class: "instruments" }, groups) : h("p", { class: "muted", text: st.readings_error || "no readings yet" }),
