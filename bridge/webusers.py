@@ -22,6 +22,7 @@ Checks compare in constant time (:func:`hmac.compare_digest`).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -105,6 +106,12 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, want)
 
 
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash of nothing anyone knows, checked for users without a password."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
 @dataclass(frozen=True)
 class PasswordRecord:
     user: str
@@ -135,10 +142,14 @@ class PasswordStore:
         return dict(self._file.load())
 
     def check(self, user: str, password: str) -> bool:
-        """Whether ``password`` is ``user``'s (False for a user without one). Slow on purpose
-        (scrypt): call it off the event loop."""
+        """Whether ``password`` is ``user``'s (False for a user without one, after the same
+        scrypt work: the time taken does not say who has a password). Slow on purpose:
+        call it off the event loop."""
+        if not 0 < len(password) <= MAX_PASSWORD_CHARS:
+            return False
         record = self.records().get(user)
-        if record is None or not 0 < len(password) <= MAX_PASSWORD_CHARS:
+        if record is None:
+            verify_password(password, _dummy_hash())
             return False
         return verify_password(password, record.scrypt)
 

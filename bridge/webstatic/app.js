@@ -403,6 +403,8 @@ function campaignView(c) {
     convergencePlot(c, objLabel),
     h("h2", { text: "Parameters explored" }),
     parameterPlots(c, objLabel),
+    // Approvals (issue 14) hook: once LabService.approvals()/decide() exist, the proposals
+    // awaiting approval go here, from the hidden <section id="approvals"> of index.html.
     h("h2", { text: "Queue" }),
     h("h3", { text: `In flight (${inFlight.length})` }),
     inFlight.length ? table(["experiment", "state", "station", "proposed by"], inFlight.map((e) => ({ href: `#/experiment/${e.experiment_id}`, cells: [expLink(e.experiment_id), e.state, e.station || "", e.proposer || ""] })), true) : h("p", { class: "muted", text: "nothing running" }),
