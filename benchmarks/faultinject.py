@@ -40,7 +40,7 @@ from loops.campaign import CampaignRunner
 from loops.journal import Journal
 from loops.program import Program
 from loops.raylinks import start_journal_actor
-from safety.envelope import reference_envelope
+from safety.envelopeload import reference_envelope
 from simulators.bench import SimulatedBench, SimulatedLab
 from simulators.benchworld import Faults
 

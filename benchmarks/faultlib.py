@@ -29,7 +29,8 @@ import psutil
 
 from loops.journal import Journal
 from loops.program import Program, load_program
-from safety.envelope import Envelope, Violation
+from safety.envelope import Envelope
+from safety.limits import Violation
 from simulators.bench import PUMP_ADDRESSES, SimulatedBench, SimulatedLab
 
 DYE = ("red", "green", "blue")

@@ -106,7 +106,7 @@ from benchmarks.faultlib import (  # noqa: E402
 )
 from benchmarks.stats import pct  # noqa: E402
 from loops.stationlease import LEASE_S, POLL_S  # noqa: E402
-from safety.envelope import reference_envelope  # noqa: E402
+from safety.envelopeload import reference_envelope  # noqa: E402
 
 ROOT = Path(_ROOT)
 #: after the owner's death its stations stop acting within this (loops/stationlease.py)

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safety.effects import Layout, assess, initial_commanded
-from safety.envelope import Envelope, Ledger
+from safety.envelope import Envelope
+from safety.limits import Ledger
 from safety.model import Command
 
 __all__ = ["DryRunReport", "DryRunViolation", "dry_run"]

@@ -88,7 +88,8 @@ from safety.effects import (
     initial_commanded,
     safe_state_updates,
 )
-from safety.envelope import Envelope, Violation
+from safety.envelope import Envelope
+from safety.limits import Violation
 from safety.model import (
     AuditTrail,
     Command,

@@ -33,7 +33,7 @@ from loops.program import load_program
 from loops.raylinks import ray_links, start_journal_actor, start_station_actor
 from loops.stationlease import LEASE_S, POLL_S, RENEW_S, Lease, LeaseHeld, OwnerLost
 from loops.stations import ClockSpec, LocalStation, ScaledClock, StationActor, StationError
-from safety.envelope import REFERENCE_BENCH
+from safety.envelopeload import REFERENCE_BENCH
 from simulators.bench import SimulatedBench, SimulatedLab
 
 ROOT = Path(__file__).resolve().parents[1]
