@@ -23,6 +23,7 @@ import ray
 
 from benchmarks.faultlib import (
     EXAMPLE,
+    OPERATOR,
     Physics,
     Unsafe,
     audit_journal,
@@ -44,7 +45,6 @@ from safety.envelopeload import reference_envelope
 from simulators.bench import SimulatedBench, SimulatedLab
 from simulators.benchworld import Faults
 
-OPERATOR = "faultbench"
 #: the colour bench's fault kinds (the buffer bench's own are not injected here), plus the
 #: death of the station actor
 KINDS = (
