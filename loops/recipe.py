@@ -134,20 +134,39 @@ def recipe_times(
     )
 
 
-def dry_run_recipe(recipe: Recipe, station: SafeStation, *, who: str, now: float) -> DryRunReport:
+def dry_run_recipe(
+    recipe: Recipe,
+    station: SafeStation,
+    *,
+    who: str,
+    now: float,
+    after: DryRunReport | None = None,
+) -> DryRunReport:
     """Dry-run ``recipe`` on ``station`` (no I/O), each command at the time it would be sent
     (:func:`recipe_times`); ``now``: the guard's clock now (the simulated clock on a
-    simulated bench)."""
+    simulated bench). ``after``: the dry run of the experiment under way on the station:
+    ``recipe`` is checked from the state that one is predicted to leave, when it ends."""
     guard = station.guard
+    view = station.state.view()
+    state: dict[str, Any] | None = None
+    if after is not None:
+        state = dict(after.final_state)
+        view = {**view, **state}
+        now = max(now, after.until if after.until is not None else now)
     timeline = recipe_times(
         recipe,
         layout=guard.layout,
         envelope=guard.envelope,
-        view=station.state.view(),
+        view=view,
         who=who,
         now=now,
     )
-    return station.dry_run([c for c, _ in timeline], times=[t for _, t in timeline])
+    return station.dry_run(
+        [c for c, _ in timeline],
+        times=[t for _, t in timeline],
+        after=state,
+        at=now if after is not None else None,
+    )
 
 
 # ---------------------------------------------------------------------- running

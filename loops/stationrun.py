@@ -71,10 +71,14 @@ class StationRuns(StationCore):
         self, recipe: Mapping[str, Any], who: str = "optimizer"
     ) -> list[dict[str, Any]]:
         """Check ``recipe`` (a :meth:`Recipe.as_dict`) against the envelope from the station's
-        current state, no I/O. Returns the violations (``step``, ``command``, ``rule``,
-        ``reason``, ``values``); empty: allowed."""
+        current state, no I/O; while an experiment runs, from the state its own dry run
+        predicts it leaves, when it ends (the recipe is checked again before it runs).
+        Returns the violations (``step``, ``command``, ``rule``, ``reason``, ``values``);
+        empty: allowed."""
         station = self._require()
-        report = dry_run_recipe(Recipe.from_dict(recipe), station, who=who, now=self._now())
+        report = dry_run_recipe(
+            Recipe.from_dict(recipe), station, who=who, now=self._now(), after=self._under_way
+        )
         violations: list[dict[str, Any]] = report.as_dict()["violations"]
         return violations
 
@@ -137,7 +141,7 @@ class StationRuns(StationCore):
                     )
                 return out
             finally:
-                self._current = None
+                self._current = self._under_way = None
                 self._runs += 1
                 await self._save_ledger(station)
 
@@ -190,6 +194,7 @@ class StationRuns(StationCore):
     ) -> dict[str, Any]:
         base = {"experiment_id": experiment_id, "station": self.name}
         report = dry_run_recipe(recipe, station, who=who, now=self._now())
+        self._under_way = report if report.ok else None
         if not report.ok:
             return {
                 **base,

@@ -39,10 +39,10 @@ async def local_campaign(
     monkeypatch: pytest.MonkeyPatch,
     experiments: int,
     on_event: Callable[[dict[str, Any]], None],
-) -> AsyncIterator[tuple[CampaignRunner, Any, dict[str, Any]]]:
+) -> AsyncIterator[tuple[CampaignRunner, Any, dict[str, Any], Any]]:
     """A campaign of the colour-match example (``experiments``, no target) on one simulated
-    station, in this process; yields the runner, the lab, and the station's status once it
-    has stopped (filled in on the way out)."""
+    station, in this process; yields the runner, the lab, the station's status once it
+    has stopped (filled in on the way out) and the simulated bench."""
     base = load_program(EXAMPLE)
     program = dataclasses.replace(
         base,
@@ -82,6 +82,7 @@ async def local_campaign(
                     ),
                     lab,
                     end,
+                    sim.stations[0],
                 )
             finally:
                 end.update(await station.call(StationActor.stop))
@@ -92,7 +93,7 @@ async def test_a_campaign_runs_in_process_through_the_local_links(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[dict[str, Any]] = []
-    async with local_campaign(tmp_path, monkeypatch, 3, events.append) as (runner, lab, status):
+    async with local_campaign(tmp_path, monkeypatch, 3, events.append) as (runner, lab, status, _):
         summary = await runner.run()
     assert not status["open"]
     assert summary.state == "done", summary
@@ -139,7 +140,7 @@ async def test_a_pause_while_the_optimizer_is_asked_holds_that_experiment_until_
         if event["event"] == "proposed":
             proposed.set()
 
-    async with local_campaign(tmp_path, monkeypatch, 2, on_event) as (runner, lab, _):
+    async with local_campaign(tmp_path, monkeypatch, 2, on_event) as (runner, lab, _, _):
         await runner.prepare()
         ask = runner.optimizer.ask
 
@@ -174,3 +175,44 @@ async def test_a_pause_while_the_optimizer_is_asked_holds_that_experiment_until_
     assert summary.state == "done" and summary.counts["done"] == 2, summary
     started = [e["experiment_id"] for e in events if e["event"] == "started"]
     assert started[0] == waiting.id  # the held proposal ran first after the resume
+
+
+@pytest.mark.timeout(180)
+async def test_a_proposal_made_while_the_station_runs_is_checked_against_the_state_it_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent proposes while the only station holds 1.8 mL in its vial: the proposal's
+    1.5 mL is checked against the emptied vial the running experiment leaves (its recipe
+    drains it), not refused as an overfill of the vial as it is now; it runs next, and the
+    vial never holds more than the envelope's 2.8 mL."""
+    events: list[dict[str, Any]] = []
+    fixed = {"temperature_c": 30.0, "hold_s": 600}
+    async with local_campaign(tmp_path, monkeypatch, 2, events.append) as (runner, _, _, bench):
+        await runner.prepare()
+        first = await runner.propose(
+            {"red_ml": 1.0, "green_ml": 0.8, "blue_ml": 0.0, **fixed}, "agent:alice"
+        )
+        assert first.accepted, first
+        task = asyncio.create_task(runner.run())
+        try:
+            most = 0.0
+            while (vial := bench.world.vial.volume_ml) < 1.7:  # the first one is under way
+                assert not task.done(), task
+                await asyncio.sleep(0.01)
+            second = await runner.propose(
+                {"red_ml": 0.5, "green_ml": 0.5, "blue_ml": 0.5, **fixed}, "agent:alice"
+            )
+            assert bench.world.vial.volume_ml > 1.0, "the first experiment ended too soon"
+            assert second.accepted, (vial, second.reasons)
+            while not task.done():
+                most = max(most, bench.world.vial.volume_ml)
+                await asyncio.sleep(0.01)
+            summary = task.result()
+        finally:
+            if not task.done():
+                await runner.abort("test over")
+                await asyncio.gather(task, return_exceptions=True)
+    assert summary.counts["done"] == 2, summary
+    started = [e["experiment_id"] for e in events if e["event"] == "started"]
+    assert started == [first.experiment_id, second.experiment_id]
+    assert most <= 2.8, most
