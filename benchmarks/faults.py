@@ -272,6 +272,7 @@ def invariants(doc: dict[str, Any]) -> list[str]:
         j = f["journal"]
         for key, what in (
             ("changed", "results lost"),
+            ("dropped", "finished experiments closed without their measurement"),
             ("left_open", "experiments left open"),
             ("twice", "steps or experiments run twice"),
         ):
