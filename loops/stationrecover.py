@@ -177,7 +177,7 @@ class StationRecovery(StationRuns):
                 f"station {self.name}: experiment {experiment_id} (on station {exp.station}) "
                 "has no measurements journaled with a last step here: nothing to recover"
             )
-        outcome = {**measured, "recovered_on_resume": True}
+        outcome: dict[str, Any] = {"recovered_on_resume": True}  # on top of what was measured
         if self._verify:
             images: dict[str, bytes | None] = {
                 **await journal.call(Journal.outcome_images, experiment_id)
@@ -188,7 +188,7 @@ class StationRecovery(StationRuns):
         self._lease.check(epoch)
         await journal.call(Journal.record_outcome, experiment_id, outcome, epoch=epoch)
         recorded: dict[str, Any] | None = await journal.call(Journal.outcome, experiment_id)
-        return recorded or outcome
+        return recorded or {**measured, **outcome}
 
 
 def _call(instrument: str, command: str, **args: Any) -> Step:

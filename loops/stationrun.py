@@ -133,6 +133,7 @@ class StationRuns(StationCore):
         async with self._run_lock:
             self._current = experiment_id
             mark = len(station.audit.records())
+            measured: dict[str, Any] = {}  # what went to the journal with the last step
             try:
                 out = await self._run(
                     station,
@@ -144,12 +145,13 @@ class StationRuns(StationCore):
                     include_image=include_image,
                     epoch=epoch,
                     audit_from=mark,
+                    measured=measured,
                 )
                 # the safety layer's verdicts on this run's commands, for the store
                 out["audit"] = [v.as_dict() for v in station.audit.records()[mark:]]
                 if out.get("ok") and mark_running and self._journal is not None:
                     out["outcome_journaled"] = await self._journal_outcome(
-                        experiment_id, out, epoch
+                        experiment_id, out, epoch, measured
                     )
                 return out
             finally:
@@ -158,16 +160,22 @@ class StationRuns(StationCore):
                 await self._save_ledger(station)
 
     async def _journal_outcome(
-        self, experiment_id: str, out: Mapping[str, Any], epoch: int | None
+        self,
+        experiment_id: str,
+        out: Mapping[str, Any],
+        epoch: int | None,
+        measured: Mapping[str, Any],
     ) -> bool:
-        """Journal a finished run's outcome (:meth:`Journal.record_outcome`: its JPEGs went
-        with its last step) before returning it; whether it was (a refusal is logged: the
-        campaign still gets the outcome and records it)."""
+        """Journal a finished run's outcome (:meth:`Journal.record_outcome`: what it adds to
+        what was ``measured`` with its last step, which took its JPEGs) before returning it;
+        whether it was (a refusal is logged: the campaign still gets the outcome and
+        records it)."""
         assert self._journal is not None
         outcome = {k: v for k, v in out.items() if k not in ("image", "reference_image")}
         outcome["images"] = image_digests(
             {"outcome": out.get("image"), "reference": out.get("reference_image")}
         )
+        outcome = {k: v for k, v in outcome.items() if k not in measured or measured[k] != v}
         try:
             self._lease.check(epoch)  # nothing is journaled as progress without a live owner
             await self._journal.call(Journal.record_outcome, experiment_id, outcome, epoch=epoch)
@@ -193,7 +201,10 @@ class StationRuns(StationCore):
         include_image: bool,
         epoch: int | None,
         audit_from: int,
+        measured: dict[str, Any],
     ) -> dict[str, Any]:
+        """The run (:meth:`run`); ``measured`` is filled with what was journaled with the
+        last step."""
         base = {"experiment_id": experiment_id, "station": self.name}
         report = dry_run_recipe(recipe, station, who=who, now=self._now())
         if not report.ok:
@@ -261,6 +272,11 @@ class StationRuns(StationCore):
                 self._reserved = False
             else:  # the last step: what the run measured goes to disk with its record
                 images = {r: b for r, b in so_far.images.items() if b} if keep_images else {}
+                measured.update(
+                    self._measured(base, recipe, so_far),
+                    audit=[v.as_dict() for v in station.audit.records()[audit_from:]],
+                    images=image_digests({r: images.get(r) for r in ("outcome", "reference")}),
+                )
                 await journal.call(
                     Journal.step_done,
                     experiment_id,
@@ -268,13 +284,7 @@ class StationRuns(StationCore):
                     data,
                     epoch=epoch,
                     consumption=used,
-                    measured={
-                        **self._measured(base, recipe, so_far),
-                        "audit": [v.as_dict() for v in station.audit.records()[audit_from:]],
-                        "images": image_digests(
-                            {r: images.get(r) for r in ("outcome", "reference")}
-                        ),
-                    },
+                    measured=measured,
                     images=images,
                 )
                 self._reserved = False

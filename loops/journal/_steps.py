@@ -21,13 +21,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from loops.journal._model import (
-    IllegalTransition,
-    JournalError,
-    StepOrderError,
-    _dumps,
-    _loads,
-)
+from loops.journal._model import IllegalTransition, JournalError, StepOrderError, _loads
 from loops.journal._owners import JournalOwners, _consumption_rows
 
 
@@ -213,9 +207,10 @@ class JournalSteps(JournalOwners):
 
         ``outcome``: JSON-able (measurements, ``result``, ``verification``, ``audit``,
         ``images``: role -> ``sha256``/``bytes``); ``images``: the JPEGs by role, kept
-        until the result is final. What the last step's record kept already
-        (``step_done(measured=...)``: the same keys, the same images) is not stored again:
-        the event holds the rest (the verification), and :meth:`outcome` returns both.
+        until the result is final. What the last step's record kept
+        (``step_done(measured=...)``) need not be given again (the station gives what it
+        adds: the verification; an image kept already is not stored twice): :meth:`outcome`
+        returns both, this event's keys over the measured ones.
         Refused while a step is open, twice, or from an older owner (``epoch``);
         ``consumption`` as for :meth:`step_started`.
         """
@@ -233,10 +228,8 @@ class JournalSteps(JournalOwners):
             if self._outcome_row(conn, experiment_id) is not None:
                 raise JournalError(f"experiment {experiment_id}: its outcome is recorded already")
             self._keep_images(conn, experiment_id, images)
-            kept = self._event_data(conn, experiment_id, "measured") or {}
-            rest = {k: v for k, v in _loads(_dumps(dict(outcome))).items() if kept.get(k) != v}
             return self._apply(
-                conn, experiment_id, campaign_id, "running", event="outcome", data=rest
+                conn, experiment_id, campaign_id, "running", event="outcome", data=dict(outcome)
             )
 
     def outcome(self, experiment_id: str) -> dict[str, Any] | None:
