@@ -35,7 +35,7 @@ from safety import SafeStation, SafetyError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TRIP_POLL_S", "StationRuns", "image_digests", "until_tripped"]
+__all__ = ["TRIP_POLL_S", "StationRuns", "until_tripped"]
 
 #: how often a running recipe checks whether its station tripped (real seconds)
 TRIP_POLL_S = 0.02
@@ -68,7 +68,7 @@ async def until_tripped(station: SafeStation, work: Awaitable[Any]) -> Any:
         raise
 
 
-def image_digests(images: Mapping[str, bytes | None]) -> dict[str, dict[str, Any]]:
+def _image_digests(images: Mapping[str, bytes | None]) -> dict[str, dict[str, Any]]:
     """Role -> ``sha256`` and ``bytes`` of each JPEG given (how an outcome cites its images)."""
     return {
         role: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -172,7 +172,7 @@ class StationRuns(StationCore):
         records it)."""
         assert self._journal is not None
         outcome = {k: v for k, v in out.items() if k not in ("image", "reference_image")}
-        outcome["images"] = image_digests(
+        outcome["images"] = _image_digests(
             {"outcome": out.get("image"), "reference": out.get("reference_image")}
         )
         outcome = {k: v for k, v in outcome.items() if k not in measured or measured[k] != v}
@@ -275,7 +275,7 @@ class StationRuns(StationCore):
                 measured.update(
                     self._measured(base, recipe, so_far),
                     audit=[v.as_dict() for v in station.audit.records()[audit_from:]],
-                    images=image_digests({r: images.get(r) for r in ("outcome", "reference")}),
+                    images=_image_digests({r: images.get(r) for r in ("outcome", "reference")}),
                 )
                 await journal.call(
                     Journal.step_done,
