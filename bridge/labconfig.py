@@ -60,7 +60,7 @@ from bridge.webusers import UsersConfig, parse_users
 from instruments.errors import InstrumentError
 from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
 from safety import check_device_faults, check_instrument, load_envelope
-from safety.envelope import REFERENCE_BENCH
+from safety.envelopeload import REFERENCE_BENCH
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
 __all__ = [

@@ -429,12 +429,25 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             item = await self._claim(slot)
             if item is None:
                 return
+            if not self._running.is_set() or self._stop_reason() is not None:
+                await self._unclaim(slot, item)  # paused or stopped while it was being claimed
+                continue
             try:
                 await self._execute(slot, item)
             finally:
                 self._in_flight -= 1
                 if slot.state == "busy":
                     slot.state, slot.experiment = "idle", None
+
+    async def _unclaim(self, slot: Slot, item: Item) -> None:
+        """Put a claimed, checked proposal back at the head of the queue, unrun: the campaign
+        was paused (it runs after the resume) or told to stop (it is cancelled at the end)
+        while the optimizer was asked or the proposal dry-run."""
+        async with self._lock:
+            self._queue.appendleft(item)
+            self._in_flight -= 1
+            if slot.state == "busy":
+                slot.state, slot.experiment = "idle", None
 
     async def _execute(self, slot: Slot, item: Item) -> None:
         j, eid = self.journal, item.experiment_id

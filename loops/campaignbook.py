@@ -136,8 +136,9 @@ def violation_text(v: Mapping[str, Any]) -> str:
     where = f"step {step}" if step is not None else "recipe"
     command = v.get("command") or {}
     what = command.get("description") if isinstance(command, Mapping) else None
-    rule = v.get("rule") or "?"
-    text = f"{where}: {rule}: {v.get('reason', '?')}"
+    rule = str(v.get("rule") or "?")
+    reason = str(v.get("reason", "?"))
+    text = f"{where}: {reason}" if reason.startswith(f"{rule}:") else f"{where}: {rule}: {reason}"
     return f"{text} ({what})" if what else text
 
 

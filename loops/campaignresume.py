@@ -3,7 +3,10 @@
 ``prepare(resume=True)`` (see :mod:`loops.campaign`): the optimizer is restored
 from its saved state and told every outcome it does not know yet; an experiment whose
 station journaled its outcome before the campaign's process stopped is recorded as the
-result it is (:class:`~loops.journal.CompletedRun`); every station is safe-stated,
+result it is (:class:`~loops.journal.CompletedRun`), and one whose every step finished
+but whose outcome was not journaled yet is verified on its station from what the journal
+kept and recorded too, marked as recovered (:meth:`CampaignResume._record_recovered`);
+every station is safe-stated,
 checked and drained (:meth:`StationActor.recover
 <loops.stationactor.StationActor.recover>`, recorded with the operator's name) and
 each interrupted experiment is closed as ``failed``, never re-run.
@@ -168,6 +171,8 @@ class CampaignResume(CampaignLease, CampaignRecorder):
                 self._forget(item)
         for run in info.completed:  # ran to its end before the stop: its result, exactly once
             await self._record_completed(run)
+        for run in info.recovered:  # ran to its end, not verified yet: verify it, then as above
+            await self._record_recovered(run)
         recovered: set[str] = set()
         for interrupted in info.interrupted:
             await self._recover(interrupted.experiment, interrupted.last_step_started, operator)
@@ -229,6 +234,32 @@ class CampaignResume(CampaignLease, CampaignRecorder):
             "recorded_on_resume": True,
         }
         await self._record(slot, item, out)
+
+    async def _record_recovered(self, run: CompletedRun) -> None:
+        """Record an experiment whose every step finished and was measured (journaled with
+        its last step) but whose outcome was not journaled before the campaign's process
+        stopped: its station verifies what was measured and journals the outcome
+        (:meth:`StationActor.recover_outcome`, nothing on the hardware), then it is recorded
+        as a journaled outcome is, marked ``recovered_on_resume``. A station that cannot
+        leaves it ``running`` for a later resume (never failed, never re-run)."""
+        exp = run.experiment
+        slot = self._slots.get(exp.station or "")
+        try:
+            if slot is None:
+                raise LookupError(f"station {exp.station} is not in this lab")
+            outcome = await slot.actor.call(StationActor.recover_outcome, exp.id, epoch=self._epoch)
+        except Exception as exc:
+            log.warning(
+                "campaign %s: experiment %s ran to its end on station %s, but its result "
+                "could not be verified there on resume (%s): it stays in the journal until a "
+                "resume with that station",
+                self.campaign_id,
+                exp.id,
+                exp.station,
+                cause_text(exc),
+            )
+            return
+        await self._record_completed(CompletedRun(exp, outcome, run.images))
 
     async def _recover(self, exp: Experiment, step: int | None, operator: str) -> None:
         """Safe-state, check and drain the station an interrupted experiment ran on; close it."""

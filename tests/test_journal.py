@@ -442,6 +442,56 @@ def test_resume_marks_running_interrupted_and_requeues_unstarted(journal: Journa
     journal.transition(queued, "running")
 
 
+def test_what_a_run_measured_goes_with_its_last_step_and_resume_recovers_it(
+    journal: Journal,
+) -> None:
+    """``step_done(measured=...)`` on the recipe's last step keeps the run's result and JPEGs
+    in that step's transaction; the outcome recorded later adds to it (the verification);
+    resume returns a measured run without an outcome in ``recovered``."""
+    recipe = {"name": "r", "params": {}, "steps": [{"kind": "read"}, {"kind": "compute"}]}
+    eid = journal.propose("c", {"red": 0.5}, "optimizer", recipe=recipe)
+    for state in ("checked", "queued", "running"):
+        journal.transition(eid, state, station="bench-a" if state == "queued" else None)
+    measured = {"ok": True, "measurements": {"de": 1.5}, "audit": [{"rule": None}]}
+    jpeg = b"\xff\xd8 a frame \xff\xd9"
+    journal.step_started(eid, 0)
+    with pytest.raises(JournalError, match="goes with its last step \\(1\\), not step 0"):
+        journal.step_done(eid, 0, measured=measured)
+    with pytest.raises(ValueError, match="images go with measured= only"):
+        journal.step_done(eid, 0, images={"outcome": jpeg})
+    assert journal.measured(eid) is None  # refused whole: the step is still open
+    journal.step_done(eid, 0)
+    journal.step_started(eid, 1)
+    journal.step_done(eid, 1, {"de": 1.5}, measured=measured, images={"outcome": jpeg})
+    assert journal.measured(eid) == measured and journal.outcome(eid) is None
+    assert journal.outcome_images(eid) == {"outcome": jpeg}
+
+    other = drive(journal, "running", station="bench-b")  # a step open: interrupted
+    journal.step_started(other, 0)
+    info = journal.resume("c")
+    assert [(r.experiment.id, r.outcome, r.images) for r in info.recovered] == [
+        (eid, measured, {"outcome": jpeg})
+    ]
+    assert info.completed == [] and [i.experiment.id for i in info.interrupted] == [other]
+    assert journal.experiment(eid).state == "running"
+    (row,) = [t.data for t in journal.campaign_log("c") if (t.data or {}).get("resumed")]
+    assert row["recovered"] == [eid] and row["interrupted"] == [other]
+
+    with pytest.raises(JournalError, match="another content"):
+        journal.record_outcome(eid, {}, images={"outcome": b"another frame"})
+    added = {"verification": {"verified": True}, "ok": "as given"}
+    journal.record_outcome(eid, added, images={"outcome": jpeg})  # kept already: once
+    (event,) = [t for t in journal.transitions(eid) if t.event == "outcome"]
+    assert event.data == {"data": added}
+    outcome = {**measured, **added}  # what the outcome adds, over what was measured
+    assert journal.outcome(eid) == outcome
+    info = journal.resume("c")  # now a journaled outcome: recorded as it is
+    assert [r.experiment.id for r in info.completed] == [eid] and info.recovered == []
+    assert info.completed[0].outcome == outcome
+    journal.finish(eid, {"de": 1.5}, 1.5)
+    assert journal.outcome_images(eid) == {}  # final: on disk now
+
+
 def test_to_rows_is_flat_with_the_same_keys_everywhere(journal: Journal) -> None:
     a = journal.propose("c", {"red": 0.1, "temp_c": 40}, "optimizer")
     b = journal.propose("c", {"red": 0.2, "hold_s": 30}, "agent:a1")
