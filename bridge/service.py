@@ -30,6 +30,9 @@ chose for it. A station runs one campaign at a time.
   stations again if an e-stop arrives while it runs).
 * **reset** needs who and why; a station whose trip condition still holds stays
   latched and says which monitor holds it.
+* **approvals** (:meth:`LabService.approvals`, :meth:`LabService.decide`): agents'
+  proposals awaiting a human (``loops/campaignapproval.py``) and the decisions on them,
+  with the approver's authenticated identity and reason, journaled.
 * **shutdown** aborts running campaigns (their stations tripped into the safe
   state) and closing the service closes every station (instruments safe-stated).
 
@@ -381,7 +384,10 @@ class LabService(StationSafety, ServiceQueries):
             chosen, errors = await self._choose_stations(prog, stations)
             if errors:
                 return StartResult(campaign_id, False, errors=tuple(errors))
-            handle = self._handle(campaign_id, prog, chosen, who)
+            try:
+                handle = self._handle(campaign_id, prog, chosen, who)
+            except ConfigError as exc:  # an agent's approval rule names what it lacks
+                return StartResult(campaign_id, False, errors=(str(exc),))
             try:
                 handle.lock.enter_context(campaign_lock(self.lab.store, campaign_id))
             except CampaignBusy as exc:
@@ -606,3 +612,70 @@ class LabService(StationSafety, ServiceQueries):
                 for cid, h in self._campaigns.items()
             },
         }
+
+    # --------------------------------------------------------------- approvals
+    async def approvals(self, campaign_id: str | None = None) -> list[dict[str, Any]]:
+        """Proposals awaiting a human's approval (of one campaign or every one in the lab's
+        journal), oldest first: experiment, proposer, parameters, the rules that asked,
+        ``expires`` (wall clock) and any decision not applied yet."""
+        rows: list[dict[str, Any]] = await self._journal_call("approvals", campaign_id)
+        return rows
+
+    async def decide(
+        self,
+        campaign_id: str,
+        experiment_id: str,
+        approve: bool,
+        who: str,
+        reason: str,
+        *,
+        via: str = "api",
+    ) -> dict[str, Any]:
+        """Approve or deny a proposal of ``campaign_id`` awaiting approval, as ``who`` (an
+        authenticated identity: the MQTT API passes the broker user) with ``reason``; both
+        are journaled. A campaign running here applies it at once (approved: queued;
+        denied: rejected); one that is not (stopped, or run by another process) when it
+        runs. Raises :class:`ServiceError` (one line) when it cannot be decided: not
+        awaiting approval (never, decided, expired), unknown, or proposed by ``who``."""
+        from loops.journal import JournalError
+
+        self._require_open()
+        handle = self._campaigns.get(campaign_id)
+        try:
+            if handle is not None and handle.active:
+                row = await handle.runner.decide(experiment_id, approve, who, reason, via=via)
+            else:
+                row = await self._journal_call(
+                    "decide", experiment_id, approve, who, reason, via=via, campaign_id=campaign_id
+                )
+        except JournalError as exc:
+            raise ServiceError(str(exc)) from None
+        except Exception as exc:
+            inner = getattr(exc, "cause", None)
+            if isinstance(inner, JournalError):
+                raise ServiceError(str(inner)) from None
+            raise
+        applied = row["state"] != "awaiting-approval"
+        log.warning(
+            "campaign %s: %s %s by %s: %s",
+            campaign_id,
+            experiment_id,
+            "approved" if approve else "denied",
+            who,
+            row["reason"],
+        )
+        out = {
+            "campaign_id": campaign_id,
+            "experiment_id": experiment_id,
+            "decision": "approve" if approve else "deny",
+            "who": row["who"],
+            "reason": row["reason"],
+            "state": row["state"],
+            "applied": applied,
+        }
+        if not applied:
+            out["note"] = (
+                f"campaign {campaign_id} is not running in this service: the decision is "
+                "journaled and applies when it runs again (labbridge resume)"
+            )
+        return out
