@@ -333,6 +333,21 @@ class CampaignProgress:
             what = event.get("reason") or "; ".join(event.get("reasons") or [])
             who = event.get("experiment_id") or event.get("station")
             self._bar.write(f"{kind}: {who}: {what}", file=self._stream)
+        elif kind == "awaiting_approval":
+            eid = event.get("experiment_id")
+            self._bar.write(
+                f"awaiting approval: {eid} by {event.get('proposer')}: "
+                f"{'; '.join(event.get('rules') or [])} -- labbridge approve|deny {eid} "
+                "--reason ...",
+                file=self._stream,
+            )
+        elif kind == "approval":
+            who = f" by {event['who']}" if event.get("who") else ""
+            self._bar.write(
+                f"{event.get('decision')}{who}: {event.get('experiment_id')}: "
+                f"{event.get('reason')}",
+                file=self._stream,
+            )
         elif kind == "state" and event.get("state") == "resumed":
             progress = event.get("progress") or {}
             self._bar.n = int(progress.get("experiments", 0))

@@ -13,6 +13,7 @@ Commands available now (``labbridge COMMAND --help`` for each):
 * ``estop`` / ``reset`` / ``status``  over MQTT, to a running ``serve``
 * ``mcp``     serve the lab to agents over the Model Context Protocol (docs/agents.md)
 * ``agents``  issue, revoke and list agents' tokens
+* ``approvals`` / ``approve`` / ``deny``  agents' proposals awaiting a human, on the journal
 * ``drivers`` list the registered driver kinds (built-in and from other packages)
 * ``probe``   connect one instrument by kind and URL, print what it is and what it reads
               (the way to check real hardware is wired right)
@@ -285,6 +286,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     stp.add_argument("--ray-address", default=None, help="join this Ray cluster")
 
     from bridge.agentcli import add_agent_parsers
+    from bridge.approvalcli import add_approval_parsers
     from bridge.mqttcli import add_mqtt_client_parsers, add_serve_parser
 
     for name, what in _HEAVY_PARSERS.items():
@@ -301,6 +303,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_mqtt_client_parsers(sub)
     add_agent_parsers(sub)
+    add_approval_parsers(sub)
 
     sub.add_parser(
         "drivers", help="list registered driver kinds", description="List registered driver kinds."
@@ -389,7 +392,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return int(args.handler(args))  # serve, mcp
     if args.command == "check":
         return _check_command(args)
-    if args.command in ("estop", "reset", "status", "agents"):
+    if args.command in ("estop", "reset", "status", "agents", "approvals", "approve", "deny"):
         return int(args.handler(args))
     if args.command == "report":
         from bridge.report import report_command

@@ -120,7 +120,7 @@ class ApprovalPolicy:
                 f"unknown name '{unknown[0]}' in \"{self.text}\" for {what} (its names: "
                 f"{', '.join(sorted({*known, AGENT_NAME, *LIST_NAMES}))})",
                 source=self.source,
-                line=self.line,
+                line=self.line if self.rule is None else self.rule.line,
                 field=f"{self.field}.human_when",
             )
 

@@ -95,7 +95,7 @@ class CampaignApproval(CampaignRecorder):
         waiting = self._awaiting[item.experiment_id] = Awaiting(item, need.rules, expires, now)
         info = {"rules": list(need.rules), "expires_t": expires, "expires_in_s": need.expires_s}
         self._emit("awaiting_approval", **waiting.as_dict(), expires_in_s=need.expires_s)
-        log.warning(
+        log.info(
             "campaign %s: %s by %s awaits approval: %s",
             self.campaign_id,
             item.experiment_id,
