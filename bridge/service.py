@@ -648,12 +648,10 @@ class LabService(StationSafety, ServiceQueries):
                 row = await self._journal_call(
                     "decide", experiment_id, approve, who, reason, via=via, campaign_id=campaign_id
                 )
-        except JournalError as exc:
-            raise ServiceError(str(exc)) from None
-        except Exception as exc:
+        except Exception as exc:  # through a Ray actor, the journal's error is its cause
             inner = getattr(exc, "cause", None)
-            if isinstance(inner, JournalError):
-                raise ServiceError(str(inner)) from None
+            if isinstance(inner, JournalError) or isinstance(exc, JournalError):
+                raise ServiceError(str(inner if isinstance(inner, JournalError) else exc)) from None
             raise
         applied = row["state"] != "awaiting-approval"
         log.warning(

@@ -122,9 +122,7 @@ class CampaignApproval(CampaignRecorder):
                 via=via,
                 campaign_id=self.campaign_id,
             )
-        except JournalError:
-            raise
-        except Exception as exc:  # through a Ray actor the journal's error is its cause
+        except Exception as exc:  # through a Ray actor, the journal's error is its cause
             inner = getattr(exc, "cause", None)
             if isinstance(inner, JournalError):
                 raise inner from None

@@ -469,3 +469,72 @@ async def test_a_proposal_waits_while_the_station_runs_others_and_runs_once_a_hu
     kinds = [(e["event"], e.get("decision")) for e in events if "approval" in e["event"]]
     assert kinds.count(("awaiting_approval", None)) == 3
     assert {("approval", "approved"), ("approval", "denied"), ("approval", "expired")} <= set(kinds)
+
+
+@pytest.mark.timeout(120)
+async def test_proposals_awaiting_approval_survive_a_restart_and_are_approved_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopped (as Ctrl-C or a shutdown stop a campaign) with three proposals waiting: one
+    is approved from the CLI while nothing runs the campaign, one expires meanwhile; the
+    resume keeps the third waiting as a pending point, applies the approval, rejects the
+    expired one, and an approval after the resume works."""
+    events: list[dict[str, Any]] = []
+    carol = ApprovalPolicy("lab.yaml agents.carol.approval", expires_s=1.0)
+    async with bench(tmp_path, monkeypatch) as b:
+        prog = colour_match(experiments=2)
+        first = b.runner(prog, "restart", events, agent_approvals={"carol": carol})
+        await first.prepare()
+        kept = (await first.propose(HOT, "agent:alice")).experiment_id
+        decided = (await first.propose(DENIED, "agent:bob")).experiment_id
+        expired = (await first.propose(EXPIRED, "agent:carol")).experiment_id
+        first.stop("stopped by the operator")
+        summary = await first.run()
+        assert summary.state == "stopped" and summary.counts["done"] == 0, summary
+        assert [a["experiment_id"] for a in first.awaiting()] == [kept, decided, expired]
+        # while nothing runs the campaign: bob's is approved through the journal file ...
+        code = await asyncio.to_thread(
+            cli,
+            [
+                "approve",
+                decided,
+                "--reason",
+                "fine by me",
+                "--lab",
+                str(b.lab.source),
+                "--wait",
+                "0",
+            ],
+        )
+        out = capsys.readouterr().out
+        assert code == 0 and f"{decided} approved by {getpass.getuser()} (journaled)" in out, out
+        assert "it does when it runs (labbridge resume restart" in out, out
+        listed = await asyncio.to_thread(cli, ["approvals", "--lab", str(b.lab.source)])
+        out = capsys.readouterr().out
+        assert listed == 0 and f"{kept}  agent:alice  expires in" in out, out
+        assert f"approved by {getpass.getuser()}: fine by me" in out, out
+        # ... and carol's runs out of time
+        await asyncio.sleep(1.2)
+        second = b.runner(prog, "restart", events, agent_approvals={"carol": carol})
+        await second.prepare(resume=True, operator="tester")
+        assert [a["experiment_id"] for a in second.awaiting()] == [kept]
+        pending = [{k: p.params[k] for k in HOT} for p in second.optimizer.pending()]
+        assert HOT in pending and DENIED in pending and EXPIRED not in pending, pending
+        row = await second.decide(kept, True, "ana", "after the restart")
+        assert row["state"] == "checked"
+        summary = await second.run()
+        wire = dispensed(b.sim)
+    assert summary.state == "done" and summary.counts["done"] == 2, summary
+    j = Journal(b.lab.store)
+    try:
+        exps = {e.id: e for e in j.experiments("restart")}
+        logs = {eid: [t.state for t in j.transitions(eid) if t.event == "state"] for eid in exps}
+    finally:
+        j.close()
+    assert exps[kept].state == exps[decided].state == "done"
+    assert exps[kept].proposer == "agent:alice" and exps[decided].proposer == "agent:bob"
+    assert logs[kept] == ["proposed", "awaiting-approval", "checked", "queued", "running", "done"]
+    assert exps[expired].state == "rejected"
+    assert (exps[expired].reason or "").startswith("approval expired after 1 s"), exps[expired]
+    assert {e.proposer for e in exps.values()} == {"agent:alice", "agent:bob", "agent:carol"}
+    assert volumes(HOT) | volumes(DENIED) <= wire and not volumes(EXPIRED) & wire
