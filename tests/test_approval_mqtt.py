@@ -32,6 +32,7 @@ from test_mqtt_api import (  # noqa: F401  (docs_broker: the fixture)
     client,
     docs_broker,
     lab_text,
+    validate,
 )
 
 from bridge.labconfig import load_lab
@@ -166,6 +167,7 @@ async def test_an_operator_decides_over_mqtt_and_an_agent_can_neither_skip_nor_d
                 assert "agent not in trusted" in receipt["approval"]["rules"][0]
                 by_mcp = receipt["experiment_id"]
                 waiting = await event(ana, "awaiting")
+                validate("approval-event", waiting)
                 assert (waiting["experiment_id"], waiting["proposer"]) == (by_mcp, "agent:alice")
                 assert waiting["params"] == VIA_MCP and waiting["expires_t"] > 0
                 exp = await tool(alice, "experiment", experiment_id=by_mcp)
@@ -179,6 +181,10 @@ async def test_an_operator_decides_over_mqtt_and_an_agent_can_neither_skip_nor_d
                     alice_mqtt, f"campaigns/{cid}/proposals", {"params": VIA_MQTT}, "p"
                 )
                 assert reply["ok"] and reply["awaiting_approval"] and not reply["accepted"], reply
+                validate("reply", reply)
+                status = s.service.campaign_status(cid)
+                validate("campaign-status", status)
+                assert [a["experiment_id"] for a in status["approvals"]][:1] == [by_mcp]
                 by_mqtt = reply["experiment_id"]
                 # the same point as the one waiting: no way around the human either
                 reply = await ask(
@@ -218,8 +224,10 @@ async def test_an_operator_decides_over_mqtt_and_an_agent_can_neither_skip_nor_d
                     "a",
                 )
                 assert reply["ok"] and reply["who"] == "ana" and reply["applied"], reply
+                validate("reply", reply)
                 assert reply["state"] in ("checked", "queued", "running"), reply
                 approved = await event(alice_mqtt, "approved")
+                validate("approval-event", approved)
                 assert (approved["who"], approved["via"]) == ("ana", "mqtt"), approved
                 for eid, why in ((by_mqtt, "not this one"), (again, "a duplicate")):
                     reply = await ask(
