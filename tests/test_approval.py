@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import getpass
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -278,6 +279,40 @@ def test_the_journal_keeps_the_decisions_and_refuses_what_cannot_be_decided(
             ("state", "rejected"),
         ]
         assert j.approval(waiting) is not None and j.approval(plain) is None
+
+
+def test_the_cli_lists_and_decides_on_the_journal_and_says_in_one_line_what_it_cannot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "j.db"
+    with Journal(path) as j:
+        j.create_campaign("c", "n", {})
+        waiting = j.propose("c", HOT, "agent:alice")
+        j.await_approval(waiting, ["program.md approval: human"], time.time() + 600)
+        plain = j.propose("c", COOL, "agent:alice")
+    assert cli(["approvals", "--journal", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{waiting}  agent:alice  expires in 10 min  red_ml=0.705"), out
+    assert "    asked by program.md approval: human\n" in out, out
+    assert cli(["approvals", "--journal", str(path), "--campaign", "other"]) == 0
+    assert capsys.readouterr().out == "no proposal awaits approval in campaign other\n"
+    for argv, problem in (
+        (["approve", plain, "--reason", "ok"], f"{plain} is proposed and never awaited approval"),
+        (["deny", "c-0404", "--reason", "no"], "no experiment 'c-0404'"),
+        (["approve", waiting, "--reason", " "], "give a reason (it is journaled)"),
+    ):
+        assert cli([*argv, "--journal", str(path), "--wait", "0"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"labbridge {argv[0]}: ") and problem in err, err
+        assert err.count("\n") == 1, err
+    assert cli(["deny", waiting, "--reason", "no", "--journal", str(tmp_path / "none.db")]) == 1
+    assert "no journal at" in capsys.readouterr().err
+    # nothing runs the campaign: the decision is journaled, to be applied when it runs
+    assert cli(["deny", waiting, "--reason", "too hot", "--journal", str(path), "--wait", "0"]) == 0
+    assert "(journaled); campaign c did not apply it within 0 s" in capsys.readouterr().out
+    assert cli(["approvals", "--journal", str(path), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["decision"], row["who"], row["via"]) == ("deny", getpass.getuser(), "cli")
 
 
 # ------------------------------------------------------------------------ campaigns
