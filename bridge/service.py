@@ -38,7 +38,8 @@ chose for it. A station runs one campaign at a time.
 
 Listeners (:meth:`LabService.add_listener`) receive every campaign runner event
 (``event``: ``proposed``, ``rejected``, ``started``, ``finished``, ``failed``,
-``cancelled``, ``station``, ``unverified``, ``state``, with ``campaign_id``)
+``cancelled``, ``station``, ``unverified``, ``state``, ``awaiting_approval``,
+``approval``, with ``campaign_id``)
 and the service's own events (``campaign`` when one starts or ends, ``estop``,
 ``reset``). They are called on the event loop and must not block.
 

@@ -397,6 +397,10 @@ class CampaignRunner(CampaignResume, CampaignApproval):
                             state="paused",
                         )
                         return None
+                    need = None if reasons or item.approved else self._needs_approval(item)
+                    if need is not None:  # an agent's, re-queued by a resume: it waits
+                        await self._await_approval(item, need)
+                        continue
                     if reasons:
                         await self._reject(item, reasons)
                         if not item.proposer.startswith("agent:"):

@@ -77,11 +77,12 @@ class CampaignApproval(CampaignRecorder):
             )
             await self._reject(item, [reason], tell=False)
             return [reason], None
-        try:
-            item.pid = self.optimizer.add_pending(item.params).id
-            self._pending[item.experiment_id] = item.pid
-        except ValueError:  # validated already by program.feasible; defensive
-            item.pid = None
+        if item.pid is None:  # (a proposal a resume re-queued is pending already)
+            try:
+                item.pid = self.optimizer.add_pending(item.params).id
+                self._pending[item.experiment_id] = item.pid
+            except ValueError:  # validated already by program.feasible; defensive
+                item.pid = None
         now = time.time()
         expires = now + need.expires_s
         await self.journal.call(
@@ -163,7 +164,7 @@ class CampaignApproval(CampaignRecorder):
                 optimizer_state=self._state(),
                 epoch=self._epoch,
             )
-            item.checked = True
+            item.checked = item.approved = True
             self._queue.append(item)
             self._approval_event(item, "approved", **decision)
             return
@@ -225,12 +226,17 @@ class CampaignApproval(CampaignRecorder):
 
     async def _restore_awaiting(self, items: list[Item]) -> set[str]:
         """Resume: the proposals found awaiting approval wait again, as pending points;
-        returns their optimizer ids. (Decisions made and expiries passed while the campaign
-        was down are applied by :meth:`_settle_approvals`.)"""
-        if not items:
+        returns their optimizer ids. The re-queued ones a human approved before are marked
+        so (the others meet the policy again when claimed: one journaled just before a
+        crash never asked it). Decisions made and expiries passed while the campaign was
+        down are applied by :meth:`_settle_approvals`."""
+        if not items and not any(i.proposer.startswith("agent:") for i in self._queue):
             return set()
-        rows = await self.journal.call(Journal.approvals, self.campaign_id)
+        rows = await self.journal.call(Journal.approvals, self.campaign_id, awaiting=False)
         found = {r["experiment_id"]: r for r in rows}
+        for queued in self._queue:
+            row = found.get(queued.experiment_id)
+            queued.approved = row is not None and row["decision"] == "approve"
         live: set[str] = set()
         for item in items:
             row = found.get(item.experiment_id)

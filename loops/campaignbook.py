@@ -97,6 +97,8 @@ class Item:
     recipe: dict[str, Any] | None
     proposer: str
     checked: bool
+    #: a human approved it (loops/campaignapproval.py): the approval policy is not asked again
+    approved: bool = False
 
 
 @dataclass

@@ -64,6 +64,13 @@ COOL = {"red_ml": 0.7, "green_ml": 0.1, "blue_ml": 0.75, "temperature_c": 40.0, 
 #: above 60 degC: a human decides (distinct volumes: each is recognisable on the pumps' wire)
 HOT = {"red_ml": 0.705, "green_ml": 0.105, "blue_ml": 0.745, "temperature_c": 65.0, "hold_s": 60}
 DENIED = {"red_ml": 0.555, "green_ml": 0.155, "blue_ml": 0.655, "temperature_c": 45.0, "hold_s": 60}
+CRASHED = {
+    "red_ml": 0.525,
+    "green_ml": 0.175,
+    "blue_ml": 0.685,
+    "temperature_c": 45.0,
+    "hold_s": 60,
+}
 EXPIRED = {
     "red_ml": 0.615,
     "green_ml": 0.135,
@@ -550,6 +557,8 @@ async def test_proposals_awaiting_approval_survive_a_restart_and_are_approved_af
         assert f"approved by {getpass.getuser()}: fine by me" in out, out
         # ... and carol's runs out of time
         await asyncio.sleep(1.2)
+        # and an agent's proposal journaled just before a crash, before the policy was asked
+        crashed = await b.journal.call(Journal.propose, "restart", CRASHED, "agent:bob")
         second = b.runner(prog, "restart", events, agent_approvals={"carol": carol})
         await second.prepare(resume=True, operator="tester")
         assert [a["experiment_id"] for a in second.awaiting()] == [kept]
@@ -571,5 +580,10 @@ async def test_proposals_awaiting_approval_survive_a_restart_and_are_approved_af
     assert logs[kept] == ["proposed", "awaiting-approval", "checked", "queued", "running", "done"]
     assert exps[expired].state == "rejected"
     assert (exps[expired].reason or "").startswith("approval expired after 1 s"), exps[expired]
+    # the one journaled before the crash met the policy when claimed: it waited, and was
+    # cancelled when the campaign ended by its budget; it never ran
+    assert logs[crashed] == ["proposed", "awaiting-approval", "cancelled"], logs[crashed]
+    assert (exps[crashed].reason or "").startswith("campaign ended before a decision")
     assert {e.proposer for e in exps.values()} == {"agent:alice", "agent:bob", "agent:carol"}
-    assert volumes(HOT) | volumes(DENIED) <= wire and not volumes(EXPIRED) & wire
+    assert volumes(HOT) | volumes(DENIED) <= wire
+    assert not volumes(EXPIRED) & wire and not volumes(CRASHED) & wire
