@@ -45,8 +45,8 @@ and the service's own events (``campaign`` when one starts or ends, ``estop``,
 
 Modules: this one (life cycle, listeners, campaigns, status), ``bridge/servicesafety.py``
 (e-stop, reset, station calls), ``bridge/servicequeries.py`` (a dry run that queues
-nothing, live readings, journal reads), ``bridge/servicetypes.py`` (errors, results,
-handles).
+nothing, live readings, journal reads), ``bridge/serviceapprovals.py`` (proposals
+awaiting approval, decisions), ``bridge/servicetypes.py`` (errors, results, handles).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from typing import Any
 
 from bridge.campaigns import START_TIMEOUT_S, make_runner, open_lab
 from bridge.labconfig import LabConfig
+from bridge.serviceapprovals import ServiceApprovals
 from bridge.servicequeries import ServiceQueries
 from bridge.servicesafety import StationSafety
 from bridge.servicetypes import (
@@ -130,7 +131,7 @@ def _owner_lock(lab: LabConfig) -> Iterator[None]:
         yield
 
 
-class LabService(StationSafety, ServiceQueries):
+class LabService(StationSafety, ServiceQueries, ServiceApprovals):
     """One opened lab serving campaigns by id (see the module docstring).
 
     ``lab``: the validated lab config; ``stations``: open only these (default all);
@@ -613,68 +614,3 @@ class LabService(StationSafety, ServiceQueries):
                 for cid, h in self._campaigns.items()
             },
         }
-
-    # --------------------------------------------------------------- approvals
-    async def approvals(self, campaign_id: str | None = None) -> list[dict[str, Any]]:
-        """Proposals awaiting a human's approval (of one campaign or every one in the lab's
-        journal), oldest first: experiment, proposer, parameters, the rules that asked,
-        ``expires`` (wall clock) and any decision not applied yet."""
-        rows: list[dict[str, Any]] = await self._journal_call("approvals", campaign_id)
-        return rows
-
-    async def decide(
-        self,
-        campaign_id: str,
-        experiment_id: str,
-        approve: bool,
-        who: str,
-        reason: str,
-        *,
-        via: str = "api",
-    ) -> dict[str, Any]:
-        """Approve or deny a proposal of ``campaign_id`` awaiting approval, as ``who`` (an
-        authenticated identity: the MQTT API passes the broker user) with ``reason``; both
-        are journaled. A campaign running here applies it at once (approved: queued;
-        denied: rejected); one that is not (stopped, or run by another process) when it
-        runs. Raises :class:`ServiceError` (one line) when it cannot be decided: not
-        awaiting approval (never, decided, expired), unknown, or proposed by ``who``."""
-        from loops.journal import JournalError
-
-        self._require_open()
-        handle = self._campaigns.get(campaign_id)
-        try:
-            if handle is not None and handle.active:
-                row = await handle.runner.decide(experiment_id, approve, who, reason, via=via)
-            else:
-                row = await self._journal_call(
-                    "decide", experiment_id, approve, who, reason, via=via, campaign_id=campaign_id
-                )
-        except Exception as exc:  # through a Ray actor, the journal's error is its cause
-            inner = getattr(exc, "cause", None)
-            if isinstance(inner, JournalError) or isinstance(exc, JournalError):
-                raise ServiceError(str(inner if isinstance(inner, JournalError) else exc)) from None
-            raise
-        applied = row["state"] != "awaiting-approval"
-        log.warning(
-            "campaign %s: %s %s by %s: %s",
-            campaign_id,
-            experiment_id,
-            "approved" if approve else "denied",
-            who,
-            row["reason"],
-        )
-        out = {
-            "campaign_id": campaign_id,
-            "experiment_id": experiment_id,
-            "decision": "approve" if approve else "deny",
-            "who": row["who"],
-            "reason": row["reason"],
-            "state": row["state"],
-            "applied": applied,
-        }
-        if not applied:
-            out["note"] = (
-                f"campaign {campaign_id} is not running in this service: the decision is "
-                "journaled and applies when it runs again (labbridge resume)"
-            )
-        return out
