@@ -154,8 +154,12 @@ async def test_an_operator_decides_over_mqtt_and_an_agent_can_neither_skip_nor_d
 
             # --- the agent proposes through MCP: it waits, and the agent sees it waiting
             async with (
-                httpx2.AsyncClient(headers={"Authorization": f"Bearer {s.token}"}) as http,
-                Client(streamable_http_client(s.url, http_client=http)) as alice,
+                httpx2.AsyncClient(
+                    headers={"Authorization": f"Bearer {s.token}"}, timeout=120
+                ) as http,
+                Client(
+                    streamable_http_client(s.url, http_client=http), read_timeout_seconds=120
+                ) as alice,
             ):
                 names = {t.name for t in (await alice.list_tools()).tools}
                 assert not {n for n in names if "approv" in n or "decide" in n}, names
