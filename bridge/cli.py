@@ -14,6 +14,7 @@ Commands available now (``labbridge COMMAND --help`` for each):
 * ``mcp``     serve the lab to agents over the Model Context Protocol (docs/agents.md)
 * ``agents``  issue, revoke and list agents' tokens
 * ``users``   set, remove and list the lab page's users' passwords (docs/web.md)
+* ``approvals`` / ``approve`` / ``deny``  agents' proposals awaiting a human, on the journal
 * ``drivers`` list the registered driver kinds (built-in and from other packages)
 * ``probe``   connect one instrument by kind and URL, print what it is and what it reads
               (the way to check real hardware is wired right)
@@ -239,6 +240,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _campaign_options(resume)
 
     from bridge.agentcli import add_agent_parsers
+    from bridge.approvalcli import add_approval_parsers
     from bridge.labcli import add_lab_parsers
     from bridge.mqttcli import add_mqtt_client_parsers, add_serve_parser
     from bridge.webcli import add_user_parsers
@@ -259,6 +261,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_mqtt_client_parsers(sub)
     add_agent_parsers(sub)
     add_user_parsers(sub)
+    add_approval_parsers(sub)
 
     sub.add_parser(
         "drivers", help="list registered driver kinds", description="List registered driver kinds."
@@ -343,7 +346,17 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             if args.command in ("run", "resume"):
                 return _campaign_command(args)
             return int(args.handler(args))  # setup, serve, mcp
-    if args.command in ("check", "estop", "reset", "status", "agents", "users"):
+    if args.command in (
+        "check",
+        "estop",
+        "reset",
+        "status",
+        "agents",
+        "users",
+        "approvals",
+        "approve",
+        "deny",
+    ):
         return int(args.handler(args))
     if args.command == "report":
         from bridge.report import report_command
@@ -431,7 +444,9 @@ def _campaign_command(args: argparse.Namespace) -> int:
         journal = lab.store
         folder = lab.store.parent / "reports" / summary.campaign_id
     else:
-        where = f" --runs {args.runs}" + (f" --bench {args.bench}" if args.bench != "colour" else "")
+        where = f" --runs {args.runs}" + (
+            f" --bench {args.bench}" if args.bench != "colour" else ""
+        )
         journal = args.runs / summary.campaign_id / "journal.db"
         folder = journal.parent / "report"
     code = _print_summary(summary, f"labbridge resume {summary.campaign_id}{where}")

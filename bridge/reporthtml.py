@@ -175,6 +175,7 @@ def summary_html(data: ReportData, best: Experiment | None) -> list[str]:
         "running",
         "queued",
         "checked",
+        "awaiting-approval",
         "proposed",
     ):
         if states.get(state):

@@ -9,7 +9,9 @@ kept and recorded too, marked as recovered (:meth:`CampaignResume._record_recove
 every station is safe-stated,
 checked and drained (:meth:`StationActor.recover
 <loops.stationactor.StationActor.recover>`, recorded with the operator's name) and
-each interrupted experiment is closed as ``failed``, never re-run.
+each interrupted experiment is closed as ``failed``, never re-run. Proposals found
+awaiting a human's approval wait again, as pending points; decisions recorded and
+expiries passed while the campaign was down are applied (:mod:`loops.campaignapproval`).
 
 Budgets (a new campaign and a resume): a station whose safety budget's window is
 spent (one more experiment does not fit; a volume budget with nothing left) rests,
@@ -21,10 +23,10 @@ from __future__ import annotations
 
 import logging
 
+from loops.campaignapproval import CampaignApproval
 from loops.campaignbook import STATE_VERSION, Item, Slot
 from loops.campaignlease import CampaignLease
-from loops.campaignrecord import CampaignRecorder
-from loops.journal import CompletedRun, Experiment, Journal, ResumeInfo
+from loops.journal import AWAITING, CompletedRun, Experiment, Journal, ResumeInfo
 from loops.optimizer import optimizer_from_state
 from loops.stationerrors import cause_text
 from loops.stationledger import window_text
@@ -40,7 +42,7 @@ class BudgetWindow(RuntimeError):
     resume) until a window allows more; the message says when."""
 
 
-class CampaignResume(CampaignLease, CampaignRecorder):
+class CampaignResume(CampaignLease, CampaignApproval):
     """Creating a campaign in the journal, or picking it up after a crash (:meth:`prepare`)."""
 
     async def prepare(self, *, resume: bool = False, operator: str = "operator") -> None:
@@ -131,6 +133,7 @@ class CampaignResume(CampaignLease, CampaignRecorder):
         )
         pending_ids = {p.id for p in self.optimizer.pending()}
         live: set[str] = set()
+        awaiting: list[Item] = []  # awaiting a human: they wait again (campaignapproval)
         ran = sorted(
             (e for e in experiments if e.state in ("done", "failed") and e.station is not None),
             key=lambda e: e.updated,
@@ -148,6 +151,9 @@ class CampaignResume(CampaignLease, CampaignRecorder):
                 checked=False,
             )
             self._count_restored(exp)
+            if exp.state == AWAITING:
+                awaiting.append(item)
+                continue
             if exp.state == "proposed":
                 if item.pid is None:
                     try:
@@ -185,10 +191,12 @@ class CampaignResume(CampaignLease, CampaignRecorder):
                     f"resume of campaign {self.campaign_id}: the station was unattended since "
                     "the campaign's process stopped",
                 )
+        live |= await self._restore_awaiting(awaiting)
         for p in self.optimizer.pending():  # asked but never journaled: nothing ran
             if p.id not in live:
                 self.optimizer.cancel(p.id)
         self._pending = {e: p for e, p in self._pending.items() if p in live}
+        await self._settle_approvals()  # decided or expired while the campaign was down
         await self.journal.call(
             Journal.save_optimizer_state, self.campaign_id, self._state(), epoch=self._epoch
         )

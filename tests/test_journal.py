@@ -56,6 +56,7 @@ def drive(j: Journal, state: str, campaign: str = "c", station: str = "bench-a")
     eid = j.propose(campaign, {"red": 0.5}, "optimizer")
     paths = {
         "proposed": [],
+        "awaiting-approval": ["awaiting-approval"],
         "checked": ["checked"],
         "rejected": ["rejected"],
         "cancelled": ["cancelled"],
@@ -68,6 +69,8 @@ def drive(j: Journal, state: str, campaign: str = "c", station: str = "bench-a")
     for s in paths[state]:
         if s == "done":
             j.finish(eid, {"de": 1.0}, 1.0)
+        elif s == "awaiting-approval":
+            j.await_approval(eid, ["a rule asked"], time.time() + 3600)
         elif s == "rejected":
             j.reject(eid, ["too much dye"])
         elif s == "queued":
@@ -143,7 +146,7 @@ def test_a_version_1_journal_is_migrated_and_keeps_its_data(tmp_path: Path) -> N
     finally:
         conn.close()
     with Journal(path) as j:
-        assert j.settings()["schema_version"] == SCHEMA_VERSION == 4
+        assert j.settings()["schema_version"] == SCHEMA_VERSION == 5
         assert j.campaign("c").state == "running"
         eid = j.propose("c", {"x": 1}, "optimizer")
         j.transition(eid, "checked")
@@ -269,9 +272,11 @@ def test_every_illegal_transition_is_refused_and_changes_nothing(journal: Journa
     legal = illegal = 0
     for start in EXPERIMENT_STATES:
         for target in EXPERIMENT_STATES:
-            if target == "done":
-                continue  # done only through finish(): checked below
+            if target in ("done", "awaiting-approval"):
+                continue  # only through finish() and await_approval(): checked below
             eid = drive(journal, start)
+            if start == "awaiting-approval" and target == "checked":
+                journal.decide(eid, True, "ana", "checked by hand")  # else refused: below
             before = journal.transitions(eid)
             reason = "why" if target in ("failed", "interrupted", "rejected") else None
             if target in NEXT_STATES[start]:
@@ -286,7 +291,7 @@ def test_every_illegal_transition_is_refused_and_changes_nothing(journal: Journa
                 assert journal.experiment(eid).state == start
                 assert journal.transitions(eid) == before  # rolled back, no log row
                 illegal += 1
-    assert legal == sum(len(v - {"done"}) for v in NEXT_STATES.values())
+    assert legal == sum(len(v - {"done", "awaiting-approval"}) for v in NEXT_STATES.values())
     assert illegal > 50
     for start in EXPERIMENT_STATES:
         eid = drive(journal, start)
@@ -296,6 +301,20 @@ def test_every_illegal_transition_is_refused_and_changes_nothing(journal: Journa
             journal.finish(eid, {}, 1.0)
     with pytest.raises(JournalError, match="finish"):
         journal.transition(drive(journal, "running"), "done")
+    with pytest.raises(JournalError, match="await_approval"):
+        journal.transition(drive(journal, "proposed"), "awaiting-approval")
+    for start in EXPERIMENT_STATES:
+        eid = drive(journal, start)
+        if start == "proposed":
+            continue
+        with pytest.raises(IllegalTransition, match=f"'{start}' -> 'awaiting-approval'"):
+            journal.await_approval(eid, ["a rule asked"], time.time() + 60)
+    waiting = drive(journal, "awaiting-approval")  # nothing runs that nobody approved
+    with pytest.raises(IllegalTransition, match="nobody approved it"):
+        journal.transition(waiting, "checked")
+    journal.decide(waiting, False, "ana", "too hot")
+    with pytest.raises(IllegalTransition, match="nobody approved it"):
+        journal.transition(waiting, "checked")
 
 
 def test_transition_arguments_are_validated(journal: Journal) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 EXPERIMENT_STATES = (
     "proposed",
+    "awaiting-approval",
     "checked",
     "rejected",
     "queued",
@@ -21,7 +22,10 @@ EXPERIMENT_STATES = (
     "cancelled",
 )
 NEXT_STATES: Mapping[str, frozenset[str]] = {
-    "proposed": frozenset({"checked", "rejected", "cancelled"}),
+    "proposed": frozenset({"checked", "rejected", "cancelled", "awaiting-approval"}),
+    # a human decides (loops/journal/_approvals.py): approved -> checked; denied or expired ->
+    # rejected; the campaign ended -> cancelled
+    "awaiting-approval": frozenset({"checked", "rejected", "cancelled"}),
     "checked": frozenset({"queued", "proposed", "cancelled"}),
     "queued": frozenset({"running", "proposed", "failed", "cancelled"}),
     "running": frozenset({"done", "failed", "interrupted"}),
