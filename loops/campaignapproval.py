@@ -39,6 +39,7 @@ __all__ = ["CampaignApproval"]
 
 
 def _duration(seconds: float) -> str:
+    seconds = round(seconds, 2)  # wall-clock stamps: 0.999 s of a 1 s expiry is 1 s
     if seconds >= 3600:
         return f"{seconds / 3600:.3g} h"
     if seconds >= 60:
