@@ -4,17 +4,28 @@ what reached a simulated reference bench, read from its wire log."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from bridge.campaigns import lab_clock
+from bridge.labconfig import LabConfig, load_lab
+from bridge.simbench import sim_lab_yaml
 from instruments.drivers.camera import Camera
 from instruments.drivers.color_sensor import ColorSensor
 from instruments.drivers.enclosure import Enclosure
 from instruments.drivers.hotplate import Hotplate
 from instruments.drivers.syringe_pump import SyringePump
+from loops.journal import AsyncJournal
+from loops.stations import LocalStation, StationActor
 from safety.effects import Layout
 from safety.envelope import Envelope
-from simulators.bench import SimulatedBench
+from simulators.bench import SimulatedBench, SimulatedLab
 
 #: instrument name -> driver class, as on the reference bench
 DRIVERS: dict[str, Any] = {
@@ -58,3 +69,55 @@ def actuating(bench: SimulatedBench, since: float) -> list[tuple[float, Any]]:
         if address in (0, 1) or (address in (2, 3) and 1 in values):
             out.append((r.real_t, (address, values)))
     return sorted(out, key=lambda e: e[0])
+
+
+@dataclass
+class LocalBench:
+    """One simulated colour bench, its lab config, the journal and the station actor, all in
+    this process (no Ray): :func:`local_bench`."""
+
+    sim: SimulatedLab
+    lab: LabConfig
+    journal: AsyncJournal
+    station: LocalStation
+    now: Any  # the lab's clock (lab_clock)
+
+
+@contextlib.asynccontextmanager
+async def local_bench(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    speed: float = 500.0,
+    relaxed: bool = False,
+    stopped: dict[str, Any] | None = None,
+) -> AsyncIterator[LocalBench]:
+    """A started station actor on a simulated colour bench, with verification off;
+    ``relaxed``: staleness limits of 10 s (:func:`relaxed_staleness`); ``stopped``: filled
+    with the station's status once it has stopped, on the way out."""
+    async with SimulatedLab(stations=1, speed=speed) as sim:
+        path = tmp_path / "lab.yaml"
+        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
+        lab = load_lab(path)
+        clock, now = lab_clock(lab)
+        st = lab.stations["bench-a"]
+        for key, value in st.env.items():  # what a station's own process would get
+            monkeypatch.setenv(key, value)
+        async with await AsyncJournal.open(lab.store) as journal:
+            actor = StationActor(
+                "bench-a",
+                list(st.instruments),
+                relaxed_staleness(st.envelope_text) if relaxed else st.envelope_text,
+                clock=clock,
+                supervisor_options=st.supervisor,
+                journal=journal,
+                verification={"enabled": False},
+            )
+            station = LocalStation(actor)
+            assert (await station.call(StationActor.start))["open"]
+            try:
+                yield LocalBench(sim, lab, journal, station, now)
+            finally:
+                status = await station.call(StationActor.stop)
+                if stopped is not None:
+                    stopped.update(status)

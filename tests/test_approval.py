@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reference import relaxed_staleness
+from reference import local_bench
 
-from bridge.campaigns import agent_approvals, lab_clock
+from bridge.campaigns import agent_approvals
 from bridge.cli import main as cli
 from bridge.labconfig import LabConfigError, load_lab
-from bridge.simbench import sim_lab_yaml
 from loops.approval import ApprovalPolicy, approval_needed, parse_approval
 from loops.campaign import CampaignRunner
 from loops.journal import (
@@ -48,7 +47,7 @@ from loops.program import (
     builtin_program,
     load_program,
 )
-from loops.stations import LocalStation, StationActor
+from loops.stations import LocalStation
 from safety.yamldoc import ConfigError, YamlDoc
 from simulators.bench import SimulatedLab
 
@@ -347,30 +346,8 @@ class Bench:
 @contextlib.asynccontextmanager
 async def bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Bench]:
     """The simulated bench with its station actor and the journal in this process (no Ray)."""
-    async with SimulatedLab(stations=1, speed=SPEED) as sim:
-        path = tmp_path / "lab.yaml"
-        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
-        lab = load_lab(path)
-        clock, now = lab_clock(lab)
-        st = lab.stations["bench-a"]
-        for key, value in st.env.items():  # what a station's own process would get
-            monkeypatch.setenv(key, value)
-        async with await AsyncJournal.open(lab.store) as journal:
-            actor = StationActor(
-                "bench-a",
-                list(st.instruments),
-                relaxed_staleness(st.envelope_text),
-                clock=clock,
-                supervisor_options=st.supervisor,
-                journal=journal,
-                verification={"enabled": False},
-            )
-            station = LocalStation(actor)
-            assert (await station.call(StationActor.start))["open"]
-            try:
-                yield Bench(sim, lab, journal, station, now)
-            finally:
-                await station.call(StationActor.stop)
+    async with local_bench(tmp_path, monkeypatch, speed=SPEED, relaxed=True) as b:
+        yield Bench(b.sim, b.lab, b.journal, b.station, b.now)
 
 
 _VOL = re.compile(r"^([0-2])VOL([0-9.]+)ML$")

@@ -20,15 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reference import local_bench
 
-from bridge.campaigns import lab_clock
-from bridge.labconfig import load_lab
-from bridge.simbench import sim_lab_yaml
 from loops.campaign import CampaignRunner
-from loops.journal import AsyncJournal, Journal
+from loops.journal import Journal
 from loops.program import load_program
-from loops.stations import LocalStation, StationActor
-from simulators.bench import SimulatedLab
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
 
@@ -50,42 +46,20 @@ async def local_campaign(
         stop=dataclasses.replace(base.stop, target=None),
     )
     end: dict[str, Any] = {}
-    async with SimulatedLab(stations=1, speed=500.0) as sim:
-        path = tmp_path / "lab.yaml"
-        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
-        lab = load_lab(path)
-        clock, now = lab_clock(lab)
-        st = lab.stations["bench-a"]
-        for key, value in st.env.items():  # what a station's own process would get
-            monkeypatch.setenv(key, value)
-        async with await AsyncJournal.open(lab.store) as journal:
-            actor = StationActor(
-                "bench-a",
-                list(st.instruments),
-                st.envelope_text,
-                clock=clock,
-                supervisor_options=st.supervisor,
-                journal=journal,
-                verification={"enabled": False},
-            )
-            station = LocalStation(actor)
-            assert (await station.call(StationActor.start))["open"]
-            try:
-                yield (
-                    CampaignRunner(
-                        program,
-                        journal,
-                        {"bench-a": station},
-                        campaign_id="local",
-                        clock_now=now,
-                        on_event=on_event,
-                    ),
-                    lab,
-                    end,
-                    sim.stations[0],
-                )
-            finally:
-                end.update(await station.call(StationActor.stop))
+    async with local_bench(tmp_path, monkeypatch, stopped=end) as b:
+        yield (
+            CampaignRunner(
+                program,
+                b.journal,
+                {"bench-a": b.station},
+                campaign_id="local",
+                clock_now=b.now,
+                on_event=on_event,
+            ),
+            b.lab,
+            end,
+            b.sim.stations[0],
+        )
 
 
 @pytest.mark.timeout(180)
