@@ -113,7 +113,7 @@ class ApprovalPolicy:
 
     def check_names(self, known: Sequence[str], what: str) -> None:
         """Every name the rule uses is one of ``known`` (``what`` names their owner, e.g.
-        ``campaign color-1``); raises :class:`~safety.yamldoc.ConfigError` otherwise."""
+        ``campaign run-1``); raises :class:`~safety.yamldoc.ConfigError` otherwise."""
         unknown = sorted(self.names() - set(known))
         if unknown:
             raise ConfigError(
