@@ -12,6 +12,8 @@ lab.yaml::
         stations: [bench-a]          # stations it may see (description, live readings) and
                                      # act through: a campaign it proposes to or starts runs
                                      # on these only
+        quota: {proposals_per_hour: 30}  # how much it may propose, run and consume
+                                     # (bridge/quotaconfig.py; counted by bridge/quotas.py)
 
 Deny by default: a field left out grants nothing, and a token of an agent not listed is
 refused. A scope is a glob pattern (``fnmatch``, case-sensitive: ``*``, ``?``, ``[ab]``)
@@ -52,7 +54,7 @@ __all__ = [
 #: an agent's name: also the part after ``agent:`` in the journal
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,64}$")
-_FIELDS = (*ACTIONS, "stations")
+_FIELDS = (*ACTIONS, "stations", "quota")  # quota: bridge/quotaconfig.py reads it
 DEFAULT_TOKEN_FILE = "agents.tokens"
 
 

@@ -33,6 +33,7 @@ from pydantic import Field, StrictFloat, StrictInt, ValidationError
 
 from bridge.agents import Agent, Authenticator, AuthError, ScopeRefused
 from bridge.labdescribe import describe_station, envelope_lines
+from bridge.ratelimit import RateLimiter
 from bridge.service import (
     CAMPAIGN_ID,
     CONTROL_ACTIONS,
@@ -146,6 +147,8 @@ class LabTools:
         self.token = token
         #: station -> its description (:func:`describe_station`): the lab config does not change
         self._described: dict[str, dict[str, Any]] = {}
+        #: each agent's tool calls (its quota's tool_calls_per_s and tool_call_burst)
+        self._calls = RateLimiter(20.0, 40.0)
 
     # ------------------------------------------------------------------ identity
     def agent(self, ctx: Context[Any, Any]) -> Agent:
@@ -159,7 +162,23 @@ class LabTools:
             token = getattr(access, "token", None)
         if not isinstance(token, str):
             raise AuthError("not authenticated: send the agent's token as a bearer token")
-        return self.auth.authenticate(token)
+        agent = self.auth.authenticate(token)
+        self._admit(agent)
+        return agent
+
+    def _admit(self, agent: Agent) -> None:
+        """Refuse the call (not acted on) once the agent is past its rate of tool calls."""
+        quota = self.service.lab.quotas.for_proposer(agent.proposer)
+        if quota is None or self._calls.admit(
+            agent.name, rate=quota.tool_calls_per_s, burst=quota.tool_call_burst
+        ):
+            return
+        wait = self._calls.retry_after(agent.name, rate=quota.tool_calls_per_s)
+        raise ToolError(
+            f"busy: agent {agent.name} made more than {quota.tool_calls_per_s:g} tool calls a "
+            f"second (bursts of {quota.tool_call_burst}; {quota.where}): not acted on; retry "
+            f"in {max(wait, 0.001):.3f} s"
+        )
 
     @contextlib.contextmanager
     def _refusals(self) -> Iterator[None]:
@@ -201,11 +220,24 @@ class LabTools:
                 {
                     "bridge_id": lab.bridge_id,
                     "simulated": lab.simulated,
-                    "you": {"agent": agent.proposer, "scopes": agent.config.as_dict()},
+                    "you": {
+                        "agent": agent.proposer,
+                        "scopes": agent.config.as_dict(),
+                        **await self._quota(agent),
+                    },
                     "stations": {s: self._describe(s) for s in stations},
                     "not_yours": [s for s in self.service.stations if s not in stations],
                 }
             )
+
+    async def _quota(self, agent: Agent) -> dict[str, Any]:
+        """The agent's quota and how much of it is used (counted from the journal)."""
+        quota = self.service.lab.quotas.for_proposer(agent.proposer)
+        uses = await self.service.quota_usage(agent.proposer)
+        return {
+            "quota": quota.as_dict() if quota is not None else None,
+            "quota_used": [u.as_dict() for u in uses],
+        }
 
     def _describe(self, station: str) -> dict[str, Any]:
         if station not in self._described:
@@ -342,7 +374,13 @@ class LabTools:
         with self._refusals():
             agent = self.agent(ctx)
             self._active(agent, "propose", campaign_id)
-            return _plain(await self.service.dry_run(campaign_id, params, agent.proposer))
+            verdict = await self.service.dry_run(campaign_id, params, agent.proposer)
+            refused = await self.service.quota_refusal(campaign_id, agent.proposer)
+            verdict["quota"] = None if refused is None else refused.text
+            if refused is not None:  # a proposal now would be refused for its quota
+                verdict["ok"] = False
+                verdict["reasons"] = [*verdict["reasons"], refused.text]
+            return _plain(verdict)
 
     # -------------------------------------------------------------------- acting
     async def propose(
@@ -479,7 +517,9 @@ class LabTools:
                 "The lab: the stations you may use, their instruments and declared commands "
                 "(parameters with units and device ranges, the channels they set), and each "
                 "station's safety envelope in words: the channels it bounds and how (units), "
-                "its rules and why, vessels (capacity), budgets and monitors. Also your scopes.",
+                "its rules and why, vessels (capacity), budgets and monitors. Also your scopes, "
+                "your quota (proposals per hour, experiments per day, shares of budgets, "
+                "proposals queued per campaign, tool calls per second) and how much is used.",
                 read,
             ),
             (
@@ -533,13 +573,16 @@ class LabTools:
             (
                 self.dry_run,
                 "Check a proposal for a running campaign you may propose to, without queuing "
-                "or journaling anything: ok, and every reason it would be refused. " + checked,
+                "or journaling anything: ok, and every reason it would be refused, your quota "
+                "included (quota: why it would refuse one now). " + checked,
                 read,
             ),
             (
                 self.propose,
-                "Propose one experiment to a running campaign you may propose to. It is "
-                "journaled as yours (agent:<your name>, from your token), then checked; "
+                "Propose one experiment to a running campaign you may propose to. Over your "
+                "quota it is refused at once, naming the quota and when it frees up (nothing "
+                "journaled). Else it is journaled as yours (agent:<your name>, from your "
+                "token), then checked; "
                 "refused -> rejected with every reason (why_refused), else queued ahead of "
                 "the optimizer's next point and run by the campaign's stations through the "
                 "safety layer. Returns its experiment id (wait_for_experiment). " + checked,

@@ -116,9 +116,9 @@ class ServiceQueries:
         }
 
     # ------------------------------------------------------------------ journal
-    async def _journal_call(self, method: str, *args: Any) -> Any:
+    async def _journal_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         self._require_open()
-        ref = getattr(self.journal, method).remote(*args)
+        ref = getattr(self.journal, method).remote(*args, **kwargs)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), JOURNAL_TIMEOUT_S)
         except Exception as exc:

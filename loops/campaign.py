@@ -101,6 +101,12 @@ __all__ = [
 ]
 
 
+#: agents' accepted proposals run ahead of the optimizer's next point, but after this many
+#: of them in a row the optimizer's next point takes the free station: a flood of accepted
+#: proposals cannot keep the campaign's own search off the stations
+AGENT_RUN = 3
+
+
 class CampaignClosed(RuntimeError):
     """The campaign is not accepting proposals (not started, stopping or ended)."""
 
@@ -162,6 +168,12 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
     :class:`~loops.campaignresume.CampaignResume` (:meth:`prepare`) and
     :class:`~loops.campaignrecord.CampaignRecorder` (outcomes); the scheduling is here.
     """
+
+    # the fair share of the queue (_next_queued): claims served, and when each proposer
+    # was served last; agents' claims in a row
+    _claims: int = 0
+    _served: dict[str, int] | None = None
+    _agent_run: int = 0
 
     # --------------------------------------------------------------- controls
     def stop(self, reason: str = "stopped by the operator") -> None:
@@ -259,6 +271,28 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             self._queue.append(item)
         return ProposalReceipt(item.experiment_id, True, (), proposer)
 
+    def queued_by(self, proposer: str) -> int:
+        """How many of ``proposer``'s proposals wait in this campaign's queue (accepted or
+        resumed, not claimed by a station yet)."""
+        return sum(1 for item in self._queue if item.proposer == proposer)
+
+    def _next_queued(self) -> Item | None:
+        """The queued proposal to claim next, or None: the optimizer's turn (an empty queue,
+        or :data:`AGENT_RUN` agents' proposals in a row). Proposers take turns: the one
+        served longest ago first, each one's proposals in the order they came."""
+        if not self._queue:
+            return None
+        if self._agent_run >= AGENT_RUN and self._exhausted is None:
+            return None
+        served = self._served if self._served is not None else {}
+        self._served = served
+        item = min(self._queue, key=lambda it: served.get(it.proposer, -1))  # first of equals
+        self._queue.remove(item)
+        self._claims += 1
+        served[item.proposer] = self._claims
+        self._agent_run = self._agent_run + 1 if item.proposer.startswith("agent:") else 0
+        return item
+
     # --------------------------------------------------------------- proposals
     async def _journal_proposal(
         self, params: dict[str, Any], proposer: str, pid: str | None
@@ -338,9 +372,11 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
                 budget = self.program.budget.experiments
                 if budget is not None and len(self._values) + self._in_flight >= budget:
                     return None
-                if self._queue:
-                    item = self._queue.popleft()
+                queued = self._next_queued()
+                if queued is not None:
+                    item = queued
                 else:
+                    self._agent_run = 0
                     try:
                         proposal = await asyncio.to_thread(self.optimizer.ask)
                     except Exhausted as exc:
