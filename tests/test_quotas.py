@@ -319,3 +319,35 @@ async def test_the_fair_queue_serves_identities_in_turn_and_is_bounded() -> None
     assert not waiter.done()
     q.put_nowait("late", key="x")
     assert await waiter == "late"
+
+
+# ------------------------------------------------------------ the campaign's queue
+def test_queued_proposals_take_turns_and_the_optimizer_gets_its_share(tmp_path: Path) -> None:
+    """The order stations claim queued proposals in: proposers in turn (the one served
+    longest ago first), and after AGENT_RUN agents' experiments in a row the optimizer's
+    next point (None: ask the optimizer). Nothing is called: the queue is plain data."""
+    from loops.campaign import AGENT_RUN, CampaignRunner
+    from loops.campaignbook import Item
+    from loops.program import builtin_program, load_program
+
+    with Journal(tmp_path / "j.db") as j:
+        runner = CampaignRunner(
+            load_program(builtin_program("color-match")),
+            _journal_call(j),  # never called here
+            {"bench-a": object()},  # type: ignore[dict-item]
+            campaign_id="c1",
+        )
+    for i in range(4):
+        runner._queue.append(Item(f"m{i}", None, {}, None, "agent:mallet", True))
+    runner._queue.append(Item("a0", None, {}, None, "agent:alice", True))
+    runner._queue.append(Item("a1", None, {}, None, "agent:alice", True))
+    assert runner.queued_by("agent:mallet") == 4 and runner.queued_by("agent:alice") == 2
+    order = []
+    for _ in range(8):
+        item = runner._next_queued()
+        order.append(item.experiment_id if item is not None else "optimizer")
+        if item is None:
+            runner._agent_run = 0  # what a claim does when it asks the optimizer
+    assert AGENT_RUN == 3
+    assert order == ["m0", "a0", "m1", "optimizer", "a1", "m2", "m3", "optimizer"]
+    assert runner._next_queued() is None and runner.queued_by("agent:mallet") == 0
