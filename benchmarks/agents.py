@@ -193,11 +193,19 @@ async def time_stdio(lab_path: Path, token: str, gcs: str, n: int, calls: Calls)
 
 
 async def paused_campaign(service: LabService, cid: str) -> None:
-    """A running campaign whose optimizer claims nothing: paused before its workers run."""
-    started = await service.start_campaign(cid, program(1000), who="benchmark")
-    if not started.accepted:
-        raise RuntimeError(f"campaign {cid} not started: {started.errors}")
-    await service.control(cid, "pause", who="benchmark")
+    """A running campaign whose optimizer claims nothing: paused before its workers run. A
+    station a monitor tripped meanwhile (a starved machine: a stale reading) is reset."""
+    for _ in range(5):
+        started = await service.start_campaign(cid, program(1000), who="benchmark")
+        if started.accepted:
+            await service.control(cid, "pause", who="benchmark")
+            return
+        if not any("is tripped" in e for e in started.errors):
+            break
+        print(f"  note: {'; '.join(started.errors)}: reset", file=sys.stderr)
+        await service.reset("benchmark", "a monitor tripped the idle station")
+        await asyncio.sleep(1.0)
+    raise RuntimeError(f"campaign {cid} not started: {started.errors}")
 
 
 # ------------------------------------------------------------------ part 2: flood
@@ -236,8 +244,11 @@ async def main():
                 with open(target) as f:
                     cid = f.read().strip()
                 n += 1
-                res = await agent.call_tool("propose", {"campaign_id": cid, "params": params[n % 2]})
-                k = kind(res)
+                try:
+                    res = await agent.call_tool("propose", {"campaign_id": cid, "params": params[n % 2]})
+                    k = kind(res)
+                except Exception as exc:  # HTTP 429: refused unread (it ignores "busy")
+                    k = "HTTP 429 (unread)" if "error response" in str(exc) else "error: " + str(exc)[:60]
                 counts[k] = counts.get(k, 0) + 1
 
         await asyncio.gather(*(worker(i) for i in range(int(concurrency))))
@@ -250,11 +261,13 @@ asyncio.run(main())
 class Flood:
     """An agent flooding proposals over MCP HTTP from another process (so that its client
     takes no CPU time from this one's service and simulators): ``concurrency`` proposals in
-    flight, to the campaign named in ``target`` (a file, rewritten when the campaign
-    changes), half of them points the station would run, half refused by its safety layer."""
+    flight, to the campaign named in ``target`` (a file, replaced when the campaign
+    changes), each a point the station's safety layer refuses (never queued, so every one
+    that passes the rate limit takes the whole path: quota, journal, the station's dry
+    run)."""
 
     def __init__(self, url: str, token: str, target: Path, concurrency: int) -> None:
-        self.argv = [url, token, str(target), str(concurrency), json.dumps(GOOD)]
+        self.argv = [url, token, str(target), str(concurrency), json.dumps(OVERFILL)]
         self.argv.append(json.dumps(OVERFILL))
         self.counts: dict[str, int] = {}
         self.elapsed = 0.0
@@ -271,7 +284,8 @@ class Flood:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.proc.terminate()  # its calls in flight are answered, then it reports
+        with contextlib.suppress(ProcessLookupError):  # (it failed: its output says why)
+            self.proc.terminate()  # its calls in flight are answered, then it reports
         raw, _ = await asyncio.wait_for(self.proc.communicate(), 60)
         out = raw.decode()
         last = out.strip().splitlines()[-1] if out.strip() else "{}"
@@ -303,7 +317,10 @@ async def run_part2(
     async def next_campaign() -> None:
         cid = f"estop-{secrets.token_hex(3)}"
         await paused_campaign(service, cid)
-        target.write_text(cid)
+        part = target.with_suffix(".part")
+        part.write_text(cid)
+        part.replace(target)  # the flooder never reads half a name
+        await asyncio.sleep(0.3)  # a flooder is on the new campaign before the next e-stop
 
     await next_campaign()
     bench = sim.stations[0]

@@ -14,7 +14,10 @@ beside the journal, and a second one is refused):
   both).
 
 HTTP listens on loopback unless told otherwise; any other address needs ``--tls-cert``
-and ``--tls-key`` (bearer tokens never cross a network in clear). Tokens are checked on
+and ``--tls-key`` (bearer tokens never cross a network in clear). The HTTP transport runs
+on a thread and event loop of its own: requests are parsed, and each agent's rate of calls
+checked, there; only admitted calls run on the service's loop (:mod:`bridge.mcpcalls`), so
+a flooding agent never delays an e-stop. Tokens are checked on
 every request against the hashed token file (:mod:`bridge.agenttokens`), read again when
 it changes: a revoked token is refused from its next request on. The tools are
 :mod:`bridge.mcptools`'.
@@ -31,6 +34,7 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +45,7 @@ from mcp.server.auth.settings import AuthSettings
 
 from bridge.agents import Authenticator, AuthError
 from bridge.labconfig import LabConfig
+from bridge.mcpcalls import RequestGate
 from bridge.mcptools import LabTools
 from bridge.service import LabService
 
@@ -177,15 +182,20 @@ async def mcp_http(service: LabService, bind: HttpBind) -> AsyncIterator[str]:
     scheme = "https" if bind.certfile is not None else "http"
     host = f"[{bind.host}]" if ":" in bind.host else bind.host
     base = f"{scheme}://{host}:{port}"
-    server = LabTools(service, auth).build(
+    # the transport runs on a thread of its own; each admitted call runs on this loop
+    server = LabTools(service, auth, loop=asyncio.get_running_loop()).build(
         auth=AuthSettings(issuer_url=base, resource_server_url=None),  # type: ignore[arg-type]
         token_verifier=BearerTokens(auth),
     )
-    app = server.streamable_http_app(
-        host=bind.host,
-        max_request_body_size=MAX_BODY_BYTES,
-        max_sessions=MAX_SESSIONS,
-        session_idle_timeout=SESSION_IDLE_S,
+    app = RequestGate(  # a client that ignores "busy": 429, unread
+        server.streamable_http_app(
+            host=bind.host,
+            max_request_body_size=MAX_BODY_BYTES,
+            max_sessions=MAX_SESSIONS,
+            session_idle_timeout=SESSION_IDLE_S,
+        ),
+        auth.authenticate,
+        service.lab.quotas,
     )
     config = uvicorn.Config(
         app,
@@ -196,19 +206,30 @@ async def mcp_http(service: LabService, bind: HttpBind) -> AsyncIterator[str]:
         ssl_keyfile=bind.keyfile,
     )
     uv = _uvicorn_server(config)
-    task = asyncio.create_task(uv.serve(sockets=[sock]), name="mcp-http")
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(uv.serve(sockets=[sock]))
+        except BaseException as exc:  # told to the starting side, or logged
+            failed.append(exc)
+            log.error("the MCP HTTP server on %s stopped: %s", base, exc)
+
+    # its own thread and event loop: parsing requests, sessions and refusing a flood never
+    # run on the loop that handles e-stops (bridge/mcpcalls.py)
+    thread = threading.Thread(target=run, name="mcp-http", daemon=True)
+    thread.start()
     try:
         while not uv.started:  # uvicorn has no started event
-            if task.done():
-                task.result()
-                raise McpError(f"the MCP HTTP server on {base} stopped while starting")
+            if not thread.is_alive():
+                why = f": {failed[0]}" if failed else ""
+                raise McpError(f"the MCP HTTP server on {base} stopped while starting{why}")
             await asyncio.sleep(0.01)
         log.info("MCP server on %s/mcp", base)
         yield f"{base}/mcp"
     finally:
         uv.should_exit = True
-        with contextlib.suppress(Exception):
-            await task
+        await asyncio.to_thread(thread.join, 30.0)  # this loop keeps serving calls meanwhile
         sock.close()
 
 

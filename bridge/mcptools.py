@@ -33,7 +33,7 @@ from pydantic import Field, StrictFloat, StrictInt, ValidationError
 
 from bridge.agents import Agent, Authenticator, AuthError, ScopeRefused
 from bridge.labdescribe import describe_station, envelope_lines
-from bridge.ratelimit import RateLimiter
+from bridge.mcpcalls import CallGate
 from bridge.service import (
     CAMPAIGN_ID,
     CONTROL_ACTIONS,
@@ -138,17 +138,26 @@ class LabTools:
 
     ``token``: the stdio transport's token (from the environment; checked again on every
     call, so a revocation applies at once); None: each HTTP request's bearer token, checked
-    by the transport (:class:`~bridge.mcpserver.BearerTokens`) and again here.
+    by the transport (:class:`~bridge.mcpserver.BearerTokens`) and again here. ``loop``: the
+    service's event loop, when the transport runs on another (HTTP): every call is admitted
+    (its agent's rate) there and run on ``loop`` (:class:`~bridge.mcpcalls.CallGate`).
     """
 
-    def __init__(self, service: LabService, auth: Authenticator, *, token: str | None = None):
+    def __init__(
+        self,
+        service: LabService,
+        auth: Authenticator,
+        *,
+        token: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ):
         self.service = service
         self.auth = auth
         self.token = token
         #: station -> its description (:func:`describe_station`): the lab config does not change
         self._described: dict[str, dict[str, Any]] = {}
-        #: each agent's tool calls (its quota's tool_calls_per_s and tool_call_burst)
-        self._calls = RateLimiter(20.0, 40.0)
+        #: each call's agent and rate (its quota's tool_calls_per_s), then the service's loop
+        self.gate = CallGate(self.agent, service.lab.quotas, loop)
 
     # ------------------------------------------------------------------ identity
     def agent(self, ctx: Context[Any, Any]) -> Agent:
@@ -162,23 +171,7 @@ class LabTools:
             token = getattr(access, "token", None)
         if not isinstance(token, str):
             raise AuthError("not authenticated: send the agent's token as a bearer token")
-        agent = self.auth.authenticate(token)
-        self._admit(agent)
-        return agent
-
-    def _admit(self, agent: Agent) -> None:
-        """Refuse the call (not acted on) once the agent is past its rate of tool calls."""
-        quota = self.service.lab.quotas.for_proposer(agent.proposer)
-        if quota is None or self._calls.admit(
-            agent.name, rate=quota.tool_calls_per_s, burst=quota.tool_call_burst
-        ):
-            return
-        wait = self._calls.retry_after(agent.name, rate=quota.tool_calls_per_s)
-        raise ToolError(
-            f"busy: agent {agent.name} made more than {quota.tool_calls_per_s:g} tool calls a "
-            f"second (bursts of {quota.tool_call_burst}; {quota.where}): not acted on; retry "
-            f"in {max(wait, 0.001):.3f} s"
-        )
+        return self.auth.authenticate(token)
 
     @contextlib.contextmanager
     def _refusals(self) -> Iterator[None]:
@@ -605,7 +598,7 @@ class LabTools:
         ]
         for fn, description, hints in tools:
             server.add_tool(
-                fn,
+                self.gate.wrap(fn),
                 name=fn.__name__,
                 description=description,
                 annotations=hints,
@@ -617,12 +610,12 @@ class LabTools:
             description="A campaign's program.md: its parameters, constraints, objective, "
             "budget and recipe, and the Markdown that explains them.",
             mime_type="text/markdown",
-        )(self.program_md)
+        )(self.gate.wrap(self.program_md, resource=True))
         server.resource(
             "labbridge://campaigns/{campaign_id}/report.html",
             name="report",
             description="A campaign's HTML report (summary, convergence, parameters, camera "
             "contact sheet, safety verdicts), written from the journal when read.",
             mime_type="text/html",
-        )(self.report_html)
+        )(self.gate.wrap(self.report_html, resource=True))
         return server
