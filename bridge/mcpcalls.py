@@ -38,8 +38,9 @@ from bridge.ratelimit import RateLimiter
 __all__ = ["HARD_CAP", "CallGate", "RequestGate"]
 
 #: an agent's HTTP requests may come this many times faster than its tool calls before
-#: they are refused unread (HTTP 429): for a caller that ignores "busy"
-HARD_CAP = 4.0
+#: they are refused unread (HTTP 429): for a caller that ignores "busy" (a refusal through
+#: the MCP server costs ~10x one here, all of it on the interpreter the e-stop shares)
+HARD_CAP = 2.0
 
 T = TypeVar("T")
 

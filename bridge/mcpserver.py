@@ -69,6 +69,8 @@ MAX_BODY_BYTES = 256 * 1024
 MAX_SESSIONS = 256
 #: an HTTP session idle this long (s) is closed; its agent opens a new one
 SESSION_IDLE_S = 600.0
+#: the interpreter's switch interval while the HTTP transport's thread runs (s)
+SWITCH_INTERVAL_S = 0.001
 
 
 class McpError(RuntimeError):
@@ -216,7 +218,12 @@ async def mcp_http(service: LabService, bind: HttpBind) -> AsyncIterator[str]:
             log.error("the MCP HTTP server on %s stopped: %s", base, exc)
 
     # its own thread and event loop: parsing requests, sessions and refusing a flood never
-    # run on the loop that handles e-stops (bridge/mcpcalls.py)
+    # run on the loop that handles e-stops (bridge/mcpcalls.py). The thread shares the
+    # interpreter lock: while it parses a flood, every other thread (the e-stop's loop) waits
+    # up to the switch interval each time it needs the lock; 1 ms instead of 5 (measured:
+    # e-stops under a flood of refused requests 0.1 s instead of 1.5 s)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
     thread = threading.Thread(target=run, name="mcp-http", daemon=True)
     thread.start()
     try:
@@ -231,6 +238,7 @@ async def mcp_http(service: LabService, bind: HttpBind) -> AsyncIterator[str]:
         uv.should_exit = True
         await asyncio.to_thread(thread.join, 30.0)  # this loop keeps serving calls meanwhile
         sock.close()
+        sys.setswitchinterval(switch)
 
 
 # ===================================================================== runners
