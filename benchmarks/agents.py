@@ -26,9 +26,11 @@ to refuse), so every proposal pays for the whole quota check (the journal's coun
    ``flood`` at its quota's rate (the default: 20 tool calls/s, bursts of 40; past it
    "busy") and the agent ``flood-open`` with no rate limit to speak of (every proposal
    reaches the campaign: quota check, journal, the station's dry run). Each flooder keeps
-   ``--flood-concurrency`` proposals in flight. Before each e-stop a paused campaign is
-   running (an e-stop aborts it; the next is started after the reset). The ratio flood /
-   quiet of the medians is the figure: goal unchanged within noise.
+   ``--flood-concurrency`` proposals in flight. The control: the same e-stops while a
+   process that sends nothing keeps one core busy (a flooding client on this machine takes
+   one: what part of a slow-down is the machine's, not the service's). Before each e-stop
+   a paused campaign is running (an e-stop aborts it; the next is started after the
+   reset). The ratio to quiet of the medians is the figure: goal unchanged within noise.
 """
 
 from __future__ import annotations
@@ -297,10 +299,25 @@ class Flood:
         return sum(self.counts.values()) / self.elapsed if self.elapsed else math.nan
 
 
+class Burner:
+    """The control: another process that keeps one core busy and sends nothing, as a
+    flooding client does on this machine (the benchmark's processes share its cores)."""
+
+    async def __aenter__(self) -> Burner:
+        code = "import time\nwhile True:\n    time.perf_counter()\n"
+        self.proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.proc.kill()
+        await self.proc.wait()
+
+
 @dataclasses.dataclass
 class EStops:
     quiet: list[EStopRun]
     flooded: dict[str, tuple[list[EStopRun], Flood]]
+    burned: list[EStopRun]
 
 
 async def run_part2(
@@ -326,15 +343,18 @@ async def run_part2(
     bench = sim.stations[0]
     print(f"2. {args.estops} + {args.estops} e-stops, quiet ...", file=sys.stderr)
     quiet = await run_estops(service, client, bench, args.estops, after_reset=next_campaign)
+    print("2b. the same while another process burns a core (the control) ...", file=sys.stderr)
+    async with Burner():
+        burned = await run_estops(service, client, bench, args.estops, after_reset=next_campaign)
     flooded: dict[str, tuple[list[EStopRun], Flood]] = {}
     for agent in ("flood", "flood-open"):
-        print(f"2b. the same while agent {agent} floods proposals ...", file=sys.stderr)
+        print(f"2c. the same while agent {agent} floods proposals ...", file=sys.stderr)
         async with Flood(url, tokens[agent], target, args.flood_concurrency) as flood:
             await asyncio.sleep(0.5)  # the flood is steady before the first e-stop
             runs = await run_estops(service, client, bench, args.estops, after_reset=next_campaign)
         flooded[agent] = (runs, flood)
         await asyncio.sleep(0.5)
-    return EStops(quiet, flooded)
+    return EStops(quiet, flooded, burned)
 
 
 # -------------------------------------------------------------------------- main
@@ -458,13 +478,14 @@ def report(args: argparse.Namespace, r: Results, elapsed: float) -> None:
         )
 
     row("quiet", e.quiet)
+    row("while a process burns a core (control)", e.burned)
     for agent, (runs, _) in e.flooded.items():
         what = "rate-limited, 20 calls/s" if agent == "flood" else "no rate limit"
         row(f"while agent {agent} floods ({what})", runs)
     for agent, (_, flood) in e.flooded.items():
         counts = ", ".join(f"{k} {v}" for k, v in sorted(flood.counts.items()))
         print(f"    {agent}: {flood.rate:,.0f} proposals/s answered ({counts})")
-    every = [*e.quiet, *(x for runs, _ in e.flooded.values() for x in runs)]
+    every = [*e.quiet, *e.burned, *(x for runs, _ in e.flooded.values() for x in runs)]
     missing = [x for x in every if x.missing]
     failed = [x for x in every if x.failed]
     print(
@@ -475,7 +496,7 @@ def report(args: argparse.Namespace, r: Results, elapsed: float) -> None:
     spread = pct(quiet_mqtt, 0.75) / pct(quiet_mqtt, 0.25) if quiet_mqtt else math.nan
     print(
         f"    goal: unchanged within noise (the quiet e-stops' own p75/p25: {spread:.2f}x); "
-        f"median ratio flood/quiet: "
+        f"median ratio to quiet: control {_ratio(wire(e.burned, 'mqtt'), quiet_mqtt):.2f}x, "
         + ", ".join(
             f"{agent} {_ratio(wire(runs, 'mqtt'), quiet_mqtt):.2f}x"
             for agent, (runs, _) in e.flooded.items()

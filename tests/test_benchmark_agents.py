@@ -45,7 +45,8 @@ def test_the_quick_form_measures_every_call_and_estop(
     for tool in ("dry_run", "propose"):  # stdio, HTTP and Python: median and p99 each
         assert re.search(rf"^    {tool}\s+({NUMBER}+\s+){{6}}{NUMBER}+x{NUMBER}+x$", out, re.M), out
     assert "2. e-stop -> last safe-state command on the wire (3 + 3 e-stops" in out, out
-    for case in ("quiet", "while agent flood floods", "while agent flood-open floods"):
+    cases = ("quiet", "while a process burns a core", "while agent flood floods")
+    for case in (*cases, "while agent flood-open floods"):
         assert re.search(rf"^    {case}.*({NUMBER}+\s+){{4}}{NUMBER}+x$", out, re.M), (case, out)
     # the rate-limited flooder was told busy; the other's proposals reached the campaign
     assert re.search(r"^    flood: .*busy \(rate\) \d+", out, re.M), out
