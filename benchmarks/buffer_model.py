@@ -110,7 +110,7 @@ SORENSEN_POINT: dict[str, float] = {"acid_ml": 5.7, "base_ml": 24.3}
 
 class UnitBus:
     """An in-memory Modbus register bus into one simulated unit's register logic (no wire):
-    what :class:`PhMeter` needs of its transport (``instruments.drivers.hotplate.RegisterBus``).
+    what :class:`PhMeter` needs of its transport (``instruments.drivers.registers.RegisterBus``).
     An exception code from the unit raises :class:`ModbusExceptionError` as the transport does."""
 
     def __init__(self, unit: PhTransmitterSim, url: str = "model://ph") -> None:

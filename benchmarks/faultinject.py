@@ -23,6 +23,7 @@ import ray
 
 from benchmarks.faultlib import (
     EXAMPLE,
+    OPERATOR,
     Physics,
     Unsafe,
     audit_journal,
@@ -40,11 +41,10 @@ from loops.campaign import CampaignRunner
 from loops.journal import Journal
 from loops.program import Program
 from loops.raylinks import start_journal_actor
-from safety.envelope import reference_envelope
+from safety.envelopeload import reference_envelope
 from simulators.bench import SimulatedBench, SimulatedLab
 from simulators.benchworld import Faults
 
-OPERATOR = "faultbench"
 #: the colour bench's fault kinds (the buffer bench's own are not injected here), plus the
 #: death of the station actor
 KINDS = (
@@ -131,6 +131,7 @@ class Injected:
     t_back: float | None = None  # the station ran an experiment again (as polled)
     resets_refused: int = 0  # operator resets refused while a monitor still held
     resumed: int = 0  # campaign resumes it took
+    starts_failed: int = 0  # new station actors that could not open the bench (tried again)
     replaced_actor: bool = False
 
 
@@ -177,9 +178,15 @@ class StationFaults:
         self.task = asyncio.create_task(runner.run(), name=f"faults-{self.cid}")
 
     async def _replace_actor(self) -> None:
+        """A new station actor from lab.yaml; one that cannot open its bench (e.g. the broker
+        is restarting under another station's fault) is killed, and the error raised."""
         clock, _ = lab_clock(self.lab)
         actor = start_lab_station(self.lab, self.name, self.journal, clock)
-        await asyncio.wait_for(asyncio.wrap_future(actor.start.remote().future()), 120)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(actor.start.remote().future()), 120)
+        except BaseException:
+            ray.kill(actor, no_restart=True)
+            raise
         self.actor = actor
 
     async def _actor_alive(self) -> bool:
@@ -201,7 +208,12 @@ class StationFaults:
                 with contextlib.suppress(Exception):
                     self.task.result()
                 if not await self._actor_alive():
-                    await self._replace_actor()
+                    try:
+                        await self._replace_actor()
+                    except Exception:  # as an operator would: look again, start it again
+                        f.starts_failed += 1
+                        await asyncio.sleep(0.5)
+                        continue
                     f.replaced_actor = True
                 try:
                     await self.actor.reset.remote(OPERATOR, f"after injected fault {f.kind}")
@@ -403,11 +415,13 @@ def attribute(
                 "recovery_s": [],
                 "resets_refused": 0,
                 "resumes": 0,
+                "starts_failed": 0,
             },
         )
         k["injected"] += 1
         k["resets_refused"] += f.resets_refused
         k["resumes"] += f.resumed
+        k["starts_failed"] += f.starts_failed
         t_back_wall = f.wall_inj + ((f.t_back or f.t_clr) - f.t_inj)
         for e in exps:
             if f.kind not in LAB_WIDE and e["station"] != f.station:
@@ -471,6 +485,14 @@ def fault_table(r: dict[str, Any]) -> list[str]:
         f"(finished, closed without their measurement: {len(j['dropped'])}), run twice "
         f"{len(j['twice'])}, unsafe commands {len(r['unsafe'])} of {r['wire_checked']} checked, "
         f"faults the station never came back from {r['unrecovered']}"
+    )
+    tried = sum(k.get("starts_failed", 0) for k in r["per_kind"].values())
+    lines.append(
+        f"  recovery as an operator: resets refused while a monitor held "
+        f"{sum(k['resets_refused'] for k in r['per_kind'].values())}, campaign resumes "
+        f"{sum(k['resumes'] for k in r['per_kind'].values())}, new station actors that could "
+        f"not open the bench (started again) {tried}; harness errors {len(r['errors'])}"
+        + (f" (first: {r['errors'][0]})" if r["errors"] else "")
     )
     for name, b in r["budget"].items():
         v = r["vessel"][name]

@@ -27,16 +27,18 @@ from typing import Any
 
 import psutil
 
+from instruments.drivers.pump_wire import RATE_UNITS
 from loops.journal import Journal
 from loops.program import Program, load_program
-from safety.envelope import Envelope, Violation
+from safety.envelope import Envelope
+from safety.limits import Violation
 from simulators.bench import PUMP_ADDRESSES, SimulatedBench, SimulatedLab
 
 DYE = ("red", "green", "blue")
 FLUID_OF = {address: fluid for fluid, address in PUMP_ADDRESSES.items()}
 TERMINAL = ("done", "failed", "rejected", "cancelled")
-#: pump rate units (PROTOCOLS.md) -> mL/min
-RATE_UNITS = {"MM": 1.0, "MH": 1.0 / 60.0, "UM": 1e-3, "UH": 1e-3 / 60.0}
+#: who the benchmark's operator actions (resets, resumes) are recorded as
+OPERATOR = "faultbench"
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"

@@ -68,7 +68,7 @@ if _ROOT not in sys.path:
 import instruments  # noqa: E402
 from benchmarks.stats import med, pct  # noqa: E402
 from instruments.registry import driver_class  # noqa: E402
-from safety.envelope import reference_envelope  # noqa: E402
+from safety.envelopeload import reference_envelope  # noqa: E402
 from safety.guard import Guard  # noqa: E402
 from safety.model import AuditTrail, Command, Latch, StationState  # noqa: E402
 from safety.station import SafeStation  # noqa: E402

@@ -12,6 +12,9 @@ lab.yaml::
         stations: [bench-a]          # stations it may see (description, live readings) and
                                      # act through: a campaign it proposes to or starts runs
                                      # on these only
+        approval:                    # optional: when its proposals wait for a human
+          human_when: "temperature_c > 60"   # (auto, human, or a rule: loops/approval.py)
+          expires: 30m
         quota: {proposals_per_hour: 30}  # how much it may propose, run and consume
                                      # (bridge/quotaconfig.py; counted by bridge/quotas.py)
 
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.agenttokens import ACTIONS, TokenFileError, TokenStore
+from loops.approval import ApprovalPolicy, parse_approval
 from safety.yamldoc import YamlDoc
 
 __all__ = [
@@ -54,7 +58,9 @@ __all__ = [
 #: an agent's name: also the part after ``agent:`` in the journal
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,64}$")
-_FIELDS = (*ACTIONS, "stations", "quota")  # quota: bridge/quotaconfig.py reads it
+_POLICY_FIELDS = ("approval", "quota")  # how its proposals are handled (not scopes); quota:
+#                                        bridge/quotaconfig.py reads it
+_FIELDS = (*ACTIONS, "stations", *_POLICY_FIELDS)
 DEFAULT_TOKEN_FILE = "agents.tokens"
 
 
@@ -74,6 +80,8 @@ class AgentConfig:
     campaigns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     stations: tuple[str, ...] = ()
     line: int | None = None
+    #: when its proposals wait for a human (None: auto; loops/approval.py)
+    approval: ApprovalPolicy | None = None
 
     def may(self, action: str, campaign_id: str) -> bool:
         """lab.yaml lets this agent ``action`` campaign ``campaign_id``."""
@@ -246,8 +254,25 @@ def parse_agents(
                     f"{pattern!r} matches no station of this lab (stations: {', '.join(stations)})",
                     where,
                 )
-        out[name] = AgentConfig(name, campaigns, station_patterns, doc.line(at))
+        out[name] = AgentConfig(
+            name, campaigns, station_patterns, doc.line(at), _approval(spec, doc, at, name)
+        )
     return AgentsConfig(path, out, doc.source)
+
+
+def _approval(
+    spec: Mapping[str, Any], doc: YamlDoc, at: tuple[Any, ...], name: str
+) -> ApprovalPolicy | None:
+    """An agent's ``approval`` (its rule's parameter names are checked against each
+    campaign it may propose to when that campaign starts: bridge/campaigns.py)."""
+    return parse_approval(
+        spec.get("approval"),
+        doc,
+        (*at, "approval"),
+        where=f"{Path(doc.source).name} agents.{name}.approval",
+        known=None,
+        campaign=False,
+    )
 
 
 def _patterns(value: Any, at: tuple[Any, ...], doc: YamlDoc) -> tuple[str, ...]:

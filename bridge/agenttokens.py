@@ -15,26 +15,21 @@ The file (JSON, ``agent_tokens`` in lab.yaml, default ``agents.tokens`` next to 
 written atomically (a temporary file in the same folder, fsync'ed, then renamed over it),
 mode 0600; a file others can read or write is refused, as ssh refuses such a key. It is
 read again whenever it changes on disk, so a revocation takes effect on the next request
-of a running server, without a restart.
+of a running server, without a restart (:class:`bridge.secretfile.SecretFile` keeps it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import hmac
-import json
-import os
 import secrets
-import stat
-import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bridge.secretfile import SecretFile
 
 __all__ = [
     "ACTIONS",
@@ -92,29 +87,19 @@ class TokenStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
-        self._records: dict[str, TokenRecord] = {}
+        self._file: SecretFile[dict[str, TokenRecord]] = SecretFile(
+            self.path,
+            what="the agent token file",
+            parse=self._parse,
+            missing=dict,
+            error_cls=TokenFileError,
+            fix="it is written by `labbridge agents issue`; restore it or issue the tokens again",
+        )
 
     # ------------------------------------------------------------------ reads
     def records(self) -> dict[str, TokenRecord]:
         """Agent -> its token record, as the file says now (read again when it changed)."""
-        with self._lock:
-            try:
-                st = self.path.stat()
-            except FileNotFoundError:
-                self._stamp, self._records = None, {}
-                return {}
-            except OSError as exc:
-                raise TokenFileError(
-                    f"cannot read the agent token file {self.path}: {exc}"
-                ) from None
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if stamp != self._stamp:
-                self._check_mode(st)
-                self._records = self._parse(self._read())
-                self._stamp = stamp
-            return dict(self._records)
+        return dict(self._file.load())
 
     def lookup(self, token: str) -> TokenRecord | None:
         """The record whose hash is the token's, or None (also for anything not shaped like
@@ -131,28 +116,6 @@ class TokenStore:
             if hmac.compare_digest(record.sha256, digest):
                 found = record
         return found
-
-    def _check_mode(self, st: os.stat_result) -> None:
-        if not stat.S_ISREG(st.st_mode):
-            raise TokenFileError(f"the agent token file {self.path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise TokenFileError(
-                f"the agent token file {self.path} is accessible to others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 {self.path}"
-            )
-
-    def _read(self) -> Any:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise TokenFileError(f"cannot read the agent token file {self.path}: {exc}") from None
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise TokenFileError(
-                f"the agent token file {self.path} is not valid JSON ({exc}): it is written by "
-                "`labbridge agents issue`; restore it or issue the tokens again"
-            ) from None
 
     def _parse(self, data: Any) -> dict[str, TokenRecord]:
         def bad(problem: str) -> TokenFileError:
@@ -201,7 +164,7 @@ class TokenStore:
             time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             who,
         )
-        with self._locked():
+        with self._file.locked():
             records = self.records()
             records[agent] = record
             self._write(records)
@@ -209,24 +172,12 @@ class TokenStore:
 
     def revoke(self, agent: str) -> TokenRecord | None:
         """Remove ``agent``'s token (it stops working at once); the record removed, or None."""
-        with self._locked():
+        with self._file.locked():
             records = self.records()
             gone = records.pop(agent, None)
             if gone is not None:
                 self._write(records)
         return gone
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """One writer at a time (two `labbridge agents issue` at once would lose one)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.path.with_name(f".{self.path.name}.lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
     def _write(self, records: dict[str, TokenRecord]) -> None:
         data = {
@@ -235,21 +186,4 @@ class TokenStore:
             "note": "agents' bearer tokens, SHA-256 hashed; written by `labbridge agents`",
             "tokens": {a: r.as_dict() for a, r in sorted(records.items())},
         }
-        folder = self.path.parent
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=folder)  # mode 0600
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=2)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)  # the rename itself is durable
-        finally:
-            os.close(dfd)
+        self._file.write(data)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CampaignProgress",
     "StationUnavailable",
+    "agent_approvals",
     "set_up",
     "lab_clock",
     "start_lab_station",
@@ -207,6 +208,26 @@ async def _close(journal: Any, actors: Mapping[str, Any]) -> None:
     ray.kill(journal, no_restart=True)
 
 
+def agent_approvals(lab: LabConfig, program: Program, campaign_id: str) -> dict[str, Any]:
+    """Agent name -> its approval policy (lab.yaml), for a campaign of ``program``. The rule
+    of an agent that may propose to the campaign must name only the program's parameters
+    and fixed values (a typo is an error now, when the campaign starts, not when a
+    proposal comes); another agent's (e.g. an MQTT user of the same name) that names
+    something else is kept: it cannot be evaluated and asks a human (fails closed).
+    Raises :class:`~safety.yamldoc.ConfigError` naming lab.yaml's line and field."""
+    known = [p.name for p in program.parameters] + [
+        k for k, v in program.fixed.items() if isinstance(v, str | int | float)
+    ]
+    out: dict[str, Any] = {}
+    for name, agent in lab.agents.agents.items():
+        if agent.approval is None:
+            continue
+        if agent.may("propose", campaign_id):
+            agent.approval.check_names(known, f"campaign {campaign_id}")
+        out[name] = agent.approval
+    return out
+
+
 def make_runner(
     lab: LabConfig,
     program: Program,
@@ -216,7 +237,8 @@ def make_runner(
     on_event: OnEvent | None = None,
 ) -> CampaignRunner:
     """A :class:`CampaignRunner` on ``actors`` (a subset of the lab's stations) with the lab's
-    clock, each station's verification limit and the images folder next to the journal."""
+    clock, each station's verification limit, the images folder next to the journal and
+    the lab's agents' approval policies (:func:`agent_approvals`, which may raise)."""
     journal_link, stations = ray_links(journal, actors)
     return CampaignRunner(
         program,
@@ -231,6 +253,7 @@ def make_runner(
             if n in actors and st.verification is not None
         },
         images_dir=lab.store.parent / "images",
+        agent_approvals=agent_approvals(lab, program, campaign_id),
     )
 
 
@@ -310,6 +333,21 @@ class CampaignProgress:
             what = event.get("reason") or "; ".join(event.get("reasons") or [])
             who = event.get("experiment_id") or event.get("station")
             self._bar.write(f"{kind}: {who}: {what}", file=self._stream)
+        elif kind == "awaiting_approval":
+            eid = event.get("experiment_id")
+            self._bar.write(
+                f"awaiting approval: {eid} by {event.get('proposer')}: "
+                f"{'; '.join(event.get('rules') or [])} -- labbridge approve|deny {eid} "
+                "--reason ...",
+                file=self._stream,
+            )
+        elif kind == "approval":
+            who = f" by {event['who']}" if event.get("who") else ""
+            self._bar.write(
+                f"{event.get('decision')}{who}: {event.get('experiment_id')}: "
+                f"{event.get('reason')}",
+                file=self._stream,
+            )
         elif kind == "state" and event.get("state") == "resumed":
             progress = event.get("progress") or {}
             self._bar.n = int(progress.get("experiments", 0))

@@ -13,6 +13,8 @@ Commands available now (``labbridge COMMAND --help`` for each):
 * ``estop`` / ``reset`` / ``status``  over MQTT, to a running ``serve``
 * ``mcp``     serve the lab to agents over the Model Context Protocol (docs/agents.md)
 * ``agents``  issue, revoke and list agents' tokens
+* ``users``   set, remove and list the lab page's users' passwords (docs/web.md)
+* ``approvals`` / ``approve`` / ``deny``  agents' proposals awaiting a human, on the journal
 * ``drivers`` list the registered driver kinds (built-in and from other packages)
 * ``probe``   connect one instrument by kind and URL, print what it is and what it reads
               (the way to check real hardware is wired right)
@@ -31,6 +33,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from bridge.webcli import DEFAULT_WEB, add_web_arguments
 
 # Nothing heavy at import time (Ray, the optimizer, the safety layer, OpenCV load on use):
 # ``labbridge COMMAND --help`` stays fast.
@@ -192,8 +196,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sim.add_argument(
         "--keep-running",
         action="store_true",
-        help="stay up as a simulated lab after the campaign (Ctrl-C to stop)",
+        help=(
+            "stay up as a simulated lab after the campaign, serving the MQTT campaign API and "
+            f"the lab page (at {DEFAULT_WEB} unless --web says otherwise; Ctrl-C to stop)"
+        ),
     )
+    add_web_arguments(sim, optional_address=True)
     sim.add_argument("--ray-address", default=None, help="join this Ray cluster")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -231,61 +239,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     _campaign_options(resume)
 
-    chk = sub.add_parser(
-        "check",
-        help="validate a lab config without touching hardware",
-        description=(
-            "Validate a lab config: its format (every error names the file, line and field), "
-            "each station's envelope (limits, rules, budgets; names must be the station's "
-            "instruments), each driver kind, transport URL and driver options, every "
-            "actuated channel and how it is bounded, each station's set-up recipes and whether "
-            "they have run; with --program, a program's recipe against each station "
-            "and a dry run of its space's corners and centre. Nothing is connected."
-        ),
-    )
-    chk.add_argument("lab", type=Path, help="the lab config (lab.yaml)")
-    chk.add_argument(
-        "--program",
-        type=Path,
-        help=(
-            "also check this program.md against each station: its recipe's instruments, "
-            "commands and arguments, and a dry run of the corners and centre of its space"
-        ),
-    )
-    chk.add_argument(
-        "--assume",
-        action="append",
-        default=[],
-        metavar="CHANNEL=VALUE",
-        help=(
-            "a measured value the dry run assumes (e.g. enclosure.lid=closed, "
-            "hotplate.setpoint_c=25); repeat for several"
-        ),
-    )
-
-    stp = sub.add_parser(
-        "setup",
-        help="run each station's set-up recipes (calibrations, priming...) on its bench",
-        description=(
-            "Run the set-up recipes the lab config lists for each station (or --station; "
-            "all of them, or --recipe), in order, through the safety layer: e.g. the reference "
-            "bench's camera calibration (frames of the vial at known volumes, fitted). What "
-            "they keep is saved in the station's setup_file (default setup/<station>.yaml "
-            "next to the lab config); campaigns verify every experiment with it. A real "
-            "bench's campaign refuses to start until its 'once' recipes have run."
-        ),
-    )
-    stp.add_argument("--lab", type=Path, required=True, help="lab config")
-    stp.add_argument(
-        "--station", action="append", default=None, help="only this station (repeatable)"
-    )
-    stp.add_argument(
-        "--recipe", action="append", default=None, help="only this set-up recipe (repeatable)"
-    )
-    stp.add_argument("--ray-address", default=None, help="join this Ray cluster")
-
     from bridge.agentcli import add_agent_parsers
+    from bridge.approvalcli import add_approval_parsers
+    from bridge.labcli import add_lab_parsers
     from bridge.mqttcli import add_mqtt_client_parsers, add_serve_parser
+    from bridge.webcli import add_user_parsers
 
     for name, what in _HEAVY_PARSERS.items():
         if name != command:
@@ -298,9 +256,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             from bridge.export import add_export_parser
 
             add_export_parser(sub)
+    add_lab_parsers(sub)
     add_serve_parser(sub)
     add_mqtt_client_parsers(sub)
     add_agent_parsers(sub)
+    add_user_parsers(sub)
+    add_approval_parsers(sub)
 
     sub.add_parser(
         "drivers", help="list registered driver kinds", description="List registered driver kinds."
@@ -384,12 +345,18 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 return _sim_command(args)
             if args.command in ("run", "resume"):
                 return _campaign_command(args)
-            if args.command == "setup":
-                return _setup_command(args)
-            return int(args.handler(args))  # serve, mcp
-    if args.command == "check":
-        return _check_command(args)
-    if args.command in ("estop", "reset", "status", "agents"):
+            return int(args.handler(args))  # setup, serve, mcp
+    if args.command in (
+        "check",
+        "estop",
+        "reset",
+        "status",
+        "agents",
+        "users",
+        "approvals",
+        "approve",
+        "deny",
+    ):
         return int(args.handler(args))
     if args.command == "report":
         from bridge.report import report_command
@@ -477,7 +444,9 @@ def _campaign_command(args: argparse.Namespace) -> int:
         journal = lab.store
         folder = lab.store.parent / "reports" / summary.campaign_id
     else:
-        where = f" --runs {args.runs}" + (f" --bench {args.bench}" if args.bench != "colour" else "")
+        where = f" --runs {args.runs}" + (
+            f" --bench {args.bench}" if args.bench != "colour" else ""
+        )
         journal = args.runs / summary.campaign_id / "journal.db"
         folder = journal.parent / "report"
     code = _print_summary(summary, f"labbridge resume {summary.campaign_id}{where}")
@@ -519,6 +488,7 @@ def _print_summary(summary: Any, resume_hint: str) -> int:
 def _sim_command(args: argparse.Namespace) -> int:
     import safety
     from bridge.campaigns import StationUnavailable
+    from bridge.httpserve import BindError
     from bridge.simbench import bench_data, known_faults, sim_campaign  # imports the simulators
     from instruments.errors import InstrumentError
     from loops.program import load_program
@@ -531,6 +501,16 @@ def _sim_command(args: argparse.Namespace) -> int:
         )
         return 1
     out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    web = None
+    address = args.web or (DEFAULT_WEB if args.keep_running else None)
+    if address is not None:  # the campaign runs inside a lab service with the lab page
+        from bridge.webcli import web_bind
+
+        try:
+            web = web_bind(address, args.web_tls_cert, args.web_tls_key)
+        except BindError as exc:
+            print(f"labbridge sim: {exc}", file=sys.stderr)
+            return 1
     try:
         program = load_program(args.campaign or bench_data(args.bench).program)
         if (out / "journal.db").exists():
@@ -549,12 +529,15 @@ def _sim_command(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 keep_running=args.keep_running,
                 bench=args.bench,
+                web=web,
+                web_any_port=args.web is None,
             )
         )
     except KeyboardInterrupt:
         print("labbridge sim: interrupted", file=sys.stderr)
         return 130
     except (
+        BindError,
         ConfigError,
         StationUnavailable,
         InstrumentError,
@@ -570,160 +553,6 @@ def _sim_command(args: argparse.Namespace) -> int:
     code = code or reported
     print(f"run folder: {out}")
     return code
-
-
-def _check_command(args: argparse.Namespace) -> int:
-    from bridge.labconfig import load_lab
-    from safety.yamldoc import ConfigError
-
-    try:
-        lab = load_lab(args.lab)
-    except ConfigError as exc:
-        print(f"labbridge check: {exc}", file=sys.stderr)
-        return 1
-    problems = lab.check()
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    for name, st in lab.stations.items():
-        kinds = ", ".join(f"{i['name']} ({i['kind']})" for i in st.instruments)
-        print(f"station {name}: {len(st.instruments)} instruments: {kinds}")
-        print(f"  envelope: {st.envelope_source}")
-        print("  actuated channels (deny by default: an unbounded one is refused):")
-        for b in _bounds(st):
-            print(f"    {b.channel}: {b.how}  [{', '.join(b.commands)}]")
-        print(f"  verification: {'on' if st.verification else 'off'}")
-        ran = st.setup_store.load()["ran"] if st.setup_store else {}
-        for recipe in st.setup:
-            last = ran.get(recipe.name)
-            state = f"ran {last['at']} by {last['who']}" if last else "NOT RUN: labbridge setup"
-            print(f"  set-up {recipe.name} ({recipe.every}): {state}")
-    print(f"journal: {lab.store}; Ray: {lab.ray_address or 'local (loopback)'}")
-    if args.program is not None:
-        found = _check_program(lab, args.program, args.assume)
-        for problem in found:
-            print(problem, file=sys.stderr)
-        problems += found
-    if problems:
-        print(f"{args.lab}: {len(problems)} problem(s)", file=sys.stderr)
-        return 1
-    print(f"{args.lab}: OK")
-    return 0
-
-
-def _assumed(items: list[str]) -> dict[str, Any]:
-    """``CHANNEL=VALUE`` pairs, values read as YAML scalars (closed, 25, true)."""
-    import yaml
-
-    from safety.yamldoc import ConfigError
-
-    out: dict[str, Any] = {}
-    for item in items:
-        name, eq, text = item.partition("=")
-        if not eq or "." not in name:
-            raise ConfigError(
-                f"{item!r}: give CHANNEL=VALUE, e.g. enclosure.lid=closed", source="--assume"
-            )
-        try:
-            out[name.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"{item!r}: {text!r} is not a value", source="--assume") from None
-    return out
-
-
-def _check_program(lab: Any, path: Path, assume_items: list[str]) -> list[str]:
-    """``check --program``: the program against each station (loops/check.py); prints each
-    station's dry runs, returns the problems."""
-    from loops.check import check_program
-    from loops.program import load_program
-    from safety import load_envelope, station_layout
-    from safety.yamldoc import ConfigError
-
-    try:
-        program = load_program(path)
-        assume = _assumed(assume_items)
-    except ConfigError as exc:
-        return [str(exc)]
-    problems: list[str] = []
-    for name, st in lab.stations.items():
-        try:
-            envelope = load_envelope(st.envelope_text, source=st.envelope_source)
-            layout = station_layout(st.instruments, envelope)
-        except Exception as exc:  # lab.check() reported it already
-            problems.append(f"station {name}: cannot check the program: {exc}")
-            continue
-        result = check_program(program, name, layout, envelope, assume=assume)
-        problems += result.problems
-        if not result.ok:
-            continue
-        tried = [p for p in result.points if not p.infeasible]
-        refused = [p for p in tried if not p.ok]
-        print(
-            f"program {program.name} on station {name}: dry run of {len(tried)} points "
-            f"(corners and centre the constraints allow): {len(tried) - len(refused)} pass, "
-            f"{len(refused)} refused"
-        )
-        for point in refused:
-            values = ", ".join(f"{k}={v:g}" for k, v in point.params.items())
-            print(f"  {point.label} ({values}): refused")
-            for reason in point.reasons:
-                print(f"    {reason}")
-        unknown = sorted({n for p in refused for n in p.unknown})
-        if unknown:
-            print(
-                f"  the dry run does not know {', '.join(unknown)} (measured on the bench): "
-                f"say what to assume, e.g. --assume {unknown[0]}=<value>"
-            )
-    return problems
-
-
-def _bounds(st: Any) -> list[Any]:
-    """The station's actuated channels and how its envelope bounds them ([] if it cannot load:
-    the problems above say why)."""
-    from safety import actuated_channels, load_envelope
-
-    try:
-        envelope = load_envelope(st.envelope_text, source=st.envelope_source)
-        return actuated_channels(st.instruments, envelope)
-    except Exception:  # an envelope or a driver kind lab.check() already reported
-        return []
-
-
-def _setup_command(args: argparse.Namespace) -> int:
-    from bridge.campaigns import StationUnavailable, open_lab, set_up
-    from bridge.labconfig import load_lab
-    from safety.yamldoc import ConfigError
-
-    async def go() -> tuple[Any, dict[str, list[str]]]:
-        lab = load_lab(args.lab)
-        names = args.station or [n for n, st in lab.stations.items() if st.setup]
-        unknown = [n for n in names if n not in lab.stations]
-        if unknown:
-            raise ValueError(f"{args.lab}: no station {', '.join(unknown)}")
-        none = [n for n in names if not lab.stations[n].setup]
-        if none or not names:
-            raise ValueError(f"{args.lab}: no set-up recipes for {', '.join(none) or 'any station'}")
-        chosen = {
-            n: [r for r in lab.stations[n].setup if args.recipe is None or r.name in args.recipe]
-            for n in names
-        }
-        missing = set(args.recipe or ()) - {r.name for rs in chosen.values() for r in rs}
-        if missing:
-            raise ValueError(f"{args.lab}: no set-up recipe {', '.join(sorted(missing))}")
-        async with open_lab(lab, ray_address=args.ray_address, stations=names, set_up_first=False) as (
-            _,
-            actors,
-        ):
-            return lab, await set_up(lab, actors, chosen)
-
-    try:
-        lab, done = asyncio.run(go())
-    except (ConfigError, StationUnavailable, ValueError, OSError) as exc:
-        print(f"labbridge setup: {exc}", file=sys.stderr)
-        return 1
-    for name, recipes in done.items():
-        store = lab.stations[name].setup_store
-        print(f"{name}: {', '.join(recipes)} done; kept in {store.path if store else '-'}")
-    return 0
 
 
 async def _sim_campaign(

@@ -34,6 +34,8 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
     agent_tokens: agents.tokens       # their hashed tokens (the default; labbridge agents issue)
     default_quota: {proposals_per_hour: 60}   # proposers without a quota of their own
                                       # (agents.NAME.quota: bridge/quotaconfig.py)
+    users: {ana: operator, ben: viewer}   # who logs in to the lab page (bridge/webusers.py)
+    user_passwords: users.passwords   # their scrypt-hashed passwords (labbridge users passwd)
 
 Every error names the file, the line and the field
 (``lab.yaml:14: stations.bench-a.instruments[2].url: ...``). Nothing here
@@ -57,10 +59,11 @@ import yaml
 from bridge.agents import AgentsConfig, parse_agents
 from bridge.mqttlink import MAX_PAYLOAD_BYTES, ROOT, ApiSettings
 from bridge.quotaconfig import Quotas, parse_quotas
+from bridge.webusers import UsersConfig, parse_users
 from instruments.errors import InstrumentError
 from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
 from safety import check_device_faults, check_instrument, load_envelope
-from safety.envelope import REFERENCE_BENCH
+from safety.envelopeload import REFERENCE_BENCH
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
 __all__ = [
@@ -75,7 +78,7 @@ __all__ = [
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _TOP: tuple[str, ...] = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
-_TOP += ("agents", "agent_tokens", "default_quota")
+_TOP += ("agents", "agent_tokens", "default_quota", "users", "user_passwords")
 _STATION = ("envelope", "instruments", "supervisor", "env", "verification", "setup", "setup_file")
 _VERIFICATION = ("enabled", "max_disagreements")
 _INSTRUMENT = ("name", "kind", "url", "options")
@@ -132,6 +135,8 @@ class LabConfig:
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     #: what each agent may propose, run and consume (bridge/quotaconfig.py)
     quotas: Quotas = field(default_factory=Quotas)
+    #: the people who log in to the lab page, their roles, and where their hashed passwords are
+    users: UsersConfig = field(default_factory=UsersConfig)
     doc: YamlDoc | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -426,6 +431,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         doc,
         {n: (st.envelope_text, st.envelope_source) for n, st in stations.items()},
     )
+    users = parse_users(top.get("users"), top.get("user_passwords"), doc, base)
     return LabConfig(
         source=name,
         bridge_id=bridge_id,
@@ -439,6 +445,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         mqtt=mqtt,
         agents=agents,
         quotas=quotas,
+        users=users,
         doc=doc,
     )
 

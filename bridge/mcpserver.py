@@ -27,23 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
-import socket
-import ssl
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 
 from bridge.agents import Authenticator, AuthError
+from bridge.httpserve import BindError, HttpBind, parse_bind, serve_asgi
 from bridge.labconfig import LabConfig
 from bridge.mcpcalls import RequestGate
 from bridge.mcptools import LabTools
@@ -61,20 +56,17 @@ __all__ = [
     "serve_stdio",
 ]
 
-
-
 #: the largest HTTP request body: a program.md at its limit, JSON-escaped, and then some
 MAX_BODY_BYTES = 256 * 1024
 #: MCP sessions open at once over HTTP (the SDK refuses more with 503)
 MAX_SESSIONS = 256
 #: an HTTP session idle this long (s) is closed; its agent opens a new one
 SESSION_IDLE_S = 600.0
-#: the interpreter's switch interval while the HTTP transport's thread runs (s)
-SWITCH_INTERVAL_S = 0.001
 
 
-class McpError(RuntimeError):
-    """``labbridge mcp`` cannot start as asked (the message says why and what to do)."""
+#: ``labbridge mcp`` cannot start as asked (the message says why and what to do); the bind's
+#: own refusals (:mod:`bridge.httpserve`) are this same class
+McpError = BindError
 
 
 class BearerTokens:
@@ -93,152 +85,35 @@ class BearerTokens:
         return AccessToken(token=token, client_id=agent.name, scopes=sorted(agent.token_scopes))
 
 
-@dataclass(frozen=True)
-class HttpBind:
-    """Where the HTTP transport listens, and its TLS certificate and key (PEM files)."""
-
-    host: str
-    port: int
-    certfile: Path | None = None
-    keyfile: Path | None = None
-
-    @property
-    def loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-    def check(self) -> None:
-        """Refuse a bind that would send tokens in clear beyond this machine, half a TLS
-        pair, or a certificate that does not load."""
-        if (self.certfile is None) != (self.keyfile is None):
-            raise McpError(
-                "TLS needs both a certificate and a key (mcp: --tls-cert and --tls-key; serve: "
-                "--mcp-tls-cert and --mcp-tls-key)"
-            )
-        if self.certfile is None and not self.loopback:
-            raise McpError(
-                f"{self.host} is not a loopback address: bearer tokens would cross the network "
-                "in clear; give --tls-cert and --tls-key (or bind 127.0.0.1)"
-            )
-        if self.certfile is not None and self.keyfile is not None:
-            try:
-                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    self.certfile, self.keyfile
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise McpError(f"cannot load the TLS certificate and key: {exc}") from None
-
-
-def parse_bind(text: str, certfile: Path | None = None, keyfile: Path | None = None) -> HttpBind:
-    """``HOST:PORT`` (``[::1]:8765`` for IPv6) -> a checked :class:`HttpBind`."""
-    host, sep, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise McpError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8765)")
-    bind = HttpBind(host, int(port_text), certfile, keyfile)
-    bind.check()
-    return bind
-
-
 # ====================================================================== HTTP
-def _uvicorn_server(config: Any) -> Any:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn without its own signal handling: labbridge's process owns the signals."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    return Server(config)
-
-
 @contextlib.asynccontextmanager
 async def mcp_http(service: LabService, bind: HttpBind) -> AsyncIterator[str]:
     """Serve MCP over streamable HTTP for ``service`` while the block runs; yields the
     endpoint's URL (``http[s]://host:port/mcp``; port 0 picks a free one)."""
-    import uvicorn
-
-    bind.check()
     auth = Authenticator(service.lab.agents)
-    family, kind, proto, _, address = socket.getaddrinfo(
-        bind.host, bind.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )[0]
-    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say
-    # so; with it on, every HTTP response waited ~40 ms for a delayed ACK on loopback
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(64)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise McpError(f"cannot listen on {bind.host}:{bind.port}: {exc}") from None
-    port = sock.getsockname()[1]
-    scheme = "https" if bind.certfile is not None else "http"
-    host = f"[{bind.host}]" if ":" in bind.host else bind.host
-    base = f"{scheme}://{host}:{port}"
-    # the transport runs on a thread of its own; each admitted call runs on this loop
-    server = LabTools(service, auth, loop=asyncio.get_running_loop()).build(
-        auth=AuthSettings(issuer_url=base, resource_server_url=None),  # type: ignore[arg-type]
-        token_verifier=BearerTokens(auth),
-    )
-    app = RequestGate(  # a client that ignores "busy": 429, unread
-        server.streamable_http_app(
-            host=bind.host,
-            max_request_body_size=MAX_BODY_BYTES,
-            max_sessions=MAX_SESSIONS,
-            session_idle_timeout=SESSION_IDLE_S,
-        ),
-        auth.authenticate,
-        service.lab.quotas,
-    )
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        lifespan="on",
-        timeout_graceful_shutdown=2,
-        ssl_certfile=bind.certfile,
-        ssl_keyfile=bind.keyfile,
-    )
-    uv = _uvicorn_server(config)
-    failed: list[BaseException] = []
 
-    def run() -> None:
-        try:
-            asyncio.run(uv.serve(sockets=[sock]))
-        except BaseException as exc:  # told to the starting side, or logged
-            failed.append(exc)
-            log.error("the MCP HTTP server on %s stopped: %s", base, exc)
+    def app(base: str) -> Any:
+        # the transport runs on a thread of its own; each admitted call runs on this loop
+        server = LabTools(service, auth, loop=asyncio.get_running_loop()).build(
+            auth=AuthSettings(issuer_url=base, resource_server_url=None),  # type: ignore[arg-type]
+            token_verifier=BearerTokens(auth),
+        )
+        return RequestGate(  # a client that ignores "busy": 429, unread
+            server.streamable_http_app(
+                host=bind.host,
+                max_request_body_size=MAX_BODY_BYTES,
+                max_sessions=MAX_SESSIONS,
+                session_idle_timeout=SESSION_IDLE_S,
+            ),
+            auth.authenticate,
+            service.lab.quotas,
+        )
 
     # its own thread and event loop: parsing requests, sessions and refusing a flood never
-    # run on the loop that handles e-stops (bridge/mcpcalls.py). The thread shares the
-    # interpreter lock: while it parses a flood, every other thread (the e-stop's loop) waits
-    # up to the switch interval each time it needs the lock; 1 ms instead of 5 (measured:
-    # e-stops under a flood of refused requests 0.1 s instead of 1.5 s)
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
-    thread = threading.Thread(target=run, name="mcp-http", daemon=True)
-    thread.start()
-    try:
-        while not uv.started:  # uvicorn has no started event
-            if not thread.is_alive():
-                why = f": {failed[0]}" if failed else ""
-                raise McpError(f"the MCP HTTP server on {base} stopped while starting{why}")
-            await asyncio.sleep(0.01)
+    # run on the loop that handles e-stops (bridge/mcpcalls.py)
+    async with serve_asgi(app, bind, name="mcp-http", thread=True) as base:
         log.info("MCP server on %s/mcp", base)
         yield f"{base}/mcp"
-    finally:
-        uv.should_exit = True
-        await asyncio.to_thread(thread.join, 30.0)  # this loop keeps serving calls meanwhile
-        sock.close()
-        sys.setswitchinterval(switch)
 
 
 # ===================================================================== runners

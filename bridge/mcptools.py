@@ -578,7 +578,13 @@ class LabTools:
                 "token), then checked; "
                 "refused -> rejected with every reason (why_refused), else queued ahead of "
                 "the optimizer's next point and run by the campaign's stations through the "
-                "safety layer. Returns its experiment id (wait_for_experiment). " + checked,
+                "safety layer. Returns its experiment id (wait_for_experiment). If the "
+                "campaign's or your approval policy asks for a human (e.g. above a "
+                "temperature), it is not queued yet: the result says awaiting_approval, "
+                "with the rules that asked and expires_t (Unix s); an operator approves it "
+                "(then it runs) or denies it, or it expires (both: rejected, why_refused "
+                "says by whom and why). You cannot approve it; its state shows in experiment "
+                "and campaign (approvals). " + checked,
                 ToolAnnotations(read_only_hint=False, destructive_hint=False),
             ),
             (

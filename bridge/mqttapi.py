@@ -10,6 +10,11 @@ payload with ``mosquitto_pub``/``mosquitto_sub`` examples; the JSON Schemas are 
     campaigns/<id>/results          one message per finished experiment
     campaigns/<id>/proposals/<user> agents propose experiments: {"params", "note"?}
     campaigns/<id>/control/<user>   {"action": "pause"|"resume"|"stop"|"abort", "reason"?}
+    campaigns/<id>/approvals/<user> operators approve or deny a proposal awaiting approval:
+                                    {"experiment_id", "decision": "approve"|"deny", "reason"}
+    campaigns/<id>/approvals        events: a proposal awaits approval, was approved, denied,
+                                    expired or cancelled (the campaign's status lists those
+                                    awaiting)
     estop/<user>                    trips every station: {"reason"}
     reset/<user>                    {"why", "stations"?, "drain"?}
     replies/<user>/...              where answers go (see below)
@@ -402,6 +407,11 @@ class MqttApi(RequestHandling):
                         await self.link.send(
                             self.topic("campaigns", cid, "results"), dumps(self._result(cid, ev))
                         )
+                    if kind in ("awaiting_approval", "approval") and isinstance(cid, str):
+                        await self.link.send(
+                            self.topic("campaigns", cid, "approvals"),
+                            dumps(_approval_event(cid, ev)),
+                        )
                     if isinstance(cid, str) and cid not in campaigns:
                         campaigns.append(cid)
                     if kind in ("campaign", "estop", "reset", "station", "_tick", "_status"):
@@ -424,6 +434,22 @@ class MqttApi(RequestHandling):
         while True:
             await asyncio.sleep(self.settings.status_interval_s)
             self._events.put_nowait({"event": "_tick"})
+
+
+def _approval_event(campaign_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
+    """A runner's ``awaiting_approval``/``approval`` event as the ``approvals`` message."""
+    out: dict[str, Any] = {
+        "campaign_id": campaign_id,
+        "experiment_id": event.get("experiment_id"),
+        "event": "awaiting" if event.get("event") == "awaiting_approval" else event.get("decision"),
+        "proposer": event.get("proposer") or "unknown",
+        "params": dict(event.get("params") or {}),
+    }
+    for key in ("rules", "expires_t", "who", "reason", "via"):
+        if key in event:
+            out[key] = event[key]
+    out["t"] = time.time()
+    return out
 
 
 # ======================================================================= serve
@@ -545,6 +571,18 @@ def serve_command(args: argparse.Namespace) -> int:
             return 1
         hosted.append(lambda service: mcp_http(service, bind))
         refusals += (McpError,)
+    if getattr(args, "web", None):  # the lab page on the same service (bridge/webapp.py)
+        from bridge.httpserve import BindError
+        from bridge.webapp import lab_page
+        from bridge.webcli import web_bind
+
+        try:
+            web = web_bind(args.web, args.web_tls_cert, args.web_tls_key)
+        except BindError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 1
+        hosted.append(lambda service: lab_page(service, web))
+        refusals += (BindError,)
     try:
         final = asyncio.run(
             serve(

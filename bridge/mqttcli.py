@@ -370,6 +370,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     from bridge.agentcli import add_http_arguments  # the MCP server's, on the same service
 
     add_http_arguments(p, "--mcp-http", "--mcp-tls-cert", "--mcp-tls-key")
+    from bridge.webcli import add_web_arguments  # the lab page, on the same service
+
+    add_web_arguments(p)
     p.set_defaults(handler=_serve_command)
     return p
 

@@ -29,6 +29,7 @@ _KINDS = {
     "start": "campaigns/start",
     "proposal": "proposals",
     "control": "control",
+    "approval": "approvals",
     "estop": "estop",
     "reset": "reset",
 }
@@ -47,6 +48,8 @@ class Request:
     reply_problem: str | None = None
 
 
+#: campaigns/<id>/<level>/<user> -> the request's kind
+_CAMPAIGN_REQUESTS = {"proposals": "proposal", "control": "control", "approvals": "approval"}
 #: requests worked before the others in the queue (they stop or unlatch things)
 _FIRST = ("control", "reset")
 #: the API's topics, relative to the root: request topics end in the sender's user
@@ -54,6 +57,7 @@ REQUEST_FILTERS = (
     ("campaigns/start/+", 1),
     ("campaigns/+/proposals/+", 1),
     ("campaigns/+/control/+", 1),
+    ("campaigns/+/approvals/+", 1),
     ("reset/+", 0),
 )
 #: e-stops, on the e-stop connection
@@ -94,8 +98,8 @@ class RequestHandling:
             return None, None, ""
         if len(parts) == 3 and parts[:2] == ["campaigns", "start"]:
             return "start", None, user
-        if len(parts) == 4 and parts[0] == "campaigns" and parts[2] in ("proposals", "control"):
-            return ("proposal" if parts[2] == "proposals" else "control"), parts[1], user
+        if len(parts) == 4 and parts[0] == "campaigns" and parts[2] in _CAMPAIGN_REQUESTS:
+            return _CAMPAIGN_REQUESTS[parts[2]], parts[1], user
         if len(parts) == 2 and parts[0] in ("estop", "reset"):
             return parts[0], None, user
         return None, None, ""
@@ -303,6 +307,8 @@ class RequestHandling:
             await self._proposal(req, data)
         elif kind == "control":
             await self._control(req, data)
+        elif kind == "approval":
+            await self._approval(req, data)
         else:
             await self._reset(req, data)
 
@@ -350,7 +356,12 @@ class RequestHandling:
             return
         if data.get("note"):
             log.info("proposal %s by %s: %s", receipt.experiment_id, proposer, data["note"])
-        await self._reply(req, receipt.accepted, campaign_id=req.campaign_id, **receipt.as_dict())
+        await self._reply(
+            req,
+            receipt.accepted or receipt.awaiting_approval,
+            campaign_id=req.campaign_id,
+            **receipt.as_dict(),
+        )
 
     async def _control(self, req: Request, data: Mapping[str, Any]) -> None:
         assert self.service is not None and req.campaign_id is not None
@@ -364,6 +375,32 @@ class RequestHandling:
         await self._reply(
             req, True, campaign_id=req.campaign_id, action=data["action"], state=status["state"]
         )
+
+    async def _approval(self, req: Request, data: Mapping[str, Any]) -> None:
+        """Approve or deny a proposal awaiting approval: the approver is the topic's user
+        (the broker authenticated it; the ACL lets operator accounts only publish here)."""
+        assert self.service is not None and req.campaign_id is not None
+        if data.get("note"):
+            log.info("approval of %s by %s: %s", data["experiment_id"], req.user, data["note"])
+        try:
+            decided = await self.service.decide(
+                req.campaign_id,
+                data["experiment_id"],
+                data["decision"] == "approve",
+                req.user,
+                data["reason"],
+                via="mqtt",
+            )
+        except ServiceError as exc:
+            await self._reply(
+                req,
+                False,
+                campaign_id=req.campaign_id,
+                experiment_id=data["experiment_id"],
+                errors=[str(exc)],
+            )
+            return
+        await self._reply(req, True, **decided)
 
     async def _reset(self, req: Request, data: Mapping[str, Any]) -> None:
         assert self.service is not None

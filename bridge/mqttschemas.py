@@ -1,8 +1,9 @@
 """The JSON Schemas of the MQTT campaign API (``docs/schemas/<name>.schema.json``).
 
-Requests (``start``, ``proposal``, ``control``, ``estop``, ``reset``) are checked
+Requests (``start``, ``proposal``, ``control``, ``approval``, ``estop``, ``reset``) are checked
 against them before anything is done (:func:`schema_errors` lists every problem);
-the service's messages (``reply``, ``status``, ``campaign-status``, ``result``)
+the service's messages (``reply``, ``status``, ``campaign-status``, ``result``,
+``approval-event``)
 follow them. :func:`write_schemas` writes them into ``docs/schemas/``; a test
 checks that the files there are these.
 """
@@ -134,6 +135,31 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         },
         ["action"],
     ),
+    "approval": _request_schema(
+        "approval",
+        "labbridge/<bridge_id>/campaigns/<id>/approvals/<user>: approve or deny an agent's "
+        "proposal awaiting approval (the approver is <user>, the broker user)",
+        {
+            "experiment_id": {
+                "type": "string",
+                "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9]{4,9}$",
+                "description": "the experiment awaiting approval (<campaign id>-<seq>)",
+            },
+            "decision": {
+                "enum": ["approve", "deny"],
+                "description": "approve: it is queued and runs; deny: it is rejected",
+            },
+            "reason": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 1000,
+                "pattern": r"\S",
+                "description": "why (journaled with the approver)",
+            },
+            "note": _NOTE,
+        },
+        ["experiment_id", "decision", "reason"],
+    ),
     "estop": _request_schema(
         "estop",
         "labbridge/<bridge_id>/estop/<user>: trip every station (any message on the topic trips "
@@ -168,7 +194,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "required": ["request", "ok", "t"],
         "properties": {
-            "request": {"enum": ["campaigns/start", "proposals", "control", "estop", "reset"]},
+            "request": {
+                "enum": ["campaigns/start", "proposals", "control", "approvals", "estop", "reset"]
+            },
             "ok": {"type": "boolean", "description": "the service did what was asked"},
             "correlation_id": {"type": "string"},
             "errors": {
@@ -210,6 +238,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             },
             "campaign_id": {"type": "string"},
             "accepted": {"type": "boolean"},
+            "awaiting_approval": {
+                "type": "boolean",
+                "description": "a proposal that waits for an operator's approval (approvals)",
+            },
+            "approval": {
+                "type": "object",
+                "description": "why it waits (rules) and until when (expires_t, Unix seconds)",
+            },
             "reasons": {"type": "array", "items": {"type": "string"}},
             "t": {"type": "number", "description": "when the reply was sent (Unix seconds)"},
         },
@@ -257,7 +293,40 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "type": "object",
                 "required": ["experiments", "in_flight", "done", "failed", "rejected"],
             },
+            "approvals": {
+                "type": "array",
+                "description": "proposals awaiting an operator's approval, oldest first",
+                "items": {
+                    "type": "object",
+                    "required": ["experiment_id", "proposer", "params", "rules", "expires_t"],
+                },
+            },
             "summary": {"type": ["object", "null"]},
+            "t": {"type": "number"},
+        },
+    },
+    "approval-event": {
+        "$schema": _DRAFT,
+        "$id": "approval-event.schema.json",
+        "title": "labbridge/<bridge_id>/campaigns/<id>/approvals: a proposal started waiting "
+        "for approval, or was decided",
+        "type": "object",
+        "required": ["campaign_id", "experiment_id", "event", "proposer", "params", "t"],
+        "properties": {
+            "campaign_id": {"type": "string"},
+            "experiment_id": {"type": "string"},
+            "event": {"enum": ["awaiting", "approved", "denied", "expired", "cancelled"]},
+            "proposer": {"type": "string", "description": "agent:<id>"},
+            "params": {"type": "object"},
+            "rules": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "awaiting: each policy that asked for a human, with the values",
+            },
+            "expires_t": {"type": "number", "description": "awaiting: until when (Unix s)"},
+            "who": {"type": "string", "description": "approved/denied: the approver"},
+            "reason": {"type": "string"},
+            "via": {"type": ["string", "null"], "description": "mqtt, cli or api"},
             "t": {"type": "number"},
         },
     },
@@ -302,7 +371,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         },
     },
 }
-REQUESTS = ("start", "proposal", "control", "estop", "reset")
+REQUESTS = ("start", "proposal", "control", "approval", "estop", "reset")
 _VALIDATORS = {name: jsonschema.Draft202012Validator(SCHEMAS[name]) for name in SCHEMAS}
 
 

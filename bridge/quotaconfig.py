@@ -19,13 +19,13 @@ Keys (all optional):
 
 * ``proposals_per_hour``: proposals journaled (accepted or refused) in the last hour;
 * ``experiments_per_day``: experiments of its proposals that started running in the last
-  24 hours, plus those accepted and waiting to run;
+  24 hours, plus those accepted (or awaiting approval) and waiting to run;
 * ``budgets``: envelope budget name -> the most of it the agent's experiments may consume
   in that budget's window (``dye_ml_per_day: 10``: 10 mL a day), on every station whose
   envelope has that budget; a budget's window is on the stations' clock (a simulated
   bench's, at its speed), the other windows are real time;
-* ``queued_per_campaign`` (default 4): accepted proposals that may wait in one campaign's
-  queue at once;
+* ``queued_per_campaign`` (default 4): proposals that may wait in one campaign at once
+  (accepted and queued, or awaiting approval);
 * ``tool_calls_per_s`` (default 20) and ``tool_call_burst`` (default 40): MCP tool calls
   (the MQTT API limits each broker user with ``mqtt.request_rate``).
 

@@ -7,11 +7,11 @@ users as ``agent:<user>``, the Python API). For a proposer with a quota
 the journal (:meth:`Journal.proposer_usage <loops.journal.Journal.proposer_usage>`:
 durable across restarts, never from memory alone):
 
-* ``queued_per_campaign``: its accepted proposals waiting in the campaign's queue (the
-  runner's queue, which is the campaign's own);
+* ``queued_per_campaign``: its proposals waiting in the campaign: accepted and queued,
+  or awaiting a human's approval (the runner's own books);
 * ``proposals_per_hour``: its proposals journaled in the last hour;
 * ``experiments_per_day``: its experiments that started running in the last 24 hours,
-  plus those accepted and not started yet;
+  plus those accepted (or awaiting approval) and not started yet;
 * ``budgets``: per envelope budget, what the stations' budgets consumed while its
   experiments ran, in that budget's window (on the stations' clock: ``window / speed``
   of real time on a simulated bench).
@@ -160,8 +160,9 @@ class QuotaGate:
                 False,
                 text=(
                     f"quota of {proposer}: queued_per_campaign {quota.queued_per_campaign} "
-                    f"({quota.where}): {waiting} of its accepted proposals wait in campaign "
-                    f"{campaign_id}'s queue; propose again once one of them has started"
+                    f"({quota.where}): {waiting} of its proposals wait in campaign "
+                    f"{campaign_id} (queued, or awaiting approval); propose again once one of "
+                    "them has started or was decided"
                 ),
             )
         return next((u for u in await self.usage(proposer, quota) if not u.ok), None)

@@ -187,8 +187,7 @@ def fmt_num(value: Any, digits: int = 4) -> str:
 def verification_text(e: Experiment) -> str:
     if e.state != "done":
         return f"{e.state}: {e.reason}" if e.reason else f"no result ({e.state})"
-    if e.verified is True:
-        return "verified"
     if e.verified is False:
         return e.reason or "unverified"
-    return "not checked (verification off)"
+    text = "verified" if e.verified is True else "not checked (verification off)"
+    return f"{text} ({e.reason})" if e.reason else text  # recovered on resume

@@ -175,6 +175,7 @@ def summary_html(data: ReportData, best: Experiment | None) -> list[str]:
         "running",
         "queued",
         "checked",
+        "awaiting-approval",
         "proposed",
     ):
         if states.get(state):
@@ -373,7 +374,7 @@ def safety_html(data: ReportData) -> list[str]:
             if d.get("resumed"):
                 text = "resumed: " + ", ".join(
                     f"{k} {', '.join(d.get(k) or []) or 'none'}"
-                    for k in ("interrupted", "requeued")
+                    for k in ("interrupted", "recovered", "requeued")
                 )
             rows.append((_when(t.t), t.state, str(text)))
         out.append(html_table(("time", "state", "why"), rows))

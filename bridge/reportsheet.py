@@ -23,7 +23,7 @@ from instruments import vision
 from loops.journal import Experiment
 from loops.setup import SetupStore
 
-__all__ = ["Tile", "render_contact_sheet", "select_tiles"]
+__all__ = ["Tile", "image_file", "overlay_frame", "render_contact_sheet", "select_tiles"]
 
 
 def select_tiles(
@@ -173,3 +173,19 @@ def render_contact_sheet(
         tile_width=tile_width,
     )
     return vision.encode_png(sheet), tiles
+
+
+def overlay_frame(data: ReportData, e: Experiment) -> tuple[bytes | None, str]:
+    """``e``'s outcome frame with the camera's measured overlays, as on its contact-sheet tile
+    (the recorded analysis, else analysed again), as PNG bytes; or None and why not."""
+    frame, problem = _load_frame(data, data.images.get(e.id, {}).get("outcome"))
+    if frame is None:
+        return None, problem
+    analysis, source = _analysis(data, e, frame)
+    return vision.encode_png(vision.overlay(frame, analysis)), source
+
+
+def image_file(data: ReportData, experiment_id: str, role: str) -> Path | None:
+    """The stored JPEG of one of an experiment's frames (``reference``, ``outcome``), or None."""
+    info = data.images.get(experiment_id, {}).get(role)
+    return None if info is None else _image_path(data, info)

@@ -30,19 +30,23 @@ chose for it. A station runs one campaign at a time.
   stations again if an e-stop arrives while it runs).
 * **reset** needs who and why; a station whose trip condition still holds stays
   latched and says which monitor holds it.
+* **approvals** (:meth:`LabService.approvals`, :meth:`LabService.decide`): agents'
+  proposals awaiting a human (``loops/campaignapproval.py``) and the decisions on them,
+  with the approver's authenticated identity and reason, journaled.
 * **shutdown** aborts running campaigns (their stations tripped into the safe
   state) and closing the service closes every station (instruments safe-stated).
 
 Listeners (:meth:`LabService.add_listener`) receive every campaign runner event
 (``event``: ``proposed``, ``rejected``, ``started``, ``finished``, ``failed``,
-``cancelled``, ``station``, ``unverified``, ``state``, with ``campaign_id``)
+``cancelled``, ``station``, ``unverified``, ``state``, ``awaiting_approval``,
+``approval``, with ``campaign_id``)
 and the service's own events (``campaign`` when one starts or ends, ``estop``,
 ``reset``). They are called on the event loop and must not block.
 
 Modules: this one (life cycle, listeners, campaigns, status), ``bridge/servicesafety.py``
 (e-stop, reset, station calls), ``bridge/servicequeries.py`` (a dry run that queues
-nothing, live readings, journal reads), ``bridge/servicetypes.py`` (errors, results,
-handles).
+nothing, live readings, journal reads), ``bridge/serviceapprovals.py`` (proposals
+awaiting approval, decisions), ``bridge/servicetypes.py`` (errors, results, handles).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from typing import Any
 from bridge.campaigns import START_TIMEOUT_S, make_runner, open_lab
 from bridge.labconfig import LabConfig
 from bridge.quotas import QuotaExceeded, QuotaGate, QuotaUse
+from bridge.serviceapprovals import ServiceApprovals
 from bridge.servicequeries import ServiceQueries
 from bridge.servicesafety import StationSafety
 from bridge.servicetypes import (
@@ -128,7 +133,7 @@ def _owner_lock(lab: LabConfig) -> Iterator[None]:
         yield
 
 
-class LabService(StationSafety, ServiceQueries):
+class LabService(StationSafety, ServiceQueries, ServiceApprovals):
     """One opened lab serving campaigns by id (see the module docstring).
 
     ``lab``: the validated lab config; ``stations``: open only these (default all);
@@ -385,7 +390,10 @@ class LabService(StationSafety, ServiceQueries):
             chosen, errors = await self._choose_stations(prog, stations)
             if errors:
                 return StartResult(campaign_id, False, errors=tuple(errors))
-            handle = self._handle(campaign_id, prog, chosen, who)
+            try:
+                handle = self._handle(campaign_id, prog, chosen, who)
+            except ConfigError as exc:  # an agent's approval rule names what it lacks
+                return StartResult(campaign_id, False, errors=(str(exc),))
             try:
                 handle.lock.enter_context(campaign_lock(self.lab.store, campaign_id))
             except CampaignBusy as exc:

@@ -103,6 +103,7 @@ class CampaignHandle:
                 "target": self.program.stop.target,
             },
             "progress": progress,
+            "approvals": self.runner.awaiting(),
             "summary": None if self.summary is None else self.summary.as_dict(),
             "t": time.time(),
         }

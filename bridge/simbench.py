@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +28,7 @@ from typing import Any
 import yaml
 
 from bridge.campaigns import run_with_signals
+from bridge.httpserve import HttpBind
 from bridge.labconfig import LabConfig, load_lab, parse_broker_url
 from loops.campaign import CampaignRunner, CampaignSummary
 from loops.program import Program, builtin_program
@@ -198,15 +201,20 @@ async def sim_campaign(
     keep_running: bool = False,
     after: Callable[[RunningSimLab, CampaignSummary], None] | None = None,
     bench: str = "colour",
+    web: HttpBind | None = None,
+    web_any_port: bool = False,
 ) -> CampaignSummary:
     """Run ``program`` on a simulated lab started for it (the run folder is ``out``).
 
     ``bench``: the simulated bench (``colour``, ``buffer``). ``fault``: a simulator fault injected once the stations are open and their
     set up (so the camera calibration itself is sound). ``after``: called
     with the lab and the summary while the lab is still up (e.g. to write the
-    report). ``keep_running``: afterwards stay up as a simulated lab serving the
-    MQTT campaign API (``labbridge serve``) until SIGINT/SIGTERM: other processes run
-    campaigns on it over MQTT (its stations are held by the service meanwhile).
+    report). ``web``: run the campaign inside a lab service (as ``labbridge serve`` does)
+    that also serves the MQTT campaign API and the lab page there, whose URL is printed
+    first: watch and steer the campaign from a browser. ``keep_running`` (with ``web``):
+    afterwards stay up until SIGINT/SIGTERM: other processes run campaigns on the lab
+    over MQTT, people watch and act from the page (its stations are held by the service).
+    ``web_any_port``: if ``web``'s port is taken, serve the page on a free one.
     """
     n = stations or program.stations
     if broker_url is not None:
@@ -223,6 +231,24 @@ async def sim_campaign(
             f"simulated lab: {n} {bench} station(s) at {speed:g}x; run folder {out}",
             file=sys.stderr,
         )
+
+        if web is not None and not resume:
+            summary = await _served_campaign(
+                lab,
+                program,
+                campaign_id,
+                out,
+                web,
+                keep_running=keep_running,
+                broker_url=broker_url,
+                operator=operator,
+                ray_address=ray_address,
+                progress=progress,
+                fault=fault,
+                after=after,
+                web_any_port=web_any_port,
+            )
+            return summary
 
         def on_runner(runner: CampaignRunner) -> None:
             if fault:
@@ -241,37 +267,136 @@ async def sim_campaign(
         )
         if after is not None:
             after(lab, summary)
-        if keep_running and summary.state == "done":
-            await _stay_up(lab, out, broker_url)
     return summary
 
 
-async def _stay_up(lab: RunningSimLab, out: Path, broker_url: str | None) -> None:
-    """Serve the MQTT campaign API on the simulated lab until SIGINT/SIGTERM."""
+async def _served_campaign(
+    lab: RunningSimLab,
+    program: Program,
+    campaign_id: str,
+    out: Path,
+    web: HttpBind,
+    *,
+    keep_running: bool,
+    broker_url: str | None,
+    operator: str,
+    ray_address: str | None,
+    progress: bool,
+    fault: str | None,
+    after: Callable[[RunningSimLab, CampaignSummary], None] | None,
+    web_any_port: bool,
+) -> CampaignSummary:
+    """The campaign inside a lab service with the MQTT campaign API and the lab page (see
+    :func:`sim_campaign`); SIGINT/SIGTERM abort it with every station in its safe state."""
+    from bridge.campaigns import CampaignProgress
     from bridge.mqttapi import mqtt_settings, serve
+    from bridge.webapp import lab_page
+    from loops.raylinks import init_ray
 
     url = broker_url or lab.sim.broker_url
     settings = mqtt_settings(lab.config, url)
-    stop = asyncio.Event()  # SIGINT/SIGTERM from now on stop the service, then the lab
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signalled: list[str] = []
+    pages: list[str] = []
+    task: list[asyncio.Task[CampaignSummary]] = []
 
-    def online(api: Any, service: Any) -> None:
-        # printed once the API is subscribed: an e-stop sent after this line is acted on
-        root = f"labbridge/{lab.config.bridge_id}"
+    def on_signal(name: str) -> None:
+        signalled.append(name)
         print(
-            f"simulated lab serving its MQTT campaign API on {url} under {root}/ "
-            f"(docs/mqtt-api.md): start campaigns on {root}/campaigns/start/<user>, e-stop "
-            f"with labbridge estop --broker {url} --bridge-id {lab.config.bridge_id} --reason "
-            f"...; its stations are held by this service (lab config {out / 'lab.yaml'}); "
-            "Ctrl-C to stop",
+            f"\n{name}: stopping: campaign aborted, every station to its safe state",
             file=sys.stderr,
         )
+        stop.set()
 
+    @contextlib.asynccontextmanager
+    async def page(service: Any) -> AsyncIterator[str]:
+        bind = web
+        if web_any_port:  # the default port taken (another lab page): any free one will do
+            with socket.socket() as probe:
+                if probe.connect_ex((web.host, web.port)) == 0:
+                    bind = dataclasses.replace(web, port=0)
+        async with lab_page(service, bind) as where:
+            pages.append(where)
+            print(f"the lab page: {where} (watch and steer the campaign there)", file=sys.stderr)
+            yield where
+
+    async def run(service: Any) -> CampaignSummary:
+        if fault:
+            lab.inject_fault(fault)
+            print(f"fault injected into every station: {fault}", file=sys.stderr)
+        bar = CampaignProgress(program, campaign_id) if progress else None
+
+        def on_event(event: dict[str, Any]) -> None:
+            if bar is not None and event.get("campaign_id") == campaign_id:
+                bar(event)
+
+        remove = service.add_listener(on_event)
+        summary = None
+        try:
+            started = await service.start_campaign(
+                campaign_id, program, stations=service.stations, who=operator
+            )
+            if not started.accepted:
+                raise ValueError(f"campaign {campaign_id} not started: {'; '.join(started.errors)}")
+            handle = await service.wait_campaign(campaign_id)
+            summary = handle.summary
+            if summary is None:
+                raise RuntimeError(f"campaign {campaign_id}: {handle.reason}")
+        finally:
+            remove()
+            if bar is not None:
+                bar.close(summary)
+        if after is not None:
+            after(lab, summary)
+        if keep_running and not signalled:
+            root = f"labbridge/{lab.config.bridge_id}"
+            print(
+                f"campaign {campaign_id}: {summary.state}. simulated lab serving its MQTT "
+                f"campaign API on {url} under {root}/ (docs/mqtt-api.md) and the lab page at "
+                f"{pages[0] if pages else '?'}; its stations are held by this service (lab "
+                f"config {out / 'lab.yaml'}); Ctrl-C to stop",
+                file=sys.stderr,
+            )
+        else:
+            stop.set()
+        return summary
+
+    def online(api: Any, service: Any) -> None:
+        task.append(asyncio.create_task(run(service), name=f"sim-campaign-{campaign_id}"))
+        task[0].add_done_callback(lambda t: stop.set() if t.exception() else None)
+
+    # Ray's driver installs its own SIGTERM handler in ray.init: start (or join) Ray first
+    init_ray(
+        ray_address or lab.config.ray_address,
+        stations=list(lab.config.stations),
+        local=True,
+        token_file=lab.config.ray_token_file,
+        log_to_driver=False,
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
     try:
-        why = await serve(lab.config, settings, stop=stop, handle_signals=False, on_online=online)
+        why = await serve(
+            lab.config,
+            settings,
+            ray_address=ray_address,
+            operator=operator,
+            stop=stop,
+            handle_signals=False,
+            on_online=online,
+            hosted=[page],
+        )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    print(f"stopping the simulated lab ({why})", file=sys.stderr)
+        if task and not task[0].done():
+            task[0].cancel()
+        results = await asyncio.gather(*task, return_exceptions=True)
+    if keep_running:
+        print(f"stopping the simulated lab ({why})", file=sys.stderr)
+    if not results:
+        raise RuntimeError("the lab service stopped before the campaign started")
+    if isinstance(results[0], BaseException):
+        raise results[0]
+    return results[0]

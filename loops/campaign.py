@@ -49,7 +49,8 @@ strategy's own JSON state), ``pending`` (experiment id -> proposal id),
 
 Modules: :mod:`loops.campaignbook` (the runner's state, events and optimizer
 feedback), :mod:`loops.campaignresume` (prepare and resume),
-:mod:`loops.campaignrecord` (recording outcomes), :mod:`loops.campaignlock`
+:mod:`loops.campaignrecord` (recording outcomes), :mod:`loops.campaignapproval`
+(proposals awaiting a human), :mod:`loops.campaignlock`
 (one process per campaign); this module schedules: claims, proposals, workers,
 controls and the end of a campaign.
 """
@@ -63,6 +64,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from loops.campaignapproval import CampaignApproval
 from loops.campaignbook import (
     STATE_VERSION,
     Event,
@@ -74,7 +76,6 @@ from loops.campaignbook import (
 )
 from loops.campaignlease import OwnerAlive
 from loops.campaignlock import CampaignBusy, campaign_lock
-from loops.campaignrecord import CampaignRecorder
 from loops.campaignresume import BudgetWindow, CampaignResume
 from loops.journal import Journal
 from loops.optimizer import Exhausted
@@ -113,20 +114,31 @@ class CampaignClosed(RuntimeError):
 
 @dataclass(frozen=True)
 class ProposalReceipt:
-    """The answer to an agent's proposal: accepted (queued for a station) or rejected with reasons."""
+    """The answer to an agent's proposal: accepted (queued for a station), rejected with
+    reasons, or awaiting a human's approval (neither yet: ``approval`` says why and until
+    when, ``expires_t`` wall clock)."""
 
     experiment_id: str
     accepted: bool
     reasons: tuple[str, ...] = ()
     proposer: str = ""
+    approval: Mapping[str, Any] | None = None
+
+    @property
+    def awaiting_approval(self) -> bool:
+        return self.approval is not None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "experiment_id": self.experiment_id,
             "accepted": self.accepted,
+            "awaiting_approval": self.awaiting_approval,
             "reasons": list(self.reasons),
             "proposer": self.proposer,
         }
+        if self.approval is not None:
+            out["approval"] = dict(self.approval)
+        return out
 
 
 @dataclass(frozen=True)
@@ -153,7 +165,7 @@ class CampaignSummary:
         }
 
 
-class CampaignRunner(CampaignResume, CampaignRecorder):
+class CampaignRunner(CampaignResume, CampaignApproval):
     """One campaign over stations and a journal, through their links (module docstring).
 
     ``stations``: station name -> a :class:`~loops.stations.StationLink` to a started
@@ -161,12 +173,17 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
     ``clock_now``: the campaign's clock for the time budget (a simulated bench's
     clock on a simulated lab); ``on_event``: called (in the event loop) with
     every event dict (``event``: ``proposed``, ``rejected``, ``started``,
-    ``finished``, ``failed``, ``cancelled``, ``station``, ``state``); it must
-    not block.
+    ``finished``, ``failed``, ``cancelled``, ``station``, ``state``,
+    ``awaiting_approval``, ``approval``); it must not block. ``agent_approvals``:
+    agent name -> its approval policy (lab.yaml's; the program's own is
+    ``program.approval``); ``approval_poll_s``: how often decisions recorded in the
+    journal by another process are picked up while a proposal awaits one.
 
     Built from :class:`~loops.campaignbook.CampaignBook` (the state and the constructor),
-    :class:`~loops.campaignresume.CampaignResume` (:meth:`prepare`) and
-    :class:`~loops.campaignrecord.CampaignRecorder` (outcomes); the scheduling is here.
+    :class:`~loops.campaignresume.CampaignResume` (:meth:`prepare`),
+    :class:`~loops.campaignrecord.CampaignRecorder` (outcomes) and
+    :class:`~loops.campaignapproval.CampaignApproval` (proposals awaiting a human); the
+    scheduling is here.
     """
 
     # the fair share of the queue (_next_queued): claims served, and when each proposer
@@ -228,7 +245,9 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
     async def propose(self, params: Mapping[str, Any], proposer: str) -> ProposalReceipt:
         """An external agent's proposal: journaled with ``proposer`` (``agent:<id>``), checked
         against the program's constraints and dry-run by the safety layer; accepted ones run
-        before the optimizer's next proposal and are told to it like its own.
+        before the optimizer's next proposal and are told to it like its own. One that an
+        approval policy sends to a human waits (``awaiting_approval`` in the receipt) until
+        it is approved (then queued), denied or expires (:mod:`loops.campaignapproval`).
 
         Raises :class:`CampaignClosed` once the campaign stops accepting work, and
         ValueError for a proposer that is not ``agent:<id>`` or ``operator[:<who>]``.
@@ -255,6 +274,12 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             if reasons:  # a spent budget or no station says nothing about the point
                 await self._reject(item, reasons, tell=not budget and slot is not None)
                 return ProposalReceipt(item.experiment_id, False, tuple(reasons), proposer)
+            need = self._needs_approval(item)
+            if need is not None:  # a human decides (loops/campaignapproval.py)
+                reasons, approval = await self._await_approval(item, need)
+                return ProposalReceipt(
+                    item.experiment_id, False, tuple(reasons), proposer, approval=approval
+                )
             try:
                 item.pid = self.optimizer.add_pending(item.params).id
                 self._pending[item.experiment_id] = item.pid
@@ -272,9 +297,10 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
         return ProposalReceipt(item.experiment_id, True, (), proposer)
 
     def queued_by(self, proposer: str) -> int:
-        """How many of ``proposer``'s proposals wait in this campaign's queue (accepted or
-        resumed, not claimed by a station yet)."""
-        return sum(1 for item in self._queue if item.proposer == proposer)
+        """How many of ``proposer``'s proposals wait in this campaign: in its queue (accepted
+        or resumed, not claimed by a station yet) or for a human's approval."""
+        queued = sum(1 for item in self._queue if item.proposer == proposer)
+        return queued + sum(1 for a in self._awaiting.values() if a.item.proposer == proposer)
 
     def _next_queued(self) -> Item | None:
         """The queued proposal to claim next, or None: the optimizer's turn (an empty queue,
@@ -408,6 +434,10 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
                             state="paused",
                         )
                         return None
+                    need = None if reasons or item.approved else self._needs_approval(item)
+                    if need is not None:  # an agent's, re-queued by a resume: it waits
+                        await self._await_approval(item, need)
+                        continue
                     if reasons:
                         await self._reject(item, reasons)
                         if not item.proposer.startswith("agent:"):
@@ -446,6 +476,9 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             asyncio.create_task(self._worker(slot), name=f"campaign-{self.campaign_id}-{slot.name}")
             for slot in self._slots.values()
         ]
+        approvals = asyncio.create_task(
+            self._approval_loop(), name=f"campaign-{self.campaign_id}-approvals"
+        )
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -455,6 +488,8 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             await self._release_leases()
             raise
         finally:
+            approvals.cancel()
+            await asyncio.gather(approvals, return_exceptions=True)
             self._phase = "ended"
         await self._release_leases()  # every worker is done: nothing acts for us any more
         return await self._finish()
@@ -465,12 +500,25 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
             item = await self._claim(slot)
             if item is None:
                 return
+            if not self._running.is_set() or self._stop_reason() is not None:
+                await self._unclaim(slot, item)  # paused or stopped while it was being claimed
+                continue
             try:
                 await self._execute(slot, item)
             finally:
                 self._in_flight -= 1
                 if slot.state == "busy":
                     slot.state, slot.experiment = "idle", None
+
+    async def _unclaim(self, slot: Slot, item: Item) -> None:
+        """Put a claimed, checked proposal back at the head of the queue, unrun: the campaign
+        was paused (it runs after the resume) or told to stop (it is cancelled at the end)
+        while the optimizer was asked or the proposal dry-run."""
+        async with self._lock:
+            self._queue.appendleft(item)
+            self._in_flight -= 1
+            if slot.state == "busy":
+                slot.state, slot.experiment = "idle", None
 
     async def _execute(self, slot: Slot, item: Item) -> None:
         j, eid = self.journal, item.experiment_id
@@ -529,6 +577,8 @@ class CampaignRunner(CampaignResume, CampaignRecorder):
                 state = "stopped"
             else:
                 state = "done"
+            if state == "done":  # over by its own rules: nothing that waits can run any more
+                await self._close_awaiting(reason)
             notes, self._notes = self._notes, []
             for note in notes:
                 try:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loops.approval import ApprovalPolicy
 from loops.journal import Journal, JournalLink
 from loops.optimizer import (
     BayesOptimizer,
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_CONSECUTIVE_REJECTIONS",
+    "Awaiting",
     "STATE_VERSION",
     "CampaignBook",
     "Counts",
@@ -95,6 +97,28 @@ class Item:
     recipe: dict[str, Any] | None
     proposer: str
     checked: bool
+    #: a human approved it (loops/campaignapproval.py): the approval policy is not asked again
+    approved: bool = False
+
+
+@dataclass
+class Awaiting:
+    """A proposal waiting for a human: why and until when (wall clock, epoch s)."""
+
+    item: Item
+    rules: tuple[str, ...]
+    expires: float
+    requested: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "experiment_id": self.item.experiment_id,
+            "proposer": self.item.proposer,
+            "params": dict(self.item.params),
+            "rules": list(self.rules),
+            "requested_t": self.requested,
+            "expires_t": self.expires,
+        }
 
 
 @dataclass
@@ -136,8 +160,9 @@ def violation_text(v: Mapping[str, Any]) -> str:
     where = f"step {step}" if step is not None else "recipe"
     command = v.get("command") or {}
     what = command.get("description") if isinstance(command, Mapping) else None
-    rule = v.get("rule") or "?"
-    text = f"{where}: {rule}: {v.get('reason', '?')}"
+    rule = str(v.get("rule") or "?")
+    reason = str(v.get("reason", "?"))
+    text = f"{where}: {reason}" if reason.startswith(f"{rule}:") else f"{where}: {rule}: {reason}"
     return f"{text} ({what})" if what else text
 
 
@@ -163,6 +188,8 @@ class CampaignBook:
         max_disagreements: Mapping[str, int] | None = None,
         images_dir: Path | None = None,
         lease_s: float = LEASE_S,
+        agent_approvals: Mapping[str, ApprovalPolicy] | None = None,
+        approval_poll_s: float = 1.0,
     ) -> None:
         if not stations:
             raise ValueError("a campaign needs at least one station")
@@ -200,6 +227,11 @@ class CampaignBook:
         #: this owner's epoch (:meth:`~loops.journal.Journal.take_ownership`), passed with every
         #: journal write: an older owner still alive cannot write once a newer one took over
         self._epoch: int | None = None
+        #: agent name -> its approval policy (lab.yaml; the program's is program.approval)
+        self._agent_approvals = dict(agent_approvals or {})
+        self._approval_poll_s = float(approval_poll_s)
+        #: proposals awaiting a human (loops/campaignapproval.py), oldest first
+        self._awaiting: dict[str, Awaiting] = {}
 
     # ------------------------------------------------------------------ events
     def _emit(self, event: str, **data: Any) -> None:
@@ -243,6 +275,7 @@ class CampaignBook:
             "budget": budget,
             "in_flight": self._in_flight,
             "queued": len(self._queue),
+            "awaiting_approval": len(self._awaiting),
             "done": c.done,
             "failed": c.failed,
             "rejected": c.rejected,

@@ -16,7 +16,14 @@ from typing import Any
 from loops.campaignbook import CampaignBook, Item, Slot, violation_text
 from loops.journal import Experiment, Journal
 
-__all__ = ["CampaignRecorder"]
+__all__ = ["RECOVERED", "CampaignRecorder"]
+
+#: the reason of a result recovered on resume (:meth:`CampaignResume._record_recovered
+#: <loops.campaignresume.CampaignResume._record_recovered>`)
+RECOVERED = (
+    "recovered on resume: every step ran before the campaign's process stopped, "
+    "the measurements journaled with the last one"
+)
 
 
 class CampaignRecorder(CampaignBook):
@@ -108,6 +115,9 @@ class CampaignRecorder(CampaignBook):
                     verified = verification.get("verified")
                     if verified is False:
                         reason = "unverified: " + "; ".join(verification.get("reasons") or ["?"])
+                if out.get("recovered_on_resume"):
+                    checked = ", verified on resume" if verification is not None else ""
+                    reason = "; ".join(filter(None, [reason, RECOVERED + checked]))
                 self._tell(item, float(value), "untrusted" if verified is False else "ok")
                 result = {**dict(out.get("result") or {}), "station": slot.name}
                 if verification is not None:
@@ -116,8 +126,9 @@ class CampaignRecorder(CampaignBook):
                     result["images"] = images
                 if missing:  # cited by the outcome, neither journaled nor on disk
                     result["images_missing"] = missing
-                if out.get("recorded_on_resume"):
-                    result["recorded_on_resume"] = True
+                for flag in ("recorded_on_resume", "recovered_on_resume"):
+                    if out.get(flag):
+                        result[flag] = True
                 await j.call(
                     Journal.finish,
                     eid,

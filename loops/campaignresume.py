@@ -3,10 +3,15 @@
 ``prepare(resume=True)`` (see :mod:`loops.campaign`): the optimizer is restored
 from its saved state and told every outcome it does not know yet; an experiment whose
 station journaled its outcome before the campaign's process stopped is recorded as the
-result it is (:class:`~loops.journal.CompletedRun`); every station is safe-stated,
+result it is (:class:`~loops.journal.CompletedRun`), and one whose every step finished
+but whose outcome was not journaled yet is verified on its station from what the journal
+kept and recorded too, marked as recovered (:meth:`CampaignResume._record_recovered`);
+every station is safe-stated,
 checked and drained (:meth:`StationActor.recover
 <loops.stationactor.StationActor.recover>`, recorded with the operator's name) and
-each interrupted experiment is closed as ``failed``, never re-run.
+each interrupted experiment is closed as ``failed``, never re-run. Proposals found
+awaiting a human's approval wait again, as pending points; decisions recorded and
+expiries passed while the campaign was down are applied (:mod:`loops.campaignapproval`).
 
 Budgets (a new campaign and a resume): a station whose safety budget's window is
 spent (one more experiment does not fit; a volume budget with nothing left) rests,
@@ -18,10 +23,10 @@ from __future__ import annotations
 
 import logging
 
+from loops.campaignapproval import CampaignApproval
 from loops.campaignbook import STATE_VERSION, Item, Slot
 from loops.campaignlease import CampaignLease
-from loops.campaignrecord import CampaignRecorder
-from loops.journal import CompletedRun, Experiment, Journal, ResumeInfo
+from loops.journal import AWAITING, CompletedRun, Experiment, Journal, ResumeInfo
 from loops.optimizer import optimizer_from_state
 from loops.stationerrors import cause_text
 from loops.stationledger import window_text
@@ -37,7 +42,7 @@ class BudgetWindow(RuntimeError):
     resume) until a window allows more; the message says when."""
 
 
-class CampaignResume(CampaignLease, CampaignRecorder):
+class CampaignResume(CampaignLease, CampaignApproval):
     """Creating a campaign in the journal, or picking it up after a crash (:meth:`prepare`)."""
 
     async def prepare(self, *, resume: bool = False, operator: str = "operator") -> None:
@@ -128,6 +133,7 @@ class CampaignResume(CampaignLease, CampaignRecorder):
         )
         pending_ids = {p.id for p in self.optimizer.pending()}
         live: set[str] = set()
+        awaiting: list[Item] = []  # awaiting a human: they wait again (campaignapproval)
         ran = sorted(
             (e for e in experiments if e.state in ("done", "failed") and e.station is not None),
             key=lambda e: e.updated,
@@ -145,6 +151,9 @@ class CampaignResume(CampaignLease, CampaignRecorder):
                 checked=False,
             )
             self._count_restored(exp)
+            if exp.state == AWAITING:
+                awaiting.append(item)
+                continue
             if exp.state == "proposed":
                 if item.pid is None:
                     try:
@@ -168,6 +177,8 @@ class CampaignResume(CampaignLease, CampaignRecorder):
                 self._forget(item)
         for run in info.completed:  # ran to its end before the stop: its result, exactly once
             await self._record_completed(run)
+        for run in info.recovered:  # ran to its end, not verified yet: verify it, then as above
+            await self._record_recovered(run)
         recovered: set[str] = set()
         for interrupted in info.interrupted:
             await self._recover(interrupted.experiment, interrupted.last_step_started, operator)
@@ -180,10 +191,12 @@ class CampaignResume(CampaignLease, CampaignRecorder):
                     f"resume of campaign {self.campaign_id}: the station was unattended since "
                     "the campaign's process stopped",
                 )
+        live |= await self._restore_awaiting(awaiting)
         for p in self.optimizer.pending():  # asked but never journaled: nothing ran
             if p.id not in live:
                 self.optimizer.cancel(p.id)
         self._pending = {e: p for e, p in self._pending.items() if p in live}
+        await self._settle_approvals()  # decided or expired while the campaign was down
         await self.journal.call(
             Journal.save_optimizer_state, self.campaign_id, self._state(), epoch=self._epoch
         )
@@ -229,6 +242,32 @@ class CampaignResume(CampaignLease, CampaignRecorder):
             "recorded_on_resume": True,
         }
         await self._record(slot, item, out)
+
+    async def _record_recovered(self, run: CompletedRun) -> None:
+        """Record an experiment whose every step finished and was measured (journaled with
+        its last step) but whose outcome was not journaled before the campaign's process
+        stopped: its station verifies what was measured and journals the outcome
+        (:meth:`StationActor.recover_outcome`, nothing on the hardware), then it is recorded
+        as a journaled outcome is, marked ``recovered_on_resume``. A station that cannot
+        leaves it ``running`` for a later resume (never failed, never re-run)."""
+        exp = run.experiment
+        slot = self._slots.get(exp.station or "")
+        try:
+            if slot is None:
+                raise LookupError(f"station {exp.station} is not in this lab")
+            outcome = await slot.actor.call(StationActor.recover_outcome, exp.id, epoch=self._epoch)
+        except Exception as exc:
+            log.warning(
+                "campaign %s: experiment %s ran to its end on station %s, but its result "
+                "could not be verified there on resume (%s): it stays in the journal until a "
+                "resume with that station",
+                self.campaign_id,
+                exp.id,
+                exp.station,
+                cause_text(exc),
+            )
+            return
+        await self._record_completed(CompletedRun(exp, outcome, run.images))
 
     async def _recover(self, exp: Experiment, step: int | None, operator: str) -> None:
         """Safe-state, check and drain the station an interrupted experiment ran on; close it."""

@@ -91,8 +91,8 @@ from loops.steps import (
     image_digest_name,
     plain,
 )
-from safety.envelope import is_number
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
+from safety.limits import is_number
 from safety.yamldoc import YamlDoc
 
 __all__ = [

@@ -71,6 +71,11 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
     constants of the experiment (name -> number, string, boolean or list),
     used by the recipe's expressions and the constraints; names must not
     clash with parameters, and each must be used somewhere.
+``approval``
+    when an agent's proposal waits for a human before it may run: ``auto``
+    (default), ``human``, or ``{human_when: <rule>, trusted: [...], expires: 2h,
+    max_awaiting: 16}`` (:mod:`loops.approval`); the rule's names are the
+    parameters, the fixed values, ``agent`` and ``trusted``.
 
 :func:`load_program` reads a file, Markdown text, or the front matter as a
 mapping (the MQTT API sends a JSON object). Compute functions are the
@@ -89,6 +94,7 @@ from typing import Any
 
 import yaml
 
+from loops.approval import ApprovalPolicy, parse_approval
 from loops.checks import compile_verification
 from loops.plan import Plan, compile_fixed, compile_plan, plain
 from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
@@ -122,6 +128,7 @@ TOP_KEYS = (
     "recipe",
     "fixed",
     "verification",
+    "approval",
 )
 REQUIRED_KEYS = ("name", "parameters", "objective", "budget", "recipe")
 PARAMETER_KEYS = ("type", "low", "high", "unit", "doc")
@@ -362,6 +369,10 @@ class Program:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     body: str = ""
     source: str = "<program>"
+    #: when an agent's proposal waits for a human (None: auto; loops/approval.py)
+    approval: ApprovalPolicy | None = None
+    #: the ``approval`` front matter as written (for :meth:`as_dict`)
+    approval_spec: Any = None
 
     @property
     def space(self) -> Space:
@@ -458,6 +469,8 @@ class Program:
             out["fixed"] = dict(self.fixed)
         if self.verification.get("checks"):
             out["verification"] = {k: v for k, v in self.verification.items() if v}
+        if self.approval_spec is not None:
+            out["approval"] = plain(self.approval_spec)
         return out
 
     def to_markdown(self) -> str:
@@ -806,6 +819,14 @@ def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | No
         inputs=[*(p.name for p in parameters), *fixed],
         doc=doc,
     )
+    approval = parse_approval(
+        data.get("approval"),
+        doc,
+        ("approval",),
+        where="program.md approval",
+        known=sorted(known),
+        campaign=True,
+    )
     return Program(
         name=name,
         parameters=parameters,
@@ -823,4 +844,6 @@ def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | No
         fixed=fixed,
         body=body,
         source=doc.source,
+        approval=approval,
+        approval_spec=data.get("approval"),
     )

@@ -134,20 +134,39 @@ def recipe_times(
     )
 
 
-def dry_run_recipe(recipe: Recipe, station: SafeStation, *, who: str, now: float) -> DryRunReport:
+def dry_run_recipe(
+    recipe: Recipe,
+    station: SafeStation,
+    *,
+    who: str,
+    now: float,
+    after: DryRunReport | None = None,
+) -> DryRunReport:
     """Dry-run ``recipe`` on ``station`` (no I/O), each command at the time it would be sent
     (:func:`recipe_times`); ``now``: the guard's clock now (the simulated clock on a
-    simulated bench)."""
+    simulated bench). ``after``: the dry run of the experiment under way on the station:
+    ``recipe`` is checked from the state that one is predicted to leave, when it ends."""
     guard = station.guard
+    view = station.state.view()
+    state: dict[str, Any] | None = None
+    if after is not None:
+        state = dict(after.final_state)
+        view = {**view, **state}
+        now = max(now, after.until if after.until is not None else now)
     timeline = recipe_times(
         recipe,
         layout=guard.layout,
         envelope=guard.envelope,
-        view=station.state.view(),
+        view=view,
         who=who,
         now=now,
     )
-    return station.dry_run([c for c, _ in timeline], times=[t for _, t in timeline])
+    return station.dry_run(
+        [c for c, _ in timeline],
+        times=[t for _, t in timeline],
+        after=state,
+        at=now if after is not None else None,
+    )
 
 
 # ---------------------------------------------------------------------- running
@@ -161,7 +180,8 @@ class Result:
     (None if none) and ``<name>_sha256`` of every other capture. ``images``: each
     capture's JPEG bytes by its name (None if the source sends raw frames);
     :attr:`image` is the outcome's, :attr:`reference_image` the reference's.
-    ``durations``: seconds per step (``clock_now``), ``elapsed_s`` in total.
+    ``durations``: seconds per step (``clock_now``), ``elapsed_s`` from the start to the
+    end of the last step.
     """
 
     measurements: dict[str, Any] = field(default_factory=dict)
@@ -304,13 +324,18 @@ class _Run:
     """The state of one :func:`run_recipe`: measurements (nested and flat), images."""
 
     def __init__(
-        self, station: SafeStation, who: str, clock_sleep: Sleep, clock_now: Callable[[], float]
+        self,
+        station: SafeStation,
+        who: str,
+        clock_sleep: Sleep,
+        clock_now: Callable[[], float],
+        result: Result | None = None,
     ) -> None:
         self.station = station
         self.who = who
         self.sleep = clock_sleep
         self.now = clock_now
-        self.result = Result()
+        self.result = Result() if result is None else result
         self.m = self.result.measurements
         self.m["image_sha256"] = None
         self.m["image_bytes"] = None
@@ -506,6 +531,7 @@ async def run_recipe(
     who: str,
     on_step: StepCallback | None = None,
     clock_now: Callable[[], float] = time.monotonic,
+    result: Result | None = None,
 ) -> Result:
     """Run ``recipe``'s steps in order on ``station`` through its guarded handles only.
 
@@ -517,20 +543,25 @@ async def run_recipe(
     journal has it on disk first) and ``on_step(index, step, "done", data)`` after it
     finished, ``data`` being what the step read (JSON-able) plus ``duration_s``.
 
+    ``result``: the (empty) :class:`Result` to fill and return (default: a new one), for
+    a caller whose ``on_step`` needs what the run measured so far: when the last step's
+    ``"done"`` is awaited, it holds the run's whole result (measurements, images,
+    durations, ``elapsed_s``), so a journal can keep it with that step's record.
+
     A :class:`~safety.SafetyRefusal`, an instrument error, a :class:`MeasurementError`
     or a timeout propagates at the step where it happened: the caller marks the
     experiment failed and puts the station in its safe state. Nothing is retried here.
     """
-    run = _Run(station, who, clock_sleep, clock_now)
+    run = _Run(station, who, clock_sleep, clock_now, result)
     t_start = clock_now()
     for index, step in enumerate(recipe.steps):
         if on_step is not None:
             await on_step(index, step, "started", {})
         t0 = clock_now()
         data = await run.step(step)
-        duration = clock_now() - t0
-        run.result.durations.append(duration)
+        t1 = clock_now()
+        run.result.durations.append(t1 - t0)
+        run.result.elapsed_s = t1 - t_start  # to the end of the last step
         if on_step is not None:
-            await on_step(index, step, "done", {**plain(data), "duration_s": duration})
-    run.result.elapsed_s = clock_now() - t_start
+            await on_step(index, step, "done", {**plain(data), "duration_s": t1 - t0})
     return run.result

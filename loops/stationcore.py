@@ -26,7 +26,7 @@ from loops.stationclock import ClockSpec, ScaledClock
 from loops.stationerrors import StationError, StationNotOpen, cause_text, portable_error
 from loops.stationlease import Lease
 from loops.stationledger import restore_consumption, save_consumption, unsaved_consumption
-from safety import SafeStation, load_envelope, open_station
+from safety import DryRunReport, SafeStation, load_envelope, open_station
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class StationCore:
         self._run_lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
         self._current: str | None = None
+        #: the dry run of the experiment under way (what it is predicted to leave)
+        self._under_way: DryRunReport | None = None
         self._runs = 0
         self._verify = bool(dict(verification or {}).get("enabled", False))
         self._setup: dict[str, Any] = dict(setup or {})

@@ -35,7 +35,8 @@ from loops.journal import Journal, JournalLink
 from loops.steps import Step
 from safety import Command, SafeStation
 from safety.effects import CommandRefused, effect_of
-from safety.envelope import EPS, Envelope, Ledger
+from safety.envelope import Envelope
+from safety.limits import EPS, Ledger
 
 __all__ = [
     "at_text",

@@ -3,7 +3,9 @@
 
 Set-up recipes (a calibration, priming) and the recovery after an interrupted
 experiment (trip, reset by an operator, drain every vessel) run through the guard like
-an experiment's recipe, but are not experiments: they are not journaled as steps.
+an experiment's recipe, but are not experiments: they are not journaled as steps. A run
+whose every step finished but whose owner died before its outcome was journaled is
+verified here from the journal (:meth:`StationRecovery.recover_outcome`: no hardware).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from loops.journal import Journal
+from loops.journal import Experiment, Journal
 from loops.recipe import Result, dry_run_recipe, run_recipe
 from loops.stationerrors import StationBusy, StationError, cause_text, portable_error
 from loops.stationledger import step_reservation, unsaved_consumption
@@ -148,6 +150,45 @@ class StationRecovery(StationRuns):
             ),
             "status": await self.status(),
         }
+
+    async def recover_outcome(
+        self, experiment_id: str, *, epoch: int | None = None
+    ) -> dict[str, Any]:
+        """Journal the outcome of a run of this station whose every step finished, but whose
+        owner died before it was verified and journaled (:attr:`ResumeInfo.recovered
+        <loops.journal.ResumeInfo.recovered>`): what the run measured is read from the
+        journal (``step_done`` ``measured=``, with the captures' JPEGs), verified by this
+        station's checks with its set-up values as the run would have been (when it
+        verifies), and journaled as its outcome (:meth:`Journal.record_outcome`), marked
+        ``recovered_on_resume``. Nothing reaches the hardware. Returns the outcome as
+        journaled. Raises like :meth:`run` unless ``epoch`` holds the lease, and
+        :class:`StationError` for an experiment that was not measured on this station.
+        """
+        self._lease.check(epoch)
+        journal = self._journal
+        if journal is None:
+            raise StationError(
+                f"station {self.name} has no journal: cannot recover {experiment_id}"
+            )
+        exp: Experiment = await journal.call(Journal.experiment, experiment_id)
+        measured = await journal.call(Journal.measured, experiment_id)
+        if measured is None or exp.station != self.name:
+            raise StationError(
+                f"station {self.name}: experiment {experiment_id} (on station {exp.station}) "
+                "has no measurements journaled with a last step here: nothing to recover"
+            )
+        outcome: dict[str, Any] = {"recovered_on_resume": True}  # on top of what was measured
+        if self._verify:
+            images: dict[str, bytes | None] = {
+                **await journal.call(Journal.outcome_images, experiment_id)
+            }
+            result = Result(measurements=dict(measured.get("measurements") or {}), images=images)
+            verification = await self._verify_outcome(result, Recipe.from_dict(exp.recipe))
+            outcome["verification"] = verification.as_dict()
+        self._lease.check(epoch)
+        await journal.call(Journal.record_outcome, experiment_id, outcome, epoch=epoch)
+        recorded: dict[str, Any] | None = await journal.call(Journal.outcome, experiment_id)
+        return recorded or {**measured, **outcome}
 
 
 def _call(instrument: str, command: str, **args: Any) -> Step:

@@ -4,11 +4,15 @@
 The recipe is dry-run again, the experiment moved ``queued -> running`` (with the
 experiments budget's unit, one transaction), each step journaled before it acts
 (``step_started``, with a reservation of what it may consume) and after
-(``step_done``, with what it did consume), and a run that reaches its end journals
-its outcome (measurements, verification, the safety verdicts, the images:
-:meth:`Journal.record_outcome <loops.journal.Journal.record_outcome>`) before it is
-returned: a campaign process killed before it records the result loses nothing. Every
-write carries the lease's epoch and none is made without a live lease.
+(``step_done``, with what it did consume). The last step's record carries what the run
+measured (measurements, the safety verdicts, the captures' JPEGs: ``step_done``
+``measured=``, one transaction), and once verified the run's outcome is journaled
+(:meth:`Journal.record_outcome <loops.journal.Journal.record_outcome>`: the
+verification) before it is returned: a campaign process killed at any moment after the
+last step loses nothing (a resume records the journaled outcome, or verifies what was
+measured on the recovering station: :meth:`StationRecovery.recover_outcome
+<loops.stationrecover.StationRecovery.recover_outcome>`). Every write carries the
+lease's epoch and none is made without a live lease.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 from loops.checks import Verification, run_checks
 from loops.journal import Journal
-from loops.recipe import dry_run_recipe, run_recipe
+from loops.recipe import Result, dry_run_recipe, run_recipe
 from loops.stationcore import StationCore
 from loops.stationerrors import ExperimentStopped, StationBusy, cause_text
 from loops.stationledger import step_reservation, unsaved_consumption
@@ -64,6 +68,15 @@ async def until_tripped(station: SafeStation, work: Awaitable[Any]) -> Any:
         raise
 
 
+def _image_digests(images: Mapping[str, bytes | None]) -> dict[str, dict[str, Any]]:
+    """Role -> ``sha256`` and ``bytes`` of each JPEG given (how an outcome cites its images)."""
+    return {
+        role: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        for role, data in images.items()
+        if data
+    }
+
+
 class StationRuns(StationCore):
     """Dry runs and experiment runs (module docstring)."""
 
@@ -71,10 +84,14 @@ class StationRuns(StationCore):
         self, recipe: Mapping[str, Any], who: str = "optimizer"
     ) -> list[dict[str, Any]]:
         """Check ``recipe`` (a :meth:`Recipe.as_dict`) against the envelope from the station's
-        current state, no I/O. Returns the violations (``step``, ``command``, ``rule``,
-        ``reason``, ``values``); empty: allowed."""
+        current state, no I/O; while an experiment runs, from the state its own dry run
+        predicts it leaves, when it ends (the recipe is checked again before it runs).
+        Returns the violations (``step``, ``command``, ``rule``, ``reason``, ``values``);
+        empty: allowed."""
         station = self._require()
-        report = dry_run_recipe(Recipe.from_dict(recipe), station, who=who, now=self._now())
+        report = dry_run_recipe(
+            Recipe.from_dict(recipe), station, who=who, now=self._now(), after=self._under_way
+        )
         violations: list[dict[str, Any]] = report.as_dict()["violations"]
         return violations
 
@@ -101,8 +118,10 @@ class StationRuns(StationCore):
         step is journaled started before it acts and done after. Success -> ``{"ok": True,
         "result": Result.as_dict(), "measurements": {...}, "steps": n, "verification":
         Verification dict}`` (``verification`` when enabled; ``image`` and
-        ``reference_image``: the JPEG bytes if ``include_image``), journaled as the run's
-        outcome before it is returned (``outcome_journaled``). Every outcome also carries
+        ``reference_image``: the JPEG bytes if ``include_image``): what was measured is
+        journaled with the last step (with the JPEGs when it verifies or
+        ``include_image``), the outcome before it is returned (``outcome_journaled``).
+        Every outcome also carries
         ``audit``: the safety verdicts (``Verdict.as_dict()``) of this run's commands.
         Failure at step i -> ``{"ok": False, "step": i, "error": ..., "error_type": ...,
         "trip": TripReport dict}``: the station is tripped (latched safe state) when
@@ -118,6 +137,7 @@ class StationRuns(StationCore):
         async with self._run_lock:
             self._current = experiment_id
             mark = len(station.audit.records())
+            measured: dict[str, Any] = {}  # what went to the journal with the last step
             try:
                 out = await self._run(
                     station,
@@ -128,44 +148,41 @@ class StationRuns(StationCore):
                     trip_on_failure=trip_on_failure,
                     include_image=include_image,
                     epoch=epoch,
+                    audit_from=mark,
+                    measured=measured,
                 )
                 # the safety layer's verdicts on this run's commands, for the store
                 out["audit"] = [v.as_dict() for v in station.audit.records()[mark:]]
                 if out.get("ok") and mark_running and self._journal is not None:
                     out["outcome_journaled"] = await self._journal_outcome(
-                        experiment_id, out, epoch
+                        experiment_id, out, epoch, measured
                     )
                 return out
             finally:
-                self._current = None
+                self._current = self._under_way = None
                 self._runs += 1
                 await self._save_ledger(station)
 
     async def _journal_outcome(
-        self, experiment_id: str, out: Mapping[str, Any], epoch: int | None
+        self,
+        experiment_id: str,
+        out: Mapping[str, Any],
+        epoch: int | None,
+        measured: Mapping[str, Any],
     ) -> bool:
-        """Journal a finished run's outcome and its JPEGs (:meth:`Journal.record_outcome`)
-        before returning it; whether it was (a refusal is logged: the campaign still gets
-        the outcome and records it)."""
+        """Journal a finished run's outcome (:meth:`Journal.record_outcome`: what it adds to
+        what was ``measured`` with its last step, which took its JPEGs) before returning it;
+        whether it was (a refusal is logged: the campaign still gets the outcome and
+        records it)."""
         assert self._journal is not None
-        images = {
-            role: data
-            for role, data in (
-                ("outcome", out.get("image")),
-                ("reference", out.get("reference_image")),
-            )
-            if data
-        }
         outcome = {k: v for k, v in out.items() if k not in ("image", "reference_image")}
-        outcome["images"] = {
-            role: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-            for role, data in images.items()
-        }
+        outcome["images"] = _image_digests(
+            {"outcome": out.get("image"), "reference": out.get("reference_image")}
+        )
+        outcome = {k: v for k, v in outcome.items() if k not in measured or measured[k] != v}
         try:
             self._lease.check(epoch)  # nothing is journaled as progress without a live owner
-            await self._journal.call(
-                Journal.record_outcome, experiment_id, outcome, images=images, epoch=epoch
-            )
+            await self._journal.call(Journal.record_outcome, experiment_id, outcome, epoch=epoch)
         except Exception as exc:
             log.error(
                 "station %s: outcome of %s not journaled: %s",
@@ -187,9 +204,14 @@ class StationRuns(StationCore):
         trip_on_failure: bool,
         include_image: bool,
         epoch: int | None,
+        audit_from: int,
+        measured: dict[str, Any],
     ) -> dict[str, Any]:
+        """The run (:meth:`run`); ``measured`` is filled with what was journaled with the
+        last step."""
         base = {"experiment_id": experiment_id, "station": self.name}
         report = dry_run_recipe(recipe, station, who=who, now=self._now())
+        self._under_way = report if report.ok else None
         if not report.ok:
             return {
                 **base,
@@ -224,6 +246,9 @@ class StationRuns(StationCore):
                     "error": f"journal refused {experiment_id} -> running: {cause_text(exc)}",
                 }
         index, phase = -1, "before"  # the step in progress, for the failure record
+        so_far = Result()  # what the run measured so far (run_recipe fills it)
+        last = len(recipe.steps) - 1
+        keep_images = self._verify or include_image
 
         async def on_step(i: int, step: Step, what: str, data: dict[str, Any]) -> None:
             nonlocal index, phase
@@ -245,9 +270,27 @@ class StationRuns(StationCore):
                     reserve=reserve,
                 )
                 self._reserved = bool(reserve)
-            else:
+            elif i < last:
                 await journal.call(
                     Journal.step_done, experiment_id, i, data, epoch=epoch, consumption=used
+                )
+                self._reserved = False
+            else:  # the last step: what the run measured goes to disk with its record
+                images = {r: b for r, b in so_far.images.items() if b} if keep_images else {}
+                measured.update(
+                    self._measured(base, recipe, so_far),
+                    audit=[v.as_dict() for v in station.audit.records()[audit_from:]],
+                    images=_image_digests({r: images.get(r) for r in ("outcome", "reference")}),
+                )
+                await journal.call(
+                    Journal.step_done,
+                    experiment_id,
+                    i,
+                    data,
+                    epoch=epoch,
+                    consumption=used,
+                    measured=measured,
+                    images=images,
                 )
                 self._reserved = False
 
@@ -261,6 +304,7 @@ class StationRuns(StationCore):
                     who=who,
                     on_step=on_step,
                     clock_now=self._now,
+                    result=so_far,
                 ),
             )
         except BaseException as exc:  # a cancellation too: safe-state, then re-raise
@@ -284,19 +328,24 @@ class StationRuns(StationCore):
                 "error_type": error.split(":", 1)[0],
                 "trip": trip,
             }
-        out: dict[str, Any] = {
-            **base,
-            "ok": True,
-            "result": result.as_dict(),
-            "measurements": dict(result.measurements),
-            "steps": len(recipe.steps),
-        }
+        out = self._measured(base, recipe, result)
         if self._verify:
             out["verification"] = (await self._verify_outcome(result, recipe)).as_dict()
         if include_image:
             out["image"] = result.image
             out["reference_image"] = result.reference_image
         return out
+
+    @staticmethod
+    def _measured(base: Mapping[str, Any], recipe: Recipe, result: Result) -> dict[str, Any]:
+        """A run that ran to its end, as :meth:`run` returns it before verification."""
+        return {
+            **base,
+            "ok": True,
+            "result": result.as_dict(),
+            "measurements": dict(result.measurements),
+            "steps": len(recipe.steps),
+        }
 
     async def _verify_outcome(self, result: Any, recipe: Recipe) -> Verification:
         """The program's checks (loops/checks.py) on this result, with what the station's

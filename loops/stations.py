@@ -17,11 +17,13 @@ station journals each step BEFORE it acts: ``on_step`` awaits
 the journal knowing which physical step may have started.
 
 Who writes what: the station moves an experiment ``queued -> running``
-(``mark_running=True``), writes its ``step_started``/``step_done`` events and, when
-the recipe ran to its end, the run's outcome (``record_outcome``, before it returns
-it); the campaign writes the result (``finish``/``fail``, with the optimizer's
-state in the same transaction) from the dict :meth:`StationActor.run` returns, or
-from the journaled outcome on resume if its process died first.
+(``mark_running=True``), writes its ``step_started``/``step_done`` events (the last
+``step_done`` with what the run measured) and, when the recipe ran to its end, the
+run's outcome (``record_outcome``, before it returns it); the campaign writes the
+result (``finish``/``fail``, with the optimizer's state in the same transaction) from
+the dict :meth:`StationActor.run` returns, or on resume if its process died first from
+the journaled outcome (one that was only measured is verified by the station first:
+:meth:`StationActor.recover_outcome`).
 A failed run trips the station (latched safe state: an operator checks it and
 calls ``reset``); nothing is retried. Ray actors are created with
 ``max_restarts=0``/``max_task_retries=0``: a station that crashed is reported

@@ -11,10 +11,12 @@ handles are the only way to act (import-linter checks that ``loops`` and
 
 from safety.capabilities import Camera, HeaterStirrer, Light, Pump, Sensor, require
 from safety.dryrun import DryRunReport, dry_run
-from safety.envelope import Envelope, EnvelopeError, Violation, load_envelope, reference_envelope
+from safety.envelope import Envelope, EnvelopeError
+from safety.envelopeload import load_envelope, reference_envelope
 from safety.estop import EStop, EStopReport, install_signal_handlers
 from safety.expr import RuleSyntaxError
 from safety.guard import Guard, GuardedInstrument
+from safety.limits import Violation
 from safety.model import (
     AuditTrail,
     Command,

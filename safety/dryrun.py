@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safety.effects import Layout, assess, initial_commanded
-from safety.envelope import Envelope, Ledger
+from safety.envelope import Envelope
+from safety.limits import Ledger
 from safety.model import Command
 
 __all__ = ["DryRunReport", "DryRunViolation", "dry_run"]
@@ -56,6 +57,8 @@ class DryRunReport:
     steps: int
     violations: list[DryRunViolation] = field(default_factory=list)
     final_state: dict[str, Any] = field(default_factory=dict)
+    #: when the last step would be sent (the dry run's clock)
+    until: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -136,4 +139,5 @@ def dry_run(
         elif effect.action.flow is not None or (effect.safer and f"{name}.flowing" in flowing):
             until[name] = t if effect.safer else float("inf")  # stopped; or no rate: unknown
     report.final_state = view
+    report.until = (now if times is None else times[-1]) if commands else now
     return report

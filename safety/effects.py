@@ -57,7 +57,8 @@ from types import MappingProxyType
 from typing import Any
 
 from instruments.declare import ACTUATE, READ, SAFER, Call, CommandSpec
-from safety.envelope import Envelope, Ledger, Vessel, Violation, is_number, same
+from safety.envelope import Envelope
+from safety.limits import Ledger, Vessel, Violation, is_number, same
 from safety.model import Command
 
 __all__ = [

@@ -13,7 +13,7 @@ Grammar, lowest precedence first (``parse`` builds an AST of frozen dataclasses)
     disjunction := conjunction ( "or" conjunction )*
     conjunction := negation ( "and" negation )*
     negation    := "not" negation | comparison
-    comparison  := sum ( ("in" | "not" "in") list             # membership, not chained
+    comparison  := sum ( ("in" | "not" "in") (list | NAME)    # membership, not chained
                        | (("=="|"!="|"<"|"<="|">"|">=") sum)* )  # chained like Python
     sum         := product ( ("+"|"-") product )*
     product     := unary ( ("*"|"/") unary )*
@@ -21,6 +21,8 @@ Grammar, lowest precedence first (``parse`` builds an AST of frozen dataclasses)
     atom        := NUMBER | STRING | "true" | "false" | NAME | "(" implication ")"
     list        := "[" ( sum ( "," sum )* ","? )? "]"
 
+``x in NAME`` looks a list up in the state (``agent not in trusted``: an approval
+policy's named list); anything but a list there is an :class:`EvaluationError`.
 ``a -> b`` means ``not a or b``. Comparisons chain like Python's
 (``0 <= x <= 10`` is ``0 <= x and x <= 10``, the middle operand evaluated once).
 Numbers: ``12``, ``2.8``, ``1e-3``, ``.5`` (a leading ``-`` is the unary

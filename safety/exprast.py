@@ -196,10 +196,11 @@ class Compare(Expr):
 
 @dataclass(frozen=True, eq=True)
 class Member(Expr):
-    """``value in [items]`` (``negated``: ``not in``)."""
+    """``value in [items]``, or ``value in name`` where the state holds a list under ``name``
+    (``negated``: ``not in``)."""
 
     value: Expr
-    items: ListLit
+    items: ListLit | Name
     negated: bool = False
     pos: int = field(default=0, compare=False, repr=False)
     prec: ClassVar[int] = P_COMPARE
@@ -211,6 +212,17 @@ class Member(Expr):
     def eval(self, state: Mapping[str, Any]) -> Any:
         value = self.value.eval(state)
         found = False
+        if isinstance(self.items, Name):  # a named list: its items are values, not nodes
+            items = self.items.eval(state)
+            if not isinstance(items, list | tuple):
+                raise EvaluationError(
+                    f"'in' needs a list on its right, got {_show(self.items, items)}"
+                )
+            for item in items:
+                if compare("==", value, item, self.value, self.items):
+                    found = True
+                    break
+            return found != self.negated
         for node in self.items.items:
             if compare("==", value, node.eval(state), self.value, node):
                 found = True

@@ -76,7 +76,8 @@ def static_type(node: Expr, src: SourceText) -> str:
     if isinstance(node, Member):
         value_kind = static_type(node.value, src)
         static_type(node.items, src)  # a mixed list is an error in itself
-        item_kinds = {static_type(i, src) for i in node.items.items} - {"any"}
+        literal = node.items.items if isinstance(node.items, ListLit) else ()
+        item_kinds = {static_type(i, src) for i in literal} - {"any"}
         if value_kind == "list":
             raise fail("'in' needs a single value on its left", node.value)
         if value_kind != "any" and item_kinds and item_kinds != {value_kind}:

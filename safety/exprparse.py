@@ -212,7 +212,12 @@ class Parser:
             negated = tok.text == "not"
             if negated:
                 self.next()
-            items = self.list_literal()
+            items: ListLit | Name
+            if self.at("NAME"):  # a named list the state holds (``agent in trusted``)
+                name = self.next()
+                items = Name(name.text, name.pos)
+            else:
+                items = self.list_literal()
             node: Expr = Member(first, items, negated, tok.pos)
             if self.at_op(*_COMPARE_OPS) or self.at("KW", "in"):
                 raise self.unexpected("'in' cannot be chained; use parentheses")
@@ -231,7 +236,7 @@ class Parser:
 
     def list_literal(self) -> ListLit:
         if not self.at_op("["):
-            raise self.unexpected("a list '[...]' after 'in'")
+            raise self.unexpected("a list '[...]' or the name of one after 'in'")
         start = self.next()
         items: list[Expr] = []
         while not self.at_op("]"):

@@ -88,7 +88,8 @@ from safety.effects import (
     initial_commanded,
     safe_state_updates,
 )
-from safety.envelope import Envelope, Violation
+from safety.envelope import Envelope
+from safety.limits import Violation
 from safety.model import (
     AuditTrail,
     Command,
@@ -263,16 +264,27 @@ class Guard:
         return self._verdict(self._assess(command, now, self._view(now)))
 
     def dry_run(
-        self, commands: Sequence[Command], *, times: Sequence[float] | None = None
+        self,
+        commands: Sequence[Command],
+        *,
+        times: Sequence[float] | None = None,
+        after: Mapping[str, Any] | None = None,
+        at: float | None = None,
     ) -> DryRunReport:
-        """Check a whole recipe against the envelope from the current state (no I/O)."""
+        """Check a whole recipe against the envelope from the current state (no I/O).
+
+        ``after``: channel values that replace the current ones (the state an experiment
+        under way is predicted to leave), ``at``: when the recipe starts (default now)."""
         now = self._clock()
+        view = self._view(now)
+        if after:
+            view = {**view, **after}
         return dry_run(
             commands,
             self.envelope,
-            self._view(now),
+            view,
             layout=self.layout,
-            now=now,
+            now=now if at is None else max(now, at),
             times=times,
             ledger=self.envelope.ledger.copy(),
         )

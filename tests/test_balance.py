@@ -442,7 +442,7 @@ def test_zero_and_tare_are_actuations_an_envelope_bounds_with_rules() -> None:
     from instruments.drivers.syringe_pump import SyringePump
     from safety.dryrun import dry_run
     from safety.effects import Layout, assess, initial_commanded
-    from safety.envelope import load_envelope
+    from safety.envelopeload import load_envelope
     from safety.model import Command
 
     tare = Command("balance", "tare", {}, "test")

@@ -29,7 +29,7 @@ from loops.program import Program, load_program
 from loops.recipe import build_recipe
 from loops.stationledger import budget_status, window_text
 from loops.stations import LocalStation, StationActor
-from safety.envelope import reference_envelope
+from safety.envelopeload import reference_envelope
 from simulators.bench import SimulatedLab
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"

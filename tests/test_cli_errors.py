@@ -125,7 +125,7 @@ HEAVY = ("ray", "bayes_opt", "scipy", "numpy", "cv2", "safety", "loops", "instru
     "command",
     [
         None, "sim", "run", "resume", "setup", "check", "serve", "estop", "reset", "status",
-        "report", "export",
+        "report", "export", "approvals", "approve", "deny",
     ],  # fmt: skip
 )
 def test_help_loads_nothing_heavy(command: str | None) -> None:

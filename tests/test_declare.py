@@ -30,7 +30,7 @@ from instruments.drivers.hotplate import Hotplate
 from instruments.drivers.syringe_pump import SyringePump
 from instruments.transports.base import Transport
 from safety.effects import Layout, bounds, initial_commanded, safe_state_updates
-from safety.envelope import load_envelope
+from safety.envelopeload import load_envelope
 from safety.guard import Guard
 from safety.model import AuditTrail, Command, Latch, SafetyRefusal, StationState
 

@@ -683,7 +683,7 @@ def _stall_the_watchdog_feeder_of(station: str) -> None:
 
 def test_labbridge_check_names_a_fault_setting_no_driver_declares(tmp_path: Path) -> None:
     from bridge.labconfig import load_lab
-    from safety.envelope import REFERENCE_BENCH
+    from safety.envelopeload import REFERENCE_BENCH
 
     root = Path(__file__).resolve().parents[1]
     own = tmp_path / "envelope.yaml"

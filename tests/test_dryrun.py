@@ -10,7 +10,9 @@ from reference import layout
 
 from instruments.drivers.syringe_pump import SyringePump
 from safety.dryrun import dry_run
-from safety.envelope import EnvelopeError, Ledger, load_envelope, reference_envelope
+from safety.envelope import EnvelopeError
+from safety.envelopeload import load_envelope, reference_envelope
+from safety.limits import Ledger
 from safety.model import Command
 
 MEASURED: dict[str, Any] = {"enclosure.lid": "closed", "hotplate.setpoint_c": 25.0}

@@ -9,15 +9,10 @@ import pytest
 from reference import layout
 
 from safety.effects import assess
-from safety.envelope import (
-    Envelope,
-    EnvelopeError,
-    Ledger,
-    Violation,
-    load_envelope,
-    reference_envelope,
-)
+from safety.envelope import Envelope, EnvelopeError
+from safety.envelopeload import load_envelope, reference_envelope
 from safety.expr import RuleSyntaxError
+from safety.limits import Ledger, Violation
 from safety.model import Command
 
 BENCH = ["red", "green", "blue", "waste", "hotplate", "color", "enclosure", "camera"]

@@ -23,7 +23,7 @@ import instruments
 from instruments.driver import Channel, Driver
 from instruments.transports.base import Transport
 from safety.effects import Layout, initial_commanded
-from safety.envelope import reference_envelope
+from safety.envelopeload import reference_envelope
 from safety.estop import EStop, EStopReport, install_signal_handlers
 from safety.model import Latch, StationState
 from safety.supervisor import StationSupervisor

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 import instruments
 from instruments.errors import InstrumentError
-from safety.envelope import Envelope, load_envelope, reference_envelope
+from safety.envelope import Envelope
+from safety.envelopeload import load_envelope, reference_envelope
 from safety.guard import Guard, GuardedInstrument
 from safety.model import (
     AuditTrail,
@@ -446,7 +447,7 @@ async def test_a_trip_during_an_actuation_puts_that_instrument_back_to_safe_stat
 
 
 def reference_bench_text() -> str:
-    from safety.envelope import REFERENCE_BENCH
+    from safety.envelopeload import REFERENCE_BENCH
 
     return REFERENCE_BENCH.read_text()
 

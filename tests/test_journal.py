@@ -56,6 +56,7 @@ def drive(j: Journal, state: str, campaign: str = "c", station: str = "bench-a")
     eid = j.propose(campaign, {"red": 0.5}, "optimizer")
     paths = {
         "proposed": [],
+        "awaiting-approval": ["awaiting-approval"],
         "checked": ["checked"],
         "rejected": ["rejected"],
         "cancelled": ["cancelled"],
@@ -68,6 +69,8 @@ def drive(j: Journal, state: str, campaign: str = "c", station: str = "bench-a")
     for s in paths[state]:
         if s == "done":
             j.finish(eid, {"de": 1.0}, 1.0)
+        elif s == "awaiting-approval":
+            j.await_approval(eid, ["a rule asked"], time.time() + 3600)
         elif s == "rejected":
             j.reject(eid, ["too much dye"])
         elif s == "queued":
@@ -143,7 +146,7 @@ def test_a_version_1_journal_is_migrated_and_keeps_its_data(tmp_path: Path) -> N
     finally:
         conn.close()
     with Journal(path) as j:
-        assert j.settings()["schema_version"] == SCHEMA_VERSION == 4
+        assert j.settings()["schema_version"] == SCHEMA_VERSION == 5
         assert j.campaign("c").state == "running"
         eid = j.propose("c", {"x": 1}, "optimizer")
         j.transition(eid, "checked")
@@ -269,9 +272,11 @@ def test_every_illegal_transition_is_refused_and_changes_nothing(journal: Journa
     legal = illegal = 0
     for start in EXPERIMENT_STATES:
         for target in EXPERIMENT_STATES:
-            if target == "done":
-                continue  # done only through finish(): checked below
+            if target in ("done", "awaiting-approval"):
+                continue  # only through finish() and await_approval(): checked below
             eid = drive(journal, start)
+            if start == "awaiting-approval" and target == "checked":
+                journal.decide(eid, True, "ana", "checked by hand")  # else refused: below
             before = journal.transitions(eid)
             reason = "why" if target in ("failed", "interrupted", "rejected") else None
             if target in NEXT_STATES[start]:
@@ -286,7 +291,7 @@ def test_every_illegal_transition_is_refused_and_changes_nothing(journal: Journa
                 assert journal.experiment(eid).state == start
                 assert journal.transitions(eid) == before  # rolled back, no log row
                 illegal += 1
-    assert legal == sum(len(v - {"done"}) for v in NEXT_STATES.values())
+    assert legal == sum(len(v - {"done", "awaiting-approval"}) for v in NEXT_STATES.values())
     assert illegal > 50
     for start in EXPERIMENT_STATES:
         eid = drive(journal, start)
@@ -296,6 +301,20 @@ def test_every_illegal_transition_is_refused_and_changes_nothing(journal: Journa
             journal.finish(eid, {}, 1.0)
     with pytest.raises(JournalError, match="finish"):
         journal.transition(drive(journal, "running"), "done")
+    with pytest.raises(JournalError, match="await_approval"):
+        journal.transition(drive(journal, "proposed"), "awaiting-approval")
+    for start in EXPERIMENT_STATES:
+        eid = drive(journal, start)
+        if start == "proposed":
+            continue
+        with pytest.raises(IllegalTransition, match=f"'{start}' -> 'awaiting-approval'"):
+            journal.await_approval(eid, ["a rule asked"], time.time() + 60)
+    waiting = drive(journal, "awaiting-approval")  # nothing runs that nobody approved
+    with pytest.raises(IllegalTransition, match="nobody approved it"):
+        journal.transition(waiting, "checked")
+    journal.decide(waiting, False, "ana", "too hot")
+    with pytest.raises(IllegalTransition, match="nobody approved it"):
+        journal.transition(waiting, "checked")
 
 
 def test_transition_arguments_are_validated(journal: Journal) -> None:
@@ -440,6 +459,56 @@ def test_resume_marks_running_interrupted_and_requeues_unstarted(journal: Journa
     journal.transition(queued, "checked")
     journal.transition(queued, "queued", station="bench-a")
     journal.transition(queued, "running")
+
+
+def test_what_a_run_measured_goes_with_its_last_step_and_resume_recovers_it(
+    journal: Journal,
+) -> None:
+    """``step_done(measured=...)`` on the recipe's last step keeps the run's result and JPEGs
+    in that step's transaction; the outcome recorded later adds to it (the verification);
+    resume returns a measured run without an outcome in ``recovered``."""
+    recipe = {"name": "r", "params": {}, "steps": [{"kind": "read"}, {"kind": "compute"}]}
+    eid = journal.propose("c", {"red": 0.5}, "optimizer", recipe=recipe)
+    for state in ("checked", "queued", "running"):
+        journal.transition(eid, state, station="bench-a" if state == "queued" else None)
+    measured = {"ok": True, "measurements": {"de": 1.5}, "audit": [{"rule": None}]}
+    jpeg = b"\xff\xd8 a frame \xff\xd9"
+    journal.step_started(eid, 0)
+    with pytest.raises(JournalError, match="goes with its last step \\(1\\), not step 0"):
+        journal.step_done(eid, 0, measured=measured)
+    with pytest.raises(ValueError, match="images go with measured= only"):
+        journal.step_done(eid, 0, images={"outcome": jpeg})
+    assert journal.measured(eid) is None  # refused whole: the step is still open
+    journal.step_done(eid, 0)
+    journal.step_started(eid, 1)
+    journal.step_done(eid, 1, {"de": 1.5}, measured=measured, images={"outcome": jpeg})
+    assert journal.measured(eid) == measured and journal.outcome(eid) is None
+    assert journal.outcome_images(eid) == {"outcome": jpeg}
+
+    other = drive(journal, "running", station="bench-b")  # a step open: interrupted
+    journal.step_started(other, 0)
+    info = journal.resume("c")
+    assert [(r.experiment.id, r.outcome, r.images) for r in info.recovered] == [
+        (eid, measured, {"outcome": jpeg})
+    ]
+    assert info.completed == [] and [i.experiment.id for i in info.interrupted] == [other]
+    assert journal.experiment(eid).state == "running"
+    (row,) = [t.data for t in journal.campaign_log("c") if (t.data or {}).get("resumed")]
+    assert row["recovered"] == [eid] and row["interrupted"] == [other]
+
+    with pytest.raises(JournalError, match="another content"):
+        journal.record_outcome(eid, {}, images={"outcome": b"another frame"})
+    added = {"verification": {"verified": True}, "ok": "as given"}
+    journal.record_outcome(eid, added, images={"outcome": jpeg})  # kept already: once
+    (event,) = [t for t in journal.transitions(eid) if t.event == "outcome"]
+    assert event.data == {"data": added}
+    outcome = {**measured, **added}  # what the outcome adds, over what was measured
+    assert journal.outcome(eid) == outcome
+    info = journal.resume("c")  # now a journaled outcome: recorded as it is
+    assert [r.experiment.id for r in info.completed] == [eid] and info.recovered == []
+    assert info.completed[0].outcome == outcome
+    journal.finish(eid, {"de": 1.5}, 1.5)
+    assert journal.outcome_images(eid) == {}  # final: on disk now
 
 
 def test_to_rows_is_flat_with_the_same_keys_everywhere(journal: Journal) -> None:

@@ -1,11 +1,14 @@
 """What a kill -9 of the campaign's process cannot take away (issue 12): a finished
-experiment's measurement, and the budget use of a step that was acting.
+experiment's measurement (its outcome journaled, or only measured with its last step),
+and the budget use of a step that was acting; and what it can (an experiment cut
+mid-recipe is closed failed, never re-run).
 
 The owner runs in a subprocess with its station and journal in its own process
 (:class:`~loops.stations.LocalStation`, :class:`~loops.journal.AsyncJournal`): the
 kill takes them all. The simulated bench runs in this process. The owner's journal link
 hangs at one chosen write (:data:`OWNER`'s ``Blocking``), which is where the test kills
-it: a real ``kill -9`` at that exact moment, not a simulated one.
+it: a real ``kill -9`` at that exact moment, not a simulated one. What reached the bench
+is read from the simulators' wire log.
 """
 
 from __future__ import annotations
@@ -20,19 +23,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from reference import relaxed_staleness
+from reference import actuating, relaxed_staleness
 
 from bridge.campaigns import lab_clock
 from bridge.labconfig import LabConfig, load_lab
+from bridge.reportdata import read_report_data, verification_text
+from bridge.reporthtml import safety_html
 from bridge.simbench import sim_lab_yaml
-from loops.campaign import CampaignRunner
+from loops.campaign import CampaignRunner, CampaignSummary
 from loops.journal import AsyncJournal, Journal
 from loops.program import load_program
 from loops.recipe import build_recipe
 from loops.stations import LocalStation, StationActor
-from simulators.bench import SimulatedLab
+from simulators.bench import SimulatedBench, SimulatedLab
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
@@ -72,6 +78,7 @@ class Blocking:
     async def _hang(self, fn, args, kwargs):
         if cfg["when"] == "after":
             await self.inner.call(fn, *args, **kwargs)
+        Path(cfg["held"]).write_text(json.dumps([args, kwargs], default=repr))  # the write held
         print(f"hanging {cfg['when']} {fn.__name__}", flush=True)
         await asyncio.Event().wait()
 
@@ -95,8 +102,9 @@ async def main():
             verification={"enabled": cfg["verify"]},
         )
         await actor.start()
-        for recipe in st.setup if cfg["verify"] else ():  # the camera's calibration
-            await actor.run_setup(recipe.recipe.as_dict(), list(recipe.keep))
+        for recipe in st.setup if cfg["verify"] else ():  # the camera's calibration, kept
+            kept = await actor.run_setup(recipe.recipe.as_dict(), list(recipe.keep))
+            st.setup_store.record(recipe, kept, who="kill-test")  # in the lab's setup file
         runner = CampaignRunner(
             program, journal, {"bench-a": LocalStation(actor)}, campaign_id=cfg["campaign"],
             clock_now=now, images_dir=Path(cfg["images"]),
@@ -145,9 +153,10 @@ async def kill_owner_at(
     step: int | None = None,
     verify: bool = False,
     dye_per_hour: bool = False,
-) -> None:
+) -> Any:
     """Run :data:`OWNER` until it hangs at ``block`` (``when``: before/after the write),
-    then ``kill -9`` it; bounded. ``verify``: the station verifies (after its set-up)."""
+    then ``kill -9`` it; bounded. ``verify``: the station verifies (after its set-up, what
+    it kept saved in the lab's setup file). Returns the held write's ``[args, kwargs]``."""
     text = tmp_path / "envelope.yaml"
     text.write_text(envelope(lab, dye_per_hour=dye_per_hour))
     cfg = {
@@ -161,6 +170,7 @@ async def kill_owner_at(
         "block": block,
         "when": when,
         "step": step,
+        "held": str(tmp_path / f"{campaign}.held.json"),
     }
     log = tmp_path / f"{campaign}.log"
     proc = start_owner(cfg, log)
@@ -176,11 +186,16 @@ async def kill_owner_at(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return json.loads(Path(str(cfg["held"])).read_text())
 
 
-def new_station(lab: LabConfig, journal: AsyncJournal, text: str) -> LocalStation:
-    """A fresh station actor on the bench, as a resume or a restarted service makes one."""
+def new_station(
+    lab: LabConfig, journal: AsyncJournal, text: str, *, verify: bool = False
+) -> LocalStation:
+    """A fresh station actor on the bench, as a resume or a restarted service makes one
+    (``verify``: it verifies, with what the station's set-up kept in the lab's setup file)."""
     st = lab.stations["bench-a"]
+    assert st.setup_store is not None
     actor = StationActor(
         "bench-a",
         list(st.instruments),
@@ -188,8 +203,56 @@ def new_station(lab: LabConfig, journal: AsyncJournal, text: str) -> LocalStatio
         clock=lab_clock(lab)[0],
         supervisor_options=st.supervisor,
         journal=journal,
+        verification={"enabled": verify},
+        setup=st.setup_store.values() if verify else None,
     )
     return LocalStation(actor)
+
+
+def sim_lab(sim: SimulatedLab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LabConfig:
+    """The simulated lab's config (its journal in ``tmp_path``), its environment set here."""
+    path = tmp_path / "lab.yaml"
+    path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
+    lab = load_lab(path)
+    for key, value in lab.stations["bench-a"].env.items():
+        monkeypatch.setenv(key, value)
+    return lab
+
+
+async def resume_one(lab: LabConfig, campaign: str, *, verify: bool = False) -> CampaignSummary:
+    """``labbridge resume`` of a one-experiment campaign on a fresh station actor (as
+    :data:`OWNER` runs it), to its end; the station closed after."""
+    program = load_program(EXAMPLE)
+    async with await AsyncJournal.open(lab.store) as journal:
+        station = new_station(lab, journal, envelope(lab), verify=verify)
+        await station.call(StationActor.start)
+        try:
+            runner = CampaignRunner(
+                dataclasses.replace(
+                    program,
+                    budget=dataclasses.replace(program.budget, experiments=1),
+                    stop=dataclasses.replace(program.stop, target=None),
+                ),
+                journal,
+                {"bench-a": station},
+                campaign_id=campaign,
+                clock_now=lab_clock(lab)[1],
+                images_dir=lab.store.parent / "images",
+            )
+            await runner.prepare(resume=True, operator="tester")
+            return await runner.run()
+        finally:
+            await station.call(StationActor.stop)
+
+
+def step_of(recipe: Any, kind: str, **params: Any) -> int:
+    """The index of the recipe's (a journaled ``Recipe.as_dict()``) first ``kind`` step with
+    ``params``."""
+    return next(
+        i
+        for i, s in enumerate(recipe["steps"])
+        if s["kind"] == kind and all(s.get(k) == v for k, v in params.items())
+    )
 
 
 @pytest.mark.timeout(180)
@@ -197,11 +260,7 @@ async def test_a_finished_experiment_killed_before_its_result_is_recorded_once_o
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with SimulatedLab(stations=1, speed=SPEED) as sim:
-        path = tmp_path / "lab.yaml"
-        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
-        lab = load_lab(path)
-        for key, value in lab.stations["bench-a"].env.items():
-            monkeypatch.setenv(key, value)
+        lab = sim_lab(sim, tmp_path, monkeypatch)
         # every step ran and the station journaled the outcome; the owner dies before it
         # sees it (nothing of the run reached the campaign's books or the images folder)
         await kill_owner_at(lab, tmp_path, "kept", "record_outcome", "after", verify=True)
@@ -216,28 +275,7 @@ async def test_a_finished_experiment_killed_before_its_result_is_recorded_once_o
         value = outcome["measurements"]["delta_e2000"]
         verified = outcome["verification"]["verified"]
         assert isinstance(value, float) and isinstance(verified, bool)
-
-        program = load_program(EXAMPLE)
-        async with await AsyncJournal.open(lab.store) as journal:
-            station = new_station(lab, journal, envelope(lab))
-            await station.call(StationActor.start)
-            try:
-                runner = CampaignRunner(
-                    dataclasses.replace(
-                        program,
-                        budget=dataclasses.replace(program.budget, experiments=1),
-                        stop=dataclasses.replace(program.stop, target=None),
-                    ),
-                    journal,
-                    {"bench-a": station},
-                    campaign_id="kept",
-                    clock_now=lab_clock(lab)[1],
-                    images_dir=images,
-                )
-                await runner.prepare(resume=True, operator="tester")
-                summary = await runner.run()
-            finally:
-                await station.call(StationActor.stop)
+        summary = await resume_one(lab, "kept")
     assert summary.counts["done"] == 1 and summary.counts["failed"] == 0, summary
     with Journal(lab.store) as j:
         done = j.experiment(exp.id)
@@ -263,6 +301,166 @@ async def test_a_finished_experiment_killed_before_its_result_is_recorded_once_o
         assert data == jpegs[role]
 
 
+def sensor_log(bench: SimulatedBench, monkeypatch: pytest.MonkeyPatch) -> dict[int, Any]:
+    """Every measurement the bench's colour sensor produces from now on: its sequence
+    number -> ``(red, green, blue, clear, status)`` counts (the simulator's own
+    ``sensor_counts``, observed, not replaced)."""
+    world, produced = bench.world, {}
+    counts = world.sensor_counts
+
+    def observed(integration_ms: int) -> tuple[int, int, int, int, int]:
+        out = counts(integration_ms)
+        produced[world.sensor_seq] = out
+        return out
+
+    monkeypatch.setattr(world, "sensor_counts", observed)
+    return produced
+
+
+def after_resume(bench: SimulatedBench, since: float) -> tuple[list[Any], list[Any]]:
+    """What reached the bench after ``since``: its actuating commands other than the waste
+    pump's (the recovery's drain), and the waste pump's RUNs."""
+    commands = [c for _, c in actuating(bench, since)]
+    drains = [c for c in commands if str(c).strip() == "3RUN"]
+    lights = [
+        r.data
+        for r in bench.world.wire.entries("enclosure")
+        if r.real_t > since and (r.data.get("light") or {}).get("on") is True
+    ]
+    return [c for c in commands if c not in drains] + lights, drains
+
+
+@pytest.mark.timeout(180)
+async def test_a_finished_experiment_killed_before_its_outcome_is_journaled_is_recovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step ran, journaled with what the run measured; the owner dies while its
+    station verifies (before the outcome reaches the journal). The resume verifies it on
+    the recovering station, from the journal, and records it done: the sensor's
+    measurement, told to the optimizer, nothing of the recipe on the wire again."""
+    async with SimulatedLab(stations=1, speed=SPEED) as sim:
+        bench = sim.stations[0]
+        lab = sim_lab(sim, tmp_path, monkeypatch)
+        produced = sensor_log(bench, monkeypatch)
+        held = await kill_owner_at(
+            lab, tmp_path, "recovered", "record_outcome", "before", verify=True
+        )
+        with Journal(lab.store) as j:
+            (exp,) = j.experiments("recovered")
+            measured = j.measured(exp.id)
+            steps = {
+                t.step: t.data["data"] for t in j.transitions(exp.id) if t.event == "step_done"
+            }
+            jpegs = j.outcome_images(exp.id)
+            assert j.outcome(exp.id) is None
+        last = len(exp.recipe["steps"]) - 1
+        assert exp.state == "running" and measured is not None and measured["ok"]
+        assert sorted(steps) == list(range(last + 1))  # every step ran and was recorded done
+        assert set(jpegs) == {"outcome", "reference"}, sorted(jpegs)
+        dead = held[0][1]  # what the dead owner's station was about to add: its verification
+        assert set(dead) == {"verification"}, sorted(dead)
+
+        t_resume = time.monotonic()
+        summary = await resume_one(lab, "recovered", verify=True)
+        recipe_again, drains = after_resume(bench, t_resume)
+        assert after_resume(bench, 0.0)[0], "the recipe's commands are not seen on the wire"
+
+    assert summary.counts["done"] == 1 and summary.counts["failed"] == 0, summary
+    with Journal(lab.store) as j:
+        done = j.experiment(exp.id)
+        log = j.transitions(exp.id)
+        campaign = j.campaign("recovered")
+        events = j.campaign_log("recovered")
+        verdicts = j.verdicts("recovered", exp.id)
+        left = j.outcome_images(exp.id)
+    # the measurement is the one the sensor produced, and the one the steps recorded
+    value = done.result["measurements"]["delta_e2000"]
+    assert done.state == "done" and done.objective == value, (done.state, done.reason)
+    assert value == steps[step_of(exp.recipe, "compute", into="delta_e2000")]["delta_e2000"]
+    counts = done.result["measurements"]["counts"]
+    assert counts == steps[step_of(exp.recipe, "call", into="counts")]["counts"]
+    sensed = produced[counts["seq"]]
+    assert (counts["red"], counts["green"], counts["blue"], counts["clear"]) == sensed[:4]
+    # verified on the recovering station as the dead owner's station had verified it
+    assert done.result["verification"] == dead["verification"]
+    assert done.verified is dead["verification"]["verified"]
+    assert done.result["recovered_on_resume"] and "recovered on resume" in (done.reason or "")
+    with Journal(lab.store) as j:  # and the report says so
+        report = read_report_data(j, "recovered")
+    assert "recovered on resume" in verification_text(done)
+    assert f"recovered {exp.id}" in "".join(safety_html(report))
+    states = [t.state for t in log if t.event == "state"]
+    assert states == ["proposed", "checked", "queued", "running", "done"], states  # once
+    assert [t.event for t in log].count("measured") == 1
+    (outcome,) = [t for t in log if t.event == "outcome"]  # journaled by the recovering station
+    assert outcome.data["data"]["recovered_on_resume"] is True
+    (resumed,) = [t.data for t in events if (t.data or {}).get("resumed")]
+    assert resumed["recovered"] == [exp.id], resumed
+    assert resumed["interrupted"] == [] and resumed["completed"] == []
+    # told to the optimizer like any outcome
+    state = campaign.optimizer_state
+    assert exp.id in state["told"]
+    (told,) = state["optimizer"]["observations"]
+    assert told["value"] == value and told["status"] == ("ok" if done.verified else "untrusted")
+    # the evidence, the images on disk
+    assert len(verdicts) == len(measured["audit"]) > 0
+    assert left == {}
+    for role, cited in done.result["images"].items():
+        assert Path(cited["path"]).read_bytes() == jpegs[role]
+    # the station went through its recovery; nothing of the recipe reached the bench again
+    recovered = [t for t in events if t.event == "station" and t.t > resumed_t(events)]
+    assert [t.data["station_state"] for t in recovered] == ["recovered"], recovered
+    assert drains, "the recovery drained nothing"
+    assert recipe_again == [], recipe_again
+
+
+def resumed_t(events: list[Any]) -> float:
+    """When the (first) resume was journaled."""
+    return next(t.t for t in events if (t.data or {}).get("resumed"))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("where", ["red dispense", "last step"])
+async def test_an_experiment_cut_mid_recipe_by_a_kill_is_closed_failed_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The owner dies with a step acting (its ``step_done`` not journaled): the red dye's
+    dispense, or the recipe's last step (every step acted, the last not recorded done).
+    The resume closes the experiment failed with the step that was in progress, after the
+    station's recovery, and never runs a step of it again."""
+    recipe = build_recipe(load_program(EXAMPLE), PARAMS)
+    step = (
+        step_of(recipe.as_dict(), "call", instrument="red", command="dispense")
+        if where == "red dispense"
+        else len(recipe.steps) - 1
+    )
+    async with SimulatedLab(stations=1, speed=SPEED) as sim:
+        bench = sim.stations[0]
+        lab = sim_lab(sim, tmp_path, monkeypatch)
+        await kill_owner_at(lab, tmp_path, "cut", "step_done", "before", step=step)
+        t_resume = time.monotonic()
+        summary = await resume_one(lab, "cut")
+        recipe_again, drains = after_resume(bench, t_resume)
+        assert after_resume(bench, 0.0)[0], "the recipe's commands are not seen on the wire"
+    assert summary.counts["failed"] == 1 and summary.counts["done"] == 0, summary
+    with Journal(lab.store) as j:
+        (exp,) = j.experiments("cut")
+        log = j.transitions(exp.id)
+        measured = j.measured(exp.id)
+        campaign = j.campaign("cut")
+        events = j.campaign_log("cut")
+    assert exp.state == "failed" and f"interrupted at step {step}" in (exp.reason or ""), exp
+    assert measured is None
+    assert [t.event for t in log if t.event.startswith("step")][-1] == "step_started"
+    (interrupted,) = [t for t in log if t.state == "interrupted"]
+    assert f"step {step} was in progress" in interrupted.data["reason"], interrupted.data
+    (resumed,) = [t.data for t in events if (t.data or {}).get("resumed")]
+    assert resumed["interrupted"] == [exp.id] and resumed["recovered"] == [], resumed
+    assert exp.id in campaign.optimizer_state["told"]
+    assert drains, "the recovery drained nothing"
+    assert recipe_again == [], recipe_again
+
+
 @pytest.mark.timeout(180)
 async def test_the_dye_of_a_dispense_cut_by_a_kill_counts_in_the_restored_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -277,11 +475,7 @@ async def test_the_dye_of_a_dispense_cut_by_a_kill_counts_in_the_restored_budget
         and s.params["command"] == "dispense"
     )
     async with SimulatedLab(stations=1, speed=SPEED) as sim:
-        path = tmp_path / "lab.yaml"
-        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
-        lab = load_lab(path)
-        for key, value in lab.stations["bench-a"].env.items():
-            monkeypatch.setenv(key, value)
+        lab = sim_lab(sim, tmp_path, monkeypatch)
         pumps = sim.stations[0].world.wire
         ran_before = len([r for r in pumps.entries("pumps") if str(r.data).strip() == "0RUN"])
         # the red pump was told to dispense 0.7 mL; the owner dies before the step is

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from bridge.labconfig import LabConfigError, load_lab
-from safety.envelope import REFERENCE_BENCH, EnvelopeError
+from safety.envelope import EnvelopeError
+from safety.envelopeload import REFERENCE_BENCH
 from safety.yamldoc import ConfigError
 
 GOOD = """\

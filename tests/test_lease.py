@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reference import relaxed_staleness
+from reference import actuating, relaxed_staleness
 
 from loops.campaign import CampaignRunner
 from loops.journal import AsyncJournal, Journal, StaleOwner
@@ -33,7 +33,7 @@ from loops.program import load_program
 from loops.raylinks import ray_links, start_journal_actor, start_station_actor
 from loops.stationlease import LEASE_S, POLL_S, RENEW_S, Lease, LeaseHeld, OwnerLost
 from loops.stations import ClockSpec, LocalStation, ScaledClock, StationActor, StationError
-from safety.envelope import REFERENCE_BENCH
+from safety.envelopeload import REFERENCE_BENCH
 from simulators.bench import SimulatedBench, SimulatedLab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,23 +85,6 @@ def start_owner(cfg: dict[str, Any], log: Path) -> subprocess.Popen[bytes]:
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-
-
-def actuating(bench: SimulatedBench, since: float) -> list[tuple[float, Any]]:
-    """(monotonic time, command) of every actuating command that reached the bench after
-    ``since``: a pump RUN, a hotplate setpoint or stirrer speed, a heater/stirrer enable."""
-    out: list[tuple[float, Any]] = []
-    for r in bench.world.wire.entries("pumps"):
-        if r.real_t > since and not r.note and str(r.data).strip().endswith("RUN"):
-            out.append((r.real_t, r.data))
-    for r in bench.world.wire.entries("hotplate"):
-        data = r.data if isinstance(r.data, dict) else {}
-        if r.real_t <= since or data.get("fc") not in (6, 16):
-            continue
-        address, values = data.get("address"), list(data.get("values") or [])
-        if address in (0, 1) or (address in (2, 3) and 1 in values):
-            out.append((r.real_t, (address, values)))
-    return sorted(out, key=lambda e: e[0])
 
 
 def test_a_lease_runs_out_and_an_older_epoch_is_refused() -> None:

@@ -525,14 +525,14 @@ def test_the_agents_page_runs_as_written(ray_session: Any, tmp_path: Path) -> No
     page = "agents.md"
     assert not strays(page), strays(page)
     written = {p.name for p in write_files(page, tmp_path)}
-    assert written == {"agents.yaml", "agentlab.py", "mcp.json"}, written
+    assert written == {"agents.yaml", "agentlab.py", "mcp.json", "hot-approval.yaml"}, written
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     out = []
     for block in blocks(page):
         if block.file is None:
             done = run_script(block, tmp_path, timeout=180, env=env)
             out.append(done.stdout + done.stderr)
-    assert len(out) == 4, out
+    assert len(out) == 5, out
     tokens = load_lab(tmp_path / "runs" / "agents" / "lab.yaml").agents.store()
     assert set(tokens.records()) == {"alice"}  # bob's was revoked at the end
     assert "agent:alice" in out[1] and " done agent:alice " in out[1], out[1]
@@ -543,5 +543,11 @@ def test_the_agents_page_runs_as_written(ray_session: Any, tmp_path: Path) -> No
     assert "experiments_per_day: 1 of 20 experiments" in out[1], out[1]
     assert "budgets.dye_ml_per_day: 1.55 of 10 mL" in out[1], out[1]
     assert "was issued for read only, not propose" in out[2], out[2]
+    # approval: the hot point waited, the operator approved it from the shell, it ran
+    assert "waits: [\"program.md approval: temperature_c > 60 or agent not in trusted" in out[4]
+    assert "awaiting-approval\n" in out[4] and "agent:alice  expires in" in out[4], out[4]
+    assert "approved by" in out[4] and ": queued to run (approved by" in out[4], out[4]
+    assert " done agent:alice" in out[4], out[4]
+    assert "'checked', 'approved by" in out[4] and "fume hood on, lid closed" in out[4], out[4]
     exps = journal_experiments(tmp_path / "runs" / "agents" / "journal.db", "color-agent")
     assert "agent:alice" in {e.proposer for e in exps}

@@ -12,7 +12,7 @@ import pytest
 
 from instruments.drivers.hotplate import Hotplate
 from safety.devicefaults import fault_monitors
-from safety.envelope import reference_envelope
+from safety.envelopeload import reference_envelope
 from safety.model import StationState
 from safety.monitors import (
     Heartbeat,

@@ -231,12 +231,12 @@ async def test_the_gate_refuses_naming_the_quota_the_count_and_when_it_frees_up(
             in str(err.value)
         )
         assert err.value.use.frees_at is not None and 800 < err.value.use.frees_at - now < 900
-        # the campaign's queue: accepted proposals waiting per campaign
+        # the campaign's queue: proposals waiting per campaign (queued, or for approval)
         await admitted("agent:dave")
         with pytest.raises(
             QuotaExceeded,
-            match="queued_per_campaign 1 .*: 1 of its accepted "
-            "proposals wait in campaign c1's queue",
+            match=r"queued_per_campaign 1 .*: 1 of its proposals wait in campaign c1 \(queued, "
+            "or awaiting approval\); propose again once one of them has started or was decided",
         ):
             await admitted("agent:dave", lambda: 1)
         # operators and unlisted proposers without a default: nothing counted

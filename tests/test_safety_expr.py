@@ -117,12 +117,31 @@ def test_every_operator_evaluates(text: str, expected: Any) -> None:
         ("0 <= x < 10", Compare(("<=", "<"), (Num(0), Name("x"), Num(10)))),
         ("x + 1 in [1, 2]", Member(Binary("+", Name("x"), Num(1)), ListLit((Num(1), Num(2))))),
         ("x not in ['a',]", Member(Name("x"), ListLit((Str("a"),)), True)),
+        ("agent not in trusted", Member(Name("agent"), Name("trusted"), True)),
         ("a.b.c", Name("a.b.c")),
     ],
 )
 def test_precedence_and_associativity(text: str, tree: Expr) -> None:
     assert parse_expr(text) == tree
     assert parse_expr(to_source(tree)) == tree
+
+
+def test_a_named_list_after_in_is_looked_up_and_must_be_a_list() -> None:
+    rule = parse("agent not in trusted or n in limits")
+    assert rule.names() == {"agent", "trusted", "n", "limits"}
+    state = {"agent": "bob", "trusted": ["alice", "lims"], "n": 2, "limits": (1, 2)}
+    assert rule.evaluate(state) is True
+    assert rule.evaluate({**state, "n": 3}) is True  # bob is not trusted
+    assert rule.evaluate({**state, "agent": "lims", "n": 3}) is False
+    for bad, problem in (
+        ({**state, "trusted": "alice"}, "'in' needs a list on its right, got trusted='alice'"),
+        ({**state, "trusted": [1, 2]}, "cannot apply '=='"),  # strict: a string vs numbers
+    ):
+        with pytest.raises(EvaluationError) as info:
+            rule.evaluate(bad)
+        assert problem in str(info.value), info.value
+    with pytest.raises(EvaluationError, match="unknown name 'trusted'"):
+        rule.evaluate({"agent": "bob"})
 
 
 def test_implication_is_not_a_or_b() -> None:
@@ -173,7 +192,8 @@ def test_syntax_error_on_a_later_line_of_a_multiline_rule() -> None:
         ("a.b. > 1", "a.b.", "unexpected token 'a.b.'"),
         ("'open", "'open", "unterminated string"),
         ('"a\\q"', "\\q", "unknown escape"),
-        ("a in b", "b", "expected a list"),
+        ("a in 3", "3", "expected a list '[...]' or the name of one"),
+        ("a in b.c + 1", "+", "unexpected token '+'"),
         ("a in [1] in [2]", "in", "cannot be chained"),
         ("a < b in [1]", "in", "cannot be chained"),
         ("a and", "", "unexpected end of rule"),

@@ -27,7 +27,7 @@ from loops.stations import (
     StationError,
     StationNotOpen,
 )
-from safety.envelope import REFERENCE_BENCH
+from safety.envelopeload import REFERENCE_BENCH
 from simulators.bench import SimulatedLab
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"

@@ -22,7 +22,7 @@ import instruments
 from instruments.driver import Channel, Driver
 from instruments.transports.base import Transport
 from safety.effects import Layout, initial_commanded
-from safety.envelope import reference_envelope
+from safety.envelopeload import reference_envelope
 from safety.model import AuditTrail, Latch, ResetRecord, ResetRefused, StationState
 from safety.monitors import Staleness, Threshold
 from safety.supervisor import StationSupervisor

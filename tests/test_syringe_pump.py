@@ -13,13 +13,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 import instruments
-from instruments.drivers.syringe_pump import (
-    PumpStatus,
-    SyringePump,
-    encode_quantity,
-    format_number,
-    parse_reply,
-)
+from instruments.drivers.pump_wire import PumpStatus, encode_quantity, format_number, parse_reply
+from instruments.drivers.syringe_pump import SyringePump
 from instruments.errors import (
     DeviceAlarm,
     DeviceRejected,
@@ -98,7 +93,7 @@ def test_format_number_refuses(value: float) -> None:
 
 
 def test_units_are_chosen_to_keep_precision() -> None:
-    from instruments.drivers.syringe_pump import RATE_UNITS, VOLUME_UNITS
+    from instruments.drivers.pump_wire import RATE_UNITS, VOLUME_UNITS
 
     assert encode_quantity(0.0005, VOLUME_UNITS, "v")[:2] == ("0.500", "UL")
     assert encode_quantity(0.4, VOLUME_UNITS, "v")[:2] == ("0.400", "ML")

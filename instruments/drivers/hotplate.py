@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, ClassVar, Protocol, TypeVar, cast
+from typing import Any, ClassVar
 
 from instruments.declare import ACTUATE, Call, Fault, Param, Set, declare
-from instruments.driver import Channel, Driver, retry_idempotent, run_all
+from instruments.driver import Channel, run_all
+from instruments.drivers.registers import RegisterDriver, to_register, to_signed
 from instruments.transports.base import Transport
-
-T = TypeVar("T")
 
 # Holding registers (FC3 read, FC6/FC16 write)
 HR_SETPOINT = 0  # 0.1 degC, signed
@@ -33,77 +32,7 @@ STATUS_PROBE_FAULT = 1 << 3
 STATUS_WATCHDOG_TRIPPED = 1 << 4
 
 
-class RegisterBus(Protocol):
-    """What the driver needs from its transport (``ModbusTransport`` provides it).
-
-    Declared structurally so this module never imports the Modbus transport
-    (and through it pymodbus): the import-linter contracts forbid that.
-    """
-
-    url: str
-
-    async def open(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def read_holding_registers(
-        self,
-        address: int,
-        count: int = 1,
-        *,
-        unit: int | None = None,
-        timeout: float | None = None,
-    ) -> list[int]: ...
-
-    async def read_input_registers(
-        self,
-        address: int,
-        count: int = 1,
-        *,
-        unit: int | None = None,
-        timeout: float | None = None,
-    ) -> list[int]: ...
-
-    async def write_register(
-        self,
-        address: int,
-        value: int,
-        *,
-        unit: int | None = None,
-        timeout: float | None = None,
-    ) -> None: ...
-
-    async def write_registers(
-        self,
-        address: int,
-        values: Sequence[int],
-        *,
-        unit: int | None = None,
-        timeout: float | None = None,
-    ) -> None: ...
-
-
-_BUS_METHODS = (
-    "read_holding_registers",
-    "read_input_registers",
-    "write_register",
-    "write_registers",
-)
-
-
-def to_signed(raw: int) -> int:
-    """A 16-bit register value read as two's-complement signed."""
-    return raw - 0x10000 if raw & 0x8000 else raw
-
-
-def to_register(value: int) -> int:
-    """A signed integer (-32768..32767) as a 16-bit register value."""
-    if not -0x8000 <= value <= 0x7FFF:
-        raise ValueError(f"{value} does not fit a signed 16-bit register (-32768..32767)")
-    return value & 0xFFFF
-
-
-class Hotplate(Driver):
+class Hotplate(RegisterDriver):
     """Hotplate-stirrer on a Modbus register bus (RTU 19200 8N1 or TCP, unit 1 by default).
 
     Registers (16-bit, big-endian; temperatures in 0.1 degC, signed)::
@@ -155,7 +84,6 @@ class Hotplate(Driver):
     #: the device's setpoint ranges (0.1 degC on the wire), shared by the commands that set them
     SETPOINT: ClassVar[Param] = Param(float, "degC", min=MIN_SETPOINT_C, max=DEFAULT_MAX_C, step=0.1)
     RPM: ClassVar[Param] = Param(int, "rpm", min=0, max=MAX_RPM)
-    ATTEMPTS: ClassVar[int] = 3
     faults = {
         "watchdog-tripped": Fault(
             "watchdog_tripped and (heater or stirrer)",
@@ -185,20 +113,9 @@ class Hotplate(Driver):
         timeout: float = 1.0,
         name: str | None = None,
     ) -> None:
-        missing = [m for m in _BUS_METHODS if not callable(getattr(transport, m, None))]
-        if missing:
-            raise TypeError(
-                f"Hotplate needs a Modbus register transport (modbus-tcp:// or modbus-rtu://), "
-                f"got {type(transport).__name__} for {transport.url} (missing {', '.join(missing)})"
-            )
         if unit is not None and not 0 <= unit <= 255:
             raise ValueError(f"unit {unit} is outside 0-255")
-        if not timeout > 0:
-            raise ValueError(f"timeout {timeout!r} must be > 0 s")
-        super().__init__(transport, name=name)
-        self.bus = cast(RegisterBus, transport)
-        self.unit = unit
-        self.timeout = float(timeout)
+        super().__init__(transport, unit=unit, timeout=timeout, name=name)
         self.max_c = self.DEFAULT_MAX_C
 
     # ------------------------------------------------------------------ basics
@@ -414,14 +331,5 @@ class Hotplate(Driver):
             )
         return rpm
 
-    async def _write(self, address: int, value: int, what: str) -> None:
-        await self._retry(
-            lambda: self.bus.write_register(address, value, unit=self.unit, timeout=self.timeout),
-            f"{what} (holding {address} = {value})",
-        )
 
-    async def _retry(self, op: Callable[[], Awaitable[T]], what: str) -> T:
-        return await retry_idempotent(op, attempts=self.ATTEMPTS, what=f"{self.name}: {what}")
-
-
-__all__ = ["Hotplate", "RegisterBus", "to_register", "to_signed"]
+__all__ = ["Hotplate"]

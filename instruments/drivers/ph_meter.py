@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 from instruments.declare import ACTUATE, READ, Fault, Param, Set, declare
-from instruments.driver import Channel, Driver, retry_idempotent
-from instruments.drivers.hotplate import _BUS_METHODS, RegisterBus, to_register, to_signed
+from instruments.driver import Channel
+from instruments.drivers.registers import RegisterDriver, to_register, to_signed
 from instruments.errors import (
     CalibrationError,
     ModbusExceptionError,
@@ -24,8 +24,6 @@ from instruments.errors import (
     ProtocolError,
 )
 from instruments.transports.base import Transport
-
-T = TypeVar("T")
 
 # Input registers (FC4)
 IR_PH = 0  # 0.001 pH, unsigned (0-14000)
@@ -81,7 +79,7 @@ class PhStatus:
         }
 
 
-class PhMeter(Driver):
+class PhMeter(RegisterDriver):
     """pH transmitter on a Modbus register bus (RTU 9600 8N1, unit 2 by default).
 
     ``unit``: the Modbus unit id; left out, the URL's ``unit=`` if it names one, else 2.
@@ -138,7 +136,6 @@ class PhMeter(Driver):
         ),
     }
     DEFAULT_UNIT: ClassVar[int] = 2
-    ATTEMPTS: ClassVar[int] = 3
     #: manual compensation temperatures the driver sends, degC (the transmitter's
     #: working range; the register itself is signed 0.1 degC)
     MIN_TEMPERATURE_C: ClassVar[float] = -10.0
@@ -155,28 +152,20 @@ class PhMeter(Driver):
         poll_interval: float = 0.25,
         name: str | None = None,
     ) -> None:
-        missing = [m for m in _BUS_METHODS if not callable(getattr(transport, m, None))]
-        if missing:
-            raise TypeError(
-                f"PhMeter needs a Modbus register transport (modbus-rtu:// or modbus-tcp://), "
-                f"got {type(transport).__name__} for {transport.url} (missing {', '.join(missing)})"
-            )
         if unit is None:  # the URL's unit= if it names one, else the transmitter's default
             named = "unit" in parse_qs(urlsplit(transport.url).query)
             unit = int(getattr(transport, "unit", 0)) if named else self.DEFAULT_UNIT
         if not 1 <= unit <= 247:
             raise ValueError(f"unit {unit} is outside 1-247")
         for label, value in (
-            ("timeout", timeout),
             ("calibration_timeout", calibration_timeout),
             ("poll_interval", poll_interval),
         ):
             if not value > 0:
                 raise ValueError(f"{label} {value!r} must be > 0 s")
-        super().__init__(transport, name=name or f"ph-meter {unit}@{transport.url}")
-        self.bus = cast(RegisterBus, transport)
-        self.unit = unit
-        self.timeout = float(timeout)
+        super().__init__(
+            transport, unit=unit, timeout=timeout, name=name or f"ph-meter {unit}@{transport.url}"
+        )
         self.calibration_timeout = float(calibration_timeout)
         self.poll_interval = float(poll_interval)
 
@@ -416,15 +405,6 @@ class PhMeter(Driver):
                 f"{self.MIN_TEMPERATURE_C:g}-{self.MAX_TEMPERATURE_C:g} degC"
             )
         return to_register(round(celsius * 10))
-
-    async def _write(self, address: int, value: int, what: str) -> None:
-        await self._retry(
-            lambda: self.bus.write_register(address, value, unit=self.unit, timeout=self.timeout),
-            f"{what} (holding {address} = {value})",
-        )
-
-    async def _retry(self, op: Callable[[], Awaitable[T]], what: str) -> T:
-        return await retry_idempotent(op, attempts=self.ATTEMPTS, what=f"{self.name}: {what}")
 
 
 __all__ = ["BUFFERS", "COMPENSATION_MODES", "PhMeter", "PhStatus"]

@@ -36,209 +36,44 @@ not start, so the caller must query :meth:`SyringePump.status`.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn, Protocol, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 from instruments.declare import ACTUATE, READ, SAFER, Call, Fault, Flow, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent, run_all
+from instruments.drivers.pump_wire import (
+    ALARM_CODES,
+    COMMAND_RE,
+    DIRECTION_NAMES,
+    DIRECTIONS,
+    DIS_RE,
+    ERROR_CODES,
+    ETX,
+    MAX_RELATIVE_ROUNDING,
+    RATE,
+    RATE_RE,
+    RATE_UNITS,
+    REFERENCE_DIAMETER_MM,
+    REFERENCE_RATE_RANGE,
+    VOLUME,
+    VOLUME_RE,
+    VOLUME_UNITS,
+    ByteLink,
+    PumpReply,
+    PumpStatus,
+    encode_quantity,
+    format_number,
+    parse_number,
+    parse_reply,
+)
 from instruments.errors import DeviceAlarm, DeviceRejected, ProtocolError, TransportError
 from instruments.transports.base import Transport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-STX = b"\x02"
-ETX = b"\x03"
-
-ERROR_CODES: dict[str, str] = {
-    "?": "unrecognised command",
-    "?NA": "not applicable now",
-    "?OOR": "out of range",
-    "?COM": "invalid packet",
-    "?IGN": "ignored",
-}
-ALARM_CODES: dict[str, str] = {
-    "R": "pump was reset (power interrupted)",
-    "S": "motor stalled",
-    "T": "safe-mode communication timeout",
-    "E": "safe-mode communication error",
-}
-
-#: rate units: device code -> mL/min per device unit (preference order on ties)
-RATE_UNITS: dict[str, float] = {"MM": 1.0, "UM": 1e-3, "MH": 1.0 / 60.0, "UH": 1e-3 / 60.0}
-#: volume units: device code -> mL per device unit
-VOLUME_UNITS: dict[str, float] = {"ML": 1.0, "UL": 1e-3}
-
-#: reference syringe for the rate limits: 0.001-30 mL/min at 14.43 mm (limits scale with area)
-REFERENCE_DIAMETER_MM = 14.43
-REFERENCE_RATE_RANGE = (0.001, 30.0)
-#: largest relative rounding the number format may introduce before a value is refused
-MAX_RELATIVE_ROUNDING = 1e-3
-
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_RATE_RE = re.compile(rf"({_NUMBER})(UM|MM|UH|MH)")
-_VOLUME_RE = re.compile(rf"({_NUMBER})(UL|ML)")
-_DIS_RE = re.compile(rf"I({_NUMBER})W({_NUMBER})(UL|ML)")
-_NUMBER_RE = re.compile(_NUMBER)
-#: a well-formed reply: STX, 2-digit address, status letter, printable data, ETX
-_REPLY_RE = re.compile(rb"\x02([0-9]{2})([IWSPA])([\x20-\x7e]*)\x03")
-_COMMAND_RE = re.compile(r"[A-Z]{3}")
-
-
-class PumpStatus(enum.StrEnum):
-    """The pump's motion status, from the reply's status letter."""
-
-    INFUSING = "infusing"
-    WITHDRAWING = "withdrawing"
-    STOPPED = "stopped"
-    PAUSED = "paused"
-    ALARM = "alarm"
-
-    @property
-    def moving(self) -> bool:
-        return self in (PumpStatus.INFUSING, PumpStatus.WITHDRAWING)
-
-
-_STATUS_LETTERS = {
-    "I": PumpStatus.INFUSING,
-    "W": PumpStatus.WITHDRAWING,
-    "S": PumpStatus.STOPPED,
-    "P": PumpStatus.PAUSED,
-    "A": PumpStatus.ALARM,
-}
-_DIRECTIONS = {"infuse": "INF", "withdraw": "WDR"}
-_DIRECTION_NAMES = {v: k for k, v in _DIRECTIONS.items()}
-
-
-@dataclass(frozen=True)
-class PumpReply:
-    """One parsed reply. ``error`` is an error code (``?OOR``...), ``alarm`` an alarm letter."""
-
-    address: int
-    status: PumpStatus
-    data: str
-    raw: bytes
-    error: str | None = None
-    alarm: str | None = None
-
-
-class _ByteLink(Protocol):
-    url: str
-
-    async def transaction(
-        self,
-        request: bytes,
-        terminator: bytes,
-        timeout: float | None = None,
-    ) -> bytes: ...
-
-
-# ---------------------------------------------------------------------- numbers
-def format_number(value: float) -> str:
-    """``value`` in the wire format: at most 4 significant digits in at most 5 characters.
-
-    ``0.4`` -> ``0.400``, ``12.5`` -> ``12.50``, ``1234`` -> ``1234``. Raises
-    ``ValueError`` for negative, non-finite or too large values (>= 9999.5).
-    """
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{value!r} cannot be sent to the pump (must be a finite number >= 0)")
-    for decimals in (3, 2, 1, 0):
-        text = f"{value:.{decimals}f}"
-        if len(text) <= (5 if decimals else 4):
-            return text
-    raise ValueError(f"{value!r} is too large for the pump's number format (at most 9999)")
-
-
-def encode_quantity(value: float, units: Mapping[str, float], what: str) -> tuple[str, str, float]:
-    """Choose the device units that carry ``value`` (SI) most precisely.
-
-    Returns ``(number text, unit code, value actually sent in SI)``. Raises
-    ``ValueError`` if no unit carries it within 0.1 %, or it is not > 0.
-    """
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
-    best: tuple[tuple[float, int], str, str, float] | None = None
-    for order, (code, factor) in enumerate(units.items()):
-        try:
-            text = format_number(value / factor)
-        except ValueError:
-            continue
-        sent = float(text) * factor
-        error = abs(sent - value) / value
-        key = (error if error > 1e-9 else 0.0, order)  # least rounding; on a tie the listed order
-        if best is None or key < best[0]:
-            best = (key, text, code, sent)
-    if best is None or best[0][0] > MAX_RELATIVE_ROUNDING:
-        near = f" (nearest: {best[1]}{best[2]})" if best is not None else ""
-        raise ValueError(
-            f"{what} {value!r} cannot be carried by the pump's 4-digit number format{near}"
-        )
-    return best[1], best[2], best[3]
-
-
-def _wire_volume(ml: float) -> float:
-    """The volume (mL) the pump's number format carries for ``ml`` (ValueError if none)."""
-    return encode_quantity(ml, VOLUME_UNITS, "volume (mL)")[2]
-
-
-def _wire_rate(ml_min: float) -> float:
-    """The rate (mL/min) the pump's number format carries for ``ml_min`` (ValueError if none)."""
-    return encode_quantity(ml_min, RATE_UNITS, "rate (mL/min)")[2]
-
-
-#: the parameters of a move (dispense, withdraw), as the pump's number format carries them
-VOLUME = Param(float, "mL", above=0, wire=_wire_volume, doc="volume to move")
-RATE = Param(float, "mL/min", above=0, wire=_wire_rate, doc="pumping rate")
-
-
-def parse_reply(raw: bytes, *, address: int, device: str) -> PumpReply:
-    """Parse ``\\x02<2-digit address><status>[data]\\x03`` strictly (else :class:`ProtocolError`)."""
-    m = _REPLY_RE.fullmatch(raw)
-    if m is None:
-        _reject(raw, address, device)  # says what is wrong
-    if int(m[1]) != address:
-        raise ProtocolError(device, f"reply from address {int(m[1])}, expected {address}", raw)
-    status = _STATUS_LETTERS[m[2].decode("ascii")]
-    data = m[3].decode("ascii")
-    if status is PumpStatus.ALARM:
-        if len(data) != 2 or data[0] != "?" or data[1] not in ALARM_CODES:
-            raise ProtocolError(device, f"alarm status without a known alarm code ({data!r})", raw)
-        return PumpReply(address, status, data, raw, alarm=data[1])
-    if data.startswith("?"):
-        if data not in ERROR_CODES:
-            raise ProtocolError(device, f"unknown error code {data!r}", raw)
-        return PumpReply(address, status, data, raw, error=data)
-    return PumpReply(address, status, data, raw)
-
-
-def _reject(raw: bytes, address: int, device: str) -> NoReturn:
-    """Raise the :class:`ProtocolError` that names what makes ``raw`` malformed."""
-    if not raw.startswith(STX):
-        raise ProtocolError(device, "reply does not start with STX", raw)
-    if not raw.endswith(ETX) or len(raw) < 2:
-        raise ProtocolError(device, "reply does not end with ETX", raw)
-    body = raw[1:-1]
-    if any(b < 0x20 or b > 0x7E for b in body):
-        raise ProtocolError(device, "reply contains non-printable bytes", raw)
-    text = body.decode("ascii")
-    if len(text) < 3 or not text[:2].isdigit():
-        raise ProtocolError(device, "reply has no 2-digit address", raw)
-    if int(text[:2]) != address:
-        raise ProtocolError(device, f"reply from address {int(text[:2])}, expected {address}", raw)
-    raise ProtocolError(device, f"unknown status letter {text[2]!r}", raw)
-
-
-def _number(text: str, device: str, raw: bytes) -> float:
-    if not _NUMBER_RE.fullmatch(text):
-        raise ProtocolError(device, f"not a number: {text!r}", raw)
-    return float(text)
-
 
 # ---------------------------------------------------------------------- driver
 class SyringePump(Driver):
@@ -302,8 +137,8 @@ class SyringePump(Driver):
         self.last_alarm: str | None = None
 
     @property
-    def _link(self) -> _ByteLink:
-        return cast(_ByteLink, self.transport)
+    def _link(self) -> ByteLink:
+        return cast(ByteLink, self.transport)
 
     # ------------------------------------------------------------ channels
     @property
@@ -357,7 +192,7 @@ class SyringePump(Driver):
 
         Errors and alarms raise. ``retry=True`` only for idempotent commands.
         """
-        if not _COMMAND_RE.fullmatch(command):
+        if not COMMAND_RE.fullmatch(command):
             raise ValueError(f"command must be 3 upper-case letters, got {command!r}")
         if retry:
             return await self._idempotent(command, param, lambda r: r)
@@ -379,7 +214,7 @@ class SyringePump(Driver):
         """The pump's syringe diameter (mm)."""
 
         def parse(r: PumpReply) -> float:
-            return _number(r.data, self.name, r.raw)
+            return parse_number(r.data, self.name, r.raw)
 
         self.diameter_mm = await self._idempotent("DIA", "", parse)
         return self.diameter_mm
@@ -398,7 +233,7 @@ class SyringePump(Driver):
         """The set rate, mL/min."""
 
         def parse(r: PumpReply) -> float:
-            m = _RATE_RE.fullmatch(r.data)
+            m = RATE_RE.fullmatch(r.data)
             if m is None:
                 raise ProtocolError(self.name, f"unparsable rate {r.data!r}", r.raw)
             return float(m.group(1)) * RATE_UNITS[m.group(2)]
@@ -415,7 +250,7 @@ class SyringePump(Driver):
         """The set volume, mL."""
 
         def parse(r: PumpReply) -> float:
-            m = _VOLUME_RE.fullmatch(r.data)
+            m = VOLUME_RE.fullmatch(r.data)
             if m is None:
                 raise ProtocolError(self.name, f"unparsable volume {r.data!r}", r.raw)
             return float(m.group(1)) * VOLUME_UNITS[m.group(2)]
@@ -424,7 +259,7 @@ class SyringePump(Driver):
 
     async def set_direction(self, direction: str) -> None:
         """``"infuse"`` or ``"withdraw"`` (a state, so it is safe to repeat)."""
-        code = _DIRECTIONS.get(direction)
+        code = DIRECTIONS.get(direction)
         if code is None:
             raise ValueError(f"direction must be 'infuse' or 'withdraw', got {direction!r}")
         await self._idempotent("DIR", code, self._no_data)
@@ -433,9 +268,9 @@ class SyringePump(Driver):
         """``"infuse"`` or ``"withdraw"``."""
 
         def parse(r: PumpReply) -> str:
-            if r.data not in _DIRECTION_NAMES:
+            if r.data not in DIRECTION_NAMES:
                 raise ProtocolError(self.name, f"unparsable direction {r.data!r}", r.raw)
-            return _DIRECTION_NAMES[r.data]
+            return DIRECTION_NAMES[r.data]
 
         return await self._idempotent("DIR", "", parse)
 
@@ -512,7 +347,7 @@ class SyringePump(Driver):
 
     # ------------------------------------------------------------ status
     def _parse_dis(self, r: PumpReply) -> tuple[float, float]:
-        m = _DIS_RE.fullmatch(r.data)
+        m = DIS_RE.fullmatch(r.data)
         if m is None:
             raise ProtocolError(self.name, f"unparsable dispensed volumes {r.data!r}", r.raw)
         factor = VOLUME_UNITS[m.group(3)]
@@ -553,7 +388,7 @@ class SyringePump(Driver):
         """Clear the infused (``"infuse"``), withdrawn (``"withdraw"``) or both counters."""
         if which not in ("infuse", "withdraw", "both"):
             raise ValueError(f"which must be 'infuse', 'withdraw' or 'both', got {which!r}")
-        for name, code in _DIRECTIONS.items():
+        for name, code in DIRECTIONS.items():
             if which in (name, "both"):
                 await self._idempotent("CLD", code, self._no_data)
 

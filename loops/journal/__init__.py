@@ -10,7 +10,8 @@ together or not at all.
 
 Experiment states (:data:`NEXT_STATES` is the whole machine)::
 
-    proposed -> checked | rejected | cancelled
+    proposed -> checked | rejected | cancelled | awaiting-approval
+    awaiting-approval -> checked (a human approved) | rejected (denied, expired) | cancelled
     checked  -> queued | proposed (re-dry-run) | cancelled
     queued   -> running | proposed (never started) | failed | cancelled
     running  -> done (finish) | failed | interrupted      (+ step_started/step_done events)
@@ -39,6 +40,11 @@ objective)``, type-checked against the method itself. :class:`AsyncJournal` is t
 in-process link; ``loops.raylinks`` has the Ray actor and its link, which forward
 :data:`JOURNAL_API` (every public method but ``close``) by name.
 
+An agent's proposal that an approval policy sends to a human waits in
+``awaiting-approval`` (:meth:`Journal.await_approval`; resume leaves it there): a
+human's decision is recorded by :meth:`Journal.decide` and applied by the campaign, and
+it leaves for ``checked`` only with a recorded approval (``_approvals``).
+
 A station journals a run's outcome (:meth:`Journal.record_outcome`) before it returns
 it: resume records such a run's result (:class:`CompletedRun`) instead of failing it.
 
@@ -46,10 +52,12 @@ Modules: ``_model`` (states, errors, row types, JSON), ``_schema`` (SQLite schem
 and migrations), ``_reads`` (the queries and CSV rows), ``_conn`` (the connection, one
 write transaction, the row-level helpers of the writes), ``_owners`` (owner epochs,
 budget consumption), ``_steps`` (step events, reservations, outcomes), ``_resume``
-(resume), ``_usage`` (what one proposer used: its quotas' counts), ``_store`` (:class:`Journal`: campaigns and state changes), ``_async``
-(:class:`JournalLink`, :class:`AsyncJournal`).
+(resume), ``_approvals`` (proposals awaiting a human), ``_usage`` (what one proposer
+used: its quotas' counts), ``_store`` (:class:`Journal`: campaigns and state changes),
+``_async`` (:class:`JournalLink`, :class:`AsyncJournal`).
 """
 
+from loops.journal._approvals import AWAITING, ApprovalError
 from loops.journal._async import AsyncJournal, JournalLink
 from loops.journal._model import (
     CAMPAIGN_STATES,
@@ -74,6 +82,8 @@ from loops.journal._schema import SCHEMA_VERSION, migrate
 from loops.journal._store import JOURNAL_API, Journal, api_name
 
 __all__ = [
+    "AWAITING",
+    "ApprovalError",
     "CAMPAIGN_STATES",
     "EXPERIMENT_STATES",
     "FINAL_STATES",

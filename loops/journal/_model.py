@@ -11,6 +11,7 @@ from typing import Any
 
 EXPERIMENT_STATES = (
     "proposed",
+    "awaiting-approval",
     "checked",
     "rejected",
     "queued",
@@ -21,7 +22,10 @@ EXPERIMENT_STATES = (
     "cancelled",
 )
 NEXT_STATES: Mapping[str, frozenset[str]] = {
-    "proposed": frozenset({"checked", "rejected", "cancelled"}),
+    "proposed": frozenset({"checked", "rejected", "cancelled", "awaiting-approval"}),
+    # a human decides (loops/journal/_approvals.py): approved -> checked; denied or expired ->
+    # rejected; the campaign ended -> cancelled
+    "awaiting-approval": frozenset({"checked", "rejected", "cancelled"}),
     "checked": frozenset({"queued", "proposed", "cancelled"}),
     "queued": frozenset({"running", "proposed", "failed", "cancelled"}),
     "running": frozenset({"done", "failed", "interrupted"}),
@@ -127,7 +131,9 @@ class Transition:
     """One row of the append-only log.
 
     ``event``: ``state`` (a state change), ``step_started``, ``step_done``,
-    ``verified`` (mark_verified), ``campaign`` (campaign-level, experiment_id
+    ``measured`` (what the run measured, with its last ``step_done``), ``outcome``
+    (the station's verified outcome), ``verified`` (mark_verified), ``campaign``
+    (campaign-level, experiment_id
     None, state = the campaign's) or ``station`` (campaign-level: a station went
     out, was paused or rests; ``data`` says which and why). ``data`` is None or a dict: the event's own
     keys (``params``/``proposer`` when proposed, ``step`` when a step started,
@@ -193,7 +199,10 @@ class ResumeInfo:
     ``pending_proposals``, which lists every experiment in ``proposed``, to be
     dry-run again); ``next_seq``: the seq the next proposal will get;
     ``completed``: running experiments whose outcome the station journaled (record
-    their results: :class:`CompletedRun`).
+    their results: :class:`CompletedRun`); ``recovered``: running experiments whose every
+    step finished and whose measurements were journaled with the last one, but not their
+    outcome (the process died while the station verified it): verify each on its station
+    and record it (:class:`CompletedRun`, ``outcome`` unverified: :meth:`Journal.measured`).
     """
 
     campaign: Campaign
@@ -206,6 +215,7 @@ class ResumeInfo:
     optimizer_state: dict[str, Any] | None
     next_seq: int
     completed: list[CompletedRun] = dataclasses.field(default_factory=list)
+    recovered: list[CompletedRun] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- JSON

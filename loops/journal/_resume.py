@@ -17,7 +17,10 @@ class JournalResume(JournalSteps):
 
         ``running`` experiments whose station journaled their outcome
         (:meth:`record_outcome`: every step ran) stay ``running`` and are returned in
-        ``completed``: record their results. The other ``running`` ones become
+        ``completed``: record their results. Those whose every step finished and was
+        measured (:meth:`step_done` ``measured=``) but whose outcome was not journaled stay
+        ``running`` too, returned in ``recovered``: verify and record them. The other
+        ``running`` ones become
         ``interrupted`` (reason and log data say which step was in progress): the caller
         safe-states their station, checks it, and resolves them with ``fail()``; they are
         never re-run. ``checked`` and ``queued`` ones (no step started) go back to
@@ -33,9 +36,13 @@ class JournalResume(JournalSteps):
             ).fetchall()
             newly: set[str] = set()
             completed: list[str] = []
+            recovered: list[str] = []
             for (eid,) in running:
                 if self._outcome_row(conn, eid) is not None:
                     completed.append(eid)  # ran to its end and was measured: not interrupted
+                    continue
+                if self._event_data(conn, eid, "measured") is not None:
+                    recovered.append(eid)  # every step ran, measured, not verified yet
                     continue
                 self._interrupt(conn, campaign_id, eid)
                 newly.add(eid)
@@ -66,6 +73,7 @@ class JournalResume(JournalSteps):
                     "resumed": True,
                     "interrupted": sorted(newly),
                     "completed": completed,
+                    "recovered": recovered,
                     "requeued": [w[0] for w in waiting],
                 },
             )
@@ -116,6 +124,13 @@ class JournalResume(JournalSteps):
                 )
                 for eid in completed
             ],
+            recovered=[self._measured_run(eid) for eid in recovered],
+        )
+
+    def _measured_run(self, eid: str) -> CompletedRun:
+        """A run whose every step finished, with what it measured (unverified) and its JPEGs."""
+        return CompletedRun(
+            self.experiment(eid), self.measured(eid) or {}, self.outcome_images(eid)
         )
 
     def _interrupt(self, conn: sqlite3.Connection, campaign_id: str, eid: str) -> None:

@@ -6,7 +6,7 @@ import sqlite3
 
 from loops.journal._model import JournalError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # ------------------------------------------------------------------ schema
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -111,6 +111,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             sha256 TEXT NOT NULL,
             data BLOB NOT NULL,
             PRIMARY KEY (experiment_id, role))""",
+    ),
+    5: (
+        # an agent's proposal awaiting a human (loops/journal/_approvals.py): why and until when
+        # (wall clock), then the decision (who, why, through what) the campaign applies
+        """CREATE TABLE approvals (
+            experiment_id TEXT PRIMARY KEY REFERENCES experiments(id),
+            campaign_id TEXT NOT NULL REFERENCES campaigns(id),
+            rules TEXT NOT NULL,
+            requested REAL NOT NULL,
+            expires REAL NOT NULL,
+            decision TEXT CHECK (decision IN ('approve', 'deny')),
+            who TEXT,
+            reason TEXT,
+            via TEXT,
+            decided REAL)""",
+        "CREATE INDEX approvals_by_campaign ON approvals (campaign_id)",
     ),
 }
 

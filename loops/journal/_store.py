@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from loops.journal._approvals import AWAITING, JournalApprovals
 from loops.journal._model import (
     CAMPAIGN_STATES,
     EXPERIMENT_STATES,
@@ -44,7 +45,7 @@ from loops.journal._usage import JournalUsage
 _PROPOSER = re.compile(r"^(optimizer(:\S+)?|agent:\S+|operator(:\S+)?)$")
 
 
-class Journal(JournalResume, JournalUsage):
+class Journal(JournalResume, JournalApprovals, JournalUsage):
     """The durable record of campaigns and experiments (SQLite, WAL, synchronous=FULL).
 
     ``Journal(path)`` creates or opens the file and migrates its schema.
@@ -251,6 +252,11 @@ class Journal(JournalResume, JournalUsage):
             raise JournalError(
                 f"experiment {experiment_id}: record a result with finish(), not transition('done')"
             )
+        if state == AWAITING:
+            raise JournalError(
+                f"experiment {experiment_id}: send it to a human with await_approval(), "
+                "not transition()"
+            )
         if state in ("rejected", "failed", "interrupted") and not reason:
             raise ValueError(f"experiment {experiment_id}: moving to {state!r} needs a reason")
         with self._tx() as conn:
@@ -258,6 +264,8 @@ class Journal(JournalResume, JournalUsage):
             self._require_epoch(conn, campaign_id, epoch)
             if state not in NEXT_STATES[current]:
                 raise IllegalTransition(experiment_id, current, state)
+            if current == AWAITING and state == "checked":
+                self._require_approved(conn, experiment_id)
             if state == "running" and not (station or cur_station):
                 raise JournalError(
                     f"experiment {experiment_id}: 'running' needs the station it runs on "
