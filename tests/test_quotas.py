@@ -236,7 +236,7 @@ async def test_the_gate_refuses_naming_the_quota_the_count_and_when_it_frees_up(
         with pytest.raises(
             QuotaExceeded,
             match=r"queued_per_campaign 1 .*: 1 of its proposals wait in campaign c1 \(queued, "
-            "or awaiting approval\); propose again once one of them has started or was decided",
+            r"or awaiting approval\); propose again once one of them has started or was decided",
         ):
             await admitted("agent:dave", lambda: 1)
         # operators and unlisted proposers without a default: nothing counted
