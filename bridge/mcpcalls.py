@@ -28,14 +28,16 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from mcp.server.mcpserver import Context
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp_types import CallToolResult, InputRequiredResult
+from pydantic import ValidationError
 
 from bridge.agents import Agent, AuthError
 from bridge.quotaconfig import Quotas
 from bridge.ratelimit import RateLimiter
 
-__all__ = ["HARD_CAP", "CallGate", "RequestGate"]
+__all__ = ["HARD_CAP", "CallGate", "LabMCP", "RequestGate"]
 
 #: an agent's HTTP requests may come this many times faster than its tool calls before
 #: they are refused unread (HTTP 429): for a caller that ignores "busy" (a refusal through
@@ -43,6 +45,32 @@ __all__ = ["HARD_CAP", "CallGate", "RequestGate"]
 HARD_CAP = 2.0
 
 T = TypeVar("T")
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = [
+        f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in exc.errors()
+    ]
+    text = "; ".join(parts)
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+class LabMCP(MCPServer):
+    """:class:`MCPServer` whose argument errors are one line naming each field (the SDK's
+    are pydantic's multi-line report)."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):
+                raise ToolError(
+                    f"{name}: invalid arguments: {_one_line(exc.__cause__)} (see the tool's "
+                    "input schema)"
+                ) from exc.__cause__
+            raise
 
 
 class CallGate:

@@ -26,14 +26,14 @@ from typing import Annotated, Any, Literal
 
 from mcp.server.auth.provider import TokenVerifier
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
-from mcp_types import CallToolResult, InputRequiredResult, ToolAnnotations
-from pydantic import Field, StrictFloat, StrictInt, ValidationError
+from mcp_types import ToolAnnotations
+from pydantic import Field, StrictFloat, StrictInt
 
 from bridge.agents import Agent, Authenticator, AuthError, ScopeRefused
 from bridge.labdescribe import describe_station, envelope_lines
-from bridge.mcpcalls import CallGate
+from bridge.mcpcalls import CallGate, LabMCP
 from bridge.service import (
     CAMPAIGN_ID,
     CONTROL_ACTIONS,
@@ -48,7 +48,7 @@ from safety.yamldoc import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LabMCP", "LabTools"]
+__all__ = ["LabMCP", "LabTools"]  # LabMCP: bridge/mcpcalls.py
 
 #: a program.md an agent may send (as the MQTT API's payload limit)
 MAX_PROGRAM_CHARS = 65_536
@@ -74,32 +74,6 @@ Note = Annotated[str | None, Field(max_length=500, description="a note, logged")
 def _plain(value: Any) -> Any:
     """JSON-able data (anything exotic as text)."""
     return json.loads(json.dumps(value, default=str))
-
-
-def _one_line(exc: ValidationError) -> str:
-    parts = [
-        f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in exc.errors()
-    ]
-    text = "; ".join(parts)
-    return text if len(text) <= 500 else text[:497] + "..."
-
-
-class LabMCP(MCPServer):
-    """:class:`MCPServer` whose argument errors are one line naming each field (the SDK's
-    are pydantic's multi-line report)."""
-
-    async def call_tool(
-        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
-    ) -> CallToolResult | InputRequiredResult:
-        try:
-            return await super().call_tool(name, arguments, context)
-        except ToolError as exc:
-            if isinstance(exc.__cause__, ValidationError):
-                raise ToolError(
-                    f"{name}: invalid arguments: {_one_line(exc.__cause__)} (see the tool's "
-                    "input schema)"
-                ) from exc.__cause__
-            raise
 
 
 def _summary(program: Program) -> dict[str, Any]:

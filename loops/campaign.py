@@ -66,6 +66,7 @@ from typing import Any
 
 from loops.campaignapproval import CampaignApproval
 from loops.campaignbook import (
+    AGENT_RUN,
     STATE_VERSION,
     Event,
     Item,
@@ -87,6 +88,7 @@ from loops.stations import StationActor, StationLost
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AGENT_RUN",
     "STATE_VERSION",
     "BudgetWindow",
     "CampaignBusy",
@@ -100,12 +102,6 @@ __all__ = [
     "campaign_lock",
     "make_optimizer",
 ]
-
-
-#: agents' accepted proposals run ahead of the optimizer's next point, but after this many
-#: of them in a row the optimizer's next point takes the free station: a flood of accepted
-#: proposals cannot keep the campaign's own search off the stations
-AGENT_RUN = 3
 
 
 class CampaignClosed(RuntimeError):
@@ -185,12 +181,6 @@ class CampaignRunner(CampaignResume, CampaignApproval):
     :class:`~loops.campaignapproval.CampaignApproval` (proposals awaiting a human); the
     scheduling is here.
     """
-
-    # the fair share of the queue (_next_queued): claims served, and when each proposer
-    # was served last; agents' claims in a row
-    _claims: int = 0
-    _served: dict[str, int] | None = None
-    _agent_run: int = 0
 
     # --------------------------------------------------------------- controls
     def stop(self, reason: str = "stopped by the operator") -> None:
@@ -295,29 +285,6 @@ class CampaignRunner(CampaignResume, CampaignApproval):
             item.checked = True
             self._queue.append(item)
         return ProposalReceipt(item.experiment_id, True, (), proposer)
-
-    def queued_by(self, proposer: str) -> int:
-        """How many of ``proposer``'s proposals wait in this campaign: in its queue (accepted
-        or resumed, not claimed by a station yet) or for a human's approval."""
-        queued = sum(1 for item in self._queue if item.proposer == proposer)
-        return queued + sum(1 for a in self._awaiting.values() if a.item.proposer == proposer)
-
-    def _next_queued(self) -> Item | None:
-        """The queued proposal to claim next, or None: the optimizer's turn (an empty queue,
-        or :data:`AGENT_RUN` agents' proposals in a row). Proposers take turns: the one
-        served longest ago first, each one's proposals in the order they came."""
-        if not self._queue:
-            return None
-        if self._agent_run >= AGENT_RUN and self._exhausted is None:
-            return None
-        served = self._served if self._served is not None else {}
-        self._served = served
-        item = min(self._queue, key=lambda it: served.get(it.proposer, -1))  # first of equals
-        self._queue.remove(item)
-        self._claims += 1
-        served[item.proposer] = self._claims
-        self._agent_run = self._agent_run + 1 if item.proposer.startswith("agent:") else 0
-        return item
 
     # --------------------------------------------------------------- proposals
     async def _journal_proposal(
