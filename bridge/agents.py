@@ -15,6 +15,8 @@ lab.yaml::
         approval:                    # optional: when its proposals wait for a human
           human_when: "temperature_c > 60"   # (auto, human, or a rule: loops/approval.py)
           expires: 30m
+        quota: {proposals_per_hour: 30}  # how much it may propose, run and consume
+                                     # (bridge/quotaconfig.py; counted by bridge/quotas.py)
 
 Deny by default: a field left out grants nothing, and a token of an agent not listed is
 refused. A scope is a glob pattern (``fnmatch``, case-sensitive: ``*``, ``?``, ``[ab]``)
@@ -56,7 +58,8 @@ __all__ = [
 #: an agent's name: also the part after ``agent:`` in the journal
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,64}$")
-_POLICY_FIELDS = ("approval",)  # how its proposals are handled (not a scope)
+_POLICY_FIELDS = ("approval", "quota")  # how its proposals are handled (not scopes); quota:
+#                                        bridge/quotaconfig.py reads it
 _FIELDS = (*ACTIONS, "stations", *_POLICY_FIELDS)
 DEFAULT_TOKEN_FILE = "agents.tokens"
 

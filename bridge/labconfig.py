@@ -32,6 +32,8 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
     agents:                           # MCP agents and what they may do (bridge/agents.py,
       alice: {read: "*", propose: [color-*], stations: [bench-a]}   # docs/agents.md)
     agent_tokens: agents.tokens       # their hashed tokens (the default; labbridge agents issue)
+    default_quota: {proposals_per_hour: 60}   # proposers without a quota of their own
+                                      # (agents.NAME.quota: bridge/quotaconfig.py)
     users: {ana: operator, ben: viewer}   # who logs in to the lab page (bridge/webusers.py)
     user_passwords: users.passwords   # their scrypt-hashed passwords (labbridge users passwd)
 
@@ -56,6 +58,7 @@ import yaml
 
 from bridge.agents import AgentsConfig, parse_agents
 from bridge.mqttlink import MAX_PAYLOAD_BYTES, ROOT, ApiSettings
+from bridge.quotaconfig import Quotas, parse_quotas
 from bridge.webusers import UsersConfig, parse_users
 from instruments.errors import InstrumentError
 from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
@@ -75,7 +78,7 @@ __all__ = [
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _TOP: tuple[str, ...] = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
-_TOP += ("agents", "agent_tokens", "users", "user_passwords")
+_TOP += ("agents", "agent_tokens", "default_quota", "users", "user_passwords")
 _STATION = ("envelope", "instruments", "supervisor", "env", "verification", "setup", "setup_file")
 _VERIFICATION = ("enabled", "max_disagreements")
 _INSTRUMENT = ("name", "kind", "url", "options")
@@ -130,6 +133,8 @@ class LabConfig:
     mqtt: dict[str, Any] = field(default_factory=dict)
     #: the agents (MCP) and their scopes, and where their hashed tokens are
     agents: AgentsConfig = field(default_factory=AgentsConfig)
+    #: what each agent may propose, run and consume (bridge/quotaconfig.py)
+    quotas: Quotas = field(default_factory=Quotas)
     #: the people who log in to the lab page, their roles, and where their hashed passwords are
     users: UsersConfig = field(default_factory=UsersConfig)
     doc: YamlDoc | None = field(default=None, repr=False, compare=False)
@@ -420,6 +425,12 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         store = base / store
     mqtt = _mapping(top.get("mqtt") or {}, ("mqtt",), doc, None)
     agents = parse_agents(top.get("agents"), top.get("agent_tokens"), doc, base, list(stations))
+    quotas = parse_quotas(
+        top.get("agents"),
+        top.get("default_quota"),
+        doc,
+        {n: (st.envelope_text, st.envelope_source) for n, st in stations.items()},
+    )
     users = parse_users(top.get("users"), top.get("user_passwords"), doc, base)
     return LabConfig(
         source=name,
@@ -433,6 +444,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         env=env,
         mqtt=mqtt,
         agents=agents,
+        quotas=quotas,
         users=users,
         doc=doc,
     )

@@ -14,7 +14,10 @@ beside the journal, and a second one is refused):
   both).
 
 HTTP listens on loopback unless told otherwise; any other address needs ``--tls-cert``
-and ``--tls-key`` (bearer tokens never cross a network in clear). Tokens are checked on
+and ``--tls-key`` (bearer tokens never cross a network in clear). The HTTP transport runs
+on a thread and event loop of its own: requests are parsed, and each agent's rate of calls
+checked, there; only admitted calls run on the service's loop (:mod:`bridge.mcpcalls`), so
+a flooding agent never delays an e-stop. Tokens are checked on
 every request against the hashed token file (:mod:`bridge.agenttokens`), read again when
 it changes: a revoked token is refused from its next request on. The tools are
 :mod:`bridge.mcptools`'.
@@ -37,6 +40,7 @@ from mcp.server.auth.settings import AuthSettings
 from bridge.agents import Authenticator, AuthError
 from bridge.httpserve import BindError, HttpBind, parse_bind, serve_asgi
 from bridge.labconfig import LabConfig
+from bridge.mcpcalls import RequestGate
 from bridge.mcptools import LabTools
 from bridge.service import LabService
 
@@ -89,18 +93,25 @@ async def mcp_http(service: LabService, bind: HttpBind) -> AsyncIterator[str]:
     auth = Authenticator(service.lab.agents)
 
     def app(base: str) -> Any:
-        server = LabTools(service, auth).build(
+        # the transport runs on a thread of its own; each admitted call runs on this loop
+        server = LabTools(service, auth, loop=asyncio.get_running_loop()).build(
             auth=AuthSettings(issuer_url=base, resource_server_url=None),  # type: ignore[arg-type]
             token_verifier=BearerTokens(auth),
         )
-        return server.streamable_http_app(
-            host=bind.host,
-            max_request_body_size=MAX_BODY_BYTES,
-            max_sessions=MAX_SESSIONS,
-            session_idle_timeout=SESSION_IDLE_S,
+        return RequestGate(  # a client that ignores "busy": 429, unread
+            server.streamable_http_app(
+                host=bind.host,
+                max_request_body_size=MAX_BODY_BYTES,
+                max_sessions=MAX_SESSIONS,
+                session_idle_timeout=SESSION_IDLE_S,
+            ),
+            auth.authenticate,
+            service.lab.quotas,
         )
 
-    async with serve_asgi(app, bind, name="mcp-http") as base:
+    # its own thread and event loop: parsing requests, sessions and refusing a flood never
+    # run on the loop that handles e-stops (bridge/mcpcalls.py)
+    async with serve_asgi(app, bind, name="mcp-http", thread=True) as base:
         log.info("MCP server on %s/mcp", base)
         yield f"{base}/mcp"
 

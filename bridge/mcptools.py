@@ -26,13 +26,14 @@ from typing import Annotated, Any, Literal
 
 from mcp.server.auth.provider import TokenVerifier
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
-from mcp_types import CallToolResult, InputRequiredResult, ToolAnnotations
-from pydantic import Field, StrictFloat, StrictInt, ValidationError
+from mcp_types import ToolAnnotations
+from pydantic import Field, StrictFloat, StrictInt
 
 from bridge.agents import Agent, Authenticator, AuthError, ScopeRefused
 from bridge.labdescribe import describe_station, envelope_lines
+from bridge.mcpcalls import CallGate, LabMCP
 from bridge.service import (
     CAMPAIGN_ID,
     CONTROL_ACTIONS,
@@ -47,7 +48,7 @@ from safety.yamldoc import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LabMCP", "LabTools"]
+__all__ = ["LabMCP", "LabTools"]  # LabMCP: bridge/mcpcalls.py
 
 #: a program.md an agent may send (as the MQTT API's payload limit)
 MAX_PROGRAM_CHARS = 65_536
@@ -73,32 +74,6 @@ Note = Annotated[str | None, Field(max_length=500, description="a note, logged")
 def _plain(value: Any) -> Any:
     """JSON-able data (anything exotic as text)."""
     return json.loads(json.dumps(value, default=str))
-
-
-def _one_line(exc: ValidationError) -> str:
-    parts = [
-        f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in exc.errors()
-    ]
-    text = "; ".join(parts)
-    return text if len(text) <= 500 else text[:497] + "..."
-
-
-class LabMCP(MCPServer):
-    """:class:`MCPServer` whose argument errors are one line naming each field (the SDK's
-    are pydantic's multi-line report)."""
-
-    async def call_tool(
-        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
-    ) -> CallToolResult | InputRequiredResult:
-        try:
-            return await super().call_tool(name, arguments, context)
-        except ToolError as exc:
-            if isinstance(exc.__cause__, ValidationError):
-                raise ToolError(
-                    f"{name}: invalid arguments: {_one_line(exc.__cause__)} (see the tool's "
-                    "input schema)"
-                ) from exc.__cause__
-            raise
 
 
 def _summary(program: Program) -> dict[str, Any]:
@@ -137,15 +112,26 @@ class LabTools:
 
     ``token``: the stdio transport's token (from the environment; checked again on every
     call, so a revocation applies at once); None: each HTTP request's bearer token, checked
-    by the transport (:class:`~bridge.mcpserver.BearerTokens`) and again here.
+    by the transport (:class:`~bridge.mcpserver.BearerTokens`) and again here. ``loop``: the
+    service's event loop, when the transport runs on another (HTTP): every call is admitted
+    (its agent's rate) there and run on ``loop`` (:class:`~bridge.mcpcalls.CallGate`).
     """
 
-    def __init__(self, service: LabService, auth: Authenticator, *, token: str | None = None):
+    def __init__(
+        self,
+        service: LabService,
+        auth: Authenticator,
+        *,
+        token: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ):
         self.service = service
         self.auth = auth
         self.token = token
         #: station -> its description (:func:`describe_station`): the lab config does not change
         self._described: dict[str, dict[str, Any]] = {}
+        #: each call's agent and rate (its quota's tool_calls_per_s), then the service's loop
+        self.gate = CallGate(self.agent, service.lab.quotas, loop)
 
     # ------------------------------------------------------------------ identity
     def agent(self, ctx: Context[Any, Any]) -> Agent:
@@ -201,11 +187,24 @@ class LabTools:
                 {
                     "bridge_id": lab.bridge_id,
                     "simulated": lab.simulated,
-                    "you": {"agent": agent.proposer, "scopes": agent.config.as_dict()},
+                    "you": {
+                        "agent": agent.proposer,
+                        "scopes": agent.config.as_dict(),
+                        **await self._quota(agent),
+                    },
                     "stations": {s: self._describe(s) for s in stations},
                     "not_yours": [s for s in self.service.stations if s not in stations],
                 }
             )
+
+    async def _quota(self, agent: Agent) -> dict[str, Any]:
+        """The agent's quota and how much of it is used (counted from the journal)."""
+        quota = self.service.lab.quotas.for_proposer(agent.proposer)
+        uses = await self.service.quota_usage(agent.proposer)
+        return {
+            "quota": quota.as_dict() if quota is not None else None,
+            "quota_used": [u.as_dict() for u in uses],
+        }
 
     def _describe(self, station: str) -> dict[str, Any]:
         if station not in self._described:
@@ -342,7 +341,13 @@ class LabTools:
         with self._refusals():
             agent = self.agent(ctx)
             self._active(agent, "propose", campaign_id)
-            return _plain(await self.service.dry_run(campaign_id, params, agent.proposer))
+            verdict = await self.service.dry_run(campaign_id, params, agent.proposer)
+            refused = await self.service.quota_refusal(campaign_id, agent.proposer)
+            verdict["quota"] = None if refused is None else refused.text
+            if refused is not None:  # a proposal now would be refused for its quota
+                verdict["ok"] = False
+                verdict["reasons"] = [*verdict["reasons"], refused.text]
+            return _plain(verdict)
 
     # -------------------------------------------------------------------- acting
     async def propose(
@@ -479,7 +484,9 @@ class LabTools:
                 "The lab: the stations you may use, their instruments and declared commands "
                 "(parameters with units and device ranges, the channels they set), and each "
                 "station's safety envelope in words: the channels it bounds and how (units), "
-                "its rules and why, vessels (capacity), budgets and monitors. Also your scopes.",
+                "its rules and why, vessels (capacity), budgets and monitors. Also your scopes, "
+                "your quota (proposals per hour, experiments per day, shares of budgets, "
+                "proposals queued per campaign, tool calls per second) and how much is used.",
                 read,
             ),
             (
@@ -533,13 +540,16 @@ class LabTools:
             (
                 self.dry_run,
                 "Check a proposal for a running campaign you may propose to, without queuing "
-                "or journaling anything: ok, and every reason it would be refused. " + checked,
+                "or journaling anything: ok, and every reason it would be refused, your quota "
+                "included (quota: why it would refuse one now). " + checked,
                 read,
             ),
             (
                 self.propose,
-                "Propose one experiment to a running campaign you may propose to. It is "
-                "journaled as yours (agent:<your name>, from your token), then checked; "
+                "Propose one experiment to a running campaign you may propose to. Over your "
+                "quota it is refused at once, naming the quota and when it frees up (nothing "
+                "journaled). Else it is journaled as yours (agent:<your name>, from your "
+                "token), then checked; "
                 "refused -> rejected with every reason (why_refused), else queued ahead of "
                 "the optimizer's next point and run by the campaign's stations through the "
                 "safety layer. Returns its experiment id (wait_for_experiment). If the "
@@ -568,7 +578,7 @@ class LabTools:
         ]
         for fn, description, hints in tools:
             server.add_tool(
-                fn,
+                self.gate.wrap(fn),
                 name=fn.__name__,
                 description=description,
                 annotations=hints,
@@ -580,12 +590,12 @@ class LabTools:
             description="A campaign's program.md: its parameters, constraints, objective, "
             "budget and recipe, and the Markdown that explains them.",
             mime_type="text/markdown",
-        )(self.program_md)
+        )(self.gate.wrap(self.program_md, resource=True))
         server.resource(
             "labbridge://campaigns/{campaign_id}/report.html",
             name="report",
             description="A campaign's HTML report (summary, convergence, parameters, camera "
             "contact sheet, safety verdicts), written from the journal when read.",
             mime_type="text/html",
-        )(self.report_html)
+        )(self.gate.wrap(self.report_html, resource=True))
         return server

@@ -53,8 +53,11 @@ them never parses a request: e-stops are handled at once, each in its own
 task; every other request passes a
 per-user rate limit (``request_rate``/s, bursts of ``request_burst``) and a
 bounded queue (``queue_size``), else it is answered "busy, retry" (at most once
-a second per user); the queue is worked in arrival order (``control`` and
-``reset`` first), the JSON, schema and program parsing on a worker thread.
+a second per user); the queue is worked one request at a time, ``control`` and
+``reset`` first, each user's requests in arrival order and the users in turn (one
+user's burst never waits in front of another user's request:
+:class:`~bridge.ratelimit.FairQueue`), the JSON, schema and program parsing on a
+worker thread.
 
 The service's session is persistent (``session_expiry_s``, default 600 s):
 ``campaigns/start``, ``proposals``, ``control`` and ``estop`` are subscribed with
@@ -100,11 +103,11 @@ from bridge.mqttlink import (
 from bridge.mqttrequests import (
     ESTOP_FILTER,
     REQUEST_FILTERS,
-    Bucket,
     Request,
     RequestHandling,
 )
 from bridge.mqttschemas import SCHEMAS, write_schemas
+from bridge.ratelimit import FairQueue, RateLimiter
 from bridge.service import LabService
 from safety.yamldoc import ConfigError
 
@@ -180,11 +183,8 @@ class MqttApi(RequestHandling):
         #: requests answered and how: counts by kind and outcome (for status displays, tests)
         self.counts: dict[str, int] = {}
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._ordered: asyncio.PriorityQueue[tuple[int, int, Request]] = asyncio.PriorityQueue(
-            maxsize=settings.queue_size
-        )
-        self._seq = 0
-        self._buckets: dict[str, Bucket] = {}
+        self._ordered: FairQueue[Request] = FairQueue(settings.queue_size)
+        self._limiter = RateLimiter(settings.request_rate, settings.request_burst)
         self._parser: ThreadPoolExecutor | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[None]] = set()

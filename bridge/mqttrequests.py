@@ -19,7 +19,8 @@ from typing import Any
 
 from bridge.mqttlink import ApiError, ApiSettings, Incoming, MqttLink, dumps, parse_payload, short
 from bridge.mqttschemas import schema_errors
-from bridge.service import CAMPAIGN_ID, LabService, ServiceError
+from bridge.ratelimit import FairQueue, RateLimiter
+from bridge.service import CAMPAIGN_ID, LabService, QuotaExceeded, ServiceError
 from loops.campaign import CampaignClosed
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,6 @@ REQUEST_FILTERS = (
 ESTOP_FILTER = "estop/+"
 
 
-@dataclass
-class Bucket:
-    """One user's token bucket: ``tokens`` left at ``t``; ``told``: when last told "busy"."""
-
-    tokens: float
-    t: float
-    told: float = -1e9
-
-
 class RequestHandling:
     """Routing, admission, replies and the request kinds of :class:`~bridge.mqttapi.MqttApi`.
 
@@ -86,9 +78,8 @@ class RequestHandling:
     state: str
     counts: dict[str, int]
     online_t: float | None
-    _ordered: asyncio.PriorityQueue[tuple[int, int, Request]]
-    _seq: int
-    _buckets: dict[str, Bucket]
+    _ordered: FairQueue[Request]
+    _limiter: RateLimiter
     _parser: ThreadPoolExecutor | None
     _handlers: set[asyncio.Task[None]]
 
@@ -138,39 +129,19 @@ class RequestHandling:
                 problem = f"the payload is too big: {len(msg.payload)} bytes (limit {limit})"
                 await self._reply(req, False, errors=[problem])
                 continue
-            if not self._admit(user):
+            if not self._limiter.admit(user):  # request_rate/s, request_burst at most
                 await self._busy(req, f"more than {self.settings.request_rate:g} requests/s")
                 continue
-            self._seq += 1
-            try:
-                self._ordered.put_nowait((0 if kind in _FIRST else 1, self._seq, req))
+            try:  # round-robin between users: one user's burst waits behind its own requests
+                self._ordered.put_nowait(req, key=user, priority=0 if kind in _FIRST else 1)
             except asyncio.QueueFull:
                 await self._busy(req, f"{self._ordered.maxsize} requests are waiting")
-
-    def _admit(self, user: str) -> bool:
-        """Take a token from ``user``'s bucket (``request_rate``/s, ``request_burst`` at most)."""
-        now = time.monotonic()
-        rate, burst = self.settings.request_rate, float(self.settings.request_burst)
-        bucket = self._buckets.get(user)
-        if bucket is None:
-            if len(self._buckets) > 10_000:  # users are broker accounts; forget idle ones
-                self._buckets = {u: b for u, b in self._buckets.items() if now - b.t < 60}
-            bucket = self._buckets[user] = Bucket(burst, now)
-        bucket.tokens = min(burst, bucket.tokens + (now - bucket.t) * rate)
-        bucket.t = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return True
-        return False
 
     async def _busy(self, req: Request, why: str) -> None:
         """Refuse unread: "busy, retry", at most once a second per user (the rest are counted)."""
         self._count(f"{req.kind}:busy")
-        bucket = self._buckets.setdefault(req.user, Bucket(0.0, time.monotonic()))
-        now = time.monotonic()
-        if now - bucket.told < 1.0:
+        if not self._limiter.tell(req.user):
             return
-        bucket.told = now
         self._reply_target(req, None)
         await self._reply(
             req,
@@ -185,7 +156,7 @@ class RequestHandling:
 
     async def _worker(self) -> None:
         while True:
-            _, _, req = await self._ordered.get()
+            req = await self._ordered.get()
             # one at a time, in order; a cancelled worker leaves it be
             await asyncio.wait([self._spawn(req)])
 
@@ -369,6 +340,17 @@ class RequestHandling:
         proposer = f"agent:{req.user}"
         try:
             receipt = await self.service.propose(req.campaign_id, data["params"], proposer)
+        except QuotaExceeded as exc:  # its quota: nothing was journaled
+            retry = exc.retry_after_s()
+            await self._reply(
+                req,
+                False,
+                campaign_id=req.campaign_id,
+                errors=[str(exc)],
+                quota=exc.use.as_dict(),
+                **({} if retry is None else {"retry_after_s": round(retry, 3)}),
+            )
+            return
         except (ServiceError, CampaignClosed, ValueError) as exc:
             await self._reply(req, False, campaign_id=req.campaign_id, errors=[str(exc)])
             return
@@ -499,4 +481,4 @@ class RequestHandling:
         await self._reply(req, bool(report["ok"]), warnings=[*warnings, *notes], **fields)
 
 
-__all__ = ["ESTOP_FILTER", "REQUEST_FILTERS", "Bucket", "Request", "RequestHandling"]
+__all__ = ["ESTOP_FILTER", "REQUEST_FILTERS", "Request", "RequestHandling"]

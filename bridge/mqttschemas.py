@@ -211,6 +211,23 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "description": "refused unread: too many requests; retry after retry_after_s",
             },
             "retry_after_s": {"type": "number"},
+            "quota": {
+                "type": "object",
+                "description": (
+                    "a proposal refused for its proposer's quota (lab.yaml): which limit, "
+                    "used of limit, and when it frees up (frees_at, Unix seconds; null: not "
+                    "by waiting)"
+                ),
+                "required": ["quota", "limit", "used", "ok", "frees_at"],
+                "properties": {
+                    "quota": {"type": "string"},
+                    "limit": {"type": "number"},
+                    "used": {"type": "number"},
+                    "unit": {"type": "string"},
+                    "ok": {"type": "boolean"},
+                    "frees_at": {"type": ["number", "null"]},
+                },
+            },
             "stale": {
                 "type": "boolean",
                 "description": "an e-stop queued while the service was down: acted on anyway",

@@ -66,6 +66,7 @@ from typing import Any
 
 from loops.campaignapproval import CampaignApproval
 from loops.campaignbook import (
+    AGENT_RUN,
     STATE_VERSION,
     Event,
     Item,
@@ -87,6 +88,7 @@ from loops.stations import StationActor, StationLost
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AGENT_RUN",
     "STATE_VERSION",
     "BudgetWindow",
     "CampaignBusy",
@@ -363,9 +365,11 @@ class CampaignRunner(CampaignResume, CampaignApproval):
                 budget = self.program.budget.experiments
                 if budget is not None and len(self._values) + self._in_flight >= budget:
                     return None
-                if self._queue:
-                    item = self._queue.popleft()
+                queued = self._next_queued()
+                if queued is not None:
+                    item = queued
                 else:
+                    self._agent_run = 0
                     try:
                         proposal = await asyncio.to_thread(self.optimizer.ask)
                     except Exhausted as exc:

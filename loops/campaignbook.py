@@ -1,7 +1,7 @@
 """A campaign runner's books: what a running campaign knows, and the events it emits.
 
 :class:`CampaignBook` holds the state of one :class:`~loops.campaign.CampaignRunner`
-(stations as :class:`Slot`, the queue of :class:`Item`, :class:`Counts`, the
+(stations as :class:`Slot`, the queue of :class:`Item` and whose turn it is, :class:`Counts`, the
 optimizer with its pending proposals and what it was told, the best result, the
 campaign's clock) and the small operations every part of the runner shares:
 emitting an event, telling the optimizer an outcome, saving the state, taking a
@@ -41,6 +41,7 @@ from loops.stations import StationLink
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AGENT_RUN",
     "MAX_CONSECUTIVE_REJECTIONS",
     "Awaiting",
     "STATE_VERSION",
@@ -60,6 +61,10 @@ OnEvent = Callable[[Event], None]
 #: consecutive rejected optimizer proposals after which the campaign stops (a space
 #: the safety layer refuses almost everywhere: fix the program or the envelope)
 MAX_CONSECUTIVE_REJECTIONS = 25
+#: agents' accepted proposals run ahead of the optimizer's next point, but after this many
+#: of them in a row the optimizer's next point takes the free station: a flood of accepted
+#: proposals cannot keep the campaign's own search off the stations
+AGENT_RUN = 3
 
 
 def make_optimizer(program: Program) -> BayesOptimizer | RandomSearch | GridSearch:
@@ -232,6 +237,34 @@ class CampaignBook:
         self._approval_poll_s = float(approval_poll_s)
         #: proposals awaiting a human (loops/campaignapproval.py), oldest first
         self._awaiting: dict[str, Awaiting] = {}
+        # the queue's fair share (_next_queued): claims served from it, when each proposer
+        # was served last, agents' claims in a row
+        self._claims = 0
+        self._served: dict[str, int] = {}
+        self._agent_run = 0
+
+    # ------------------------------------------------------------------- queue
+    def queued_by(self, proposer: str) -> int:
+        """How many of ``proposer``'s proposals wait in this campaign: in its queue (accepted
+        or resumed, not claimed by a station yet) or for a human's approval."""
+        queued = sum(1 for item in self._queue if item.proposer == proposer)
+        return queued + sum(1 for a in self._awaiting.values() if a.item.proposer == proposer)
+
+    def _next_queued(self) -> Item | None:
+        """The queued proposal to claim next, or None: the optimizer's turn (an empty queue,
+        or :data:`AGENT_RUN` agents' proposals in a row). Proposers take turns: the one
+        served longest ago first, each one's proposals in the order they came."""
+        if not self._queue:
+            return None
+        if self._agent_run >= AGENT_RUN and self._exhausted is None:
+            return None
+        served = self._served
+        item = min(self._queue, key=lambda it: served.get(it.proposer, -1))  # first of equals
+        self._queue.remove(item)
+        self._claims += 1
+        served[item.proposer] = self._claims
+        self._agent_run = self._agent_run + 1 if item.proposer.startswith("agent:") else 0
+        return item
 
     # ------------------------------------------------------------------ events
     def _emit(self, event: str, **data: Any) -> None:

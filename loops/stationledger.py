@@ -39,6 +39,7 @@ from safety.envelope import Envelope
 from safety.limits import EPS, Ledger
 
 __all__ = [
+    "at_text",
     "budget_status",
     "restore_consumption",
     "save_consumption",
@@ -179,9 +180,14 @@ def window_text(status: Mapping[str, Any], wall: float | None = None) -> str:
     when = status.get("frees_at_wall")
     if when is None:
         return f"{text}; {what} never fits in it"
+    return f"{text}; its window allows {what} {at_text(float(when), wall)}"
+
+
+def at_text(when: float, wall: float | None = None) -> str:
+    """``at <local time> (in <how long from wall, default now>)`` for a time in epoch seconds."""
     wait = max(0.0, float(when) - (time.time() if wall is None else wall))
     clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(math.ceil(float(when))))
-    return f"{text}; its window allows {what} at {clock} (in {_duration(wait)})"
+    return f"at {clock} (in {_duration(wait)})"
 
 
 def _num(value: Any) -> str:

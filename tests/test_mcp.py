@@ -537,6 +537,11 @@ def test_the_agents_page_runs_as_written(ray_session: Any, tmp_path: Path) -> No
     assert set(tokens.records()) == {"alice"}  # bob's was revoked at the end
     assert "agent:alice" in out[1] and " done agent:alice " in out[1], out[1]
     assert "rule: hotplate.heater -> hotplate.stirrer_rpm >= 100" in out[1], out[1]
+    # alice's quota: a second proposal waiting is refused; her use of it, from the journal
+    assert "quota of agent:alice: queued_per_campaign 1 (lab.yaml agents.alice.quota)" in out[1]
+    assert "proposals_per_hour: 1 of 30 proposals" in out[1], out[1]
+    assert "experiments_per_day: 1 of 20 experiments" in out[1], out[1]
+    assert "budgets.dye_ml_per_day: 1.55 of 10 mL" in out[1], out[1]
     assert "was issued for read only, not propose" in out[2], out[2]
     # approval: the hot point waited, the operator approved it from the shell, it ran
     assert "waits: [\"program.md approval: temperature_c > 60 or agent not in trusted" in out[4]

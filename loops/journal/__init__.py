@@ -52,8 +52,9 @@ Modules: ``_model`` (states, errors, row types, JSON), ``_schema`` (SQLite schem
 and migrations), ``_reads`` (the queries and CSV rows), ``_conn`` (the connection, one
 write transaction, the row-level helpers of the writes), ``_owners`` (owner epochs,
 budget consumption), ``_steps`` (step events, reservations, outcomes), ``_resume``
-(resume), ``_approvals`` (proposals awaiting a human), ``_store`` (:class:`Journal`:
-campaigns and state changes), ``_async`` (:class:`JournalLink`, :class:`AsyncJournal`).
+(resume), ``_approvals`` (proposals awaiting a human), ``_usage`` (what one proposer
+used: its quotas' counts), ``_store`` (:class:`Journal`: campaigns and state changes),
+``_async`` (:class:`JournalLink`, :class:`AsyncJournal`).
 """
 
 from loops.journal._approvals import AWAITING, ApprovalError

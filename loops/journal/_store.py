@@ -5,7 +5,8 @@ The connection, the write transaction and the row-level helpers it uses are
 :class:`~loops.journal._reads.JournalReads`'; owners and budget consumption
 :class:`~loops.journal._owners.JournalOwners`'; what a station writes while it runs
 :class:`~loops.journal._steps.JournalSteps`'; resume
-:class:`~loops.journal._resume.JournalResume`'. This module: campaigns and the
+:class:`~loops.journal._resume.JournalResume`'; what one proposer used (its quotas' counts)
+:class:`~loops.journal._usage.JournalUsage`'. This module: campaigns and the
 experiments' state changes.
 
 Fencing: every write a campaign's owner makes (proposals, transitions, results, the
@@ -39,11 +40,12 @@ from loops.journal._owners import _consumption_rows
 from loops.journal._reads import _EXPERIMENT_COLUMNS
 from loops.journal._resume import JournalResume
 from loops.journal._schema import _schema_version
+from loops.journal._usage import JournalUsage
 
 _PROPOSER = re.compile(r"^(optimizer(:\S+)?|agent:\S+|operator(:\S+)?)$")
 
 
-class Journal(JournalResume, JournalApprovals):
+class Journal(JournalResume, JournalApprovals, JournalUsage):
     """The durable record of campaigns and experiments (SQLite, WAL, synchronous=FULL).
 
     ``Journal(path)`` creates or opens the file and migrates its schema.
