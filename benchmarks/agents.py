@@ -7,8 +7,9 @@ Run:  python benchmarks/agents.py [--calls 200] [--estops 30] [--speed 1000]
 One simulated reference station (``SimulatedLab(stations=1)``) opened by a
 :class:`~bridge.service.LabService` on local, loopback Ray (warm), served by the MQTT API
 (:class:`~bridge.mqttapi.MqttApi`, mosquitto with passwords) and the MCP server over
-streamable HTTP (:func:`~bridge.mcpserver.mcp_http`, 127.0.0.1), as ``labbridge serve
---mcp-http`` does. The agent ``bench`` has a quota with every limit set (high enough never
+streamable HTTP (:func:`~bridge.mcpserver.mcp_http`, 127.0.0.1; its transport in a
+process of its own, :mod:`bridge.mcpproc`), as ``labbridge serve --mcp-http`` does. The
+simulated bench runs in this process, beside the service (its wire log is the clock). The agent ``bench`` has a quota with every limit set (high enough never
 to refuse), so every proposal pays for the whole quota check (the journal's counts).
 
 1. Tool-call latency: ``dry_run`` and ``propose`` on a paused campaign through an MCP
@@ -434,7 +435,7 @@ def report(args: argparse.Namespace, r: Results, elapsed: float) -> None:
     print("labbridge agents benchmark (issue 14)")
     print(
         f"one simulated reference station at {args.speed:g}x on local Ray (warm); the MQTT API "
-        f"(mosquitto, passwords) and the MCP server (HTTP, 127.0.0.1) on one service; "
+        f"(mosquitto, passwords) and the MCP server (HTTP, 127.0.0.1, its own process) on one service; "
         f"set-up {r.setup_s:.1f} s"
     )
     print()

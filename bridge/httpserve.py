@@ -14,8 +14,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import sys
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +22,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 __all__ = ["BindError", "HttpBind", "parse_bind", "serve_asgi"]
-
-#: the interpreter's switch interval while an app is served on a thread of its own (s)
-SWITCH_INTERVAL_S = 0.001
 
 
 class BindError(RuntimeError):
@@ -117,20 +112,10 @@ async def serve_asgi(
     *,
     name: str,
     graceful_s: int = 2,
-    thread: bool = False,
 ) -> AsyncIterator[str]:
     """Serve the ASGI app ``make_app(base_url)`` on ``bind`` while the block runs; yields the
     base URL (``http[s]://host:port``; port 0 picks a free one, so the app learns its URL
     only once the socket is bound). ``name``: for the task and logs.
-
-    ``thread``: run uvicorn on a thread and event loop of its own (the app must then reach
-    this loop's objects only through ``run_coroutine_threadsafe``, as the MCP server's
-    :class:`~bridge.mcpcalls.CallGate` does): parsing requests never runs on this loop,
-    which may be the one that handles e-stops. The thread shares the interpreter lock:
-    while it parses a flood, this loop's thread waits up to the interpreter's switch
-    interval each time it needs the lock, so that is lowered to :data:`SWITCH_INTERVAL_S`
-    meanwhile (measured, benchmarks/agents.py: an e-stop under a flood of refused MCP
-    requests took 0.1 s with 1 ms, 1.5 s with the default 5 ms).
 
     On exit uvicorn stops taking connections and gives open ones ``graceful_s`` to end
     (long-lived responses, e.g. event streams, must end by themselves before that)."""
@@ -169,10 +154,6 @@ async def serve_asgi(
         ssl_keyfile=bind.keyfile,
     )
     uv = _uvicorn_server(config)
-    if thread:
-        async with _on_thread(uv, sock, name, base):
-            yield base
-        return
     task = asyncio.create_task(uv.serve(sockets=[sock]), name=name)
     try:
         while not uv.started:  # uvicorn has no started event
@@ -187,34 +168,3 @@ async def serve_asgi(
         with contextlib.suppress(Exception):
             await task
         sock.close()
-
-
-@contextlib.asynccontextmanager
-async def _on_thread(uv: Any, sock: socket.socket, name: str, base: str) -> AsyncIterator[None]:
-    """uvicorn ``uv`` on ``sock`` on a thread of its own while the block runs (serve_asgi)."""
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            asyncio.run(uv.serve(sockets=[sock]))
-        except BaseException as exc:  # told to the starting side, or logged
-            failed.append(exc)
-            log.error("the %s server on %s stopped: %s", name, base, exc)
-
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
-    runner = threading.Thread(target=run, name=name, daemon=True)
-    runner.start()
-    try:
-        while not uv.started:  # uvicorn has no started event
-            if not runner.is_alive():
-                why = f": {failed[0]}" if failed else ""
-                raise BindError(f"the {name} server on {base} stopped while starting{why}")
-            await asyncio.sleep(0.01)
-        log.info("%s on %s (its own thread)", name, base)
-        yield
-    finally:
-        uv.should_exit = True
-        await asyncio.to_thread(runner.join, 30.0)  # this loop keeps serving its calls
-        sock.close()
-        sys.setswitchinterval(switch)

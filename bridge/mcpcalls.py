@@ -1,31 +1,28 @@
-"""How an MCP tool call reaches the lab service: its agent's rate first, then the service's loop.
+"""How an MCP tool call reaches the lab service: its agent's rate first, then the service.
 
 :class:`CallGate` wraps every tool and resource of :class:`~bridge.mcptools.LabTools`:
 
 0. over HTTP, :class:`RequestGate` first: an agent's requests past ``HARD_CAP`` times its
    rate of calls (a client that ignores "busy") get HTTP 429 with ``Retry-After``,
    refused before the MCP server reads them, for the cost of parsing the HTTP request;
-1. on the MCP transport's own event loop, the agent is authenticated and its rate of
-   calls checked (its quota's ``tool_calls_per_s``/``tool_call_burst``, one
-   :class:`~bridge.ratelimit.RateLimiter` bucket per agent): past it the call is refused
-   at once, unread ("busy: ... retry in 0.05 s"), and the service never sees it;
-2. the call's body then runs on the service's event loop (``loop``), the one that
-   handles e-stops, and its answer goes back to the transport.
+1. the agent is authenticated and its rate of calls checked (its quota's
+   ``tool_calls_per_s``/``tool_call_burst``, one :class:`~bridge.ratelimit.RateLimiter`
+   bucket per agent): past it the call is refused at once, unread ("busy: ... retry in
+   0.05 s"), and the service never sees it;
+2. the call then runs: over stdio (one agent, in the service's process) where it came in;
+   over HTTP the transport runs in a process of its own (:mod:`bridge.mcpproc`) and
+   ``forward`` sends the call to the service's process, which runs it there.
 
-Over HTTP the transport runs on a thread of its own (:func:`bridge.mcpserver.mcp_http`),
-so parsing requests, sessions, JSON-RPC and refusing a flood cost the service's loop
-nothing: an agent flooding the server does not delay an e-stop (as the MQTT API parses on
-worker threads, :mod:`bridge.mqttapi`). Over stdio (one agent) ``loop`` is None: the
-body runs where the call came in.
+So over HTTP, parsing requests, sessions, JSON-RPC and refusing a flood never run in the
+interpreter that handles e-stops: an agent flooding the server does not delay one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -37,7 +34,11 @@ from bridge.agents import Agent, AuthError
 from bridge.quotaconfig import Quotas
 from bridge.ratelimit import RateLimiter
 
-__all__ = ["HARD_CAP", "CallGate", "LabMCP", "RequestGate"]
+__all__ = ["HARD_CAP", "CallGate", "Forward", "LabMCP", "RequestGate"]
+
+#: where the transport's process sends an admitted call: (name, arguments, the caller's
+#: bearer token, a resource?) -> its result
+Forward = Callable[[str, dict[str, Any], str, bool], Awaitable[Any]]
 
 #: an agent's HTTP requests may come this many times faster than its tool calls before
 #: they are refused unread (HTTP 429): for a caller that ignores "busy" (a refusal through
@@ -76,17 +77,18 @@ class LabMCP(MCPServer):
 class CallGate:
     """Admission and dispatch of MCP calls (module docstring). ``identify``: the agent of a
     call's context (:meth:`LabTools.agent <bridge.mcptools.LabTools.agent>`); ``quotas``:
-    the lab's; ``loop``: the service's event loop when the transport runs on another."""
+    the lab's; ``forward``: ``(name, keyword arguments, resource?) -> result``, where an
+    admitted call goes when it runs in another process (None: it runs here)."""
 
     def __init__(
         self,
         identify: Callable[[Context[Any, Any]], Agent],
         quotas: Quotas,
-        loop: asyncio.AbstractEventLoop | None = None,
+        forward: Callable[[str, dict[str, Any], bool], Awaitable[Any]] | None = None,
     ) -> None:
         self.identify = identify
         self.quotas = quotas
-        self.loop = loop
+        self.forward = forward
         self._calls = RateLimiter(20.0, 40.0)
 
     def admit(self, agent: Agent) -> None:
@@ -104,12 +106,6 @@ class CallGate:
             f"in {max(wait, 0.001):.3f} s"
         )
 
-    async def on_service(self, call: Coroutine[Any, Any, T]) -> T:
-        """Run ``call`` on the service's loop and wait for it here (cancelled with us)."""
-        if self.loop is None or self.loop is asyncio.get_running_loop():
-            return await call
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, self.loop))
-
     def wrap(
         self, fn: Callable[..., Coroutine[Any, Any, T]], *, resource: bool = False
     ) -> Callable[..., Coroutine[Any, Any, T]]:
@@ -125,7 +121,12 @@ class CallGate:
                 except (AuthError, ToolError) as exc:
                     text = " ".join(str(exc).split())
                     raise (ResourceError(text) if resource else ToolError(text)) from None
-            return await self.on_service(fn(*args, **kwargs))
+            if self.forward is not None:
+                if args:  # the SDK passes arguments by name
+                    raise TypeError(f"{fn.__name__}: positional arguments are not forwarded")
+                result: T = await self.forward(fn.__name__, dict(kwargs), resource)
+                return result
+            return await fn(*args, **kwargs)
 
         return call
 

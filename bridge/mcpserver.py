@@ -15,9 +15,9 @@ beside the journal, and a second one is refused):
 
 HTTP listens on loopback unless told otherwise; any other address needs ``--tls-cert``
 and ``--tls-key`` (bearer tokens never cross a network in clear). The HTTP transport runs
-on a thread and event loop of its own: requests are parsed, and each agent's rate of calls
-checked, there; only admitted calls run on the service's loop (:mod:`bridge.mcpcalls`), so
-a flooding agent never delays an e-stop. Tokens are checked on
+in a process of its own (:mod:`bridge.mcpproc`): requests are parsed, and each agent's
+rate of calls checked, there; only admitted calls run in the service (:mod:`bridge.mcpcalls`),
+so a flooding agent never delays an e-stop. Tokens are checked on
 every request against the hashed token file (:mod:`bridge.agenttokens`), read again when
 it changes: a revoked token is refused from its next request on. The tools are
 :mod:`bridge.mcptools`'.
@@ -38,9 +38,10 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 
 from bridge.agents import Authenticator, AuthError
-from bridge.httpserve import BindError, HttpBind, parse_bind, serve_asgi
+from bridge.httpserve import BindError, HttpBind, parse_bind
 from bridge.labconfig import LabConfig
 from bridge.mcpcalls import RequestGate
+from bridge.mcpproc import transport_process
 from bridge.mcptools import LabTools
 from bridge.service import LabService
 
@@ -86,34 +87,36 @@ class BearerTokens:
 
 
 # ====================================================================== HTTP
+def http_app(
+    tools: Callable[[Authenticator], LabTools], lab: LabConfig, bind: HttpBind, base: str
+) -> Any:
+    """The MCP server's ASGI app at ``base`` for the tools ``tools(auth)``: bearer tokens,
+    sessions and bounds, behind :class:`~bridge.mcpcalls.RequestGate`."""
+    auth = Authenticator(lab.agents)
+    server = tools(auth).build(
+        auth=AuthSettings(issuer_url=base, resource_server_url=None),  # type: ignore[arg-type]
+        token_verifier=BearerTokens(auth),
+    )
+    return RequestGate(  # a client that ignores "busy": 429, unread
+        server.streamable_http_app(
+            host=bind.host,
+            max_request_body_size=MAX_BODY_BYTES,
+            max_sessions=MAX_SESSIONS,
+            session_idle_timeout=SESSION_IDLE_S,
+        ),
+        auth.authenticate,
+        lab.quotas,
+    )
+
+
 @contextlib.asynccontextmanager
 async def mcp_http(service: LabService, bind: HttpBind) -> AsyncIterator[str]:
-    """Serve MCP over streamable HTTP for ``service`` while the block runs; yields the
-    endpoint's URL (``http[s]://host:port/mcp``; port 0 picks a free one)."""
-    auth = Authenticator(service.lab.agents)
-
-    def app(base: str) -> Any:
-        # the transport runs on a thread of its own; each admitted call runs on this loop
-        server = LabTools(service, auth, loop=asyncio.get_running_loop()).build(
-            auth=AuthSettings(issuer_url=base, resource_server_url=None),  # type: ignore[arg-type]
-            token_verifier=BearerTokens(auth),
-        )
-        return RequestGate(  # a client that ignores "busy": 429, unread
-            server.streamable_http_app(
-                host=bind.host,
-                max_request_body_size=MAX_BODY_BYTES,
-                max_sessions=MAX_SESSIONS,
-                session_idle_timeout=SESSION_IDLE_S,
-            ),
-            auth.authenticate,
-            service.lab.quotas,
-        )
-
-    # its own thread and event loop: parsing requests, sessions and refusing a flood never
-    # run on the loop that handles e-stops (bridge/mcpcalls.py)
-    async with serve_asgi(app, bind, name="mcp-http", thread=True) as base:
-        log.info("MCP server on %s/mcp", base)
-        yield f"{base}/mcp"
+    """Serve MCP over streamable HTTP for ``service`` while the block runs, from a process
+    of its own (:mod:`bridge.mcpproc`); yields the endpoint's URL
+    (``http[s]://host:port/mcp``; port 0 picks a free one)."""
+    tools = LabTools(service, Authenticator(service.lab.agents))
+    async with transport_process(service, tools, bind) as url:
+        yield url
 
 
 # ===================================================================== runners

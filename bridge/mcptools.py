@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,8 +33,9 @@ from mcp_types import ToolAnnotations
 from pydantic import Field, StrictFloat, StrictInt
 
 from bridge.agents import Agent, Authenticator, AuthError, ScopeRefused
+from bridge.labconfig import LabConfig
 from bridge.labdescribe import describe_station, envelope_lines
-from bridge.mcpcalls import CallGate, LabMCP
+from bridge.mcpcalls import CallGate, Forward, LabMCP
 from bridge.service import (
     CAMPAIGN_ID,
     CONTROL_ACTIONS,
@@ -48,7 +50,29 @@ from safety.yamldoc import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LabMCP", "LabTools"]  # LabMCP: bridge/mcpcalls.py
+__all__ = ["CALLS", "LabMCP", "LabTools"]  # LabMCP: bridge/mcpcalls.py
+
+#: every tool, then every resource, by the name of its method (and tool)
+CALLS = (
+    "lab",
+    "readings",
+    "campaigns",
+    "campaign",
+    "results",
+    "experiment",
+    "why_refused",
+    "wait_for_experiment",
+    "dry_run",
+    "propose",
+    "start_campaign",
+    "control",
+    "program_md",
+    "report_html",
+)
+#: the bearer token of a call forwarded from the HTTP transport's process (bridge/mcpproc.py)
+FORWARDED_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "forwarded_token", default=None
+)
 
 #: a program.md an agent may send (as the MQTT API's payload limit)
 MAX_PROGRAM_CHARS = 65_536
@@ -112,32 +136,57 @@ class LabTools:
 
     ``token``: the stdio transport's token (from the environment; checked again on every
     call, so a revocation applies at once); None: each HTTP request's bearer token, checked
-    by the transport (:class:`~bridge.mcpserver.BearerTokens`) and again here. ``loop``: the
-    service's event loop, when the transport runs on another (HTTP): every call is admitted
-    (its agent's rate) there and run on ``loop`` (:class:`~bridge.mcpcalls.CallGate`).
+    by the transport (:class:`~bridge.mcpserver.BearerTokens`) and again here.
+
+    Over HTTP the transport runs in a process of its own (:mod:`bridge.mcpproc`): there
+    :meth:`forwarding` builds the same server with no service, each admitted call forwarded
+    (``forward``) to the lab service's process, which runs it with :meth:`run_forwarded`.
     """
 
     def __init__(
         self,
-        service: LabService,
+        service: LabService | None,
         auth: Authenticator,
         *,
         token: str | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
+        lab: LabConfig | None = None,
+        stations: Sequence[str] = (),
+        forward: Forward | None = None,
     ):
-        self.service = service
+        self._service = service
+        #: the lab and its open stations (the tools' descriptions are written from them)
+        self.lab_config: LabConfig = service.lab if service is not None else _given(lab)
+        self.stations = list(service.stations) if service is not None else list(stations)
         self.auth = auth
         self.token = token
         #: station -> its description (:func:`describe_station`): the lab config does not change
         self._described: dict[str, dict[str, Any]] = {}
-        #: each call's agent and rate (its quota's tool_calls_per_s), then the service's loop
-        self.gate = CallGate(self.agent, service.lab.quotas, loop)
+        #: each call's agent and rate (its quota's tool_calls_per_s), then where it runs
+        self.gate = CallGate(
+            self.agent,
+            self.lab_config.quotas,
+            None if forward is None else self._forwarder(forward),
+        )
+
+    @classmethod
+    def forwarding(
+        cls, lab: LabConfig, stations: Sequence[str], auth: Authenticator, forward: Forward
+    ) -> LabTools:
+        """The tools of the transport's process: described from ``lab`` and its open
+        ``stations``; every admitted call goes to ``forward(name, arguments, token,
+        resource)``."""
+        return cls(None, auth, lab=lab, stations=stations, forward=forward)
+
+    @property
+    def service(self) -> LabService:
+        if self._service is None:  # the transport's process: calls are forwarded, never run
+            raise RuntimeError("LabTools.forwarding runs no call: it forwards them")
+        return self._service
 
     # ------------------------------------------------------------------ identity
-    def agent(self, ctx: Context[Any, Any]) -> Agent:
-        """The agent making this call: never a name from its arguments."""
-        token = self.token
-        if token is None:
+    def _token(self, ctx: Context[Any, Any] | None) -> str:
+        token = self.token or FORWARDED_TOKEN.get()
+        if token is None and ctx is not None:
             request = ctx.request_context.request
             scope = getattr(request, "scope", None)
             user = scope.get("user") if isinstance(scope, Mapping) else None
@@ -145,7 +194,26 @@ class LabTools:
             token = getattr(access, "token", None)
         if not isinstance(token, str):
             raise AuthError("not authenticated: send the agent's token as a bearer token")
-        return self.auth.authenticate(token)
+        return token
+
+    def agent(self, ctx: Context[Any, Any] | None) -> Agent:
+        """The agent making this call: never a name from its arguments."""
+        return self.auth.authenticate(self._token(ctx))
+
+    def _forwarder(self, forward: Forward) -> Callable[..., Awaitable[Any]]:
+        async def call(name: str, kwargs: dict[str, Any], resource: bool) -> Any:
+            ctx = kwargs.pop("ctx", None)
+            return await forward(name, kwargs, self._token(ctx), resource)
+
+        return call
+
+    async def run_forwarded(self, name: str, arguments: dict[str, Any], token: str) -> Any:
+        """Run the call ``name`` (one of :data:`CALLS`) forwarded by the transport's process
+        as the agent of ``token`` (authenticated again here)."""
+        if name not in CALLS:
+            raise ToolError(f"no tool or resource {name!r}")
+        FORWARDED_TOKEN.set(token)  # this call's task only
+        return await getattr(self, name)(**arguments, ctx=None)
 
     @contextlib.contextmanager
     def _refusals(self) -> Iterator[None]:
@@ -454,10 +522,9 @@ class LabTools:
     ) -> LabMCP:
         """The MCP server with every tool and resource, described from this lab (``auth`` and
         ``token_verifier``: the HTTP transport's, :func:`bridge.mcpserver.mcp_http`)."""
-        lab = self.service.lab
+        lab = self.lab_config
         limits = "\n".join(
-            f"- station {s}: " + "; ".join(envelope_lines(lab.stations[s]))
-            for s in self.service.stations
+            f"- station {s}: " + "; ".join(envelope_lines(lab.stations[s])) for s in self.stations
         )
         checked = (
             "Checked like every proposal: the campaign's parameter bounds and constraints, "
@@ -576,6 +643,7 @@ class LabTools:
                 ToolAnnotations(read_only_hint=False, destructive_hint=True),
             ),
         ]
+        assert tuple(fn.__name__ for fn, _, _ in tools) == CALLS[:-2]
         for fn, description, hints in tools:
             server.add_tool(
                 self.gate.wrap(fn),
@@ -599,3 +667,9 @@ class LabTools:
             mime_type="text/html",
         )(self.gate.wrap(self.report_html, resource=True))
         return server
+
+
+def _given(lab: LabConfig | None) -> LabConfig:
+    if lab is None:
+        raise TypeError("LabTools: a service, or the lab config (forwarding)")
+    return lab
