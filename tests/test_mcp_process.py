@@ -16,7 +16,6 @@ import os
 import pickle
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,10 +101,13 @@ async def test_the_transport_ends_when_its_service_goes_away(tmp_path: Path) -> 
     """The service's end of the link closes (as when it is killed): the child exits."""
     async with agent_lab(tmp_path) as alab:
         ours, theirs = socket.socketpair()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge.mcpchild", str(theirs.fileno())],
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bridge.mcpchild",
+            str(theirs.fileno()),
             pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL,
         )
         theirs.close()
         try:
@@ -118,8 +120,8 @@ async def test_the_transport_ends_when_its_service_goes_away(tmp_path: Path) -> 
             assert ready is not None and b'"ready": "http://127.0.0.1:' in ready, ready
             writer.close()  # what the kernel does for a service killed with -9
             await writer.wait_closed()
-            assert await asyncio.to_thread(proc.wait, 30) == 0
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
         finally:
-            if proc.poll() is None:
+            if proc.returncode is None:
                 proc.kill()
-                proc.wait()
+                await proc.wait()
