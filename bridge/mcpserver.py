@@ -41,6 +41,7 @@ from bridge.agents import Authenticator, AuthError
 from bridge.httpserve import BindError, HttpBind, parse_bind
 from bridge.labconfig import LabConfig
 from bridge.mcpcalls import RequestGate
+from bridge.mcpdescribe import build_server
 from bridge.mcpproc import transport_process
 from bridge.mcptools import LabTools
 from bridge.service import LabService
@@ -93,7 +94,8 @@ def http_app(
     """The MCP server's ASGI app at ``base`` for the tools ``tools(auth)``: bearer tokens,
     sessions and bounds, behind :class:`~bridge.mcpcalls.RequestGate`."""
     auth = Authenticator(lab.agents)
-    server = tools(auth).build(
+    server = build_server(
+        tools(auth),
         auth=AuthSettings(issuer_url=base, resource_server_url=None),  # type: ignore[arg-type]
         token_verifier=BearerTokens(auth),
     )
@@ -186,7 +188,7 @@ async def serve_stdio(
     )
     why = "the client closed the session"
     try:
-        server = LabTools(service, auth, token=token).build()
+        server = build_server(LabTools(service, auth, token=token))
         run = asyncio.create_task(server.run_stdio_async(), name="mcp-stdio")
         halt = asyncio.create_task(stop.wait(), name="mcp-stop")
         await asyncio.wait({run, halt}, return_when=asyncio.FIRST_COMPLETED)
