@@ -84,21 +84,31 @@ registered ones (:mod:`loops.functions`) unless others are passed in.
 
 from __future__ import annotations
 
-import math
 import numbers
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from loops.approval import ApprovalPolicy, parse_approval
+from loops.approval import parse_approval
 from loops.checks import compile_verification
 from loops.plan import Plan, compile_fixed, compile_plan, plain
-from safety.expr import EvaluationError, Expression, RuleSyntaxError, parse
-from safety.yamldoc import ConfigError, YamlDoc, compose_yaml, field_path
+from loops.programmodel import (
+    Budget,
+    Constraint,
+    Objective,
+    Parameter,
+    Program,
+    ProgramError,
+    Space,
+    StopRules,
+    finite,
+    is_number,
+    plain_number,
+    show_value,
+)
+from safety.expr import RuleSyntaxError, parse
+from safety.yamldoc import YamlDoc, compose_yaml, field_path
 
 __all__ = [
     "PROGRAMS_DIR",
@@ -144,342 +154,6 @@ _MEASURE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _RESERVED = {"and", "or", "not", "in", "true", "false", "True", "False"}
 
 
-class ProgramError(ConfigError):
-    """An invalid campaign spec: ``<source>:<line>: <field>: <problem>`` (line omitted if unknown)."""
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _finite(value: Any) -> bool:
-    """A number that is finite as a float (an integer like 10**400 is not: it overflows one)."""
-    try:
-        return _is_number(value) and math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _show(value: Any) -> str:
-    """``repr(value)``, cut short (a 400-digit integer in a message helps nobody)."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars -> Python numbers (proposals come from numpy)."""
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return value
-
-
-# ------------------------------------------------------------------ the model
-@dataclass(frozen=True)
-class Parameter:
-    """One dimension of the search space: ``type`` float or int, bounds inclusive, SI-ish unit."""
-
-    name: str
-    type: str
-    low: float
-    high: float
-    unit: str = ""
-    doc: str = ""
-
-    def problem(self, value: Any) -> str | None:
-        """Why ``value`` is not a valid value of this parameter (None if it is)."""
-        value = _plain(value)
-        if not _finite(value):
-            return f"{self.name} must be a finite number, got {_show(value)}"
-        if self.type == "int" and float(value) != round(float(value)):
-            return f"{self.name} must be an integer, got {value!r}"
-        if value < self.low or value > self.high:
-            unit = f" {self.unit}" if self.unit else ""
-            return f"{self.name}={value!r}{unit} is outside [{self.low!r}, {self.high!r}]{unit}"
-        return None
-
-    def clip(self, value: float) -> float | int:
-        """Clipped into the bounds; rounded to an ``int`` for int parameters."""
-        v = min(float(self.high), max(float(self.low), float(value)))
-        if self.type == "int":
-            return int(min(self.high, max(self.low, round(v))))
-        return v
-
-    def to_unit(self, value: float) -> float:
-        """The value scaled to 0-1 over the bounds."""
-        return (float(value) - self.low) / (self.high - self.low)
-
-    def from_unit(self, u: float) -> float | int:
-        """A 0-1 value back to the bounds (clipped; rounded for int parameters)."""
-        return self.clip(self.low + float(u) * (self.high - self.low))
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": self.type, "low": self.low, "high": self.high}
-        if self.unit:
-            out["unit"] = self.unit
-        if self.doc:
-            out["doc"] = self.doc
-        return out
-
-
-@dataclass(frozen=True)
-class Space:
-    """The parameter space: helpers the optimizers share (bounds, validation, 0-1 scaling)."""
-
-    parameters: tuple[Parameter, ...]
-
-    @property
-    def names(self) -> list[str]:
-        return [p.name for p in self.parameters]
-
-    @property
-    def dims(self) -> int:
-        return len(self.parameters)
-
-    def __getitem__(self, name: str) -> Parameter:
-        for p in self.parameters:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
-    def bounds(self) -> dict[str, tuple[float, float]]:
-        """name -> (low, high), the form bayesian-optimization's ``pbounds`` takes."""
-        return {p.name: (p.low, p.high) for p in self.parameters}
-
-    def validate_params(self, params: Mapping[str, Any]) -> list[str]:
-        """Every problem with ``params`` (missing, unknown, not a number, out of bounds), each
-        naming the parameter; empty when valid."""
-        problems: list[str] = []
-        for p in self.parameters:
-            if p.name not in params:
-                problems.append(f"{p.name} is missing")
-                continue
-            problem = p.problem(params[p.name])
-            if problem:
-                problems.append(problem)
-        for key in params:
-            if key not in self.names:
-                problems.append(
-                    f"{key} is not a parameter of this campaign (parameters: {', '.join(self.names)})"
-                )
-        return problems
-
-    def clip(self, params: Mapping[str, Any]) -> dict[str, float | int]:
-        """Every parameter clipped into its bounds (ints rounded, numpy -> Python numbers)."""
-        return {p.name: p.clip(_plain(params[p.name])) for p in self.parameters}
-
-    def to_unit(self, params: Mapping[str, Any]) -> list[float]:
-        """Parameters -> a point in the unit cube, in :attr:`names` order."""
-        return [p.to_unit(_plain(params[p.name])) for p in self.parameters]
-
-    def from_unit(self, point: Sequence[float]) -> dict[str, float | int]:
-        """A point in the unit cube (in :attr:`names` order) -> parameters (clipped, ints rounded)."""
-        if len(point) != self.dims:
-            raise ValueError(f"point has {len(point)} coordinates, the space {self.dims}")
-        return {p.name: p.from_unit(u) for p, u in zip(self.parameters, point, strict=True)}
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """One feasibility rule over the parameters (``safety.expr`` language)."""
-
-    text: str
-    expression: Expression
-    line: int | None = None
-
-    def __str__(self) -> str:
-        return self.text
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What to optimise: a measurement the recipe produces and the direction."""
-
-    measure: str
-    direction: str = "minimize"
-
-    @property
-    def minimize(self) -> bool:
-        return self.direction == "minimize"
-
-    def better(self, a: float, b: float) -> bool:
-        """``a`` is strictly better than ``b``."""
-        return a < b if self.minimize else a > b
-
-    def score(self, value: float) -> float:
-        """The value as a quantity to maximise (``-value`` when minimising)."""
-        return -value if self.minimize else value
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"measure": self.measure, "direction": self.direction}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """At most ``experiments`` experiments run on stations and/or ``hours`` of campaign clock."""
-
-    experiments: int | None = None
-    hours: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            k: v
-            for k, v in (("experiments", self.experiments), ("hours", self.hours))
-            if v is not None
-        }
-
-
-@dataclass(frozen=True)
-class StopRules:
-    """Stop at ``target`` (objective reached) or after ``no_improvement`` experiments without one."""
-
-    target: float | None = None
-    no_improvement: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            k: v
-            for k, v in (("target", self.target), ("no_improvement", self.no_improvement))
-            if v is not None
-        }
-
-
-@dataclass(frozen=True)
-class Program:
-    """A validated campaign spec (see the module docstring). ``body`` is the Markdown."""
-
-    name: str
-    parameters: tuple[Parameter, ...]
-    objective: Objective
-    budget: Budget
-    #: the recipe's steps as written (plain data; loops/plan.py), and compiled
-    recipe: list[Any]
-    plan: Plan
-    #: how results are verified (loops/checks.py), as plain data
-    verification: Mapping[str, Any] = field(default_factory=dict)
-    constraints: tuple[Constraint, ...] = ()
-    stop: StopRules = field(default_factory=StopRules)
-    strategy: str = "bayes"
-    initial_points: int = 4
-    stations: int = 1
-    seed: int = 0
-    fixed: Mapping[str, Any] = field(default_factory=dict)
-    body: str = ""
-    source: str = "<program>"
-    #: when an agent's proposal waits for a human (None: auto; loops/approval.py)
-    approval: ApprovalPolicy | None = None
-    #: the ``approval`` front matter as written (for :meth:`as_dict`)
-    approval_spec: Any = None
-
-    @property
-    def space(self) -> Space:
-        return Space(self.parameters)
-
-    def feasible(self, params: Mapping[str, Any]) -> tuple[bool, list[str]]:
-        """Whether ``params`` is a valid point that satisfies every constraint; the reasons if not.
-
-        Parameter problems (missing, out of bounds) come first; then each
-        constraint that is false or cannot be evaluated, with the values it saw.
-        """
-        reasons = self.space.validate_params(params)
-        if reasons:
-            return False, reasons
-        state = {**dict(self.fixed), **{k: _plain(v) for k, v in params.items()}}
-        for c in self.constraints:
-            try:
-                ok = c.expression.evaluate(state)
-            except EvaluationError as exc:
-                reasons.append(f"constraint '{c.text}' cannot be evaluated: {exc}")
-                continue
-            if ok is not True:
-                seen = ", ".join(
-                    f"{n}={state[n]!r}" for n in sorted(c.expression.names()) if n in state
-                )
-                reasons.append(f"constraint '{c.text}' is false ({seen})")
-        return not reasons, reasons
-
-    def reached(self, value: float | None) -> bool:
-        """``value`` meets ``stop.target`` (False without a target or a value)."""
-        if value is None or self.stop.target is None or not math.isfinite(value):
-            return False
-        target = self.stop.target
-        return value <= target if self.objective.minimize else value >= target
-
-    def stop_reason(self, values: Sequence[float | None], *, elapsed_s: float = 0.0) -> str | None:
-        """Why the campaign should stop now, or None.
-
-        ``values``: the objective value of every experiment that counts against
-        the budget, in the order they finished (None for a failed one);
-        ``elapsed_s``: seconds of campaign clock. Checked in order: target
-        reached, experiment budget spent, time budget spent, no improvement in
-        the last ``stop.no_improvement`` experiments (failures count as no
-        improvement).
-        """
-        best: float | None = None
-        since = 0
-        for v in values:
-            if (
-                v is not None
-                and math.isfinite(v)
-                and (best is None or self.objective.better(v, best))
-            ):
-                best, since = v, 0
-            else:
-                since += 1
-        if best is not None and self.reached(best):
-            return (
-                f"target reached: {self.objective.measure}={best:.4g} (target {self.stop.target:g})"
-            )
-        n = len(values)
-        if self.budget.experiments is not None and n >= self.budget.experiments:
-            return f"experiment budget spent: {n} of {self.budget.experiments}"
-        if self.budget.hours is not None and elapsed_s >= self.budget.hours * 3600.0:
-            return f"time budget spent: {elapsed_s / 3600.0:.3g} h of {self.budget.hours:g} h"
-        limit = self.stop.no_improvement
-        if limit is not None and since >= limit:
-            if best is None:
-                return f"no successful experiment in the last {since}"
-            return f"no improvement in the last {since} experiments (best {best:.4g})"
-        return None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The front matter as plain data (JSON-able); :func:`load_program` reads it back."""
-        out: dict[str, Any] = {
-            "name": self.name,
-            "parameters": {p.name: p.as_dict() for p in self.parameters},
-        }
-        if self.constraints:
-            out["constraints"] = [c.text for c in self.constraints]
-        out["objective"] = self.objective.as_dict()
-        out["budget"] = self.budget.as_dict()
-        stop = self.stop.as_dict()
-        if stop:
-            out["stop"] = stop
-        out.update(
-            strategy=self.strategy,
-            initial_points=self.initial_points,
-            stations=self.stations,
-            seed=self.seed,
-            recipe=self.recipe,
-        )
-        if self.fixed:
-            out["fixed"] = dict(self.fixed)
-        if self.verification.get("checks"):
-            out["verification"] = {k: v for k, v in self.verification.items() if v}
-        if self.approval_spec is not None:
-            out["approval"] = plain(self.approval_spec)
-        return out
-
-    def to_markdown(self) -> str:
-        """``program.md`` text: the front matter (from :meth:`as_dict`) and the body."""
-        front = yaml.safe_dump(self.as_dict(), sort_keys=False, default_flow_style=None)
-        return f"---\n{front}---\n{self.body}"
-
-
-# -------------------------------------------------------------------- loading
 def _compose(text: str, doc: YamlDoc) -> Any:
     """Front-matter YAML -> plain data, noting the line of every key and item in ``doc``."""
     return compose_yaml(text, doc, what="front matter is ", key_types=(str,))
@@ -582,8 +256,8 @@ def _no_huge_integers(data: Any, doc: YamlDoc) -> None:
             stack.extend(((*path, k), v) for k, v in value.items())
         elif isinstance(value, list):
             stack.extend(((*path, i), v) for i, v in enumerate(value))
-        elif _is_number(value) and isinstance(value, numbers.Integral) and not _finite(value):
-            raise doc.error(f"must be a number (finite), got {_show(value)}", path)
+        elif is_number(value) and isinstance(value, numbers.Integral) and not finite(value):
+            raise doc.error(f"must be a number (finite), got {show_value(value)}", path)
 
 
 # ----------------------------------------------------------------- validation
@@ -602,9 +276,9 @@ def _mapping(value: Any, path: tuple[Any, ...], doc: YamlDoc, what: str) -> Mapp
 
 
 def _number(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> float:
-    if not _finite(value):
-        raise doc.error(f"must be a number (finite), got {_show(value)}", path)
-    return _plain(value)
+    if not finite(value):
+        raise doc.error(f"must be a number (finite), got {show_value(value)}", path)
+    return plain_number(value)
 
 
 def _integer(value: Any, path: tuple[Any, ...], doc: YamlDoc, *, minimum: int | None = None) -> int:
@@ -740,9 +414,7 @@ def _plan(
 ) -> Plan:
     """Compile the recipe and check it against the rest: every parameter and fixed value is
     used (by the recipe or a constraint), the objective is one of its measurements."""
-    plan = compile_plan(
-        spec, inputs=[*params, *fixed], doc=doc, functions=functions, name=name
-    )
+    plan = compile_plan(spec, inputs=[*params, *fixed], doc=doc, functions=functions, name=name)
     in_constraints = set().union(*(c.expression.names() for c in constraints))
     for p in params:
         if p not in plan.uses:
@@ -784,7 +456,7 @@ def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | No
     raw_constraints = data.get("constraints") or []
     if not isinstance(raw_constraints, list):
         raise doc.error("must be a list of rules", ("constraints",))
-    known = pnames | {k for k, v in fixed.items() if _is_number(v) or isinstance(v, bool | str)}
+    known = pnames | {k for k, v in fixed.items() if is_number(v) or isinstance(v, bool | str)}
     constraints = tuple(_constraint(i, t, known, doc) for i, t in enumerate(raw_constraints))
     objective = _objective(data["objective"], doc)
     budget = _budget(data["budget"], doc)
