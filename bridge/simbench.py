@@ -386,6 +386,7 @@ async def _served_campaign(
             handle_signals=False,
             on_online=online,
             hosted=[page],
+            page_url=lambda: pages[0] if pages else None,
         )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
