@@ -179,6 +179,8 @@ class MqttApi(RequestHandling):
             replace(self.link.settings, client_id=f"{self.link.client_id}-estop")
         )
         self.service: LabService | None = None
+        #: lab.yaml's notifications while serve() runs (bridge/notify.py; None: none)
+        self.notifier: Any = None
         self.state = "new"
         #: requests answered and how: counts by kind and outcome (for status displays, tests)
         self.counts: dict[str, int] = {}
@@ -516,7 +518,7 @@ async def serve(
                 contextlib.AsyncExitStack() as fronts,
             ):
                 extra = [await fronts.enter_async_context(host(service)) for host in hosted]
-                await fronts.enter_async_context(
+                api.notifier = await fronts.enter_async_context(
                     notifications(
                         lab.notifications, service, lab.bridge_id, link=api.link, page_url=page_url
                     )

@@ -239,7 +239,12 @@ class Notifier:
         try:
             self._queues[name].put_nowait(self._link(alert))
         except asyncio.QueueFull:
-            self._drop(name, max(1, alert.folded), f"its queue is full ({self.config.queue_size})")
+            self._drop(
+                name,
+                max(1, alert.folded),
+                f"its queue is full ({self.config.queue_size} waiting): {alert.kind} alert "
+                f"not sent: {alert.title}",
+            )
 
     def _drop(self, name: str, n: int, why: str) -> None:
         counts = self.counts[name]
