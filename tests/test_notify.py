@@ -36,6 +36,7 @@ from bridge.labconfig import LabConfigError, load_lab, mqtt_settings
 from bridge.mqttapi import serve
 from bridge.notify import Notifier
 from bridge.notifyconfig import NotifyConfig, WebhookConfig
+from bridge.notifysend import Alert
 from bridge.simbench import sim_lab_yaml
 from simulators.bench import SimulatedLab
 from simulators.broker import make_test_certificates
@@ -576,8 +577,13 @@ def test_labbridge_check_reports_the_section_its_secret_files_and_a_missing_mqtt
 def test_the_notifications_page_runs_as_written(tmp_path: Path) -> None:
     page = "notifications.md"
     assert not strays(page), strays(page)
-    assert {p.name for p in write_files(page, tmp_path)} >= {"lab.yaml"}
+    written = {p.name for p in write_files(page, tmp_path)}
+    assert written == {"lab.yaml", "webhook-example.json", "expected-output.txt"}, written
+    lab = load_lab(tmp_path / "lab.yaml")  # the page's lab.yaml loads
+    assert lab.notifications is not None and lab.notifications.email[0].port == 587
+    example = json.loads((tmp_path / "webhook-example.json").read_text())
+    assert example.keys() == Alert("trip", "x").as_dict().keys()
     scripts = [b for b in blocks(page) if b.file is None]
-    assert scripts, "the page shows nothing running"
-    said = "".join(run_script(b, tmp_path, timeout=100).stdout for b in scripts)
-    assert "[reference-lab] station bench-a tripped" in said, said
+    assert [b.lang for b in scripts] == ["python"], scripts
+    said = run_script(scripts[0], tmp_path, timeout=100).stdout
+    assert said == (tmp_path / "expected-output.txt").read_text(), said
