@@ -140,6 +140,8 @@ class Notifier:
             self._remove = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(drain_s):
+                if self._service is not None:  # a trip since the last look is still told
+                    await self._look_all()
                 await self._intake.join()  # the router takes what the service sent
                 for key in list(self._windows):
                     self._flush(key)
@@ -305,20 +307,24 @@ class Notifier:
 
     # ---------------------------------------------------------------- stations
     async def _watch(self) -> None:
-        """Every ``station_poll_s``: a station newly tripped (not by an e-stop: that has its
-        own alert) or no longer answering becomes an event for the router."""
-        service = self._service
+        """Every ``station_poll_s`` (and once more on closing): a station newly tripped (by a
+        monitor, a lost lease, a failed experiment; not by an e-stop, an abort or a failed
+        campaign: those have alerts of their own) or no longer answering becomes an event."""
         while True:
             await asyncio.sleep(self.config.station_poll_s)
-            if service.state != "online":
-                continue
-            try:
-                status = await service.status()
-            except Exception as exc:  # the next look may work; the service logs its own
-                log.warning("notifications: station status failed: %s", exc)
-                continue
-            for name, st in (status.get("stations") or {}).items():
-                self._look(str(name), st)
+            if self._service.state == "online":
+                await self._look_all()
+
+    async def _look_all(self) -> None:
+        if not self._service.actors:  # closed: no station to look at
+            return
+        try:
+            status = await self._service.status()
+        except Exception as exc:  # the next look may work; the service logs its own
+            log.warning("notifications: station status failed: %s", exc)
+            return
+        for name, st in (status.get("stations") or {}).items():
+            self._look(str(name), st)
 
     def _look(self, name: str, st: Mapping[str, Any]) -> None:
         before = self._stations.setdefault(name, {"ok": True, "tripped": False})
@@ -332,7 +338,9 @@ class Notifier:
         if tripped and not before.get("tripped"):
             trip = st.get("trip") or {}
             reason = str(trip.get("reason") or "latched")
-            if not reason.startswith("e-stop by "):
+            # an e-stop, an abort or a failed campaign tripped it: that has its own alert
+            by_request = trip.get("source") in ("api", "estop") or reason.startswith("e-stop by ")
+            if not by_request:
                 self.on_event({"event": "_tripped", "station": name, "reason": reason})
         before["tripped"] = tripped
 

@@ -191,6 +191,8 @@ class NotifyConfig:
                     problems += self._secret_problem(
                         ch.password_file, "password", (*ch.at, "password_file")
                     )
+                if ch.ca is not None and not ch.ca.is_file():
+                    problems.append(self._error(f"no CA file {ch.ca}", (*ch.at, "ca")))
             elif isinstance(ch, MqttAlertConfig):
                 notes.append(
                     f"notifications: MQTT retained alerts on labbridge/<bridge_id>/{ch.topic}/"
@@ -211,10 +213,13 @@ class NotifyConfig:
         try:
             read_secret(path, key)
         except SecretError as exc:
-            if self.doc is not None:
-                return [str(self.doc.error(str(exc), at))]
-            return [f"{self.source}: {'.'.join(map(str, at))}: {exc}"]
+            return [self._error(str(exc), at)]
         return []
+
+    def _error(self, problem: str, at: tuple[Any, ...]) -> str:
+        if self.doc is not None:
+            return str(self.doc.error(problem, at))
+        return f"{self.source}: {'.'.join(map(str, at))}: {problem}"
 
 
 # ================================================================= secret files
@@ -511,3 +516,32 @@ def parse_notifications(
         mqtt=mqtt,
         doc=doc,
     )
+
+
+def notifications_from(path: Path) -> str:
+    """The ``notifications:`` section of the YAML file ``path`` (a lab.yaml, or a file with
+    just that section) as lab.yaml text, its files (``url_file``, ``password_file``, ``ca``)
+    made absolute from ``path``'s folder: ``labbridge sim --notify`` adds it to the lab.yaml it
+    writes, where :func:`parse_notifications` validates it."""
+    import yaml
+
+    from safety.yamldoc import ConfigError
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=str(path)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not YAML: {' '.join(str(exc).split())}", source=str(path)) from None
+    section = data.get("notifications") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError("no 'notifications:' mapping in it", source=str(path))
+    base = path.resolve().parent
+    for kind in ("webhooks", "email"):
+        channels = section.get(kind)
+        for channel in channels.values() if isinstance(channels, dict) else ():
+            for key in ("url_file", "password_file", "ca"):
+                value = channel.get(key) if isinstance(channel, dict) else None
+                if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+                    channel[key] = str(base / value)
+    return yaml.safe_dump({"notifications": section}, sort_keys=False)

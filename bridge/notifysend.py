@@ -150,7 +150,7 @@ def alert_for(
         tripped = tuple(str(s) for s in (event.get("stations") or {}))
         who = event.get("who") or "?"
         return Alert("estop", f"e-stop by {who}: {reason} ({len(tripped)} station(s))", tripped)
-    if kind == "station" and event.get("state") == "out":
+    if kind == "station" and event.get("state") == "out" and "e-stop by " not in reason:
         return Alert(
             "station_lost",
             f"station {station} is out of campaign {cid}: {reason}",
@@ -320,11 +320,19 @@ class Email(Channel):
     def __init__(self, config: EmailConfig, settings: NotifyConfig) -> None:
         super().__init__(config, settings)
         self._tls: ssl.SSLContext | None = None
+        self._broken: str | None = None
 
     async def open(self) -> None:
-        if self.config.tls != "none":
-            ca = self.config.ca
+        """The TLS context (a CA file that cannot be used: every message is refused, logged;
+        the lab goes on)."""
+        if self.config.tls == "none":
+            return
+        ca = self.config.ca
+        try:
             self._tls = ssl.create_default_context(cafile=str(ca) if ca else None)
+        except (OSError, ssl.SSLError) as exc:
+            self._broken = f"notifications.email.{self.name}.ca: cannot use {ca}: {exc}"
+            log.error("notifications: %s: no e-mail will go out", self._broken)
 
     def message(self, alert: Alert) -> EmailMessage:
         msg = EmailMessage()
@@ -360,6 +368,8 @@ class Email(Channel):
         import aiosmtplib
 
         cfg = self.config
+        if self._broken is not None:
+            raise DeliveryFailed(self._broken, retry=False)
         password = None
         if cfg.password_file is not None:
             try:

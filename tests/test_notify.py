@@ -19,6 +19,8 @@ import email
 import email.policy
 import json
 import os
+import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from docpages import blocks, run_script, strays, write_files
-from test_mqtt_api import client, full_storm, safe_state_storm, until
+from test_mqtt_api import client, full_storm, safe_state_storm, small_program, until
 
 from bridge.labconfig import LabConfigError, load_lab, mqtt_settings
 from bridge.mqttapi import serve
@@ -303,6 +305,71 @@ async def test_a_trip_on_the_bench_reaches_the_webhook_mailbox_and_retained_mqtt
             stop.set()
             await asyncio.wait_for(served, SEEN_S)
         assert served.result().startswith("shut down")
+
+
+@pytest.mark.timeout(240)
+async def test_labbridge_sim_keep_running_with_notify_tells_the_webhook_and_mailbox_of_a_trip(
+    ray_session: Any, certs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The issue's "done when": ``labbridge sim --keep-running --notify notify.yaml`` and a
+    trip on the simulated bench (``--fault heartbeat-stop``) reaches the webhook and the
+    mailbox, each linking to the page that sim serves."""
+    async with Receiver() as chat, Mailbox(certs) as mailbox:
+        secret(tmp_path / "smtp.secret", {"password": SMTP_PASSWORD})
+        (tmp_path / "notify.yaml").write_text(
+            notifications_yaml(
+                station_poll_s=0.2,
+                webhooks={"chat": {"url": chat.url, "events": ["trip"]}},
+                email={
+                    "oncall": {
+                        "host": "127.0.0.1",
+                        "port": mailbox.port,
+                        "ca": str(certs[0]),
+                        "from": "labbridge@lab.example.org",
+                        "to": ["ana@lab.example.org"],
+                        "username": SMTP_USER,
+                        "password_file": "smtp.secret",  # relative to notify.yaml
+                        "events": ["trip"],
+                    }
+                },
+            )
+        )
+        (tmp_path / "program.md").write_text(small_program(2))
+        argv = [
+            sys.executable, "-m", "bridge.cli", "sim", "--keep-running",
+            "--notify", str(tmp_path / "notify.yaml"), "--fault", "heartbeat-stop",
+            "--campaign", str(tmp_path / "program.md"), "--speed", str(SPEED),
+            "--web", "127.0.0.1:0", "--out", str(tmp_path / "run"), "--no-progress",
+        ]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(sys.path),
+            "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        }
+        with open(tmp_path / "sim.log", "wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
+            )
+            try:
+                said = lambda: (tmp_path / "sim.log").read_text(errors="replace")  # noqa: E731
+                await until(lambda: "trip" in chat.kinds(), SEEN_S * 2, "the trip at the webhook")
+                await until(lambda: mailbox.messages != [], SEEN_S, "the trip in the mailbox")
+            finally:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGINT)
+                await asyncio.wait_for(proc.wait(), SEEN_S)
+        tripped = chat.bodies[0]
+        assert tripped["title"].startswith("station bench-a tripped: "), (tripped, said())
+        assert "heartbeat" in tripped["title"], tripped
+        page = re.search(r"the lab page: (http://127\.0\.0\.1:\d+/)", said())
+        assert page is not None, said()
+        assert tripped["url"] == f"{page.group(1)}#/lab", (tripped, said())
+        assert mailbox.messages[0]["Subject"].startswith(
+            "[labbridge labbridge-sim] station bench-a"
+        )
+        assert f"The lab page: {page.group(1)}#/lab" in mailbox.messages[0].get_content()
+        written = load_lab(tmp_path / "run" / "lab.yaml").notifications
+        assert written is not None and written.email[0].password_file == tmp_path / "smtp.secret"
 
 
 def served_counts(api: Any) -> Any:
