@@ -181,8 +181,9 @@ def alert_for(
             )
         return None
     if kind == "campaign" and event.get("state") in ENDED:
-        state = event.get("state")
-        return Alert("campaign", f"campaign {cid} {state}: {reason}", mine, cid, view=at_campaign)
+        state = str(event.get("state"))
+        said = reason if reason.startswith(f"{state}:") else f"{state}: {reason}"
+        return Alert("campaign", f"campaign {cid} {said}", mine, cid, view=at_campaign)
     if kind == "awaiting_approval":
         eid = event.get("experiment_id")
         rules = "; ".join(str(r) for r in event.get("rules") or []) or "an approval rule"

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from docpages import blocks, run_script, strays, write_files
-from test_mqtt_api import client, full_storm, safe_state_storm, small_program, until
+from test_mqtt_api import GOOD, client, full_storm, safe_state_storm, small_program, until
 
 from bridge.labconfig import LabConfigError, load_lab, mqtt_settings
 from bridge.mqttapi import serve
@@ -275,9 +275,31 @@ async def test_a_trip_on_the_bench_reaches_the_webhook_mailbox_and_retained_mqtt
             assert "answered HTTP 500" in (counts["dead"].last_error or "")
             assert "secret-key" not in (counts["dead"].last_error or "")  # the URL's key
             assert mailbox.messages == []  # the e-mail channel takes trips only
-            # --- reset, then a trip on the bench: the enclosure stops its heartbeat
             await service.reset("ana", "e-stop checked: notification test")
+            # --- an agent's proposal awaits approval; the campaign is aborted (its trip is
+            # the abort's, told as the campaign's end, not as a trip)
+            program = small_program(20).replace("---\n", "---\napproval: human\n", 1)
+            assert (await service.start_campaign("appr-1", program, who="ana")).accepted
+            receipt = await service.propose("appr-1", GOOD, "agent:alice")
+            assert receipt.approval is not None, receipt
+            await until(lambda: "approval" in chat.kinds(), SEEN_S, "the approval at the webhook")
+            waiting = chat.bodies[chat.kinds().index("approval")]
+            assert waiting["title"].startswith(
+                f"proposal {receipt.experiment_id} by agent:alice in campaign appr-1 awaits "
+                "approval"
+            ), waiting
+            assert waiting["url"].endswith("/#/campaign/appr-1") and waiting["stations"] == [
+                "bench-a"
+            ]
+            await service.control("appr-1", "abort", who="ana", reason="notification test")
+            await service.wait_campaign("appr-1")
+            await until(lambda: "campaign" in chat.kinds(), SEEN_S, "the campaign's end")
+            ended = chat.bodies[chat.kinds().index("campaign")]
+            assert ended["title"] == "campaign appr-1 aborted: notification test", ended
+            # --- reset, then a trip on the bench: the enclosure stops its heartbeat
+            await service.reset("ana", "abort checked: notification test")
             assert not (await service.status())["stations"]["bench-a"]["tripped"]
+            assert "trip" not in chat.kinds()  # the e-stop's and the abort's trips: not trips
             sim.stations[0].inject_fault("heartbeat-stop", device="enclosure")
             await until(lambda: "trip" in chat.kinds(), SEEN_S, "the trip at the webhook")
             tripped = chat.bodies[chat.kinds().index("trip")]
@@ -289,16 +311,18 @@ async def test_a_trip_on_the_bench_reaches_the_webhook_mailbox_and_retained_mqtt
             assert mail["To"] == "ana@lab.example.org"
             assert "http://lab-pc.example.org:8765/#/lab" in mail.get_content()
             assert mailbox.logins == [(SMTP_USER.encode(), True)]
-            await until(lambda: counts["mqtt"].sent == 2, SEEN_S, "the MQTT alerts")
+            await until(lambda: counts["mqtt"].sent == 4, SEEN_S, "the MQTT alerts")
             # --- a subscriber that connects afterwards sees the retained alerts
             with client(mosquitto, None, loop=loop) as watcher:
                 watcher.subscribe("labbridge/notify-lab/alerts/#")
                 seen = {}
-                for _ in range(2):
+                for _ in range(4):
                     topic, data, _ = await watcher.get(timeout=SEEN_S)
                     seen[topic] = data
             assert seen["labbridge/notify-lab/alerts/trip"]["title"] == tripped["title"]
             assert seen["labbridge/notify-lab/alerts/estop"]["kind"] == "estop"
+            assert seen["labbridge/notify-lab/alerts/approval"]["title"] == waiting["title"]
+            assert seen["labbridge/notify-lab/alerts/campaign"]["title"] == ended["title"]
             await until(lambda: counts["dead"].dropped == 2, SEEN_S, "the trip's drop")
             assert counts["chat"].dropped == counts["oncall"].dropped == 0
         finally:
