@@ -159,8 +159,11 @@ class Notifier:
             self.intake_dropped += left
             log.error("notifications: %d event(s) not routed at shutdown (dropped)", left)
         for channel in self.channels:
-            q = self._queues[channel.name]
-            lost = q.qsize() + (self._busy[channel.name] is not None)
+            q, busy = self._queues[channel.name], self._busy[channel.name]
+            left_alerts = [*([busy] if busy is not None else [])]
+            while not q.empty():
+                left_alerts.append(q.get_nowait())
+            lost = sum(max(1, a.folded) for a in left_alerts)
             lost += sum(len(w.held) for (n, _), w in self._windows.items() if n == channel.name)
             if lost:
                 self._drop(channel.name, lost, "still undelivered at shutdown")

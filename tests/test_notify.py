@@ -487,6 +487,35 @@ async def test_a_failing_receiver_is_retried_until_it_answers_and_a_full_queue_d
         assert n.counts["dead"].dropped == 6 and n.counts["dead"].sent == 0
 
 
+async def test_the_station_watch_tells_a_lost_station_once_and_skips_trips_by_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What the watch makes of the service's station statuses (as ``LabService.status()``
+    gives them), and a full intake: dropped, counted, logged."""
+    async with Receiver() as chat:
+        config = NotifyConfig(rate_limit_s=0, webhooks=(WebhookConfig("chat", url=chat.url),))
+        async with notifier(config) as n:
+            lost = {"ok": False, "error": "RayActorError: the actor died unexpectedly"}
+            by_request = {"ok": True, "tripped": True, "trip": {"reason": "abort", "source": "api"}}
+            monitor = {"reason": "hotplate-overtemp: 95.0 > 90", "source": "hotplate-overtemp"}
+            for st in (lost, lost, {"ok": True}, by_request, {"ok": True}):
+                n._look("bench-a", st)
+            n._look("bench-a", {"ok": True, "tripped": True, "trip": monitor})
+            n._look("bench-a", {"ok": True, "tripped": True, "trip": monitor})  # still latched
+            await until(lambda: len(chat.bodies) == 2, SEEN_S, "the lost station and the trip")
+            for _ in range(1001):  # before the router runs: one more than the intake holds
+                n.on_event({"event": "reset"})
+            assert n.intake_dropped == 1
+        assert [b["title"] for b in chat.bodies] == [
+            "the service lost station bench-a: RayActorError: the actor died unexpectedly",
+            "station bench-a tripped: hotplate-overtemp: 95.0 > 90",
+        ]
+        assert chat.kinds() == ["station_lost", "trip"]
+        assert (
+            "notifications: dropped a reset event: 1000 events wait for the router" in caplog.text
+        )
+
+
 # aiosmtpd cannot tell that an implicit-TLS session is TLS: it warns about AUTH without TLS
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
 async def test_email_over_implicit_tls_and_a_refused_login_is_not_retried(
