@@ -202,6 +202,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ),
     )
     add_web_arguments(sim, optional_address=True)
+    sim.add_argument(
+        "--notify",
+        type=Path,
+        default=None,
+        metavar="YAML",
+        help=(
+            "tell people as the notifications: section of this YAML file says (docs/"
+            "notifications.md); the campaign runs in a lab service with the lab page"
+        ),
+    )
     sim.add_argument("--ray-address", default=None, help="join this Ray cluster")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -502,7 +512,7 @@ def _sim_command(args: argparse.Namespace) -> int:
         return 1
     out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
     web = None
-    address = args.web or (DEFAULT_WEB if args.keep_running else None)
+    address = args.web or (DEFAULT_WEB if args.keep_running or args.notify else None)
     if address is not None:  # the campaign runs inside a lab service with the lab page
         from bridge.webcli import web_bind
 
@@ -531,6 +541,7 @@ def _sim_command(args: argparse.Namespace) -> int:
                 bench=args.bench,
                 web=web,
                 web_any_port=args.web is None,
+                notify=args.notify,
             )
         )
     except KeyboardInterrupt:

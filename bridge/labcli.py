@@ -94,6 +94,9 @@ def _check_command(args: argparse.Namespace) -> int:
             state = f"ran {last['at']} by {last['who']}" if last else "NOT RUN: labbridge setup"
             print(f"  set-up {recipe.name} ({recipe.every}): {state}")
     print(f"journal: {lab.store}; Ray: {lab.ray_address or 'local (loopback)'}")
+    if lab.notifications is not None:  # what each channel sends (its problems: lab.check())
+        for note in lab.notifications.check(bool(lab.mqtt.get("url")))[1]:
+            print(note)
     if args.program is not None:
         found = _check_program(lab, args.program, args.assume)
         for problem in found:

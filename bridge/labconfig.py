@@ -36,6 +36,8 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
                                       # (agents.NAME.quota: bridge/quotaconfig.py)
     users: {ana: operator, ben: viewer}   # who logs in to the lab page (bridge/webusers.py)
     user_passwords: users.passwords   # their scrypt-hashed passwords (labbridge users passwd)
+    notifications: {webhooks: {chat: {url_file: chat.secret}}}   # who is told when the lab
+                                      # needs a person (bridge/notifyconfig.py, docs/notifications.md)
 
 Every error names the file, the line and the field
 (``lab.yaml:14: stations.bench-a.instruments[2].url: ...``). Nothing here
@@ -58,6 +60,7 @@ import yaml
 
 from bridge.agents import AgentsConfig, parse_agents
 from bridge.mqttlink import MAX_PAYLOAD_BYTES, ROOT, ApiSettings
+from bridge.notifyconfig import NotifyConfig, parse_notifications
 from bridge.quotaconfig import Quotas, parse_quotas
 from bridge.webusers import UsersConfig, parse_users
 from instruments.errors import InstrumentError
@@ -78,7 +81,7 @@ __all__ = [
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _TOP: tuple[str, ...] = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
-_TOP += ("agents", "agent_tokens", "default_quota", "users", "user_passwords")
+_TOP += ("agents", "agent_tokens", "default_quota", "users", "user_passwords", "notifications")
 _STATION = ("envelope", "instruments", "supervisor", "env", "verification", "setup", "setup_file")
 _VERIFICATION = ("enabled", "max_disagreements")
 _INSTRUMENT = ("name", "kind", "url", "options")
@@ -137,6 +140,8 @@ class LabConfig:
     quotas: Quotas = field(default_factory=Quotas)
     #: the people who log in to the lab page, their roles, and where their hashed passwords are
     users: UsersConfig = field(default_factory=UsersConfig)
+    #: who is told when the lab needs a person, and how (bridge/notifyconfig.py)
+    notifications: NotifyConfig | None = None
     doc: YamlDoc | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -155,6 +160,8 @@ class LabConfig:
                 mqtt_settings(self)
             except ConfigError as exc:
                 problems.append(str(exc))
+        if self.notifications is not None:  # its secret files (their notes: labbridge check)
+            problems += self.notifications.check(bool(self.mqtt.get("url")))[0]
         for name, st in self.stations.items():
             at = ("stations", name)
             try:
@@ -432,6 +439,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         {n: (st.envelope_text, st.envelope_source) for n, st in stations.items()},
     )
     users = parse_users(top.get("users"), top.get("user_passwords"), doc, base)
+    notifications = parse_notifications(top.get("notifications"), doc, base, list(stations))
     return LabConfig(
         source=name,
         bridge_id=bridge_id,
@@ -446,6 +454,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         agents=agents,
         quotas=quotas,
         users=users,
+        notifications=notifications,
         doc=doc,
     )
 

@@ -179,6 +179,8 @@ class MqttApi(RequestHandling):
             replace(self.link.settings, client_id=f"{self.link.client_id}-estop")
         )
         self.service: LabService | None = None
+        #: lab.yaml's notifications while serve() runs (bridge/notify.py; None: none)
+        self.notifier: Any = None
         self.state = "new"
         #: requests answered and how: counts by kind and outcome (for status displays, tests)
         self.counts: dict[str, int] = {}
@@ -463,6 +465,7 @@ async def serve(
     handle_signals: bool = True,
     on_online: Callable[[MqttApi, LabService], None] | None = None,
     hosted: Sequence[Callable[[LabService], contextlib.AbstractAsyncContextManager[Any]]] = (),
+    page_url: Callable[[], str | None] | None = None,
 ) -> str:
     """Run the lab's MQTT campaign API until ``stop`` is set or SIGINT/SIGTERM arrives.
 
@@ -472,8 +475,11 @@ async def serve(
     the API is subscribed and serving (default: print that it is). ``hosted``: other
     front ends on the same service (``serve --mcp-http``: :func:`bridge.mcpserver.mcp_http`),
     each entered once the service is open and left after it shut down; what each yields is
-    printed. Returns why it stopped.
+    printed. lab.yaml's ``notifications:`` are sent while it serves (:mod:`bridge.notify`; the
+    MQTT alerts over this API's link; ``page_url``: the lab page's URL, when one is served).
+    Returns why it stopped.
     """
+    from bridge.notify import notifications
     from loops.raylinks import init_ray
 
     loop = asyncio.get_running_loop()
@@ -512,6 +518,11 @@ async def serve(
                 contextlib.AsyncExitStack() as fronts,
             ):
                 extra = [await fronts.enter_async_context(host(service)) for host in hosted]
+                api.notifier = await fronts.enter_async_context(
+                    notifications(
+                        lab.notifications, service, lab.bridge_id, link=api.link, page_url=page_url
+                    )
+                )
                 await api.attach(service)  # subscribed: requests are served from now on
                 if on_online is not None:
                     on_online(api, service)
@@ -551,9 +562,10 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     from bridge.campaigns import StationUnavailable
+    from bridge.notify import recording_url
     from bridge.servicetypes import ServiceError
 
-    hosted = []
+    hosted, pages = [], list[str]()
     refusals: tuple[type[Exception], ...] = (
         ApiError,
         StationUnavailable,
@@ -581,12 +593,17 @@ def serve_command(args: argparse.Namespace) -> int:
         except BindError as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
             return 1
-        hosted.append(lambda service: lab_page(service, web))
+        hosted.append(lambda service: recording_url(lab_page(service, web), pages))
         refusals += (BindError,)
     try:
         final = asyncio.run(
             serve(
-                lab, settings, ray_address=args.ray_address, operator=args.operator, hosted=hosted
+                lab,
+                settings,
+                ray_address=args.ray_address,
+                operator=args.operator,
+                hosted=hosted,
+                page_url=lambda: pages[0] if pages else None,
             )
         )
     except refusals as exc:

@@ -139,12 +139,17 @@ async def simulated_lab(
     broker_url: str | None = None,
     embedded_broker: bool = False,
     bench: str = "colour",
+    notify: Path | None = None,
 ) -> AsyncIterator[RunningSimLab]:
     """Start a simulated lab on loopback, write ``out/lab.yaml`` for it, yield it loaded.
 
     ``store``: the journal's path (default ``out/journal.db``); ``bench``: ``colour``
-    or ``buffer``. The simulators run in this process until the block exits.
+    or ``buffer``; ``notify``: a YAML file whose ``notifications:`` the lab.yaml gets
+    (docs/notifications.md). The simulators run in this process until the block exits.
     """
+    from bridge.notifyconfig import notifications_from
+
+    extra = notifications_from(notify) if notify is not None else ""
     bench_data(bench)  # its data are there, before anything starts
     out.mkdir(parents=True, exist_ok=True)
     lab = SimulatedLab(
@@ -156,7 +161,7 @@ async def simulated_lab(
     )
     async with lab:
         path = out / "lab.yaml"
-        path.write_text(sim_lab_yaml(lab, (store or out / "journal.db").resolve()))
+        path.write_text(sim_lab_yaml(lab, (store or out / "journal.db").resolve()) + extra)
         yield RunningSimLab(load_lab(path), lab)
 
 
@@ -203,6 +208,7 @@ async def sim_campaign(
     bench: str = "colour",
     web: HttpBind | None = None,
     web_any_port: bool = False,
+    notify: Path | None = None,
 ) -> CampaignSummary:
     """Run ``program`` on a simulated lab started for it (the run folder is ``out``).
 
@@ -214,7 +220,8 @@ async def sim_campaign(
     first: watch and steer the campaign from a browser. ``keep_running`` (with ``web``):
     afterwards stay up until SIGINT/SIGTERM: other processes run campaigns on the lab
     over MQTT, people watch and act from the page (its stations are held by the service).
-    ``web_any_port``: if ``web``'s port is taken, serve the page on a free one.
+    ``web_any_port``: if ``web``'s port is taken, serve the page on a free one. ``notify``:
+    a YAML file with the lab's ``notifications:`` (sent while the lab service runs: ``web``).
     """
     n = stations or program.stations
     if broker_url is not None:
@@ -226,6 +233,7 @@ async def sim_campaign(
         broker_url=broker_url,
         embedded_broker=embedded_broker,
         bench=bench,
+        notify=notify,
     ) as lab:
         print(
             f"simulated lab: {n} {bench} station(s) at {speed:g}x; run folder {out}",
@@ -386,6 +394,7 @@ async def _served_campaign(
             handle_signals=False,
             on_online=online,
             hosted=[page],
+            page_url=lambda: pages[0] if pages else None,
         )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
