@@ -86,7 +86,8 @@ def _labbridge(args: list[str], log: Path, tmp: Path, module: str = "bridge.cli"
 
 async def _start_over_mqtt(lab_file: Path, campaign_id: str, program: str) -> dict[str, Any]:
     """``campaigns/start`` to ``labbridge serve`` (retried until the service is online)."""
-    from bridge.labconfig import load_lab, mqtt_settings
+    from bridge.labconfig import load_lab
+    from bridge.labmqtt import mqtt_settings
     from bridge.mqttcli import request
 
     lab = load_lab(lab_file)

@@ -90,7 +90,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from bridge.labconfig import LabConfig, load_lab, mqtt_settings, parse_broker_url
+from bridge.labconfig import LabConfig, load_lab
+from bridge.labmqtt import mqtt_settings, parse_broker_url
 from bridge.mqttlink import (
     ApiError,
     ApiSettings,

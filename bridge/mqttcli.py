@@ -115,7 +115,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 
 def _client_settings(args: argparse.Namespace) -> tuple[ApiSettings, str]:
-    from bridge.labconfig import load_lab, mqtt_settings, parse_broker_url
+    from bridge.labconfig import load_lab
+    from bridge.labmqtt import mqtt_settings, parse_broker_url
     from bridge.mqttlink import ApiSettings
 
     if args.lab is not None:

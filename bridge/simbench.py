@@ -29,7 +29,8 @@ import yaml
 
 from bridge.campaigns import run_with_signals
 from bridge.httpserve import HttpBind
-from bridge.labconfig import LabConfig, load_lab, parse_broker_url
+from bridge.labconfig import LabConfig, load_lab
+from bridge.labmqtt import parse_broker_url
 from loops.campaign import CampaignRunner, CampaignSummary
 from loops.program import Program, builtin_program
 from safety import open_station, reference_envelope

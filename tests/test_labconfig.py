@@ -310,7 +310,7 @@ def test_check_validates_the_mqtt_block(tmp_path: Path) -> None:
 
 
 def test_the_api_rate_limit_and_queue_come_from_lab_yaml(tmp_path: Path) -> None:
-    from bridge.labconfig import mqtt_settings
+    from bridge.labmqtt import mqtt_settings
 
     path = tmp_path / "lab.yaml"
 

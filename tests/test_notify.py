@@ -34,7 +34,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from docpages import blocks, run_script, strays, write_files
 from test_mqtt_api import GOOD, client, full_storm, safe_state_storm, small_program, until
 
-from bridge.labconfig import LabConfigError, load_lab, mqtt_settings
+from bridge.labconfig import LabConfigError, load_lab
+from bridge.labmqtt import mqtt_settings
 from bridge.mqttapi import serve
 from bridge.notify import Notifier
 from bridge.notifyconfig import NotifyConfig, WebhookConfig
