@@ -134,7 +134,7 @@ def test_help_loads_nothing_heavy(command: str | None) -> None:
     and ``export`` read the journal, loops.journal: sqlite, nothing heavy.)"""
     heavy = [m for m in HEAVY if not (command in ("report", "export") and m == "loops")]
     code = (
-        "import sys; from bridge.cli import build_parser; "
+        "import sys; from bridge.cliparser import build_parser; "
         f"build_parser({command!r}).format_help(); "
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
     )
