@@ -55,7 +55,7 @@ USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
 #: what each role may do from the lab page; reading needs no login at all
 PERMISSIONS: Mapping[str, frozenset[str]] = {
     "viewer": frozenset({"estop"}),
-    "operator": frozenset({"estop", "control", "reset"}),
+    "operator": frozenset({"estop", "control", "reset", "approve"}),
 }
 ROLES = tuple(PERMISSIONS)
 DEFAULT_PASSWORD_FILE = "users.passwords"

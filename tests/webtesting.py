@@ -82,11 +82,12 @@ class WebLab:
 
 
 @contextlib.asynccontextmanager
-async def web_lab(tmp_path: Path, stations: int = 1) -> AsyncIterator[WebLab]:
-    """A simulated lab (users ana: operator, ben: viewer) in a lab service with its page."""
+async def web_lab(tmp_path: Path, stations: int = 1, extra: str = "") -> AsyncIterator[WebLab]:
+    """A simulated lab (users ana: operator, ben: viewer; ``extra``: more of lab.yaml) in a
+    lab service with its page."""
     async with SimulatedLab(stations=stations, speed=SPEED) as sim:
         path = tmp_path / "lab.yaml"
-        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db") + USERS)
+        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db") + USERS + extra)
         lab = load_lab(path)
         store = lab.users.store()
         for user, password in PASSWORDS.items():
