@@ -145,7 +145,7 @@ async def test_an_operator_approves_and_denies_proposals_on_the_page_a_viewer_ca
             refused
         )
         assert (await service.approvals(CID))[0]["decision"] is None  # nothing recorded
-        await shot(ana, tmp_path, "web-approvals.png")
+        await shot(ana, tmp_path, "web-approvals.png", "#queue")
 
         # --- ana approves it in the browser: it runs, the journal names her and her reason
         await ana.fill(f"{row} input[name=reason]", "hot point checked with the bench")

@@ -101,13 +101,17 @@ async def web_lab(tmp_path: Path, stations: int = 1, extra: str = "") -> AsyncIt
                 await web.stop_page()
 
 
-async def shot(page: Any, folder: Path, name: str) -> Path:
-    """A full-page screenshot ``name`` in ``folder`` (and docs/images/, see the module)."""
+async def shot(page: Any, folder: Path, name: str, selector: str | None = None) -> Path:
+    """A full-page screenshot ``name`` in ``folder`` (and docs/images/, see the module);
+    with ``selector``, of that element only."""
     path = folder / name
-    header = "document.querySelector('header').style.position"
-    await page.evaluate(f"{header} = 'static'")  # one header in a full-page shot
-    await page.screenshot(path=str(path), full_page=True)
-    await page.evaluate(f"{header} = ''")
+    if selector is not None:
+        await page.locator(selector).screenshot(path=str(path))
+    else:
+        header = "document.querySelector('header').style.position"
+        await page.evaluate(f"{header} = 'static'")  # one header in a full-page shot
+        await page.screenshot(path=str(path), full_page=True)
+        await page.evaluate(f"{header} = ''")
     if os.environ.get("LABBRIDGE_DOCS_SCREENSHOTS") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, DOCS_IMAGES / name)

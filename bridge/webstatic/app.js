@@ -421,13 +421,14 @@ function campaignView(c) {
     convergencePlot(c, objLabel),
     h("h2", { text: "Parameters explored" }),
     parameterPlots(c, objLabel),
+    h("section", { id: "queue" },
     h("h2", { text: "Queue" }),
     h("h3", { text: `Awaiting approval (${waiting.length})` }),
     approvalsView(c, waiting),
     h("h3", { text: `In flight (${inFlight.length})` }),
     inFlight.length ? table(["experiment", "state", "station", "proposed by"], inFlight.map((e) => ({ href: `#/experiment/${e.experiment_id}`, cells: [expLink(e.experiment_id), e.state, e.station || "", e.proposer || ""] })), true) : h("p", { class: "muted", text: "nothing running" }),
     h("h3", { text: `Refused (${refused.length})` }),
-    refused.length ? h("div", { id: "queue-refused" }, table(["experiment", "proposed by", "why refused"], refused.slice(-20).reverse().map((e) => ({ href: `#/experiment/${e.experiment_id}`, attrs: { "data-experiment": e.experiment_id }, cells: [expLink(e.experiment_id), e.proposer || "", e.reason || ""] })), true)) : h("p", { class: "muted", text: "no proposal refused" }),
+    refused.length ? h("div", { id: "queue-refused" }, table(["experiment", "proposed by", "why refused"], refused.slice(-20).reverse().map((e) => ({ href: `#/experiment/${e.experiment_id}`, attrs: { "data-experiment": e.experiment_id }, cells: [expLink(e.experiment_id), e.proposer || "", e.reason || ""] })), true)) : h("p", { class: "muted", text: "no proposal refused" })),
     h("h2", { text: "Experiments" }),
     h("div", { id: "experiments" }, experimentsTable(c, objLabel)));
 }
@@ -461,7 +462,7 @@ function untilText(s) {
   return `in ${Math.round(s)} s`;
 }
 function decideForm(c, a) {
-  const reason = h("input", { type: "text", maxlength: 500, name: "reason", placeholder: "why (recorded with your name)" });
+  const reason = h("input", { type: "text", maxlength: 500, name: "reason", placeholder: "why (recorded)" });
   const act = (decision) => async (e) => {
     e.preventDefault();
     if (!reason.value.trim()) { notice(`To ${decision} ${a.experiment_id}, give a reason (it is journaled).`, true); reason.focus(); return; }
