@@ -216,8 +216,16 @@ async def test_an_operator_approves_and_denies_proposals_on_the_page_a_viewer_ca
         assert (status, said) == (400, {"error": "decision must be approve or deny"})
 
         # --- the campaign stops with one waiting: a decision is journaled, applied on resume
+        await ben.click("header nav >> text=Lab")  # the lab view's alerts follow approvals
         later = await service.propose(CID, LATER, "agent:alice")
         assert later.awaiting_approval, later
+        await _visible(
+            ben,
+            f".alerts li:has-text('proposal {later.experiment_id} by agent:alice "
+            "awaits approval: program.md approval: human')",
+        )
+        expiry = f"proposal {late.experiment_id} by agent:bob: approval expired after 3 s"
+        await _visible(ben, f".alerts li:has-text('{expiry}')")
         await service.control(CID, "stop", who="lims", reason="test over")
         await service.wait_campaign(CID)
         (left,) = await service.approvals(CID)

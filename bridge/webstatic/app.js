@@ -204,6 +204,7 @@ function setConn(cls, text) {
 }
 
 function onRunnerEvent(kind, m) {
+  if ((kind === "awaiting_approval" || kind === "approval") && view().name === "lab") refreshSoon();  // its alerts
   const c = S.campaign;
   if (!c || m.campaign_id !== c.campaign_id) return;
   if (m.progress) c.progress = m.progress;
