@@ -62,6 +62,8 @@ _UNITS = {"degC": "°C", "degc": "°C", "ml": "mL", "ml/min": "mL/min"}
 MAX_ROWS = 2000
 #: proposals awaiting approval dry-run again for one listing (program.md bounds how many wait)
 MAX_DRY_RUNS = 32
+#: the verdict a waiting proposal had: it waits only after its dry run passed
+_PASSED_WHEN_PROPOSED: Mapping[str, Any] = {"when": "proposed", "ok": True, "reasons": []}
 
 
 def unit_words(unit: str) -> str:
@@ -235,14 +237,16 @@ def campaign_view(service: LabService, data: ReportData) -> dict[str, Any]:
 
 
 async def _program_parameters(service: LabService, campaign_id: str) -> dict[str, Any]:
-    """The campaign's parameters by name (its program: live here, else the journal's)."""
+    """The campaign's parameters by name (its program: live here, else the journal's);
+    :class:`CampaignDataError` if the journal has no such campaign."""
     handle = service.campaigns.get(campaign_id)
     if handle is not None:
         return {p.name: p for p in handle.program.parameters}
     row = next((c for c in await service.stored_campaigns() if c.id == campaign_id), None)
+    if row is None:
+        raise CampaignDataError(f"no campaign {campaign_id!r} in the journal {service.lab.store}")
     with contextlib.suppress(Exception):  # an old or foreign program: names will do
-        if row is not None:
-            return {p.name: p for p in load_program(row.program).parameters}
+        return {p.name: p for p in load_program(row.program).parameters}
     return {}
 
 
@@ -253,7 +257,7 @@ async def _dry_run(service: LabService, campaign_id: str, row: Mapping[str, Any]
     passed: :meth:`~loops.campaign.CampaignRunner.propose`)."""
     handle = service.campaigns.get(campaign_id)
     if handle is None or not handle.active:
-        return {"when": "proposed", "ok": True, "reasons": []}
+        return dict(_PASSED_WHEN_PROPOSED)
     try:
         verdict = await service.dry_run(campaign_id, row["params"], str(row["proposer"]))
     except Exception as exc:  # the campaign ended meanwhile, a station went: said, not fatal
@@ -266,8 +270,8 @@ async def approvals_view(service: LabService, campaign_id: str) -> dict[str, Any
     each, its parameters in words with units, the dry run's verdict, the rules that asked
     for a human, when it expires, and a decision recorded but not applied yet (the
     campaign is not running here)."""
-    rows = await service.approvals(campaign_id)
     params = await _program_parameters(service, campaign_id)
+    rows = await service.approvals(campaign_id)
     verdicts = await asyncio.gather(
         *(_dry_run(service, campaign_id, r) for r in rows[:MAX_DRY_RUNS])
     )
@@ -285,11 +289,7 @@ async def approvals_view(service: LabService, campaign_id: str) -> dict[str, Any
                     "value": value,
                 }
             )
-        dry = (
-            verdicts[i]
-            if i < len(verdicts)
-            else {"when": "proposed", "ok": True, "reasons": []}  # past MAX_DRY_RUNS
-        )
+        dry = verdicts[i] if i < len(verdicts) else dict(_PASSED_WHEN_PROPOSED)
         out.append(
             {
                 "experiment_id": r["experiment_id"],

@@ -214,6 +214,13 @@ async def test_an_operator_approves_and_denies_proposals_on_the_page_a_viewer_ca
         ), said
         status, said = await _post(ana, f"{path}/{no.experiment_id}", {"decision": "maybe"})
         assert (status, said) == (400, {"error": "decision must be approve or deny"})
+        status, said = await _post(ana, f"{path}/{CID}-0999", {"decision": "deny", "reason": "?"})
+        assert status == 404 and "appr-web-0999" in said["error"], (status, said)
+        async with httpx2.AsyncClient(base_url=web.url) as http:
+            unknown = await http.get("/api/campaigns/no-such/approvals")
+        assert unknown.status_code == 404 and unknown.json()["error"].startswith(
+            "no campaign 'no-such' in the journal"
+        ), unknown.text
 
         # --- the campaign stops with one waiting: a decision is journaled, applied on resume
         await ben.click("header nav >> text=Lab")  # the lab view's alerts follow approvals
