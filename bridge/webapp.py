@@ -489,6 +489,9 @@ class LabPage:
             raise Refused("decision must be approve or deny")
         reason = _text(body, "reason", required=True)
         assert reason is not None
+        exp = await self.service.experiment(eid)  # an unknown one is a 404
+        if exp.campaign_id != cid:
+            raise Refused(f"experiment {eid} is campaign {exp.campaign_id}'s, not {cid}'s", 404)
         out = await self.service.decide(
             cid, eid, decision == "approve", session.user, reason, via="web"
         )

@@ -3,7 +3,7 @@ browser (Debian's Chromium, driven by Playwright) on a simulated lab served by a
 :class:`~bridge.service.LabService` (the session's Ray, the simulated bench at speed 500).
 
 One browser, two pages side by side (ben, a viewer; ana, an operator) on a campaign
-whose program says ``approval: human``: an agent's proposal appears on both without a
+whose program says ``approval: human`` (paused but while the approved proposal runs): an agent's proposal appears on both without a
 reload, with who proposed it, its parameters in words with units, the dry run's verdict,
 the rule that asked and when it expires; ben has no approve button and the API refuses
 him (403), and anyone not logged in (401); ana approves one in the browser and it runs
@@ -94,6 +94,8 @@ async def test_an_operator_approves_and_denies_proposals_on_the_page_a_viewer_ca
         service = web.service
         started = await service.start_campaign(CID, _program(), who="lims")
         assert started.accepted, started
+        # paused but while the approved proposal runs: the bench runs what the test needs
+        await service.control(CID, "pause", who="lims", reason="the test decides first")
         ben = await (await b.new_context(viewport={"width": 1280, "height": 900})).new_page()
         ana = await (await b.new_context(viewport={"width": 1400, "height": 900})).new_page()
         errors: list[str] = []
@@ -153,7 +155,9 @@ async def test_an_operator_approves_and_denies_proposals_on_the_page_a_viewer_ca
         await _visible(ana, f"#notice:has-text('{eid} approved by ana: queued to run')")
         for page in (ben, ana):
             await page.wait_for_selector(row, state="detached", timeout=SEEN_MS)
-        await _state(service, eid, "done")
+        await service.control(CID, "resume", who="lims", reason="decided")
+        await _state(service, eid, "done")  # the queue's first: the next experiment
+        await service.control(CID, "pause", who="lims", reason="the test decides again")
         assert volumes(HOT) <= dispensed(web.sim)  # on the pumps' wire
         await _visible(ana, f"#experiments tr[data-experiment='{eid}'][data-state=done]", 90_000)
         row_j = await service.journal.approval.remote(eid)
@@ -178,8 +182,8 @@ async def test_an_operator_approves_and_denies_proposals_on_the_page_a_viewer_ca
         gone = f"#queue-refused tr[data-experiment='{late.experiment_id}']"
         await _visible(ana, gone)
         assert "approval expired after 3 s" in await ana.inner_text(gone)
-        assert (
-            await ana.query_selector(f"#approvals tr[data-approval='{late.experiment_id}']") is None
+        await ana.wait_for_selector(
+            f"#approvals tr[data-approval='{late.experiment_id}']", state="detached"
         )
         status, said = await _post(
             ana, f"{path}/{late.experiment_id}", {"decision": "approve", "reason": "too late"}

@@ -210,6 +210,9 @@ function onRunnerEvent(kind, m) {
   if (m.progress) c.progress = m.progress;
   if (kind === "state") { refresh(); return; }
   if (kind === "awaiting_approval" || kind === "approval") approvalsSoon(c.campaign_id);
+  if (kind === "approval" && S.approvals) {  // decided, expired or cancelled: waits no more
+    S.approvals.approvals = S.approvals.approvals.filter((a) => a.experiment_id !== m.experiment_id);
+  }
   if (!m.experiment_id) { renderSoon(); return; }
   let row = c.experiments.find((r) => r.experiment_id === m.experiment_id);
   if (!row) {
