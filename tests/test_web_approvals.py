@@ -27,6 +27,8 @@ from test_approval import DENIED, EXPIRED, HOT, dispensed, volumes
 from test_mqtt_api import small_program
 from webtesting import PASSWORDS, browser, shot, web_lab
 
+from loops.journal import FINAL_STATES
+
 #: how long the page may take to show something the lab did (generous: a loaded 2-core CI)
 SEEN_MS = 30_000
 CID = "appr-web"
@@ -74,11 +76,13 @@ async def _login(page: Any, url: str, user: str) -> None:
     await page.evaluate("window.__loaded_once = true")  # gone if the page reloads
 
 
-async def _state(service: Any, eid: str, state: str, timeout_s: float = 90) -> None:
+async def _final(service: Any, eid: str, timeout_s: float = 120) -> Any:
+    """The experiment once it is done, failed, rejected or cancelled."""
     deadline = time.monotonic() + timeout_s
-    while (await service.experiment(eid)).state != state:
-        assert time.monotonic() < deadline, f"{eid} did not reach {state} in {timeout_s:g} s"
+    while (exp := await service.experiment(eid)).state not in FINAL_STATES:
+        assert time.monotonic() < deadline, f"{eid} is still {exp.state} after {timeout_s:g} s"
         await asyncio.sleep(0.1)
+    return exp
 
 
 async def _post(page: Any, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -156,7 +160,8 @@ async def test_an_operator_approves_and_denies_proposals_on_the_page_a_viewer_ca
         for page in (ben, ana):
             await page.wait_for_selector(row, state="detached", timeout=SEEN_MS)
         await service.control(CID, "resume", who="lims", reason="decided")
-        await _state(service, eid, "done")  # the queue's first: the next experiment
+        ran = await _final(service, eid)  # the queue's first: the next experiment
+        assert ran.state == "done", (ran.state, ran.reason)
         await service.control(CID, "pause", who="lims", reason="the test decides again")
         assert volumes(HOT) <= dispensed(web.sim)  # on the pumps' wire
         await _visible(ana, f"#experiments tr[data-experiment='{eid}'][data-state=done]", 90_000)
