@@ -14,6 +14,7 @@ HTTP API (JSON; errors are ``{"error": "<one line>"}`` with a 4xx status)::
     GET  /api/events                     server-sent events: the service's, and ``stations``
     GET  /api/campaigns                  the journal's campaigns, newest first
     GET  /api/campaigns/<id>             one campaign with its experiments
+    GET  /api/campaigns/<id>/approvals   its proposals awaiting a human's approval
     GET  /api/experiments/<id>           one experiment's record
     GET  /api/experiments/<id>/<role>.jpg   a stored frame (reference, outcome)
     GET  /api/experiments/<id>/overlay.png  the outcome frame with the camera's overlays
@@ -23,11 +24,12 @@ HTTP API (JSON; errors are ``{"error": "<one line>"}`` with a 4xx status)::
     POST /api/estop {"reason"?}                      (viewer, operator)
     POST /api/reset {"why", "stations"?, "drain"?}   (operator)
     POST /api/campaigns/<id>/control {"action", "reason"?}   (operator)
+    POST /api/campaigns/<id>/approvals/<experiment> {"decision": "approve"|"deny", "reason"}
+                                                             (operator)
 
 Every ``POST`` but the login needs the session and its CSRF token (:mod:`bridge.webauth`);
-actions go through the same service calls as MQTT (``estop``, ``reset``, ``control``) with
-the logged-in user as who. Bodies are at most :data:`MAX_BODY_BYTES`. The approvals of
-proposals (issue 14) are not served yet: the page has a hidden section for them.
+actions go through the same service calls as MQTT (``estop``, ``reset``, ``control``,
+``decide``) with the logged-in user as who. Bodies are at most :data:`MAX_BODY_BYTES`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from bridge.servicetypes import ServiceError, UnknownExperiment
 from bridge.webauth import COOKIE, CSRF_HEADER, AuthRefused, Session, Sessions
 from bridge.webevents import PageEvents, plain
 from bridge.webviews import (
+    approvals_view,
     campaign_view,
     channel_words,
     checks_view,
@@ -138,6 +141,8 @@ class LabPage:
             ("/api/campaigns", self.campaigns, ["GET"]),
             ("/api/campaigns/{cid}", self.campaign, ["GET"]),
             ("/api/campaigns/{cid}/control", self.control, ["POST"]),
+            ("/api/campaigns/{cid}/approvals", self.approvals, ["GET"]),
+            ("/api/campaigns/{cid}/approvals/{eid}", self.decide, ["POST"]),
             ("/api/experiments/{eid}", self.experiment, ["GET"]),
             ("/api/experiments/{eid}/overlay.png", self.overlay, ["GET"]),
             ("/api/experiments/{eid}/{role}.jpg", self.frame, ["GET"]),
@@ -317,6 +322,9 @@ class LabPage:
         data = await asyncio.to_thread(read_campaign, self.service.lab.store, cid)
         return JSONResponse(campaign_view(self.service, data))
 
+    async def approvals(self, request: Request) -> Response:
+        return JSONResponse(await approvals_view(self.service, self._campaign_id(request)))
+
     async def experiment(self, request: Request) -> Response:
         exp = await self.service.experiment(self._experiment_id(request))
         record = await self.service.experiment_record(exp)
@@ -470,6 +478,24 @@ class LabPage:
             reason=reason or f"{body['action']} from the lab page by {session.user}",
         )
         return JSONResponse(plain({"campaign_id": cid, "state": status["state"]}))
+
+    async def decide(self, request: Request) -> Response:
+        """Approve or deny a proposal awaiting approval, as the logged-in operator (the
+        journal names them and the reason; never a name from the body)."""
+        cid, eid = self._campaign_id(request), self._experiment_id(request)
+        session, body = await self._act(request, "approve", "approve or deny proposals")
+        decision = body.get("decision")
+        if decision not in ("approve", "deny"):
+            raise Refused("decision must be approve or deny")
+        reason = _text(body, "reason", required=True)
+        assert reason is not None
+        exp = await self.service.experiment(eid)  # an unknown one is a 404
+        if exp.campaign_id != cid:
+            raise Refused(f"experiment {eid} is campaign {exp.campaign_id}'s, not {cid}'s", 404)
+        out = await self.service.decide(
+            cid, eid, decision == "approve", session.user, reason, via="web"
+        )
+        return JSONResponse(plain(out))
 
 
 @contextlib.asynccontextmanager

@@ -33,7 +33,7 @@ __all__ = ["QUEUE_SIZE", "PageEvents", "plain"]
 
 #: messages one page may have waiting before it is told to resync
 QUEUE_SIZE = 256
-#: refusals, trips, e-stops and resets the lab view lists
+#: refusals, trips, proposals awaiting approval, e-stops and resets the lab view lists
 ALERTS = 20
 _CLOSE = {"kind": "_close"}
 
@@ -231,6 +231,11 @@ def _alert(kind: str, m: Mapping[str, Any]) -> dict[str, Any] | None:
         text = f"station {m.get('station')}: result not verified: {m.get('reason') or '?'}"
     elif kind == "station" and m.get("state") == "out":
         text = f"station {m.get('station')} is out of the campaign: {m.get('reason') or '?'}"
+    elif kind == "awaiting_approval":
+        rules = "; ".join(str(r) for r in m.get("rules") or []) or "?"
+        text = f"proposal {eid} by {m.get('proposer') or '?'} awaits approval: {rules}"
+    elif kind == "approval" and m.get("decision") == "expired":
+        text = f"proposal {eid} by {m.get('proposer') or '?'}: {m.get('reason') or 'expired'}"
     elif kind == "estop":
         text = f"e-stop by {m.get('who')}: {m.get('reason')}"
     elif kind == "reset":

@@ -3,7 +3,8 @@
 lab.yaml::
 
     users:                            # who may act from the lab page (reading needs no login)
-      ana: operator                   # operator: pause/resume/stop/abort campaigns, reset, e-stop
+      ana: operator                   # operator: pause/resume/stop/abort campaigns, approve or
+                                      # deny agents' proposals, reset, e-stop
       ben: viewer                     # viewer: e-stop only (stopping is never the risky way)
     user_passwords: users.passwords   # their hashed passwords (relative to lab.yaml; the default)
 
@@ -55,7 +56,7 @@ USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
 #: what each role may do from the lab page; reading needs no login at all
 PERMISSIONS: Mapping[str, frozenset[str]] = {
     "viewer": frozenset({"estop"}),
-    "operator": frozenset({"estop", "control", "reset"}),
+    "operator": frozenset({"estop", "control", "reset", "approve"}),
 }
 ROLES = tuple(PERMISSIONS)
 DEFAULT_PASSWORD_FILE = "users.passwords"
@@ -257,7 +258,8 @@ def parse_users(users: Any, password_file: Any, doc: YamlDoc, base: Path) -> Use
         if role not in ROLES:
             raise doc.error(
                 f"role {role!r} is not one of {', '.join(ROLES)} (viewer: e-stop only; operator: "
-                "also pause, resume, stop and abort campaigns and reset stations)",
+                "also pause, resume, stop and abort campaigns, approve or deny agents' proposals "
+                "and reset stations)",
                 at,
             )
         roles[name] = str(role)

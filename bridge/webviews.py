@@ -1,5 +1,5 @@
-"""What the lab page shows, as plain data: the lab, a campaign, an experiment, the cameras,
-the history (the routes are :mod:`bridge.webapp`'s).
+"""What the lab page shows, as plain data: the lab, a campaign and its proposals awaiting
+approval, an experiment, the cameras, the history (the routes are :mod:`bridge.webapp`'s).
 
 Labels are words with units, not identifiers: a channel ``hotplate.liquid_c`` is shown as
 "hotplate: liquid temperature" in °C (:func:`channel_words`), a parameter by its program
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from loops.journal import Experiment
 from loops.program import load_program
 
 __all__ = [
+    "MAX_DRY_RUNS",
     "MEASURE_WORDS",
+    "approvals_view",
     "campaign_view",
     "channel_words",
     "history_view",
@@ -57,6 +60,10 @@ MEASURE_WORDS = {
 _UNITS = {"degC": "°C", "degc": "°C", "ml": "mL", "ml/min": "mL/min"}
 #: experiments listed in a campaign's view (the report and the exports have all)
 MAX_ROWS = 2000
+#: proposals awaiting approval dry-run again for one listing (program.md bounds how many wait)
+MAX_DRY_RUNS = 32
+#: the verdict a waiting proposal had: it waits only after its dry run passed
+_PASSED_WHEN_PROPOSED: Mapping[str, Any] = {"when": "proposed", "ok": True, "reasons": []}
 
 
 def unit_words(unit: str) -> str:
@@ -227,6 +234,78 @@ def campaign_view(service: LabService, data: ReportData) -> dict[str, Any]:
         "more": max(0, len(data.experiments) - len(rows)),
     }
     return plain(out)
+
+
+async def _program_parameters(service: LabService, campaign_id: str) -> dict[str, Any]:
+    """The campaign's parameters by name (its program: live here, else the journal's);
+    :class:`CampaignDataError` if the journal has no such campaign."""
+    handle = service.campaigns.get(campaign_id)
+    if handle is not None:
+        return {p.name: p for p in handle.program.parameters}
+    row = next((c for c in await service.stored_campaigns() if c.id == campaign_id), None)
+    if row is None:
+        raise CampaignDataError(f"no campaign {campaign_id!r} in the journal {service.lab.store}")
+    with contextlib.suppress(Exception):  # an old or foreign program: names will do
+        return {p.name: p for p in load_program(row.program).parameters}
+    return {}
+
+
+async def _dry_run(service: LabService, campaign_id: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The verdict on a waiting proposal: dry-run again now when its campaign runs here
+    (its stations' current state), else the one it passed when proposed (a proposal waits
+    for a human only after the program's constraints and the safety layer's dry run
+    passed: :meth:`~loops.campaign.CampaignRunner.propose`)."""
+    handle = service.campaigns.get(campaign_id)
+    if handle is None or not handle.active:
+        return dict(_PASSED_WHEN_PROPOSED)
+    try:
+        verdict = await service.dry_run(campaign_id, row["params"], str(row["proposer"]))
+    except Exception as exc:  # the campaign ended meanwhile, a station went: said, not fatal
+        return {"when": "now", "ok": None, "reasons": [f"could not dry-run it now: {exc}"]}
+    return {"when": "now", "ok": bool(verdict["ok"]), "reasons": list(verdict["reasons"])}
+
+
+async def approvals_view(service: LabService, campaign_id: str) -> dict[str, Any]:
+    """The campaign's proposals awaiting a human's approval, oldest first: who proposed
+    each, its parameters in words with units, the dry run's verdict, the rules that asked
+    for a human, when it expires, and a decision recorded but not applied yet (the
+    campaign is not running here)."""
+    params = await _program_parameters(service, campaign_id)
+    rows = await service.approvals(campaign_id)
+    verdicts = await asyncio.gather(
+        *(_dry_run(service, campaign_id, r) for r in rows[:MAX_DRY_RUNS])
+    )
+    now = time.time()
+    out = []
+    for i, r in enumerate(rows):
+        shown = []
+        for name, value in dict(r["params"]).items():
+            p = params.get(name)
+            shown.append(
+                {
+                    "name": name,
+                    "label": (p.doc if p is not None else "") or name.replace("_", " "),
+                    "unit": unit_words(p.unit) if p is not None else "",
+                    "value": value,
+                }
+            )
+        dry = verdicts[i] if i < len(verdicts) else dict(_PASSED_WHEN_PROPOSED)
+        out.append(
+            {
+                "experiment_id": r["experiment_id"],
+                "proposer": r["proposer"],
+                "params": shown,
+                "dry_run": dry,
+                "rules": list(r["rules"]),
+                "requested": r["requested"],
+                "expires": r["expires"],
+                "expires_in_s": max(0.0, float(r["expires"]) - now),
+                "decision": r["decision"],
+                "who": r["who"],
+                "reason": r["reason"],
+            }
+        )
+    return plain({"campaign_id": campaign_id, "t": now, "approvals": out})
 
 
 async def history_view(service: LabService) -> list[dict[str, Any]]:

@@ -240,8 +240,11 @@ def test_the_web_page_runs_as_written(ray_session: Any, tmp_path: Path) -> None:
         and "ben: viewer; no password" in out[0].stdout
     )
     said = out[1].stdout
-    assert "401 log in to e-stop the lab" in said, said
-    assert "ana operator ['control', 'estop', 'reset']" in said, said
+    assert "by agent:alice asks: program.md approval: human" in said, said
+    assert "401 log in to approve or deny proposals" in said, said
+    assert "ana operator ['approve', 'control', 'estop', 'reset']" in said, said
+    assert "approved by ana: now checked" in said, said
+    assert re.search(r"color-web-\d+: done, proposed by agent:alice", said), said
     assert "e-stop by ana: bench-a tripped" in said, said
     assert "colour difference to the target (CIEDE2000 ΔE): best" in said, said
     for image in re.findall(r"\]\((images/[^)]+)\)", (ROOT / "docs" / page).read_text()):

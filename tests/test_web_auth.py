@@ -100,7 +100,8 @@ def test_passwords_are_scrypt_hashed_private_and_managed_by_labbridge_users(
     assert "$NOPE is not set" in capsys.readouterr().err
     assert labbridge(["users", "list", "--lab", str(path), "--json"]) == 0
     listed = {u["user"]: u for u in json.loads(capsys.readouterr().out)["users"]}
-    assert listed["ana"]["may"] == ["control", "estop", "reset"] and listed["ana"]["password_set"]
+    assert listed["ana"]["may"] == ["approve", "control", "estop", "reset"]
+    assert listed["ana"]["password_set"]
     assert listed["ben"]["may"] == ["estop"] and listed["ben"]["password_set"] is None
     # a password file others can read is refused, as ssh refuses such a key
     os.chmod(pw_file, 0o644)
@@ -193,6 +194,12 @@ async def test_requests_are_checked_before_anything_is_done(tmp_path: Path) -> N
             assert foreign.status_code == 403 and "http://evil.example" in foreign.text
             assert (await http.get("/api/experiments/..%2Fetc")).status_code == 404
             assert (await http.get("/reports/x%20y/")).status_code == 404
+            decide = {"decision": "approve", "reason": "looks fine"}
+            nobody = await http.post("/api/campaigns/c-1/approvals/c-1-0001", json=decide)
+            assert nobody.status_code == 401
+            assert nobody.json() == {"error": "log in to approve or deny proposals"}
+            for bad in ("x%20y/approvals/c-1-0001", "c-1/approvals/..%2Fetc"):
+                assert (await http.post(f"/api/campaigns/{bad}", json=decide)).status_code == 404
             # the viewer: e-stop only; an e-stop on a service that is not open is a 409
             ben = await http.post(
                 "/api/login",
@@ -207,6 +214,13 @@ async def test_requests_are_checked_before_anything_is_done(tmp_path: Path) -> N
             token = {"X-CSRF-Token": you["csrf"]}
             reset = await http.post("/api/reset", json={"why": "x"}, headers=token)
             assert reset.status_code == 403 and "ben (viewer) may not reset stations" in reset.text
+            approve = await http.post(
+                "/api/campaigns/c-1/approvals/c-1-0001", json=decide, headers=token
+            )
+            assert approve.status_code == 403 and approve.json() == {
+                "error": "ben (viewer) may not approve or deny proposals: lab.yaml's users give "
+                "that to operators"
+            }
             estop = await http.post("/api/estop", json={}, headers=token)
             assert estop.status_code == 409 and "not open" in estop.text
             # logging out needs the token too; afterwards the cookie is worth nothing

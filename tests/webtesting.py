@@ -82,11 +82,12 @@ class WebLab:
 
 
 @contextlib.asynccontextmanager
-async def web_lab(tmp_path: Path, stations: int = 1) -> AsyncIterator[WebLab]:
-    """A simulated lab (users ana: operator, ben: viewer) in a lab service with its page."""
+async def web_lab(tmp_path: Path, stations: int = 1, extra: str = "") -> AsyncIterator[WebLab]:
+    """A simulated lab (users ana: operator, ben: viewer; ``extra``: more of lab.yaml) in a
+    lab service with its page."""
     async with SimulatedLab(stations=stations, speed=SPEED) as sim:
         path = tmp_path / "lab.yaml"
-        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db") + USERS)
+        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db") + USERS + extra)
         lab = load_lab(path)
         store = lab.users.store()
         for user, password in PASSWORDS.items():
@@ -100,13 +101,17 @@ async def web_lab(tmp_path: Path, stations: int = 1) -> AsyncIterator[WebLab]:
                 await web.stop_page()
 
 
-async def shot(page: Any, folder: Path, name: str) -> Path:
-    """A full-page screenshot ``name`` in ``folder`` (and docs/images/, see the module)."""
+async def shot(page: Any, folder: Path, name: str, selector: str | None = None) -> Path:
+    """A full-page screenshot ``name`` in ``folder`` (and docs/images/, see the module);
+    with ``selector``, of that element only."""
     path = folder / name
-    header = "document.querySelector('header').style.position"
-    await page.evaluate(f"{header} = 'static'")  # one header in a full-page shot
-    await page.screenshot(path=str(path), full_page=True)
-    await page.evaluate(f"{header} = ''")
+    if selector is not None:
+        await page.locator(selector).screenshot(path=str(path))
+    else:
+        header = "document.querySelector('header').style.position"
+        await page.evaluate(f"{header} = 'static'")  # one header in a full-page shot
+        await page.screenshot(path=str(path), full_page=True)
+        await page.evaluate(f"{header} = ''")
     if os.environ.get("LABBRIDGE_DOCS_SCREENSHOTS") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, DOCS_IMAGES / name)

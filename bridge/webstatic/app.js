@@ -8,6 +8,7 @@ const S = {
   lab: null,          // /api/state
   you: null,          // who is logged in: {user, role, may, csrf}
   campaign: null,     // the campaign on screen (/api/campaigns/<id>)
+  approvals: null,    // its proposals awaiting approval (/api/campaigns/<id>/approvals)
   instance: null,     // which server process: a change means the service restarted
   source: null,       // the EventSource
   lostSince: null,
@@ -176,7 +177,7 @@ function connect() {
     S.lab.stations = JSON.parse(e.data).stations;
     if (view().name === "lab") renderSoon();
   });
-  for (const kind of ["proposed", "started", "finished", "failed", "rejected", "cancelled", "unverified", "station", "state"]) {
+  for (const kind of ["proposed", "started", "finished", "failed", "rejected", "cancelled", "unverified", "station", "state", "awaiting_approval", "approval"]) {
     es.addEventListener(kind, (e) => onRunnerEvent(kind, JSON.parse(e.data)));
   }
   for (const kind of ["campaign", "estop", "reset", "alert"]) {
@@ -203,10 +204,15 @@ function setConn(cls, text) {
 }
 
 function onRunnerEvent(kind, m) {
+  if ((kind === "awaiting_approval" || kind === "approval") && view().name === "lab") refreshSoon();  // its alerts
   const c = S.campaign;
   if (!c || m.campaign_id !== c.campaign_id) return;
   if (m.progress) c.progress = m.progress;
   if (kind === "state") { refresh(); return; }
+  if (kind === "awaiting_approval" || kind === "approval") approvalsSoon(c.campaign_id);
+  if (kind === "approval" && S.approvals) {  // decided, expired or cancelled: waits no more
+    S.approvals.approvals = S.approvals.approvals.filter((a) => a.experiment_id !== m.experiment_id);
+  }
   if (!m.experiment_id) { renderSoon(); return; }
   let row = c.experiments.find((r) => r.experiment_id === m.experiment_id);
   if (!row) {
@@ -215,8 +221,10 @@ function onRunnerEvent(kind, m) {
     c.experiments.push(row);
     c.experiments.sort((a, b) => a.seq - b.seq);
   }
-  const states = { proposed: "proposed", started: "running", finished: "done", failed: "failed", rejected: "rejected", cancelled: "cancelled" };
+  const states = { proposed: "proposed", started: "running", finished: "done", failed: "failed", rejected: "rejected", cancelled: "cancelled", awaiting_approval: "awaiting-approval" };
+  const decided = { approved: "checked", denied: "rejected", expired: "rejected", cancelled: "cancelled" };
   if (states[kind]) row.state = states[kind];
+  if (kind === "approval" && decided[m.decision]) row.state = decided[m.decision];
   for (const k of ["station", "proposer", "objective", "verified"]) if (m[k] !== undefined) row[k] = m[k];
   if (m.params) row.params = m.params;
   if (m.reasons) row.reason = m.reasons.join("; ");
@@ -240,6 +248,16 @@ function renderSoon() {
   renderQueued = true;
   requestAnimationFrame(() => { renderQueued = false; render(); });
 }
+let approvalsTimer = null;
+function approvalsSoon(cid) {  // a proposal awaits approval, or one was decided or expired
+  clearTimeout(approvalsTimer);
+  approvalsTimer = setTimeout(async () => {
+    try {
+      const a = await api(`/api/campaigns/${encodeURIComponent(cid)}/approvals`);
+      if (S.campaign && S.campaign.campaign_id === cid) { S.approvals = a; renderSoon(); }
+    } catch (err) { notice(`Approvals: ${err.message}`, true); }
+  }, 100);
+}
 let refreshTimer = null;
 function refreshSoon() {  // the best result's colour comes from the journal
   clearTimeout(refreshTimer);
@@ -251,7 +269,7 @@ function view() {
   const parts = location.hash.replace(/^#\/?/, "").split("/");
   return { name: parts[0] || "lab", arg: decodeURIComponent(parts.slice(1).join("/")) };
 }
-window.addEventListener("hashchange", () => { S.campaign = null; refresh(); });
+window.addEventListener("hashchange", () => { S.campaign = null; S.approvals = null; refresh(); });
 
 async function refresh() {
   try {
@@ -260,7 +278,10 @@ async function refresh() {
     $("bridge").textContent = S.lab.bridge_id + (S.lab.simulated ? " (simulated)" : "");
     renderWho();
     const v = view();
-    if (v.name === "campaign") S.campaign = await api(`/api/campaigns/${encodeURIComponent(v.arg)}`);
+    if (v.name === "campaign") {
+      const cid = encodeURIComponent(v.arg);
+      [S.campaign, S.approvals] = await Promise.all([api(`/api/campaigns/${cid}`), api(`/api/campaigns/${cid}/approvals`)]);
+    }
     await render(true);
   } catch (err) {
     notice(`Could not load: ${err.message}`, true);
@@ -386,7 +407,8 @@ function campaignView(c) {
   const budget = p.budget || null;
   const obj = c.objective;
   const objLabel = obj.label + (obj.unit ? ` (${obj.unit})` : "");
-  const inFlight = c.experiments.filter((e) => ["proposed", "queued", "running"].includes(e.state));
+  const inFlight = c.experiments.filter((e) => ["proposed", "checked", "queued", "running"].includes(e.state));
+  const waiting = S.approvals && S.approvals.campaign_id === c.campaign_id ? S.approvals.approvals : [];
   const refused = c.experiments.filter((e) => e.state === "rejected");
   const best = c.best;
   return h("div", {},
@@ -403,15 +425,63 @@ function campaignView(c) {
     convergencePlot(c, objLabel),
     h("h2", { text: "Parameters explored" }),
     parameterPlots(c, objLabel),
-    // Approvals (issue 14) hook: once LabService.approvals()/decide() exist, the proposals
-    // awaiting approval go here, from the hidden <section id="approvals"> of index.html.
+    h("section", { id: "queue" },
     h("h2", { text: "Queue" }),
+    h("h3", { text: `Awaiting approval (${waiting.length})` }),
+    approvalsView(c, waiting),
     h("h3", { text: `In flight (${inFlight.length})` }),
     inFlight.length ? table(["experiment", "state", "station", "proposed by"], inFlight.map((e) => ({ href: `#/experiment/${e.experiment_id}`, cells: [expLink(e.experiment_id), e.state, e.station || "", e.proposer || ""] })), true) : h("p", { class: "muted", text: "nothing running" }),
     h("h3", { text: `Refused (${refused.length})` }),
-    refused.length ? table(["experiment", "proposed by", "why refused"], refused.slice(-20).reverse().map((e) => ({ href: `#/experiment/${e.experiment_id}`, cells: [expLink(e.experiment_id), e.proposer || "", e.reason || ""] })), true) : h("p", { class: "muted", text: "no proposal refused" }),
+    refused.length ? h("div", { id: "queue-refused" }, table(["experiment", "proposed by", "why refused"], refused.slice(-20).reverse().map((e) => ({ href: `#/experiment/${e.experiment_id}`, attrs: { "data-experiment": e.experiment_id }, cells: [expLink(e.experiment_id), e.proposer || "", e.reason || ""] })), true)) : h("p", { class: "muted", text: "no proposal refused" })),
     h("h2", { text: "Experiments" }),
     h("div", { id: "experiments" }, experimentsTable(c, objLabel)));
+}
+
+// Agents' proposals that a program's or lab.yaml's approval policy sends to a human.
+function approvalsView(c, waiting) {
+  if (!waiting.length) return h("p", { class: "muted", text: "no proposal awaits approval" });
+  const who = may("approve") ? null : (S.you ? `${S.you.user} may not approve or deny proposals.` : "Log in as an operator to approve or deny.");
+  return h("div", { id: "approvals" },
+    who ? h("p", { class: "muted", text: who }) : null,
+    table(["experiment", "proposed by", "parameters", "dry run", "why it needs approval", "expires", "decision"], waiting.map((a) => ({
+      attrs: { "data-approval": a.experiment_id },
+      cells: [expLink(a.experiment_id), a.proposer,
+        h("ul", { class: "params" }, a.params.map((p) => h("li", {}, `${p.label}: `, h("b", { text: num(p.value) }), p.unit ? ` ${p.unit}` : ""))),
+        dryRunText(a.dry_run),
+        h("ul", {}, a.rules.map((r) => h("li", { text: r }))),
+        `${clock(a.expires)} (${untilText(a.expires_in_s)})`,
+        a.decision ? h("span", { text: `${a.decision === "approve" ? "approved" : "denied"} by ${a.who}: ${a.reason} (applied when the campaign runs again)` })
+          : (may("approve") ? decideForm(c, a) : "")],
+    }))));
+}
+function dryRunText(d) {
+  if (d.when === "proposed") return h("span", { class: "good", text: "passed when proposed (dry-run again on its station before it runs)" });
+  if (d.ok) return h("span", { class: "good", text: "passes now" });
+  return h("span", { class: "bad", text: `refused now: ${d.reasons.join("; ")}` });
+}
+function untilText(s) {
+  if (s <= 0) return "expired";
+  if (s >= 3600) return `in ${num(s / 3600, 2)} h`;
+  if (s >= 60) return `in ${Math.round(s / 60)} min`;
+  return `in ${Math.round(s)} s`;
+}
+function decideForm(c, a) {
+  const reason = h("input", { type: "text", maxlength: 500, name: "reason", placeholder: "why (recorded)" });
+  const act = (decision) => async (e) => {
+    e.preventDefault();
+    if (!reason.value.trim()) { notice(`To ${decision} ${a.experiment_id}, give a reason (it is journaled).`, true); reason.focus(); return; }
+    try {
+      const r = await api(`/api/campaigns/${encodeURIComponent(c.campaign_id)}/approvals/${encodeURIComponent(a.experiment_id)}`, { decision, reason: reason.value });
+      notice(`${a.experiment_id} ${decision === "approve" ? "approved" : "denied"} by ${r.who}: ${r.applied ? (r.state === "checked" ? "queued to run" : r.state) : r.note}`);
+      reason.value = "";
+      reason.blur();
+    } catch (err) { notice(`${decision === "approve" ? "Approve" : "Deny"} ${a.experiment_id}: ${err.message}`, true); }
+    refresh();
+  };
+  // Enter in the reason decides nothing: approving or denying is a button's click
+  return h("form", { class: "controls decide", onsubmit: (e) => e.preventDefault() }, reason,
+    h("button", { type: "button", onclick: act("approve"), text: "Approve" }),
+    h("button", { type: "button", onclick: act("deny"), text: "Deny" }));
 }
 
 function controls(c) {
