@@ -105,6 +105,21 @@ class ApprovalPolicy:
         """``human``, or the rule as written."""
         return "human" if self.rule is None else self.rule.text
 
+    def as_spec(self) -> Any:
+        """The ``approval:`` value that :func:`parse_approval` reads back as this policy."""
+        if self.rule is None and not self.trusted and self.expires_s == DEFAULT_EXPIRES_S:
+            if self.max_awaiting == DEFAULT_MAX_AWAITING:
+                return "human"
+        spec: dict[str, Any] = {
+            "human_when": "true" if self.rule is None else self.rule.text,
+            "expires_s": self.expires_s,
+        }
+        if self.trusted:
+            spec["trusted"] = list(self.trusted)
+        if self.max_awaiting != DEFAULT_MAX_AWAITING:
+            spec["max_awaiting"] = self.max_awaiting
+        return spec
+
     def names(self) -> set[str]:
         """The campaign's names the rule uses (not ``agent`` or a named list)."""
         if self.rule is None:

@@ -517,5 +517,4 @@ def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | No
         body=body,
         source=doc.source,
         approval=approval,
-        approval_spec=data.get("approval"),
     )

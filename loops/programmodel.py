@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from loops.approval import ApprovalPolicy
-from loops.plan import Plan, plain
+from loops.plan import Plan
 from safety.expr import EvaluationError, Expression
 from safety.yamldoc import ConfigError
 
@@ -260,8 +260,6 @@ class Program:
     source: str = "<program>"
     #: when an agent's proposal waits for a human (None: auto; loops/approval.py)
     approval: ApprovalPolicy | None = None
-    #: the ``approval`` front matter as written (for :meth:`as_dict`)
-    approval_spec: Any = None
 
     @property
     def space(self) -> Space:
@@ -358,8 +356,8 @@ class Program:
             out["fixed"] = dict(self.fixed)
         if self.verification.get("checks"):
             out["verification"] = {k: v for k, v in self.verification.items() if v}
-        if self.approval_spec is not None:
-            out["approval"] = plain(self.approval_spec)
+        if self.approval is not None:
+            out["approval"] = self.approval.as_spec()
         return out
 
     def to_markdown(self) -> str:

@@ -109,10 +109,28 @@ def test_a_campaign_policy_is_validated_at_load_naming_the_line_and_field() -> N
     assert policy.trusted == ("alice",) and policy.expires_s == 7200 and policy.max_awaiting == 3
     again = load_program(prog.to_markdown())  # written back as it was given
     assert again.approval is not None and again.approval.text == policy.text
-    assert again.as_dict()["approval"] == prog.as_dict()["approval"]
+    assert again.approval is not None and again.approval.text == policy.text
+    assert (again.approval.trusted, again.approval.expires_s, again.approval.max_awaiting) == (
+        ("alice",),
+        7200,
+        3,
+    )
     assert colour_match("approval: auto\n").approval is None
     human = colour_match("approval: human\n").approval
     assert human is not None and human.rule is None and human.expires_s == 3600
+    # a policy set in code (not read from text) is written out too, and reads back the same
+    plain = colour_match("approval: auto\n")
+    for set_in_code in (human, policy, dataclasses.replace(human, expires_s=90.0)):
+        made = dataclasses.replace(plain, approval=set_in_code)
+        back = load_program(made.to_markdown()).approval
+        every = ("human", "true")  # no rule: every proposal asks (written "true" with options)
+        assert back is not None, made.to_markdown()
+        assert back.text == set_in_code.text or {back.text, set_in_code.text} <= set(every)
+        assert (back.trusted, back.expires_s, back.max_awaiting) == (
+            set_in_code.trusted,
+            set_in_code.expires_s,
+            set_in_code.max_awaiting,
+        )
     for front, problem in (
         (
             'approval:\n  human_when: "temprature_c > 60"\n',
