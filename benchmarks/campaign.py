@@ -381,6 +381,13 @@ def run_task(task: Task) -> Trace:
 
 
 def _worker_init() -> None:
+    if sys.platform.startswith("linux"):  # a worker dies with the benchmark (SIGTERM'd, killed)
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the benchmark died before that took hold
+            os._exit(1)
     try:
         from threadpoolctl import threadpool_limits
 
