@@ -179,18 +179,18 @@ class CampaignLease(CampaignBook):
         if keeper is not None:
             keeper.cancel()
             done, _ = await asyncio.wait({keeper}, timeout=RELEASE_S)
-            if not done:  # never seen since the fix above; the campaign ends regardless
+            if not done:  # it swallowed the cancellation: it stops at its next tick (flag)
                 log.error(
                     "campaign %s: the lease keeper did not stop within %g s (still %s)",
                     self.campaign_id,
                     RELEASE_S,
                     keeper,
                 )
-            elif not keeper.cancelled() and keeper.exception() is not None:
+            elif not keeper.cancelled() and (failure := keeper.exception()) is not None:
                 log.error(
                     "campaign %s: the lease keeper failed: %s",
                     self.campaign_id,
-                    cause_text(keeper.exception()),
+                    cause_text(failure),
                 )
         epoch = self._epoch
         if epoch is None:
