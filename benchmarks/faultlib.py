@@ -484,13 +484,23 @@ def lb_folders(tmp: Path) -> set[str]:
 
 
 def dump_tasks(why: str) -> None:
-    """Log (WARNING) every asyncio task of the running loop with its stack: what each one
-    awaits. Gdb on a hung run deadlocks; this runs in the loop itself (a signal handler,
-    or the harness when a station does not come back)."""
+    """Log (WARNING) every asyncio task of the running loop with what it awaits: its
+    coroutine's whole await chain, innermost last (``Task.print_stack`` shows only the
+    task's own frame). Gdb on a hung run deadlocks; this runs in the loop itself (a
+    signal handler, or the harness when a station does not come back)."""
     out = io.StringIO()
     tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
     out.write(f"{len(tasks)} asyncio tasks ({why}):\n")
     for task in tasks:
-        out.write(f"--- {task.get_name()}: {task!r}\n")
-        task.print_stack(limit=30, file=out)
+        out.write(f"--- {task!r}\n")
+        link: Any = task.get_coro()
+        while link is not None:
+            frame = getattr(link, "cr_frame", None) or getattr(link, "gi_frame", None)
+            if frame is not None:
+                code = frame.f_code
+                out.write(f"    {code.co_filename}:{frame.f_lineno} in {code.co_name}\n")
+            link = getattr(link, "cr_await", None) or getattr(link, "gi_yieldfrom", None)
+            if link is not None and not hasattr(link, "cr_frame") and not hasattr(link, "gi_frame"):
+                out.write(f"    awaits {link!r}\n")  # a future: the end of the chain
+                break
     log.warning("%s", out.getvalue())
