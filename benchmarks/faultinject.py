@@ -31,6 +31,7 @@ from benchmarks.faultlib import (
     budget_check,
     campaign_program,
     colour_benches,
+    dump_tasks,
     vessel_check,
 )
 from benchmarks.stats import med, pct
@@ -237,6 +238,7 @@ class StationFaults:
                     return
             await asyncio.sleep(0.05)
         self.errors.append(f"{f.kind} at {f.wall_inj:.1f}: not back within {RECOVERY_TIMEOUT_S} s")
+        dump_tasks(f"{self.name}: not back within {RECOVERY_TIMEOUT_S} s after {f.kind}")
 
     async def run(self, quota: int, progress: Any, counter: list[int], total: int) -> None:
         for attempt in range(3):

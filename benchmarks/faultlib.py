@@ -10,7 +10,9 @@
   into the vial, the vial's volume, spills), for the budget and the vessel;
 * :func:`audit_journal`: the journal's step log (steps started twice, an experiment run
   twice, experiments left open, finished experiments closed without their measurement);
-* process and temp-folder accounting (:func:`ray_actor_processes`, :func:`lb_folders`).
+* process and temp-folder accounting (:func:`ray_actor_processes`, :func:`lb_folders`);
+* :func:`dump_tasks`: every asyncio task's stack, logged (a run that hangs explains itself:
+  SIGUSR1, or a station not back within the recovery timeout).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import io
+import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -33,6 +37,8 @@ from loops.program import Program, load_program
 from safety.envelope import Envelope
 from safety.limits import Violation
 from simulators.bench import PUMP_ADDRESSES, SimulatedBench, SimulatedLab
+
+log = logging.getLogger(__name__)
 
 DYE = ("red", "green", "blue")
 FLUID_OF = {address: fluid for fluid, address in PUMP_ADDRESSES.items()}
@@ -475,3 +481,26 @@ def alive(pids: Iterable[int]) -> list[int]:
 def lb_folders(tmp: Path) -> set[str]:
     """The ``lb-*`` folders (the simulators' and transports' temp folders) in ``tmp``."""
     return {p.name for p in tmp.glob("lb-*")}
+
+
+def dump_tasks(why: str) -> None:
+    """Log (WARNING) every asyncio task of the running loop with what it awaits: its
+    coroutine's whole await chain, innermost last (``Task.print_stack`` shows only the
+    task's own frame). Gdb on a hung run deadlocks; this runs in the loop itself (a
+    signal handler, or the harness when a station does not come back)."""
+    out = io.StringIO()
+    tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
+    out.write(f"{len(tasks)} asyncio tasks ({why}):\n")
+    for task in tasks:
+        out.write(f"--- {task!r}\n")
+        link: Any = task.get_coro()
+        while link is not None:
+            frame = getattr(link, "cr_frame", None) or getattr(link, "gi_frame", None)
+            if frame is not None:
+                code = frame.f_code
+                out.write(f"    {code.co_filename}:{frame.f_lineno} in {code.co_name}\n")
+            link = getattr(link, "cr_await", None) or getattr(link, "gi_yieldfrom", None)
+            if link is not None and not hasattr(link, "cr_frame") and not hasattr(link, "gi_frame"):
+                out.write(f"    awaits {link!r}\n")  # a future: the end of the chain
+                break
+    log.warning("%s", out.getvalue())

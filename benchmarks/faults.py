@@ -67,6 +67,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -86,6 +87,7 @@ if _ROOT not in sys.path:
 
 from benchmarks.faultinject import fault_campaign, fault_table  # noqa: E402
 from benchmarks.faultkill import kill_campaign, kill_table  # noqa: E402
+from benchmarks.faultlib import dump_tasks  # noqa: E402
 
 
 # ------------------------------------------------------------------- settings
@@ -194,6 +196,10 @@ async def run(s: Settings) -> dict[str, Any]:
             force=True,
         )
         doc["log"] = str(tmp / "benchmark.log")
+        # kill -USR1 <pid>: every asyncio task's stack into the log (a hang explains itself)
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGUSR1, dump_tasks, "SIGUSR1 from an operator"
+        )
         init_ray(
             stations=[f"bench-{chr(ord('a') + i)}" for i in range(max(3, s.stations))],
             local=True,

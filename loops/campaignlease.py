@@ -15,6 +15,13 @@ released. If this process dies, the leases run out and every station trips withi
 the bound of :mod:`loops.stationlease`. A station that refuses the renewal (a newer
 owner fenced this one off, or the lease was lost) is taken out of the campaign; a
 fenced owner stops the whole campaign.
+
+The keeper ends when the campaign does, whatever its stations do: every call it makes is
+bounded with ``asyncio.timeout`` (not ``asyncio.wait_for``: on Python 3.11 a ``wait_for``
+whose call completes -- a dead station's release failing at once -- just as the keeper is
+cancelled returns that call's outcome and swallows the cancellation; the keeper then
+renewed for nobody and the campaign's end waited for it forever), it stops at a flag as
+well as at the cancellation, and the end waits for it for a bounded time only.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from loops.campaignbook import CampaignBook, Slot
 from loops.journal import Journal, StaleOwner
@@ -34,11 +43,25 @@ from loops.stations import StationActor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HANDOVER_S", "CampaignLease", "OwnerAlive"]
+__all__ = ["HANDOVER_S", "CampaignLease", "OwnerAlive", "bounded"]
+
+_T = TypeVar("_T")
 
 #: how long a new owner waits for an older owner's lease on a station to end: a whole
 #: lease after a last renewal, the trip, and a margin for a loaded machine (real seconds)
 HANDOVER_S = 2 * LEASE_S + 2 * POLL_S + 2.0
+#: how long the campaign's end waits for the keeper to stop, and for its stations to take
+#: the release of their leases (real seconds); a station that does not answer by then has
+#: its lease run out instead (it trips: the bound of loops.stationlease)
+RELEASE_S = 2 * RENEW_S
+
+
+async def bounded(call: Awaitable[_T], limit_s: float) -> _T:
+    """``await call``, raising TimeoutError after ``limit_s`` real seconds; a cancellation
+    of the caller always propagates (``asyncio.timeout``; Python 3.11's ``asyncio.wait_for``
+    swallows one that arrives as ``call`` completes: the module docstring)."""
+    async with asyncio.timeout(limit_s):
+        return await call
 
 
 class OwnerAlive(RuntimeError):
@@ -112,11 +135,11 @@ class CampaignLease(CampaignBook):
         for slot in self._slots.values():  # a station out of the campaign: its lease ends now
             if slot.state == "out" and slot.name not in self._released:
                 self._released.add(slot.name)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(slot.actor.call(StationActor.release, epoch), RENEW_S)
+                with contextlib.suppress(Exception):  # died, refused, slow: it runs out instead
+                    await bounded(slot.actor.call(StationActor.release, epoch), RENEW_S)
         calls = [slot.actor.call(StationActor.lease, owner, epoch, self._lease_s) for slot in live]
         done = await asyncio.gather(
-            *(asyncio.wait_for(c, 2 * RENEW_S) for c in calls), return_exceptions=True
+            *(bounded(c, 2 * RENEW_S) for c in calls), return_exceptions=True
         )
         for slot, outcome in zip(live, done, strict=True):
             if isinstance(outcome, TimeoutError):
@@ -135,8 +158,10 @@ class CampaignLease(CampaignBook):
 
     async def _keep(self) -> None:
         last = time.monotonic()
-        while True:
+        while self._keeper is not None:  # None once the campaign ended (_release_leases)
             await asyncio.sleep(RENEW_S)
+            if self._keeper is None:
+                return
             gap = time.monotonic() - last
             if gap > self._lease_s / 2:  # this process stalls: its stations may trip
                 log.warning(
@@ -150,15 +175,30 @@ class CampaignLease(CampaignBook):
 
     async def _release_leases(self) -> None:
         """Stop renewing and release every station's lease (the campaign ended)."""
-        keeper, self._keeper = self._keeper, None
+        keeper, self._keeper = self._keeper, None  # the keeper stops at this too
         if keeper is not None:
             keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            done, _ = await asyncio.wait({keeper}, timeout=RELEASE_S)
+            if not done:  # it swallowed the cancellation: it stops at its next tick (flag)
+                log.error(
+                    "campaign %s: the lease keeper did not stop within %g s (still %s)",
+                    self.campaign_id,
+                    RELEASE_S,
+                    keeper,
+                )
+            elif not keeper.cancelled() and (failure := keeper.exception()) is not None:
+                log.error(
+                    "campaign %s: the lease keeper failed: %s",
+                    self.campaign_id,
+                    cause_text(failure),
+                )
         epoch = self._epoch
         if epoch is None:
             return
-        await asyncio.gather(
-            *(s.actor.call(StationActor.release, epoch) for s in self._slots.values()),
+        await asyncio.gather(  # a dead station raises at once; a stalled one runs out instead
+            *(
+                bounded(s.actor.call(StationActor.release, epoch), RELEASE_S)
+                for s in self._slots.values()
+            ),
             return_exceptions=True,
         )

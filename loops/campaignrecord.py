@@ -4,11 +4,20 @@ Each outcome of a station's run (a finished result, verified or not, with its
 images; no finite objective; refused at start; failed and tripped; the station
 lost) is journaled with the optimizer's state in the same transaction, told to
 the optimizer, counted, emitted as an event and given to whoever waits for it.
+
+A station that dies after its run's last step keeps what the run measured: with the
+outcome journaled (the station died before returning it) the result is recorded from
+the journal at once, marked recovered; measured with the last step but not verified yet
+(it died while verifying), the experiment stays ``running`` (never failed, never re-run)
+and the next resume verifies it on a new actor of that station
+(:meth:`StationActor.recover_outcome <loops.stationrecover.StationRecovery.recover_outcome>`)
+and records it, as after a kill -9 of the campaign's process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,13 +25,21 @@ from typing import Any
 from loops.campaignbook import CampaignBook, Item, Slot, violation_text
 from loops.journal import Experiment, Journal
 
-__all__ = ["RECOVERED", "CampaignRecorder"]
+log = logging.getLogger(__name__)
+
+__all__ = ["RECOVERED", "RECOVERED_LIVE", "CampaignRecorder"]
 
 #: the reason of a result recovered on resume (:meth:`CampaignResume._record_recovered
 #: <loops.campaignresume.CampaignResume._record_recovered>`)
 RECOVERED = (
     "recovered on resume: every step ran before the campaign's process stopped, "
     "the measurements journaled with the last one"
+)
+#: the reason of a result recorded from the journal after its station died (the
+#: outcome journaled, not returned)
+RECOVERED_LIVE = (
+    "recovered after the station died: every step ran and the outcome was journaled "
+    "before the station's process stopped"
 )
 
 
@@ -52,10 +69,13 @@ class CampaignRecorder(CampaignBook):
         self._resolve(item.experiment_id, {"event": "rejected", **event})
 
     async def _station_lost(self, slot: Slot, item: Item, reason: str) -> None:
-        """The station died or failed outside a recipe step: mark the experiment, never retry it."""
+        """The station died or failed outside a recipe step: mark the experiment, never retry
+        it (one that ran to its end is recorded or left for the resume: :meth:`_ran_to_its_end`)."""
         self._out(slot, reason)
         async with self._lock:
             exp: Experiment = await self.journal.call(Journal.experiment, item.experiment_id)
+            if exp.state == "running" and await self._ran_to_its_end(slot, item, reason):
+                return
             if exp.state == "running":
                 step = "before its first step" if exp.step is None else f"during step {exp.step}"
                 why = (
@@ -76,6 +96,37 @@ class CampaignRecorder(CampaignBook):
             if exp.state == "running":
                 self._record_value(item.experiment_id, item.params, None)
             self._failed_event(slot, item, why)
+
+    async def _ran_to_its_end(self, slot: Slot, item: Item, reason: str) -> bool:
+        """After ``slot``'s station died during ``item``'s run: whether every step had run
+        and been measured (journaled with the last step), and so the experiment is not a
+        failure. Its journaled outcome is recorded now (marked recovered); one measured
+        but not yet verified stays ``running`` for the next resume to verify on a new
+        actor and record (module docstring). Caller holds the lock."""
+        eid = item.experiment_id
+        outcome = await self.journal.call(Journal.outcome, eid)
+        if outcome is not None:
+            images = await self.journal.call(Journal.outcome_images, eid)
+            out = {
+                **outcome,
+                "image": images.get("outcome"),
+                "reference_image": images.get("reference"),
+                "recovered_after_death": True,
+            }
+            await self._record(slot, item, out)
+            return True
+        if await self.journal.call(Journal.measured, eid) is None:
+            return False
+        why = (
+            f"{reason} after every step of {eid} ran and was measured, before it was verified: "
+            "it stays running, never re-run; resume the campaign with a new actor of the "
+            "station to verify and record it"
+        )
+        log.warning("campaign %s: %s", self.campaign_id, why)
+        self._record_value(eid, item.params, None)  # it ran: it counts against the budget
+        slot.reason = f"{reason}; {eid} awaits recovery: resume the campaign"
+        self._emit("measured", experiment_id=eid, station=slot.name, reason=why)
+        return True
 
     def _failed_event(self, slot: Slot, item: Item, reason: str, **extra: Any) -> None:
         event = {
@@ -118,6 +169,8 @@ class CampaignRecorder(CampaignBook):
                 if out.get("recovered_on_resume"):
                     checked = ", verified on resume" if verification is not None else ""
                     reason = "; ".join(filter(None, [reason, RECOVERED + checked]))
+                elif out.get("recovered_after_death"):
+                    reason = "; ".join(filter(None, [reason, RECOVERED_LIVE]))
                 self._tell(item, float(value), "untrusted" if verified is False else "ok")
                 result = {**dict(out.get("result") or {}), "station": slot.name}
                 if verification is not None:
@@ -126,7 +179,7 @@ class CampaignRecorder(CampaignBook):
                     result["images"] = images
                 if missing:  # cited by the outcome, neither journaled nor on disk
                     result["images_missing"] = missing
-                for flag in ("recorded_on_resume", "recovered_on_resume"):
+                for flag in ("recorded_on_resume", "recovered_on_resume", "recovered_after_death"):
                     if out.get(flag):
                         result[flag] = True
                 await j.call(
