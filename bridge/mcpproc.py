@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["MAX_IN_FLIGHT", "NICE", "ChildLink", "read_message", "transport_process"]
 
 #: the transport process's niceness above the service's (CPU goes to the lab first)
-NICE = 5
+NICE = 10
 #: calls from the transport running in the service at once
 MAX_IN_FLIGHT = 64
 #: the largest message on the link (a report with its images is the largest result)

@@ -46,9 +46,10 @@ class StationSafety:
         self, name: str, method: str, *args: Any, timeout: float | None = None
     ) -> Any:
         ref = getattr(self.actors[name], method).remote(*args)
-        return await asyncio.wait_for(
-            asyncio.wrap_future(ref.future()), timeout or self._station_timeout_s
-        )
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+        # that comes as the call completes (loops/campaignlease.py)
+        async with asyncio.timeout(timeout or self._station_timeout_s):
+            return await asyncio.wrap_future(ref.future())
 
     async def estop(self, reason: str, who: str = "operator") -> dict[str, Any]:
         """Trip every station at once (latched safe state), then abort every running campaign.

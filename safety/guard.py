@@ -321,9 +321,9 @@ class Guard:
             driver = self._drivers[command.instrument]
             self._in_flight = command
             try:
-                result = await asyncio.wait_for(
-                    _call(driver, effect.action, effect.params), self.command_timeout
-                )
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                async with asyncio.timeout(self.command_timeout):
+                    result = await _call(driver, effect.action, effect.params)
             except (ValueError, TypeError):
                 raise  # the driver refused it before sending anything
             except BaseException as exc:
@@ -377,7 +377,8 @@ class Guard:
             "%s: tripped while %s was in flight; safe state for %s again", self.station, name, name
         )
         try:
-            await asyncio.wait_for(self._drivers[name].safe_state(), self.command_timeout)
+            async with asyncio.timeout(self.command_timeout):
+                await self._drivers[name].safe_state()
         except Exception as exc:
             log.error("%s: safe state of %s after a trip failed: %s", self.station, name, exc)
         else:
@@ -400,9 +401,8 @@ class Guard:
             return
         driver = self._drivers[drain.instrument]
         try:
-            progress = await asyncio.wait_for(
-                getattr(driver, drain.progress)(), self.read_timeout
-            )
+            async with asyncio.timeout(self.read_timeout):
+                progress = await getattr(driver, drain.progress)()
             moving, taken = progress["moving"], progress["in_ml"]
             if taken is None and moving is False:
                 log.warning(
@@ -443,7 +443,8 @@ class Guard:
 
         async def one(name: str) -> None:
             try:
-                reading = await asyncio.wait_for(self._drivers[name].read(), self.read_timeout)
+                async with asyncio.timeout(self.read_timeout):
+                    reading = await self._drivers[name].read()
             except Exception as exc:  # refused with the device's flags: keep them (driver.py)
                 partial = getattr(exc, "reading", None)
                 if not isinstance(partial, Mapping):
