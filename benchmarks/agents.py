@@ -29,7 +29,9 @@ to refuse), so every proposal pays for the whole quota check (the journal's coun
    reaches the campaign: quota check, journal, the station's dry run). Each flooder keeps
    ``--flood-concurrency`` proposals in flight. The control: the same e-stops while a
    process that sends nothing keeps one core busy (a flooding client on this machine takes
-   one: what part of a slow-down is the machine's, not the service's). Before each e-stop
+   one: what part of a slow-down is the machine's, not the service's); the flooding
+   client and the burner are held to the same one core (``sched_setaffinity``), so the
+   flood's figure over the control's is what the service pays. Before each e-stop
    a paused campaign is running (an e-stop aborts it; the next is started after the
    reset). The ratio to quiet of the medians is the figure: goal unchanged within noise.
 """
@@ -261,9 +263,18 @@ asyncio.run(main())
 """
 
 
+def one_core(pid: int) -> None:
+    """Keep process ``pid`` on this machine's last core: the flooding client and the
+    control's burner each get the same one core (on a lab's network the agent's client
+    runs on a machine of its own; here it shares this one's, no more than the control)."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(pid, {(os.cpu_count() or 1) - 1})
+
+
 class Flood:
     """An agent flooding proposals over MCP HTTP from another process (so that its client
-    takes no CPU time from this one's service and simulators): ``concurrency`` proposals in
+    takes no CPU time from this one's service and simulators; on one core,
+    :func:`one_core`): ``concurrency`` proposals in
     flight, to the campaign named in ``target`` (a file, replaced when the campaign
     changes), each a point the station's safety layer refuses (never queued, so every one
     that passes the rate limit takes the whole path: quota, journal, the station's dry
@@ -279,6 +290,7 @@ class Flood:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _FLOOD_SCRIPT, *self.argv, stdout=asyncio.subprocess.PIPE
         )
+        one_core(self.proc.pid)
         assert self.proc.stdout is not None
         if (await self.proc.stdout.readline()).strip() != b"ready":
             self.proc.kill()
@@ -301,12 +313,13 @@ class Flood:
 
 
 class Burner:
-    """The control: another process that keeps one core busy and sends nothing, as a
-    flooding client does on this machine (the benchmark's processes share its cores)."""
+    """The control: another process that keeps one core busy and sends nothing, on the core
+    a flooding client gets (:func:`one_core`; the benchmark's processes share its cores)."""
 
     async def __aenter__(self) -> Burner:
         code = "import time\nwhile True:\n    time.perf_counter()\n"
         self.proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+        one_core(self.proc.pid)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
