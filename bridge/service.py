@@ -63,7 +63,7 @@ from typing import Any
 
 from bridge.campaigns import START_TIMEOUT_S, make_runner, open_lab
 from bridge.labconfig import LabConfig
-from bridge.quotas import QuotaExceeded, QuotaGate, QuotaUse
+from bridge.quotas import QuotaExceeded, QuotaGate
 from bridge.serviceapprovals import ServiceApprovals
 from bridge.servicequeries import ServiceQueries
 from bridge.servicesafety import StationSafety
@@ -78,7 +78,6 @@ from bridge.servicetypes import (
 from loops.campaign import (
     CampaignBusy,
     CampaignClosed,
-    ProposalReceipt,
     campaign_lock,
 )
 from loops.program import Program, load_program
@@ -542,36 +541,6 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
                     "reason": handle.reason,
                 }
             )
-
-    async def propose(
-        self, campaign_id: str, params: Mapping[str, Any], proposer: str
-    ) -> ProposalReceipt:
-        """An agent's proposal into a running campaign (``proposer``: ``agent:<id>``).
-
-        Every channel's proposals come here (MCP, MQTT, Python), and pass the proposer's
-        quota first (:class:`~bridge.quotas.QuotaGate`, one proposal of a proposer at a
-        time). Raises :class:`UnknownCampaign`, :class:`QuotaExceeded` (nothing journaled),
-        :class:`~loops.campaign.CampaignClosed` (ended or stopping) or ValueError (a
-        proposer that is not ``agent:<id>``/``operator:<who>``).
-        """
-        self._require_open()
-        runner = self.campaign(campaign_id).runner
-        async with self.quota_gate.admit(proposer, campaign_id, lambda: runner.queued_by(proposer)):
-            return await runner.propose(params, proposer)
-
-    async def quota_refusal(self, campaign_id: str, proposer: str) -> QuotaUse | None:
-        """What of ``proposer``'s quota would refuse a proposal to the campaign now (None:
-        nothing); the check :meth:`propose` makes, without proposing."""
-        self._require_open()
-        runner = self.campaign(campaign_id).runner
-        return await self.quota_gate.refusal(
-            proposer, campaign_id, lambda: runner.queued_by(proposer)
-        )
-
-    async def quota_usage(self, proposer: str) -> list[QuotaUse]:
-        """``proposer``'s quota as it stands, counted from the journal (empty: no quota)."""
-        self._require_open()
-        return await self.quota_gate.usage(proposer)
 
     async def control(
         self, campaign_id: str, action: str, *, who: str, reason: str | None = None
