@@ -25,6 +25,7 @@ import ray
 
 from bridge.labconfig import LabConfig
 from loops.campaign import CampaignRunner, CampaignSummary, OnEvent, campaign_lock
+from loops.campaignlease import bounded
 from loops.journal import Campaign
 from loops.program import Program, load_program
 from loops.raylinks import init_ray, ray_links, start_journal_actor, start_station_actor
@@ -65,7 +66,7 @@ def lab_clock(lab: LabConfig) -> tuple[ClockSpec | None, Callable[[], float]]:
 
 async def _start(name: str, actor: Any, timeout_s: float) -> None:
     try:
-        await asyncio.wait_for(asyncio.wrap_future(actor.start.remote().future()), timeout_s)
+        await bounded(asyncio.wrap_future(actor.start.remote().future()), timeout_s)
     except TimeoutError:
         raise StationUnavailable(
             f"station {name} did not start within {timeout_s:g} s: no Ray node offers the "

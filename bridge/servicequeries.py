@@ -16,6 +16,7 @@ from typing import Any
 from bridge.labconfig import LabConfig
 from bridge.servicetypes import CampaignHandle, ServiceError, UnknownExperiment, cause
 from loops.campaignbook import violation_text
+from loops.campaignlease import bounded
 from loops.journal import FINAL_STATES, Campaign, Experiment
 from loops.recipe import RecipeError, build_recipe
 
@@ -120,7 +121,7 @@ class ServiceQueries:
         self._require_open()
         ref = getattr(self.journal, method).remote(*args, **kwargs)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), JOURNAL_TIMEOUT_S)
+            return await bounded(asyncio.wrap_future(ref.future()), JOURNAL_TIMEOUT_S)
         except Exception as exc:
             inner = getattr(exc, "cause", None) or exc
             if isinstance(inner, LookupError):

@@ -16,6 +16,7 @@ from typing import Any
 
 from bridge.labconfig import LabConfig
 from bridge.servicetypes import CampaignHandle, ServiceError, cause
+from loops.campaignlease import bounded
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,7 @@ class StationSafety:
         self, name: str, method: str, *args: Any, timeout: float | None = None
     ) -> Any:
         ref = getattr(self.actors[name], method).remote(*args)
-        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
-        # that comes as the call completes (loops/campaignlease.py)
-        async with asyncio.timeout(timeout or self._station_timeout_s):
-            return await asyncio.wrap_future(ref.future())
+        return await bounded(asyncio.wrap_future(ref.future()), timeout or self._station_timeout_s)
 
     async def estop(self, reason: str, who: str = "operator") -> dict[str, Any]:
         """Trip every station at once (latched safe state), then abort every running campaign.

@@ -107,7 +107,7 @@ def test_a_campaign_policy_is_validated_at_load_naming_the_line_and_field() -> N
     policy = prog.approval
     assert policy is not None and policy.text == "temperature_c > 60 or agent not in trusted"
     assert policy.trusted == ("alice",) and policy.expires_s == 7200 and policy.max_awaiting == 3
-    again = load_program(prog.to_markdown())  # written back as it was given
+    again = load_program(prog.to_markdown())  # written back from the policy, read back the same
     assert again.approval is not None and again.approval.text == policy.text
     assert again.approval is not None and again.approval.text == policy.text
     assert (again.approval.trusted, again.approval.expires_s, again.approval.max_awaiting) == (
