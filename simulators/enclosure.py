@@ -7,7 +7,7 @@ does not import ``instruments``). Topic root ``<prefix>/enclosure/<id>/``:
 topic           direction  retained  payload (JSON, UTF-8)
 ==============  =========  ========  ==================================================
 ``state``       device →   yes       ``{"lid": "open"|"closed", "light": {"on", "intensity"}, "uptime_s"}``
-``heartbeat``   device →   no        ``{"seq": int, "t": float}`` every 0.5 s (simulated time)
+``heartbeat``   device →   no        ``{"seq": int, "t": float}`` every 0.5 s (real time)
 ``cmd``         → device   no        ``{"light": {"on": bool, "intensity": 0..1}, "id": str}``
 ``cmd/ack``     device →   no        ``{"id": str, "ok": bool, "error": str?}``
 ``status``      device →   yes       ``online``; Last Will ``offline``
@@ -257,11 +257,14 @@ class EnclosureSim:
         self.publish_state()
 
     async def _heartbeat(self) -> None:
+        """Every ``heartbeat_period_s`` of real time, as the device's own timer does: a
+        faster simulated clock speeds up the physics, not the network (the driver and the
+        monitors age heartbeats in real seconds)."""
         clock = self.world.clock
-        next_t = clock.now()
+        next_t = time.monotonic()
         while True:
-            next_t = max(next_t + self.heartbeat_period_s, clock.now())
-            await clock.sleep(next_t - clock.now())
+            next_t = max(next_t + self.heartbeat_period_s, time.monotonic())
+            await asyncio.sleep(next_t - time.monotonic())
             if self.world.faults.active("heartbeat-stop", device=DEVICE) is not None:
                 continue
             if self._connected.is_set():

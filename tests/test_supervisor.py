@@ -243,6 +243,8 @@ async def test_lid_opened_while_heating_trips_then_commanded_heater_trips_again(
             await wait_until(
                 lambda: sup.state.view().get("hotplate.heating") is True, 2, "heating reported"
             )
+            # a healthy station first: the enclosure's heartbeat seen (every 0.5 s real)
+            await wait_until(lambda: drivers["enclosure"].heartbeats > 0, 3, "a heartbeat")
             assert not sup.latch.tripped
             t0 = time.monotonic()
             bench.enclosure.set_lid("open")
