@@ -24,8 +24,8 @@ from typing import Any
 import ray
 
 from bridge.labconfig import LabConfig
+from instruments.deadline import bounded
 from loops.campaign import CampaignRunner, CampaignSummary, OnEvent, campaign_lock
-from loops.campaignlease import bounded
 from loops.journal import Campaign
 from loops.program import Program, load_program
 from loops.raylinks import init_ray, ray_links, start_journal_actor, start_station_actor
@@ -160,12 +160,14 @@ async def _ensure_set_up(lab: LabConfig, actors: Mapping[str, Any]) -> None:
             continue
         pending = st.setup_store.pending(st.setup)
         if not lab.simulated:
-            missing += [f"station {name}: set-up {r.name!r} has not run" for r in pending if r.every == "once"]
+            missing += [
+                f"station {name}: set-up {r.name!r} has not run"
+                for r in pending
+                if r.every == "once"
+            ]
         todo[name] = pending
     if missing:
-        raise StationUnavailable(
-            "; ".join(missing) + f": run `labbridge setup --lab {lab.source}`"
-        )
+        raise StationUnavailable("; ".join(missing) + f": run `labbridge setup --lab {lab.source}`")
     await set_up(lab, actors, {n: r for n, r in todo.items() if r}, who="campaign:setup")
 
 
@@ -184,7 +186,9 @@ async def set_up(
         for recipe in st.setup if recipes is None else recipes.get(name, []):
             log.info("station %s: set-up %s", name, recipe.name)
             try:
-                kept = await actor.run_setup.remote(recipe.recipe.as_dict(), list(recipe.keep), who=who)
+                kept = await actor.run_setup.remote(
+                    recipe.recipe.as_dict(), list(recipe.keep), who=who
+                )
             except Exception as exc:
                 cause = getattr(exc, "cause", None) or exc
                 raise StationUnavailable(f"station {name}: {cause}") from None

@@ -15,8 +15,8 @@ from typing import Any
 
 from bridge.labconfig import LabConfig
 from bridge.servicetypes import CampaignHandle, ServiceError, UnknownExperiment, cause
+from instruments.deadline import bounded
 from loops.campaignbook import violation_text
-from loops.campaignlease import bounded
 from loops.journal import FINAL_STATES, Campaign, Experiment
 from loops.recipe import RecipeError, build_recipe
 
@@ -190,7 +190,7 @@ class ServiceQueries:
         handle = self._campaigns.get(experiment.campaign_id)
         if handle is not None and handle.active:
             try:
-                await asyncio.wait_for(handle.runner.wait_for(experiment.id), timeout_s)
+                await bounded(handle.runner.wait_for(experiment.id), timeout_s)
             except TimeoutError:
                 pass
         return await self.experiment(experiment.id)

@@ -16,7 +16,7 @@ from typing import Any
 
 from bridge.labconfig import LabConfig
 from bridge.servicetypes import CampaignHandle, ServiceError, cause
-from loops.campaignlease import bounded
+from instruments.deadline import bounded
 
 log = logging.getLogger(__name__)
 

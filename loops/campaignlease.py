@@ -32,9 +32,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable
-from typing import TypeVar
 
+from instruments.deadline import bounded
 from loops.campaignbook import CampaignBook, Slot
 from loops.journal import Journal, StaleOwner
 from loops.stationerrors import cause_text
@@ -43,9 +42,7 @@ from loops.stations import StationActor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HANDOVER_S", "CampaignLease", "OwnerAlive", "bounded"]
-
-_T = TypeVar("_T")
+__all__ = ["HANDOVER_S", "CampaignLease", "OwnerAlive"]
 
 #: how long a new owner waits for an older owner's lease on a station to end: a whole
 #: lease after a last renewal, the trip, and a margin for a loaded machine (real seconds)
@@ -54,14 +51,6 @@ HANDOVER_S = 2 * LEASE_S + 2 * POLL_S + 2.0
 #: the release of their leases (real seconds); a station that does not answer by then has
 #: its lease run out instead (it trips: the bound of loops.stationlease)
 RELEASE_S = 2 * RENEW_S
-
-
-async def bounded(call: Awaitable[_T], limit_s: float) -> _T:
-    """``await call``, raising TimeoutError after ``limit_s`` real seconds; a cancellation
-    of the caller always propagates (``asyncio.timeout``; Python 3.11's ``asyncio.wait_for``
-    swallows one that arrives as ``call`` completes: the module docstring)."""
-    async with asyncio.timeout(limit_s):
-        return await call
 
 
 class OwnerAlive(RuntimeError):
