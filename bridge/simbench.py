@@ -298,7 +298,8 @@ async def _served_campaign(
     """The campaign inside a lab service with the MQTT campaign API and the lab page (see
     :func:`sim_campaign`); SIGINT/SIGTERM abort it with every station in its safe state."""
     from bridge.campaigns import CampaignProgress
-    from bridge.mqttapi import mqtt_settings, serve
+    from bridge.mqttapi import mqtt_settings
+    from bridge.mqttserve import serve
     from bridge.webapp import lab_page
     from loops.raylinks import init_ray
 
