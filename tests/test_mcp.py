@@ -338,7 +338,7 @@ async def served(alab: AgentLab, broker: Any) -> AsyncIterator[tuple[str, LabSer
 @contextlib.asynccontextmanager
 async def http_agent(url: str, token: str) -> AsyncIterator[Client]:
     async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http,
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=120) as http,
         Client(streamable_http_client(url, http_client=http), read_timeout_seconds=120) as agent,
     ):
         yield agent
@@ -398,7 +398,7 @@ async def test_an_agent_session_over_http_hosted_by_serve_and_the_red_team_is_re
             assert agents_main(["agents", "revoke", "carol", "--lab", str(alab.path)]) == 0
             with pytest.raises(MCPError):  # the next request of a revoked token: 401
                 await carol.call_tool("lab", {})
-        async with httpx2.AsyncClient() as http:  # no session at all without a valid token
+        async with httpx2.AsyncClient(timeout=120) as http:  # no session at all without a valid token
             ping = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
             bad = (alab.tokens["carol"], alab.tokens["mallory"], "lbt_nope", "x" * 10_000)
             for headers in [{"Authorization": f"Bearer {t}"} for t in bad] + [{}]:
