@@ -398,7 +398,8 @@ async def test_an_agent_session_over_http_hosted_by_serve_and_the_red_team_is_re
             assert agents_main(["agents", "revoke", "carol", "--lab", str(alab.path)]) == 0
             with pytest.raises(MCPError):  # the next request of a revoked token: 401
                 await carol.call_tool("lab", {})
-        async with httpx2.AsyncClient(timeout=120) as http:  # no session at all without a valid token
+        # no session at all without a valid token
+        async with httpx2.AsyncClient(timeout=120) as http:
             ping = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
             bad = (alab.tokens["carol"], alab.tokens["mallory"], "lbt_nope", "x" * 10_000)
             for headers in [{"Authorization": f"Bearer {t}"} for t in bad] + [{}]:
