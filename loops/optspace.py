@@ -32,6 +32,8 @@ __all__ = [
     "SpaceSpec",
     "Status",
     "UnknownProposal",
+    "choice_index",
+    "parse_choices",
     "space_params",
 ]
 
@@ -128,31 +130,39 @@ class Dimension:
 
     def index(self, value: Any) -> int | None:
         """The position of ``value`` among ``choices`` (numbers compare by value), or None."""
-        for i, c in enumerate(self.choices):
-            if isinstance(c, str) or isinstance(value, str):
-                if c == value:
-                    return i
-            elif not isinstance(value, bool) and isinstance(value, int | float | np.number):
-                if float(c) == float(value):
-                    return i
+        return choice_index(self.choices, value)
+
+
+def choice_index(choices: Sequence[Any], value: Any) -> int | None:
+    """The position of ``value`` among ``choices`` (numbers compare by value: ``2.0`` is the
+    choice ``2``; a string only equals a string, a bool is never a choice), or None."""
+    if isinstance(value, bool):
         return None
+    for i, c in enumerate(choices):
+        if isinstance(c, str) or isinstance(value, str):
+            if c == value:
+                return i
+        elif isinstance(value, int | float | np.number) and float(c) == float(value):
+            return i
+    return None
 
 
-def _choices(name: str, kind: str, raw: Any) -> tuple[ParamValue, ...]:
-    """The choices of a categorical/ordinal parameter: >= 2 distinct strings or numbers."""
+def parse_choices(kind: str, raw: Any) -> tuple[ParamValue, ...]:
+    """The choices of a categorical/ordinal parameter: >= 2 distinct strings or finite
+    numbers. ValueError says what is wrong (without the parameter's name)."""
     if isinstance(raw, str | bytes) or not isinstance(raw, Sequence):
-        raise ValueError(f"space.{name}: a {kind} parameter needs a list of choices, got {raw!r}")
+        raise ValueError(f"a {kind} parameter needs a list of choices, got {raw!r}")
     out: list[ParamValue] = []
     for c in raw:
         if isinstance(c, bool) or not isinstance(c, str | int | float):
-            raise ValueError(f"space.{name}: a choice is a string or a number, got {c!r}")
+            raise ValueError(f"a choice is a string or a number, got {c!r}")
         if isinstance(c, float) and not math.isfinite(c):
-            raise ValueError(f"space.{name}: a choice must be finite, got {c!r}")
-        if c in out:
-            raise ValueError(f"space.{name}: choice {c!r} is listed twice")
+            raise ValueError(f"a choice must be finite, got {c!r}")
+        if choice_index(out, c) is not None:
+            raise ValueError(f"choice {c!r} is listed twice")
         out.append(c)
     if len(out) < 2:
-        raise ValueError(f"space.{name}: a {kind} parameter needs at least 2 choices, got {raw!r}")
+        raise ValueError(f"a {kind} parameter needs at least 2 choices, got {raw!r}")
     return tuple(out)
 
 
@@ -229,7 +239,11 @@ class ParamSpace:
                     f"space.{name}: expected (low, high, type), got {entry!r}"
                 ) from None
             if len(items) == 2 and items[0] in CHOICE_KINDS:
-                kind, choices = items[0], _choices(name, items[0], items[1])
+                kind = items[0]
+                try:
+                    choices = parse_choices(kind, items[1])
+                except ValueError as exc:
+                    raise ValueError(f"space.{name}: {exc}") from None
                 dims.append(
                     Dimension(name, 0.0, float(len(choices) - 1), True, choices, kind == "ordinal")
                 )
@@ -372,9 +386,7 @@ class ParamSpace:
     def key(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
         """Hashable identity of a point (exact values: floats, and the choices as listed);
         ``dict(zip(space.names, key))`` gives the point back."""
-        return tuple(
-            params[d.name] if d.choices else float(params[d.name]) for d in self.dims
-        )
+        return tuple(params[d.name] if d.choices else float(params[d.name]) for d in self.dims)
 
 
 def space_params(space: SpaceSpec, u: Sequence[float] | NDArray[np.float64]) -> Params:
