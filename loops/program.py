@@ -35,14 +35,21 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
 ``parameters`` (required)
     name -> ``{type: float|int, low, high, unit?, doc?}``; names are
     identifiers usable in constraints; ``int`` bounds are integers;
-    ``low < high``.
+    ``low < high``. Or ``{type: categorical|ordinal, choices: [...], unit?,
+    doc?}``: one of two or more distinct strings/numbers (an ordinal's in
+    order); a constraint or recipe expression that compares one with a value
+    that is none of its choices is an error (docs/optimizer.md).
 ``constraints``
     a list of rules in the safety layer's expression language
     (:mod:`safety.expr`) over the parameter (and ``fixed``) names; a proposal
     that breaks one is infeasible before any dry run.
-``objective`` (required)
+``objective`` (required, or ``objectives``)
     ``measure``: the name of a measurement the recipe produces;
     ``direction``: ``minimize``/``maximize``.
+``objectives``
+    instead of ``objective``: a list of two or more ``{measure, direction,
+    threshold?}`` (distinct measures); the optimizer proposes along their
+    Pareto front (:mod:`loops.optmulti`).
 ``budget`` (required, at least one limit)
     ``experiments`` (int >= 1): experiments run on a station;
     ``hours`` (> 0): of the campaign's clock (simulated hours on a simulated
@@ -50,7 +57,10 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
 ``stop``
     ``target``: stop when the objective reaches it (``<=`` when minimising,
     ``>=`` when maximising); ``no_improvement`` (int >= 1): stop after that
-    many experiments in a row without a better value.
+    many experiments in a row without a better value (several objectives:
+    without a new point on the Pareto front); ``at_thresholds`` (several
+    objectives, each with a threshold; no ``target`` then): stop when one
+    result meets every threshold.
 ``strategy``
     ``bayes`` (default), ``random`` or ``grid``.
 ``initial_points``
