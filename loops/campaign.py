@@ -346,7 +346,9 @@ class CampaignRunner(CampaignResume, CampaignApproval):
             return f"aborted: {self._abort_request}"
         if self._stop_request is not None:
             return self._stop_request
-        reason = self.program.stop_reason(self._values, elapsed_s=self.elapsed_s)
+        reason = self.program.stop_reason(
+            self._values, elapsed_s=self.elapsed_s, vectors=self._vectors
+        )
         if reason is not None:
             return reason
         if self._exhausted is not None:

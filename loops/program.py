@@ -35,14 +35,21 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
 ``parameters`` (required)
     name -> ``{type: float|int, low, high, unit?, doc?}``; names are
     identifiers usable in constraints; ``int`` bounds are integers;
-    ``low < high``.
+    ``low < high``. Or ``{type: categorical|ordinal, choices: [...], unit?,
+    doc?}``: one of two or more distinct strings/numbers (an ordinal's in
+    order); a constraint or recipe expression that compares one with a value
+    that is none of its choices is an error (docs/optimizer.md).
 ``constraints``
     a list of rules in the safety layer's expression language
     (:mod:`safety.expr`) over the parameter (and ``fixed``) names; a proposal
     that breaks one is infeasible before any dry run.
-``objective`` (required)
+``objective`` (required, or ``objectives``)
     ``measure``: the name of a measurement the recipe produces;
     ``direction``: ``minimize``/``maximize``.
+``objectives``
+    instead of ``objective``: a list of two or more ``{measure, direction,
+    threshold?}`` (distinct measures); the optimizer proposes along their
+    Pareto front (:mod:`loops.optmulti`).
 ``budget`` (required, at least one limit)
     ``experiments`` (int >= 1): experiments run on a station;
     ``hours`` (> 0): of the campaign's clock (simulated hours on a simulated
@@ -50,7 +57,10 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
 ``stop``
     ``target``: stop when the objective reaches it (``<=`` when minimising,
     ``>=`` when maximising); ``no_improvement`` (int >= 1): stop after that
-    many experiments in a row without a better value.
+    many experiments in a row without a better value (several objectives:
+    without a new point on the Pareto front); ``at_thresholds`` (several
+    objectives, each with a threshold; no ``target`` then): stop when one
+    result meets every threshold.
 ``strategy``
     ``bayes`` (default), ``random`` or ``grid``.
 ``initial_points``
@@ -92,6 +102,7 @@ from typing import Any
 
 from loops.approval import parse_approval
 from loops.checks import compile_verification
+from loops.optspace import CHOICE_KINDS, choice_index, parse_choices
 from loops.plan import Plan, compile_fixed, compile_plan, plain
 from loops.programmodel import (
     Budget,
@@ -107,7 +118,7 @@ from loops.programmodel import (
     plain_number,
     show_value,
 )
-from safety.expr import RuleSyntaxError, parse
+from safety.expr import Compare, Expression, ListLit, Member, Name, Num, RuleSyntaxError, Str, parse
 from safety.yamldoc import YamlDoc, compose_yaml, field_path
 
 __all__ = [
@@ -129,6 +140,7 @@ TOP_KEYS = (
     "parameters",
     "constraints",
     "objective",
+    "objectives",
     "budget",
     "stop",
     "strategy",
@@ -140,13 +152,15 @@ TOP_KEYS = (
     "verification",
     "approval",
 )
-REQUIRED_KEYS = ("name", "parameters", "objective", "budget", "recipe")
+REQUIRED_KEYS = ("name", "parameters", "budget", "recipe")  # and objective or objectives
 PARAMETER_KEYS = ("type", "low", "high", "unit", "doc")
-PARAMETER_TYPES = ("float", "int")
+CHOICE_KEYS = ("type", "choices", "unit", "doc")
+PARAMETER_TYPES = ("float", "int", *CHOICE_KINDS)
 OBJECTIVE_KEYS = ("measure", "direction")
+OBJECTIVES_KEYS = ("measure", "direction", "threshold")
 DIRECTIONS = ("minimize", "maximize")
 BUDGET_KEYS = ("experiments", "hours")
-STOP_KEYS = ("target", "no_improvement")
+STOP_KEYS = ("target", "no_improvement", "at_thresholds")
 STRATEGIES = ("bayes", "random", "grid")
 _SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -304,12 +318,39 @@ def _parameter(name: Any, spec: Any, doc: YamlDoc) -> Parameter:
             f"parameter names are identifiers (letters, digits, _; not a keyword), got {name!r}",
             path,
         )
-    spec = _mapping(spec, path, doc, "{type, low, high, unit}")
+    spec = _mapping(spec, path, doc, "{type, low, high, unit} or {type, choices}")
+    if "type" not in spec:
+        _no_unknown(spec, (*PARAMETER_KEYS, "choices"), path, doc)
+        raise doc.error("missing 'type'", path)
+    kind = _string(spec["type"], (*path, "type"), doc, PARAMETER_TYPES)
+    unit = spec.get("unit", "")
+    docstr = spec.get("doc", "")
+    for key, v in (("unit", unit), ("doc", docstr)):
+        if not isinstance(v, str):
+            raise doc.error(f"must be a string, got {v!r}", (*path, key))
+    if kind in CHOICE_KINDS:
+        for key in ("low", "high"):
+            if key in spec:
+                raise doc.error(
+                    f"a {kind} parameter takes 'choices' (a list), not low/high", (*path, key)
+                )
+        _no_unknown(spec, CHOICE_KEYS, path, doc)
+        if "choices" not in spec:
+            raise doc.error(f"missing 'choices' (a {kind} parameter's values, a list)", path)
+        try:
+            choices = parse_choices(kind, spec["choices"])
+        except ValueError as exc:
+            raise doc.error(str(exc), (*path, "choices")) from None
+        return Parameter(name, kind, 0, len(choices) - 1, unit, docstr, choices)
+    if "choices" in spec:
+        raise doc.error(
+            f"'choices' is for categorical/ordinal parameters; a {kind} one takes low and high",
+            (*path, "choices"),
+        )
     _no_unknown(spec, PARAMETER_KEYS, path, doc)
-    for key in ("type", "low", "high"):
+    for key in ("low", "high"):
         if key not in spec:
             raise doc.error(f"missing '{key}'", path)
-    kind = _string(spec["type"], (*path, "type"), doc, PARAMETER_TYPES)
     low = _number(spec["low"], (*path, "low"), doc)
     high = _number(spec["high"], (*path, "high"), doc)
     if kind == "int":
@@ -321,11 +362,6 @@ def _parameter(name: Any, spec: Any, doc: YamlDoc) -> Parameter:
         low, high = float(low), float(high)
     if not low < high:
         raise doc.error(f"low {low!r} must be < high {high!r}", (*path, "low"))
-    unit = spec.get("unit", "")
-    docstr = spec.get("doc", "")
-    for key, v in (("unit", unit), ("doc", docstr)):
-        if not isinstance(v, str):
-            raise doc.error(f"must be a string, got {v!r}", (*path, key))
     return Parameter(name, kind, low, high, unit, docstr)
 
 
@@ -352,10 +388,17 @@ def _constraint(i: int, text: Any, known: set[str], doc: YamlDoc) -> Constraint:
     return Constraint(text, expr, doc.line(path))
 
 
-def _objective(spec: Any, doc: YamlDoc) -> Objective:
-    path: tuple[Any, ...] = ("objective",)
-    spec = _mapping(spec, path, doc, "{measure, direction}")
-    _no_unknown(spec, OBJECTIVE_KEYS, path, doc)
+def _objective(
+    spec: Any, doc: YamlDoc, path: tuple[Any, ...] = ("objective",), keys: Sequence[str] = ()
+) -> Objective:
+    keys = keys or OBJECTIVE_KEYS
+    spec = _mapping(spec, path, doc, "{" + ", ".join(keys) + "}")
+    if "threshold" in spec and "threshold" not in keys:
+        raise doc.error(
+            "a single objective has no threshold: stop when it is reached with stop.target",
+            (*path, "threshold"),
+        )
+    _no_unknown(spec, keys, path, doc)
     if "measure" not in spec:
         raise doc.error("missing 'measure'", path)
     measure = _string(spec["measure"], (*path, "measure"), doc)
@@ -364,7 +407,36 @@ def _objective(spec: Any, doc: YamlDoc) -> Objective:
             f"a measurement name is identifiers joined by dots, got {measure!r}", (*path, "measure")
         )
     direction = _string(spec.get("direction", "minimize"), (*path, "direction"), doc, DIRECTIONS)
-    return Objective(measure, direction)
+    threshold = None
+    if spec.get("threshold") is not None:
+        threshold = float(_number(spec["threshold"], (*path, "threshold"), doc))
+    return Objective(measure, direction, threshold)
+
+
+def _objectives(data: Mapping[str, Any], doc: YamlDoc) -> tuple[Objective, ...]:
+    """``objective`` (one) or ``objectives`` (a list of two or more, distinct measures)."""
+    if data.get("objective") is not None and data.get("objectives") is not None:
+        raise doc.error(
+            "give 'objective' (one) or 'objectives' (a list of several), not both", ("objectives",)
+        )
+    if data.get("objectives") is None:
+        if data.get("objective") is None:
+            raise doc.error("missing required field 'objective' (or 'objectives')", ())
+        return (_objective(data["objective"], doc),)
+    raw = data["objectives"]
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise doc.error(
+            "a list of two or more {measure, direction, threshold?} (one objective: use "
+            f"'objective'), got {raw!r}",
+            ("objectives",),
+        )
+    out = tuple(_objective(o, doc, ("objectives", i), OBJECTIVES_KEYS) for i, o in enumerate(raw))
+    seen: set[str] = set()
+    for i, o in enumerate(out):
+        if o.measure in seen:
+            raise doc.error(f"{o.measure!r} is already an objective", ("objectives", i, "measure"))
+        seen.add(o.measure)
+    return out
 
 
 def _budget(spec: Any, doc: YamlDoc) -> Budget:
@@ -383,19 +455,34 @@ def _budget(spec: Any, doc: YamlDoc) -> Budget:
     return Budget(experiments, hours)
 
 
-def _stop(spec: Any, doc: YamlDoc) -> StopRules:
+def _stop(spec: Any, doc: YamlDoc, objectives: Sequence[Objective]) -> StopRules:
     path: tuple[Any, ...] = ("stop",)
     if spec is None:
         return StopRules()
-    spec = _mapping(spec, path, doc, "{target, no_improvement}")
+    spec = _mapping(spec, path, doc, "{" + ", ".join(STOP_KEYS) + "}")
     _no_unknown(spec, STOP_KEYS, path, doc)
     target = None
     if spec.get("target") is not None:
+        if len(objectives) > 1:
+            raise doc.error(
+                "several objectives have no single target: give each a threshold and "
+                "stop: {at_thresholds: true}",
+                (*path, "target"),
+            )
         target = float(_number(spec["target"], (*path, "target"), doc))
     patience = None
     if spec.get("no_improvement") is not None:
         patience = _integer(spec["no_improvement"], (*path, "no_improvement"), doc, minimum=1)
-    return StopRules(target, patience)
+    at_thresholds = spec.get("at_thresholds", False)
+    if not isinstance(at_thresholds, bool):
+        raise doc.error(f"must be true or false, got {at_thresholds!r}", (*path, "at_thresholds"))
+    if at_thresholds and (len(objectives) < 2 or any(o.threshold is None for o in objectives)):
+        raise doc.error(
+            "at_thresholds needs several objectives, each with a threshold "
+            "(one objective: use target)",
+            (*path, "at_thresholds"),
+        )
+    return StopRules(target, patience, at_thresholds)
 
 
 def _fixed(spec: Any, params: set[str], doc: YamlDoc) -> dict[str, Any]:
@@ -407,7 +494,7 @@ def _plan(
     params: Sequence[str],
     fixed: Mapping[str, Any],
     constraints: Sequence[Constraint],
-    measure: str,
+    objectives: Sequence[Objective],
     name: str,
     doc: YamlDoc,
     functions: Mapping[str, Any] | None,
@@ -428,13 +515,60 @@ def _plan(
             raise doc.error(
                 f"'{key}' is used by no step and no constraint (a typo?)", ("fixed", key)
             )
-    if measure not in plan.measures:
-        raise doc.error(
-            f"the recipe does not measure {measure!r} (it measures: "
-            f"{', '.join(plan.measures) or 'nothing'})",
-            ("objective", "measure"),
-        )
+    for i, o in enumerate(objectives):
+        if o.measure not in plan.measures:
+            raise doc.error(
+                f"the recipe does not measure {o.measure!r} (it measures: "
+                f"{', '.join(plan.measures) or 'nothing'})",
+                ("objectives", i, "measure") if len(objectives) > 1 else ("objective", "measure"),
+            )
     return plan
+
+
+def _unknown_choice(expr: Expression, parameters: Sequence[Parameter]) -> str | None:
+    """A comparison of a categorical/ordinal parameter with a literal that is none of its
+    choices (``mode == 'hott'``: always false, a typo), as a message; None if there is none."""
+    choices = {p.name: p.choices for p in parameters if p.choices}
+    if not choices:
+        return None
+    for node in expr.ast.walk():
+        pairs: list[tuple[Any, Any]] = []
+        if isinstance(node, Compare):
+            for op, a, b in zip(node.ops, node.operands, node.operands[1:], strict=False):
+                if op in ("==", "!="):
+                    pairs += [(a, b), (b, a)]
+        elif isinstance(node, Member) and isinstance(node.items, ListLit):
+            pairs += [(node.value, item) for item in node.items.items]
+        for name, lit in pairs:
+            if (
+                isinstance(name, Name)
+                and name.name in choices
+                and isinstance(lit, Str | Num)
+                and choice_index(choices[name.name], lit.value) is None
+            ):
+                listed = ", ".join(repr(c) for c in choices[name.name])
+                return (
+                    f'{lit.value!r} is not a choice of {name.name} in "{expr.text}" '
+                    f"(choices: {listed})"
+                )
+    return None
+
+
+def _check_choices(
+    parameters: Sequence[Parameter], constraints: Sequence[Constraint], plan: Plan, doc: YamlDoc
+) -> None:
+    """Every literal a constraint or a recipe step compares a choice parameter with is one
+    of its choices."""
+    for i, c in enumerate(constraints):
+        problem = _unknown_choice(c.expression, parameters)
+        if problem:
+            raise doc.error(problem, ("constraints", i))
+    for step in plan.steps:
+        exprs = [("when", step.when)] + [(k, v.expr) for k, v in step.values.items()]
+        for key, expr in exprs:
+            problem = _unknown_choice(expr, parameters) if expr is not None else None
+            if problem:
+                raise doc.error(problem, ("recipe", step.index, *key.split(".")))
 
 
 def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | None) -> Program:
@@ -458,9 +592,9 @@ def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | No
         raise doc.error("must be a list of rules", ("constraints",))
     known = pnames | {k for k, v in fixed.items() if is_number(v) or isinstance(v, bool | str)}
     constraints = tuple(_constraint(i, t, known, doc) for i, t in enumerate(raw_constraints))
-    objective = _objective(data["objective"], doc)
+    objectives = _objectives(data, doc)
     budget = _budget(data["budget"], doc)
-    stop = _stop(data.get("stop"), doc)
+    stop = _stop(data.get("stop"), doc, objectives)
     strategy = _string(data.get("strategy", "bayes"), ("strategy",), doc, STRATEGIES)
     if data.get("initial_points") is not None:
         initial = _integer(data["initial_points"], ("initial_points",), doc, minimum=0)
@@ -480,11 +614,12 @@ def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | No
         [p.name for p in parameters],
         fixed,
         constraints,
-        objective.measure,
+        objectives,
         name,
         doc,
         functions,
     )
+    _check_choices(parameters, constraints, plan, doc)
     verification = compile_verification(
         data.get("verification"),
         measures=plan.measures,
@@ -502,7 +637,8 @@ def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | No
     return Program(
         name=name,
         parameters=parameters,
-        objective=objective,
+        objective=objectives[0],
+        objectives=objectives if len(objectives) > 1 else (),
         budget=budget,
         recipe=plain(data["recipe"]),
         plan=plan,
