@@ -234,6 +234,27 @@ async def test_heartbeat_stop_trips_on_staleness_and_reset_waits_for_heartbeats(
 
 
 @pytest.mark.timeout(60)
+async def test_a_reset_right_after_opening_waits_for_the_first_heartbeat_within_its_grace() -> None:
+    """A station just opened (a resume's new actor) has seen no heartbeat yet: its monitor
+    is in its grace period, neither tripped nor cleared. A reset then waits for the first
+    heartbeat (the device sends one every 0.5 s real) instead of being refused for it."""
+    async with sim_station() as (bench, drivers):
+        bench.world.faults.inject("heartbeat-stop", device="enclosure")
+        spec = next(s for s in bench.instruments() if s.name == "enclosure")
+        async with instruments.connect(spec.kind, spec.url, **spec.options) as fresh:
+            sup = supervisor(bench, {**drivers, "enclosure": fresh})
+            async with sup:
+                await sup.trip("operator stop before the check", who="operator:bo")
+                assert sup.latch.tripped and fresh.heartbeats == 0
+                waiting = sup.check()["enclosure-heartbeat-stale"]
+                assert not waiting.tripped and not waiting.cleared and waiting.grace_left_s > 0
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.3, bench.world.faults.clear, "heartbeat-stop")
+                assert await sup.reset("operator:bo", "bench checked after the restart")
+                assert fresh.heartbeats > 0 and not sup.latch.tripped
+
+
+@pytest.mark.timeout(60)
 async def test_lid_opened_while_heating_trips_then_commanded_heater_trips_again() -> None:
     async with sim_station() as (bench, drivers):
         sup = supervisor(bench, drivers)
@@ -551,4 +572,6 @@ def test_the_armed_watchdog_timeout_is_one_its_feeds_can_keep() -> None:
         devices, device_watchdog_s=5, device_time_scale=500.0, min_feed_interval_s=0.01
     )
     assert tight.armed_watchdog_s == 15
-    assert soft_supervisor(devices, device_watchdog_s=0, device_time_scale=500.0).armed_watchdog_s == 0
+    assert (
+        soft_supervisor(devices, device_watchdog_s=0, device_time_scale=500.0).armed_watchdog_s == 0
+    )
