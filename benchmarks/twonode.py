@@ -256,10 +256,17 @@ class TwoNodeCluster:
             self.port = _free_port(self.net.head_ip if self.net.netns else "127.0.0.1")
             heads, benches = self._counts
             self.nodes = {
-                "head": Node("head", self.net.head_ip, bench_names(0, heads), 0, [],
-                             self.dir / "h" / "ray"),
-                "bench": Node("bench", self.net.bench_ip, bench_names(heads, benches), heads,
-                              self.net.prefix(), self.dir / "b" / "ray"),
+                "head": Node(
+                    "head", self.net.head_ip, bench_names(0, heads), 0, [], self.dir / "h" / "ray"
+                ),
+                "bench": Node(
+                    "bench",
+                    self.net.bench_ip,
+                    bench_names(heads, benches),
+                    heads,
+                    self.net.prefix(),
+                    self.dir / "b" / "ray",
+                ),
             }
             for node in self.nodes.values():  # the simulators first: they are the benches
                 self._start_sim(node)
@@ -295,7 +302,10 @@ class TwoNodeCluster:
             log.write(f"\n--- {time.strftime('%H:%M:%S')} {' '.join(argv)}\n")
             log.flush()
             node.proc = subprocess.Popen(
-                [*node.prefix, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+                [*node.prefix, *argv],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         deadline = time.monotonic() + START_S
@@ -309,21 +319,41 @@ class TwoNodeCluster:
             if node.proc.poll() is not None:
                 break
             time.sleep(0.2)
-        raise RuntimeError(f"the {node.role} Ray node did not start: see {node.log}:\n{text[-2000:]}")
+        raise RuntimeError(
+            f"the {node.role} Ray node did not start: see {node.log}:\n{text[-2000:]}"
+        )
 
     def _start_sim(self, node: Node) -> None:
         out = self.dir / f"{node.role}-lab.yaml"
         argv = [
-            sys.executable, "-m", "benchmarks.twonode", "sim",
-            "--first", str(node.first), "--stations", str(len(node.stations)),
-            "--speed", str(self.speed), "--camera-fps", str(self.camera_fps),
-            "--sim-at-real", str(self.sim_at_real[0]), str(self.sim_at_real[1]),
-            "--out", str(out), "--store", str(self.dir / "journal.db"),
+            sys.executable,
+            "-m",
+            "benchmarks.twonode",
+            "sim",
+            "--first",
+            str(node.first),
+            "--stations",
+            str(len(node.stations)),
+            "--speed",
+            str(self.speed),
+            "--camera-fps",
+            str(self.camera_fps),
+            "--sim-at-real",
+            str(self.sim_at_real[0]),
+            str(self.sim_at_real[1]),
+            "--out",
+            str(out),
+            "--store",
+            str(self.dir / "journal.db"),
         ]
         with (self.dir / f"{node.role}-sim.log").open("w") as log:
             node.sim = subprocess.Popen(
-                [*node.prefix, *argv], env=self.env(f"{node.role}-sim"), cwd=ROOT,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [*node.prefix, *argv],
+                env=self.env(f"{node.role}-sim"),
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def _wait_sim(self, node: Node) -> None:
@@ -333,7 +363,9 @@ class TwoNodeCluster:
             assert node.sim is not None
             if node.sim.poll() is not None or time.monotonic() > deadline:
                 log = (self.dir / f"{node.role}-sim.log").read_text()
-                raise RuntimeError(f"the {node.role} node's simulated benches did not start:\n{log}")
+                raise RuntimeError(
+                    f"the {node.role} node's simulated benches did not start:\n{log}"
+                )
             time.sleep(0.1)
         node.lab = yaml.safe_load(out.read_text())
 
@@ -432,13 +464,25 @@ class HotplateProbe:
         self.path = cluster.dir / f"probe-{station}.jsonl"
         url = cluster.station_urls(station)["hotplate"]
         role = next(r for r, n in cluster.nodes.items() if station in n.stations)
-        argv = [sys.executable, "-m", "benchmarks.twonode", "probe", url, str(self.path),
-                "--every", str(every_s)]
-        self.proc = subprocess.Popen(
-            [*cluster.nodes[role].prefix, *argv], env=cluster.env("probe"), cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=(cluster.dir / "probe.log").open("a"),
-            start_new_session=True,
-        )
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.twonode",
+            "probe",
+            url,
+            str(self.path),
+            "--every",
+            str(every_s),
+        ]
+        with (cluster.dir / "probe.log").open("a") as log:
+            self.proc = subprocess.Popen(
+                [*cluster.nodes[role].prefix, *argv],
+                env=cluster.env("probe"),
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
 
     def samples(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -450,12 +494,12 @@ class HotplateProbe:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=STOP_S)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 @contextlib.contextmanager
-def two_node_cluster(head_stations: int = 1, bench_stations: int = 1, **kwargs: Any) -> Iterator[TwoNodeCluster]:
+def two_node_cluster(
+    head_stations: int = 1, bench_stations: int = 1, **kwargs: Any
+) -> Iterator[TwoNodeCluster]:
     """:class:`TwoNodeCluster` as a context manager (stopped, namespace removed, on exit)."""
     cluster = TwoNodeCluster(head_stations, bench_stations, **kwargs)
     with cluster:
@@ -491,7 +535,7 @@ async def _serve_sim(args: argparse.Namespace) -> None:
         await stop.wait()
 
 
-async def _probe(args: argparse.Namespace) -> None:
+async def _probe(args: argparse.Namespace, out: Any) -> None:
     """Read a hotplate's registers over Modbus TCP every ``--every`` s (see HotplateProbe)."""
     from pymodbus.client import AsyncModbusTcpClient
 
@@ -502,24 +546,23 @@ async def _probe(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await client.connect()
-    with open(args.path, "a", buffering=1) as out:
-        while not stop.is_set():
-            hr = await client.read_holding_registers(0, count=5, device_id=unit)
-            ir = await client.read_input_registers(0, count=5, device_id=unit)
-            if not hr.isError() and not ir.isError():
-                plate = ir.registers[0] - 0x10000 if ir.registers[0] & 0x8000 else ir.registers[0]
-                row = {
-                    "t": time.monotonic(),
-                    "heater": hr.registers[2],
-                    "stirrer": hr.registers[3],
-                    "watchdog_s": hr.registers[4],
-                    "status": ir.registers[3],
-                    "plate_c": plate / 10,
-                }
-                out.write(json.dumps(row) + "\n")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(args.every):
-                    await stop.wait()
+    while not stop.is_set():
+        hr = await client.read_holding_registers(0, count=5, device_id=unit)
+        ir = await client.read_input_registers(0, count=5, device_id=unit)
+        if not hr.isError() and not ir.isError():
+            plate = ir.registers[0] - 0x10000 if ir.registers[0] & 0x8000 else ir.registers[0]
+            row = {
+                "t": time.monotonic(),
+                "heater": hr.registers[2],
+                "stirrer": hr.registers[3],
+                "watchdog_s": hr.registers[4],
+                "status": ir.registers[3],
+                "plate_c": plate / 10,
+            }
+            out.write(json.dumps(row) + "\n")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(args.every):
+                await stop.wait()
     client.close()
 
 
@@ -539,7 +582,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     probe.add_argument("path")
     probe.add_argument("--every", type=float, default=0.02)
     args = parser.parse_args(argv)
-    asyncio.run(_serve_sim(args) if args.command == "sim" else _probe(args))
+    if args.command == "sim":
+        asyncio.run(_serve_sim(args))
+        return
+    with open(args.path, "a", buffering=1) as out:  # a line at a time: the test reads it
+        asyncio.run(_probe(args, out))
 
 
 if __name__ == "__main__":
