@@ -27,7 +27,8 @@ the journal's timestamps of each experiment:
 
 The stack time is the experiment's whole time minus its steps' time (the bench's: the
 simulated physics and the instruments' own I/O over their wires). Also printed: journal
-events per second over the run (every transition journaled / wall-clock). Goals (issue
+events per second over the run (every transition journaled / wall-clock), and what the
+journal actor sustains on its own (:func:`journal_burst`). Goals (issue
 17) printed beside: 4 stations >= 3.6x faster to target with <= 1.2x the experiments, 16
 stations >= 10x, stack time < 50 ms per experiment at 1 station.
 
@@ -97,6 +98,7 @@ def program_text(budget: int, target: float | None, seed: int) -> str:
         ("  target: 2.0 ", f"  target: {target_text} "),
         ("  no_improvement: 20", "  no_improvement: null"),
         ("seed: 1", f"seed: {seed}"),
+        ("initial_points: 8", f"initial_points: {min(8, budget)}"),
     ):
         if old not in text:
             raise RuntimeError(f"examples/color-match/program.md changed: no {old!r} in it")
@@ -246,7 +248,49 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-async def main_async(args: argparse.Namespace) -> list[Run]:
+@dataclass
+class JournalBurst:
+    """The journal actor on its own: one writer's round trip, and what concurrent writers get."""
+
+    round_trip_ms: list[float]
+    writers: int
+    events: int
+    events_per_s: float
+
+
+async def journal_burst(path: Path, writers: int = 16, each: int = 50) -> JournalBurst:
+    """Station events (one fsync'ed transaction each) written through a journal actor on
+    the head: ``each`` one after the other from one writer (the round trip), then from
+    ``writers`` concurrent writers (what the journal sustains)."""
+    from loops.journal import Journal
+    from loops.raylinks import RayJournal, start_journal_actor
+
+    actor = start_journal_actor(path)
+    link = RayJournal(actor)
+    try:
+        await link.call(Journal.create_campaign, "burst", "burst", {"name": "burst"})
+        trips = []
+        for i in range(each):
+            t0 = time.perf_counter()
+            await link.call(Journal.station_event, "burst", "bench-a", "running", f"trip {i}")
+            trips.append(time.perf_counter() - t0)
+
+        async def writer(n: int) -> None:
+            for i in range(each):
+                await link.call(Journal.station_event, "burst", f"w{n}", "running", f"{i}")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(writer(n) for n in range(writers)))
+        elapsed = time.perf_counter() - t0
+    finally:
+        await actor.close.remote()
+        import ray
+
+        ray.kill(actor, no_restart=True)
+    return JournalBurst([t * 1000 for t in trips], writers, writers * each, writers * each / elapsed)
+
+
+async def main_async(args: argparse.Namespace) -> tuple[list[Run], JournalBurst]:
     counts = sorted(args.stations)
     heads = math.ceil(max(counts) / 2)
     benches = max(counts) - heads
@@ -273,12 +317,13 @@ async def main_async(args: argparse.Namespace) -> list[Run]:
                     file=sys.stderr,
                 )
                 runs.append(run)
+            burst = await journal_burst(work / "burst.db")
         finally:
             import ray
 
             ray.shutdown()
             os.environ.update(saved)
-    return runs
+    return runs, burst
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -302,8 +347,14 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
-    runs = asyncio.run(main_async(args))
+    runs, burst = asyncio.run(main_async(args))
     print(table(runs, args))
+    print(
+        f"\nThe journal actor alone: one writer's round trip (a Ray call, an fsync'ed SQLite "
+        f"transaction) median {med(burst.round_trip_ms):.1f} ms, p99 "
+        f"{pct(burst.round_trip_ms, 0.99):.1f} ms; {burst.writers} concurrent writers: "
+        f"{burst.events_per_s:.0f} events/s ({burst.events} events)."
+    )
 
 
 if __name__ == "__main__":
