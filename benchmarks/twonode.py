@@ -369,10 +369,13 @@ class TwoNodeCluster:
             time.sleep(0.1)
         node.lab = yaml.safe_load(out.read_text())
 
-    def lab_yaml(self, store: Path, *, with_address: bool = True) -> str:
+    def lab_yaml(
+        self, store: Path, *, with_address: bool = True, mqtt: dict[str, Any] | None = None
+    ) -> str:
         """lab.yaml for the whole lab: every node's stations (their instruments on that node,
         its BLE bus in the station's ``env``), the head's address (unless ``with_address``
-        is false: then ``--ray-address`` or ``$RAY_ADDRESS`` must name it) and the token file."""
+        is false: then ``--ray-address`` or ``$RAY_ADDRESS`` must name it) and the token file;
+        ``mqtt``: its ``mqtt:`` section (the service's broker, e.g. :meth:`broker_url`)."""
         head = self.nodes["head"].lab
         config: dict[str, Any] = {
             "bridge_id": f"two-node-{self.tag}",
@@ -383,6 +386,8 @@ class TwoNodeCluster:
         }
         if with_address:
             config["ray"]["address"] = self.address
+        if mqtt is not None:
+            config["mqtt"] = dict(mqtt)
         for node in self.nodes.values():
             for name, station in node.lab["stations"].items():
                 config["stations"][name] = {**station, "env": dict(node.lab.get("env") or {})}
@@ -420,6 +425,21 @@ class TwoNodeCluster:
     def restart_node(self, role: str = "bench") -> None:
         """Start the node again (same address, same stations): its PC came back."""
         self._start_node(self.nodes[role])
+
+    def ensure_up(self) -> None:
+        """Start again any node that is down (a test before killed it)."""
+        for role, node in self.nodes.items():
+            if node.proc is None or node.proc.poll() is not None:
+                self.restart_node(role)
+
+    def broker_url(self) -> str:
+        """The head's simulated MQTT broker (its benches' enclosures use it), as a broker URL."""
+        for station in self.nodes["head"].lab["stations"].values():
+            for instrument in station["instruments"]:
+                if instrument["url"].startswith("mqtt://"):
+                    parts = urlsplit(instrument["url"])
+                    return f"mqtt://{parts.hostname}:{parts.port}"
+        raise RuntimeError("the head's benches have no MQTT instrument")
 
     # ------------------------------------------------------------ tear-down
     def stop(self) -> None:

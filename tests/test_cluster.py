@@ -297,3 +297,97 @@ def test_a_node_dies_mid_campaign_and_its_station_rejoins_when_it_is_back(
     after_kill = [e for e in exps if e.created > failed.t and e.state == "done"]
     assert any(e.station == "bench-a" and e.created < back.t for e in after_kill), exps
     assert any(e.station == "bench-b" and e.created > back.t for e in exps), exps
+
+
+def status(lab: Path, env: dict[str, str]) -> dict[str, Any]:
+    """The service's retained status (``labbridge status --json``), {} before it serves."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bridge.cli",
+            "status",
+            "--lab",
+            str(lab),
+            "--json",
+            "--timeout",
+            "5",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if not done.stdout.strip():
+        return {}
+    return dict(json.loads(done.stdout).get("status") or {})
+
+
+@pytest.mark.timeout(240)
+def test_the_service_survives_a_station_nodes_death_and_reports_it(
+    cluster: TwoNodeCluster, tmp_path: Path
+) -> None:
+    """``labbridge serve`` on the head holds both stations; the bench node dies: the service
+    stays online, its status names bench-b's death, and an e-stop still trips bench-a (and
+    reports bench-b's error instead of hanging on it)."""
+    cluster.ensure_up()
+    lab = tmp_path / "lab.yaml"
+    mqtt = {"url": cluster.broker_url(), "status_interval_s": 0.5}
+    lab.write_text(cluster.lab_yaml(tmp_path / "journal.db", mqtt=mqtt))
+    env = cluster.driver_env()
+    log = tmp_path / "serve.log"
+    serve = labbridge("serve", "--lab", str(lab), env=env, log=log)
+    try:
+
+        def both_ok() -> bool:
+            st = status(lab, env)
+            stations = st.get("stations") or {}
+            return st.get("state") == "online" and all(
+                stations.get(n, {}).get("ok") for n in ("bench-a", "bench-b")
+            )
+
+        wait_for("the service online with both stations", both_ok, 150, 0.5)
+        cluster.kill_node("bench")
+
+        def b_reported() -> dict[str, Any] | None:
+            st = status(lab, env)
+            b = (st.get("stations") or {}).get("bench-b") or {}
+            return st if b and not b.get("ok") else None
+
+        st = wait_for("bench-b's death in the service's status", b_reported, 90, 0.5)
+        assert st["state"] == "online", st
+        assert st["stations"]["bench-a"]["ok"], st["stations"]
+        assert "died" in st["stations"]["bench-b"]["error"], st["stations"]["bench-b"]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bridge.cli",
+                "estop",
+                "--lab",
+                str(lab),
+                "--json",
+                "--reason",
+                "test: after a node died",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+        reply = json.loads(done.stdout)
+        assert reply["stations"]["bench-a"]["ok"], reply
+        assert "error" in reply["stations"]["bench-b"], reply
+        assert serve.poll() is None, log.read_text()  # still serving
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait(timeout=30)
+    assert serve.returncode == 0, log.read_text()
