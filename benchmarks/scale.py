@@ -20,13 +20,15 @@ the journal's timestamps of each experiment:
   program's constraints, a journal write;
 - ``dispatch``: checked -> running: ``queued`` journaled, the run's Ray call to the station
   actor, ``running`` journaled there;
-- ``between``: the gaps between steps (each step is journaled before it acts: a Ray call
-  to the journal actor and an fsync'ed transaction per step start and per step end);
+- ``steps``: running -> the last step's record, minus the bench's time (each step's
+  duration as the station measured it on the bench's clock): each step journaled before
+  it acts (a Ray call to the journal actor, an fsync'ed transaction; a step's end goes
+  with the next step's start), the lease check, the step's dispatch in the actor;
 - ``finish``: last step done -> done: verification (camera vs instruments), the outcome
   and the optimizer's tell journaled.
 
-The stack time is the experiment's whole time minus its steps' time (the bench's: the
-simulated physics and the instruments' own I/O over their wires). Also printed: journal
+The stack time is the experiment's whole time minus the bench's: its steps' durations
+(the simulated physics and the instruments' own I/O over their wires). Also printed: journal
 events per second over the run (every transition journaled / wall-clock), and what the
 journal actor sustains on its own (:func:`journal_burst`). Goals (issue
 17) printed beside: 4 stations >= 3.6x faster to target with <= 1.2x the experiments, 16
@@ -62,7 +64,7 @@ EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
 GOALS = {4: 3.6, 16: 10.0}
 GOAL_EXPERIMENTS_X = 1.2
 GOAL_STACK_MS = 50.0
-PARTS = ("claim", "check", "dispatch", "between", "finish")
+PARTS = ("claim", "check", "dispatch", "steps", "finish")
 
 
 @dataclass
@@ -106,7 +108,9 @@ def program_text(budget: int, target: float | None, seed: int) -> str:
     return text
 
 
-def analyse(store: Path, campaign: str, target: float | None, k: int, summary: Any) -> Run:
+def analyse(
+    store: Path, campaign: str, target: float | None, k: int, summary: Any, speed: float
+) -> Run:
     """The journal's view of one campaign (module docstring: the parts of the stack time)."""
     from loops.journal import Journal
 
@@ -136,20 +140,21 @@ def analyse(store: Path, campaign: str, target: float | None, k: int, summary: A
         if None in (proposed, checked, running, done):
             continue
         assert proposed and checked and running and done
-        starts = [r.t for r in rows if r.event == "step_started"]
-        dones = [r.t for r in rows if r.event == "step_done"]
-        steps = sum(b - a for a, b in zip(starts, dones, strict=False))
-        between = (starts[0] - running if starts else 0.0) + sum(
-            b - a for a, b in zip(dones, starts[1:], strict=False)
-        )
+        dones = [r for r in rows if r.event == "step_done"]
+        if not dones:
+            continue
+        # the bench's own time: each step's duration as the station measured it (simulated
+        # seconds on a simulated bench), not the journal's timestamps around it
+        bench = sum(float((r.data or {}).get("data", {}).get("duration_s") or 0) for r in dones)
+        bench /= speed
         free = max(last_free.get(e.station, start), start)
         claim = max(0.0, proposed - free)
         parts["claim"].append(claim)
         parts["check"].append(checked - proposed)
         parts["dispatch"].append(running - checked)
-        parts["between"].append(between)
-        parts["finish"].append(done - (dones[-1] if dones else running))
-        stack.append(claim + (done - proposed) - steps)
+        parts["steps"].append(max(0.0, dones[-1].t - running - bench))
+        parts["finish"].append(done - dones[-1].t)
+        stack.append(claim + (done - proposed) - bench)
         last_free[e.station] = done
         ends.append((done, e.id, e.objective))
     to_t = to_n = None
@@ -195,7 +200,7 @@ async def one(
     program = load_program(prog_path)
     campaign = f"scale-k{k}"
     summary = await run_campaign(program, lab, campaign_id=campaign)
-    return analyse(store, campaign, args.target, k, summary)
+    return analyse(store, campaign, args.target, k, summary, args.speed)
 
 
 def ms(values: Sequence[float], q: float | None = None) -> str:
@@ -211,7 +216,7 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
         f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
         "",
         "| stations | end | wall s | to target s | speed-up | exps | to target n | exps vs 1 "
-        "| stack ms med | p99 | claim | check | dispatch | between | finish | events/s | goal |",
+        "| stack ms med | p99 | claim | check | dispatch | steps | finish | events/s | goal |",
         "|" + "---|" * 17,
     ]
     for r in runs:
@@ -242,8 +247,8 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
         "Speed-up and 'exps vs 1' are to the target (to the end when a run did not reach it). "
         "Stack ms: an experiment's time minus its steps' time; its parts are medians (ms) "
         "of: claim (lock, ask, journal), check (dry run on the station), dispatch (queued, "
-        "the Ray call, running), between (a journaled start and end per step), finish "
-        "(verification, outcome, tell).",
+        "the Ray call, running), steps (journaling each step, beyond the bench's own time), "
+        "finish (verification, outcome, tell).",
     ]
     return "\n".join(lines)
 
@@ -298,39 +303,48 @@ async def journal_burst(path: Path, writers: int = 16, each: int = 50) -> Journa
     )
 
 
-async def main_async(args: argparse.Namespace) -> tuple[list[Run], JournalBurst]:
-    counts = sorted(args.stations)
-    heads = math.ceil(max(counts) / 2)
-    benches = max(counts) - heads
+async def main_async(args: argparse.Namespace) -> tuple[list[Run], JournalBurst | None]:
+    """Each K on a cluster of its own with K benches (idle simulated benches cost CPU too)."""
     runs: list[Run] = []
-    with TwoNodeCluster(heads, max(benches, 1), speed=args.speed, camera_fps=args.camera_fps) as c:
-        print(
-            f"two Ray nodes up: head {c.nodes['head'].ip} ({', '.join(c.nodes['head'].stations)}), "
-            f"bench node {c.nodes['bench'].ip} ({', '.join(c.nodes['bench'].stations)})"
-            + (f"; no namespace: {c.netns_skipped}" if c.netns_skipped else ""),
-            file=sys.stderr,
-        )
-        work = c.dir / "runs"
-        saved = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
-        for key in saved:  # this process joins as a driver of that cluster only
-            del os.environ[key]
-        try:
-            for k in counts:
+    burst: JournalBurst | None = None
+    saved = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
+    for key in saved:  # this process joins as a driver of these clusters only
+        del os.environ[key]
+    try:
+        for k in sorted(args.stations):
+            heads = math.ceil(k / 2)
+            with TwoNodeCluster(
+                heads, k - heads, speed=args.speed, camera_fps=args.camera_fps
+            ) as c:
+                print(
+                    f"K={k}: two Ray nodes up: head {c.nodes['head'].ip} "
+                    f"({', '.join(c.nodes['head'].stations)}), bench node {c.nodes['bench'].ip} "
+                    f"({', '.join(c.nodes['bench'].stations) or 'no bench'})"
+                    + (f"; no namespace: {c.netns_skipped}" if c.netns_skipped else ""),
+                    file=sys.stderr,
+                )
                 names = split(c.nodes["head"].stations, c.nodes["bench"].stations, k)
                 t0 = time.monotonic()
-                run = await one(c, names, args, work)
+                try:
+                    run = await one(c, names, args, c.dir / "runs")
+                    if burst is None:
+                        burst = await journal_burst(c.dir / "runs" / "burst.db")
+                except Exception as exc:  # the row says why (a starved simulator, say)
+                    run = Run(
+                        k, "error", f"{type(exc).__name__}: {exc}", math.nan, None, 0, None, 0
+                    )
+                finally:
+                    import ray
+
+                    ray.shutdown()  # the next K joins another cluster
                 print(
                     f"K={k}: {run.state} ({run.reason}) in {time.monotonic() - t0:.0f} s real, "
                     f"{run.experiments} experiments {run.by_station}",
                     file=sys.stderr,
                 )
                 runs.append(run)
-            burst = await journal_burst(work / "burst.db")
-        finally:
-            import ray
-
-            ray.shutdown()
-            os.environ.update(saved)
+    finally:
+        os.environ.update(saved)
     return runs, burst
 
 
@@ -357,6 +371,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     runs, burst = asyncio.run(main_async(args))
     print(table(runs, args))
+    for r in runs:
+        if r.state == "error":
+            print(f"K={r.stations}: no result: {r.reason}")
+    if burst is None:
+        return
     print(
         f"\nThe journal actor alone: one writer's round trip (a Ray call, an fsync'ed SQLite "
         f"transaction) median {med(burst.round_trip_ms):.1f} ms, p99 "

@@ -183,7 +183,8 @@ class Node:
 
 class TwoNodeCluster:
     """A head and a bench node (module docstring). ``head_stations``/``bench_stations``: how
-    many simulated benches each node has (named ``bench-a``, ``bench-b``... head first);
+    many simulated benches each node has (named ``bench-a``, ``bench-b``... head first; the
+    bench node may have none);
     ``speed``: the simulated clock's; ``camera_fps``: the simulated cameras' frame rate
     (CPU: 16 cameras at 10 fps is a core). Use as a context manager or call :meth:`start`
     and :meth:`stop`."""
@@ -268,9 +269,12 @@ class TwoNodeCluster:
                     self.dir / "b" / "ray",
                 ),
             }
-            for node in self.nodes.values():  # the simulators first: they are the benches
+            if not heads:
+                raise ValueError("the head needs at least one bench (the lab's clock is its)")
+            benched = [n for n in self.nodes.values() if n.stations]
+            for node in benched:  # the simulators first: they are the benches
                 self._start_sim(node)
-            for node in self.nodes.values():
+            for node in benched:
                 self._wait_sim(node)
             self._start_node(self.nodes["head"])
             self._start_node(self.nodes["bench"])
@@ -389,7 +393,7 @@ class TwoNodeCluster:
         if mqtt is not None:
             config["mqtt"] = dict(mqtt)
         for node in self.nodes.values():
-            for name, station in node.lab["stations"].items():
+            for name, station in node.lab.get("stations", {}).items():
                 config["stations"][name] = {**station, "env": dict(node.lab.get("env") or {})}
         return "# two Ray nodes on this machine (benchmarks/twonode.py)\n" + yaml.safe_dump(
             config, sort_keys=False
