@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import os
 import sys
@@ -80,16 +81,14 @@ class Run:
     to_target_n: int | None
     events: int  # journal transitions of the campaign
     stack_s: list[float] = field(default_factory=list)  # per done experiment
-    parts: dict[str, list[float]] = field(default_factory=dict)
+    parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
     by_station: dict[str, int] = field(default_factory=dict)
 
 
 def split(names_head: Sequence[str], names_bench: Sequence[str], k: int) -> list[str]:
     """K stations alternating between the nodes (1: the head's first)."""
-    out: list[str] = []
-    for a, b in zip(names_head, names_bench, strict=False):
-        out += [a, b]
-    return out[:k]
+    pairs = itertools.zip_longest(names_head, names_bench)
+    return [n for pair in pairs for n in pair if n is not None][:k]
 
 
 def program_text(budget: int, target: float | None, seed: int) -> str:
@@ -336,7 +335,9 @@ async def main_async(args: argparse.Namespace) -> tuple[list[Run], JournalBurst 
                 finally:
                     import ray
 
-                    ray.shutdown()  # the next K joins another cluster
+                    ray.shutdown()  # the next K joins another cluster, with its own token
+                    for key in [k for k in os.environ if k.startswith("RAY_")]:
+                        del os.environ[key]
                 print(
                     f"K={k}: {run.state} ({run.reason}) in {time.monotonic() - t0:.0f} s real, "
                     f"{run.experiments} experiments {run.by_station}",
