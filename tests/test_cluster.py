@@ -342,6 +342,7 @@ def test_the_service_survives_a_station_nodes_death_and_reports_it(
     try:
 
         def both_ok() -> bool:
+            assert serve.poll() is None, log.read_text()  # it ended: say why, now
             st = status(lab, env)
             stations = st.get("stations") or {}
             return st.get("state") == "online" and all(
