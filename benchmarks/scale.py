@@ -246,11 +246,13 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
         speed = t_base / t_here if t_here else math.nan
         more = n_here / n_base if n_base else math.nan
         goal = ""
-        if r.stations in GOALS:
+        if r.state == "error":
+            goal = "no result (below)"
+        elif r.stations in GOALS:
             ok = speed >= GOALS[r.stations] and (r.stations != 4 or more <= GOAL_EXPERIMENTS_X)
             extra = f", <= {GOAL_EXPERIMENTS_X}x exps" if r.stations == 4 else ""
             goal = f">= {GOALS[r.stations]}x{extra}: {'met' if ok else 'missed'}"
-        if r.stations == 1:
+        if r.stations == 1 and r.state != "error":
             stack = med(r.stack_s) * 1000
             goal = f"stack < {GOAL_STACK_MS:g} ms: {'met' if stack < GOAL_STACK_MS else 'missed'}"
         lines.append(
