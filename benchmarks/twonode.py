@@ -6,8 +6,11 @@ own, as docs/cluster.md sets a lab up):
 - a network: the bench node in a network namespace of its own, joined to this machine by
   a veth pair (``10.77.N.1`` here, ``10.77.N.2`` there, a /30), so the bench node reaches
   the head at a non-loopback address as a bench PC does on a lab network. Where that is
-  not possible (not root, no ``ip``), both nodes stay on loopback (127.0.0.1 and
-  127.0.0.2) and :attr:`TwoNodeCluster.netns_skipped` says why;
+  not possible (not root, no ``ip``), both nodes share this machine's own address (Ray
+  lets no second node join over loopback: with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+  which keeps a node on 127.0.0.1, it refuses multi-node clusters, and without it a
+  127.x address is rewritten to the routable one) and :attr:`TwoNodeCluster.netns_skipped`
+  says why;
 - the head (``ray start --head --block``) offering ``station:<name>`` for its benches,
   the bench node (``ray start --block --address=head``) offering its own;
 - each node's simulated benches *on that node* (in its namespace): the simulators are
@@ -36,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -110,7 +114,8 @@ def _kill(pids: Sequence[int], sig: int = signal.SIGKILL) -> None:
 
 @dataclass
 class Network:
-    """The two nodes' addresses: a namespace and a veth pair, or loopback."""
+    """The two nodes' addresses: a namespace and a veth pair, or ("", "": Ray picks this
+    machine's address for both) none."""
 
     head_ip: str
     bench_ip: str
@@ -123,9 +128,9 @@ class Network:
         """A namespace ``lbn<tag>`` with the bench end of a veth pair; loopback (with the
         reason in ``skipped``) when that is not possible here."""
         if os.environ.get("LABBRIDGE_NO_NETNS") == "1":
-            return cls("127.0.0.1", "127.0.0.2", skipped="LABBRIDGE_NO_NETNS=1")
+            return cls("", "", skipped="LABBRIDGE_NO_NETNS=1")
         if os.geteuid() != 0 or shutil.which("ip") is None:
-            return cls("127.0.0.1", "127.0.0.2", skipped="network namespaces need root and ip(8)")
+            return cls("", "", skipped="network namespaces need root and ip(8)")
         base = f"10.77.{block // 64}.{(block % 64) * 4}"
         prefix = base.rsplit(".", 1)[0]
         last = int(base.rsplit(".", 1)[1])
@@ -147,7 +152,7 @@ class Network:
             if done.returncode != 0:
                 net.remove()
                 why = f"{' '.join(argv)}: {done.stderr.strip() or done.returncode}"
-                return cls("127.0.0.1", "127.0.0.2", skipped=f"no network namespace ({why})")
+                return cls("", "", skipped=f"no network namespace ({why})")
         return net
 
     def prefix(self) -> list[str]:
@@ -234,8 +239,6 @@ class TwoNodeCluster:
             LABBRIDGE_CLUSTER=self.tag,
         )
         assert self.net is not None
-        if self.net.netns is None:  # loopback only: keep Ray's servers on 127.x
-            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         if node is not None:
             env["LABBRIDGE_NODE"] = node
         return env
@@ -254,7 +257,7 @@ class TwoNodeCluster:
             self.token_file.write_text(secrets.token_hex(32) + "\n")
             self.token_file.chmod(0o600)
             self.net = Network.create(self.tag, os.getpid() % 4096)
-            self.port = _free_port(self.net.head_ip if self.net.netns else "127.0.0.1")
+            self.port = _free_port(self.net.head_ip)
             heads, benches = self._counts
             self.nodes = {
                 "head": Node(
@@ -289,7 +292,7 @@ class TwoNodeCluster:
             str(RAY),
             "start",
             "--block",
-            f"--node-ip-address={node.ip}",
+            *([f"--node-ip-address={node.ip}"] if node.ip else []),
             "--num-cpus=1",
             f"--resources={json.dumps({f'station:{n}': 1 for n in node.stations})}",
             "--disable-usage-stats",
@@ -319,6 +322,12 @@ class TwoNodeCluster:
                 f.seek(max(0, start - 4096))
                 text = f.read().decode(errors="replace")
             if "Ray runtime started" in text.rsplit("--- ", 1)[-1]:
+                if not node.ip:  # no namespace: the address Ray chose (this machine's)
+                    found = re.search(r"Local node IP: (\S+)", text.rsplit("--- ", 1)[-1])
+                    node.ip = found.group(1) if found else ""
+                    if node.role == "head":
+                        assert self.net is not None
+                        self.net.head_ip = node.ip
                 return
             if node.proc.poll() is not None:
                 break
