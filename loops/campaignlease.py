@@ -108,12 +108,15 @@ class CampaignLease(CampaignBook):
             raise ValueError(f"campaign {self.campaign_id} ended: {name} did not rejoin")
         slot.actor, slot.state, slot.reason, slot.disagreements = link, "idle", None, 0
         self._released.discard(name)
+        self._start_worker(slot)  # no await since the check: run() is still waiting for workers
         log.warning("campaign %s: station %s rejoined: %s", self.campaign_id, name, why)
         self._emit("station", station=name, state="rejoined", reason=why)
-        await self.journal.call(
-            Journal.station_event, self.campaign_id, name, "rejoined", why, epoch=epoch
+        # journaled as a station going out is: awaited before the campaign's end
+        self._notes.append(
+            self.journal.call(
+                Journal.station_event, self.campaign_id, name, "rejoined", why, epoch=epoch
+            )
         )
-        self._start_worker(slot)
 
     @property
     def epoch(self) -> int | None:
