@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import ray
 
 from bridge.labconfig import LabConfig
+from bridge.stationreturn import return_stations
 from instruments.deadline import bounded
 from loops.campaign import CampaignRunner, CampaignSummary, OnEvent, campaign_lock
 from loops.journal import Campaign
@@ -125,13 +127,19 @@ async def open_lab(
 
 
 def start_lab_station(
-    lab: LabConfig, name: str, journal: Any, clock: ClockSpec | None = None
+    lab: LabConfig,
+    name: str,
+    journal: Any,
+    clock: ClockSpec | None = None,
+    *,
+    actor_name: str | None = None,
 ) -> Any:
     """Create station ``name``'s actor as the lab config describes it (instruments, envelope,
     supervisor, environment, verification, what its set-up kept), journaling through
     ``journal`` (the journal actor), on the lab's clock ``clock`` (:func:`lab_clock`).
     Not yet open: ``await handle.start.remote()``. :func:`open_lab` uses it for every
-    station; a tool that replaces a station actor that died uses it for one."""
+    station; a tool that replaces a station actor that died uses it for one (with an
+    ``actor_name`` of its own: Ray may keep a dead actor's name a while after its node died)."""
     st = lab.stations[name]
     return start_station_actor(
         name,
@@ -141,7 +149,7 @@ def start_lab_station(
         supervisor_options=st.supervisor,
         env=st.env,
         journal=journal,
-        actor_name=None,
+        actor_name=actor_name,
         verification=st.verification.actor_options() if st.verification else None,
         setup=st.setup_store.values() if st.setup_store else None,
     )
@@ -272,12 +280,15 @@ async def run_campaign(
     on_event: OnEvent | None = None,
     ray_address: str | None = None,
     on_runner: Callable[[CampaignRunner], None] | None = None,
+    rejoin: bool = False,
 ) -> CampaignSummary:
     """Run (or resume) one campaign on the lab's stations; returns its summary.
 
     ``program`` None with ``resume``: the program stored with the campaign.
     ``on_runner`` receives the runner once it exists (for stop/abort/agent
-    proposals from elsewhere, e.g. a signal handler). Raises
+    proposals from elsewhere, e.g. a signal handler). ``rejoin``: a station whose actor
+    died (its Ray node went down) is recovered in ``operator``'s name and rejoins the
+    campaign once its node is back (:mod:`bridge.stationreturn`). Raises
     :class:`~loops.campaign.CampaignBusy` if another process runs this campaign.
     """
     with campaign_lock(lab.store, campaign_id):
@@ -291,7 +302,29 @@ async def run_campaign(
             if on_runner is not None:
                 on_runner(runner)
             await runner.prepare(resume=resume, operator=operator)
-            return await runner.run()
+            if not rejoin:
+                return await runner.run()
+            clock = lab_clock(lab)[0]
+            returning = asyncio.create_task(
+                return_stations(
+                    runner,
+                    lambda name: start_lab_station(
+                        lab,
+                        name,
+                        journal,
+                        clock,
+                        actor_name=f"station-{name}-{secrets.token_hex(4)}",
+                    ),
+                    actors,
+                    operator,
+                ),
+                name=f"campaign-{campaign_id}-rejoin",
+            )
+            try:
+                return await runner.run()
+            finally:
+                returning.cancel()
+                await asyncio.gather(returning, return_exceptions=True)
 
 
 class CampaignProgress:
@@ -390,8 +423,10 @@ async def run_with_signals(
     ray_address: str | None,
     progress: bool = True,
     on_runner: Callable[[CampaignRunner], None] | None = None,
+    rejoin: bool = False,
 ) -> CampaignSummary:
-    """:func:`run_campaign` with a progress bar, and SIGINT/SIGTERM as an orderly stop.
+    """:func:`run_campaign` (``rejoin`` as there) with a progress bar, and SIGINT/SIGTERM as
+    an orderly stop.
 
     The first signal aborts the campaign: every station is tripped into its safe
     state (latched), running experiments are recorded failed, the journal is
@@ -452,6 +487,7 @@ async def run_with_signals(
             on_event=on_event,
             ray_address=ray_address,
             on_runner=got_runner,
+            rejoin=rejoin,
         )
         return summary
     finally:

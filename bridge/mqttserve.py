@@ -70,7 +70,11 @@ async def serve(
 
     # Ray's driver installs its own SIGTERM handler in ray.init: start (or join) Ray first
     init_ray(
-        ray_address or lab.ray_address, stations=list(lab.stations), local=True, log_to_driver=False
+        ray_address or lab.ray_address,
+        stations=list(lab.stations),
+        local=True,
+        token_file=lab.ray_token_file,
+        log_to_driver=False,
     )
     installed: list[signal.Signals] = []
     if handle_signals:
