@@ -29,8 +29,8 @@ from typing import Any
 
 import ray
 
+from instruments.deadline import bounded
 from loops.campaign import CampaignRunner
-from loops.campaignlease import bounded
 from loops.raylinks import RayStation
 from loops.stationerrors import cause_text
 from loops.stations import StationActor, StationLink, StationLost
