@@ -262,16 +262,15 @@ class EnclosureSim:
         monitors age heartbeats in real seconds)."""
         clock = self.world.clock
         next_t = time.monotonic()
-        while True:
-            next_t = max(next_t + self.heartbeat_period_s, time.monotonic())
-            await asyncio.sleep(next_t - time.monotonic())
-            if self.world.faults.active("heartbeat-stop", device=DEVICE) is not None:
-                continue
-            if self._connected.is_set():
+        while True:  # the first one at once: a device says it is alive as it comes online
+            stopped = self.world.faults.active("heartbeat-stop", device=DEVICE) is not None
+            if self._connected.is_set() and not stopped:
                 self.heartbeat_seq += 1
                 self._publish(
                     "heartbeat", {"seq": self.heartbeat_seq, "t": round(clock.now(), 3)}, qos=0
                 )
+            next_t = max(next_t + self.heartbeat_period_s, time.monotonic())
+            await asyncio.sleep(next_t - time.monotonic())
 
     # ----------------------------------------------------- paho's thread side
     def _on_connect(

@@ -215,7 +215,8 @@ async def test_heartbeat_stop_trips_on_staleness_and_reset_waits_for_heartbeats(
         sup = supervisor(bench, drivers)
         async with sup:
             await wait_until(lambda: sup.last_results, 2, "a first evaluation")
-            await asyncio.sleep(0.2)
+            # heartbeats seen (every 0.5 s real): then they stop, and their age grows
+            await wait_until(lambda: drivers["enclosure"].heartbeats > 0, 5, "a heartbeat")
             assert not sup.latch.tripped, sup.last_results
             bench.world.faults.inject("heartbeat-stop", device="enclosure")
             await wait_until(lambda: sup.latch.tripped, 6, "the heartbeat trip")  # 2 s limit
