@@ -37,6 +37,7 @@ from loops.stations import ClockSpec, ScaledClock
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "join_ray",
     "CampaignProgress",
     "StationUnavailable",
     "agent_approvals",
@@ -55,6 +56,20 @@ START_TIMEOUT_S = 60.0
 
 class StationUnavailable(RuntimeError):
     """A station could not be started (not placed by Ray, or its instruments did not open)."""
+
+
+def join_ray(lab: LabConfig, ray_address: str | None, stations: list[str] | None = None) -> None:
+    """Start (or join) the lab's Ray: ``ray_address``, else lab.yaml ``ray.address``, else a
+    local one offering ``station:<name>`` for ``stations`` (default: all the lab's); with
+    the lab's token file. Before taking SIGINT/SIGTERM over: Ray's driver installs its own
+    SIGTERM handler in ``ray.init``."""
+    init_ray(
+        ray_address or lab.ray_address,
+        stations=stations if stations is not None else list(lab.stations),
+        local=True,
+        token_file=lab.ray_token_file,
+        log_to_driver=False,
+    )
 
 
 def lab_clock(lab: LabConfig) -> tuple[ClockSpec | None, Callable[[], float]]:
@@ -104,13 +119,7 @@ async def open_lab(
         raise ValueError(
             f"{lab.source}: no station {', '.join(unknown)} (known: {', '.join(lab.stations)})"
         )
-    init_ray(
-        ray_address or lab.ray_address,
-        stations=names,
-        local=True,
-        token_file=lab.ray_token_file,
-        log_to_driver=False,
-    )
+    join_ray(lab, ray_address, names)
     lab.store.parent.mkdir(parents=True, exist_ok=True)
     journal = start_journal_actor(lab.store)
     clock, _ = lab_clock(lab)
@@ -452,13 +461,7 @@ async def run_with_signals(
 
     # Ray's driver installs a C-level SIGTERM handler in ray.init (it dies with 15): start
     # or join Ray first, then take SIGINT/SIGTERM over
-    init_ray(
-        ray_address or lab.ray_address,
-        stations=list(lab.stations),
-        local=True,
-        token_file=lab.ray_token_file,
-        log_to_driver=False,
-    )
+    join_ray(lab, ray_address)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
     shown = program

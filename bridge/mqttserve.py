@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bridge.campaigns import join_ray
 from bridge.labconfig import LabConfig, load_lab
 from bridge.labmqtt import mqtt_settings
 from bridge.mqttapi import ApiError, ApiSettings, MqttApi
@@ -50,7 +51,6 @@ async def serve(
     Returns why it stopped.
     """
     from bridge.notify import notifications
-    from loops.raylinks import init_ray
 
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -69,13 +69,7 @@ async def serve(
         stop.set()
 
     # Ray's driver installs its own SIGTERM handler in ray.init: start (or join) Ray first
-    init_ray(
-        ray_address or lab.ray_address,
-        stations=list(lab.stations),
-        local=True,
-        token_file=lab.ray_token_file,
-        log_to_driver=False,
-    )
+    join_ray(lab, ray_address)
     installed: list[signal.Signals] = []
     if handle_signals:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from bridge.campaigns import run_with_signals
+from bridge.campaigns import join_ray, run_with_signals
 from bridge.httpserve import HttpBind
 from bridge.labconfig import LabConfig, load_lab
 from bridge.labmqtt import parse_broker_url
@@ -301,7 +301,6 @@ async def _served_campaign(
     from bridge.mqttapi import mqtt_settings
     from bridge.mqttserve import serve
     from bridge.webapp import lab_page
-    from loops.raylinks import init_ray
 
     url = broker_url or lab.sim.broker_url
     settings = mqtt_settings(lab.config, url)
@@ -377,13 +376,7 @@ async def _served_campaign(
         task[0].add_done_callback(lambda t: stop.set() if t.exception() else None)
 
     # Ray's driver installs its own SIGTERM handler in ray.init: start (or join) Ray first
-    init_ray(
-        ray_address or lab.config.ray_address,
-        stations=list(lab.config.stations),
-        local=True,
-        token_file=lab.config.ray_token_file,
-        log_to_driver=False,
-    )
+    join_ray(lab.config, ray_address)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
