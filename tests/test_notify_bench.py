@@ -18,7 +18,7 @@ import pytest
 import ray
 import yaml
 from reference import relaxed_staleness
-from test_mqtt_api import until
+from test_mqtt_api import small_program, until
 from test_notify import SEEN_S, Receiver, notifications_yaml
 
 from bridge.labconfig import load_lab
@@ -29,7 +29,6 @@ from loops.program import Parameter, load_program
 from safety.envelopeload import REFERENCE_BENCH
 from simulators.bench import SimulatedLab
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
 SPEED = 500.0
 #: about 1.56 mL of dye per experiment: after the station's set-up (its calibration puts
 #: 2.51 mL of dye in), two fit in the budget below, a third does not
@@ -44,21 +43,16 @@ BUDGET = "dye_ml_per_day: {counts: vial.added, per: day, max: 6.5, unit: mL}"
 
 
 def narrow_program(experiments: int) -> str:
-    """The colour match with every parameter in a narrow range (so each experiment puts
-    about 1.55 mL of dye in the vial), ``experiments`` of them, no target."""
-    base = load_program(EXAMPLE)
+    """The colour match with ``experiments`` experiments and no target
+    (:func:`test_mqtt_api.small_program`), every parameter in a narrow range (so each
+    experiment puts about 1.56 mL of dye in the vial)."""
+    base = load_program(small_program(experiments))
     params = tuple(
         dataclasses.replace(p, low=NARROW[p.name][0], high=NARROW[p.name][1])
         for p in base.parameters
     )
     assert all(isinstance(p, Parameter) for p in params) and len(params) == len(NARROW)
-    return dataclasses.replace(
-        base,
-        parameters=params,
-        budget=dataclasses.replace(base.budget, experiments=experiments),
-        stop=dataclasses.replace(base.stop, target=None, no_improvement=None),
-        initial_points=experiments,
-    ).to_markdown()
+    return dataclasses.replace(base, parameters=params).to_markdown()
 
 
 def lab_yaml(sim: SimulatedLab, tmp_path: Path, receiver: Receiver) -> Path:
