@@ -359,7 +359,9 @@ def test_the_service_survives_a_station_nodes_death_and_reports_it(
         def b_reported() -> dict[str, Any] | None:
             st = status(lab, env)
             b = (st.get("stations") or {}).get("bench-b") or {}
-            return st if b and not b.get("ok") else None
+            # first "not answering" (ActorUnavailableError) while Ray's health checks run,
+            # then "died" once the node is declared dead
+            return st if b and not b.get("ok") and "died" in b.get("error", "") else None
 
         st = wait_for("bench-b's death in the service's status", b_reported, 90, 0.5)
         assert st["state"] == "online", st
