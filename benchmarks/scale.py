@@ -55,7 +55,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +86,72 @@ class Run:
     to_target_n: int | None
     events: int  # journal transitions of the campaign
     stack_s: list[float] = field(default_factory=list)  # per done experiment
+    idle_by_id: dict[str, float] = field(default_factory=dict)  # the same, by experiment
     parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
     by_station: dict[str, int] = field(default_factory=dict)
+    # per done experiment: the stack timers' parts (loops.stacktime) as the campaign's
+    # ``finished`` event carries them, and the driver's CPU seconds per experiment
+    stacks: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    driver_cpu_s: float = math.nan
+
+
+#: the stack's parts (:func:`where`): what each is made of
+WHERE = {
+    "ask": "the optimizer's ask (CPU on its thread)",
+    "tell": "the optimizer's tell (CPU)",
+    "dry run": "the safety layer's dry run on the station (CPU; once at the check, again "
+    "at the run's start)",
+    "verify": "verification: camera vs instruments (CPU on its thread)",
+    "journal": "journal transactions, each a Ray call to the journal actor and an fsync'ed "
+    "commit (campaign's and station's; count = transactions per experiment)",
+    "ray": "Ray round trips campaign <-> station actor (check and run calls, minus what "
+    "the station did inside them)",
+    "station": "the station's own time in the run beyond bench, journal, dry run, verify: "
+    "dispatching steps, lease checks, the guard's checks",
+    "campaign": "the rest of the idle time: the campaign's lock, bookkeeping, the event "
+    "loop (idle time minus the parts above)",
+    "overlapped": "not idle time: the next proposal claimed while the station ran (ask, "
+    "journal, the check's dry run and Ray call; CPU: the ask's; loops/campaignahead.py) and "
+    "the journal records of steps that only look, sent while the bench works, not waited "
+    "for (loops/stationrun.py)",
+}
+
+
+def where(stack: dict[str, dict[str, float]], idle_s: float) -> dict[str, tuple[float, float, int]]:
+    """One experiment's stack time in the parts of :data:`WHERE`: name -> (wall s, CPU s,
+    count); ``idle_s``: its stack time from the journal (:func:`analyse`)."""
+
+    def get(name: str) -> tuple[float, float, int]:
+        p = stack.get(name) or {}
+        return float(p.get("wall_s", 0.0)), float(p.get("cpu_s", 0.0)), int(p.get("count", 0))
+
+    def total(prefix: str) -> tuple[float, float, int]:
+        parts = [get(n) for n in stack if n.startswith(prefix)]
+        return (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts))
+
+    out = {
+        "ask": get("ask"),
+        "tell": get("tell"),
+        "verify": get("station:verify"),
+    }
+    dry = get("station:dry_run")  # the run's own dry run; the check's costs the same
+    out["dry run"] = (2 * dry[0], 2 * dry[1], 2 * dry[2])
+    jc, js = total("journal."), total("station:journal.")
+    out["journal"] = (jc[0] + js[0], 0.0, jc[2] + js[2])
+    run_call, check_call = get("station.run"), get("station.dry_run")
+    run_inside = get("station:run")
+    ray = max(0.0, run_call[0] - run_inside[0]) + max(0.0, check_call[0] - dry[0])
+    out["ray"] = (ray, 0.0, run_call[2] + check_call[2])
+    bench = get("station:bench")
+    station = run_inside[0] - bench[0] - js[0] - dry[0] - out["verify"][0]
+    out["station"] = (max(0.0, station), 0.0, 0)
+    known = sum(v[0] for v in out.values())  # the parts on the bench's critical path
+    out["campaign"] = (max(0.0, idle_s - known), 0.0, 0)
+    # claimed while the previous experiment ran (loops.campaignahead), and the journal
+    # records of steps that only look, not waited for (loops.stationrun.in_order)
+    ahead, behind = total("ahead:"), total("station:behind:")
+    out["overlapped"] = (ahead[0] + behind[0], get("ahead:ask")[1], ahead[2] + behind[2])
+    return out
 
 
 def split(names_head: Sequence[str], names_bench: Sequence[str], k: int) -> list[str]:
@@ -130,6 +194,7 @@ def analyse(
     last_free: dict[str, float] = {}
     parts: dict[str, list[float]] = {p: [] for p in PARTS}
     stack: list[float] = []
+    idle_by_id: dict[str, float] = {}
     finished = sorted((e for e in exps if e.state in ("done", "failed")), key=lambda e: e.updated)
     ends: list[tuple[float, str, float | None]] = []
     for e in sorted(exps, key=lambda e: e.created):
@@ -151,14 +216,17 @@ def analyse(
         # seconds on a simulated bench), not the journal's timestamps around it
         bench = sum(float((r.data or {}).get("data", {}).get("duration_s") or 0) for r in dones)
         bench /= speed
+        # from the moment the station was free (its previous experiment done, or the
+        # campaign's start): what was claimed ahead while it ran costs the bench nothing
         free = max(last_free.get(e.station, start), start)
-        claim = max(0.0, proposed - free)
-        parts["claim"].append(claim)
+        proposed, checked, running = (max(free, t) for t in (proposed, checked, running))
+        parts["claim"].append(proposed - free)
         parts["check"].append(checked - proposed)
         parts["dispatch"].append(running - checked)
         parts["steps"].append(max(0.0, dones[-1].t - running - bench))
         parts["finish"].append(done - dones[-1].t)
-        stack.append(claim + (done - proposed) - bench)
+        stack.append(done - free - bench)
+        idle_by_id[e.id] = stack[-1]
         last_free[e.station] = done
         ends.append((done, e.id, e.objective))
     to_t = to_n = None
@@ -179,6 +247,7 @@ def analyse(
         to_target_n=to_n,
         events=len(log),
         stack_s=stack,
+        idle_by_id=idle_by_id,
         parts=parts,
         by_station={n: int(s["experiments"]) for n, s in summary.stations.items()},
     )
@@ -217,8 +286,53 @@ async def one(
     lab = load_lab(lab_path)
     program = load_program(prog_path)
     campaign = f"scale-k{k}"
-    summary = await run_campaign(program, lab, campaign_id=campaign)
-    return analyse(store, campaign, args.target, k, summary, args.speed)
+    stacks: dict[str, dict[str, dict[str, float]]] = {}
+
+    def on_event(event: Mapping[str, Any]) -> None:
+        if event.get("event") == "finished" and event.get("stack"):
+            stacks[str(event["experiment_id"])] = dict(event["stack"])
+
+    cpu0 = time.process_time()
+    summary = await run_campaign(program, lab, campaign_id=campaign, on_event=on_event)
+    cpu = time.process_time() - cpu0
+    run = analyse(store, campaign, args.target, k, summary, args.speed)
+    run.stacks = {eid: stacks[eid] for eid in run.idle_by_id if eid in stacks}
+    run.driver_cpu_s = cpu / max(1, run.experiments)
+    return run
+
+
+def where_table(runs: list[Run]) -> str:
+    """Where the stack time goes, per K: each part's median and p99 (ms, wall), its CPU
+    median (ms) where it has one, and how many calls per experiment."""
+    lines = [
+        "Where the stack time goes (per done experiment; wall ms median / p99, CPU ms median "
+        "where CPU-bound, calls per experiment):",
+        "",
+        "| stations | " + " | ".join(WHERE) + " | idle (journal) | driver CPU ms/exp |",
+        "|" + "---|" * (len(WHERE) + 3),
+    ]
+    for r in runs:
+        rows = [where(st, r.idle_by_id[eid]) for eid, st in r.stacks.items()]
+        if not rows:
+            continue
+        cells = []
+        for name in WHERE:
+            wall = [row[name][0] for row in rows]
+            cpu = [row[name][1] for row in rows]
+            count = [row[name][2] for row in rows]
+            cell = f"{ms(wall)} / {ms(wall, 0.99)}"
+            if any(cpu):
+                cell += f" (CPU {ms(cpu)})"
+            if any(count):
+                cell += f" x{med(count):g}"
+            cells.append(cell)
+        lines.append(
+            f"| {r.stations} | "
+            + " | ".join(cells)
+            + f" | {ms(r.stack_s)} / {ms(r.stack_s, 0.99)} | {r.driver_cpu_s * 1000:.0f} |"
+        )
+    lines += ["", *(f"- {name}: {what}" for name, what in WHERE.items())]
+    return "\n".join(lines)
 
 
 def ms(values: Sequence[float], q: float | None = None) -> str:
@@ -232,7 +346,8 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
         f"benchmarks/scale.py: colour match, bayes, target ΔE {args.target}, budget "
         f"{args.budget}, seed {args.seed}, {args.speed:g}x, two Ray nodes, staleness limits "
         f"{'as in the envelope' if args.staleness is None else f'{args.staleness:g} s'} "
-        f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
+        f"(load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} "
+        "cores)",
         "",
         "| stations | end | wall s | to target s | speed-up | exps | to target n | exps vs 1 "
         "| stack ms med | p99 | claim | check | dispatch | steps | finish | events/s | goal |",
@@ -403,6 +518,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     runs, burst = asyncio.run(main_async(args))
     print(table(runs, args))
+    print()
+    print(where_table(runs))
     for r in runs:
         if r.state == "error":
             print(f"K={r.stations}: no result: {r.reason}")
