@@ -39,8 +39,11 @@ __all__ = ["CampaignAhead"]
 class CampaignAhead(CampaignBook):
     """The stations' workers (module docstring)."""
 
-    #: claim a station's next proposal while it runs one (module docstring)
-    claim_ahead = True
+    #: claim a station's next proposal while it runs one (module docstring); off by
+    #: default: a campaign that ends at its target then closes up to one proposal per
+    #: station ``cancelled``, and an agent's proposal made while a station runs waits for
+    #: the one claimed ahead (set it on the runner: ``run_campaign(on_runner=...)``)
+    claim_ahead = False
 
     _claim: Callable[..., Coroutine[Any, Any, Item | None]]  # CampaignRunner's
     _execute: Callable[[Slot, Item], Awaitable[None]]  # CampaignRunner's
@@ -54,6 +57,7 @@ class CampaignAhead(CampaignBook):
             while slot.state != "out":
                 await self._running.wait()
                 with timing() as stack:  # this experiment's stack time, from its claim
+                    claimed_ahead = ahead is not None
                     if ahead is not None:
                         item, ahead = await ahead, None
                         assert timer is not None
@@ -65,9 +69,9 @@ class CampaignAhead(CampaignBook):
                         item = await self._claim(slot)
                     if item is None:
                         return
-                    if slot.state == "out" or (
+                    if (claimed_ahead and slot.state == "out") or (
                         not self._running.is_set() or self._stop_reason() is not None
-                    ):  # paused, stopped or out while it was being claimed
+                    ):  # paused, stopped (or out, ahead) while it was being claimed
                         await self._unclaim(slot, item)
                         continue
                     try:

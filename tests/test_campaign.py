@@ -129,14 +129,7 @@ async def test_three_stations_reach_the_target_with_distinct_concurrent_proposal
         assert campaign.state == "done"
         saved = campaign.optimizer_state
         assert saved is not None and set(saved["told"]) == {e.id for e in exps}
-        # every proposal that ran was told; one claimed ahead for a station while it ran
-        # (loops/campaignahead.py) and never run is closed cancelled, not observed
-        ran_or_refused = [e for e in exps if e.state != "cancelled"]
-        assert len(saved["optimizer"]["observations"]) == len(ran_or_refused)
-        assert len(exps) - len(ran_or_refused) <= 3, [e.state for e in exps]
-        for e in exps:
-            if e.state == "cancelled":
-                assert "campaign ended before it ran" in (e.reason or ""), e
+        assert len(saved["optimizer"]["observations"]) == len(exps)
     finally:
         j.close()
     finished = [e for e in events if e["event"] == "finished"]
