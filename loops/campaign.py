@@ -504,7 +504,7 @@ class CampaignRunner(CampaignResume, CampaignApproval, CampaignAhead):
             )
             return
         slot.runs += 1
-        async with self._lock:
+        async with self._lock.urgent():  # before the claims waiting (loops.urgentlock)
             await self._record(slot, item, out)
 
     async def _finish(self) -> CampaignSummary:

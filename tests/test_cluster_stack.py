@@ -24,6 +24,7 @@ from loops.program import load_program
 from loops.recipe import build_recipe
 from loops.stacktime import StackTimer, cpu_part, current_timer, timing
 from loops.stationrun import step_acts
+from loops.urgentlock import UrgentLock
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
 PARAMS = {"red_ml": 0.7, "green_ml": 0.1, "blue_ml": 0.75, "temperature_c": 30.0, "hold_s": 30}
@@ -163,3 +164,30 @@ async def test_a_timer_counts_what_its_task_and_threads_do_and_nothing_outside()
     assert current_timer() is None
     ask = timer.as_dict()["ask"]
     assert ask["count"] == 1 and ask["cpu_s"] > 0 and ask["wall_s"] > 0
+
+
+async def test_an_urgent_waiter_takes_the_campaign_lock_before_the_claims_waiting() -> None:
+    lock = UrgentLock()
+    order: list[str] = []
+
+    async def take(name: str, urgent: bool = False) -> None:
+        async with lock.urgent() if urgent else lock:
+            order.append(name)
+            await asyncio.sleep(0)
+
+    await lock.acquire()  # an ask in progress
+    tasks = [asyncio.create_task(take("claim-1")), asyncio.create_task(take("claim-2"))]
+    await asyncio.sleep(0)
+    cancelled = asyncio.create_task(take("claim-cancelled"))
+    await asyncio.sleep(0)
+    cancelled.cancel()  # a waiter that gives up is skipped
+    tasks.append(asyncio.create_task(take("record", urgent=True)))
+    await asyncio.sleep(0)
+    assert order == [] and lock.locked()
+    lock.release()
+    await asyncio.gather(*tasks)
+    assert cancelled.cancelled()
+    assert order == ["record", "claim-1", "claim-2"]
+    assert not lock.locked()
+    with pytest.raises(RuntimeError, match="not locked"):
+        lock.release()
