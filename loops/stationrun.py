@@ -231,7 +231,7 @@ class StationRuns(StationCore):
                             experiment_id, out, epoch, measured
                         )
                 timer.add("run", time.perf_counter() - t0)
-                out["stack"] = timer.as_dict()  # not journaled: how long, not what happened
+                out["stack"] = timer.as_dict()  # how long its parts took (loops.stacktime)
                 return out
             finally:
                 self._current = self._under_way = None
