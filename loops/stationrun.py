@@ -327,7 +327,7 @@ class StationRuns(StationCore):
         finished: list[tuple[int, dict[str, Any]]] = []  # a step done, journaled with the next
         # the start records of steps that cannot change the bench (reads, waits, computes),
         # submitted in order but not waited for: every one of them is committed before the
-        # next step that acts starts, and before the last step's record (steps_in_flight)
+        # next step that acts starts, and before the last step's record (in_order, committed)
         in_flight: list[asyncio.Task[Any]] = []
 
         async def on_step(i: int, step: Step, what: str, data: dict[str, Any]) -> None:
