@@ -52,6 +52,7 @@ from pathlib import Path
 
 from bridge.export import CampaignDataError, open_journal, resolve_journal
 from bridge.reportdata import best_result, fmt_num, read_report_data, verification_text
+from bridge.reportfeasible import feasibility_html
 from bridge.reporthtml import (
     CSS,
     esc,
@@ -227,6 +228,10 @@ def write_report(
 
     body.append('<h2 id="safety">Safety</h2>')
     body += safety_html(data)
+    learned = feasibility_html(data)
+    if learned:
+        body.append('<h3 id="feasibility">Learned feasibility: predicted and what happened</h3>')
+        body += learned
     body.append('<h2 id="experiments">Experiments</h2>')
     body += experiments_html(data)
 
