@@ -52,7 +52,6 @@ from pathlib import Path
 
 from bridge.export import CampaignDataError, open_journal, resolve_journal
 from bridge.reportdata import best_result, fmt_num, read_report_data, verification_text
-from bridge.reportfeasible import feasibility_html
 from bridge.reporthtml import (
     CSS,
     esc,
@@ -61,6 +60,7 @@ from bridge.reporthtml import (
     safety_html,
     summary_html,
 )
+from bridge.reportlearned import feasibility_html, prior_html
 from bridge.reportpareto import PARETO, pareto_html, pareto_summary, plot_pareto
 from bridge.reportplots import MAX_SCATTER_PARAMETERS, plot_convergence, plot_parameters
 from bridge.reportsheet import render_contact_sheet, select_tiles
@@ -153,6 +153,10 @@ def write_report(
         written.add(PARETO)
         body += pareto_html(pareto, data)
 
+    prior = prior_html(data)
+    if prior:
+        body.append('<h2 id="prior">Prior results</h2>')
+        body += prior
     body.append('<h2 id="parameters">Parameters explored</h2>')
     if exps and data.params:
         plot_parameters(data, out / PARAMETERS)

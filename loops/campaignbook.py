@@ -102,6 +102,7 @@ def make_optimizer(program: Program) -> Strategy:
         inner = GridSearch(space, per_axis, direction=direction, constraints=feasible)
     else:
         raise ValueError(f"unknown strategy {program.strategy!r} (bayes, random or grid)")
+    inner.learn_feasibility = program.feasibility == "learned"
     if program.multi:
         return ParetoOptimizer(inner, [o.direction for o in program.goals], seed=program.seed)
     return inner

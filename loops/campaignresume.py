@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 from loops.campaignapproval import CampaignApproval
 from loops.campaignbook import STATE_VERSION, Item, Slot, restore_optimizer
 from loops.campaignlease import CampaignLease
+from loops.campaignprior import Prior, read_prior
 from loops.journal import AWAITING, CompletedRun, Experiment, Journal, ResumeInfo
+from loops.optmulti import ParetoOptimizer
 from loops.stationerrors import cause_text
 from loops.stationledger import window_text
 from loops.stations import StationActor
@@ -65,6 +68,18 @@ class CampaignResume(CampaignLease, CampaignApproval):
             )
         try:
             if not resume:
+                # every prior is read first: an unknown one or one with nothing in common
+                # creates nothing (PriorError)
+                priors = [
+                    await read_prior(
+                        j,
+                        prior_id,
+                        self.optimizer.space,
+                        self._outcome,
+                        this_campaign=self.campaign_id,
+                    )
+                    for prior_id in self.program.prior
+                ]
                 await j.call(
                     Journal.create_campaign,
                     self.campaign_id,
@@ -72,6 +87,15 @@ class CampaignResume(CampaignLease, CampaignApproval):
                     self.program.to_markdown(),
                 )
                 await self._take_leases()
+                for prior in priors:  # told before the first ask, journaled as such
+                    self._tell_prior(prior)
+                    await j.call(
+                        Journal.record_prior,
+                        self.campaign_id,
+                        prior.record(),
+                        optimizer_state=self._state(),
+                        epoch=self._epoch,
+                    )
                 self._rest(spent)
                 await j.call(
                     Journal.save_optimizer_state, self.campaign_id, self._state(), epoch=self._epoch
@@ -110,6 +134,14 @@ class CampaignResume(CampaignLease, CampaignApproval):
             if blocked:
                 out[slot.name] = "; ".join(blocked)
         return out
+
+    def _tell_prior(self, prior: Prior) -> None:
+        """Tell the optimizer a prior campaign's points (not this campaign's experiments: no
+        budget, stop rule or count sees them)."""
+        multi = isinstance(self.optimizer, ParetoOptimizer)
+        for p in prior.points:
+            told: Any = p.vector if multi else p.value
+            self.optimizer.tell(p.params, told, status=p.status, rules=p.rules)
 
     def _rest(self, spent: dict[str, str]) -> None:
         for name, why in spent.items():

@@ -1,10 +1,14 @@
-"""The report's section on learned feasibility: what the optimizer's feasibility model
-(:mod:`loops.optfeasible`) predicted for each proposal, journaled with it, against what
-happened to it (refused by which rule, failed, unverified, ran).
+"""The report's parts on what the optimizer knew beyond the program's declarations.
 
-:func:`feasibility_rows` pairs each predicted proposal with its outcome;
-:func:`feasibility_html` writes the section (a summary of how well the predictions told
-trouble apart, and the table).
+Prior results (``prior:`` in program.md, :mod:`loops.campaignprior`): :func:`prior_html`
+says which campaigns' results were told before the first proposal, how many, and what was
+dropped (from the journal's ``prior`` rows).
+
+Learned feasibility: what the optimizer's feasibility model (:mod:`loops.optfeasible`)
+predicted for each proposal, journaled with it, against what happened to it (refused by
+which rule, failed, unverified, ran). :func:`feasibility_rows` pairs each predicted
+proposal with its outcome; :func:`feasibility_html` writes the part (a summary of how well
+the predictions told trouble apart, and the table).
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ from bridge.reportdata import ReportData, fmt_num
 from bridge.reporthtml import MAX_TABLE_ROWS, esc, html_table
 from loops.journal import Experiment
 
-__all__ = ["PredictedProposal", "feasibility_html", "feasibility_rows", "outcome_text"]
+__all__ = [
+    "PredictedProposal",
+    "feasibility_html",
+    "feasibility_rows",
+    "outcome_text",
+    "prior_html",
+]
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,36 @@ class PredictedProposal:
     outcome: str
     #: the proposal came to trouble: refused by the dry run, failed, or an unverified result
     trouble: bool
+
+
+def prior_html(data: ReportData) -> list[str]:
+    """The prior campaigns' results told before the first proposal (empty without any)."""
+    rows = [t for t in data.events if t.event == "prior" and isinstance(t.data, Mapping)]
+    if not rows:
+        return []
+    out = [
+        "<p>This campaign started from earlier results (program.md <code>prior:</code>): "
+        "told to the optimizer before its first proposal, not counted as this campaign's "
+        "experiments, budget or stop rules.</p>"
+    ]
+    table: list[Sequence[str]] = []
+    for t in rows:
+        d = t.data if isinstance(t.data, Mapping) else {}
+        by_status = d.get("by_status") if isinstance(d.get("by_status"), Mapping) else {}
+        dropped = d.get("dropped") if isinstance(d.get("dropped"), Mapping) else {}
+        table.append(
+            (
+                str(d.get("prior", "")),
+                fmt_num(d.get("told")),
+                ", ".join(f"{n} {s}" for s, n in by_status.items()),
+                ", ".join(f"{n} {why}" for why, n in dropped.items()) or "none",
+                fmt_num(d.get("skipped")),
+            )
+        )
+    out.append(
+        html_table(("campaign", "results told", "by status", "dropped", "never ran"), table)
+    )
+    return out
 
 
 def outcome_text(data: ReportData, e: Experiment) -> tuple[str, bool]:
