@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.reportdata import ReportData, fmt_num
+from bridge.reportdata import ReportData, as_mapping, fmt_num
 from bridge.reporthtml import MAX_TABLE_ROWS, esc, html_table
 from loops.journal import Experiment
 
@@ -42,7 +42,7 @@ class PredictedProposal:
 
 def prior_html(data: ReportData) -> list[str]:
     """The prior campaigns' results told before the first proposal (empty without any)."""
-    rows = [t for t in data.events if t.event == "prior" and isinstance(t.data, Mapping)]
+    rows = [t for t in data.events if t.event == "prior"]
     if not rows:
         return []
     out = [
@@ -52,9 +52,8 @@ def prior_html(data: ReportData) -> list[str]:
     ]
     table: list[Sequence[str]] = []
     for t in rows:
-        d = t.data if isinstance(t.data, Mapping) else {}
-        by_status = d.get("by_status") if isinstance(d.get("by_status"), Mapping) else {}
-        dropped = d.get("dropped") if isinstance(d.get("dropped"), Mapping) else {}
+        d = as_mapping(t.data)
+        by_status, dropped = as_mapping(d.get("by_status")), as_mapping(d.get("dropped"))
         table.append(
             (
                 str(d.get("prior", "")),
@@ -64,9 +63,7 @@ def prior_html(data: ReportData) -> list[str]:
                 fmt_num(d.get("skipped")),
             )
         )
-    out.append(
-        html_table(("campaign", "results told", "by status", "dropped", "never ran"), table)
-    )
+    out.append(html_table(("campaign", "results told", "by status", "dropped", "never ran"), table))
     return out
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from loops.journal import Journal, JournalLink, UnknownCampaign
 from loops.optspace import Params, ParamSpace, Status
 
-__all__ = ["Prior", "PriorError", "PriorPoint", "read_prior"]
+__all__ = ["Prior", "PriorError", "PriorPoint", "read_prior", "refusing_rules"]
 
 #: a result's (first objective's value, every objective's values) from its measurements
 Outcome = Callable[[Mapping[str, Any]], tuple[float | None, tuple[float, ...] | None]]
@@ -107,7 +107,7 @@ async def read_prior(
             f"prior: campaign {campaign_id!r} shares no parameter with this program (its: "
             f"{', '.join(sorted(theirs))}; this one's: {', '.join(space.names)})"
         )
-    rules = await _refusing_rules(journal, campaign_id)
+    rules = await refusing_rules(journal, campaign_id)
     prior = Prior(campaign_id)
     for e in exps:
         if e.state not in ("done", "failed", "rejected"):
@@ -150,7 +150,7 @@ async def read_prior(
     return prior
 
 
-async def _refusing_rules(journal: JournalLink, campaign_id: str) -> dict[str, list[str]]:
+async def refusing_rules(journal: JournalLink, campaign_id: str) -> dict[str, list[str]]:
     """The dry run's refusing rules of each rejected experiment of ``campaign_id``."""
     out: dict[str, list[str]] = {}
     for t in await journal.call(Journal.campaign_log, campaign_id):

@@ -28,7 +28,7 @@ from typing import Any
 from loops.campaignapproval import CampaignApproval
 from loops.campaignbook import STATE_VERSION, Item, Slot, restore_optimizer
 from loops.campaignlease import CampaignLease
-from loops.campaignprior import Prior, read_prior
+from loops.campaignprior import Prior, read_prior, refusing_rules
 from loops.journal import AWAITING, CompletedRun, Experiment, Journal, ResumeInfo
 from loops.optmulti import ParetoOptimizer
 from loops.stationerrors import cause_text
@@ -170,6 +170,7 @@ class CampaignResume(CampaignLease, CampaignApproval):
         pending_ids = {p.id for p in self.optimizer.pending()}
         live: set[str] = set()
         awaiting: list[Item] = []  # awaiting a human: they wait again (campaignapproval)
+        rules: dict[str, list[str]] | None = None  # the journal's refusing rules, read once
         ran = sorted(
             (e for e in experiments if e.state in ("done", "failed") and e.station is not None),
             key=lambda e: e.updated,
@@ -209,7 +210,10 @@ class CampaignResume(CampaignLease, CampaignApproval):
                 self._tell(item, exp.objective, "ok" if exp.trusted else "untrusted", vector)
             elif exp.state == "failed":
                 self._tell(item, None, "failed")
-            elif exp.state == "rejected":
+            elif exp.state == "rejected":  # refused, the optimizer not told: with its rules
+                if rules is None:
+                    rules = await refusing_rules(self.journal, self.campaign_id)
+                item.rules = tuple(rules.get(exp.id, ()))
                 self._tell(item, None, "infeasible")
             elif exp.state == "cancelled":
                 self._forget(item)
