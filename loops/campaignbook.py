@@ -375,7 +375,10 @@ class CampaignBook:
     def _prediction(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
         """What the optimizer's feasibility model predicts for ``params`` (the probability of
         being refused and by which rule, of failing, of an unverified result), or None for
-        params outside its space (an agent's). CPU-bound: call it off the event loop."""
+        params outside its space (an agent's) and with ``feasibility: declared`` (nothing is
+        learned). CPU-bound: call it off the event loop."""
+        if self.program.feasibility != "learned":
+            return None
         try:
             return self.optimizer.feasibility(params)
         except ValueError:

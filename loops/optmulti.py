@@ -191,14 +191,6 @@ class ParetoOptimizer:
         """The inner strategy's prediction at ``params`` (:meth:`StrategyBase.feasibility`)."""
         return self.inner.feasibility(params)
 
-    @property
-    def learn_feasibility(self) -> bool:
-        return self.inner.learn_feasibility
-
-    @learn_feasibility.setter
-    def learn_feasibility(self, on: bool) -> None:
-        self.inner.learn_feasibility = on
-
     def state(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,

@@ -17,7 +17,7 @@ from reference import local_bench
 from test_program import BASE
 
 from bridge.report import write_report
-from loops.campaign import CampaignRunner
+from loops.campaign import CampaignRunner, make_optimizer
 from loops.campaignprior import PriorError, read_prior
 from loops.journal import AsyncJournal, Journal
 from loops.optspace import ParamSpace
@@ -184,3 +184,5 @@ def test_program_keys_prior_and_feasibility() -> None:
     back = load_program(p.to_markdown())
     assert back.prior == ("old-run",) and back.feasibility == "declared"
     assert load_program(BASE).prior == () and load_program(BASE).feasibility == "learned"
+    assert make_optimizer(p).learn_feasibility is False  # what the optimizer then does
+    assert make_optimizer(load_program(BASE)).learn_feasibility is True
