@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from loops.optbayes import BayesOptimizer  # noqa: E402
 from loops.testfunctions import HARTMANN6  # noqa: E402
 
-__all__ = ["INITIAL_POINTS", "RULE", "Run", "main", "run_seed", "trouble"]
+__all__ = ["INITIAL_POINTS", "RULE", "Run", "main", "run_seed", "trouble", "versions"]
 
 RULE = "heater.max_power"
 INITIAL_POINTS = 12
@@ -99,6 +99,14 @@ def run_seed(seed: int, *, learn: bool, evals: int) -> Run:
     return Run(seed, learn, design, model, refused, failed, best, time.perf_counter() - t0)
 
 
+def versions() -> dict[str, str]:
+    """The versions of the libraries that shape a run (the same ones reproduce each seed)."""
+    from importlib.metadata import version
+
+    names = ("numpy", "scipy", "scikit-learn", "bayesian-optimization")
+    return {"python": sys.version.split()[0], **{n: version(n) for n in names}}
+
+
 def _summary(runs: Sequence[Run]) -> dict[str, Any]:
     trouble_n = [r.model_trouble for r in runs]
     gaps = [r.best - HARTMANN6.minimum for r in runs]
@@ -150,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc = {
             "seeds": args.seeds,
             "evals": args.evals,
+            "versions": versions(),
             "summary": summary,
             "runs": [asdict(r) for r in runs],
         }

@@ -17,8 +17,10 @@ One binary classifier per *cause*, each over the points that could show it:
 The classifier is scikit-learn's :class:`~sklearn.gaussian_process.GaussianProcessClassifier`
 (Laplace approximation, constant x isotropic RBF kernel on the encoded unit space,
 hyperparameters fitted once per fit, no restarts, so deterministic) on at most
-``max_points`` of the most recent points per cause: a fit is bounded (~0.1 s at 200
-points in 6-D). A cause with no trouble seen yet has no model and predicts 0.
+``max_points`` (100) points per cause: the most recent troubled ones (up to half) and
+the most recent others, so a fit is bounded (measured in 6-D on a machine loaded ~8x its
+2 cores: 0.4 s at 50 points, 1.0 s at 100, 5 s at 150-200). A cause with no trouble seen
+yet has no model and predicts 0.
 
 :meth:`FeasibilityModel.weight` is the probability of no trouble, the product over the
 causes of ``1 - p``: the factor a strategy multiplies its acquisition by
@@ -101,10 +103,10 @@ def weigh(values: NDArray[np.float64], weight: NDArray[np.float64]) -> NDArray[n
 class FeasibilityModel:
     """Per-cause classifiers of trouble over the unit space (module docstring).
 
-    ``max_points``: at most this many of the most recent points per classifier.
+    ``max_points``: at most this many points per classifier (:meth:`_window`).
     """
 
-    def __init__(self, points: Sequence[Labelled], *, max_points: int = 200):
+    def __init__(self, points: Sequence[Labelled], *, max_points: int = 100):
         if max_points < 2:
             raise ValueError(f"max_points must be >= 2, got {max_points}")
         self.max_points = int(max_points)
@@ -114,13 +116,24 @@ class FeasibilityModel:
         self.support: dict[str, tuple[int, int]] = {}
         causes = dict.fromkeys(c for p in points for c in p.causes)
         for cause in causes:
-            judged = [p for p in points if _judged_by(cause, p.status)][-self.max_points :]
+            judged = self._window(cause, [p for p in points if _judged_by(cause, p.status)])
             y = np.array([cause in p.causes for p in judged], dtype=int)
             self.support[cause] = (len(judged), int(y.sum()))
             if len(judged) == 0 or y.min() == y.max():
                 continue  # only trouble (nothing to tell it from) or none in the window
             X = np.vstack([p.x for p in judged])
             self.models[cause] = self._fit(X, y)
+
+    def _window(self, cause: str, judged: list[Labelled]) -> list[Labelled]:
+        """At most ``max_points`` of ``judged``: the most recent troubled ones (up to half),
+        then the most recent others; in their order. A region avoided since it was learned
+        keeps its points (the window never forgets trouble for lack of new trouble)."""
+        if len(judged) <= self.max_points:
+            return judged
+        bad = [i for i, p in enumerate(judged) if cause in p.causes][-(self.max_points // 2) :]
+        good = [i for i, p in enumerate(judged) if cause not in p.causes]
+        keep = set(bad) | set(good[len(good) - (self.max_points - len(bad)) :])
+        return [p for i, p in enumerate(judged) if i in keep]
 
     def _fit(self, X: NDArray[np.float64], y: NDArray[np.int_]) -> GaussianProcessClassifier:
         kernel = ConstantKernel(1.0, (0.1, 100.0)) * RBF(0.2, (0.02, 5.0))

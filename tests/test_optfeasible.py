@@ -173,18 +173,41 @@ def test_pareto_passes_rules_and_weight_through() -> None:
     assert float(p.params["x"]) <= 0.6 + 0.05
 
 
-def test_benchmark_problem_and_one_short_run() -> None:
-    """benchmarks/feasibility.py: the trouble region as documented, and a short run per arm
-    that counts what it says (the full run's numbers are in docs/optimizer.md)."""
-    assert feasibility_bench.trouble({f"x{i}": 0.5 for i in range(1, 7)}) is None
-    assert (
-        feasibility_bench.trouble({"x1": 0.7, "x2": 0.7, **{f"x{i}": 0.5 for i in range(3, 7)}})
-        == "refused"
+def test_benchmark_problem_and_one_short_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/feasibility.py: the trouble region as documented, and a short run of both
+    arms that prints and writes what it counted (the full run's numbers: docs/optimizer.md)."""
+    names = [f"x{i}" for i in range(1, 7)]
+    assert feasibility_bench.trouble(dict.fromkeys(names, 0.5)) is None
+    assert feasibility_bench.trouble({**dict.fromkeys(names, 0.5), "x1": 0.7, "x2": 0.7}) == (
+        "refused"
     )
-    local = dict(
-        zip([f"x{i}" for i in range(1, 7)], feasibility_bench._LOCAL.tolist(), strict=True)
-    )
+    local = dict(zip(names, feasibility_bench._LOCAL.tolist(), strict=True))
     assert feasibility_bench.trouble(local) == "failed"
-    run = feasibility_bench.run_seed(0, learn=True, evals=14)
-    assert run.design_trouble + run.model_trouble == run.refused + run.failed
-    assert run.best >= feasibility_bench.HARTMANN6.minimum
+    out = tmp_path / "feasibility.json"
+    assert feasibility_bench.main(["--seeds", "1", "--evals", "13", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "learned" in printed and "off" in printed
+    doc = json.loads(out.read_text())
+    assert doc["versions"]["scikit-learn"] and len(doc["runs"]) == 2
+    for run in doc["runs"]:
+        assert run["design_trouble"] + run["model_trouble"] == run["refused"] + run["failed"]
+        assert run["best"] >= feasibility_bench.HARTMANN6.minimum
+    with pytest.raises(SystemExit):
+        feasibility_bench.main(["--evals", "12"])  # no model phase: refused by name
+    assert "--evals > 12" in capsys.readouterr().err
+
+
+def test_window_keeps_old_trouble_and_bounds_the_fit() -> None:
+    """Past ``max_points`` a classifier keeps the troubled points (up to half of it) and the
+    most recent others: an early refusal is not forgotten after many clean points."""
+    early = [Labelled(np.array([0.95, 0.95]), "infeasible", ("refused:r",))]
+    clean = [
+        Labelled(np.array([x, y]), "ok", ())
+        for x in np.linspace(0.0, 0.7, 6)
+        for y in np.linspace(0.0, 0.7, 5)
+    ]
+    m = FeasibilityModel(early + clean, max_points=10)
+    assert m.support["refused:r"] == (10, 1)
+    assert m.probabilities(np.array([[0.95, 0.95]]))["refused:r"][0] > 0.5
