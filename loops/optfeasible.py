@@ -33,6 +33,7 @@ causes (saved in the strategy's state), so a restored strategy predicts the same
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn.gaussian_process import GaussianProcessClassifier
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FAILED",
@@ -114,6 +117,8 @@ class FeasibilityModel:
         self.models: dict[str, GaussianProcessClassifier] = {}
         #: per cause: how many points were judged and how many showed it
         self.support: dict[str, tuple[int, int]] = {}
+        #: causes whose classifier could not be fitted, and why (they weigh nothing)
+        self.unfitted: dict[str, str] = {}
         causes = dict.fromkeys(c for p in points for c in p.causes)
         for cause in causes:
             judged = self._window(cause, [p for p in points if _judged_by(cause, p.status)])
@@ -122,7 +127,11 @@ class FeasibilityModel:
             if len(judged) == 0 or y.min() == y.max():
                 continue  # only trouble (nothing to tell it from) or none in the window
             X = np.vstack([p.x for p in judged])
-            self.models[cause] = self._fit(X, y)
+            try:
+                self.models[cause] = self._fit(X, y)
+            except (np.linalg.LinAlgError, ValueError) as exc:  # never a failed ask for it
+                self.unfitted[cause] = f"{type(exc).__name__}: {exc}"
+                log.warning("feasibility model for %s not fitted: %s", cause, exc)
 
     def _window(self, cause: str, judged: list[Labelled]) -> list[Labelled]:
         """At most ``max_points`` of ``judged``: the most recent troubled ones (up to half),
@@ -186,6 +195,7 @@ class FeasibilityModel:
             "p_failed": round(probs.get(FAILED, 0.0), 4),
             "p_untrusted": round(probs.get(UNTRUSTED, 0.0), 4),
             "learned_from": self.n_points,
+            **({"not_fitted": dict(self.unfitted)} if self.unfitted else {}),
         }
 
 

@@ -211,3 +211,16 @@ def test_window_keeps_old_trouble_and_bounds_the_fit() -> None:
     m = FeasibilityModel(early + clean, max_points=10)
     assert m.support["refused:r"] == (10, 1)
     assert m.probabilities(np.array([[0.95, 0.95]]))["refused:r"][0] > 0.5
+
+
+def test_a_classifier_that_cannot_be_fitted_weighs_nothing_and_says_why() -> None:
+    """A fit that fails (here: a non-finite point) leaves that cause without a model, named
+    in every prediction, instead of failing the ask."""
+    pts = [
+        Labelled(np.array([np.nan, 0.5]), "failed", ("failed",)),
+        Labelled(np.array([0.5, 0.5]), "ok", ()),
+    ]
+    m = FeasibilityModel(pts)
+    assert m.empty and "failed" in m.unfitted
+    assert m.weight(np.array([[0.2, 0.2]])).tolist() == [1.0]
+    assert "failed" in m.explain(np.array([0.2, 0.2]))["not_fitted"]
