@@ -26,6 +26,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import Kernel, Matern
 
 from loops.optbase import StrategyBase, rng_state, set_rng_state
+from loops.optfeasible import weigh
 from loops.optspace import (
     Constraint,
     Direction,
@@ -39,19 +40,22 @@ from loops.optspace import (
 __all__ = ["FAST_TUNING", "PACKAGE_TUNING", "BayesOptimizer", "time_suggest"]
 
 _BIG = 1e10  # acquisition value (minimised) of a point that may not be proposed
+_Weight = Callable[[NDArray[np.float64]], NDArray[np.float64]] | None
 
 
 def _masked(
     acq: Callable[[NDArray[Any]], NDArray[Any]],
     allowed: Callable[[NDArray[np.float64]], NDArray[np.bool_]],
     dim: int,
+    weight: _Weight = None,
 ) -> Callable[[NDArray[np.float64]], NDArray[np.float64]]:
-    """Acquisition (to minimise) with disallowed or non-finite points pushed to _BIG."""
+    """Acquisition (to minimise) with disallowed or non-finite points pushed to _BIG, weighted
+    by the learned probability of feasibility (:func:`loops.optfeasible.weigh`)."""
 
     def f(x: NDArray[np.float64]) -> NDArray[np.float64]:
         x2 = x.reshape(-1, dim)
         raw = np.asarray(acq(x2), dtype=np.float64)
-        v = raw.reshape(-1)
+        v = raw.reshape(-1) if weight is None else weigh(raw.reshape(-1), weight(x2))
         ok = allowed(x2) & np.isfinite(v)
         return np.where(ok, v, _BIG).reshape(raw.shape)
 
@@ -61,23 +65,35 @@ def _masked(
 class _MaskedEI(bo_acquisition.ExpectedImprovement):
     """The package's EI, never proposing outside ``allowed`` (constraints, exclusions)."""
 
-    def __init__(self, xi: float, allowed: Callable[[NDArray[np.float64]], NDArray[np.bool_]]):
+    def __init__(
+        self,
+        xi: float,
+        allowed: Callable[[NDArray[np.float64]], NDArray[np.bool_]],
+        weight: _Weight = None,
+    ):
         super().__init__(xi=xi)
-        self.allowed = allowed
+        self.allowed, self.weight = allowed, weight
 
     def _get_acq(self, gp: GaussianProcessRegressor, constraint: Any = None) -> Any:
-        return _masked(super()._get_acq(gp, constraint), self.allowed, gp.X_train_.shape[1])
+        acq = super()._get_acq(gp, constraint)
+        return _masked(acq, self.allowed, gp.X_train_.shape[1], self.weight)
 
 
 class _MaskedUCB(bo_acquisition.UpperConfidenceBound):
     """The package's UCB, never proposing outside ``allowed``."""
 
-    def __init__(self, kappa: float, allowed: Callable[[NDArray[np.float64]], NDArray[np.bool_]]):
+    def __init__(
+        self,
+        kappa: float,
+        allowed: Callable[[NDArray[np.float64]], NDArray[np.bool_]],
+        weight: _Weight = None,
+    ):
         super().__init__(kappa=kappa)
-        self.allowed = allowed
+        self.allowed, self.weight = allowed, weight
 
     def _get_acq(self, gp: GaussianProcessRegressor, constraint: Any = None) -> Any:
-        return _masked(super()._get_acq(gp, constraint), self.allowed, gp.X_train_.shape[1])
+        acq = super()._get_acq(gp, constraint)
+        return _masked(acq, self.allowed, gp.X_train_.shape[1], self.weight)
 
 
 @dataclass(frozen=True)
@@ -414,11 +430,13 @@ class BayesOptimizer(StrategyBase):
         for xi, yi in zip(X, y, strict=True):
             ts.register(xi, float(yi))
         allowed = self._allowed_fn()
+        # the hook of learned feasibility (loops/optfeasible.py): acquisition x P(feasible)
+        weight = self.acquisition_weight
         acq: bo_acquisition.AcquisitionFunction
         if self.acquisition == "ei":
-            acq = _MaskedEI(self.xi, allowed)
+            acq = _MaskedEI(self.xi, allowed, weight)
         else:
-            acq = _MaskedUCB(self.kappa, allowed)
+            acq = _MaskedUCB(self.kappa, allowed, weight)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             x = acq.suggest(

@@ -1,6 +1,7 @@
 """docs/optimizer.md runs as written (tests/docpages.py): its Python blocks run from the
 repository root (the page's `labbridge sim` line is an indented example, a long run;
-tests/test_pareto_campaign.py runs the same program in-process)."""
+tests/test_pareto_campaign.py runs the same program in-process; the prior's program.md
+excerpt is indented too: tests/test_campaign_learning.py runs a campaign with a prior)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ PAGE = "optimizer.md"
 
 
 def test_every_code_block_is_one_the_harness_runs() -> None:
-    assert len(blocks(PAGE)) == 2
+    assert len(blocks(PAGE)) == 3
     assert not strays(PAGE), strays(PAGE)
 
 
 @pytest.mark.timeout(120)
 def test_optimizer_page_runs_as_written() -> None:
     scripts = [b for b in blocks(PAGE) if b.lang == "python"]
-    assert len(scripts) == 2
+    assert len(scripts) == 3
     out = [run_script(b, None, timeout=100) for b in scripts]
     assert "('delta_e2000', 'minimize', 6.0)" in out[0].stdout
     assert "[ True  True False]" in out[1].stdout
+    assert "'rule': 'vial.volume.max'" in out[2].stdout  # the learned feasibility's block
