@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reference import relaxed_staleness
 
 from bridge.campaigns import lab_clock, open_lab
 from bridge.labconfig import LabConfig, load_lab
@@ -33,6 +34,7 @@ from loops.campaign import CampaignBusy, CampaignClosed, CampaignRunner, campaig
 from loops.journal import Journal
 from loops.program import Program, load_program
 from loops.raylinks import ray_links
+from safety.envelopeload import REFERENCE_BENCH
 from simulators.bench import SimulatedLab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +55,18 @@ def program(**changes: Any) -> Program:
 
 @contextlib.asynccontextmanager
 async def simulated(
-    tmp_path: Path, stations: int = 1
+    tmp_path: Path, stations: int = 1, *, relaxed: bool = False
 ) -> AsyncIterator[tuple[SimulatedLab, LabConfig, Any, dict[str, Any]]]:
+    """``relaxed``: staleness limits of 10 s (:func:`reference.relaxed_staleness`)."""
     async with SimulatedLab(stations=stations, speed=SPEED) as sim:
         path = tmp_path / "lab.yaml"
-        path.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
+        text = sim_lab_yaml(sim, tmp_path / "journal.db")
+        if relaxed:
+            envelope = tmp_path / "envelope.yaml"
+            envelope.write_text(relaxed_staleness(REFERENCE_BENCH.read_text(encoding="utf-8")))
+            assert "envelope: reference\n" in text
+            text = text.replace("envelope: reference\n", f"envelope: {envelope}\n")
+        path.write_text(text)
         lab = load_lab(path)
         async with open_lab(lab) as (journal, actors):
             yield sim, lab, journal, actors
@@ -79,7 +88,9 @@ async def test_three_stations_reach_the_target_with_distinct_concurrent_proposal
     ray_session: Any, tmp_path: Path
 ) -> None:
     events: list[dict[str, Any]] = []
-    async with simulated(tmp_path, stations=3) as (_, lab, journal, actors):
+    # relaxed: two of three stations tripped on a 3.2 s old hotplate reading (limit 3 s) at
+    # load 28 on 2 cores; monitors are tested elsewhere, this is about concurrent proposals
+    async with simulated(tmp_path, stations=3, relaxed=True) as (_, lab, journal, actors):
         # no time budget: at 500x a loaded machine's real overhead per experiment costs
         # simulated hours (12 h ran out after 19 experiments at load 13); this is about
         # reaching the target with distinct concurrent proposals
@@ -440,7 +451,9 @@ async def test_a_station_whose_camera_disagrees_is_paused_and_its_results_untrus
         observations = {o.id: o for o in runner.optimizer.observations()}
     assert summary.state == "stopped", summary
     assert summary.stations["bench-a"]["state"] == "out"
-    assert summary.stations["bench-a"]["reason"].startswith("paused: 3 results in a row failed their checks")
+    assert summary.stations["bench-a"]["reason"].startswith(
+        "paused: 3 results in a row failed their checks"
+    )
     assert [e["state"] for e in events if e["event"] == "station"] == ["paused"]
     j = Journal(lab.store)
     try:
