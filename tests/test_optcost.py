@@ -8,6 +8,8 @@ simulated bench that journals each proposal's predicted and exact cost and repor
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from reference import local_bench
 from test_program import BASE
 
 from bridge.campaigns import plan_costs
+from bridge.cli import main
 from bridge.labconfig import load_lab
 from bridge.reportdata import read_report_data
 from bridge.reportlearned import cost_html
@@ -29,6 +32,11 @@ from loops.plancost import CostError, station_cost
 from loops.program import Program, ProgramError, load_program
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import cost as cost_bench  # noqa: E402
+
 EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
 LAB = ROOT / "examples" / "lab-hardware.yaml"
 POINT = {"red_ml": 0.5, "green_ml": 0.3, "blue_ml": 0.9, "temperature_c": 60.0, "hold_s": 300}
@@ -130,13 +138,21 @@ def test_a_typo_is_a_one_line_error(line: str, words: str) -> None:
         assert "the recipe calls: blue, color, green, hotplate, red)" in str(info.value)
 
 
-def test_a_channel_the_station_has_not_names_those_it_has() -> None:
+def test_a_channel_the_station_has_not_names_those_it_has(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(CostError) as info:
         exact_cost("hotplate.delivered")
     assert "\n" not in str(info.value)
     assert "choose one of: duration, blue.delivered, vial.added" in str(info.value)
     with pytest.raises(ValueError, match="needs the plan's costs on a station"):
         CampaignRunner(colour_match("duration"), None, {"a": None}, campaign_id="x")  # type: ignore[arg-type]
+    # labbridge check --program says so before a campaign starts
+    text = EXAMPLE.read_text().replace("seed: 1\n", "seed: 1\ncost: hotplate.delivered\n")
+    (tmp_path / "program.md").write_text(text)
+    assert main(["check", str(LAB), "--program", str(tmp_path / "program.md")]) != 0
+    said = capsys.readouterr()
+    assert "cost: 'hotplate.delivered' is not a cost of this station" in said.out + said.err
 
 
 @pytest.mark.timeout(120)
@@ -189,3 +205,26 @@ async def test_a_campaign_journals_predicted_costs_and_reports_them(
     assert f"3 experiments ran for {total:.4g} min in total" in part, part
     assert "within" in part and "% of the plan's exact cost (median)" in part
     assert part.count("<tr>") >= 2, part  # the header and at least the final row
+
+
+def test_benchmark_problems_and_one_short_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/cost.py: the problems as documented, and a short run of both arms that
+    prints and writes what it counted (the full run's numbers: docs/optimizer.md)."""
+    assert cost_bench.minutes({"x": 0.0, "y": 0.5}) == 1.0
+    assert cost_bench.minutes({"x": 1.0, "y": 0.5}) == 17.0
+    two = cost_bench.PROBLEMS["two-basins"]
+    assert two({"x": 0.15, "y": 0.7}) == two({"x": 0.85, "y": 0.3}) == -1.0
+    assert two({"x": 0.5, "y": 0.5}) > cost_bench.TARGET
+    out = tmp_path / "cost.json"
+    argv = ["--seeds", "1", "--evals", "6", "--problem", "two-basins", "--out", str(out)]
+    assert cost_bench.main(argv) == 0
+    assert "two-basins     duration" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["versions"]["scikit-learn"] and len(doc["runs"]) == 2
+    for run in doc["runs"]:
+        assert 1.0 * run["experiments"] <= run["minutes"] <= 17.0 * run["experiments"]
+    with pytest.raises(SystemExit):
+        cost_bench.main(["--evals", "4"])  # no model phase: refused by name
+    assert "--evals > 4" in capsys.readouterr().err
