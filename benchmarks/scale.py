@@ -11,11 +11,20 @@ benches on each node. For each station count K the colour-match campaign (bayes,
 from the head's side), on K benches spread over both nodes, with a fresh journal.
 
 Printed per K: wall-clock to the target (or to the end) and experiments to it, each vs 1
-station; the stack's time per experiment (median, p99) and where it goes, read from
-the journal's timestamps of each experiment:
+station; the bench-time model's time to the target and the measured/model ratio (goal:
+within 15 % at 500x; :func:`bench_model`); the stack's time per experiment (median, p99)
+and where it goes.
 
-- ``claim``: from the station's previous outcome (or the campaign's start) to the
-  proposal journaled: waiting for the campaign's lock, the optimizer's ask, a journal write;
+**The stack time of an experiment** is the time its station's bench is idle on its
+account: from the moment the station was free (its previous experiment journaled done,
+or the campaign's start) to this experiment journaled done, minus the bench's own time
+(each step's duration as the station measured it on the bench's clock: the simulated
+physics and the instruments' I/O over their wires). Work done for it while the station
+still ran the previous experiment (the proposal claimed ahead: :mod:`loops.campaignahead`)
+costs the bench nothing and is not in it. From the journal's timestamps, its parts:
+
+- ``claim``: from the station free to the proposal journaled: waiting for the campaign's
+  lock, the optimizer's ask, a journal write (0 when it was claimed ahead);
 - ``check``: proposal -> checked: the dry run on the station (a Ray round trip) and the
   program's constraints, a journal write;
 - ``dispatch``: checked -> running: ``queued`` journaled, the run's Ray call to the station
@@ -27,8 +36,13 @@ the journal's timestamps of each experiment:
 - ``finish``: last step done -> done: verification (camera vs instruments), the outcome
   and the optimizer's tell journaled.
 
-The stack time is the experiment's whole time minus the bench's: its steps' durations
-(the simulated physics and the instruments' own I/O over their wires). Also printed: journal
+Where it goes, from the per-experiment timers (:mod:`loops.stacktime`; the campaign's
+``finished`` events carry them): the optimizer's ask and tell, the dry runs and
+verification (CPU time on their threads, besides wall: on this loaded machine the wall
+time of CPU work mostly measures the other processes), the journal transactions waited
+for (count and wall), the Ray round trips to the station actor, the station's own
+dispatching, the campaign's rest, and what overlapped the bench (:data:`WHERE`); also the
+driver process's CPU time per experiment and the load average. Also printed: journal
 events per second over the run (every transition journaled / wall-clock), and what the
 journal actor sustains on its own (:func:`journal_burst`). Goals (issue
 17) printed beside: 4 stations >= 3.6x faster to target with <= 1.2x the experiments, 16
@@ -55,7 +69,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +84,7 @@ EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
 GOALS = {4: 3.6, 16: 10.0}
 GOAL_EXPERIMENTS_X = 1.2
 GOAL_STACK_MS = 50.0
+GOAL_MODEL_X = 1.15  # measured time to target within 15% of the bench-time model's
 PARTS = ("claim", "check", "dispatch", "steps", "finish")
 
 
@@ -86,8 +101,95 @@ class Run:
     to_target_n: int | None
     events: int  # journal transitions of the campaign
     stack_s: list[float] = field(default_factory=list)  # per done experiment
+    idle_by_id: dict[str, float] = field(default_factory=dict)  # the same, by experiment
     parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
     by_station: dict[str, int] = field(default_factory=dict)
+    # per done experiment: the stack timers' parts (loops.stacktime) as the campaign's
+    # ``finished`` event carries them, and the driver's CPU seconds per experiment
+    stacks: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    driver_cpu_s: float = math.nan
+    # the bench-time model (:func:`bench_model`): to the target (or the end) with no stack
+    model_s: float = math.nan
+
+
+def bench_model(
+    benches: Sequence[tuple[str, float, float | None]], k: int, target: float | None
+) -> float:
+    """The time to the target if the stack cost nothing: this run's own experiments (``(id,
+    bench s, objective)`` in the order they were proposed, done and failed ones), each
+    taking its bench time only (its steps' durations), on K stations in parallel, each
+    started on the first station free; until the first that reaches ``target`` is done (the
+    last done when none does). Same experiments, same order: the ratio measured / model
+    is what the stack costs, not what the optimizer does."""
+    free = [0.0] * max(1, k)
+    ends: list[tuple[float, float | None]] = []
+    for _eid, bench, value in benches:
+        i = min(range(len(free)), key=free.__getitem__)
+        free[i] += bench
+        ends.append((free[i], value))
+    if not ends:
+        return math.nan
+    hits = [t for t, v in ends if target is not None and v is not None and v <= target]
+    return min(hits) if hits else max(t for t, _ in ends)
+
+
+#: the stack's parts (:func:`where`): what each is made of
+WHERE = {
+    "ask": "the optimizer's ask (CPU on its thread)",
+    "tell": "the optimizer's tell (CPU)",
+    "dry run": "the safety layer's dry run on the station (CPU; once at the check, again "
+    "at the run's start)",
+    "verify": "verification: camera vs instruments (CPU on its thread)",
+    "journal": "journal transactions, each a Ray call to the journal actor and an fsync'ed "
+    "commit (campaign's and station's; count = transactions per experiment)",
+    "ray": "Ray round trips campaign <-> station actor (check and run calls, minus what "
+    "the station did inside them)",
+    "station": "the station's own time in the run beyond bench, journal, dry run, verify: "
+    "dispatching steps, lease checks, the guard's checks",
+    "campaign": "the rest of the idle time: the campaign's lock, bookkeeping, the event "
+    "loop (idle time minus the parts above)",
+    "overlapped": "not idle time: the next proposal claimed while the station ran (ask, "
+    "journal, the check's dry run and Ray call; CPU: the ask's; loops/campaignahead.py) and "
+    "the journal records of steps that only look, sent while the bench works, not waited "
+    "for (loops/stationrun.py)",
+}
+
+
+def where(stack: dict[str, dict[str, float]], idle_s: float) -> dict[str, tuple[float, float, int]]:
+    """One experiment's stack time in the parts of :data:`WHERE`: name -> (wall s, CPU s,
+    count); ``idle_s``: its stack time from the journal (:func:`analyse`)."""
+
+    def get(name: str) -> tuple[float, float, int]:
+        p = stack.get(name) or {}
+        return float(p.get("wall_s", 0.0)), float(p.get("cpu_s", 0.0)), int(p.get("count", 0))
+
+    def total(prefix: str) -> tuple[float, float, int]:
+        parts = [get(n) for n in stack if n.startswith(prefix)]
+        return (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts))
+
+    out = {
+        "ask": get("ask"),
+        "tell": get("tell"),
+        "verify": get("station:verify"),
+    }
+    dry = get("station:dry_run")  # the run's own dry run; the check's costs the same
+    out["dry run"] = (2 * dry[0], 2 * dry[1], 2 * dry[2])
+    jc, js = total("journal."), total("station:journal.")
+    out["journal"] = (jc[0] + js[0], 0.0, jc[2] + js[2])
+    run_call, check_call = get("station.run"), get("station.dry_run")
+    run_inside = get("station:run")
+    ray = max(0.0, run_call[0] - run_inside[0]) + max(0.0, check_call[0] - dry[0])
+    out["ray"] = (ray, 0.0, run_call[2] + check_call[2])
+    bench = get("station:bench")
+    station = run_inside[0] - bench[0] - js[0] - dry[0] - out["verify"][0]
+    out["station"] = (max(0.0, station), 0.0, 0)
+    known = sum(v[0] for v in out.values())  # the parts on the bench's critical path
+    out["campaign"] = (max(0.0, idle_s - known), 0.0, 0)
+    # claimed while the previous experiment ran (loops.campaignahead), and the journal
+    # records of steps that only look, not waited for (loops.stationrun.in_order)
+    ahead, behind = total("ahead:"), total("station:behind:")
+    out["overlapped"] = (ahead[0] + behind[0], get("ahead:ask")[1], ahead[2] + behind[2])
+    return out
 
 
 def split(names_head: Sequence[str], names_bench: Sequence[str], k: int) -> list[str]:
@@ -130,11 +232,21 @@ def analyse(
     last_free: dict[str, float] = {}
     parts: dict[str, list[float]] = {p: [] for p in PARTS}
     stack: list[float] = []
+    idle_by_id: dict[str, float] = {}
     finished = sorted((e for e in exps if e.state in ("done", "failed")), key=lambda e: e.updated)
     ends: list[tuple[float, str, float | None]] = []
+    benches: list[tuple[str, float, float | None]] = []  # the model's: run order, bench s
     for e in sorted(exps, key=lambda e: e.created):
         rows = trans[e.id]
         at = {(r.event, r.state): r.t for r in rows}
+        if e.station is not None and e.state in ("done", "failed"):
+            spent = sum(
+                float((r.data or {}).get("data", {}).get("duration_s") or 0)
+                for r in rows
+                if r.event == "step_done"
+            )
+            value = e.objective if e.state == "done" else None
+            benches.append((e.id, spent / speed, value))
         if e.state != "done" or e.station is None:
             continue
         proposed = at.get(("state", "proposed"))
@@ -151,14 +263,17 @@ def analyse(
         # seconds on a simulated bench), not the journal's timestamps around it
         bench = sum(float((r.data or {}).get("data", {}).get("duration_s") or 0) for r in dones)
         bench /= speed
+        # from the moment the station was free (its previous experiment done, or the
+        # campaign's start): what was claimed ahead while it ran costs the bench nothing
         free = max(last_free.get(e.station, start), start)
-        claim = max(0.0, proposed - free)
-        parts["claim"].append(claim)
+        proposed, checked, running = (max(free, t) for t in (proposed, checked, running))
+        parts["claim"].append(proposed - free)
         parts["check"].append(checked - proposed)
         parts["dispatch"].append(running - checked)
         parts["steps"].append(max(0.0, dones[-1].t - running - bench))
         parts["finish"].append(done - dones[-1].t)
-        stack.append(claim + (done - proposed) - bench)
+        stack.append(done - free - bench)
+        idle_by_id[e.id] = stack[-1]
         last_free[e.station] = done
         ends.append((done, e.id, e.objective))
     to_t = to_n = None
@@ -169,7 +284,9 @@ def analyse(
                 to_t, to_n = t_done - start, order[eid]
                 break
     counts = summary.counts
+    model = bench_model(benches, k, target)
     return Run(
+        model_s=model,
         stations=k,
         state=summary.state,
         reason=summary.reason,
@@ -179,6 +296,7 @@ def analyse(
         to_target_n=to_n,
         events=len(log),
         stack_s=stack,
+        idle_by_id=idle_by_id,
         parts=parts,
         by_station={n: int(s["experiments"]) for n, s in summary.stations.items()},
     )
@@ -189,6 +307,7 @@ async def one(
 ) -> Run:
     from bridge.campaigns import run_campaign
     from bridge.labconfig import load_lab
+    from loops.campaign import CampaignRunner
     from loops.program import load_program
 
     k = len(names)
@@ -217,8 +336,59 @@ async def one(
     lab = load_lab(lab_path)
     program = load_program(prog_path)
     campaign = f"scale-k{k}"
-    summary = await run_campaign(program, lab, campaign_id=campaign)
-    return analyse(store, campaign, args.target, k, summary, args.speed)
+    stacks: dict[str, dict[str, dict[str, float]]] = {}
+
+    def on_event(event: Mapping[str, Any]) -> None:
+        if event.get("event") == "finished" and event.get("stack"):
+            stacks[str(event["experiment_id"])] = dict(event["stack"])
+
+    cpu0 = time.process_time()
+
+    def on_runner(runner: CampaignRunner) -> None:
+        runner.claim_ahead = args.claim_ahead
+
+    summary = await run_campaign(
+        program, lab, campaign_id=campaign, on_event=on_event, on_runner=on_runner
+    )
+    cpu = time.process_time() - cpu0
+    run = analyse(store, campaign, args.target, k, summary, args.speed)
+    run.stacks = {eid: stacks[eid] for eid in run.idle_by_id if eid in stacks}
+    run.driver_cpu_s = cpu / max(1, run.experiments)
+    return run
+
+
+def where_table(runs: list[Run]) -> str:
+    """Where the stack time goes, per K: each part's median and p99 (ms, wall), its CPU
+    median (ms) where it has one, and how many calls per experiment."""
+    lines = [
+        "Where the stack time goes (per done experiment; wall ms median / p99, CPU ms median "
+        "where CPU-bound, calls per experiment):",
+        "",
+        "| stations | " + " | ".join(WHERE) + " | idle (journal) | driver CPU ms/exp |",
+        "|" + "---|" * (len(WHERE) + 3),
+    ]
+    for r in runs:
+        rows = [where(st, r.idle_by_id[eid]) for eid, st in r.stacks.items()]
+        if not rows:
+            continue
+        cells = []
+        for name in WHERE:
+            wall = [row[name][0] for row in rows]
+            cpu = [row[name][1] for row in rows]
+            count = [row[name][2] for row in rows]
+            cell = f"{ms(wall)} / {ms(wall, 0.99)}"
+            if any(cpu):
+                cell += f" (CPU {ms(cpu)})"
+            if any(count):
+                cell += f" x{med(count):g}"
+            cells.append(cell)
+        lines.append(
+            f"| {r.stations} | "
+            + " | ".join(cells)
+            + f" | {ms(r.stack_s)} / {ms(r.stack_s, 0.99)} | {r.driver_cpu_s * 1000:.0f} |"
+        )
+    lines += ["", *(f"- {name}: {what}" for name, what in WHERE.items())]
+    return "\n".join(lines)
 
 
 def ms(values: Sequence[float], q: float | None = None) -> str:
@@ -230,13 +400,16 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
     base = runs[0]
     lines = [
         f"benchmarks/scale.py: colour match, bayes, target ΔE {args.target}, budget "
-        f"{args.budget}, seed {args.seed}, {args.speed:g}x, two Ray nodes, staleness limits "
+        f"{args.budget}, seed {args.seed}, {args.speed:g}x, two Ray nodes, "
+        f"{'' if args.claim_ahead else 'no '}claim ahead, staleness limits "
         f"{'as in the envelope' if args.staleness is None else f'{args.staleness:g} s'} "
-        f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
+        f"(load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} "
+        "cores)",
         "",
         "| stations | end | wall s | to target s | speed-up | exps | to target n | exps vs 1 "
-        "| stack ms med | p99 | claim | check | dispatch | steps | finish | events/s | goal |",
-        "|" + "---|" * 17,
+        "| stack ms med | p99 | claim | check | dispatch | steps | finish | events/s "
+        "| model s | vs model | goal |",
+        "|" + "---|" * 19,
     ]
     for r in runs:
         t_base = base.to_target_s if base.to_target_s is not None else base.wall_s
@@ -255,13 +428,17 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
         if r.stations == 1 and r.state != "error":
             stack = med(r.stack_s) * 1000
             goal = f"stack < {GOAL_STACK_MS:g} ms: {'met' if stack < GOAL_STACK_MS else 'missed'}"
+        if r.state != "error" and r.model_s:
+            ok = t_here / r.model_s <= GOAL_MODEL_X
+            goal += f"{'; ' if goal else ''}<= {GOAL_MODEL_X:g}x model: {'met' if ok else 'missed'}"
         lines.append(
             f"| {r.stations} | {r.state} | {r.wall_s:.1f} | "
             f"{'-' if r.to_target_s is None else f'{r.to_target_s:.1f}'} | {speed:.2f}x | "
             f"{r.experiments} | {'-' if r.to_target_n is None else r.to_target_n} | {more:.2f}x | "
             f"{ms(r.stack_s)} | {ms(r.stack_s, 0.99)} | "
             + " | ".join(ms(r.parts[p]) for p in PARTS)
-            + f" | {r.events / r.wall_s if r.wall_s else math.nan:.1f} | {goal} |"
+            + f" | {r.events / r.wall_s if r.wall_s else math.nan:.1f} | {r.model_s:.1f} | "
+            f"{t_here / r.model_s if r.model_s else math.nan:.2f}x | {goal} |"
         )
     lines += [
         "",
@@ -269,7 +446,10 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
         "Stack ms: an experiment's time minus its steps' time; its parts are medians (ms) "
         "of: claim (lock, ask, journal), check (dry run on the station), dispatch (queued, "
         "the Ray call, running), steps (journaling each step, beyond the bench's own time), "
-        "finish (verification, outcome, tell).",
+        "finish (verification, outcome, tell). Model s: the bench-time model's time to the "
+        "target (the same experiments, in the same order, each its bench time only, on K "
+        "stations in parallel: what the stack costs, not the optimizer); vs model: measured "
+        "to target (or to the end) / model.",
     ]
     return "\n".join(lines)
 
@@ -388,6 +568,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the envelope's heartbeat/reading staleness limits, s (default 10: a simulator "
         "starved by a loaded machine trips a 2 s limit; 0: the reference envelope's own)",
     )
+    p.add_argument(
+        "--claim-ahead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="claim each station's next proposal while it runs one (loops/campaignahead.py; "
+        "default on)",
+    )
     p.add_argument("--quick", action="store_true", help="CI smoke: stations 1 2, budget 4")
     args = p.parse_args(argv)
     if not args.staleness:
@@ -403,6 +590,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     runs, burst = asyncio.run(main_async(args))
     print(table(runs, args))
+    print()
+    print(where_table(runs))
     for r in runs:
         if r.state == "error":
             print(f"K={r.stations}: no result: {r.reason}")

@@ -50,7 +50,8 @@ strategy's own JSON state), ``pending`` (experiment id -> proposal id),
 Modules: :mod:`loops.campaignbook` (the runner's state, events and optimizer
 feedback), :mod:`loops.campaignresume` (prepare and resume),
 :mod:`loops.campaignrecord` (recording outcomes), :mod:`loops.campaignapproval`
-(proposals awaiting a human), :mod:`loops.campaignlock`
+(proposals awaiting a human), :mod:`loops.campaignahead` (the stations' workers, one
+proposal ahead), :mod:`loops.campaignlock`
 (one process per campaign); this module schedules: claims, proposals, workers,
 controls and the end of a campaign.
 """
@@ -64,6 +65,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from loops.campaignahead import CampaignAhead
 from loops.campaignapproval import CampaignApproval
 from loops.campaignbook import (
     AGENT_RUN,
@@ -81,6 +83,7 @@ from loops.campaignresume import BudgetWindow, CampaignResume
 from loops.journal import Journal
 from loops.optimizer import Exhausted
 from loops.recipe import RecipeError, build_recipe
+from loops.stacktime import cpu_part
 from loops.stationerrors import cause_text
 from loops.stationledger import window_text
 from loops.stations import StationActor, StationLost
@@ -161,7 +164,7 @@ class CampaignSummary:
         }
 
 
-class CampaignRunner(CampaignResume, CampaignApproval):
+class CampaignRunner(CampaignResume, CampaignApproval, CampaignAhead):
     """One campaign over stations and a journal, through their links (module docstring).
 
     ``stations``: station name -> a :class:`~loops.stations.StationLink` to a started
@@ -370,8 +373,10 @@ class CampaignRunner(CampaignResume, CampaignApproval):
             return f"no station available ({outs})"
         return None
 
-    async def _claim(self, slot: Slot) -> Item | None:
-        """The next checked proposal for ``slot``, or None when this station should stop claiming."""
+    async def _claim(self, slot: Slot, *, ahead: bool = False) -> Item | None:
+        """The next checked proposal for ``slot``, or None when this station should stop
+        claiming; ``ahead``: claimed while ``slot`` runs one (:mod:`loops.campaignahead`),
+        the slot stays on the experiment it runs."""
         async with self._lock:
             while True:
                 if self._stop_reason() is not None or slot.state == "out":
@@ -385,7 +390,7 @@ class CampaignRunner(CampaignResume, CampaignApproval):
                 else:
                     self._agent_run = 0
                     try:
-                        proposal = await asyncio.to_thread(self.optimizer.ask)
+                        proposal = await asyncio.to_thread(cpu_part, "ask", self.optimizer.ask)
                     except Exhausted as exc:
                         self._exhausted = f"search space exhausted: {exc}"
                         return None
@@ -440,7 +445,8 @@ class CampaignRunner(CampaignResume, CampaignApproval):
                     item.checked = True
                 self._consecutive_rejections = 0
                 self._in_flight += 1
-                slot.state, slot.experiment = "busy", item.experiment_id
+                if not ahead:
+                    slot.state, slot.experiment = "busy", item.experiment_id
                 return item
 
     # ------------------------------------------------------------------ running
@@ -481,32 +487,6 @@ class CampaignRunner(CampaignResume, CampaignApproval):
             asyncio.create_task(self._worker(slot), name=f"campaign-{self.campaign_id}-{slot.name}")
         )
 
-    async def _worker(self, slot: Slot) -> None:
-        while slot.state != "out":
-            await self._running.wait()
-            item = await self._claim(slot)
-            if item is None:
-                return
-            if not self._running.is_set() or self._stop_reason() is not None:
-                await self._unclaim(slot, item)  # paused or stopped while it was being claimed
-                continue
-            try:
-                await self._execute(slot, item)
-            finally:
-                self._in_flight -= 1
-                if slot.state == "busy":
-                    slot.state, slot.experiment = "idle", None
-
-    async def _unclaim(self, slot: Slot, item: Item) -> None:
-        """Put a claimed, checked proposal back at the head of the queue, unrun: the campaign
-        was paused (it runs after the resume) or told to stop (it is cancelled at the end)
-        while the optimizer was asked or the proposal dry-run."""
-        async with self._lock:
-            self._queue.appendleft(item)
-            self._in_flight -= 1
-            if slot.state == "busy":
-                slot.state, slot.experiment = "idle", None
-
     async def _execute(self, slot: Slot, item: Item) -> None:
         j, eid = self.journal, item.experiment_id
         assert item.recipe is not None  # a checked proposal has its recipe (see _check)
@@ -536,7 +516,7 @@ class CampaignRunner(CampaignResume, CampaignApproval):
             )
             return
         slot.runs += 1
-        async with self._lock:
+        async with self._lock.urgent():  # before the claims waiting (loops.urgentlock)
             await self._record(slot, item, out)
 
     async def _finish(self) -> CampaignSummary:

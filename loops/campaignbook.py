@@ -41,6 +41,7 @@ from loops.optmulti import ParetoOptimizer
 from loops.program import Program
 from loops.stationlease import LEASE_S
 from loops.stations import StationLink
+from loops.urgentlock import UrgentLock
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,8 @@ class CampaignBook:
         self._max_disagreements = dict(max_disagreements or {})
         self._images_dir = images_dir
         self._lease_s = float(lease_s)  # how long a station acts without hearing from us
-        self._lock = asyncio.Lock()  # claims, asks, tells and state saves: one at a time
+        # claims, asks, tells and state saves: one at a time, a finished run's record first
+        self._lock = UrgentLock()
         self._queue: deque[Item] = deque()  # agent and resumed proposals, run before new asks
         self._pending: dict[str, str] = {}  # experiment id -> optimizer proposal id
         self._told: set[str] = set()

@@ -23,6 +23,7 @@ from typing import Any
 
 from loops.campaignbook import CampaignBook, Item, Slot, violation_text
 from loops.journal import Experiment, Journal
+from loops.stacktime import cpu_part, current_timer
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,14 @@ class CampaignRecorder(CampaignBook):
                     reason = "; ".join(filter(None, [reason, RECOVERED + checked]))
                 elif out.get("recovered_after_death"):
                     reason = "; ".join(filter(None, [reason, RECOVERED_LIVE]))
-                self._tell(item, value, "untrusted" if verified is False else "ok", vector)
+                cpu_part(
+                    "tell",
+                    self._tell,
+                    item,
+                    value,
+                    "untrusted" if verified is False else "ok",
+                    vector,
+                )
                 result = {**dict(out.get("result") or {}), "station": slot.name}
                 if verification is not None:
                     result["verification"] = verification
@@ -203,6 +211,10 @@ class CampaignRecorder(CampaignBook):
                     "verification": verification,
                     "images": images,
                 }
+                timer = current_timer()  # where its stack time went (loops.stacktime)
+                if timer is not None:
+                    timer.merge(dict(out.get("stack") or {}), "station:")
+                    event["stack"] = timer.as_dict()
                 self._emit("finished", **event, progress=self.progress())
                 self._resolve(eid, {"event": "finished", **event})
                 self._count_disagreement(slot, verified, reason)

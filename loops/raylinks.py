@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from loops.journal import JOURNAL_API, AsyncJournal, Journal, api_name
 from loops.runfolder import note_children
+from loops.stacktime import current_timer, timed
 from loops.stationerrors import cause_text, portable_error
 from loops.stations import (
     ClockSpec,
@@ -64,7 +65,10 @@ class RayJournal:
     def call(
         self, fn: Callable[Concatenate[Journal, _P], _R], /, *args: _P.args, **kwargs: _P.kwargs
     ) -> Awaitable[_R]:
-        ref = getattr(self.handle, api_name(fn)).remote(*args, **kwargs)
+        name = api_name(fn)
+        ref = getattr(self.handle, name).remote(*args, **kwargs)
+        if current_timer() is not None:  # an experiment's stack time is being measured
+            return timed(f"journal.{name}", ref)
         return cast(Awaitable[_R], ref)  # an ObjectRef: submitted now, awaitable
 
 
@@ -83,14 +87,17 @@ class RayStation:
         *args: _P.args,
         **kwargs: _P.kwargs,
     ) -> asyncio.Future[_R]:
-        ref = getattr(self.handle, station_method(fn)).remote(*args, **kwargs)
-        return asyncio.ensure_future(self._result(ref))
+        name = station_method(fn)
+        ref = getattr(self.handle, name).remote(*args, **kwargs)
+        return asyncio.ensure_future(self._result(ref, name))
 
-    async def _result(self, ref: Any) -> Any:
+    async def _result(self, ref: Any, name: str) -> Any:
         try:
-            return await ref
+            return await timed(f"station.{name}", ref)
         except ray.exceptions.RayActorError as exc:
-            raise StationLost(f"station {self.name} lost, taken as died: {cause_text(exc)}") from None
+            raise StationLost(
+                f"station {self.name} lost, taken as died: {cause_text(exc)}"
+            ) from None
 
 
 def ray_links(journal: Any, actors: Mapping[str, Any]) -> tuple[RayJournal, dict[str, RayStation]]:

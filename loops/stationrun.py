@@ -3,7 +3,11 @@
 
 The recipe is dry-run again, the experiment moved ``queued -> running`` (with the
 experiments budget's unit, one transaction), each step journaled before it acts
-(``step_started``, with a reservation of what it may consume) and after
+(``step_started``, with a reservation of what it may consume; a step that cannot change
+the bench -- a read, a wait, a hold, a capture, a computation: :func:`step_acts` -- has
+its record submitted in the journal's order without waiting for the commit, and every
+such record is committed before the next step that acts starts and before the last
+step's record, so a kill can lose at most the records of steps that only looked) and after
 (``step_done``, with what it did consume; nothing acts between a step's end and the next
 step's start, so that record goes to disk in the next start's transaction: one journal
 round trip per step, not two). The last step's record carries what the run
@@ -23,21 +27,24 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from loops.checks import Verification, run_checks
 from loops.journal import Journal
 from loops.recipe import Result, dry_run_recipe, run_recipe
+from loops.stacktime import StackTimer, cpu_part, current_timer, timing
 from loops.stationcore import StationCore
 from loops.stationerrors import ExperimentStopped, StationBusy, cause_text
 from loops.stationledger import step_reservation, unsaved_consumption
 from loops.steps import Recipe, Step
 from safety import SafeStation, SafetyError
+from safety.effects import Command, CommandRefused, effect_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TRIP_POLL_S", "StationRuns", "until_tripped"]
+__all__ = ["TRIP_POLL_S", "StationRuns", "step_acts", "until_tripped"]
 
 #: how often a running recipe checks whether its station tripped (real seconds)
 TRIP_POLL_S = 0.02
@@ -68,6 +75,68 @@ async def until_tripped(station: SafeStation, work: Awaitable[Any]) -> Any:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         raise
+
+
+#: step kinds that never send a command (they read, wait, capture or compute)
+QUIET_KINDS = frozenset({"read", "wait", "hold", "capture", "compute", "value"})
+
+
+def step_acts(station: SafeStation, step: Step, who: str) -> bool:
+    """Whether ``step`` may change the bench: a ramp, or a call of a command that actuates
+    (safer commands included; one the guard would refuse counts as acting). Such a step's
+    start is committed to the journal before it runs; the others' are submitted in order
+    and committed before the next step that acts (:meth:`StationRuns.run`)."""
+    if step.kind in QUIET_KINDS:
+        return False
+    if step.kind != "call":
+        return True
+    p = step.params
+    command = Command(p["instrument"], p["command"], dict(p.get("args") or {}), who)
+    try:
+        return effect_of(command, station.guard.layout, station.state.view()).actuates
+    except CommandRefused:
+        return True
+
+
+def in_order(
+    writes: list[asyncio.Task[Any]], write: Callable[[], Awaitable[Any]]
+) -> asyncio.Task[Any]:
+    """Send ``write()`` once the last write in ``writes`` has committed (a Ray actor does
+    not keep the order in which one caller's calls were sent), without waiting for it
+    here; added to ``writes``. A write after one that failed fails the same way. Its
+    time is counted as ``behind:<part>`` in the run's stack timer (not waited for)."""
+    before = writes[-1] if writes else None
+
+    async def send() -> Any:
+        if before is not None:
+            await before
+        with timing(behind) as timer:
+            try:
+                return await write()
+            finally:
+                if run_timer is not None:
+                    run_timer.merge(timer.as_dict(), "behind:")
+
+    run_timer = current_timer()
+    behind = StackTimer()
+    task = asyncio.ensure_future(send())
+    writes.append(task)
+    return task
+
+
+async def committed(writes: list[asyncio.Task[Any]]) -> None:
+    """Wait for each journal write in ``writes``, in order, emptying the list (the first
+    that failed raises)."""
+    while writes:
+        await writes.pop(0)
+
+
+def abandon(writes: list[asyncio.Task[Any]]) -> None:
+    """Let go of journal writes not waited for (a cancelled run): cancelled; what was
+    sent already reaches the journal or not, nothing waits for it."""
+    for w in writes:
+        w.cancel()
+    writes.clear()
 
 
 def _image_digests(images: Mapping[str, bytes | None]) -> dict[str, dict[str, Any]]:
@@ -140,25 +209,29 @@ class StationRuns(StationCore):
             self._current = experiment_id
             mark = len(station.audit.records())
             measured: dict[str, Any] = {}  # what went to the journal with the last step
+            t0 = time.perf_counter()
             try:
-                out = await self._run(
-                    station,
-                    experiment_id,
-                    Recipe.from_dict(recipe),
-                    who,
-                    mark_running=mark_running,
-                    trip_on_failure=trip_on_failure,
-                    include_image=include_image,
-                    epoch=epoch,
-                    audit_from=mark,
-                    measured=measured,
-                )
-                # the safety layer's verdicts on this run's commands, for the store
-                out["audit"] = [v.as_dict() for v in station.audit.records()[mark:]]
-                if out.get("ok") and mark_running and self._journal is not None:
-                    out["outcome_journaled"] = await self._journal_outcome(
-                        experiment_id, out, epoch, measured
+                with timing() as timer:  # the stack's parts of this run (loops.stacktime)
+                    out = await self._run(
+                        station,
+                        experiment_id,
+                        Recipe.from_dict(recipe),
+                        who,
+                        mark_running=mark_running,
+                        trip_on_failure=trip_on_failure,
+                        include_image=include_image,
+                        epoch=epoch,
+                        audit_from=mark,
+                        measured=measured,
                     )
+                    # the safety layer's verdicts on this run's commands, for the store
+                    out["audit"] = [v.as_dict() for v in station.audit.records()[mark:]]
+                    if out.get("ok") and mark_running and self._journal is not None:
+                        out["outcome_journaled"] = await self._journal_outcome(
+                            experiment_id, out, epoch, measured
+                        )
+                timer.add("run", time.perf_counter() - t0)
+                out["stack"] = timer.as_dict()  # how long its parts took (loops.stacktime)
                 return out
             finally:
                 self._current = self._under_way = None
@@ -212,7 +285,7 @@ class StationRuns(StationCore):
         """The run (:meth:`run`); ``measured`` is filled with what was journaled with the
         last step."""
         base = {"experiment_id": experiment_id, "station": self.name}
-        report = dry_run_recipe(recipe, station, who=who, now=self._now())
+        report = cpu_part("dry_run", dry_run_recipe, recipe, station, who=who, now=self._now())
         self._under_way = report if report.ok else None
         if not report.ok:
             return {
@@ -252,6 +325,10 @@ class StationRuns(StationCore):
         last = len(recipe.steps) - 1
         keep_images = self._verify or include_image
         finished: list[tuple[int, dict[str, Any]]] = []  # a step done, journaled with the next
+        # the start records of steps that cannot change the bench (reads, waits, computes),
+        # submitted in order but not waited for: every one of them is committed before the
+        # next step that acts starts, and before the last step's record (in_order, committed)
+        in_flight: list[asyncio.Task[Any]] = []
 
         async def on_step(i: int, step: Step, what: str, data: dict[str, Any]) -> None:
             nonlocal index, phase
@@ -269,17 +346,27 @@ class StationRuns(StationCore):
             used = unsaved_consumption(ledger, self._now, self._speed)
             if what == "started":  # on disk before the step acts, with what it may consume
                 reserve = step_reservation(station, step, who, self._now)
-                await journal.call(
-                    Journal.step_started,
-                    experiment_id,
-                    i,
-                    step.as_dict(),
-                    epoch=epoch,
-                    consumption=used,
-                    reserve=reserve,
-                    done=finished.pop() if finished else None,
-                )
+                done = finished.pop() if finished else None
                 self._reserved = bool(reserve)
+                link = journal  # for the closure: not None here
+
+                def write() -> Awaitable[Any]:
+                    return link.call(
+                        Journal.step_started,
+                        experiment_id,
+                        i,
+                        step.as_dict(),
+                        epoch=epoch,
+                        consumption=used,
+                        reserve=reserve,
+                        done=done,
+                    )
+
+                if not step_acts(station, step, who):
+                    in_order(in_flight, write)  # sent after the ones before; waited for below
+                    return
+                await committed(in_flight)
+                await write()
             else:  # the last step: what the run measured goes to disk with its record
                 images = {r: b for r, b in so_far.images.items() if b} if keep_images else {}
                 measured.update(
@@ -287,6 +374,7 @@ class StationRuns(StationCore):
                     audit=[v.as_dict() for v in station.audit.records()[audit_from:]],
                     images=_image_digests({r: images.get(r) for r in ("outcome", "reference")}),
                 )
+                await committed(in_flight)
                 await journal.call(
                     Journal.step_done,
                     experiment_id,
@@ -321,7 +409,10 @@ class StationRuns(StationCore):
             if trip_on_failure:
                 trip = (await station.trip(reason, "station-actor", who=who)).as_dict()
             if not isinstance(exc, Exception):
+                abandon(in_flight)
                 raise
+            # the failed run's step records reach the journal before its failure does
+            await asyncio.gather(*in_flight, return_exceptions=True)
             return {
                 **base,
                 "ok": False,
@@ -334,6 +425,9 @@ class StationRuns(StationCore):
                 "trip": trip,
             }
         out = self._measured(base, recipe, result)
+        timer = current_timer()
+        if timer is not None:  # the bench's own time: its steps as the bench's clock measured them
+            timer.add("bench", sum(result.durations) / self._speed, count=len(result.durations))
         if self._verify:
             out["verification"] = (await self._verify_outcome(result, recipe)).as_dict()
         if include_image:
@@ -357,6 +451,8 @@ class StationRuns(StationCore):
         set-up kept and the recipe's images (CPU-bound analyses: off the event loop)."""
         checks = recipe.verification
         return await asyncio.to_thread(
+            cpu_part,
+            "verify",
             run_checks,
             checks,
             measurements=result.measurements,

@@ -1,0 +1,193 @@
+"""The stack out of the way (issue 17): a station's next proposal claimed while it runs one
+(loops/campaignahead.py), the journal records of steps that only look sent without
+waiting (loops/stationrun.py), and the per-experiment stack timers (loops/stacktime.py)
+that benchmarks/scale.py reads; the bench-time model of benchmarks/scale.py.
+
+On one simulated bench in this process (tests/reference.py ``local_bench``): real drivers,
+guard and journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from reference import local_bench
+
+from benchmarks.scale import bench_model, where
+from loops.campaign import CampaignRunner
+from loops.journal import Journal
+from loops.program import load_program
+from loops.recipe import build_recipe
+from loops.stacktime import StackTimer, cpu_part, current_timer, timing
+from loops.stationrun import step_acts
+from loops.urgentlock import UrgentLock
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
+PARAMS = {"red_ml": 0.7, "green_ml": 0.1, "blue_ml": 0.75, "temperature_c": 30.0, "hold_s": 30}
+
+
+@pytest.mark.timeout(120)
+async def test_the_next_proposal_is_claimed_while_the_station_runs_and_every_step_is_journaled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = load_program(EXAMPLE)
+    program = dataclasses.replace(
+        base,
+        budget=dataclasses.replace(base.budget, experiments=3),
+        stop=dataclasses.replace(base.stop, target=None),
+    )
+    events: list[dict[str, Any]] = []
+    async with local_bench(tmp_path, monkeypatch) as b:
+        runner = CampaignRunner(
+            program,
+            b.journal,
+            {"bench-a": b.station},
+            campaign_id="ahead",
+            clock_now=b.now,
+            on_event=events.append,
+        )
+        runner.claim_ahead = True
+        summary = await runner.run()
+        station = b.station.actor._require()
+        recipe = build_recipe(program, PARAMS)
+        acts = [step_acts(station, s, "optimizer") for s in recipe.steps]
+    assert summary.counts["done"] == 3 and summary.counts["cancelled"] == 0, summary.counts
+    with Journal(b.lab.store) as j:
+        exps = j.experiments("ahead")
+        logs = {e.id: j.transitions(e.id) for e in exps}
+    assert [e.state for e in exps] == ["done"] * 3  # never more claimed than the budget allows
+    at = {eid: {t.state: t.t for t in log if t.event == "state"} for eid, log in logs.items()}
+    for before, after in zip(exps, exps[1:], strict=False):
+        # claimed ahead: proposed and dry-run while the one before still ran
+        assert at[after.id]["checked"] < at[before.id]["done"], (at[before.id], at[after.id])
+        assert at[after.id]["running"] > at[before.id]["done"]
+    for e in exps:
+        states = [t.state for t in logs[e.id] if t.event == "state"]
+        assert states == ["proposed", "checked", "queued", "running", "done"], states
+        steps = [(t.event, t.step) for t in logs[e.id] if t.event.startswith("step")]
+        n = len(e.recipe["steps"])
+        # every step started in order, each done with the next one's start (the last alone)
+        assert [s for ev, s in steps if ev == "step_started"] == list(range(n)), steps
+        assert steps[-1] == ("step_done", n - 1), steps
+    # the steps that act are the calls that send something and the ramp; reads, waits,
+    # holds, captures and computations only look
+    kinds = {(s.kind, s.params.get("command")): a for s, a in zip(recipe.steps, acts, strict=True)}
+    assert kinds[("call", "dispense")] and kinds[("call", "set_heater")]
+    assert kinds[("call", "withdraw")] and kinds[("ramp", "set_heater")]
+    assert not kinds[("call", "measure")] and not kinds[("call", "wait_until_stopped")]
+    for kind in ("read", "wait", "hold", "capture", "compute"):
+        assert not kinds[(kind, None)], kind
+    # each finished event says where its stack time went: the station's run (its bench
+    # time among it), the tell; the proposals claimed ahead under ahead:
+    finished = [e for e in events if e["event"] == "finished"]
+    assert len(finished) == 3
+    for i, event in enumerate(finished):
+        stack = event["stack"]
+        assert stack["station:bench"]["wall_s"] > 0 and stack["station:run"]["count"] == 1
+        assert stack["station:bench"]["wall_s"] < stack["station:run"]["wall_s"]
+        assert stack["tell"]["count"] == 1 and stack["station:dry_run"]["cpu_s"] > 0
+        assert ("ahead:ask" in stack) == (i > 0), stack.keys()
+
+
+@pytest.mark.timeout(120)
+async def test_a_proposal_claimed_ahead_that_never_runs_is_closed_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = load_program(EXAMPLE)
+    program = dataclasses.replace(
+        base,
+        budget=dataclasses.replace(base.budget, experiments=5),
+        stop=dataclasses.replace(base.stop, target=None),
+    )
+    async with local_bench(tmp_path, monkeypatch) as b:
+        runner = CampaignRunner(
+            program,
+            b.journal,
+            {"bench-a": b.station},
+            campaign_id="stop",
+            clock_now=b.now,
+            # told to stop as its first experiment starts: the one claimed ahead never runs
+            on_event=lambda e: e["event"] == "started" and runner.stop("enough"),
+        )
+        runner.claim_ahead = True
+        summary = await runner.run()
+    assert summary.counts["done"] == 1, summary.counts
+    with Journal(b.lab.store) as j:
+        exps = j.experiments("stop")
+        state = j.campaign("stop").optimizer_state
+    assert [e.state for e in exps][0] == "done"
+    cancelled = [e for e in exps if e.state == "cancelled"]
+    assert len(exps) <= 2 and len(cancelled) == len(exps) - 1, [(e.id, e.state) for e in exps]
+    for e in cancelled:
+        assert e.reason == "campaign ended before it ran (enough)", e.reason
+    assert state is not None and not state["pending"], state  # the optimizer forgot it
+
+
+def test_the_bench_time_model_and_the_stack_parts() -> None:
+    # three experiments of 10, 20 and 5 s on two stations: 10 | 20, then 5 on the first
+    benches = [("a", 10.0, 9.0), ("b", 20.0, 8.0), ("c", 5.0, 1.0)]
+    assert bench_model(benches, 2, target=2.0) == 15.0
+    assert bench_model(benches, 2, target=None) == 20.0  # no target: the last one done
+    assert bench_model(benches, 1, target=8.5) == 30.0
+    assert bench_model(benches, 3, target=0.5) == 20.0  # never reached: to the end
+    timer = StackTimer()
+    timer.add("journal.finish", 0.004)
+    timer.add("station.run", 1.0)
+    timer.merge(
+        {
+            "run": {"count": 1, "wall_s": 0.95, "cpu_s": 0.0},
+            "bench": {"count": 20, "wall_s": 0.9, "cpu_s": 0.0},
+            "journal.step_started": {"count": 10, "wall_s": 0.03, "cpu_s": 0.0},
+            "dry_run": {"count": 1, "wall_s": 0.002, "cpu_s": 0.002},
+        },
+        "station:",
+    )
+    parts = where(timer.as_dict(), idle_s=0.11)
+    assert parts["journal"] == pytest.approx((0.034, 0.0, 11))
+    assert parts["ray"][0] == pytest.approx(0.05)  # the run call beyond the station's run
+    assert parts["station"][0] == pytest.approx(0.95 - 0.9 - 0.03 - 0.002)
+    assert parts["dry run"][1] == pytest.approx(0.004)  # the check's and the run's
+    assert sum(v[0] for k, v in parts.items() if k != "overlapped") == pytest.approx(0.11)
+
+
+async def test_a_timer_counts_what_its_task_and_threads_do_and_nothing_outside() -> None:
+    assert current_timer() is None
+    assert cpu_part("x", sum, [1, 2]) == 3  # no timer: nothing recorded, nothing raised
+    with timing() as timer:
+        await asyncio.to_thread(cpu_part, "ask", sum, range(100_000))
+        await asyncio.create_task(asyncio.sleep(0))
+        assert current_timer() is timer
+    assert current_timer() is None
+    ask = timer.as_dict()["ask"]
+    assert ask["count"] == 1 and ask["cpu_s"] > 0 and ask["wall_s"] > 0
+
+
+async def test_an_urgent_waiter_takes_the_campaign_lock_before_the_claims_waiting() -> None:
+    lock = UrgentLock()
+    order: list[str] = []
+
+    async def take(name: str, urgent: bool = False) -> None:
+        async with lock.urgent() if urgent else lock:
+            order.append(name)
+            await asyncio.sleep(0)
+
+    await lock.acquire()  # an ask in progress
+    tasks = [asyncio.create_task(take("claim-1")), asyncio.create_task(take("claim-2"))]
+    await asyncio.sleep(0)
+    cancelled = asyncio.create_task(take("claim-cancelled"))
+    await asyncio.sleep(0)
+    cancelled.cancel()  # a waiter that gives up is skipped
+    tasks.append(asyncio.create_task(take("record", urgent=True)))
+    await asyncio.sleep(0)
+    assert order == [] and lock.locked()
+    lock.release()
+    await asyncio.gather(*tasks)
+    assert cancelled.cancelled()
+    assert order == ["record", "claim-1", "claim-2"]
+    assert not lock.locked()
+    with pytest.raises(RuntimeError, match="not locked"):
+        lock.release()
