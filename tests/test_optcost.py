@@ -23,7 +23,8 @@ from bridge.cli import main
 from bridge.labconfig import load_lab
 from bridge.reportdata import read_report_data
 from bridge.reportlearned import cost_html
-from loops.campaign import CampaignRunner
+from loops.campaign import CampaignRunner, make_optimizer
+from loops.campaignbook import attach_cost, restore_optimizer
 from loops.journal import Journal
 from loops.optbayes import BayesOptimizer
 from loops.optcost import CostModel, CostSpec
@@ -107,6 +108,27 @@ def test_a_cheaper_region_is_preferred_at_equal_improvement() -> None:
 
     assert max(proposals(cost=True)) < 0.1
     assert max(proposals(cost=False)) > 0.5
+
+
+def test_the_weight_reaches_the_strategy_also_restored_and_with_several_objectives() -> None:
+    """The campaign attaches the model to the strategy whose acquisition it weighs (the inner
+    one with several objectives) and keeps it across a restore (it is not in the state)."""
+    for path in (EXAMPLE, ROOT / "examples" / "color-match-pareto" / "program.md"):
+        program = load_program(path)
+        opt = make_optimizer(program)
+        space = ParamSpace.of(program.space)
+        model = CostModel(space, lambda p: 1.0 + p["hold_s"] / 60, CostSpec("duration"))
+        attach_cost(opt, model)
+        short = {p.name: p.middle() for p in program.parameters}
+        quick, slow = (
+            space.to_unit({**short, "hold_s": 30}),
+            space.to_unit({**short, "hold_s": 300}),
+        )
+        restored = restore_optimizer(opt, opt.state())
+        assert restored is not opt
+        for strategy in (opt, restored):
+            w = strategy.acquisition_weight(np.vstack([quick, slow]))
+            assert w[0] > 3 * w[1], (path.name, w)
 
 
 def test_program_key_round_trips() -> None:
