@@ -19,7 +19,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import ray
@@ -29,6 +29,8 @@ from bridge.stationreturn import return_stations
 from instruments.deadline import bounded
 from loops.campaign import CampaignRunner, CampaignSummary, OnEvent, campaign_lock
 from loops.journal import Campaign
+from loops.optcost import ExactCost
+from loops.plancost import station_cost
 from loops.program import Program, load_program
 from loops.raylinks import init_ray, ray_links, start_journal_actor, start_station_actor
 from loops.setup import SetupRecipe
@@ -276,7 +278,18 @@ def make_runner(
         },
         images_dir=lab.store.parent / "images",
         agent_approvals=agent_approvals(lab, program, campaign_id),
+        cost=plan_costs(lab, program, actors),
     )
+
+
+def plan_costs(lab: LabConfig, program: Program, stations: Iterable[str]) -> ExactCost | None:
+    """With program.md ``cost:``: the plan's exact cost on the first of ``stations``
+    (:func:`loops.plancost.station_cost`; raises :class:`~loops.plancost.CostError`), else
+    None."""
+    if program.cost is None:
+        return None
+    st = lab.stations[sorted(stations)[0]]
+    return station_cost(program, st.instruments, st.envelope_text, source=st.envelope_source)
 
 
 async def run_campaign(

@@ -133,6 +133,7 @@ def _check_program(lab: Any, path: Path, assume_items: list[str]) -> list[str]:
     """``check --program``: the program against each station (loops/check.py); prints each
     station's dry runs, returns the problems."""
     from loops.check import check_program
+    from loops.plancost import CostError, station_cost
     from loops.program import load_program
     from safety import load_envelope, station_layout
     from safety.yamldoc import ConfigError
@@ -152,6 +153,11 @@ def _check_program(lab: Any, path: Path, assume_items: list[str]) -> list[str]:
             continue
         result = check_program(program, name, layout, envelope, assume=assume)
         problems += result.problems
+        if program.cost is not None:  # cost: names what this station's plans consume
+            try:
+                station_cost(program, st.instruments, st.envelope_text, assume=assume)
+            except CostError as exc:
+                problems.append(f"station {name}: {exc}")
         if not result.ok:
             continue
         tried = [p for p in result.points if not p.infeasible]

@@ -60,7 +60,7 @@ from bridge.reporthtml import (
     safety_html,
     summary_html,
 )
-from bridge.reportlearned import feasibility_html, prior_html
+from bridge.reportlearned import cost_html, feasibility_html, prior_html
 from bridge.reportpareto import PARETO, pareto_html, pareto_summary, plot_pareto
 from bridge.reportplots import MAX_SCATTER_PARAMETERS, plot_convergence, plot_parameters
 from bridge.reportsheet import render_contact_sheet, select_tiles
@@ -236,6 +236,10 @@ def write_report(
     if learned:
         body.append('<h3 id="feasibility">Learned feasibility: predicted and what happened</h3>')
         body += learned
+    spent = cost_html(data)
+    if spent:
+        body.append('<h3 id="cost">Cost spent against improvement</h3>')
+        body += spent
     body.append('<h2 id="experiments">Experiments</h2>')
     body += experiments_html(data)
 

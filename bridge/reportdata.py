@@ -68,6 +68,8 @@ class ReportData:
     predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the dry run's refusing rules of each rejected proposal, by experiment id
     refusing_rules: dict[str, list[str]] = field(default_factory=dict)
+    #: with ``cost:``: each proposal's predicted and exact cost (loops/optcost.py), by id
+    costs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def minimize(self) -> bool:
@@ -121,6 +123,7 @@ def read_report_data(journal: Journal, campaign_id: str) -> ReportData:
     failures: dict[str, dict[str, Any]] = {}
     predictions: dict[str, dict[str, Any]] = {}
     refusing_rules: dict[str, list[str]] = {}
+    costs: dict[str, dict[str, Any]] = {}
     for t in journal.campaign_log(campaign_id):
         if t.experiment_id is None:
             events.append(t)
@@ -128,6 +131,9 @@ def read_report_data(journal: Journal, campaign_id: str) -> ReportData:
             prediction = as_mapping(as_mapping(t.data.get("data")).get("feasibility"))
             if prediction:
                 predictions[t.experiment_id] = dict(prediction)
+            cost = as_mapping(as_mapping(t.data.get("data")).get("cost"))
+            if cost:
+                costs[t.experiment_id] = dict(cost)
         elif t.event == "state" and t.state == "rejected" and isinstance(t.data, Mapping):
             reasons = t.data.get("reasons")
             if isinstance(reasons, list):
@@ -175,6 +181,7 @@ def read_report_data(journal: Journal, campaign_id: str) -> ReportData:
         vectors=vectors,
         predictions=predictions,
         refusing_rules=refusing_rules,
+        costs=costs,
     )
 
 

@@ -9,6 +9,11 @@ predicted for each proposal, journaled with it, against what happened to it (ref
 which rule, failed, unverified, ran). :func:`feasibility_rows` pairs each predicted
 proposal with its outcome; :func:`feasibility_html` writes the part (a summary of how well
 the predictions told trouble apart, and the table).
+
+Cost-aware asks (``cost:`` in program.md, :mod:`loops.optcost`): :func:`cost_html` says what
+the experiments that ran cost (the plan's exact cost journaled with each proposal: bench
+minutes or mL), how close the model's prediction was, and the cost spent against the best
+result (:func:`cost_rows`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.reportdata import ReportData, as_mapping, fmt_num
+from bridge.reportdata import ReportData, as_mapping, fmt_num, is_trusted
 from bridge.reporthtml import MAX_TABLE_ROWS, esc, html_table
 from loops.journal import Experiment
 
 __all__ = [
     "PredictedProposal",
+    "cost_html",
+    "cost_rows",
     "feasibility_html",
     "feasibility_rows",
     "outcome_text",
@@ -152,4 +159,63 @@ def feasibility_html(data: ReportData) -> list[str]:
             f"<p class='note'>{len(rows) - MAX_TABLE_ROWS} more predictions are not listed; "
             "<code>labbridge export</code> writes the journal's proposal records.</p>"
         )
+    return out
+
+
+#: the states of an experiment that went to a station (and spent its cost)
+_RAN = ("done", "failed")
+
+
+def cost_rows(data: ReportData) -> list[tuple[Experiment, float, float | None]]:
+    """Each experiment that ran with a journaled exact cost, in proposal order: the cost
+    spent so far (itself included) and the best trusted result so far (None before one)."""
+    out: list[tuple[Experiment, float, float | None]] = []
+    spent = 0.0
+    best: float | None = None
+    for e in data.experiments:
+        exact = _p(data.costs.get(e.id, {}), "exact")
+        if e.state not in _RAN or exact is None:
+            continue
+        spent += exact
+        if is_trusted(e) and e.objective is not None:
+            if best is None or data.better(e.objective, best):
+                best = e.objective
+        out.append((e, spent, best))
+    return out
+
+
+def cost_html(data: ReportData) -> list[str]:
+    """The section's body (empty when no proposal carries a cost)."""
+    if not data.costs:
+        return []
+    first = next(iter(data.costs.values()))
+    of, unit = str(first.get("of", "")), str(first.get("unit", ""))
+    rows = cost_rows(data)
+    errors = [
+        abs(pred - exact) / exact
+        for c in data.costs.values()
+        if (pred := _p(c, "predicted")) is not None and (exact := _p(c, "exact"))
+    ]
+    spent = rows[-1][1] if rows else 0.0
+    out = [
+        f"<p>Cost-aware asks (program.md <code>cost: {esc(of)}</code>): the acquisition "
+        f"weighed improvement per {esc(unit)}. {len(rows)} experiments ran for "
+        f"{esc(fmt_num(spent))} {esc(unit)} in total (the compiled plan's {esc(of)}; "
+        "proposals refused before they ran cost nothing). The cost model's prediction, made "
+        f"when each of {len(data.costs)} proposals was asked, was within "
+        f"{esc(fmt_num(100 * statistics.median(errors), 2) if errors else '—')} % of the "
+        "plan's exact cost (median).</p>"
+    ]
+    table: list[Sequence[str]] = []
+    last: float | None = None
+    for i, (e, so_far, best) in enumerate(rows):
+        if best != last or i == len(rows) - 1:  # each improvement, and the end
+            table.append((e.id, fmt_num(so_far), fmt_num(best)))
+            last = best
+    out.append(
+        html_table(
+            ("experiment", f"{of} spent so far ({unit})", f"best {data.measure}"),
+            table[:MAX_TABLE_ROWS],
+        )
+    )
     return out

@@ -300,13 +300,15 @@ class CampaignRunner(CampaignResume, CampaignApproval, CampaignAhead):
         # the learned feasibility's prediction, journaled with the proposal (callers hold the
         # lock: the optimizer is not asked meanwhile)
         prediction = await asyncio.to_thread(self._prediction, params)
+        cost = await asyncio.to_thread(self._cost_prediction, params)  # loops/optcost.py
+        data = {k: v for k, v in (("feasibility", prediction), ("cost", cost)) if v is not None}
         eid = await self.journal.call(
             Journal.propose,
             self.campaign_id,
             params,
             proposer,
             recipe=recipe,
-            data=None if prediction is None else {"feasibility": prediction},
+            data=data or None,
             epoch=self._epoch,
         )
         self._counts.proposed += 1

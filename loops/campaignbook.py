@@ -26,6 +26,7 @@ from typing import Any
 
 from loops.approval import ApprovalPolicy
 from loops.journal import Journal, JournalLink
+from loops.optcost import CostModel, ExactCost
 from loops.optimizer import (
     BayesOptimizer,
     Direction,
@@ -113,10 +114,21 @@ def restore_optimizer(current: Strategy, state: Mapping[str, Any]) -> Strategy:
     """The strategy saved in ``state`` (from ``.state()``), over ``current``'s space and
     constraints (``current``: :func:`make_optimizer`'s, for the same program)."""
     if isinstance(current, ParetoOptimizer):
-        return ParetoOptimizer.from_state(
+        pareto = ParetoOptimizer.from_state(
             current.space, state, inner=type(current.inner), constraints=current.constraints
         )
-    return optimizer_from_state(current.space, state, constraints=current.constraints)
+        pareto.inner.cost_model = current.inner.cost_model  # not part of the state
+        return pareto
+    restored = optimizer_from_state(current.space, state, constraints=current.constraints)
+    restored.cost_model = current.cost_model  # not part of the state: the runner's
+    return restored
+
+
+def attach_cost(optimizer: Strategy, model: CostModel | None) -> None:
+    """Weigh ``optimizer``'s acquisition by ``model`` (:mod:`loops.optcost`); with several
+    objectives, its inner strategy's (whose acquisition it uses)."""
+    inner = optimizer.inner if isinstance(optimizer, ParetoOptimizer) else optimizer
+    inner.cost_model = model
 
 
 @dataclass
@@ -224,6 +236,7 @@ class CampaignBook:
         lease_s: float = LEASE_S,
         agent_approvals: Mapping[str, ApprovalPolicy] | None = None,
         approval_poll_s: float = 1.0,
+        cost: ExactCost | None = None,
     ) -> None:
         if not stations:
             raise ValueError("a campaign needs at least one station")
@@ -231,6 +244,19 @@ class CampaignBook:
         self.campaign_id = campaign_id
         self.journal = journal
         self.optimizer = make_optimizer(program)
+        #: cost-aware asks (program.md ``cost:``): the plan's cost of a point on a station,
+        #: modelled (loops/optcost.py) and weighed into the acquisition
+        self.cost: CostModel | None = None
+        if program.cost is not None:
+            if cost is None:
+                raise ValueError(
+                    f"{program.source}: cost: {program.cost.of} needs the plan's costs on a "
+                    "station: build the runner with cost=loops.plancost.station_cost(...)"
+                )
+            self.cost = CostModel(
+                ParamSpace.of(program.space), cost, program.cost, seed=program.seed
+            )
+            attach_cost(self.optimizer, self.cost)
         self._slots = {name: Slot(name, actor) for name, actor in stations.items()}
         self._clock_now = clock_now
         self._on_event = on_event
@@ -383,6 +409,17 @@ class CampaignBook:
             return None
         try:
             return self.optimizer.feasibility(params)
+        except ValueError:
+            return None
+
+    def _cost_prediction(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """With ``cost:``: the cost model's prediction for ``params`` and the plan's exact
+        cost (which the model learns from: :meth:`~loops.optcost.CostModel.explain`); None
+        without, or for params outside the space. CPU-bound: call it off the event loop."""
+        if self.cost is None:
+            return None
+        try:
+            return self.cost.explain(params)
         except ValueError:
             return None
 

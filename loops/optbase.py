@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
+from loops.optcost import CostModel
 from loops.optfeasible import FeasibilityModel, Labelled, causes_of
 from loops.optspace import (
     STATUSES,
@@ -133,6 +134,9 @@ class StrategyBase(ABC):
         #: the acquisition by it; False: only the declared constraints and the penalties
         self.learn_feasibility = True
         self._feasibility: tuple[int, FeasibilityModel] | None = None
+        #: cost-aware asks (:mod:`loops.optcost`): the acquisition is weighed by cost too
+        #: (set by the campaign from the program's ``cost:``; not part of the state)
+        self.cost_model: CostModel | None = None
 
     # -- public API ---------------------------------------------------------
 
@@ -234,10 +238,12 @@ class StrategyBase(ABC):
 
     def acquisition_weight(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
         """Per row of ``X`` (the encoded unit space): the probability that the point is
-        feasible (not refused, not failed, trusted); ones when nothing was learned."""
+        feasible (not refused, not failed, trusted; ones when nothing was learned), times
+        the cost factor of :attr:`cost_model` (cheapest 1) when there is one."""
         X = np.atleast_2d(np.asarray(X, dtype=np.float64))
         model = self.feasibility_model()
-        return np.ones(len(X)) if model.empty else model.weight(X)
+        w = np.ones(len(X)) if model.empty else model.weight(X)
+        return w if self.cost_model is None else w * self.cost_model.weight(X)
 
     def feasibility(self, params: Mapping[str, ParamValue]) -> dict[str, Any]:
         """What the feasibility model predicts at ``params`` (JSON: :meth:`FeasibilityModel.explain

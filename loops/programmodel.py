@@ -15,6 +15,7 @@ import yaml
 from numpy.typing import NDArray
 
 from loops.approval import ApprovalPolicy
+from loops.optcost import CostSpec
 from loops.optspace import choice_index
 from loops.pareto import dominates, min_frame
 from loops.plan import Plan
@@ -330,6 +331,8 @@ class Program:
     #: ``learned`` (refusals, failures and unverified results teach the optimizer where
     #: trouble is: loops/optfeasible.py) or ``declared`` (the constraints only)
     feasibility: str = "learned"
+    #: ``cost:``: what a point costs, for cost-aware asks (loops/optcost.py); None: off
+    cost: CostSpec | None = None
 
     @property
     def space(self) -> Space:
@@ -517,6 +520,8 @@ class Program:
             out["prior"] = list(self.prior)
         if self.feasibility != "learned":
             out["feasibility"] = self.feasibility
+        if self.cost is not None:
+            out["cost"] = self.cost.as_spec()
         return out
 
     def to_markdown(self) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from loops.approval import parse_approval
 from loops.checks import compile_verification
+from loops.optcost import CostSpec, cost_spec_problem
 from loops.optspace import CHOICE_KINDS, choice_index, parse_choices
 from loops.plan import Plan, compile_fixed, compile_plan, plain
 from loops.programmodel import (
@@ -47,6 +48,7 @@ TOP_KEYS = (
     "approval",
     "prior",
     "feasibility",
+    "cost",
 )
 REQUIRED_KEYS = ("name", "parameters", "budget", "recipe")  # and objective or objectives
 PARAMETER_KEYS = ("type", "low", "high", "unit", "doc")
@@ -60,6 +62,8 @@ STOP_KEYS = ("target", "no_improvement", "at_thresholds")
 STRATEGIES = ("bayes", "random", "grid")
 #: ``feasibility:``: learned from refusals, failures and unverified results, or declared only
 FEASIBILITY = ("learned", "declared")
+#: ``cost:`` as a mapping (or just the ``of``: ``cost: duration``)
+COST_KEYS = ("of", "power")
 _SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MEASURE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -115,6 +119,30 @@ def _string(value: Any, path: tuple[Any, ...], doc: YamlDoc, choices: Sequence[s
     if choices and value not in choices:
         raise doc.error(f"must be one of {', '.join(choices)}, got {value!r}", path)
     return value
+
+
+def _cost(value: Any, plan: Any, doc: YamlDoc) -> CostSpec | None:
+    """``cost:``: ``duration``, a consumed channel (``red.delivered``), or ``{of, power}``."""
+    if value is None:
+        return None
+    path: tuple[Any, ...] = ("cost",)
+    power = 1.0
+    of = value
+    if isinstance(value, Mapping):
+        _no_unknown(value, COST_KEYS, path, doc)
+        if "of" not in value:
+            raise doc.error("needs of: duration or a consumed channel (e.g. red.delivered)", path)
+        of = value["of"]
+        if value.get("power") is not None:
+            power = _number(value["power"], (*path, "power"), doc)
+            if not 0.0 < power <= 4.0:
+                raise doc.error(f"must be > 0 and <= 4, got {power!r}", (*path, "power"))
+        path = (*path, "of")
+    called = sorted({s.fields["instrument"] for s in plan.steps if s.kind in ("call", "ramp")})
+    problem = cost_spec_problem(of, called)
+    if problem is not None:
+        raise doc.error(problem, path)
+    return CostSpec(str(of), power)
 
 
 def _prior(value: Any, doc: YamlDoc) -> tuple[str, ...]:
@@ -448,6 +476,7 @@ def build_program(
         functions,
     )
     _check_choices(parameters, constraints, plan, doc)
+    cost = _cost(data.get("cost"), plan, doc)
     verification = compile_verification(
         data.get("verification"),
         measures=plan.measures,
@@ -483,4 +512,5 @@ def build_program(
         approval=approval,
         prior=prior,
         feasibility=feasibility,
+        cost=cost,
     )

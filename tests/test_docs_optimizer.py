@@ -12,15 +12,17 @@ PAGE = "optimizer.md"
 
 
 def test_every_code_block_is_one_the_harness_runs() -> None:
-    assert len(blocks(PAGE)) == 3
+    assert len(blocks(PAGE)) == 4
     assert not strays(PAGE), strays(PAGE)
 
 
 @pytest.mark.timeout(120)
 def test_optimizer_page_runs_as_written() -> None:
     scripts = [b for b in blocks(PAGE) if b.lang == "python"]
-    assert len(scripts) == 3
+    assert len(scripts) == 4
     out = [run_script(b, None, timeout=100) for b in scripts]
     assert "('delta_e2000', 'minimize', 6.0)" in out[0].stdout
     assert "[ True  True False]" in out[1].stdout
     assert "'rule': 'vial.volume.max'" in out[2].stdout  # the learned feasibility's block
+    assert out[3].stdout.startswith("8.775\n")  # the cost-aware asks' block
+    assert "'of': 'duration', 'unit': 'min'" in out[3].stdout
