@@ -1,0 +1,715 @@
+"""labbridge's optimizer strategies side by side with other libraries' (issue 16).
+
+Run:  python benchmarks/optimizers.py [--seeds 10] [--workers 2] [--out benchmarks/results]
+      python benchmarks/optimizers.py --quick            # CI smoke run (< 60 s)
+      python benchmarks/optimizers.py --problems hartmann6 --strategies bayes,optuna-gp
+      python benchmarks/optimizers.py --rerun hartmann6:bayes:1:3   # one run, its trace
+
+Strategies: ours (``bayes``: :class:`loops.optimizer.BayesOptimizer` as a
+campaign builds it; ``random``: :class:`loops.optimizer.RandomSearch`) and the
+peers of :mod:`benchmarks.peers` (``bayes-opt`` as its README shows,
+``optuna-tpe``, ``optuna-gp``, ``botorch``; ``pip install -e '.[peers]'``). A peer
+whose library is missing is skipped with the reason printed. Ax is not run:
+it drives the same BoTorch model and acquisition through its own service layer
+at ~25-30 s per 30-evaluation run on this machine (and pulls in pandas,
+plotly and IPython); ``botorch`` is its default generation strategy without that layer.
+
+Problems (all minimised): ``branin``, ``hartmann6``, ``colour-match`` and
+``buffer`` from :mod:`benchmarks.campaign` (their targets, known constraints
+and experiment models), and ``hartmann6-constrained``: Hartmann-6 with a region
+nobody declared where an experiment *fails* (status ``failed``, no value; a
+heater trip): the half space ``sum(x) > 3`` and the ball of radius 0.3 around
+Hartmann-6's second-best local minimum; its global minimum is feasible,
+target -3.0 as for Hartmann-6.
+
+Tables:
+
+1. Experiments to target, one station: median [IQR], hit rate, and for our
+   strategies the 95 % bootstrap interval of the median. Goals: level with or
+   ahead of the best peer (the best peer's median is at or above the lower end
+   of our interval), no heavy tail (upper quartile <= 1.5x the median).
+2. K = 4 stations vs one (the test functions; every experiment takes one time
+   unit, so the hit's finishing time is the rounds): experiments and rounds to
+   target. Goal: experiments K=4 / K=1 <= 1.25 on Hartmann-6.
+3. ``ask()`` time at 50/200/500/1000 observations (uniform points of
+   Hartmann-6, each timed ask cancelled), p50 and p95. Goal: ours p95 < 0.25 s
+   at 1000.
+
+Reproducible: each run seeds every random source from its seed; BLAS, OpenMP
+and torch use one thread per process (as in the workers), so a seed run twice
+in the same environment gives the same trace (``--rerun`` prints one). The
+results (``<out>/optimizers.json``, the tables in ``<out>/optimizers.txt``)
+record the seeds, each run's trace digest, and the versions of every library
+that shapes a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+# OpenMP/MKL threads for torch (peers): one per process, fixed before any import loads them
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+# Run as a script, this file's directory is sys.path[0]: benchmarks/safety.py would then
+# shadow the safety package. Drop it and import the benchmark helpers from the repo root.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+
+from benchmarks import campaign  # noqa: E402
+from benchmarks.campaign import (  # noqa: E402
+    Outcome,
+    Problem,
+    Progress,
+    Trace,
+    censored_median,
+    quantile,
+    simulate_campaign,
+)
+from benchmarks.peers import PEERS, missing_peers, peer_versions  # noqa: E402
+from loops.optimizer import BayesOptimizer, Optimizer  # noqa: E402
+from loops.testfunctions import HARTMANN6  # noqa: E402
+
+__all__ = [
+    "OURS",
+    "PROBLEMS",
+    "STRATEGIES",
+    "Run",
+    "bootstrap_median",
+    "main",
+    "make_optimizer",
+    "make_problem",
+    "run_one",
+    "suggest_times",
+    "trace_digest",
+]
+
+PROBLEMS = ("branin", "hartmann6", "hartmann6-constrained", "colour-match", "buffer")
+OURS = ("bayes", "random")
+STRATEGIES = (*OURS, *PEERS)
+#: strategies that know pending points (run with K stations too)
+BATCH_STRATEGIES = ("bayes", "random", "optuna-tpe", "optuna-gp", "botorch")
+BATCH_PROBLEMS = ("hartmann6", "branin")
+SUGGEST_SIZES = (50, 200, 500, 1000)
+TAIL_GOAL = 1.5  # upper quartile / median
+BATCH_GOAL = 1.25  # experiments K=4 / K=1 on Hartmann-6
+SUGGEST_GOAL_S = 0.25  # p95 at 1000 observations
+
+# Hartmann-6's second-best local minimum (value -3.2032), inside the undeclared failing ball
+_H6_LOCAL = np.array([0.40465, 0.88244, 0.84610, 0.57399, 0.13893, 0.03850])
+
+
+def h6_fails(x: Sequence[float]) -> bool:
+    """True where ``hartmann6-constrained``'s experiment fails (not told to the optimizer)."""
+    u = np.asarray(x, dtype=np.float64)
+    return bool(u.sum() > 3.0 or np.linalg.norm(u - _H6_LOCAL) < 0.3)
+
+
+def _h6_constrained() -> Problem:
+    fn = HARTMANN6
+
+    def evaluate(params: Mapping[str, Any], noise_seed: int) -> Outcome:
+        x = [float(params[k]) for k in fn.space]
+        if h6_fails(x):
+            return Outcome(None, 1.0, "failed")
+        return Outcome(float(fn(params)), 1.0)
+
+    return Problem(
+        name="hartmann6-constrained",
+        space=fn.space,
+        target=campaign.TEST_FUNCTION_TARGETS["hartmann6"],
+        evaluate=evaluate,
+        minimum=fn.minimum,
+        value_label="hartmann6 - minimum",
+    )
+
+
+def make_problem(name: str) -> Problem:
+    """A problem of :data:`PROBLEMS` (built in each worker process)."""
+    if name == "hartmann6-constrained":
+        return _h6_constrained()
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r} (known: {', '.join(PROBLEMS)})")
+    return campaign.make_problem(name)
+
+
+def make_optimizer(problem: Problem, strategy: str, seed: int) -> Optimizer:
+    """Our strategy as a campaign builds it, or a peer, for ``problem`` (minimising)."""
+    if strategy == "bayes":
+        return campaign.make_strategy(problem, "bayes", seed)
+    if strategy == "random":
+        return campaign.make_strategy(problem, "random", seed)
+    if strategy in PEERS:
+        return PEERS[strategy](problem.space, seed, problem.constraints)
+    raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+
+
+# --------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class Run:
+    """One campaign: ``problem`` x ``strategy`` with ``stations`` in flight, capped at ``cap``."""
+
+    problem: str
+    strategy: str
+    stations: int
+    seed: int
+    cap: int
+
+    def label(self) -> str:
+        return f"{self.problem}:{self.strategy}:{self.stations}:{self.seed}"
+
+
+def trace_digest(trace: Trace) -> str:
+    """Short hash of a trace's values and finishing times (equal traces, equal digests)."""
+    text = json.dumps([trace.values, trace.finish_s, trace.started], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _one_thread() -> Any:
+    """Limit BLAS/OpenMP pools to one thread (as in the workers) for the rest of the process."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
+
+
+def run_one(run: Run) -> Trace:
+    """One campaign run, on one thread (the same trace whichever process runs it)."""
+    _one_thread()
+    problem = make_problem(run.problem)
+    opt = make_optimizer(problem, run.strategy, run.seed)
+    return simulate_campaign(
+        opt,
+        problem,
+        stations=run.stations,
+        max_experiments=run.cap,
+        seed=run.seed,
+        strategy=run.strategy,
+    )
+
+
+def _pool_map(
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    workers: int,
+    done: Callable[[Any, Any], None],
+) -> None:
+    """``fn`` over ``items`` in ``workers`` processes (in-process for 1); ``done(item, result)``."""
+    if workers <= 1:
+        for item in items:
+            done(item, fn(item))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=campaign._worker_init,
+    ) as pool:
+        futures = {pool.submit(fn, item): item for item in items}
+        for fut in concurrent.futures.as_completed(futures):
+            done(futures[fut], fut.result())
+
+
+# --------------------------------------------------------------------- statistics
+def bootstrap_median(
+    values: Sequence[float | None], *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """95 % percentile-bootstrap interval of the median; censored runs (None) count as inf."""
+    if not values:
+        return None
+    a = np.array([math.inf if v is None else float(v) for v in values])
+    rng = np.random.default_rng(seed)
+    meds = np.quantile(rng.choice(a, size=(resamples, len(a))), 0.5, axis=1, method="inverted_cdf")
+    lo, hi = np.quantile(meds, [0.025, 0.975], method="inverted_cdf")
+    return float(lo), float(hi)
+
+
+def _stats(traces: Sequence[Trace], cap: int) -> dict[str, Any]:
+    exps = [t.experiments_to_target() for t in traces]
+    vals: list[float | None] = [None if e is None else float(e) for e in exps]
+    med, cens = censored_median(vals)
+    full = [math.inf if v is None else v for v in vals]
+    rounds = [t.time_to_target() for t in traces]
+    rmed, rcens = censored_median(rounds)
+    return {
+        "runs": len(traces),
+        "hits": sum(e is not None for e in exps),
+        "cap": cap,
+        "median": med,
+        "censored": cens,
+        "q1": quantile(full, 0.25),
+        "q3": quantile(full, 0.75),
+        "ci95": bootstrap_median(vals),
+        "rounds_median": rmed,
+        "rounds_censored": rcens,
+        "ask_s_per_experiment": statistics.median(t.ask_s / max(1, t.started) for t in traces),
+        "per_seed": {str(t.seed): t.experiments_to_target() for t in traces},
+        "digests": {str(t.seed): trace_digest(t) for t in traces},
+    }
+
+
+def _num(x: float | None, cap: int) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if math.isinf(x):
+        return f">{cap}"
+    return f"{x:g}"
+
+
+def _med(s: Mapping[str, Any]) -> str:
+    return f">{s['cap']}" if s["censored"] else _num(s["median"], s["cap"])
+
+
+def _effective(s: Mapping[str, Any]) -> float:
+    """The median for comparisons: censored counts as infinite."""
+    return math.inf if s["censored"] else float(s["median"])
+
+
+# --------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    seeds: int = 10
+    cap: int = 150
+    stations: int = 4
+    workers: int = 2
+    problems: tuple[str, ...] = PROBLEMS
+    strategies: tuple[str, ...] = STRATEGIES
+    batch_problems: tuple[str, ...] = BATCH_PROBLEMS
+    suggest_sizes: tuple[int, ...] = SUGGEST_SIZES
+    suggest_repeats: int = 10
+    suggest_budget_s: float = 60.0  # per strategy and size: fewer repeats past it (>= 3)
+    out: Path = Path(_HERE) / "results"
+    quick: bool = False
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per configuration (10)")
+    ap.add_argument("--cap", type=int, default=None, help="experiments cap per run (150)")
+    ap.add_argument("--stations", type=int, default=4, help="K of the batch table (4)")
+    ap.add_argument("--workers", type=int, default=2, help="processes (2; 1 runs in-process)")
+    ap.add_argument("--problems", default=None, help=f"comma-separated, of {','.join(PROBLEMS)}")
+    ap.add_argument(
+        "--strategies", default=None, help=f"comma-separated, of {','.join(STRATEGIES)}"
+    )
+    ap.add_argument(
+        "--suggest-sizes", default=None, help="observation counts of the ask() timing (50,...)"
+    )
+    ap.add_argument("--out", type=Path, default=None, help="results folder")
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: 1 seed, 2 problems")
+    ap.add_argument(
+        "--rerun",
+        default=None,
+        metavar="PROBLEM:STRATEGY:K:SEED",
+        help="run one campaign and print its trace and digest (reproducibility check)",
+    )
+    a = ap.parse_args(argv)
+
+    def names(text: str | None, known: Sequence[str], what: str) -> tuple[str, ...] | None:
+        if text is None:
+            return None
+        got = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [x for x in got if x not in known]
+        if bad or not got:
+            ap.error(f"--{what} {text!r}: unknown {bad or 'empty'} (known: {', '.join(known)})")
+        return got
+
+    problems = names(a.problems, PROBLEMS, "problems")
+    strategies = names(a.strategies, STRATEGIES, "strategies")
+    sizes: tuple[int, ...] | None = None
+    if a.suggest_sizes is not None:
+        try:
+            sizes = tuple(int(x) for x in a.suggest_sizes.split(",") if x.strip())
+        except ValueError:
+            ap.error(f"--suggest-sizes {a.suggest_sizes!r}: expected integers like 50,200")
+        if not sizes or min(sizes) < 1:
+            ap.error(f"--suggest-sizes {a.suggest_sizes!r}: expected integers >= 1")
+    for name in ("seeds", "cap", "workers"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            ap.error(f"--{name} must be >= 1, got {v}")
+    if a.stations < 2:
+        ap.error(f"--stations must be >= 2 (compared with one), got {a.stations}")
+    if a.quick:
+        quick_strats = ("bayes", "random", "optuna-tpe")
+        settings = Settings(
+            seeds=a.seeds or 1,
+            cap=a.cap or 60,
+            stations=a.stations,
+            workers=a.workers,
+            problems=problems or ("branin", "hartmann6-constrained"),
+            strategies=strategies or quick_strats,
+            batch_problems=("branin",),
+            suggest_sizes=sizes or (50, 200),
+            suggest_repeats=2,
+            out=a.out or Path(tempfile.gettempdir()) / "labbridge-optimizers-quick",
+            quick=True,
+        )
+    else:
+        settings = Settings(
+            seeds=a.seeds or 10,
+            cap=a.cap or 150,
+            stations=a.stations,
+            workers=a.workers,
+            problems=problems or PROBLEMS,
+            strategies=strategies or STRATEGIES,
+            suggest_sizes=sizes or SUGGEST_SIZES,
+            out=a.out or Path(_HERE) / "results",
+        )
+    if a.rerun is not None:
+        parts = a.rerun.split(":")
+        if (
+            len(parts) != 4
+            or parts[0] not in PROBLEMS
+            or parts[1] not in STRATEGIES
+            or not (parts[2].isdigit() and parts[3].isdigit())
+        ):
+            ap.error(
+                f"--rerun {a.rerun!r}: expected PROBLEM:STRATEGY:K:SEED, e.g. branin:bayes:1:0"
+            )
+    return settings, a.rerun
+
+
+# --------------------------------------------------------------------- sections
+def _runs(settings: Settings, strategies: Sequence[str]) -> list[Run]:
+    out: list[Run] = []
+    slow_first = sorted(settings.problems, key=lambda p: p not in ("hartmann6", "buffer"))
+    for problem in slow_first:
+        for strategy in strategies:
+            for seed in range(settings.seeds):
+                out.append(Run(problem, strategy, 1, seed, settings.cap))
+                if problem in settings.batch_problems and strategy in BATCH_STRATEGIES:
+                    out.append(Run(problem, strategy, settings.stations, seed, settings.cap))
+    return out
+
+
+def _goal_lines(
+    problem: str, rows: Mapping[str, Mapping[str, Any]], strategies: Sequence[str]
+) -> tuple[list[str], dict[str, Any]]:
+    """Ours vs the best peer (by median) and the tail goal, as lines and data."""
+    peers = {s: rows[s] for s in strategies if s in PEERS and s in rows}
+    ours = rows.get("bayes")
+    if ours is None:
+        return [], {}
+    best_name = min(peers, key=lambda s: _effective(peers[s])) if peers else None
+    goal: dict[str, Any] = {"best_peer": best_name}
+    lines: list[str] = []
+    if best_name is not None:
+        ci = ours["ci95"]
+        peer_med = _effective(peers[best_name])
+        level = ci is not None and peer_med >= ci[0]
+        goal.update({"best_peer_median": peer_med, "level_or_ahead": level})
+        lines.append(
+            f"  goal ahead/level: best peer {best_name} median {_med(peers[best_name])}, ours "
+            f"{_med(ours)} CI [{_num(ci[0] if ci else None, ours['cap'])}, "
+            f"{_num(ci[1] if ci else None, ours['cap'])}] -> {'met' if level else 'NOT met'}"
+        )
+    med = _effective(ours)
+    tail = ours["q3"] / med if med and math.isfinite(med) else math.inf
+    goal.update({"q3_over_median": tail, "no_heavy_tail": tail <= TAIL_GOAL})
+    lines.append(
+        f"  goal no heavy tail: ours q3/median {tail:.2f} (<= {TAIL_GOAL}) -> "
+        f"{'met' if tail <= TAIL_GOAL else 'NOT met'}"
+    )
+    return lines, goal
+
+
+def to_target_section(
+    traces: Mapping[tuple[str, str, int], Sequence[Trace]],
+    settings: Settings,
+    strategies: Sequence[str],
+) -> tuple[list[str], dict[str, Any]]:
+    lines = [
+        f"1. Experiments to target, one station ({settings.seeds} seeds, cap {settings.cap}): "
+        "median [q1, q3], hits, 95 % bootstrap interval of the median, ask() s per experiment"
+    ]
+    data: dict[str, Any] = {}
+    for problem in settings.problems:
+        pb = make_problem(problem)
+        lines.append(f"{problem} (target {pb.target:g}, {len(pb.space)}-D):")
+        lines.append(
+            f"  {'strategy':<12} {'median [q1, q3]':>20} {'hits':>7} {'CI95':>14} {'ask s':>7}"
+        )
+        rows: dict[str, Any] = {}
+        for strategy in strategies:
+            runs = traces.get((problem, strategy, 1))
+            if not runs:
+                continue
+            s = _stats(runs, settings.cap)
+            rows[strategy] = s
+            ci = s["ci95"]
+            ci_text = f"[{_num(ci[0], s['cap'])}, {_num(ci[1], s['cap'])}]" if ci else "-"
+            iqr = f"{_med(s)} [{_num(s['q1'], s['cap'])}, {_num(s['q3'], s['cap'])}]"
+            lines.append(
+                f"  {strategy:<12} {iqr:>20} {s['hits']:>3}/{s['runs']:<3} {ci_text:>14} "
+                f"{s['ask_s_per_experiment']:>7.3f}"
+            )
+        goal_lines, goal = _goal_lines(problem, rows, strategies)
+        lines += goal_lines
+        data[problem] = {"target": pb.target, "strategies": rows, "goal": goal}
+    return lines, data
+
+
+def batch_section(
+    traces: Mapping[tuple[str, str, int], Sequence[Trace]],
+    settings: Settings,
+    strategies: Sequence[str],
+) -> tuple[list[str], dict[str, Any]]:
+    k = settings.stations
+    lines = [
+        f"2. {k} stations vs 1 ({settings.seeds} seeds; one time unit per experiment, so rounds "
+        "= the hit's finishing time): medians"
+    ]
+    data: dict[str, Any] = {}
+    for problem in settings.batch_problems:
+        if problem not in settings.problems:
+            continue
+        lines.append(f"{problem}:")
+        lines.append(
+            f"  {'strategy':<12} {'exp K=1':>8} {f'exp K={k}':>8} {'ratio':>6} "
+            f"{'rounds K=1':>10} {f'rounds K={k}':>10}"
+        )
+        rows: dict[str, Any] = {}
+        for strategy in strategies:
+            one, many = traces.get((problem, strategy, 1)), traces.get((problem, strategy, k))
+            if not one or not many:
+                continue
+            s1, sk = _stats(one, settings.cap), _stats(many, settings.cap)
+            e1, ek = _effective(s1), _effective(sk)
+            ratio = ek / e1 if math.isfinite(e1) and math.isfinite(ek) and e1 else None
+            rows[strategy] = {"one": s1, "many": sk, "experiments_ratio": ratio}
+            r1 = math.inf if s1["rounds_censored"] else s1["rounds_median"]
+            rk = math.inf if sk["rounds_censored"] else sk["rounds_median"]
+            lines.append(
+                f"  {strategy:<12} {_med(s1):>8} {_med(sk):>8} "
+                f"{'-' if ratio is None else f'{ratio:.2f}':>6} {_num(r1, settings.cap):>10} "
+                f"{_num(rk, settings.cap):>10}"
+            )
+        ours = rows.get("bayes")
+        goal: dict[str, Any] = {}
+        if ours is not None and problem == "hartmann6":
+            r = ours["experiments_ratio"]
+            goal = {"experiments_ratio_max": BATCH_GOAL, "met": r is not None and r <= BATCH_GOAL}
+            lines.append(
+                f"  goal: ours experiments K={k}/K=1 {'-' if r is None else f'{r:.2f}'} "
+                f"(<= {BATCH_GOAL}) -> {'met' if goal['met'] else 'NOT met'}"
+            )
+        data[problem] = {"strategies": rows, "goal": goal}
+    return lines, data
+
+
+def _timing_optimizer(strategy: str, seed: int) -> Optimizer:
+    """The strategy on Hartmann-6's space with no initial design (every ask is model-based)."""
+    problem = replace(make_problem("hartmann6"), initial_points=0)
+    if strategy == "bayes":
+        return BayesOptimizer(problem.space, direction="minimize", seed=seed, initial_points=0)
+    return make_optimizer(problem, strategy, seed)
+
+
+def suggest_times(
+    strategy: str, n_obs: int, *, repeats: int, budget_s: float, seed: int = 0
+) -> list[float]:
+    """Seconds of ``repeats`` timed ``ask()`` (each cancelled) after ``n_obs`` told results.
+
+    Uniform points of Hartmann-6, told as points the strategy did not ask
+    for. Stops early (after at least 3) once ``budget_s`` is spent.
+    """
+    _one_thread()
+    opt = _timing_optimizer(strategy, seed)
+    rng = np.random.default_rng(seed)
+    names = list(HARTMANN6.space)
+    for u in rng.uniform(size=(n_obs, len(names))):
+        params = dict(zip(names, map(float, u), strict=True))
+        opt.tell(params, HARTMANN6(params))
+    times: list[float] = []
+    spent = 0.0
+    for i in range(repeats):
+        if i >= 3 and spent > budget_s:
+            break
+        t0 = time.perf_counter()
+        p = opt.ask()
+        dt = time.perf_counter() - t0
+        opt.cancel(p.id)
+        times.append(dt)
+        spent += dt
+    return times
+
+
+@dataclass(frozen=True)
+class TimingJob:
+    strategy: str
+    n_obs: int
+    repeats: int
+    budget_s: float
+
+
+def _run_timing(job: TimingJob) -> list[float]:
+    return suggest_times(job.strategy, job.n_obs, repeats=job.repeats, budget_s=job.budget_s)
+
+
+def suggest_section(
+    settings: Settings, strategies: Sequence[str], progress: Progress
+) -> tuple[list[str], dict[str, Any]]:
+    timed = [s for s in strategies if s != "random"]
+    jobs = [
+        TimingJob(s, n, settings.suggest_repeats, settings.suggest_budget_s)
+        for n in settings.suggest_sizes
+        for s in timed
+    ]
+    results: dict[tuple[str, int], list[float]] = {}
+
+    def done(job: TimingJob, times: list[float]) -> None:
+        results[(job.strategy, job.n_obs)] = times
+        progress.update(f"ask() timing {job.strategy} at {job.n_obs}: {len(times)} asks")
+
+    # one process: timings from two workers on two busy cores would disturb each other less,
+    # but one at a time is what a campaign does
+    _pool_map(_run_timing, jobs, 1, done)
+    sizes = settings.suggest_sizes
+    lines = [
+        "3. ask() seconds at N observations (Hartmann-6, 6-D, uniform points), p50 / p95 "
+        f"(up to {settings.suggest_repeats} asks each):",
+        f"  {'strategy':<12} " + " ".join(f"{f'N={n}':>14}" for n in sizes),
+    ]
+    data: dict[str, Any] = {}
+    for s in timed:
+        cells = []
+        for n in sizes:
+            t = results[(s, n)]
+            p50, p95 = quantile(t, 0.5), quantile(t, 0.95)
+            data.setdefault(s, {})[str(n)] = {"p50": p50, "p95": p95, "asks": len(t)}
+            cells.append(f"{p50:.3f} / {p95:.3f}")
+        lines.append(f"  {s:<12} " + " ".join(f"{c:>14}" for c in cells))
+    top = max(sizes)
+    if "bayes" in data:
+        p95 = data["bayes"][str(top)]["p95"]
+        met = top >= 1000 and p95 < SUGGEST_GOAL_S
+        lines.append(
+            f"  goal: ours p95 at {top} observations {p95:.3f} s (< {SUGGEST_GOAL_S} s at 1000) "
+            f"-> {'met' if met else 'NOT met' if top >= 1000 else 'not measured at 1000'}"
+        )
+        data["goal"] = {"p95_s_max": SUGGEST_GOAL_S, "met": met}
+    return lines, data
+
+
+# --------------------------------------------------------------------- main
+def _environment() -> dict[str, Any]:
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [
+            {k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+            for i in threadpool_info()
+        ]
+    except ImportError:
+        blas = []
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "versions": peer_versions(),
+        "blas": blas,
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE")},
+    }
+
+
+def rerun(label: str) -> int:
+    problem, strategy, k, seed = label.split(":")
+    trace = run_one(Run(problem, strategy, int(k), int(seed), 150))
+    print(json.dumps({"run": label, "values": trace.values, "digest": trace_digest(trace)}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, one = parse_args(argv)
+    if one is not None:
+        return rerun(one)
+    missing = missing_peers([s for s in settings.strategies if s in PEERS])
+    strategies = [s for s in settings.strategies if s not in missing]
+    progress = Progress()
+    t0 = time.monotonic()
+    traces: dict[tuple[str, str, int], list[Trace]] = {}
+    runs = _runs(settings, strategies)
+    count = 0
+
+    def done(run: Run, trace: Trace) -> None:
+        nonlocal count
+        count += 1
+        traces.setdefault((run.problem, run.strategy, run.stations), []).append(trace)
+        n = trace.experiments_to_target()
+        progress.update(f"runs {count}/{len(runs)}: {run.label()}: {n or f'> {run.cap}'}")
+
+    try:
+        _pool_map(run_one, runs, settings.workers, done)
+        for v in traces.values():
+            v.sort(key=lambda t: t.seed)
+        sec1, data1 = to_target_section(traces, settings, strategies)
+        sec2, data2 = batch_section(traces, settings, strategies)
+        sec3, data3 = suggest_section(settings, strategies, progress)
+    finally:
+        progress.done()
+    elapsed = time.monotonic() - t0
+    env = _environment()
+    head = [
+        f"benchmarks/optimizers.py{' --quick' if settings.quick else ''}: {settings.seeds} seed(s) "
+        f"(0..{settings.seeds - 1}), {settings.workers} worker(s), {env['cpus']} cores, load "
+        f"average {' '.join(f'{x:.1f}' for x in env['load_avg'] or [])} at the end, "
+        f"{elapsed:.0f} s",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+    ]
+    head += [f"skipped {name}: {why}" for name, why in missing.items()]
+    head.append(
+        "skipped ax: not run (same BoTorch model and acquisition as 'botorch' behind its service "
+        "layer, ~25-30 s per 30-evaluation run here)"
+    )
+    text = "\n".join([*head, "", *sec1, "", *sec2, "", *sec3]) + "\n"
+    print(text, end="")
+    doc = {
+        "benchmark": "optimizers",
+        "quick": settings.quick,
+        "settings": {
+            "seeds": list(range(settings.seeds)),
+            "cap": settings.cap,
+            "stations": settings.stations,
+            "problems": list(settings.problems),
+            "strategies": strategies,
+            "skipped": missing,
+            "suggest_sizes": list(settings.suggest_sizes),
+        },
+        "environment": env,
+        "elapsed_s": elapsed,
+        "to_target": data1,
+        "batch": data2,
+        "suggest": data3,
+    }
+    settings.out.mkdir(parents=True, exist_ok=True)
+    (settings.out / "optimizers.json").write_text(
+        json.dumps(campaign._jsonable(doc), indent=1, ensure_ascii=False) + "\n"
+    )
+    (settings.out / "optimizers.txt").write_text(text)
+    print(f"\nwrote {settings.out / 'optimizers.json'} and optimizers.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
