@@ -158,14 +158,16 @@ class BayesOptPeer(_Peer):
 
             self._constraint_fn = violated
             nlc = NonlinearConstraint(violated, -np.inf, 0.5)
-        self._bo = BayesianOptimization(
-            f=None,
-            pbounds=pbounds,
-            constraint=nlc,
-            random_state=self.seed,
-            verbose=0,
-            allow_duplicate_points=True,
-        )
+        with warnings.catch_warnings():  # "Non-float parameters are experimental"
+            warnings.simplefilter("ignore")
+            self._bo = BayesianOptimization(
+                f=None,
+                pbounds=pbounds,
+                constraint=nlc,
+                random_state=self.seed,
+                verbose=0,
+                allow_duplicate_points=True,
+            )
         self._worst: float | None = None
 
     def _next(self) -> tuple[Mapping[str, Any], Any]:
