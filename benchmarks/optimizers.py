@@ -307,12 +307,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]
     ap.add_argument("--cap", type=int, default=None, help="experiments cap per run (150)")
     ap.add_argument("--stations", type=int, default=4, help="K of the batch table (4)")
     ap.add_argument("--workers", type=int, default=2, help="processes (2; 1 runs in-process)")
-    ap.add_argument("--problems", default=None, help=f"comma-separated, of {','.join(PROBLEMS)}")
+    ap.add_argument(
+        "--problems", default=None, help=f"comma-separated, of {','.join(PROBLEMS)} (none: no runs)"
+    )
     ap.add_argument(
         "--strategies", default=None, help=f"comma-separated, of {','.join(STRATEGIES)}"
     )
     ap.add_argument(
-        "--suggest-sizes", default=None, help="observation counts of the ask() timing (50,...)"
+        "--suggest-sizes",
+        default=None,
+        help="observation counts of the ask() timing (50,200,500,1000; none: no timing)",
     )
     ap.add_argument("--out", type=Path, default=None, help="results folder")
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 1 seed, 2 problems")
@@ -327,6 +331,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]
     def names(text: str | None, known: Sequence[str], what: str) -> tuple[str, ...] | None:
         if text is None:
             return None
+        if text == "none" and what == "problems":
+            return ()
         got = tuple(x.strip() for x in text.split(",") if x.strip())
         bad = [x for x in got if x not in known]
         if bad or not got:
@@ -336,7 +342,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]
     problems = names(a.problems, PROBLEMS, "problems")
     strategies = names(a.strategies, STRATEGIES, "strategies")
     sizes: tuple[int, ...] | None = None
-    if a.suggest_sizes is not None:
+    if a.suggest_sizes == "none":
+        sizes = ()
+    elif a.suggest_sizes is not None:
         try:
             sizes = tuple(int(x) for x in a.suggest_sizes.split(",") if x.strip())
         except ValueError:
@@ -356,10 +364,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]
             cap=a.cap or 60,
             stations=a.stations,
             workers=a.workers,
-            problems=problems or ("branin", "hartmann6-constrained"),
+            problems=("branin", "hartmann6-constrained") if problems is None else problems,
             strategies=strategies or quick_strats,
             batch_problems=("branin",),
-            suggest_sizes=sizes or (50, 200),
+            suggest_sizes=(50, 200) if sizes is None else sizes,
             suggest_repeats=2,
             out=a.out or Path(tempfile.gettempdir()) / "labbridge-optimizers-quick",
             quick=True,
@@ -370,9 +378,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]
             cap=a.cap or 150,
             stations=a.stations,
             workers=a.workers,
-            problems=problems or PROBLEMS,
+            problems=PROBLEMS if problems is None else problems,
             strategies=strategies or STRATEGIES,
-            suggest_sizes=sizes or SUGGEST_SIZES,
+            suggest_sizes=SUGGEST_SIZES if sizes is None else sizes,
             out=a.out or Path(_HERE) / "results",
         )
     if a.rerun is not None:
@@ -574,6 +582,8 @@ def suggest_section(
     settings: Settings, strategies: Sequence[str], progress: Progress
 ) -> tuple[list[str], dict[str, Any]]:
     timed = [s for s in strategies if s != "random"]
+    if not settings.suggest_sizes or not timed:
+        return [], {}
     jobs = [
         TimingJob(s, n, settings.suggest_repeats, settings.suggest_budget_s)
         for n in settings.suggest_sizes

@@ -1,6 +1,7 @@
-"""The Bayesian strategy: :class:`BayesOptimizer` (bayesian-optimization's ``TargetSpace``,
-a Matern GP and EI/UCB acquisitions masked by the constraints, exclusions and pending
-points), and :func:`time_suggest`, the timing of its ``ask()`` against the package's own.
+"""The Bayesian strategy: :class:`BayesOptimizer` (a Matern GP with MAP length scales, log
+EI or UCB maximised over candidates that respect the constraints, exclusions and pending
+points), and :func:`time_suggest`, the timing of its ``ask()`` against bayesian-optimization's
+own ``suggest()``.
 
 How it treats statuses, pending points and constraints: :mod:`loops.optimizer`.
 """
@@ -140,31 +141,31 @@ class _ModelData:
 
 
 class BayesOptimizer(StrategyBase):
-    """Gaussian-process Bayesian optimisation over bayesian-optimization 3.4.
+    """Gaussian-process Bayesian optimisation, ask/tell with pending points.
 
     ``initial_points`` points of a seeded Latin hypercube come first (the ones
-    that violate ``constraints`` are skipped). Then each ask fits the
-    package's GP set-up (Matern 5/2, ``alpha=1e-6``, ``normalize_y``), here
-    with one length scale per parameter on the unit cube and int parameters
-    rounded inside the kernel (as the package does for its int parameters),
-    to the trusted results and the penalised infeasible/failed points; adds
-    the pending and untrusted points with their lie; and maximises the
-    package's acquisition (``"ei"``: ``ExpectedImprovement(xi)``, ``"ucb"``:
-    ``UpperConfidenceBound(kappa)``) with its random-candidates + L-BFGS-B
-    optimiser, masked by the constraints and the exclusion zones.
+    that violate ``constraints`` are skipped). Then each ask fits a GP
+    (scikit-learn; Matern 5/2, ``alpha=1e-6``, ``normalize_y``, one length
+    scale per parameter on the unit cube, int parameters rounded inside the
+    kernel with bayesian-optimization's ``wrap_kernel``) to the trusted
+    results and the penalised infeasible/failed points, its length scales
+    maximum a posteriori under a dimension-scaled log-normal prior; adds the
+    pending and untrusted points with their lie; and maximises the
+    acquisition (``"ei"``: log expected improvement over the incumbent +
+    ``xi``, ``"ucb"``: mean + ``kappa`` sd) over uniform candidates and
+    candidates around the best results, refining the best allowed ones by
+    shrinking random steps. A point outside the constraints or an exclusion
+    zone is never scored as a proposal.
 
-    ``fast=True`` uses :data:`FAST_TUNING` (2,000 random candidates, 2
-    L-BFGS-B starts, 1 GP restart, hyperparameters fitted on at most 150
-    rows) instead of the package's 10,000 / 10 / 5 / all: the same
-    evaluations to target on Hartmann-6, and ~0.02 / 0.08 / 0.17 s per
-    suggest at 50 / 200 / 500 observations in 3-D (package settings on this
-    model: 0.13 / 0.42 / 6.8 s; the package's own ``suggest()``: 0.12 / 0.19
-    / 0.54 s). ``lie``: the value given to pending and untrusted points,
-    ``"believer"`` (the GP's prediction) or the ``"mean"``/``"min"``/``"max"``
-    of the trusted results (maximised frame). ``exclusion_radius``: unit-cube
+    ``fast=True`` uses :data:`FAST_TUNING`, ``fast=False``
+    :data:`PACKAGE_TUNING` (5x the candidates, every row in the GP).
+    ``lie``: the value given to pending and untrusted points, ``"believer"``
+    (the GP's prediction) or the ``"mean"``/``"min"``/``"max"`` of the
+    trusted results (maximised frame). ``exclusion_radius``: unit-cube
     distance within which nothing is proposed around pending, infeasible,
-    failed and untrusted points. bayes_opt maximises; ``direction="minimize"``
-    negates the values internally.
+    failed and untrusted points. The model maximises; ``direction="minimize"``
+    negates the values internally. Measured against bayes-opt, Optuna and
+    BoTorch: ``benchmarks/optimizers.py``.
     """
 
     strategy = "bayes"
