@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +299,7 @@ class Settings:
     suggest_budget_s: float = 60.0  # per strategy and size: fewer repeats past it (>= 3)
     out: Path = Path(_HERE) / "results"
     quick: bool = False
+    reuse: tuple[Path, ...] = ()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]:
@@ -320,6 +321,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]
     )
     ap.add_argument("--out", type=Path, default=None, help="results folder")
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 1 seed, 2 problems")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="optimizers.json of an earlier run (same --seeds/--cap/--stations): its rows join "
+        "the tables where this run has none (peers need not run again); repeatable",
+    )
     ap.add_argument(
         "--rerun",
         default=None,
@@ -371,6 +381,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]
             suggest_repeats=2,
             out=a.out or Path(tempfile.gettempdir()) / "labbridge-optimizers-quick",
             quick=True,
+            reuse=tuple(a.reuse),
         )
     else:
         settings = Settings(
@@ -382,6 +393,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]
             strategies=strategies or STRATEGIES,
             suggest_sizes=SUGGEST_SIZES if sizes is None else sizes,
             out=a.out or Path(_HERE) / "results",
+            reuse=tuple(a.reuse),
         )
     if a.rerun is not None:
         parts = a.rerun.split(":")
@@ -398,6 +410,67 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]
 
 
 # --------------------------------------------------------------------- sections
+@dataclass
+class Reused:
+    """Rows of earlier results files (``--reuse``): peers need not run again when only our
+    strategy changed. ``to_target[problem][strategy]``, ``batch[problem][strategy]``,
+    ``suggest[strategy][n]``; ``sources``: what came from where."""
+
+    to_target: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch: dict[str, dict[str, Any]] = field(default_factory=dict)
+    suggest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+
+def _revive(value: Any) -> Any:
+    """A results file's values back to numbers ("inf" was written for infinity)."""
+    if isinstance(value, dict):
+        return {k: _revive(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_revive(v) for v in value]
+    return math.inf if value == "inf" else value
+
+
+def load_reused(paths: Sequence[Path], settings: Settings) -> Reused:
+    """Rows of earlier ``optimizers.json`` files made with the same seeds, cap and K."""
+    out = Reused()
+    for path in paths:
+        try:
+            doc = _revive(json.loads(path.read_text()))
+            got = doc["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(
+                f"--reuse {path}: not an optimizers.json results file ({exc})"
+            ) from None
+        want = {"seeds": list(range(settings.seeds)), "cap": settings.cap}
+        if got.get("problems"):
+            want["stations"] = settings.stations
+        diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+        if diff:
+            raise SystemExit(
+                f"--reuse {path}: made with other settings (file, now): {diff}; rerun it with "
+                "the same --seeds/--cap/--stations"
+            )
+        for problem, entry in doc.get("to_target", {}).items():
+            out.to_target.setdefault(problem, {}).update(entry["strategies"])
+        for problem, entry in doc.get("batch", {}).items():
+            out.batch.setdefault(problem, {}).update(entry["strategies"])
+        for strategy, rows in doc.get("suggest", {}).items():
+            if strategy != "goal":
+                out.suggest[strategy] = rows
+        versions = doc.get("environment", {}).get("versions", {})
+        out.sources.append(
+            f"reused {path} ({', '.join(got.get('strategies', []))}; "
+            f"{', '.join(got.get('problems', [])) or 'timing only'}; "
+            f"optuna {versions.get('optuna', '-')}, botorch {versions.get('botorch', '-')})"
+        )
+    return out
+
+
+def _ordered(names: set[str]) -> list[str]:
+    return [s for s in STRATEGIES if s in names]
+
+
 def _runs(settings: Settings, strategies: Sequence[str]) -> list[Run]:
     out: list[Run] = []
     slow_first = sorted(settings.problems, key=lambda p: p not in ("hartmann6", "buffer"))
@@ -445,24 +518,27 @@ def to_target_section(
     traces: Mapping[tuple[str, str, int], Sequence[Trace]],
     settings: Settings,
     strategies: Sequence[str],
+    reused: Reused | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
+    old = reused.to_target if reused else {}
     lines = [
         f"1. Experiments to target, one station ({settings.seeds} seeds, cap {settings.cap}): "
         "median [q1, q3], hits, 95 % bootstrap interval of the median, ask() s per experiment"
     ]
     data: dict[str, Any] = {}
-    for problem in settings.problems:
+    for problem in [p for p in PROBLEMS if p in settings.problems or p in old]:
         pb = make_problem(problem)
         lines.append(f"{problem} (target {pb.target:g}, {len(pb.space)}-D):")
         lines.append(
             f"  {'strategy':<12} {'median [q1, q3]':>20} {'hits':>7} {'CI95':>14} {'ask s':>7}"
         )
         rows: dict[str, Any] = {}
-        for strategy in strategies:
+        here = old.get(problem, {})
+        for strategy in _ordered(set(strategies) | set(here)):
             runs = traces.get((problem, strategy, 1))
-            if not runs:
+            if not runs and strategy not in here:
                 continue
-            s = _stats(runs, settings.cap)
+            s = _stats(runs, settings.cap) if runs else here[strategy]
             rows[strategy] = s
             ci = s["ci95"]
             ci_text = f"[{_num(ci[0], s['cap'])}, {_num(ci[1], s['cap'])}]" if ci else "-"
@@ -471,7 +547,7 @@ def to_target_section(
                 f"  {strategy:<12} {iqr:>20} {s['hits']:>3}/{s['runs']:<3} {ci_text:>14} "
                 f"{s['ask_s_per_experiment']:>7.3f}"
             )
-        goal_lines, goal = _goal_lines(problem, rows, strategies)
+        goal_lines, goal = _goal_lines(problem, rows, list(rows))
         lines += goal_lines
         data[problem] = {"target": pb.target, "strategies": rows, "goal": goal}
     return lines, data
@@ -481,7 +557,9 @@ def batch_section(
     traces: Mapping[tuple[str, str, int], Sequence[Trace]],
     settings: Settings,
     strategies: Sequence[str],
+    reused: Reused | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
+    old = reused.batch if reused else {}
     k = settings.stations
     lines = [
         f"2. {k} stations vs 1 ({settings.seeds} seeds; one time unit per experiment, so rounds "
@@ -489,7 +567,7 @@ def batch_section(
     ]
     data: dict[str, Any] = {}
     for problem in settings.batch_problems:
-        if problem not in settings.problems:
+        if problem not in settings.problems and problem not in old:
             continue
         lines.append(f"{problem}:")
         lines.append(
@@ -497,11 +575,15 @@ def batch_section(
             f"{'rounds K=1':>10} {f'rounds K={k}':>10}"
         )
         rows: dict[str, Any] = {}
-        for strategy in strategies:
+        here = old.get(problem, {})
+        for strategy in _ordered(set(strategies) | set(here)):
             one, many = traces.get((problem, strategy, 1)), traces.get((problem, strategy, k))
-            if not one or not many:
+            if one and many:
+                s1, sk = _stats(one, settings.cap), _stats(many, settings.cap)
+            elif strategy in here:
+                s1, sk = here[strategy]["one"], here[strategy]["many"]
+            else:
                 continue
-            s1, sk = _stats(one, settings.cap), _stats(many, settings.cap)
             e1, ek = _effective(s1), _effective(sk)
             ratio = ek / e1 if math.isfinite(e1) and math.isfinite(ek) and e1 else None
             rows[strategy] = {"one": s1, "many": sk, "experiments_ratio": ratio}
@@ -579,10 +661,11 @@ def _run_timing(job: TimingJob) -> list[tuple[float, float]]:
 
 
 def suggest_section(
-    settings: Settings, strategies: Sequence[str], progress: Progress
+    settings: Settings, strategies: Sequence[str], progress: Progress, reused: Reused | None = None
 ) -> tuple[list[str], dict[str, Any]]:
-    timed = [s for s in strategies if s != "random"]
-    if not settings.suggest_sizes or not timed:
+    old = reused.suggest if reused else {}
+    timed = [s for s in strategies if s != "random"] if settings.suggest_sizes else []
+    if not timed and not old:
         return [], {}
     jobs = [
         TimingJob(s, n, settings.suggest_repeats, settings.suggest_budget_s)
@@ -598,7 +681,7 @@ def suggest_section(
     # one process: timings from two workers on two busy cores would disturb each other less,
     # but one at a time is what a campaign does
     _pool_map(_run_timing, jobs, 1, done)
-    sizes = settings.suggest_sizes
+    sizes = settings.suggest_sizes or tuple(sorted({int(n) for rows in old.values() for n in rows}))
     lines = [
         "3. ask() seconds at N observations (Hartmann-6, 6-D, uniform points), CPU p50 / p95 "
         f"(one thread: the time on an idle core), then wall p95 (up to {settings.suggest_repeats} "
@@ -606,9 +689,17 @@ def suggest_section(
         f"  {'strategy':<12} " + " ".join(f"{f'N={n}':>20}" for n in sizes),
     ]
     data: dict[str, Any] = {}
-    for s in timed:
+    for s in _ordered(set(timed) | set(old)):
         cells = []
         for n in sizes:
+            if (s, n) not in results:
+                row = old.get(s, {}).get(str(n))
+                if row is None:
+                    cells.append("-")
+                    continue
+                data.setdefault(s, {})[str(n)] = row
+                cells.append(f"{row['cpu_p50']:.3f}/{row['cpu_p95']:.3f} ({row['wall_p95']:.2f})")
+                continue
             wall = [w for w, _ in results[(s, n)]]
             cpu = [c for _, c in results[(s, n)]]
             row = {
@@ -622,7 +713,7 @@ def suggest_section(
             cells.append(f"{row['cpu_p50']:.3f}/{row['cpu_p95']:.3f} ({row['wall_p95']:.2f})")
         lines.append(f"  {s:<12} " + " ".join(f"{c:>20}" for c in cells))
     top = max(sizes)
-    if "bayes" in data:
+    if "bayes" in data and str(top) in data["bayes"]:
         cpu95, wall95 = data["bayes"][str(top)]["cpu_p95"], data["bayes"][str(top)]["wall_p95"]
         met = top >= 1000 and cpu95 < SUGGEST_GOAL_S
         verdict = "met" if met else "NOT met" if top >= 1000 else "not measured at 1000"
@@ -667,6 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, one = parse_args(argv)
     if one is not None:
         return rerun(one)
+    reused = load_reused(settings.reuse, settings)
     missing = missing_peers([s for s in settings.strategies if s in PEERS])
     strategies = [s for s in settings.strategies if s not in missing]
     progress = Progress()
@@ -686,9 +778,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _pool_map(run_one, runs, settings.workers, done)
         for v in traces.values():
             v.sort(key=lambda t: t.seed)
-        sec1, data1 = to_target_section(traces, settings, strategies)
-        sec2, data2 = batch_section(traces, settings, strategies)
-        sec3, data3 = suggest_section(settings, strategies, progress)
+        sec1, data1 = to_target_section(traces, settings, strategies, reused)
+        sec2, data2 = batch_section(traces, settings, strategies, reused)
+        sec3, data3 = suggest_section(settings, strategies, progress, reused)
     finally:
         progress.done()
     elapsed = time.monotonic() - t0
@@ -700,6 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{elapsed:.0f} s",
         "versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
     ]
+    head += reused.sources
     head += [f"skipped {name}: {why}" for name, why in missing.items()]
     head.append(
         "skipped ax: not run (same BoTorch model and acquisition as 'botorch' behind its service "
@@ -717,6 +810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "problems": list(settings.problems),
             "strategies": strategies,
             "skipped": missing,
+            "reused": reused.sources,
             "suggest_sizes": list(settings.suggest_sizes),
         },
         "environment": env,
