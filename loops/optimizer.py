@@ -56,11 +56,12 @@ An optimizer is plain synchronous, single-owner state (no locks). A model-based
 ``ask()`` is CPU-bound (~0.02 s at 50 observations, ~0.2 s at 500): from async
 code call it with ``asyncio.to_thread``, one call at a time.
 
-Strategies: :class:`BayesOptimizer` (bayesian-optimization 3.4: its
-``TargetSpace``, Matern GP set-up and ``ExpectedImprovement`` /
-``UpperConfidenceBound`` acquisitions with their random-sampling + L-BFGS-B
-acquisition optimizer), :class:`RandomSearch` and :class:`GridSearch` as
-baselines. :func:`optimizer_from_state` restores any of them.
+Strategies: :class:`BayesOptimizer` (a scikit-learn Matern GP with MAP length
+scales, log expected improvement or UCB maximised over uniform candidates and
+candidates around the best results; bayesian-optimization 3.4's kernel wrapper
+rounds int parameters), :class:`RandomSearch` and :class:`GridSearch` as
+baselines. :func:`optimizer_from_state` restores any of them. Side by side with
+bayes-opt, Optuna and BoTorch: ``benchmarks/optimizers.py``.
 
 Modules: :mod:`loops.optspace` (the space, proposals, observations, statuses),
 :mod:`loops.optbase` (the :class:`Optimizer` protocol and the bookkeeping every
