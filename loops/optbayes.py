@@ -13,7 +13,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Self
 
 import numpy as np
@@ -21,7 +21,7 @@ from bayes_opt import BayesianOptimization
 from bayes_opt.parameter import wrap_kernel
 from numpy.typing import NDArray
 from scipy.optimize import minimize
-from scipy.special import erfcx, ndtr
+from scipy.special import erfcx, log_ndtr, ndtr
 from scipy.stats import qmc
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import Kernel, Matern
@@ -194,7 +194,7 @@ class BayesOptimizer(StrategyBase):
         constraints: Constraint | None = None,
         acquisition: Literal["ei", "ucb"] = "ei",
         fast: bool = True,
-        lie: Literal["believer", "mean", "min", "max"] = "believer",
+        lie: Literal["believer", "mean", "min", "max", "penalize"] = "believer",
         exclusion_radius: float = 0.02,
         xi: float = 0.01,
         kappa: float = 2.576,
@@ -202,8 +202,10 @@ class BayesOptimizer(StrategyBase):
         super().__init__(space, direction=direction, constraints=constraints)
         if acquisition not in ("ei", "ucb"):
             raise ValueError(f"acquisition must be 'ei' or 'ucb', got {acquisition!r}")
-        if lie not in ("believer", "mean", "min", "max"):
-            raise ValueError(f"lie must be 'believer', 'mean', 'min' or 'max', got {lie!r}")
+        if lie not in ("believer", "mean", "min", "max", "penalize"):
+            raise ValueError(
+                f"lie must be 'believer', 'mean', 'min', 'max' or 'penalize', got {lie!r}"
+            )
         if initial_points is None:
             initial_points = default_initial_points(len(self.space))
         if isinstance(initial_points, bool) or not isinstance(initial_points, int):
@@ -333,6 +335,7 @@ class BayesOptimizer(StrategyBase):
         else:
             penalty = -1.0
             lie = {"believer": math.nan, "mean": penalty, "min": penalty, "max": penalty}
+        lie["penalize"] = math.nan
         oks: dict[tuple[float, ...], list[float]] = {}
         pens: set[tuple[float, ...]] = set()
         lies: dict[tuple[float, ...], None] = {}  # ordered set
@@ -449,7 +452,11 @@ class BayesOptimizer(StrategyBase):
             alpha=1e-6,
             normalize_y=True,
             optimizer=optimizer,
-            n_restarts_optimizer=self.tuning.gp_restarts,
+            # extra random starts while the data is small (a multimodal likelihood); past the
+            # fit cap one start from the default length scales (a fit there costs 3x a start)
+            n_restarts_optimizer=self.tuning.gp_restarts
+            if len(data.y) < self.tuning.max_fit_points
+            else 0,
             random_state=self._rng,
         )
         X, y = data.X, data.y
@@ -511,12 +518,56 @@ class BayesOptimizer(StrategyBase):
 
         return score
 
+    def _penalizer(
+        self, gp: GaussianProcessRegressor, pending: NDArray[np.float64], best: float
+    ) -> Callable[[NDArray[np.float64]], NDArray[np.float64]]:
+        """Local penalisation of the pending points (González et al. 2016), in log space.
+
+        ``log Phi((L |x - x_j| - best + mu_j) / sd_j)`` summed over the pending
+        ``x_j``: near zero far from them, very negative inside the ball where,
+        given the mean's Lipschitz constant ``L`` (the largest gradient of the
+        GP mean over a seeded sample), the maximum cannot lie.
+        """
+        if not len(pending):
+            return lambda x: np.zeros(len(x))
+        d = len(self.space)
+        mu, sd = gp.predict(pending, return_std=True)
+        sd = np.maximum(np.asarray(sd, dtype=np.float64), 1e-9)
+        sample = self._rng.uniform(size=(200, d))
+        h = 1e-4
+        base = np.asarray(gp.predict(sample), dtype=np.float64)
+        grads = np.stack(
+            [(np.asarray(gp.predict(sample + h * np.eye(d)[i])) - base) / h for i in range(d)],
+            axis=1,
+        )
+        lip = max(float(np.sqrt((grads**2).sum(axis=1)).max()), 1e-7)
+
+        def penal(x: NDArray[np.float64]) -> NDArray[np.float64]:
+            dist = np.sqrt(((x[:, None, :] - pending[None, :, :]) ** 2).sum(axis=2))
+            z = (lip * dist - best + np.asarray(mu)[None, :]) / sd[None, :]
+            return np.asarray(log_ndtr(z).sum(axis=1), dtype=np.float64)
+
+        return penal
+
     def _suggest(self, data: _ModelData) -> Params:
         """Maximise the acquisition over candidates, then refine the best allowed ones."""
         d = len(self.space)
         tn = self.tuning
-        gp, scales, incumbent = self._condition(self._fit_gp(data), data)
-        score = self._acquisition(gp, incumbent)
+        gp_real = self._fit_gp(data)
+        score: Callable[[NDArray[np.float64]], NDArray[np.float64]]
+        if self.lie == "penalize":
+            gp, scales, incumbent = self._condition(gp_real, replace(data, X_lie=data.X_lie[:0]))
+            acq = self._acquisition(gp, incumbent)
+            penal = self._penalizer(gp, data.X_lie, incumbent)
+
+            def penalised(x: NDArray[np.float64]) -> NDArray[np.float64]:
+                return acq(x) + penal(x)
+
+            score = penalised
+
+        else:
+            gp, scales, incumbent = self._condition(gp_real, data)
+            score = self._acquisition(gp, incumbent)
         unexcluded = self._unexcluded_fn()
         rng = self._rng
         # candidates: uniform, and Gaussian steps around the best results (half a length scale)
