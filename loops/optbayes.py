@@ -175,7 +175,8 @@ class BayesOptimizer(StrategyBase):
     :data:`PACKAGE_TUNING` (5x the candidates, every row in the GP).
     ``lie``: the value given to pending and untrusted points, ``"believer"``
     (the GP's prediction) or the ``"mean"``/``"min"``/``"max"`` of the
-    trusted results (maximised frame). ``exclusion_radius``: unit-cube
+    trusted results (maximised frame); ``"penalize"``: no value, EI is
+    locally penalised around them instead. ``exclusion_radius``: unit-cube
     distance within which nothing is proposed around pending, infeasible,
     failed and untrusted points. The model maximises; ``direction="minimize"``
     negates the values internally. Measured against bayes-opt, Optuna and

@@ -53,7 +53,7 @@ The model is rebuilt from the observation list at every ask (cheap next to a
 suggest), so the saved state *is* the model.
 
 An optimizer is plain synchronous, single-owner state (no locks). A model-based
-``ask()`` is CPU-bound (~0.02 s at 50 observations, ~0.2 s at 500): from async
+``ask()`` is CPU-bound (6-D: ~0.05 s at 50 observations, a few tenths at 1,000): from async
 code call it with ``asyncio.to_thread``, one call at a time.
 
 Strategies: :class:`BayesOptimizer` (a scikit-learn Matern GP with MAP length
