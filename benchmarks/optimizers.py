@@ -458,10 +458,13 @@ def load_reused(paths: Sequence[Path], settings: Settings) -> Reused:
         for strategy, rows in doc.get("suggest", {}).items():
             if strategy != "goal":
                 out.suggest[strategy] = rows
-        versions = doc.get("environment", {}).get("versions", {})
+        env = doc.get("environment", {})
+        versions = env.get("versions", {})
+        load = " ".join(f"{x:.1f}" for x in env.get("load_avg") or [])
         out.sources.append(
             f"reused {path} ({', '.join(got.get('strategies', []))}; "
             f"{', '.join(got.get('problems', [])) or 'timing only'}; "
+            f"{doc.get('elapsed_s', 0):.0f} s, load average {load or '-'} at its end; "
             f"optuna {versions.get('optuna', '-')}, botorch {versions.get('botorch', '-')})"
         )
     return out
