@@ -21,7 +21,7 @@ from bayes_opt import BayesianOptimization
 from bayes_opt.parameter import wrap_kernel
 from numpy.typing import NDArray
 from scipy.optimize import minimize
-from scipy.special import erfcx, log_ndtr, ndtr
+from scipy.special import erfcx, log_ndtr, logsumexp, ndtr
 from scipy.stats import qmc
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import Kernel, Matern
@@ -46,6 +46,7 @@ __all__ = [
     "time_suggest",
 ]
 
+_FANTASIES = 4  # posterior draws of the pending outcomes (lie="fantasies")
 _LOG_2PI_HALF = 0.5 * math.log(2.0 * math.pi)
 _LOG_PI_2_HALF = 0.5 * math.log(math.pi / 2.0)
 
@@ -195,7 +196,7 @@ class BayesOptimizer(StrategyBase):
         constraints: Constraint | None = None,
         acquisition: Literal["ei", "ucb"] = "ei",
         fast: bool = True,
-        lie: Literal["believer", "mean", "min", "max", "penalize"] = "believer",
+        lie: Literal["believer", "mean", "min", "max", "penalize", "fantasies"] = "believer",
         exclusion_radius: float = 0.02,
         xi: float = 0.01,
         kappa: float = 2.576,
@@ -203,9 +204,10 @@ class BayesOptimizer(StrategyBase):
         super().__init__(space, direction=direction, constraints=constraints)
         if acquisition not in ("ei", "ucb"):
             raise ValueError(f"acquisition must be 'ei' or 'ucb', got {acquisition!r}")
-        if lie not in ("believer", "mean", "min", "max", "penalize"):
+        if lie not in ("believer", "mean", "min", "max", "penalize", "fantasies"):
             raise ValueError(
-                f"lie must be 'believer', 'mean', 'min', 'max' or 'penalize', got {lie!r}"
+                "lie must be 'believer', 'mean', 'min', 'max', 'penalize' or 'fantasies', "
+                f"got {lie!r}"
             )
         if initial_points is None:
             initial_points = default_initial_points(len(self.space))
@@ -336,7 +338,7 @@ class BayesOptimizer(StrategyBase):
         else:
             penalty = -1.0
             lie = {"believer": math.nan, "mean": penalty, "min": penalty, "max": penalty}
-        lie["penalize"] = math.nan
+        lie["penalize"] = lie["fantasies"] = math.nan
         oks: dict[tuple[float, ...], list[float]] = {}
         pens: set[tuple[float, ...]] = set()
         lies: dict[tuple[float, ...], None] = {}  # ordered set
@@ -470,13 +472,17 @@ class BayesOptimizer(StrategyBase):
         return gp
 
     def _condition(
-        self, gp: GaussianProcessRegressor, data: _ModelData
+        self,
+        gp: GaussianProcessRegressor,
+        data: _ModelData,
+        lies: NDArray[np.float64] | None = None,
     ) -> tuple[GaussianProcessRegressor, NDArray[np.float64], float]:
         """The GP on the data and the lies (hyperparameters kept), the fitted length scales,
         and the incumbent: the best value among the data and the lies (a believed lie counts).
 
         Above ``max_cond_points`` rows: the better half of that many by value
-        and a seeded random choice of the rest (the lies always).
+        and a seeded random choice of the rest (the lies always). ``lies``:
+        the values to give the pending points (one fantasy) instead of the lie.
         """
         X, y = data.X, data.y
         cap = self.tuning.max_cond_points
@@ -486,7 +492,9 @@ class BayesOptimizer(StrategyBase):
             pick = np.concatenate([top, self._rng.choice(rest, cap - len(top), replace=False)])
             X, y = X[np.sort(pick)], y[np.sort(pick)]
         if len(data.X_lie):
-            if self.lie == "believer":  # Kriging believer: the model's own prediction
+            if lies is not None:
+                pass
+            elif self.lie in ("believer", "fantasies"):  # the model's own prediction
                 lies = np.asarray(gp.predict(data.X_lie), dtype=np.float64)
             else:
                 lies = np.full(len(data.X_lie), data.lie)
@@ -566,6 +574,25 @@ class BayesOptimizer(StrategyBase):
 
             score = penalised
 
+        elif self.lie == "fantasies" and len(data.X_lie):
+            # EI averaged over joint posterior draws of the pending points' outcomes
+            draws = np.asarray(
+                gp_real.sample_y(
+                    data.X_lie, n_samples=_FANTASIES, random_state=self._rng.randint(2**31 - 1)
+                ),
+                dtype=np.float64,
+            ).reshape(len(data.X_lie), _FANTASIES)
+            fits = [self._condition(gp_real, data, draws[:, j]) for j in range(_FANTASIES)]
+            scales = fits[0][1]
+            accs = [self._acquisition(g, inc) for g, _, inc in fits]
+
+            def averaged(x: NDArray[np.float64]) -> NDArray[np.float64]:
+                v = np.stack([a(x) for a in accs])
+                if self.acquisition == "ucb":
+                    return np.asarray(v.mean(axis=0), dtype=np.float64)
+                return np.asarray(logsumexp(v, axis=0) - math.log(len(accs)), dtype=np.float64)
+
+            score = averaged
         else:
             gp, scales, incumbent = self._condition(gp_real, data)
             score = self._acquisition(gp, incumbent)

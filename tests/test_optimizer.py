@@ -172,7 +172,7 @@ def test_k_pending_asks_are_distinct_and_in_bounds(make) -> None:
             assert unit_distance(space, a.params, b.params) > opt.exclusion_radius
 
 
-@pytest.mark.parametrize("lie", ["believer", "mean", "penalize"])
+@pytest.mark.parametrize("lie", ["believer", "mean", "penalize", "fantasies"])
 def test_pending_points_spread_out_the_bayesian_batch(lie) -> None:
     """With the lie, K pending asks are not K copies of the sequential optimum."""
     opt = BayesOptimizer(SQUARE, direction="minimize", seed=5, initial_points=6, lie=lie)
