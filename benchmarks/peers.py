@@ -11,7 +11,10 @@ like :class:`loops.optimizer.BayesOptimizer`:
   number: a failed experiment is registered with the worst value seen so far.
 * ``optuna-tpe`` / ``optuna-gp``: ``optuna.create_study`` with ``TPESampler(seed=)``
   or ``GPSampler(seed=)`` (defaults), ``study.ask()`` / ``study.tell()``; pending
-  points are the study's running trials, a failed experiment is a FAIL trial.
+  points are the study's running trials, a failed experiment is a FAIL trial, a
+  point a known constraint refuses is told the worst value seen (as a user's
+  objective would return it; a FAIL trial there makes the GP sampler propose
+  the same point again).
 * ``botorch``: BoTorch as its tutorials (and Ax's default generation strategy)
   show: a scrambled Sobol design of ``max(5, 2 d)`` points, then a
   ``SingleTaskGP`` (inputs in the unit cube, ``Standardize`` outcome) fitted by
@@ -241,7 +244,13 @@ class OptunaPeer(_Peer):
         return dict(trial.params), trial
 
     def _refused(self, params: Params, handle: Any) -> None:
-        self._study.tell(handle, state=self._optuna.trial.TrialState.FAIL)
+        """Told the worst value seen (a FAIL trial teaches the GP sampler nothing: it would
+        propose the same refused point again)."""
+        values = [t.value for t in self._study.get_trials(deepcopy=False) if t.value is not None]
+        if not values:
+            self._study.tell(handle, state=self._optuna.trial.TrialState.FAIL)
+            return
+        self._study.tell(handle, max(values) if self.direction == "minimize" else min(values))
 
     def _told(self, obs: Observation, handle: Any) -> None:
         state = self._optuna.trial.TrialState
