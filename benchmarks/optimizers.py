@@ -792,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"benchmarks/optimizers.py{' --quick' if settings.quick else ''}: {settings.seeds} seed(s) "
         f"(0..{settings.seeds - 1}), {settings.workers} worker(s), {env['cpus']} cores, load "
         f"average {' '.join(f'{x:.1f}' for x in env['load_avg'] or [])} at the end, "
-        f"{elapsed:.0f} s",
+        f"{elapsed:.0f} s" + (" (this run only merges the files below)" if not runs else ""),
         "versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
     ]
     head += reused.sources
