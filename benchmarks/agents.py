@@ -152,7 +152,7 @@ async def time_http_and_python(service: LabService, url: str, token: str, n: int
     await paused_campaign(service, cid)
     calls = Calls()
     async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http,
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as http,
         Client(streamable_http_client(url, http_client=http), read_timeout_seconds=60) as agent,
     ):
         for i in range(n + 5):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import sys
 import time
@@ -24,8 +25,9 @@ from typing import Any
 import ray
 
 from bridge.labconfig import LabConfig
+from bridge.stationreturn import return_stations
+from instruments.deadline import bounded
 from loops.campaign import CampaignRunner, CampaignSummary, OnEvent, campaign_lock
-from loops.campaignlease import bounded
 from loops.journal import Campaign
 from loops.program import Program, load_program
 from loops.raylinks import init_ray, ray_links, start_journal_actor, start_station_actor
@@ -35,6 +37,7 @@ from loops.stations import ClockSpec, ScaledClock
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "join_ray",
     "CampaignProgress",
     "StationUnavailable",
     "agent_approvals",
@@ -53,6 +56,20 @@ START_TIMEOUT_S = 60.0
 
 class StationUnavailable(RuntimeError):
     """A station could not be started (not placed by Ray, or its instruments did not open)."""
+
+
+def join_ray(lab: LabConfig, ray_address: str | None, stations: list[str] | None = None) -> None:
+    """Start (or join) the lab's Ray: ``ray_address``, else lab.yaml ``ray.address``, else a
+    local one offering ``station:<name>`` for ``stations`` (default: all the lab's); with
+    the lab's token file. Before taking SIGINT/SIGTERM over: Ray's driver installs its own
+    SIGTERM handler in ``ray.init``."""
+    init_ray(
+        ray_address or lab.ray_address,
+        stations=stations if stations is not None else list(lab.stations),
+        local=True,
+        token_file=lab.ray_token_file,
+        log_to_driver=False,
+    )
 
 
 def lab_clock(lab: LabConfig) -> tuple[ClockSpec | None, Callable[[], float]]:
@@ -102,13 +119,7 @@ async def open_lab(
         raise ValueError(
             f"{lab.source}: no station {', '.join(unknown)} (known: {', '.join(lab.stations)})"
         )
-    init_ray(
-        ray_address or lab.ray_address,
-        stations=names,
-        local=True,
-        token_file=lab.ray_token_file,
-        log_to_driver=False,
-    )
+    join_ray(lab, ray_address, names)
     lab.store.parent.mkdir(parents=True, exist_ok=True)
     journal = start_journal_actor(lab.store)
     clock, _ = lab_clock(lab)
@@ -125,13 +136,19 @@ async def open_lab(
 
 
 def start_lab_station(
-    lab: LabConfig, name: str, journal: Any, clock: ClockSpec | None = None
+    lab: LabConfig,
+    name: str,
+    journal: Any,
+    clock: ClockSpec | None = None,
+    *,
+    actor_name: str | None = None,
 ) -> Any:
     """Create station ``name``'s actor as the lab config describes it (instruments, envelope,
     supervisor, environment, verification, what its set-up kept), journaling through
     ``journal`` (the journal actor), on the lab's clock ``clock`` (:func:`lab_clock`).
     Not yet open: ``await handle.start.remote()``. :func:`open_lab` uses it for every
-    station; a tool that replaces a station actor that died uses it for one."""
+    station; a tool that replaces a station actor that died uses it for one (with an
+    ``actor_name`` of its own: Ray may keep a dead actor's name a while after its node died)."""
     st = lab.stations[name]
     return start_station_actor(
         name,
@@ -141,7 +158,7 @@ def start_lab_station(
         supervisor_options=st.supervisor,
         env=st.env,
         journal=journal,
-        actor_name=None,
+        actor_name=actor_name,
         verification=st.verification.actor_options() if st.verification else None,
         setup=st.setup_store.values() if st.setup_store else None,
     )
@@ -160,12 +177,14 @@ async def _ensure_set_up(lab: LabConfig, actors: Mapping[str, Any]) -> None:
             continue
         pending = st.setup_store.pending(st.setup)
         if not lab.simulated:
-            missing += [f"station {name}: set-up {r.name!r} has not run" for r in pending if r.every == "once"]
+            missing += [
+                f"station {name}: set-up {r.name!r} has not run"
+                for r in pending
+                if r.every == "once"
+            ]
         todo[name] = pending
     if missing:
-        raise StationUnavailable(
-            "; ".join(missing) + f": run `labbridge setup --lab {lab.source}`"
-        )
+        raise StationUnavailable("; ".join(missing) + f": run `labbridge setup --lab {lab.source}`")
     await set_up(lab, actors, {n: r for n, r in todo.items() if r}, who="campaign:setup")
 
 
@@ -184,7 +203,9 @@ async def set_up(
         for recipe in st.setup if recipes is None else recipes.get(name, []):
             log.info("station %s: set-up %s", name, recipe.name)
             try:
-                kept = await actor.run_setup.remote(recipe.recipe.as_dict(), list(recipe.keep), who=who)
+                kept = await actor.run_setup.remote(
+                    recipe.recipe.as_dict(), list(recipe.keep), who=who
+                )
             except Exception as exc:
                 cause = getattr(exc, "cause", None) or exc
                 raise StationUnavailable(f"station {name}: {cause}") from None
@@ -268,12 +289,15 @@ async def run_campaign(
     on_event: OnEvent | None = None,
     ray_address: str | None = None,
     on_runner: Callable[[CampaignRunner], None] | None = None,
+    rejoin: bool = False,
 ) -> CampaignSummary:
     """Run (or resume) one campaign on the lab's stations; returns its summary.
 
     ``program`` None with ``resume``: the program stored with the campaign.
     ``on_runner`` receives the runner once it exists (for stop/abort/agent
-    proposals from elsewhere, e.g. a signal handler). Raises
+    proposals from elsewhere, e.g. a signal handler). ``rejoin``: a station whose actor
+    died (its Ray node went down) is recovered in ``operator``'s name and rejoins the
+    campaign once its node is back (:mod:`bridge.stationreturn`). Raises
     :class:`~loops.campaign.CampaignBusy` if another process runs this campaign.
     """
     with campaign_lock(lab.store, campaign_id):
@@ -287,7 +311,29 @@ async def run_campaign(
             if on_runner is not None:
                 on_runner(runner)
             await runner.prepare(resume=resume, operator=operator)
-            return await runner.run()
+            if not rejoin:
+                return await runner.run()
+            clock = lab_clock(lab)[0]
+            returning = asyncio.create_task(
+                return_stations(
+                    runner,
+                    lambda name: start_lab_station(
+                        lab,
+                        name,
+                        journal,
+                        clock,
+                        actor_name=f"station-{name}-{secrets.token_hex(4)}",
+                    ),
+                    actors,
+                    operator,
+                ),
+                name=f"campaign-{campaign_id}-rejoin",
+            )
+            try:
+                return await runner.run()
+            finally:
+                returning.cancel()
+                await asyncio.gather(returning, return_exceptions=True)
 
 
 class CampaignProgress:
@@ -386,8 +432,10 @@ async def run_with_signals(
     ray_address: str | None,
     progress: bool = True,
     on_runner: Callable[[CampaignRunner], None] | None = None,
+    rejoin: bool = False,
 ) -> CampaignSummary:
-    """:func:`run_campaign` with a progress bar, and SIGINT/SIGTERM as an orderly stop.
+    """:func:`run_campaign` (``rejoin`` as there) with a progress bar, and SIGINT/SIGTERM as
+    an orderly stop.
 
     The first signal aborts the campaign: every station is tripped into its safe
     state (latched), running experiments are recorded failed, the journal is
@@ -413,13 +461,7 @@ async def run_with_signals(
 
     # Ray's driver installs a C-level SIGTERM handler in ray.init (it dies with 15): start
     # or join Ray first, then take SIGINT/SIGTERM over
-    init_ray(
-        ray_address or lab.ray_address,
-        stations=list(lab.stations),
-        local=True,
-        token_file=lab.ray_token_file,
-        log_to_driver=False,
-    )
+    join_ray(lab, ray_address)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
     shown = program
@@ -448,6 +490,7 @@ async def run_with_signals(
             on_event=on_event,
             ray_address=ray_address,
             on_runner=got_runner,
+            rejoin=rejoin,
         )
         return summary
     finally:

@@ -168,6 +168,7 @@ def _campaign_command(args: argparse.Namespace) -> int:
                 operator=args.operator,
                 ray_address=args.ray_address,
                 progress=not args.no_progress,
+                rejoin=args.rejoin,
             )
             summary = asyncio.run(coro)
         else:

@@ -75,6 +75,14 @@ def _campaign_options(p: argparse.ArgumentParser) -> None:
         default="colour",
         help="simulated lab only: which bench (colour, default; buffer: examples/buffer)",
     )
+    p.add_argument(
+        "--rejoin",
+        action="store_true",
+        help=(
+            "with --lab: a station whose Ray node dies rejoins the campaign once the node is "
+            "back, after a recovery in --operator's name (trip, reset, drain; docs/cluster.md)"
+        ),
+    )
     p.add_argument("--runs", type=Path, default=Path("runs"), help="run folders (default runs/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

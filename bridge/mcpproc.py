@@ -40,6 +40,7 @@ from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from bridge.httpserve import BindError, HttpBind
 from bridge.mcptools import LabTools
 from bridge.service import LabService
+from instruments.deadline import bounded
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ async def transport_process(
     try:
         setup = {"lab": service.lab, "stations": list(service.stations), "bind": bind}
         await writer.send(pickle.dumps(setup))
-        first = await asyncio.wait_for(read_message(reader), START_S)
+        first = await bounded(read_message(reader), START_S)
         answer = json.loads(first) if first is not None else {"failed": "it ended at start"}
         if "ready" not in answer:
             raise BindError(f"the MCP server's process could not start: {answer.get('failed')}")
@@ -131,7 +132,7 @@ async def transport_process(
         await link.cancel_all()
         await writer.close()  # the child's end of the link: it stops serving and exits
         try:
-            await asyncio.wait_for(proc.wait(), STOP_S)
+            await bounded(proc.wait(), STOP_S)
         except TimeoutError:
             log.warning("the MCP server's process %d did not end: killed", proc.pid)
             proc.kill()

@@ -38,6 +38,7 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 
 from bridge.agents import Authenticator, AuthError
+from bridge.campaigns import join_ray
 from bridge.httpserve import BindError, HttpBind, parse_bind
 from bridge.labconfig import LabConfig
 from bridge.mcpcalls import RequestGate
@@ -138,7 +139,7 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def _signals(stop: asyncio.Event) -> Callable[[], None]:
-    """SIGINT/SIGTERM set ``stop`` (after Ray's own handler is in: call after init_ray)."""
+    """SIGINT/SIGTERM set ``stop`` (after Ray's own handler is in: call after join_ray)."""
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -153,18 +154,6 @@ def _signals(stop: asyncio.Event) -> Callable[[], None]:
     return remove
 
 
-def _init_ray(lab: LabConfig, ray_address: str | None) -> None:
-    from loops.raylinks import init_ray
-
-    init_ray(
-        ray_address or lab.ray_address,
-        stations=list(lab.stations),
-        local=True,
-        token_file=lab.ray_token_file,
-        log_to_driver=False,
-    )
-
-
 async def serve_stdio(
     lab: LabConfig, token: str, *, ray_address: str | None = None, operator: str = "operator"
 ) -> str:
@@ -173,7 +162,7 @@ async def serve_stdio(
     auth = Authenticator(lab.agents)
     agent = auth.authenticate(token)  # before anything opens
     with _stdout_to_stderr():
-        _init_ray(lab, ray_address)
+        join_ray(lab, ray_address)
         stop = asyncio.Event()
         remove = _signals(stop)
         try:
@@ -213,7 +202,7 @@ async def serve_http(
 ) -> str:
     """Open the lab and serve MCP over HTTP on ``bind`` until SIGINT/SIGTERM."""
     bind.check()
-    _init_ray(lab, ray_address)
+    join_ray(lab, ray_address)
     stop = asyncio.Event()
     remove = _signals(stop)
     try:

@@ -379,7 +379,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
-    from bridge.mqttapi import serve_command
+    from bridge.mqttserve import serve_command
 
     return serve_command(args)
 

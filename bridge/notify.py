@@ -18,7 +18,7 @@ still waiting at shutdown) is counted (:attr:`Notifier.counts`) and logged with 
 that says why.
 
 :func:`notifications` runs one for a service while a block runs (``labbridge serve`` and
-``labbridge sim`` use it, see :func:`bridge.mqttapi.serve`); lab.yaml's ``notifications:``
+``labbridge sim`` use it, see :func:`bridge.mqttserve.serve`); lab.yaml's ``notifications:``
 is :mod:`bridge.notifyconfig`.
 """
 

@@ -15,6 +15,10 @@ journal of an older schema migrates it) and writes to ``out_dir``:
 * ``parameters.png``: the parameters explored, coloured by the objective: a
   row of objective-vs-parameter panels over the lower triangle of parameter
   pairs (up to 6 parameters), parallel coordinates beyond that;
+* ``pareto.png`` (several objectives): the first two objectives of every trusted
+  result with the Pareto front and the thresholds, and the hypervolume per
+  experiment; the section names the experiment that best meets the thresholds
+  and lists the front (:mod:`bridge.reportpareto`);
 * ``contact-sheet.png``: every included experiment's outcome frame with the
   camera's measured overlays (:func:`instruments.vision.overlay` of the analysis
   the verification recorded, drawn again exactly; re-analysed when none was
@@ -56,6 +60,7 @@ from bridge.reporthtml import (
     safety_html,
     summary_html,
 )
+from bridge.reportpareto import PARETO, pareto_html, pareto_summary, plot_pareto
 from bridge.reportplots import MAX_SCATTER_PARAMETERS, plot_convergence, plot_parameters
 from bridge.reportsheet import render_contact_sheet, select_tiles
 
@@ -118,7 +123,8 @@ def write_report(
     body.append(f"<h1>Campaign {esc(c.id)}</h1>")
     body.append(
         '<nav><a href="#summary">Summary</a><a href="#convergence">Convergence</a>'
-        '<a href="#parameters">Parameters</a><a href="#camera">Camera</a>'
+        + ('<a href="#pareto">Pareto front</a>' if len(data.goals) > 1 else "")
+        + '<a href="#parameters">Parameters</a><a href="#camera">Camera</a>'
         '<a href="#safety">Safety</a><a href="#experiments">Experiments</a></nav>'
     )
     body.append('<h2 id="summary">Summary</h2>')
@@ -138,6 +144,13 @@ def write_report(
         )
     else:
         body.append("<p>No experiments: nothing to plot.</p>")
+
+    pareto = pareto_summary(data)
+    if pareto is not None:
+        body.append('<h2 id="pareto">Pareto front</h2>')
+        plot_pareto(pareto, out / PARETO)
+        written.add(PARETO)
+        body += pareto_html(pareto, data)
 
     body.append('<h2 id="parameters">Parameters explored</h2>')
     if exps and data.params:
@@ -217,7 +230,12 @@ def write_report(
     body.append('<h2 id="experiments">Experiments</h2>')
     body += experiments_html(data)
 
-    for name in (CONVERGENCE, PARAMETERS, CONTACT_SHEET):  # no stale plot of an earlier report
+    for name in (
+        CONVERGENCE,
+        PARAMETERS,
+        CONTACT_SHEET,
+        PARETO,
+    ):  # no stale plot of an earlier report
         if name not in written:
             (out / name).unlink(missing_ok=True)
     page = (

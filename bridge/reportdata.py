@@ -35,6 +35,8 @@ class ReportParam:
     unit: str = ""
     low: float | None = None
     high: float | None = None
+    #: a categorical/ordinal parameter's choices (plotted at their index)
+    choices: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -58,6 +60,10 @@ class ReportData:
     failures: dict[str, dict[str, Any]]
     images: dict[str, dict[str, dict[str, Any]]]
     stations_with_calibration: dict[str, Path] = field(default_factory=dict)
+    #: several objectives: each one's measure, direction and threshold (() for one)
+    goals: tuple[Any, ...] = ()
+    #: several objectives: every trusted result's objective values, by experiment id
+    vectors: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def minimize(self) -> bool:
@@ -97,7 +103,8 @@ def read_report_data(journal: Journal, campaign_id: str) -> ReportData:
             parts.append(f"{program.budget.hours:g} h")
         budget = ", ".join(parts)
         params = [
-            ReportParam(p.name, p.unit, float(p.low), float(p.high)) for p in program.parameters
+            ReportParam(p.name, p.unit, float(p.low), float(p.high), tuple(p.choices))
+            for p in program.parameters
         ]
     known = {p.name for p in params}
     for e in exps:
@@ -117,6 +124,15 @@ def read_report_data(journal: Journal, campaign_id: str) -> ReportData:
                 rejections[t.experiment_id] = [str(r) for r in reasons]
         elif t.event == "state" and t.state == "failed" and isinstance(t.data, Mapping):
             failures[t.experiment_id] = dict(t.data)
+    goals: tuple[Any, ...] = ()
+    vectors: dict[str, tuple[float, ...]] = {}
+    if program is not None and program.multi:
+        goals = program.goals
+        for e in exps:
+            measurements = as_mapping(as_mapping(e.result).get("measurements"))
+            vector = program.objective_values(measurements) if is_trusted(e) else None
+            if vector is not None:
+                vectors[e.id] = vector
     images = {e.id: journal.images(e.id) for e in exps}
     folder = journal.path.parent
     calibrations = {}
@@ -142,6 +158,8 @@ def read_report_data(journal: Journal, campaign_id: str) -> ReportData:
         failures=failures,
         images=images,
         stations_with_calibration=calibrations,
+        goals=goals,
+        vectors=vectors,
     )
 
 

@@ -20,6 +20,7 @@ from bridge.reportdata import (
     proposer_kind,
 )
 from loops.journal import Experiment
+from loops.optspace import choice_index
 
 __all__ = ["MAX_SCATTER_PARAMETERS", "plot_convergence", "plot_parameters"]
 
@@ -28,7 +29,7 @@ __all__ = ["MAX_SCATTER_PARAMETERS", "plot_convergence", "plot_parameters"]
 MAX_SCATTER_PARAMETERS = 6
 
 
-def _figure(width: float, height: float) -> Any:
+def figure(width: float, height: float) -> Any:
     """A matplotlib figure on the Agg canvas (no pyplot, no global backend switch)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -55,7 +56,7 @@ _NO_RESULT = {  # state -> (marker, colour, label): drawn along the bottom of ob
 def plot_convergence(data: ReportData, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(9.0, 4.8)
+    fig = figure(9.0, 4.8)
     ax = fig.add_subplot()
     done = [e for e in data.experiments if e.state == "done" and e.objective is not None]
     for kind in ("optimizer", "agent", "operator"):
@@ -175,7 +176,10 @@ def _norm_axis(p: ReportParam, values: Sequence[float]) -> tuple[float, float]:
     return (lo - 0.5, hi + 0.5) if hi == lo else (lo, hi)
 
 
-def _numeric(value: Any) -> float:
+def _numeric(value: Any, choices: Sequence[Any] = ()) -> float:
+    if choices:  # a categorical/ordinal parameter: at its choice's index
+        i = choice_index(choices, value)
+        return math.nan if i is None else float(i)
     if isinstance(value, bool):
         return float(value)
     if isinstance(value, int | float):
@@ -205,8 +209,10 @@ def plot_parameters(data: ReportData, path: Path) -> None:
         ([e for e in exps if e.state == "failed"], {"marker": "v", "color": "tab:red"}, "failed"),
     ]
 
+    choices = {p.name: p.choices for p in params}
+
     def col(es: Sequence[Experiment], name: str) -> list[float]:
-        return [_numeric(e.params.get(name)) for e in es]
+        return [_numeric(e.params.get(name), choices.get(name, ())) for e in es]
 
     handles = [
         Line2D([], [], marker="o", ls="", color="tab:blue", label="result (colour: objective)"),
@@ -217,7 +223,7 @@ def plot_parameters(data: ReportData, path: Path) -> None:
     ]
     if k <= MAX_SCATTER_PARAMETERS:
         size = 2.1
-        fig = _figure(size * k + 1.6, size * k + 0.9)
+        fig = figure(size * k + 1.6, size * k + 0.9)
         axes = fig.subplots(k, k, squeeze=False)
         for j, pj in enumerate(params):
             xs_all = col(exps, pj.name)
@@ -301,7 +307,7 @@ def plot_parameters(data: ReportData, path: Path) -> None:
     else:  # parallel coordinates: one polyline per experiment over the normalised axes
         from matplotlib.collections import LineCollection
 
-        fig = _figure(max(9.0, 1.1 * k + 2), 5.5)
+        fig = figure(max(9.0, 1.1 * k + 2), 5.5)
         ax = fig.add_subplot()
         spans = [_norm_axis(p, col(exps, p.name)) for p in params]
 

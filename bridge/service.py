@@ -73,7 +73,6 @@ from bridge.servicetypes import (
     StartResult,
     UnknownCampaign,
     UnknownExperiment,
-    cause,
 )
 from loops.campaign import (
     CampaignBusy,
@@ -81,6 +80,7 @@ from loops.campaign import (
     campaign_lock,
 )
 from loops.program import Program, load_program
+from loops.stationerrors import cause_text
 from safety.yamldoc import ConfigError
 
 log = logging.getLogger(__name__)
@@ -404,7 +404,7 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
                 return StartResult(
                     campaign_id,
                     False,
-                    errors=(f"campaign {campaign_id} could not be created: {cause(exc)}",),
+                    errors=(f"campaign {campaign_id} could not be created: {cause_text(exc)}",),
                 )
             self._campaigns[campaign_id] = handle
             handle.state = "running"
@@ -515,7 +515,7 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
             raise
         except Exception as exc:
             handle.state = "error"
-            handle.reason = f"the campaign runner failed: {cause(exc)}"
+            handle.reason = f"the campaign runner failed: {cause_text(exc)}"
             log.exception("campaign %s failed", handle.campaign_id)
             # experiments may still be in flight on the stations: make them safe
             await asyncio.gather(

@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from bridge.labconfig import LabConfig
-from bridge.servicetypes import CampaignHandle, ServiceError, UnknownExperiment, cause
+from bridge.servicetypes import CampaignHandle, ServiceError, UnknownExperiment
+from instruments.deadline import bounded
 from loops.campaignbook import violation_text
-from loops.campaignlease import bounded
 from loops.journal import FINAL_STATES, Campaign, Experiment
 from loops.recipe import RecipeError, build_recipe
+from loops.stationerrors import cause_text
 
 __all__ = ["ServiceQueries"]
 
@@ -86,7 +87,7 @@ class ServiceQueries:
         )
         for name, res in zip(names, verdicts, strict=True):
             if isinstance(res, BaseException):
-                texts = [f"station {name} could not dry-run it: {cause(res)}"]
+                texts = [f"station {name} could not dry-run it: {cause_text(res)}"]
             else:
                 texts = [violation_text(v) for v in res]
             out["stations"][name] = {"ok": not texts, "reasons": texts}
@@ -190,7 +191,7 @@ class ServiceQueries:
         handle = self._campaigns.get(experiment.campaign_id)
         if handle is not None and handle.active:
             try:
-                await asyncio.wait_for(handle.runner.wait_for(experiment.id), timeout_s)
+                await bounded(handle.runner.wait_for(experiment.id), timeout_s)
             except TimeoutError:
                 pass
         return await self.experiment(experiment.id)

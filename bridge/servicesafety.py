@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bridge.labconfig import LabConfig
-from bridge.servicetypes import CampaignHandle, ServiceError, cause
-from loops.campaignlease import bounded
+from bridge.servicetypes import CampaignHandle, ServiceError
+from instruments.deadline import bounded
+from loops.stationerrors import cause_text
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class StationSafety:
         stations: dict[str, Any] = {}
         for name, res in zip(names, results, strict=True):
             if isinstance(res, BaseException):
-                stations[name] = {"ok": False, "error": cause(res)}
+                stations[name] = {"ok": False, "error": cause_text(res)}
             else:
                 failed = sorted(res.get("failed") or [])
                 stations[name] = {
@@ -225,7 +226,7 @@ class StationSafety:
                 }
             st = await self._station_call(name, "reset", who, why)
         except Exception as exc:
-            return {"ok": False, "was_tripped": was, "tripped": True, "error": cause(exc)}
+            return {"ok": False, "was_tripped": was, "tripped": True, "error": cause_text(exc)}
         return {"ok": True, "was_tripped": was, "tripped": bool(st.get("tripped"))}
 
     async def _wait_idle(self, names: Sequence[str], timeout: float) -> None:
@@ -246,7 +247,7 @@ class StationSafety:
         )
         out: dict[str, dict[str, Any]] = {}
         for name, res in zip(names, results, strict=True):
-            out[name] = {"error": cause(res)} if isinstance(res, BaseException) else dict(res)
+            out[name] = {"error": cause_text(res)} if isinstance(res, BaseException) else dict(res)
         return out
 
 

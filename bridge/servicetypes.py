@@ -27,14 +27,6 @@ class UnknownExperiment(ServiceError, LookupError):
     """No experiment with that id in the lab's journal."""
 
 
-def cause(exc: BaseException) -> str:
-    """``Type: message`` of an error, unwrapping a Ray task error to its cause."""
-    inner = getattr(exc, "cause", None)
-    err = inner if isinstance(inner, BaseException) else exc
-    text = str(err) or type(err).__name__
-    return f"{type(err).__name__}: {text}"
-
-
 @dataclass(frozen=True)
 class StartResult:
     """The answer to a start: accepted (started now, or already known) or refused with errors."""
@@ -115,5 +107,4 @@ __all__ = [
     "StartResult",
     "UnknownCampaign",
     "UnknownExperiment",
-    "cause",
 ]

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from bridge.campaigns import run_with_signals
+from bridge.campaigns import join_ray, run_with_signals
 from bridge.httpserve import HttpBind
 from bridge.labconfig import LabConfig, load_lab
 from bridge.labmqtt import parse_broker_url
@@ -298,9 +298,9 @@ async def _served_campaign(
     """The campaign inside a lab service with the MQTT campaign API and the lab page (see
     :func:`sim_campaign`); SIGINT/SIGTERM abort it with every station in its safe state."""
     from bridge.campaigns import CampaignProgress
-    from bridge.mqttapi import mqtt_settings, serve
+    from bridge.mqttapi import mqtt_settings
+    from bridge.mqttserve import serve
     from bridge.webapp import lab_page
-    from loops.raylinks import init_ray
 
     url = broker_url or lab.sim.broker_url
     settings = mqtt_settings(lab.config, url)
@@ -376,13 +376,7 @@ async def _served_campaign(
         task[0].add_done_callback(lambda t: stop.set() if t.exception() else None)
 
     # Ray's driver installs its own SIGTERM handler in ray.init: start (or join) Ray first
-    init_ray(
-        ray_address or lab.config.ray_address,
-        stations=list(lab.config.stations),
-        local=True,
-        token_file=lab.config.ray_token_file,
-        log_to_driver=False,
-    )
+    join_ray(lab.config, ray_address)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:

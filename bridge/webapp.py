@@ -70,6 +70,7 @@ from bridge.webviews import (
     station_limits,
     steps_view,
 )
+from instruments.deadline import bounded
 from loops.campaign import CampaignClosed
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ class LabPage:
             async with self.events.subscribe() as queue:
                 while True:
                     try:
-                        message = await asyncio.wait_for(queue.get(), PING_S)
+                        message = await bounded(queue.get(), PING_S)
                     except TimeoutError:
                         yield ": ping\n\n"
                         continue

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from bridge.service import LabService
+from instruments.deadline import bounded
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class PageEvents:
     async def _poll(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                await bounded(self._wake.wait(), self.interval_s)
             self._wake.clear()
             if not self._queues or self.service.state != "online":
                 self._last_stations = None

@@ -346,7 +346,9 @@ class CampaignRunner(CampaignResume, CampaignApproval):
             return f"aborted: {self._abort_request}"
         if self._stop_request is not None:
             return self._stop_request
-        reason = self.program.stop_reason(self._values, elapsed_s=self.elapsed_s)
+        reason = self.program.stop_reason(
+            self._values, elapsed_s=self.elapsed_s, vectors=self._vectors
+        )
         if reason is not None:
             return reason
         if self._exhausted is not None:
@@ -439,15 +441,16 @@ class CampaignRunner(CampaignResume, CampaignApproval):
         self._phase = "running"
         self._t0 = self._clock_now()
         self._emit("state", state="running", progress=self.progress())
-        workers = [
-            asyncio.create_task(self._worker(slot), name=f"campaign-{self.campaign_id}-{slot.name}")
-            for slot in self._slots.values()
-        ]
+        workers: list[asyncio.Task[None]] = []
+        self._workers = workers
+        for slot in self._slots.values():
+            self._start_worker(slot)
         approvals = asyncio.create_task(
             self._approval_loop(), name=f"campaign-{self.campaign_id}-approvals"
         )
         try:
-            await asyncio.gather(*workers)
+            while running := [w for w in workers if not w.done()]:  # rejoin() may add one
+                await asyncio.gather(*running)
         except BaseException:
             for w in workers:
                 w.cancel()
@@ -460,6 +463,11 @@ class CampaignRunner(CampaignResume, CampaignApproval):
             self._phase = "ended"
         await self._release_leases()  # every worker is done: nothing acts for us any more
         return await self._finish()
+
+    def _start_worker(self, slot: Slot) -> None:
+        self._workers.append(
+            asyncio.create_task(self._worker(slot), name=f"campaign-{self.campaign_id}-{slot.name}")
+        )
 
     async def _worker(self, slot: Slot) -> None:
         while slot.state != "out":

@@ -30,10 +30,13 @@ from loops.optimizer import (
     BayesOptimizer,
     Direction,
     GridSearch,
+    ParamSpace,
     RandomSearch,
     Status,
     UnknownProposal,
+    optimizer_from_state,
 )
+from loops.optmulti import ParetoOptimizer
 from loops.program import Program
 from loops.stationlease import LEASE_S
 from loops.stations import StationLink
@@ -51,7 +54,9 @@ __all__ = [
     "Item",
     "OnEvent",
     "Slot",
+    "Strategy",
     "make_optimizer",
+    "restore_optimizer",
     "violation_text",
 ]
 
@@ -67,29 +72,49 @@ MAX_CONSECUTIVE_REJECTIONS = 25
 AGENT_RUN = 3
 
 
-def make_optimizer(program: Program) -> BayesOptimizer | RandomSearch | GridSearch:
-    """The program's strategy over its space, with its constraints, direction and seed."""
-    space = {p.name: (p.low, p.high, p.type) for p in program.parameters}
-    direction: Direction = "minimize" if program.objective.minimize else "maximize"
+Strategy = BayesOptimizer | RandomSearch | GridSearch | ParetoOptimizer
+
+
+def make_optimizer(program: Program) -> Strategy:
+    """The program's strategy over its space, with its constraints, direction and seed; with
+    several objectives, a :class:`~loops.optmulti.ParetoOptimizer` over that strategy
+    (minimising its scalarisation)."""
+    space = ParamSpace.of(program.space)
+    direction: Direction = "minimize" if program.objective.minimize or program.multi else "maximize"
 
     def feasible(params: Mapping[str, Any]) -> bool:
         return program.feasible(params)[0]
 
+    inner: BayesOptimizer | RandomSearch | GridSearch
     if program.strategy == "bayes":
-        return BayesOptimizer(
+        inner = BayesOptimizer(
             space,
             direction=direction,
             seed=program.seed,
             initial_points=program.initial_points,
             constraints=feasible,
         )
-    if program.strategy == "random":
-        return RandomSearch(space, program.seed, direction=direction, constraints=feasible)
-    if program.strategy == "grid":
+    elif program.strategy == "random":
+        inner = RandomSearch(space, program.seed, direction=direction, constraints=feasible)
+    elif program.strategy == "grid":
         budget = program.budget.experiments or 100
-        per_axis = max(2, math.floor(budget ** (1.0 / max(1, len(space)))))
-        return GridSearch(space, per_axis, direction=direction, constraints=feasible)
-    raise ValueError(f"unknown strategy {program.strategy!r} (bayes, random or grid)")
+        per_axis = max(2, math.floor(budget ** (1.0 / max(1, len(space.dims)))))
+        inner = GridSearch(space, per_axis, direction=direction, constraints=feasible)
+    else:
+        raise ValueError(f"unknown strategy {program.strategy!r} (bayes, random or grid)")
+    if program.multi:
+        return ParetoOptimizer(inner, [o.direction for o in program.goals], seed=program.seed)
+    return inner
+
+
+def restore_optimizer(current: Strategy, state: Mapping[str, Any]) -> Strategy:
+    """The strategy saved in ``state`` (from ``.state()``), over ``current``'s space and
+    constraints (``current``: :func:`make_optimizer`'s, for the same program)."""
+    if isinstance(current, ParetoOptimizer):
+        return ParetoOptimizer.from_state(
+            current.space, state, inner=type(current.inner), constraints=current.constraints
+        )
+    return optimizer_from_state(current.space, state, constraints=current.constraints)
 
 
 @dataclass
@@ -214,6 +239,8 @@ class CampaignBook:
         self._pending: dict[str, str] = {}  # experiment id -> optimizer proposal id
         self._told: set[str] = set()
         self._values: list[float | None] = []  # objective per experiment run, finish order
+        #: with several objectives: every objective's value per experiment run (same order)
+        self._vectors: list[tuple[float, ...] | None] = []
         self._best: tuple[str, dict[str, Any], float] | None = None
         self._counts = Counts()
         self._consecutive_rejections = 0
@@ -319,17 +346,39 @@ class CampaignBook:
             "stations": {n: s.as_dict() for n, s in self._slots.items()},
         }
 
-    def _tell(self, item: Item, value: float | None, status: Status) -> None:
-        """Tell the optimizer an outcome (by pending id, else by params); remember it was told."""
-        if item.pid is not None and item.pid in {p.id for p in self.optimizer.pending()}:
-            self.optimizer.tell(item.pid, value, status=status)
+    def _tell(
+        self,
+        item: Item,
+        value: float | None,
+        status: Status,
+        vector: tuple[float, ...] | None = None,
+    ) -> None:
+        """Tell the optimizer an outcome (by pending id, else by params); remember it was told.
+        With several objectives the optimizer is told ``vector`` (every objective's value)."""
+        opt = self.optimizer
+        told: Any = vector if isinstance(opt, ParetoOptimizer) else value
+        if item.pid is not None and item.pid in {p.id for p in opt.pending()}:
+            opt.tell(item.pid, told, status=status)
         else:
             try:
-                self.optimizer.tell(item.params, value, status=status)
+                opt.tell(item.params, told, status=status)
             except ValueError as exc:  # params outside the space (an agent's): nothing to learn
                 log.info("campaign %s: %s not told: %s", self.campaign_id, item.experiment_id, exc)
         self._pending.pop(item.experiment_id, None)
         self._told.add(item.experiment_id)
+
+    def _outcome(
+        self, measurements: Mapping[str, Any]
+    ) -> tuple[float | None, tuple[float, ...] | None]:
+        """A result's objective value (the first objective's, None when not a finite
+        number) and, with several objectives, every objective's (None when one is missing)."""
+        if self.program.multi:
+            vector = self.program.objective_values(measurements)
+            return (vector[0] if vector is not None else None), vector
+        value = measurements.get(self.program.objective.measure)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value), None
+        return None, None
 
     def _forget(self, item: Item) -> None:
         """Drop a proposal from the optimizer without information (it never ran)."""
@@ -340,9 +389,16 @@ class CampaignBook:
         self._told.add(item.experiment_id)
 
     def _record_value(
-        self, experiment_id: str, params: Mapping[str, Any], value: float | None
+        self,
+        experiment_id: str,
+        params: Mapping[str, Any],
+        value: float | None,
+        vector: tuple[float, ...] | None = None,
     ) -> None:
+        """Count an experiment that ran (its trusted value, None for none) for the stop rules
+        and the best result; ``vector``: every objective's value (several objectives)."""
         self._values.append(value)
+        self._vectors.append(vector if value is not None else None)
         if value is None or not math.isfinite(value):
             return
         if self._best is None or self.program.objective.better(value, self._best[2]):

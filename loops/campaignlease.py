@@ -32,20 +32,18 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Callable
 
+from instruments.deadline import bounded
 from loops.campaignbook import CampaignBook, Slot
 from loops.journal import Journal, StaleOwner
 from loops.stationerrors import cause_text
 from loops.stationlease import LEASE_S, POLL_S, RENEW_S, LeaseHeld
-from loops.stations import StationActor
+from loops.stations import StationActor, StationLink
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HANDOVER_S", "CampaignLease", "OwnerAlive", "bounded"]
-
-_T = TypeVar("_T")
+__all__ = ["HANDOVER_S", "CampaignLease", "OwnerAlive"]
 
 #: how long a new owner waits for an older owner's lease on a station to end: a whole
 #: lease after a last renewal, the trip, and a margin for a loaded machine (real seconds)
@@ -54,14 +52,6 @@ HANDOVER_S = 2 * LEASE_S + 2 * POLL_S + 2.0
 #: the release of their leases (real seconds); a station that does not answer by then has
 #: its lease run out instead (it trips: the bound of loops.stationlease)
 RELEASE_S = 2 * RENEW_S
-
-
-async def bounded(call: Awaitable[_T], limit_s: float) -> _T:
-    """``await call``, raising TimeoutError after ``limit_s`` real seconds; a cancellation
-    of the caller always propagates (``asyncio.timeout``; Python 3.11's ``asyncio.wait_for``
-    swallows one that arrives as ``call`` completes: the module docstring)."""
-    async with asyncio.timeout(limit_s):
-        return await call
 
 
 class OwnerAlive(RuntimeError):
@@ -74,6 +64,49 @@ class CampaignLease(CampaignBook):
 
     _keeper: asyncio.Task[None] | None = None
     _released: set[str]
+    _workers: list[asyncio.Task[None]]  # one per station that claims work (CampaignRunner.run)
+
+    _start_worker: Callable[[Slot], None]  # CampaignRunner's: a worker for the slot
+
+    def out_stations(self) -> dict[str, StationLink]:
+        """The stations out of the campaign now (died, tripped, refused...) and their links."""
+        return {n: s.actor for n, s in self._slots.items() if s.state == "out"}
+
+    async def rejoin(self, name: str, link: StationLink, why: str) -> None:
+        """Station ``name``, out of the running campaign (its actor died with its node, say),
+        takes work again on ``link``: a new actor, already brought to a safe, reset, drained
+        state (:meth:`StationActor.recover <loops.stationrecover.StationRecovery.recover>`,
+        by an operator). Leased with this owner's epoch (raises what the lease raises and
+        the station stays out), journaled as a station event with ``why``, then it claims
+        proposals like the others. Raises ``ValueError`` for a station that is not out, or
+        a campaign that is not running or is stopping (it would never claim)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ValueError(f"campaign {self.campaign_id} has no station {name}")
+        if self._phase != "running" or self._stop_request is not None:
+            raise ValueError(f"campaign {self.campaign_id} is not running: {name} cannot rejoin")
+        if slot.state != "out":
+            raise ValueError(f"station {name} is {slot.state} in campaign {self.campaign_id}")
+        epoch = self._epoch
+        assert epoch is not None
+        await bounded(
+            link.call(StationActor.lease, self._owner_name(), epoch, self._lease_s), 2 * RENEW_S
+        )
+        if self._phase != "running" or self._stop_request is not None:  # ended meanwhile
+            with contextlib.suppress(Exception):
+                await bounded(link.call(StationActor.release, epoch), RELEASE_S)
+            raise ValueError(f"campaign {self.campaign_id} ended: {name} did not rejoin")
+        slot.actor, slot.state, slot.reason, slot.disagreements = link, "idle", None, 0
+        self._released.discard(name)
+        self._start_worker(slot)  # no await since the check: run() is still waiting for workers
+        log.warning("campaign %s: station %s rejoined: %s", self.campaign_id, name, why)
+        self._emit("station", station=name, state="rejoined", reason=why)
+        # journaled as a station going out is: awaited before the campaign's end
+        self._notes.append(
+            self.journal.call(
+                Journal.station_event, self.campaign_id, name, "rejoined", why, epoch=epoch
+            )
+        )
 
     @property
     def epoch(self) -> int | None:

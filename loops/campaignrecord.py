@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -154,12 +153,8 @@ class CampaignRecorder(CampaignBook):
             )
         if out.get("ok"):
             measurements = dict(out.get("measurements") or {})
-            value = measurements.get(measure)
-            if (
-                isinstance(value, int | float)
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-            ):
+            value, vector = self._outcome(measurements)
+            if value is not None:
                 verification = out.get("verification")
                 verified, reason = None, None
                 if verification is not None:
@@ -171,7 +166,7 @@ class CampaignRecorder(CampaignBook):
                     reason = "; ".join(filter(None, [reason, RECOVERED + checked]))
                 elif out.get("recovered_after_death"):
                     reason = "; ".join(filter(None, [reason, RECOVERED_LIVE]))
-                self._tell(item, float(value), "untrusted" if verified is False else "ok")
+                self._tell(item, value, "untrusted" if verified is False else "ok", vector)
                 result = {**dict(out.get("result") or {}), "station": slot.name}
                 if verification is not None:
                     result["verification"] = verification
@@ -195,7 +190,7 @@ class CampaignRecorder(CampaignBook):
                 self._counts.done += 1
                 self._counts.by_station[slot.name] = self._counts.by_station.get(slot.name, 0) + 1
                 # an untrusted value counts against the budget but is no result (stop rules)
-                self._record_value(eid, item.params, None if verified is False else float(value))
+                self._record_value(eid, item.params, None if verified is False else value, vector)
                 event = {
                     "experiment_id": eid,
                     "station": slot.name,
@@ -211,7 +206,11 @@ class CampaignRecorder(CampaignBook):
                 self._resolve(eid, {"event": "finished", **event})
                 self._count_disagreement(slot, verified, reason)
                 return
-            reason = f"the recipe ran but produced no finite {measure!r} (got {value!r})"
+            got = {o.measure: measurements.get(o.measure) for o in self.program.goals}
+            if self.program.multi:
+                reason = f"the recipe ran but produced no finite value of every objective ({got})"
+            else:
+                reason = f"the recipe ran but produced no finite {measure!r} (got {got[measure]!r})"
             self._tell(item, None, "failed")
             await j.call(
                 Journal.fail,

@@ -22,12 +22,12 @@ at all (:class:`BudgetWindow`, the message saying when).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from loops.campaignapproval import CampaignApproval
-from loops.campaignbook import STATE_VERSION, Item, Slot
+from loops.campaignbook import STATE_VERSION, Item, Slot, restore_optimizer
 from loops.campaignlease import CampaignLease
 from loops.journal import AWAITING, CompletedRun, Experiment, Journal, ResumeInfo
-from loops.optimizer import optimizer_from_state
 from loops.stationerrors import cause_text
 from loops.stationledger import window_text
 from loops.stations import StationActor
@@ -117,14 +117,18 @@ class CampaignResume(CampaignLease, CampaignApproval):
             if slot.state != "out":
                 self._out(slot, f"safety budget spent: {why}", state="paused")
 
+    def _vector_of(self, exp: Experiment) -> tuple[float, ...] | None:
+        """Every objective's value of a done experiment (several objectives), from its
+        journaled measurements; None otherwise."""
+        if not self.program.multi or exp.state != "done" or not isinstance(exp.result, Mapping):
+            return None
+        measurements = exp.result.get("measurements")
+        return self._outcome(measurements)[1] if isinstance(measurements, Mapping) else None
+
     async def _restore(self, info: ResumeInfo, operator: str) -> None:
         saved = info.optimizer_state or {}
         if saved.get("version") == STATE_VERSION and saved.get("optimizer"):
-            self.optimizer = optimizer_from_state(
-                self.optimizer.space,
-                saved["optimizer"],
-                constraints=self.optimizer.constraints,
-            )
+            self.optimizer = restore_optimizer(self.optimizer, saved["optimizer"])
             self._pending = {str(k): str(v) for k, v in saved.get("pending", {}).items()}
             self._told = set(saved.get("told", []))
             self._elapsed_before = float(saved.get("elapsed_s", 0.0))
@@ -139,7 +143,8 @@ class CampaignResume(CampaignLease, CampaignApproval):
             key=lambda e: e.updated,
         )
         for exp in ran:  # the stop rules' view: every experiment that reached a station
-            self._record_value(exp.id, exp.params, exp.objective if exp.state == "done" else None)
+            value = exp.objective if exp.state == "done" else None
+            self._record_value(exp.id, exp.params, value, self._vector_of(exp))
         for exp in experiments:
             pid = self._pending.get(exp.id)
             item = Item(
@@ -168,7 +173,8 @@ class CampaignResume(CampaignLease, CampaignApproval):
             if exp.id in self._told or exp.state == "interrupted":
                 continue
             if exp.state == "done":
-                self._tell(item, exp.objective, "ok" if exp.trusted else "untrusted")
+                vector = self._vector_of(exp)
+                self._tell(item, exp.objective, "ok" if exp.trusted else "untrusted", vector)
             elif exp.state == "failed":
                 self._tell(item, None, "failed")
             elif exp.state == "rejected":

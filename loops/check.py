@@ -134,9 +134,9 @@ def _points(program: Program) -> list[tuple[str, dict[str, Any]]]:
     params = program.parameters
     out: list[tuple[str, dict[str, Any]]] = []
     for corner in itertools.islice(itertools.product((0, 1), repeat=len(params)), MAX_CORNERS):
-        point = {p.name: (p.low, p.high)[c] for p, c in zip(params, corner, strict=True)}
+        point = {p.name: p.extremes()[c] for p, c in zip(params, corner, strict=True)}
         out.append(("corner", program.space.clip(point)))
-    centre = {p.name: (p.low + p.high) / 2 for p in params}
+    centre = {p.name: p.middle() for p in params}
     out.append(("centre", program.space.clip(centre)))
     return out
 

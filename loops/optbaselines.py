@@ -76,7 +76,7 @@ class GridSearch(StrategyBase):
     """Full factorial grid, ``points_per_axis`` values per parameter, row-major order.
 
     Float axes: ``linspace(low, high, n)`` (the midpoint when n == 1); int axes:
-    the distinct rounded values of that. Points already pending or observed
+    the distinct rounded values of that; categorical/ordinal axes: every choice. Points already pending or observed
     (an agent's, say) and points violating ``constraints`` are skipped. Raises
     :class:`Exhausted` when the grid is done.
     """
@@ -101,6 +101,9 @@ class GridSearch(StrategyBase):
         self.points_per_axis = points_per_axis
         self.axes: list[list[ParamValue]] = []
         for d in self.space.dims:
+            if d.choices:  # categorical/ordinal: every choice, whatever points_per_axis
+                self.axes.append(list(d.choices))
+                continue
             vals = (
                 np.linspace(d.low, d.high, points_per_axis)
                 if points_per_axis > 1

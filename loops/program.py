@@ -35,14 +35,21 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
 ``parameters`` (required)
     name -> ``{type: float|int, low, high, unit?, doc?}``; names are
     identifiers usable in constraints; ``int`` bounds are integers;
-    ``low < high``.
+    ``low < high``. Or ``{type: categorical|ordinal, choices: [...], unit?,
+    doc?}``: one of two or more distinct strings/numbers (an ordinal's in
+    order); a constraint or recipe expression that compares one with a value
+    that is none of its choices is an error (docs/optimizer.md).
 ``constraints``
     a list of rules in the safety layer's expression language
     (:mod:`safety.expr`) over the parameter (and ``fixed``) names; a proposal
     that breaks one is infeasible before any dry run.
-``objective`` (required)
+``objective`` (required, or ``objectives``)
     ``measure``: the name of a measurement the recipe produces;
     ``direction``: ``minimize``/``maximize``.
+``objectives``
+    instead of ``objective``: a list of two or more ``{measure, direction,
+    threshold?}`` (distinct measures); the optimizer proposes along their
+    Pareto front (:mod:`loops.optmulti`).
 ``budget`` (required, at least one limit)
     ``experiments`` (int >= 1): experiments run on a station;
     ``hours`` (> 0): of the campaign's clock (simulated hours on a simulated
@@ -50,7 +57,10 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
 ``stop``
     ``target``: stop when the objective reaches it (``<=`` when minimising,
     ``>=`` when maximising); ``no_improvement`` (int >= 1): stop after that
-    many experiments in a row without a better value.
+    many experiments in a row without a better value (several objectives:
+    without a new point on the Pareto front); ``at_thresholds`` (several
+    objectives, each with a threshold; no ``target`` then): stop when one
+    result meets every threshold.
 ``strategy``
     ``bayes`` (default), ``random`` or ``grid``.
 ``initial_points``
@@ -84,15 +94,10 @@ registered ones (:mod:`loops.functions`) unless others are passed in.
 
 from __future__ import annotations
 
-import numbers
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from loops.approval import parse_approval
-from loops.checks import compile_verification
-from loops.plan import Plan, compile_fixed, compile_plan, plain
 from loops.programmodel import (
     Budget,
     Constraint,
@@ -102,13 +107,9 @@ from loops.programmodel import (
     ProgramError,
     Space,
     StopRules,
-    finite,
-    is_number,
-    plain_number,
-    show_value,
 )
-from safety.expr import RuleSyntaxError, parse
-from safety.yamldoc import YamlDoc, compose_yaml, field_path
+from loops.programparse import build_program
+from safety.yamldoc import YamlDoc, compose_yaml
 
 __all__ = [
     "PROGRAMS_DIR",
@@ -123,35 +124,6 @@ __all__ = [
     "builtin_program",
     "load_program",
 ]
-
-TOP_KEYS = (
-    "name",
-    "parameters",
-    "constraints",
-    "objective",
-    "budget",
-    "stop",
-    "strategy",
-    "initial_points",
-    "stations",
-    "seed",
-    "recipe",
-    "fixed",
-    "verification",
-    "approval",
-)
-REQUIRED_KEYS = ("name", "parameters", "objective", "budget", "recipe")
-PARAMETER_KEYS = ("type", "low", "high", "unit", "doc")
-PARAMETER_TYPES = ("float", "int")
-OBJECTIVE_KEYS = ("measure", "direction")
-DIRECTIONS = ("minimize", "maximize")
-BUDGET_KEYS = ("experiments", "hours")
-STOP_KEYS = ("target", "no_improvement")
-STRATEGIES = ("bayes", "random", "grid")
-_SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MEASURE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
-_RESERVED = {"and", "or", "not", "in", "true", "false", "True", "False"}
 
 
 def _compose(text: str, doc: YamlDoc) -> Any:
@@ -242,279 +214,4 @@ def load_program(
         )
     if body is not None:
         md = body
-    _no_huge_integers(data, doc)
-    return _build(data, doc, md, functions)
-
-
-def _no_huge_integers(data: Any, doc: YamlDoc) -> None:
-    """Refuse an integer too large for a float anywhere in the spec (JSON and YAML allow
-    10**400; every check that compares it with a float would raise OverflowError)."""
-    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, Mapping):
-            stack.extend(((*path, k), v) for k, v in value.items())
-        elif isinstance(value, list):
-            stack.extend(((*path, i), v) for i, v in enumerate(value))
-        elif is_number(value) and isinstance(value, numbers.Integral) and not finite(value):
-            raise doc.error(f"must be a number (finite), got {show_value(value)}", path)
-
-
-# ----------------------------------------------------------------- validation
-def _no_unknown(
-    spec: Mapping[Any, Any], allowed: Sequence[str], path: tuple[Any, ...], doc: YamlDoc
-) -> None:
-    for key in spec:
-        if key not in allowed:
-            raise doc.error(f"unknown key '{key}' (known: {', '.join(allowed)})", (*path, key))
-
-
-def _mapping(value: Any, path: tuple[Any, ...], doc: YamlDoc, what: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise doc.error(f"must be a mapping ({what}), got {type(value).__name__}", path)
-    return value
-
-
-def _number(value: Any, path: tuple[Any, ...], doc: YamlDoc) -> float:
-    if not finite(value):
-        raise doc.error(f"must be a number (finite), got {show_value(value)}", path)
-    return plain_number(value)
-
-
-def _integer(value: Any, path: tuple[Any, ...], doc: YamlDoc, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise doc.error(f"must be an integer, got {value!r}", path)
-    if minimum is not None and value < minimum:
-        raise doc.error(f"must be >= {minimum}, got {value!r}", path)
-    return int(value)
-
-
-def _string(value: Any, path: tuple[Any, ...], doc: YamlDoc, choices: Sequence[str] = ()) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise doc.error(f"must be a non-empty string, got {value!r}", path)
-    if choices and value not in choices:
-        raise doc.error(f"must be one of {', '.join(choices)}, got {value!r}", path)
-    return value
-
-
-def _parameter(name: Any, spec: Any, doc: YamlDoc) -> Parameter:
-    path: tuple[Any, ...] = ("parameters", name)
-    if not isinstance(name, str) or not _IDENT_RE.fullmatch(name) or name in _RESERVED:
-        raise doc.error(
-            f"parameter names are identifiers (letters, digits, _; not a keyword), got {name!r}",
-            path,
-        )
-    spec = _mapping(spec, path, doc, "{type, low, high, unit}")
-    _no_unknown(spec, PARAMETER_KEYS, path, doc)
-    for key in ("type", "low", "high"):
-        if key not in spec:
-            raise doc.error(f"missing '{key}'", path)
-    kind = _string(spec["type"], (*path, "type"), doc, PARAMETER_TYPES)
-    low = _number(spec["low"], (*path, "low"), doc)
-    high = _number(spec["high"], (*path, "high"), doc)
-    if kind == "int":
-        for key, v in (("low", low), ("high", high)):
-            if float(v) != round(float(v)):
-                raise doc.error(f"an int parameter needs integer bounds, got {v!r}", (*path, key))
-        low, high = int(low), int(high)
-    else:
-        low, high = float(low), float(high)
-    if not low < high:
-        raise doc.error(f"low {low!r} must be < high {high!r}", (*path, "low"))
-    unit = spec.get("unit", "")
-    docstr = spec.get("doc", "")
-    for key, v in (("unit", unit), ("doc", docstr)):
-        if not isinstance(v, str):
-            raise doc.error(f"must be a string, got {v!r}", (*path, key))
-    return Parameter(name, kind, low, high, unit, docstr)
-
-
-def _constraint(i: int, text: Any, known: set[str], doc: YamlDoc) -> Constraint:
-    path: tuple[Any, ...] = ("constraints", i)
-    if not isinstance(text, str) or not text.strip():
-        raise doc.error(f"a constraint is a rule (a string), got {text!r}", path)
-    line, column, _ = doc.scalars.get(path, (doc.line(path) or 1, 1, 0))
-    has_lines = path in doc.scalars
-    try:
-        expr = parse(text, source=doc.source, line=line, column=column)
-    except RuleSyntaxError as exc:
-        raise ProgramError(
-            f'{exc.problem} in rule "{text}" (column {exc.column})',
-            source=doc.source,
-            line=exc.line if has_lines else None,
-            field=field_path(path),
-        ) from None
-    for n in sorted(expr.names()):
-        if n not in known:
-            raise doc.error(
-                f"unknown name '{n}' in \"{text}\" (known: {', '.join(sorted(known))})", path
-            )
-    return Constraint(text, expr, doc.line(path))
-
-
-def _objective(spec: Any, doc: YamlDoc) -> Objective:
-    path: tuple[Any, ...] = ("objective",)
-    spec = _mapping(spec, path, doc, "{measure, direction}")
-    _no_unknown(spec, OBJECTIVE_KEYS, path, doc)
-    if "measure" not in spec:
-        raise doc.error("missing 'measure'", path)
-    measure = _string(spec["measure"], (*path, "measure"), doc)
-    if not _MEASURE_RE.fullmatch(measure):
-        raise doc.error(
-            f"a measurement name is identifiers joined by dots, got {measure!r}", (*path, "measure")
-        )
-    direction = _string(spec.get("direction", "minimize"), (*path, "direction"), doc, DIRECTIONS)
-    return Objective(measure, direction)
-
-
-def _budget(spec: Any, doc: YamlDoc) -> Budget:
-    path: tuple[Any, ...] = ("budget",)
-    spec = _mapping(spec, path, doc, "{experiments, hours}")
-    _no_unknown(spec, BUDGET_KEYS, path, doc)
-    experiments = hours = None
-    if spec.get("experiments") is not None:
-        experiments = _integer(spec["experiments"], (*path, "experiments"), doc, minimum=1)
-    if spec.get("hours") is not None:
-        hours = float(_number(spec["hours"], (*path, "hours"), doc))
-        if hours <= 0:
-            raise doc.error(f"must be > 0, got {hours!r}", (*path, "hours"))
-    if experiments is None and hours is None:
-        raise doc.error("give experiments and/or hours (a campaign needs a limit)", path)
-    return Budget(experiments, hours)
-
-
-def _stop(spec: Any, doc: YamlDoc) -> StopRules:
-    path: tuple[Any, ...] = ("stop",)
-    if spec is None:
-        return StopRules()
-    spec = _mapping(spec, path, doc, "{target, no_improvement}")
-    _no_unknown(spec, STOP_KEYS, path, doc)
-    target = None
-    if spec.get("target") is not None:
-        target = float(_number(spec["target"], (*path, "target"), doc))
-    patience = None
-    if spec.get("no_improvement") is not None:
-        patience = _integer(spec["no_improvement"], (*path, "no_improvement"), doc, minimum=1)
-    return StopRules(target, patience)
-
-
-def _fixed(spec: Any, params: set[str], doc: YamlDoc) -> dict[str, Any]:
-    return compile_fixed(spec, doc=doc, taken=params)
-
-
-def _plan(
-    spec: Any,
-    params: Sequence[str],
-    fixed: Mapping[str, Any],
-    constraints: Sequence[Constraint],
-    measure: str,
-    name: str,
-    doc: YamlDoc,
-    functions: Mapping[str, Any] | None,
-) -> Plan:
-    """Compile the recipe and check it against the rest: every parameter and fixed value is
-    used (by the recipe or a constraint), the objective is one of its measurements."""
-    plan = compile_plan(spec, inputs=[*params, *fixed], doc=doc, functions=functions, name=name)
-    in_constraints = set().union(*(c.expression.names() for c in constraints))
-    for p in params:
-        if p not in plan.uses:
-            raise doc.error(
-                f"parameter '{p}' is not used by the recipe: the optimizer would search it "
-                f"for nothing (use it in a step, or remove it)",
-                ("parameters", p),
-            )
-    for key in fixed:
-        if key not in plan.uses and key not in in_constraints:
-            raise doc.error(
-                f"'{key}' is used by no step and no constraint (a typo?)", ("fixed", key)
-            )
-    if measure not in plan.measures:
-        raise doc.error(
-            f"the recipe does not measure {measure!r} (it measures: "
-            f"{', '.join(plan.measures) or 'nothing'})",
-            ("objective", "measure"),
-        )
-    return plan
-
-
-def _build(data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | None) -> Program:
-    if not isinstance(data, Mapping):
-        raise doc.error(f"the front matter is a mapping with {', '.join(REQUIRED_KEYS)}, ...", ())
-    _no_unknown(data, TOP_KEYS, (), doc)
-    for key in REQUIRED_KEYS:
-        if data.get(key) is None:
-            raise doc.error(f"missing required field '{key}'", ())
-    name = _string(data["name"], ("name",), doc)
-    if not _SLUG_RE.fullmatch(name):
-        raise doc.error(f"a name is a slug (letters, digits, _.-), got {name!r}", ("name",))
-    pspec = _mapping(data["parameters"], ("parameters",), doc, "name -> {type, low, high}")
-    if not pspec:
-        raise doc.error("needs at least one parameter", ("parameters",))
-    parameters = tuple(_parameter(k, v, doc) for k, v in pspec.items())
-    pnames = {p.name for p in parameters}
-    fixed = _fixed(data.get("fixed"), pnames, doc)
-    raw_constraints = data.get("constraints") or []
-    if not isinstance(raw_constraints, list):
-        raise doc.error("must be a list of rules", ("constraints",))
-    known = pnames | {k for k, v in fixed.items() if is_number(v) or isinstance(v, bool | str)}
-    constraints = tuple(_constraint(i, t, known, doc) for i, t in enumerate(raw_constraints))
-    objective = _objective(data["objective"], doc)
-    budget = _budget(data["budget"], doc)
-    stop = _stop(data.get("stop"), doc)
-    strategy = _string(data.get("strategy", "bayes"), ("strategy",), doc, STRATEGIES)
-    if data.get("initial_points") is not None:
-        initial = _integer(data["initial_points"], ("initial_points",), doc, minimum=0)
-        if budget.experiments is not None and initial > budget.experiments:
-            raise doc.error(
-                f"{initial} initial points exceed budget.experiments {budget.experiments}",
-                ("initial_points",),
-            )
-    else:
-        initial = max(4, 2 * len(parameters))
-        if budget.experiments is not None:
-            initial = min(initial, budget.experiments)
-    stations = _integer(data.get("stations", 1), ("stations",), doc, minimum=1)
-    seed = _integer(data.get("seed", 0), ("seed",), doc)
-    plan = _plan(
-        data["recipe"],
-        [p.name for p in parameters],
-        fixed,
-        constraints,
-        objective.measure,
-        name,
-        doc,
-        functions,
-    )
-    verification = compile_verification(
-        data.get("verification"),
-        measures=plan.measures,
-        inputs=[*(p.name for p in parameters), *fixed],
-        doc=doc,
-    )
-    approval = parse_approval(
-        data.get("approval"),
-        doc,
-        ("approval",),
-        where="program.md approval",
-        known=sorted(known),
-        campaign=True,
-    )
-    return Program(
-        name=name,
-        parameters=parameters,
-        objective=objective,
-        budget=budget,
-        recipe=plain(data["recipe"]),
-        plan=plan,
-        verification=verification,
-        constraints=constraints,
-        stop=stop,
-        strategy=strategy,
-        initial_points=initial,
-        stations=stations,
-        seed=seed,
-        fixed=fixed,
-        body=body,
-        source=doc.source,
-        approval=approval,
-    )
+    return build_program(data, doc, md, functions)

@@ -10,9 +10,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import yaml
+from numpy.typing import NDArray
 
 from loops.approval import ApprovalPolicy
+from loops.optspace import choice_index
+from loops.pareto import dominates, min_frame
 from loops.plan import Plan
 from safety.expr import EvaluationError, Expression
 from safety.yamldoc import ConfigError
@@ -69,7 +73,9 @@ def plain_number(value: Any) -> Any:
 # ------------------------------------------------------------------ the model
 @dataclass(frozen=True)
 class Parameter:
-    """One dimension of the search space: ``type`` float or int, bounds inclusive, SI-ish unit."""
+    """One dimension of the search space: ``type`` float or int (bounds inclusive, SI-ish
+    unit), or ordinal/categorical: one of ``choices`` (strings or numbers; an ordinal
+    one's in order). A choice parameter's ``low``/``high`` are its indices, 0 and n - 1."""
 
     name: str
     type: str
@@ -77,9 +83,15 @@ class Parameter:
     high: float
     unit: str = ""
     doc: str = ""
+    choices: tuple[Any, ...] = ()
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not a valid value of this parameter (None if it is)."""
+        if self.choices:
+            if choice_index(self.choices, value) is None:
+                listed = ", ".join(repr(c) for c in self.choices)
+                return f"{self.name}={show_value(value)} is not one of {listed}"
+            return None
         value = plain_number(value)
         if not finite(value):
             return f"{self.name} must be a finite number, got {show_value(value)}"
@@ -90,23 +102,53 @@ class Parameter:
             return f"{self.name}={value!r}{unit} is outside [{self.low!r}, {self.high!r}]{unit}"
         return None
 
-    def clip(self, value: float) -> float | int:
-        """Clipped into the bounds; rounded to an ``int`` for int parameters."""
+    def clip(self, value: Any) -> float | int | str:
+        """Clipped into the bounds; rounded to an ``int`` for int parameters; a choice as
+        listed (ValueError if ``value`` is none of them)."""
+        if self.choices:
+            i = choice_index(self.choices, value)
+            if i is None:
+                raise ValueError(self.problem(value))
+            return self.choices[i]
         v = min(float(self.high), max(float(self.low), float(value)))
         if self.type == "int":
             return int(min(self.high, max(self.low, round(v))))
         return v
 
-    def to_unit(self, value: float) -> float:
-        """The value scaled to 0-1 over the bounds."""
+    def to_unit(self, value: Any) -> float:
+        """The value scaled to 0-1 over the bounds (a choice: its index over n - 1)."""
+        if self.choices:
+            i = choice_index(self.choices, value)
+            if i is None:
+                raise ValueError(self.problem(value))
+            return i / (len(self.choices) - 1)
         return (float(value) - self.low) / (self.high - self.low)
 
-    def from_unit(self, u: float) -> float | int:
-        """A 0-1 value back to the bounds (clipped; rounded for int parameters)."""
+    def from_unit(self, u: float) -> float | int | str:
+        """A 0-1 value back to the bounds (clipped; rounded for int parameters; the choice
+        at the nearest index)."""
+        if self.choices:
+            return self.choices[int(round(min(1.0, max(0.0, float(u))) * self.high))]
         return self.clip(self.low + float(u) * (self.high - self.low))
 
+    def extremes(self) -> tuple[Any, Any]:
+        """The lowest and highest value (the first and last choice)."""
+        if self.choices:
+            return self.choices[0], self.choices[-1]
+        return self.low, self.high
+
+    def middle(self) -> Any:
+        """The value halfway (the middle choice)."""
+        if self.choices:
+            return self.choices[len(self.choices) // 2]
+        return (self.low + self.high) / 2
+
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": self.type, "low": self.low, "high": self.high}
+        out: dict[str, Any] = {"type": self.type}
+        if self.choices:
+            out["choices"] = list(self.choices)
+        else:
+            out.update(low=self.low, high=self.high)
         if self.unit:
             out["unit"] = self.unit
         if self.doc:
@@ -156,15 +198,17 @@ class Space:
                 )
         return problems
 
-    def clip(self, params: Mapping[str, Any]) -> dict[str, float | int]:
-        """Every parameter clipped into its bounds (ints rounded, numpy -> Python numbers)."""
+    def clip(self, params: Mapping[str, Any]) -> dict[str, float | int | str]:
+        """Every parameter clipped into its bounds (ints rounded, numpy -> Python numbers,
+        choices as listed)."""
         return {p.name: p.clip(plain_number(params[p.name])) for p in self.parameters}
 
     def to_unit(self, params: Mapping[str, Any]) -> list[float]:
-        """Parameters -> a point in the unit cube, in :attr:`names` order."""
+        """Parameters -> a point in the unit cube, in :attr:`names` order (a choice: its
+        index over n - 1; the optimizer's own map is :class:`loops.optspace.ParamSpace`)."""
         return [p.to_unit(plain_number(params[p.name])) for p in self.parameters]
 
-    def from_unit(self, point: Sequence[float]) -> dict[str, float | int]:
+    def from_unit(self, point: Sequence[float]) -> dict[str, float | int | str]:
         """A point in the unit cube (in :attr:`names` order) -> parameters (clipped, ints rounded)."""
         if len(point) != self.dims:
             raise ValueError(f"point has {len(point)} coordinates, the space {self.dims}")
@@ -185,10 +229,13 @@ class Constraint:
 
 @dataclass(frozen=True)
 class Objective:
-    """What to optimise: a measurement the recipe produces and the direction."""
+    """What to optimise: a measurement the recipe produces and the direction; with several
+    objectives, optionally a ``threshold`` (the worst value still worth having: ``<=`` it
+    when minimising, ``>=`` when maximising)."""
 
     measure: str
     direction: str = "minimize"
+    threshold: float | None = None
 
     @property
     def minimize(self) -> bool:
@@ -202,8 +249,19 @@ class Objective:
         """The value as a quantity to maximise (``-value`` when minimising)."""
         return -value if self.minimize else value
 
+    def meets(self, value: float | None) -> bool:
+        """``value`` meets the threshold (True without one; False without a value)."""
+        if value is None or not math.isfinite(value):
+            return False
+        if self.threshold is None:
+            return True
+        return value <= self.threshold if self.minimize else value >= self.threshold
+
     def as_dict(self) -> dict[str, Any]:
-        return {"measure": self.measure, "direction": self.direction}
+        out: dict[str, Any] = {"measure": self.measure, "direction": self.direction}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return out
 
 
 @dataclass(frozen=True)
@@ -223,17 +281,22 @@ class Budget:
 
 @dataclass(frozen=True)
 class StopRules:
-    """Stop at ``target`` (objective reached) or after ``no_improvement`` experiments without one."""
+    """Stop at ``target`` (objective reached) or after ``no_improvement`` experiments without one;
+    with several objectives, ``at_thresholds``: when one result meets every threshold."""
 
     target: float | None = None
     no_improvement: int | None = None
+    at_thresholds: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             k: v
             for k, v in (("target", self.target), ("no_improvement", self.no_improvement))
             if v is not None
         }
+        if self.at_thresholds:
+            out["at_thresholds"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -260,10 +323,37 @@ class Program:
     source: str = "<program>"
     #: when an agent's proposal waits for a human (None: auto; loops/approval.py)
     approval: ApprovalPolicy | None = None
+    #: every objective when there are several (``objective`` is the first); () for one
+    objectives: tuple[Objective, ...] = ()
 
     @property
     def space(self) -> Space:
         return Space(self.parameters)
+
+    @property
+    def goals(self) -> tuple[Objective, ...]:
+        """Every objective, the first one (``objective``) first."""
+        return self.objectives or (self.objective,)
+
+    @property
+    def multi(self) -> bool:
+        """The program has several objectives (the optimizer proposes along their front)."""
+        return len(self.goals) > 1
+
+    def objective_values(self, measurements: Mapping[str, Any]) -> tuple[float, ...] | None:
+        """Every objective's value from a result's measurements (dotted names looked up
+        nested or flat), or None when one of them is missing or not a finite number."""
+        out = []
+        for o in self.goals:
+            v: Any = measurements.get(o.measure)
+            if v is None and "." in o.measure:
+                v = measurements
+                for part in o.measure.split("."):
+                    v = v.get(part) if isinstance(v, Mapping) else None
+            if not finite(v):
+                return None
+            out.append(float(v))
+        return tuple(out)
 
     def feasible(self, params: Mapping[str, Any]) -> tuple[bool, list[str]]:
         """Whether ``params`` is a valid point that satisfies every constraint; the reasons if not.
@@ -295,7 +385,13 @@ class Program:
         target = self.stop.target
         return value <= target if self.objective.minimize else value >= target
 
-    def stop_reason(self, values: Sequence[float | None], *, elapsed_s: float = 0.0) -> str | None:
+    def stop_reason(
+        self,
+        values: Sequence[float | None],
+        *,
+        elapsed_s: float = 0.0,
+        vectors: Sequence[Sequence[float] | None] | None = None,
+    ) -> str | None:
         """Why the campaign should stop now, or None.
 
         ``values``: the objective value of every experiment that counts against
@@ -303,8 +399,14 @@ class Program:
         ``elapsed_s``: seconds of campaign clock. Checked in order: target
         reached, experiment budget spent, time budget spent, no improvement in
         the last ``stop.no_improvement`` experiments (failures count as no
-        improvement).
+        improvement). With several objectives, ``vectors`` (every objective's
+        value per experiment, same order, None for no trusted result) replace
+        the values in the rules: ``at_thresholds`` (one result meets every
+        threshold) instead of the target, and an improvement is a result that
+        joins the Pareto front.
         """
+        if self.multi:
+            return self._stop_reason_multi(vectors or [None] * len(values), elapsed_s)
         best: float | None = None
         since = 0
         for v in values:
@@ -320,16 +422,61 @@ class Program:
             return (
                 f"target reached: {self.objective.measure}={best:.4g} (target {self.stop.target:g})"
             )
-        n = len(values)
-        if self.budget.experiments is not None and n >= self.budget.experiments:
-            return f"experiment budget spent: {n} of {self.budget.experiments}"
-        if self.budget.hours is not None and elapsed_s >= self.budget.hours * 3600.0:
-            return f"time budget spent: {elapsed_s / 3600.0:.3g} h of {self.budget.hours:g} h"
+        budget = self._budget_reason(len(values), elapsed_s)
+        if budget is not None:
+            return budget
         limit = self.stop.no_improvement
         if limit is not None and since >= limit:
             if best is None:
                 return f"no successful experiment in the last {since}"
             return f"no improvement in the last {since} experiments (best {best:.4g})"
+        return None
+
+    def _budget_reason(self, n: int, elapsed_s: float) -> str | None:
+        if self.budget.experiments is not None and n >= self.budget.experiments:
+            return f"experiment budget spent: {n} of {self.budget.experiments}"
+        if self.budget.hours is not None and elapsed_s >= self.budget.hours * 3600.0:
+            return f"time budget spent: {elapsed_s / 3600.0:.3g} h of {self.budget.hours:g} h"
+        return None
+
+    def _stop_reason_multi(
+        self, vectors: Sequence[Sequence[float] | None], elapsed_s: float
+    ) -> str | None:
+        goals = self.goals
+        directions = [o.direction for o in goals]
+        front: list[NDArray[np.float64]] = []  # the minimised-frame front so far
+        since = 0
+        met: Sequence[float] | None = None
+        for v in vectors:
+            if v is None:
+                since += 1
+                continue
+            if (
+                met is None
+                and self.stop.at_thresholds
+                and all(o.meets(x) for o, x in zip(goals, v, strict=True))
+            ):
+                met = v
+            y = min_frame([list(v)], directions)[0]
+            if any(dominates(f, y) or bool(np.all(f == y)) for f in front):
+                since += 1
+                continue
+            front = [f for f in front if not dominates(y, f)] + [y]
+            since = 0
+        if met is not None:
+            shown = ", ".join(f"{o.measure}={x:.4g}" for o, x in zip(goals, met, strict=True))
+            return f"thresholds met: {shown}"
+        budget = self._budget_reason(len(vectors), elapsed_s)
+        if budget is not None:
+            return budget
+        limit = self.stop.no_improvement
+        if limit is not None and since >= limit:
+            if not front:
+                return f"no successful experiment in the last {since}"
+            return (
+                f"no new Pareto-optimal result in the last {since} experiments "
+                f"({len(front)} on the front)"
+            )
         return None
 
     def as_dict(self) -> dict[str, Any]:
@@ -340,7 +487,10 @@ class Program:
         }
         if self.constraints:
             out["constraints"] = [c.text for c in self.constraints]
-        out["objective"] = self.objective.as_dict()
+        if self.multi:
+            out["objectives"] = [o.as_dict() for o in self.goals]
+        else:
+            out["objective"] = self.objective.as_dict()
         out["budget"] = self.budget.as_dict()
         stop = self.stop.as_dict()
         if stop:

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from loops.journal import JOURNAL_API, AsyncJournal, Journal, api_name
 from loops.runfolder import note_children
-from loops.stationerrors import portable_error
+from loops.stationerrors import cause_text, portable_error
 from loops.stations import (
     ClockSpec,
     StationActor,
@@ -90,7 +90,7 @@ class RayStation:
         try:
             return await ref
         except ray.exceptions.RayActorError as exc:
-            raise StationLost(f"station {self.name} died: {type(exc).__name__}: {exc}") from None
+            raise StationLost(f"station {self.name} lost, taken as died: {cause_text(exc)}") from None
 
 
 def ray_links(journal: Any, actors: Mapping[str, Any]) -> tuple[RayJournal, dict[str, RayStation]]:

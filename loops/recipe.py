@@ -20,6 +20,7 @@ sleep), ``asyncio.sleep`` on real hardware. Arguments of a command (a pump's
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import numbers
@@ -398,7 +399,7 @@ class _Run:
         if k == "capture":
             return await self.capture(p)
         if k == "compute":
-            return self.compute(p)
+            return await self.compute(p)
         self.put(p["into"], p["value"])  # "value": a skipped step's else
         return {p["into"]: p["value"]}
 
@@ -508,7 +509,9 @@ class _Run:
             self.put("image_bytes", size)
         return {"role": role, "image_sha256": digest, "image_bytes": size}
 
-    def compute(self, p: Mapping[str, Any]) -> dict[str, Any]:
+    async def compute(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        """An expression (cheap: on the loop) or a function, on a worker thread: an image
+        analysis or a fit must not hold up the loop the station's monitors poll on."""
         where = f"compute {p['into']}"
         inputs = p.get("inputs", {})
         if p.get("expr"):
@@ -516,7 +519,7 @@ class _Run:
         else:
             args = {a: self.evaluate(t, inputs, where) for a, t in p.get("args", {}).items()}
             try:
-                value = functions.call(p["function"], args)
+                value = await asyncio.to_thread(functions.call, p["function"], args)
             except (ValueError, ArithmeticError, TypeError) as exc:
                 raise MeasurementError(f"{where}: {p['function']}: {exc}") from None
         self.put(p["into"], plain(value))

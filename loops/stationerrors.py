@@ -75,8 +75,22 @@ def portable_error(exc: Exception, fallback: type[Exception] = JournalError) -> 
     return exc
 
 
+#: What Ray's actor errors mean for a station, in words (Ray's own messages run to
+#: several lines of internals). Keyed by name: this module does not import Ray.
+_ACTOR_GONE = {
+    "ActorDiedError": "its Ray actor died (its node or process went down)",
+    "ActorUnavailableError": "its Ray actor is not answering (its node may be down or restarting)",
+}
+
+
 def cause_text(exc: BaseException) -> str:
-    """``Type: message`` of an error, unwrapping a Ray task error to its cause."""
+    """``Type: message`` of an error on one line, unwrapping a Ray task error to its cause;
+    a Ray actor error says what it means for the station first."""
     cause = getattr(exc, "cause", None)
     err = cause if isinstance(cause, BaseException) else exc
-    return f"{type(err).__name__}: {err}"
+    name = type(err).__name__
+    text = " ".join(str(err).split()) or name
+    gone = _ACTOR_GONE.get(name)
+    if gone:
+        return f"{name}: {gone} ({text[:300]})"
+    return f"{name}: {text}"

@@ -4,7 +4,9 @@
 The recipe is dry-run again, the experiment moved ``queued -> running`` (with the
 experiments budget's unit, one transaction), each step journaled before it acts
 (``step_started``, with a reservation of what it may consume) and after
-(``step_done``, with what it did consume). The last step's record carries what the run
+(``step_done``, with what it did consume; nothing acts between a step's end and the next
+step's start, so that record goes to disk in the next start's transaction: one journal
+round trip per step, not two). The last step's record carries what the run
 measured (measurements, the safety verdicts, the captures' JPEGs: ``step_done``
 ``measured=``, one transaction), and once verified the run's outcome is journaled
 (:meth:`Journal.record_outcome <loops.journal.Journal.record_outcome>`: the
@@ -249,12 +251,19 @@ class StationRuns(StationCore):
         so_far = Result()  # what the run measured so far (run_recipe fills it)
         last = len(recipe.steps) - 1
         keep_images = self._verify or include_image
+        finished: list[tuple[int, dict[str, Any]]] = []  # a step done, journaled with the next
 
         async def on_step(i: int, step: Step, what: str, data: dict[str, Any]) -> None:
             nonlocal index, phase
             self._lease.check(epoch)  # no step acts, nothing is journaled, without a live owner
             index, phase = i, what
             if journal is None:
+                return
+            if what == "done" and i < last:
+                # nothing acts until the next step starts: its record goes to disk with that
+                # step's start, one journal write per step boundary (its reservation stays
+                # open until then, and a kill in between reads as "during step i")
+                finished.append((i, data))
                 return
             # the budget consumption so far goes to disk with the step event (one transaction)
             used = unsaved_consumption(ledger, self._now, self._speed)
@@ -268,13 +277,9 @@ class StationRuns(StationCore):
                     epoch=epoch,
                     consumption=used,
                     reserve=reserve,
+                    done=finished.pop() if finished else None,
                 )
                 self._reserved = bool(reserve)
-            elif i < last:
-                await journal.call(
-                    Journal.step_done, experiment_id, i, data, epoch=epoch, consumption=used
-                )
-                self._reserved = False
             else:  # the last step: what the run measured goes to disk with its record
                 images = {r: b for r, b in so_far.images.items() if b} if keep_images else {}
                 measured.update(

@@ -35,7 +35,7 @@ import abc
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from safety.expr import EvaluationError, Expression, parse
@@ -51,6 +51,9 @@ class MonitorResult:
     reason: str
     monitor: str = ""
     values: Mapping[str, Any] = field(default_factory=dict)
+    #: real seconds left of a grace period this result waits in (no reading yet): neither
+    #: tripped nor cleared until the first reading or the grace's end, whichever comes first
+    grace_left_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -225,7 +228,8 @@ class Staleness(Monitor):
             return self._result(
                 True, False, f"{what} for {waited:.1f} s (grace {fmt(self.grace_s)} s)"
             )
-        return self._result(False, False, f"{what} yet (grace {fmt(self.grace_s)} s)")
+        waiting = self._result(False, False, f"{what} yet (grace {fmt(self.grace_s)} s)")
+        return replace(waiting, grace_left_s=self.grace_s - waited)
 
     def _age(self, view: Mapping[str, Any], ages: Mapping[str, float]) -> float | None:
         return ages.get(self.channel)

@@ -66,6 +66,9 @@ from safety.tripreport import SafeOutcome, TripReport
 
 log = logging.getLogger(__name__)
 
+#: how often a reset looks again at a monitor still waiting out its grace (real seconds)
+GRACE_POLL_S = 0.05
+
 
 class StationSupervisor:
     """Monitors, latched trips, reset and device watchdogs for one station (module docstring).
@@ -492,7 +495,10 @@ class StationSupervisor:
 
         Waits for a safe state in progress (bounded by ``safe_timeout``), reads
         the instruments the monitors watch once more (``refresh``), then
-        evaluates every monitor on that state. Raises :class:`ResetRefused`
+        evaluates every monitor on that state; a monitor still in its grace period (no
+        reading yet: a device that just connected and has not sent its first heartbeat)
+        is waited for until its first reading or the grace's end, so a reset right after
+        the station opened is decided on what the devices say. Raises :class:`ResetRefused`
         naming the monitors and values that still hold, or when ``who``/``why``
         is empty. Nothing is switched back on: reset only unlatches.
         """
@@ -508,6 +514,9 @@ class StationSupervisor:
         while self._storms:  # a re-assertion started while we read: wait for it too
             await asyncio.gather(*list(self._storms), return_exceptions=True)
         results = self.check()
+        while waiting := [r.grace_left_s for r in results.values() if r.grace_left_s > 0]:
+            await asyncio.sleep(min(GRACE_POLL_S, *waiting) + 0.001)
+            results = self.check()
         self.last_results = results
         holding = [r for r in results.values() if not r.cleared]
         if holding:

@@ -13,15 +13,21 @@ import time
 
 
 class SimClock:
-    """``now()`` is simulated seconds since the clock started."""
+    """``now()`` is simulated seconds since the clock started.
 
-    def __init__(self, speed: float = 1.0) -> None:
+    ``sim_at_real``: ``(simulated s, time.monotonic())`` at one instant, to run on the
+    same simulated time as another clock (another process's: CLOCK_MONOTONIC is
+    system-wide; lab.yaml ``simulated.sim_at_real``)."""
+
+    def __init__(
+        self, speed: float = 1.0, *, sim_at_real: tuple[float, float] | None = None
+    ) -> None:
         if not speed > 0:
             raise ValueError(f"clock speed must be > 0, got {speed!r}")
         self._speed = float(speed)
         self._lock = threading.Lock()
-        self._real0 = time.monotonic()
-        self._sim0 = 0.0
+        sim, real = (0.0, time.monotonic()) if sim_at_real is None else sim_at_real
+        self._sim0, self._real0 = float(sim), float(real)
 
     @property
     def speed(self) -> float:

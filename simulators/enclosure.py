@@ -7,7 +7,7 @@ does not import ``instruments``). Topic root ``<prefix>/enclosure/<id>/``:
 topic           direction  retained  payload (JSON, UTF-8)
 ==============  =========  ========  ==================================================
 ``state``       device →   yes       ``{"lid": "open"|"closed", "light": {"on", "intensity"}, "uptime_s"}``
-``heartbeat``   device →   no        ``{"seq": int, "t": float}`` every 0.5 s (simulated time)
+``heartbeat``   device →   no        ``{"seq": int, "t": float}`` every 0.5 s (real time)
 ``cmd``         → device   no        ``{"light": {"on": bool, "intensity": 0..1}, "id": str}``
 ``cmd/ack``     device →   no        ``{"id": str, "ok": bool, "error": str?}``
 ``status``      device →   yes       ``online``; Last Will ``offline``
@@ -126,7 +126,8 @@ class EnclosureSim:
         self.connect_timeout = connect_timeout
         self._client: paho.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._heartbeat_thread: threading.Thread | None = None
+        self._heartbeat_stop = threading.Event()
         self._connected = threading.Event()
         self._stopping = False
         self.heartbeat_seq = 0
@@ -185,18 +186,19 @@ class EnclosureSim:
                     f"enclosure simulator: no connection to the broker at {self.host}:{self.port}"
                 )
             await asyncio.sleep(0.005)
-        self._heartbeat_task = asyncio.create_task(
-            self._heartbeat(), name=f"enclosure-sim-heartbeat-{self.enclosure_id}"
+        self._heartbeat_stop.clear()
+        self._heartbeat_thread = threading.Thread(
+            target=self._heartbeat, name=f"enclosure-sim-heartbeat-{self.enclosure_id}"
         )
+        self._heartbeat_thread.start()
 
     async def stop(self) -> None:
         """Publish ``offline`` (retained), disconnect, join paho's thread. Idempotent."""
         self._stopping = True
-        task, self._heartbeat_task = self._heartbeat_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        thread, self._heartbeat_thread = self._heartbeat_thread, None
+        if thread is not None:
+            self._heartbeat_stop.set()
+            await asyncio.to_thread(thread.join)
         client, self._client = self._client, None
         if client is None:
             return
@@ -256,19 +258,24 @@ class EnclosureSim:
             self.world.enclosure.lid = lid
         self.publish_state()
 
-    async def _heartbeat(self) -> None:
+    def _heartbeat(self) -> None:
+        """Every ``heartbeat_period_s`` of real time, on a thread of its own, as the device's
+        own timer: a faster simulated clock speeds up the physics, not the network (the
+        driver and the monitors age heartbeats in real seconds), and a busy event loop in
+        the simulating process does not delay a device's heartbeat (an ESP32's would not
+        wait for the lab PC either). The first one at once: a device says it is alive as it
+        comes online. Stops at ``_heartbeat_stop``."""
         clock = self.world.clock
-        next_t = clock.now()
-        while True:
-            next_t = max(next_t + self.heartbeat_period_s, clock.now())
-            await clock.sleep(next_t - clock.now())
-            if self.world.faults.active("heartbeat-stop", device=DEVICE) is not None:
-                continue
-            if self._connected.is_set():
+        next_t = time.monotonic()
+        while not self._heartbeat_stop.is_set():
+            stopped = self.world.faults.active("heartbeat-stop", device=DEVICE) is not None
+            if self._connected.is_set() and not stopped:
                 self.heartbeat_seq += 1
                 self._publish(
                     "heartbeat", {"seq": self.heartbeat_seq, "t": round(clock.now(), 3)}, qos=0
                 )
+            next_t = max(next_t + self.heartbeat_period_s, time.monotonic())
+            self._heartbeat_stop.wait(next_t - time.monotonic())
 
     # ----------------------------------------------------- paho's thread side
     def _on_connect(

@@ -344,7 +344,7 @@ async def test_a_flood_is_bounded_while_another_agent_and_an_estop_stay_responsi
                 # the flooder's token, revoked, is refused from its next request on (401, not
                 # the 429 of its flood: an unknown token is never counted as anyone's)
                 assert agents_main(["agents", "revoke", "mallet", "--lab", str(lab.path)]) == 0
-                async with httpx2.AsyncClient() as http:
+                async with httpx2.AsyncClient(timeout=120) as http:
                     r = await http.post(
                         lab.url,
                         json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},

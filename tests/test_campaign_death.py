@@ -271,29 +271,20 @@ async def test_a_campaign_ends_whenever_its_station_actor_is_killed_and_a_resume
         assert summary.state == "stopped", summary
         assert summary.stations["bench-a"]["state"] == "out", summary.stations
 
-        # a new actor; killed during the claim (the proposal's dry run)
-        await bench.new_actor()
+        # a new actor each time; killed during the claim (the proposal's dry run), then
+        # between two experiments
+        for kill_at in ("proposed", "finished"):
+            await bench.new_actor()
 
-        def at_claim(event: dict[str, Any]) -> None:
-            if event["event"] == "proposed":
-                ray_session.kill(bench.actor, no_restart=True)
+            def kill(event: dict[str, Any], kind: str = kill_at) -> None:
+                if event["event"] == kind:
+                    ray_session.kill(bench.actor, no_restart=True)
 
-        runner = bench.runner(prog, at_claim)
-        await runner.prepare(resume=True, operator=OPERATOR)
-        summary = await ends(runner, asyncio.create_task(runner.run()))
-        assert summary.state == "stopped" and "died" in summary.stations["bench-a"]["reason"]
-
-        # a new actor; killed between two experiments
-        await bench.new_actor()
-
-        def after_one(event: dict[str, Any]) -> None:
-            if event["event"] == "finished":
-                ray_session.kill(bench.actor, no_restart=True)
-
-        runner = bench.runner(prog, after_one)
-        await runner.prepare(resume=True, operator=OPERATOR)
-        summary = await ends(runner, asyncio.create_task(runner.run()))
-        assert summary.state == "stopped" and "died" in summary.stations["bench-a"]["reason"]
+            runner = bench.runner(prog, kill)
+            await runner.prepare(resume=True, operator=OPERATOR)
+            summary = await ends(runner, asyncio.create_task(runner.run()))
+            assert summary.state == "stopped", (kill_at, summary)
+            assert "died" in summary.stations["bench-a"]["reason"], (kill_at, summary)
 
         # a new actor: the resume runs the campaign to its budget
         await bench.new_actor()

@@ -437,7 +437,9 @@ async def test_an_experiment_cut_mid_recipe_by_a_kill_is_closed_failed_on_resume
     async with SimulatedLab(stations=1, speed=SPEED) as sim:
         bench = sim.stations[0]
         lab = sim_lab(sim, tmp_path, monkeypatch)
-        await kill_owner_at(lab, tmp_path, "cut", "step_done", "before", step=step)
+        # a step's done record goes to disk with the next step's start (the last one's alone)
+        block, at = ("step_done", step) if where == "last step" else ("step_started", step + 1)
+        await kill_owner_at(lab, tmp_path, "cut", block, "before", step=at)
         t_resume = time.monotonic()
         summary = await resume_one(lab, "cut")
         recipe_again, drains = after_resume(bench, t_resume)
@@ -480,8 +482,8 @@ async def test_the_dye_of_a_dispense_cut_by_a_kill_counts_in_the_restored_budget
         ran_before = len([r for r in pumps.entries("pumps") if str(r.data).strip() == "0RUN"])
         # the red pump was told to dispense 0.7 mL; the owner dies before the step is
         # recorded done (the consumption the guard counted is in no journal write yet)
-        await kill_owner_at(
-            lab, tmp_path, "cut", "step_done", "before", step=red, dye_per_hour=True
+        await kill_owner_at(  # its done record would go with the next step's start
+            lab, tmp_path, "cut", "step_started", "before", step=red + 1, dye_per_hour=True
         )
         runs = [r for r in pumps.entries("pumps") if str(r.data).strip() == "0RUN"]
         assert len(runs) == ran_before + 1, "the red pump never ran"

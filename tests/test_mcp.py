@@ -39,7 +39,8 @@ from bridge.agentcli import main as agents_main
 from bridge.agenttokens import TokenStore
 from bridge.labconfig import LabConfigError, load_lab
 from bridge.mcpserver import HttpBind, McpError, mcp_http, parse_bind
-from bridge.mqttapi import mqtt_settings, serve
+from bridge.mqttapi import mqtt_settings
+from bridge.mqttserve import serve
 from bridge.service import LabService, ServiceError
 from bridge.simbench import sim_lab_yaml
 from loops.journal import Journal
@@ -172,8 +173,9 @@ async def agent_session(agent: Client, sim: SimulatedLab, cid: str, budget: int 
     lab = await call(agent, "lab")
     bench = lab["stations"]["bench-a"]
     assert bench["rules"][0]["name"] == "heater-needs-stirring-and-closed-lid"
-    assert "dispense(volume_ml: a number > 0 mL" in (
-        bench["instruments"]["red"]["commands"]["dispense"]["signature"]
+    assert (
+        "dispense(volume_ml: a number > 0 mL"
+        in (bench["instruments"]["red"]["commands"]["dispense"]["signature"])
     )
     assert bench["limits"]["vial.volume"]["how"] == "<= 2.8 mL"
     assert lab["you"]["agent"] == "agent:alice"
@@ -336,7 +338,7 @@ async def served(alab: AgentLab, broker: Any) -> AsyncIterator[tuple[str, LabSer
 @contextlib.asynccontextmanager
 async def http_agent(url: str, token: str) -> AsyncIterator[Client]:
     async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http,
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=120) as http,
         Client(streamable_http_client(url, http_client=http), read_timeout_seconds=120) as agent,
     ):
         yield agent
@@ -396,7 +398,8 @@ async def test_an_agent_session_over_http_hosted_by_serve_and_the_red_team_is_re
             assert agents_main(["agents", "revoke", "carol", "--lab", str(alab.path)]) == 0
             with pytest.raises(MCPError):  # the next request of a revoked token: 401
                 await carol.call_tool("lab", {})
-        async with httpx2.AsyncClient() as http:  # no session at all without a valid token
+        # no session at all without a valid token
+        async with httpx2.AsyncClient(timeout=120) as http:
             ping = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
             bad = (alab.tokens["carol"], alab.tokens["mallory"], "lbt_nope", "x" * 10_000)
             for headers in [{"Authorization": f"Bearer {t}"} for t in bad] + [{}]:
@@ -422,7 +425,9 @@ def test_agents_issue_list_and_revoke_keep_only_hashes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lab = tmp_path / "lab.yaml"
-    lab.write_text(BASE + "agents:\n  alice: {read: '*', propose: [color-*], stations: [bench-a]}\n")
+    lab.write_text(
+        BASE + "agents:\n  alice: {read: '*', propose: [color-*], stations: [bench-a]}\n"
+    )
     argv = ["--lab", str(lab)]
     assert agents_main(["agents", "issue", "alice", *argv, "--scope", "read,propose"]) == 0
     out = capsys.readouterr()
@@ -454,7 +459,9 @@ def test_agents_issue_list_and_revoke_keep_only_hashes(
     assert f"chmod 600 {tokens}" in capsys.readouterr().err
     tokens.chmod(0o600)
     assert agents_main(["agents", "list", *argv]) == 0
-    assert "alice: read: *; propose: color-*; stations: bench-a; no token" in capsys.readouterr().out
+    assert (
+        "alice: read: *; propose: color-*; stations: bench-a; no token" in capsys.readouterr().out
+    )
     # `labbridge mcp` over stdio refuses to start without a token, before opening anything
     env_token = os.environ.pop(TOKEN_ENV, None)
     try:
@@ -544,7 +551,7 @@ def test_the_agents_page_runs_as_written(ray_session: Any, tmp_path: Path) -> No
     assert "budgets.dye_ml_per_day: 1.55 of 10 mL" in out[1], out[1]
     assert "was issued for read only, not propose" in out[2], out[2]
     # approval: the hot point waited, the operator approved it from the shell, it ran
-    assert "waits: [\"program.md approval: temperature_c > 60 or agent not in trusted" in out[4]
+    assert 'waits: ["program.md approval: temperature_c > 60 or agent not in trusted' in out[4]
     assert "awaiting-approval\n" in out[4] and "agent:alice  expires in" in out[4], out[4]
     assert "approved by" in out[4] and ": queued to run (approved by" in out[4], out[4]
     assert " done agent:alice" in out[4], out[4]

@@ -3,7 +3,7 @@ receivers on 127.0.0.1: an HTTP server that records the webhooks' POSTs (and can
 an SMTP server with TLS and a login (aiosmtpd, on the test's event loop), and the mosquitto
 broker's retained alert topics seen by a subscriber that connects afterwards.
 
-The lab: a simulated bench served by ``labbridge serve``'s own :func:`bridge.mqttapi.serve`
+The lab: a simulated bench served by ``labbridge serve``'s own :func:`bridge.mqttserve.serve`
 (the session's Ray). A trip (the enclosure stops its heartbeat) reaches the webhook, the
 mailbox and the retained MQTT alert; a dead webhook is tried ``attempts`` times, its alerts
 dropped and counted, and an e-stop goes through all the same (seen on the simulators' wire).
@@ -36,7 +36,7 @@ from test_mqtt_api import GOOD, client, full_storm, safe_state_storm, small_prog
 
 from bridge.labconfig import LabConfigError, load_lab
 from bridge.labmqtt import mqtt_settings
-from bridge.mqttapi import serve
+from bridge.mqttserve import serve
 from bridge.notify import Notifier
 from bridge.notifyconfig import NotifyConfig, WebhookConfig
 from bridge.notifysend import Alert

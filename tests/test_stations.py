@@ -176,8 +176,13 @@ async def test_a_refused_recipe_never_reaches_the_wire(ray_session: Any, lab: Si
         out = await actor.run.remote("c1-0001", overfill.as_dict(), "agent:7")
         assert out["ok"] is False and out["rejected"] is True
         assert out["violations"][0]["rule"] == "vial.volume.max"
+        # the supervisor's status polls go on (``0VOL`` queries: the wire is being recorded,
+        # so what is absent is absent); no volume set, no RUN
+        for _ in range(200):  # one poll after the refusal (bounded: a loaded machine)
+            if len(world.wire.entries("pumps")) > before:
+                break
+            await asyncio.sleep(0.05)
         sent = [str(e.data) for e in world.wire.entries("pumps")[before:]]
-        # the supervisor's status polls go on (``0VOL`` queries); no volume set, no RUN
         assert sent and not [x for x in sent if re.match(r"^\dRUN|^\dVOL[\d.]", x)], sent
         status = await actor.status.remote()
         assert status["runs"] == 1 and not status["tripped"] and not status["busy"]

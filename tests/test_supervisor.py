@@ -215,7 +215,8 @@ async def test_heartbeat_stop_trips_on_staleness_and_reset_waits_for_heartbeats(
         sup = supervisor(bench, drivers)
         async with sup:
             await wait_until(lambda: sup.last_results, 2, "a first evaluation")
-            await asyncio.sleep(0.2)
+            # heartbeats seen (every 0.5 s real): then they stop, and their age grows
+            await wait_until(lambda: drivers["enclosure"].heartbeats > 0, 5, "a heartbeat")
             assert not sup.latch.tripped, sup.last_results
             bench.world.faults.inject("heartbeat-stop", device="enclosure")
             await wait_until(lambda: sup.latch.tripped, 6, "the heartbeat trip")  # 2 s limit
@@ -234,6 +235,27 @@ async def test_heartbeat_stop_trips_on_staleness_and_reset_waits_for_heartbeats(
 
 
 @pytest.mark.timeout(60)
+async def test_a_reset_right_after_opening_waits_for_the_first_heartbeat_within_its_grace() -> None:
+    """A station just opened (a resume's new actor) has seen no heartbeat yet: its monitor
+    is in its grace period, neither tripped nor cleared. A reset then waits for the first
+    heartbeat (the device sends one every 0.5 s real) instead of being refused for it."""
+    async with sim_station() as (bench, drivers):
+        bench.world.faults.inject("heartbeat-stop", device="enclosure")
+        spec = next(s for s in bench.instruments() if s.name == "enclosure")
+        async with instruments.connect(spec.kind, spec.url, **spec.options) as fresh:
+            sup = supervisor(bench, {**drivers, "enclosure": fresh})
+            async with sup:
+                await sup.trip("operator stop before the check", who="operator:bo")
+                assert sup.latch.tripped and fresh.heartbeats == 0
+                waiting = sup.check()["enclosure-heartbeat-stale"]
+                assert not waiting.tripped and not waiting.cleared and waiting.grace_left_s > 0
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.3, bench.world.faults.clear, "heartbeat-stop")
+                assert await sup.reset("operator:bo", "bench checked after the restart")
+                assert fresh.heartbeats > 0 and not sup.latch.tripped
+
+
+@pytest.mark.timeout(60)
 async def test_lid_opened_while_heating_trips_then_commanded_heater_trips_again() -> None:
     async with sim_station() as (bench, drivers):
         sup = supervisor(bench, drivers)
@@ -243,6 +265,8 @@ async def test_lid_opened_while_heating_trips_then_commanded_heater_trips_again(
             await wait_until(
                 lambda: sup.state.view().get("hotplate.heating") is True, 2, "heating reported"
             )
+            # a healthy station first: the enclosure's heartbeat seen (every 0.5 s real)
+            await wait_until(lambda: drivers["enclosure"].heartbeats > 0, 3, "a heartbeat")
             assert not sup.latch.tripped
             t0 = time.monotonic()
             bench.enclosure.set_lid("open")
@@ -549,4 +573,6 @@ def test_the_armed_watchdog_timeout_is_one_its_feeds_can_keep() -> None:
         devices, device_watchdog_s=5, device_time_scale=500.0, min_feed_interval_s=0.01
     )
     assert tight.armed_watchdog_s == 15
-    assert soft_supervisor(devices, device_watchdog_s=0, device_time_scale=500.0).armed_watchdog_s == 0
+    assert (
+        soft_supervisor(devices, device_watchdog_s=0, device_time_scale=500.0).armed_watchdog_s == 0
+    )

@@ -131,7 +131,7 @@ async def test_acting_needs_an_operator_an_estop_trips_the_bench_and_the_page_re
         await page.click("#estop")
         await _visible(page, "#notice:has-text('Log in to e-stop')")
         # --- direct requests: no session, no CSRF token, another origin, not JSON: refused
-        async with httpx2.AsyncClient(base_url=web.url) as http:
+        async with httpx2.AsyncClient(base_url=web.url, timeout=120) as http:
             nobody = await http.post("/api/estop", json={"reason": "drive-by"})
             assert nobody.status_code == 401, nobody.text
             assert nobody.json() == {"error": "log in to e-stop the lab"}

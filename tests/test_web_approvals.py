@@ -134,7 +134,7 @@ async def test_an_operator_approves_and_denies_proposals_on_the_page_a_viewer_ca
 
         # --- the API: anyone reads the list; a viewer may not decide (403), nobody (401)
         path = f"/api/campaigns/{CID}/approvals"
-        async with httpx2.AsyncClient(base_url=web.url) as http:
+        async with httpx2.AsyncClient(base_url=web.url, timeout=120) as http:
             listed = (await http.get(path)).json()
             nobody = await http.post(f"{path}/{eid}", json={"decision": "approve", "reason": "x"})
         (waiting,) = listed["approvals"]
@@ -225,7 +225,7 @@ async def test_an_operator_approves_and_denies_proposals_on_the_page_a_viewer_ca
         assert (status, said) == (400, {"error": "decision must be approve or deny"})
         status, said = await _post(ana, f"{path}/{CID}-0999", {"decision": "deny", "reason": "?"})
         assert status == 404 and "appr-web-0999" in said["error"], (status, said)
-        async with httpx2.AsyncClient(base_url=web.url) as http:
+        async with httpx2.AsyncClient(base_url=web.url, timeout=120) as http:
             unknown = await http.get("/api/campaigns/no-such/approvals")
         assert unknown.status_code == 404 and unknown.json()["error"].startswith(
             "no campaign 'no-such' in the journal"
@@ -246,7 +246,7 @@ async def test_an_operator_approves_and_denies_proposals_on_the_page_a_viewer_ca
         await service.wait_campaign(CID)
         (left,) = await service.approvals(CID)
         assert left["experiment_id"] == later.experiment_id
-        async with httpx2.AsyncClient(base_url=web.url) as http:
+        async with httpx2.AsyncClient(base_url=web.url, timeout=120) as http:
             (listed_now,) = (await http.get(path)).json()["approvals"]
         assert listed_now["dry_run"] == {"when": "proposed", "ok": True, "reasons": []}
         status, said = await _post(

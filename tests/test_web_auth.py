@@ -157,7 +157,7 @@ async def test_requests_are_checked_before_anything_is_done(tmp_path: Path) -> N
     service = LabService(lab)  # never opened: nothing here may reach a station
     async with lab_page(service, HttpBind("127.0.0.1", 0)) as url:
         origin = url.rstrip("/")
-        async with httpx2.AsyncClient(base_url=url) as http:
+        async with httpx2.AsyncClient(base_url=url, timeout=120) as http:
             page = await http.get("/")
             assert page.status_code == 200 and "E-STOP" in page.text
             csp = page.headers["content-security-policy"]

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
+from instruments.deadline import bounded
 from instruments.declare import ACTUATE, Call, Param, Set, declare
 from instruments.driver import Channel, Driver, retry_idempotent, run_all
 from instruments.errors import (
@@ -350,7 +351,7 @@ class Enclosure(Driver):
         try:
             await self._pubsub.publish(f"{self.root}/cmd", text, qos=1)
             try:
-                ack = await asyncio.wait_for(fut, self.timeout)
+                ack = await bounded(fut, self.timeout)
             except TimeoutError:
                 raise TransportTimeout(
                     self.url,
@@ -408,7 +409,7 @@ class Enclosure(Driver):
         self._state_waiters.append(entry)
         limit = self.timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(fut, limit)
+            return await bounded(fut, limit)
         except TimeoutError:
             raise TransportTimeout(
                 self.url, f"{self.name}: no matching state within {limit:g} s"

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
+from instruments.deadline import bounded
 from instruments.errors import InvalidURLError, TransportError, TransportTimeout
 
 T = TypeVar("T")
@@ -131,7 +132,7 @@ class DeviceWorker:
         if timeout is None:
             return await fut
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await bounded(fut, timeout)
         except TimeoutError:
             raise TransportTimeout(url or self.name, f"no answer within {timeout:g} s") from None
 

@@ -64,6 +64,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from instruments.deadline import bounded
 from instruments.errors import (
     LinkLostError,
     ProtocolError,
@@ -226,7 +227,7 @@ class CameraTransport(Transport):
         self._reader = reader
         reader.start()
         try:
-            await asyncio.wait_for(asyncio.wrap_future(reader.opened), self.timeout * 2 + 5.0)
+            await bounded(asyncio.wrap_future(reader.opened), self.timeout * 2 + 5.0)
         except TimeoutError:
             raise TransportTimeout(
                 self.display_url, f"opening took longer than {self.timeout * 2 + 5.0:g} s"
@@ -392,7 +393,7 @@ class CameraTransport(Transport):
             if remaining <= 0:
                 raise TransportTimeout(self.display_url, f"no new frame within {wait_s:g} s")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._frame_event.wait(), remaining)
+                await bounded(self._frame_event.wait(), remaining)
 
     async def _to_frame(self, raw: RawFrame, wait_s: float) -> Frame:
         cached = self._decoded

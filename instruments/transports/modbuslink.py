@@ -39,6 +39,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerBase, FramerRTU, FramerSocket, FramerType
 from pymodbus.pdu import DecodePDU, ModbusPDU
 
+from instruments.deadline import bounded
 from instruments.errors import LinkLostError, ProtocolError, TransportOpenError, TransportTimeout
 
 log = logging.getLogger(__name__)
@@ -222,9 +223,9 @@ class ModbusLine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         try:
-            ok = await asyncio.wait_for(conn.client.connect(), limit)
+            ok = await bounded(conn.client.connect(), limit)
             if ok:
-                await asyncio.wait_for(conn.connected.wait(), max(0.001, deadline - loop.time()))
+                await bounded(conn.connected.wait(), max(0.001, deadline - loop.time()))
         except TimeoutError:
             await self.drop(None)
             raise TransportOpenError(url, f"could not connect within {limit:g} s") from None

@@ -55,6 +55,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from instruments.deadline import bounded
 from instruments.errors import LinkLostError, TransportError, TransportOpenError, TransportTimeout
 from instruments.transports.base import DeviceWorker
 from instruments.transports.mqttconnect import (
@@ -232,7 +233,7 @@ class MqttClient:
                 self.name, f"{exc.what} {s.host}:{s.port}: {exc.detail}"
             ) from None
         try:
-            return await asyncio.wait_for(asyncio.shield(self._connack), s.timeout_s)
+            return await bounded(asyncio.shield(self._connack), s.timeout_s)
         except TimeoutError:
             raise TransportOpenError(
                 self.name, f"no CONNACK from the broker within {s.timeout_s:g} s"
@@ -429,7 +430,7 @@ class MqttClient:
         if not self.connected.is_set():
             timeout = self.settings.timeout_s
             try:
-                await asyncio.wait_for(self.connected.wait(), timeout)
+                await bounded(self.connected.wait(), timeout)
             except TimeoutError:
                 raise LinkLostError(
                     self.name,
@@ -492,7 +493,7 @@ class MqttClient:
         fut: asyncio.Future[ReasonCode] = self._loop.create_future()
         self._pending_pub[info.mid] = fut
         try:
-            reason = await asyncio.wait_for(fut, deadline)
+            reason = await bounded(fut, deadline)
         except TimeoutError:
             raise TransportTimeout(
                 self.name,
@@ -555,7 +556,7 @@ class MqttClient:
             fut: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
             self._pending_sub[mid] = fut
             try:
-                reasons = await asyncio.wait_for(fut, deadline)
+                reasons = await bounded(fut, deadline)
             except TimeoutError:
                 raise TransportTimeout(
                     self.name, f"no SUBACK for {absolute} within {deadline:g} s"

@@ -37,6 +37,7 @@ class JournalSteps(JournalOwners):
         epoch: int | None = None,
         consumption: Sequence[Sequence[object]] = (),
         reserve: Sequence[Sequence[object]] = (),
+        done: Sequence[Any] | None = None,
     ) -> int:
         """Step ``index`` (0-based) of a running experiment is about to act; returns the log id.
 
@@ -46,7 +47,9 @@ class JournalSteps(JournalOwners):
         write raises :class:`StaleOwner`); ``consumption``: the station's budget consumption
         since its last write (:meth:`record_consumption`), stored in the same transaction;
         ``reserve``: what this step may consume (same entries), counted until the station
-        records what it did consume.
+        records what it did consume. ``done``: ``(index, data)`` of the step that just
+        finished, recorded done first in the same transaction, as :meth:`step_done` would
+        (one write per step boundary instead of two; ``consumption`` settles its reservation).
         """
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise ValueError(f"step index must be an int >= 0, got {index!r}")
@@ -63,6 +66,8 @@ class JournalSteps(JournalOwners):
                 raise IllegalTransition(
                     experiment_id, current, "running", f"step {index} can only start while running"
                 )
+            if done is not None:
+                self._step_done_row(conn, experiment_id, campaign_id, int(done[0]), done[1])
             self._require_no_step_open(conn, experiment_id)
             if last is not None and index <= last:
                 raise StepOrderError(
@@ -114,24 +119,31 @@ class JournalSteps(JournalOwners):
                 raise IllegalTransition(
                     experiment_id, current, "running", f"step {index} can only finish while running"
                 )
-            last_event = self._last_step_event(conn, experiment_id)
-            if last_event is None or last_event != ("step_started", index):
-                raise StepOrderError(
-                    f"experiment {experiment_id}: step {index} done, but the last step event is "
-                    f"{last_event[0] + ' ' + str(last_event[1]) if last_event else 'none'}"
-                )
-            rowid = self._apply(
-                conn,
-                experiment_id,
-                campaign_id,
-                "running",
-                event="step_done",
-                step=index,
-                data=data,
-            )
+            rowid = self._step_done_row(conn, experiment_id, campaign_id, index, data)
             if measured is not None:
                 self._keep_measured(conn, experiment_id, campaign_id, index, measured, images)
             return rowid
+
+    def _step_done_row(
+        self, conn: Any, experiment_id: str, campaign_id: str, index: int, data: Any
+    ) -> int:
+        """The ``step_done`` event of step ``index`` (inside a write of a running experiment):
+        refused unless that step is the last one started and not yet done."""
+        last_event = self._last_step_event(conn, experiment_id)
+        if last_event is None or last_event != ("step_started", index):
+            raise StepOrderError(
+                f"experiment {experiment_id}: step {index} done, but the last step event is "
+                f"{last_event[0] + ' ' + str(last_event[1]) if last_event else 'none'}"
+            )
+        return self._apply(
+            conn,
+            experiment_id,
+            campaign_id,
+            "running",
+            event="step_done",
+            step=index,
+            data=data,
+        )
 
     def _keep_measured(
         self,

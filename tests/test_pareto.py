@@ -1,0 +1,159 @@
+"""Several objectives: the front and hypervolume (loops/pareto.py), the ParEGO optimizer
+(loops/optmulti.py), program.md's objectives and Pareto stop rules."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from loops.optimizer import BayesOptimizer, Exhausted, GridSearch, RandomSearch
+from loops.optmulti import ParetoOptimizer
+from loops.pareto import chebyshev, hypervolume, min_frame, nondominated, reference_point
+from loops.program import ProgramError, load_program
+
+SPACE = {"x": (0.0, 1.0, float), "y": (0.0, 1.0, float), "c": ("categorical", ["a", "b"])}
+MIN2 = ["minimize", "minimize"]
+
+
+def two(p: dict) -> list[float]:
+    """A front f2 = (1 - f1)^2 at y = 0 and c = a; c = b is worse on both."""
+    pen = 0.0 if p["c"] == "a" else 0.3
+    return [p["x"] + pen, (1.0 - p["x"]) ** 2 + p["y"] + pen]
+
+
+def test_front_and_hypervolume_are_exact() -> None:
+    y = min_frame([[2.1, 0.9], [1.5, 1.4], [3.0, 1.0]], MIN2)
+    assert nondominated(y).tolist() == [True, True, False]
+    assert hypervolume(y, [4.0, 2.0]) == pytest.approx(2.5 * 0.6 + 1.9 * 0.5)
+    assert hypervolume(y, [1.0, 1.0]) == 0.0  # nothing better than the reference
+    # maximised objectives are negated; 3-D: unit cubes stacked in a staircase
+    assert min_frame([[1.0, 2.0]], ["maximize", "minimize"]).tolist() == [[-1.0, 2.0]]
+    cubes = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 2.0], [2.0, 2.0, 0.0]])
+    assert hypervolume(cubes, [3.0, 3.0, 3.0]) == pytest.approx(
+        3 * 2 * 1 + 2 * 3 * 1 - 2 * 2 * 1 + 1 * 1 * 2
+    )
+    assert reference_point(y, [None, 1.5]).tolist() == pytest.approx([3.0 + 0.15, 1.5])
+    # Chebyshev: a point that is best on the weighted objective wins
+    assert np.argmin(chebyshev([[0.0, 1.0], [1.0, 0.0]], [0.9, 0.1])) == 0
+
+
+def test_the_pareto_optimizer_beats_random_search_on_hypervolume() -> None:
+    def hv(opt: ParetoOptimizer) -> float:
+        for _ in range(22):
+            q = opt.ask()
+            opt.tell(q.id, two(q.params))
+        return hypervolume(min_frame([v for _, v in opt.front()], MIN2), [1.5, 2.5])
+
+    bayes = ParetoOptimizer(BayesOptimizer(SPACE, seed=1, initial_points=6), MIN2, seed=1)
+    rnd = ParetoOptimizer(RandomSearch(SPACE, 1), MIN2, seed=1)
+    got, baseline = hv(bayes), hv(rnd)
+    assert got > baseline
+    assert all(p["c"] == "a" for p, _ in bayes.front())  # c = b is dominated everywhere
+
+
+def test_pending_statuses_and_state_round_trip() -> None:
+    opt = ParetoOptimizer(BayesOptimizer(SPACE, seed=2, initial_points=3), MIN2, seed=2)
+    first = [opt.ask() for _ in range(3)]
+    assert len({json.dumps(p.params, sort_keys=True) for p in first}) == 3
+    opt.tell(first[0].id, two(first[0].params))
+    opt.tell(first[1].id, None, status="infeasible")
+    opt.tell(first[2].id, [9.0, 9.0], status="untrusted")
+    with pytest.raises(ValueError, match="status 'ok' needs 2 finite values"):
+        opt.tell({"x": 0.5, "y": 0.5, "c": "a"}, [1.0, float("nan")])
+    with pytest.raises(ValueError, match="value has 3 numbers, the campaign 2 objectives"):
+        opt.tell({"x": 0.5, "y": 0.5, "c": "a"}, [1.0, 2.0, 3.0])
+    pending = [opt.ask() for _ in range(4)]  # model-based with pending points: distinct
+    assert len({json.dumps(p.params, sort_keys=True) for p in pending}) == 4
+    for p in pending[:2]:
+        opt.tell(p.id, two(p.params))
+    state = json.loads(json.dumps(opt.state()))
+    again = ParetoOptimizer.from_state(SPACE, state, inner=BayesOptimizer)
+    assert [o.status for o, _ in again.outcomes()] == [o.status for o, _ in opt.outcomes()]
+    assert again.front() == opt.front()
+    assert again.ask().params == opt.ask().params
+    with pytest.raises(ValueError, match="not a 'pareto' state"):
+        ParetoOptimizer.from_state(SPACE, opt.inner.state(), inner=BayesOptimizer)
+    grid = ParetoOptimizer(GridSearch({"c": ("categorical", ["a", "b"])}, 2), MIN2)
+    grid.tell(grid.ask().id, [1.0, 2.0])
+    grid.tell(grid.ask().id, [2.0, 1.0])
+    with pytest.raises(Exhausted):
+        grid.ask()
+    assert len(grid.front()) == 2
+
+
+def _multi(objectives: str, stop: str = "") -> str:
+    return f"""---
+name: t
+parameters:
+  dose_ml: {{type: float, low: 0, high: 1}}
+objectives:
+{objectives}
+budget: {{experiments: 10}}
+{stop}
+recipe:
+  - compute: a
+    expr: dose_ml * 2
+  - compute: b
+    expr: 1 - dose_ml
+---
+"""
+
+
+OBJ = """  - {measure: a, direction: minimize, threshold: 0.5}
+  - {measure: b, direction: maximize, threshold: 0.6}"""
+
+
+def test_program_md_several_objectives_and_pareto_stop_rules() -> None:
+    program = load_program(_multi(OBJ, "stop: {at_thresholds: true, no_improvement: 2}"))
+    assert program.multi and [o.measure for o in program.goals] == ["a", "b"]
+    assert program.objective.measure == "a" and program.goals[1].threshold == 0.6
+    assert program.objective_values({"a": 0.2, "b": {"x": 1}}) is None
+    assert program.objective_values({"a": 0.2, "b": 0.9}) == (0.2, 0.9)
+    assert load_program(program.to_markdown()).goals == program.goals
+    rule = program.stop_reason
+    assert rule([1.0, 0.4], vectors=[(1.0, 0.9), (0.4, 0.7)]) == "thresholds met: a=0.4, b=0.7"
+    # (0.8, 0.2) joins the front, then two results it dominates: no new front point in 2
+    assert rule([0.8, 0.9, 0.95], vectors=[(0.8, 0.2), (0.9, 0.1), (0.95, 0.2)]) == (
+        "no new Pareto-optimal result in the last 2 experiments (1 on the front)"
+    )
+    assert rule([0.8, 0.7], vectors=[(0.8, 0.2), (0.7, 0.1)]) is None  # a trade-off: new
+    assert rule([None] * 10, vectors=[None] * 10) == "experiment budget spent: 10 of 10"
+
+
+@pytest.mark.parametrize(
+    ("objectives", "stop", "message"),
+    [
+        ("  - {measure: a}", "", r"objectives: a list of two or more"),
+        (OBJ, "stop: {target: 1.0}", r"stop.target: several objectives have no single target"),
+        (
+            "  - {measure: a}\n  - {measure: a}",
+            "",
+            r"objectives\[1\].measure: 'a' is already an objective",
+        ),
+        (
+            "  - {measure: a}\n  - {measure: c}",
+            "",
+            r"objectives\[1\].measure: the recipe does not measure 'c'",
+        ),
+        ("  - {measure: a, treshold: 1}\n  - {measure: b}", "", r"unknown key 'treshold'"),
+        (
+            "  - {measure: a}\n  - {measure: b}",
+            "stop: {at_thresholds: true}",
+            r"at_thresholds needs",
+        ),
+    ],
+)
+def test_objective_mistakes_are_one_line_errors(objectives: str, stop: str, message: str) -> None:
+    with pytest.raises(ProgramError, match=message):
+        load_program(_multi(objectives, stop))
+
+
+def test_one_objective_has_no_threshold_and_objective_and_objectives_exclude() -> None:
+    text = _multi(OBJ).replace("objectives:\n" + OBJ, "objective: {measure: a, threshold: 1}")
+    with pytest.raises(ProgramError, match="a single objective has no threshold"):
+        load_program(text)
+    both = _multi(OBJ).replace("objectives:", "objective: {measure: a}\nobjectives:")
+    with pytest.raises(ProgramError, match="give 'objective' \\(one\\) or 'objectives'"):
+        load_program(both)
