@@ -92,6 +92,8 @@ class _Tuning:
     max_fit_points: int
     max_cond_points: int
     prior: bool = True
+    prior_shift: float = math.sqrt(2.0)
+    prior_sd: float = math.sqrt(3.0)
 
 
 #: Thorough settings (``fast=False``): 5x the candidates, more restarts, every row.
@@ -449,7 +451,9 @@ class BayesOptimizer(StrategyBase):
         d = len(self.space)
         optimizer: Any = "fmin_l_bfgs_b"
         if self.tuning.prior:
-            optimizer = _map_optimizer(math.sqrt(2.0) + 0.5 * math.log(d), math.sqrt(3.0), d)
+            optimizer = _map_optimizer(
+                self.tuning.prior_shift + 0.5 * math.log(d), self.tuning.prior_sd, d
+            )
         gp = GaussianProcessRegressor(
             kernel=self._kernel,
             alpha=1e-6,

@@ -83,6 +83,7 @@ from typing import Any
 from loops.optbase import Optimizer
 from loops.optbaselines import GridSearch, RandomSearch
 from loops.optbayes import BayesOptimizer, time_suggest
+from loops.optregistry import STRATEGY_NAMES, strategy_class
 from loops.optspace import (
     STATUSES,
     Constraint,
@@ -123,21 +124,15 @@ __all__ = [
     "time_suggest",
 ]
 
-_STRATEGIES: dict[str, type[BayesOptimizer] | type[RandomSearch] | type[GridSearch]] = {
-    "bayes": BayesOptimizer,
-    "random": RandomSearch,
-    "grid": GridSearch,
-}
-
-
 def optimizer_from_state(
     space: SpaceSpec | ParamSpace,
     state: Mapping[str, Any],
     *,
     constraints: Constraint | None = None,
-) -> BayesOptimizer | RandomSearch | GridSearch:
-    """Restore whichever strategy ``state`` (from ``.state()``) was saved from."""
+) -> Any:
+    """Restore whichever strategy ``state`` (from ``.state()``) was saved from
+    (:mod:`loops.optregistry` names them)."""
     name = state.get("strategy") if isinstance(state, Mapping) else None
-    if name not in _STRATEGIES:
-        raise ValueError(f"state: unknown strategy {name!r} (known: {sorted(_STRATEGIES)})")
-    return _STRATEGIES[name].from_state(space, state, constraints=constraints)
+    if name not in STRATEGY_NAMES:
+        raise ValueError(f"state: unknown strategy {name!r} (known: {sorted(STRATEGY_NAMES)})")
+    return strategy_class(name).from_state(space, state, constraints=constraints)

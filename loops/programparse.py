@@ -11,6 +11,7 @@ from typing import Any
 
 from loops.approval import parse_approval
 from loops.checks import compile_verification
+from loops.optregistry import STRATEGY_NAMES
 from loops.optspace import CHOICE_KINDS, choice_index, parse_choices
 from loops.plan import Plan, compile_fixed, compile_plan, plain
 from loops.programmodel import (
@@ -55,7 +56,6 @@ OBJECTIVES_KEYS = ("measure", "direction", "threshold")
 DIRECTIONS = ("minimize", "maximize")
 BUDGET_KEYS = ("experiments", "hours")
 STOP_KEYS = ("target", "no_improvement", "at_thresholds")
-STRATEGIES = ("bayes", "random", "grid")
 _SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MEASURE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -402,7 +402,7 @@ def build_program(
     objectives = _objectives(data, doc)
     budget = _budget(data["budget"], doc)
     stop = _stop(data.get("stop"), doc, objectives)
-    strategy = _string(data.get("strategy", "bayes"), ("strategy",), doc, STRATEGIES)
+    strategy = _string(data.get("strategy", "bayes"), ("strategy",), doc, STRATEGY_NAMES)
     if data.get("initial_points") is not None:
         initial = _integer(data["initial_points"], ("initial_points",), doc, minimum=0)
         if budget.experiments is not None and initial > budget.experiments:

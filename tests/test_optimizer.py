@@ -493,3 +493,23 @@ def test_bayes_reaches_hartmann6_target_in_a_bounded_budget() -> None:
     benchmarks/optimizers.py has the medians; random search needs thousands)."""
     n = run_to_target(lambda: BayesOptimizer(HARTMANN6.space, seed=0), HARTMANN6, -3.0, 60)
     assert n is not None
+
+
+def test_registry_is_the_one_list_of_strategy_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loops import optregistry, programparse
+
+    # every registered name restores its own state, and program.md accepts exactly these
+    assert optregistry.STRATEGY_NAMES[:3] == ("bayes", "random", "grid")
+    assert not hasattr(programparse, "STRATEGIES")
+    for name in ("bayes", "random", "grid"):
+        assert optregistry.strategy_class(name).strategy == name
+    with pytest.raises(ValueError, match="unknown strategy 'genetic' \\(known: bayes, random"):
+        optregistry.strategy_class("genetic")
+    # a strategy whose extra is missing: one line naming the extra and the library
+    monkeypatch.setitem(
+        optregistry._REGISTRY,
+        "ghost",
+        optregistry._Entry("labbridge_no_such_module", "X", "ghostextra", ("labbridge_no_such_module",)),
+    )
+    with pytest.raises(optregistry.StrategyUnavailable, match=r"pip install 'labbridge\[ghostextra\]'"):
+        optregistry.strategy_class("ghost")
