@@ -1,6 +1,6 @@
-"""The Bayesian strategy: :class:`BayesOptimizer` (a Matern GP with MAP length scales, log
-EI or UCB maximised over candidates that respect the constraints, exclusions and pending
-points), and :func:`time_suggest`, the timing of its ``ask()`` against bayesian-optimization's
+"""The Bayesian strategy: :class:`BayesOptimizer` (a Matern GP, log EI or UCB maximised
+over candidates that respect the constraints, exclusions and pending points; the model in
+:mod:`loops.optgp`, the search in :mod:`loops.optsearch`), and :func:`time_suggest`, the timing of its ``ask()`` against bayesian-optimization's
 own ``suggest()``.
 
 How it treats statuses, pending points and constraints: :mod:`loops.optimizer`.
@@ -13,20 +13,30 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
 from typing import Any, Literal, Self
 
 import numpy as np
 from bayes_opt import BayesianOptimization
 from bayes_opt.parameter import wrap_kernel
 from numpy.typing import NDArray
-from scipy.optimize import minimize
-from scipy.special import erfcx, log_ndtr, logsumexp, ndtr
 from scipy.stats import qmc
-from sklearn.gaussian_process import GaussianProcessRegressor
-from sklearn.gaussian_process.kernels import Kernel, Matern
+from sklearn.gaussian_process.kernels import Kernel
 
 from loops.optbase import StrategyBase, rng_state, set_rng_state
+from loops.optgp import (
+    FAST_TUNING,
+    PACKAGE_TUNING,
+    ModelData,
+    Score,
+    averaged,
+    condition,
+    fit_gp,
+    length_scales,
+    log_ei,
+    matern,
+    score_fn,
+)
+from loops.optsearch import maximise
 from loops.optspace import (
     Constraint,
     Direction,
@@ -39,6 +49,7 @@ from loops.optspace import (
 
 __all__ = [
     "FAST_TUNING",
+    "LIES",
     "PACKAGE_TUNING",
     "BayesOptimizer",
     "default_initial_points",
@@ -46,114 +57,15 @@ __all__ = [
     "time_suggest",
 ]
 
-_FANTASIES = 4  # posterior draws of the pending outcomes (lie="fantasies")
-_LOG_2PI_HALF = 0.5 * math.log(2.0 * math.pi)
-_LOG_PI_2_HALF = 0.5 * math.log(math.pi / 2.0)
-
-
-def log_ei(z: NDArray[np.float64]) -> NDArray[np.float64]:
-    """``log(phi(z) + z Phi(z))``, the log of expected improvement per unit of sigma.
-
-    Accurate where EI underflows (far below the incumbent, ``z << 0``), so
-    the acquisition still orders candidates there (Ament et al. 2023, "LogEI").
-    """
-    z = np.asarray(z, dtype=np.float64)
-    out = np.empty_like(z)
-    hi = z > -1.0
-    zh = z[hi]
-    out[hi] = np.log(np.exp(-0.5 * zh**2) / math.sqrt(2 * math.pi) + zh * ndtr(zh))
-    zl = z[~hi]
-    # phi(z) + z Phi(z) = phi(z) (1 - |z| erfcx(-z/sqrt2) sqrt(pi/2)) for z <= -1
-    t = np.log(erfcx(-zl / math.sqrt(2.0)) * np.abs(zl)) + _LOG_PI_2_HALF
-    out[~hi] = -0.5 * zl**2 - _LOG_2PI_HALF + np.log(-np.expm1(np.minimum(t, -1e-300)))
-    return out
-
-
-@dataclass(frozen=True)
-class _Tuning:
-    """Model and acquisition-optimizer settings.
-
-    Each model-based ask scores ``n_random`` uniform candidates and
-    ``n_local`` candidates drawn around the best results (Gaussian steps of
-    half the fitted length scale, at most 0.2), then refines the
-    ``n_refine`` best allowed ones by ``refine_rounds`` rounds of shrinking
-    random steps. GP hyperparameters: maximum a posteriori with a log-normal
-    prior on the length scales (``prior``; else maximum likelihood), fitted
-    with ``gp_restarts`` extra starts on at most ``max_fit_points`` rows; the
-    GP is conditioned on at most ``max_cond_points`` rows (the better half
-    by value, then a seeded random choice of the rest).
-    """
-
-    n_random: int
-    n_local: int
-    n_refine: int
-    refine_rounds: int
-    gp_restarts: int
-    max_fit_points: int
-    max_cond_points: int
-    prior: bool = True
-    prior_shift: float = math.sqrt(2.0)
-    prior_sd: float = math.sqrt(3.0)
-
-
-#: Thorough settings (``fast=False``): 5x the candidates, more restarts, every row.
-PACKAGE_TUNING = _Tuning(
-    n_random=10_000,
-    n_local=5_000,
-    n_refine=20,
-    refine_rounds=10,
-    gp_restarts=5,
-    max_fit_points=1_000_000,
-    max_cond_points=1_000_000,
-)
-#: The default (``fast=True``); see time_suggest() and benchmarks/optimizers.py for timings.
-FAST_TUNING = _Tuning(
-    n_random=2_000,
-    n_local=1_000,
-    n_refine=8,
-    refine_rounds=8,
-    gp_restarts=1,
-    max_fit_points=150,
-    max_cond_points=400,
-)
-
-
-def _map_optimizer(
-    mu: float, sigma: float, n_prior: int
-) -> Callable[..., tuple[NDArray[np.float64], float]]:
-    """A GPR ``optimizer``: L-BFGS-B on the negative log marginal likelihood plus a normal
-    prior ``N(mu, sigma)`` on the first ``n_prior`` log hyperparameters (the length scales)."""
-
-    def optimizer(
-        obj_func: Callable[..., tuple[float, NDArray[np.float64]]],
-        initial_theta: NDArray[np.float64],
-        bounds: NDArray[np.float64],
-    ) -> tuple[NDArray[np.float64], float]:
-        def f(theta: NDArray[np.float64]) -> tuple[float, NDArray[np.float64]]:
-            v, g = obj_func(theta, eval_gradient=True)
-            dt = (theta[:n_prior] - mu) / sigma
-            g = np.array(g, dtype=np.float64)
-            g[:n_prior] += dt / sigma
-            return float(v) + 0.5 * float(dt @ dt), g
-
-        res = minimize(f, initial_theta, jac=True, method="L-BFGS-B", bounds=bounds)
-        return np.asarray(res.x, dtype=np.float64), float(res.fun)
-
-    return optimizer
+#: what pending and untrusted points are told to the model (the class docstring)
+LIES = ("fantasies", "believer", "mean", "min", "max")
+_FANTASIES = 4  # joint posterior draws of the pending outcomes (lie="fantasies")
 
 
 def default_initial_points(dims: int) -> int:
-    """Initial design size when none is given: ``max(8, 2 * dims)`` (8 on Branin's 2-D,
-    12 on Hartmann-6: there 8 left a heavy tail, benchmarks/optimizers.py)."""
-    return max(8, 2 * dims)
-
-
-@dataclass(frozen=True)
-class _ModelData:
-    X: NDArray[np.float64]  # unit points with data (trusted or penalised)
-    y: NDArray[np.float64]  # their targets, maximised frame
-    X_lie: NDArray[np.float64]  # pending / untrusted points to lie about
-    lie: float  # constant lie (nan for "believer": predicted per point)
+    """Initial design size when none is given: ``max(5, 2 * dims)`` (5 on Branin's 2-D,
+    12 on Hartmann-6; measured in benchmarks/optimizers.py)."""
+    return max(5, 2 * dims)
 
 
 class BayesOptimizer(StrategyBase):
@@ -161,13 +73,13 @@ class BayesOptimizer(StrategyBase):
 
     ``initial_points`` points of a seeded Latin hypercube come first (the ones
     that violate ``constraints`` are skipped; by default
-    :func:`default_initial_points`, ``max(8, 2 d)``). Then each ask fits a GP
+    :func:`default_initial_points`, ``max(5, 2 d)``). Then each ask fits a GP
     (scikit-learn; Matern 5/2, ``alpha=1e-6``, ``normalize_y``, one length
-    scale per parameter on the unit cube, int parameters rounded inside the
-    kernel with bayesian-optimization's ``wrap_kernel``) to the trusted
-    results and the penalised infeasible/failed points, its length scales
-    maximum a posteriori under a dimension-scaled log-normal prior; adds the
-    pending and untrusted points with their lie; and maximises the
+    scale per unit column, maximum likelihood; int, ordinal and categorical
+    columns snapped inside the kernel with bayesian-optimization's
+    ``wrap_kernel``) to the trusted results and the penalised
+    infeasible/failed points; adds the pending and untrusted points with
+    their lie; and maximises the
     acquisition (``"ei"``: log expected improvement over the incumbent +
     ``xi``, ``"ucb"``: mean + ``kappa`` sd) over uniform candidates and
     candidates around the best results, refining the best allowed ones by
@@ -176,10 +88,12 @@ class BayesOptimizer(StrategyBase):
 
     ``fast=True`` uses :data:`FAST_TUNING`, ``fast=False``
     :data:`PACKAGE_TUNING` (5x the candidates, every row in the GP).
-    ``lie``: the value given to pending and untrusted points, ``"believer"``
-    (the GP's prediction) or the ``"mean"``/``"min"``/``"max"`` of the
-    trusted results (maximised frame); ``"penalize"``: no value, EI is
-    locally penalised around them instead. ``exclusion_radius``: unit-cube
+    ``lie``: what pending and untrusted points are told to the model:
+    ``"fantasies"`` (the default: EI averaged over 4 joint posterior draws of
+    their outcomes, each conditioning the GP), ``"believer"`` (the GP's
+    prediction) or the ``"mean"``/``"min"``/``"max"`` of the trusted results
+    (maximised frame); with no pending point they are all the same.
+    ``exclusion_radius``: unit-cube
     distance within which nothing is proposed around pending, infeasible,
     failed and untrusted points. The model maximises; ``direction="minimize"``
     negates the values internally. Measured against bayes-opt, Optuna and
@@ -198,7 +112,7 @@ class BayesOptimizer(StrategyBase):
         constraints: Constraint | None = None,
         acquisition: Literal["ei", "ucb"] = "ei",
         fast: bool = True,
-        lie: Literal["believer", "mean", "min", "max", "penalize", "fantasies"] = "believer",
+        lie: Literal["fantasies", "believer", "mean", "min", "max"] = "fantasies",
         exclusion_radius: float = 0.02,
         xi: float = 0.01,
         kappa: float = 2.576,
@@ -206,11 +120,8 @@ class BayesOptimizer(StrategyBase):
         super().__init__(space, direction=direction, constraints=constraints)
         if acquisition not in ("ei", "ucb"):
             raise ValueError(f"acquisition must be 'ei' or 'ucb', got {acquisition!r}")
-        if lie not in ("believer", "mean", "min", "max", "penalize", "fantasies"):
-            raise ValueError(
-                "lie must be 'believer', 'mean', 'min', 'max', 'penalize' or 'fantasies', "
-                f"got {lie!r}"
-            )
+        if lie not in LIES:
+            raise ValueError(f"lie must be one of {', '.join(LIES)}, got {lie!r}")
         if initial_points is None:
             initial_points = default_initial_points(len(self.space))
         if isinstance(initial_points, bool) or not isinstance(initial_points, int):
@@ -297,9 +208,7 @@ class BayesOptimizer(StrategyBase):
 
     def _make_kernel(self) -> Kernel:
         d = len(self.space)
-        kernel: Kernel = Matern(
-            length_scale=np.full(d, 0.5), length_scale_bounds=(1e-3, 1e3), nu=2.5
-        )
+        kernel = matern(d)
         if self.space._int_cols.size:
             kernel = wrap_kernel(kernel, transform=self.space.round_unit)
         return kernel
@@ -320,7 +229,7 @@ class BayesOptimizer(StrategyBase):
         finally:
             self.last_suggest_seconds = time.perf_counter() - t0
 
-    def _model_data(self) -> _ModelData:
+    def _model_data(self) -> ModelData:
         """GP data in the unit cube and the maximised frame, duplicates merged.
 
         Rows: trusted results (mean per point) and penalised infeasible/failed
@@ -340,7 +249,7 @@ class BayesOptimizer(StrategyBase):
         else:
             penalty = -1.0
             lie = {"believer": math.nan, "mean": penalty, "min": penalty, "max": penalty}
-        lie["penalize"] = lie["fantasies"] = math.nan
+        lie["fantasies"] = math.nan
         oks: dict[tuple[float, ...], list[float]] = {}
         pens: set[tuple[float, ...]] = set()
         lies: dict[tuple[float, ...], None] = {}  # ordered set
@@ -362,7 +271,7 @@ class BayesOptimizer(StrategyBase):
         y = [statistics.fmean(oks[k]) if k in oks else penalty for k in keys]
         lie_keys = [k for k in lies if k not in oks and k not in pens]
         d = len(self.space)
-        return _ModelData(
+        return ModelData(
             X=self._units(keys).reshape(-1, d),
             y=np.array(y, dtype=np.float64),
             X_lie=self._units(lie_keys).reshape(-1, d),
@@ -439,213 +348,62 @@ class BayesOptimizer(StrategyBase):
             "around pending/infeasible/failed/untrusted points cover the space"
         )
 
-    def _fit_gp(self, data: _ModelData) -> GaussianProcessRegressor:
-        """GP with hyperparameters fitted on the real data (lies never shape them).
+    def _scorer(self, data: ModelData) -> tuple[Score, NDArray[np.float64]]:
+        """The acquisition every candidate is scored with, and the GP's length scales.
 
-        Above ``max_fit_points`` rows the hyperparameters are fitted on a seeded
-        random subset. With ``prior``, the length scales' logs have a normal
-        prior ``N(sqrt(2) + log(d) / 2, sqrt(3))`` (on the unit cube: the
-        dimension-scaled prior of Hvarfner et al. 2024, BoTorch's default), so
-        a few points in many dimensions do not fit a wiggly model.
+        The one place candidate values are computed: the GP fitted on the real
+        data, conditioned on the pending points' lies (or averaged over
+        ``_FANTASIES`` joint posterior draws of their outcomes), and weighted
+        by the strategy's ``acquisition_weight(X)`` when it has one (a factor
+        in [0, 1] per unit point: EI times the weight, in log space; UCB plus
+        its log).
         """
-        d = len(self.space)
-        optimizer: Any = "fmin_l_bfgs_b"
-        if self.tuning.prior:
-            optimizer = _map_optimizer(
-                self.tuning.prior_shift + 0.5 * math.log(d), self.tuning.prior_sd, d
-            )
-        gp = GaussianProcessRegressor(
-            kernel=self._kernel,
-            alpha=1e-6,
-            normalize_y=True,
-            optimizer=optimizer,
-            # extra random starts while the data is small (a multimodal likelihood); past the
-            # fit cap one start from the default length scales (a fit there costs 3x a start)
-            n_restarts_optimizer=self.tuning.gp_restarts
-            if len(data.y) < self.tuning.max_fit_points
-            else 0,
-            random_state=self._rng,
-        )
-        X, y = data.X, data.y
-        if len(y) > self.tuning.max_fit_points:
-            idx = np.sort(self._rng.choice(len(y), self.tuning.max_fit_points, replace=False))
-            X, y = X[idx], y[idx]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gp.fit(X, y)
-        return gp
-
-    def _condition(
-        self,
-        gp: GaussianProcessRegressor,
-        data: _ModelData,
-        lies: NDArray[np.float64] | None = None,
-    ) -> tuple[GaussianProcessRegressor, NDArray[np.float64], float]:
-        """The GP on the data and the lies (hyperparameters kept), the fitted length scales,
-        and the incumbent: the best value among the data and the lies (a believed lie counts).
-
-        Above ``max_cond_points`` rows: the better half of that many by value
-        and a seeded random choice of the rest (the lies always). ``lies``:
-        the values to give the pending points (one fantasy) instead of the lie.
-        """
-        X, y = data.X, data.y
-        cap = self.tuning.max_cond_points
-        if len(y) > cap:
-            order = np.argsort(-y, kind="stable")
-            top, rest = order[: cap // 2], order[cap // 2 :]
-            pick = np.concatenate([top, self._rng.choice(rest, cap - len(top), replace=False)])
-            X, y = X[np.sort(pick)], y[np.sort(pick)]
-        if len(data.X_lie):
-            if lies is not None:
-                pass
-            elif self.lie in ("believer", "fantasies"):  # the model's own prediction
-                lies = np.asarray(gp.predict(data.X_lie), dtype=np.float64)
-            else:
-                lies = np.full(len(data.X_lie), data.lie)
-            X, y = np.vstack([X, data.X_lie]), np.concatenate([y, lies])
-        scales = np.broadcast_to(
-            np.asarray(gp.kernel_.get_params()["length_scale"], dtype=np.float64),
-            (len(self.space),),
-        )
-        if len(y) != len(gp.y_train_) or not np.array_equal(X, gp.X_train_):
-            gp = GaussianProcessRegressor(
-                kernel=gp.kernel_, alpha=1e-6, normalize_y=True, optimizer=None
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                gp.fit(X, y)
-        return gp, scales, float(np.max(y))
-
-    def _acquisition(
-        self, gp: GaussianProcessRegressor, best: float
-    ) -> Callable[[NDArray[np.float64]], NDArray[np.float64]]:
-        """Score of unit points, larger is better: log EI over ``best + xi``, or UCB."""
-
-        def score(x: NDArray[np.float64]) -> NDArray[np.float64]:
-            mean, std = gp.predict(x, return_std=True)
-            mean = np.asarray(mean, dtype=np.float64)
-            std = np.maximum(np.asarray(std, dtype=np.float64), 1e-12)
-            if self.acquisition == "ucb":
-                return mean + self.kappa * std
-            return log_ei((mean - best - self.xi) / std) + np.log(std)
-
-        return score
-
-    def _penalizer(
-        self, gp: GaussianProcessRegressor, pending: NDArray[np.float64], best: float
-    ) -> Callable[[NDArray[np.float64]], NDArray[np.float64]]:
-        """Local penalisation of the pending points (González et al. 2016), in log space.
-
-        ``log Phi((L |x - x_j| - best + mu_j) / sd_j)`` summed over the pending
-        ``x_j``: near zero far from them, very negative inside the ball where,
-        given the mean's Lipschitz constant ``L`` (the largest gradient of the
-        GP mean over a seeded sample), the maximum cannot lie.
-        """
-        if not len(pending):
-            return lambda x: np.zeros(len(x))
-        d = len(self.space)
-        mu, sd = gp.predict(pending, return_std=True)
-        sd = np.maximum(np.asarray(sd, dtype=np.float64), 1e-9)
-        sample = self._rng.uniform(size=(200, d))
-        h = 1e-4
-        base = np.asarray(gp.predict(sample), dtype=np.float64)
-        grads = np.stack(
-            [(np.asarray(gp.predict(sample + h * np.eye(d)[i])) - base) / h for i in range(d)],
-            axis=1,
-        )
-        lip = max(float(np.sqrt((grads**2).sum(axis=1)).max()), 1e-7)
-
-        def penal(x: NDArray[np.float64]) -> NDArray[np.float64]:
-            dist = np.sqrt(((x[:, None, :] - pending[None, :, :]) ** 2).sum(axis=2))
-            z = (lip * dist - best + np.asarray(mu)[None, :]) / sd[None, :]
-            return np.asarray(log_ndtr(z).sum(axis=1), dtype=np.float64)
-
-        return penal
-
-    def _suggest(self, data: _ModelData) -> Params:
-        """Maximise the acquisition over candidates, then refine the best allowed ones."""
-        d = len(self.space)
         tn = self.tuning
-        gp_real = self._fit_gp(data)
-        score: Callable[[NDArray[np.float64]], NDArray[np.float64]]
-        if self.lie == "penalize":
-            gp, scales, incumbent = self._condition(gp_real, replace(data, X_lie=data.X_lie[:0]))
-            acq = self._acquisition(gp, incumbent)
-            penal = self._penalizer(gp, data.X_lie, incumbent)
-
-            def penalised(x: NDArray[np.float64]) -> NDArray[np.float64]:
-                return acq(x) + penal(x)
-
-            score = penalised
-
-        elif self.lie == "fantasies" and len(data.X_lie):
-            # EI averaged over joint posterior draws of the pending points' outcomes
+        gp_real = fit_gp(self._kernel, data, tn, self._rng)
+        scales = length_scales(gp_real, len(self.space))
+        kw = {"xi": self.xi, "kappa": self.kappa}
+        score: Score
+        if self.lie == "fantasies" and len(data.X_lie):
             draws = np.asarray(
                 gp_real.sample_y(
                     data.X_lie, n_samples=_FANTASIES, random_state=self._rng.randint(2**31 - 1)
                 ),
                 dtype=np.float64,
             ).reshape(len(data.X_lie), _FANTASIES)
-            fits = [self._condition(gp_real, data, draws[:, j]) for j in range(_FANTASIES)]
-            scales = fits[0][1]
-            accs = [self._acquisition(g, inc) for g, _, inc in fits]
-
-            def averaged(x: NDArray[np.float64]) -> NDArray[np.float64]:
-                v = np.stack([a(x) for a in accs])
-                if self.acquisition == "ucb":
-                    return np.asarray(v.mean(axis=0), dtype=np.float64)
-                return np.asarray(logsumexp(v, axis=0) - math.log(len(accs)), dtype=np.float64)
-
-            score = averaged
-        else:
-            gp, scales, incumbent = self._condition(gp_real, data)
-            score = self._acquisition(gp, incumbent)
-        unexcluded = self._unexcluded_fn()
-        rng = self._rng
-        # candidates: uniform, and Gaussian steps around the best results (half a length scale)
-        step = np.clip(0.5 * scales, 0.005, 0.2)
-        top = data.X[np.argsort(-data.y, kind="stable")[: max(1, min(5, len(data.y)))]]
-        centres = top[rng.randint(0, len(top), size=tn.n_local)]
-        centres[: tn.n_local // 2] = top[0]  # half of them around the incumbent
-        cand = np.vstack(
-            [
-                rng.uniform(size=(tn.n_random, d)),
-                np.clip(centres + rng.normal(size=(tn.n_local, d)) * step, 0.0, 1.0),
-            ]
-        )
-        cand = self.space.round_unit(cand)
-        ok = unexcluded(cand)
-        cand = cand[ok]
-        vals = score(cand) if len(cand) else np.empty(0)
-        starts: list[tuple[float, NDArray[np.float64]]] = []
-        for i in np.argsort(-vals, kind="stable"):
-            if len(starts) == tn.n_refine:
-                break
-            if self._feasible(self.space.from_unit(cand[i])):
-                starts.append((float(vals[i]), cand[i]))
-        if not starts:
-            return self._random_allowed()
-        # refinement: shrinking random steps from each start, kept when better and allowed
-        per = 4 * d
-        for r in range(tn.refine_rounds):
-            size = step * 0.5**r
-            base = np.array([x for _, x in starts])
-            trial = np.repeat(base, per, axis=0) + rng.normal(size=(len(base) * per, d)) * np.tile(
-                size, (len(base) * per, 1)
+            fits = [condition(gp_real, data, tn, self._rng, draws[:, j]) for j in range(_FANTASIES)]
+            score = averaged(
+                [score_fn(g, inc, self.acquisition, **kw) for g, inc in fits], self.acquisition
             )
-            trial = self.space.round_unit(np.clip(trial, 0.0, 1.0))
-            tv = score(trial)
-            tv[~unexcluded(trial)] = -np.inf
-            for j in range(len(starts)):
-                block = tv[j * per : (j + 1) * per]
-                for k in np.argsort(-block, kind="stable"):
-                    if not block[k] > starts[j][0]:
-                        break
-                    x = trial[j * per + k]
-                    if self._feasible(self.space.from_unit(x)):
-                        starts[j] = (float(block[k]), x)
-                        break
-        best = max(starts, key=lambda s: s[0])[1]
+        else:
+            gp, incumbent = condition(gp_real, data, tn, self._rng)
+            score = score_fn(gp, incumbent, self.acquisition, **kw)
+        weight = getattr(self, "acquisition_weight", None)
+        if weight is None:
+            return score, scales
+        base = score
+
+        def weighted(x: NDArray[np.float64]) -> NDArray[np.float64]:
+            w = np.clip(np.asarray(weight(x), dtype=np.float64), 1e-300, 1.0)
+            return base(x) + np.log(w)
+
+        return weighted, scales
+
+    def _suggest(self, data: ModelData) -> Params:
+        """Maximise the acquisition over the allowed unit points (:mod:`loops.optsearch`)."""
+        score, scales = self._scorer(data)
+        best = maximise(
+            score,
+            X=data.X,
+            y=data.y,
+            scales=scales,
+            tuning=self.tuning,
+            rng=self._rng,
+            snap=self.space.round_unit,
+            unexcluded=self._unexcluded_fn(),
+            feasible=lambda u: self._feasible(self.space.from_unit(u)),
+        )
+        if best is None:
+            return self._random_allowed()
         return self.space.from_unit(best)
 
 
