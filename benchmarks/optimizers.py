@@ -46,19 +46,14 @@ that shapes a run.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import hashlib
 import json
 import math
-import multiprocessing
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,39 +69,37 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import numpy as np  # noqa: E402
-
 from benchmarks import campaign  # noqa: E402
-from benchmarks.campaign import (  # noqa: E402
-    Outcome,
-    Problem,
-    Progress,
-    Trace,
-    censored_median,
-    quantile,
-    simulate_campaign,
+from benchmarks.campaign import Progress, Trace, quantile  # noqa: E402
+from benchmarks.optrun import (  # noqa: E402
+    PROBLEMS,
+    STRATEGIES,
+    Run,
+    TimingJob,
+    effective,
+    environment,
+    fmt_median,
+    fmt_num,
+    make_problem,
+    pool_map,
+    run_one,
+    run_timing,
+    stats,
+    trace_digest,
 )
-from benchmarks.peers import PEERS, missing_peers, peer_versions  # noqa: E402
-from loops.optimizer import BayesOptimizer, Optimizer  # noqa: E402
-from loops.testfunctions import HARTMANN6  # noqa: E402
+from benchmarks.peers import PEERS, missing_peers  # noqa: E402
 
 __all__ = [
-    "OURS",
-    "PROBLEMS",
-    "STRATEGIES",
-    "Run",
-    "bootstrap_median",
+    "BATCH_GOAL",
+    "Settings",
+    "batch_section",
+    "load_reused",
     "main",
-    "make_optimizer",
-    "make_problem",
-    "run_one",
-    "suggest_times",
-    "trace_digest",
+    "parse_args",
+    "suggest_section",
+    "to_target_section",
 ]
 
-PROBLEMS = ("branin", "hartmann6", "hartmann6-constrained", "colour-match", "buffer")
-OURS = ("bayes", "random")
-STRATEGIES = (*OURS, *PEERS)
 #: strategies that know pending points (run with K stations too)
 BATCH_STRATEGIES = ("bayes", "random", "optuna-tpe", "optuna-gp", "botorch")
 BATCH_PROBLEMS = ("hartmann6", "branin")
@@ -114,174 +107,6 @@ SUGGEST_SIZES = (50, 200, 500, 1000)
 TAIL_GOAL = 1.5  # upper quartile / median
 BATCH_GOAL = 1.25  # experiments K=4 / K=1 on Hartmann-6
 SUGGEST_GOAL_S = 0.25  # p95 at 1000 observations
-
-# Hartmann-6's second-best local minimum (value -3.2032), inside the undeclared failing ball
-_H6_LOCAL = np.array([0.40465, 0.88244, 0.84610, 0.57399, 0.13893, 0.03850])
-
-
-def h6_fails(x: Sequence[float]) -> bool:
-    """True where ``hartmann6-constrained``'s experiment fails (not told to the optimizer)."""
-    u = np.asarray(x, dtype=np.float64)
-    return bool(u.sum() > 3.0 or np.linalg.norm(u - _H6_LOCAL) < 0.3)
-
-
-def _h6_constrained() -> Problem:
-    fn = HARTMANN6
-
-    def evaluate(params: Mapping[str, Any], noise_seed: int) -> Outcome:
-        x = [float(params[k]) for k in fn.space]
-        if h6_fails(x):
-            return Outcome(None, 1.0, "failed")
-        return Outcome(float(fn(params)), 1.0)
-
-    return Problem(
-        name="hartmann6-constrained",
-        space=fn.space,
-        target=campaign.TEST_FUNCTION_TARGETS["hartmann6"],
-        evaluate=evaluate,
-        minimum=fn.minimum,
-        value_label="hartmann6 - minimum",
-    )
-
-
-def make_problem(name: str) -> Problem:
-    """A problem of :data:`PROBLEMS` (built in each worker process)."""
-    if name == "hartmann6-constrained":
-        return _h6_constrained()
-    if name not in PROBLEMS:
-        raise ValueError(f"unknown problem {name!r} (known: {', '.join(PROBLEMS)})")
-    return campaign.make_problem(name)
-
-
-def make_optimizer(problem: Problem, strategy: str, seed: int) -> Optimizer:
-    """Our strategy as a campaign builds it, or a peer, for ``problem`` (minimising)."""
-    if strategy == "bayes":
-        return campaign.make_strategy(problem, "bayes", seed)
-    if strategy == "random":
-        return campaign.make_strategy(problem, "random", seed)
-    if strategy in PEERS:
-        return PEERS[strategy](problem.space, seed, problem.constraints)
-    raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
-
-
-# --------------------------------------------------------------------- runs
-@dataclass(frozen=True)
-class Run:
-    """One campaign: ``problem`` x ``strategy`` with ``stations`` in flight, capped at ``cap``."""
-
-    problem: str
-    strategy: str
-    stations: int
-    seed: int
-    cap: int
-
-    def label(self) -> str:
-        return f"{self.problem}:{self.strategy}:{self.stations}:{self.seed}"
-
-
-def trace_digest(trace: Trace) -> str:
-    """Short hash of a trace's values and finishing times (equal traces, equal digests)."""
-    text = json.dumps([trace.values, trace.finish_s, trace.started], separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _one_thread() -> Any:
-    """Limit BLAS/OpenMP pools to one thread (as in the workers) for the rest of the process."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(1)
-
-
-def run_one(run: Run) -> Trace:
-    """One campaign run, on one thread (the same trace whichever process runs it)."""
-    _one_thread()
-    problem = make_problem(run.problem)
-    opt = make_optimizer(problem, run.strategy, run.seed)
-    return simulate_campaign(
-        opt,
-        problem,
-        stations=run.stations,
-        max_experiments=run.cap,
-        seed=run.seed,
-        strategy=run.strategy,
-    )
-
-
-def _pool_map(
-    fn: Callable[[Any], Any],
-    items: Sequence[Any],
-    workers: int,
-    done: Callable[[Any, Any], None],
-) -> None:
-    """``fn`` over ``items`` in ``workers`` processes (in-process for 1); ``done(item, result)``."""
-    if workers <= 1:
-        for item in items:
-            done(item, fn(item))
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=ctx,
-        initializer=campaign._worker_init,
-    ) as pool:
-        futures = {pool.submit(fn, item): item for item in items}
-        for fut in concurrent.futures.as_completed(futures):
-            done(futures[fut], fut.result())
-
-
-# --------------------------------------------------------------------- statistics
-def bootstrap_median(
-    values: Sequence[float | None], *, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float] | None:
-    """95 % percentile-bootstrap interval of the median; censored runs (None) count as inf."""
-    if not values:
-        return None
-    a = np.array([math.inf if v is None else float(v) for v in values])
-    rng = np.random.default_rng(seed)
-    meds = np.quantile(rng.choice(a, size=(resamples, len(a))), 0.5, axis=1, method="inverted_cdf")
-    lo, hi = np.quantile(meds, [0.025, 0.975], method="inverted_cdf")
-    return float(lo), float(hi)
-
-
-def _stats(traces: Sequence[Trace], cap: int) -> dict[str, Any]:
-    exps = [t.experiments_to_target() for t in traces]
-    vals: list[float | None] = [None if e is None else float(e) for e in exps]
-    med, cens = censored_median(vals)
-    full = [math.inf if v is None else v for v in vals]
-    rounds = [t.time_to_target() for t in traces]
-    rmed, rcens = censored_median(rounds)
-    return {
-        "runs": len(traces),
-        "hits": sum(e is not None for e in exps),
-        "cap": cap,
-        "median": med,
-        "censored": cens,
-        "q1": quantile(full, 0.25),
-        "q3": quantile(full, 0.75),
-        "ci95": bootstrap_median(vals),
-        "rounds_median": rmed,
-        "rounds_censored": rcens,
-        "ask_s_per_experiment": statistics.median(t.ask_s / max(1, t.started) for t in traces),
-        "per_seed": {str(t.seed): t.experiments_to_target() for t in traces},
-        "digests": {str(t.seed): trace_digest(t) for t in traces},
-    }
-
-
-def _num(x: float | None, cap: int) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if math.isinf(x):
-        return f">{cap}"
-    return f"{x:g}"
-
-
-def _med(s: Mapping[str, Any]) -> str:
-    return f">{s['cap']}" if s["censored"] else _num(s["median"], s["cap"])
-
-
-def _effective(s: Mapping[str, Any]) -> float:
-    """The median for comparisons: censored counts as infinite."""
-    return math.inf if s["censored"] else float(s["median"])
 
 
 # --------------------------------------------------------------------- settings
@@ -494,20 +319,20 @@ def _goal_lines(
     ours = rows.get("bayes")
     if ours is None:
         return [], {}
-    best_name = min(peers, key=lambda s: _effective(peers[s])) if peers else None
+    best_name = min(peers, key=lambda s: effective(peers[s])) if peers else None
     goal: dict[str, Any] = {"best_peer": best_name}
     lines: list[str] = []
     if best_name is not None:
         ci = ours["ci95"]
-        peer_med = _effective(peers[best_name])
+        peer_med = effective(peers[best_name])
         level = ci is not None and peer_med >= ci[0]
         goal.update({"best_peer_median": peer_med, "level_or_ahead": level})
         lines.append(
-            f"  goal ahead/level: best peer {best_name} median {_med(peers[best_name])}, ours "
-            f"{_med(ours)} CI [{_num(ci[0] if ci else None, ours['cap'])}, "
-            f"{_num(ci[1] if ci else None, ours['cap'])}] -> {'met' if level else 'NOT met'}"
+            f"  goal ahead/level: best peer {best_name} median {fmt_median(peers[best_name])}, ours "
+            f"{fmt_median(ours)} CI [{fmt_num(ci[0] if ci else None, ours['cap'])}, "
+            f"{fmt_num(ci[1] if ci else None, ours['cap'])}] -> {'met' if level else 'NOT met'}"
         )
-    med = _effective(ours)
+    med = effective(ours)
     tail = ours["q3"] / med if med and math.isfinite(med) else math.inf
     goal.update({"q3_over_median": tail, "no_heavy_tail": tail <= TAIL_GOAL})
     lines.append(
@@ -541,11 +366,11 @@ def to_target_section(
             runs = traces.get((problem, strategy, 1))
             if not runs and strategy not in here:
                 continue
-            s = _stats(runs, settings.cap) if runs else here[strategy]
+            s = stats(runs, settings.cap) if runs else here[strategy]
             rows[strategy] = s
             ci = s["ci95"]
-            ci_text = f"[{_num(ci[0], s['cap'])}, {_num(ci[1], s['cap'])}]" if ci else "-"
-            iqr = f"{_med(s)} [{_num(s['q1'], s['cap'])}, {_num(s['q3'], s['cap'])}]"
+            ci_text = f"[{fmt_num(ci[0], s['cap'])}, {fmt_num(ci[1], s['cap'])}]" if ci else "-"
+            iqr = f"{fmt_median(s)} [{fmt_num(s['q1'], s['cap'])}, {fmt_num(s['q3'], s['cap'])}]"
             lines.append(
                 f"  {strategy:<12} {iqr:>20} {s['hits']:>3}/{s['runs']:<3} {ci_text:>14} "
                 f"{s['ask_s_per_experiment']:>7.3f}"
@@ -582,20 +407,20 @@ def batch_section(
         for strategy in _ordered(set(strategies) | set(here)):
             one, many = traces.get((problem, strategy, 1)), traces.get((problem, strategy, k))
             if one and many:
-                s1, sk = _stats(one, settings.cap), _stats(many, settings.cap)
+                s1, sk = stats(one, settings.cap), stats(many, settings.cap)
             elif strategy in here:
                 s1, sk = here[strategy]["one"], here[strategy]["many"]
             else:
                 continue
-            e1, ek = _effective(s1), _effective(sk)
+            e1, ek = effective(s1), effective(sk)
             ratio = ek / e1 if math.isfinite(e1) and math.isfinite(ek) and e1 else None
             rows[strategy] = {"one": s1, "many": sk, "experiments_ratio": ratio}
             r1 = math.inf if s1["rounds_censored"] else s1["rounds_median"]
             rk = math.inf if sk["rounds_censored"] else sk["rounds_median"]
             lines.append(
-                f"  {strategy:<12} {_med(s1):>8} {_med(sk):>8} "
-                f"{'-' if ratio is None else f'{ratio:.2f}':>6} {_num(r1, settings.cap):>10} "
-                f"{_num(rk, settings.cap):>10}"
+                f"  {strategy:<12} {fmt_median(s1):>8} {fmt_median(sk):>8} "
+                f"{'-' if ratio is None else f'{ratio:.2f}':>6} {fmt_num(r1, settings.cap):>10} "
+                f"{fmt_num(rk, settings.cap):>10}"
             )
         ours = rows.get("bayes")
         goal: dict[str, Any] = {}
@@ -608,59 +433,6 @@ def batch_section(
             )
         data[problem] = {"strategies": rows, "goal": goal}
     return lines, data
-
-
-def _timing_optimizer(strategy: str, seed: int) -> Optimizer:
-    """The strategy on Hartmann-6's space with no initial design (every ask is model-based)."""
-    problem = replace(make_problem("hartmann6"), initial_points=0)
-    if strategy == "bayes":
-        return BayesOptimizer(problem.space, direction="minimize", seed=seed, initial_points=0)
-    return make_optimizer(problem, strategy, seed)
-
-
-def suggest_times(
-    strategy: str, n_obs: int, *, repeats: int, budget_s: float, seed: int = 0
-) -> list[tuple[float, float]]:
-    """(wall, CPU) seconds of ``repeats`` timed ``ask()`` (each cancelled) after ``n_obs``
-    told results.
-
-    Uniform points of Hartmann-6, told as points the strategy did not ask
-    for. One thread, so the CPU seconds are what the ask costs on an idle
-    core whatever else the machine runs; the wall seconds include waiting
-    for a core. Stops early (after at least 3) once ``budget_s`` of wall time
-    is spent.
-    """
-    _one_thread()
-    opt = _timing_optimizer(strategy, seed)
-    rng = np.random.default_rng(seed)
-    names = list(HARTMANN6.space)
-    for u in rng.uniform(size=(n_obs, len(names))):
-        params = dict(zip(names, map(float, u), strict=True))
-        opt.tell(params, HARTMANN6(params))
-    times: list[tuple[float, float]] = []
-    spent = 0.0
-    for i in range(repeats):
-        if i >= 3 and spent > budget_s:
-            break
-        t0, c0 = time.perf_counter(), time.process_time()
-        p = opt.ask()
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        opt.cancel(p.id)
-        times.append((dt, dc))
-        spent += dt
-    return times
-
-
-@dataclass(frozen=True)
-class TimingJob:
-    strategy: str
-    n_obs: int
-    repeats: int
-    budget_s: float
-
-
-def _run_timing(job: TimingJob) -> list[tuple[float, float]]:
-    return suggest_times(job.strategy, job.n_obs, repeats=job.repeats, budget_s=job.budget_s)
 
 
 def suggest_section(
@@ -683,7 +455,7 @@ def suggest_section(
 
     # one process: timings from two workers on two busy cores would disturb each other less,
     # but one at a time is what a campaign does
-    _pool_map(_run_timing, jobs, 1, done)
+    pool_map(run_timing, jobs, 1, done)
     sizes = settings.suggest_sizes or tuple(sorted({int(n) for rows in old.values() for n in rows}))
     lines = [
         "3. ask() seconds at N observations (Hartmann-6, 6-D, uniform points), CPU p50 / p95 "
@@ -729,27 +501,6 @@ def suggest_section(
 
 
 # --------------------------------------------------------------------- main
-def _environment() -> dict[str, Any]:
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [
-            {k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
-            for i in threadpool_info()
-        ]
-    except ImportError:
-        blas = []
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "versions": peer_versions(),
-        "blas": blas,
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE")},
-    }
-
-
 def rerun(label: str) -> int:
     problem, strategy, k, seed = label.split(":")
     trace = run_one(Run(problem, strategy, int(k), int(seed), 150))
@@ -778,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.update(f"runs {count}/{len(runs)}: {run.label()}: {n or f'> {run.cap}'}")
 
     try:
-        _pool_map(run_one, runs, settings.workers, done)
+        pool_map(run_one, runs, settings.workers, done)
         for v in traces.values():
             v.sort(key=lambda t: t.seed)
         sec1, data1 = to_target_section(traces, settings, strategies, reused)
@@ -787,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         progress.done()
     elapsed = time.monotonic() - t0
-    env = _environment()
+    env = environment()
     head = [
         f"benchmarks/optimizers.py{' --quick' if settings.quick else ''}: {settings.seeds} seed(s) "
         f"(0..{settings.seeds - 1}), {settings.workers} worker(s), {env['cpus']} cores, load "

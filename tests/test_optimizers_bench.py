@@ -16,11 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.optimizers import (  # noqa: E402
+from benchmarks.optimizers import main  # noqa: E402
+from benchmarks.optrun import (  # noqa: E402
     Run,
     bootstrap_median,
     h6_fails,
-    main,
     make_problem,
     run_one,
     suggest_times,
