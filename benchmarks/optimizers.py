@@ -286,6 +286,7 @@ def load_reused(paths: Sequence[Path], settings: Settings) -> Reused:
         env = doc.get("environment", {})
         versions = env.get("versions", {})
         load = " ".join(f"{x:.1f}" for x in env.get("load_avg") or [])
+        out.sources += [f"{s} (via {path})" for s in got.get("reused", [])]
         out.sources.append(
             f"reused {path} ({', '.join(got.get('strategies', []))}; "
             f"{', '.join(got.get('problems', [])) or 'timing only'}; "

@@ -334,6 +334,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--out", type=Path, default=Path(_HERE) / "results")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 12 experiments")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="optpareto.json of an earlier run with the same seeds: its strategies join the "
+        "table where this run has none; repeatable",
+    )
     a = ap.parse_args(argv)
     problems = [x for x in a.problems.split(",") if x]
     strategies = [x for x in a.strategies.split(",") if x]
@@ -360,15 +369,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     got: dict[Run, list[list[float] | None]] = {}
     t0 = time.monotonic()
-    pool_map(run_one, runs, a.workers, lambda r, v: got.__setitem__(r, v))
-    results = {
+
+    def done(run: Run, values: list[list[float] | None]) -> None:
+        got[run] = values
+        print(f"[{time.monotonic() - t0:6.0f} s] {len(got)}/{len(runs)} {run}", file=sys.stderr)
+
+    pool_map(run_one, runs, a.workers, done)
+    results: dict[str, dict[str, list[list[list[float] | None]]]] = {
         p: {s: [got[Run(p, s, k, checkpoints[-1])] for k in range(seeds)] for s in strategies}
         for p in problems
     }
+    sources = []
+    for path in a.reuse:
+        try:
+            doc = json.loads(path.read_text())
+            old, old_seeds = doc["runs"], doc["seeds"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(
+                f"--reuse {path}: not an optpareto.json results file ({exc})"
+            ) from None
+        if old_seeds != list(range(seeds)) or doc["checkpoints"] != list(checkpoints):
+            raise SystemExit(f"--reuse {path}: made with other seeds or checkpoints; rerun it")
+        for p, per in old.items():
+            if p in results:
+                for strat, runs_ in per.items():
+                    results[p].setdefault(strat, runs_)
+        sources.append(f"reused {path} ({doc.get('elapsed_s', 0):.0f} s)")
     lines = [
         f"benchmarks/optpareto.py: {seeds} seed(s) (0..{seeds - 1}), {a.workers} worker(s), "
         f"{time.monotonic() - t0:.0f} s",
         "versions: " + ", ".join(f"{k} {v}" for k, v in peer_versions().items()),
+        *sources,
         "",
         f"Hypervolume after {' and '.join(map(str, checkpoints))} experiments, one station: "
         "median [q1, q3]",
@@ -384,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "checkpoints": list(checkpoints),
                 "versions": peer_versions(),
                 "refs": {p: list(make_problem(p).ref) for p in problems},
+                "elapsed_s": time.monotonic() - t0,
+                "reused": sources,
                 "runs": results,
             },
             indent=1,

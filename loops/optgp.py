@@ -101,8 +101,8 @@ FAST_TUNING = Tuning(
     n_refine=8,
     refine_rounds=8,
     gp_restarts=1,
-    max_fit_points=150,
-    max_cond_points=400,
+    max_fit_points=100,
+    max_cond_points=300,
 )
 
 

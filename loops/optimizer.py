@@ -26,18 +26,18 @@ Statuses (what the Bayesian strategy does with them):
   re-proposed blindly.
 
 Pending points. K ``ask()`` without ``tell()`` give K distinct points. At
-each ask the GP's hyperparameters are fitted on the real data only; then every
-pending (and untrusted) point is added, on a fresh copy of the data, with a
-"lie" for its value -- by default the GP's own prediction there ("Kriging
-believer", and the incumbent EI measures against includes the lies;
-``lie="mean"|"min"|"max"`` gives the classic constant liar) -- so the
-uncertainty collapses there and the acquisition looks elsewhere; a pending
-point also excludes its neighbourhood. ``lie="penalize"`` instead leaves the
-pending points out of the GP and multiplies EI by local penalisers around them
-(González et al. 2016). Measured on Hartmann-6 (target -3.0, 10 seeds) with 4
-in flight, both need 1.3-1.6x the sequential evaluations over several runs
-(believer 44.5-47.5 vs 30-34, penalize 43.5); BoTorch's qLogNEI 1.2x, Optuna's
-GP sampler 1.4x (benchmarks/optimizers.py); on Branin the believer needs 1.0x.
+each ask the GP's hyperparameters are fitted on the real data only; then the
+pending (and untrusted) points join the data on a fresh copy with values the
+model gives them. By default (``lie="fantasies"``) four joint draws of their
+outcomes from the GP's posterior, each conditioning its own copy of the GP, and
+the acquisition is the expected improvement averaged over the four (over each
+copy's incumbent); ``lie="believer"`` gives them the GP's own prediction
+("Kriging believer"), ``lie="mean"|"min"|"max"`` the classic constant liar.
+The uncertainty collapses there and the acquisition looks elsewhere; a pending
+point also excludes its neighbourhood. With 4 in flight on Hartmann-6 the
+fantasies need 1.15x the sequential experiments (39 vs 34 median over 10 seeds;
+the believer 1.31x, BoTorch's qLogNEI 1.20x, Optuna's GP sampler 1.43x:
+``benchmarks/optimizers.py``, whose results file has the current numbers).
 The package's ``bayes_opt.acquisition.ConstantLiar``
 is not used: it refuses constraints (``ConstraintNotSupportedError``), its
 dummies shape the GP hyperparameters, and it keeps its own list of dummies,
@@ -61,17 +61,18 @@ An optimizer is plain synchronous, single-owner state (no locks). A model-based
 ``ask()`` is CPU-bound (6-D, one idle core: ~0.06 s at 50 observations, ~0.2 s
 at 1,000): from async code call it with ``asyncio.to_thread``, one call at a time.
 
-Strategies: :class:`BayesOptimizer` (a scikit-learn Matern GP with MAP length
-scales, log expected improvement or UCB maximised over uniform candidates and
-candidates around the best results; bayesian-optimization 3.4's kernel wrapper
-rounds int parameters), :class:`RandomSearch` and :class:`GridSearch` as
+Strategies: :class:`BayesOptimizer` (a scikit-learn Matern GP, maximum-likelihood
+length scales, log expected improvement or UCB maximised over uniform candidates
+and candidates around the best results; bayesian-optimization 3.4's kernel
+wrapper snaps int and choice columns), :class:`RandomSearch` and :class:`GridSearch` as
 baselines. :func:`optimizer_from_state` restores any of them. Side by side with
 bayes-opt, Optuna and BoTorch: ``benchmarks/optimizers.py``.
 
 Modules: :mod:`loops.optspace` (the space, proposals, observations, statuses),
 :mod:`loops.optbase` (the :class:`Optimizer` protocol and the bookkeeping every
-strategy shares), :mod:`loops.optbayes` (:class:`BayesOptimizer`,
-:func:`time_suggest`), :mod:`loops.optbaselines` (:class:`RandomSearch`,
+strategy shares), :mod:`loops.optregistry` (the strategies by name),
+:mod:`loops.optbayes` (:class:`BayesOptimizer`, :func:`time_suggest`; its model in
+:mod:`loops.optgp`, its search in :mod:`loops.optsearch`), :mod:`loops.optbaselines` (:class:`RandomSearch`,
 :class:`GridSearch`); all re-exported here.
 """
 

@@ -151,3 +151,48 @@ def test_bad_arguments_say_what_is_known(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit):
         main(["--rerun", "branin:bayes:one:0"])
     assert "PROBLEM:STRATEGY:K:SEED" in capsys.readouterr().err
+
+
+def test_two_objective_quick_run_records_hypervolumes_versions_and_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import optpareto
+
+    code = optpareto.main(
+        [
+            "--quick",
+            "--workers",
+            "1",
+            "--problems",
+            "branin-currin",
+            "--strategies",
+            "pareto,random",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Hypervolume after 6 and 12 experiments" in out and "branin-currin" in out
+    doc = json.loads((tmp_path / "optpareto.json").read_text())
+    assert doc["seeds"] == [0] and doc["checkpoints"] == [6, 12]
+    assert doc["versions"]["scikit-learn"] and doc["versions"]["numpy"]
+    runs = doc["runs"]["branin-currin"]
+    assert set(runs) == {"pareto", "random"} and len(runs["pareto"][0]) == 12
+    # the same seed in the same environment gives the same values
+    again = optpareto.run_one(optpareto.Run("branin-currin", "pareto", 0, 12))
+    assert again == runs["pareto"][0]
+    # hypervolume up to the reference point: (18, 6) - a single point (8, 1) -> 10 * 5
+    assert optpareto.hv_after([[8.0, 1.0], None, [20.0, 0.0]], 3, (18.0, 6.0)) == 50.0
+    assert optpareto.hv_after([[8.0, 1.0], [2.0, 4.0]], 1, (18.0, 6.0)) == 50.0
+
+
+def test_two_objective_bad_arguments_name_the_known_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import optpareto
+
+    with pytest.raises(SystemExit):
+        optpareto.main(["--problems", "zdt9"])
+    err = capsys.readouterr().err
+    assert "zdt9" in err and "branin-currin" in err
