@@ -517,3 +517,25 @@ def test_registry_is_the_one_list_of_strategy_names(monkeypatch: pytest.MonkeyPa
     )
     with pytest.raises(optregistry.StrategyUnavailable, match=r"pip install 'labbridge\[ghostextra\]'"):
         optregistry.strategy_class("ghost")
+
+
+def test_acquisition_weight_multiplies_every_candidate_value() -> None:
+    """A strategy's acquisition_weight(X) (e.g. a learned feasibility) scales the one
+    acquisition every candidate is scored with: weight 0 on x < 0.5 keeps every model-based
+    proposal at x >= 0.5 although the bowl's minimum is at x = 0.3."""
+
+    class Weighted(BayesOptimizer):
+        def acquisition_weight(self, X: np.ndarray) -> np.ndarray:
+            return np.where(X[:, 0] < 0.5, 0.0, 1.0)
+
+    opt = Weighted(SQUARE, direction="minimize", seed=2, initial_points=4)
+    fill(opt, bowl, 4)
+    xs = []
+    for _ in range(6):
+        p = opt.ask()
+        xs.append(p.params["x"])
+        opt.tell(p.id, bowl(p.params))
+    assert min(xs) >= 0.5, xs
+    plain_opt = BayesOptimizer(SQUARE, direction="minimize", seed=2, initial_points=4)
+    fill(plain_opt, bowl, 10)
+    assert min(o.params["x"] for o in plain_opt.observations()[4:]) < 0.5  # the weight did it
