@@ -286,7 +286,10 @@ def load_reused(paths: Sequence[Path], settings: Settings) -> Reused:
         env = doc.get("environment", {})
         versions = env.get("versions", {})
         load = " ".join(f"{x:.1f}" for x in env.get("load_avg") or [])
-        out.sources += [f"{s} (via {path})" for s in got.get("reused", [])]
+        for line in got.get("reused", []):  # what that file merged itself (once)
+            nested = f"  (earlier) {line.strip()}"
+            if line.startswith("reused ") and nested not in out.sources:
+                out.sources.append(nested)
         out.sources.append(
             f"reused {path} ({', '.join(got.get('strategies', []))}; "
             f"{', '.join(got.get('problems', [])) or 'timing only'}; "
@@ -548,6 +551,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
     ]
     head += reused.sources
+    if reused.sources:
+        head.append(
+            "rows: this run's own where it ran them, else the last --reuse file (in the order "
+            "given) that has them"
+        )
     head += [f"skipped {name}: {why}" for name, why in missing.items()]
     head.append(
         "skipped ax: not run (same BoTorch model and acquisition as 'botorch' behind its service "

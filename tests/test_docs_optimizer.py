@@ -1,6 +1,7 @@
 """docs/optimizer.md runs as written (tests/docpages.py): its blocks run in a folder that
-has the repository's examples/ (as the repository root has), the `labbridge sim` line on
-the page's two-experiment copy of the Pareto example, on the tests' Ray."""
+has the repository's examples/ and benchmarks/ (as the repository root has), the
+`labbridge sim` line on the page's two-experiment copy of the Pareto example, on the
+tests' Ray, and the two-objective benchmark's quick form."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ PAGE = "optimizer.md"
 
 def test_every_code_block_is_one_the_harness_runs() -> None:
     assert [b.lang for b in blocks(PAGE)][:2] == ["python", "sh"]
-    assert len([b for b in blocks(PAGE) if b.lang == "sh"]) == 1
+    assert len([b for b in blocks(PAGE) if b.lang == "sh"]) == 2
     assert not strays(PAGE), strays(PAGE)
 
 
 @pytest.mark.timeout(240)
 def test_optimizer_page_runs_as_written(ray_session: Any, tmp_path: Path) -> None:
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    for name in ("examples", "benchmarks"):
+        (tmp_path / name).symlink_to(ROOT / name)
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     out = [run_script(b, tmp_path, timeout=180, env=env) for b in blocks(PAGE)]
     text = [o.stdout + o.stderr for o in out]
@@ -29,3 +31,5 @@ def test_optimizer_page_runs_as_written(ray_session: Any, tmp_path: Path) -> Non
     assert (tmp_path / "runs" / "sim-pareto" / "report" / "report.html").is_file()
     assert any("('delta_e2000', 'minimize', 6.0)" in t for t in text)
     assert any("[ True  True False]" in t for t in text)
+    assert any("branin-currin (reference point (18.0, 6.0))" in t for t in text)
+    assert (tmp_path / "runs" / "optpareto" / "optpareto.json").is_file()
