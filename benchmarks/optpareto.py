@@ -52,6 +52,7 @@ if _ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks.campaign import quantile  # noqa: E402
 from benchmarks.colour_model import ColourMatchObjective  # noqa: E402
 from benchmarks.optrun import pool_map, quantile_row  # noqa: E402
 from benchmarks.peers import missing_peers, peer_versions  # noqa: E402
@@ -313,7 +314,7 @@ def table(
                 hv = [hv_after(r, c, ref) for r in runs]
                 cells.append(quantile_row(hv))
                 if c == checkpoints[-1]:
-                    meds[strat] = float(np.median(hv))
+                    meds[strat] = quantile(hv, 0.5)  # as in the table
             lines.append(f"  {strat:12s}" + "".join(f"{x:>26s}" for x in cells))
         peers = {k: v for k, v in meds.items() if k in PEERS}
         if "pareto" in meds and peers:
