@@ -1,6 +1,6 @@
 """docs/optimizer.md runs as written (tests/docpages.py): its blocks run in a folder that
 has the repository's examples/ and benchmarks/ (as the repository root has), the
-`labbridge sim` line on the page's two-experiment copy of the Pareto example, on the
+`labbridge sim` line on the page's one-experiment copy of the Pareto example, on the
 tests' Ray, and the two-objective benchmark's quick form."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_optimizer_page_runs_as_written(ray_session: Any, tmp_path: Path) -> Non
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     out = [run_script(b, tmp_path, timeout=180, env=env) for b in blocks(PAGE)]
     text = [o.stdout + o.stderr for o in out]
-    assert any("campaign sim-pareto: done: experiment budget spent: 2 of 2" in t for t in text)
+    assert any("campaign sim-pareto: done: experiment budget spent: 1 of 1" in t for t in text)
     assert (tmp_path / "runs" / "sim-pareto" / "report" / "report.html").is_file()
     assert any("('delta_e2000', 'minimize', 6.0)" in t for t in text)
     assert any("[ True  True False]" in t for t in text)
