@@ -60,6 +60,7 @@ from bridge.reporthtml import (
     safety_html,
     summary_html,
 )
+from bridge.reportlearned import feasibility_html, prior_html
 from bridge.reportpareto import PARETO, pareto_html, pareto_summary, plot_pareto
 from bridge.reportplots import MAX_SCATTER_PARAMETERS, plot_convergence, plot_parameters
 from bridge.reportsheet import render_contact_sheet, select_tiles
@@ -152,6 +153,10 @@ def write_report(
         written.add(PARETO)
         body += pareto_html(pareto, data)
 
+    prior = prior_html(data)
+    if prior:
+        body.append('<h2 id="prior">Prior results</h2>')
+        body += prior
     body.append('<h2 id="parameters">Parameters explored</h2>')
     if exps and data.params:
         plot_parameters(data, out / PARAMETERS)
@@ -227,6 +232,10 @@ def write_report(
 
     body.append('<h2 id="safety">Safety</h2>')
     body += safety_html(data)
+    learned = feasibility_html(data)
+    if learned:
+        body.append('<h3 id="feasibility">Learned feasibility: predicted and what happened</h3>')
+        body += learned
     body.append('<h2 id="experiments">Experiments</h2>')
     body += experiments_html(data)
 

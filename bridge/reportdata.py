@@ -64,6 +64,10 @@ class ReportData:
     goals: tuple[Any, ...] = ()
     #: several objectives: every trusted result's objective values, by experiment id
     vectors: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: the learned feasibility's prediction journaled with each proposal, by experiment id
+    predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the dry run's refusing rules of each rejected proposal, by experiment id
+    refusing_rules: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def minimize(self) -> bool:
@@ -115,13 +119,22 @@ def read_report_data(journal: Journal, campaign_id: str) -> ReportData:
     events: list[Transition] = []
     rejections: dict[str, list[str]] = {}
     failures: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, dict[str, Any]] = {}
+    refusing_rules: dict[str, list[str]] = {}
     for t in journal.campaign_log(campaign_id):
         if t.experiment_id is None:
             events.append(t)
+        elif t.event == "state" and t.state == "proposed" and isinstance(t.data, Mapping):
+            prediction = as_mapping(as_mapping(t.data.get("data")).get("feasibility"))
+            if prediction:
+                predictions[t.experiment_id] = dict(prediction)
         elif t.event == "state" and t.state == "rejected" and isinstance(t.data, Mapping):
             reasons = t.data.get("reasons")
             if isinstance(reasons, list):
                 rejections[t.experiment_id] = [str(r) for r in reasons]
+            rules = as_mapping(t.data.get("data")).get("rules")
+            if isinstance(rules, list):
+                refusing_rules[t.experiment_id] = [str(r) for r in rules]
         elif t.event == "state" and t.state == "failed" and isinstance(t.data, Mapping):
             failures[t.experiment_id] = dict(t.data)
     goals: tuple[Any, ...] = ()
@@ -160,6 +173,8 @@ def read_report_data(journal: Journal, campaign_id: str) -> ReportData:
         stations_with_calibration=calibrations,
         goals=goals,
         vectors=vectors,
+        predictions=predictions,
+        refusing_rules=refusing_rules,
     )
 
 

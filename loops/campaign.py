@@ -294,8 +294,17 @@ class CampaignRunner(CampaignResume, CampaignApproval):
         with contextlib.suppress(RecipeError, TypeError, ValueError):
             if self.program.feasible(params)[0]:
                 recipe = build_recipe(self.program, params).as_dict()
+        # the learned feasibility's prediction, journaled with the proposal (callers hold the
+        # lock: the optimizer is not asked meanwhile)
+        prediction = await asyncio.to_thread(self._prediction, params)
         eid = await self.journal.call(
-            Journal.propose, self.campaign_id, params, proposer, recipe=recipe, epoch=self._epoch
+            Journal.propose,
+            self.campaign_id,
+            params,
+            proposer,
+            recipe=recipe,
+            data=None if prediction is None else {"feasibility": prediction},
+            epoch=self._epoch,
         )
         self._counts.proposed += 1
         if pid is not None:
@@ -317,6 +326,7 @@ class CampaignRunner(CampaignResume, CampaignApproval):
         if slot is None:
             return ["no station is available to dry-run the proposal"], False
         violations = await slot.actor.call(StationActor.dry_run, item.recipe, item.proposer)
+        item.rules = tuple(dict.fromkeys(str(v["rule"]) for v in violations if v.get("rule")))
         budget = bool(violations) and all(
             str(v.get("rule", "")).startswith("budget.") for v in violations
         )

@@ -102,6 +102,7 @@ def make_optimizer(program: Program) -> Strategy:
         inner = GridSearch(space, per_axis, direction=direction, constraints=feasible)
     else:
         raise ValueError(f"unknown strategy {program.strategy!r} (bayes, random or grid)")
+    inner.learn_feasibility = program.feasibility == "learned"
     if program.multi:
         return ParetoOptimizer(inner, [o.direction for o in program.goals], seed=program.seed)
     return inner
@@ -129,6 +130,8 @@ class Item:
     checked: bool
     #: a human approved it (loops/campaignapproval.py): the approval policy is not asked again
     approved: bool = False
+    #: the rules of the safety layer's dry run that refused it (told to the optimizer)
+    rules: tuple[str, ...] = ()
 
 
 @dataclass
@@ -354,18 +357,32 @@ class CampaignBook:
         vector: tuple[float, ...] | None = None,
     ) -> None:
         """Tell the optimizer an outcome (by pending id, else by params); remember it was told.
-        With several objectives the optimizer is told ``vector`` (every objective's value)."""
+        With several objectives the optimizer is told ``vector`` (every objective's value);
+        a refusal comes with the dry run's rules (``item.rules``) for the feasibility model."""
         opt = self.optimizer
         told: Any = vector if isinstance(opt, ParetoOptimizer) else value
+        rules = item.rules if status == "infeasible" else ()
         if item.pid is not None and item.pid in {p.id for p in opt.pending()}:
-            opt.tell(item.pid, told, status=status)
+            opt.tell(item.pid, told, status=status, rules=rules)
         else:
             try:
-                opt.tell(item.params, told, status=status)
+                opt.tell(item.params, told, status=status, rules=rules)
             except ValueError as exc:  # params outside the space (an agent's): nothing to learn
                 log.info("campaign %s: %s not told: %s", self.campaign_id, item.experiment_id, exc)
         self._pending.pop(item.experiment_id, None)
         self._told.add(item.experiment_id)
+
+    def _prediction(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """What the optimizer's feasibility model predicts for ``params`` (the probability of
+        being refused and by which rule, of failing, of an unverified result), or None for
+        params outside its space (an agent's) and with ``feasibility: declared`` (nothing is
+        learned). CPU-bound: call it off the event loop."""
+        if self.program.feasibility != "learned":
+            return None
+        try:
+            return self.optimizer.feasibility(params)
+        except ValueError:
+            return None
 
     def _outcome(
         self, measurements: Mapping[str, Any]

@@ -54,6 +54,7 @@ class CampaignRecorder(CampaignBook):
             Journal.reject,
             item.experiment_id,
             list(reasons),
+            data={"rules": list(item.rules)} if item.rules else None,
             optimizer_state=self._state(),
             epoch=self._epoch,
         )

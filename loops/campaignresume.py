@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 from loops.campaignapproval import CampaignApproval
 from loops.campaignbook import STATE_VERSION, Item, Slot, restore_optimizer
 from loops.campaignlease import CampaignLease
+from loops.campaignprior import Prior, read_prior, refusing_rules
 from loops.journal import AWAITING, CompletedRun, Experiment, Journal, ResumeInfo
+from loops.optmulti import ParetoOptimizer
 from loops.stationerrors import cause_text
 from loops.stationledger import window_text
 from loops.stations import StationActor
@@ -65,6 +68,18 @@ class CampaignResume(CampaignLease, CampaignApproval):
             )
         try:
             if not resume:
+                # every prior is read first: an unknown one or one with nothing in common
+                # creates nothing (PriorError)
+                priors = [
+                    await read_prior(
+                        j,
+                        prior_id,
+                        self.optimizer.space,
+                        self._outcome,
+                        this_campaign=self.campaign_id,
+                    )
+                    for prior_id in self.program.prior
+                ]
                 await j.call(
                     Journal.create_campaign,
                     self.campaign_id,
@@ -72,6 +87,15 @@ class CampaignResume(CampaignLease, CampaignApproval):
                     self.program.to_markdown(),
                 )
                 await self._take_leases()
+                for prior in priors:  # told before the first ask, journaled as such
+                    self._tell_prior(prior)
+                    await j.call(
+                        Journal.record_prior,
+                        self.campaign_id,
+                        prior.record(),
+                        optimizer_state=self._state(),
+                        epoch=self._epoch,
+                    )
                 self._rest(spent)
                 await j.call(
                     Journal.save_optimizer_state, self.campaign_id, self._state(), epoch=self._epoch
@@ -111,6 +135,14 @@ class CampaignResume(CampaignLease, CampaignApproval):
                 out[slot.name] = "; ".join(blocked)
         return out
 
+    def _tell_prior(self, prior: Prior) -> None:
+        """Tell the optimizer a prior campaign's points (not this campaign's experiments: no
+        budget, stop rule or count sees them)."""
+        multi = isinstance(self.optimizer, ParetoOptimizer)
+        for p in prior.points:
+            told: Any = p.vector if multi else p.value
+            self.optimizer.tell(p.params, told, status=p.status, rules=p.rules)
+
     def _rest(self, spent: dict[str, str]) -> None:
         for name, why in spent.items():
             slot = self._slots[name]
@@ -138,6 +170,7 @@ class CampaignResume(CampaignLease, CampaignApproval):
         pending_ids = {p.id for p in self.optimizer.pending()}
         live: set[str] = set()
         awaiting: list[Item] = []  # awaiting a human: they wait again (campaignapproval)
+        rules: dict[str, list[str]] | None = None  # the journal's refusing rules, read once
         ran = sorted(
             (e for e in experiments if e.state in ("done", "failed") and e.station is not None),
             key=lambda e: e.updated,
@@ -177,7 +210,10 @@ class CampaignResume(CampaignLease, CampaignApproval):
                 self._tell(item, exp.objective, "ok" if exp.trusted else "untrusted", vector)
             elif exp.state == "failed":
                 self._tell(item, None, "failed")
-            elif exp.state == "rejected":
+            elif exp.state == "rejected":  # refused, the optimizer not told: with its rules
+                if rules is None:
+                    rules = await refusing_rules(self.journal, self.campaign_id)
+                item.rules = tuple(rules.get(exp.id, ()))
                 self._tell(item, None, "infeasible")
             elif exp.state == "cancelled":
                 self._forget(item)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
+from numpy.typing import NDArray
 
+from loops.optfeasible import FeasibilityModel, Labelled, causes_of
 from loops.optspace import (
     STATUSES,
     Constraint,
@@ -79,8 +81,10 @@ class Optimizer(Protocol):
         value: float | None,
         *,
         status: Status = "ok",
+        rules: Sequence[str] = (),
     ) -> Observation:
-        """Report a result by proposal id (or by params, for a point we did not ask)."""
+        """Report a result by proposal id (or by params, for a point we did not ask);
+        ``rules``: the rules that refused an ``infeasible`` one."""
         ...
 
     def add_pending(self, params: Mapping[str, ParamValue]) -> Proposal:
@@ -123,6 +127,12 @@ class StrategyBase(ABC):
         self._pending: dict[str, Params] = {}
         self._observations: list[Observation] = []
         self._counter = 0
+        #: the rules that refused each ``infeasible`` observation (by id), as told
+        self._rules: dict[str, tuple[str, ...]] = {}
+        #: learn where trouble is from the observations (:mod:`loops.optfeasible`) and weigh
+        #: the acquisition by it; False: only the declared constraints and the penalties
+        self.learn_feasibility = True
+        self._feasibility: tuple[int, FeasibilityModel] | None = None
 
     # -- public API ---------------------------------------------------------
 
@@ -141,6 +151,7 @@ class StrategyBase(ABC):
         value: float | None,
         *,
         status: Status = "ok",
+        rules: Sequence[str] = (),
     ) -> Observation:
         """Record a result; ``proposal`` is a pending id or the params of any point.
 
@@ -148,10 +159,13 @@ class StrategyBase(ABC):
         new observation (an experiment we did not ask for). ``ok`` needs a
         finite value; the other statuses take a value or None. Raises
         :class:`UnknownProposal` for an id that is not pending, ValueError for
-        bad params/values (nothing is recorded then).
+        bad params/values (nothing is recorded then). ``rules``: the names of the
+        rules that refused an ``infeasible`` point (the dry run's), learned per rule.
         """
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        if isinstance(rules, str) or not all(isinstance(r, str) for r in rules):
+            raise ValueError(f"rules must be a sequence of rule names, got {rules!r}")
         val: float | None = None
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int | float | np.number):
@@ -178,6 +192,8 @@ class StrategyBase(ABC):
             val = None  # a NaN from a broken run is no value (and not JSON)
         obs = Observation(pid, params, val, status)
         self._observations.append(obs)
+        if status == "infeasible" and rules:
+            self._rules[pid] = tuple(rules)
         return obs
 
     def cancel(self, proposal_id: str) -> None:
@@ -200,6 +216,35 @@ class StrategyBase(ABC):
                     best = (dict(o.params), o.value)
         return best
 
+    def feasibility_model(self) -> FeasibilityModel:
+        """The feasibility model of the observations so far (rebuilt when one is added;
+        empty when :attr:`learn_feasibility` is off)."""
+        n = len(self._observations) if self.learn_feasibility else -1
+        if self._feasibility is None or self._feasibility[0] != n:
+            points = [
+                Labelled(
+                    self.space.to_unit(o.params),
+                    o.status,
+                    causes_of(o.status, self._rules.get(o.id, ())),
+                )
+                for o in (self._observations if self.learn_feasibility else ())
+            ]
+            self._feasibility = (n, FeasibilityModel(points))
+        return self._feasibility[1]
+
+    def acquisition_weight(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Per row of ``X`` (the encoded unit space): the probability that the point is
+        feasible (not refused, not failed, trusted); ones when nothing was learned."""
+        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        model = self.feasibility_model()
+        return np.ones(len(X)) if model.empty else model.weight(X)
+
+    def feasibility(self, params: Mapping[str, ParamValue]) -> dict[str, Any]:
+        """What the feasibility model predicts at ``params`` (JSON: :meth:`FeasibilityModel.explain
+        <loops.optfeasible.FeasibilityModel.explain>`). Raises ValueError for params
+        outside the space."""
+        return self.feasibility_model().explain(self.space.to_unit(self.space.validate(params)))
+
     def counts(self) -> dict[str, int]:
         c: dict[str, int] = {s: 0 for s in STATUSES}
         for o in self._observations:
@@ -216,6 +261,8 @@ class StrategyBase(ABC):
             "observations": [o.to_dict() for o in self._observations],
             "pending": [{"id": i, "params": dict(p)} for i, p in self._pending.items()],
             "counts": self.counts(),
+            "rules": {i: list(r) for i, r in self._rules.items()},
+            "learn_feasibility": self.learn_feasibility,
             **self._extra_state(),
         }
 
@@ -244,6 +291,9 @@ class StrategyBase(ABC):
             Observation(o["id"], self.space.validate(o["params"]), o["value"], o["status"])
             for o in state["observations"]
         ]
+        self._rules = {str(i): tuple(r) for i, r in dict(state.get("rules") or {}).items()}
+        self.learn_feasibility = bool(state.get("learn_feasibility", True))
+        self._feasibility = None
 
     def _new_id(self) -> str:
         self._counter += 1

@@ -23,6 +23,7 @@ from scipy.stats import qmc
 from sklearn.gaussian_process.kernels import Kernel
 
 from loops.optbase import StrategyBase, rng_state, set_rng_state
+from loops.optfeasible import weigh
 from loops.optgp import (
     FAST_TUNING,
     PACKAGE_TUNING,
@@ -365,9 +366,9 @@ class BayesOptimizer(StrategyBase):
         The one place candidate values are computed: the GP fitted on the real
         data, conditioned on the pending points' lies (or averaged over
         ``_FANTASIES`` joint posterior draws of their outcomes), and weighted
-        by the strategy's ``acquisition_weight(X)`` when it has one (a factor
-        in [0, 1] per unit point: EI times the weight, in log space; UCB plus
-        its log).
+        by :meth:`acquisition_weight` (the learned probability of feasibility,
+        :mod:`loops.optfeasible`; nothing when nothing was learned): EI times
+        the weight (in log space), UCB as :func:`loops.optfeasible.weigh` does.
         """
         tn = self.tuning
         gp_real = fit_gp(self._kernel, data, tn, self._rng)
@@ -388,14 +389,16 @@ class BayesOptimizer(StrategyBase):
         else:
             gp, incumbent = condition(gp_real, data, tn, self._rng)
             score = score_fn(gp, incumbent, self.acquisition, **kw)
-        weight = getattr(self, "acquisition_weight", None)
-        if weight is None:
-            return score, scales
+        # learned feasibility (loops/optfeasible.py): the acquisition times P(feasible); EI in
+        # log space, UCB as optfeasible.weigh treats a value to minimise
+        weight = self.acquisition_weight
         base = score
 
         def weighted(x: NDArray[np.float64]) -> NDArray[np.float64]:
-            w = np.clip(np.asarray(weight(x), dtype=np.float64), 1e-300, 1.0)
-            return base(x) + np.log(w)
+            w = np.asarray(weight(x), dtype=np.float64)
+            if self.acquisition == "ucb":
+                return -weigh(-base(x), w)
+            return base(x) + np.log(np.clip(w, 1e-6, 1.0))
 
         return weighted, scales
 

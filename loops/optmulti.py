@@ -114,6 +114,7 @@ class ParetoOptimizer:
         value: Sequence[float] | None,
         *,
         status: Status = "ok",
+        rules: Sequence[str] = (),
     ) -> Observation:
         """Record a result: ``value`` is one number per objective (or None without a result).
         ``ok`` needs every value finite. Raises like the inner ``tell`` (nothing recorded)."""
@@ -140,7 +141,7 @@ class ParetoOptimizer:
                 f"status 'ok' needs {len(self.directions)} finite values, got {value!r}"
             )
         scalar = None if vec is None else self._scalars([vec])[0]
-        obs = self.inner.tell(proposal, scalar, status=status)
+        obs = self.inner.tell(proposal, scalar, status=status, rules=rules)
         self._vectors[obs.id] = vec
         return obs
 
@@ -181,6 +182,14 @@ class ParetoOptimizer:
 
     def counts(self) -> dict[str, int]:
         return self.inner.counts()
+
+    def acquisition_weight(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The inner strategy's learned feasibility (its acquisition is weighted by it)."""
+        return self.inner.acquisition_weight(X)
+
+    def feasibility(self, params: Mapping[str, ParamValue]) -> dict[str, Any]:
+        """The inner strategy's prediction at ``params`` (:meth:`StrategyBase.feasibility`)."""
+        return self.inner.feasibility(params)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -250,4 +259,6 @@ class ParetoOptimizer:
         for i, v in zip(have, s, strict=True):
             state["observations"][i]["value"] = float(v)
         restore: Any = type(self.inner)
+        learned = self.inner._feasibility  # same points and statuses: the model still holds
         self.inner = restore.from_state(self.space, state, constraints=self.constraints)
+        self.inner._feasibility = learned

@@ -325,6 +325,11 @@ class Program:
     approval: ApprovalPolicy | None = None
     #: every objective when there are several (``objective`` is the first); () for one
     objectives: tuple[Objective, ...] = ()
+    #: campaigns (ids in the same journal) whose results are told to the optimizer first
+    prior: tuple[str, ...] = ()
+    #: ``learned`` (refusals, failures and unverified results teach the optimizer where
+    #: trouble is: loops/optfeasible.py) or ``declared`` (the constraints only)
+    feasibility: str = "learned"
 
     @property
     def space(self) -> Space:
@@ -508,6 +513,10 @@ class Program:
             out["verification"] = {k: v for k, v in self.verification.items() if v}
         if self.approval is not None:
             out["approval"] = self.approval.as_spec()
+        if self.prior:
+            out["prior"] = list(self.prior)
+        if self.feasibility != "learned":
+            out["feasibility"] = self.feasibility
         return out
 
     def to_markdown(self) -> str:

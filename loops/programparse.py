@@ -46,6 +46,8 @@ TOP_KEYS = (
     "fixed",
     "verification",
     "approval",
+    "prior",
+    "feasibility",
 )
 REQUIRED_KEYS = ("name", "parameters", "budget", "recipe")  # and objective or objectives
 PARAMETER_KEYS = ("type", "low", "high", "unit", "doc")
@@ -56,6 +58,8 @@ OBJECTIVES_KEYS = ("measure", "direction", "threshold")
 DIRECTIONS = ("minimize", "maximize")
 BUDGET_KEYS = ("experiments", "hours")
 STOP_KEYS = ("target", "no_improvement", "at_thresholds")
+#: ``feasibility:``: learned from refusals, failures and unverified results, or declared only
+FEASIBILITY = ("learned", "declared")
 _SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MEASURE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -111,6 +115,19 @@ def _string(value: Any, path: tuple[Any, ...], doc: YamlDoc, choices: Sequence[s
     if choices and value not in choices:
         raise doc.error(f"must be one of {', '.join(choices)}, got {value!r}", path)
     return value
+
+
+def _prior(value: Any, doc: YamlDoc) -> tuple[str, ...]:
+    """``prior:``: a campaign id, or a list of them, whose results start this campaign."""
+    if value is None:
+        return ()
+    ids = value if isinstance(value, list) else [value]
+    if not ids:
+        raise doc.error("a campaign id or a list of campaign ids, got an empty list", ("prior",))
+    out = [_string(v, ("prior",), doc) for v in ids]
+    if len(set(out)) != len(out):
+        raise doc.error(f"a campaign is named twice in {out}", ("prior",))
+    return tuple(out)
 
 
 def _parameter(name: Any, spec: Any, doc: YamlDoc) -> Parameter:
@@ -403,6 +420,8 @@ def build_program(
     budget = _budget(data["budget"], doc)
     stop = _stop(data.get("stop"), doc, objectives)
     strategy = _string(data.get("strategy", "bayes"), ("strategy",), doc, STRATEGY_NAMES)
+    prior = _prior(data.get("prior"), doc)
+    feasibility = _string(data.get("feasibility", "learned"), ("feasibility",), doc, FEASIBILITY)
     if data.get("initial_points") is not None:
         initial = _integer(data["initial_points"], ("initial_points",), doc, minimum=0)
         if budget.experiments is not None and initial > budget.experiments:
@@ -410,6 +429,8 @@ def build_program(
                 f"{initial} initial points exceed budget.experiments {budget.experiments}",
                 ("initial_points",),
             )
+    elif prior:
+        initial = 0  # the prior campaigns' results are the design
     else:
         initial = max(4, 2 * len(parameters))
         if budget.experiments is not None:
@@ -460,4 +481,6 @@ def build_program(
         body=body,
         source=doc.source,
         approval=approval,
+        prior=prior,
+        feasibility=feasibility,
     )

@@ -1,7 +1,9 @@
 """docs/optimizer.md runs as written (tests/docpages.py): its blocks run in a folder that
-has the repository's examples/ and benchmarks/ (as the repository root has), the
-`labbridge sim` line on the page's one-experiment copy of the Pareto example, on the
-tests' Ray, and the two-objective benchmark's quick form."""
+has the repository's examples/ and benchmarks/ (as the repository root has): the
+`labbridge sim` line on the page's one-experiment copy of the Pareto example (on the
+tests' Ray), the two-objective benchmark's quick form, and the Python examples (the
+prior's program.md excerpt is indented: tests/test_campaign_learning.py runs a campaign
+with a prior)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ PAGE = "optimizer.md"
 
 def test_every_code_block_is_one_the_harness_runs() -> None:
     assert [b.lang for b in blocks(PAGE)][:2] == ["python", "sh"]
-    assert len([b for b in blocks(PAGE) if b.lang == "sh"]) == 2
+    assert [b.lang for b in blocks(PAGE)].count("python") == 4
+    assert [b.lang for b in blocks(PAGE)].count("sh") == 2
     assert not strays(PAGE), strays(PAGE)
 
 
@@ -31,5 +34,6 @@ def test_optimizer_page_runs_as_written(ray_session: Any, tmp_path: Path) -> Non
     assert (tmp_path / "runs" / "sim-pareto" / "report" / "report.html").is_file()
     assert any("('delta_e2000', 'minimize', 6.0)" in t for t in text)
     assert any("[ True  True False]" in t for t in text)
+    assert any("'rule': 'vial.volume.max'" in t for t in text)  # the learned feasibility's
     assert any("branin-currin (reference point (18.0, 6.0))" in t for t in text)
     assert (tmp_path / "runs" / "optpareto" / "optpareto.json").is_file()

@@ -392,6 +392,27 @@ class Journal(JournalResume, JournalApprovals, JournalUsage):
                 reason=reason,
             )
 
+    def record_prior(
+        self,
+        campaign_id: str,
+        data: Mapping[str, Any],
+        *,
+        optimizer_state: Mapping[str, Any] | None = None,
+        epoch: int | None = None,
+    ) -> int:
+        """Log that a prior campaign's results were told to the optimizer before the first
+        proposal (event ``prior``; ``data``: which campaign, what was told and dropped, and a
+        ``reason`` in words), with the optimizer's state in the same transaction."""
+        with self._tx() as conn:
+            self._require_campaign(conn, campaign_id)
+            self._require_epoch(conn, campaign_id, epoch)
+            current = conn.execute(
+                "SELECT state FROM campaigns WHERE id = ?", (campaign_id,)
+            ).fetchone()[0]
+            if optimizer_state is not None:
+                self._save_optimizer(conn, campaign_id, optimizer_state)
+            return self._log(conn, None, campaign_id, "prior", current, None, dict(data))
+
     def station_event(
         self, campaign_id: str, station: str, state: str, reason: str, *, epoch: int | None = None
     ) -> int:
