@@ -226,7 +226,11 @@ def _print_summary(summary: Any, resume_hint: str) -> int:
         f"{c['rejected']} rejected by the checks, {c['agent']} from agents"
     )
     if best is not None:
-        params = ", ".join(f"{k}={v:.4g}" for k, v in best["params"].items())
+        # a categorical/ordinal parameter's value may be a string (a choice)
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, int | float) else f"{k}={v}"
+            for k, v in best["params"].items()
+        )
         print(f"  best {best['value']:.4g} ({best['experiment_id']}): {params}")
     for name, st in summary.stations.items():
         if st["state"] == "out":

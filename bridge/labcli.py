@@ -168,7 +168,10 @@ def _check_program(lab: Any, path: Path, assume_items: list[str]) -> list[str]:
             f"{len(refused)} refused"
         )
         for point in refused:
-            values = ", ".join(f"{k}={v:g}" for k, v in point.params.items())
+            values = ", ".join(
+                f"{k}={v:g}" if isinstance(v, int | float) else f"{k}={v}"
+                for k, v in point.params.items()
+            )
             print(f"  {point.label} ({values}): refused")
             for reason in point.reasons:
                 print(f"    {reason}")

@@ -1,6 +1,7 @@
-"""The Bayesian strategy: :class:`BayesOptimizer` (bayesian-optimization's ``TargetSpace``,
-a Matern GP and EI/UCB acquisitions masked by the constraints, exclusions and pending
-points), and :func:`time_suggest`, the timing of its ``ask()`` against the package's own.
+"""The Bayesian strategy: :class:`BayesOptimizer` (a Matern GP, log EI or UCB maximised
+over candidates that respect the constraints, exclusions and pending points; the model in
+:mod:`loops.optgp`, the search in :mod:`loops.optsearch`), and :func:`time_suggest`, the timing of its ``ask()`` against bayesian-optimization's
+own ``suggest()``.
 
 How it treats statuses, pending points and constraints: :mod:`loops.optimizer`.
 """
@@ -12,21 +13,31 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import numpy as np
 from bayes_opt import BayesianOptimization
-from bayes_opt import acquisition as bo_acquisition
 from bayes_opt.parameter import wrap_kernel
-from bayes_opt.target_space import TargetSpace
 from numpy.typing import NDArray
 from scipy.stats import qmc
-from sklearn.gaussian_process import GaussianProcessRegressor
-from sklearn.gaussian_process.kernels import Kernel, Matern
+from sklearn.gaussian_process.kernels import Kernel
 
 from loops.optbase import StrategyBase, rng_state, set_rng_state
 from loops.optfeasible import weigh
+from loops.optgp import (
+    FAST_TUNING,
+    PACKAGE_TUNING,
+    ModelData,
+    Score,
+    averaged,
+    condition,
+    fit_gp,
+    length_scales,
+    log_ei,
+    matern,
+    score_fn,
+)
+from loops.optsearch import maximise
 from loops.optspace import (
     Constraint,
     Direction,
@@ -37,121 +48,62 @@ from loops.optspace import (
     space_params,
 )
 
-__all__ = ["FAST_TUNING", "PACKAGE_TUNING", "BayesOptimizer", "time_suggest"]
+__all__ = [
+    "FAST_TUNING",
+    "LIES",
+    "PACKAGE_TUNING",
+    "BayesOptimizer",
+    "default_initial_points",
+    "log_ei",
+    "time_suggest",
+]
 
-_BIG = 1e10  # acquisition value (minimised) of a point that may not be proposed
-_Weight = Callable[[NDArray[np.float64]], NDArray[np.float64]] | None
-
-
-def _masked(
-    acq: Callable[[NDArray[Any]], NDArray[Any]],
-    allowed: Callable[[NDArray[np.float64]], NDArray[np.bool_]],
-    dim: int,
-    weight: _Weight = None,
-) -> Callable[[NDArray[np.float64]], NDArray[np.float64]]:
-    """Acquisition (to minimise) with disallowed or non-finite points pushed to _BIG, weighted
-    by the learned probability of feasibility (:func:`loops.optfeasible.weigh`)."""
-
-    def f(x: NDArray[np.float64]) -> NDArray[np.float64]:
-        x2 = x.reshape(-1, dim)
-        raw = np.asarray(acq(x2), dtype=np.float64)
-        v = raw.reshape(-1) if weight is None else weigh(raw.reshape(-1), weight(x2))
-        ok = allowed(x2) & np.isfinite(v)
-        return np.where(ok, v, _BIG).reshape(raw.shape)
-
-    return f
+#: what pending and untrusted points are told to the model (the class docstring)
+LIES = ("fantasies", "believer", "mean", "min", "max")
+_FANTASIES = 4  # joint posterior draws of the pending outcomes (lie="fantasies")
 
 
-class _MaskedEI(bo_acquisition.ExpectedImprovement):
-    """The package's EI, never proposing outside ``allowed`` (constraints, exclusions)."""
-
-    def __init__(
-        self,
-        xi: float,
-        allowed: Callable[[NDArray[np.float64]], NDArray[np.bool_]],
-        weight: _Weight = None,
-    ):
-        super().__init__(xi=xi)
-        self.allowed, self.weight = allowed, weight
-
-    def _get_acq(self, gp: GaussianProcessRegressor, constraint: Any = None) -> Any:
-        acq = super()._get_acq(gp, constraint)
-        return _masked(acq, self.allowed, gp.X_train_.shape[1], self.weight)
+def default_initial_points(dims: int) -> int:
+    """Initial design size when none is given: ``max(5, 2 * dims)`` (5 on Branin's 2-D,
+    12 on Hartmann-6; measured in benchmarks/optimizers.py)."""
+    return max(5, 2 * dims)
 
 
-class _MaskedUCB(bo_acquisition.UpperConfidenceBound):
-    """The package's UCB, never proposing outside ``allowed``."""
-
-    def __init__(
-        self,
-        kappa: float,
-        allowed: Callable[[NDArray[np.float64]], NDArray[np.bool_]],
-        weight: _Weight = None,
-    ):
-        super().__init__(kappa=kappa)
-        self.allowed, self.weight = allowed, weight
-
-    def _get_acq(self, gp: GaussianProcessRegressor, constraint: Any = None) -> Any:
-        acq = super()._get_acq(gp, constraint)
-        return _masked(acq, self.allowed, gp.X_train_.shape[1], self.weight)
-
-
-@dataclass(frozen=True)
-class _Tuning:
-    """Acquisition-optimizer settings.
-
-    ``n_random`` random candidates and ``n_smart`` L-BFGS-B starts (the
-    package's ``acquisition.suggest`` arguments), ``gp_restarts`` extra starts
-    of the GP hyperparameter fit, hyperparameters fitted on at most
-    ``max_fit_points`` rows.
-    """
-
-    n_random: int
-    n_smart: int
-    gp_restarts: int
-    max_fit_points: int
-
-
-#: bayesian-optimization 3.4's own defaults (``suggest()`` and the GP it builds).
-PACKAGE_TUNING = _Tuning(n_random=10_000, n_smart=10, gp_restarts=5, max_fit_points=1_000_000)
-#: Ours (``fast=True``); see time_suggest() and the report for the measurements.
-FAST_TUNING = _Tuning(n_random=2_000, n_smart=2, gp_restarts=1, max_fit_points=150)
-
-
-@dataclass(frozen=True)
-class _ModelData:
-    X: NDArray[np.float64]  # unit points with data (trusted or penalised)
-    y: NDArray[np.float64]  # their targets, maximised frame
-    X_lie: NDArray[np.float64]  # pending / untrusted points to lie about
-    lie: float  # constant lie (nan for "believer": predicted per point)
+def _grid(x: NDArray[np.float64]) -> NDArray[np.int64]:
+    """Unit points on a 1e-9 grid (rows that compare equal are the same point)."""
+    return np.asarray(np.rint(np.asarray(x) * 1e9), dtype=np.int64) + 0  # + 0: no -0
 
 
 class BayesOptimizer(StrategyBase):
-    """Gaussian-process Bayesian optimisation over bayesian-optimization 3.4.
+    """Gaussian-process Bayesian optimisation, ask/tell with pending points.
 
     ``initial_points`` points of a seeded Latin hypercube come first (the ones
-    that violate ``constraints`` are skipped). Then each ask fits the
-    package's GP set-up (Matern 5/2, ``alpha=1e-6``, ``normalize_y``), here
-    with one length scale per parameter on the unit cube and int parameters
-    rounded inside the kernel (as the package does for its int parameters),
-    to the trusted results and the penalised infeasible/failed points; adds
-    the pending and untrusted points with their lie; and maximises the
-    package's acquisition (``"ei"``: ``ExpectedImprovement(xi)``, ``"ucb"``:
-    ``UpperConfidenceBound(kappa)``) with its random-candidates + L-BFGS-B
-    optimiser, masked by the constraints and the exclusion zones.
+    that violate ``constraints`` are skipped; by default
+    :func:`default_initial_points`, ``max(5, 2 d)``). Then each ask fits a GP
+    (scikit-learn; Matern 5/2, ``alpha=1e-6``, ``normalize_y``, one length
+    scale per unit column, maximum likelihood; int, ordinal and categorical
+    columns snapped inside the kernel with bayesian-optimization's
+    ``wrap_kernel``) to the trusted results and the penalised
+    infeasible/failed points; adds the pending and untrusted points with
+    their lie; and maximises the
+    acquisition (``"ei"``: log expected improvement over the incumbent +
+    ``xi``, ``"ucb"``: mean + ``kappa`` sd) over uniform candidates and
+    candidates around the best results, refining the best allowed ones by
+    shrinking random steps. A point outside the constraints or an exclusion
+    zone is never scored as a proposal.
 
-    ``fast=True`` uses :data:`FAST_TUNING` (2,000 random candidates, 2
-    L-BFGS-B starts, 1 GP restart, hyperparameters fitted on at most 150
-    rows) instead of the package's 10,000 / 10 / 5 / all: the same
-    evaluations to target on Hartmann-6, and ~0.02 / 0.08 / 0.17 s per
-    suggest at 50 / 200 / 500 observations in 3-D (package settings on this
-    model: 0.13 / 0.42 / 6.8 s; the package's own ``suggest()``: 0.12 / 0.19
-    / 0.54 s). ``lie``: the value given to pending and untrusted points,
-    ``"believer"`` (the GP's prediction) or the ``"mean"``/``"min"``/``"max"``
-    of the trusted results (maximised frame). ``exclusion_radius``: unit-cube
+    ``fast=True`` uses :data:`FAST_TUNING`, ``fast=False``
+    :data:`PACKAGE_TUNING` (5x the candidates, every row in the GP).
+    ``lie``: what pending and untrusted points are told to the model:
+    ``"fantasies"`` (the default: EI averaged over 4 joint posterior draws of
+    their outcomes, each conditioning the GP), ``"believer"`` (the GP's
+    prediction) or the ``"mean"``/``"min"``/``"max"`` of the trusted results
+    (maximised frame); with no pending point they are all the same.
+    ``exclusion_radius``: unit-cube
     distance within which nothing is proposed around pending, infeasible,
-    failed and untrusted points. bayes_opt maximises; ``direction="minimize"``
-    negates the values internally.
+    failed and untrusted points. The model maximises; ``direction="minimize"``
+    negates the values internally. Measured against bayes-opt, Optuna and
+    BoTorch: ``benchmarks/optimizers.py``.
     """
 
     strategy = "bayes"
@@ -162,11 +114,11 @@ class BayesOptimizer(StrategyBase):
         *,
         direction: Direction = "minimize",
         seed: int = 0,
-        initial_points: int = 8,
+        initial_points: int | None = None,
         constraints: Constraint | None = None,
         acquisition: Literal["ei", "ucb"] = "ei",
         fast: bool = True,
-        lie: Literal["believer", "mean", "min", "max"] = "believer",
+        lie: Literal["fantasies", "believer", "mean", "min", "max"] = "fantasies",
         exclusion_radius: float = 0.02,
         xi: float = 0.01,
         kappa: float = 2.576,
@@ -174,8 +126,12 @@ class BayesOptimizer(StrategyBase):
         super().__init__(space, direction=direction, constraints=constraints)
         if acquisition not in ("ei", "ucb"):
             raise ValueError(f"acquisition must be 'ei' or 'ucb', got {acquisition!r}")
-        if lie not in ("believer", "mean", "min", "max"):
-            raise ValueError(f"lie must be 'believer', 'mean', 'min' or 'max', got {lie!r}")
+        if lie not in LIES:
+            raise ValueError(f"lie must be one of {', '.join(LIES)}, got {lie!r}")
+        if initial_points is None:
+            initial_points = default_initial_points(len(self.space))
+        if isinstance(initial_points, bool) or not isinstance(initial_points, int):
+            raise ValueError(f"initial_points must be an int >= 0, got {initial_points!r}")
         if initial_points < 0:
             raise ValueError(f"initial_points must be >= 0, got {initial_points}")
         if not exclusion_radius >= 0:
@@ -258,9 +214,7 @@ class BayesOptimizer(StrategyBase):
 
     def _make_kernel(self) -> Kernel:
         d = len(self.space)
-        kernel: Kernel = Matern(
-            length_scale=np.full(d, 0.5), length_scale_bounds=(1e-3, 1e3), nu=2.5
-        )
+        kernel = matern(d)
         if self.space._int_cols.size:
             kernel = wrap_kernel(kernel, transform=self.space.round_unit)
         return kernel
@@ -281,7 +235,7 @@ class BayesOptimizer(StrategyBase):
         finally:
             self.last_suggest_seconds = time.perf_counter() - t0
 
-    def _model_data(self) -> _ModelData:
+    def _model_data(self) -> ModelData:
         """GP data in the unit cube and the maximised frame, duplicates merged.
 
         Rows: trusted results (mean per point) and penalised infeasible/failed
@@ -301,6 +255,7 @@ class BayesOptimizer(StrategyBase):
         else:
             penalty = -1.0
             lie = {"believer": math.nan, "mean": penalty, "min": penalty, "max": penalty}
+        lie["fantasies"] = math.nan
         oks: dict[tuple[float, ...], list[float]] = {}
         pens: set[tuple[float, ...]] = set()
         lies: dict[tuple[float, ...], None] = {}  # ordered set
@@ -322,7 +277,7 @@ class BayesOptimizer(StrategyBase):
         y = [statistics.fmean(oks[k]) if k in oks else penalty for k in keys]
         lie_keys = [k for k in lies if k not in oks and k not in pens]
         d = len(self.space)
-        return _ModelData(
+        return ModelData(
             X=self._units(keys).reshape(-1, d),
             y=np.array(y, dtype=np.float64),
             X_lie=self._units(lie_keys).reshape(-1, d),
@@ -347,24 +302,42 @@ class BayesOptimizer(StrategyBase):
         d = len(self.space)
         return np.array(zone).reshape(-1, d), np.array(exact).reshape(-1, d)
 
-    def _allowed_fn(self) -> Callable[[NDArray[np.float64]], NDArray[np.bool_]]:
+    def _unexcluded_fn(self) -> Callable[[NDArray[np.float64]], NDArray[np.bool_]]:
+        """Vectorised test of unit points: in the box, outside every exclusion zone and not
+        an exact repeat (the known constraints are not checked here)."""
         zone, exact = self._exclusions()
         r2 = max(self.exclusion_radius, 1e-9) ** 2
         zone_n = (zone**2).sum(1)
-        exact_n = (exact**2).sum(1)
+        # exact repeats by hashing on a 1e-9 grid (a distance matrix to every result
+        # cost 0.15 s per ask at 1,000 results)
+        exact_keys = {row.tobytes() for row in _grid(exact)}
 
-        def near(
-            x: NDArray[np.float64], pts: NDArray[np.float64], pn: NDArray[np.float64], lim: float
-        ) -> NDArray[np.bool_]:
-            if not len(pts):
+        def near_zone(x: NDArray[np.float64]) -> NDArray[np.bool_]:
+            if not len(zone):
                 return np.zeros(len(x), dtype=bool)
-            d2 = (x**2).sum(1)[:, None] + pn[None, :] - 2.0 * x @ pts.T
-            return np.asarray(d2.min(axis=1) <= lim)
+            d2 = (x**2).sum(1)[:, None] + zone_n[None, :] - 2.0 * x @ zone.T
+            return np.asarray(d2.min(axis=1) <= r2)
+
+        def repeated(x: NDArray[np.float64]) -> NDArray[np.bool_]:
+            if not exact_keys:
+                return np.zeros(len(x), dtype=bool)
+            keys = _grid(x)
+            return np.fromiter((k.tobytes() in exact_keys for k in keys), bool, len(keys))
+
+        def unexcluded(x: NDArray[np.float64]) -> NDArray[np.bool_]:
+            xr = self.space.round_unit(np.asarray(x, dtype=np.float64).reshape(-1, len(self.space)))
+            ok = ~near_zone(xr) & ~repeated(xr)
+            return ok & np.all((xr >= 0.0) & (xr <= 1.0), axis=1)
+
+        return unexcluded
+
+    def _allowed_fn(self) -> Callable[[NDArray[np.float64]], NDArray[np.bool_]]:
+        """:meth:`_unexcluded_fn` and the known constraints."""
+        unexcluded = self._unexcluded_fn()
 
         def allowed(x: NDArray[np.float64]) -> NDArray[np.bool_]:
             xr = self.space.round_unit(np.asarray(x, dtype=np.float64).reshape(-1, len(self.space)))
-            ok = ~near(xr, zone, zone_n, r2) & ~near(xr, exact, exact_n, 1e-12)
-            ok &= np.all((xr >= 0.0) & (xr <= 1.0), axis=1)
+            ok = unexcluded(xr)
             if self.constraints is not None:
                 for i in np.flatnonzero(ok):
                     ok[i] = self._feasible(self.space.from_unit(xr[i]))
@@ -387,79 +360,65 @@ class BayesOptimizer(StrategyBase):
             "around pending/infeasible/failed/untrusted points cover the space"
         )
 
-    def _fit_gp(self, data: _ModelData) -> GaussianProcessRegressor:
-        """GP with hyperparameters fitted on the real data (lies never shape them).
+    def _scorer(self, data: ModelData) -> tuple[Score, NDArray[np.float64]]:
+        """The acquisition every candidate is scored with, and the GP's length scales.
 
-        Above ``max_fit_points`` rows the hyperparameters are fitted on a seeded
-        random subset, then the GP is conditioned on all rows with them fixed.
+        The one place candidate values are computed: the GP fitted on the real
+        data, conditioned on the pending points' lies (or averaged over
+        ``_FANTASIES`` joint posterior draws of their outcomes), and weighted
+        by :meth:`acquisition_weight` (the learned probability of feasibility,
+        :mod:`loops.optfeasible`; nothing when nothing was learned): EI times
+        the weight (in log space), UCB as :func:`loops.optfeasible.weigh` does.
         """
-        gp = GaussianProcessRegressor(
-            kernel=self._kernel,
-            alpha=1e-6,
-            normalize_y=True,
-            n_restarts_optimizer=self.tuning.gp_restarts,
-            random_state=self._rng,
-        )
-        X, y = data.X, data.y
-        if len(y) > self.tuning.max_fit_points:
-            idx = np.sort(self._rng.choice(len(y), self.tuning.max_fit_points, replace=False))
-            X, y = X[idx], y[idx]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gp.fit(X, y)
-        return gp
-
-    def _suggest(self, data: _ModelData) -> Params:
-        d = len(self.space)
-        gp = self._fit_gp(data)
-        X, y = data.X, data.y
-        if len(data.X_lie):
-            if self.lie == "believer":  # Kriging believer: the model's own prediction
-                lies = np.asarray(gp.predict(data.X_lie), dtype=np.float64)
-            else:
-                lies = np.full(len(data.X_lie), data.lie)
-            X, y = np.vstack([X, data.X_lie]), np.concatenate([y, lies])
-        if len(y) != len(gp.y_train_):  # condition on every row, hyperparameters kept
-            gp = GaussianProcessRegressor(
-                kernel=gp.kernel_, alpha=1e-6, normalize_y=True, optimizer=None
+        tn = self.tuning
+        gp_real = fit_gp(self._kernel, data, tn, self._rng)
+        scales = length_scales(gp_real, len(self.space))
+        kw = {"xi": self.xi, "kappa": self.kappa}
+        score: Score
+        if self.lie == "fantasies" and len(data.X_lie):
+            draws = np.asarray(
+                gp_real.sample_y(
+                    data.X_lie, n_samples=_FANTASIES, random_state=self._rng.randint(2**31 - 1)
+                ),
+                dtype=np.float64,
+            ).reshape(len(data.X_lie), _FANTASIES)
+            fits = [condition(gp_real, data, tn, self._rng, draws[:, j]) for j in range(_FANTASIES)]
+            score = averaged(
+                [score_fn(g, inc, self.acquisition, **kw) for g, inc in fits], self.acquisition
             )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                gp.fit(X, y)
-        ts = TargetSpace(None, {f"x{i}": (0.0, 1.0) for i in range(d)})
-        for xi, yi in zip(X, y, strict=True):
-            ts.register(xi, float(yi))
-        allowed = self._allowed_fn()
-        # the hook of learned feasibility (loops/optfeasible.py): acquisition x P(feasible)
-        weight = self.acquisition_weight
-        acq: bo_acquisition.AcquisitionFunction
-        if self.acquisition == "ei":
-            acq = _MaskedEI(self.xi, allowed, weight)
         else:
-            acq = _MaskedUCB(self.kappa, allowed, weight)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            x = acq.suggest(
-                gp=gp,
-                target_space=ts,
-                n_random=self.tuning.n_random,
-                n_smart=self.tuning.n_smart,
-                fit_gp=False,
-                random_state=self._rng,
-            )
-            params = self.space.from_unit(self.space.round_unit(np.asarray(x, dtype=np.float64)))
-            if allowed(self.space.to_unit(params)[None, :])[0]:
-                return params
-            # The optimum is in a masked region (all the random stage saw was masked, or
-            # L-BFGS-B ended outside): take the best allowed point of larger samples.
-            f = acq._get_acq(gp)
-            for _ in range(10):
-                cand = self.space.round_unit(self._rng.uniform(size=(self.tuning.n_random, d)))
-                v = f(cand)
-                i = int(np.argmin(v))
-                if v[i] < _BIG:
-                    return self.space.from_unit(cand[i])
-        return self._random_allowed()
+            gp, incumbent = condition(gp_real, data, tn, self._rng)
+            score = score_fn(gp, incumbent, self.acquisition, **kw)
+        # learned feasibility (loops/optfeasible.py): the acquisition times P(feasible); EI in
+        # log space, UCB as optfeasible.weigh treats a value to minimise
+        weight = self.acquisition_weight
+        base = score
+
+        def weighted(x: NDArray[np.float64]) -> NDArray[np.float64]:
+            w = np.asarray(weight(x), dtype=np.float64)
+            if self.acquisition == "ucb":
+                return -weigh(-base(x), w)
+            return base(x) + np.log(np.clip(w, 1e-6, 1.0))
+
+        return weighted, scales
+
+    def _suggest(self, data: ModelData) -> Params:
+        """Maximise the acquisition over the allowed unit points (:mod:`loops.optsearch`)."""
+        score, scales = self._scorer(data)
+        best = maximise(
+            score,
+            X=data.X,
+            y=data.y,
+            scales=scales,
+            tuning=self.tuning,
+            rng=self._rng,
+            snap=self.space.round_unit,
+            unexcluded=self._unexcluded_fn(),
+            feasible=lambda u: self._feasible(self.space.from_unit(u)),
+        )
+        if best is None:
+            return self._random_allowed()
+        return self.space.from_unit(best)
 
 
 def time_suggest(

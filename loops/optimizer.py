@@ -26,14 +26,19 @@ Statuses (what the Bayesian strategy does with them):
   re-proposed blindly.
 
 Pending points. K ``ask()`` without ``tell()`` give K distinct points. At
-each ask the GP's hyperparameters are fitted on the real data only; then every
-pending (and untrusted) point is added, on a fresh copy of the data, with a
-"lie" for its value -- by default the GP's own prediction there ("Kriging
-believer"; ``lie="mean"|"min"|"max"`` gives the classic constant liar) -- so
-the uncertainty collapses there and the acquisition looks elsewhere; a pending
-point also excludes its neighbourhood. Measured on Branin (target 0.5) the
-believer needs ~1.2x the sequential evaluations with 4 in flight, the
-constant mean lie ~1.5x. The package's ``bayes_opt.acquisition.ConstantLiar``
+each ask the GP's hyperparameters are fitted on the real data only; then the
+pending (and untrusted) points join the data on a fresh copy with values the
+model gives them. By default (``lie="fantasies"``) four joint draws of their
+outcomes from the GP's posterior, each conditioning its own copy of the GP, and
+the acquisition is the expected improvement averaged over the four (over each
+copy's incumbent); ``lie="believer"`` gives them the GP's own prediction
+("Kriging believer"), ``lie="mean"|"min"|"max"`` the classic constant liar.
+The uncertainty collapses there and the acquisition looks elsewhere; a pending
+point also excludes its neighbourhood. With 4 in flight on Hartmann-6 the
+fantasies need 1.15x the sequential experiments (39 vs 34 median over 10 seeds;
+the believer 1.31x, BoTorch's qLogNEI 1.20x, Optuna's GP sampler 1.43x:
+``benchmarks/optimizers.py``, whose results file has the current numbers).
+The package's ``bayes_opt.acquisition.ConstantLiar``
 is not used: it refuses constraints (``ConstraintNotSupportedError``), its
 dummies shape the GP hyperparameters, and it keeps its own list of dummies,
 dropped only when a point close to one is registered -- a cancelled or
@@ -53,19 +58,21 @@ The model is rebuilt from the observation list at every ask (cheap next to a
 suggest), so the saved state *is* the model.
 
 An optimizer is plain synchronous, single-owner state (no locks). A model-based
-``ask()`` is CPU-bound (~0.02 s at 50 observations, ~0.2 s at 500): from async
-code call it with ``asyncio.to_thread``, one call at a time.
+``ask()`` is CPU-bound (6-D, one idle core: ~0.06 s at 50 observations, ~0.2 s
+at 1,000): from async code call it with ``asyncio.to_thread``, one call at a time.
 
-Strategies: :class:`BayesOptimizer` (bayesian-optimization 3.4: its
-``TargetSpace``, Matern GP set-up and ``ExpectedImprovement`` /
-``UpperConfidenceBound`` acquisitions with their random-sampling + L-BFGS-B
-acquisition optimizer), :class:`RandomSearch` and :class:`GridSearch` as
-baselines. :func:`optimizer_from_state` restores any of them.
+Strategies: :class:`BayesOptimizer` (a scikit-learn Matern GP, maximum-likelihood
+length scales, log expected improvement or UCB maximised over uniform candidates
+and candidates around the best results; bayesian-optimization 3.4's kernel
+wrapper snaps int and choice columns), :class:`RandomSearch` and :class:`GridSearch` as
+baselines. :func:`optimizer_from_state` restores any of them. Side by side with
+bayes-opt, Optuna and BoTorch: ``benchmarks/optimizers.py``.
 
 Modules: :mod:`loops.optspace` (the space, proposals, observations, statuses),
 :mod:`loops.optbase` (the :class:`Optimizer` protocol and the bookkeeping every
-strategy shares), :mod:`loops.optbayes` (:class:`BayesOptimizer`,
-:func:`time_suggest`), :mod:`loops.optbaselines` (:class:`RandomSearch`,
+strategy shares), :mod:`loops.optregistry` (the strategies by name),
+:mod:`loops.optbayes` (:class:`BayesOptimizer`, :func:`time_suggest`; its model in
+:mod:`loops.optgp`, its search in :mod:`loops.optsearch`), :mod:`loops.optbaselines` (:class:`RandomSearch`,
 :class:`GridSearch`); all re-exported here.
 """
 
@@ -77,6 +84,7 @@ from typing import Any
 from loops.optbase import Optimizer
 from loops.optbaselines import GridSearch, RandomSearch
 from loops.optbayes import BayesOptimizer, time_suggest
+from loops.optregistry import STRATEGY_NAMES, strategy_class
 from loops.optspace import (
     STATUSES,
     Constraint,
@@ -117,21 +125,15 @@ __all__ = [
     "time_suggest",
 ]
 
-_STRATEGIES: dict[str, type[BayesOptimizer] | type[RandomSearch] | type[GridSearch]] = {
-    "bayes": BayesOptimizer,
-    "random": RandomSearch,
-    "grid": GridSearch,
-}
-
-
 def optimizer_from_state(
     space: SpaceSpec | ParamSpace,
     state: Mapping[str, Any],
     *,
     constraints: Constraint | None = None,
-) -> BayesOptimizer | RandomSearch | GridSearch:
-    """Restore whichever strategy ``state`` (from ``.state()``) was saved from."""
+) -> Any:
+    """Restore whichever strategy ``state`` (from ``.state()``) was saved from
+    (:mod:`loops.optregistry` names them)."""
     name = state.get("strategy") if isinstance(state, Mapping) else None
-    if name not in _STRATEGIES:
-        raise ValueError(f"state: unknown strategy {name!r} (known: {sorted(_STRATEGIES)})")
-    return _STRATEGIES[name].from_state(space, state, constraints=constraints)
+    if name not in STRATEGY_NAMES:
+        raise ValueError(f"state: unknown strategy {name!r} (known: {sorted(STRATEGY_NAMES)})")
+    return strategy_class(name).from_state(space, state, constraints=constraints)

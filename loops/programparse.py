@@ -12,6 +12,7 @@ from typing import Any
 from loops.approval import parse_approval
 from loops.checks import compile_verification
 from loops.optcost import CostSpec, cost_spec_problem
+from loops.optregistry import STRATEGY_NAMES
 from loops.optspace import CHOICE_KINDS, choice_index, parse_choices
 from loops.plan import Plan, compile_fixed, compile_plan, plain
 from loops.programmodel import (
@@ -59,7 +60,6 @@ OBJECTIVES_KEYS = ("measure", "direction", "threshold")
 DIRECTIONS = ("minimize", "maximize")
 BUDGET_KEYS = ("experiments", "hours")
 STOP_KEYS = ("target", "no_improvement", "at_thresholds")
-STRATEGIES = ("bayes", "random", "grid")
 #: ``feasibility:``: learned from refusals, failures and unverified results, or declared only
 FEASIBILITY = ("learned", "declared")
 #: ``cost:`` as a mapping (or just the ``of``: ``cost: duration``)
@@ -447,7 +447,7 @@ def build_program(
     objectives = _objectives(data, doc)
     budget = _budget(data["budget"], doc)
     stop = _stop(data.get("stop"), doc, objectives)
-    strategy = _string(data.get("strategy", "bayes"), ("strategy",), doc, STRATEGIES)
+    strategy = _string(data.get("strategy", "bayes"), ("strategy",), doc, STRATEGY_NAMES)
     prior = _prior(data.get("prior"), doc)
     feasibility = _string(data.get("feasibility", "learned"), ("feasibility",), doc, FEASIBILITY)
     if data.get("initial_points") is not None:

@@ -1,0 +1,59 @@
+"""The optimizer strategies by name: the one list that program.md's ``strategy:``, a saved
+state's ``"strategy"`` and :func:`loops.optimizer.optimizer_from_state` go by.
+
+Names only at import (no numpy, scikit-learn or torch): loading a program does not load
+a model. :func:`strategy_class` imports a strategy's module when it is first needed; a
+strategy behind an optional extra that is not installed is a :class:`StrategyUnavailable`
+naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["STRATEGY_NAMES", "StrategyUnavailable", "strategy_class"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    module: str
+    cls: str
+    extra: str | None = None  # the pyproject extra its libraries come from
+    needs: tuple[str, ...] = ()  # those libraries (named in the error when missing)
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "bayes": _Entry("loops.optbayes", "BayesOptimizer"),
+    "random": _Entry("loops.optbaselines", "RandomSearch"),
+    "grid": _Entry("loops.optbaselines", "GridSearch"),
+}
+
+#: every strategy name, in the order the docs list them
+STRATEGY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+class StrategyUnavailable(ImportError):
+    """A strategy whose optional libraries are not installed (the message names the extra)."""
+
+
+def strategy_class(name: str) -> Any:
+    """The class of strategy ``name`` (imported on first use).
+
+    Raises ``ValueError`` for an unknown name (the known ones listed) and
+    :class:`StrategyUnavailable` when the strategy's extra is not installed.
+    """
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise ValueError(f"unknown strategy {name!r} (known: {', '.join(STRATEGY_NAMES)})")
+    try:
+        module = importlib.import_module(entry.module)
+    except ImportError as exc:
+        if entry.extra is None or exc.name not in entry.needs:
+            raise
+        raise StrategyUnavailable(
+            f"strategy {name!r} needs {', '.join(entry.needs)} (missing: {exc.name}): "
+            f"pip install 'labbridge[{entry.extra}]'"
+        ) from exc
+    return getattr(module, entry.cls)
