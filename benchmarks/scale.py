@@ -76,8 +76,16 @@ from typing import Any
 
 import yaml
 
-from benchmarks.stats import med, pct
-from benchmarks.twonode import TwoNodeCluster
+# Run as a script, this file's directory is sys.path[0]: benchmarks/safety.py would then
+# shadow the safety package. Drop it and import the benchmark helpers from the repo root.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from benchmarks.stats import med, pct  # noqa: E402
+from benchmarks.twonode import TwoNodeCluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
