@@ -207,7 +207,6 @@ async def run(s: Settings) -> dict[str, Any]:
         )
         progress(f"Ray head up ({time.monotonic() - t0:.1f} s), temp folder {tmp}")
         try:
-
             parts = [("kills", s.kills, kill_campaign, kill_table)]
             parts.append(("faults", s.faults, fault_campaign, fault_table))
             for name, size, part, table in parts:

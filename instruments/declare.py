@@ -226,7 +226,9 @@ class Set:
         if self.arg is None and self.value is None:
             raise DeclarationError(f"Set({self.channel!r}) needs arg= or value=")
         if self.momentary and (self.arg is not None or not isinstance(self.value, bool)):
-            raise DeclarationError(f"Set({self.channel!r}, momentary=True) needs value=True or False")
+            raise DeclarationError(
+                f"Set({self.channel!r}, momentary=True) needs value=True or False"
+            )
 
 
 @dataclass(frozen=True)

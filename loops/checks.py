@@ -94,7 +94,13 @@ def _text(spec: Mapping[str, Any], key: str, path: tuple[Any, ...], doc: YamlDoc
 
 
 def _names_ok(
-    text: str, path: tuple[Any, ...], doc: YamlDoc, known: set[str], prefixes: set[str], *, boolean: bool
+    text: str,
+    path: tuple[Any, ...],
+    doc: YamlDoc,
+    known: set[str],
+    prefixes: set[str],
+    *,
+    boolean: bool,
 ) -> None:
     for name in sorted(parse_at(text, path, doc, boolean=boolean).names()):
         if name in known or name.split(".", 1)[0] in prefixes | CONTEXT_PREFIXES:
@@ -158,7 +164,9 @@ def compile_verification(
             raise doc.error("an analysis is {name, function, args}", at)
         for key in a:
             if key not in ("name", "function", "args", "doc"):
-                raise doc.error(f"unknown key '{key}' (known: name, function, args, doc)", (*at, key))
+                raise doc.error(
+                    f"unknown key '{key}' (known: name, function, args, doc)", (*at, key)
+                )
         name = _text(a, "name", at, doc)
         if not _WORD.fullmatch(name) or name in names:
             raise doc.error(f"an analysis name is a new identifier, got {name!r}", (*at, "name"))
@@ -259,7 +267,11 @@ def run_checks(
             args = {k: value_of(t) for k, t in a.get("args", {}).items()}
             result = registry.call(a["function"], args)
         except (EvaluationError, ValueError, ArithmeticError, TypeError) as exc:
-            hint = " (the station's set-up has not kept it: run labbridge setup)" if "'setup." in str(exc) else ""
+            hint = (
+                " (the station's set-up has not kept it: run labbridge setup)"
+                if "'setup." in str(exc)
+                else ""
+            )
             reasons.append(f"cannot verify: {name}: {exc}{hint}")
             continue
         flatten(name, result, scope)
@@ -291,8 +303,10 @@ def run_checks(
             ok = value is True
             limit = "true"
         else:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
-                value
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
             ):
                 reasons.append(f"cannot verify {name}: its value is {value!r}, not a number")
                 results[name] = {"ok": None, "values": shown}

@@ -125,6 +125,7 @@ __all__ = [
     "time_suggest",
 ]
 
+
 def optimizer_from_state(
     space: SpaceSpec | ParamSpace,
     state: Mapping[str, Any],

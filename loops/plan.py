@@ -193,7 +193,11 @@ class Plan:
                 data["args"] = args
             for key in ("seconds", "to", "from", "per_min", "every_s", "timeout_s", "step_s"):
                 value = data.get(key)
-                if key in data and value is not None and not (is_number(value) and math.isfinite(value)):
+                if (
+                    key in data
+                    and value is not None
+                    and not (is_number(value) and math.isfinite(value))
+                ):
                     raise RecipeError(f"{where}: {key} must be a finite number, got {value!r}")
             if ps.kind == "hold" and data["seconds"] < 0:
                 raise RecipeError(f"{where}: hold must be >= 0 s, got {data['seconds']!r}")
@@ -260,8 +264,7 @@ def _value(raw: Any, path: tuple[Any, ...], doc: YamlDoc) -> _Value:
     ):
         return _Value(literal=plain(raw))
     raise doc.error(
-        f"must be a number, true/false, a list of them, or an expression (a string), "
-        f"got {raw!r}",
+        f"must be a number, true/false, a list of them, or an expression (a string), got {raw!r}",
         path,
     )
 
@@ -284,7 +287,9 @@ def _condition(
     for n in sorted(cond.names() - readings):
         if n not in known_inputs:
             known = ", ".join(sorted(known_inputs)) or "none"
-            raise doc.error(f"unknown name '{n}' (a parameter or fixed value; known: {known})", where)
+            raise doc.error(
+                f"unknown name '{n}' (a parameter or fixed value; known: {known})", where
+            )
     if not readings:
         raise doc.error(f"{what} needs a reading (<instrument>.<key>) in its condition", where)
     used.update(cond.names() - readings)
@@ -358,7 +363,9 @@ def compile_plan(
         allowed = (kind, *STEP_KINDS[kind], *COMMON)
         for key in raw:
             if key not in allowed:
-                raise doc.error(f"unknown key '{key}' (a {kind} step takes: {', '.join(allowed)})", (*at, key))
+                raise doc.error(
+                    f"unknown key '{key}' (a {kind} step takes: {', '.join(allowed)})", (*at, key)
+                )
         fields: dict[str, Any] = {}
         values: dict[str, _Value] = {}
         produces: list[str] = []
@@ -387,7 +394,9 @@ def compile_plan(
                 raise doc.error("must be a mapping of argument -> value", (*at, "args"))
             for arg, val in args.items():
                 if not isinstance(arg, str) or not re.fullmatch(_WORD, arg):
-                    raise doc.error(f"an argument name is an identifier, got {arg!r}", (*at, "args"))
+                    raise doc.error(
+                        f"an argument name is an identifier, got {arg!r}", (*at, "args")
+                    )
                 bound(("args", arg), val, f"args.{arg}")
         if kind == "call" and raw.get("into") is not None:
             fields["into"] = _measure_name(raw["into"], (*at, "into"), doc)
@@ -399,15 +408,23 @@ def compile_plan(
         elif kind == "hold":
             bound("hold", raw["hold"], "seconds")
             if raw.get("while") is not None:
-                _condition(raw["while"], (*at, "while"), fields, doc, known_inputs, used, "a hold's while")
+                _condition(
+                    raw["while"], (*at, "while"), fields, doc, known_inputs, used, "a hold's while"
+                )
                 bound("every", raw.get("every", 1.0), "every_s")
             elif raw.get("every") is not None:
-                raise doc.error("every is how often a hold's while is checked: give while", (*at, "every"))
+                raise doc.error(
+                    "every is how often a hold's while is checked: give while", (*at, "every")
+                )
         elif kind == "ramp":
             if not isinstance(raw.get("set"), str) or not re.fullmatch(_WORD, raw["set"]):
-                raise doc.error("names the argument the ramp raises (e.g. setpoint_c)", (*at, "set"))
+                raise doc.error(
+                    "names the argument the ramp raises (e.g. setpoint_c)", (*at, "set")
+                )
             if raw["set"] in (raw.get("args") or {}):
-                raise doc.error(f"'{raw['set']}' is the ramped argument, not a fixed one", (*at, "args"))
+                raise doc.error(
+                    f"'{raw['set']}' is the ramped argument, not a fixed one", (*at, "args")
+                )
             fields["set"] = raw["set"]
             if "to" not in raw:
                 raise doc.error("missing 'to' (the value the ramp ends at)", at)
@@ -417,7 +434,9 @@ def compile_plan(
         elif kind == "read":
             spec_read = raw["read"]
             if not isinstance(spec_read, Mapping) or not spec_read:
-                raise doc.error("must be a mapping measurement -> <instrument>.<key>", (*at, "read"))
+                raise doc.error(
+                    "must be a mapping measurement -> <instrument>.<key>", (*at, "read")
+                )
             sources: dict[str, str] = {}
             for m, src in spec_read.items():
                 mname = _measure_name(m, (*at, "read", m), doc)
@@ -430,9 +449,13 @@ def compile_plan(
                 raise doc.error("names the camera instrument", (*at, "capture"))
             role = raw.get("as", "outcome")
             if not isinstance(role, str) or not re.fullmatch(_WORD, role):
-                raise doc.error(f"names the image (an identifier, e.g. outcome), got {role!r}", (*at, "as"))
+                raise doc.error(
+                    f"names the image (an identifier, e.g. outcome), got {role!r}", (*at, "as")
+                )
             if role in captured:
-                raise doc.error(f"a second capture named {role!r} (give each its own 'as')", (*at, "as"))
+                raise doc.error(
+                    f"a second capture named {role!r} (give each its own 'as')", (*at, "as")
+                )
             captured.append(role)
             fields.update(instrument=raw["capture"], role=role)
             bound("timeout", raw.get("timeout"), "timeout")
@@ -469,7 +492,9 @@ def compile_plan(
                     if not isinstance(text, str):
                         raise doc.error("must be an expression (a string)", (*at, "args", arg))
                     e = parse_at(text, (*at, "args", arg), doc, boolean=False)
-                    need(e.names(), before, (*at, "args", arg), "an input or an earlier measurement")
+                    need(
+                        e.names(), before, (*at, "args", arg), "an input or an earlier measurement"
+                    )
                     used.update(e.names() & known_inputs)
                     texts[str(arg)] = text
                     fields.setdefault("_inputs", [])
@@ -487,7 +512,9 @@ def compile_plan(
             used.update(when.names())
         has_else = "else" in raw
         if has_else and (when is None or not produces):
-            raise doc.error("else needs a when and a step that produces a measurement", (*at, "else"))
+            raise doc.error(
+                "else needs a when and a step that produces a measurement", (*at, "else")
+            )
         otherwise = _value(raw.get("else"), (*at, "else"), doc).literal if has_else else None
         if has_else and isinstance(raw.get("else"), str):
             raise doc.error("else is a value (a number, true/false or a list)", (*at, "else"))
@@ -508,4 +535,3 @@ def compile_plan(
         frozenset(used),
         {k: frozenset(v) for k, v in calls.items()},
     )
-

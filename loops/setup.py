@@ -77,7 +77,11 @@ class SetupRecipe:
 
 
 def compile_setup(
-    spec: Any, *, doc: YamlDoc, path: tuple[Any, ...] = (), functions: Mapping[str, Any] | None = None
+    spec: Any,
+    *,
+    doc: YamlDoc,
+    path: tuple[Any, ...] = (),
+    functions: Mapping[str, Any] | None = None,
 ) -> SetupRecipe:
     """Check a set-up recipe's mapping (see the module docstring) and bind it to its fixed
     values. Errors name the file, line and field (:class:`~safety.yamldoc.ConfigError`)."""
@@ -88,7 +92,9 @@ def compile_setup(
             raise doc.error(f"unknown key '{key}' (known: {', '.join(_KEYS)})", (*path, key))
     name = spec.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise doc.error(f"a set-up recipe's name (letters, digits, _ . -), got {name!r}", (*path, "name"))
+        raise doc.error(
+            f"a set-up recipe's name (letters, digits, _ . -), got {name!r}", (*path, "name")
+        )
     every = spec.get("every", "once")
     if every not in EVERY:
         raise doc.error(f"must be one of {', '.join(EVERY)}, got {every!r}", (*path, "every"))
@@ -99,7 +105,12 @@ def compile_setup(
     if "recipe" not in spec:
         raise doc.error("missing 'recipe' (the steps)", path)
     plan = compile_plan(
-        spec["recipe"], inputs=list(fixed), doc=doc, path=(*path, "recipe"), functions=functions, name=name
+        spec["recipe"],
+        inputs=list(fixed),
+        doc=doc,
+        path=(*path, "recipe"),
+        functions=functions,
+        name=name,
     )
     for key in fixed:
         if key not in plan.uses:
@@ -146,7 +157,9 @@ class SetupStore:
         try:
             data = yaml.safe_load(self.path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read the set-up results: {exc}", source=str(self.path)) from None
+            raise ConfigError(
+                f"cannot read the set-up results: {exc}", source=str(self.path)
+            ) from None
         if (
             not isinstance(data, dict)
             or not isinstance(data.get("ran", {}), dict)

@@ -237,9 +237,7 @@ class Guard:
             return None
         vessel = found[0]
         if effect.drain is not None:
-            busy = {
-                p: t for p, t in self._flowing.items() if t > now and p in vessel.fed_by
-            }
+            busy = {p: t for p, t in self._flowing.items() if t > now and p in vessel.fed_by}
             if busy:
                 others = ", ".join(f"{p} (up to {t - now:.3g} s more)" for p, t in busy.items())
                 reason = (
@@ -449,7 +447,12 @@ class Guard:
                 partial = getattr(exc, "reading", None)
                 if not isinstance(partial, Mapping):
                     raise
-                log.info("%s: %s reads without a value (device flags stored): %s", self.station, name, exc)
+                log.info(
+                    "%s: %s reads without a value (device flags stored): %s",
+                    self.station,
+                    name,
+                    exc,
+                )
                 reading = partial
             self.state.set_measured(name, reading)
 

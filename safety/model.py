@@ -37,7 +37,12 @@ class Command:
         return f"{self.instrument}.{self.action}({args})"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"instrument": self.instrument, "action": self.action, "params": dict(self.params), "who": self.who}
+        return {
+            "instrument": self.instrument,
+            "action": self.action,
+            "params": dict(self.params),
+            "who": self.who,
+        }
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,8 @@ class AuditTrail:
             return [
                 v
                 for v in self._records
-                if (station is None or v.station == station) and (allowed is None or v.allowed == allowed)
+                if (station is None or v.station == station)
+                and (allowed is None or v.allowed == allowed)
             ]
 
 
@@ -211,7 +217,9 @@ class StationState:
         with self._lock:
             self.commanded.update(updates)
 
-    def set_measured(self, instrument: str, reading: Mapping[str, Any], t: float | None = None) -> None:
+    def set_measured(
+        self, instrument: str, reading: Mapping[str, Any], t: float | None = None
+    ) -> None:
         stamp = time.monotonic() if t is None else t
         with self._lock:
             for key, value in reading.items():

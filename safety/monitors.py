@@ -369,7 +369,9 @@ class Interlock(Monitor):
                     **values,
                 )
         if result is True:
-            return self._result(True, False, f"{shown} ({self.doc})" if self.doc else shown, **values)
+            return self._result(
+                True, False, f"{shown} ({self.doc})" if self.doc else shown, **values
+            )
         if result is False:
             return self._result(False, True, f"inactive ({shown})", **values)
         return self._result(

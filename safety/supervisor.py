@@ -312,7 +312,9 @@ class StationSupervisor:
         """Store a reading the driver refused with the device's flags (module docstring)."""
         self.state.set_measured(name, reading, time.monotonic())
         if self.partial_reads.get(name) != why:
-            log.info("%s: %s reads without a value (device flags stored): %s", self.station, name, why)
+            log.info(
+                "%s: %s reads without a value (device flags stored): %s", self.station, name, why
+            )
         self.partial_reads[name] = why
         self.read_failures[name] = 0
         return True

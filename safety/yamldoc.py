@@ -167,7 +167,12 @@ def compose_yaml(
 
 
 def check_size(
-    text: str, doc: YamlDoc, *, what: str = "", max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH
+    text: str,
+    doc: YamlDoc,
+    *,
+    what: str = "",
+    max_nodes: int = MAX_NODES,
+    max_depth: int = MAX_DEPTH,
 ) -> None:
     """Refuse (``doc.error_cls``) YAML with more than ``max_nodes`` values once its aliases are
     expanded, or nested deeper than ``max_depth``, reading its events only (no tree is built).

@@ -106,7 +106,10 @@ async def test_the_envelope_rules_hold_on_the_real_wires() -> None:
                 4: "beaker.volume.max",
             }, report
             # through the guard, on the wire: a tare while the acid pump runs is refused
-            acid, balance = station.handle("acid", who="test"), station.handle("balance", who="test")
+            acid, balance = (
+                station.handle("acid", who="test"),
+                station.handle("balance", who="test"),
+            )
             sent_before = len(world.wire.entries("balance"))
             await acid.dispense(volume_ml=5.0, rate_ml_min=10.0)
             with pytest.raises(SafetyRefusal, match="no-tare-while-pumps-run"):
@@ -174,8 +177,17 @@ def test_labbridge_sim_bench_buffer_runs_to_its_target(ray_session: Any, tmp_pat
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
         [
-            sys.executable, "-m", "bridge.cli", "sim", "--bench", "buffer", "--out", str(out),
-            "--ray-address", address, "--no-progress",
+            sys.executable,
+            "-m",
+            "bridge.cli",
+            "sim",
+            "--bench",
+            "buffer",
+            "--out",
+            str(out),
+            "--ray-address",
+            address,
+            "--no-progress",
         ],  # fmt: skip
         capture_output=True,
         text=True,

@@ -124,8 +124,21 @@ HEAVY = ("ray", "bayes_opt", "scipy", "numpy", "cv2", "safety", "loops", "instru
 @pytest.mark.parametrize(
     "command",
     [
-        None, "sim", "run", "resume", "setup", "check", "serve", "estop", "reset", "status",
-        "report", "export", "approvals", "approve", "deny",
+        None,
+        "sim",
+        "run",
+        "resume",
+        "setup",
+        "check",
+        "serve",
+        "estop",
+        "reset",
+        "status",
+        "report",
+        "export",
+        "approvals",
+        "approve",
+        "deny",
     ],  # fmt: skip
 )
 def test_help_loads_nothing_heavy(command: str | None) -> None:

@@ -71,7 +71,9 @@ class Furnace(Driver):
     async def set_power(self, on: bool, setpoint_c: float | None = None) -> None:
         self.sent.append(("set_power", {"on": on, "setpoint_c": setpoint_c}))
 
-    @declare(ACTUATE, sccm=Param(float, "sccm", above=0, max=500), sets=[Set("purge_sccm", arg="sccm")])
+    @declare(
+        ACTUATE, sccm=Param(float, "sccm", above=0, max=500), sets=[Set("purge_sccm", arg="sccm")]
+    )
     async def open_valve(self, sccm: float) -> None:
         self.sent.append(("open_valve", {"sccm": sccm}))
 

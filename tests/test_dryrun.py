@@ -177,7 +177,9 @@ def test_one_instruments_flow_has_its_own_budget() -> None:
     times = [0.0, 100.0, 300.0]
     report = dry_run(recipe, env, {}, layout=layout(env, pumps), now=0.0, times=times)
     assert [(v.step, v.rule) for v in report.violations] == [(2, "budget.a_per_day")]
-    with pytest.raises(EnvelopeError, match=r"budgets.x.counts: cannot count 'b.withdrawn'; known: .*a.delivered"):
+    with pytest.raises(
+        EnvelopeError, match=r"budgets.x.counts: cannot count 'b.withdrawn'; known: .*a.delivered"
+    ):
         load_envelope(
             "vessels:\n  beaker: {max: 50, fed_by: [a, b], drained_by: [drain]}\n"
             "budgets:\n  x: {counts: b.withdrawn, per: day, max: 1}\n"

@@ -566,4 +566,6 @@ def test_the_yaml_examples_of_docs_safety_md_load_as_written() -> None:
     ]
     built, off = fault_monitors({"hotplate": Hotplate, "ph": PhMeter}, settings.fault_settings)
     assert off == {"hotplate.probe-fault": "no liquid probe fitted on this bench"}
-    assert "hotplate.stirrer" in {c for m in built for c in m.channels if m.name == "ph.not-immersed"}
+    assert "hotplate.stirrer" in {
+        c for m in built for c in m.channels if m.name == "ph.not-immersed"
+    }

@@ -145,8 +145,14 @@ async def test_refused_commands_never_reach_the_wire() -> None:
             (Command("red", "set_rate", {"ml_min": 1.0}), "not an allowed command"),
             (Command("hotplate", "set_watchdog", {"seconds": 0}), "not an allowed command"),
             (Command("hotplate", "_write", {}), "not an allowed command"),
-            (Command("waste", "dispense", {"volume_ml": 1, "rate_ml_min": 1}), "waste drains vessel vial"),
-            (Command("red", "withdraw", {"volume_ml": 1, "rate_ml_min": 1}), "red feeds vessel vial"),
+            (
+                Command("waste", "dispense", {"volume_ml": 1, "rate_ml_min": 1}),
+                "waste drains vessel vial",
+            ),
+            (
+                Command("red", "withdraw", {"volume_ml": 1, "rate_ml_min": 1}),
+                "red feeds vessel vial",
+            ),
             (Command("furnace", "set_heater", {"on": True}), "no instrument 'furnace'"),
         ]:
             with pytest.raises(SafetyRefusal, match=r"\S") as info:

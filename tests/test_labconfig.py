@@ -218,23 +218,39 @@ def test_set_up_recipes_inline_or_in_files(tmp_path: Path) -> None:
     )
     path.write_text(GOOD + "    setup: [prime.yaml]\n    setup_file: state/a.yaml\n")
     st = load_lab(path).stations["bench-a"]
-    assert [r.name for r in st.setup] == ["prime"] and st.setup[0].source == str(tmp_path / "prime.yaml")
+    assert [r.name for r in st.setup] == ["prime"] and st.setup[0].source == str(
+        tmp_path / "prime.yaml"
+    )
     assert st.setup_store is not None and st.setup_store.path == tmp_path / "state" / "a.yaml"
     (tmp_path / "prime.yaml").write_text(
         (tmp_path / "prime.yaml").read_text().replace("primed_ml]", "primed]")
     )
-    with pytest.raises(ConfigError, match=r"prime.yaml:8: keep\[0\]: the recipe does not measure 'primed'"):
+    with pytest.raises(
+        ConfigError, match=r"prime.yaml:8: keep\[0\]: the recipe does not measure 'primed'"
+    ):
         load_lab(path)
 
 
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        (("every: campaign", "every: daily"), r"lab.yaml:20: stations.bench-a.setup\[0\].every: must be one of once, campaign"),
-        (("volume_ml: 0.2}", "volume_ml: 0.2, spare: 1}"), r"setup\[0\].fixed.spare: 'spare' is used by no step"),
+        (
+            ("every: campaign", "every: daily"),
+            r"lab.yaml:20: stations.bench-a.setup\[0\].every: must be one of once, campaign",
+        ),
+        (
+            ("volume_ml: 0.2}", "volume_ml: 0.2, spare: 1}"),
+            r"setup\[0\].fixed.spare: 'spare' is used by no step",
+        ),
         (("call: red.dispense", "call: red dispense"), r"setup\[0\].recipe\[0\].call"),
-        (("keep: [primed_ml]", "keep: [nope]"), r"setup\[0\].keep\[0\]: the recipe does not measure 'nope'"),
-        (("- name: prime", "- name: prime\n        when: x"), r"setup\[0\].when: unknown key 'when'"),
+        (
+            ("keep: [primed_ml]", "keep: [nope]"),
+            r"setup\[0\].keep\[0\]: the recipe does not measure 'nope'",
+        ),
+        (
+            ("- name: prime", "- name: prime\n        when: x"),
+            r"setup\[0\].when: unknown key 'when'",
+        ),
     ],
 )
 def test_set_up_mistakes_name_file_line_and_field(
@@ -306,7 +322,6 @@ def test_check_validates_the_mqtt_block(tmp_path: Path) -> None:
     path.write_text(text.replace("mqtt://labbridge@", "http://labbridge@"))
     [problem] = load_lab(path).check()
     assert "mqtt.url" in problem, problem
-
 
 
 def test_the_api_rate_limit_and_queue_come_from_lab_yaml(tmp_path: Path) -> None:

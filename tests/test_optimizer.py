@@ -513,9 +513,13 @@ def test_registry_is_the_one_list_of_strategy_names(monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(
         optregistry._REGISTRY,
         "ghost",
-        optregistry._Entry("labbridge_no_such_module", "X", "ghostextra", ("labbridge_no_such_module",)),
+        optregistry._Entry(
+            "labbridge_no_such_module", "X", "ghostextra", ("labbridge_no_such_module",)
+        ),
     )
-    with pytest.raises(optregistry.StrategyUnavailable, match=r"pip install 'labbridge\[ghostextra\]'"):
+    with pytest.raises(
+        optregistry.StrategyUnavailable, match=r"pip install 'labbridge\[ghostextra\]'"
+    ):
         optregistry.strategy_class("ghost")
 
 

@@ -343,7 +343,11 @@ async def test_run_recipe_on_a_simulated_station(program: Program) -> None:
             assert time.monotonic() < deadline, "the open lid was never read"
             await asyncio.sleep(0.02)
         events.clear()
-        stir = {"instrument": "hotplate", "command": "set_stirrer", "args": {"on": True, "rpm": 300}}
+        stir = {
+            "instrument": "hotplate",
+            "command": "set_stirrer",
+            "args": {"on": True, "rpm": 300},
+        }
         heat = {
             "instrument": "hotplate",
             "command": "set_heater",
@@ -439,10 +443,17 @@ async def test_a_hold_checks_what_it_holds_for_and_fails_naming_the_values() -> 
             logged.append(data)
 
     await run_recipe(
-        recipe, Station(steady), clock_sleep=sleep, clock_now=now, who="t", on_step=on_step  # type: ignore[arg-type]
+        recipe,
+        Station(steady),
+        clock_sleep=sleep,
+        clock_now=now,
+        who="t",
+        on_step=on_step,  # type: ignore[arg-type]
     )
     assert slept == [5.0] * 6 and clock[0] == 30.0  # naps of `every`: the hold lasts 30 s
-    (data,) = logged  # what the journal keeps of the hold: how often it was checked, the last values
+    (data,) = (
+        logged  # what the journal keeps of the hold: how often it was checked, the last values
+    )
     assert data["checks"] == steady.reads == 7  # at 0, 5, ... 25 s and at its end
     assert (data["probe.heating"], data["probe.t"], data["low"]) == (True, 45.0, 40.0)
 

@@ -150,10 +150,10 @@ async def test_station_actor_runs_a_journaled_experiment(
         assert states == ["proposed", "checked", "queued", "running", "done"]
 
 
-
 def call(instrument: str, command: str, **args: Any) -> Step:
     """A bound recipe step calling one declared command (loops/plan.py)."""
     return Step("call", {"instrument": instrument, "command": command, "args": args})
+
 
 @pytest.mark.timeout(60)
 async def test_a_refused_recipe_never_reaches_the_wire(ray_session: Any, lab: SimulatedLab) -> None:
@@ -294,7 +294,9 @@ async def test_set_up_recipes_run_through_the_guard_and_keep_their_results(
             ),
             name="camera-calibration",
         )
-        with pytest.raises(StationError, match="(?s)set-up camera-calibration failed: .*1 frames for 2 volumes"):
+        with pytest.raises(
+            StationError, match="(?s)set-up camera-calibration failed: .*1 frames for 2 volumes"
+        ):
             await actor.run_setup.remote(broken.as_dict(), ["calibration"])
         status = await actor.status.remote()
         assert status["tripped"] and not status["busy"]

@@ -184,12 +184,28 @@ def test_no_frame_no_calibration_or_a_broken_frame_cannot_verify(
 @pytest.mark.parametrize(
     ("spec", "field", "words"),
     [
-        ({"checks": [{"name": "a", "expr": "x", "max": "big"}]}, "verification.checks[0].max", "number"),
+        (
+            {"checks": [{"name": "a", "expr": "x", "max": "big"}]},
+            "verification.checks[0].max",
+            "number",
+        ),
         ({"checks": [{"name": "a", "expr": "x"}]}, "verification.checks[0]", "min, max or within"),
         ({"checks": [{"name": "a", "expr": "y", "max": 1}]}, "verification.checks[0].expr", "'y'"),
-        ({"checks": [{"name": "a", "expect": "x > 1", "max": 1}]}, "verification.checks[0]", "no min"),
-        ({"checks": [{"name": "a", "function": "nope", "max": 1}]}, "verification.checks[0].function", "nope"),
-        ({"analyses": [{"name": "cam", "function": "nope"}]}, "verification.analyses[0].function", "nope"),
+        (
+            {"checks": [{"name": "a", "expect": "x > 1", "max": 1}]},
+            "verification.checks[0]",
+            "no min",
+        ),
+        (
+            {"checks": [{"name": "a", "function": "nope", "max": 1}]},
+            "verification.checks[0].function",
+            "nope",
+        ),
+        (
+            {"analyses": [{"name": "cam", "function": "nope"}]},
+            "verification.analyses[0].function",
+            "nope",
+        ),
         ({"check": []}, "verification.check", "unknown key"),
     ],
 )

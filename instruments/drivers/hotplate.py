@@ -82,7 +82,9 @@ class Hotplate(RegisterDriver):
     MAX_WATCHDOG_S: ClassVar[int] = 65535
     safe_state_calls = (Call("set_heater", on=False), Call("set_stirrer", on=False))
     #: the device's setpoint ranges (0.1 degC on the wire), shared by the commands that set them
-    SETPOINT: ClassVar[Param] = Param(float, "degC", min=MIN_SETPOINT_C, max=DEFAULT_MAX_C, step=0.1)
+    SETPOINT: ClassVar[Param] = Param(
+        float, "degC", min=MIN_SETPOINT_C, max=DEFAULT_MAX_C, step=0.1
+    )
     RPM: ClassVar[Param] = Param(int, "rpm", min=0, max=MAX_RPM)
     faults = {
         "watchdog-tripped": Fault(

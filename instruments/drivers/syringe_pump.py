@@ -75,6 +75,7 @@ from instruments.transports.base import Transport
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
 # ---------------------------------------------------------------------- driver
 class SyringePump(Driver):
     """One NE-1000 style syringe pump at ``address`` (0-99) on a serial line (see module docstring).
