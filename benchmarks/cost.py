@@ -23,12 +23,11 @@ not counts its whole budget) and the hit rate::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.feasibility import versions  # noqa: E402
+from benchmarks.feasibility import write_results  # noqa: E402
 from loops.optbayes import BayesOptimizer  # noqa: E402
 from loops.optcost import CostModel, CostSpec  # noqa: E402
 from loops.optspace import ParamSpace  # noqa: E402
@@ -144,14 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{m[1]:>8.1f} [{m[0]:.1f}, {m[2]:.1f}]{'':>2} {e[1]:>6.1f} [{e[0]:.1f}, {e[2]:.1f}]"
             )
     if args.out is not None:
-        doc = {
-            "seeds": args.seeds,
-            "evals": args.evals,
-            "versions": versions(),
-            "summary": summary,
-            "runs": [asdict(r) for r in runs],
-        }
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        write_results(args.out, args, summary, runs)
     return 0
 
 

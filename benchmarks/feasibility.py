@@ -37,10 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.peers import peer_versions  # noqa: E402
 from loops.optbayes import BayesOptimizer  # noqa: E402
 from loops.testfunctions import HARTMANN6  # noqa: E402
 
-__all__ = ["INITIAL_POINTS", "RULE", "Run", "main", "run_seed", "trouble", "versions"]
+__all__ = ["INITIAL_POINTS", "RULE", "Run", "main", "run_seed", "trouble", "write_results"]
 
 RULE = "heater.max_power"
 INITIAL_POINTS = 12
@@ -99,12 +100,17 @@ def run_seed(seed: int, *, learn: bool, evals: int) -> Run:
     return Run(seed, learn, design, model, refused, failed, best, time.perf_counter() - t0)
 
 
-def versions() -> dict[str, str]:
-    """The versions of the libraries that shape a run (the same ones reproduce each seed)."""
-    from importlib.metadata import version
-
-    names = ("numpy", "scipy", "scikit-learn", "bayesian-optimization")
-    return {"python": sys.version.split()[0], **{n: version(n) for n in names}}
+def write_results(out: Path, args: Any, summary: dict[str, Any], runs: Sequence[Any]) -> None:
+    """The results file: seeds, evaluations, the versions of every library that shapes a
+    run (the same ones reproduce each seed), the summary and every run."""
+    doc = {
+        "seeds": args.seeds,
+        "evals": args.evals,
+        "versions": {"python": sys.version.split()[0], **peer_versions()},
+        "summary": summary,
+        "runs": [asdict(r) for r in runs],
+    }
+    out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _summary(runs: Sequence[Run]) -> dict[str, Any]:
@@ -155,14 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{s['seconds_per_run']:>6.1f}"
         )
     if args.out is not None:
-        doc = {
-            "seeds": args.seeds,
-            "evals": args.evals,
-            "versions": versions(),
-            "summary": summary,
-            "runs": [asdict(r) for r in runs],
-        }
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        write_results(args.out, args, summary, runs)
     return 0
 
 
