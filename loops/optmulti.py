@@ -34,6 +34,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from loops.optbase import STATE_VERSION, StrategyBase, rng_state, set_rng_state
+from loops.optbayes import FANTASIES, BayesOptimizer
+from loops.optehvi import ehvi_scorer
+from loops.optgp import ModelData, Score
 from loops.optspace import (
     Constraint,
     Observation,
@@ -46,7 +49,12 @@ from loops.optspace import (
 )
 from loops.pareto import chebyshev, min_frame, nondominated, normalise
 
-__all__ = ["ParetoOptimizer"]
+__all__ = ["ACQUISITIONS", "ParetoOptimizer"]
+
+#: ``"ehvi"``: expected hypervolume improvement (:mod:`loops.optehvi`; the Bayesian inner
+#: strategy, 2 objectives), ``"parego"``: the inner strategy's own acquisition on the
+#: ParEGO scalarisation, ``"auto"``: EHVI where it applies, else ParEGO
+ACQUISITIONS = ("auto", "ehvi", "parego")
 
 Vector = tuple[float, ...]
 
@@ -76,6 +84,7 @@ class ParetoOptimizer:
         *,
         seed: int = 0,
         rho: float = 0.05,
+        acquisition: str = "auto",
     ) -> None:
         if inner.direction != "minimize":
             raise ValueError("the inner strategy of a ParetoOptimizer must minimise")
@@ -84,6 +93,20 @@ class ParetoOptimizer:
         for d in directions:
             if d not in ("minimize", "maximize"):
                 raise ValueError(f"direction must be 'minimize' or 'maximize', got {d!r}")
+        if acquisition not in ACQUISITIONS:
+            raise ValueError(
+                f"acquisition must be one of {', '.join(ACQUISITIONS)}, got {acquisition!r}"
+            )
+        ehvi_ok = isinstance(inner, BayesOptimizer) and len(directions) == 2
+        if acquisition == "ehvi" and not ehvi_ok:
+            raise ValueError(
+                "acquisition 'ehvi' needs the Bayesian inner strategy and 2 objectives; "
+                "use 'parego' (or 'auto')"
+            )
+        #: what was asked for ("auto": EHVI where it applies, else ParEGO)
+        self.acquisition = acquisition
+        #: the acquisition in use: "ehvi" or "parego"
+        self.method = "ehvi" if ehvi_ok and acquisition != "parego" else "parego"
         self.inner = inner
         self.directions = tuple(directions)
         self.seed = int(seed)
@@ -106,6 +129,8 @@ class ParetoOptimizer:
     def ask(self) -> Proposal:
         """Next point for freshly drawn weights; raises Exhausted like the inner strategy."""
         self._rescalarise()
+        if self.method == "ehvi" and isinstance(self.inner, BayesOptimizer):
+            self.inner.score_override = self._ehvi
         return self.inner.ask()
 
     def tell(
@@ -198,6 +223,7 @@ class ParetoOptimizer:
             "directions": list(self.directions),
             "seed": self.seed,
             "rho": self.rho,
+            "acquisition": self.acquisition,
             "inner": self.inner.state(),
             "vectors": {k: list(v) if v is not None else None for k, v in self._vectors.items()},
             "rng": rng_state(self._rng),
@@ -219,13 +245,44 @@ class ParetoOptimizer:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"state: unsupported version {state.get('version')!r}")
         restored = inner.from_state(space, state["inner"], constraints=constraints)
-        opt = cls(restored, state["directions"], seed=state["seed"], rho=state["rho"])
+        opt = cls(
+            restored,
+            state["directions"],
+            seed=state["seed"],
+            rho=state["rho"],
+            acquisition=state.get("acquisition", "auto"),
+        )
         opt._vectors = {
             str(k): tuple(float(x) for x in v) if v is not None else None
             for k, v in state["vectors"].items()
         }
         set_rng_state(opt._rng, state["rng"])
         return opt
+
+    # -- acquisition ---------------------------------------------------------
+
+    def _ehvi(self, data: ModelData) -> tuple[Score, NDArray[np.float64]]:
+        """The inner strategy's acquisition replaced by EHVI (:mod:`loops.optehvi`): one GP
+        per objective on the trusted results (mean per point), ``data``'s pending and
+        untrusted points fantasised."""
+        inner = self.inner
+        assert isinstance(inner, BayesOptimizer)
+        space = inner.space
+        per: dict[tuple[float, ...], list[Vector]] = {}
+        for o, v in self.outcomes():
+            if o.status == "ok" and v is not None:
+                per.setdefault(space.key(o.params), []).append(v)
+        X = np.array([space.to_unit(dict(zip(space.names, k, strict=True))) for k in per])
+        Y = min_frame([tuple(np.mean(vs, axis=0)) for vs in per.values()], self.directions)
+        return ehvi_scorer(
+            X.reshape(-1, len(space)),
+            Y,
+            data.X_lie,
+            kernel=inner._kernel,
+            tuning=inner.tuning,
+            rng=inner._rng,
+            fantasies=FANTASIES,
+        )
 
     # -- scalarisation -------------------------------------------------------
 
