@@ -1,5 +1,12 @@
 """Several objectives: :class:`ParetoOptimizer` proposes along the Pareto front.
 
+With two objectives over the Bayesian strategy (``acquisition="auto"``, the default, or
+``"ehvi"``) the inner strategy's acquisition is replaced by the expected hypervolume
+improvement of :mod:`loops.optehvi` (one GP per objective, pending points fantasised),
+searched over the inner strategy's allowed points and weighted by its
+:meth:`~loops.optbase.StrategyBase.acquisition_weight`; measured against ParEGO and the
+peers in benchmarks/optpareto.py (docs/optimizer.md). Otherwise (3+ objectives, random
+search, grid, or ``acquisition="parego"``) it is
 ParEGO (Knowles 2006) over any single-objective strategy of :mod:`loops.optimizer`:
 at every ``ask()`` a fresh weight vector is drawn (uniform on the simplex, from the
 optimizer's own seeded RNG, saved in its state), every trusted result's objectives
@@ -67,12 +74,14 @@ class _Restorable(Protocol):
 
 
 class ParetoOptimizer:
-    """ParEGO over an inner single-objective strategy (module docstring).
+    """EHVI or ParEGO over an inner single-objective strategy (module docstring).
 
     ``inner``: a minimising strategy with ``state()`` and ``from_state`` (the
     Bayesian one, random search, grid); ``directions``: one per objective;
     ``rho``: the augmented Chebyshev term. ``tell`` takes a sequence of values,
-    one per objective, in the order of ``directions``.
+    one per objective, in the order of ``directions``. ``acquisition``: one of
+    :data:`ACQUISITIONS`; :attr:`method` is the one in use. The scalarisation is drawn at
+    every ask either way (under EHVI it only centres the inner search's local candidates).
     """
 
     strategy = "pareto"
