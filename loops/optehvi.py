@@ -4,16 +4,17 @@ the Bayesian strategy.
 
 The objectives are modelled in the minimised frame, each normalised to [0, 1] over the
 trusted results, by an independent Matern GP (:func:`loops.optgp.fit_gp`). The
-reference point is the front's nadir pushed out by a tenth of its range (at least 0.1),
-BoTorch's heuristic, so the improvement counts along the whole front. A candidate's
-EHVI is the mean, over fixed standard-normal draws (the same for every candidate, so
-candidates compare without noise), of the exact hypervolume the drawn outcome adds to
-the front (:func:`hvi2`). Pending and untrusted points are fantasised: their outcomes
-are drawn jointly from the posterior (``fantasies`` draws), each draw conditions the
-GPs and joins the front, and the EHVI is averaged over the draws; a point that merely
-repeats what a pending one will bring gains nothing. The score is ``log EHVI``; where
-every draw adds nothing it is ``-1000`` minus how far the predicted mean lies behind the
-front (the additive epsilon indicator), so the search still moves towards the front.
+reference point is the front's nadir pushed out by a tenth of the results' range (as
+BoTorch's heuristic pushes it by a tenth of the front's), so the improvement counts
+along the whole front. A candidate's EHVI is the mean, over fixed standard-normal
+draws (the same for every candidate, so candidates compare without noise), of the
+exact hypervolume the drawn outcome adds to the front (:func:`hvi2`). Pending and
+untrusted points are fantasised: their outcomes are drawn jointly from the posterior
+(``fantasies`` draws), each draw conditions the GPs and joins the front, and the EHVI
+is averaged over the draws; a point that merely repeats what a pending one will bring
+gains nothing. The score is ``log EHVI``; where every draw adds nothing it is
+``-1000`` minus how far the predicted mean lies behind the front (the additive epsilon
+indicator), so the search still moves towards the front.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def hvi2(
 
 
 def reference(front: NDArray[np.float64]) -> NDArray[np.float64]:
-    """The front's nadir plus a tenth of its range in each objective (at least 0.1)."""
+    """The front's nadir plus a tenth of its range in each objective, at least 0.1 (a tenth
+    of the results' range once normalised)."""
     f = np.asarray(front, dtype=np.float64).reshape(-1, 2)
     hi, lo = f.max(axis=0), f.min(axis=0)
     return np.asarray(hi + 0.1 * np.maximum(hi - lo, 1.0), dtype=np.float64)
