@@ -49,6 +49,7 @@ from loops.optspace import (
 )
 
 __all__ = [
+    "FANTASIES",
     "FAST_TUNING",
     "LIES",
     "PACKAGE_TUNING",
@@ -60,7 +61,7 @@ __all__ = [
 
 #: what pending and untrusted points are told to the model (the class docstring)
 LIES = ("fantasies", "believer", "mean", "min", "max")
-_FANTASIES = 4  # joint posterior draws of the pending outcomes (lie="fantasies")
+FANTASIES = 4  # joint posterior draws of the pending outcomes (lie="fantasies")
 
 
 def default_initial_points(dims: int) -> int:
@@ -151,6 +152,10 @@ class BayesOptimizer(StrategyBase):
         self._kernel = self._make_kernel()
         #: seconds spent in the last model-based suggest (0 for design/random points)
         self.last_suggest_seconds = 0.0
+        #: replaces the GP acquisition: the model data -> a log-scale score and the length
+        #: scales (the ParetoOptimizer's EHVI, :mod:`loops.optehvi`); still weighted by
+        #: :meth:`acquisition_weight` and searched over the allowed points
+        self.score_override: Callable[[ModelData], tuple[Score, NDArray[np.float64]]] | None = None
 
     # -- state --------------------------------------------------------------
 
@@ -365,11 +370,19 @@ class BayesOptimizer(StrategyBase):
 
         The one place candidate values are computed: the GP fitted on the real
         data, conditioned on the pending points' lies (or averaged over
-        ``_FANTASIES`` joint posterior draws of their outcomes), and weighted
+        ``FANTASIES`` joint posterior draws of their outcomes), and weighted
         by :meth:`acquisition_weight` (the learned probability of feasibility,
         :mod:`loops.optfeasible`; nothing when nothing was learned): EI times
         the weight (in log space), UCB as :func:`loops.optfeasible.weigh` does.
         """
+        weight = self.acquisition_weight
+        if self.score_override is not None:  # a log-scale acquisition from outside (EHVI)
+            other, scales = self.score_override(data)
+
+            def weighted_log(x: NDArray[np.float64]) -> NDArray[np.float64]:
+                return other(x) + np.log(np.clip(np.asarray(weight(x)), 1e-6, 1.0))
+
+            return weighted_log, scales
         tn = self.tuning
         gp_real = fit_gp(self._kernel, data, tn, self._rng)
         scales = length_scales(gp_real, len(self.space))
@@ -378,11 +391,11 @@ class BayesOptimizer(StrategyBase):
         if self.lie == "fantasies" and len(data.X_lie):
             draws = np.asarray(
                 gp_real.sample_y(
-                    data.X_lie, n_samples=_FANTASIES, random_state=self._rng.randint(2**31 - 1)
+                    data.X_lie, n_samples=FANTASIES, random_state=self._rng.randint(2**31 - 1)
                 ),
                 dtype=np.float64,
-            ).reshape(len(data.X_lie), _FANTASIES)
-            fits = [condition(gp_real, data, tn, self._rng, draws[:, j]) for j in range(_FANTASIES)]
+            ).reshape(len(data.X_lie), FANTASIES)
+            fits = [condition(gp_real, data, tn, self._rng, draws[:, j]) for j in range(FANTASIES)]
             score = averaged(
                 [score_fn(g, inc, self.acquisition, **kw) for g, inc in fits], self.acquisition
             )
@@ -391,7 +404,6 @@ class BayesOptimizer(StrategyBase):
             score = score_fn(gp, incumbent, self.acquisition, **kw)
         # learned feasibility (loops/optfeasible.py): the acquisition times P(feasible); EI in
         # log space, UCB as optfeasible.weigh treats a value to minimise
-        weight = self.acquisition_weight
         base = score
 
         def weighted(x: NDArray[np.float64]) -> NDArray[np.float64]:

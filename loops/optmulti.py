@@ -1,5 +1,12 @@
 """Several objectives: :class:`ParetoOptimizer` proposes along the Pareto front.
 
+With two objectives over the Bayesian strategy (``acquisition="auto"``, the default, or
+``"ehvi"``) the inner strategy's acquisition is replaced by the expected hypervolume
+improvement of :mod:`loops.optehvi` (one GP per objective, pending points fantasised),
+searched over the inner strategy's allowed points and weighted by its
+:meth:`~loops.optbase.StrategyBase.acquisition_weight`; measured against ParEGO and the
+peers in benchmarks/optpareto.py (docs/optimizer.md). Otherwise (3+ objectives, random
+search, grid, or ``acquisition="parego"``) it is
 ParEGO (Knowles 2006) over any single-objective strategy of :mod:`loops.optimizer`:
 at every ``ask()`` a fresh weight vector is drawn (uniform on the simplex, from the
 optimizer's own seeded RNG, saved in its state), every trusted result's objectives
@@ -34,6 +41,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from loops.optbase import STATE_VERSION, StrategyBase, rng_state, set_rng_state
+from loops.optbayes import FANTASIES, BayesOptimizer
+from loops.optehvi import ehvi_scorer
+from loops.optgp import ModelData, Score
 from loops.optspace import (
     Constraint,
     Observation,
@@ -46,7 +56,12 @@ from loops.optspace import (
 )
 from loops.pareto import chebyshev, min_frame, nondominated, normalise
 
-__all__ = ["ParetoOptimizer"]
+__all__ = ["ACQUISITIONS", "ParetoOptimizer"]
+
+#: ``"ehvi"``: expected hypervolume improvement (:mod:`loops.optehvi`; the Bayesian inner
+#: strategy, 2 objectives), ``"parego"``: the inner strategy's own acquisition on the
+#: ParEGO scalarisation, ``"auto"``: EHVI where it applies, else ParEGO
+ACQUISITIONS = ("auto", "ehvi", "parego")
 
 Vector = tuple[float, ...]
 
@@ -59,12 +74,14 @@ class _Restorable(Protocol):
 
 
 class ParetoOptimizer:
-    """ParEGO over an inner single-objective strategy (module docstring).
+    """EHVI or ParEGO over an inner single-objective strategy (module docstring).
 
     ``inner``: a minimising strategy with ``state()`` and ``from_state`` (the
     Bayesian one, random search, grid); ``directions``: one per objective;
     ``rho``: the augmented Chebyshev term. ``tell`` takes a sequence of values,
-    one per objective, in the order of ``directions``.
+    one per objective, in the order of ``directions``. ``acquisition``: one of
+    :data:`ACQUISITIONS`; :attr:`method` is the one in use. The scalarisation is drawn at
+    every ask either way (under EHVI it only centres the inner search's local candidates).
     """
 
     strategy = "pareto"
@@ -76,6 +93,7 @@ class ParetoOptimizer:
         *,
         seed: int = 0,
         rho: float = 0.05,
+        acquisition: str = "auto",
     ) -> None:
         if inner.direction != "minimize":
             raise ValueError("the inner strategy of a ParetoOptimizer must minimise")
@@ -84,6 +102,20 @@ class ParetoOptimizer:
         for d in directions:
             if d not in ("minimize", "maximize"):
                 raise ValueError(f"direction must be 'minimize' or 'maximize', got {d!r}")
+        if acquisition not in ACQUISITIONS:
+            raise ValueError(
+                f"acquisition must be one of {', '.join(ACQUISITIONS)}, got {acquisition!r}"
+            )
+        ehvi_ok = isinstance(inner, BayesOptimizer) and len(directions) == 2
+        if acquisition == "ehvi" and not ehvi_ok:
+            raise ValueError(
+                "acquisition 'ehvi' needs the Bayesian inner strategy and 2 objectives; "
+                "use 'parego' (or 'auto')"
+            )
+        #: what was asked for ("auto": EHVI where it applies, else ParEGO)
+        self.acquisition = acquisition
+        #: the acquisition in use: "ehvi" or "parego"
+        self.method = "ehvi" if ehvi_ok and acquisition != "parego" else "parego"
         self.inner = inner
         self.directions = tuple(directions)
         self.seed = int(seed)
@@ -106,6 +138,8 @@ class ParetoOptimizer:
     def ask(self) -> Proposal:
         """Next point for freshly drawn weights; raises Exhausted like the inner strategy."""
         self._rescalarise()
+        if self.method == "ehvi" and isinstance(self.inner, BayesOptimizer):
+            self.inner.score_override = self._ehvi
         return self.inner.ask()
 
     def tell(
@@ -198,6 +232,7 @@ class ParetoOptimizer:
             "directions": list(self.directions),
             "seed": self.seed,
             "rho": self.rho,
+            "acquisition": self.acquisition,
             "inner": self.inner.state(),
             "vectors": {k: list(v) if v is not None else None for k, v in self._vectors.items()},
             "rng": rng_state(self._rng),
@@ -219,13 +254,44 @@ class ParetoOptimizer:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"state: unsupported version {state.get('version')!r}")
         restored = inner.from_state(space, state["inner"], constraints=constraints)
-        opt = cls(restored, state["directions"], seed=state["seed"], rho=state["rho"])
+        opt = cls(
+            restored,
+            state["directions"],
+            seed=state["seed"],
+            rho=state["rho"],
+            acquisition=state.get("acquisition", "auto"),
+        )
         opt._vectors = {
             str(k): tuple(float(x) for x in v) if v is not None else None
             for k, v in state["vectors"].items()
         }
         set_rng_state(opt._rng, state["rng"])
         return opt
+
+    # -- acquisition ---------------------------------------------------------
+
+    def _ehvi(self, data: ModelData) -> tuple[Score, NDArray[np.float64]]:
+        """The inner strategy's acquisition replaced by EHVI (:mod:`loops.optehvi`): one GP
+        per objective on the trusted results (mean per point), ``data``'s pending and
+        untrusted points fantasised."""
+        inner = self.inner
+        assert isinstance(inner, BayesOptimizer)
+        space = inner.space
+        per: dict[tuple[float, ...], list[Vector]] = {}
+        for o, v in self.outcomes():
+            if o.status == "ok" and v is not None:
+                per.setdefault(space.key(o.params), []).append(v)
+        X = np.array([space.to_unit(dict(zip(space.names, k, strict=True))) for k in per])
+        Y = min_frame([tuple(np.mean(vs, axis=0)) for vs in per.values()], self.directions)
+        return ehvi_scorer(
+            X.reshape(-1, len(space)),
+            Y,
+            data.X_lie,
+            kernel=inner._kernel,
+            tuning=inner.tuning,
+            rng=inner._rng,
+            fantasies=FANTASIES,
+        )
 
     # -- scalarisation -------------------------------------------------------
 

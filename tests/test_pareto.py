@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from loops.optehvi import ehvi_scorer, hvi2
+from loops.optgp import FAST_TUNING, matern
 from loops.optimizer import BayesOptimizer, Exhausted, GridSearch, RandomSearch
 from loops.optmulti import ParetoOptimizer
 from loops.pareto import chebyshev, hypervolume, min_frame, nondominated, reference_point
@@ -81,6 +83,48 @@ def test_pending_statuses_and_state_round_trip() -> None:
     with pytest.raises(Exhausted):
         grid.ask()
     assert len(grid.front()) == 2
+
+
+def test_hypervolume_improvement_is_exact() -> None:
+    rng = np.random.RandomState(0)
+    front = rng.uniform(size=(7, 2))
+    ref = np.array([1.1, 1.2])
+    points = np.vstack([rng.uniform(-0.2, 1.3, size=(40, 2)), front[:2]])
+    got = hvi2(points, front, ref)
+    want = [hypervolume(np.vstack([front, p]), ref) - hypervolume(front, ref) for p in points]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got[-2:].tolist() == [0.0, 0.0]  # a front point adds nothing
+    assert hvi2(np.array([[0.5, 0.5]]), np.empty((0, 2)), ref)[0] == pytest.approx(0.6 * 0.7)
+
+
+def test_ehvi_prefers_extending_the_front_and_knows_pending_points() -> None:
+    # f1 = a + b, f2 = 1 - a + b: the front is b = 0; a gap at a = 0.5 between the results
+    X = np.array([[a, b] for a in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) for b in (0.0, 0.5, 1.0)])
+    Y = np.column_stack([X[:, 0] + X[:, 1], 1.0 - X[:, 0] + X[:, 1]])
+    gap, behind = np.array([[0.5, 0.0]]), np.array([[0.5, 0.6]])
+    kw = {"kernel": matern(2), "tuning": FAST_TUNING, "fantasies": 4}
+    score, scales = ehvi_scorer(X, Y, np.empty((0, 2)), rng=np.random.RandomState(0), **kw)
+    assert scales.shape == (2,)
+    assert score(gap)[0] > score(behind)[0]  # the gap extends the front, b = 0.6 is dominated
+    assert score(gap)[0] > -1000.0 > score(behind)[0]  # a dominated mean: below every EHVI
+    pending, _ = ehvi_scorer(X, Y, gap, rng=np.random.RandomState(0), **kw)
+    assert pending(gap)[0] < score(gap)[0]  # a pending point there fills the gap already
+    # the optimizer (EHVI by default) proposes in the gaps of the front (b = 0, a = 0.1, 0.3..)
+    space = {"a": (0.0, 1.0), "b": (0.0, 1.0)}
+    opt = ParetoOptimizer(BayesOptimizer(space, seed=3, initial_points=0), MIN2)
+    for x, y in zip(X, Y, strict=True):
+        opt.tell({"a": x[0], "b": x[1]}, list(y))
+    assert opt.method == "ehvi"
+    asks = [opt.ask().params for _ in range(4)]  # pending-aware: 4 different gaps filled
+    assert all(p["b"] < 0.05 for p in asks)
+    mids = (0.1, 0.3, 0.5, 0.7, 0.9)
+    gaps = {m for p in asks for m in mids if abs(p["a"] - m) < 0.05}
+    assert len(gaps) == 4
+    assert ParetoOptimizer(RandomSearch(SPACE, 1), MIN2).method == "parego"
+    with pytest.raises(ValueError, match="'ehvi' needs the Bayesian inner strategy"):
+        ParetoOptimizer(RandomSearch(SPACE, 1), MIN2, acquisition="ehvi")
+    with pytest.raises(ValueError, match="acquisition must be one of auto, ehvi, parego"):
+        ParetoOptimizer(BayesOptimizer(SPACE), MIN2, acquisition="qehvi")
 
 
 def _multi(objectives: str, stop: str = "") -> str:
