@@ -97,8 +97,14 @@ class JournalConnection(JournalReads):
 
     # ---------------------------------------------------------------- helpers
     def _require_campaign(self, conn: sqlite3.Connection, campaign_id: str) -> None:
-        if conn.execute("SELECT 1 FROM campaigns WHERE id = ?", (campaign_id,)).fetchone() is None:
+        self._campaign_state(conn, campaign_id)
+
+    def _campaign_state(self, conn: sqlite3.Connection, campaign_id: str) -> str:
+        """The campaign's state; :class:`UnknownCampaign` when the journal has no such one."""
+        row = conn.execute("SELECT state FROM campaigns WHERE id = ?", (campaign_id,)).fetchone()
+        if row is None:
             raise UnknownCampaign(f"no campaign {campaign_id!r} in journal {self.path}")
+        return str(row[0])
 
     def _current(
         self, conn: sqlite3.Connection, experiment_id: str

@@ -65,9 +65,7 @@ class JournalResume(JournalSteps):
                 None,
                 campaign_id,
                 "campaign",
-                conn.execute("SELECT state FROM campaigns WHERE id = ?", (campaign_id,)).fetchone()[
-                    0
-                ],
+                self._campaign_state(conn, campaign_id),
                 None,
                 {
                     "resumed": True,

@@ -404,11 +404,8 @@ class Journal(JournalResume, JournalApprovals, JournalUsage):
         proposal (event ``prior``; ``data``: which campaign, what was told and dropped, and a
         ``reason`` in words), with the optimizer's state in the same transaction."""
         with self._tx() as conn:
-            self._require_campaign(conn, campaign_id)
+            current = self._campaign_state(conn, campaign_id)
             self._require_epoch(conn, campaign_id, epoch)
-            current = conn.execute(
-                "SELECT state FROM campaigns WHERE id = ?", (campaign_id,)
-            ).fetchone()[0]
             if optimizer_state is not None:
                 self._save_optimizer(conn, campaign_id, optimizer_state)
             return self._log(conn, None, campaign_id, "prior", current, None, dict(data))
@@ -419,11 +416,8 @@ class Journal(JournalResume, JournalApprovals, JournalUsage):
         """Log what happened to a station during a campaign (out, paused after disagreements,
         resting on a spent budget, died) as a campaign-level row (event ``station``)."""
         with self._tx() as conn:
-            self._require_campaign(conn, campaign_id)
+            current = self._campaign_state(conn, campaign_id)
             self._require_epoch(conn, campaign_id, epoch)
-            current = conn.execute(
-                "SELECT state FROM campaigns WHERE id = ?", (campaign_id,)
-            ).fetchone()[0]
             return self._log(
                 conn,
                 None,
