@@ -104,10 +104,8 @@ def make_problem(name: str) -> Problem:
 
 def make_optimizer(problem: Problem, strategy: str, seed: int) -> Optimizer:
     """Our strategy as a campaign builds it, or a peer, for ``problem`` (minimising)."""
-    if strategy == "bayes":
-        return campaign.make_strategy(problem, "bayes", seed)
-    if strategy == "random":
-        return campaign.make_strategy(problem, "random", seed)
+    if strategy in ("bayes", "random"):
+        return campaign.make_strategy(problem, strategy, seed)
     if strategy in PEERS:
         return PEERS[strategy](problem.space, seed, problem.constraints)
     raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")

@@ -9,12 +9,12 @@ run checks), given here as a function ``exact(params) -> float | None`` (None: t
 cannot be costed there: the dry run refuses it).
 
 The acquisition is evaluated on thousands of candidates per ask (measured: the plan's exact
-cost takes ~1 ms per point on the colour-match program, too slow for that), so it sees a
+cost takes ~1 ms per point on the bundled example programs, too slow for that), so it sees a
 model: a Gaussian-process regression on ``log(cost + c0)`` over the encoded unit space,
 fitted on points costed exactly: a seeded Latin-hypercube design costed when the model is
 built (at most ``design`` points) plus every proposal (:meth:`CostModel.explain` costs it
 exactly when it is journaled). ``c0`` is a tenth of the mean cost seen, so a point that
-costs nothing (no dye at all) is not infinitely cheap. The GP interpolates (noise 1e-8):
+costs nothing (no reagent at all) is not infinitely cheap. The GP interpolates (noise 1e-8):
 at a costed point it predicts that point's cost.
 
 :meth:`CostModel.weight` is ``((c_min + c0) / (cost + c0)) ** power`` in (0, 1]: the
