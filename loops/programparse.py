@@ -122,7 +122,7 @@ def _string(value: Any, path: tuple[Any, ...], doc: YamlDoc, choices: Sequence[s
 
 
 def _cost(value: Any, plan: Any, doc: YamlDoc) -> CostSpec | None:
-    """``cost:``: ``duration``, a consumed channel (``red.delivered``), or ``{of, power}``."""
+    """``cost:``: ``duration``, a consumed channel (``<pump>.delivered``), or ``{of, power}``."""
     if value is None:
         return None
     path: tuple[Any, ...] = ("cost",)
@@ -131,7 +131,7 @@ def _cost(value: Any, plan: Any, doc: YamlDoc) -> CostSpec | None:
     if isinstance(value, Mapping):
         _no_unknown(value, COST_KEYS, path, doc)
         if "of" not in value:
-            raise doc.error("needs of: duration or a consumed channel (e.g. red.delivered)", path)
+            raise doc.error("needs of: duration or a consumed channel (e.g. <pump>.delivered)", path)
         of = value["of"]
         if value.get("power") is not None:
             power = _number(value["power"], (*path, "power"), doc)

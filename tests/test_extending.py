@@ -13,6 +13,7 @@ measurements reach the optimizer and the journal. Afterwards the package is gone
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,3 +128,19 @@ async def test_an_outside_driver_package_runs_a_guarded_campaign(tinylab: Path) 
         j.close()
     finished = [e for e in events if e["event"] == "finished"]
     assert len(finished) == 4
+
+
+def test_the_core_names_no_bench() -> None:
+    """Issue 10's "done when": no word of the reference bench in loops/ or safety/ code
+    (``grep -rniwE 'dye|dyes|vial|red|green|blue|colou?r|waste|delta_e2000' loops safety
+    --include=*.py``); the bundled programs and envelopes (data) may name it."""
+    root = Path(__file__).resolve().parents[1]
+    word = re.compile(r"\b(dye|dyes|vial|red|green|blue|colou?r|waste|delta_e2000)\b", re.I)
+    found = [
+        f"{p.relative_to(root)}:{n}: {line.strip()}"
+        for folder in ("loops", "safety")
+        for p in sorted((root / folder).rglob("*.py"))
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if word.search(line)
+    ]
+    assert found == []
