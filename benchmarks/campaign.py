@@ -34,7 +34,7 @@ Sections:
 
 1. Acceleration factor: experiments to target, ours (``BayesOptimizer`` with
    the default settings a campaign uses, ``initial_points`` from the program: 8
-   for colour-match, 6 for buffer; BayesOptimizer's default ``max(5, 2 d)`` for the test
+   for colour-match, 6 for buffer; BayesOptimizer's default ``max(5, d + 2)`` for the test
    functions) versus
    ``RandomSearch``, one station, ``--seeds`` seeds each. Ours is capped at
    ``--cap`` experiments, random search at ``--random-cap``; a run that did not

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.special import erfcx, logsumexp, ndtr
 from sklearn.gaussian_process import GaussianProcessRegressor
-from sklearn.gaussian_process.kernels import Kernel, Matern
+from sklearn.gaussian_process.kernels import ConstantKernel, Kernel, Matern
 
 __all__ = [
     "FAST_TUNING",
@@ -31,6 +31,7 @@ __all__ = [
     "length_scales",
     "log_ei",
     "matern",
+    "scaled",
     "score_fn",
 ]
 
@@ -119,6 +120,15 @@ def matern(d: int) -> Kernel:
     return Matern(length_scale=np.full(d, 0.5), length_scale_bounds=(1e-3, 1e3), nu=2.5)
 
 
+def scaled(kernel: Kernel) -> Kernel:
+    """``kernel`` times a fitted signal variance (on the standardised targets).
+
+    A fixed variance of 1 over-smoothed Hartmann-6 (experiments to target, 50 seeds,
+    median 35 -> 30; Branin 23 -> 20 over 20 seeds: benchmarks/optimizers.py).
+    """
+    return ConstantKernel(1.0, (1e-2, 1e2)) * kernel
+
+
 def _gpr(kernel: Kernel, **kw: object) -> GaussianProcessRegressor:
     return GaussianProcessRegressor(kernel=kernel, alpha=_ALPHA, normalize_y=True, **kw)
 
@@ -187,7 +197,10 @@ def condition(
 
 def length_scales(gp: GaussianProcessRegressor, d: int) -> NDArray[np.float64]:
     """The fitted length scales, one per unit column."""
-    scale = gp.kernel_.get_params()["length_scale"]
+    params = gp.kernel_.get_params()
+    scale = next(
+        v for k, v in params.items() if k == "length_scale" or k.endswith("__length_scale")
+    )
     return np.broadcast_to(np.asarray(scale, dtype=np.float64), (d,)).copy()
 
 

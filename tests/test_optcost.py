@@ -91,23 +91,32 @@ def test_the_model_is_exact_at_costed_points_and_close_between() -> None:
 
 def test_a_cheaper_region_is_preferred_at_equal_improvement() -> None:
     """The objective does not depend on x, the cost grows twentyfold along it: with the cost
-    model the proposals after the design stay at the cheap end; without, they do not."""
+    model the proposals after the design go to the cheap end more often and cost less in all
+    (4 seeds x 4 proposals). Not every one: once the GP is sure of the bowl, log EI is so
+    steep in y that the search's best y, not the cost, decides some proposals."""
     space = ParamSpace.of({"x": (0.0, 1.0), "y": (0.0, 1.0)})
 
     def proposals(cost: bool) -> list[float]:
-        opt = BayesOptimizer(space, seed=0, initial_points=4)
-        if cost:
-            opt.cost_model = CostModel(space, lambda p: 1 + 19 * p["x"], CostSpec("duration"))
         xs = []
-        for i in range(8):
-            q = opt.ask()
-            if i >= 4:
-                xs.append(q.params["x"])
-            opt.tell(q.id, (q.params["y"] - 0.3) ** 2)
+        for seed in range(4):
+            opt = BayesOptimizer(space, seed=seed, initial_points=4)
+            if cost:
+                opt.cost_model = CostModel(space, lambda p: 1 + 19 * p["x"], CostSpec("duration"))
+            for i in range(8):
+                q = opt.ask()
+                if i >= 4:
+                    xs.append(q.params["x"])
+                opt.tell(q.id, (q.params["y"] - 0.3) ** 2)
         return xs
 
-    assert max(proposals(cost=True)) < 0.1
-    assert max(proposals(cost=False)) > 0.5
+    def minutes(xs: list[float]) -> float:
+        return sum(1 + 19 * x for x in xs)
+
+    with_cost, without = proposals(cost=True), proposals(cost=False)
+    cheap = sum(x < 0.1 for x in with_cost)
+    assert cheap > sum(x < 0.1 for x in without), (with_cost, without)
+    assert cheap >= 0.6 * len(with_cost), with_cost
+    assert minutes(with_cost) < 0.8 * minutes(without), (with_cost, without)
 
 
 def test_the_weight_reaches_the_strategy_also_restored_and_with_several_objectives() -> None:
