@@ -96,11 +96,18 @@ def _unknown_reading(layout: Any, instrument: str, key: str) -> str | None:
     close = [r for r in sorted(readings) if r.startswith(f"{key}_")]  # heater: heater_enabled
     close = close or difflib.get_close_matches(key, sorted(readings), n=1)
     hint = f" (did you mean {' or '.join(f'{instrument}.{c}' for c in close)}?)" if close else ""
-    if key in layout.commanded(instrument):
+    channel = f"{instrument}.{key}"
+    what = (
+        f"a channel {instrument}'s commands set"
+        if key in layout.commanded(instrument)
+        else "the guard's own count of a flow it sent"
+        if channel in layout.flowing_channels()
+        else ""
+    )
+    if what:  # the guard knows it (envelope rules may name it); the recipe does not see it
         return (
-            f"{instrument}.{key} is a channel {instrument}'s commands set, not a reading: a "
-            f"recipe sees what {instrument}.read() returns{hint}; {instrument} ({kind}) "
-            f"reads: {returns}"
+            f"{channel} is {what}, not a reading: a recipe sees what {instrument}.read() "
+            f"returns{hint}; {instrument} ({kind}) reads: {returns}"
         )
     return f"{instrument} ({kind}) has no reading {key!r}{hint}; it reads: {returns}"
 

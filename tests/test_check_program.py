@@ -117,6 +117,13 @@ def _line_of(path: Path, text: str) -> int:
             "hotplate.heater_enabled?); ",
         ),
         (
+            "  - wait: hotplate.plate_c < start_below_c",
+            "  - wait: not red.flowing and hotplate.plate_c < start_below_c",
+            "- wait: not red.flowing",
+            "recipe[1].wait: red.flowing is the guard's own count of a flow it sent, not a "
+            "reading: a recipe sees what red.read() returns (did you mean red.moving?)",
+        ),
+        (
             "  - read: {drained_ml: waste.withdrawn_ml}",
             "  - read: {drained_ml: waste.withdrawn}",
             "- read: {drained_ml: waste.withdrawn}",
