@@ -7,7 +7,13 @@ rpm, s) and converts to device units inside. It offers:
 * typed async commands that target a state (``set_heater(on=True, setpoint_c=60)``);
 * ``await read() -> dict``: a snapshot of its measured values (SI units);
 * ``describe() -> dict``: what it is (kind, URL, model, channels with units);
-* ``channels``: what can be set, with units and device limits;
+* ``channels``: every channel it has, with units and device limits: each key
+  ``read()`` returns (read-only ones ``settable=False``) and each channel its
+  commands set (those ``read()`` does not return ``readable=False``: a heater
+  enable the guard knows as commanded). ``labbridge check --program`` checks
+  the readings a recipe names against them, and :meth:`Driver.reading_problems`
+  checks a snapshot against them (the bundled drivers' tests run it against
+  their simulators);
 * ``await safe_state()``: idempotent, works after a fault (pumps stopped,
   heater and stirrer off, light off); it tries every action and raises only
   after trying all of them. ``safe_state_calls`` says what it amounts to in
@@ -55,16 +61,20 @@ class Channel:
 
     ``minimum``/``maximum`` are the *device's* limits; the lab's safety envelope
     (``safety/``) is usually narrower. ``allowed`` lists discrete values.
+    ``settable``: a command sets it (False: measured only). ``readable``: ``read()``
+    returns it (False: only a command sets it, the guard knows it as commanded, and a
+    recipe's ``wait``/``read`` cannot see it).
     """
 
     name: str
     unit: str
-    kind: str = "float"  # float | int | bool | enum
+    kind: str = "float"  # float | int | bool | enum | list (of numbers)
     minimum: float | None = None
     maximum: float | None = None
     allowed: tuple[Any, ...] | None = None
     settable: bool = True
     doc: str = ""
+    readable: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -72,6 +82,7 @@ class Channel:
             "unit": self.unit,
             "kind": self.kind,
             "settable": self.settable,
+            "readable": self.readable,
         }
         if self.minimum is not None:
             out["minimum"] = self.minimum
@@ -182,6 +193,29 @@ class Driver(abc.ABC):
                 for name, f in self.faults.items()
             },
         }
+
+    def reading_problems(self, reading: Mapping[str, Any]) -> list[str]:
+        """What is wrong with a ``read()`` snapshot against the declared ``channels``: a key
+        not declared, a declared ``readable`` channel missing (empty when they agree).
+        A driver's tests run this against its simulator, so a key added to ``read()``
+        without its declaration fails there, not in a lab's recipe."""
+        declared = self.channels
+        readable = {n for n, ch in declared.items() if ch.readable}
+        out = [
+            f"{type(self).__name__}.read() returns {key!r}, which channels does not declare "
+            f"(declare it: Channel({key!r}, unit, kind, settable=False, doc=...))"
+            for key in sorted(set(reading) - set(declared))
+        ]
+        out += [
+            f"{type(self).__name__}.read() does not return {name!r}, which channels declares "
+            f"readable (a channel only a command sets: readable=False)"
+            for name in sorted(readable - set(reading))
+        ]
+        out += [
+            f"{type(self).__name__}.read() returns {name!r}, which channels declares readable=False"
+            for name in sorted(set(reading) & (set(declared) - readable))
+        ]
+        return out
 
     async def __aenter__(self: Any) -> Any:
         await self.open()

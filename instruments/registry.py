@@ -61,16 +61,21 @@ def driver_class(kind: str) -> type[Driver]:
     return obj
 
 
-def check(kind: str, url: str, **options: Any) -> None:
-    """Validate a driver kind, a transport URL and driver options without opening anything.
+def unopened(kind: str, url: str, **options: Any) -> Driver:
+    """A driver of ``kind`` on the transport at ``url``, neither opened: what it declares
+    (``commands``, ``channels`` with the limits its options give) without touching anything.
 
     Raises :class:`UnknownDriverError`, :class:`InvalidURLError` (naming the URL
     and what is wrong with it) or ``TypeError``/``ValueError`` for options the
     driver does not take. No port, socket or device is touched.
     """
-    cls = driver_class(kind)
-    transport = transport_for(url)
-    cls(transport, **options)
+    return driver_class(kind)(transport_for(url), **options)
+
+
+def check(kind: str, url: str, **options: Any) -> None:
+    """Validate a driver kind, a transport URL and driver options without opening anything
+    (:func:`unopened`, raising what it raises)."""
+    unopened(kind, url, **options)
 
 
 @contextlib.asynccontextmanager
@@ -85,9 +90,7 @@ async def connect(
     crashes never leaves a heater on. A failing safe state is logged, and the
     transport is closed regardless.
     """
-    cls = driver_class(kind)
-    transport = transport_for(url)
-    driver = cls(transport, **options)
+    driver = unopened(kind, url, **options)
     try:
         await driver.open()
     except BaseException:

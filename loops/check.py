@@ -6,7 +6,10 @@ Two parts, each problem naming the program's file, line and field:
 * **the recipe against the station**: every instrument a step names is one of the
   station's; every command it calls is one its driver declares, with the arguments that
   command takes (none unknown, none required missing) and literal values of the type and
-  within the range the device accepts; a capture names an instrument that captures;
+  within the range the device accepts; a capture names an instrument that captures; every
+  reading a ``wait``, a hold's ``while`` or a ``read`` names (``hotplate.plate_c``) is a
+  key that instrument's ``read()`` returns, as its driver declares its channels (a
+  channel only its commands set, ``hotplate.heater``, is not: the recipe sees readings);
 * **the dry run of proposals** at the corners and the centre of the parameter space
   (those the program's constraints allow), each checked step by step against the
   station's envelope exactly as a campaign would, from the station's safe state plus what
@@ -16,8 +19,9 @@ Two parts, each problem naming the program's file, line and field:
 
 from __future__ import annotations
 
+import difflib
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +30,7 @@ from loops.program import Program
 from loops.recipe import build_recipe, recipe_times
 from safety import dry_run
 from safety.effects import initial_commanded
+from safety.expr import parse
 
 __all__ = ["MAX_CORNERS", "PointCheck", "ProgramCheck", "check_program"]
 
@@ -66,6 +71,58 @@ class ProgramCheck:
 def _where(program: Program, step: Any, what: str) -> str:
     line = f":{step.line}" if step.line else ""
     return f"{program.source}{line}: recipe[{step.index}]{what}"
+
+
+def _step_readings(step: Any) -> Iterable[tuple[str, str]]:
+    """(``instrument.key``, field) of every reading a step names."""
+    f = step.fields
+    if step.kind in ("wait", "hold") and f.get("condition"):
+        what = ".wait" if step.kind == "wait" else ".while"
+        names = parse(f["condition"]).names_in_order()
+        return [(n, what) for n in dict.fromkeys(names) if "." in n]
+    if step.kind == "read":
+        return [(src, f".read.{m}") for m, src in f["values"].items()]
+    return []
+
+
+def _unknown_reading(layout: Any, instrument: str, key: str) -> str | None:
+    """Why ``instrument.key`` is not a reading of the instrument (None: it is, or its
+    driver declares no channels to check it against)."""
+    readings = layout.readings.get(instrument)
+    if readings is None or key in readings:
+        return None
+    kind = layout.kinds[instrument]
+    returns = ", ".join(sorted(readings)) or "nothing"
+    close = [r for r in sorted(readings) if r.startswith(f"{key}_")]  # heater: heater_enabled
+    close = close or difflib.get_close_matches(key, sorted(readings), n=1)
+    hint = f" (did you mean {' or '.join(f'{instrument}.{c}' for c in close)}?)" if close else ""
+    channel = f"{instrument}.{key}"
+    what = (
+        f"a channel {instrument}'s commands set"
+        if key in layout.commanded(instrument)
+        else "the guard's own count of a flow it sent"
+        if channel in layout.flowing_channels()
+        else ""
+    )
+    if what:  # the guard knows it (envelope rules may name it); the recipe does not see it
+        return (
+            f"{channel} is {what}, not a reading: a recipe sees what {instrument}.read() "
+            f"returns{hint}; {instrument} ({kind}) reads: {returns}"
+        )
+    return f"{instrument} ({kind}) has no reading {key!r}{hint}; it reads: {returns}"
+
+
+def _check_readings(program: Program, layout: Any) -> list[str]:
+    problems: list[str] = []
+    for step in program.plan.steps:
+        for name, what in _step_readings(step):
+            instrument, _, key = name.partition(".")
+            if instrument not in layout.kinds:
+                continue  # named by _check_steps
+            problem = _unknown_reading(layout, instrument, key)
+            if problem is not None:
+                problems.append(f"{_where(program, step, what)}: {problem}")
+    return problems
 
 
 def _check_steps(program: Program, layout: Any) -> list[str]:
@@ -151,7 +208,7 @@ def check_program(
 ) -> ProgramCheck:
     """Check ``program`` against one station (its ``layout`` and ``envelope``): see the
     module docstring. Nothing is connected; the envelope's ledger is not touched."""
-    result = ProgramCheck(station, _check_steps(program, layout))
+    result = ProgramCheck(station, _check_steps(program, layout) + _check_readings(program, layout))
     if result.problems:
         return result
     view: dict[str, Any] = {**initial_commanded(layout), **dict(assume or {})}

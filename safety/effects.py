@@ -93,23 +93,32 @@ class CommandRefused(Exception):
 @dataclass(frozen=True)
 class Layout:
     """A station's instruments as the checks need them: name -> driver kind, name -> declared
-    commands and safe-state calls (from the driver classes), and the envelope's vessels."""
+    commands and safe-state calls (from the driver classes), name -> the keys its ``read()``
+    returns (its declared readable channels: only for driver objects, a class's channels
+    depend on its options), and the envelope's vessels."""
 
     kinds: Mapping[str, str]
     commands: Mapping[str, Mapping[str, CommandSpec]] = field(default_factory=dict)
     safe_calls: Mapping[str, tuple[Call, ...]] = field(default_factory=dict)
     vessels: Mapping[str, Vessel] = field(default_factory=dict)
+    readings: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, drivers: Mapping[str, Any], vessels: Mapping[str, Vessel] | None = None) -> Layout:
-        """From driver objects: their class's ``kind``, ``commands`` and ``safe_state_calls``
-        (an object without declarations can only be read: it has no commands at all)."""
+        """From driver objects (or classes): their ``kind``, ``commands``,
+        ``safe_state_calls`` and, for an object, the readable ``channels`` (an object without
+        declarations can only be read: it has no commands at all)."""
         return cls(
             {n: str(getattr(d, "kind", "")) for n, d in drivers.items()},
             {n: dict(getattr(d, "commands", {}) or {}) for n, d in drivers.items()},
             {n: tuple(getattr(d, "safe_state_calls", ()) or ()) for n, d in drivers.items()},
             dict(vessels or {}),
+            {n: r for n, d in drivers.items() if (r := _readable(d)) is not None},
         )
+
+    def commanded(self, name: str) -> frozenset[str]:
+        """The channels of instrument ``name`` its declared commands set (without the name)."""
+        return frozenset(s.channel for spec in self.actions(name).values() for s in spec.sets)
 
     def actions(self, name: str) -> Mapping[str, CommandSpec]:
         """The declared commands of instrument ``name`` (read-only; none for an unknown one)."""
@@ -150,6 +159,15 @@ class Layout:
             if name in v.drained_by:
                 return v, "in"
         return None
+
+
+def _readable(driver: Any) -> frozenset[str] | None:
+    """The keys a driver object's ``read()`` returns, from its declared ``channels``; None for
+    a class (``channels`` is a property of the object) or an object that declares none."""
+    declared = getattr(driver, "channels", None)
+    if not isinstance(declared, Mapping) or not declared:
+        return None
+    return frozenset(n for n, ch in declared.items() if getattr(ch, "readable", True))
 
 
 def _matches(cond: Mapping[str, Any] | None, params: Mapping[str, Any]) -> bool:

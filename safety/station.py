@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import instruments
-from instruments.registry import available_drivers, driver_class
+from instruments.errors import InstrumentError
+from instruments.registry import available_drivers, driver_class, unopened
 from instruments.registry import check as _check_driver
 from safety.capabilities import require
 from safety.devicefaults import fault_monitors
@@ -210,10 +211,19 @@ def check_device_faults(
 
 
 def station_layout(instrument_specs: Iterable[Mapping[str, Any]], envelope: Envelope) -> Layout:
-    """The station's layout (instrument kinds, their drivers' declared commands and safe
-    states, the envelope's vessels) from the driver classes, without opening anything."""
-    classes = {s["name"]: driver_class(s["kind"]) for s in instrument_specs}
-    return Layout.of(classes, envelope.vessels)
+    """The station's layout (instrument kinds, their drivers' declared commands, safe states
+    and channels, the envelope's vessels) from unopened drivers: nothing is opened. An
+    instrument whose URL or options are invalid (``labbridge check`` reports it) gets its
+    class's declarations: its commands without its channels."""
+    drivers: dict[str, Any] = {}
+    for spec in instrument_specs:
+        try:
+            drivers[spec["name"]] = unopened(
+                spec["kind"], spec["url"], **dict(spec.get("options") or {})
+            )
+        except (InstrumentError, KeyError, TypeError, ValueError):
+            drivers[spec["name"]] = driver_class(spec["kind"])
+    return Layout.of(drivers, envelope.vessels)
 
 
 __all__ = [

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from bridge.cli import main
+from bridge.simbench import sim_lab_yaml
+from simulators.bench import SimulatedLab
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "examples" / "lab-hardware.yaml"
@@ -83,3 +85,104 @@ def test_a_bad_assumption_is_one_clear_line(capsys: pytest.CaptureFixture[str]) 
     err = capsys.readouterr().err
     assert "--assume: 'lid': give CHANNEL=VALUE, e.g. enclosure.lid=closed" in err
     assert "Traceback" not in err
+
+
+def _line_of(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "at", "problem"),
+    [
+        (
+            "  - wait: hotplate.plate_c < start_below_c",
+            "  - wait: hotplate.plate_cc < start_below_c",
+            "- wait: hotplate.plate_cc",
+            "recipe[1].wait: hotplate (hotplate) has no reading 'plate_cc' (did you mean "
+            "hotplate.plate_c?); it reads: heater_enabled, heating, liquid_c, max_c, ",
+        ),
+        (
+            "  - read: {liquid_c: hotplate.liquid_c, plate_c: hotplate.plate_c}",
+            "  - read: {liquid_c: hotplate.liquid_cc, plate_c: hotplate.plate_c}",
+            "- read: {liquid_c: hotplate.liquid_cc",
+            "recipe[17].read.liquid_c: hotplate (hotplate) has no reading 'liquid_cc' (did you "
+            "mean hotplate.liquid_c?)",
+        ),
+        (
+            "      hotplate.heater_enabled and hotplate.stirrer_enabled",
+            "      hotplate.heater and hotplate.stirrer_enabled",
+            "- hold: hold_s",
+            "recipe[15].while: hotplate.heater is a channel hotplate's commands set, not a "
+            "reading: a recipe sees what hotplate.read() returns (did you mean "
+            "hotplate.heater_enabled?); ",
+        ),
+        (
+            "  - wait: hotplate.plate_c < start_below_c",
+            "  - wait: not red.flowing and hotplate.plate_c < start_below_c",
+            "- wait: not red.flowing",
+            "recipe[1].wait: red.flowing is the guard's own count of a flow it sent, not a "
+            "reading: a recipe sees what red.read() returns (did you mean red.moving?)",
+        ),
+        (
+            "  - read: {drained_ml: waste.withdrawn_ml}",
+            "  - read: {drained_ml: waste.withdrawn}",
+            "- read: {drained_ml: waste.withdrawn}",
+            "recipe[25].read.drained_ml: waste (syringe-pump) has no reading 'withdrawn' (did "
+            "you mean waste.withdrawn_ml?); it reads: alarm, alarmed, direction, infused_ml, "
+            "moving, rate_ml_min, status, volume_ml, withdrawn_ml",
+        ),
+    ],
+)
+def test_a_reading_the_instrument_does_not_return_names_file_line_and_field(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    old: str,
+    new: str,
+    at: str,
+    problem: str,
+) -> None:
+    path = _broken(tmp_path, old, new)
+    assert main(["check", str(LAB), "--program", str(path), *ASSUME]) == 1
+    captured = capsys.readouterr()
+    assert f"{path}:{_line_of(path, at)}: {problem}" in captured.err, captured.err
+    assert "dry run" not in captured.out  # the recipe does not fit: nothing is dry-run
+
+
+def test_a_when_naming_a_reading_is_refused_where_it_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A step's when is over parameters and fixed values (decided when the recipe is bound):
+    a reading there is an unknown name, at its own line."""
+    old = "  - read: {drained_ml: waste.withdrawn_ml}\n"
+    path = _broken(tmp_path, old, old + "    when: waste.withdrawn_mll > 0\n")
+    assert main(["check", str(LAB), "--program", str(path), *ASSUME]) == 1
+    err = capsys.readouterr().err
+    line = _line_of(path, "when: waste.withdrawn_mll")
+    assert f"{path}:{line}: recipe[25].when: unknown name 'waste.withdrawn_mll'" in err, err
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        ROOT / "loops" / "programs" / "color-match.md",
+        ROOT / "examples" / "color-match-pareto" / "program.md",
+    ],
+)
+def test_the_bundled_colour_programs_check_ok(
+    program: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", str(LAB), "--program", str(program), *ASSUME]) == 0
+    assert f"{LAB}: OK" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(60)
+async def test_the_buffer_program_checks_ok_on_the_buffer_bench(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with SimulatedLab(stations=1, bench="buffer") as sim:
+        lab = tmp_path / "lab.yaml"
+        lab.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
+        program = ROOT / "examples" / "buffer" / "program.md"
+        assert main(["check", str(lab), "--program", str(program)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "program buffer-ph on station bench-a: dry run of " in out and f"{lab}: OK" in out

@@ -190,7 +190,16 @@ async def test_device_maximum_read_at_open(tcp_sim: HotplateSim, world: StationW
         assert hp.max_c == 250.0
         assert hp.channels["setpoint_c"].maximum == 250.0
         assert hp.describe()["channels"]["setpoint_c"]["maximum"] == 250.0
-        assert set(hp.channels) == {"setpoint_c", "stirrer_rpm", "heater", "stirrer", "watchdog_s"}
+        settable = {n for n, ch in hp.channels.items() if ch.settable}
+        assert settable == {
+            "setpoint_c",
+            "stirrer_setpoint_rpm",
+            "stirrer_rpm",
+            "heater",
+            "stirrer",
+            "watchdog_s",
+        }
+        assert set(await hp.read()) == {n for n, ch in hp.channels.items() if ch.readable}
         with pytest.raises(ValueError, match="250"):
             await hp.set_heater(True, 260.0)
         world.hotplate.max_c = 200.0  # the device changed under us: its exception 3 comes through

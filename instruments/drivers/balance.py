@@ -186,12 +186,37 @@ class Balance(Driver):
     def channels(self) -> Mapping[str, Channel]:
         top = self.capacity_g
         return {
-            "zeroed": Channel("zeroed", "", "bool", doc="zeroed by this driver (Z / ZI)"),
+            "zeroed": Channel(
+                "zeroed", "", "bool", doc="zeroed by this driver (Z / ZI)", readable=False
+            ),
             "tared": Channel("tared", "", "bool", doc="a tare is in use (T; TAC clears it)"),
-            "streaming": Channel("streaming", "", "bool", doc="SIR streaming on"),
-            "weight_g": Channel("weight_g", "g", "float", None, top, settable=False),
+            "taring": Channel(
+                "taring",
+                "",
+                "bool",
+                doc="true only while a zero or tare command is checked (momentary)",
+                readable=False,
+            ),
+            "streaming": Channel("streaming", "", "bool", doc="SIR streaming on", readable=False),
+            "weight_g": Channel(
+                "weight_g",
+                "g",
+                "float",
+                None,
+                top,
+                settable=False,
+                doc="the weight now (SI), None over- or underloaded",
+            ),
             "stable": Channel("stable", "", "bool", settable=False, doc="the reading is stable"),
-            "tare_g": Channel("tare_g", "g", "float", 0.0, top, settable=False),
+            "tare_g": Channel(
+                "tare_g", "g", "float", 0.0, top, settable=False, doc="the tare in use (TA)"
+            ),
+            "overload": Channel(
+                "overload", "", "bool", settable=False, doc="over the weighing range (S +)"
+            ),
+            "underload": Channel(
+                "underload", "", "bool", settable=False, doc="under the weighing range (S -)"
+            ),
         }
 
     def describe(self) -> dict[str, Any]:

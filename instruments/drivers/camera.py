@@ -142,6 +142,31 @@ class Camera(Driver):
             "frozen": Channel(
                 "frozen", "", kind="bool", settable=False, doc="N identical captures in a row"
             ),
+            "width": Channel(
+                "width", "px", kind="int", minimum=1, settable=False, doc="frame width"
+            ),
+            "height": Channel(
+                "height", "px", kind="int", minimum=1, settable=False, doc="frame height"
+            ),
+            "seq": Channel(
+                "seq", "", kind="int", minimum=0, settable=False, doc="the frame's sequence number"
+            ),
+            "brightness": Channel(
+                "brightness",
+                "DN",
+                minimum=0,
+                maximum=255,
+                settable=False,
+                doc="mean of mean_b, mean_g and mean_r",
+            ),
+            "identical_frames": Channel(
+                "identical_frames",
+                "",
+                kind="int",
+                minimum=0,
+                settable=False,
+                doc="captures in a row identical to the one before (frozen at frozen_after)",
+            ),
         }
 
     @property

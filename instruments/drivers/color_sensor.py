@@ -185,11 +185,46 @@ class ColorSensor(Driver):
             "continuous": Channel(
                 "continuous", "", "bool", doc="notify a measurement every integration period"
             ),
-            "red": Channel("red", "counts", "int", 0, 65535, settable=False),
-            "green": Channel("green", "counts", "int", 0, 65535, settable=False),
-            "blue": Channel("blue", "counts", "int", 0, 65535, settable=False),
-            "clear": Channel("clear", "counts", "int", 0, 65535, settable=False),
-            "battery": Channel("battery", "%", "int", 0, 100, settable=False),
+            "red": Channel("red", "counts", "int", 0, 65535, settable=False, doc="red counts"),
+            "green": Channel(
+                "green", "counts", "int", 0, 65535, settable=False, doc="green counts"
+            ),
+            "blue": Channel("blue", "counts", "int", 0, 65535, settable=False, doc="blue counts"),
+            "clear": Channel(
+                "clear", "counts", "int", 0, 65535, settable=False, doc="unfiltered counts"
+            ),
+            "seq": Channel(
+                "seq", "", "int", 0, 65535, settable=False, doc="the measurement's sequence number"
+            ),
+            "status": Channel(
+                "status",
+                "",
+                "enum",
+                allowed=("ok", "saturated", "dark"),
+                settable=False,
+                doc="the measurement's status",
+            ),
+            "gap": Channel(
+                "gap",
+                "",
+                "int",
+                0,
+                65535,
+                settable=False,
+                doc="measurements missed before this one (lost notifications)",
+            ),
+            "rgb": Channel(
+                "rgb",
+                "1",
+                "list",
+                0.0,
+                1.0,
+                settable=False,
+                doc="[red, green, blue] normalised to the white reference, None without one",
+            ),
+            "battery_percent": Channel(
+                "battery_percent", "%", "int", 0, 100, settable=False, doc="battery level"
+            ),
         }
 
     @property

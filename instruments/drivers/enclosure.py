@@ -122,12 +122,50 @@ class Enclosure(Driver):
     @property
     def channels(self) -> Mapping[str, Channel]:
         return {
-            "light": Channel("light", "", kind="bool", doc="LED light on/off"),
+            "light": Channel(
+                "light",
+                "",
+                kind="bool",
+                doc="LED light on/off as commanded (read: light_on)",
+                readable=False,
+            ),
             "intensity": Channel(
                 "intensity", "1", minimum=0.0, maximum=1.0, doc="LED intensity, fraction of full"
             ),
             "lid": Channel(
                 "lid", "", kind="enum", allowed=("open", "closed"), settable=False, doc="lid switch"
+            ),
+            "light_on": Channel(
+                "light_on", "", kind="bool", settable=False, doc="LED light on (device state)"
+            ),
+            "uptime_s": Channel(
+                "uptime_s",
+                "s",
+                minimum=0.0,
+                settable=False,
+                doc="the device's uptime as last reported, None when it reports none",
+            ),
+            "online": Channel(
+                "online",
+                "",
+                kind="bool",
+                settable=False,
+                doc="the device's retained status is online (its Last Will: offline)",
+            ),
+            "heartbeat_age_s": Channel(
+                "heartbeat_age_s",
+                "s",
+                minimum=0.0,
+                settable=False,
+                doc="since the last heartbeat (this machine's clock), None before the first",
+            ),
+            "heartbeat_seq": Channel(
+                "heartbeat_seq",
+                "",
+                kind="int",
+                minimum=0,
+                settable=False,
+                doc="the last heartbeat's sequence number, None before the first",
             ),
         }
 

@@ -132,11 +132,38 @@ class Hotplate(RegisterDriver):
                 self.max_c,
                 doc="plate temperature setpoint",
             ),
-            "stirrer_rpm": Channel(
-                "stirrer_rpm", "rpm", "int", self.MIN_RPM, self.MAX_RPM, doc="stirrer setpoint"
+            "stirrer_setpoint_rpm": Channel(
+                "stirrer_setpoint_rpm",
+                "rpm",
+                "int",
+                self.MIN_RPM,
+                self.MAX_RPM,
+                doc="stirrer setpoint (holding 1)",
             ),
-            "heater": Channel("heater", "", "bool", allowed=(False, True), doc="heater enable"),
-            "stirrer": Channel("stirrer", "", "bool", allowed=(False, True), doc="stirrer enable"),
+            "stirrer_rpm": Channel(
+                "stirrer_rpm",
+                "rpm",
+                "int",
+                self.MIN_RPM,
+                self.MAX_RPM,
+                doc="stirrer speed (input 2); commanded: the setpoint while on, 0 off",
+            ),
+            "heater": Channel(
+                "heater",
+                "",
+                "bool",
+                allowed=(False, True),
+                doc="heater enable as commanded (read: heater_enabled)",
+                readable=False,
+            ),
+            "stirrer": Channel(
+                "stirrer",
+                "",
+                "bool",
+                allowed=(False, True),
+                doc="stirrer enable as commanded (read: stirrer_enabled)",
+                readable=False,
+            ),
             "watchdog_s": Channel(
                 "watchdog_s",
                 "s",
@@ -144,6 +171,48 @@ class Hotplate(RegisterDriver):
                 0,
                 self.MAX_WATCHDOG_S,
                 doc="device watchdog timeout, 0 = off",
+            ),
+            "heater_enabled": Channel(
+                "heater_enabled", "", "bool", settable=False, doc="heater enable (holding 2)"
+            ),
+            "stirrer_enabled": Channel(
+                "stirrer_enabled", "", "bool", settable=False, doc="stirrer enable (holding 3)"
+            ),
+            "plate_c": Channel(
+                "plate_c", "degC", settable=False, doc="plate temperature (input 0)"
+            ),
+            "liquid_c": Channel(
+                "liquid_c",
+                "degC",
+                settable=False,
+                doc="liquid temperature from the probe (input 1), None without a probe",
+            ),
+            "heating": Channel("heating", "", "bool", settable=False, doc="status bit0: heating"),
+            "stirring": Channel(
+                "stirring", "", "bool", settable=False, doc="status bit1: stirring"
+            ),
+            "over_temperature": Channel(
+                "over_temperature",
+                "",
+                "bool",
+                settable=False,
+                doc="status bit2: over-temperature trip",
+            ),
+            "probe_fault": Channel(
+                "probe_fault", "", "bool", settable=False, doc="status bit3: probe fault"
+            ),
+            "watchdog_tripped": Channel(
+                "watchdog_tripped",
+                "",
+                "bool",
+                settable=False,
+                doc="status bit4: the watchdog switched heater and stirrer off",
+            ),
+            "max_c": Channel(
+                "max_c",
+                "degC",
+                settable=False,
+                doc="device maximum temperature (input 4; 340 for the plate)",
             ),
         }
 

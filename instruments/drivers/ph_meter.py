@@ -197,6 +197,7 @@ class PhMeter(RegisterDriver):
                 "float",
                 allowed=tuple(BUFFERS),
                 doc="the buffer of the last calibration point",
+                readable=False,
             ),
             **{
                 f"calibrated_ph{round(b)}": Channel(
@@ -204,12 +205,35 @@ class PhMeter(RegisterDriver):
                     "",
                     "bool",
                     doc=f"calibrated at the {b:.2f} buffer by this driver",
+                    readable=False,
                 )
                 for b in BUFFERS
             },
-            "ph": Channel("ph", "pH", "float", 0.0, 14.0, settable=False),
-            "temperature_c": Channel("temperature_c", "degC", "float", settable=False),
-            "potential_mv": Channel("potential_mv", "mV", "float", settable=False),
+            "ph": Channel(
+                "ph",
+                "pH",
+                "float",
+                0.0,
+                14.0,
+                settable=False,
+                doc="pH (input 0); None in the snapshot of a probe not immersed",
+            ),
+            "temperature_c": Channel(
+                "temperature_c", "degC", "float", settable=False, doc="temperature (input 1)"
+            ),
+            "potential_mv": Channel(
+                "potential_mv", "mV", "float", settable=False, doc="electrode potential (input 2)"
+            ),
+            **{
+                name: Channel(name, "", "bool", settable=False, doc=f"status {doc}")
+                for name, doc in (
+                    ("stable", "bit0: the reading is stable"),
+                    ("not_immersed", "bit1: probe not immersed or open circuit"),
+                    ("out_of_range", "bit2: outside the measuring range (or repeated)"),
+                    ("calibration_due", "bit3: calibration due"),
+                    ("calibrating", "bit4: calibrating"),
+                )
+            },
         }
 
     def describe(self) -> dict[str, Any]:

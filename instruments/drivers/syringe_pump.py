@@ -158,7 +158,45 @@ class SyringePump(Driver):
             "volume_ml": Channel(
                 "volume_ml", "mL", minimum=1e-6, maximum=9999.0, doc="volume of the next run (> 0)"
             ),
-            "direction": Channel("direction", "", kind="enum", allowed=("infuse", "withdraw")),
+            "direction": Channel(
+                "direction", "", kind="enum", allowed=("infuse", "withdraw"), doc="direction"
+            ),
+            "status": Channel(
+                "status",
+                "",
+                kind="enum",
+                allowed=tuple(s.value for s in PumpStatus),
+                settable=False,
+                doc="motion status (the reply's status letter)",
+            ),
+            "moving": Channel(
+                "moving", "", kind="bool", settable=False, doc="infusing or withdrawing"
+            ),
+            "alarmed": Channel(
+                "alarmed", "", kind="bool", settable=False, doc="in alarm (the motor stopped)"
+            ),
+            "alarm": Channel(
+                "alarm",
+                "",
+                kind="enum",
+                allowed=tuple(ALARM_CODES),
+                settable=False,
+                doc="the alarm's code letter (R reset, S stalled, T/E safe mode), None without",
+            ),
+            "infused_ml": Channel(
+                "infused_ml",
+                "mL",
+                minimum=0.0,
+                settable=False,
+                doc="infused since the counter was cleared (DIS)",
+            ),
+            "withdrawn_ml": Channel(
+                "withdrawn_ml",
+                "mL",
+                minimum=0.0,
+                settable=False,
+                doc="withdrawn since the counter was cleared (DIS)",
+            ),
         }
 
     # ------------------------------------------------------------ wire
