@@ -83,3 +83,22 @@ def test_a_bad_assumption_is_one_clear_line(capsys: pytest.CaptureFixture[str]) 
     err = capsys.readouterr().err
     assert "--assume: 'lid': give CHANNEL=VALUE, e.g. enclosure.lid=closed" in err
     assert "Traceback" not in err
+
+
+def test_a_recipe_file_s_problems_name_that_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``recipe: steps.yaml``: the station's problems with a step point into the recipe file."""
+    text = PROGRAM.read_text()
+    head, rest = text.split("recipe:\n", 1)
+    steps, tail = rest.split("verification:", 1)
+    steps = steps.replace("call: enclosure.set_light", "call: enclosure.set_lamp", 1)
+    (tmp_path / "steps.yaml").write_text(steps)
+    path = tmp_path / "program.md"
+    path.write_text(f"{head}recipe: steps.yaml\nverification:{tail}")
+    assert main(["check", str(LAB), "--program", str(path), *ASSUME]) == 1
+    err = capsys.readouterr().err
+    line = 1 + steps[: steps.index("enclosure.set_lamp")].count("\n")
+    assert (
+        f"{tmp_path / 'steps.yaml'}:{line}: [2].call: enclosure (enclosure) has no command" in err
+    )
