@@ -70,6 +70,8 @@ class ProgramCheck:
 
 def _where(program: Program, step: Any, what: str) -> str:
     line = f":{step.line}" if step.line else ""
+    if program.recipe_file is not None:  # the steps are a file of their own
+        return f"{program.recipe_file}{line}: [{step.index}]{what}"
     return f"{program.source}{line}: recipe[{step.index}]{what}"
 
 

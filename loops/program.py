@@ -71,7 +71,11 @@ passes silently; errors read ``<file>:<line>: <field>: <problem>``):
 ``recipe`` (required)
     the experiment as a list of steps over the station's instruments
     (:mod:`loops.plan`), compiled once; every parameter must be used by it,
-    the objective's ``measure`` must be one of its measurements.
+    the objective's ``measure`` must be one of its measurements. Or the name of
+    a YAML file that holds that list (``recipe: steps.yaml``, relative to the
+    program's file; read only when the program is loaded from its file): its
+    errors name that file's lines, and the loaded program carries the steps
+    themselves (:meth:`Program.to_markdown`, what the journal keeps).
 ``verification``
     how each result is verified (:mod:`loops.checks`): ``analyses`` (registered
     functions computed once, e.g. the camera's) and ``checks`` (two
@@ -109,7 +113,7 @@ from loops.programmodel import (
     StopRules,
 )
 from loops.programparse import build_program
-from safety.yamldoc import YamlDoc, compose_yaml
+from safety.yamldoc import YamlDoc, compose_yaml, load_yaml_file
 
 __all__ = [
     "PROGRAMS_DIR",
@@ -184,6 +188,7 @@ def load_program(
 
     Raises :class:`ProgramError` (a ``ValueError``) naming the file, the line and the field.
     """
+    recipe_doc: YamlDoc | None = None
     if (
         isinstance(path_or_text, str)
         and "\n" not in path_or_text
@@ -199,6 +204,9 @@ def load_program(
         front, md = split_front_matter(text, name)
         doc = YamlDoc(name, offset=1, error_cls=ProgramError)
         data = _compose(front, doc)
+        if isinstance(data, Mapping) and isinstance(data.get("recipe"), str):
+            steps, recipe_doc = _recipe_file(data["recipe"], path_or_text, doc)
+            data = {**data, "recipe": steps}
     elif isinstance(path_or_text, str):
         name = source or "<program>"
         front, md = split_front_matter(path_or_text, name)
@@ -214,4 +222,19 @@ def load_program(
         )
     if body is not None:
         md = body
-    return build_program(data, doc, md, functions)
+    return build_program(data, doc, md, functions, recipe_doc=recipe_doc)
+
+
+def _recipe_file(name: str, program: Path, doc: YamlDoc) -> tuple[Any, YamlDoc]:
+    """``recipe: <file>``: the steps in that YAML file (relative to the program's folder),
+    and the document whose errors name its lines."""
+    path = Path(name)
+    if not path.is_absolute():
+        path = program.parent / path
+    if not name.strip() or not path.is_file():
+        raise doc.error(
+            f"no recipe file {str(path)!r} (the steps, or a YAML file of them relative to "
+            "this program's folder)",
+            ("recipe",),
+        )
+    return load_yaml_file(path, error_cls=ProgramError)

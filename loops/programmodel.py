@@ -333,6 +333,8 @@ class Program:
     feasibility: str = "learned"
     #: ``cost:``: what a point costs, for cost-aware asks (loops/optcost.py); None: off
     cost: CostSpec | None = None
+    #: the file the recipe's steps were read from (``recipe: <file>``); None: in the program
+    recipe_file: str | None = None
 
     @property
     def space(self) -> Space:

@@ -347,10 +347,20 @@ def _plan(
     name: str,
     doc: YamlDoc,
     functions: Mapping[str, Any] | None,
+    steps_doc: YamlDoc,
+    steps_at: tuple[Any, ...],
 ) -> Plan:
-    """Compile the recipe and check it against the rest: every parameter and fixed value is
+    """Compile the recipe (at ``steps_at`` in ``steps_doc``: the program's ``recipe`` or a
+    file of its own) and check it against the rest: every parameter and fixed value is
     used (by the recipe or a constraint), the objective is one of its measurements."""
-    plan = compile_plan(spec, inputs=[*params, *fixed], doc=doc, functions=functions, name=name)
+    plan = compile_plan(
+        spec,
+        inputs=[*params, *fixed],
+        doc=steps_doc,
+        path=steps_at,
+        functions=functions,
+        name=name,
+    )
     in_constraints = set().union(*(c.expression.names() for c in constraints))
     for p in params:
         if p not in plan.uses:
@@ -404,7 +414,12 @@ def _unknown_choice(expr: Expression, parameters: Sequence[Parameter]) -> str | 
 
 
 def _check_choices(
-    parameters: Sequence[Parameter], constraints: Sequence[Constraint], plan: Plan, doc: YamlDoc
+    parameters: Sequence[Parameter],
+    constraints: Sequence[Constraint],
+    plan: Plan,
+    doc: YamlDoc,
+    steps_doc: YamlDoc,
+    steps_at: tuple[Any, ...],
 ) -> None:
     """Every literal a constraint or a recipe step compares a choice parameter with is one
     of its choices."""
@@ -417,14 +432,21 @@ def _check_choices(
         for key, expr in exprs:
             problem = _unknown_choice(expr, parameters) if expr is not None else None
             if problem:
-                raise doc.error(problem, ("recipe", step.index, *key.split(".")))
+                raise steps_doc.error(problem, (*steps_at, step.index, *key.split(".")))
 
 
 def build_program(
-    data: Any, doc: YamlDoc, body: str, functions: Mapping[str, Any] | None
+    data: Any,
+    doc: YamlDoc,
+    body: str,
+    functions: Mapping[str, Any] | None,
+    *,
+    recipe_doc: YamlDoc | None = None,
 ) -> Program:
     """The :class:`Program` of a front matter given as plain data (``doc`` notes where each
-    field came from: its errors name the line); ``body``: the Markdown after it."""
+    field came from: its errors name the line); ``body``: the Markdown after it;
+    ``recipe_doc``: where the recipe's steps came from when a file held them (its errors
+    then name that file's lines, fields from its top: ``[2].call``)."""
     _no_huge_integers(data, doc)
     if not isinstance(data, Mapping):
         raise doc.error(f"the front matter is a mapping with {', '.join(REQUIRED_KEYS)}, ...", ())
@@ -467,6 +489,12 @@ def build_program(
             initial = min(initial, budget.experiments)
     stations = _integer(data.get("stations", 1), ("stations",), doc, minimum=1)
     seed = _integer(data.get("seed", 0), ("seed",), doc)
+    if isinstance(data["recipe"], str) and recipe_doc is None:
+        raise doc.error(
+            "a recipe file is read only for a program loaded from its file: give the steps",
+            ("recipe",),
+        )
+    steps_at: tuple[Any, ...] = () if recipe_doc is not None else ("recipe",)
     plan = _plan(
         data["recipe"],
         [p.name for p in parameters],
@@ -476,8 +504,10 @@ def build_program(
         name,
         doc,
         functions,
+        recipe_doc or doc,
+        steps_at,
     )
-    _check_choices(parameters, constraints, plan, doc)
+    _check_choices(parameters, constraints, plan, doc, recipe_doc or doc, steps_at)
     cost = _cost(data.get("cost"), plan, doc)
     verification = compile_verification(
         data.get("verification"),
@@ -511,6 +541,7 @@ def build_program(
         fixed=fixed,
         body=body,
         source=doc.source,
+        recipe_file=recipe_doc.source if recipe_doc is not None else None,
         approval=approval,
         prior=prior,
         feasibility=feasibility,

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from loops.plan import Recipe, RecipeError, compile_fixed, compile_plan, plain
-from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
+from safety.yamldoc import ConfigError, YamlDoc, load_yaml_file
 
 __all__ = ["EVERY", "REFERENCE_SETUP", "SetupRecipe", "SetupStore", "compile_setup", "load_setup"]
 
@@ -133,13 +133,8 @@ def compile_setup(
 
 def load_setup(file: str | Path, *, functions: Mapping[str, Any] | None = None) -> SetupRecipe:
     """Read and compile a set-up recipe file (YAML)."""
-    p = Path(file)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=str(p)) from None
-    doc = YamlDoc(str(p))
-    return compile_setup(compose_yaml(text, doc, key_types=(str,)), doc=doc, functions=functions)
+    data, doc = load_yaml_file(file)
+    return compile_setup(data, doc=doc, functions=functions)
 
 
 class SetupStore:

@@ -15,6 +15,7 @@ nested aliases, a "billion laughs", would otherwise be billions) and at most
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -164,6 +165,25 @@ def compose_yaml(
         return walk(node, ())
     finally:
         loader.dispose()
+
+
+def load_yaml_file(
+    path: str | Path,
+    *,
+    error_cls: type[ConfigError] = ConfigError,
+    key_types: tuple[type, ...] = (str,),
+) -> tuple[Any, YamlDoc]:
+    """Read a YAML file and compose it (:func:`compose_yaml`: bounded, positions noted):
+    its data and the :class:`YamlDoc` whose errors name that file. A file that cannot be
+    read is an ``error_cls`` naming it."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise error_cls(f"cannot read: {why}", source=source) from None
+    doc = YamlDoc(source, error_cls=error_cls)
+    return compose_yaml(text, doc, key_types=key_types), doc
 
 
 def check_size(

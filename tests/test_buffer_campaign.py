@@ -31,6 +31,11 @@ SPEED = 200.0
 BUFFER = bench_data("buffer")
 
 
+def _writes(entry: Any) -> bool:
+    """A Modbus register write (function 6 or 16) that reached the transmitter."""
+    return isinstance(entry.data, dict) and entry.data.get("fc") in (6, 16)
+
+
 def program(budget: int) -> Program:
     """The buffer program, ``budget`` experiments, no stop target, two initial points."""
     base = load_program(BUFFER.program)
@@ -69,8 +74,9 @@ def test_the_bench_is_data_the_core_does_not_name() -> None:
 
 @pytest.mark.timeout(120)
 async def test_the_envelope_rules_hold_on_the_real_wires() -> None:
-    """One reagent at a time, no tare while a pump runs, no stirring an empty beaker: refused
-    by the guard before anything reaches the wire; the same commands pass when they may."""
+    """One reagent at a time, no tare and no pH calibration while a pump runs, no stirring an
+    empty beaker: refused by the guard before anything reaches the wire; the same commands
+    pass when they may."""
     envelope = load_envelope(Path(BUFFER.envelope).read_text(), source=BUFFER.envelope)
     async with SimulatedLab(bench="buffer", speed=SPEED) as sim:
         bench = sim.stations[0]
@@ -95,6 +101,7 @@ async def test_the_envelope_rules_hold_on_the_real_wires() -> None:
                     cmd("acid", "dispense", volume_ml=10.0, rate_ml_min=10.0),
                     cmd("base", "dispense", volume_ml=10.0, rate_ml_min=10.0),  # acid still runs
                     cmd("balance", "tare"),  # ... and so does the acid pump
+                    cmd("ph", "calibrate", buffer_ph=7.0),  # ... still
                     cmd("acid", "dispense", volume_ml=200.0, rate_ml_min=10.0),  # overfills
                 ]
             )
@@ -103,30 +110,47 @@ async def test_the_envelope_rules_hold_on_the_real_wires() -> None:
                 0: "stir-bar-covered",
                 2: "one-reagent-at-a-time",
                 3: "no-tare-while-pumps-run",
-                4: "beaker.volume.max",
+                4: "no-calibration-while-pumps-run",
+                5: "beaker.volume.max",
             }, report
             # through the guard, on the wire: a tare while the acid pump runs is refused
-            acid, balance = (
+            acid, balance, ph = (
                 station.handle("acid", who="test"),
                 station.handle("balance", who="test"),
+                station.handle("ph", who="test"),
             )
             sent_before = len(world.wire.entries("balance"))
+            ph_before = len(world.wire.entries("ph"))
+            calibration_before = dataclasses.replace(bench.ph.calibration)
             await acid.dispense(volume_ml=5.0, rate_ml_min=10.0)
             with pytest.raises(SafetyRefusal, match="no-tare-while-pumps-run"):
                 await balance.tare()
+            # a calibration point while the acid runs: refused, not a byte to the transmitter
+            with pytest.raises(SafetyRefusal, match="no-calibration-while-pumps-run"):
+                await ph.calibrate(buffer_ph=7.0)
             base = station.handle("base", who="test")
             with pytest.raises(SafetyRefusal, match="one-reagent-at-a-time"):
                 await base.dispense(volume_ml=5.0, rate_ml_min=10.0)
             sent = [str(e.data).strip() for e in world.wire.entries("balance")[sent_before:]]
             assert "T" not in sent, sent  # (TA: the supervisor reading the tare, no tare)
+            assert not [e for e in world.wire.entries("ph")[ph_before:] if _writes(e)]
+            assert bench.ph.calibration == calibration_before and not bench.ph.calibrating
             await acid.wait_until_stopped(timeout=120, poll_interval=0.05)
             # stopped (a read of it says so): both are allowed now, and the tare's event does
             # not stick to the next command
             assert await balance.tare() is not None
             await base.dispense(volume_ml=5.0, rate_ml_min=10.0)
             await base.wait_until_stopped(timeout=120, poll_interval=0.05)
+            # no pump running and the probe covered: the calibration point goes through
+            water = station.handle("water", who="test")
+            await water.dispense(volume_ml=15.0, rate_ml_min=30.0)
+            await water.wait_until_stopped(timeout=120, poll_interval=0.05)
+            await ph.calibrate(buffer_ph=7.0)
+            assert list(bench.ph.calibration.points) == [7000]
+            written = [e.data for e in world.wire.entries("ph")[ph_before:] if _writes(e)]
+            assert written == [{"fc": 6, "address": 10, "values": [7000]}], written
             world.advance()
-            assert world.snapshot()["beaker"]["volume_ml"] == pytest.approx(10.0, abs=0.05)
+            assert world.snapshot()["beaker"]["volume_ml"] == pytest.approx(25.0, abs=0.05)
 
 
 @pytest.mark.timeout(240)

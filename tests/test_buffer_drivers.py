@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 
 import instruments
@@ -16,9 +17,12 @@ from instruments.errors import (
     InstrumentError,
     ProbeNotImmersedError,
 )
+from simulators.benchworld import AMBIENT_C
 from simulators.buffer_bench import SimulatedBufferBench
 from simulators.buffer_world import BEAKER_TARE_G, STOCKS, BufferWorld
 from simulators.clock import SimClock
+from simulators.ph_meter import BUFFERS
+from simulators.phosphate import nernst_mv
 
 SPEED = 50.0
 
@@ -71,6 +75,42 @@ async def test_ph_meter_and_hotplate_share_the_line(bench: SimulatedBufferBench)
         world.faults.inject("probe-out")
         with pytest.raises(ProbeNotImmersedError):
             await ph.read()
+
+
+@pytest.mark.timeout(60)
+async def test_three_point_calibration_through_the_driver(bench: SimulatedBufferBench) -> None:
+    """7.00, 4.01 and 10.01: the transmitter fits the electrode's slope and zero by least
+    squares over the three points, and reads the beaker's buffer right within noise."""
+    world = bench.world
+    world.add("acid", 25.0)
+    world.add("base", 75.0)
+    async with (
+        instruments.connect("hotplate", spec(bench, "hotplate")[0], timeout=0.5) as hp,
+        instruments.connect("ph-meter", spec(bench, "ph")[0], timeout=0.5) as ph,
+    ):
+        await hp.set_stirrer(True, 300)
+        await world.clock.sleep(120.0)
+        assert (await ph.read())["calibration_due"]
+        for buffer_ph in (7.00, 4.01, 10.01):
+            await ph.calibrate(buffer_ph)
+        cal = bench.ph.calibration
+        assert sorted(cal.points) == [4010, 7000, 10010]
+        # the least-squares line through all three points (E = zero + slope x (-N(T) (pH - 7)))
+        xs = [-nernst_mv(tc) * (BUFFERS[b] - 7.0) for b, (_, tc, _) in cal.points.items()]
+        slope, zero = np.polyfit(xs, [e for e, _, _ in cal.points.values()], 1)
+        assert (cal.slope, cal.zero_mv) == pytest.approx((slope, zero), abs=1e-9)
+        probe = world.probe  # the electrode's truth: +7.5 mV at pH 7, 98.5 % of Nernst
+        assert cal.slope == pytest.approx(probe.slope, abs=2e-4)
+        assert cal.zero_mv == pytest.approx(probe.offset_mv + probe.drift_mv, abs=0.02)
+        for buffer_ph in BUFFERS.values():  # each buffer reads as its own value again
+            mv = world.electrode_potential(buffer_ph, AMBIENT_C)
+            assert cal.ph(mv, AMBIENT_C) == pytest.approx(buffer_ph, abs=0.005)
+        await world.clock.sleep(120.0)  # back from the pH 10 buffer: the probe settles
+        after = await ph.read()
+        assert not after["calibration_due"] and after["stable"]
+        true_ph = world.mixed_ph()
+        assert true_ph is not None
+        assert after["ph"] == pytest.approx(true_ph, abs=0.005)
 
 
 @pytest.mark.timeout(60)

@@ -186,3 +186,22 @@ async def test_the_buffer_program_checks_ok_on_the_buffer_bench(
         assert main(["check", str(lab), "--program", str(program)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "program buffer-ph on station bench-a: dry run of " in out and f"{lab}: OK" in out
+
+
+def test_a_recipe_file_s_problems_name_that_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``recipe: steps.yaml``: the station's problems with a step point into the recipe file."""
+    text = PROGRAM.read_text()
+    head, rest = text.split("recipe:\n", 1)
+    steps, tail = rest.split("verification:", 1)
+    steps = steps.replace("call: enclosure.set_light", "call: enclosure.set_lamp", 1)
+    (tmp_path / "steps.yaml").write_text(steps)
+    path = tmp_path / "program.md"
+    path.write_text(f"{head}recipe: steps.yaml\nverification:{tail}")
+    assert main(["check", str(LAB), "--program", str(path), *ASSUME]) == 1
+    err = capsys.readouterr().err
+    line = 1 + steps[: steps.index("enclosure.set_lamp")].count("\n")
+    assert (
+        f"{tmp_path / 'steps.yaml'}:{line}: [2].call: enclosure (enclosure) has no command" in err
+    )

@@ -7,11 +7,14 @@ function, a ``.dist-info`` with real entry points), written to a temporary folde
 ``labbridge.functions``). The campaign runs in this process (LocalStation + AsyncJournal,
 as tests/test_campaign_local.py): an out-of-envelope proposal is refused by the dry run and
 none of its commands reaches the simulator's wire; in-envelope ones run and their
-measurements reach the optimizer and the journal. Afterwards the package is gone again.
+measurements reach the optimizer and the journal, each verified by the program's declared
+checks (trusted); a pump that jams makes its result untrusted, with the failing check's
+reason in the journal. Afterwards the package is gone again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 import sys
@@ -28,6 +31,7 @@ from loops import functions
 from loops.campaign import CampaignRunner
 from loops.journal import AsyncJournal, Journal
 from loops.program import load_program
+from loops.programmodel import Budget
 from loops.stations import LocalStation, StationActor
 
 
@@ -69,7 +73,13 @@ async def test_an_outside_driver_package_runs_a_guarded_campaign(tinylab: Path) 
         st = lab.stations["bench"]
         async with await AsyncJournal.open(lab.store) as journal:
             station = LocalStation(
-                StationActor("bench", list(st.instruments), st.envelope_text, journal=journal)
+                StationActor(
+                    "bench",
+                    list(st.instruments),
+                    st.envelope_text,
+                    journal=journal,
+                    verification={"enabled": True},
+                )
             )
             await station.call(StationActor.start)
             try:
@@ -99,6 +109,14 @@ async def test_an_outside_driver_package_runs_a_guarded_campaign(tinylab: Path) 
                 assert accepted.accepted, accepted.reasons
                 summary = await runner.run()
                 status = await station.call(StationActor.status)
+                # the acid pump jams after 0.3 mL: its result is kept, untrusted
+                bench.pumps["acid"].jam_ml = 0.3
+                one = dataclasses.replace(program, budget=Budget(experiments=1))
+                jam_runner = CampaignRunner(one, journal, {"bench": station}, campaign_id="c2")
+                await jam_runner.prepare()
+                jammed = await jam_runner.propose({"acid_ml": 1.0, "base_ml": 1.2}, "agent:t")
+                assert jammed.accepted, jammed.reasons
+                jam_summary = await jam_runner.run()
             finally:
                 await station.call(StationActor.stop)
     assert not status["tripped"], status.get("trip")
@@ -124,6 +142,21 @@ async def test_an_outside_driver_package_runs_a_guarded_campaign(tinylab: Path) 
         assert 0 <= agent_run.objective < 3
         told = j.campaign("c1").optimizer_state["told"]
         assert {e.id for e in done} <= set(told)
+        # ... each verified by the program's declared checks: trusted
+        for e in done:
+            assert e.verified is True and e.trusted, (e.id, e.reason)
+            checks = e.result["verification"]["checks"]
+            assert set(checks) == {"delivered", "not above the blank"}
+            assert all(c["ok"] for c in checks.values()), checks
+        # the jammed run: done, its value kept, its check's verdict in the journal
+        assert jam_summary.counts["done"] == 1, jam_summary.counts
+        (bad,) = j.experiments("c2")
+        assert bad.id == jammed.experiment_id and bad.state == "done"
+        assert bad.verified is False and not bad.trusted
+        assert bad.reason is not None and bad.reason.startswith("unverified: delivered: ")
+        assert "not within ±0.01" in bad.reason, bad.reason
+        assert bad.result["verification"]["checks"]["delivered"]["value"] < -0.6
+        assert bad.result["verification"]["checks"]["not above the blank"]["ok"] is True
     finally:
         j.close()
     finished = [e for e in events if e["event"] == "finished"]

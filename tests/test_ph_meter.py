@@ -277,7 +277,10 @@ def test_declared_commands_with_units_and_ranges() -> None:
         "calibrated_ph4",
         "calibrated_ph7",
         "calibrated_ph10",
+        "calibration_point",
     }
+    # true only while a calibrate is checked (rules: no calibration while a pump runs)
+    assert [s.channel for s in cal.sets if s.momentary] == ["calibration_point"]
     assert PhMeter.safe_state_calls == ()
     with pytest.raises(ValueError, match="must be one of"):
         cal.params["buffer_ph"].check(6.86)

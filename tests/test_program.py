@@ -332,3 +332,86 @@ def test_huge_integers_are_refused_not_an_overflow_error() -> None:
     data["fixed"]["rate"] = [1.0, huge]
     with pytest.raises(ProgramError, match=r"fixed.rate\[1\]: must be a number \(finite\)"):
         load_program(data, source="mqtt:start")
+
+
+def _with_recipe_file(folder: Path, name: str = "steps/demo.yaml") -> tuple[Path, Path]:
+    """BASE as a program file whose recipe is the file ``name`` (relative to it)."""
+    head, rest = BASE.split("recipe:\n", 1)
+    steps, tail = rest.split("---\n", 1)
+    program = folder / "program.md"
+    program.write_text(f"{head}recipe: {name}\n---\n{tail}")
+    recipe = folder / name
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text("# the demo's steps\n" + steps)
+    return program, recipe
+
+
+def test_a_recipe_file_named_by_the_program(tmp_path: Path) -> None:
+    program, recipe = _with_recipe_file(tmp_path)
+    p = load_program(program)
+    inline = load()
+    assert p.recipe == inline.recipe and p.as_dict() == inline.as_dict()
+    assert [s.kind for s in p.plan.steps] == [s.kind for s in inline.plan.steps]
+    assert p.recipe_file == str(recipe) and inline.recipe_file is None
+    assert [s.line for s in p.plan.steps][:2] == [2, 4]  # lines of the recipe file (BASE - 23)
+    # what the journal keeps carries the steps themselves: it loads without the file
+    recipe.unlink()
+    again = load_program(p.to_markdown(), source="journal")
+    assert again.as_dict() == p.as_dict() and again.recipe_file is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "field", "words"),
+    [
+        ("volume_ml: red_ml,", "volume_ml: red_mll,", 3, "[0].args.volume_ml", "'red_mll'"),
+        ("  - hold: hold_s", "  - holdd: hold_s", 12, "[4]", "exactly one of call, wait"),
+        ("function: reading_to_lab", "function: to_lab", 16, "[6].function", "'to_lab'"),
+        ("  - hold: hold_s", "  - hold: hold_s\n   bad: [", None, "", "not valid YAML"),
+    ],
+)
+def test_errors_in_a_recipe_file_name_its_line_and_field(
+    tmp_path: Path, old: str, new: str, line: int | None, field: str, words: str
+) -> None:
+    program, recipe = _with_recipe_file(tmp_path)
+    text = recipe.read_text()
+    assert old in text
+    recipe.write_text(text.replace(old, new, 1))
+    with pytest.raises(ProgramError) as info:
+        load_program(program)
+    err = info.value
+    assert err.source == str(recipe) and words in str(err), str(err)
+    if line is not None:
+        assert str(err).startswith(f"{recipe}:{line}: {field}: "), str(err)
+
+
+def test_a_recipe_file_that_is_not_there_or_not_steps(tmp_path: Path) -> None:
+    program, recipe = _with_recipe_file(tmp_path)
+    recipe.unlink()
+    with pytest.raises(ProgramError) as info:
+        load_program(program)
+    assert str(info.value).startswith(f"{program}:24: recipe: no recipe file '{recipe}'")
+    recipe.write_text("name: not steps\n")
+    with pytest.raises(ProgramError, match="a recipe is a non-empty list of steps") as info:
+        load_program(program)
+    assert info.value.source == str(recipe)
+    # bounded like every YAML input: nested aliases are refused before they expand
+    bomb = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    bomb += [
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    ]
+    recipe.write_text("\n".join(bomb) + "\n")
+    with pytest.raises(ProgramError, match="too large: more than") as info:
+        load_program(program)
+    assert info.value.source == str(recipe)
+
+
+def test_a_recipe_file_is_read_only_for_a_program_file() -> None:
+    # text or a mapping (the API's) names no folder: a path there is an error, never read
+    text = BASE.split("recipe:\n", 1)[0] + "recipe: /etc/passwd\n---\n"
+    with pytest.raises(ProgramError) as info:
+        load(text)
+    assert str(info.value).startswith("demo.md:24: recipe: a recipe file is read only for")
+    data = {**load().as_dict(), "recipe": "steps.yaml"}
+    with pytest.raises(ProgramError, match="recipe: a recipe file is read only for"):
+        load_program(data, source="mqtt")

@@ -374,6 +374,9 @@ class PhMeter(RegisterDriver):
             Set("calibrated_ph4", value=True, when={"buffer_ph": 4.01}),
             Set("calibrated_ph7", value=True, when={"buffer_ph": 7.00}),
             Set("calibrated_ph10", value=True, when={"buffer_ph": 10.01}),
+            # true only while a calibrate is checked (not the read's ``calibrating``, the
+            # device's bit4): rules about when a point may be taken (no pump running)
+            Set("calibration_point", value=True, momentary=True),
         ],
     )
     async def calibrate(self, buffer_ph: float, timeout: float | None = None) -> None:
