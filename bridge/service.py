@@ -427,10 +427,11 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
     ) -> Program:
         """:func:`~loops.program.load_program` on the service's parser thread (one; programs
         queue for it), so that the event loop stays free for e-stops. Bounded: the YAML
-        limits of :mod:`safety.yamldoc` apply, and the API limits the payload size."""
+        limits of :mod:`safety.yamldoc` apply, and the API limits the payload size. A string is
+        always program text: a client never makes the service read a file of its own."""
         if self._parser is None:
             self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labservice-parse")
-        call = functools.partial(load_program, program, source=source, body=body)
+        call = functools.partial(load_program, program, source=source, body=body, files=False)
         return await asyncio.get_running_loop().run_in_executor(self._parser, call)
 
     def _handle(

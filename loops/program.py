@@ -176,6 +176,7 @@ def load_program(
     source: str | None = None,
     body: str | None = None,
     functions: Mapping[str, Any] | None = None,
+    files: bool = True,
 ) -> Program:
     """Load and validate a campaign spec.
 
@@ -185,12 +186,15 @@ def load_program(
     numbers), with ``body`` as its Markdown. ``source`` names it in messages
     (default: the path, ``<program>``). ``functions``: the compute functions the
     recipe may name (default: the registered ones, :mod:`loops.functions`).
+    ``files=False`` (a program from outside, e.g. the MQTT or MCP API): a ``str`` is always
+    text, never a file name on this machine.
 
     Raises :class:`ProgramError` (a ``ValueError``) naming the file, the line and the field.
     """
     recipe_doc: YamlDoc | None = None
     if (
-        isinstance(path_or_text, str)
+        files
+        and isinstance(path_or_text, str)
         and "\n" not in path_or_text
         and not path_or_text.startswith("---")
     ):

@@ -927,6 +927,11 @@ async def test_malformed_and_fuzzed_payloads_get_an_error_reply_and_never_act(
                 "id: 'no/slash' does not match",
             ),
             ("campaigns/start", {"program": "p"}, "'id' is a required property"),
+            (  # a file name is text to the service: a client never makes it read its files
+                "campaigns/start",
+                {"id": "path-prog", "program": str(EXAMPLE)},
+                "campaign path-prog program:1: a program.md starts with YAML front matter",
+            ),
             (
                 "campaigns/start",
                 {"id": "bad-prog", "program": "---\nname: x\n---\n"},
