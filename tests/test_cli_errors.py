@@ -3,6 +3,7 @@ what is wrong and what to do; ``--debug`` shows the traceback."""
 
 from __future__ import annotations
 
+import argparse
 import http.server
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from bridge.cli import main
+from bridge.cliparser import build_parser
 from loops.raylinks import RayUnreachable, check_ray_address
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,34 +213,30 @@ def test_sim_without_dbus_daemon_says_so_and_debug_shows_the_traceback(tmp_path:
 HEAVY = ("ray", "bayes_opt", "scipy", "numpy", "cv2", "safety", "loops", "instruments", "paho")
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        None,
-        "sim",
-        "run",
-        "resume",
-        "setup",
-        "check",
-        "serve",
-        "estop",
-        "reset",
-        "status",
-        "report",
-        "export",
-        "approvals",
-        "approve",
-        "deny",
-    ],  # fmt: skip
-)
+def subcommands() -> list[str]:
+    """Every ``labbridge`` subcommand, from the parser itself (a new one is in the list)."""
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+def test_the_subcommand_list_is_the_parsers() -> None:
+    assert {"sim", "serve", "agents", "mcp", "users", "drivers", "probe"} <= set(subcommands())
+
+
+@pytest.mark.parametrize("command", [None, *subcommands()])
 def test_help_loads_nothing_heavy(command: str | None) -> None:
     """``labbridge COMMAND --help`` once took 2-3 s: building the parser imported Ray, the
     optimizer (scipy) and the safety layer; ``report --help`` the plotting stack. (``report``
     and ``export`` read the journal, loops.journal: sqlite, nothing heavy.)"""
     heavy = [m for m in HEAVY if not (command in ("report", "export") and m == "loops")]
+    args = [command, "--help"] if command else ["--help"]
     code = (
-        "import sys; from bridge.cliparser import build_parser; "
-        f"build_parser({command!r}).format_help(); "
+        "import contextlib, io, sys; from bridge.cliparser import build_parser\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as shown, "
+        "contextlib.suppress(SystemExit):\n"
+        f"    build_parser({command!r}).parse_args({args!r})\n"
+        "assert 'usage: labbridge' in shown.getvalue(), shown.getvalue()\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
     )
     done = subprocess.run(
