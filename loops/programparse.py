@@ -131,7 +131,9 @@ def _cost(value: Any, plan: Any, doc: YamlDoc) -> CostSpec | None:
     if isinstance(value, Mapping):
         _no_unknown(value, COST_KEYS, path, doc)
         if "of" not in value:
-            raise doc.error("needs of: duration or a consumed channel (e.g. <pump>.delivered)", path)
+            raise doc.error(
+                "needs of: duration or a consumed channel (e.g. <pump>.delivered)", path
+            )
         of = value["of"]
         if value.get("power") is not None:
             power = _number(value["power"], (*path, "power"), doc)
