@@ -186,6 +186,8 @@ def mcp_command(args: argparse.Namespace) -> int:
                 )
             )
     except (McpError, AuthError, ServiceError, StationUnavailable, OSError) as exc:
+        if getattr(args, "debug", False):  # --debug: the traceback, not the line
+            raise
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

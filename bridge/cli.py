@@ -185,9 +185,13 @@ def _campaign_command(args: argparse.Namespace) -> int:
         StationUnavailable,
         FileNotFoundError,
     ) as exc:
+        if getattr(args, "debug", False):  # --debug: the traceback, not the line
+            raise
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except (InstrumentError, safety.SafetyError, OSError, ValueError) as exc:
+        if getattr(args, "debug", False):  # --debug: the traceback, not the line
+            raise
         print(f"{prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.lab is not None:
@@ -301,6 +305,8 @@ def _sim_command(args: argparse.Namespace) -> int:
         OSError,
         ValueError,
     ) as exc:
+        if getattr(args, "debug", False):  # --debug: the traceback, not the line
+            raise
         print(f"labbridge sim: {exc}", file=sys.stderr)
         return 1
     bench = f" --bench {args.bench}" if args.bench != "colour" else ""

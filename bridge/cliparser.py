@@ -115,7 +115,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug",
         action="store_true",
-        help="on an unexpected error show its traceback (default: one line saying what is wrong)",
+        help="on an error show its traceback (default: one line saying what is wrong)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

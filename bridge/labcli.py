@@ -230,6 +230,8 @@ def _setup_command(args: argparse.Namespace) -> int:
     try:
         lab, done = asyncio.run(go())
     except (ConfigError, StationUnavailable, ValueError, OSError) as exc:
+        if getattr(args, "debug", False):  # --debug: the traceback, not the line
+            raise
         print(f"labbridge setup: {exc}", file=sys.stderr)
         return 1
     for name, recipes in done.items():

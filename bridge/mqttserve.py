@@ -175,6 +175,8 @@ def serve_command(args: argparse.Namespace) -> int:
             )
         )
     except refusals as exc:
+        if getattr(args, "debug", False):  # --debug: the traceback, not the line
+            raise
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):

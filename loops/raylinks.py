@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
@@ -392,7 +393,10 @@ def check_ray_token(address: str, source: str) -> None:
     """
     if "://" in address or ":" not in address:
         return
-    if _gcs_lets_in(address) is False:
+    passed = _gcs_lets_in(address)
+    if isinstance(passed, str):  # it speaks gRPC but is no Ray GCS (or one under TLS, silent)
+        raise RayUnreachable(_not_ray(address, f"Ray's GCS probe failed: {passed}"))
+    if not passed:
         raise RayAuthError(
             f"the Ray cluster at {address} refused the token from {source}: use the cluster's "
             f"token (print it on the head with ray get-auth-token), see {TOKEN_DOC}"
@@ -402,7 +406,7 @@ def check_ray_token(address: str, source: str) -> None:
         open_door = _gcs_lets_in(address)
     finally:
         _set_auth_mode("token")
-    if open_door:
+    if open_door is True:
         raise RayAuthError(
             f"the Ray cluster at {address} does not require a token (anyone who reaches it can "
             "run code on every station): restart its head and nodes with RAY_AUTH_MODE=token "
@@ -410,9 +414,10 @@ def check_ray_token(address: str, source: str) -> None:
         )
 
 
-def _gcs_lets_in(gcs_address: str) -> bool | None:
+def _gcs_lets_in(gcs_address: str) -> bool | str:
     """Whether the GCS passes this process's current credentials (see :func:`check_ray_token`);
-    None when the probe failed for another reason (ray.init will tell)."""
+    why not, as text, when the probe failed for another reason (no GCS answered: bounded,
+    about 15 s when nothing answers at all)."""
     from ray._raylet import ClusterID, GcsClient  # type: ignore[attr-defined]
 
     try:
@@ -422,20 +427,42 @@ def _gcs_lets_in(gcs_address: str) -> bool | None:
         return "InvalidAuthToken" not in str(exc)
     except Exception as exc:  # not about the token (a timeout, ...)
         log.debug("Ray auth probe at %s: %s: %s", gcs_address, type(exc).__name__, exc)
-        return None
+        return " ".join(f"{type(exc).__name__}: {exc}".split())
     return True
 
 
 class RayUnreachable(ConnectionError):
-    """No Ray cluster answers at the address given (``--ray-address``, ``$RAY_ADDRESS``)."""
+    """No Ray cluster answers at the address given (``--ray-address``, lab.yaml
+    ``ray.address``, ``$RAY_ADDRESS``)."""
+
+
+#: an HTTP/2 client's opening (RFC 9113 3.4): the preface and an empty SETTINGS frame
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_H2_SETTINGS = 0x4
+_FIX_ADDRESS = (
+    "fix --ray-address, lab.yaml ray.address or $RAY_ADDRESS, or leave them out to run a local Ray"
+)
+
+
+def _not_ray(address: str, why: str) -> str:
+    """The line for an address where something answers, but not a Ray cluster's GCS."""
+    return (
+        f"no Ray cluster answers at {address} ({why}): give the Ray head's address and the "
+        f"--port it was started with (ray start --head --port=...): {_FIX_ADDRESS}"
+    )
 
 
 def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
-    """Raise :class:`RayUnreachable` unless something listens at a ``host:port`` Ray address.
+    """Raise :class:`RayUnreachable` unless a gRPC server (Ray's GCS speaks gRPC) answers at a
+    ``host:port`` Ray address within ``timeout_s``.
 
-    ``ray.init`` itself retries an unreachable GCS for minutes, printing only warnings;
-    this answers within ``timeout_s``. ``auto``, ``local`` and ``ray://`` addresses are
-    left to Ray.
+    ``ray.init`` itself retries an unreachable GCS for minutes, and a port where something
+    else listens (a web server, a silent socket) for ever, printing only warnings; this
+    answers within ``timeout_s``: a refused or timed-out connection, or an answer to an
+    HTTP/2 opening that is not HTTP/2's (a GCS answers with its SETTINGS frame within
+    milliseconds). Under TLS (``RAY_USE_TLS``) only the connection is checked here; whether
+    it is a GCS is then :func:`check_ray_token`'s probe (bounded too). ``auto``, ``local``
+    and ``ray://`` addresses are left to Ray.
     """
     if "://" in address or ":" not in address:
         return
@@ -446,8 +473,12 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
         raise RayUnreachable(
             f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379)"
         ) from None
+    deadline = time.monotonic() + timeout_s
     try:
-        socket.create_connection((host.strip("[]"), port), timeout=timeout_s).close()
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout_s) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return
+            answer = _h2_answer(conn, deadline)
     except OSError as exc:
         why = (
             f"no answer within {timeout_s:g} s"
@@ -458,9 +489,34 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
         )
         raise RayUnreachable(
             f"no Ray cluster answers at {address} ({why}): start its head "
-            f"there (ray start --head --port={port}), fix --ray-address / $RAY_ADDRESS, or leave "
-            "both out to run a local Ray"
+            f"there (ray start --head --port={port}), {_FIX_ADDRESS}"
         ) from None
+    if answer is None:
+        why = f"something listens there but said nothing within {timeout_s:g} s"
+    elif len(answer) < 9 or answer[3] != _H2_SETTINGS:
+        why = "something listens there but does not speak gRPC, as Ray does"
+    else:
+        return
+    raise RayUnreachable(_not_ray(address, why))
+
+
+def _h2_answer(conn: socket.socket, deadline: float) -> bytes | None:
+    """The first 9 bytes (a frame header) the server at ``conn`` sends back to an HTTP/2
+    opening, fewer if it closes first; None if it says nothing by ``deadline``."""
+    answer = b""
+    try:
+        conn.sendall(_H2_PREFACE)
+        while len(answer) < 9:
+            conn.settimeout(max(deadline - time.monotonic(), 0.01))
+            chunk = conn.recv(9 - len(answer))
+            if not chunk:
+                break
+            answer += chunk
+    except TimeoutError:
+        return answer or None
+    except OSError:  # reset by a server that took the bytes for garbage
+        pass
+    return answer
 
 
 def _loopback(address: str) -> bool:
