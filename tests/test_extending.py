@@ -8,18 +8,24 @@ function, a ``.dist-info`` with real entry points), written to a temporary folde
 as tests/test_campaign_local.py): an out-of-envelope proposal is refused by the dry run and
 none of its commands reaches the simulator's wire; in-envelope ones run and their
 measurements reach the optimizer and the journal. Afterwards the package is gone again.
+
+The dosing pump counts its doses (``Add("doses", value=1)``): a dose is reserved in the
+journal before the pump gets its ``D`` line, and a budget over the count refuses the next
+dose, also on a new station actor (a restart).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from docpages import write_files
+from reference import ObservedJournal
 
 import instruments
 from bridge.labconfig import load_lab
@@ -28,6 +34,7 @@ from loops.campaign import CampaignRunner
 from loops.journal import AsyncJournal, Journal
 from loops.program import load_program
 from loops.stations import LocalStation, StationActor
+from safety import SafetyError
 
 
 def _forget_tinylab() -> None:
@@ -127,3 +134,69 @@ async def test_an_outside_driver_package_runs_a_guarded_campaign(tinylab: Path) 
         j.close()
     finished = [e for e in events if e["event"] == "finished"]
     assert len(finished) == 4
+
+
+@pytest.mark.timeout(60)
+async def test_a_counted_dose_is_reserved_before_it_acts_and_its_budget_outlives_the_actor(
+    tinylab: Path,
+) -> None:
+    from tinylab.sim import Bench  # type: ignore[import-not-found]
+
+    async with Bench(speed=300) as bench:
+        wire: list[tuple[float, str, str]] = []  # when each line reached a device
+        answer = bench.answer
+
+        def heard(name: str, line: str) -> str:
+            wire.append((time.monotonic(), name, line))
+            return str(answer(name, line))
+
+        bench.answer = heard
+        lab = load_lab(bench.lab_yaml(str(tinylab / "lab.yaml"), str(tinylab / "sim-lab.yaml")))
+        st = lab.stations["bench"]
+        budget = "base_doses_per_hour: {counts: base.doses, per: hour, max: 120}"
+        assert budget in st.envelope_text
+        envelope = st.envelope_text.replace(budget, budget.replace("120", "1"))
+        (blank,) = st.setup  # one dose of base
+
+        def actor(journal: Any) -> LocalStation:
+            return LocalStation(
+                StationActor("bench", list(st.instruments), envelope, journal=journal)
+            )
+
+        async with await AsyncJournal.open(lab.store) as journal:
+            observed = ObservedJournal(journal)
+            station = actor(observed)
+            await station.call(StationActor.start)
+            try:
+                await station.call(StationActor.run_setup, blank.recipe.as_dict(), list(blank.keep))
+                doses = [
+                    (t, row)
+                    for t, rows in observed.reservations
+                    for row in rows
+                    if row[0] == "base.doses"
+                ]
+                dispensed = [t for t, name, line in wire if name == "base" and line[0] == "D"]
+                assert len(doses) == 1 and doses[0][1][1] == 1.0, observed.reservations
+                assert len(dispensed) == 1 and doses[0][0] < dispensed[0]  # on disk first
+                with pytest.raises(SafetyError, match="budget base_doses_per_hour: 1.0 used"):
+                    await station.call(
+                        StationActor.run_setup, blank.recipe.as_dict(), list(blank.keep)
+                    )
+            finally:
+                await station.call(StationActor.stop)
+            with Journal(lab.store) as j:  # settled: the dose counted, nothing left reserved
+                assert j.consumption("bench", reserved=True) == []
+                counted = [a for r, a, _, _ in j.consumption("bench") if r == "base.doses"]
+                assert counted == [1.0]
+            restarted = actor(journal)  # a new actor reads the dose back from the journal
+            await restarted.call(StationActor.start)
+            try:
+                with pytest.raises(SafetyError, match="budget base_doses_per_hour"):
+                    await restarted.call(
+                        StationActor.run_setup, blank.recipe.as_dict(), list(blank.keep)
+                    )
+            finally:
+                await restarted.call(StationActor.stop)
+        assert [line for _, name, line in wire if name == "base" and line[0] == "D"] == [
+            "D 1.000 8.00"
+        ]
