@@ -113,6 +113,7 @@ __all__ = [
     "ACTUATE",
     "KINDS",
     "READ",
+    "RESERVED_COUNTERS",
     "SAFER",
     "Add",
     "Call",
@@ -249,8 +250,9 @@ class Set:
 
 
 #: channel names an ``Add`` may not use: the guard's own (a flow's ``flowing``) and the
-#: budget resources of flows (``<instrument>.delivered`` / ``.withdrawn``)
-RESERVED_COUNTERS = ("flowing", "delivered", "withdrawn")
+#: words of the flows' budget resources (``<vessel>.added`` / ``.removed``,
+#: ``<instrument>.delivered`` / ``.withdrawn``): a budget over one is never a counter's
+RESERVED_COUNTERS = ("flowing", "added", "removed", "delivered", "withdrawn")
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,7 @@ class Add:
         if self.channel in RESERVED_COUNTERS:
             raise DeclarationError(
                 f"Add({self.channel!r}): {', '.join(RESERVED_COUNTERS)} are the guard's own "
-                f"channels; name the counter otherwise"
+                f"channels and the flows' budget words; name the counter otherwise"
             )
         if (self.arg is None) == (self.value is None):
             raise DeclarationError(f"Add({self.channel!r}) needs arg= or value= (one of them)")

@@ -69,6 +69,7 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from instruments.declare import RESERVED_COUNTERS
 from safety.envelope import Envelope, EnvelopeError, flow_resources
 from safety.expr import parse
 from safety.limits import WINDOWS_S, Budget, ChannelLimit, Rule, Vessel, is_number
@@ -339,17 +340,13 @@ def _rule(i: int, spec: Any, doc: YamlDoc) -> Rule:
     return Rule(name, expr, spec.get("doc") or "", line=doc.line((*path, "when")))
 
 
-#: the channel words of flow resources: ``x.delivered`` is a flow's, never a counter's
-_FLOW_WORDS = ("added", "removed", "delivered", "withdrawn")
-
-
 def _counter_name(counts: str, vessels: Collection[str]) -> bool:
     """``counts`` names a counter (``<instrument>.<channel>``, which the station's drivers
-    must declare): not a vessel's resource, nor a flow's word."""
+    must declare): not a vessel's resource, nor a word no counter may use (a flow's)."""
     if not isinstance(counts, str) or not _NAME_RE.fullmatch(counts) or counts.count(".") != 1:
         return False
     owner, _, word = counts.partition(".")
-    return owner not in vessels and word not in _FLOW_WORDS
+    return owner not in vessels and word not in RESERVED_COUNTERS
 
 
 def _budget(
