@@ -200,3 +200,18 @@ async def test_a_counted_dose_is_reserved_before_it_acts_and_its_budget_outlives
         assert [line for _, name, line in wire if name == "base" and line[0] == "D"] == [
             "D 1.000 8.00"
         ]
+
+
+def test_labbridge_check_names_a_budget_over_a_counter_no_driver_declares(tinylab: Path) -> None:
+    envelope = tinylab / "envelope.yaml"
+    text = envelope.read_text()
+    assert "counts: base.doses" in text
+    envelope.write_text(text.replace("counts: base.doses", "counts: base.dosez"))
+    (problem,) = load_lab(tinylab / "lab.yaml").check()
+    line = 1 + text.splitlines().index(
+        "  base_doses_per_hour: {counts: base.doses, per: hour, max: 120}"
+    )
+    assert problem.startswith(
+        f"{envelope}:{line}: budgets.base_doses_per_hour.counts: cannot count 'base.dosez': "
+    ), problem
+    assert "its counters: acid.doses, base.doses, drain.doses" in problem
