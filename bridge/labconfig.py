@@ -65,7 +65,7 @@ from bridge.quotaconfig import Quotas, parse_quotas
 from bridge.webusers import UsersConfig, parse_users
 from instruments.errors import InstrumentError
 from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
-from safety import check_device_faults, check_instrument, load_envelope
+from safety import check_counters, check_device_faults, check_instrument, load_envelope
 from safety.envelopeload import REFERENCE_BENCH
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
@@ -146,7 +146,8 @@ class LabConfig:
         """Everything ``labbridge check`` verifies beyond the format, without touching
         hardware: the ``mqtt:`` block (:func:`mqtt_settings`), each envelope's
         channels and rules name the station's instruments, each driver kind is installed,
-        each transport URL and its driver options are valid.
+        each transport URL and its driver options are valid, each budget over a counter
+        names one the station's drivers declare.
         Returns the problems (``file:line: field: problem``), empty when all is well."""
         problems: list[str] = []
         if self.mqtt:
@@ -165,6 +166,7 @@ class LabConfig:
                     known=[i["name"] for i in st.instruments],
                 )
                 check_device_faults(st.instruments, envelope)  # disabled/while name real faults
+                check_counters(st.instruments, envelope)  # budgets over counters name real ones
             except ConfigError as exc:
                 problems.append(f"{exc} (station {name})")
             for i, spec in enumerate(st.instruments):

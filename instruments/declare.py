@@ -35,6 +35,20 @@ Effects on the station's commanded channels (``<instrument>.<channel>``):
 * :class:`Set`: the channel takes a parameter's value (``arg``) or a constant
   (``value``), optionally only when other parameters have given values
   (``when``); a parameter that is not given sets nothing;
+* :class:`Add`: the command adds a parameter's value (``arg``) or a constant
+  (``value``) to a counter channel, optionally only when other parameters have
+  given values (``when``): a lamp's exposures, a stage's moves, grams dosed.
+  The guard's count starts at 0 when the station starts (like a vessel's
+  volume) and grows by the amount with every command sent; the envelope
+  bounds it like any channel (``max``), rules name it, and a budget may count
+  what was added per minute/hour/day (``counts: <instrument>.<channel>``,
+  kept in the journal across restarts). A counter only counts up: an
+  ``arg`` must be a number parameter that cannot be negative, a ``value`` a
+  number > 0; only ``ACTUATE`` commands count, and a command that would count
+  is never "safer". To **clear** a counter, a command declares
+  ``Set(channel, value=0)``: a clear is a set, and there is no separate
+  class because a clear needs nothing more (the budgets count what was
+  added in their window, which a clear does not give back);
 * :class:`Flow`: the command moves liquid: ``"out"`` delivers ``volume`` mL
   through the instrument's outlet, ``"in"`` draws it in through its inlet, at
   ``rate`` mL/min. Which vessel that fills or empties is the lab's business:
@@ -54,8 +68,10 @@ Declarations are checked when the class is created (:func:`collect`, called
 by ``Driver.__init_subclass__``): every declared parameter must be a
 parameter of the method and every parameter of the method declared, with
 optional ones matching the signature's defaults; names in ``sets``,
-``safer_when``, ``fill_when`` and ``Flow`` must be parameters; safe-state
-calls must name declared commands with valid arguments. A renamed argument
+``safer_when``, ``fill_when`` and ``Flow`` must be parameters (an ``Add``'s a
+number that cannot be negative); safe-state calls must name declared commands
+with valid arguments and must not count (the supervisor's safe state runs
+outside the guard's books). A renamed argument
 fails at import, not at run time.
 
 Device faults
@@ -97,7 +113,9 @@ __all__ = [
     "ACTUATE",
     "KINDS",
     "READ",
+    "RESERVED_COUNTERS",
     "SAFER",
+    "Add",
     "Call",
     "CommandSpec",
     "DeclarationError",
@@ -231,6 +249,43 @@ class Set:
             )
 
 
+#: channel names an ``Add`` may not use: the guard's own (a flow's ``flowing``) and the
+#: words of the flows' budget resources (``<vessel>.added`` / ``.removed``,
+#: ``<instrument>.delivered`` / ``.withdrawn``): a budget over one is never a counter's
+RESERVED_COUNTERS = ("flowing", "added", "removed", "delivered", "withdrawn")
+
+
+@dataclass(frozen=True)
+class Add:
+    """The command adds parameter ``arg``'s value or the constant ``value`` to the counter
+    ``channel``, when the parameters named in ``when`` have those values (``None``: not
+    given); a parameter that is not given adds nothing. Clear a counter with
+    ``Set(channel, value=0)`` (module docstring)."""
+
+    channel: str
+    arg: str | None = None
+    value: float | None = None
+    when: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.channel):
+            raise DeclarationError(f"Add channel {self.channel!r} is not a channel name")
+        if self.channel in RESERVED_COUNTERS:
+            raise DeclarationError(
+                f"Add({self.channel!r}): {', '.join(RESERVED_COUNTERS)} are the guard's own "
+                f"channels and the flows' budget words; name the counter otherwise"
+            )
+        if (self.arg is None) == (self.value is None):
+            raise DeclarationError(f"Add({self.channel!r}) needs arg= or value= (one of them)")
+        if self.value is not None and not (
+            _real(self.value) and math.isfinite(self.value) and self.value > 0
+        ):
+            raise DeclarationError(
+                f"Add({self.channel!r}): value must be a number > 0 (a counter only counts "
+                f"up; clear it with Set({self.channel!r}, value=0)), got {self.value!r}"
+            )
+
+
 @dataclass(frozen=True)
 class Flow:
     """The command moves ``volume`` mL (a parameter) at ``rate`` mL/min (a parameter),
@@ -322,7 +377,7 @@ class CommandSpec:
     name: str
     kind: str
     params: Mapping[str, Param] = field(default_factory=dict)
-    sets: tuple[Set, ...] = ()
+    sets: tuple[Set | Add, ...] = ()
     flow: Flow | None = None
     safer_when: Mapping[str, Any] | None = None
     latch_ok_when: Mapping[str, Any] | None = None
@@ -347,7 +402,11 @@ class CommandSpec:
 
     def channel_of(self, arg: str) -> str | None:
         """The channel parameter ``arg`` sets (its ``Set``), None if it sets none."""
-        return next((s.channel for s in self.sets if s.arg == arg), None)
+        return next((s.channel for s in self.sets if isinstance(s, Set) and s.arg == arg), None)
+
+    def counters(self) -> tuple[str, ...]:
+        """The counter channels the command adds to (its ``Add``s), in declaration order."""
+        return tuple(dict.fromkeys(s.channel for s in self.sets if isinstance(s, Add)))
 
     def signature(self) -> str:
         """``set_heater(on: true/false, setpoint_c: a number >= 0 <= 340 degC = keep)``."""
@@ -376,6 +435,7 @@ class CommandSpec:
                 for n, p in self.params.items()
             },
             "sets": sorted({s.channel for s in self.sets}),
+            "adds": list(self.counters()),
             "flow": None if self.flow is None else self.flow.direction,
         }
 
@@ -383,7 +443,7 @@ class CommandSpec:
 def declare(
     kind: str,
     *,
-    sets: Iterable[Set] = (),
+    sets: Iterable[Set | Add] = (),
     flow: Flow | None = None,
     safer_when: Mapping[str, Any] | None = None,
     latch_ok_when: Mapping[str, Any] | None = None,
@@ -451,10 +511,13 @@ def _check_against_signature(owner: str, fn: Callable[..., Any], spec: CommandSp
             raise DeclarationError(f"{where}: {what} names {name!r}, which is not a parameter")
 
     for s in spec.sets:
+        what = f"{type(s).__name__}({s.channel!r})"
         if s.arg is not None:
-            need_param(s.arg, f"Set({s.channel!r})")
+            need_param(s.arg, what)
         for k in s.when:
-            need_param(k, f"Set({s.channel!r}).when")
+            need_param(k, f"{what}.when")
+        if isinstance(s, Add):
+            _check_add(where, spec, s, ordered)
     for label, cond in (("safer_when", spec.safer_when), ("latch_ok_when", spec.latch_ok_when)):
         for k in cond or {}:
             need_param(k, label)
@@ -482,6 +545,36 @@ def _check_against_signature(owner: str, fn: Callable[..., Any], spec: CommandSp
         spec.safer_when,
         spec.latch_ok_when,
         spec.doc,
+    )
+
+
+def _check_add(where: str, spec: CommandSpec, add: Add, params: Mapping[str, Param]) -> None:
+    """An ``Add`` counts up, from an ACTUATE command, on a channel no ``Set`` of the same
+    command also sets (which of the two would the channel end at?)."""
+    what = f"Add({add.channel!r})"
+    if spec.kind != ACTUATE:
+        raise DeclarationError(f"{where}: {what} needs an ACTUATE command (only actuations count)")
+    if any(isinstance(s, Set) and s.channel == add.channel for s in spec.sets):
+        raise DeclarationError(
+            f"{where}: {what} and Set({add.channel!r}) in one command; a command either "
+            f"adds to a counter or sets (clears) it"
+        )
+    if add.arg is None:
+        return
+    p = params[add.arg]
+    floor = p.min if p.min is not None else p.above
+    if p.type not in (int, float) or floor is None or floor < 0:
+        raise DeclarationError(
+            f"{where}: {what} adds parameter {add.arg!r}, which must be a number that cannot "
+            f"be negative (Param(float|int, min=0 or above=0)); it is {p.describe()}"
+        )
+
+
+def _applies(when: Mapping[str, Any], args: Mapping[str, Any]) -> bool:
+    """``when`` holds for the arguments ``args`` (bools are not numbers)."""
+    return all(
+        isinstance(args.get(k), bool) == isinstance(v, bool) and args.get(k) == v
+        for k, v in when.items()
     )
 
 
@@ -525,5 +618,17 @@ def collect(cls: type, safe_state_calls: Iterable[Call] = ()) -> dict[str, Comma
             raise DeclarationError(
                 f"{owner}.safe_state_calls: {call} must make the instrument safer, not "
                 f"{'read' if spec.kind == READ else 'move liquid'}"
+            )
+        counted = [
+            a.channel
+            for a in spec.sets
+            if isinstance(a, Add)
+            and _applies(a.when, call.args)
+            and (a.arg is None or call.args.get(a.arg) is not None)
+        ]
+        if counted:
+            raise DeclarationError(
+                f"{owner}.safe_state_calls: {call} adds to {', '.join(counted)}; the safe "
+                f"state runs outside the guard's books, so it must not count"
             )
     return out

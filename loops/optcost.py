@@ -71,7 +71,8 @@ def cost_spec_problem(of: Any, instruments: list[str]) -> str | None:
     ``instruments``: those the recipe calls (a pump's channel must name one of them)."""
     choices = (
         f"{DURATION}, or <pump>.delivered / <pump>.withdrawn / <vessel>.added / "
-        f"<vessel>.removed (mL; the recipe calls: {', '.join(instruments) or 'nothing'})"
+        f"<vessel>.removed (mL), or <instrument>.<counter> (what its commands add to it; "
+        f"the recipe calls: {', '.join(instruments) or 'nothing'})"
     )
     if not isinstance(of, str) or not (of == DURATION or _CHANNEL_RE.fullmatch(of)):
         return f"must be {choices}, got {of!r}"

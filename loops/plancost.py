@@ -67,8 +67,8 @@ def plan_cost(
 
 
 def cost_channels(layout: Layout) -> list[str]:
-    """What a station's plans can be costed by: ``duration`` and each consumed channel of
-    its pumps and vessels."""
+    """What a station's plans can be costed by: ``duration``, each consumed channel of its
+    pumps and vessels, and each counter its commands add to."""
     out = [DURATION]
     for name in sorted(layout.kinds):
         found = layout.vessel_of(name)
@@ -80,6 +80,7 @@ def cost_channels(layout: Layout) -> list[str]:
             if direction == "out"
             else [f"{name}.withdrawn", f"{vessel.name}.removed"]
         )
+    out += layout.counter_channels()
     return list(dict.fromkeys(out))
 
 

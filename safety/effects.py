@@ -22,7 +22,12 @@ Each command call is classified from its declaration:
 A command that is not declared is refused as "not an allowed command".
 
 Effects (flat ``<instrument>.<channel>`` names, see safety/model.py): each
-declared ``Set`` whose condition holds sets its channel; a ``Flow`` changes
+declared ``Set`` whose condition holds sets its channel; each ``Add`` adds
+its amount to its counter (the value before, 0 when the station started,
+plus the amount: the envelope checks the sum like any value) and consumes
+the budget resource of the same name (``<instrument>.<channel>``: what was
+added, per window; a clear, ``Set(..., value=0)``, gives nothing back); a
+command that counts is never classed safer. A ``Flow`` changes
 the volume of the vessel the envelope connects the instrument to (``out``:
 ``<vessel>.volume`` grows by the volume the wire will carry and the budget
 resource ``<vessel>.added`` is consumed; ``in``: it shrinks, floored at 0,
@@ -56,8 +61,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from instruments.declare import ACTUATE, READ, SAFER, Call, CommandSpec
-from safety.envelope import Envelope
+from instruments.declare import ACTUATE, READ, SAFER, Add, Call, CommandSpec, Set
+from safety.envelope import Envelope, EnvelopeError
 from safety.limits import Ledger, Vessel, Violation, is_number, same
 from safety.model import Command
 
@@ -73,6 +78,7 @@ __all__ = [
     "Layout",
     "assess",
     "bounds",
+    "check_counted",
     "effect_of",
     "initial_commanded",
     "safe_state_updates",
@@ -148,8 +154,20 @@ class Layout:
             for name, specs in self.commands.items()
             for spec in specs.values()
             for s in spec.sets
-            if s.momentary
+            if isinstance(s, Set) and s.momentary
         }
+
+    def counter_channels(self) -> list[str]:
+        """Every counter channel (``<instrument>.<channel>`` an ``Add`` of an instrument's
+        commands adds to), sorted."""
+        return sorted(
+            {
+                f"{name}.{c}"
+                for name, specs in self.commands.items()
+                for spec in specs.values()
+                for c in spec.counters()
+            }
+        )
 
     def vessel_of(self, name: str) -> tuple[Vessel, str] | None:
         """The vessel instrument ``name`` feeds (``"out"``) or drains (``"in"``), if any."""
@@ -178,7 +196,8 @@ def _matches(cond: Mapping[str, Any] | None, params: Mapping[str, Any]) -> bool:
 
 def safe_state_updates(layout: Layout, names: Iterable[str] | None = None) -> dict[str, Any]:
     """The commanded values once ``names`` (default: all) are in their safe state: the
-    effects of each driver's declared ``safe_state_calls`` (flows never are safe-state calls)."""
+    effects of each driver's declared ``safe_state_calls`` (flows never are safe-state calls,
+    nor calls that count: instruments/declare.py refuses both)."""
     wanted = set(layout.kinds if names is None else names)
     out: dict[str, Any] = {}
     for name in layout.kinds:
@@ -191,7 +210,7 @@ def safe_state_updates(layout: Layout, names: Iterable[str] | None = None) -> di
 
 
 def initial_commanded(layout: Layout) -> dict[str, Any]:
-    """Commanded values of a station in its safe state with empty vessels.
+    """Commanded values of a station in its safe state with empty vessels and counters at 0.
 
     The guard seeds the state with these (keys already present are kept): the
     station supervisor puts every instrument in its safe state when it starts.
@@ -201,6 +220,7 @@ def initial_commanded(layout: Layout) -> dict[str, Any]:
     out = safe_state_updates(layout)
     for v in layout.vessels.values():
         out[v.channel] = 0.0
+    out.update(dict.fromkeys(layout.counter_channels(), 0))
     out.update(dict.fromkeys(layout.flowing_channels(), False))
     out.update(layout.momentary_rest())
     return out
@@ -239,6 +259,24 @@ def bounds(layout: Layout, envelope: Envelope) -> list[Bound]:
         how = lim.bounds() if lim is not None else "NOT BOUNDED: its commands are refused"
         out.append(Bound(channel, tuple(dict.fromkeys(labels)), lim is not None, how))
     return out
+
+
+def check_counted(layout: Layout, envelope: Envelope) -> None:
+    """Every budget that counts ``<instrument>.<channel>`` names a counter of the station
+    (an ``Add`` of one of its instruments' commands); :class:`EnvelopeError` naming the
+    budget's file, line and ``counts`` otherwise. Budgets over experiments and vessels are
+    checked when the envelope loads (safety/envelopeload.py)."""
+    counters = layout.counter_channels()
+    for budget in envelope.counter_budgets():
+        if budget.resource not in counters:
+            known = ", ".join(counters) or "none (no command of this station adds to a counter)"
+            raise EnvelopeError(
+                f"cannot count {budget.resource!r}: no command of this station adds to it "
+                f"(instruments/declare.py Add); its counters: {known}",
+                source=envelope.source,
+                line=budget.line,
+                field=f"budgets.{budget.name}.counts",
+            )
 
 
 # ------------------------------------------------------------------ effects
@@ -376,24 +414,36 @@ def effect_of(command: Command, layout: Layout, view: Mapping[str, Any]) -> Effe
             raise CommandRefused(
                 "state", f"{name}.{spec.name}(): the known {name}.{p.keeps} {exc}", {pname: known}
             ) from None
-    category = spec.kind
-    if category == ACTUATE and _matches(spec.safer_when, given):
-        category = SAFER
     updates: dict[str, Any] = {}
     momentary: set[str] = set()
+    added: dict[str, Any] = {}  # counter -> amount (an int stays an int: counts read so)
     for s in spec.sets:
         if s.when and not _matches(s.when, params):
             continue
         value = params.get(s.arg) if s.arg is not None else s.value
-        if value is not None:
-            updates[f"{name}.{s.channel}"] = value
-            if s.momentary:
-                momentary.add(f"{name}.{s.channel}")
+        if value is None:
+            continue
+        channel = f"{name}.{s.channel}"
+        if isinstance(s, Add):
+            added[channel] = added.get(channel, 0) + value
+            continue
+        updates[channel] = value
+        if s.momentary:
+            momentary.add(channel)
+    for channel, amount in added.items():
+        before = view.get(channel, 0)
+        if not is_number(before):
+            raise CommandRefused("state", f"{channel} is {before!r}, not a count")
+        updates[channel] = before + amount
+    category = spec.kind
+    if category == ACTUATE and not added and _matches(spec.safer_when, given):
+        category = SAFER
     effect = Effect(
         command,
         spec,
         kind,
         updates=updates,
+        consumes={c: float(a) for c, a in added.items() if a > 0},
         category=category,
         latch_ok=_matches(spec.latch_ok_when, given),
         call_params=params,
@@ -437,14 +487,18 @@ def _flow(effect: Effect, layout: Layout, view: Mapping[str, Any]) -> Effect:
     updates[f"{name}.flowing"] = True  # while the rules check it; then the guard's to derive
     if direction == "out":
         updates[channel] = before + volume
-        consumes = {f"{vessel.name}.added": volume, f"{name}.delivered": volume}
+        consumes = {**effect.consumes, f"{vessel.name}.added": volume, f"{name}.delivered": volume}
         return replace(effect, updates=updates, consumes=consumes, busy_s=busy)
     updates[channel] = drained(before, volume)
     drain = Drain(name, vessel.name, float(before), volume, flow.progress)
     return replace(
         effect,
         updates=updates,
-        consumes={f"{vessel.name}.removed": volume, f"{name}.withdrawn": volume},
+        consumes={
+            **effect.consumes,
+            f"{vessel.name}.removed": volume,
+            f"{name}.withdrawn": volume,
+        },
         drain=drain,
         busy_s=busy,
     )

@@ -22,7 +22,8 @@ the station state before a command and the command's updates):
   (see safety/effects.py). Rules are not restricted to the changed channels,
   so a rule cannot be dodged by changing something else;
 * **budgets**: what the command consumes plus what was consumed in the
-  rolling window must stay within the budget.
+  rolling window must stay within the budget (experiments, the liquid the
+  vessels' flows move, what a command adds to a counter: safety/effects.py).
 
 Errors in the YAML name the file, the line and the field
 (:class:`EnvelopeError`); a rule that does not parse raises
@@ -50,11 +51,22 @@ from safety.monitors import Monitor
 from safety.monitorspec import FaultSetting, MonitorSpec
 from safety.yamldoc import ConfigError
 
-__all__ = ["Envelope", "EnvelopeError"]
+__all__ = ["Envelope", "EnvelopeError", "flow_resources"]
 
 
 class EnvelopeError(ConfigError):
     """An invalid envelope: ``<source>:<line>: <field>: <problem>`` (line omitted when unknown)."""
+
+
+def flow_resources(vessels: Iterable[Vessel]) -> list[str]:
+    """What the flows of ``vessels`` consume, for budgets: each vessel's ``added`` and
+    ``removed``, each feeding instrument's ``delivered`` and each draining one's
+    ``withdrawn`` (by vessel name)."""
+    out: list[str] = []
+    for v in sorted(vessels, key=lambda v: v.name):
+        out += [f"{v.name}.added", f"{v.name}.removed"]
+        out += [f"{i}.delivered" for i in v.fed_by] + [f"{i}.withdrawn" for i in v.drained_by]
+    return out
 
 
 class Envelope:
@@ -108,6 +120,13 @@ class Envelope:
         for setting in self.fault_settings:
             out |= set(setting.channels)
         return out
+
+    def counter_budgets(self) -> list[Budget]:
+        """The budgets over what commands add to a counter (``counts: <instrument>.<channel>``,
+        neither experiments nor a vessel's flows): which counters the station has is its
+        drivers' business (:func:`safety.effects.check_counted`)."""
+        other = {"experiments", *flow_resources(self.vessels.values())}
+        return [b for b in self.budgets if b.resource not in other]
 
     def build_monitors(self) -> list[Monitor]:
         """Fresh station monitors from the ``monitors`` section (one set per supervisor)."""

@@ -17,6 +17,7 @@ Declared in YAML (a mapping; the lab config embeds one per station)::
     budgets:                       # rolling windows: minute, hour or day
       experiments_per_hour: 30     # shorthand for {counts: experiments, per: hour, max: 30}
       added_per_day: {counts: beaker.added, per: day, max: 50, unit: mL}
+      exposures_per_hour: {counts: lamp.exposures, per: hour, max: 120}
     monitors:                      # station monitors (safety/monitorspec.py): a trip latches
       - {name: too-hot, kind: threshold, channel: hotplate.liquid_c, trip_above: 80, clear_below: 75}
       - {name: lid-open-while-heating, kind: interlock,
@@ -50,8 +51,14 @@ Rule keys: ``name``, ``when``, ``doc``. Budget keys: ``counts``
 (``experiments``, consumed by ``Guard.begin_experiment``, or
 ``<vessel>.added`` / ``<vessel>.removed``: volume flowed in / out;
 ``<instrument>.delivered`` / ``<instrument>.withdrawn``: what one instrument
-that feeds / drains a vessel moved, e.g. one reagent's pump), ``per``
-(``minute``, ``hour`` or ``day``), ``max``, ``unit``, ``doc``.
+that feeds / drains a vessel moved, e.g. one reagent's pump, or
+``<instrument>.<channel>``: what the instrument's commands added to that
+counter, instruments/declare.py ``Add``, checked against the station's
+drivers when its guard is built and by ``labbridge check``), ``per``
+(``minute``, ``hour`` or ``day``), ``max``, ``unit``, ``doc``. A counter is a
+channel too: it is bounded under ``channels`` (``lamp.exposures: {max:
+5000}``; the guard's count since the station started or the counter was
+cleared) and rules name it.
 """
 
 from __future__ import annotations
@@ -62,7 +69,8 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from safety.envelope import Envelope, EnvelopeError
+from instruments.declare import RESERVED_COUNTERS
+from safety.envelope import Envelope, EnvelopeError, flow_resources
 from safety.expr import parse
 from safety.limits import WINDOWS_S, Budget, ChannelLimit, Rule, Vessel, is_number
 from safety.monitorspec import parse_monitors
@@ -171,11 +179,12 @@ def _build(data: Any, doc: YamlDoc) -> Envelope:
                     ("vessels", v.name),
                 )
             owners[inst] = v.name
-    countable = ["experiments"]
-    for v in sorted(vessels, key=lambda v: v.name):
-        countable += [f"{v.name}.added", f"{v.name}.removed"]
-        countable += [f"{i}.delivered" for i in v.fed_by] + [f"{i}.withdrawn" for i in v.drained_by]
-    budgets = [_budget(k, v, doc, countable) for k, v in _mapping(data, "budgets", doc).items()]
+    countable = ["experiments", *flow_resources(vessels)]
+    vessel_names = {v.name for v in vessels}
+    budgets = [
+        _budget(k, v, doc, countable, vessel_names)
+        for k, v in _mapping(data, "budgets", doc).items()
+    ]
     monitors, fault_settings = parse_monitors(data.get("monitors"), doc)
     return Envelope(
         channels,
@@ -331,7 +340,18 @@ def _rule(i: int, spec: Any, doc: YamlDoc) -> Rule:
     return Rule(name, expr, spec.get("doc") or "", line=doc.line((*path, "when")))
 
 
-def _budget(key: Any, value: Any, doc: YamlDoc, allowed: Collection[str]) -> Budget:
+def _counter_name(counts: str, vessels: Collection[str]) -> bool:
+    """``counts`` names a counter (``<instrument>.<channel>``, which the station's drivers
+    must declare): not a vessel's resource, nor a word no counter may use (a flow's)."""
+    if not isinstance(counts, str) or not _NAME_RE.fullmatch(counts) or counts.count(".") != 1:
+        return False
+    owner, _, word = counts.partition(".")
+    return owner not in vessels and word not in RESERVED_COUNTERS
+
+
+def _budget(
+    key: Any, value: Any, doc: YamlDoc, allowed: Collection[str], vessels: Collection[str]
+) -> Budget:
     path: tuple[Any, ...] = ("budgets", key)
     if not isinstance(key, str) or not _WORD_RE.fullmatch(key):
         raise doc.error(f"a budget name is a word, got {key!r}", path)
@@ -340,7 +360,7 @@ def _budget(key: Any, value: Any, doc: YamlDoc, allowed: Collection[str]) -> Bud
         if m is None:
             raise doc.error(
                 "a budget is {counts: <experiments | <vessel>.added|removed | "
-                "<instrument>.delivered|withdrawn>, "
+                "<instrument>.delivered|withdrawn | <instrument>.<counter>>, "
                 "per: <minute|hour|day>, max: N} (or experiments_per_<minute|hour|day>: N)",
                 path,
             )
@@ -353,8 +373,12 @@ def _budget(key: Any, value: Any, doc: YamlDoc, allowed: Collection[str]) -> Bud
         if k not in value:
             raise doc.error(f"missing '{k}'", path)
     counts = value["counts"]
-    if counts not in allowed:
-        raise doc.error(f"cannot count {counts!r}; known: {', '.join(allowed)}", (*path, "counts"))
+    if counts not in allowed and not _counter_name(counts, vessels):
+        raise doc.error(
+            f"cannot count {counts!r}; known: {', '.join(allowed)}, or a counter "
+            f"<instrument>.<channel> (a command's Add)",
+            (*path, "counts"),
+        )
     per = value["per"]
     if per not in WINDOWS_S:
         raise doc.error(f"must be minute, hour or day, got {per!r}", (*path, "per"))

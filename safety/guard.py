@@ -84,6 +84,7 @@ from safety.effects import (
     Effect,
     Layout,
     assess,
+    check_counted,
     drained,
     initial_commanded,
     safe_state_updates,
@@ -141,6 +142,7 @@ class Guard:
         self._drivers = dict(drivers)
         self.layout = Layout.of(self._drivers, envelope.vessels)
         envelope.validate_known(self.layout.kinds.keys())
+        check_counted(self.layout, envelope)
         self.envelope = envelope
         self.latch = latch
         self.audit = audit

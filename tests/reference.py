@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from instruments.drivers.color_sensor import ColorSensor
 from instruments.drivers.enclosure import Enclosure
 from instruments.drivers.hotplate import Hotplate
 from instruments.drivers.syringe_pump import SyringePump
-from loops.journal import AsyncJournal
+from loops.journal import AsyncJournal, Journal
 from loops.stations import LocalStation, StationActor
 from safety.effects import Layout
 from safety.envelope import Envelope
@@ -121,3 +122,19 @@ async def local_bench(
                 status = await station.call(StationActor.stop)
                 if stopped is not None:
                     stopped.update(status)
+
+
+class ObservedJournal:
+    """The journal link of a station actor, observed: when each budget write with a
+    reservation was made (``time.monotonic``, what it reserved). The writes go through to
+    the real journal."""
+
+    def __init__(self, link: AsyncJournal) -> None:
+        self.link = link
+        self.reservations: list[tuple[float, list[Any]]] = []
+
+    async def call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        out = await self.link.call(method, *args, **kwargs)
+        if method is Journal.record_consumption and kwargs.get("reserve"):
+            self.reservations.append((time.monotonic(), list(kwargs["reserve"])))
+        return out

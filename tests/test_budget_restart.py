@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reference import relaxed_staleness
+from reference import ObservedJournal, relaxed_staleness
 
 from bridge.campaigns import lab_clock
 from bridge.labconfig import LabConfig, load_lab
@@ -247,22 +247,6 @@ def vols_before_runs(bench: Any, since: float) -> list[Any]:
     return out
 
 
-class _Observed:
-    """The journal link of a station actor, observed: when each budget write with a
-    reservation was made (``time.monotonic``, what it reserved). The writes go through to
-    the real journal."""
-
-    def __init__(self, link: AsyncJournal) -> None:
-        self.link = link
-        self.reservations: list[tuple[float, list[Any]]] = []
-
-    async def call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
-        out = await self.link.call(method, *args, **kwargs)
-        if method is Journal.record_consumption and kwargs.get("reserve"):
-            self.reservations.append((time.monotonic(), list(kwargs["reserve"])))
-        return out
-
-
 @pytest.mark.timeout(120)
 async def test_a_set_up_that_dispenses_has_each_dispense_reserved_on_disk_before_the_pump_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -280,7 +264,7 @@ async def test_a_set_up_that_dispenses_has_each_dispense_reserved_on_disk_before
         for key, value in lab.stations["bench-a"].env.items():
             monkeypatch.setenv(key, value)
         async with await AsyncJournal.open(lab.store) as journal:
-            observed = _Observed(journal)
+            observed = ObservedJournal(journal)
             actor = new_actor(
                 lab,
                 observed,  # type: ignore[arg-type]  # a JournalLink by its call()

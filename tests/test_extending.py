@@ -10,6 +10,10 @@ none of its commands reaches the simulator's wire; in-envelope ones run and thei
 measurements reach the optimizer and the journal, each verified by the program's declared
 checks (trusted); a pump that jams makes its result untrusted, with the failing check's
 reason in the journal. Afterwards the package is gone again.
+
+The dosing pump counts its doses (``Add("doses", value=1)``): a dose is reserved in the
+journal before the pump gets its ``D`` line, and a budget over the count refuses the next
+dose, also on a new station actor (a restart).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import dataclasses
 import importlib
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from docpages import write_files
+from reference import ObservedJournal
 
 import instruments
 from bridge.labconfig import load_lab
@@ -33,6 +39,7 @@ from loops.journal import AsyncJournal, Journal
 from loops.program import load_program
 from loops.programmodel import Budget
 from loops.stations import LocalStation, StationActor
+from safety import SafetyError
 
 
 def _forget_tinylab() -> None:
@@ -177,3 +184,84 @@ def test_the_core_names_no_bench() -> None:
         if word.search(line)
     ]
     assert found == []
+
+
+@pytest.mark.timeout(60)
+async def test_a_counted_dose_is_reserved_before_it_acts_and_its_budget_outlives_the_actor(
+    tinylab: Path,
+) -> None:
+    from tinylab.sim import Bench  # type: ignore[import-not-found]
+
+    async with Bench(speed=300) as bench:
+        wire: list[tuple[float, str, str]] = []  # when each line reached a device
+        answer = bench.answer
+
+        def heard(name: str, line: str) -> str:
+            wire.append((time.monotonic(), name, line))
+            return str(answer(name, line))
+
+        bench.answer = heard
+        lab = load_lab(bench.lab_yaml(str(tinylab / "lab.yaml"), str(tinylab / "sim-lab.yaml")))
+        st = lab.stations["bench"]
+        budget = "base_doses_per_hour: {counts: base.doses, per: hour, max: 120}"
+        assert budget in st.envelope_text
+        envelope = st.envelope_text.replace(budget, budget.replace("120", "1"))
+        (blank,) = st.setup  # one dose of base
+
+        def actor(journal: Any) -> LocalStation:
+            return LocalStation(
+                StationActor("bench", list(st.instruments), envelope, journal=journal)
+            )
+
+        async with await AsyncJournal.open(lab.store) as journal:
+            observed = ObservedJournal(journal)
+            station = actor(observed)
+            await station.call(StationActor.start)
+            try:
+                await station.call(StationActor.run_setup, blank.recipe.as_dict(), list(blank.keep))
+                doses = [
+                    (t, row)
+                    for t, rows in observed.reservations
+                    for row in rows
+                    if row[0] == "base.doses"
+                ]
+                dispensed = [t for t, name, line in wire if name == "base" and line[0] == "D"]
+                assert len(doses) == 1 and doses[0][1][1] == 1.0, observed.reservations
+                assert len(dispensed) == 1 and doses[0][0] < dispensed[0]  # on disk first
+                with pytest.raises(SafetyError, match="budget base_doses_per_hour: 1.0 used"):
+                    await station.call(
+                        StationActor.run_setup, blank.recipe.as_dict(), list(blank.keep)
+                    )
+            finally:
+                await station.call(StationActor.stop)
+            with Journal(lab.store) as j:  # settled: the dose counted, nothing left reserved
+                assert j.consumption("bench", reserved=True) == []
+                counted = [a for r, a, _, _ in j.consumption("bench") if r == "base.doses"]
+                assert counted == [1.0]
+            restarted = actor(journal)  # a new actor reads the dose back from the journal
+            await restarted.call(StationActor.start)
+            try:
+                with pytest.raises(SafetyError, match="budget base_doses_per_hour"):
+                    await restarted.call(
+                        StationActor.run_setup, blank.recipe.as_dict(), list(blank.keep)
+                    )
+            finally:
+                await restarted.call(StationActor.stop)
+        assert [line for _, name, line in wire if name == "base" and line[0] == "D"] == [
+            "D 1.000 8.00"
+        ]
+
+
+def test_labbridge_check_names_a_budget_over_a_counter_no_driver_declares(tinylab: Path) -> None:
+    envelope = tinylab / "envelope.yaml"
+    text = envelope.read_text()
+    assert "counts: base.doses" in text
+    envelope.write_text(text.replace("counts: base.doses", "counts: base.dosez"))
+    (problem,) = load_lab(tinylab / "lab.yaml").check()
+    line = 1 + text.splitlines().index(
+        "  base_doses_per_hour: {counts: base.doses, per: hour, max: 120}"
+    )
+    assert problem.startswith(
+        f"{envelope}:{line}: budgets.base_doses_per_hour.counts: cannot count 'base.dosez': "
+    ), problem
+    assert "its counters: acid.doses, base.doses, drain.doses" in problem
