@@ -199,6 +199,13 @@ class PhMeter(RegisterDriver):
                 doc="the buffer of the last calibration point",
                 readable=False,
             ),
+            "calibration_point": Channel(
+                "calibration_point",
+                "",
+                "bool",
+                doc="true only while a calibration command is checked (momentary)",
+                readable=False,
+            ),
             **{
                 f"calibrated_ph{round(b)}": Channel(
                     f"calibrated_ph{round(b)}",
