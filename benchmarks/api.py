@@ -289,6 +289,7 @@ class Tracer:
 
     def __init__(self, api: MqttApi, service: LabService) -> None:
         self.current: dict[str, float] | None = None
+        self.outcomes: dict[str, float] = {}  # the last trip's safe_state() times, ms
         self.gcs: list[tuple[float, float, int]] = []
         self._gc_start = 0.0
         self._wall_to_mono = time.time() - time.monotonic()
@@ -306,6 +307,10 @@ class Tracer:
                 self.current.setdefault("ray_back", time.monotonic())
                 trip = float(result["t"]) - self._wall_to_mono
                 self.current.setdefault("trip", trip)
+                self.outcomes = {
+                    k: round(float(o.get("elapsed_s") or 0.0) * 1e3, 3)
+                    for k, o in (result.get("outcomes") or {}).items()
+                }
                 if result.get("reaction_s") is not None:
                     self.current.setdefault("trip_done", trip + float(result["reaction_s"]))
             return result
@@ -344,6 +349,8 @@ class EStopRun:
     gc_ms: float = 0.0  # garbage collection in this process between t0 and the last command
     gc_gen: int = -1  # the oldest generation collected then (-1: none)
     seq: int = 0  # its place in the run's order of e-stops (warm-ups included)
+    last_device: str = ""  # whose safe-state command came last on the wire
+    actor_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # per instrument
 
 
 async def run_estops(
@@ -351,19 +358,24 @@ async def run_estops(
     client: Requester,
     bench: SimulatedBench,
     n: int,
-    tracer: Tracer,
-    case: str,
+    *,
+    case: str = "quiet",
     warmup: int = 2,
+    tracer: Tracer | None = None,
     after_reset: Callable[[], Awaitable[None]] | None = None,
 ) -> list[EStopRun]:
     """``n`` e-stops over MQTT and ``n`` called directly, interleaved (after ``warmup``
-    uncounted ones), each on an idle, reset station; ``after_reset``: awaited after each
-    reset (e.g. to start the next campaign an e-stop aborts)."""
+    uncounted ones), each on an idle, reset station; ``tracer``: records each one's hops;
+    ``after_reset``: awaited after each reset (e.g. to start the next campaign an e-stop
+    aborts)."""
+    marks: dict[str, float]
     runs: list[EStopRun] = []
     for i in range(2 * n + warmup):
         via = "mqtt" if i % 2 == 0 else "direct"
         await asyncio.sleep(0.05)
-        tracer.current = marks = {}
+        marks = {}
+        if tracer is not None:
+            tracer.current, tracer.outcomes = marks, {}
         t0 = time.monotonic()
         reply_s = None
         if via == "mqtt":
@@ -383,9 +395,15 @@ async def run_estops(
             f"{name}: {inst}" for name, st in report["stations"].items() for inst in st["failed"]
         ]
         await asyncio.sleep(0.05)  # every command of the storm has arrived
-        tracer.current = None
+        if tracer is not None:
+            tracer.current = None
         arrivals = safe_state_arrivals(bench, t0, time.monotonic())
         firsts = [t for dev, ts in arrivals.items() for t in ts[: SAFE_WIRE_EXPECTED[dev]]]
+        last_device = max(
+            (dev for dev, ts in arrivals.items() if ts),
+            key=lambda dev: max(arrivals[dev][: SAFE_WIRE_EXPECTED[dev]]),
+            default="",
+        )
         missing = [
             f"{dev} {len(arrivals[dev])}/{k}"
             for dev, k in SAFE_WIRE_EXPECTED.items()
@@ -404,7 +422,11 @@ async def run_estops(
             wire_s = max(firsts) - t0 if firsts else None
             if firsts:
                 marks.update(wire_first=min(firsts), wire_last=max(firsts))
-            gc_s, gen = tracer.gc_in(t0, max(firsts) if firsts else t0 + (reply_s or 0.0))
+            gc_s, gen = (
+                tracer.gc_in(t0, max(firsts) if firsts else t0 + (reply_s or 0.0))
+                if tracer is not None
+                else (0.0, -1)
+            )
             hops = {k: round((marks[k] - t0) * 1e3, 3) for k in HOPS if k in marks}
             runs.append(
                 EStopRun(
@@ -419,6 +441,8 @@ async def run_estops(
                     round(gc_s * 1e3, 3),
                     gen,
                     i,
+                    last_device,
+                    dict(tracer.outcomes) if tracer is not None else {},
                 )
             )
     return runs
@@ -569,7 +593,9 @@ async def run_loaded(
     for name, rate in loads.items():
         with Load(broker, "flood", password, start, name, size, rate) as load:
             await asyncio.sleep(0.5)  # the load is steady before the first e-stop
-            runs = await run_estops(service, client, bench, args.estops, tracer, name, args.warmup)
+            runs = await run_estops(
+                service, client, bench, args.estops, case=name, warmup=args.warmup, tracer=tracer
+            )
         out[name] = (runs, load.sent, load.elapsed)
         await asyncio.sleep(1.0)  # the service drains what is queued before the next part
     return out
@@ -620,7 +646,12 @@ async def main_async(args: argparse.Namespace) -> Results:
                             )
                             print(f"2. {args.estops} + {args.estops} e-stops ...", file=sys.stderr)
                             estops = await run_estops(
-                                service, client, station, args.estops, tracer, "quiet", args.warmup
+                                service,
+                                client,
+                                station,
+                                args.estops,
+                                warmup=args.warmup,
+                                tracer=tracer,
                             )
                             print("2b. the same e-stops under load ...", file=sys.stderr)
                             loaded = await run_loaded(
@@ -775,7 +806,7 @@ def report(args: argparse.Namespace, r: Results, s: dict[str, Any]) -> str:
         "    then the slowest e-stop of each case; gc: this process's garbage collection meanwhile)"
     )
     names = list(HOPS)
-    say(f"    {'':<14}" + "".join(f"{h:>11}" for h in names) + f"{'gc ms':>8}")
+    say(f"    {'':<14}" + "".join(f"{h:>11}" for h in names) + f"{'gc ms':>8}  last on the wire")
     for case, runs in cases.items():
         mine = [e for e in runs if e.via == "mqtt"]
         cells = [med([e.hops[h] for e in mine if h in e.hops]) for h in names]
@@ -784,7 +815,11 @@ def report(args: argparse.Namespace, r: Results, s: dict[str, Any]) -> str:
         if slow is not None:
             cells = [slow.hops.get(h, math.nan) for h in names]
             label = f"{case} #{slow.seq}"
-            say(f"    {label:<14}" + "".join(f"{c:>11.1f}" for c in cells) + f"{slow.gc_ms:>8.1f}")
+            say(
+                f"    {label:<14}"
+                + "".join(f"{c:>11.1f}" for c in cells)
+                + f"{slow.gc_ms:>8.1f}  {slow.last_device}"
+            )
     for h, what in HOPS.items():
         say(f"      {h}: {what}")
     say("")
