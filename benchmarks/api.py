@@ -1,7 +1,11 @@
 """The MQTT campaign API: start latency, e-stop reaction over MQTT, results throughput.
 
-Run:  python benchmarks/api.py [--starts 8] [--estops 50] [--results 2000] [--speed 1000]
-      python benchmarks/api.py --quick          # CI smoke run (< 60 s)
+Run:  python benchmarks/api.py [--starts 8] [--estops 200] [--results 2000] [--speed 1000]
+      python benchmarks/api.py --quick          # CI smoke run (< 60 s), writes no file
+
+The full form (about 5 minutes) writes benchmarks/results/api.json (settings, machine and
+load average, library versions, the summary and every e-stop with its hops) and the
+printed report as api.txt (``--out`` elsewhere).
 
 One simulated reference station (``SimulatedLab(stations=1)``, pumps on a pty,
 hotplate over Modbus TCP, colour sensor over BLE/D-Bus, enclosure over MQTT,
@@ -26,7 +30,11 @@ in the same run, interleaved (MQTT, direct, MQTT, direct, ...):
    off, colour sensor stopped (as ``benchmarks/safety.py`` measures a trip).
    Next to it ``LabService.estop`` called directly (Ray to the station actor,
    no MQTT). The station is idle and reset (over the direct path) between
-   e-stops. Goal (issue 13): p99 < 50 ms over MQTT, quiet and under load:
+   e-stops; the first ``--warmup`` of each case are not counted. Each case
+   prints p50/p95/p99/max and their ratio to the quiet case's, and where the
+   time of the MQTT e-stops goes, hop by hop (:data:`HOPS`, :class:`Tracer`):
+   the median and the slowest one, with the device whose command came last.
+   Goal (issue 13): p99 < 50 ms over MQTT, quiet and under load:
    the same e-stops again while a second client (its own user) floods
    ``campaigns/start`` with malformed JSON at ``--flood-rate`` messages/s,
    and while a third publishes ``--storm-mb`` MB payloads there at
@@ -46,10 +54,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import gc
 import json
 import logging
-import math
 import os
 import queue
 import secrets
@@ -76,8 +82,17 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
+from benchmarks.apireport import (  # noqa: E402
+    HOPS,
+    SAFE_WIRE_EXPECTED,
+    EStopRun,
+    Results,
+    Start,
+    report,
+    summarize,
+)
+from benchmarks.apitrace import Tracer  # noqa: E402
 from benchmarks.resultsfile import write_results  # noqa: E402
-from benchmarks.stats import med, pct  # noqa: E402
 from bridge.labconfig import load_lab  # noqa: E402
 from bridge.mqttapi import MqttApi, mqtt_settings  # noqa: E402
 from bridge.service import LabService  # noqa: E402
@@ -89,13 +104,7 @@ from simulators.broker import MosquittoBroker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
-ESTOP_GOAL_MS = 50.0
 RESULTS = ROOT / "benchmarks" / "results" / "api.json"
-SAFE_WIRE_EXPECTED = {"hotplate": 2, "pumps": 8, "enclosure": 1, "color": 1}
-
-
-def ms(x: float) -> str:
-    return f"{x * 1e3:9.1f}"
 
 
 # ------------------------------------------------------------------------- client
@@ -165,17 +174,6 @@ def program_text(budget: int = 1) -> str:
         stop=dataclasses.replace(base.stop, target=None, no_improvement=None),
         initial_points=budget,
     ).to_markdown()
-
-
-@dataclasses.dataclass
-class Start:
-    via: str
-    campaign_id: str
-    t_wall: float  # time.time() just before the request
-    t_mono: float
-    reply_s: float | None = None
-    running_s: float | None = None
-    result_latency_s: float | None = None
 
 
 async def run_starts(
@@ -267,92 +265,6 @@ def safe_state_arrivals(
     }
 
 
-#: the hops of one e-stop, in order, as ms after the requester's PUBLISH (``EStopRun.hops``)
-HOPS = {
-    "rx": "the service's MQTT client received it (paho's network thread)",
-    "handler": "the service's e-stop handler ran (its task on the event loop)",
-    "trip": "the station actor's trip began (Ray call arrived)",
-    "trip_done": "the actor's last safe-state action returned",
-    "wire_first": "first safe-state command on the simulated wire",
-    "wire_last": "last safe-state command on the simulated wire",
-    "ray_back": "the actor's trip report was back in the service",
-    "reply": "the MQTT reply reached the requester",
-}
-
-
-class Tracer:
-    """Timestamps of the e-stop in flight along its path (:data:`HOPS`), and every garbage
-    collection of this process (the service, the simulators and the requester all run in
-    it). It observes: each hook calls the service's own code unchanged. The station actor
-    runs in another process: its trip's start and end come from its trip report (wall
-    clock, converted to this machine's monotonic clock)."""
-
-    def __init__(self, api: MqttApi, service: LabService) -> None:
-        self.current: dict[str, float] | None = None
-        self.outcomes: dict[str, float] = {}  # the last trip's safe_state() times, ms
-        self.gcs: list[tuple[float, float, int]] = []
-        self._gc_start = 0.0
-        self._wall_to_mono = time.time() - time.monotonic()
-        estop, station_call = api._estop, service._station_call
-
-        async def traced_estop(req: Any, data: Any, problems: list[str]) -> None:
-            if self.current is not None:
-                self.current.setdefault("rx", req.msg.received)
-                self.current.setdefault("handler", time.monotonic())
-            await estop(req, data, problems)
-
-        async def traced_call(name: str, method: str, *args: Any, **kw: Any) -> Any:
-            result = await station_call(name, method, *args, **kw)
-            if method == "trip" and self.current is not None and isinstance(result, dict):
-                self.current.setdefault("ray_back", time.monotonic())
-                trip = float(result["t"]) - self._wall_to_mono
-                self.current.setdefault("trip", trip)
-                self.outcomes = {
-                    k: round(float(o.get("elapsed_s") or 0.0) * 1e3, 3)
-                    for k, o in (result.get("outcomes") or {}).items()
-                }
-                if result.get("reaction_s") is not None:
-                    self.current.setdefault("trip_done", trip + float(result["reaction_s"]))
-            return result
-
-        api._estop = traced_estop  # type: ignore[method-assign]
-        service._station_call = traced_call  # type: ignore[method-assign]
-        gc.callbacks.append(self._on_gc)
-
-    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._gc_start = time.monotonic()
-        else:
-            self.gcs.append((self._gc_start, time.monotonic(), int(info["generation"])))
-
-    def gc_in(self, since: float, until: float) -> tuple[float, int]:
-        """Seconds of garbage collection in [since, until] and the oldest generation collected."""
-        spans = [(a, b, g) for a, b, g in self.gcs if b >= since and a <= until]
-        return sum(min(b, until) - max(a, since) for a, b, _ in spans), max(
-            (g for _, _, g in spans), default=-1
-        )
-
-    def close(self) -> None:
-        gc.callbacks.remove(self._on_gc)
-
-
-@dataclasses.dataclass
-class EStopRun:
-    case: str  # quiet, flood, storm
-    via: str
-    wire_s: float | None  # e-stop -> last safe-state command on the wire
-    reply_s: float | None
-    commands: int
-    missing: list[str]
-    failed: list[str] = dataclasses.field(default_factory=list)  # instruments not safe in time
-    hops: dict[str, float] = dataclasses.field(default_factory=dict)  # HOPS: ms after t0
-    gc_ms: float = 0.0  # garbage collection in this process between t0 and the last command
-    gc_gen: int = -1  # the oldest generation collected then (-1: none)
-    seq: int = 0  # its place in the run's order of e-stops (warm-ups included)
-    last_device: str = ""  # whose safe-state command came last on the wire
-    actor_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # per instrument
-
-
 async def run_estops(
     service: LabService,
     client: Requester,
@@ -374,6 +286,7 @@ async def run_estops(
         via = "mqtt" if i % 2 == 0 else "direct"
         await asyncio.sleep(0.05)
         marks = {}
+        runq0 = tracer.runq() if tracer is not None else {}
         if tracer is not None:
             tracer.current, tracer.outcomes = marks, {}
         t0 = time.monotonic()
@@ -391,6 +304,7 @@ async def run_estops(
         # by this one (its abort trips the station too, and may come first)
         if report["already_tripped"] and not report.get("campaigns_aborted"):
             raise RuntimeError(f"e-stop {i}: the station was tripped already: {report}")
+        runq = tracer.runq() if tracer is not None else {}
         failed = [  # e.g. a simulator starved of CPU under load: recorded, shown in the table
             f"{name}: {inst}" for name, st in report["stations"].items() for inst in st["failed"]
         ]
@@ -443,6 +357,7 @@ async def run_estops(
                     i,
                     last_device,
                     dict(tracer.outcomes) if tracer is not None else {},
+                    {k: round((runq[k] - runq0[k]) * 1e3, 3) for k in runq},
                 )
             )
     return runs
@@ -560,17 +475,6 @@ async def run_throughput(
 
 
 # -------------------------------------------------------------------------- main
-@dataclasses.dataclass
-class Results:
-    starts: list[Start]
-    estops: list[EStopRun]
-    api_rate: float
-    raw_rate: float
-    setup_s: float
-    loaded: dict[str, tuple[list[EStopRun], int, float]] = dataclasses.field(default_factory=dict)
-    mosquitto: str = ""
-
-
 def request_topic(root: str, kind: str, user: str) -> str:
     """The topic a client publishes a request on, ending in its user (docs/mqtt-api.md)."""
     return f"{root}/{kind}/{user}"
@@ -637,6 +541,7 @@ async def main_async(args: argparse.Namespace) -> Results:
                         await api.attach(service)
                         client = Requester(broker, "bench", bench_password, api.root)
                         tracer = Tracer(api, service)
+                        await tracer.watch(service)
                         setup_s = time.monotonic() - t0
                         station = sim.stations[0]
                         try:
@@ -671,179 +576,6 @@ async def main_async(args: argparse.Namespace) -> Results:
         broker.stop()
         ray.shutdown()
     return Results(starts, estops, api_rate, raw_rate, setup_s, loaded, mosquitto_version())
-
-
-def spread(values: Sequence[float]) -> dict[str, float]:
-    """n, p50, p95, p99 and max of ``values`` (seconds) in ms."""
-    return {
-        "n": len(values),
-        **{f"p{q}": round(pct(values, q / 100) * 1e3, 3) for q in (50, 95, 99)},
-        "max": round(max(values) * 1e3, 3) if values else math.nan,
-    }
-
-
-def estop_cases(r: Results) -> dict[str, list[EStopRun]]:
-    return {"quiet": r.estops, **{name: runs for name, (runs, _, _) in r.loaded.items()}}
-
-
-def summarize(args: argparse.Namespace, r: Results, elapsed: float) -> dict[str, Any]:
-    """What the results file's ``summary`` holds: every figure of the printed report."""
-    mq = [s for s in r.starts if s.via == "mqtt"]
-    di = [s for s in r.starts if s.via == "direct"]
-    estops: dict[str, Any] = {}
-    for case, runs in estop_cases(r).items():
-        estops[case] = {}
-        for via in ("mqtt", "direct"):
-            mine = [e for e in runs if e.via == via]
-            estops[case][via] = {
-                "wire": spread([e.wire_s for e in mine if e.wire_s is not None]),
-                "reply": spread([e.reply_s for e in mine if e.reply_s is not None]),
-                "incomplete": sum(1 for e in mine if e.missing),
-                "failed": sum(1 for e in mine if e.failed),
-            }
-        if case in r.loaded:
-            _, sent, took = r.loaded[case]
-            estops[case]["load_msgs_per_s"] = round(sent / took, 2) if took else None
-    goal = {case: estops[case]["mqtt"]["wire"]["p99"] for case in estops}
-    lat = [s.result_latency_s for s in r.starts if s.result_latency_s is not None]
-    return {
-        "run_s": round(elapsed, 1),
-        "setup_s": round(r.setup_s, 1),
-        "mosquitto": r.mosquitto,
-        "start_running": {
-            "mqtt": spread([s.running_s for s in mq if s.running_s is not None]),
-            "direct": spread([s.running_s for s in di if s.running_s is not None]),
-        },
-        "start_reply": spread([s.reply_s for s in mq if s.reply_s is not None]),
-        "estop": estops,
-        "estop_goal_ms": ESTOP_GOAL_MS,
-        "estop_goal_p99_ms": goal,
-        "estop_goal_met": all(v < ESTOP_GOAL_MS for v in goal.values()),
-        "result_latency": spread(lat),
-        "results_per_s": {"api": round(r.api_rate), "raw": round(r.raw_rate)},
-    }
-
-
-def report(args: argparse.Namespace, r: Results, s: dict[str, Any]) -> str:
-    """The printed report of the summary ``s`` of ``r``."""
-    out: list[str] = []
-    say = out.append
-    say("labbridge MQTT campaign API benchmark (issues 5, 13)")
-    say(
-        f"one simulated reference station at {args.speed:g}x on local Ray (warm), {r.mosquitto} "
-        f"with a password on loopback, a paho MQTT v5 requester; set-up {r.setup_s:.1f} s"
-    )
-    say("")
-    mq = [x for x in r.starts if x.via == "mqtt"]
-    di = [x for x in r.starts if x.via == "direct"]
-
-    def row(label: str, a: Sequence[float], b: Sequence[float] | None = None) -> None:
-        line = f"    {label:<52} {ms(med(a))} {ms(pct(a, 0.99))}"
-        if b is not None:
-            ratio = med(a) / med(b) if med(b) > 0 else math.nan
-            line += f" {ms(med(b))} {ms(pct(b, 0.99))} {ratio:6.2f}x"
-        say(line)
-
-    say(
-        f"1. campaigns/start -> first experiment running on the station ({len(mq)} + {len(di)} starts, ms)"
-    )
-    say(
-        f"    {'interval':<52} {'MQTT med':>9} {'MQTT p99':>9} {'direct':>9} {'dir p99':>9} {'ratio':>7}"
-    )
-    row(
-        "start -> experiment 'running' (journal)",
-        [x.running_s for x in mq if x.running_s is not None],
-        [x.running_s for x in di if x.running_s is not None],
-    )
-    row("start -> reply at the requester", [x.reply_s for x in mq if x.reply_s is not None])
-    say("")
-    cases = estop_cases(r)
-    est = s["estop"]
-    say(
-        f"2. e-stop -> last safe-state command on the wire (idle station, reset between; "
-        f"{args.estops} MQTT + {args.estops} direct per case, interleaved, after {args.warmup} "
-        "uncounted warm-ups; ms)"
-    )
-    for name, (_, sent, took) in r.loaded.items():
-        what = (
-            f"a flood of malformed requests on campaigns/start ({sent / took:,.0f} msg/s)"
-            if name == "flood"
-            else f"a {args.storm_mb:g} MB payload storm on campaigns/start ({sent / took:.1f} msg/s)"
-        )
-        say(f"    {name}: under {what}")
-    for key, title in (
-        ("wire", "e-stop -> last safe-state command (wire log)"),
-        ("reply", "e-stop -> report back (MQTT reply / direct return)"),
-    ):
-        say(f"    {title}")
-        say(
-            f"    {'case':<7}{'path':<8}{'n':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}"
-            f" {'p50/quiet':>10} {'p99/quiet':>10}"
-        )
-        for case in cases:
-            for via in ("mqtt", "direct"):
-                x, q = est[case][via][key], est["quiet"][via][key]
-                say(
-                    f"    {case:<7}{via:<8}{x['n']:>5} {x['p50']:>8.1f} {x['p95']:>8.1f} "
-                    f"{x['p99']:>8.1f} {x['max']:>8.1f} {x['p50'] / q['p50']:>9.2f}x "
-                    f"{x['p99'] / q['p99']:>9.2f}x"
-                )
-    every = [e for runs in cases.values() for e in runs]
-    counts = [e.commands for e in every]
-    incomplete = [e for e in every if e.missing]
-    failed = [e for e in every if e.failed]
-    say(
-        f"    safe-state commands seen per e-stop: {med(counts):.0f} (expected "
-        f"{sum(SAFE_WIRE_EXPECTED.values())}: hotplate 2, pumps 8, enclosure 1, colour 1); "
-        f"e-stops with some missing: {len(incomplete)}"
-        + (f" (e.g. {incomplete[0].missing})" if incomplete else "")
-        + f"; e-stops where an instrument did not report safe in time: {len(failed)}"
-        + (f" (e.g. {failed[0].failed})" if failed else "")
-    )
-    say("")
-    say("2c. where the time goes, over MQTT: ms after the PUBLISH at each hop (median per case;")
-    say(
-        "    then the slowest e-stop of each case; gc: this process's garbage collection meanwhile)"
-    )
-    names = list(HOPS)
-    say(f"    {'':<14}" + "".join(f"{h:>11}" for h in names) + f"{'gc ms':>8}  last on the wire")
-    for case, runs in cases.items():
-        mine = [e for e in runs if e.via == "mqtt"]
-        cells = [med([e.hops[h] for e in mine if h in e.hops]) for h in names]
-        say(f"    {case + ' p50':<14}" + "".join(f"{c:>11.1f}" for c in cells))
-        slow = max(mine, key=lambda e: e.wire_s or 0.0, default=None)
-        if slow is not None:
-            cells = [slow.hops.get(h, math.nan) for h in names]
-            label = f"{case} #{slow.seq}"
-            say(
-                f"    {label:<14}"
-                + "".join(f"{c:>11.1f}" for c in cells)
-                + f"{slow.gc_ms:>8.1f}  {slow.last_device}"
-            )
-    for h, what in HOPS.items():
-        say(f"      {h}: {what}")
-    say("")
-    lat = [x.result_latency_s for x in r.starts if x.result_latency_s is not None]
-    say("3. results")
-    say(f"    {'':<52} {'median':>9} {'p99':>9}")
-    say(
-        f"    {'experiment done (journal) -> result at a subscriber, ms':<52} {ms(med(lat))} {ms(pct(lat, 0.99))}"
-    )
-    say(
-        f"    throughput of {args.results} result messages at a subscriber: API {r.api_rate:,.0f}/s, "
-        f"raw paho {r.raw_rate:,.0f}/s ({r.api_rate / r.raw_rate:.2f}x)"
-    )
-    say("")
-    say(f"{'goal':<46} {'target':>10} {'measured':>11}  met?")
-    for name, p99 in s["estop_goal_p99_ms"].items():
-        label = f"e-stop over MQTT -> last wire cmd, p99, {name}"
-        say(
-            f"{label:<46} {'< ' + format(ESTOP_GOAL_MS, 'g') + ' ms':>10} "
-            f"{p99:>8.1f} ms  {'yes' if p99 < ESTOP_GOAL_MS else 'NO'}"
-        )
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    say(f"\n(run took {s['run_s']:.0f} s; load average {load} on {os.cpu_count()} CPUs)")
-    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

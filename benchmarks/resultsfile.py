@@ -23,13 +23,15 @@ __all__ = ["machine", "write_results"]
 
 def machine() -> dict[str, Any]:
     """Where and when a run happened: UTC date, Python, platform, CPUs, load average (1, 5,
-    15 min, at the time of the call)."""
+    15 min, at the time of the call), this process's niceness (a niced run gets less CPU on a
+    busy machine)."""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "nice": os.nice(0) if hasattr(os, "nice") else None,
     }
 
 

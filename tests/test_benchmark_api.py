@@ -1,6 +1,6 @@
-"""benchmarks/api.py's report and results file, from made-up measurements (the benchmark
-itself runs in CI as ``python benchmarks/api.py --quick``: .ci/run; its full form's
-numbers are in benchmarks/results/api.txt and docs/mqtt-api.md)."""
+"""benchmarks/api.py's report (benchmarks/apireport.py) and results file, from made-up
+measurements (the benchmark itself runs in CI as ``python benchmarks/api.py --quick``:
+.ci/run; its full form's numbers are in benchmarks/results/api.txt and docs/mqtt-api.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import api as api_bench  # noqa: E402
+from benchmarks import apireport as api_bench  # noqa: E402
 from benchmarks.resultsfile import write_results  # noqa: E402
 
 
