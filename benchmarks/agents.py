@@ -67,7 +67,8 @@ import ray  # noqa: E402
 from mcp import Client, StdioServerParameters  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
-from benchmarks.api import EXAMPLE, EStopRun, Requester, ms, run_estops  # noqa: E402
+from benchmarks.api import EXAMPLE, Requester, run_estops  # noqa: E402
+from benchmarks.apireport import EStopRun, ms  # noqa: E402
 from benchmarks.stats import med, pct  # noqa: E402
 from bridge.agentcli import TOKEN_ENV  # noqa: E402
 from bridge.labconfig import load_lab  # noqa: E402

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.feasibility import write_results  # noqa: E402
+from benchmarks.resultsfile import write_results  # noqa: E402
 from loops.optbayes import BayesOptimizer  # noqa: E402
 from loops.optcost import CostModel, CostSpec  # noqa: E402
 from loops.optspace import ParamSpace  # noqa: E402

@@ -22,12 +22,11 @@ apart, they are the same in both arms) and the best value reached::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers import peer_versions  # noqa: E402
+from benchmarks.resultsfile import write_results  # noqa: E402
 from loops.optbayes import BayesOptimizer  # noqa: E402
 from loops.testfunctions import HARTMANN6  # noqa: E402
 
-__all__ = ["INITIAL_POINTS", "RULE", "Run", "main", "run_seed", "trouble", "write_results"]
+__all__ = ["INITIAL_POINTS", "RULE", "Run", "main", "run_seed", "trouble"]
 
 RULE = "heater.max_power"
 INITIAL_POINTS = 12
@@ -98,19 +97,6 @@ def run_seed(seed: int, *, learn: bool, evals: int) -> Run:
             best = min(best, value)
             opt.tell(p.id, value)
     return Run(seed, learn, design, model, refused, failed, best, time.perf_counter() - t0)
-
-
-def write_results(out: Path, args: Any, summary: dict[str, Any], runs: Sequence[Any]) -> None:
-    """The results file: seeds, evaluations, the versions of every library that shapes a
-    run (the same ones reproduce each seed), the summary and every run."""
-    doc = {
-        "seeds": args.seeds,
-        "evals": args.evals,
-        "versions": {"python": sys.version.split()[0], **peer_versions()},
-        "summary": summary,
-        "runs": [asdict(r) for r in runs],
-    }
-    out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _summary(runs: Sequence[Run]) -> dict[str, Any]:

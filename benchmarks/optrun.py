@@ -14,7 +14,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ from benchmarks.campaign import (
     simulate_campaign,
 )
 from benchmarks.peers import PEERS, peer_versions
+from benchmarks.resultsfile import machine
 from loops.optimizer import BayesOptimizer, Optimizer
 from loops.testfunctions import HARTMANN6
 
@@ -301,10 +301,7 @@ def environment() -> dict[str, Any]:
     except ImportError:
         blas = []
     return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        **machine(),
         "versions": peer_versions(),
         "blas": blas,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE")},
