@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from test_declare import _Link
 
 from instruments.declare import (
     ACTUATE,
@@ -35,16 +36,6 @@ from safety.envelope import EnvelopeError
 from safety.envelopeload import load_envelope
 from safety.guard import Guard
 from safety.model import AuditTrail, Command, Latch, SafetyRefusal, StationState
-
-
-class _Link(Transport):
-    schemes = ("soft",)
-
-    async def _open(self) -> None:
-        return None
-
-    async def _close(self) -> None:
-        return None
 
 
 class Lamp(Driver):
