@@ -64,8 +64,15 @@ from bridge.notifyconfig import NotifyConfig, parse_notifications
 from bridge.quotaconfig import Quotas, parse_quotas
 from bridge.webusers import UsersConfig, parse_users
 from instruments.errors import InstrumentError
+from loops.check import check_setup
 from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
-from safety import check_counters, check_device_faults, check_instrument, load_envelope
+from safety import (
+    check_counters,
+    check_device_faults,
+    check_instrument,
+    load_envelope,
+    station_layout,
+)
 from safety.envelopeload import REFERENCE_BENCH
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
@@ -147,7 +154,8 @@ class LabConfig:
         hardware: the ``mqtt:`` block (:func:`mqtt_settings`), each envelope's
         channels and rules name the station's instruments, each driver kind is installed,
         each transport URL and its driver options are valid, each budget over a counter
-        names one the station's drivers declare.
+        names one the station's drivers declare, each set-up recipe's steps name the
+        station's instruments, commands, arguments and readings (:func:`check_setup`).
         Returns the problems (``file:line: field: problem``), empty when all is well."""
         problems: list[str] = []
         if self.mqtt:
@@ -169,6 +177,13 @@ class LabConfig:
                 check_counters(st.instruments, envelope)  # budgets over counters name real ones
             except ConfigError as exc:
                 problems.append(f"{exc} (station {name})")
+            else:  # set-up steps against the station (a driver kind not installed: below)
+                try:
+                    layout = station_layout(st.instruments, envelope)
+                except (InstrumentError, KeyError, TypeError, ValueError):
+                    layout = None
+                if layout is not None:
+                    problems += check_setup(st.setup, layout)
             for i, spec in enumerate(st.instruments):
                 try:
                     check_instrument(spec["kind"], spec["url"], spec.get("options"))

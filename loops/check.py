@@ -15,24 +15,29 @@ Two parts, each problem naming the program's file, line and field:
   station's envelope exactly as a campaign would, from the station's safe state plus what
   ``assume`` says about measured values (the lid, the plate temperature): each point
   passes or is refused with the named rules.
+
+A station's set-up recipes (lab.yaml ``setup:``) get the first part (:func:`check_setup`,
+run by ``labbridge check lab.yaml``), each problem naming the set-up file, or lab.yaml for
+an inline one, with its line and field.
 """
 
 from __future__ import annotations
 
 import difflib
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from loops.plan import RecipeError
 from loops.program import Program
 from loops.recipe import build_recipe, recipe_times
+from loops.setup import SetupRecipe
 from safety import dry_run
 from safety.effects import initial_commanded
 from safety.expr import parse
 
-__all__ = ["MAX_CORNERS", "PointCheck", "ProgramCheck", "check_program"]
+__all__ = ["MAX_CORNERS", "PointCheck", "ProgramCheck", "check_program", "check_setup"]
 
 #: corners dry-run at most (a space of more than 6 parameters gets its first 64 corners)
 MAX_CORNERS = 64
@@ -68,11 +73,18 @@ class ProgramCheck:
         return not self.problems
 
 
-def _where(program: Program, step: Any, what: str) -> str:
-    line = f":{step.line}" if step.line else ""
-    if program.recipe_file is not None:  # the steps are a file of their own
-        return f"{program.recipe_file}{line}: [{step.index}]{what}"
-    return f"{program.source}{line}: recipe[{step.index}]{what}"
+#: names a step's place (``file:line: field``) given the step and the field in it (``.call``)
+Where = Callable[[Any, str], str]
+
+
+def _program_where(program: Program) -> Where:
+    def where(step: Any, what: str) -> str:
+        line = f":{step.line}" if step.line else ""
+        if program.recipe_file is not None:  # the steps are a file of their own
+            return f"{program.recipe_file}{line}: [{step.index}]{what}"
+        return f"{program.source}{line}: recipe[{step.index}]{what}"
+
+    return where
 
 
 def _step_readings(step: Any) -> Iterable[tuple[str, str]]:
@@ -114,23 +126,25 @@ def _unknown_reading(layout: Any, instrument: str, key: str) -> str | None:
     return f"{instrument} ({kind}) has no reading {key!r}{hint}; it reads: {returns}"
 
 
-def _check_readings(program: Program, layout: Any) -> list[str]:
+def _check_readings(steps: Iterable[Any], layout: Any, where: Where) -> list[str]:
+    """Every reading the ``steps`` name is one their instrument's ``read()`` returns."""
     problems: list[str] = []
-    for step in program.plan.steps:
+    for step in steps:
         for name, what in _step_readings(step):
             instrument, _, key = name.partition(".")
             if instrument not in layout.kinds:
                 continue  # named by _check_steps
             problem = _unknown_reading(layout, instrument, key)
             if problem is not None:
-                problems.append(f"{_where(program, step, what)}: {problem}")
+                problems.append(f"{where(step, what)}: {problem}")
     return problems
 
 
-def _check_steps(program: Program, layout: Any) -> list[str]:
+def _check_steps(steps: Iterable[Any], layout: Any, where: Where) -> list[str]:
+    """Every instrument, command and argument the ``steps`` name is the station's."""
     problems: list[str] = []
     known = sorted(layout.kinds)
-    for step in program.plan.steps:
+    for step in steps:
         f = step.fields
         names: list[tuple[str, str]] = []
         if step.kind in ("call", "ramp", "capture"):
@@ -142,7 +156,7 @@ def _check_steps(program: Program, layout: Any) -> list[str]:
         missing = [(n, w) for n, w in names if n not in layout.kinds]
         for name, what in missing:
             problems.append(
-                f"{_where(program, step, what)}: the station has no instrument '{name}' "
+                f"{where(step, what)}: the station has no instrument '{name}' "
                 f"(it has: {', '.join(known)})"
             )
         if missing:
@@ -150,7 +164,7 @@ def _check_steps(program: Program, layout: Any) -> list[str]:
         if step.kind == "capture":
             if "capture" not in layout.actions(f["instrument"]):
                 problems.append(
-                    f"{_where(program, step, '.capture')}: {f['instrument']} "
+                    f"{where(step, '.capture')}: {f['instrument']} "
                     f"({layout.kinds[f['instrument']]}) does not capture images"
                 )
             continue
@@ -160,7 +174,7 @@ def _check_steps(program: Program, layout: Any) -> list[str]:
         spec = layout.actions(instrument).get(command)
         if spec is None:
             problems.append(
-                f"{_where(program, step, '.' + step.kind)}: {instrument} "
+                f"{where(step, '.' + step.kind)}: {instrument} "
                 f"({layout.kinds[instrument]}) has no command {command!r} (it declares: "
                 f"{', '.join(sorted(layout.actions(instrument))) or 'none'})"
             )
@@ -170,12 +184,12 @@ def _check_steps(program: Program, layout: Any) -> list[str]:
             given.add(f["set"])
         for arg in sorted(given - set(spec.params)):
             problems.append(
-                f"{_where(program, step, '.args.' + arg)}: {instrument}.{command}() has no "
+                f"{where(step, '.args.' + arg)}: {instrument}.{command}() has no "
                 f"argument {arg!r}; it takes {spec.signature()}"
             )
         for arg in sorted(n for n, p in spec.params.items() if not p.optional and n not in given):
             problems.append(
-                f"{_where(program, step, '.args')}: {instrument}.{command}() needs {arg} "
+                f"{where(step, '.args')}: {instrument}.{command}() needs {arg} "
                 f"({spec.params[arg].describe()})"
             )
         for key, value in step.values.items():
@@ -185,7 +199,21 @@ def _check_steps(program: Program, layout: Any) -> list[str]:
             try:
                 spec.params[name].check(value.literal)
             except ValueError as exc:
-                problems.append(f"{_where(program, step, '.args.' + name)}: {name} {exc}")
+                problems.append(f"{where(step, '.args.' + name)}: {name} {exc}")
+    return problems
+
+
+def check_setup(recipes: Sequence[SetupRecipe], layout: Any) -> list[str]:
+    """A station's set-up recipes against its ``layout``: the same instrument, command,
+    argument and reading checks as a program's recipe (no dry run: a set-up recipe has no
+    parameter space), each problem naming the set-up file (or lab.yaml), line and field."""
+    problems: list[str] = []
+    for recipe in recipes:
+        if recipe.plan is None:  # built by hand, not compiled: no steps to name
+            continue
+        steps = recipe.plan.steps
+        problems += _check_steps(steps, layout, recipe.where)
+        problems += _check_readings(steps, layout, recipe.where)
     return problems
 
 
@@ -210,7 +238,10 @@ def check_program(
 ) -> ProgramCheck:
     """Check ``program`` against one station (its ``layout`` and ``envelope``): see the
     module docstring. Nothing is connected; the envelope's ledger is not touched."""
-    result = ProgramCheck(station, _check_steps(program, layout) + _check_readings(program, layout))
+    steps, where = program.plan.steps, _program_where(program)
+    result = ProgramCheck(
+        station, _check_steps(steps, layout, where) + _check_readings(steps, layout, where)
+    )
     if result.problems:
         return result
     view: dict[str, Any] = {**initial_commanded(layout), **dict(assume or {})}

@@ -33,14 +33,14 @@ import datetime as dt
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from loops.plan import Recipe, RecipeError, compile_fixed, compile_plan, plain
-from safety.yamldoc import ConfigError, YamlDoc, load_yaml_file
+from loops.plan import Plan, Recipe, RecipeError, compile_fixed, compile_plan, plain
+from safety.yamldoc import ConfigError, YamlDoc, field_path, load_yaml_file
 
 __all__ = ["EVERY", "REFERENCE_SETUP", "SetupRecipe", "SetupStore", "compile_setup", "load_setup"]
 
@@ -56,7 +56,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 @dataclass(frozen=True)
 class SetupRecipe:
     """One compiled set-up recipe: its ``name``, the bound ``recipe`` (plain data, like an
-    experiment's), the measurements it ``keep``s and when it runs (``every``)."""
+    experiment's), the measurements it ``keep``s and when it runs (``every``). ``plan`` is
+    the compiled recipe (each step's line in ``source``) and ``at`` the set-up recipe's
+    place in that file, for ``labbridge check`` to name a step (:meth:`where`)."""
 
     name: str
     recipe: Recipe
@@ -64,6 +66,14 @@ class SetupRecipe:
     every: str = "once"
     doc: str = ""
     source: str = ""
+    plan: Plan | None = field(default=None, repr=False, compare=False)
+    at: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+
+    def where(self, step: Any, what: str = "") -> str:
+        """``file:line: field`` of one of :attr:`plan`'s steps (``what``: the field in it,
+        e.g. ``.call``), e.g. ``lab.yaml:12: stations.bench-a.setup[0].recipe[2].call``."""
+        line = f":{step.line}" if step.line else ""
+        return f"{self.source}{line}: {field_path((*self.at, 'recipe', step.index))}{what}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -128,7 +138,7 @@ def compile_setup(
         recipe = plan.bind(fixed)
     except RecipeError as exc:
         raise doc.error(str(exc), (*path, "recipe")) from None
-    return SetupRecipe(name, recipe, tuple(keep), every, text, doc.source)
+    return SetupRecipe(name, recipe, tuple(keep), every, text, doc.source, plan, tuple(path))
 
 
 def load_setup(file: str | Path, *, functions: Mapping[str, Any] | None = None) -> SetupRecipe:

@@ -205,3 +205,57 @@ def test_a_recipe_file_s_problems_name_that_file(
     assert (
         f"{tmp_path / 'steps.yaml'}:{line}: [2].call: enclosure (enclosure) has no command" in err
     )
+
+
+INLINE_SETUP = """    setup:
+      - name: lamp
+        recipe:
+          - call: enclosure.set_light
+            args: {on: true, intensity: 0.5}
+          - call: enclosure.set_lamp
+            args: {on: false}
+"""
+
+
+def _lab_with_setup(tmp_path: Path, setup: str) -> Path:
+    text = LAB.read_text()
+    assert "    setup: [reference]" in text
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(text.replace("    setup: [reference]", setup.rstrip("\n"), 1))
+    return lab
+
+
+def test_a_set_up_step_that_does_not_fit_the_station_names_the_lab_file_line_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An inline set-up recipe (lab.yaml ``setup:``) is checked against its station like a
+    program's recipe: a misspelled command is one line at its place in lab.yaml."""
+    lab = _lab_with_setup(tmp_path, INLINE_SETUP)
+    assert main(["check", str(lab)]) == 1
+    err = capsys.readouterr().err
+    line = _line_of(lab, "call: enclosure.set_lamp")
+    assert (
+        f"{lab}:{line}: stations.bench-a.setup[0].recipe[1].call: enclosure (enclosure) has no "
+        "command 'set_lamp' (it declares: " in err
+    ), err
+    assert f"{lab}: 1 problem(s)" in err and err.count("set_lamp") == 1, err
+
+
+def test_a_set_up_file_s_misspelled_reading_names_that_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A set-up recipe file (relative to the lab file): its problems point into it."""
+    text = (ROOT / "loops" / "programs" / "reference-setup.yaml").read_text()
+    old = "  - call: waste.wait_until_stopped\n    args: {timeout: 300, poll_interval: 0.05}\n"
+    assert old in text
+    setup = tmp_path / "reference-setup.yaml"
+    setup.write_text(text.replace(old, old + "  - wait: hotplate.plate_cc < 30\n", 1))
+    lab = _lab_with_setup(tmp_path, "    setup: [reference-setup.yaml]")
+    assert main(["check", str(lab)]) == 1
+    err = capsys.readouterr().err
+    line = _line_of(setup, "wait: hotplate.plate_cc")
+    assert (
+        f"{setup}:{line}: recipe[19].wait: hotplate (hotplate) has no reading 'plate_cc' "
+        "(did you mean hotplate.plate_c?)" in err
+    ), err
+    assert f"{lab}: 1 problem(s)" in err, err
