@@ -180,7 +180,7 @@ class LabConfig:
             else:  # set-up steps against the station (a driver kind not installed: below)
                 try:
                     layout = station_layout(st.instruments, envelope)
-                except (InstrumentError, KeyError, TypeError, ValueError):
+                except (InstrumentError, ImportError, KeyError, TypeError, ValueError):
                     layout = None
                 if layout is not None:
                     problems += check_setup(st.setup, layout)

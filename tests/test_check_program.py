@@ -188,6 +188,19 @@ async def test_the_buffer_program_checks_ok_on_the_buffer_bench(
     assert "program buffer-ph on station bench-a: dry run of " in out and f"{lab}: OK" in out
 
 
+@pytest.mark.timeout(60)
+async def test_the_simulated_reference_lab_and_its_set_up_check_ok(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The colour bench's lab (``setup: [reference]``): its set-up steps fit the station."""
+    async with SimulatedLab(stations=2) as sim:
+        lab = tmp_path / "lab.yaml"
+        lab.write_text(sim_lab_yaml(sim, tmp_path / "journal.db"))
+        assert main(["check", str(lab)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "set-up camera-calibration (once)" in out and f"{lab}: OK" in out
+
+
 def test_a_recipe_file_s_problems_name_that_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
