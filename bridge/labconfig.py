@@ -47,6 +47,7 @@ envelopes by :func:`safety.load_envelope`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -66,13 +67,8 @@ from bridge.webusers import UsersConfig, parse_users
 from instruments.errors import InstrumentError
 from loops.check import check_setup
 from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
-from safety import (
-    check_counters,
-    check_device_faults,
-    check_instrument,
-    load_envelope,
-    station_layout,
-)
+from safety import check_device_faults, check_instrument, load_envelope, station_layout
+from safety.effects import check_counted
 from safety.envelopeload import REFERENCE_BENCH
 from safety.yamldoc import ConfigError, YamlDoc, compose_yaml
 
@@ -167,6 +163,7 @@ class LabConfig:
             problems += self.notifications.check(bool(self.mqtt.get("url")))[0]
         for name, st in self.stations.items():
             at = ("stations", name)
+            layout = None  # stays None for a driver kind not installed (reported below)
             try:
                 envelope = load_envelope(
                     st.envelope_text,
@@ -174,15 +171,16 @@ class LabConfig:
                     known=[i["name"] for i in st.instruments],
                 )
                 check_device_faults(st.instruments, envelope)  # disabled/while name real faults
-                check_counters(st.instruments, envelope)  # budgets over counters name real ones
+                with contextlib.suppress(
+                    InstrumentError, ImportError, KeyError, TypeError, ValueError
+                ):
+                    layout = station_layout(st.instruments, envelope)
+                if layout is not None:
+                    check_counted(layout, envelope)  # budgets over counters name real ones
             except ConfigError as exc:
                 problems.append(f"{exc} (station {name})")
-            else:  # set-up steps against the station (a driver kind not installed: below)
-                try:
-                    layout = station_layout(st.instruments, envelope)
-                except (InstrumentError, ImportError, KeyError, TypeError, ValueError):
-                    layout = None
-                if layout is not None:
+            else:
+                if layout is not None:  # set-up steps against the station
                     problems += check_setup(st.setup, layout)
             for i, spec in enumerate(st.instruments):
                 try:

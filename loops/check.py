@@ -203,6 +203,12 @@ def _check_steps(steps: Iterable[Any], layout: Any, where: Where) -> list[str]:
     return problems
 
 
+def _check_recipe(steps: Sequence[Any], layout: Any, where: Where) -> list[str]:
+    """The recipe's ``steps`` against the station: instruments, commands, arguments
+    (:func:`_check_steps`), then readings (:func:`_check_readings`)."""
+    return _check_steps(steps, layout, where) + _check_readings(steps, layout, where)
+
+
 def check_setup(recipes: Sequence[SetupRecipe], layout: Any) -> list[str]:
     """A station's set-up recipes against its ``layout``: the same instrument, command,
     argument and reading checks as a program's recipe (no dry run: a set-up recipe has no
@@ -211,9 +217,7 @@ def check_setup(recipes: Sequence[SetupRecipe], layout: Any) -> list[str]:
     for recipe in recipes:
         if recipe.plan is None:  # built by hand, not compiled: no steps to name
             continue
-        steps = recipe.plan.steps
-        problems += _check_steps(steps, layout, recipe.where)
-        problems += _check_readings(steps, layout, recipe.where)
+        problems += _check_recipe(recipe.plan.steps, layout, recipe.where)
     return problems
 
 
@@ -238,9 +242,8 @@ def check_program(
 ) -> ProgramCheck:
     """Check ``program`` against one station (its ``layout`` and ``envelope``): see the
     module docstring. Nothing is connected; the envelope's ledger is not touched."""
-    steps, where = program.plan.steps, _program_where(program)
     result = ProgramCheck(
-        station, _check_steps(steps, layout, where) + _check_readings(steps, layout, where)
+        station, _check_recipe(program.plan.steps, layout, _program_where(program))
     )
     if result.problems:
         return result

@@ -27,7 +27,7 @@ from instruments.registry import check as _check_driver
 from safety.capabilities import require
 from safety.devicefaults import fault_monitors
 from safety.dryrun import DryRunReport
-from safety.effects import Bound, Layout, bounds, check_counted
+from safety.effects import Bound, Layout, bounds
 from safety.envelope import Envelope
 from safety.guard import Guard, GuardedInstrument
 from safety.model import AuditTrail, Command, Latch, StationState, Verdict
@@ -210,18 +210,6 @@ def check_device_faults(
     return fault_monitors(classes, envelope.fault_settings)[1]
 
 
-def check_counters(instrument_specs: Iterable[Mapping[str, Any]], envelope: Envelope) -> None:
-    """Check that every budget over a counter (``counts: <instrument>.<channel>``) names a
-    counter a command of the station's drivers adds to, without opening anything
-    (``labbridge check``); :class:`~safety.envelope.EnvelopeError` naming the budget and the
-    station's counters. An instrument whose kind is not installed is left out (reported on
-    its own), and then its counters are not checked."""
-    specs = list(instrument_specs)
-    if any(s["kind"] not in available_drivers() for s in specs):
-        return
-    check_counted(station_layout(specs, envelope), envelope)
-
-
 def station_layout(instrument_specs: Iterable[Mapping[str, Any]], envelope: Envelope) -> Layout:
     """The station's layout (instrument kinds, their drivers' declared commands, safe states
     and channels, the envelope's vessels) from unopened drivers: nothing is opened. An
@@ -242,7 +230,6 @@ __all__ = [
     "SafeStation",
     "actuated_channels",
     "available_drivers",
-    "check_counters",
     "check_device_faults",
     "check_instrument",
     "open_station",
