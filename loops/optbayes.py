@@ -83,8 +83,9 @@ class BayesOptimizer(StrategyBase):
     ``initial_points`` points of a seeded Latin hypercube come first (the ones
     that violate ``constraints`` are skipped; by default
     :func:`default_initial_points`, ``max(5, d + 2)``). Then each ask fits a GP
-    (scikit-learn; Matern 5/2, ``alpha=1e-6``, ``normalize_y``, one length
-    scale per unit column, maximum likelihood; int, ordinal and categorical
+    (scikit-learn; Matern 5/2 times a fitted signal variance, ``alpha=1e-6``,
+    ``normalize_y``, one length scale per unit column, maximum likelihood; int,
+    ordinal and categorical
     columns snapped inside the kernel with bayesian-optimization's
     ``wrap_kernel``) to the trusted results and the penalised
     infeasible/failed points; adds the pending and untrusted points with

@@ -123,8 +123,8 @@ def matern(d: int) -> Kernel:
 def scaled(kernel: Kernel) -> Kernel:
     """``kernel`` times a fitted signal variance (on the standardised targets).
 
-    A fixed variance of 1 over-smoothed Hartmann-6 (experiments to target, 50 seeds,
-    median 35 -> 30; Branin 23 -> 20 over 20 seeds: benchmarks/optimizers.py).
+    With the variance fixed at 1, experiments to target (median over seeds 0-19) were
+    35 on Hartmann-6 and 23 on Branin; fitted, 31 and 20 (benchmarks/optimizers.py).
     """
     return ConstantKernel(1.0, (1e-2, 1e2)) * kernel
 
