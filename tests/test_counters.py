@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from test_declare import _Link
+from test_declare import _Link, broken_driver_error
 
 from instruments.declare import (
     ACTUATE,
@@ -139,28 +139,10 @@ def _guard(text: str = ENVELOPE) -> tuple[Guard, Lamp, list[float]]:
 def test_a_counter_declaration_that_does_not_fit_fails_when_the_class_is_made(
     body: str, problem: str
 ) -> None:
-    namespace: dict[str, Any] = {
-        "ACTUATE": ACTUATE,
-        "SAFER": SAFER,
-        "READ": READ,
-        "Param": Param,
-        "Set": Set,
-        "Add": Add,
-        "declare": declare,
-        "Driver": Driver,
-    }
-    indented = "\n".join("    " + line for line in body.splitlines())
-    source = (
-        "class Broken(Driver):\n"
-        "    kind = 'broken'\n"
-        "    channels = {}\n"
-        "    async def read(self): return {}\n"
-        "    async def safe_state(self): return None\n" + indented + "\n"
-    )
-    with pytest.raises(DeclarationError) as info:
-        exec(source, namespace)
-    assert problem in str(info.value)
-    assert str(info.value).startswith("Broken.go: ")
+    names = {"ACTUATE": ACTUATE, "SAFER": SAFER, "READ": READ, "Param": Param, "Set": Set}
+    message = broken_driver_error(body, {**names, "Add": Add})
+    assert problem in message
+    assert message.startswith("Broken.go: ")
 
 
 def test_an_add_counts_up_and_a_safe_state_never_counts() -> None:

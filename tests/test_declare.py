@@ -164,14 +164,13 @@ def test_declarations_are_collected_and_described() -> None:
 def test_a_declaration_that_does_not_match_the_code_fails_when_the_class_is_made(
     body: str, problem: str
 ) -> None:
-    namespace: dict[str, Any] = {
-        "ACTUATE": ACTUATE,
-        "READ": READ,
-        "Param": Param,
-        "Set": Set,
-        "Flow": Flow,
-        "declare": declare,
-    }
+    names = {"ACTUATE": ACTUATE, "READ": READ, "Param": Param, "Set": Set, "Flow": Flow}
+    assert problem in broken_driver_error(body, names)
+
+
+def broken_driver_error(body: str, names: dict[str, Any]) -> str:
+    """The :class:`DeclarationError` making a driver class with ``body`` (a method and its
+    declaration) raises; ``names``: what the body uses besides ``declare`` and ``Driver``."""
     indented = "\n".join("    " + line for line in body.splitlines())
     source = (
         "class Broken(Driver):\n"
@@ -181,8 +180,8 @@ def test_a_declaration_that_does_not_match_the_code_fails_when_the_class_is_made
         "    async def safe_state(self): return None\n" + indented + "\n"
     )
     with pytest.raises(DeclarationError) as info:
-        exec(source, {**namespace, "Driver": Driver})
-    assert problem in str(info.value)
+        exec(source, {**names, "declare": declare, "Driver": Driver})
+    return str(info.value)
     assert str(info.value).startswith("Broken.go: ")
 
 
