@@ -6,14 +6,17 @@ mutual-TLS handshake (it asks for a client certificate signed by its CA, ALPN h2
 an HTTP/2 SETTINGS frame; without, the SETTINGS frame in plaintext. A real Ray head with
 the token and TLS is docs/cluster.md's TLS rehearsal (tests/test_docs_cluster.py), which
 joins it with TLS and is refused without; a real plaintext head refusing a TLS driver is
-in tests/test_ray_auth.py.
+in tests/test_ray_auth.py. ``benchmarks/raytls.py`` (what TLS costs a call) runs here too, long.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,7 @@ import pytest
 from loops.rayprobe import RayTlsError, check_ray_address
 from simulators.brokercerts import make_test_certificates
 
+ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
@@ -147,3 +151,23 @@ def test_each_tls_mismatch_with_the_head_is_one_line(
         )
         use_tls(monkeypatch, None)
         check_ray_address(address)
+
+
+@pytest.mark.long  # two Ray heads (10-30 s): the numbers are docs/cluster.md's
+@pytest.mark.timeout(300)
+def test_the_tls_benchmark_times_calls_without_and_with_tls() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.raytls", "--calls", "20"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:]}
+    assert set(rows) == {"plain", "TLS"}, done.stdout
+    for mode, (join_s, calls, median, p99, _) in rows.items():
+        assert int(calls) == 20 and 0 < float(median) <= float(p99), (mode, done.stdout)
+        assert float(join_s) > 0, (mode, done.stdout)
