@@ -17,7 +17,9 @@ own, as docs/cluster.md sets a lab up):
   the hardware wired to that machine (``python -m benchmarks.nodeprocs sim``), on one
   simulated clock (CLOCK_MONOTONIC is system-wide);
 - a lab.yaml (:meth:`TwoNodeCluster.lab_yaml`) naming the head (``ray.address``) and the
-  token file, with each station's instruments and its node's BLE bus.
+  token file, with each station's instruments and its node's BLE bus;
+- with ``tls=True``, Ray's TLS on every node and driver as well (docs/cluster.md): a
+  throw-away lab CA and a certificate for both nodes' addresses (and 127.0.0.1).
 
 A driver (``labbridge run --lab``) joins it from this machine's side of the link (the head's
 machine), as ``labbridge run``/``serve`` does on a lab's head. :meth:`kill_node` SIGKILLs
@@ -35,6 +37,7 @@ Used by tests/test_cluster.py and benchmarks/scale.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -61,6 +64,8 @@ START_S = 120.0
 STOP_S = 60.0
 #: how fast the head declares a silent node dead (Ray's defaults take ~15-30 s): what a
 #: lab would set too when it wants a dead bench PC noticed quickly (docs/cluster.md)
+#: clusters started by this process: each takes another /30 of 10.77.0.0/16
+_CLUSTERS = itertools.count()
 HEALTH_CHECK = {
     "RAY_health_check_initial_delay_ms": "1000",
     "RAY_health_check_period_ms": "500",
@@ -78,6 +83,13 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _routable_ip() -> str:
+    """This machine's routable address, as Ray finds it for a node without --node-ip-address."""
+    from ray._common.network_utils import node_ip_address_from_perspective
+
+    return str(node_ip_address_from_perspective())
 
 
 def _marked(tag: str, node: str | None = None) -> list[int]:
@@ -199,6 +211,7 @@ class TwoNodeCluster:
         *,
         speed: float = 500.0,
         camera_fps: float = 4.0,
+        tls: bool = False,
     ) -> None:
         self.tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"[:9]
         self.speed = speed
@@ -211,6 +224,7 @@ class TwoNodeCluster:
         self.port = 0
         self.nodes: dict[str, Node] = {}
         self._counts = (head_stations, bench_stations)
+        self.tls = tls
 
     # -------------------------------------------------------------- set-up
     @property
@@ -236,10 +250,21 @@ class TwoNodeCluster:
             RAY_AUTH_TOKEN_PATH=str(self.token_file),
             LABBRIDGE_CLUSTER=self.tag,
         )
+        if self.tls:
+            env.update(self.tls_env())
         assert self.net is not None
         if node is not None:
             env["LABBRIDGE_NODE"] = node
         return env
+
+    def tls_env(self) -> dict[str, str]:
+        """Ray's TLS variables of this cluster (``tls=True``): its CA, the nodes' certificate."""
+        return {
+            "RAY_USE_TLS": "1",
+            "RAY_TLS_CA_CERT": str(self.dir / "ca.crt"),
+            "RAY_TLS_SERVER_CERT": str(self.dir / "server.crt"),
+            "RAY_TLS_SERVER_KEY": str(self.dir / "server.key"),
+        }
 
     def driver_env(self) -> dict[str, str]:
         """For a driver (``labbridge run``) on the head's machine: the token comes from
@@ -254,7 +279,13 @@ class TwoNodeCluster:
             self.home.mkdir()
             self.token_file.write_text(secrets.token_hex(32) + "\n")
             self.token_file.chmod(0o600)
-            self.net = Network.create(self.tag, os.getpid() % 4096)
+            self.net = Network.create(self.tag, (os.getpid() + next(_CLUSTERS)) % 4096)
+            if self.tls:
+                from simulators.brokercerts import make_test_certificates
+
+                ips = [ip for ip in (self.net.head_ip, self.net.bench_ip) if ip]
+                ips = ips or [_routable_ip()]  # no namespace: Ray picks this machine's address
+                make_test_certificates(self.dir, (*ips, "127.0.0.1"), client_auth=True)
             self.port = _free_port(self.net.head_ip)
             heads, benches = self._counts
             self.nodes = {

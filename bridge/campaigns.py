@@ -19,7 +19,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 import ray
@@ -49,6 +49,7 @@ __all__ = [
     "make_runner",
     "open_lab",
     "run_campaign",
+    "run_rejoining",
     "run_with_signals",
 ]
 
@@ -326,27 +327,38 @@ async def run_campaign(
             await runner.prepare(resume=resume, operator=operator)
             if not rejoin:
                 return await runner.run()
-            clock = lab_clock(lab)[0]
-            returning = asyncio.create_task(
-                return_stations(
-                    runner,
-                    lambda name: start_lab_station(
-                        lab,
-                        name,
-                        journal,
-                        clock,
-                        actor_name=f"station-{name}-{secrets.token_hex(4)}",
-                    ),
-                    actors,
-                    operator,
-                ),
-                name=f"campaign-{campaign_id}-rejoin",
-            )
-            try:
-                return await runner.run()
-            finally:
-                returning.cancel()
-                await asyncio.gather(returning, return_exceptions=True)
+            return await run_rejoining(runner, lab, journal, actors, operator)
+
+
+async def run_rejoining(
+    runner: CampaignRunner,
+    lab: LabConfig,
+    journal: Any,
+    actors: MutableMapping[str, Any],
+    operator: str,
+) -> CampaignSummary:
+    """``runner.run()`` (prepared) with :func:`~bridge.stationreturn.return_stations` beside it:
+    a station of the campaign whose actor died gets a new actor (:func:`start_lab_station`)
+    once its node is back, is recovered in ``operator``'s name and rejoins. ``actors``: the
+    lab's station actors (:func:`open_lab`'s, which its close stops): a new actor replaces
+    the dead one there. ``labbridge run --rejoin`` and ``labbridge serve --rejoin`` use it."""
+    clock = lab_clock(lab)[0]
+    returning = asyncio.create_task(
+        return_stations(
+            runner,
+            lambda name: start_lab_station(
+                lab, name, journal, clock, actor_name=f"station-{name}-{secrets.token_hex(4)}"
+            ),
+            actors,
+            operator,
+        ),
+        name=f"campaign-{runner.campaign_id}-rejoin",
+    )
+    try:
+        return await runner.run()
+    finally:
+        returning.cancel()
+        await asyncio.gather(returning, return_exceptions=True)
 
 
 class CampaignProgress:

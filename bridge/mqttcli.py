@@ -366,7 +366,18 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--operator",
         default=os.environ.get("USER") or "operator",
-        help="recorded as who stopped campaigns on shutdown (default $USER)",
+        help=(
+            "recorded as who stopped campaigns on shutdown, and as who recovered a station "
+            "that rejoins (--rejoin) (default $USER)"
+        ),
+    )
+    p.add_argument(
+        "--rejoin",
+        action="store_true",
+        help=(
+            "a campaign's station whose Ray node dies rejoins the campaign once the node is "
+            "back, after a recovery in --operator's name (trip, reset, drain; docs/cluster.md)"
+        ),
     )
     from bridge.agentcli import add_http_arguments  # the MCP server's, on the same service
 

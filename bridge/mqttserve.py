@@ -32,6 +32,7 @@ async def serve(
     *,
     ray_address: str | None = None,
     operator: str = "operator",
+    rejoin: bool = False,
     stop: asyncio.Event | None = None,
     handle_signals: bool = True,
     on_online: Callable[[MqttApi, LabService], None] | None = None,
@@ -46,7 +47,8 @@ async def serve(
     the API is subscribed and serving (default: print that it is). ``hosted``: other
     front ends on the same service (``serve --mcp-http``: :func:`bridge.mcpserver.mcp_http`),
     each entered once the service is open and left after it shut down; what each yields is
-    printed. lab.yaml's ``notifications:`` are sent while it serves (:mod:`bridge.notify`; the
+    printed. ``rejoin``: a campaign's station whose Ray node died rejoins it once the node
+    is back, recovered in ``operator``'s name (``serve --rejoin``). lab.yaml's ``notifications:`` are sent while it serves (:mod:`bridge.notify`; the
     MQTT alerts over this API's link; ``page_url``: the lab page's URL, when one is served).
     Returns why it stopped.
     """
@@ -82,7 +84,9 @@ async def serve(
         await api.connect()
         try:
             async with (
-                LabService(lab, ray_address=ray_address, operator=operator) as service,
+                LabService(
+                    lab, ray_address=ray_address, operator=operator, rejoin=rejoin
+                ) as service,
                 contextlib.AsyncExitStack() as fronts,
             ):
                 extra = [await fronts.enter_async_context(host(service)) for host in hosted]
@@ -170,6 +174,7 @@ def serve_command(args: argparse.Namespace) -> int:
                 settings,
                 ray_address=args.ray_address,
                 operator=args.operator,
+                rejoin=args.rejoin,
                 hosted=hosted,
                 page_url=lambda: pages[0] if pages else None,
             )

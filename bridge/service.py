@@ -61,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bridge.campaigns import START_TIMEOUT_S, make_runner, open_lab
+from bridge.campaigns import START_TIMEOUT_S, make_runner, open_lab, run_rejoining
 from bridge.labconfig import LabConfig
 from bridge.quotas import QuotaExceeded, QuotaGate
 from bridge.serviceapprovals import ServiceApprovals
@@ -137,7 +137,10 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
 
     ``lab``: the validated lab config; ``stations``: open only these (default all);
     ``ray_address``: join this Ray cluster (else the lab's, ``$RAY_ADDRESS``, or a
-    local loopback Ray); ``operator``: recorded as who stopped campaigns on shutdown;
+    local loopback Ray); ``operator``: recorded as who stopped campaigns on shutdown, and
+    as who recovered a station that rejoins; ``rejoin``: a campaign's station whose actor
+    died (its Ray node went down) rejoins it once its node is back, recovered in
+    ``operator``'s name (:func:`~bridge.campaigns.run_rejoining`, ``serve --rejoin``);
     ``station_timeout_s``: for one station's status, trip or reset call; ``reset_wait_s``:
     how long a reset waits for an experiment still running on a tripped station.
     Use as an async context manager, or :meth:`open` / :meth:`close`.
@@ -153,9 +156,11 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
         start_timeout_s: float = START_TIMEOUT_S,
         station_timeout_s: float = STATION_CALL_TIMEOUT_S,
         reset_wait_s: float = RESET_WAIT_S,
+        rejoin: bool = False,
     ) -> None:
         self.lab = lab
         self.operator = operator
+        self.rejoin = rejoin
         self._names = list(stations) if stations else list(lab.stations)
         self._ray_address = ray_address
         self._start_timeout_s = start_timeout_s
@@ -200,7 +205,9 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
         except BaseException:
             await stack.aclose()
             raise
-        self._stack, self.journal, self.actors = stack, journal, dict(actors)
+        # open_lab's own dict, not a copy: a station that rejoins a campaign replaces its
+        # dead actor there (run_rejoining), for this service's calls and for the lab's close
+        self._stack, self.journal, self.actors = stack, journal, actors
         self.state = "online"
         log.info("lab %s open: stations %s", self.lab.bridge_id, ", ".join(self.actors))
         return self
@@ -508,7 +515,12 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
 
     async def _run(self, handle: CampaignHandle) -> None:
         try:
-            summary = await handle.runner.run()
+            if self.rejoin:
+                summary = await run_rejoining(
+                    handle.runner, self.lab, self.journal, self.actors, self.operator
+                )
+            else:
+                summary = await handle.runner.run()
             handle.summary = summary
             handle.state, handle.reason = summary.state, summary.reason
         except asyncio.CancelledError:

@@ -1,14 +1,14 @@
 """A station whose node died rejoins its running campaign once the node is back (``--rejoin``).
 
-:func:`return_stations` runs beside a campaign (:func:`bridge.campaigns.run_campaign` with
-``rejoin=True``; ``labbridge run --rejoin``). Every ``every_s`` it asks each station that
-is out of the campaign whether its actor still lives. For one whose actor died (its Ray
-node went down: a crashed or rebooted bench PC, a killed raylet) it creates a new actor
-for the station; Ray places it only where ``station:<name>`` is offered, so it waits,
-unplaced, until the bench PC's node is back. Then the bench is recovered as after any
-interrupted experiment (:meth:`StationActor.recover
+:func:`return_stations` runs beside a campaign (:func:`bridge.campaigns.run_rejoining`:
+``labbridge run --rejoin``, and each campaign of ``labbridge serve --rejoin``). Every
+``every_s`` it asks each station that is out of the campaign whether its actor still
+lives. For one whose actor died (its Ray node went down: a crashed or rebooted bench PC,
+a killed raylet) it creates a new actor for the station; Ray places it only where
+``station:<name>`` is offered, so it waits, unplaced, until the bench PC's node is back.
+Then the bench is recovered as after any interrupted experiment (:meth:`StationActor.recover
 <loops.stationrecover.StationRecovery.recover>`: every instrument to its safe state,
-latched, reset in the name of the run's ``--operator``, every vessel drained through the
+latched, reset in the name of the ``--operator``, every vessel drained through the
 guard) and handed back to the campaign (:meth:`CampaignRunner.rejoin
 <loops.campaignlease.CampaignLease.rejoin>`), which journals it and gives it work again.
 
@@ -67,11 +67,13 @@ async def _bring_back(
 ) -> None:
     """A new actor for ``name``, placed once its node is back, recovered and rejoined."""
     actor = new_actor(name)
-    actors[name] = actor  # the lab's close stops it (and kills it) with the others
     started = joined = False
     try:
         await actor.start.remote()  # waits, unplaced, until a node offers station:<name>
         started = True
+        # placed and open: the lab's close stops it (and kills it) with the others, and a
+        # service's status, e-stop and reset reach it; an unplaced actor would only hang them
+        actors[name] = actor
         where = await actor.placement.remote()
         log.warning("station %s: a new actor on node %s", name, where["node_ip"])
         why = f"its node died ({why_out}); back on node {where['node_ip']}"
@@ -106,8 +108,9 @@ async def return_stations(
     """Until cancelled (the campaign ended): bring back every station whose actor died
     (module docstring). ``new_actor(name)``: a new, unopened actor for station ``name``
     (:func:`bridge.campaigns.start_lab_station`); ``actors``: the lab's station actors
-    (:func:`bridge.campaigns.open_lab`): a new one replaces its dead one there, so the
-    lab's close stops it."""
+    (:func:`bridge.campaigns.open_lab`; a service's, :class:`bridge.service.LabService`):
+    a new one replaces its dead one there once Ray placed it and it opened, so the lab's
+    close stops it and a service's status, e-stop and reset reach it."""
     coming: dict[str, asyncio.Task[None]] = {}
     try:
         while True:

@@ -232,6 +232,8 @@ def _alert(kind: str, m: Mapping[str, Any]) -> dict[str, Any] | None:
         text = f"station {m.get('station')}: result not verified: {m.get('reason') or '?'}"
     elif kind == "station" and m.get("state") == "out":
         text = f"station {m.get('station')} is out of the campaign: {m.get('reason') or '?'}"
+    elif kind == "station" and m.get("state") == "rejoined":
+        text = f"station {m.get('station')} rejoined the campaign: {m.get('reason') or '?'}"
     elif kind == "awaiting_approval":
         rules = "; ".join(str(r) for r in m.get("rules") or []) or "?"
         text = f"proposal {eid} by {m.get('proposer') or '?'} awaits approval: {rules}"

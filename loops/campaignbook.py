@@ -178,6 +178,7 @@ class Slot:
     reason: str | None = None
     runs: int = 0
     disagreements: int = 0  # unverified results in a row
+    rejoined: str | None = None  # why it took work again after it was out (the last time)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -185,6 +186,7 @@ class Slot:
             "experiment": self.experiment,
             "reason": self.reason,
             "runs": self.runs,
+            "rejoined": self.rejoined,
         }
 
 

@@ -97,6 +97,7 @@ class CampaignLease(CampaignBook):
                 await bounded(link.call(StationActor.release, epoch), RELEASE_S)
             raise ValueError(f"campaign {self.campaign_id} ended: {name} did not rejoin")
         slot.actor, slot.state, slot.reason, slot.disagreements = link, "idle", None, 0
+        slot.rejoined = why  # in the campaign's progress (its status), as the event says
         self._released.discard(name)
         self._start_worker(slot)  # no await since the check: run() is still waiting for workers
         log.warning("campaign %s: station %s rejoined: %s", self.campaign_id, name, why)

@@ -14,8 +14,6 @@ import asyncio
 import logging
 import os
 import secrets
-import socket
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
@@ -24,6 +22,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from loops.journal import JOURNAL_API, AsyncJournal, Journal, api_name
+from loops.rayprobe import RayTlsError, RayUnreachable, check_ray_address, not_ray
 from loops.runfolder import note_children
 from loops.stacktime import current_timer, timed
 from loops.stationerrors import cause_text, portable_error
@@ -42,6 +41,7 @@ __all__ = [
     "RayAuthError",
     "RayJournal",
     "RayStation",
+    "RayTlsError",
     "RayUnreachable",
     "check_ray_address",
     "check_ray_token",
@@ -263,7 +263,10 @@ def init_ray(
     and by whatever this process starts, never written to disk). Joining a cluster
     needs the cluster's token: :class:`RayAuthError` (one line, what to do) when there
     is none, when the file cannot be read, when the cluster refuses it, or when the
-    cluster does not ask for one at all (it would let anyone in).
+    cluster does not ask for one at all (it would let anyone in). Before that, the address is
+    probed (:func:`loops.rayprobe.check_ray_address`): :class:`RayUnreachable` when no Ray
+    head answers there, :class:`RayTlsError` when it speaks TLS and this process does not
+    (``RAY_USE_TLS``), or the other way round, or the TLS handshake fails.
 
     Sets ``RAY_USAGE_STATS_ENABLED=0`` unless already set. A local start notes Ray's
     processes in this process's run folder (:mod:`loops.runfolder`, when it has one):
@@ -394,8 +397,8 @@ def check_ray_token(address: str, source: str) -> None:
     if "://" in address or ":" not in address:
         return
     passed = _gcs_lets_in(address)
-    if isinstance(passed, str):  # it speaks gRPC but is no Ray GCS (or one under TLS, silent)
-        raise RayUnreachable(_not_ray(address, f"Ray's GCS probe failed: {passed}"))
+    if isinstance(passed, str):  # it speaks gRPC (TLS or not, as we do) but is no Ray GCS
+        raise RayUnreachable(not_ray(address, f"Ray's GCS probe failed: {passed}"))
     if not passed:
         raise RayAuthError(
             f"the Ray cluster at {address} refused the token from {source}: use the cluster's "
@@ -429,94 +432,6 @@ def _gcs_lets_in(gcs_address: str) -> bool | str:
         log.debug("Ray auth probe at %s: %s: %s", gcs_address, type(exc).__name__, exc)
         return " ".join(f"{type(exc).__name__}: {exc}".split())
     return True
-
-
-class RayUnreachable(ConnectionError):
-    """No Ray cluster answers at the address given (``--ray-address``, lab.yaml
-    ``ray.address``, ``$RAY_ADDRESS``)."""
-
-
-#: an HTTP/2 client's opening (RFC 9113 3.4): the preface and an empty SETTINGS frame
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-_H2_SETTINGS = 0x4
-_FIX_ADDRESS = (
-    "fix --ray-address, lab.yaml ray.address or $RAY_ADDRESS, or leave them out to run a local Ray"
-)
-
-
-def _not_ray(address: str, why: str) -> str:
-    """The line for an address where something answers, but not a Ray cluster's GCS."""
-    return (
-        f"no Ray cluster answers at {address} ({why}): give the Ray head's address and the "
-        f"--port it was started with (ray start --head --port=...): {_FIX_ADDRESS}"
-    )
-
-
-def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
-    """Raise :class:`RayUnreachable` unless a gRPC server (Ray's GCS speaks gRPC) answers at a
-    ``host:port`` Ray address within ``timeout_s``.
-
-    ``ray.init`` itself retries an unreachable GCS for minutes, and a port where something
-    else listens (a web server, a silent socket) for ever, printing only warnings; this
-    answers within ``timeout_s``: a refused or timed-out connection, or an answer to an
-    HTTP/2 opening that is not HTTP/2's (a GCS answers with its SETTINGS frame within
-    milliseconds). Under TLS (``RAY_USE_TLS``) only the connection is checked here; whether
-    it is a GCS is then :func:`check_ray_token`'s probe (bounded too). ``auto``, ``local``
-    and ``ray://`` addresses are left to Ray.
-    """
-    if "://" in address or ":" not in address:
-        return
-    host, _, port_text = address.rpartition(":")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise RayUnreachable(
-            f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379)"
-        ) from None
-    deadline = time.monotonic() + timeout_s
-    try:
-        with socket.create_connection((host.strip("[]"), port), timeout=timeout_s) as conn:
-            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-                return
-            answer = _h2_answer(conn, deadline)
-    except OSError as exc:
-        why = (
-            f"no answer within {timeout_s:g} s"
-            if isinstance(exc, TimeoutError)
-            else "connection refused"
-            if isinstance(exc, ConnectionRefusedError)
-            else exc.strerror or str(exc)
-        )
-        raise RayUnreachable(
-            f"no Ray cluster answers at {address} ({why}): start its head "
-            f"there (ray start --head --port={port}), {_FIX_ADDRESS}"
-        ) from None
-    if answer is None:
-        why = f"something listens there but said nothing within {timeout_s:g} s"
-    elif len(answer) < 9 or answer[3] != _H2_SETTINGS:
-        why = "something listens there but does not speak gRPC, as Ray does"
-    else:
-        return
-    raise RayUnreachable(_not_ray(address, why))
-
-
-def _h2_answer(conn: socket.socket, deadline: float) -> bytes | None:
-    """The first 9 bytes (a frame header) the server at ``conn`` sends back to an HTTP/2
-    opening, fewer if it closes first; None if it says nothing by ``deadline``."""
-    answer = b""
-    try:
-        conn.sendall(_H2_PREFACE)
-        while len(answer) < 9:
-            conn.settimeout(max(deadline - time.monotonic(), 0.01))
-            chunk = conn.recv(9 - len(answer))
-            if not chunk:
-                break
-            answer += chunk
-    except TimeoutError:
-        return answer or None
-    except OSError:  # reset by a server that took the bytes for garbage
-        pass
-    return answer
 
 
 def _loopback(address: str) -> bool:

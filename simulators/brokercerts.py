@@ -51,31 +51,39 @@ def tls_tooling() -> str | None:
 
 
 def make_test_certificates(
-    directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+    directory: Path,
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    *,
+    client_auth: bool = False,
 ) -> tuple[Path, Path, Path]:
     """Write a throw-away CA and a server certificate for ``hosts`` (valid 2 days).
 
-    Returns ``(ca.crt, server.crt, server.key)``. EC P-256 keys. Raises
+    Returns ``(ca.crt, server.crt, server.key)``. EC P-256 keys. ``client_auth``: the
+    certificate is a client's too (extended key usage clientAuth besides serverAuth), as a
+    Ray node's with TLS is: it shows the same one when it calls the others. Raises
     :class:`BrokerUnavailable` when neither ``cryptography`` nor ``openssl`` exists.
     """
     tool = tls_tooling()
     if tool == "cryptography":
-        return _certs_cryptography(directory, hosts)
+        return _certs_cryptography(directory, hosts, client_auth)
     if tool == "openssl":
-        return _certs_openssl(directory, hosts)
+        return _certs_openssl(directory, hosts, client_auth)
     raise BrokerUnavailable(
         "cannot generate TLS certificates: neither the 'cryptography' package nor the 'openssl' CLI is available"
     )
 
 
-def _certs_openssl(directory: Path, hosts: tuple[str, ...]) -> tuple[Path, Path, Path]:
+def _certs_openssl(
+    directory: Path, hosts: tuple[str, ...], client_auth: bool
+) -> tuple[Path, Path, Path]:
     ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
     key, csr, crt = directory / "server.key", directory / "server.csr", directory / "server.crt"
     ext = directory / "server.ext"
     san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
     ext.write_text(
         f"subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        f"extendedKeyUsage=serverAuth{',clientAuth' if client_auth else ''}\n"
     )
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     commands = [
@@ -98,7 +106,9 @@ def _certs_openssl(directory: Path, hosts: tuple[str, ...]) -> tuple[Path, Path,
     return ca_crt, crt, key
 
 
-def _certs_cryptography(directory: Path, hosts: tuple[str, ...]) -> tuple[Path, Path, Path]:
+def _certs_cryptography(
+    directory: Path, hosts: tuple[str, ...], client_auth: bool
+) -> tuple[Path, Path, Path]:
     import datetime
     import ipaddress
 
@@ -147,7 +157,13 @@ def _certs_cryptography(directory: Path, hosts: tuple[str, ...]) -> tuple[Path, 
         .not_valid_after(later)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH]
+                + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])
+            ),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM

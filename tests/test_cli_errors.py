@@ -186,7 +186,7 @@ def test_a_web_server_as_ray_address_ends_in_one_line(tmp_path: Path, web_server
     code, err = in_own_group("--debug", "serve", "--lab", str(lab))  # (one line without)
     assert code == 1
     assert "Traceback (most recent call last)" in err
-    assert err.strip().endswith(f"loops.raylinks.RayUnreachable: {not_ray(web_server, why)}")
+    assert err.strip().endswith(f"loops.rayprobe.RayUnreachable: {not_ray(web_server, why)}")
 
 
 @pytest.mark.timeout(120)

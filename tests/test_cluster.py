@@ -20,6 +20,8 @@ device watchdog), and once the node is back the station was recovered and rejoin
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -303,20 +305,12 @@ def test_a_node_dies_mid_campaign_and_its_station_rejoins_when_it_is_back(
     assert any(e.station == "bench-b" and e.created > back.t for e in exps), exps
 
 
-def status(lab: Path, env: dict[str, str]) -> dict[str, Any]:
-    """The service's retained status (``labbridge status --json``), {} before it serves."""
+def retained(lab: Path, env: dict[str, str], *campaigns: str) -> dict[str, Any]:
+    """The service's retained messages (``labbridge status --json``): ``status`` and
+    ``campaign:<id>`` for each of ``campaigns``; {} before it serves."""
+    also = [a for c in campaigns for a in ("--campaign", c)]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bridge.cli",
-            "status",
-            "--lab",
-            str(lab),
-            "--json",
-            "--timeout",
-            "5",
-        ],
+        [sys.executable, "-m", "bridge.cli", "status", "--lab", str(lab), "--json", *also],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -324,25 +318,27 @@ def status(lab: Path, env: dict[str, str]) -> dict[str, Any]:
         timeout=60,
         check=False,
     )
-    if not done.stdout.strip():
-        return {}
-    return dict(json.loads(done.stdout).get("status") or {})
+    return dict(json.loads(done.stdout)) if done.stdout.strip() else {}
 
 
-@pytest.mark.timeout(240)
-def test_the_service_survives_a_station_nodes_death_and_reports_it(
-    cluster: TwoNodeCluster, tmp_path: Path
-) -> None:
-    """``labbridge serve`` on the head holds both stations; the bench node dies: the service
-    stays online, its status names bench-b's death, and an e-stop still trips bench-a (and
-    reports bench-b's error instead of hanging on it)."""
+def status(lab: Path, env: dict[str, str]) -> dict[str, Any]:
+    """The service's retained status, {} before it serves."""
+    return dict(retained(lab, env).get("status") or {})
+
+
+@contextlib.contextmanager
+def serving(
+    cluster: TwoNodeCluster, tmp_path: Path, *options: str
+) -> Iterator[tuple[Path, dict[str, str], subprocess.Popen[bytes], Path]]:
+    """``labbridge serve --lab`` on the head's side with both stations online: yields (lab.yaml,
+    env, the process, its log); terminated on exit (it must stop in order: exit code 0)."""
     cluster.ensure_up()
     lab = tmp_path / "lab.yaml"
     mqtt = {"url": cluster.broker_url(), "status_interval_s": 0.5}
     lab.write_text(cluster.lab_yaml(tmp_path / "journal.db", mqtt=mqtt))
     env = cluster.driver_env()
     log = tmp_path / "serve.log"
-    serve = labbridge("serve", "--lab", str(lab), env=env, log=log)
+    serve = labbridge("serve", "--lab", str(lab), *options, env=env, log=log)
     try:
 
         def both_ok() -> bool:
@@ -354,19 +350,43 @@ def test_the_service_survives_a_station_nodes_death_and_reports_it(
             )
 
         wait_for("the service online with both stations", both_ok, 150, 0.5)
+        yield lab, env, serve, log
+        assert serve.poll() is None, log.read_text()  # still serving
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait(timeout=30)
+    assert serve.returncode == 0, log.read_text()
+
+
+def b_died(st: dict[str, Any]) -> bool:
+    """Whether the service's status names bench-b's death: first "not answering"
+    (ActorUnavailableError) while Ray's health checks run, then "died" once the node is
+    declared dead."""
+    b = (st.get("stations") or {}).get("bench-b") or {}
+    return bool(b) and not b.get("ok") and "died" in b.get("error", "")
+
+
+@pytest.mark.timeout(240)
+def test_the_service_survives_a_station_nodes_death_and_reports_it(
+    cluster: TwoNodeCluster, tmp_path: Path
+) -> None:
+    """``labbridge serve`` on the head holds both stations; the bench node dies: the service
+    stays online, its status names bench-b's death, and an e-stop still trips bench-a (and
+    reports bench-b's error instead of hanging on it)."""
+    with serving(cluster, tmp_path) as (lab, env, _, _):
         cluster.kill_node("bench")
-
-        def b_reported() -> dict[str, Any] | None:
-            st = status(lab, env)
-            b = (st.get("stations") or {}).get("bench-b") or {}
-            # first "not answering" (ActorUnavailableError) while Ray's health checks run,
-            # then "died" once the node is declared dead
-            return st if b and not b.get("ok") and "died" in b.get("error", "") else None
-
-        st = wait_for("bench-b's death in the service's status", b_reported, 90, 0.5)
+        st = wait_for(
+            "bench-b's death in the service's status",
+            lambda: (st := status(lab, env)) and b_died(st) and st,
+            90,
+            0.5,
+        )
         assert st["state"] == "online", st
         assert st["stations"]["bench-a"]["ok"], st["stations"]
-        assert "died" in st["stations"]["bench-b"]["error"], st["stations"]["bench-b"]
         done = subprocess.run(
             [
                 sys.executable,
@@ -389,12 +409,71 @@ def test_the_service_survives_a_station_nodes_death_and_reports_it(
         reply = json.loads(done.stdout)
         assert reply["stations"]["bench-a"]["ok"], reply
         assert "error" in reply["stations"]["bench-b"], reply
-        assert serve.poll() is None, log.read_text()  # still serving
-    finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait(timeout=30)
-    assert serve.returncode == 0, log.read_text()
+
+
+@pytest.mark.timeout(300)
+def test_serve_rejoin_brings_a_dead_nodes_station_back_into_its_campaign(
+    cluster: TwoNodeCluster, tmp_path: Path
+) -> None:
+    """``labbridge serve --rejoin``: a campaign started over MQTT on both benches; the bench
+    node dies while bench-b runs an experiment: the campaign's retained status shows bench-b
+    out (died) and the service's status its death; the node comes back: bench-b is
+    recovered in the --operator's name, the campaign's status shows it rejoined (the node's
+    address) and it takes work again, the service's status sees the new actor, and the
+    journal has the station's out and rejoined events."""
+    from bridge.labconfig import load_lab
+    from bridge.labmqtt import mqtt_settings
+    from bridge.mqttcli import request
+
+    with serving(cluster, tmp_path, "--rejoin", "--operator", "tester") as (lab, env, _, _):
+        config = load_lab(lab)
+        start = {
+            "id": "svc",
+            "program": program(tmp_path / "program.md", 200)
+            .read_text()
+            .replace("no_improvement: 20", "no_improvement: 200"),  # runs until stopped
+            "lab": {"stations": ["bench-a", "bench-b"]},
+        }
+        reply, _ = asyncio.run(
+            request(mqtt_settings(config), config.bridge_id, "campaigns/start", start, timeout=30)
+        )
+        assert reply is not None and reply["ok"], reply
+
+        def b_is(pred: Any) -> Any:
+            """bench-b in the campaign's status (its progress) and the service's: pred(b, s)."""
+
+            def check() -> Any:
+                found = retained(lab, env, "svc")
+                cs = found.get("campaign:svc") or {}
+                b = ((cs.get("progress") or {}).get("stations") or {}).get("bench-b")
+                st = ((found.get("status") or {}).get("stations") or {}).get("bench-b")
+                return b if b and st and pred(b, st) else None
+
+            return check
+
+        wait_for("bench-b running an experiment", b_is(lambda b, _: b["state"] == "busy"), 90, 0.5)
+        cluster.kill_node("bench")
+        wait_for(
+            "bench-b out (died) in the campaign's status, dead in the service's",
+            b_is(lambda b, st: b["state"] == "out" and "died" in b["reason"] and not st["ok"]),
+            60,
+            0.5,
+        )
+        cluster.restart_node("bench")  # the bench PC is back
+        b = wait_for(
+            "bench-b rejoined in the campaign's status",
+            b_is(lambda b, _: b["state"] != "out" and b["rejoined"]),
+            90,
+            0.5,
+        )
+        assert "recovered by tester (trip, reset, drain)" in b["rejoined"], b
+        assert f"back on node {cluster.nodes['bench'].ip}" in b["rejoined"], b
+        wait_for(  # it takes work again, and the service's own calls reach its new actor
+            "bench-b running again and answering the service",
+            b_is(lambda now, st: (now["runs"] > b["runs"] or now["state"] == "busy") and st["ok"]),
+            60,
+            0.5,
+        )
+    rows = journal_log(tmp_path / "journal.db", "svc")
+    events = [(r.data["station"], r.data["station_state"]) for r in rows if r.event == "station"]
+    assert events[:2] == [("bench-b", "out"), ("bench-b", "rejoined")], events

@@ -4,8 +4,8 @@ A real ``ray start --head --block`` with token authentication on 127.0.0.1 (its 
 dir and port, stopped at the end), drivers in subprocesses (this process's Ray session, if
 any, stays as it is): with the token (from a file, as lab.yaml ``ray.token_file`` names
 it) a driver joins and runs a task on the head's ``station:`` resource; without a token,
-or with another one, ``labbridge serve --ray-address`` exits with one line that says what
-to do. A head without authentication is refused, token or not. The local Ray ``init_ray``
+or with another one, or with TLS settings the cluster does not use, ``labbridge serve
+--ray-address`` exits with one line that says what to do. A head without authentication is refused, token or not. The local Ray ``init_ray``
 starts asks for a token too (the session's, inherited).
 """
 
@@ -29,6 +29,7 @@ import pytest
 
 from bridge.labconfig import load_lab
 from safety.yamldoc import ConfigError
+from simulators.brokercerts import make_test_certificates
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "examples" / "lab-hardware.yaml"
@@ -158,6 +159,19 @@ def test_a_driver_joins_a_token_cluster_only_with_its_token(token_head: dict[str
         f"labbridge serve: the Ray cluster at {address} refused the token from "
         "$RAY_AUTH_TOKEN: use the cluster's token (print it on the head with ray "
         "get-auth-token), see docs/cluster.md"
+    )
+
+    certs = token_head["home"].parent / "tls"  # TLS here, not on the cluster: one line at once
+    certs.mkdir()
+    ca, cert, key = make_test_certificates(certs, ("127.0.0.1",), client_auth=True)
+    tls = {**env, "RAY_USE_TLS": "1", "RAY_TLS_CA_CERT": str(ca)}
+    tls.update(RAY_TLS_SERVER_CERT=str(cert), RAY_TLS_SERVER_KEY=str(key))
+    done = _run([*serve, "--ray-address", address], tls)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"labbridge serve: the Ray cluster at {address} does not use TLS and this process "
+        "does (RAY_USE_TLS is set): unset RAY_USE_TLS, or restart the cluster's nodes with "
+        "TLS, see docs/cluster.md"
     )
 
     missing = {**env, "RAY_AUTH_TOKEN_PATH": str(token_file.with_name("no-such-file"))}
