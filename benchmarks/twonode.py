@@ -189,8 +189,9 @@ class TwoNodeCluster:
     many simulated benches each node has (named ``bench-a``, ``bench-b``... head first; the
     bench node may have none);
     ``speed``: the simulated clock's; ``camera_fps``: the simulated cameras' frame rate
-    (CPU: 16 cameras at 10 fps is a core). Use as a context manager or call :meth:`start`
-    and :meth:`stop`."""
+    (CPU: 16 cameras at 10 fps is a core); ``bench_node``: False starts the head alone (its
+    benches only; no namespace). Use as a context manager or call :meth:`start` and
+    :meth:`stop`."""
 
     def __init__(
         self,
@@ -199,6 +200,7 @@ class TwoNodeCluster:
         *,
         speed: float = 500.0,
         camera_fps: float = 4.0,
+        bench_node: bool = True,
     ) -> None:
         self.tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"[:9]
         self.speed = speed
@@ -211,6 +213,7 @@ class TwoNodeCluster:
         self.port = 0
         self.nodes: dict[str, Node] = {}
         self._counts = (head_stations, bench_stations)
+        self._bench_node = bench_node
 
     # -------------------------------------------------------------- set-up
     @property
@@ -254,7 +257,11 @@ class TwoNodeCluster:
             self.home.mkdir()
             self.token_file.write_text(secrets.token_hex(32) + "\n")
             self.token_file.chmod(0o600)
-            self.net = Network.create(self.tag, os.getpid() % 4096)
+            self.net = (
+                Network.create(self.tag, os.getpid() % 4096)
+                if self._bench_node
+                else Network("", "", skipped="one node: no bench node")
+            )
             self.port = _free_port(self.net.head_ip)
             heads, benches = self._counts
             self.nodes = {
@@ -278,7 +285,8 @@ class TwoNodeCluster:
             for node in benched:
                 self._wait_sim(node)
             self._start_node(self.nodes["head"])
-            self._start_node(self.nodes["bench"])
+            if self._bench_node:
+                self._start_node(self.nodes["bench"])
         except BaseException:
             self.stop()
             raise

@@ -104,7 +104,17 @@ class CampaignResume(CampaignLease, CampaignApproval):
                 )
             else:
                 await self._take_leases()  # the next epoch: an older owner is over or fenced off
-                info: ResumeInfo = await j.call(Journal.resume, self.campaign_id, epoch=self._epoch)
+                keep = sorted(  # the experiments the stations taken over still run (or ran)
+                    {
+                        e
+                        for t in self.taken_over.values()
+                        for e in (t.get("running"), t.get("last_run"))
+                        if e
+                    }
+                )
+                info: ResumeInfo = await j.call(
+                    Journal.resume, self.campaign_id, epoch=self._epoch, keep=keep
+                )
                 await self._restore(info, operator)
                 self._rest(spent)
                 if info.campaign.state != "running":
@@ -222,13 +232,13 @@ class CampaignResume(CampaignLease, CampaignApproval):
         for run in info.completed:  # ran to its end before the stop: its result, exactly once
             await self._record_completed(run)
         for run in info.recovered:  # ran to its end, not verified yet: verify it, then as above
-            if self._adopt(run.experiment, live):
-                continue
             await self._record_recovered(run)
         recovered: set[str] = set()
+        for exp in info.adopted:  # its station still runs it (or ran it) for us
+            if not self._adopt(exp, live):  # not this campaign's station: as an interrupted one
+                await self._recover(exp, exp.step, operator)
+                recovered.add(exp.station or "")
         for interrupted in info.interrupted:
-            if self._adopt(interrupted.experiment, live):  # still runs under our lease
-                continue
             await self._recover(interrupted.experiment, interrupted.last_step_started, operator)
             recovered.add(interrupted.experiment.station or "")
         for slot in self._slots.values():  # nobody watched the others either: same treatment
@@ -253,7 +263,7 @@ class CampaignResume(CampaignLease, CampaignApproval):
         self._emit("state", state="resumed", progress=self.progress())
 
     def _adopt(self, exp: Experiment, live: set[str]) -> bool:
-        """Whether ``exp`` (``running`` in the journal, its outcome not journaled) is adopted:
+        """Whether ``exp`` (left ``running`` by the journal's resume, ``keep``) is adopted:
         its station was taken over live (:meth:`~loops.campaignlease.CampaignLease._take_over`)
         and runs it, or ran it last; the station is then busy with it and
         :meth:`_run_adopted` waits for its outcome and records it as the dead owner would
