@@ -64,7 +64,10 @@ async def main() -> None:
     program = dataclasses.replace(base, budget=dataclasses.replace(base.budget, experiments=1))
     link, stations = ray_links(journal, {cfg["bench"]: station})
     clock = ScaledClock(ClockSpec(cfg["speed"], tuple(cfg["sim_at_real"])))
-    runner = CampaignRunner(program, link, stations, campaign_id="lease", clock_now=clock.now)
+    runner = CampaignRunner(
+        program, link, stations, campaign_id="lease", clock_now=clock.now,
+        lease_s=cfg.get("lease_s", 5.0),
+    )
     await runner.prepare()
     print("owner epoch", runner.epoch, flush=True)
     receipt = await runner.propose(cfg["params"], "agent:lease-test")

@@ -12,11 +12,13 @@ SIGKILL during the experiment's hold step:
   experiment is journaled done once, each of its steps started once, and on the hotplate's
   own wire the heater stayed on through the restart (one heating period, its device
   watchdog never tripped);
-- killed and left beyond the lease (a long test), the station trips on its own (heater off),
+- killed and left beyond the lease, the station trips on its own (heater off),
   and ``labbridge resume`` recovers it and closes the experiment failed, never re-run.
 
 Both end with an orderly stop, which ends the detached actors (none is left in the lab's
-namespace).
+namespace). Both are long tests (about 55 s and 30 s with the head's start): the short form
+of the first is tests/test_takeover.py (the take-over and the adoption, on the session's
+Ray, without ``ray start`` or the service).
 """
 
 from __future__ import annotations
@@ -201,6 +203,7 @@ def heating_periods(samples: list[dict[str, Any]]) -> list[tuple[float, float]]:
     return periods
 
 
+@pytest.mark.long  # ~55 s with the head's start: its short form is tests/test_takeover.py
 @pytest.mark.timeout(300)
 def test_the_station_finishes_its_experiment_through_a_restart_of_the_service(
     head: TwoNodeCluster, tmp_path: Path
