@@ -13,6 +13,7 @@ pump run once on the bench's wire, the station never tripped.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -25,11 +26,12 @@ import pytest
 from reference import actuating
 from test_lease import EXAMPLE, leased_bench, ramp_begun, start_owner
 
+import loops.stationrun
 from loops.campaign import CampaignRunner, campaign_lock
-from loops.journal import Journal
+from loops.journal import Journal, StaleOwner
 from loops.program import load_program
 from loops.raylinks import ray_links
-from loops.stations import ScaledClock
+from loops.stations import ScaledClock, StationActor
 
 #: a shorter experiment than test_lease's: a 2-minute ramp (6 real s at 20x), a 1-minute hold
 SHORT = {"red_ml": 0.7, "green_ml": 0.1, "blue_ml": 0.75, "temperature_c": 45.0, "hold_s": 60}
@@ -92,3 +94,36 @@ async def test_a_resume_within_the_lease_takes_the_station_over_and_its_experime
     assert sum(t.event == "state" and t.state == "done" for t in transitions) == 1
     events = [(r.data["station"], r.data["station_state"]) for r in rows if r.event == "station"]
     assert events == [(setup.bench.name, "taken_over")], events
+
+
+async def test_a_write_refused_as_the_old_epochs_waits_for_the_take_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The instant between the new owner's epoch in the journal and its take-over of the
+    station: the running experiment's journal write, refused as the old epoch's, is written
+    again with the new epoch once the take-over comes; without one, it fails as before."""
+    monkeypatch.setattr(loops.stationrun, "TAKE_OVER_WAIT_S", 0.3)
+    station = StationActor("bench-a", [], "reference")  # never opened: no bench needed
+    station._lease.take("owner-1", 1, ttl_s=60)
+    station._run_epoch = 1
+    written: list[int | None] = []
+
+    async def write(epoch: int | None) -> int | None:
+        if epoch != 2:  # the journal's current epoch is 2
+            raise StaleOwner(f"write from owner epoch {epoch} refused")
+        written.append(epoch)
+        return epoch
+
+    later = asyncio.get_running_loop().call_later(
+        0.05, lambda: asyncio.ensure_future(station.take_over("owner-2", 1, 2, 60.0))
+    )
+    assert await station._fenced(write) == 2 and written == [2]
+    later.cancel()
+    station._run_epoch = 1  # no take-over comes: refused, as without one
+    station._epoch_moved.clear()
+    station._lease.epoch = 1
+    try:
+        with pytest.raises(StaleOwner):
+            await station._fenced(write)
+    finally:
+        await station.stop()  # its lease watch ends
