@@ -18,7 +18,9 @@ a digest of what the actor was built from: instruments, envelope, clock...), one
 not answer. Whoever holds the lab's actors holds a lock file per station beside the journal
 (:func:`station_locks`): the kernel frees it only when its holder dies, so a second
 labbridge process on this machine cannot take over the stations of a live one. The lab's
-journal and its drivers run on one machine (docs/cluster.md). The orderly end of the
+journal and its drivers run on one machine (docs/cluster.md), and each lab on a cluster has
+a ``bridge_id`` of its own (it is its MQTT topic root too): a journal actor of another path
+found in the lab's namespace is taken for a left-over and ended. The orderly end of the
 lab (:func:`bridge.campaigns.open_lab`) ends every actor explicitly.
 """
 
