@@ -448,6 +448,8 @@ class TwoNodeCluster:
     def ensure_up(self) -> None:
         """Start again any node that is down (a test before killed it)."""
         for role, node in self.nodes.items():
+            if role == "bench" and not self._bench_node:
+                continue
             if node.proc is None or node.proc.poll() is not None:
                 self.restart_node(role)
 
