@@ -201,8 +201,9 @@ class TwoNodeCluster:
     many simulated benches each node has (named ``bench-a``, ``bench-b``... head first; the
     bench node may have none);
     ``speed``: the simulated clock's; ``camera_fps``: the simulated cameras' frame rate
-    (CPU: 16 cameras at 10 fps is a core). Use as a context manager or call :meth:`start`
-    and :meth:`stop`."""
+    (CPU: 16 cameras at 10 fps is a core); ``bench_node``: False starts the head alone (its
+    benches only; no namespace). Use as a context manager or call :meth:`start` and
+    :meth:`stop`."""
 
     def __init__(
         self,
@@ -212,6 +213,7 @@ class TwoNodeCluster:
         speed: float = 500.0,
         camera_fps: float = 4.0,
         tls: bool = False,
+        bench_node: bool = True,
     ) -> None:
         self.tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"[:9]
         self.speed = speed
@@ -225,6 +227,7 @@ class TwoNodeCluster:
         self.nodes: dict[str, Node] = {}
         self._counts = (head_stations, bench_stations)
         self.tls = tls
+        self._bench_node = bench_node
 
     # -------------------------------------------------------------- set-up
     @property
@@ -279,7 +282,11 @@ class TwoNodeCluster:
             self.home.mkdir()
             self.token_file.write_text(secrets.token_hex(32) + "\n")
             self.token_file.chmod(0o600)
-            self.net = Network.create(self.tag, (os.getpid() + next(_CLUSTERS)) % 4096)
+            self.net = (
+                Network.create(self.tag, (os.getpid() + next(_CLUSTERS)) % 4096)
+                if self._bench_node
+                else Network("", "", skipped="one node: no bench node")
+            )
             if self.tls:
                 from simulators.brokercerts import make_test_certificates
 
@@ -309,7 +316,8 @@ class TwoNodeCluster:
             for node in benched:
                 self._wait_sim(node)
             self._start_node(self.nodes["head"])
-            self._start_node(self.nodes["bench"])
+            if self._bench_node:
+                self._start_node(self.nodes["bench"])
         except BaseException:
             self.stop()
             raise
@@ -471,6 +479,8 @@ class TwoNodeCluster:
     def ensure_up(self) -> None:
         """Start again any node that is down (a test before killed it)."""
         for role, node in self.nodes.items():
+            if role == "bench" and not self._bench_node:
+                continue
             if node.proc is None or node.proc.poll() is not None:
                 self.restart_node(role)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 
+from bridge.labactors import StationHeld, joins_cluster, lab_actors, station_locks
 from bridge.labconfig import LabConfig
 from bridge.stationreturn import return_stations
 from instruments.deadline import bounded
@@ -107,6 +108,7 @@ async def open_lab(
     stations: list[str] | None = None,
     start_timeout_s: float = START_TIMEOUT_S,
     set_up_first: bool = True,
+    kept: set[str] | None = None,
 ) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
     """Start Ray (or join it), the journal actor for ``lab.store`` and the station actors.
 
@@ -114,7 +116,11 @@ async def open_lab(
     ``set_up_first``, set up for a campaign (:func:`_ensure_set_up`: a simulated bench
     sets itself up; a real one whose set-up never ran is an error that says to run
     ``labbridge setup``). On exit every station is closed (instruments safe-stated)
-    and the actors are released.
+    and the actors are ended.
+
+    Joining a cluster, the actors are detached and a station actor that outlived a killed
+    labbridge with a live lease is found again and kept (:mod:`bridge.labactors`: neither
+    opened nor set up again, its experiment may still run); ``kept`` receives their names.
     """
     names = stations or list(lab.stations)
     unknown = [n for n in names if n not in lab.stations]
@@ -124,18 +130,38 @@ async def open_lab(
         )
     join_ray(lab, ray_address, names)
     lab.store.parent.mkdir(parents=True, exist_ok=True)
-    journal = start_journal_actor(lab.store)
     clock, _ = lab_clock(lab)
     actors: dict[str, Any] = {}
-    try:
-        for name in names:
-            actors[name] = start_lab_station(lab, name, journal, clock)
-        await asyncio.gather(*(_start(n, a, start_timeout_s) for n, a in actors.items()))
-        if set_up_first:
-            await _ensure_set_up(lab, actors)
-        yield journal, actors
-    finally:
-        await _close(journal, actors)
+    found: set[str] = set() if kept is None else kept
+    with contextlib.ExitStack() as locks:
+        if joins_cluster(lab, ray_address):  # detached: they may outlive this process
+            try:
+                locks.enter_context(station_locks(lab, names))
+            except StationHeld as exc:
+                raise StationUnavailable(str(exc)) from None
+            held = await lab_actors(
+                lab,
+                names,
+                clock,
+                lambda name, journal, actor_name, namespace: start_lab_station(
+                    lab, name, journal, clock, actor_name=actor_name, namespace=namespace
+                ),
+            )
+            journal, actors = held.journal, held.actors
+            found.update(held.kept)
+        else:
+            journal = start_journal_actor(lab.store)
+        try:
+            for name in names:
+                if name not in actors:
+                    actors[name] = start_lab_station(lab, name, journal, clock)
+            fresh = {n: a for n, a in actors.items() if n not in found}
+            await asyncio.gather(*(_start(n, a, start_timeout_s) for n, a in fresh.items()))
+            if set_up_first:
+                await _ensure_set_up(lab, fresh)
+            yield journal, actors
+        finally:
+            await _close(journal, actors)
 
 
 def start_lab_station(
@@ -145,13 +171,15 @@ def start_lab_station(
     clock: ClockSpec | None = None,
     *,
     actor_name: str | None = None,
+    namespace: str | None = None,
 ) -> Any:
     """Create station ``name``'s actor as the lab config describes it (instruments, envelope,
     supervisor, environment, verification, what its set-up kept), journaling through
     ``journal`` (the journal actor), on the lab's clock ``clock`` (:func:`lab_clock`).
     Not yet open: ``await handle.start.remote()``. :func:`open_lab` uses it for every
     station; a tool that replaces a station actor that died uses it for one (with an
-    ``actor_name`` of its own: Ray may keep a dead actor's name a while after its node died)."""
+    ``actor_name`` of its own: Ray may keep a dead actor's name a while after its node died).
+    With a ``namespace`` it is detached there (:mod:`bridge.labactors`)."""
     st = lab.stations[name]
     return start_station_actor(
         name,
@@ -162,6 +190,8 @@ def start_lab_station(
         env=st.env,
         journal=journal,
         actor_name=actor_name,
+        namespace=namespace,
+        detached=namespace is not None,
         verification=st.verification.actor_options() if st.verification else None,
         setup=st.setup_store.values() if st.setup_store else None,
     )
@@ -280,6 +310,7 @@ def make_runner(
         images_dir=lab.store.parent / "images",
         agent_approvals=agent_approvals(lab, program, campaign_id),
         cost=plan_costs(lab, program, actors),
+        lease_s=lab.lease_s,
     )
 
 
@@ -322,6 +353,7 @@ async def run_campaign(
             if program is None:
                 raise ValueError("a new campaign needs its program")
             runner = make_runner(lab, program, journal, actors, campaign_id, on_event)
+            runner.holds_campaign_lock = True  # taken above: the older owner is dead
             if on_runner is not None:
                 on_runner(runner)
             await runner.prepare(resume=resume, operator=operator)

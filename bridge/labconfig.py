@@ -9,6 +9,9 @@ they start; ``examples/lab-hardware.yaml`` is a commented template for a real be
       address: null                   # null: local Ray on loopback; "auto"/host:port: a cluster
       token_file: null                # a file holding the cluster's Ray token (relative to this
                                       # file; never the token itself): docs/cluster.md
+      lease_s: 5                      # a station acts on this long without hearing from its
+                                      # campaign (2-300 s; a restarted serve back within it
+                                      # takes the stations over live): docs/cluster.md
     simulated:                        # only for simulated benches: their shared clock
       speed: 100                      # simulated seconds per real second
       sim_at_real: [12.5, 45678.9]    # (simulated s, time.monotonic()) at one instant (default: 0 at load)
@@ -67,6 +70,7 @@ from bridge.webusers import UsersConfig, parse_users
 from instruments.errors import InstrumentError
 from loops.check import check_setup
 from loops.setup import REFERENCE_SETUP, SetupRecipe, SetupStore, compile_setup, load_setup
+from loops.stationlease import LEASE_S, RENEW_S
 from safety import check_device_faults, check_instrument, load_envelope, station_layout
 from safety.effects import check_counted
 from safety.envelopeload import REFERENCE_BENCH
@@ -81,6 +85,9 @@ __all__ = [
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+#: lab.yaml ``ray.lease_s``'s bounds (real seconds): a few renewals at least; at most what a
+#: bench may run on unattended after its campaign's process died
+MIN_LEASE_S, MAX_LEASE_S = 2 * RENEW_S, 300.0
 _TOP: tuple[str, ...] = ("bridge_id", "store", "ray", "simulated", "env", "stations", "mqtt")
 _TOP += ("agents", "agent_tokens", "default_quota", "users", "user_passwords", "notifications")
 _STATION = ("envelope", "instruments", "supervisor", "env", "verification", "setup", "setup_file")
@@ -127,6 +134,10 @@ class LabConfig:
     stations: dict[str, StationConfig]
     ray_address: str | None = None
     ray_token_file: Path | None = None
+    #: how long a station acts on without hearing from its campaign's owner (real seconds;
+    #: lab.yaml ``ray.lease_s``): a restarted ``labbridge serve`` that is back within it takes
+    #: the stations over live (docs/cluster.md)
+    lease_s: float = LEASE_S
     speed: float | None = None
     sim_at_real: tuple[float, float] | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -410,7 +421,16 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
             sim_at_real = (float(pair[0]), float(pair[1]))
         else:  # the clock starts at 0 now: every process that uses this LabConfig shares it
             sim_at_real = (0.0, time.monotonic())
-    ray_cfg = _mapping(top.get("ray") or {}, ("ray",), doc, ("address", "token_file"))
+    ray_cfg = _mapping(top.get("ray") or {}, ("ray",), doc, ("address", "token_file", "lease_s"))
+    lease_s = LEASE_S
+    if ray_cfg.get("lease_s") is not None:
+        lease_s = _number(ray_cfg["lease_s"], ("ray", "lease_s"), doc)
+        if not MIN_LEASE_S <= lease_s <= MAX_LEASE_S:
+            raise doc.error(
+                f"must be {MIN_LEASE_S:g} to {MAX_LEASE_S:g} seconds (how long a station acts "
+                f"on without hearing from its campaign), got {lease_s:g}",
+                ("ray", "lease_s"),
+            )
     address = ray_cfg.get("address")
     if address is not None:
         address = _str(
@@ -454,6 +474,7 @@ def load_lab(spec: str | Path, *, source: str | None = None) -> LabConfig:
         stations=stations,
         ray_address=address,
         ray_token_file=token_file,
+        lease_s=lease_s,
         speed=speed,
         sim_at_real=sim_at_real,
         env=env,

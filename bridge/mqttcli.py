@@ -353,7 +353,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
             "campaign API under labbridge/<bridge_id>/: start campaigns, agent proposals, "
             "pause/resume/stop/abort, e-stop and reset, retained status and per-experiment "
             "results (docs/mqtt-api.md). SIGINT/SIGTERM: running campaigns are aborted with "
-            "every station in its safe state and the status goes offline."
+            "every station in its safe state, the station actors are ended, and the status goes "
+            "offline. On a cluster started with `ray start` (--ray-address, lab.yaml "
+            "ray.address) the station actors outlive a killed service: started again within "
+            "their lease (lab.yaml ray.lease_s, default 5 s), the service takes them over and "
+            "carries on the campaigns they run, their experiments finishing "
+            "(docs/cluster.md, 'When the service restarts')."
         ),
     )
     p.add_argument("--lab", type=Path, required=True, help="lab config (lab.yaml)")

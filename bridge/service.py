@@ -46,7 +46,8 @@ and the service's own events (``campaign`` when one starts or ends, ``estop``,
 Modules: this one (life cycle, listeners, campaigns, status), ``bridge/servicesafety.py``
 (e-stop, reset, station calls), ``bridge/servicequeries.py`` (a dry run that queues
 nothing, live readings, journal reads), ``bridge/serviceapprovals.py`` (proposals
-awaiting approval, decisions), ``bridge/servicetypes.py`` (errors, results, handles).
+awaiting approval, decisions), ``bridge/servicerestart.py`` (a restarted service picks up
+the campaigns its stations still run), ``bridge/servicetypes.py`` (errors, results, handles).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from bridge.labconfig import LabConfig
 from bridge.quotas import QuotaExceeded, QuotaGate
 from bridge.serviceapprovals import ServiceApprovals
 from bridge.servicequeries import ServiceQueries
+from bridge.servicerestart import ServiceRestart
 from bridge.servicesafety import StationSafety
 from bridge.servicetypes import (
     CampaignHandle,
@@ -132,7 +134,7 @@ def _owner_lock(lab: LabConfig) -> Iterator[None]:
         yield
 
 
-class LabService(StationSafety, ServiceQueries, ServiceApprovals):
+class LabService(StationSafety, ServiceQueries, ServiceApprovals, ServiceRestart):
     """One opened lab serving campaigns by id (see the module docstring).
 
     ``lab``: the validated lab config; ``stations``: open only these (default all);
@@ -192,6 +194,7 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
         if self._stack is not None:
             return self
         stack = contextlib.AsyncExitStack()
+        kept: set[str] = set()  # stations found alive with a live lease (a restart)
         try:
             stack.enter_context(_owner_lock(self.lab))
             journal, actors = await stack.enter_async_context(
@@ -200,6 +203,7 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
                     ray_address=self._ray_address,
                     stations=self._names,
                     start_timeout_s=self._start_timeout_s,
+                    kept=kept,
                 )
             )
         except BaseException:
@@ -210,6 +214,8 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
         self._stack, self.journal, self.actors = stack, journal, actors
         self.state = "online"
         log.info("lab %s open: stations %s", self.lab.bridge_id, ", ".join(self.actors))
+        if kept:
+            await self._pick_up(kept)
         return self
 
     async def shutdown(self, reason: str = "service shutting down", who: str | None = None) -> None:
@@ -404,6 +410,7 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals):
                 handle.lock.enter_context(campaign_lock(self.lab.store, campaign_id))
             except CampaignBusy as exc:
                 return StartResult(campaign_id, False, errors=(str(exc),))
+            handle.runner.holds_campaign_lock = True
             try:
                 await handle.runner.prepare()
             except Exception as exc:

@@ -483,8 +483,10 @@ class CampaignRunner(CampaignResume, CampaignApproval, CampaignAhead):
         return await self._finish()
 
     def _start_worker(self, slot: Slot) -> None:
+        adopted = self._adopted.pop(slot.name, None)  # still running for the dead owner
+        work = self._worker(slot) if adopted is None else self._run_adopted(slot, adopted)
         self._workers.append(
-            asyncio.create_task(self._worker(slot), name=f"campaign-{self.campaign_id}-{slot.name}")
+            asyncio.create_task(work, name=f"campaign-{self.campaign_id}-{slot.name}")
         )
 
     async def _execute(self, slot: Slot, item: Item) -> None:

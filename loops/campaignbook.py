@@ -278,6 +278,9 @@ class CampaignBook:
         self._counts = Counts()
         self._consecutive_rejections = 0
         self._in_flight = 0
+        #: station -> the experiment it still runs for this campaign's dead owner, taken over
+        #: on resume (loops.campaignresume): its outcome is waited for before it claims work
+        self._adopted: dict[str, Item] = {}
         self._elapsed_before = 0.0
         self._t0: float | None = None
         self._stop_request: str | None = None

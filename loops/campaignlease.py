@@ -33,6 +33,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from instruments.deadline import bounded
 from loops.campaignbook import CampaignBook, Slot
@@ -64,6 +65,14 @@ class CampaignLease(CampaignBook):
 
     _keeper: asyncio.Task[None] | None = None
     _released: set[str]
+    #: set by whoever holds the campaign's lock file (:func:`~loops.campaignlock.campaign_lock`)
+    #: around :meth:`prepare`: the kernel frees it only when its holder is dead, so the
+    #: campaign's older owner is dead, and a station it still leases is taken over live
+    #: (:meth:`_take_over`) instead of waited for until its lease runs out and it trips
+    holds_campaign_lock: bool = False
+    #: station -> what :meth:`StationActor.take_over` returned (the lease moved to this owner
+    #: live; ``running``/``last_run``: the experiments the station knows), set by prepare
+    taken_over: dict[str, dict[str, Any]]
     _workers: list[asyncio.Task[None]]  # one per station that claims work (CampaignRunner.run)
 
     _start_worker: Callable[[Slot], None]  # CampaignRunner's: a worker for the slot
@@ -118,21 +127,71 @@ class CampaignLease(CampaignBook):
         return f"campaign {self.campaign_id} (pid {os.getpid()} on {socket.gethostname()})"
 
     async def _take_leases(self) -> None:
-        """Become the campaign's owner (next epoch) and lease every station; start the keeper."""
+        """Become the campaign's owner (next epoch) and lease every station; start the keeper.
+
+        With :attr:`holds_campaign_lock`, a station whose lease of the older owner's epoch is
+        still live is taken over (:meth:`_take_over`): its running experiment carries on."""
         owner = self._owner_name()
+        old: int | None = None
+        if self.holds_campaign_lock:  # the epoch the dead owner's stations are leased with
+            with contextlib.suppress(Exception):  # a new campaign: none
+                current = await self.journal.call(Journal.owner, self.campaign_id)
+                old = int(str(current["epoch"]))
         self._epoch = await self.journal.call(Journal.take_ownership, self.campaign_id, owner)
         self._released = set()
+        self.taken_over = {}
+        if old is not None and old >= 1:  # its writes are fenced off now: take its leases
+            await self._take_over(old)
         await self._hand_over()
         self._keeper = asyncio.create_task(self._keep(), name=f"campaign-{self.campaign_id}-leases")
 
+    async def _take_over(self, old: int) -> None:
+        """Move each station's live lease of epoch ``old`` (this campaign's dead owner: see
+        :attr:`holds_campaign_lock`) to this owner's epoch (:meth:`StationActor.take_over`);
+        a station whose lease is not live, or another's, is leased as usual
+        (:meth:`_hand_over`)."""
+        epoch, owner = self._epoch, self._owner_name()
+        assert epoch is not None
+        live = [s for s in self._slots.values() if s.state != "out"]
+        done = await asyncio.gather(
+            *(
+                bounded(
+                    s.actor.call(StationActor.take_over, owner, old, epoch, self._lease_s),
+                    2 * RENEW_S,
+                )
+                for s in live
+            ),
+            return_exceptions=True,
+        )
+        for slot, outcome in zip(live, done, strict=True):
+            if isinstance(outcome, BaseException):
+                log.info(
+                    "campaign %s: %s not taken over: %s",
+                    self.campaign_id,
+                    slot.name,
+                    cause_text(outcome),
+                )
+                continue
+            self.taken_over[slot.name] = dict(outcome)
+            log.warning(
+                "campaign %s: station %s taken over from epoch %d (its lease was live)%s",
+                self.campaign_id,
+                slot.name,
+                old,
+                f"; experiment {outcome['running']} still runs" if outcome.get("running") else "",
+            )
+
     async def _hand_over(self) -> None:
         """The first lease on every station: one still leased by an older owner is asked again
-        until that lease has ended (:class:`LeaseHeld`), up to :data:`HANDOVER_S`."""
+        until that lease has ended (:class:`LeaseHeld`), up to :data:`HANDOVER_S` (a whole lease
+        of this campaign's length more, when it is longer than the default)."""
         epoch = self._epoch
         assert epoch is not None
         owner = self._owner_name()
-        deadline = time.monotonic() + HANDOVER_S
-        waiting = [s for s in self._slots.values() if s.state != "out"]
+        deadline = time.monotonic() + HANDOVER_S + 2 * max(0.0, self._lease_s - LEASE_S)
+        waiting = [
+            s for s in self._slots.values() if s.state != "out" and s.name not in self.taken_over
+        ]
         seen: set[str] = set()
         alive: list[str] = []  # still held when the wait ran out: their owners renew them
         while waiting:

@@ -22,7 +22,7 @@ at all (:class:`BudgetWindow`, the message saying when).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from loops.campaignapproval import CampaignApproval
@@ -47,6 +47,8 @@ class BudgetWindow(RuntimeError):
 
 class CampaignResume(CampaignLease, CampaignApproval):
     """Creating a campaign in the journal, or picking it up after a crash (:meth:`prepare`)."""
+
+    _worker: Callable[[Slot], Coroutine[Any, Any, None]]  # CampaignAhead's: claim and run
 
     async def prepare(self, *, resume: bool = False, operator: str = "operator") -> None:
         """Create the campaign in the journal, or (``resume``) pick it up after a crash.
@@ -102,7 +104,17 @@ class CampaignResume(CampaignLease, CampaignApproval):
                 )
             else:
                 await self._take_leases()  # the next epoch: an older owner is over or fenced off
-                info: ResumeInfo = await j.call(Journal.resume, self.campaign_id, epoch=self._epoch)
+                keep = sorted(  # the experiments the stations taken over still run (or ran)
+                    {
+                        e
+                        for t in self.taken_over.values()
+                        for e in (t.get("running"), t.get("last_run"))
+                        if e
+                    }
+                )
+                info: ResumeInfo = await j.call(
+                    Journal.resume, self.campaign_id, epoch=self._epoch, keep=keep
+                )
                 await self._restore(info, operator)
                 self._rest(spent)
                 if info.campaign.state != "running":
@@ -222,11 +234,17 @@ class CampaignResume(CampaignLease, CampaignApproval):
         for run in info.recovered:  # ran to its end, not verified yet: verify it, then as above
             await self._record_recovered(run)
         recovered: set[str] = set()
+        for exp in info.adopted:  # its station still runs it (or ran it) for us
+            if not self._adopt(exp, live):  # not this campaign's station: as an interrupted one
+                await self._recover(exp, exp.step, operator)
+                recovered.add(exp.station or "")
         for interrupted in info.interrupted:
             await self._recover(interrupted.experiment, interrupted.last_step_started, operator)
             recovered.add(interrupted.experiment.station or "")
         for slot in self._slots.values():  # nobody watched the others either: same treatment
             if slot.name not in recovered and slot.state != "out":
+                if await self._watched(slot):
+                    continue
                 await self._recover_station(
                     slot,
                     operator,
@@ -243,6 +261,87 @@ class CampaignResume(CampaignLease, CampaignApproval):
             Journal.save_optimizer_state, self.campaign_id, self._state(), epoch=self._epoch
         )
         self._emit("state", state="resumed", progress=self.progress())
+
+    def _adopt(self, exp: Experiment, live: set[str]) -> bool:
+        """Whether ``exp`` (left ``running`` by the journal's resume, ``keep``) is adopted:
+        its station was taken over live (:meth:`~loops.campaignlease.CampaignLease._take_over`)
+        and runs it, or ran it last; the station is then busy with it and
+        :meth:`_run_adopted` waits for its outcome and records it as the dead owner would
+        have, instead of a recovery closing it failed."""
+        slot = self._slots.get(exp.station or "")
+        known = self.taken_over.get(slot.name) if slot is not None else None
+        if (
+            slot is None
+            or known is None
+            or exp.id not in (known.get("running"), known.get("last_run"))
+        ):
+            return False
+        pid = self._pending.get(exp.id)
+        if pid is not None:
+            live.add(pid)  # pending for the optimizer until its outcome is told
+        self._adopted[slot.name] = Item(
+            exp.id, pid, dict(exp.params), exp.recipe, exp.proposer, checked=True
+        )
+        slot.state, slot.experiment = "busy", exp.id
+        self._in_flight += 1
+        why = f"taken over live by {self._owner_name()}: experiment {exp.id} carries on"
+        log.warning("campaign %s: station %s %s", self.campaign_id, slot.name, why)
+        self._emit("station", station=slot.name, state="taken_over", reason=why)
+        self._note_station(slot, "taken_over", why)
+        return True
+
+    async def _watched(self, slot: Slot) -> bool:
+        """Whether ``slot``'s station needs no recovery on resume: its lease was taken over
+        live (never unowned, its monitors running) and it is not tripped. Journaled as a
+        station event."""
+        if slot.name not in self.taken_over or slot.name in self._adopted:
+            return slot.name in self._adopted
+        try:
+            status = await slot.actor.call(StationActor.status)
+        except Exception as exc:
+            log.info("campaign %s: status of %s: %s", self.campaign_id, slot.name, exc)
+            return False
+        if status.get("tripped") or not status.get("open"):
+            return False
+        why = f"taken over live by {self._owner_name()}: idle and not tripped, not recovered"
+        self._emit("station", station=slot.name, state="taken_over", reason=why)
+        self._note_station(slot, "taken_over", why)
+        return True
+
+    def _note_station(self, slot: Slot, state: str, why: str) -> None:
+        self._notes.append(
+            self.journal.call(
+                Journal.station_event, self.campaign_id, slot.name, state, why, epoch=self._epoch
+            )
+        )
+
+    async def _run_adopted(self, slot: Slot, item: Item) -> None:
+        """Wait for an adopted experiment's outcome on its station (:meth:`StationActor.wait_run`)
+        and record it as :meth:`~loops.campaign.CampaignRunner._execute` does; a station that
+        died or cannot say is handled as a station lost during a run (its journaled outcome,
+        if it ran to its end, is the result; never re-run). Then the station's worker claims
+        work as the others do."""
+        try:
+            try:
+                out = await slot.actor.call(
+                    StationActor.wait_run, item.experiment_id, epoch=self._epoch
+                )
+            except Exception as exc:
+                await self._station_lost(
+                    slot,
+                    item,
+                    f"station {slot.name} lost experiment {item.experiment_id} taken over: "
+                    f"{cause_text(exc)}",
+                )
+                return
+            slot.runs += 1
+            async with self._lock.urgent():
+                await self._record(slot, item, out)
+        finally:
+            self._in_flight -= 1
+            if slot.state == "busy":
+                slot.state, slot.experiment = "idle", None
+        await self._worker(slot)
 
     def _count_restored(self, exp: Experiment) -> None:
         c = self._counts

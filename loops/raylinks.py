@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
@@ -45,6 +46,9 @@ __all__ = [
     "RayUnreachable",
     "check_ray_address",
     "check_ray_token",
+    "end_actor",
+    "find_actor",
+    "named_actors",
     "init_ray",
     "ray_links",
     "start_journal_actor",
@@ -176,13 +180,16 @@ def start_station_actor(
     namespace: str | None = None,
     verification: Mapping[str, Any] | None = None,
     setup: Mapping[str, Any] | None = None,
+    detached: bool = False,
 ) -> Any:
     """Create station ``name``'s :class:`StationActor` (not yet open: ``await handle.start.remote()``).
 
     Placed by the resource ``station:<name>`` (1 unit: one actor per bench), no CPU,
     named ``station-<name>`` (``actor_name`` overrides), never restarted or retried by
     Ray. ``journal``: the journal actor's handle (:func:`start_journal_actor`), reached
-    from the station through a :class:`RayJournal`. Returns the actor handle.
+    from the station through a :class:`RayJournal`. ``detached``: it outlives the process
+    that creates it (Ray's ``lifetime="detached"``; give it a ``namespace``): whoever
+    ends it must :func:`end_actor` it. Returns the actor handle.
     """
     cls = ray.remote(StationActor)
     options: dict[str, Any] = {
@@ -194,6 +201,8 @@ def start_station_actor(
     }
     if namespace is not None:
         options["namespace"] = namespace
+    if detached:
+        options["lifetime"] = "detached"
     return cls.options(**options).remote(
         name,
         [dict(s) for s in specs],
@@ -208,11 +217,17 @@ def start_station_actor(
 
 
 def start_journal_actor(
-    path: str | Path, *, actor_name: str | None = None, busy_timeout_s: float = 10.0
+    path: str | Path,
+    *,
+    actor_name: str | None = None,
+    busy_timeout_s: float = 10.0,
+    namespace: str | None = None,
+    detached: bool = False,
 ) -> Any:
     """Create the :class:`JournalActor` for ``path`` on the driver's node (the file is local to it).
 
     ``path`` is made absolute here (a worker's working directory is not the driver's).
+    ``namespace``, ``detached``: as for :func:`start_station_actor`.
     """
     cls = ray.remote(JournalActor)
     options: dict[str, Any] = {
@@ -225,7 +240,37 @@ def start_journal_actor(
     }
     if actor_name is not None:
         options["name"] = actor_name
+    if namespace is not None:
+        options["namespace"] = namespace
+    if detached:
+        options["lifetime"] = "detached"
     return cls.options(**options).remote(str(Path(path).resolve()), busy_timeout_s=busy_timeout_s)
+
+
+def find_actor(name: str, namespace: str) -> Any:
+    """The live actor named ``name`` in ``namespace`` (a detached one that outlived the
+    process that created it), or None."""
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:  # no such actor (or it died: Ray frees its name)
+        return None
+
+
+def named_actors(namespace: str) -> list[str]:
+    """The names of the live named actors in ``namespace``."""
+    return sorted(
+        str(a["name"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == namespace
+    )
+
+
+def end_actor(handle: Any, name: str, namespace: str, timeout_s: float = 10.0) -> None:
+    """Kill the actor (``ray.kill``) and wait, bounded, until its name is free again."""
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while find_actor(name, namespace) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def init_ray(

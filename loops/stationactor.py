@@ -106,6 +106,34 @@ class StationActor(StationRecovery):
             self._lease_watch = asyncio.create_task(self._watch_lease(), name=f"lease-{self.name}")
         return out
 
+    async def take_over(
+        self, owner: str, old_epoch: int, epoch: int, ttl_s: float = LEASE_S
+    ) -> dict[str, Any]:
+        """A restarted owner of the same campaign moves the live lease of ``old_epoch`` to
+        ``epoch`` (:meth:`Lease.take_over <loops.stationlease.Lease.take_over>`: it proved the
+        old owner dead and fenced it off in the journal first); the experiment running under
+        the old epoch carries on under the new one (its lease checks and journal writes use
+        it from now on). Returns the lease as data plus ``running``: the experiment running
+        now, and ``last_run``: the last one that ended (their outcomes:
+        :meth:`wait_run`). Raises like :meth:`Lease.take_over`; nothing changes then."""
+        out = self._lease.take_over(owner, old_epoch, epoch, ttl_s)
+        if self._run_epoch == old_epoch:
+            self._run_epoch = epoch
+            self._epoch_moved.set()
+        self._bench.note(lease=self._lease.as_dict())
+        if self._lease_watch is None or self._lease_watch.done():
+            self._lease_watch = asyncio.create_task(self._watch_lease(), name=f"lease-{self.name}")
+        log.warning(
+            "station %s: lease of epoch %d taken over by %s (epoch %d)%s",
+            self.name,
+            old_epoch,
+            owner,
+            epoch,
+            f"; experiment {self._current} carries on" if self._current else "",
+        )
+        last = self._last_run[0] if self._last_run is not None else None
+        return {**out, "running": self._current, "last_run": last}
+
     async def release(self, epoch: int) -> dict[str, Any]:
         """The owner at ``epoch`` is done with the station (its campaign ended)."""
         self._lease.release(epoch)

@@ -76,6 +76,11 @@ class StationCore:
         self._lost: str | None = None  # closed because its lease was lost (why)
         self._last_trip: dict[str, Any] | None = None  # the trip it was closed with
         self._reserved = False  # a step's reservation is open in the journal
+        #: the running experiment's owner epoch (moved by a take-over: StationActor.take_over)
+        self._run_epoch: int | None = None
+        self._epoch_moved = asyncio.Event()  # set when a take-over moves it
+        self._run_done: asyncio.Future[dict[str, Any] | None] | None = None  # its outcome
+        self._last_run: tuple[str, dict[str, Any] | None] | None = None  # the last that ended
 
     # clock -----------------------------------------------------------------
     def _now(self) -> float:

@@ -95,6 +95,11 @@ class Lease:
                 f"station {self.station}: the lease of epoch {epoch} ended ({self.lost}); "
                 "a new owner takes the station with a higher epoch"
             )
+        if self.held and epoch == self.epoch and str(owner) != self.owner:
+            raise LeaseHeld(
+                f"station {self.station} is leased by {self.owner} (epoch {epoch}): "
+                f"{owner} cannot renew another owner's lease"
+            )
         if self.held and self.epoch is not None and epoch > self.epoch:
             left = self.expires - time.monotonic()
             raise LeaseHeld(
@@ -106,6 +111,35 @@ class Lease:
         self.expires, self.held, self.lost = time.monotonic() + self.ttl_s, True, None
         self.timed_out = False
         return self.as_dict()
+
+    def take_over(self, owner: str, old_epoch: int, epoch: int, ttl_s: float) -> dict[str, Any]:
+        """Move the live lease of ``old_epoch`` to ``owner`` at ``epoch`` (a newer owner of
+        the same campaign that proved the old one dead: it holds the campaign's lock file
+        and took the next epoch in the journal, which fences the old epoch's writes); from
+        now on calls of ``old_epoch`` are refused (:class:`StaleOwner`). Raises
+        :class:`OwnerLost` when that lease is no longer live (released, run out: the station
+        tripped or trips; take it with :meth:`take` then), :class:`StaleOwner` when the lease
+        belongs to another epoch (another campaign's owner, or one newer than ``epoch``)."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch <= old_epoch:
+            raise ValueError(f"take-over epoch must be an int > {old_epoch}, got {epoch!r}")
+        if self.epoch != old_epoch:
+            raise StaleOwner(
+                f"station {self.station}: take-over of epoch {old_epoch} refused; the lease is "
+                f"epoch {self.epoch}'s ({self.owner})"
+            )
+        if not self.held or self.overdue():
+            raise OwnerLost(
+                f"station {self.station}: the lease of epoch {old_epoch} is no longer live "
+                f"({self.lost or 'run out'}): not taken over"
+            )
+        previous = self.owner
+        self.owner, self.epoch = None, None  # take() below: as a fresh lease of ``epoch``
+        self.held = False
+        try:
+            return self.take(owner, epoch, ttl_s)
+        except BaseException:
+            self.owner, self.epoch, self.held = previous, old_epoch, True
+            raise
 
     def release(self, epoch: int) -> None:
         """The owner is done with the station (a campaign that ended); its epoch is over."""

@@ -32,11 +32,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from loops.checks import Verification, run_checks
-from loops.journal import Journal
+from loops.journal import Journal, StaleOwner
 from loops.recipe import Result, dry_run_recipe, run_recipe
 from loops.stacktime import StackTimer, cpu_part, current_timer, timing
 from loops.stationcore import StationCore
-from loops.stationerrors import ExperimentStopped, StationBusy, cause_text
+from loops.stationerrors import ExperimentStopped, StationBusy, StationError, cause_text
 from loops.stationledger import step_reservation, unsaved_consumption
 from loops.steps import Recipe, Step
 from safety import SafeStation, SafetyError
@@ -48,6 +48,9 @@ __all__ = ["TRIP_POLL_S", "StationRuns", "step_acts", "until_tripped"]
 
 #: how often a running recipe checks whether its station tripped (real seconds)
 TRIP_POLL_S = 0.02
+#: how long a journal write of a running experiment refused as a stale owner's waits for the
+#: restarted owner that fenced it to take the station's lease over (real seconds)
+TAKE_OVER_WAIT_S = 2.0
 
 
 async def until_tripped(station: SafeStation, work: Awaitable[Any]) -> Any:
@@ -206,7 +209,10 @@ class StationRuns(StationCore):
                 f"refusing {experiment_id} (one experiment at a time)"
             )
         async with self._run_lock:
-            self._current = experiment_id
+            self._current, self._run_epoch = experiment_id, epoch
+            self._epoch_moved.clear()
+            self._run_done = asyncio.get_running_loop().create_future()
+            out: dict[str, Any] | None = None
             mark = len(station.audit.records())
             measured: dict[str, Any] = {}  # what went to the journal with the last step
             t0 = time.perf_counter()
@@ -228,7 +234,7 @@ class StationRuns(StationCore):
                     out["audit"] = [v.as_dict() for v in station.audit.records()[mark:]]
                     if out.get("ok") and mark_running and self._journal is not None:
                         out["outcome_journaled"] = await self._journal_outcome(
-                            experiment_id, out, epoch, measured
+                            experiment_id, out, measured
                         )
                 timer.add("run", time.perf_counter() - t0)
                 out["stack"] = timer.as_dict()  # how long its parts took (loops.stacktime)
@@ -236,13 +242,62 @@ class StationRuns(StationCore):
             finally:
                 self._current = self._under_way = None
                 self._runs += 1
+                self._end_run(experiment_id, out)
                 await self._save_ledger(station)
+
+    def _end_run(self, experiment_id: str, out: dict[str, Any] | None) -> None:
+        """Keep the run's outcome for :meth:`wait_run` (an owner that took the station over
+        while it ran: :meth:`StationActor.take_over <loops.stationactor.StationActor.take_over>`)."""
+        done, self._run_done = self._run_done, None
+        self._last_run = (experiment_id, out)
+        if done is not None and not done.done():
+            done.set_result(out)
+
+    async def wait_run(self, experiment_id: str, *, epoch: int | None = None) -> dict[str, Any]:
+        """The outcome of experiment ``experiment_id`` as :meth:`run` returned it (or returns
+        it, once it ends): for an owner that took the station over while it ran, its caller
+        being dead. Raises like :meth:`run` unless ``epoch`` holds the lease, and
+        :class:`StationError` for an experiment that is neither running here nor the last
+        that ended here, or that ended without an outcome (cancelled)."""
+        self._lease.check(epoch)
+        if self._current == experiment_id and self._run_done is not None:
+            out = await asyncio.shield(self._run_done)
+        elif self._last_run is not None and self._last_run[0] == experiment_id:
+            out = self._last_run[1]
+        else:
+            raise StationError(
+                f"station {self.name} is not running {experiment_id} and did not run it last"
+            )
+        if out is None:
+            raise StationError(f"station {self.name}: {experiment_id} ended without an outcome")
+        return out
+
+    async def _fenced(self, write: Callable[[int | None], Awaitable[Any]]) -> Any:
+        """``write(epoch)``, a journal write of the running experiment, with the run's epoch;
+        if the journal refuses it as a stale owner's while the lease is live, a restarted
+        owner of the campaign has taken the next epoch and is about to take this lease over
+        (:meth:`StationActor.take_over`): it is written again with that epoch once it has,
+        within :data:`TAKE_OVER_WAIT_S` (the step waits, it does not act meanwhile)."""
+        epoch = self._run_epoch
+        try:
+            return await write(epoch)
+        except Exception as exc:
+            if not isinstance(exc, StaleOwner) and not isinstance(
+                getattr(exc, "cause", None), StaleOwner
+            ):
+                raise
+            if self._lease.held:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TAKE_OVER_WAIT_S):
+                        await self._epoch_moved.wait()
+            if self._run_epoch == epoch:
+                raise
+        return await write(self._run_epoch)
 
     async def _journal_outcome(
         self,
         experiment_id: str,
         out: Mapping[str, Any],
-        epoch: int | None,
         measured: Mapping[str, Any],
     ) -> bool:
         """Journal a finished run's outcome (:meth:`Journal.record_outcome`: what it adds to
@@ -256,8 +311,11 @@ class StationRuns(StationCore):
         )
         outcome = {k: v for k, v in outcome.items() if k not in measured or measured[k] != v}
         try:
-            self._lease.check(epoch)  # nothing is journaled as progress without a live owner
-            await self._journal.call(Journal.record_outcome, experiment_id, outcome, epoch=epoch)
+            self._lease.check(self._run_epoch)  # nothing is journaled without a live owner
+            link = self._journal
+            await self._fenced(
+                lambda e: link.call(Journal.record_outcome, experiment_id, outcome, epoch=e)
+            )
         except Exception as exc:
             log.error(
                 "station %s: outcome of %s not journaled: %s",
@@ -332,7 +390,7 @@ class StationRuns(StationCore):
 
         async def on_step(i: int, step: Step, what: str, data: dict[str, Any]) -> None:
             nonlocal index, phase
-            self._lease.check(epoch)  # no step acts, nothing is journaled, without a live owner
+            self._lease.check(self._run_epoch)  # nothing acts or is journaled without an owner
             index, phase = i, what
             if journal is None:
                 return
@@ -351,15 +409,17 @@ class StationRuns(StationCore):
                 link = journal  # for the closure: not None here
 
                 def write() -> Awaitable[Any]:
-                    return link.call(
-                        Journal.step_started,
-                        experiment_id,
-                        i,
-                        step.as_dict(),
-                        epoch=epoch,
-                        consumption=used,
-                        reserve=reserve,
-                        done=done,
+                    return self._fenced(
+                        lambda e: link.call(
+                            Journal.step_started,
+                            experiment_id,
+                            i,
+                            step.as_dict(),
+                            epoch=e,
+                            consumption=used,
+                            reserve=reserve,
+                            done=done,
+                        )
                     )
 
                 if not step_acts(station, step, who):
@@ -375,15 +435,18 @@ class StationRuns(StationCore):
                     images=_image_digests({r: images.get(r) for r in ("outcome", "reference")}),
                 )
                 await committed(in_flight)
-                await journal.call(
-                    Journal.step_done,
-                    experiment_id,
-                    i,
-                    data,
-                    epoch=epoch,
-                    consumption=used,
-                    measured=measured,
-                    images=images,
+                link = journal
+                await self._fenced(
+                    lambda e: link.call(
+                        Journal.step_done,
+                        experiment_id,
+                        i,
+                        data,
+                        epoch=e,
+                        consumption=used,
+                        measured=measured,
+                        images=images,
+                    )
                 )
                 self._reserved = False
 

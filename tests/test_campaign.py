@@ -344,7 +344,10 @@ async def test_kill_9_at_random_points_then_resume_loses_nothing_and_reruns_noth
     async with SimulatedLab(stations=1, speed=SPEED) as sim:
         lab_file = tmp_path / "lab.yaml"
         store = tmp_path / "journal.db"
-        lab_file.write_text(sim_lab_yaml(sim, store))
+        # the actors are detached (--ray-address): a short lease trips the station soon after
+        # each kill, as its actor died with the process before (a resume within the lease
+        # takes it over instead: tests/test_takeover.py)
+        lab_file.write_text(sim_lab_yaml(sim, store) + "ray: {lease_s: 2}\n")
         common = (
             "--lab",
             str(lab_file),
@@ -383,11 +386,22 @@ async def test_kill_9_at_random_points_then_resume_loses_nothing_and_reruns_noth
         exps = j.experiments(cid)
         logs = {e.id: j.transitions(e.id) for e in exps}
         station_events = [t.data for t in j.campaign_log(cid) if t.event == "station"]
+        resumed = [  # the resumes that picked the campaign up (a last one may find it done)
+            t
+            for t in j.campaign_log(cid)
+            if t.event == "campaign" and (t.data or {}).get("resumed")
+        ]
     finally:
         j.close()
-    # every resume safe-stated, reset and drained the station before anything else ran on it
+    # every resume safe-stated, reset and drained the station before anything else ran on it,
+    # or (back within the lease: the actors are detached, --ray-address) took it over live
     recovered = [d for d in station_events if d["station_state"] == "recovered"]
-    assert len(recovered) == resumes >= 1, station_events
+    taken = [d for d in station_events if d["station_state"] == "taken_over"]
+    assert len(recovered) + len(taken) == len(resumed) >= 1, station_events
+    assert len(resumed) <= resumes
+    print(
+        f"{len(resumed)} resumes: {len(recovered)} recovered the station, {len(taken)} took it over"
+    )
     assert all("drained" in d["reason"] and "by tester" in d["reason"] for d in recovered)
     assert campaign.state == "done", (campaign.state, text[-3000:])
     # no finished result was lost or changed

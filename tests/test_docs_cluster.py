@@ -48,6 +48,8 @@ def test_cluster_page_runs_as_written(tmp_path: Path) -> None:
     lab = load_lab(tmp_path / "lab.yaml")
     assert lab.ray_address == "10.0.0.5:6379"
     assert lab.ray_token_file == Path("/etc/labbridge/ray-token")
+    assert lab.lease_s == 5.0  # the default
+    assert load_lab(tmp_path / "restart-lab.yaml").lease_s == 30.0  # "When the service restarts"
     out: dict[str, str] = {}  # a script block's code -> what it printed
     for block in blocks(PAGE):
         if block.file is None and not is_tls(block):

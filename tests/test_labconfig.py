@@ -97,6 +97,8 @@ def test_a_valid_lab_loads(tmp_path: Path) -> None:
             "cannot read envelope",
         ),
         ("bridge_id: bench-lab", "bridge_id: bench lab", 1, "bridge_id", "is not a name"),
+        ("  address: null\n", "  lease_s: 1\n", 4, "ray.lease_s", "must be 2 to 300 seconds"),
+        ("  address: null\n", "  lease_s: soon\n", 4, "ray.lease_s", "must be a number > 0"),
     ],
 )
 def test_mistakes_name_file_line_and_field(

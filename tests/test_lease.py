@@ -64,7 +64,10 @@ async def main() -> None:
     program = dataclasses.replace(base, budget=dataclasses.replace(base.budget, experiments=1))
     link, stations = ray_links(journal, {cfg["bench"]: station})
     clock = ScaledClock(ClockSpec(cfg["speed"], tuple(cfg["sim_at_real"])))
-    runner = CampaignRunner(program, link, stations, campaign_id="lease", clock_now=clock.now)
+    runner = CampaignRunner(
+        program, link, stations, campaign_id="lease", clock_now=clock.now,
+        lease_s=cfg.get("lease_s", 5.0),
+    )
     await runner.prepare()
     print("owner epoch", runner.epoch, flush=True)
     receipt = await runner.propose(cfg["params"], "agent:lease-test")
@@ -115,6 +118,33 @@ def test_a_lease_runs_out_and_an_older_epoch_is_refused() -> None:
         lease.take("x", 0)
     with pytest.raises(ValueError, match="lease length"):
         lease.take("x", 3, ttl_s=float("nan"))
+
+
+def test_a_restarted_owner_takes_a_live_lease_over_and_the_old_epoch_is_refused() -> None:
+    """Lease.take_over (docs/cluster.md, "When the service restarts"): only a live lease of
+    the epoch named moves; the old epoch is refused from then on; another owner cannot renew
+    a lease at its epoch."""
+    lease = Lease("bench-a")
+    lease.take("service-1", 4, ttl_s=60)
+    with pytest.raises(LeaseHeld, match="cannot renew another owner's lease"):
+        lease.take("intruder", 4)
+    with pytest.raises(StaleOwner, match="epoch 4's"):  # another campaign's epoch
+        lease.take_over("service-2", 3, 5, ttl_s=60)
+    with pytest.raises(ValueError, match="take-over epoch"):
+        lease.take_over("service-2", 4, 4, ttl_s=60)
+    out = lease.take_over("service-2", 4, 5, ttl_s=60)
+    assert out["owner"] == "service-2" and out["epoch"] == 5 and out["held"], out
+    with pytest.raises(StaleOwner, match="epoch 5 .service-2. owns it"):  # the old owner: fenced
+        lease.take("service-1", 4)
+    with pytest.raises(StaleOwner):
+        lease.check(4)
+    lease.check(5)
+    lease.take("service-2", 5, ttl_s=0.05)  # renewed by its new owner, then left to run out
+    while lease.expire() is None:
+        time.sleep(0.01)
+    with pytest.raises(OwnerLost, match="no longer live"):  # beyond the lease: no take-over
+        lease.take_over("service-3", 5, 6, ttl_s=60)
+    assert lease.epoch == 5 and not lease.held  # unchanged: the station tripped on its own
 
 
 def test_the_journal_fences_progress_writes_of_an_older_owner(tmp_path: Path) -> None:

@@ -202,7 +202,9 @@ class ResumeInfo:
     their results: :class:`CompletedRun`); ``recovered``: running experiments whose every
     step finished and whose measurements were journaled with the last one, but not their
     outcome (the process died while the station verified it): verify each on its station
-    and record it (:class:`CompletedRun`, ``outcome`` unverified: :meth:`Journal.measured`).
+    and record it (:class:`CompletedRun`, ``outcome`` unverified: :meth:`Journal.measured`);
+    ``adopted``: running experiments named in ``keep`` (their station still runs them for
+    the new owner, who took its lease over), left ``running``: wait for their outcomes.
     """
 
     campaign: Campaign
@@ -216,6 +218,7 @@ class ResumeInfo:
     next_seq: int
     completed: list[CompletedRun] = dataclasses.field(default_factory=list)
     recovered: list[CompletedRun] = dataclasses.field(default_factory=list)
+    adopted: list[Experiment] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- JSON

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
 from loops.journal._model import CompletedRun, InterruptedExperiment, ResumeInfo
 from loops.journal._steps import JournalSteps
@@ -12,7 +13,9 @@ from loops.journal._steps import JournalSteps
 class JournalResume(JournalSteps):
     """:meth:`resume`: what a campaign needs to carry on, the journal made consistent first."""
 
-    def resume(self, campaign_id: str, *, epoch: int | None = None) -> ResumeInfo:
+    def resume(
+        self, campaign_id: str, *, epoch: int | None = None, keep: Sequence[str] = ()
+    ) -> ResumeInfo:
         """Pick a campaign up after a crash, in one transaction (idempotent).
 
         ``running`` experiments whose station journaled their outcome
@@ -26,6 +29,9 @@ class JournalResume(JournalSteps):
         never re-run. ``checked`` and ``queued`` ones (no step started) go back to
         ``proposed``, to be dry-run again. Finished results and the optimizer state are
         returned as stored. ``epoch``: the resuming owner's (:meth:`take_ownership`).
+        ``keep``: experiments whose station still runs them for this owner (it took their
+        lease over live): those ``running`` without a journaled outcome stay ``running`` and
+        are returned in ``adopted``.
         """
         with self._tx() as conn:
             self._require_campaign(conn, campaign_id)
@@ -37,12 +43,16 @@ class JournalResume(JournalSteps):
             newly: set[str] = set()
             completed: list[str] = []
             recovered: list[str] = []
+            adopted: list[str] = []
             for (eid,) in running:
                 if self._outcome_row(conn, eid) is not None:
                     completed.append(eid)  # ran to its end and was measured: not interrupted
                     continue
                 if self._event_data(conn, eid, "measured") is not None:
                     recovered.append(eid)  # every step ran, measured, not verified yet
+                    continue
+                if eid in keep:
+                    adopted.append(eid)  # its station still runs it for this owner
                     continue
                 self._interrupt(conn, campaign_id, eid)
                 newly.add(eid)
@@ -72,6 +82,7 @@ class JournalResume(JournalSteps):
                     "interrupted": sorted(newly),
                     "completed": completed,
                     "recovered": recovered,
+                    "adopted": adopted,
                     "requeued": [w[0] for w in waiting],
                 },
             )
@@ -123,6 +134,7 @@ class JournalResume(JournalSteps):
                 for eid in completed
             ],
             recovered=[self._measured_run(eid) for eid in recovered],
+            adopted=[self.experiment(eid) for eid in adopted],
         )
 
     def _measured_run(self, eid: str) -> CompletedRun:
