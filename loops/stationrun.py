@@ -40,6 +40,7 @@ from loops.stacktime import cpu_part, current_timer, timing
 from loops.stationcore import StationCore
 from loops.stationerrors import ExperimentStopped, StationBusy, cause_text
 from loops.stationledger import step_reservation, unsaved_consumption
+from loops.stationverify import EarlyVerification
 from loops.stationwrites import StepWrites
 from loops.steps import Recipe, Step
 from safety import SafeStation, SafetyError
@@ -315,7 +316,8 @@ class StationRuns(StationCore):
         last = len(recipe.steps) - 1
         keep_images = self._verify or include_image
         finished: list[tuple[int, dict[str, Any]]] = []  # a step done, journaled with the next
-        verifying: asyncio.Future[Verification] | None = None
+        # verification starts once what it reads is measured (loops.stationverify)
+        verifying = EarlyVerification(recipe.verification, self._setup) if self._verify else None
 
         async def on_step(i: int, step: Step, what: str, data: dict[str, Any]) -> None:
             nonlocal index, phase, running
@@ -326,6 +328,8 @@ class StationRuns(StationCore):
                     raise _NotRunning(exc) from exc
                 raise
             index, phase = i, what
+            if what == "done" and verifying is not None:
+                verifying.offer(so_far)
             if writes is None:
                 return
             if what == "done" and i < last:
@@ -383,8 +387,7 @@ class StationRuns(StationCore):
             self._reserved = False
 
         async def steps() -> Result:
-            """The recipe's steps, then its records committed (verification starts first)."""
-            nonlocal verifying
+            """The recipe's steps, then their records committed."""
             result = await run_recipe(
                 recipe,
                 station,
@@ -394,9 +397,7 @@ class StationRuns(StationCore):
                 clock_now=self._now,
                 result=so_far,
             )
-            if self._verify:
-                verifying = asyncio.ensure_future(self._verify_outcome(result, recipe))
-            if writes is not None:
+            if writes is not None:  # the last step's record, while the run is verified
                 await writes.flush()
             return result
 
@@ -437,7 +438,7 @@ class StationRuns(StationCore):
         if timer is not None:  # the bench's own time: its steps as the bench's clock measured them
             timer.add("bench", sum(result.durations) / self._speed, count=len(result.durations))
         if verifying is not None:
-            out["verification"] = (await verifying).as_dict()
+            out["verification"] = (await verifying.outcome(result)).as_dict()
         if include_image:
             out["image"] = result.image
             out["reference_image"] = result.reference_image
