@@ -10,7 +10,12 @@ that is waited for carries every write still queued in its own transaction, afte
 So the writes reach the journal in the order they were made (a Ray actor does not keep
 the order of one caller's calls: one batch is on its way at a time), a write waited for
 returns once it and every write before it have committed, and a row of quick steps that
-only look costs one round trip, not one each.
+only look costs one round trip, not one each. A write waited for while a batch is on its
+way is sent at once when the journal itself refuses it unless that batch has committed
+(a step's record chained to the previous step's: :func:`_chained`); refused (it arrived
+first: :class:`~loops.journal.StepOrderError`, nothing of it written), it is sent again
+once that batch has committed. Either way it has committed only after every write before
+it.
 
 Timing (:mod:`loops.stacktime`): a write waited for is the run's ``journal.<method>``
 (``journal.write_all`` when it carries queued ones); the batches not waited for are
@@ -25,13 +30,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from loops.journal import Journal, JournalLink, api_name
+from loops.journal import Journal, JournalLink, StepOrderError, api_name
 from loops.stacktime import StackTimer, current_timer, timing
 
 __all__ = ["StepWrites"]
 
 #: one write: a :class:`~loops.journal.Journal` method's name, its args and kwargs
 Write = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+def _chained(write: Write) -> bool:
+    """Whether the journal refuses ``write`` (:class:`StepOrderError`) unless the step
+    record before it has committed: a step's end (its start must be the last step event),
+    or a step's start carrying the previous step's end."""
+    name, _, kwargs = write
+    return name == "step_done" or (name == "step_started" and kwargs.get("done") is not None)
 
 
 class StepWrites:
@@ -59,6 +72,12 @@ class StepWrites:
         """Write ``fn(*args, **kwargs)`` after every write made before it, and wait until it
         has committed (with the queued ones, in one transaction); returns its result."""
         batch, self._queued = [*self._queued, (api_name(fn), args, kwargs)], []
+        sending = self._sending
+        if sending is not None and not sending.done() and _chained(batch[0]):
+            try:  # sent at once, behind the batch on its way: the journal keeps the order
+                return (await self._send(batch))[-1]
+            except StepOrderError:
+                pass  # it arrived first, and nothing of it was written: again, after that one
         await self._wait_sending()  # the batch on its way first (the queued ones go with this)
         return (await self._send(batch))[-1]
 

@@ -213,20 +213,27 @@ async def test_an_urgent_waiter_takes_the_campaign_lock_before_the_claims_waitin
 
 
 class HeldJournal:
-    """A journal link whose writes can be held on their way (``hold``), to see what a
-    station sends while one is in flight; ``sent``: each call's method and its writes."""
+    """A journal link whose call that starts with the step in ``held`` is held until
+    ``release`` is set: before it reaches the journal, or (``after``) once committed,
+    before the caller hears; ``sent``: each call's writes (method, step or state)."""
 
     def __init__(self, link: AsyncJournal) -> None:
         self.link = link
-        self.hold = asyncio.Event()
-        self.hold.set()
-        self.sent: list[tuple[str, list[Any]]] = []
+        self.held: int | None = None
+        self.release = asyncio.Event()
+        self.after = False
+        self.sent: list[list[Any]] = []
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if fn is Journal.write_all else [(fn.__name__, args, kwargs)]
-        self.sent.append((fn.__name__, [(w[0], w[1][1]) for w in batch]))
-        await self.hold.wait()
-        return await self.link.call(fn, *args, **kwargs)
+        self.sent.append([(w[0], w[1][1]) for w in batch])
+        hold = self.held is not None and batch[0][1][1] == self.held
+        if hold and not self.after:
+            await self.release.wait()
+        out = await self.link.call(fn, *args, **kwargs)
+        if hold:
+            await self.release.wait()
+        return out
 
 
 async def test_step_records_not_waited_for_go_in_order_as_one_batch_with_the_next_waited_one(
@@ -241,33 +248,40 @@ async def test_step_records_not_waited_for_go_in_order_as_one_batch_with_the_nex
         writes = StepWrites(link)
         writes.later(Journal.transition, eid, "running", station="bench-a")
         await writes.now(Journal.step_started, eid, 0, {"op": "set"})  # one transaction
-        link.hold.clear()
+        link.held = 1
         writes.later(Journal.step_started, eid, 1, done=(0, {}))  # on its way, held
         await asyncio.sleep(0)
         writes.later(Journal.step_started, eid, 2, done=(1, {}))  # queued behind it
         writes.later(Journal.step_started, eid, 3, done=(2, {}))
         acting = asyncio.create_task(writes.now(Journal.step_started, eid, 4, done=(3, {})))
         await asyncio.sleep(0.05)
-        assert not acting.done()  # a waited write returns once every write before it has
-        assert len(link.sent) == 2  # ... and is sent after the one on its way has committed
-        link.hold.set()
+        # a waited write is sent at once (the queued records with it, one round trip); it
+        # arrived before the one on its way: refused, nothing of it written ...
+        assert link.sent[1:] == [[("step_started", 1)], [("step_started", i) for i in (2, 3, 4)]]
+        assert not acting.done()  # ... and it returns once every write before it has
+        link.release.set()
         await acting
+        assert link.sent[3:] == [[("step_started", i) for i in (2, 3, 4)]]  # sent again
+        # the one on its way reaches the journal first (only its answer is late): the
+        # waited one commits behind it, without waiting for that answer
+        link.held, link.after = 5, True
+        link.release.clear()
+        writes.later(Journal.step_started, eid, 5, done=(4, {}))
+        await asyncio.sleep(0.05)
+        await writes.now(Journal.step_started, eid, 6, done=(5, {}))
+        assert link.sent[4:] == [[("step_started", 5)], [("step_started", 6)]]
+        link.release.set()
         await writes.flush()
-        # one round trip per batch: the queued records went with the waited one
-        assert [w for _, w in link.sent] == [
-            [("transition", "running"), ("step_started", 0)],
-            [("step_started", 1)],
-            [("step_started", 2), ("step_started", 3), ("step_started", 4)],
-        ]
         log = await aj.call(Journal.transitions, eid)
-        assert [t.step for t in log if t.event == "step_started"] == [0, 1, 2, 3, 4]
+        assert [t.step for t in log if t.event == "step_started"] == [0, 1, 2, 3, 4, 5, 6]
+        assert link.sent[0] == [("transition", "running"), ("step_started", 0)]
         # a write that fails: the writes after it are not sent, the next waited one raises
-        writes.later(Journal.step_started, eid, 4, done=(4, {}))  # step 4 again: refused
-        writes.later(Journal.step_started, eid, 6, done=(4, {}))
+        writes.later(Journal.step_started, eid, 6, done=(6, {}))  # step 6 again: refused
+        writes.later(Journal.step_started, eid, 8, done=(6, {}))
         with pytest.raises(StepOrderError, match="never run twice"):
-            await writes.now(Journal.step_started, eid, 7)
+            await writes.now(Journal.step_started, eid, 9)
         log = await aj.call(Journal.transitions, eid)
-        assert [t.step for t in log if t.event == "step_started"] == [0, 1, 2, 3, 4]
+        assert [t.step for t in log if t.event == "step_started"] == [0, 1, 2, 3, 4, 5, 6]
 
 
 async def test_verification_starts_once_what_it_reads_is_measured_and_ends_on_the_final_values() -> (
