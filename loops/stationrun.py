@@ -5,8 +5,8 @@ The recipe is dry-run again, the experiment moved ``queued -> running`` (with th
 experiments budget's unit) in one transaction with its first step's start, and each step
 journaled before it acts (``step_started``, with a reservation of what it may consume).
 A step that cannot change the bench, or only moves it towards its safe state (a read, a
-wait, a hold, a capture, a computation; a heater, a stirrer switched off:
-:func:`step_waits`), has its record queued in the journal's order without waiting for
+wait, a hold, a capture, a computation; a heater or a light switched off, as the guard
+classes them: :func:`step_waits`), has its record queued in the journal's order without waiting for
 the commit; every such record is committed before the next step that waits starts (in
 that step's transaction) and before the last step's record, so a kill can lose at most
 the records of such steps (:mod:`loops.stationwrites`). After a step (``step_done``, with
@@ -113,8 +113,8 @@ def step_waits(station: SafeStation, step: Step, who: str, reserve: Sequence[Any
     change the bench other than towards its safe state (:func:`step_acts`, a call of a
     command the guard classes ``safer`` excepted), or it reserves some of a budget.
 
-    The others (reads, waits, holds, captures, computations; switching a heater, a
-    stirrer or a light off) are sent in order without waiting (:class:`StepWrites`),
+    The others (reads, waits, holds, captures, computations; switching a heater or a
+    light off, which the guard classes safer) are sent in order without waiting (:class:`StepWrites`),
     committed before the next step that waits and before the last step's record is. A
     kill can lose the records of such steps since the last one that waited, and nothing
     else: the experiment is found ``running`` with an earlier step in progress, is
