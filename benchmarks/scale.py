@@ -30,11 +30,15 @@ costs the bench nothing and is not in it. From the journal's timestamps, its par
 - ``dispatch``: checked -> running: ``queued`` journaled, the run's Ray call to the station
   actor, ``running`` journaled there;
 - ``steps``: running -> the last step's record, minus the bench's time (each step's
-  duration as the station measured it on the bench's clock): each step journaled before
-  it acts (a Ray call to the journal actor, an fsync'ed transaction; a step's end goes
-  with the next step's start), the lease check, the step's dispatch in the actor;
-- ``finish``: last step done -> done: verification (camera vs instruments), the outcome
-  and the optimizer's tell journaled.
+  duration as the station measured it on the bench's clock): each step that can change
+  the bench journaled before it acts (a Ray call to the journal actor, an fsync'ed
+  transaction; a step's end goes with the next step's start, the records of steps that
+  only look or make safer with the next that waits: :mod:`loops.stationwrites`), the
+  lease check, the step's dispatch in the actor;
+- ``finish``: last step done -> done: what is left of verification (camera vs
+  instruments; it starts once what it reads is measured: :mod:`loops.stationverify`),
+  the outcome journaled, the Ray return, the evidence and result with the optimizer's
+  tell journaled.
 
 Where it goes, from the per-experiment timers (:mod:`loops.stacktime`; the campaign's
 ``finished`` events carry them): the optimizer's ask and tell, the dry runs and
@@ -147,9 +151,11 @@ WHERE = {
     "tell": "the optimizer's tell (CPU)",
     "dry run": "the safety layer's dry run on the station (CPU; once at the check, again "
     "at the run's start)",
-    "verify": "verification: camera vs instruments (CPU on its thread)",
-    "journal": "journal transactions, each a Ray call to the journal actor and an fsync'ed "
-    "commit (campaign's and station's; count = transactions per experiment)",
+    "verify": "verification: camera vs instruments (CPU on its thread), what of it is left "
+    "when the run ends (it starts once what it reads is measured: loops/stationverify.py)",
+    "journal": "journal transactions waited for, each a Ray call to the journal actor and "
+    "an fsync'ed commit (campaign's and station's; count = transactions waited for per "
+    "experiment; a wait for records sent earlier without waiting is in the wall time)",
     "ray": "Ray round trips campaign <-> station actor (check and run calls, minus what "
     "the station did inside them)",
     "station": "the station's own time in the run beyond bench, journal, dry run, verify: "
@@ -158,8 +164,8 @@ WHERE = {
     "loop (idle time minus the parts above)",
     "overlapped": "not idle time: the next proposal claimed while the station ran (ask, "
     "journal, the check's dry run and Ray call; CPU: the ask's; loops/campaignahead.py) and "
-    "the journal records of steps that only look, sent while the bench works, not waited "
-    "for (loops/stationrun.py)",
+    "the journal records of steps that only look or make safer, sent while the bench works, "
+    "not waited for (loops/stationwrites.py), and verification started while it works",
 }
 
 
@@ -194,7 +200,8 @@ def where(stack: dict[str, dict[str, float]], idle_s: float) -> dict[str, tuple[
     known = sum(v[0] for v in out.values())  # the parts on the bench's critical path
     out["campaign"] = (max(0.0, idle_s - known), 0.0, 0)
     # claimed while the previous experiment ran (loops.campaignahead), and the journal
-    # records of steps that only look, not waited for (loops.stationrun.in_order)
+    # records of steps that only look, not waited for, verification that overlapped the
+    # bench (loops.stationwrites, loops.stationverify)
     ahead, behind = total("ahead:"), total("station:behind:")
     out["overlapped"] = (ahead[0] + behind[0], get("ahead:ask")[1], ahead[2] + behind[2])
     return out

@@ -61,7 +61,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -489,7 +489,11 @@ class CampaignRunner(CampaignResume, CampaignApproval, CampaignAhead):
             asyncio.create_task(work, name=f"campaign-{self.campaign_id}-{slot.name}")
         )
 
-    async def _execute(self, slot: Slot, item: Item) -> None:
+    async def _execute(
+        self, slot: Slot, item: Item, *, on_sent: Callable[[], None] | None = None
+    ) -> None:
+        """Run ``item`` on ``slot`` and record what it came to; ``on_sent``: called once the
+        run is sent to the station (:mod:`loops.campaignahead` claims the next one then)."""
         j, eid = self.journal, item.experiment_id
         assert item.recipe is not None  # a checked proposal has its recipe (see _check)
         await j.call(Journal.transition, eid, "queued", station=slot.name, epoch=self._epoch)
@@ -501,7 +505,7 @@ class CampaignRunner(CampaignResume, CampaignApproval, CampaignAhead):
             proposer=item.proposer,
         )
         try:
-            out = await slot.actor.call(
+            running = slot.actor.call(
                 StationActor.run,
                 eid,
                 item.recipe,
@@ -509,6 +513,9 @@ class CampaignRunner(CampaignResume, CampaignApproval, CampaignAhead):
                 include_image=self._images_dir is not None,
                 epoch=self._epoch,
             )
+            if on_sent is not None:
+                on_sent()
+            out = await running
         except StationLost as exc:
             await self._station_lost(slot, item, str(exc))
             return

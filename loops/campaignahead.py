@@ -5,7 +5,8 @@ Each station has a worker: it claims a checked proposal (:meth:`CampaignRunner._
 <loops.campaign.CampaignRunner._claim>`: the optimizer's ask, the journal, the dry run on
 that station) and runs it. While the station runs one experiment, the worker already
 claims the next one for it (``claim_ahead``): the optimizer is asked with the running
-experiment pending (every strategy knows pending points), the proposal is journaled and
+experiment pending (every strategy knows pending points; the ask starts once the run is
+sent, so its CPU does not delay the run's dispatch), the proposal is journaled and
 dry-run on the station from the state its running recipe leaves
 (:meth:`StationActor.dry_run <loops.stationrun.StationRuns.dry_run>`), so when the
 experiment ends the next is ready and the bench does not wait for the ask, the journal
@@ -46,7 +47,7 @@ class CampaignAhead(CampaignBook):
     claim_ahead = False
 
     _claim: Callable[..., Coroutine[Any, Any, Item | None]]  # CampaignRunner's
-    _execute: Callable[[Slot, Item], Awaitable[None]]  # CampaignRunner's
+    _execute: Callable[..., Awaitable[None]]  # CampaignRunner's (slot, item, on_sent=)
     _stop_reason: Callable[[], str | None]  # CampaignRunner's
 
     async def _worker(self, slot: Slot) -> None:
@@ -74,10 +75,15 @@ class CampaignAhead(CampaignBook):
                     ):  # paused, stopped (or out, ahead) while it was being claimed
                         await self._unclaim(slot, item)
                         continue
+
+                    def claim_next() -> None:  # once the run is on its way to the station
+                        nonlocal ahead, timer
+                        ahead, timer = self._ahead(slot)
+
                     try:
-                        if self.claim_ahead:
-                            ahead, timer = self._ahead(slot)
-                        await self._execute(slot, item)
+                        await self._execute(
+                            slot, item, on_sent=claim_next if self.claim_ahead else None
+                        )
                     finally:
                         self._in_flight -= 1
                         if slot.state == "busy":

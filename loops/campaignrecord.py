@@ -145,13 +145,16 @@ class CampaignRecorder(CampaignBook):
         j, eid = self.journal, item.experiment_id
         measure = self.program.objective.measure
         images, missing = self._save_images(out)
-        if images or out.get("audit"):  # the evidence first, then the outcome that cites it
-            await j.call(
-                Journal.record_evidence,
-                eid,
-                verdicts=out.get("audit") or (),
-                images=images,
-                epoch=self._epoch,
+        # the evidence first, then the outcome that cites it: with a result, both in one
+        # transaction (Journal.write_all); else the evidence on its own, first
+        evidence: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        if images or out.get("audit"):
+            evidence.append(
+                (
+                    "record_evidence",
+                    (eid,),
+                    {"verdicts": out.get("audit") or (), "images": images, "epoch": self._epoch},
+                )
             )
         if out.get("ok"):
             measurements = dict(out.get("measurements") or {})
@@ -186,16 +189,19 @@ class CampaignRecorder(CampaignBook):
                 for flag in ("recorded_on_resume", "recovered_on_resume", "recovered_after_death"):
                     if out.get(flag):
                         result[flag] = True
-                await j.call(
-                    Journal.finish,
-                    eid,
-                    result,
-                    float(value),
-                    verified=verified,
-                    reason=reason,
-                    optimizer_state=self._state(),
-                    epoch=self._epoch,
-                )
+                finish: dict[str, Any] = {
+                    "verified": verified,
+                    "reason": reason,
+                    "optimizer_state": self._state(),
+                    "epoch": self._epoch,
+                }
+                if evidence:  # one round trip, one commit: the evidence, then the result
+                    await j.call(
+                        Journal.write_all,
+                        [*evidence, ("finish", (eid, result, float(value)), finish)],
+                    )
+                else:
+                    await j.call(Journal.finish, eid, result, float(value), **finish)
                 self._counts.done += 1
                 self._counts.by_station[slot.name] = self._counts.by_station.get(slot.name, 0) + 1
                 # an untrusted value counts against the budget but is no result (stop rules)
@@ -219,6 +225,8 @@ class CampaignRecorder(CampaignBook):
                 self._resolve(eid, {"event": "finished", **event})
                 self._count_disagreement(slot, verified, reason)
                 return
+            if evidence:
+                await j.call(Journal.write_all, evidence)
             got = {o.measure: measurements.get(o.measure) for o in self.program.goals}
             if self.program.multi:
                 reason = f"the recipe ran but produced no finite value of every objective ({got})"
@@ -237,6 +245,8 @@ class CampaignRecorder(CampaignBook):
             self._record_value(eid, item.params, None)
             self._failed_event(slot, item, reason)
             return
+        if evidence:
+            await j.call(Journal.write_all, evidence)
         if out.get("rejected"):  # the station's state changed since the check: nothing acted
             reasons = [violation_text(v) for v in out.get("violations") or []] or [
                 str(out.get("error"))

@@ -53,7 +53,15 @@ from loops.plan import flatten, parse_at, plain
 from safety.expr import EvaluationError, parse
 from safety.yamldoc import YamlDoc
 
-__all__ = ["CONTEXT_PREFIXES", "Verification", "compile_verification", "run_checks"]
+__all__ = [
+    "CONTEXT_PREFIXES",
+    "Verification",
+    "checks_scope",
+    "compile_verification",
+    "run_checks",
+    "verification_reads",
+    "verify_scope",
+]
 
 #: what the station provides to analyses and checks besides the measurements and inputs:
 #: ``images.<capture>`` and ``setup.<kept value>``
@@ -236,9 +244,18 @@ def run_checks(
 ) -> Verification:
     """Run a recipe's analyses and checks (:func:`compile_verification`'s data) on one
     experiment's result; see the module docstring. Never raises for a bad result."""
-    checks = list(verification.get("checks") or [])
-    if not checks:
+    if not verification.get("checks"):
         return Verification(None)
+    return verify_scope(verification, checks_scope(measurements, inputs, images, setup))
+
+
+def checks_scope(
+    measurements: Mapping[str, Any],
+    inputs: Mapping[str, Any] | None = None,
+    images: Mapping[str, bytes | None] | None = None,
+    setup: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The names analyses and checks read (:func:`run_checks`), flat: dotted name -> value."""
     scope: dict[str, Any] = dict(inputs or {})
     for name, value in measurements.items():
         flatten(name, value, scope)
@@ -248,6 +265,28 @@ def run_checks(
         scope[f"images.{role}"] = data
     for name, value in (setup or {}).items():
         flatten(f"setup.{name}", value, scope)
+    return scope
+
+
+def verification_reads(verification: Mapping[str, Any]) -> frozenset[str]:
+    """The names of :func:`checks_scope` that ``verification``'s analyses and checks read
+    (the analyses' own results left out): its outcome is a function of their values."""
+    texts: list[str] = []
+    for a in verification.get("analyses") or []:
+        texts += a.get("args", {}).values()
+    for c in verification.get("checks") or []:
+        texts += [c[k] for k in ("expect", "expr", "explain") if c.get(k)]
+        texts += c.get("args", {}).values()
+    names: set[str] = set().union(*(parse(t, boolean=False).names() for t in texts))
+    made = {a["name"] for a in verification.get("analyses") or []}
+    return frozenset(n for n in names if n not in made and n.split(".", 1)[0] not in made)
+
+
+def verify_scope(verification: Mapping[str, Any], scope: dict[str, Any]) -> Verification:
+    """:func:`run_checks` on a :func:`checks_scope` (which it adds the analyses' results to)."""
+    checks = list(verification.get("checks") or [])
+    if not checks:
+        return Verification(None)
     reasons: list[str] = []
     analysis: dict[str, Any] = {}
 

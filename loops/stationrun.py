@@ -2,17 +2,19 @@
 :class:`~loops.stationactor.StationActor`).
 
 The recipe is dry-run again, the experiment moved ``queued -> running`` (with the
-experiments budget's unit, one transaction), each step journaled before it acts
-(``step_started``, with a reservation of what it may consume; a step that cannot change
-the bench -- a read, a wait, a hold, a capture, a computation: :func:`step_acts` -- has
-its record submitted in the journal's order without waiting for the commit, and every
-such record is committed before the next step that acts starts and before the last
-step's record, so a kill can lose at most the records of steps that only looked) and after
-(``step_done``, with what it did consume; nothing acts between a step's end and the next
-step's start, so that record goes to disk in the next start's transaction: one journal
-round trip per step, not two). The last step's record carries what the run
-measured (measurements, the safety verdicts, the captures' JPEGs: ``step_done``
-``measured=``, one transaction), and once verified the run's outcome is journaled
+experiments budget's unit) in one transaction with its first step's start, and each step
+journaled before it acts (``step_started``, with a reservation of what it may consume).
+A step that cannot change the bench, or only moves it towards its safe state (a read, a
+wait, a hold, a capture, a computation; a heater or a light switched off, as the guard
+classes them: :func:`step_waits`), has its record queued in the journal's order without waiting for
+the commit; every such record is committed before the next step that waits starts (in
+that step's transaction) and before the last step's record, so a kill can lose at most
+the records of such steps (:mod:`loops.stationwrites`). After a step (``step_done``, with
+what it did consume): nothing acts between a step's end and the next step's start, so
+that record goes to disk in the next start's transaction. The last step's record carries
+what the run measured (measurements, the safety verdicts, the captures' JPEGs:
+``step_done`` ``measured=``, one transaction), committed while the run is verified
+(verification acts on nothing), and once verified the run's outcome is journaled
 (:meth:`Journal.record_outcome <loops.journal.Journal.record_outcome>`: the
 verification) before it is returned: a campaign process killed at any moment after the
 last step loses nothing (a resume records the journaled outcome, or verifies what was
@@ -28,29 +30,32 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from loops.checks import Verification, run_checks
 from loops.journal import Journal, StaleOwner
 from loops.recipe import Result, dry_run_recipe, run_recipe
-from loops.stacktime import StackTimer, cpu_part, current_timer, timing
+from loops.stacktime import cpu_part, current_timer, timing
 from loops.stationcore import StationCore
 from loops.stationerrors import ExperimentStopped, StationBusy, StationError, cause_text
 from loops.stationledger import step_reservation, unsaved_consumption
+from loops.stationverify import EarlyVerification
+from loops.stationwrites import StepWrites
 from loops.steps import Recipe, Step
 from safety import SafeStation, SafetyError
-from safety.effects import Command, CommandRefused, effect_of
+from safety.effects import Command, CommandRefused, Effect, effect_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TRIP_POLL_S", "StationRuns", "step_acts", "until_tripped"]
-
-#: how often a running recipe checks whether its station tripped (real seconds)
-TRIP_POLL_S = 0.02
 #: how long a journal write of a running experiment refused as a stale owner's waits for the
 #: restarted owner that fenced it to take the station's lease over (real seconds)
 TAKE_OVER_WAIT_S = 2.0
+
+__all__ = ["TRIP_POLL_S", "StationRuns", "step_acts", "step_waits", "until_tripped"]
+
+#: how often a running recipe checks whether its station tripped (real seconds)
+TRIP_POLL_S = 0.02
 
 
 async def until_tripped(station: SafeStation, work: Awaitable[Any]) -> Any:
@@ -86,60 +91,48 @@ QUIET_KINDS = frozenset({"read", "wait", "hold", "capture", "compute", "value"})
 
 def step_acts(station: SafeStation, step: Step, who: str) -> bool:
     """Whether ``step`` may change the bench: a ramp, or a call of a command that actuates
-    (safer commands included; one the guard would refuse counts as acting). Such a step's
-    start is committed to the journal before it runs; the others' are submitted in order
-    and committed before the next step that acts (:meth:`StationRuns.run`)."""
+    (safer commands included; one the guard would refuse counts as acting). Which
+    steps' starts are waited for in the journal: :func:`step_waits`."""
     if step.kind in QUIET_KINDS:
         return False
+    effect = _call_effect(station, step, who)
+    return effect is None or effect.actuates
+
+
+def _call_effect(station: SafeStation, step: Step, who: str) -> Effect | None:
+    """What a ``call`` step's command would do from the station's state now; None for
+    another kind of step that may act (a ramp), or a command the guard would refuse."""
     if step.kind != "call":
-        return True
+        return None
     p = step.params
     command = Command(p["instrument"], p["command"], dict(p.get("args") or {}), who)
     try:
-        return effect_of(command, station.guard.layout, station.state.view()).actuates
+        return effect_of(command, station.guard.layout, station.state.view())
     except CommandRefused:
+        return None
+
+
+def step_waits(station: SafeStation, step: Step, who: str, reserve: Sequence[Any]) -> bool:
+    """Whether ``step``'s start must be committed to the journal before it runs: it may
+    change the bench other than towards its safe state (:func:`step_acts`, a call of a
+    command the guard classes ``safer`` excepted), or it reserves some of a budget.
+
+    The others (reads, waits, holds, captures, computations; switching a heater or a
+    light off, which the guard classes safer) are sent in order without waiting (:class:`StepWrites`),
+    committed before the next step that waits and before the last step's record is. A
+    kill can lose the records of such steps since the last one that waited, and nothing
+    else: the experiment is found ``running`` with an earlier step in progress, is
+    marked interrupted (failed, never run again: :meth:`Journal.resume
+    <loops.journal.Journal.resume>`), and its station is recovered through its safe state
+    (tripped, every instrument safe-stated, drained by capacity:
+    :meth:`~loops.stationrecover.StationRecovery.recover`), which is where a safer step
+    only moved it; a step that reserves nothing consumed nothing the budgets miss."""
+    if reserve:
         return True
-
-
-def in_order(
-    writes: list[asyncio.Task[Any]], write: Callable[[], Awaitable[Any]]
-) -> asyncio.Task[Any]:
-    """Send ``write()`` once the last write in ``writes`` has committed (a Ray actor does
-    not keep the order in which one caller's calls were sent), without waiting for it
-    here; added to ``writes``. A write after one that failed fails the same way. Its
-    time is counted as ``behind:<part>`` in the run's stack timer (not waited for)."""
-    before = writes[-1] if writes else None
-
-    async def send() -> Any:
-        if before is not None:
-            await before
-        with timing(behind) as timer:
-            try:
-                return await write()
-            finally:
-                if run_timer is not None:
-                    run_timer.merge(timer.as_dict(), "behind:")
-
-    run_timer = current_timer()
-    behind = StackTimer()
-    task = asyncio.ensure_future(send())
-    writes.append(task)
-    return task
-
-
-async def committed(writes: list[asyncio.Task[Any]]) -> None:
-    """Wait for each journal write in ``writes``, in order, emptying the list (the first
-    that failed raises)."""
-    while writes:
-        await writes.pop(0)
-
-
-def abandon(writes: list[asyncio.Task[Any]]) -> None:
-    """Let go of journal writes not waited for (a cancelled run): cancelled; what was
-    sent already reaches the journal or not, nothing waits for it."""
-    for w in writes:
-        w.cancel()
-    writes.clear()
+    if step.kind in QUIET_KINDS:
+        return False
+    effect = _call_effect(station, step, who)
+    return effect is None or (effect.actuates and not effect.safer)
 
 
 def _image_digests(images: Mapping[str, bytes | None]) -> dict[str, dict[str, Any]]:
@@ -149,6 +142,14 @@ def _image_digests(images: Mapping[str, bytes | None]) -> dict[str, dict[str, An
         for role, data in images.items()
         if data
     }
+
+
+class _NotRunning(Exception):
+    """The journal (or the lease) refused the run's start: nothing acted."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class StationRuns(StationCore):
@@ -359,40 +360,36 @@ class StationRuns(StationCore):
             return {**base, "ok": False, "rejected": False, "refused": True, "error": str(exc)}
         journal = self._journal
         ledger = station.guard.envelope.ledger
-        if mark_running and journal is not None:
-            try:  # the experiments unit goes to disk with 'running' (one transaction)
-                self._lease.check(epoch)
-                await journal.call(
-                    Journal.transition,
-                    experiment_id,
-                    "running",
-                    station=self.name,
-                    epoch=epoch,
-                    consumption=unsaved_consumption(ledger, self._now, self._speed),
-                )
+        writes = StepWrites(journal, fenced=self._fenced) if journal is not None else None
+        # 'running' (with the experiments budget's unit) goes to disk in one transaction
+        # with the first step's start, waited for before that step runs whatever it is
+        running = mark_running and writes is not None
+        if running and not recipe.steps:
+            try:
+                await self._mark_running(experiment_id, epoch, ledger)
             except Exception as exc:  # the journal refused: do not act at all
-                return {
-                    **base,
-                    "ok": False,
-                    "rejected": False,
-                    "refused": True,
-                    "error": f"journal refused {experiment_id} -> running: {cause_text(exc)}",
-                }
+                return self._refused_running(base, experiment_id, exc)
+            running = False
         index, phase = -1, "before"  # the step in progress, for the failure record
         so_far = Result()  # what the run measured so far (run_recipe fills it)
         last = len(recipe.steps) - 1
         keep_images = self._verify or include_image
         finished: list[tuple[int, dict[str, Any]]] = []  # a step done, journaled with the next
-        # the start records of steps that cannot change the bench (reads, waits, computes),
-        # submitted in order but not waited for: every one of them is committed before the
-        # next step that acts starts, and before the last step's record (in_order, committed)
-        in_flight: list[asyncio.Task[Any]] = []
+        # verification starts once what it reads is measured (loops.stationverify)
+        verifying = EarlyVerification(recipe.verification, self._setup) if self._verify else None
 
         async def on_step(i: int, step: Step, what: str, data: dict[str, Any]) -> None:
-            nonlocal index, phase
-            self._lease.check(self._run_epoch)  # nothing acts or is journaled without an owner
+            nonlocal index, phase, running
+            try:  # no step acts, nothing is journaled, without a live owner
+                self._lease.check(self._run_epoch)
+            except Exception as exc:
+                if running:  # before the first step: not running, nothing acted
+                    raise _NotRunning(exc) from exc
+                raise
             index, phase = i, what
-            if journal is None:
+            if what == "done" and verifying is not None:
+                verifying.offer(so_far)
+            if writes is None:
                 return
             if what == "done" and i < last:
                 # nothing acts until the next step starts: its record goes to disk with that
@@ -400,70 +397,76 @@ class StationRuns(StationCore):
                 # open until then, and a kill in between reads as "during step i")
                 finished.append((i, data))
                 return
+            if running:  # the first step: 'running' first, in the same transaction
+                writes.later(
+                    Journal.transition,
+                    experiment_id,
+                    "running",
+                    station=self.name,
+                    epoch=epoch,
+                    consumption=unsaved_consumption(ledger, self._now, self._speed),
+                )
             # the budget consumption so far goes to disk with the step event (one transaction)
             used = unsaved_consumption(ledger, self._now, self._speed)
             if what == "started":  # on disk before the step acts, with what it may consume
                 reserve = step_reservation(station, step, who, self._now)
                 done = finished.pop() if finished else None
                 self._reserved = bool(reserve)
-                link = journal  # for the closure: not None here
+                record = (experiment_id, i, step.as_dict())
+                extra = {"epoch": epoch, "consumption": used, "reserve": reserve, "done": done}
+                if running or step_waits(station, step, who, reserve):
+                    try:
+                        await writes.now(Journal.step_started, *record, **extra)
+                    except Exception as exc:
+                        if running:  # not running: nothing acted (not a failure of a step)
+                            raise _NotRunning(exc) from exc
+                        raise
+                    running = False
+                else:  # committed before the next step that waits (step_waits)
+                    writes.later(Journal.step_started, *record, **extra)
+                return
+            # the last step: what the run measured goes to disk with its record, committed
+            # while the run is verified (nothing acts any more), before its outcome is
+            images = {r: b for r, b in so_far.images.items() if b} if keep_images else {}
+            measured.update(
+                self._measured(base, recipe, so_far),
+                audit=[v.as_dict() for v in station.audit.records()[audit_from:]],
+                images=_image_digests({r: images.get(r) for r in ("outcome", "reference")}),
+            )
+            writes.later(
+                Journal.step_done,
+                experiment_id,
+                i,
+                data,
+                epoch=epoch,
+                consumption=used,
+                measured=measured,
+                images=images,
+            )
+            self._reserved = False
 
-                def write() -> Awaitable[Any]:
-                    return self._fenced(
-                        lambda e: link.call(
-                            Journal.step_started,
-                            experiment_id,
-                            i,
-                            step.as_dict(),
-                            epoch=e,
-                            consumption=used,
-                            reserve=reserve,
-                            done=done,
-                        )
-                    )
-
-                if not step_acts(station, step, who):
-                    in_order(in_flight, write)  # sent after the ones before; waited for below
-                    return
-                await committed(in_flight)
-                await write()
-            else:  # the last step: what the run measured goes to disk with its record
-                images = {r: b for r, b in so_far.images.items() if b} if keep_images else {}
-                measured.update(
-                    self._measured(base, recipe, so_far),
-                    audit=[v.as_dict() for v in station.audit.records()[audit_from:]],
-                    images=_image_digests({r: images.get(r) for r in ("outcome", "reference")}),
-                )
-                await committed(in_flight)
-                link = journal
-                await self._fenced(
-                    lambda e: link.call(
-                        Journal.step_done,
-                        experiment_id,
-                        i,
-                        data,
-                        epoch=e,
-                        consumption=used,
-                        measured=measured,
-                        images=images,
-                    )
-                )
-                self._reserved = False
+        async def steps() -> Result:
+            """The recipe's steps, then their records committed."""
+            result = await run_recipe(
+                recipe,
+                station,
+                clock_sleep=self._sleep,
+                who=who,
+                on_step=on_step,
+                clock_now=self._now,
+                result=so_far,
+            )
+            if writes is not None:  # the last step's record, while the run is verified
+                await writes.flush()
+            return result
 
         try:
-            result = await until_tripped(
-                station,
-                run_recipe(
-                    recipe,
-                    station,
-                    clock_sleep=self._sleep,
-                    who=who,
-                    on_step=on_step,
-                    clock_now=self._now,
-                    result=so_far,
-                ),
-            )
+            result = await until_tripped(station, steps())
+        except _NotRunning as exc:
+            return self._refused_running(base, experiment_id, exc.cause)
         except BaseException as exc:  # a cancellation too: safe-state, then re-raise
+            if verifying is not None:
+                verifying.cancel()
             where = f"step {index} ({phase})" if index >= 0 else "before its first step"
             error = cause_text(exc)
             reason = f"experiment {experiment_id} failed at {where}: {error}"
@@ -472,10 +475,12 @@ class StationRuns(StationCore):
             if trip_on_failure:
                 trip = (await station.trip(reason, "station-actor", who=who)).as_dict()
             if not isinstance(exc, Exception):
-                abandon(in_flight)
+                if writes is not None:
+                    writes.abandon()
                 raise
-            # the failed run's step records reach the journal before its failure does
-            await asyncio.gather(*in_flight, return_exceptions=True)
+            if writes is not None:  # the failed run's step records reach the journal first
+                with contextlib.suppress(Exception):
+                    await writes.flush()
             return {
                 **base,
                 "ok": False,
@@ -491,12 +496,39 @@ class StationRuns(StationCore):
         timer = current_timer()
         if timer is not None:  # the bench's own time: its steps as the bench's clock measured them
             timer.add("bench", sum(result.durations) / self._speed, count=len(result.durations))
-        if self._verify:
-            out["verification"] = (await self._verify_outcome(result, recipe)).as_dict()
+        if verifying is not None:
+            out["verification"] = (await verifying.outcome(result)).as_dict()
         if include_image:
             out["image"] = result.image
             out["reference_image"] = result.reference_image
         return out
+
+    async def _mark_running(self, experiment_id: str, epoch: int | None, ledger: Any) -> None:
+        """``queued -> running`` on its own (a recipe without steps), with the experiments
+        budget's unit."""
+        assert self._journal is not None
+        self._lease.check(epoch)
+        await self._journal.call(
+            Journal.transition,
+            experiment_id,
+            "running",
+            station=self.name,
+            epoch=epoch,
+            consumption=unsaved_consumption(ledger, self._now, self._speed),
+        )
+
+    @staticmethod
+    def _refused_running(
+        base: Mapping[str, Any], experiment_id: str, exc: BaseException
+    ) -> dict[str, Any]:
+        """The outcome of a run the journal would not mark ``running``: nothing acted."""
+        return {
+            **base,
+            "ok": False,
+            "rejected": False,
+            "refused": True,
+            "error": f"journal refused {experiment_id} -> running: {cause_text(exc)}",
+        }
 
     @staticmethod
     def _measured(base: Mapping[str, Any], recipe: Recipe, result: Result) -> dict[str, Any]:

@@ -19,11 +19,14 @@ from reference import local_bench
 
 from benchmarks.scale import bench_model, where
 from loops.campaign import CampaignRunner
-from loops.journal import Journal
+from loops.checks import run_checks
+from loops.journal import AsyncJournal, Journal, StepOrderError
 from loops.program import load_program
-from loops.recipe import build_recipe
+from loops.recipe import Result, build_recipe
 from loops.stacktime import StackTimer, cpu_part, current_timer, timing
-from loops.stationrun import step_acts
+from loops.stationrun import step_acts, step_waits
+from loops.stationverify import EarlyVerification
+from loops.stationwrites import StepWrites
 from loops.urgentlock import UrgentLock
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
@@ -55,6 +58,12 @@ async def test_the_next_proposal_is_claimed_while_the_station_runs_and_every_ste
         station = b.station.actor._require()
         recipe = build_recipe(program, PARAMS)
         acts = [step_acts(station, s, "optimizer") for s in recipe.steps]
+        waits = {
+            (s.kind, s.params.get("command"), str(s.params.get("args"))): step_waits(
+                station, s, "optimizer", ()
+            )
+            for s in recipe.steps
+        }
     assert summary.counts["done"] == 3 and summary.counts["cancelled"] == 0, summary.counts
     with Journal(b.lab.store) as j:
         exps = j.experiments("ahead")
@@ -81,6 +90,16 @@ async def test_the_next_proposal_is_claimed_while_the_station_runs_and_every_ste
     assert not kinds[("call", "measure")] and not kinds[("call", "wait_until_stopped")]
     for kind in ("read", "wait", "hold", "capture", "compute"):
         assert not kinds[(kind, None)], kind
+    # of the steps that act, those that only make the bench safer are not waited for
+    assert not waits[("call", "set_heater", "{'on': False}")]
+    assert waits[("call", "set_stirrer", "{'on': False}")]  # the guard does not class it safer
+    assert not waits[("call", "set_light", "{'on': False}")]
+    on = [k for k in waits if k[1] == "set_light" and "'on': True" in k[2]]
+    assert len(on) == 1 and waits[on[0]]
+    assert waits[("ramp", "set_heater", "{'on': True}")]
+    assert [k for k, w in waits.items() if w and k[0] != "call"] == [
+        ("ramp", "set_heater", "{'on': True}")
+    ]
     # each finished event says where its stack time went: the station's run (its bench
     # time among it), the tell; the proposals claimed ahead under ahead:
     finished = [e for e in events if e["event"] == "finished"]
@@ -191,3 +210,105 @@ async def test_an_urgent_waiter_takes_the_campaign_lock_before_the_claims_waitin
     assert not lock.locked()
     with pytest.raises(RuntimeError, match="not locked"):
         lock.release()
+
+
+class HeldJournal:
+    """A journal link whose call that starts with the step in ``held`` is held until
+    ``release`` is set: before it reaches the journal, or (``after``) once committed,
+    before the caller hears; ``sent``: each call's writes (method, step or state)."""
+
+    def __init__(self, link: AsyncJournal) -> None:
+        self.link = link
+        self.held: int | None = None
+        self.release = asyncio.Event()
+        self.after = False
+        self.sent: list[list[Any]] = []
+
+    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if fn is Journal.write_all else [(fn.__name__, args, kwargs)]
+        self.sent.append([(w[0], w[1][1]) for w in batch])
+        hold = self.held is not None and batch[0][1][1] == self.held
+        if hold and not self.after:
+            await self.release.wait()
+        out = await self.link.call(fn, *args, **kwargs)
+        if hold:
+            await self.release.wait()
+        return out
+
+
+async def test_step_records_not_waited_for_go_in_order_as_one_batch_with_the_next_waited_one(
+    tmp_path: Path,
+) -> None:
+    async with await AsyncJournal.open(tmp_path / "journal.db") as aj:
+        await aj.call(Journal.create_campaign, "c", "stack", {})
+        eid = await aj.call(Journal.propose, "c", {"x": 1}, "optimizer")
+        for state in ("checked", "queued"):
+            await aj.call(Journal.transition, eid, state, station="bench-a")
+        link = HeldJournal(aj)
+        writes = StepWrites(link)
+        writes.later(Journal.transition, eid, "running", station="bench-a")
+        await writes.now(Journal.step_started, eid, 0, {"op": "set"})  # one transaction
+        link.held = 1
+        writes.later(Journal.step_started, eid, 1, done=(0, {}))  # on its way, held
+        await asyncio.sleep(0)
+        writes.later(Journal.step_started, eid, 2, done=(1, {}))  # queued behind it
+        writes.later(Journal.step_started, eid, 3, done=(2, {}))
+        acting = asyncio.create_task(writes.now(Journal.step_started, eid, 4, done=(3, {})))
+        await asyncio.sleep(0.05)
+        # a waited write is sent at once (the queued records with it, one round trip); it
+        # arrived before the one on its way: refused, nothing of it written ...
+        assert link.sent[1:] == [[("step_started", 1)], [("step_started", i) for i in (2, 3, 4)]]
+        assert not acting.done()  # ... and it returns once every write before it has
+        link.release.set()
+        await acting
+        assert link.sent[3:] == [[("step_started", i) for i in (2, 3, 4)]]  # sent again
+        # the one on its way reaches the journal first (only its answer is late): the
+        # waited one commits behind it, without waiting for that answer
+        link.held, link.after = 5, True
+        link.release.clear()
+        writes.later(Journal.step_started, eid, 5, done=(4, {}))
+        await asyncio.sleep(0.05)
+        await writes.now(Journal.step_started, eid, 6, done=(5, {}))
+        assert link.sent[4:] == [[("step_started", 5)], [("step_started", 6)]]
+        link.release.set()
+        await writes.flush()
+        log = await aj.call(Journal.transitions, eid)
+        assert [t.step for t in log if t.event == "step_started"] == [0, 1, 2, 3, 4, 5, 6]
+        assert link.sent[0] == [("transition", "running"), ("step_started", 0)]
+        # a write that fails: the writes after it are not sent, the next waited one raises
+        writes.later(Journal.step_started, eid, 6, done=(6, {}))  # step 6 again: refused
+        writes.later(Journal.step_started, eid, 8, done=(6, {}))
+        with pytest.raises(StepOrderError, match="never run twice"):
+            await writes.now(Journal.step_started, eid, 9)
+        log = await aj.call(Journal.transitions, eid)
+        assert [t.step for t in log if t.event == "step_started"] == [0, 1, 2, 3, 4, 5, 6]
+
+
+async def test_verification_starts_once_what_it_reads_is_measured_and_ends_on_the_final_values() -> (
+    None
+):
+    checks = {
+        "analyses": [],
+        "checks": [{"name": "fill", "expr": "camera_ml - dispensed_ml.red", "within": 0.1}],
+    }
+    result = Result()
+    early = EarlyVerification(checks, {})
+    with timing() as timer:
+        result.measurements["dispensed_ml"] = {"red": 1.0}
+        early.offer(result)  # camera_ml not measured yet: not started
+        assert early._early is None
+        result.measurements["camera_ml"] = 1.05
+        early.offer(result)  # every name it reads is there: started, overlapping the bench
+        assert early._early is not None
+        result.measurements["drained_ml"] = 1.2  # a later step: not read by the checks
+        verified = await early.outcome(result)
+    assert verified.verified is True and verified == run_checks(
+        checks, measurements=result.measurements
+    )
+    assert "behind:verify" in timer.as_dict()  # its CPU overlapped the bench
+    # a later step measured a name it reads again: verified again on the final values
+    result.measurements["camera_ml"] = 1.5
+    early = EarlyVerification(checks, {})
+    early.offer(Result(measurements={"dispensed_ml": {"red": 1.0}, "camera_ml": 1.05}))
+    verified = await early.outcome(result)
+    assert verified.verified is False and "fill" in verified.reasons[0]

@@ -378,6 +378,32 @@ def test_steps_are_never_started_twice(journal: Journal) -> None:
         journal.step_started(queued, 0)
 
 
+def test_write_all_is_one_transaction_all_or_nothing(journal: Journal) -> None:
+    eid = drive(journal, "running")
+    commits = journal.commit_stats()["count"]
+    ids = journal.write_all(
+        [
+            ("step_started", (eid, 0, {"op": "read"}), {}),
+            ("step_started", (eid, 1), {"done": (0, {"x": 1})}),
+        ]
+    )
+    assert len(ids) == 2 and journal.commit_stats()["count"] == commits + 1  # one commit
+    before = journal.transitions(eid)
+    with pytest.raises(StepOrderError, match="step 2 started and is not recorded done"):
+        journal.write_all(
+            [
+                ("step_started", (eid, 2), {"done": (1, {})}),
+                ("step_started", (eid, 0), {}),
+            ]
+        )
+    assert journal.transitions(eid) == before  # the second refused: the first rolled back
+    with pytest.raises(ValueError, match="write 0 names 'write_all', not a journal method"):
+        journal.write_all([("write_all", ([],), {})])
+    journal.write_all([("step_done", (eid, 1, {"y": 2}), {})])
+    steps = [(t.event, t.step) for t in journal.transitions(eid) if t.event.startswith("step")]
+    assert steps == [("step_started", 0), ("step_done", 0), ("step_started", 1), ("step_done", 1)]
+
+
 def test_optimizer_state_is_saved_atomically_with_the_transition(journal: Journal) -> None:
     eid = drive(journal, "running")
     journal.save_optimizer_state("c", {"told": 0})

@@ -63,23 +63,26 @@ logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(name)s: %(
 
 
 class Blocking:
-    # The owner's journal link, which never returns from one write (the first call of
-    # cfg["block"], at cfg["step"] if given): "before" it reaches the journal, or "after"
-    # it committed. The test kills the process there.
+    # The owner's journal link, which never returns from one call: the first that makes
+    # the write cfg["block"] (at cfg["step"] if given), alone or in a batch (write_all):
+    # "before" it reaches the journal, or "after" it committed. The test kills the
+    # process there.
     def __init__(self, inner):
         self.inner, self.done = inner, False
 
     def call(self, fn, *args, **kwargs):
-        if fn is TARGET and not self.done and cfg.get("step") in (None, args[1]):
-            self.done = True
-            return self._hang(fn, args, kwargs)
+        writes = args[0] if fn is Journal.write_all else [(fn.__name__, args, kwargs)]
+        for name, a, kw in writes:
+            if name == TARGET.__name__ and not self.done and cfg.get("step") in (None, a[1]):
+                self.done = True
+                return self._hang(fn, args, kwargs, [a, kw])
         return self.inner.call(fn, *args, **kwargs)
 
-    async def _hang(self, fn, args, kwargs):
+    async def _hang(self, fn, args, kwargs, held):
         if cfg["when"] == "after":
             await self.inner.call(fn, *args, **kwargs)
-        Path(cfg["held"]).write_text(json.dumps([args, kwargs], default=repr))  # the write held
-        print(f"hanging {cfg['when']} {fn.__name__}", flush=True)
+        Path(cfg["held"]).write_text(json.dumps(held, default=repr))  # the write held
+        print(f"hanging {cfg['when']} {TARGET.__name__}", flush=True)
         await asyncio.Event().wait()
 
 
@@ -153,10 +156,12 @@ async def kill_owner_at(
     step: int | None = None,
     verify: bool = False,
     dye_per_hour: bool = False,
+    settle_s: float = 0.0,
 ) -> Any:
     """Run :data:`OWNER` until it hangs at ``block`` (``when``: before/after the write),
-    then ``kill -9`` it; bounded. ``verify``: the station verifies (after its set-up, what
-    it kept saved in the lab's setup file). Returns the held write's ``[args, kwargs]``."""
+    then (``settle_s`` later: a write not waited for lets the run go on) ``kill -9`` it;
+    bounded. ``verify``: the station verifies (after its set-up, what it kept saved in
+    the lab's setup file). Returns the held write's ``[args, kwargs]``."""
     text = tmp_path / "envelope.yaml"
     text.write_text(envelope(lab, dye_per_hour=dye_per_hour))
     cfg = {
@@ -180,6 +185,7 @@ async def kill_owner_at(
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             await asyncio.sleep(0.05)
+        await asyncio.sleep(settle_s)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
@@ -461,6 +467,39 @@ async def test_an_experiment_cut_mid_recipe_by_a_kill_is_closed_failed_on_resume
     assert exp.id in campaign.optimizer_state["told"]
     assert drains, "the recovery drained nothing"
     assert recipe_again == [], recipe_again
+
+
+@pytest.mark.timeout(180)
+async def test_a_kill_that_loses_the_record_of_a_step_that_only_made_the_bench_safer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heater switched off is a step the station does not wait for (it only makes the
+    bench safer: loops/stationrun.step_waits): its start is on its way to the journal,
+    held there, while it acts; the owner dies at the next step that waits for its record.
+    The journal shows an earlier step in progress: the resume closes the experiment
+    failed with that step, recovers the station through its safe state (where the heater
+    is off anyway), and runs nothing of the recipe again."""
+    recipe = build_recipe(load_program(EXAMPLE), PARAMS).as_dict()
+    off = step_of(recipe, "call", instrument="hotplate", command="set_heater", args={"on": False})
+    async with SimulatedLab(stations=1, speed=SPEED) as sim:
+        bench = sim.stations[0]
+        lab = sim_lab(sim, tmp_path, monkeypatch)
+        await kill_owner_at(lab, tmp_path, "safer", "step_started", "before", step=off, settle_s=1)
+        assert not bench.world.hotplate.heater_enabled  # it acted, its record held
+        with Journal(lab.store) as j:
+            (exp,) = j.experiments("safer")
+            started = [t.step for t in j.transitions(exp.id) if t.event == "step_started"]
+        assert started and started[-1] < off, started  # its record never reached the journal
+        t_resume = time.monotonic()
+        summary = await resume_one(lab, "safer")
+        recipe_again, drains = after_resume(bench, t_resume)
+    assert summary.counts["failed"] == 1 and summary.counts["done"] == 0, summary
+    with Journal(lab.store) as j:
+        exp = j.experiment(exp.id)
+    assert exp.state == "failed" and f"interrupted at step {started[-1]}" in (exp.reason or "")
+    assert drains, "the recovery drained nothing"
+    assert recipe_again == [], recipe_again
+    assert not bench.world.hotplate.heater_enabled
 
 
 @pytest.mark.timeout(180)

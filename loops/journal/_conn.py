@@ -82,8 +82,21 @@ class JournalConnection(JournalReads):
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: BEGIN IMMEDIATE ... COMMIT (fsync'ed) or ROLLBACK."""
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT (fsync'ed) or ROLLBACK. Inside
+        another (:meth:`Journal.write_all <loops.journal.Journal.write_all>`) it is a
+        savepoint of that one: its changes go with the outer commit, or are rolled back
+        alone when it fails."""
         conn = self._db()
+        if conn.in_transaction:
+            conn.execute("SAVEPOINT inner_write")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK TO inner_write")
+                conn.execute("RELEASE inner_write")
+                raise
+            conn.execute("RELEASE inner_write")
+            return
         t0 = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -68,6 +68,24 @@ class Journal(JournalResume, JournalApprovals, JournalUsage):
             "schema_version": _schema_version(conn),
         }
 
+    def write_all(self, writes: Sequence[Sequence[Any]]) -> list[Any]:
+        """Several writes in one transaction (one fsync'ed commit: one round trip for a
+        caller in another process), in the order given; returns their results. Each write is
+        ``(name, args, kwargs)``: a method of this API by name (not ``write_all``) and its
+        arguments. All or nothing: the first that raises rolls every one back and its error
+        is raised as it is."""
+        calls = []
+        for i, write in enumerate(writes):
+            name, args, kwargs = write
+            if name not in JOURNAL_API or name == "write_all":
+                raise ValueError(
+                    f"write_all: write {i} names {name!r}, not a journal method; pass one of "
+                    f"{', '.join(sorted(JOURNAL_API - {'write_all'}))}"
+                )
+            calls.append((getattr(self, name), tuple(args), dict(kwargs)))
+        with self._tx():
+            return [fn(*args, **kwargs) for fn, args, kwargs in calls]
+
     def commit_stats(self) -> dict[str, float]:
         """Duration of the last write transactions (BEGIN to fsync'ed COMMIT), in ms."""
         times = sorted(self._commit_times)
