@@ -20,7 +20,7 @@ from reference import local_bench
 from benchmarks.scale import bench_model, where
 from loops.campaign import CampaignRunner
 from loops.checks import run_checks
-from loops.journal import AsyncJournal, Journal, StepOrderError
+from loops.journal import AsyncJournal, Journal, StaleOwner, StepOrderError
 from loops.program import load_program
 from loops.recipe import Result, build_recipe
 from loops.stacktime import StackTimer, cpu_part, current_timer, timing
@@ -312,3 +312,44 @@ async def test_verification_starts_once_what_it_reads_is_measured_and_ends_on_th
     early.offer(Result(measurements={"dispensed_ml": {"red": 1.0}, "camera_ml": 1.05}))
     verified = await early.outcome(result)
     assert verified.verified is False and "fill" in verified.reasons[0]
+
+
+async def test_a_batch_refused_as_the_old_owners_goes_again_whole_with_the_new_epoch(
+    tmp_path: Path,
+) -> None:
+    """A restarted owner takes the campaign's next epoch while records of the run are
+    queued: the batch is refused as the old epoch's (nothing of it written) and, once the
+    station's lease is taken over, sent again whole with the new epoch (StationRuns._fenced
+    does the waiting; here a stand-in that knows the new epoch)."""
+    async with await AsyncJournal.open(tmp_path / "journal.db") as aj:
+        await aj.call(Journal.create_campaign, "c", "stack", {})
+        old = await aj.call(Journal.take_ownership, "c", "owner-1")
+        eid = await aj.call(Journal.propose, "c", {"x": 1}, "optimizer")
+        for state in ("checked", "queued"):
+            await aj.call(Journal.transition, eid, state, station="bench-a", epoch=old)
+        epochs: list[int | None] = []
+        current = {"epoch": old}
+
+        async def fenced(write: Any) -> Any:
+            try:
+                epochs.append(current["epoch"])
+                return await write(current["epoch"])
+            except StaleOwner:
+                current["epoch"] = new  # the take-over came
+                epochs.append(new)
+                return await write(new)
+
+        writes = StepWrites(aj, fenced=fenced)
+        writes.later(Journal.transition, eid, "running", station="bench-a", epoch=old)
+        await writes.now(Journal.step_started, eid, 0, {"op": "set"}, epoch=old)
+        new = await aj.call(Journal.take_ownership, "c", "owner-2")
+        writes.later(Journal.step_started, eid, 1, {"op": "read"}, done=(0, {}), epoch=old)
+        await writes.now(Journal.step_started, eid, 2, {"op": "set"}, done=(1, {}), epoch=old)
+        assert epochs == [old, old, new], epochs  # the second batch: refused, then again
+        log = await aj.call(Journal.transitions, eid)
+        assert [t.step for t in log if t.event == "step_started"] == [0, 1, 2]
+        # without a take-over the old epoch's write stays refused
+        with pytest.raises(StaleOwner):
+            await StepWrites(aj).now(
+                Journal.step_started, eid, 3, {"op": "set"}, done=(2, {}), epoch=old
+            )
