@@ -56,6 +56,11 @@ The envelope is the reference bench's with its heartbeat and reading staleness l
 at ``--staleness`` s (default 10, not 2-3): on a loaded machine a simulator starved of CPU
 misses a 2 s heartbeat and trips its station, which is not what this measures.
 
+Last, what the optimizer alone allows each station count (``--model-seeds`` seeds of
+:mod:`benchmarks.scalemodel`: the same campaign on the bench-time model, the stack free):
+with K proposals in flight the optimizer needs more experiments to the target, which caps
+the speed-up before any stack time counts.
+
 This machine has 2 cores shared with everything else: 16 simulated benches (each a
 pymodbus server, a pty, a BLE peripheral on a D-Bus, an MQTT client, an MJPEG camera
 encoding frames), two Ray nodes, 16 station actors and the driver compete for them, so
@@ -88,6 +93,7 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from benchmarks.scalemodel import model_rows, model_table  # noqa: E402
 from benchmarks.stats import med, pct  # noqa: E402
 from benchmarks.twonode import TwoNodeCluster  # noqa: E402
 
@@ -590,12 +596,19 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="claim each station's next proposal while it runs one (loops/campaignahead.py; "
         "default on)",
     )
+    p.add_argument(
+        "--model-seeds",
+        type=int,
+        default=10,
+        help="seeds of what the optimizer alone allows each station count, on the bench-time "
+        "model (benchmarks/scalemodel.py; about 15 s a seed; 0: not printed; default 10)",
+    )
     p.add_argument("--quick", action="store_true", help="CI smoke: stations 1 2, budget 4")
     args = p.parse_args(argv)
     if not args.staleness:
         args.staleness = None
     if args.quick:
-        args.stations, args.budget = [1, 2], 4
+        args.stations, args.budget, args.model_seeds = [1, 2], 4, 0
     if args.stations[0] != 1 and 1 not in args.stations:
         args.stations = [1, *args.stations]  # the baseline
     return args
@@ -610,15 +623,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     for r in runs:
         if r.state == "error":
             print(f"K={r.stations}: no result: {r.reason}")
-    if burst is None:
-        return
-    print(
-        f"\nThe journal actor alone: one writer's round trip (a Ray call, an fsync'ed SQLite "
-        f"transaction) median {med(burst.round_trip_ms):.1f} ms, p99 "
-        f"{pct(burst.round_trip_ms, 0.99):.1f} ms, of which the SQLite transaction itself "
-        f"{burst.commit_ms:.1f} ms; {burst.writers} concurrent writers: "
-        f"{burst.events_per_s:.0f} events/s ({burst.events} events)."
-    )
+    if burst is not None:
+        print(
+            f"\nThe journal actor alone: one writer's round trip (a Ray call, an fsync'ed SQLite "
+            f"transaction) median {med(burst.round_trip_ms):.1f} ms, p99 "
+            f"{pct(burst.round_trip_ms, 0.99):.1f} ms, of which the SQLite transaction itself "
+            f"{burst.commit_ms:.1f} ms; {burst.writers} concurrent writers: "
+            f"{burst.events_per_s:.0f} events/s ({burst.events} events)."
+        )
+    if args.model_seeds > 0:
+        rows = model_rows(args.stations, args.model_seeds, target=args.target, cap=args.budget)
+        print()
+        print(model_table(rows, target=args.target))
 
 
 if __name__ == "__main__":
