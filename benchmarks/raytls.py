@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -31,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.rayhead import ray_head
+
 ROOT = Path(__file__).resolve().parents[1]
-RAY = Path(sys.executable).parent / "ray"
 START_S = 120.0
 WARM_UP = 20
 
@@ -72,50 +72,29 @@ def measure(calls: int, tls: bool, folder: Path) -> dict[str, Any]:
     env = _env(folder, tls)
     temp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths
     log = folder / f"head-{'tls' if tls else 'plain'}.log"
-    argv = [
-        str(RAY),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        "--num-cpus=1",
-        '--resources={"station:bench-a": 1}',
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        f"--temp-dir={temp}",
-        f"--object-store-memory={80 * 1024 * 1024}",
-    ]
-    with log.open("w") as out:
-        head = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
     try:
-        deadline = time.monotonic() + START_S
-        while "Ray runtime started" not in log.read_text():
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray head did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.raytls", "--driver", f"127.0.0.1:{port}"]
-            + ["--calls", str(calls)],
+        with ray_head(
+            port=port,
             env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=START_S + calls,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"the driver failed:\n{done.stderr[-2000:]}")
-        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+            temp=temp,
+            log=log,
+            resources={"station:bench-a": 1},
+            start_s=START_S,
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "benchmarks.raytls", "--driver", f"127.0.0.1:{port}"]
+                + ["--calls", str(calls)],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=START_S + calls,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"the driver failed:\n{done.stderr[-2000:]}")
+            return dict(json.loads(done.stdout.strip().splitlines()[-1]))
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=10)
         shutil.rmtree(temp, ignore_errors=True)
 
 

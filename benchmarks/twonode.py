@@ -57,8 +57,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from benchmarks.rayhead import RAY
+
 ROOT = Path(__file__).resolve().parents[1]
-RAY = Path(sys.executable).parent / "ray"
 #: bounded waits (real s): a Ray node or a simulated bench coming up, a node going down
 START_S = 120.0
 STOP_S = 60.0

@@ -364,9 +364,24 @@ class StationRuns(StationCore):
         # 'running' (with the experiments budget's unit) goes to disk in one transaction
         # with the first step's start, waited for before that step runs whatever it is
         running = mark_running and writes is not None
-        if running and not recipe.steps:
+
+        def mark_running_later() -> None:  # queued: it goes with the next write waited for
+            assert writes is not None
+            writes.later(
+                Journal.transition,
+                experiment_id,
+                "running",
+                station=self.name,
+                epoch=epoch,
+                consumption=unsaved_consumption(ledger, self._now, self._speed),
+            )
+
+        if running and not recipe.steps:  # no step to carry it: on its own
             try:
-                await self._mark_running(experiment_id, epoch, ledger)
+                self._lease.check(epoch)
+                mark_running_later()
+                assert writes is not None
+                await writes.flush()
             except Exception as exc:  # the journal refused: do not act at all
                 return self._refused_running(base, experiment_id, exc)
             running = False
@@ -398,14 +413,7 @@ class StationRuns(StationCore):
                 finished.append((i, data))
                 return
             if running:  # the first step: 'running' first, in the same transaction
-                writes.later(
-                    Journal.transition,
-                    experiment_id,
-                    "running",
-                    station=self.name,
-                    epoch=epoch,
-                    consumption=unsaved_consumption(ledger, self._now, self._speed),
-                )
+                mark_running_later()
             # the budget consumption so far goes to disk with the step event (one transaction)
             used = unsaved_consumption(ledger, self._now, self._speed)
             if what == "started":  # on disk before the step acts, with what it may consume
@@ -502,20 +510,6 @@ class StationRuns(StationCore):
             out["image"] = result.image
             out["reference_image"] = result.reference_image
         return out
-
-    async def _mark_running(self, experiment_id: str, epoch: int | None, ledger: Any) -> None:
-        """``queued -> running`` on its own (a recipe without steps), with the experiments
-        budget's unit."""
-        assert self._journal is not None
-        self._lease.check(epoch)
-        await self._journal.call(
-            Journal.transition,
-            experiment_id,
-            "running",
-            station=self.name,
-            epoch=epoch,
-            consumption=unsaved_consumption(ledger, self._now, self._speed),
-        )
 
     @staticmethod
     def _refused_running(

@@ -15,25 +15,23 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.rayhead import ray_head
 from bridge.labconfig import load_lab
 from safety.yamldoc import ConfigError
 from simulators.brokercerts import make_test_certificates
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "examples" / "lab-hardware.yaml"
-RAY = Path(sys.executable).parent / "ray"
 
 DRIVER = """
 import sys
@@ -90,46 +88,22 @@ def _head(*, auth: bool) -> Iterator[dict[str, Any]]:
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
     port = _free_port()
-    log_path = tmp / "head.log"
     env = {
         **_clean_env(home),
         "RAY_AUTH_MODE": "token" if auth else "disabled",
         "RAY_AUTH_TOKEN_PATH": str(token_file),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep every server on 127.0.0.1
     }
-    argv = [
-        str(RAY),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        "--num-cpus=1",
-        '--resources={"station:bench-t": 1}',
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        f"--temp-dir={tmp / 'ray'}",
-        f"--object-store-memory={80 * 1024 * 1024}",
-    ]
-    with log_path.open("w") as log:
-        head = subprocess.Popen(
-            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
     try:
-        for _ in range(900):  # bounded: 90 s
-            text = log_path.read_text()
-            if "Ray runtime started" in text or head.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert "Ray runtime started" in log_path.read_text(), log_path.read_text()
-        yield {"address": f"127.0.0.1:{port}", "token_file": token_file, "home": home}
+        with ray_head(
+            port=port,
+            env=env,
+            temp=tmp / "ray",
+            log=tmp / "head.log",
+            resources={"station:bench-t": 1},
+        ):
+            yield {"address": f"127.0.0.1:{port}", "token_file": token_file, "home": home}
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import require_mosquitto
+from test_cluster import labbridge
 
 from benchmarks.twonode import RAY, HotplateProbe, TwoNodeCluster
 from loops.journal import Journal
@@ -82,17 +83,6 @@ def write_lab(cluster: TwoNodeCluster, tmp_path: Path, lease_s: float) -> Path:
     lab = tmp_path / "lab.yaml"
     lab.write_text(yaml.safe_dump(config, sort_keys=False))
     return lab
-
-
-def labbridge(*argv: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "bridge.cli", *argv],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def wait_for(what: str, check: Any, timeout: float, every: float = 0.2) -> Any:
