@@ -31,6 +31,7 @@ from bridge.campaigns import join_ray, run_with_signals
 from bridge.httpserve import HttpBind
 from bridge.labconfig import LabConfig, load_lab
 from bridge.labmqtt import parse_broker_url
+from instruments.deadline import connect_failure
 from loops.campaign import CampaignRunner, CampaignSummary
 from loops.program import Program, builtin_program
 from safety import open_station, reference_envelope
@@ -174,13 +175,7 @@ async def check_broker(url: str, timeout_s: float = 5.0) -> None:
         async with asyncio.timeout(timeout_s):
             _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError) as exc:
-        why = (
-            f"no answer within {timeout_s:g} s"
-            if isinstance(exc, TimeoutError)
-            else "connection refused"
-            if isinstance(exc, ConnectionRefusedError)
-            else exc.strerror or str(exc)
-        )
+        why = connect_failure(exc, timeout_s)
         raise ConnectionError(
             f"no MQTT broker answers at {host}:{port} ({why}): start it, "
             "fix --broker, or leave --broker out (labbridge sim then starts its own broker)"

@@ -28,6 +28,8 @@ import ssl
 import time
 from pathlib import Path
 
+from instruments.deadline import connect_failure
+
 __all__ = [
     "TLS_VARS",
     "RayTlsError",
@@ -131,13 +133,7 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
     except RayTlsError:
         raise
     except OSError as exc:
-        why = (
-            f"no answer within {timeout_s:g} s"
-            if isinstance(exc, TimeoutError)
-            else "connection refused"
-            if isinstance(exc, ConnectionRefusedError)
-            else exc.strerror or str(exc)
-        )
+        why = connect_failure(exc, timeout_s)
         raise RayUnreachable(
             f"no Ray cluster answers at {address} ({why}): start its head "
             f"there (ray start --head --port={port}), {_FIX_ADDRESS}"

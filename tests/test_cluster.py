@@ -96,6 +96,18 @@ def finished(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
     return text
 
 
+def stop(proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> str:
+    """SIGTERM (an orderly stop), SIGKILL after ``timeout`` s; the process's log."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+    return log.read_text()
+
+
 def wait_for(what: str, check: Any, timeout: float, every: float = 0.05) -> Any:
     """Poll ``check()`` until it returns something truthy (bounded)."""
     deadline = time.monotonic() + timeout
@@ -353,13 +365,8 @@ def serving(
         yield lab, env, serve, log
         assert serve.poll() is None, log.read_text()  # still serving
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait(timeout=30)
-    assert serve.returncode == 0, log.read_text()
+        text = stop(serve, log, timeout=60)
+    assert serve.returncode == 0, text
 
 
 def b_died(st: dict[str, Any]) -> bool:

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import require_mosquitto
-from test_cluster import labbridge
+from test_cluster import labbridge, stop, wait_for
 
 from benchmarks.twonode import RAY, HotplateProbe, TwoNodeCluster
 from loops.journal import Journal
@@ -85,16 +85,6 @@ def write_lab(cluster: TwoNodeCluster, tmp_path: Path, lease_s: float) -> Path:
     return lab
 
 
-def wait_for(what: str, check: Any, timeout: float, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 def online(proc: subprocess.Popen[bytes], log: Path) -> bool:
     assert proc.poll() is None, log.read_text()  # it ended: say why, now
     return " online at " in log.read_text()
@@ -140,16 +130,17 @@ def in_hold(store: Path, campaign: str) -> bool:
     )
 
 
-def stop(proc: subprocess.Popen[bytes], log: Path) -> str:
-    """SIGTERM (an orderly stop: it ends the detached actors) and its log."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-    return log.read_text()
+def killed_in_hold(
+    serve: subprocess.Popen[bytes], log: Path, lab: Path, store: Path, campaign_id: str
+) -> float:
+    """Once ``serve`` is online: start the campaign over MQTT, wait for its hold step, kill -9
+    the service there (no orderly stop, nothing released); the time of the kill."""
+    wait_for("the service online", lambda: online(serve, log), 150)
+    start_campaign(lab, campaign_id)
+    wait_for("the hold step started", lambda: in_hold(store, campaign_id), 120)
+    serve.kill()
+    serve.wait(timeout=30)
+    return time.monotonic()
 
 
 NAMED = """
@@ -205,12 +196,7 @@ def test_the_station_finishes_its_experiment_through_a_restart_of_the_service(
     first = labbridge("serve", "--lab", str(lab), env=env, log=first_log)
     second: subprocess.Popen[bytes] | None = None
     try:
-        wait_for("the service online", lambda: online(first, first_log), 150)
-        start_campaign(lab, "restart")
-        wait_for("the hold step started", lambda: in_hold(store, "restart"), 120)
-        first.kill()  # kill -9: no orderly stop, nothing released
-        first.wait(timeout=30)
-        t_kill = time.monotonic()
+        t_kill = killed_in_hold(first, first_log, lab, store, "restart")
         second = labbridge("serve", "--lab", str(lab), env=env, log=second_log)
         wait_for("the service online again", lambda: online(second, second_log), 150)
         t_back = time.monotonic()
@@ -264,12 +250,7 @@ def test_beyond_the_lease_the_station_trips_and_resume_closes_the_experiment_fai
     serve = labbridge("serve", "--lab", str(lab), env=env, log=serve_log)
     resume: subprocess.Popen[bytes] | None = None
     try:
-        wait_for("the service online", lambda: online(serve, serve_log), 150)
-        start_campaign(lab, "beyond")
-        wait_for("the hold step started", lambda: in_hold(store, "beyond"), 120)
-        serve.kill()
-        serve.wait(timeout=30)
-        t_kill = time.monotonic()
+        t_kill = killed_in_hold(serve, serve_log, lab, store, "beyond")
 
         def heater_off() -> bool:
             return any(s["t"] > t_kill and not s["heater"] for s in probe.samples())
