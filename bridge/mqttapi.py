@@ -228,7 +228,9 @@ class MqttApi(RequestHandling):
         ]
         await self.estop_link.subscribe_all([(self.topic(ESTOP_FILTER), 1)])
         await self.link.subscribe_all([(self.topic(f), qos) for f, qos in REQUEST_FILTERS])
-        self._events.put_nowait({"event": "_all"})
+        # "online" waits for the broker's PUBACK: a client that subscribes once attach()
+        # returned gets "online", never the "starting" that connect() left retained
+        self._events.put_nowait({"event": "_all", "wait": True})
         await self.flush()
         log.info("MQTT campaign API online at %s/%s", self.settings.url, self.root)
 
@@ -335,14 +337,14 @@ class MqttApi(RequestHandling):
         }
         await self.link.send(self.topic("status"), dumps(body), qos=1, retain=True, wait=wait)
 
-    async def _refresh_status(self, force: bool = False) -> None:
+    async def _refresh_status(self, force: bool = False, wait: bool = False) -> None:
         if self.service is None:
             return
         snapshot = await self.service.status()
         status = {"state": self.state if self.state != "new" else "starting", **snapshot}
         if force or status != self._last_status:
             self._last_status = status
-            await self._publish_status(status)
+            await self._publish_status(status, wait=wait)
 
     async def _publish_campaign(self, campaign_id: str) -> None:
         if self.service is None or campaign_id not in self.service.campaigns:
@@ -395,7 +397,7 @@ class MqttApi(RequestHandling):
                 while not self._events.empty():
                     batch.append(self._events.get_nowait())
                 campaigns: list[str] = []
-                status, force = False, False
+                status, force, wait = False, False, False
                 for ev in batch:
                     kind = ev.get("event")
                     cid = ev.get("campaign_id")
@@ -415,10 +417,11 @@ class MqttApi(RequestHandling):
                     if kind == "_all" and self.service is not None:
                         campaigns += [c for c in self.service.campaigns if c not in campaigns]
                         status = force = True
+                        wait = wait or bool(ev.get("wait"))
                 for cid in campaigns:
                     await self._publish_campaign(cid)
                 if status:
-                    await self._refresh_status(force=force)
+                    await self._refresh_status(force=force, wait=wait)
             except Exception:  # never let a publishing problem stop the service
                 log.exception("MQTT API: publishing failed")
             finally:
