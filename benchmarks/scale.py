@@ -79,7 +79,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,40 +94,18 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from benchmarks.scalemodel import model_rows, model_table  # noqa: E402
+from benchmarks.scaletables import (  # noqa: E402
+    PARTS,
+    Run,
+    seeds_table,
+    table,
+    where_table,
+)
 from benchmarks.stats import med, pct  # noqa: E402
 from benchmarks.twonode import TwoNodeCluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "color-match" / "program.md"
-GOALS = {4: 3.6, 16: 10.0}
-GOAL_EXPERIMENTS_X = 1.2
-GOAL_STACK_MS = 50.0
-GOAL_MODEL_X = 1.15  # measured time to target within 15% of the bench-time model's
-PARTS = ("claim", "check", "dispatch", "steps", "finish")
-
-
-@dataclass
-class Run:
-    """One campaign at K stations."""
-
-    stations: int
-    state: str
-    reason: str
-    wall_s: float  # campaign start -> end (real)
-    to_target_s: float | None  # campaign start -> the first result at the target (real)
-    experiments: int
-    to_target_n: int | None
-    events: int  # journal transitions of the campaign
-    stack_s: list[float] = field(default_factory=list)  # per done experiment
-    idle_by_id: dict[str, float] = field(default_factory=dict)  # the same, by experiment
-    parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
-    by_station: dict[str, int] = field(default_factory=dict)
-    # per done experiment: the stack timers' parts (loops.stacktime) as the campaign's
-    # ``finished`` event carries them, and the driver's CPU seconds per experiment
-    stacks: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    driver_cpu_s: float = math.nan
-    # the bench-time model (:func:`bench_model`): to the target (or the end) with no stack
-    model_s: float = math.nan
 
 
 def bench_model(
@@ -149,68 +127,6 @@ def bench_model(
         return math.nan
     hits = [t for t, v in ends if target is not None and v is not None and v <= target]
     return min(hits) if hits else max(t for t, _ in ends)
-
-
-#: the stack's parts (:func:`where`): what each is made of
-WHERE = {
-    "ask": "the optimizer's ask (CPU on its thread)",
-    "tell": "the optimizer's tell (CPU)",
-    "dry run": "the safety layer's dry run on the station (CPU; once at the check, again "
-    "at the run's start)",
-    "verify": "verification: camera vs instruments (CPU on its thread), what of it is left "
-    "when the run ends (it starts once what it reads is measured: loops/stationverify.py)",
-    "journal": "journal transactions waited for, each a Ray call to the journal actor and "
-    "an fsync'ed commit (campaign's and station's; count = transactions waited for per "
-    "experiment; a wait for records sent earlier without waiting is in the wall time)",
-    "ray": "Ray round trips campaign <-> station actor (check and run calls, minus what "
-    "the station did inside them)",
-    "station": "the station's own time in the run beyond bench, journal, dry run, verify: "
-    "dispatching steps, lease checks, the guard's checks",
-    "campaign": "the rest of the idle time: the campaign's lock, bookkeeping, the event "
-    "loop (idle time minus the parts above)",
-    "overlapped": "not idle time: the next proposal claimed while the station ran (ask, "
-    "journal, the check's dry run and Ray call; CPU: the ask's; loops/campaignahead.py) and "
-    "the journal records of steps that only look or make safer, sent while the bench works, "
-    "not waited for (loops/stationwrites.py), and verification started while it works",
-}
-
-
-def where(stack: dict[str, dict[str, float]], idle_s: float) -> dict[str, tuple[float, float, int]]:
-    """One experiment's stack time in the parts of :data:`WHERE`: name -> (wall s, CPU s,
-    count); ``idle_s``: its stack time from the journal (:func:`analyse`)."""
-
-    def get(name: str) -> tuple[float, float, int]:
-        p = stack.get(name) or {}
-        return float(p.get("wall_s", 0.0)), float(p.get("cpu_s", 0.0)), int(p.get("count", 0))
-
-    def total(prefix: str) -> tuple[float, float, int]:
-        parts = [get(n) for n in stack if n.startswith(prefix)]
-        return (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts))
-
-    out = {
-        "ask": get("ask"),
-        "tell": get("tell"),
-        "verify": get("station:verify"),
-    }
-    dry = get("station:dry_run")  # the run's own dry run; the check's costs the same
-    out["dry run"] = (2 * dry[0], 2 * dry[1], 2 * dry[2])
-    jc, js = total("journal."), total("station:journal.")
-    out["journal"] = (jc[0] + js[0], 0.0, jc[2] + js[2])
-    run_call, check_call = get("station.run"), get("station.dry_run")
-    run_inside = get("station:run")
-    ray = max(0.0, run_call[0] - run_inside[0]) + max(0.0, check_call[0] - dry[0])
-    out["ray"] = (ray, 0.0, run_call[2] + check_call[2])
-    bench = get("station:bench")
-    station = run_inside[0] - bench[0] - js[0] - dry[0] - out["verify"][0]
-    out["station"] = (max(0.0, station), 0.0, 0)
-    known = sum(v[0] for v in out.values())  # the parts on the bench's critical path
-    out["campaign"] = (max(0.0, idle_s - known), 0.0, 0)
-    # claimed while the previous experiment ran (loops.campaignahead), and the journal
-    # records of steps that only look, not waited for, verification that overlapped the
-    # bench (loops.stationwrites, loops.stationverify)
-    ahead, behind = total("ahead:"), total("station:behind:")
-    out["overlapped"] = (ahead[0] + behind[0], get("ahead:ask")[1], ahead[2] + behind[2])
-    return out
 
 
 def split(names_head: Sequence[str], names_bench: Sequence[str], k: int) -> list[str]:
@@ -324,7 +240,7 @@ def analyse(
 
 
 async def one(
-    cluster: TwoNodeCluster, names: list[str], args: argparse.Namespace, work: Path
+    cluster: TwoNodeCluster, names: list[str], args: argparse.Namespace, work: Path, seed: int
 ) -> Run:
     from bridge.campaigns import run_campaign
     from bridge.labconfig import load_lab
@@ -353,7 +269,7 @@ async def one(
     lab_path = store.parent / "lab.yaml"
     lab_path.write_text(yaml.safe_dump(config, sort_keys=False))
     prog_path = store.parent / "program.md"
-    prog_path.write_text(program_text(args.budget, args.target, args.seed))
+    prog_path.write_text(program_text(args.budget, args.target, seed))
     lab = load_lab(lab_path)
     program = load_program(prog_path)
     campaign = f"scale-k{k}"
@@ -373,106 +289,10 @@ async def one(
     )
     cpu = time.process_time() - cpu0
     run = analyse(store, campaign, args.target, k, summary, args.speed)
+    run.seed = seed
     run.stacks = {eid: stacks[eid] for eid in run.idle_by_id if eid in stacks}
     run.driver_cpu_s = cpu / max(1, run.experiments)
     return run
-
-
-def where_table(runs: list[Run]) -> str:
-    """Where the stack time goes, per K: each part's median and p99 (ms, wall), its CPU
-    median (ms) where it has one, and how many calls per experiment."""
-    lines = [
-        "Where the stack time goes (per done experiment; wall ms median / p99, CPU ms median "
-        "where CPU-bound, calls per experiment):",
-        "",
-        "| stations | " + " | ".join(WHERE) + " | idle (journal) | driver CPU ms/exp |",
-        "|" + "---|" * (len(WHERE) + 3),
-    ]
-    for r in runs:
-        rows = [where(st, r.idle_by_id[eid]) for eid, st in r.stacks.items()]
-        if not rows:
-            continue
-        cells = []
-        for name in WHERE:
-            wall = [row[name][0] for row in rows]
-            cpu = [row[name][1] for row in rows]
-            count = [row[name][2] for row in rows]
-            cell = f"{ms(wall)} / {ms(wall, 0.99)}"
-            if any(cpu):
-                cell += f" (CPU {ms(cpu)})"
-            if any(count):
-                cell += f" x{med(count):g}"
-            cells.append(cell)
-        lines.append(
-            f"| {r.stations} | "
-            + " | ".join(cells)
-            + f" | {ms(r.stack_s)} / {ms(r.stack_s, 0.99)} | {r.driver_cpu_s * 1000:.0f} |"
-        )
-    lines += ["", *(f"- {name}: {what}" for name, what in WHERE.items())]
-    return "\n".join(lines)
-
-
-def ms(values: Sequence[float], q: float | None = None) -> str:
-    v = med(values) if q is None else pct(values, q)
-    return "-" if math.isnan(v) else f"{v * 1000:.0f}"
-
-
-def table(runs: list[Run], args: argparse.Namespace) -> str:
-    base = runs[0]
-    lines = [
-        f"benchmarks/scale.py: colour match, bayes, target ΔE {args.target}, budget "
-        f"{args.budget}, seed {args.seed}, {args.speed:g}x, two Ray nodes, "
-        f"{'' if args.claim_ahead else 'no '}claim ahead, staleness limits "
-        f"{'as in the envelope' if args.staleness is None else f'{args.staleness:g} s'} "
-        f"(load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} "
-        "cores)",
-        "",
-        "| stations | end | wall s | to target s | speed-up | exps | to target n | exps vs 1 "
-        "| stack ms med | p99 | claim | check | dispatch | steps | finish | events/s "
-        "| model s | vs model | goal |",
-        "|" + "---|" * 19,
-    ]
-    for r in runs:
-        t_base = base.to_target_s if base.to_target_s is not None else base.wall_s
-        t_here = r.to_target_s if r.to_target_s is not None else r.wall_s
-        n_base = base.to_target_n or base.experiments
-        n_here = r.to_target_n or r.experiments
-        speed = t_base / t_here if t_here else math.nan
-        more = n_here / n_base if n_base else math.nan
-        goal = ""
-        if r.state == "error":
-            goal = "no result (below)"
-        elif r.stations in GOALS:
-            ok = speed >= GOALS[r.stations] and (r.stations != 4 or more <= GOAL_EXPERIMENTS_X)
-            extra = f", <= {GOAL_EXPERIMENTS_X}x exps" if r.stations == 4 else ""
-            goal = f">= {GOALS[r.stations]}x{extra}: {'met' if ok else 'missed'}"
-        if r.stations == 1 and r.state != "error":
-            stack = med(r.stack_s) * 1000
-            goal = f"stack < {GOAL_STACK_MS:g} ms: {'met' if stack < GOAL_STACK_MS else 'missed'}"
-        if r.state != "error" and r.model_s:
-            ok = t_here / r.model_s <= GOAL_MODEL_X
-            goal += f"{'; ' if goal else ''}<= {GOAL_MODEL_X:g}x model: {'met' if ok else 'missed'}"
-        lines.append(
-            f"| {r.stations} | {r.state} | {r.wall_s:.1f} | "
-            f"{'-' if r.to_target_s is None else f'{r.to_target_s:.1f}'} | {speed:.2f}x | "
-            f"{r.experiments} | {'-' if r.to_target_n is None else r.to_target_n} | {more:.2f}x | "
-            f"{ms(r.stack_s)} | {ms(r.stack_s, 0.99)} | "
-            + " | ".join(ms(r.parts[p]) for p in PARTS)
-            + f" | {r.events / r.wall_s if r.wall_s else math.nan:.1f} | {r.model_s:.1f} | "
-            f"{t_here / r.model_s if r.model_s else math.nan:.2f}x | {goal} |"
-        )
-    lines += [
-        "",
-        "Speed-up and 'exps vs 1' are to the target (to the end when a run did not reach it). "
-        "Stack ms: an experiment's time minus its steps' time; its parts are medians (ms) "
-        "of: claim (lock, ask, journal), check (dry run on the station), dispatch (queued, "
-        "the Ray call, running), steps (journaling each step, beyond the bench's own time), "
-        "finish (verification, outcome, tell). Model s: the bench-time model's time to the "
-        "target (the same experiments, in the same order, each its bench time only, on K "
-        "stations in parallel: what the stack costs, not the optimizer); vs model: measured "
-        "to target (or to the end) / model.",
-    ]
-    return "\n".join(lines)
 
 
 @dataclass
@@ -526,20 +346,21 @@ async def journal_burst(path: Path, writers: int = 16, each: int = 50) -> Journa
 
 
 async def main_async(args: argparse.Namespace) -> tuple[list[Run], JournalBurst | None]:
-    """Each K on a cluster of its own with K benches (idle simulated benches cost CPU too)."""
+    """Each seed, each K on a cluster of its own with K benches (idle simulated benches cost
+    CPU too)."""
     runs: list[Run] = []
     burst: JournalBurst | None = None
     saved = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
     for key in saved:  # this process joins as a driver of these clusters only
         del os.environ[key]
     try:
-        for k in sorted(args.stations):
+        for seed, k in itertools.product(args.seeds, sorted(args.stations)):
             heads = math.ceil(k / 2)
             with TwoNodeCluster(
                 heads, k - heads, speed=args.speed, camera_fps=args.camera_fps
             ) as c:
                 print(
-                    f"K={k}: two Ray nodes up: head {c.nodes['head'].ip} "
+                    f"K={k}, seed {seed}: two Ray nodes up: head {c.nodes['head'].ip} "
                     f"({', '.join(c.nodes['head'].stations)}), bench node {c.nodes['bench'].ip} "
                     f"({', '.join(c.nodes['bench'].stations) or 'no bench'})"
                     + (f"; no namespace: {c.netns_skipped}" if c.netns_skipped else ""),
@@ -548,13 +369,14 @@ async def main_async(args: argparse.Namespace) -> tuple[list[Run], JournalBurst 
                 names = split(c.nodes["head"].stations, c.nodes["bench"].stations, k)
                 t0 = time.monotonic()
                 try:
-                    run = await one(c, names, args, c.dir / "runs")
+                    run = await one(c, names, args, c.dir / "runs", seed)
                     if burst is None:
                         burst = await journal_burst(c.dir / "runs" / "burst.db")
                 except Exception as exc:  # the row says why (a starved simulator, say)
                     run = Run(
                         k, "error", f"{type(exc).__name__}: {exc}", math.nan, None, 0, None, 0
                     )
+                    run.seed = seed
                 finally:
                     import ray
 
@@ -562,7 +384,7 @@ async def main_async(args: argparse.Namespace) -> tuple[list[Run], JournalBurst 
                     for key in [k for k in os.environ if k.startswith("RAY_")]:
                         del os.environ[key]
                 print(
-                    f"K={k}: {run.state} ({run.reason}) in {time.monotonic() - t0:.0f} s real, "
+                    f"K={k}, seed {seed}: {run.state} ({run.reason}) in {time.monotonic() - t0:.0f} s real, "
                     f"{run.experiments} experiments {run.by_station}",
                     file=sys.stderr,
                 )
@@ -579,7 +401,14 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stations", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--target", type=float, default=4.0, help="ΔE2000 target (default 4)")
     p.add_argument("--budget", type=int, default=40, help="experiments at most (default 40)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="the program's seeds: every station count runs with each; with several, the "
+        "medians over them are printed too (default 1)",
+    )
     p.add_argument("--speed", type=float, default=500.0, help="simulated clock (default 500x)")
     p.add_argument("--camera-fps", type=float, default=4.0)
     p.add_argument(
@@ -618,11 +447,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     runs, burst = asyncio.run(main_async(args))
     print(table(runs, args))
+    if summary := seeds_table(runs):
+        print()
+        print(summary)
     print()
     print(where_table(runs))
     for r in runs:
         if r.state == "error":
-            print(f"K={r.stations}: no result: {r.reason}")
+            print(f"K={r.stations}, seed {r.seed}: no result: {r.reason}")
     if burst is not None:
         print(
             f"\nThe journal actor alone: one writer's round trip (a Ray call, an fsync'ed SQLite "

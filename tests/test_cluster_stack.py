@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from reference import local_bench
 
-from benchmarks.scale import bench_model, where
+from benchmarks.scale import bench_model
+from benchmarks.scaletables import where
 from loops.campaign import CampaignRunner
 from loops.checks import run_checks
 from loops.journal import AsyncJournal, Journal, StaleOwner, StepOrderError
