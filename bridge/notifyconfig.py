@@ -34,7 +34,8 @@ lab.yaml (every field but the channels has a default; docs/notifications.md)::
         topic: alerts             # (through the service's own MQTT link)
 
 Event kinds (:data:`KINDS`): ``trip`` (a station tripped), ``estop``, ``station_lost`` (the
-service lost a station, or a campaign put one out), ``campaign`` (a campaign ended or
+service lost a station, or a campaign put one out), ``station_back`` (a station whose node
+died rejoined its campaign: ``--rejoin``), ``campaign`` (a campaign ended or
 stopped), ``approval`` (a proposal awaits approval), ``verification`` (N unverified results in
 a row), ``budget`` (a safety budget spent: a station rests, a proposal refused).
 
@@ -71,7 +72,16 @@ __all__ = [
 ]
 
 #: what people are told about (see the module docstring)
-KINDS = ("trip", "estop", "station_lost", "campaign", "approval", "verification", "budget")
+KINDS = (
+    "trip",
+    "estop",
+    "station_lost",
+    "station_back",
+    "campaign",
+    "approval",
+    "verification",
+    "budget",
+)
 TLS_MODES = ("starttls", "implicit", "none")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")

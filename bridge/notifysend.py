@@ -50,6 +50,7 @@ KIND_WORDS = {
     "trip": ("trip", "trips"),
     "estop": ("e-stop", "e-stops"),
     "station_lost": ("lost station", "lost stations"),
+    "station_back": ("station back", "stations back"),
     "campaign": ("campaign end", "campaign ends"),
     "approval": ("proposal awaiting approval", "proposals awaiting approval"),
     "verification": ("verification alert", "verification alerts"),
@@ -154,6 +155,14 @@ def alert_for(
         return Alert(
             "station_lost",
             f"station {station} is out of campaign {cid}: {reason}",
+            mine,
+            cid,
+            view=at_campaign,
+        )
+    if kind == "station" and event.get("state") == "rejoined":  # serve/run --rejoin
+        return Alert(
+            "station_back",
+            f"station {station} is back in campaign {cid}: {reason}",
             mine,
             cid,
             view=at_campaign,

@@ -444,6 +444,45 @@ async def test_a_burst_folds_into_one_message_per_channel_and_kind_and_filters_h
         assert n.counts["all"].dropped == n.counts["bench-b"].dropped == 0
 
 
+async def test_a_station_back_in_its_campaign_is_told_and_a_channel_may_leave_it_out() -> None:
+    """The event CampaignLease.rejoin emits (``serve --rejoin``: the node of a dead station
+    is back) is a ``station_back`` alert; a channel without that kind is not told."""
+    async with Receiver() as everything, Receiver() as lost_only:
+        config = NotifyConfig(
+            webhooks=(
+                WebhookConfig("all", url=everything.url),
+                WebhookConfig("lost", url=lost_only.url, events=frozenset({"station_lost"})),
+            ),
+        )
+        async with notifier(config) as n:
+            why = "its node is back: recovered by ana (drained 3.1 mL)"
+            n.on_event(
+                {
+                    "event": "station",
+                    "campaign_id": "c1",
+                    "station": "bench-b",
+                    "state": "out",
+                    "reason": "station bench-b lost, taken as died: node died",
+                }
+            )
+            n.on_event(
+                {
+                    "event": "station",
+                    "campaign_id": "c1",
+                    "station": "bench-b",
+                    "state": "rejoined",
+                    "reason": why,
+                }
+            )
+            await until(lambda: len(everything.bodies) == 2, SEEN_S, "the loss and the return")
+            await until(lambda: len(lost_only.bodies) == 1, SEEN_S, "the loss")
+        assert everything.kinds() == ["station_lost", "station_back"]
+        back = everything.bodies[1]
+        assert back["title"] == f"station bench-b is back in campaign c1: {why}", back
+        assert back["stations"] == ["bench-b"] and back["url"].endswith("#/campaign/c1")
+        assert lost_only.kinds() == ["station_lost"]
+
+
 async def test_a_failing_receiver_is_retried_until_it_answers_and_a_full_queue_drops_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -610,7 +649,7 @@ BAD = [
     (
         "notifications:\n  mqtt: {events: [trip, tripped]}\n",
         "lab.yaml:6: notifications.mqtt.events[1]: unknown event kind 'tripped' (kinds: trip, "
-        "estop, station_lost, campaign, approval, verification, budget)",
+        "estop, station_lost, station_back, campaign, approval, verification, budget)",
     ),
     (
         "notifications:\n  webhooks:\n    chat: {url: 'https://x.org/h', stations: [bench-z]}\n",
