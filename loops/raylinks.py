@@ -2,7 +2,7 @@
 
 :class:`JournalActor` is the one process that owns the journal's SQLite file; its Ray
 methods are built from :data:`loops.journal.JOURNAL_API` (each forwards to the
-:class:`~loops.journal.Journal` method of that name on the journal's own thread), so
+:class:`~loops.journal.Journal` method of that name, one call at a time), so
 there is no second copy of the API. :class:`RayJournal` and :class:`RayStation` wrap
 actor handles as a :class:`~loops.journal.JournalLink` and a
 :class:`~loops.stations.StationLink`: the campaign loop calls those, never ``.remote()``.
@@ -22,7 +22,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from loops.journal import JOURNAL_API, AsyncJournal, Journal, api_name
+from loops.journal import JOURNAL_API, Journal, api_name
 from loops.rayprobe import RayTlsError, RayUnreachable, check_ray_address, not_ray
 from loops.runfolder import note_children
 from loops.stacktime import current_timer, timed
@@ -115,30 +115,26 @@ class JournalActor:
     """The process that owns the journal file: :class:`loops.journal.Journal` behind a Ray actor.
 
     One Ray method per name in :data:`~loops.journal.JOURNAL_API` (built below, not
-    written out), plus :meth:`close`. Calls run one at a time in arrival order on the
-    journal's own thread (:class:`~loops.journal.AsyncJournal`); a write has committed
-    (fsync'ed) when its ObjectRef resolves. Journal errors (IllegalTransition,
-    StepOrderError, ...) reach the caller as Ray task errors of that type.
+    written out), plus :meth:`close`. Each call runs the :class:`~loops.journal.Journal`
+    method on the actor's event loop, synchronously (nothing awaited inside it), so calls
+    run one at a time and never interleave, and the connection stays on that one thread.
+    (Handing each call to a thread of its own, as :class:`~loops.journal.AsyncJournal`
+    does in-process, cost 0.5 ms of a 3 ms round trip in thread hops: benchmarks/scale.py's
+    journal burst.) A write has committed (fsync'ed) when its ObjectRef resolves. Journal
+    errors (IllegalTransition, StepOrderError, ...) reach the caller as Ray task errors of
+    that type.
     """
 
     def __init__(self, path: str, *, busy_timeout_s: float = 10.0) -> None:
         self.path = str(path)
         self._busy_timeout_s = busy_timeout_s
-        self._journal: AsyncJournal | None = None
-        self._lock = asyncio.Lock()
-
-    async def _j(self) -> AsyncJournal:
-        async with self._lock:
-            if self._journal is None:
-                self._journal = await AsyncJournal.open(
-                    self.path, busy_timeout_s=self._busy_timeout_s
-                )
-            return self._journal
+        self._journal: Journal | None = None
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        journal = await self._j()
         try:
-            return await journal.call(getattr(Journal, method), *args, **kwargs)
+            if self._journal is None:
+                self._journal = Journal(self.path, busy_timeout_s=self._busy_timeout_s)
+            return getattr(self._journal, method)(*args, **kwargs)
         except Exception as exc:
             portable = portable_error(exc)
             if portable is exc:
@@ -147,10 +143,9 @@ class JournalActor:
 
     async def close(self) -> None:
         """Close the file (the actor can be killed afterwards); idempotent."""
-        async with self._lock:
-            journal, self._journal = self._journal, None
+        journal, self._journal = self._journal, None
         if journal is not None:
-            await journal.aclose()
+            journal.close()
 
 
 def _forwarder(name: str) -> Callable[..., Awaitable[Any]]:
