@@ -4,9 +4,13 @@
 A write that must be on disk before the station acts is waited for (:meth:`StepWrites.now`);
 a write that need not be (the start of a step that only looks, or only makes the bench
 safer: :func:`~loops.stationrun.step_waits`) is queued (:meth:`StepWrites.later`) and
-sent as soon as the write before it has committed, with every write queued meanwhile, in
-one transaction (:meth:`Journal.write_all <loops.journal.Journal.write_all>`). A write
-that is waited for carries every write still queued in its own transaction, after them.
+sent :data:`COALESCE_S` later (once the write before it has committed), with every write
+queued meanwhile, in one transaction (:meth:`Journal.write_all
+<loops.journal.Journal.write_all>`). A write that is waited for carries every write still
+queued in its own transaction, after them: the records of a row of quick steps that only
+look go with the next step that acts, one transaction and one round trip, and that step's
+write does not queue in the journal behind a batch of its own (``benchmarks/scale.py``, 1
+station: 75-86 ms of stack time per experiment against 96-114, in alternating runs).
 So the writes reach the journal in the order they were made (a Ray actor does not keep
 the order of one caller's calls: one batch is on its way at a time), a write waited for
 returns once it and every write before it have committed, and a row of quick steps that
@@ -40,6 +44,10 @@ Write = tuple[str, tuple[Any, ...], dict[str, Any]]
 #: sends ``write(epoch)`` with the run's epoch, again with a new one after a take-over
 #: (:meth:`StationRuns._fenced <loops.stationrun.StationRuns._fenced>`)
 Fenced = Callable[[Callable[[int | None], Awaitable[Any]]], Awaitable[Any]]
+#: how long a record not waited for stays queued for a write that is waited for to take it
+#: along (real s): short next to a person watching the journal, long next to the quick
+#: steps between two that act (a read, a computation, a capture)
+COALESCE_S = 0.05
 
 
 def _chained(write: Write) -> bool:
@@ -54,18 +62,32 @@ class StepWrites:
     """The ordered journal writes of one run (module docstring). Use from one task's event
     loop; :meth:`flush` (or :meth:`abandon`) before letting go of it."""
 
-    def __init__(self, journal: JournalLink, *, fenced: Fenced | None = None) -> None:
+    def __init__(
+        self, journal: JournalLink, *, fenced: Fenced | None = None, coalesce_s: float = COALESCE_S
+    ) -> None:
         self._journal = journal
         self._fenced = fenced
+        self._coalesce_s = coalesce_s
         self._queued: list[Write] = []
         self._sending: asyncio.Task[None] | None = None  # the batch on its way
+        self._soon: asyncio.TimerHandle | None = None  # sends what is queued, unless taken
         self._timer = current_timer()  # the run's (the batches' own tasks see it too)
 
     def later(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
-        """Queue ``fn(*args, **kwargs)`` (a :class:`Journal` method): sent once the writes
-        before it have committed, not waited for here. A failure surfaces at the next
-        :meth:`now` or :meth:`flush`, and the writes after it are not sent."""
+        """Queue ``fn(*args, **kwargs)`` (a :class:`Journal` method): sent ``coalesce_s``
+        later, once the writes before it have committed, or with the next :meth:`now`; not
+        waited for here. A failure surfaces at the next :meth:`now` or :meth:`flush`, and
+        the writes after it are not sent."""
         self._queued.append((api_name(fn), args, kwargs))
+        if self._coalesce_s <= 0:
+            self._send_soon()
+        elif self._soon is None:
+            self._soon = asyncio.get_running_loop().call_later(self._coalesce_s, self._send_soon)
+
+    def _send_soon(self) -> None:
+        self._soon = None
+        if not self._queued:  # taken by now() or flush() meanwhile
+            return
         sending = self._sending
         if sending is None or (
             sending.done() and not sending.cancelled() and sending.exception() is None
@@ -76,6 +98,7 @@ class StepWrites:
         """Write ``fn(*args, **kwargs)`` after every write made before it, and wait until it
         has committed (with the queued ones, in one transaction); returns its result."""
         batch, self._queued = [*self._queued, (api_name(fn), args, kwargs)], []
+        self._cancel_soon()
         sending = self._sending
         if sending is not None and not sending.done() and _chained(batch[0]):
             try:  # sent at once, behind the batch on its way: the journal keeps the order
@@ -88,6 +111,7 @@ class StepWrites:
     async def flush(self) -> None:
         """Wait until every write made so far has committed (the first failure raises)."""
         batch, self._queued = self._queued, []
+        self._cancel_soon()
         await self._wait_sending()
         if batch:
             await self._send(batch)
@@ -96,9 +120,15 @@ class StepWrites:
         """Let go of the writes not committed yet (a cancelled run): the queued ones are
         dropped, the batch on its way reaches the journal or not, nothing waits for it."""
         self._queued.clear()
+        self._cancel_soon()
         sending, self._sending = self._sending, None
         if sending is not None:
             sending.cancel()
+
+    def _cancel_soon(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
 
     async def _wait_sending(self) -> None:
         sending = self._sending

@@ -224,10 +224,12 @@ class HeldJournal:
         self.release = asyncio.Event()
         self.after = False
         self.sent: list[list[Any]] = []
+        self.arrived = asyncio.Event()  # set at each call
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if fn is Journal.write_all else [(fn.__name__, args, kwargs)]
         self.sent.append([(w[0], w[1][1]) for w in batch])
+        self.arrived.set()
         hold = self.held is not None and batch[0][1][1] == self.held
         if hold and not self.after:
             await self.release.wait()
@@ -246,7 +248,7 @@ async def test_step_records_not_waited_for_go_in_order_as_one_batch_with_the_nex
         for state in ("checked", "queued"):
             await aj.call(Journal.transition, eid, state, station="bench-a")
         link = HeldJournal(aj)
-        writes = StepWrites(link)
+        writes = StepWrites(link, coalesce_s=0)  # each record sent as soon as it may be
         writes.later(Journal.transition, eid, "running", station="bench-a")
         await writes.now(Journal.step_started, eid, 0, {"op": "set"})  # one transaction
         link.held = 1
@@ -283,6 +285,48 @@ async def test_step_records_not_waited_for_go_in_order_as_one_batch_with_the_nex
             await writes.now(Journal.step_started, eid, 9)
         log = await aj.call(Journal.transitions, eid)
         assert [t.step for t in log if t.event == "step_started"] == [0, 1, 2, 3, 4, 5, 6]
+
+
+async def test_records_not_waited_for_wait_a_moment_for_the_next_waited_one_to_take_them(
+    tmp_path: Path,
+) -> None:
+    """A row of quick steps that only look, then one that acts: one transaction, one round
+    trip. A record that no waited write takes is sent on its own once the moment is over,
+    without a flush."""
+    async with await AsyncJournal.open(tmp_path / "journal.db") as aj:
+        await aj.call(Journal.create_campaign, "c", "stack", {})
+        eid = await aj.call(Journal.propose, "c", {"x": 1}, "optimizer")
+        for state in ("checked", "queued"):
+            await aj.call(Journal.transition, eid, state, station="bench-a")
+        link = HeldJournal(aj)
+        writes = StepWrites(link, coalesce_s=0.5)
+        writes.later(Journal.transition, eid, "running", station="bench-a")
+        writes.later(Journal.step_started, eid, 0, {"op": "read"})
+        writes.later(Journal.step_started, eid, 1, {"op": "compute"}, done=(0, {}))
+        await asyncio.sleep(0.05)
+        assert link.sent == []  # still queued, for the step that acts
+        await writes.now(Journal.step_started, eid, 2, {"op": "set"}, done=(1, {}))
+        assert link.sent == [
+            [("transition", "running"), ("step_started", 0), ("step_started", 1)]
+            + [("step_started", 2)]
+        ]
+        writes.later(Journal.step_started, eid, 3, {"op": "read"}, done=(2, {}))
+        t0 = asyncio.get_running_loop().time()
+        link.arrived.clear()
+        await asyncio.wait_for(link.arrived.wait(), 5)  # no waited write: sent after the moment
+        assert asyncio.get_running_loop().time() - t0 >= 0.45
+        assert link.sent[1] == [("step_started", 3)]
+        writes.later(Journal.step_started, eid, 4, {"op": "read"}, done=(3, {}))
+        await writes.flush()  # a flush does not wait for the moment
+        assert link.sent[2] == [("step_started", 4)]
+        await asyncio.sleep(0.6)  # and nothing is sent twice when it would have ended
+        assert len(link.sent) == 3
+        log = await aj.call(Journal.transitions, eid)
+        assert [t.step for t in log if t.event == "step_started"] == [0, 1, 2, 3, 4]
+        writes.later(Journal.step_started, eid, 5, {"op": "read"}, done=(4, {}))
+        writes.abandon()  # a cancelled run: dropped, never sent
+        await asyncio.sleep(0.6)
+        assert len(link.sent) == 3
 
 
 async def test_verification_starts_once_what_it_reads_is_measured_and_ends_on_the_final_values() -> (

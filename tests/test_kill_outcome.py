@@ -457,9 +457,18 @@ async def test_an_experiment_cut_mid_recipe_by_a_kill_is_closed_failed_on_resume
         measured = j.measured(exp.id)
         campaign = j.campaign("cut")
         events = j.campaign_log("cut")
-    assert exp.state == "failed" and f"interrupted at step {step}" in (exp.reason or ""), exp
     assert measured is None
-    assert [t.event for t in log if t.event.startswith("step")][-1] == "step_started"
+    starts = [t for t in log if t.event.startswith("step")]
+    assert starts[-1].event == "step_started"
+    if where == "last step":
+        # the starts of the steps after the last one that waits (the drain: the wait for the
+        # pump, the read of what it drained, the light switched off) are queued for the
+        # last step's record, which the kill stopped: the journal has the drain in progress
+        # (loops/stationwrites.py: a kill loses only such records; nothing of them re-runs)
+        drain = step_of(recipe.as_dict(), "call", instrument="waste", command="withdraw")
+        assert drain <= starts[-1].step <= step, starts[-1]
+        step = starts[-1].step
+    assert exp.state == "failed" and f"interrupted at step {step}" in (exp.reason or ""), exp
     (interrupted,) = [t for t in log if t.state == "interrupted"]
     assert f"step {step} was in progress" in interrupted.data["reason"], interrupted.data
     (resumed,) = [t.data for t in events if (t.data or {}).get("resumed")]
