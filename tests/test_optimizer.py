@@ -503,7 +503,7 @@ def test_registry_is_the_one_list_of_strategy_names(monkeypatch: pytest.MonkeyPa
     from loops import optregistry, programparse
 
     # every registered name restores its own state, and program.md accepts exactly these
-    assert optregistry.STRATEGY_NAMES[:3] == ("bayes", "random", "grid")
+    assert optregistry.STRATEGY_NAMES == ("bayes", "random", "grid", "botorch")
     assert not hasattr(programparse, "STRATEGIES")
     for name in ("bayes", "random", "grid"):
         assert optregistry.strategy_class(name).strategy == name
@@ -521,6 +521,46 @@ def test_registry_is_the_one_list_of_strategy_names(monkeypatch: pytest.MonkeyPa
         optregistry.StrategyUnavailable, match=r"pip install 'labbridge\[ghostextra\]'"
     ):
         optregistry.strategy_class("ghost")
+
+
+def test_botorch_without_its_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs whether or not torch/BoTorch are installed: their absence is simulated."""
+    import sys
+
+    from loops import optregistry
+
+    monkeypatch.delitem(sys.modules, "loops.optbotorch", raising=False)
+    for missing in ("torch", "botorch"):
+        monkeypatch.setitem(sys.modules, missing, None)  # an import of it fails, named
+        with pytest.raises(optregistry.StrategyUnavailable) as err:
+            optregistry.strategy_class("botorch")
+        assert str(err.value) == (
+            f"strategy 'botorch' needs torch, botorch, gpytorch, linear_operator (missing: "
+            f"{missing}): pip install 'labbridge[botorch]'"
+        )
+        monkeypatch.delitem(sys.modules, missing)
+        monkeypatch.delitem(sys.modules, "loops.optbotorch", raising=False)
+
+
+@pytest.mark.timeout(60)
+def test_a_botorch_program_loads_without_importing_torch() -> None:
+    """Choosing the strategy is a name: loading the program (and the registry) imports no
+    torch; the campaign's make_optimizer is what imports it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
+    code = (
+        "import sys, pathlib, loops.optregistry, loops.campaign\n"
+        "from loops.program import load_program\n"
+        f"text = pathlib.Path({str(example)!r}).read_text()\n"
+        "p = load_program(text.replace('strategy: bayes', 'strategy: botorch'))\n"
+        "print(p.strategy, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "botorch False"
 
 
 def test_acquisition_weight_multiplies_every_candidate_value() -> None:
