@@ -524,22 +524,34 @@ def test_registry_is_the_one_list_of_strategy_names(monkeypatch: pytest.MonkeyPa
 
 
 def test_botorch_without_its_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Runs whether or not torch/BoTorch are installed: their absence is simulated."""
+    """Runs whether or not torch/BoTorch are installed: their absence is simulated (their
+    modules hidden from sys.modules and their imports refused; restored afterwards)."""
+    import importlib.abc
     import sys
 
     from loops import optregistry
 
-    monkeypatch.delitem(sys.modules, "loops.optbotorch", raising=False)
+    class Refuse(importlib.abc.MetaPathFinder):
+        def __init__(self, package: str) -> None:
+            self.package = package
+
+        def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+            if fullname.partition(".")[0] == self.package:
+                raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+            return None
+
     for missing in ("torch", "botorch"):
-        monkeypatch.setitem(sys.modules, missing, None)  # an import of it fails, named
-        with pytest.raises(optregistry.StrategyUnavailable) as err:
-            optregistry.strategy_class("botorch")
+        with monkeypatch.context() as m:
+            for name in list(sys.modules):
+                if name.partition(".")[0] == missing or name == "loops.optbotorch":
+                    m.delitem(sys.modules, name)
+            m.setattr(sys, "meta_path", [Refuse(missing), *sys.meta_path])
+            with pytest.raises(optregistry.StrategyUnavailable) as err:
+                optregistry.strategy_class("botorch")
         assert str(err.value) == (
             f"strategy 'botorch' needs torch, botorch, gpytorch, linear_operator (missing: "
             f"{missing}): pip install 'labbridge[botorch]'"
         )
-        monkeypatch.delitem(sys.modules, missing)
-        monkeypatch.delitem(sys.modules, "loops.optbotorch", raising=False)
 
 
 @pytest.mark.timeout(60)
