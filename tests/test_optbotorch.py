@@ -19,6 +19,9 @@ from loops.optimizer import Exhausted, UnknownProposal, optimizer_from_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUARE = {"x": (0.0, 1.0, float), "y": (0.0, 1.0, float)}
+#: a lighter acquisition search than the default (10 restarts, 512 raw samples): these tests
+#: check the contract, not the search, and each model-based ask costs ~4x less
+LIGHT = {"num_restarts": 3, "raw_samples": 128}
 
 
 def bowl(p: dict[str, Any]) -> float:
@@ -36,7 +39,7 @@ def run(opt: Any, n: int, f: Any = bowl) -> None:
 
 
 def test_k_asks_give_k_distinct_points_the_constraints_allow() -> None:
-    opt = BoTorchStrategy(SQUARE, seed=3, initial_points=4, constraints=below_line)
+    opt = BoTorchStrategy(SQUARE, seed=3, initial_points=4, constraints=below_line, **LIGHT)
     run(opt, 5)  # 4 design points, then one model-based ask
     assert opt.last_suggest_seconds > 0
     agent = opt.add_pending({"x": 0.3, "y": 0.6})  # an agent's point is running too
@@ -56,7 +59,7 @@ def test_k_asks_give_k_distinct_points_the_constraints_allow() -> None:
 
 
 def test_a_saved_state_gives_the_same_next_ask_in_the_design_and_the_model_phase() -> None:
-    opt = BoTorchStrategy(SQUARE, direction="maximize", seed=5, initial_points=4)
+    opt = BoTorchStrategy(SQUARE, direction="maximize", seed=5, initial_points=4, **LIGHT)
     neg = lambda p: -bowl(p)  # noqa: E731
     run(opt, 2, neg)
     for phase in ("design", "model"):
@@ -77,7 +80,7 @@ def test_a_saved_state_gives_the_same_next_ask_in_the_design_and_the_model_phase
 
 
 def test_results_by_params_and_every_status() -> None:
-    opt = BoTorchStrategy(SQUARE, seed=2, initial_points=3)
+    opt = BoTorchStrategy(SQUARE, seed=2, initial_points=3, **LIGHT)
     run(opt, 3)
     # a point nobody asked for, told by its params: a new observation
     obs = opt.tell({"x": 0.25, "y": 0.55}, 0.01)
@@ -131,7 +134,7 @@ def test_int_ordinal_and_categorical_parameters_and_a_space_used_up() -> None:
         "hold": ("ordinal", [30, 120]),
     }
     score = {"a": 0.0, "b": 1.0}
-    opt = BoTorchStrategy(space, seed=1, initial_points=3)
+    opt = BoTorchStrategy(space, seed=1, initial_points=3, **LIGHT)
     seen = set()
     for _ in range(8):  # every point of the 2 x 2 x 2 space, never one twice
         p = opt.ask()
@@ -159,7 +162,7 @@ def test_bad_settings_are_one_line_errors() -> None:
 def test_two_objectives_run_parego_over_it() -> None:
     from loops.optmulti import ParetoOptimizer
 
-    inner = BoTorchStrategy(SQUARE, seed=6, initial_points=4)
+    inner = BoTorchStrategy(SQUARE, seed=6, initial_points=4, **LIGHT)
     opt = ParetoOptimizer(inner, ["minimize", "minimize"], seed=6)
     assert opt.method == "parego"
     with pytest.raises(ValueError, match="'ehvi' needs the Bayesian inner strategy"):
