@@ -294,8 +294,13 @@ class BoTorchStrategy(StrategyBase):
                 "points cover the space"
             )
         rows = snapped[list(points.values())]
-        with torch.no_grad():
-            score = acq(torch.from_numpy(rows).unsqueeze(1)).detach().numpy().astype(np.float64)
+        with torch.no_grad():  # in chunks: each holds a joint posterior with the baseline
+            score = np.concatenate(
+                [
+                    acq(torch.from_numpy(rows[i : i + 256]).unsqueeze(1)).numpy()
+                    for i in range(0, len(rows), 256)
+                ]
+            ).astype(np.float64)
         if weighted:
             score = score + log_weight(self.acquisition_weight(rows))
         return self.space.from_unit(rows[int(np.argmax(score))])
