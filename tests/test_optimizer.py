@@ -556,23 +556,30 @@ def test_botorch_without_its_extra_names_the_extra(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.timeout(60)
 def test_a_botorch_program_loads_without_importing_torch() -> None:
-    """Choosing the strategy is a name: loading the program (and the registry) imports no
-    torch; the campaign's make_optimizer is what imports it."""
+    """Choosing the strategy is a name: loading the program (and the registry) and
+    `labbridge check` import no torch; the campaign's make_optimizer is what imports it."""
     import subprocess
     import sys
     from pathlib import Path
 
-    example = Path(__file__).resolve().parents[1] / "examples" / "color-match" / "program.md"
+    root = Path(__file__).resolve().parents[1]
+    example = root / "examples" / "color-match" / "program.md"
     code = (
-        "import sys, pathlib, loops.optregistry, loops.campaign\n"
+        "import sys, pathlib, tempfile, loops.optregistry, loops.campaign\n"
+        "from bridge.cli import main\n"
         "from loops.program import load_program\n"
         f"text = pathlib.Path({str(example)!r}).read_text()\n"
-        "p = load_program(text.replace('strategy: bayes', 'strategy: botorch'))\n"
-        "print(p.strategy, 'torch' in sys.modules)\n"
+        "text = text.replace('strategy: bayes', 'strategy: botorch')\n"
+        "p = load_program(text)\n"
+        "path = pathlib.Path(tempfile.mkdtemp()) / 'program.md'\n"
+        "path.write_text(text)\n"
+        f"lab = {str(root / 'examples' / 'lab-hardware.yaml')!r}\n"
+        "rc = main(['check', lab, '--program', str(path), '--assume', 'enclosure.lid=closed'])\n"
+        "print(p.strategy, rc, 'torch' in sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "botorch False"
+    assert proc.stdout.strip().splitlines()[-1] == "botorch 0 False", proc.stdout
 
 
 def test_acquisition_weight_multiplies_every_candidate_value() -> None:
