@@ -8,8 +8,10 @@ Run:  python benchmarks/optimizers.py [--seeds 10] [--workers 2] [--out benchmar
 Strategies: ours (``bayes``: :class:`loops.optimizer.BayesOptimizer` as a
 campaign builds it; ``random``: :class:`loops.optimizer.RandomSearch`) and the
 peers of :mod:`benchmarks.peers` (``bayes-opt`` as its README shows,
-``optuna-tpe``, ``optuna-gp``, ``botorch``; ``pip install -e '.[peers]'``). A peer
-whose library is missing is skipped with the reason printed. Ax is not run:
+``optuna-tpe``, ``optuna-gp``, and ``botorch``: labbridge's own optional
+``strategy: botorch``, :mod:`loops.optbotorch`, compared under its library's name;
+``pip install -e '.[peers]'``). A peer whose library is missing is skipped with the
+reason printed. Ax is not run:
 it drives the same BoTorch model and acquisition through its own service layer
 at ~25-30 s per 30-evaluation run on this machine (and pulls in pandas,
 plotly and IPython); ``botorch`` is its default generation strategy without that layer.

@@ -15,15 +15,17 @@ like :class:`loops.optimizer.BayesOptimizer`:
   point a known constraint refuses is told the worst value seen (as a user's
   objective would return it; a FAIL trial there makes the GP sampler propose
   the same point again).
-* ``botorch``: BoTorch as its tutorials (and Ax's default generation strategy)
-  show: a scrambled Sobol design of ``max(5, 2 d)`` points, then a
-  ``SingleTaskGP`` (inputs in the unit cube, ``Standardize`` outcome) fitted by
-  ``fit_gpytorch_mll``, ``qLogNoisyExpectedImprovement`` with the pending
-  points as ``X_pending``, maximised by ``optimize_acqf`` (10 restarts, 512 raw
-  samples). Failed experiments are left out of the model (Ax abandons them).
+* ``botorch``: BoTorch's loop as its tutorials (and Ax's default generation
+  strategy) run it: labbridge's own ``strategy: botorch``
+  (:class:`loops.optbotorch.BoTorchStrategy`, the ``botorch`` extra), listed here
+  under its library's name so the tables compare it with the default ``bayes``
+  strategy as they did when it was only a peer: a scrambled Sobol design of
+  ``max(5, 2 d)`` points, then a ``SingleTaskGP`` fitted by ``fit_gpytorch_mll``,
+  ``qLogNoisyExpectedImprovement`` with the pending points as ``X_pending``,
+  maximised by ``optimize_acqf`` (10 restarts, 512 raw samples).
 
-A point that violates a known constraint is never returned: the peer is told it
-was refused (as the dry run would) and asked again, at most ``_TRIES`` times,
+A point that violates a known constraint is never returned: a library peer is told
+it was refused (as the dry run would) and asked again, at most ``_TRIES`` times,
 then :class:`~loops.optimizer.Exhausted`. :data:`PEERS` maps the names to
 factories; :func:`peer_versions` gives the versions of the installed ones and
 :func:`missing_peers` says why the others cannot run.
@@ -58,7 +60,6 @@ __all__ = [
     "PEERS",
     "PEER_MODULES",
     "BayesOptPeer",
-    "BoTorchPeer",
     "OptunaPeer",
     "missing_peers",
     "peer_versions",
@@ -272,73 +273,11 @@ class OptunaPeer(_Peer):
             self._study.tell(handle, state=state.FAIL)
 
 
-class BoTorchPeer(_Peer):
-    """BoTorch's single-objective loop (Sobol, SingleTaskGP, qLogNEI with X_pending)."""
+def _botorch(space: SpaceSpec, seed: int, constraints: Constraint | None) -> StrategyBase:
+    """labbridge's ``botorch`` strategy (imported here: torch loads only when it runs)."""
+    from loops.optbotorch import BoTorchStrategy
 
-    strategy = "botorch"
-
-    def __init__(
-        self,
-        space: SpaceSpec | ParamSpace,
-        seed: int,
-        *,
-        direction: Direction = "minimize",
-        constraints: Constraint | None = None,
-    ) -> None:
-        super().__init__(space, seed, direction=direction, constraints=constraints)
-        import torch
-
-        self._torch = torch
-        d = len(self.space)
-        self._init = max(5, 2 * d)
-        self._sobol = torch.quasirandom.SobolEngine(d, scramble=True, seed=self.seed)
-        self._gen = torch.Generator().manual_seed(self.seed)
-
-    def _next(self) -> tuple[Mapping[str, Any], Any]:
-        torch = self._torch
-        done = [o for o in self._observations if o.status == "ok" and o.value is not None]
-        if len(done) + len(self._pending) < self._init or not done:
-            u = self._sobol.draw(1, dtype=torch.float64)[0].numpy()
-            return self.space.from_unit(u), None
-        from botorch.acquisition.logei import qLogNoisyExpectedImprovement
-        from botorch.fit import fit_gpytorch_mll
-        from botorch.models import SingleTaskGP
-        from botorch.models.transforms.outcome import Standardize
-        from botorch.optim import optimize_acqf
-        from gpytorch.mlls import ExactMarginalLogLikelihood
-
-        X = torch.tensor(np.array([self.space.to_unit(o.params) for o in done]))
-        Y = torch.tensor([[self._sign * float(o.value or 0.0)] for o in done], dtype=torch.float64)
-        pend = [self.space.to_unit(p) for p in self._pending.values()]
-        Xp = torch.tensor(np.array(pend)) if pend else None
-        d = len(self.space)
-        bounds = torch.stack(
-            [torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)]
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen)))
-            model = SingleTaskGP(X, Y, outcome_transform=Standardize(m=1))
-            fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
-            acq = qLogNoisyExpectedImprovement(model, X_baseline=X, X_pending=Xp)
-            cand, _ = optimize_acqf(acq, bounds=bounds, q=1, num_restarts=10, raw_samples=512)
-        params = self.space.from_unit(self.space.round_unit(cand[0].detach().numpy()))
-        if self._feasible(params):
-            return params, None
-        # outside a known constraint: the best feasible point of a Sobol sample instead
-        cands = self._sobol.draw(2048, dtype=torch.float64)
-        ok = [i for i, u in enumerate(cands.numpy()) if self._feasible(self.space.from_unit(u))]
-        if not ok:
-            return params, None
-        with torch.no_grad():
-            vals = acq(cands[ok].unsqueeze(1))
-        return self.space.from_unit(cands[ok][int(torch.argmax(vals))].numpy()), None
-
-    def _refused(self, params: Params, handle: Any) -> None:
-        """Nothing to tell: the next Sobol/acquisition draw differs."""
-
-    def _told(self, obs: Observation, handle: Any) -> None:
-        """The model is rebuilt from the observations at each ask."""
+    return BoTorchStrategy(space, seed=seed, constraints=constraints)
 
 
 PeerFactory = Callable[[SpaceSpec, int, Constraint | None], StrategyBase]
@@ -348,7 +287,7 @@ PEERS: dict[str, PeerFactory] = {
     "bayes-opt": lambda s, seed, c: BayesOptPeer(s, seed, constraints=c),
     "optuna-tpe": lambda s, seed, c: OptunaPeer(s, seed, kind="tpe", constraints=c),
     "optuna-gp": lambda s, seed, c: OptunaPeer(s, seed, kind="gp", constraints=c),
-    "botorch": lambda s, seed, c: BoTorchPeer(s, seed, constraints=c),
+    "botorch": _botorch,
 }
 
 #: the modules each peer imports (a missing one: the peer is skipped with the reason)

@@ -26,6 +26,7 @@ from typing import Any
 
 from loops.approval import ApprovalPolicy
 from loops.journal import Journal, JournalLink
+from loops.optbase import StrategyBase
 from loops.optcost import CostModel, ExactCost
 from loops.optimizer import (
     BayesOptimizer,
@@ -38,6 +39,7 @@ from loops.optimizer import (
     optimizer_from_state,
 )
 from loops.optmulti import ParetoOptimizer
+from loops.optregistry import STRATEGY_NAMES, strategy_class
 from loops.program import Program
 from loops.stationlease import LEASE_S
 from loops.stations import StationLink
@@ -74,7 +76,9 @@ MAX_CONSECUTIVE_REJECTIONS = 25
 AGENT_RUN = 3
 
 
-Strategy = BayesOptimizer | RandomSearch | GridSearch | ParetoOptimizer
+#: one objective: a :class:`StrategyBase` (bayes, random, grid, or an optional one such as
+#: botorch, whose class is imported only when chosen: :mod:`loops.optregistry`)
+Strategy = StrategyBase | ParetoOptimizer
 
 
 def make_optimizer(program: Program) -> Strategy:
@@ -87,7 +91,7 @@ def make_optimizer(program: Program) -> Strategy:
     def feasible(params: Mapping[str, Any]) -> bool:
         return program.feasible(params)[0]
 
-    inner: BayesOptimizer | RandomSearch | GridSearch
+    inner: StrategyBase
     if program.strategy == "bayes":
         inner = BayesOptimizer(
             space,
@@ -102,8 +106,18 @@ def make_optimizer(program: Program) -> Strategy:
         budget = program.budget.experiments or 100
         per_axis = max(2, math.floor(budget ** (1.0 / max(1, len(space.dims)))))
         inner = GridSearch(space, per_axis, direction=direction, constraints=feasible)
+    elif program.strategy == "botorch":  # the botorch extra; StrategyUnavailable without it
+        inner = strategy_class("botorch")(
+            space,
+            direction=direction,
+            seed=program.seed,
+            initial_points=program.initial_points,
+            constraints=feasible,
+        )
     else:
-        raise ValueError(f"unknown strategy {program.strategy!r} (bayes, random or grid)")
+        raise ValueError(
+            f"unknown strategy {program.strategy!r} (known: {', '.join(STRATEGY_NAMES)})"
+        )
     inner.learn_feasibility = program.feasibility == "learned"
     if program.multi:
         return ParetoOptimizer(inner, [o.direction for o in program.goals], seed=program.seed)

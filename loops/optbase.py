@@ -35,6 +35,7 @@ __all__ = [
     "Optimizer",
     "StrategyBase",
     "direction_sign",
+    "penalty_value",
     "rng_state",
     "set_rng_state",
 ]
@@ -49,6 +50,16 @@ def direction_sign(direction: str) -> float:
     if direction == "maximize":
         return 1.0
     raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
+
+
+def penalty_value(values: Sequence[float]) -> float:
+    """What a refused or failed point is told to a model, in the maximised frame: worse than
+    every trusted result seen (``worst - 0.25 * (best - worst)``; -1 before any result)."""
+    if not values:
+        return -1.0
+    lo, hi = min(values), max(values)
+    spread = hi - lo if hi > lo else max(abs(hi), 1.0)
+    return lo - 0.25 * spread
 
 
 def rng_state(rng: np.random.RandomState) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from scipy.stats import qmc
 from sklearn.gaussian_process.kernels import Kernel
 
-from loops.optbase import StrategyBase, rng_state, set_rng_state
+from loops.optbase import StrategyBase, penalty_value, rng_state, set_rng_state
 from loops.optfeasible import log_weight, weigh
 from loops.optgp import (
     FAST_TUNING,
@@ -255,13 +255,11 @@ class BayesOptimizer(StrategyBase):
             for o in self._observations
             if o.status == "ok" and o.value is not None
         ]
+        penalty = penalty_value(ys)
         if ys:
             lo, hi = min(ys), max(ys)
-            spread = hi - lo if hi > lo else max(abs(hi), 1.0)
-            penalty = lo - 0.25 * spread
             lie = {"believer": math.nan, "mean": statistics.fmean(ys), "min": lo, "max": hi}
         else:
-            penalty = -1.0
             lie = {"believer": math.nan, "mean": penalty, "min": penalty, "max": penalty}
         lie["fantasies"] = math.nan
         oks: dict[tuple[float, ...], list[float]] = {}

@@ -65,7 +65,9 @@ Strategies: :class:`BayesOptimizer` (a scikit-learn Matern GP, maximum-likelihoo
 length scales, log expected improvement or UCB maximised over uniform candidates
 and candidates around the best results; bayesian-optimization 3.4's kernel
 wrapper snaps int and choice columns), :class:`RandomSearch` and :class:`GridSearch` as
-baselines. :func:`optimizer_from_state` restores any of them. Side by side with
+baselines, and ``botorch`` (:class:`loops.optbotorch.BoTorchStrategy`: BoTorch's GP and
+qLogNEI, the ``botorch`` extra; not re-exported here, so that this module imports no
+torch). :func:`optimizer_from_state` restores any of them. Side by side with
 bayes-opt, Optuna and BoTorch: ``benchmarks/optimizers.py``.
 
 Modules: :mod:`loops.optspace` (the space, proposals, observations, statuses),

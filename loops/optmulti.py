@@ -326,5 +326,7 @@ class ParetoOptimizer:
             state["observations"][i]["value"] = float(v)
         restore: Any = type(self.inner)
         learned = self.inner._feasibility  # same points and statuses: the model still holds
+        cost = self.inner.cost_model  # not part of the state: the runner's
         self.inner = restore.from_state(self.space, state, constraints=self.constraints)
         self.inner._feasibility = learned
+        self.inner.cost_model = cost

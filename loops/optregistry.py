@@ -28,6 +28,12 @@ _REGISTRY: dict[str, _Entry] = {
     "bayes": _Entry("loops.optbayes", "BayesOptimizer"),
     "random": _Entry("loops.optbaselines", "RandomSearch"),
     "grid": _Entry("loops.optbaselines", "GridSearch"),
+    "botorch": _Entry(
+        "loops.optbotorch",
+        "BoTorchStrategy",
+        "botorch",
+        ("torch", "botorch", "gpytorch", "linear_operator"),
+    ),
 }
 
 #: every strategy name, in the order the docs list them
@@ -50,10 +56,11 @@ def strategy_class(name: str) -> Any:
     try:
         module = importlib.import_module(entry.module)
     except ImportError as exc:
-        if entry.extra is None or exc.name not in entry.needs:
+        top = (exc.name or "").partition(".")[0]  # botorch.acquisition: botorch's
+        if entry.extra is None or top not in entry.needs:
             raise
         raise StrategyUnavailable(
-            f"strategy {name!r} needs {', '.join(entry.needs)} (missing: {exc.name}): "
+            f"strategy {name!r} needs {', '.join(entry.needs)} (missing: {top}): "
             f"pip install 'labbridge[{entry.extra}]'"
         ) from exc
     return getattr(module, entry.cls)

@@ -503,7 +503,7 @@ def test_registry_is_the_one_list_of_strategy_names(monkeypatch: pytest.MonkeyPa
     from loops import optregistry, programparse
 
     # every registered name restores its own state, and program.md accepts exactly these
-    assert optregistry.STRATEGY_NAMES[:3] == ("bayes", "random", "grid")
+    assert optregistry.STRATEGY_NAMES == ("bayes", "random", "grid", "botorch")
     assert not hasattr(programparse, "STRATEGIES")
     for name in ("bayes", "random", "grid"):
         assert optregistry.strategy_class(name).strategy == name
@@ -521,6 +521,65 @@ def test_registry_is_the_one_list_of_strategy_names(monkeypatch: pytest.MonkeyPa
         optregistry.StrategyUnavailable, match=r"pip install 'labbridge\[ghostextra\]'"
     ):
         optregistry.strategy_class("ghost")
+
+
+def test_botorch_without_its_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs whether or not torch/BoTorch are installed: their absence is simulated (their
+    modules hidden from sys.modules and their imports refused; restored afterwards)."""
+    import importlib.abc
+    import sys
+
+    from loops import optregistry
+
+    class Refuse(importlib.abc.MetaPathFinder):
+        def __init__(self, package: str) -> None:
+            self.package = package
+
+        def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+            if fullname.partition(".")[0] == self.package:
+                raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+            return None
+
+    for missing in ("torch", "botorch"):
+        with monkeypatch.context() as m:
+            for name in list(sys.modules):
+                if name.partition(".")[0] == missing or name == "loops.optbotorch":
+                    m.delitem(sys.modules, name)
+            m.setattr(sys, "meta_path", [Refuse(missing), *sys.meta_path])
+            with pytest.raises(optregistry.StrategyUnavailable) as err:
+                optregistry.strategy_class("botorch")
+        assert str(err.value) == (
+            f"strategy 'botorch' needs torch, botorch, gpytorch, linear_operator (missing: "
+            f"{missing}): pip install 'labbridge[botorch]'"
+        )
+
+
+@pytest.mark.timeout(60)
+def test_a_botorch_program_loads_without_importing_torch() -> None:
+    """Choosing the strategy is a name: loading the program (and the registry) and
+    `labbridge check` import no torch; the campaign's make_optimizer is what imports it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    example = root / "examples" / "color-match" / "program.md"
+    code = (
+        "import sys, pathlib, tempfile, loops.optregistry, loops.campaign\n"
+        "from bridge.cli import main\n"
+        "from loops.program import load_program\n"
+        f"text = pathlib.Path({str(example)!r}).read_text()\n"
+        "text = text.replace('strategy: bayes', 'strategy: botorch')\n"
+        "p = load_program(text)\n"
+        "path = pathlib.Path(tempfile.mkdtemp()) / 'program.md'\n"
+        "path.write_text(text)\n"
+        f"lab = {str(root / 'examples' / 'lab-hardware.yaml')!r}\n"
+        "rc = main(['check', lab, '--program', str(path), '--assume', 'enclosure.lid=closed'])\n"
+        "print(p.strategy, rc, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "botorch 0 False", proc.stdout
 
 
 def test_acquisition_weight_multiplies_every_candidate_value() -> None:

@@ -85,6 +85,22 @@ def test_pending_statuses_and_state_round_trip() -> None:
     assert len(grid.front()) == 2
 
 
+def test_a_cost_model_stays_on_the_inner_strategy_across_asks() -> None:
+    """ParEGO rebuilds its inner strategy from its state at every ask; the cost model (the
+    runner's, not part of the state) goes with it."""
+    from loops.optcost import CostModel, CostSpec
+
+    inner = RandomSearch(SPACE, 3)
+    cost = CostModel(inner.space, lambda p: 1.0 + 16.0 * float(p["x"]), CostSpec("duration"))
+    inner.cost_model = cost
+    opt = ParetoOptimizer(inner, MIN2, seed=3)
+    for _ in range(3):
+        p = opt.ask()
+        opt.tell(p.id, [float(p.params["x"]), float(p.params["y"])])
+    opt.ask()
+    assert opt.inner is not inner and opt.inner.cost_model is cost
+
+
 def test_hypervolume_improvement_is_exact() -> None:
     rng = np.random.RandomState(0)
     front = rng.uniform(size=(7, 2))
