@@ -143,6 +143,7 @@ def _campaign_command(args: argparse.Namespace) -> int:
     from instruments.errors import InstrumentError
     from loops.campaign import BudgetWindow, CampaignBusy, OwnerAlive
     from loops.journal import JournalError
+    from loops.optregistry import StrategyUnavailable, missing_extra
     from loops.program import load_program
     from safety.yamldoc import ConfigError
 
@@ -150,6 +151,8 @@ def _campaign_command(args: argparse.Namespace) -> int:
     resume = args.command == "resume"
     try:
         program = None if resume else load_program(args.program)
+        if program is not None and (missing := missing_extra(program.strategy)) is not None:
+            raise StrategyUnavailable(f"{args.program}: {missing}")  # before anything starts
         cid = (
             args.campaign
             if resume
@@ -183,6 +186,7 @@ def _campaign_command(args: argparse.Namespace) -> int:
         OwnerAlive,
         JournalError,
         StationUnavailable,
+        StrategyUnavailable,  # resume: the journal's program chose it
         FileNotFoundError,
     ) as exc:
         if getattr(args, "debug", False):  # --debug: the traceback, not the line

@@ -133,6 +133,7 @@ def _check_program(lab: Any, path: Path, assume_items: list[str]) -> list[str]:
     """``check --program``: the program against each station (loops/check.py); prints each
     station's dry runs, returns the problems."""
     from loops.check import check_program
+    from loops.optregistry import missing_extra
     from loops.plancost import CostError, station_cost
     from loops.program import load_program
     from safety import load_envelope, station_layout
@@ -144,6 +145,8 @@ def _check_program(lab: Any, path: Path, assume_items: list[str]) -> list[str]:
     except ConfigError as exc:
         return [str(exc)]
     problems: list[str] = []
+    if (missing := missing_extra(program.strategy)) is not None:
+        problems.append(f"{path}: {missing}")
     for name, st in lab.stations.items():
         try:
             envelope = load_envelope(st.envelope_text, source=st.envelope_source)

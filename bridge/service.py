@@ -81,6 +81,7 @@ from loops.campaign import (
     CampaignClosed,
     campaign_lock,
 )
+from loops.optregistry import missing_extra
 from loops.program import Program, load_program
 from loops.stationerrors import cause_text
 from safety.yamldoc import ConfigError
@@ -357,6 +358,8 @@ class LabService(StationSafety, ServiceQueries, ServiceApprovals, ServiceRestart
             )
         except (ConfigError, TypeError, ValueError) as exc:
             return StartResult(campaign_id, False, errors=(str(exc),))
+        if (missing := missing_extra(prog.strategy)) is not None:
+            return StartResult(campaign_id, False, errors=(missing,))
         async with self._start_lock:
             existing = self._campaigns.get(campaign_id)
             if existing is not None:

@@ -10,10 +10,11 @@ naming the extra to install.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["STRATEGY_NAMES", "StrategyUnavailable", "strategy_class"]
+__all__ = ["STRATEGY_NAMES", "StrategyUnavailable", "missing_extra", "strategy_class"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,31 @@ class StrategyUnavailable(ImportError):
     """A strategy whose optional libraries are not installed (the message names the extra)."""
 
 
+def _unavailable(name: str, entry: _Entry, missing: str) -> str:
+    return (
+        f"strategy {name!r} needs {', '.join(entry.needs)} (missing: {missing}): "
+        f"pip install 'labbridge[{entry.extra}]'"
+    )
+
+
+def missing_extra(name: str) -> str | None:
+    """Why strategy ``name`` cannot be used here (its extra is not installed: the line names
+    the ``pip install``), or None (a known strategy that can, or an unknown name: the
+    program's parser refuses those). Looks the libraries up without importing them, so that
+    ``labbridge check`` and a campaign's start can refuse it before anything runs."""
+    entry = _REGISTRY.get(name)
+    if entry is None or entry.extra is None:
+        return None
+    for module in entry.needs:
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):  # a broken install counts as missing
+            found = None
+        if found is None:
+            return _unavailable(name, entry, module)
+    return None
+
+
 def strategy_class(name: str) -> Any:
     """The class of strategy ``name`` (imported on first use).
 
@@ -59,8 +85,5 @@ def strategy_class(name: str) -> Any:
         top = (exc.name or "").partition(".")[0]  # botorch.acquisition: botorch's
         if entry.extra is None or top not in entry.needs:
             raise
-        raise StrategyUnavailable(
-            f"strategy {name!r} needs {', '.join(entry.needs)} (missing: {top}): "
-            f"pip install 'labbridge[{entry.extra}]'"
-        ) from exc
+        raise StrategyUnavailable(_unavailable(name, entry, top)) from exc
     return getattr(module, entry.cls)

@@ -52,6 +52,7 @@ from bridge.mqttapi import (
 from bridge.service import LabService
 from bridge.simbench import sim_lab_yaml
 from instruments.errors import TransportOpenError
+from loops import optregistry
 from loops.journal import Journal
 from loops.program import load_program
 from simulators._proc import bound_to_parent
@@ -967,7 +968,21 @@ async def test_malformed_and_fuzzed_payloads_get_an_error_reply_and_never_act(
                 "'agent' was unexpected",
             ),
             ("reset", {"why": "x", "stations": ["bench-q"]}, "no station bench-q"),
+            (  # a strategy whose extra is not installed here (simulated below): refused
+                "campaigns/start",
+                {
+                    "id": "bt",
+                    "program": small_program(2).replace("strategy: bayes", "strategy: botorch"),
+                },
+                "(missing: labbridge_no_torch_here): pip install 'labbridge[botorch]'",
+            ),
         ]
+        entry = optregistry._REGISTRY["botorch"]
+        monkeypatch.setitem(
+            optregistry._REGISTRY,
+            "botorch",
+            dataclasses.replace(entry, needs=("labbridge_no_torch_here", *entry.needs)),
+        )
         with (
             client(docs_broker, "ana", loop=loop) as ana,
             client(docs_broker, "lims", loop=loop) as lims,

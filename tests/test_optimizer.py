@@ -8,12 +8,15 @@ several seeds with a margin, never wall-clock time.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.util
 import itertools
 import json
 import math
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -521,6 +524,12 @@ def test_registry_is_the_one_list_of_strategy_names(monkeypatch: pytest.MonkeyPa
         optregistry.StrategyUnavailable, match=r"pip install 'labbridge\[ghostextra\]'"
     ):
         optregistry.strategy_class("ghost")
+    # ... told without importing anything (labbridge check, a campaign's start)
+    assert optregistry.missing_extra("ghost") == (
+        "strategy 'ghost' needs labbridge_no_such_module (missing: labbridge_no_such_module): "
+        "pip install 'labbridge[ghostextra]'"
+    )
+    assert optregistry.missing_extra("bayes") is None
 
 
 def test_botorch_without_its_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -579,7 +588,39 @@ def test_a_botorch_program_loads_without_importing_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "botorch 0 False", proc.stdout
+    # without the extra (CI installs only .[dev]) check names what to install, and fails
+    installed = importlib.util.find_spec("botorch") is not None
+    assert proc.stdout.strip().splitlines()[-1] == f"botorch {0 if installed else 1} False"
+    assert installed or "pip install 'labbridge[botorch]'" in proc.stdout, proc.stdout
+
+
+def test_a_campaign_whose_strategy_lacks_its_extra_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """labbridge run: one line naming the program and the pip install, exit 1, no journal
+    (the extra's absence simulated: its libraries renamed to ones that do not exist)."""
+    from bridge.cli import main
+    from loops import optregistry
+
+    entry = optregistry._REGISTRY["botorch"]
+    monkeypatch.setitem(
+        optregistry._REGISTRY,
+        "botorch",
+        dataclasses.replace(entry, needs=("labbridge_no_torch_here", *entry.needs)),
+    )
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "examples" / "color-match" / "program.md").read_text()
+    program = tmp_path / "program.md"
+    program.write_text(text.replace("strategy: bayes", "strategy: botorch"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(program), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"labbridge run: {program}: strategy 'botorch' needs labbridge_no_torch_here, torch, "
+        "botorch, gpytorch, linear_operator (missing: labbridge_no_torch_here): "
+        "pip install 'labbridge[botorch]'"
+    ), err
+    assert not list(tmp_path.rglob("*.db")), "a journal was created"
 
 
 def test_acquisition_weight_multiplies_every_candidate_value() -> None:
