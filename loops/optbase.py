@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -289,7 +289,29 @@ class StrategyBase(ABC):
     def _propose(self) -> Params: ...
 
     def _extra_state(self) -> dict[str, Any]:
+        """What this strategy saves besides the common part: its constructor's arguments as
+        ``config`` (:meth:`from_state` passes them back), and whatever it has learned."""
         return {}
+
+    @classmethod
+    def from_state(
+        cls,
+        space: SpaceSpec | ParamSpace,
+        state: Mapping[str, Any],
+        *,
+        constraints: Constraint | None = None,
+    ) -> Self:
+        """Restore from :meth:`state` (pass the same ``constraints`` callable again): built
+        from the state's ``config``, then the common part, then :meth:`_restore_extra`."""
+        cls._check_state(state)
+        config = dict(state.get("config") or {})
+        opt = cls(space, direction=state["direction"], constraints=constraints, **config)
+        opt._restore_common(state)
+        opt._restore_extra(state)
+        return opt
+
+    def _restore_extra(self, state: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """What :meth:`_extra_state` saved beyond ``config`` (nothing by default)."""
 
     def _restore_common(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
@@ -55,21 +55,8 @@ class RandomSearch(StrategyBase):
     def _extra_state(self) -> dict[str, Any]:
         return {"config": {"seed": self.seed}, "rng": rng_state(self._rng)}
 
-    @classmethod
-    def from_state(
-        cls,
-        space: SpaceSpec | ParamSpace,
-        state: Mapping[str, Any],
-        *,
-        constraints: Constraint | None = None,
-    ) -> Self:
-        cls._check_state(state)
-        opt = cls(
-            space, state["config"]["seed"], direction=state["direction"], constraints=constraints
-        )
-        opt._restore_common(state)
-        set_rng_state(opt._rng, state["rng"])
-        return opt
+    def _restore_extra(self, state: Mapping[str, Any]) -> None:
+        set_rng_state(self._rng, state["rng"])
 
 
 class GridSearch(StrategyBase):
@@ -138,21 +125,5 @@ class GridSearch(StrategyBase):
     def _extra_state(self) -> dict[str, Any]:
         return {"config": {"points_per_axis": self.points_per_axis}, "cursor": self._cursor}
 
-    @classmethod
-    def from_state(
-        cls,
-        space: SpaceSpec | ParamSpace,
-        state: Mapping[str, Any],
-        *,
-        constraints: Constraint | None = None,
-    ) -> Self:
-        cls._check_state(state)
-        opt = cls(
-            space,
-            state["config"]["points_per_axis"],
-            direction=state["direction"],
-            constraints=constraints,
-        )
-        opt._restore_common(state)
-        opt._cursor = int(state["cursor"])
-        return opt
+    def _restore_extra(self, state: Mapping[str, Any]) -> None:
+        self._cursor = int(state["cursor"])

@@ -13,7 +13,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import numpy as np
 from bayes_opt import BayesianOptimization
@@ -182,22 +182,10 @@ class BayesOptimizer(StrategyBase):
             "rng": rng_state(self._rng),
         }
 
-    @classmethod
-    def from_state(
-        cls,
-        space: SpaceSpec | ParamSpace,
-        state: Mapping[str, Any],
-        *,
-        constraints: Constraint | None = None,
-    ) -> Self:
-        """Restore from :meth:`state` (pass the same ``constraints`` callable again)."""
-        cls._check_state(state)
-        opt = cls(space, direction=state["direction"], constraints=constraints, **state["config"])
-        opt._restore_common(state)
-        opt._design = [opt.space.validate(p) for p in state["design"]]
-        opt._cursor = int(state["cursor"])
-        set_rng_state(opt._rng, state["rng"])
-        return opt
+    def _restore_extra(self, state: Mapping[str, Any]) -> None:
+        self._design = [self.space.validate(p) for p in state["design"]]
+        self._cursor = int(state["cursor"])
+        set_rng_state(self._rng, state["rng"])
 
     # -- proposing ----------------------------------------------------------
 

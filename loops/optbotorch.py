@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,20 +128,8 @@ class BoTorchStrategy(StrategyBase):
     def _extra_state(self) -> dict[str, Any]:
         return {"config": self._config(), "sobol_drawn": self._sobol_drawn}
 
-    @classmethod
-    def from_state(
-        cls,
-        space: SpaceSpec | ParamSpace,
-        state: Mapping[str, Any],
-        *,
-        constraints: Constraint | None = None,
-    ) -> Self:
-        """Restore from :meth:`state` (pass the same ``constraints`` callable again)."""
-        cls._check_state(state)
-        opt = cls(space, direction=state["direction"], constraints=constraints, **state["config"])
-        opt._restore_common(state)
-        opt._sobol_drawn = int(state["sobol_drawn"])
-        return opt
+    def _restore_extra(self, state: Mapping[str, Any]) -> None:
+        self._sobol_drawn = int(state["sobol_drawn"])
 
     # -- proposing ----------------------------------------------------------
 
