@@ -239,14 +239,20 @@ class HeldJournal:
         return out
 
 
+async def queued_experiment(aj: AsyncJournal) -> str:
+    """Campaign ``c`` with one experiment queued on bench-a (its id)."""
+    await aj.call(Journal.create_campaign, "c", "stack", {})
+    eid = await aj.call(Journal.propose, "c", {"x": 1}, "optimizer")
+    for state in ("checked", "queued"):
+        await aj.call(Journal.transition, eid, state, station="bench-a")
+    return str(eid)
+
+
 async def test_step_records_not_waited_for_go_in_order_as_one_batch_with_the_next_waited_one(
     tmp_path: Path,
 ) -> None:
     async with await AsyncJournal.open(tmp_path / "journal.db") as aj:
-        await aj.call(Journal.create_campaign, "c", "stack", {})
-        eid = await aj.call(Journal.propose, "c", {"x": 1}, "optimizer")
-        for state in ("checked", "queued"):
-            await aj.call(Journal.transition, eid, state, station="bench-a")
+        eid = await queued_experiment(aj)
         link = HeldJournal(aj)
         writes = StepWrites(link, coalesce_s=0)  # each record sent as soon as it may be
         writes.later(Journal.transition, eid, "running", station="bench-a")
@@ -294,10 +300,7 @@ async def test_records_not_waited_for_wait_a_moment_for_the_next_waited_one_to_t
     trip. A record that no waited write takes is sent on its own once the moment is over,
     without a flush."""
     async with await AsyncJournal.open(tmp_path / "journal.db") as aj:
-        await aj.call(Journal.create_campaign, "c", "stack", {})
-        eid = await aj.call(Journal.propose, "c", {"x": 1}, "optimizer")
-        for state in ("checked", "queued"):
-            await aj.call(Journal.transition, eid, state, station="bench-a")
+        eid = await queued_experiment(aj)
         link = HeldJournal(aj)
         writes = StepWrites(link, coalesce_s=0.5)
         writes.later(Journal.transition, eid, "running", station="bench-a")
