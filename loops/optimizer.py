@@ -35,9 +35,9 @@ copy's incumbent); ``lie="believer"`` gives them the GP's own prediction
 ("Kriging believer"), ``lie="mean"|"min"|"max"`` the classic constant liar.
 The uncertainty collapses there and the acquisition looks elsewhere; a pending
 point also excludes its neighbourhood. With 4 in flight on Hartmann-6 the
-fantasies need 1.15x the sequential experiments (39 vs 34 median over 10 seeds;
-the believer 1.31x, BoTorch's qLogNEI 1.20x, Optuna's GP sampler 1.43x:
-``benchmarks/optimizers.py``, whose results file has the current numbers).
+fantasies need 1.31x the sequential experiments (38.5 vs 29.5, median over 20
+seeds; BoTorch's qLogNEI, the ``botorch`` strategy, 1.26x; Optuna's GP sampler
+1.43x over 10: docs/optimizer.md, ``benchmarks/optimizers.py``).
 The package's ``bayes_opt.acquisition.ConstantLiar``
 is not used: it refuses constraints (``ConstraintNotSupportedError``), its
 dummies shape the GP hyperparameters, and it keeps its own list of dummies,
