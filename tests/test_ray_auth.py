@@ -171,6 +171,10 @@ def test_the_local_ray_asks_for_a_token_too(ray_session: Any, tmp_path: Path) ->
     assert "RayAuthError: joining a Ray cluster needs its token and none was found" in done.stderr
 
     inherited = {**env, **{k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH")}}
+    if not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ)):
+        # the user's ~/.ray/auth_token (Ray's default file: a plain ray.init() writes one)
+        # is what the session's Ray took: a driver of this user finds it there
+        inherited["RAY_AUTH_TOKEN_PATH"] = str(Path.home() / ".ray" / "auth_token")
     done = _run([sys.executable, "-c", probe, address], inherited)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "in"
