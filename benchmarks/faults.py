@@ -85,7 +85,7 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from benchmarks.faultinject import fault_campaign, fault_table  # noqa: E402
+from benchmarks.faultinject import KINDS, fault_campaign, fault_table  # noqa: E402
 from benchmarks.faultkill import kill_campaign, kill_table  # noqa: E402
 from benchmarks.faultlib import dump_tasks  # noqa: E402
 
@@ -110,7 +110,12 @@ class Settings:
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--quick", action="store_true", help="CI form: 5 kills, 30 faults, 2 stations")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI form: 3 kills (one each of run, serve, resume), 15 faults (one of each kind), "
+        "2 stations",
+    )
     ap.add_argument("--kills", type=int, default=None, help="SIGKILLs of run/serve/resume (50)")
     ap.add_argument("--faults", type=int, default=None, help="injected faults (1000)")
     ap.add_argument("--stations", type=int, default=None, help="fault campaign stations (3)")
@@ -132,8 +137,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a = ap.parse_args(argv)
     quick = a.quick
     return Settings(
-        kills=a.kills if a.kills is not None else (5 if quick else 50),
-        faults=a.faults if a.faults is not None else (30 if quick else 1000),
+        kills=a.kills if a.kills is not None else (3 if quick else 50),
+        faults=a.faults if a.faults is not None else (len(KINDS) if quick else 1000),
         seed=a.seed,
         speed=a.speed,
         fault_speed=a.fault_speed,

@@ -1,7 +1,8 @@
 """benchmarks/faults.py (issue 12): kill -9 of campaign owners and injected faults, at scale.
 
-The quick form runs in CI: 5 SIGKILLs of ``labbridge run`` / ``serve`` / ``resume`` and 30
-injected faults of every kind on two stations. The full form (50 kills, 1,000 faults) is
+The quick form runs in CI: 3 SIGKILLs (one each of ``labbridge run``, ``serve`` and
+``resume``) and 15 injected faults (one of each kind) on two stations (80 s; it was 5 and
+30, 130 s, before CI's 30 minutes grew tight). The full form (50 kills, 1,000 faults) is
 marked ``long`` (``LABBRIDGE_LONG=1``). Both assert the invariants only, never a time: no
 actuating command after the fencing bound, no result lost, nothing run twice, no unsafe
 command on the wire, the dye budget intact, every station back after every fault.
@@ -87,7 +88,7 @@ def test_the_quick_form_loses_nothing_runs_nothing_twice_and_sends_nothing_unsaf
     tmp_path: Path,
 ) -> None:
     doc = run_benchmark(tmp_path, "--quick", timeout=560)
-    check_invariants(doc, kills=5, faults=30)
+    check_invariants(doc, kills=3, faults=len(KINDS))
 
 
 @pytest.mark.long
