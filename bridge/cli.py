@@ -143,16 +143,13 @@ def _campaign_command(args: argparse.Namespace) -> int:
     from instruments.errors import InstrumentError
     from loops.campaign import BudgetWindow, CampaignBusy, OwnerAlive
     from loops.journal import JournalError
-    from loops.optregistry import StrategyUnavailable, missing_extra
-    from loops.program import load_program
+    from loops.optregistry import StrategyUnavailable
     from safety.yamldoc import ConfigError
 
     prog = f"labbridge {args.command}"
     resume = args.command == "resume"
     try:
-        program = None if resume else load_program(args.program)
-        if program is not None and (missing := missing_extra(program.strategy)) is not None:
-            raise StrategyUnavailable(f"{args.program}: {missing}")  # before anything starts
+        program = None if resume else _load_runnable(args.program)
         cid = (
             args.campaign
             if resume
@@ -248,13 +245,26 @@ def _print_summary(summary: Any, resume_hint: str) -> int:
     return 0 if summary.state == "done" else 3
 
 
+def _load_runnable(path: Any) -> Any:
+    """The program at ``path`` (a file, or a built-in's text) for a campaign to run here:
+    refused with :class:`~loops.optregistry.StrategyUnavailable` (one line naming the
+    ``pip install``) before anything starts when its strategy's extra is not installed."""
+    from loops.optregistry import StrategyUnavailable, missing_extra
+    from loops.program import load_program
+
+    program = load_program(path)
+    if (missing := missing_extra(program.strategy)) is not None:
+        raise StrategyUnavailable(f"{path}: {missing}")
+    return program
+
+
 def _sim_command(args: argparse.Namespace) -> int:
     import safety
     from bridge.campaigns import StationUnavailable
     from bridge.httpserve import BindError
     from bridge.simbench import bench_data, known_faults, sim_campaign  # imports the simulators
     from instruments.errors import InstrumentError
-    from loops.program import load_program
+    from loops.optregistry import StrategyUnavailable
     from safety.yamldoc import ConfigError
 
     if args.fault is not None and args.fault not in known_faults():
@@ -275,7 +285,7 @@ def _sim_command(args: argparse.Namespace) -> int:
             print(f"labbridge sim: {exc}", file=sys.stderr)
             return 1
     try:
-        program = load_program(args.campaign or bench_data(args.bench).program)
+        program = _load_runnable(args.campaign or bench_data(args.bench).program)
         if (out / "journal.db").exists():
             raise FileExistsError(f"{out / 'journal.db'} exists: choose another --out")
         summary = asyncio.run(
@@ -304,6 +314,7 @@ def _sim_command(args: argparse.Namespace) -> int:
         BindError,
         ConfigError,
         StationUnavailable,
+        StrategyUnavailable,
         InstrumentError,
         safety.SafetyError,
         OSError,

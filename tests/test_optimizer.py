@@ -621,6 +621,12 @@ def test_a_campaign_whose_strategy_lacks_its_extra_is_refused_before_anything_st
         "pip install 'labbridge[botorch]'"
     ), err
     assert not list(tmp_path.rglob("*.db")), "a journal was created"
+    # labbridge sim with that program: the same line, before any simulator starts
+    assert main(["sim", "--campaign", str(program), "--out", str(tmp_path / "sim")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"labbridge sim: {program}: strategy 'botorch' needs "), err
+    assert err[-1].endswith("pip install 'labbridge[botorch]'"), err
+    assert not list(tmp_path.rglob("*.db")), "a journal was created"
 
 
 def test_acquisition_weight_multiplies_every_candidate_value() -> None:
