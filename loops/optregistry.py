@@ -45,9 +45,9 @@ class StrategyUnavailable(ImportError):
     """A strategy whose optional libraries are not installed (the message names the extra)."""
 
 
-def _unavailable(name: str, entry: _Entry, missing: str) -> str:
+def _unavailable(name: str, entry: _Entry, missing: list[str]) -> str:
     return (
-        f"strategy {name!r} needs {', '.join(entry.needs)} (missing: {missing}): "
+        f"strategy {name!r} needs {', '.join(entry.needs)} (missing: {', '.join(missing)}): "
         f"pip install 'labbridge[{entry.extra}]'"
     )
 
@@ -60,14 +60,15 @@ def missing_extra(name: str) -> str | None:
     entry = _REGISTRY.get(name)
     if entry is None or entry.extra is None:
         return None
-    for module in entry.needs:
-        try:
-            found = importlib.util.find_spec(module)
-        except (ImportError, ValueError):  # a broken install counts as missing
-            found = None
-        if found is None:
-            return _unavailable(name, entry, module)
-    return None
+    missing = [module for module in entry.needs if not _findable(module)]
+    return _unavailable(name, entry, missing) if missing else None
+
+
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install counts as missing
+        return False
 
 
 def strategy_class(name: str) -> Any:
@@ -85,5 +86,6 @@ def strategy_class(name: str) -> Any:
         top = (exc.name or "").partition(".")[0]  # botorch.acquisition: botorch's
         if entry.extra is None or top not in entry.needs:
             raise
-        raise StrategyUnavailable(_unavailable(name, entry, top)) from exc
+        why = missing_extra(name) or _unavailable(name, entry, [top])
+        raise StrategyUnavailable(why) from exc
     return getattr(module, entry.cls)

@@ -35,7 +35,9 @@ with run_folder() as folder:
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
     note_children()
     made = tempfile.mkdtemp(prefix="lb-ble-")  # a simulator's folder: inside the run folder
-    print(folder.path, child.pid, made, flush=True)
+    # one write of a whole line: the two holders share the log, and print()'s pieces
+    # (unbuffered here) could interleave with the other's
+    sys.stdout.write(f"{folder.path} {child.pid} {made}\\n")
     time.sleep(600)
 """
 
@@ -80,7 +82,11 @@ async def test_only_a_dead_owners_folder_and_processes_are_cleaned(tmp_path: Pat
     try:
 
         def printed() -> list[str] | None:
-            lines = [ln for ln in log.read_text().splitlines() if ln.startswith("/")]
+            lines = [
+                ln
+                for ln in log.read_text().splitlines()
+                if ln.startswith("/") and len(ln.split()) == 3
+            ]
             return lines if len(lines) >= 2 else None
 
         info: dict[int, tuple[Path, int, Path]] = {}

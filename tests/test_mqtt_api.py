@@ -981,7 +981,7 @@ async def test_malformed_and_fuzzed_payloads_get_an_error_reply_and_never_act(
         monkeypatch.setitem(
             optregistry._REGISTRY,
             "botorch",
-            dataclasses.replace(entry, needs=("labbridge_no_torch_here", *entry.needs)),
+            dataclasses.replace(entry, needs=("labbridge_no_torch_here",)),
         )
         with (
             client(docs_broker, "ana", loop=loop) as ana,
